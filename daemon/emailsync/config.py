@@ -1,0 +1,614 @@
+"""TOML configuration → validated, frozen settings; secrets are read only when asked for."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from emailsync.address import normalise_address
+from emailsync.errors import ConfigError
+from emailsync.model import FolderRole
+
+DEFAULT_CONFIG_PATH = Path("/etc/emailsync/emailsync.toml")
+DEFAULT_STATE_DIR = Path("/var/lib/emailsync")
+DEFAULT_LISTEN = "127.0.0.1:9387"
+OFFICE365_HOST = "outlook.office365.com"
+OFFICE365_AUTHORITY = "https://login.microsoftonline.com"
+# RFC 2177: servers may drop an IDLE client after 30 minutes, so renew well before.
+IDLE_RENEW_SECONDS = 23 * 60
+SWEEP_SECONDS = 10 * 60
+POLL_SECONDS = 60
+TIMEOUT_SECONDS = 30.0
+FETCH_BATCH = 200
+
+SECURITIES = ("ssl", "starttls", "none")
+AUTHS = ("password", "office365")
+TRIGGERS = ("auto", "manual")
+LOG_FORMATS = ("auto", "json", "console", "journal")
+
+T = TypeVar("T")
+
+
+class Secret:
+    """A secret string that never shows itself in repr, str or logs."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """The secret itself; call only where it is sent to the server that needs it."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True)
+class SecretSource:
+    """Where a secret lives: a file, an environment variable or a systemd credential."""
+
+    file: Path | None = None
+    env: str | None = None
+    credential: str | None = None
+
+    def describe(self) -> str:
+        """Where the secret is read from, for error messages (never the value)."""
+        if self.file is not None:
+            return f"file {self.file}"
+        if self.env is not None:
+            return f"environment variable {self.env}"
+        return f"credential {self.credential!r} in $CREDENTIALS_DIRECTORY"
+
+    def read(self) -> Secret:
+        """Read the secret now; raises ConfigError naming the source (never the value)."""
+        if self.env is not None:
+            value = os.environ.get(self.env)
+            if not value:
+                raise ConfigError([f"secret: {self.describe()} is not set or empty"])
+            return Secret(value)
+        path = self.path()
+        try:
+            value = path.read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            raise ConfigError([f"secret: cannot read {self.describe()}: {exc.strerror}"]) from None
+        if not value:
+            raise ConfigError([f"secret: {self.describe()} is empty"])
+        return Secret(value)
+
+    def path(self) -> Path:
+        """The file the secret is in (for file and credential sources)."""
+        if self.file is not None:
+            return self.file
+        creds = os.environ.get("CREDENTIALS_DIRECTORY", "")
+        return Path(creds or "/nonexistent-credentials-directory") / (self.credential or "")
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    """The ``[daemon]`` table."""
+
+    state_dir: Path = DEFAULT_STATE_DIR
+    store: str = ""
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 9387
+    control_token: SecretSource | None = None
+    log_format: str = "auto"
+    log_level: str = "info"
+    idle_renew_seconds: float = IDLE_RENEW_SECONDS
+    sweep_seconds: float = SWEEP_SECONDS
+    poll_seconds: float = POLL_SECONDS
+    timeout_seconds: float = TIMEOUT_SECONDS
+    fetch_batch: int = FETCH_BATCH
+    max_backoff_seconds: float = 300.0
+    reauth_retry_seconds: float = 30 * 60.0
+
+
+@dataclass(frozen=True)
+class FolderSettings:
+    """The ``[folders]`` table: the root folder and the names of its four children."""
+
+    root: str = "Rezi-Imported"
+    queue: str = "Queue"
+    sent: str = "Sent"
+    received: str = "Received"
+    failed: str = "Failed"
+
+    def name(self, role: FolderRole) -> str:
+        """The child folder's name (below root) for a role."""
+        return str(getattr(self, role.value))
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Where and how to reach an IMAP server."""
+
+    host: str
+    port: int
+    security: str = "ssl"
+    ca_file: Path | None = None
+    allow_insecure: bool = False
+
+
+@dataclass(frozen=True)
+class Office365Settings:
+    """The ``[office365]`` table, for ``auth = "office365"`` mailboxes."""
+
+    tenant_id: str
+    client_id: str
+    client_secret: SecretSource | None = None
+    authority: str = OFFICE365_AUTHORITY
+    client_secret_expires: datetime | None = None
+    ca_file: Path | None = None
+
+    @property
+    def app_only(self) -> bool:
+        """True for client-credentials (app-only) sign-in, False for delegated."""
+        return self.client_secret is not None
+
+
+@dataclass(frozen=True)
+class MailboxSettings:
+    """One ``[[mailboxes]]`` entry, with its branch's server settings resolved."""
+
+    address: str
+    server: ServerSettings
+    auth: str = "password"
+    username: str = ""
+    password: SecretSource | None = None
+    aliases: tuple[str, ...] = ()
+    trigger: str = "auto"
+    enabled: bool = True
+    branch: str | None = None
+
+    @property
+    def owner_addresses(self) -> frozenset[str]:
+        """The mailbox address and its aliases: mail From these is outbound."""
+        return frozenset((self.address, *self.aliases))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The whole validated configuration."""
+
+    path: Path
+    daemon: DaemonSettings
+    folders: FolderSettings
+    branches: Mapping[str, ServerSettings]
+    mailboxes: tuple[MailboxSettings, ...]
+    office365: Office365Settings | None = None
+    extra_problems: tuple[str, ...] = field(default=())
+
+    def mailbox(self, address: str) -> MailboxSettings:
+        """The mailbox with this address (any case); ConfigError when there is none."""
+        wanted = normalise_address(address) or address.lower()
+        for mailbox in self.mailboxes:
+            if mailbox.address == wanted:
+                return mailbox
+        raise ConfigError([f"{self.path}: no mailbox {address!r} in mailboxes"])
+
+    @property
+    def store_url(self) -> str:
+        """The store URL; the built-in SQLite file in state_dir by default."""
+        return self.daemon.store or f"sqlite:///{self.daemon.state_dir / 'emailsync.db'}"
+
+
+def default_config_path() -> Path:
+    """``$EMAILSYNC_CONFIG``, else /etc/emailsync/emailsync.toml."""
+    env = os.environ.get("EMAILSYNC_CONFIG")
+    return Path(env) if env else DEFAULT_CONFIG_PATH
+
+
+def load_settings(path: Path) -> Settings:
+    """Read and validate a config file; raises ConfigError listing every problem found."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read config: {exc.strerror}"]) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: config is not UTF-8 text"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: invalid TOML: {exc}"]) from None
+    return parse_settings(data, path)
+
+
+def parse_settings(data: Mapping[str, Any], path: Path) -> Settings:
+    """Validate parsed TOML; raises ConfigError listing every problem found."""
+    problems: list[str] = []
+    top = _Table(data, "", path, problems)
+    base_dir = path.parent
+    daemon = _parse_daemon(top.table("daemon"), base_dir)
+    folders = _parse_folders(top.table("folders"))
+    branches_table = top.table("branches")
+    branches: dict[str, ServerSettings] = {}
+    for name in branches_table.names():
+        branches[name] = _parse_server(branches_table.table(name), base_dir)
+    o365_table = top.optional_table("office365")
+    office365 = _parse_office365(o365_table, base_dir) if o365_table is not None else None
+    mailboxes: list[MailboxSettings] = []
+    seen: set[str] = set()
+    for entry in top.array_of_tables("mailboxes"):
+        mailbox = _parse_mailbox(entry, base_dir, branches, office365)
+        if mailbox is None:
+            continue
+        if mailbox.address in seen:
+            entry.problem("address", f"mailbox {mailbox.address} is listed twice")
+            continue
+        seen.add(mailbox.address)
+        mailboxes.append(mailbox)
+    top.finish()
+    if problems:
+        raise ConfigError(problems)
+    return Settings(
+        path=path,
+        daemon=daemon,
+        folders=folders,
+        branches=branches,
+        mailboxes=tuple(mailboxes),
+        office365=office365,
+    )
+
+
+def check_secrets(settings: Settings) -> list[str]:
+    """Problems with secrets that the config names but that cannot be read (values unseen)."""
+    problems: list[str] = []
+    for mailbox in settings.mailboxes:
+        if mailbox.enabled and mailbox.password is not None:
+            try:
+                mailbox.password.read()
+            except ConfigError as exc:
+                problems.extend(
+                    f"{settings.path}: mailbox {mailbox.address}: {p}" for p in exc.problems
+                )
+    if settings.daemon.control_token is not None:
+        try:
+            settings.daemon.control_token.read()
+        except ConfigError as exc:
+            problems.extend(
+                f"{settings.path}: daemon.control_token_file: {p}" for p in exc.problems
+            )
+    if settings.office365 is not None and settings.office365.client_secret is not None:
+        try:
+            settings.office365.client_secret.read()
+        except ConfigError as exc:
+            problems.extend(
+                f"{settings.path}: office365.client_secret_file: {p}" for p in exc.problems
+            )
+    return problems
+
+
+class _Table:
+    """A TOML table being validated: typed getters that record problems, unknown-key check."""
+
+    def __init__(
+        self, data: Mapping[str, Any], where: str, path: Path, problems: list[str]
+    ) -> None:
+        self.data = data
+        self.where = where
+        self.path = path
+        self.problems = problems
+        self.used: set[str] = set()
+        self.children: list[_Table] = []
+
+    def key(self, name: str) -> str:
+        return f"{self.where}.{name}" if self.where else name
+
+    def problem(self, name: str, what: str) -> None:
+        self.problems.append(f"{self.path}: {self.key(name)}: {what}")
+
+    def names(self) -> list[str]:
+        self.used.update(self.data)
+        return list(self.data)
+
+    def has(self, name: str) -> bool:
+        return name in self.data
+
+    def get(
+        self, name: str, kind: type[T], default: T, check: Callable[[T], str | None] | None = None
+    ) -> T:
+        self.used.add(name)
+        if name not in self.data:
+            return default
+        value = self.data[name]
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            self.problem(
+                name, f"must be {_KIND_NAMES.get(kind, kind.__name__)}, not {_describe(value)}"
+            )
+            return default
+        if check is not None:
+            error = check(value)
+            if error:
+                self.problem(name, error)
+                return default
+        return value  # type: ignore[no-any-return]
+
+    def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
+        def check(value: str) -> str | None:
+            return (
+                None if value in choices else f"must be one of {', '.join(choices)}, not {value!r}"
+            )
+
+        return self.get(name, str, default, check)
+
+    def path_value(self, name: str, base_dir: Path) -> Path | None:
+        raw = self.get(name, str, "", lambda v: None if v.strip() else "must not be empty")
+        if not raw:
+            return None
+        value = Path(raw)
+        return value if value.is_absolute() else base_dir / value
+
+    def table(self, name: str) -> _Table:
+        found = self.optional_table(name)
+        return found if found is not None else _Table({}, self.key(name), self.path, self.problems)
+
+    def optional_table(self, name: str) -> _Table | None:
+        self.used.add(name)
+        value = self.data.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            self.problem(name, f"must be a table, not {_describe(value)}")
+            return None
+        return self._child(value, self.key(name))
+
+    def array_of_tables(self, name: str) -> list[_Table]:
+        self.used.add(name)
+        value = self.data.get(name, [])
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            self.problem(name, "must be an array of tables ([[mailboxes]])")
+            return []
+        return [self._child(v, f"{self.key(name)}[{i}]") for i, v in enumerate(value)]
+
+    def finish(self) -> None:
+        for name in self.data:
+            if name not in self.used:
+                self.problem(name, "unknown key")
+        for child in self.children:
+            child.finish()
+
+    def _child(self, data: Mapping[str, Any], where: str) -> _Table:
+        child = _Table(data, where, self.path, self.problems)
+        self.children.append(child)
+        return child
+
+
+_KIND_NAMES = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    list: "an array",
+}
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return type(value).__name__
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def _parse_listen(value: str) -> tuple[str, int] | None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+        return None
+    return host.strip("[]"), int(port)
+
+
+def _parse_daemon(table: _Table, base_dir: Path) -> DaemonSettings:
+    env_state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    state_dir = table.path_value("state_dir", base_dir) or (
+        Path(env_state) if env_state else DEFAULT_STATE_DIR
+    )
+    listen = table.get(
+        "listen", str, DEFAULT_LISTEN, lambda v: None if _parse_listen(v) else "must be HOST:PORT"
+    )
+    host, port = _parse_listen(listen) or ("127.0.0.1", 9387)
+    token_file = table.path_value("control_token_file", base_dir)
+    store = table.get("store", str, "", _check_store_url)
+    return DaemonSettings(
+        state_dir=state_dir,
+        store=store,
+        listen_host=host,
+        listen_port=port,
+        control_token=SecretSource(file=token_file) if token_file else None,
+        log_format=table.choice("log_format", LOG_FORMATS, "auto"),
+        log_level=table.choice("log_level", ("debug", "info", "warning", "error"), "info"),
+        idle_renew_seconds=table.get(
+            "idle_renew_seconds",
+            float,
+            float(IDLE_RENEW_SECONDS),
+            # RFC 2177: the server may log the client out after 30 minutes of IDLE.
+            lambda v: (
+                None if 0 < v < 29 * 60 else "must be between 0 and 1740 (RFC 2177: < 29 min)"
+            ),
+        ),
+        sweep_seconds=table.get("sweep_seconds", float, float(SWEEP_SECONDS), _positive),
+        poll_seconds=table.get("poll_seconds", float, float(POLL_SECONDS), _positive),
+        timeout_seconds=table.get("timeout_seconds", float, TIMEOUT_SECONDS, _positive),
+        fetch_batch=table.get("fetch_batch", int, FETCH_BATCH, _positive),
+        max_backoff_seconds=table.get("max_backoff_seconds", float, 300.0, _positive),
+        reauth_retry_seconds=table.get("reauth_retry_seconds", float, 1800.0, _positive),
+    )
+
+
+def _check_store_url(value: str) -> str | None:
+    if value == "" or value.split(":", 1)[0] in (
+        "sqlite",
+        "postgresql",
+        "postgres",
+        "https",
+        "http",
+    ):
+        return None
+    return "must be a sqlite:///…, postgresql://… or https://… URL"
+
+
+def _check_folder_name(value: str) -> str | None:
+    if not value.strip():
+        return "must not be empty"
+    if any(c in value for c in '/.%*\r\n\\"') or not value.isprintable():
+        return "must not contain / . % * \\ quotes or control characters"
+    return None
+
+
+def _parse_folders(table: _Table) -> FolderSettings:
+    defaults = FolderSettings()
+    values = {
+        name: table.get(name, str, getattr(defaults, name), _check_folder_name)
+        for name in ("root", "queue", "sent", "received", "failed")
+    }
+    children = [values[name].casefold() for name in ("queue", "sent", "received", "failed")]
+    if len(set(children)) != len(children):
+        table.problem("queue", "queue, sent, received and failed must be four different names")
+    return FolderSettings(**values)
+
+
+def _parse_server(table: _Table, base_dir: Path) -> ServerSettings:
+    host = table.get("host", str, "", lambda v: None if v.strip() else "must not be empty")
+    if not table.has("host"):
+        table.problem("host", "is required")
+    security = table.choice("security", SECURITIES, "ssl")
+    default_port = 993 if security == "ssl" else 143
+    port = table.get(
+        "port", int, default_port, lambda v: None if 0 < v < 65536 else "must be 1-65535"
+    )
+    allow_insecure = table.get("allow_insecure", bool, False)
+    if security == "none" and not allow_insecure:
+        table.problem(
+            "security",
+            '"none" sends the password in clear text; set allow_insecure = true to accept that',
+        )
+    ca_file = table.path_value("ca_file", base_dir)
+    if ca_file is not None and not ca_file.is_file():
+        table.problem("ca_file", f"{ca_file} is not a readable file")
+    return ServerSettings(
+        host=host, port=port, security=security, ca_file=ca_file, allow_insecure=allow_insecure
+    )
+
+
+def _parse_secret(table: _Table, prefix: str, base_dir: Path) -> SecretSource | None:
+    file_key, env_key, cred_key = f"{prefix}_file", f"{prefix}_env", f"{prefix}_credential"
+    file = table.path_value(file_key, base_dir)
+    env = table.get(env_key, str, "") or None
+    credential = (
+        table.get(cred_key, str, "", lambda v: None if "/" not in v else "must be a bare name")
+        or None
+    )
+    given = [k for k, v in ((file_key, file), (env_key, env), (cred_key, credential)) if v]
+    if len(given) > 1:
+        table.problem(given[1], f"give only one of {file_key}, {env_key}, {cred_key}")
+    if file is not None:
+        return SecretSource(file=file)
+    if env is not None:
+        return SecretSource(env=env)
+    if credential is not None:
+        return SecretSource(credential=credential)
+    return None
+
+
+def _parse_office365(table: _Table, base_dir: Path) -> Office365Settings:
+    tenant = table.get("tenant_id", str, "")
+    client = table.get("client_id", str, "")
+    for name, value in (("tenant_id", tenant), ("client_id", client)):
+        if not value.strip():
+            table.problem(name, "is required")
+    expires_raw = table.data.get("client_secret_expires")
+    table.used.add("client_secret_expires")
+    expires: datetime | None = None
+    if isinstance(expires_raw, datetime):
+        expires = expires_raw if expires_raw.tzinfo else expires_raw.replace(tzinfo=UTC)
+    elif isinstance(expires_raw, date):
+        expires = datetime(expires_raw.year, expires_raw.month, expires_raw.day, tzinfo=UTC)
+    elif expires_raw is not None:
+        table.problem("client_secret_expires", "must be a TOML date, like 2027-06-30")
+    authority = table.get(
+        "authority",
+        str,
+        OFFICE365_AUTHORITY,
+        lambda v: None if v.startswith("https://") else "must be an https:// URL",
+    )
+    return Office365Settings(
+        tenant_id=tenant,
+        client_id=client,
+        client_secret=_parse_secret(table, "client_secret", base_dir),
+        authority=authority.rstrip("/"),
+        client_secret_expires=expires,
+        ca_file=table.path_value("ca_file", base_dir),
+    )
+
+
+def _parse_mailbox(
+    table: _Table,
+    base_dir: Path,
+    branches: Mapping[str, ServerSettings],
+    office365: Office365Settings | None,
+) -> MailboxSettings | None:
+    raw_address = table.get("address", str, "")
+    address = normalise_address(raw_address) if raw_address else None
+    if not table.has("address"):
+        table.problem("address", "is required")
+    elif address is None:
+        table.problem("address", f"{raw_address!r} is not an email address")
+    auth = table.choice("auth", AUTHS, "password")
+    branch = table.get("branch", str, "") or None
+    aliases: list[str] = []
+    for alias in table.get("aliases", list, []):
+        normal = normalise_address(alias) if isinstance(alias, str) else None
+        if normal is None:
+            table.problem("aliases", f"{alias!r} is not an email address")
+        else:
+            aliases.append(normal)
+    server: ServerSettings | None = None
+    if branch is not None:
+        server = branches.get(branch)
+        if server is None:
+            known = ", ".join(sorted(branches)) or "none defined"
+            table.problem("branch", f"unknown branch {branch!r} (known: {known})")
+    elif auth == "office365":
+        server = ServerSettings(host=OFFICE365_HOST, port=993, security="ssl")
+    else:
+        table.problem("branch", 'is required for auth = "password" mailboxes')
+    password = _parse_secret(table, "password", base_dir)
+    if auth == "password" and password is None and address is not None:
+        # With no explicit source, a systemd credential named after the address is used
+        # (LoadCredential=agent1@example.com:/path in the unit).
+        password = SecretSource(credential=address)
+    if auth == "office365" and office365 is None:
+        table.problem("auth", 'auth = "office365" needs an [office365] table')
+    mailbox = MailboxSettings(
+        address=address or "",
+        server=server or ServerSettings(host="", port=993),
+        auth=auth,
+        username=table.get("username", str, raw_address) or raw_address,
+        password=password if auth == "password" else None,
+        aliases=tuple(a for a in dict.fromkeys(aliases) if a != address),
+        trigger=table.choice("trigger", TRIGGERS, "auto"),
+        enabled=table.get("enabled", bool, True),
+        branch=branch,
+    )
+    return mailbox if address else None

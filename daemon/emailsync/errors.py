@@ -1,0 +1,65 @@
+"""The exception hierarchy, grouped by what the caller does about each error."""
+
+from __future__ import annotations
+
+
+class EmailSyncError(Exception):
+    """Base of every error emailsync raises on purpose."""
+
+
+class ConfigError(EmailSyncError):
+    """The configuration is unusable; the process exits 78 (EX_CONFIG).
+
+    ``problems`` holds one line per problem, each naming the file, the key and what is wrong.
+    """
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("; ".join(self.problems))
+
+
+class MailboxError(EmailSyncError):
+    """Something went wrong talking to one mailbox's IMAP server."""
+
+
+class ConnectionLostError(MailboxError):
+    """The IMAP connection dropped or stopped answering; reconnect with back-off.
+
+    ``kind`` is the metric label: timeout, refused, tls, bye or protocol.
+    ``retry_after`` is a server-suggested back-off in seconds, when the server gave one.
+    """
+
+    def __init__(
+        self, message: str, *, kind: str = "protocol", retry_after: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.retry_after = retry_after
+
+
+class AuthError(MailboxError):
+    """The server or identity provider refused our credentials; the mailbox needs re-auth."""
+
+
+class FolderMissingError(MailboxError):
+    """A folder of the tree is gone (a user deleted it); recreate the tree and retry."""
+
+
+class UidValidityChangedError(MailboxError):
+    """The Queue's UIDVALIDITY changed under us; forget cached UIDs and rescan."""
+
+
+class StoreError(EmailSyncError):
+    """The timeline store failed."""
+
+
+class StoreUnavailableError(StoreError):
+    """The store cannot be reached right now; leave the message in Queue and retry later."""
+
+
+class MessageError(EmailSyncError):
+    """A message cannot be used; file it to Failed with reason ``unparseable``."""
+
+
+class ControlError(EmailSyncError):
+    """The running daemon could not be reached or refused a control request (exit 69)."""

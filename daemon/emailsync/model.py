@@ -1,0 +1,131 @@
+"""Frozen value types shared by every layer: messages, directions, outcomes, events."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+
+
+class Direction(enum.Enum):
+    """Which way a message went, seen from the mailbox owner."""
+
+    OUTBOUND = "outbound"
+    INBOUND = "inbound"
+
+
+class Outcome(enum.Enum):
+    """What a sync pass decided for one queued message; the value is the metric/log label."""
+
+    SENT = "sent"  # outbound, linked: events recorded, moved to Sent
+    RECEIVED = "received"  # inbound, linked: events recorded, moved to Received
+    NO_GROUP = "no_group"  # no group linked to any counterpart: moved to Failed
+    UNPARSEABLE = "unparseable"  # the message cannot be used: moved to Failed
+
+
+class FolderRole(enum.Enum):
+    """The folders of the tree, by what they are for (names come from the config)."""
+
+    QUEUE = "queue"
+    SENT = "sent"
+    RECEIVED = "received"
+    FAILED = "failed"
+
+
+OUTCOME_FOLDER: dict[Outcome, FolderRole] = {
+    Outcome.SENT: FolderRole.SENT,
+    Outcome.RECEIVED: FolderRole.RECEIVED,
+    Outcome.NO_GROUP: FolderRole.FAILED,
+    Outcome.UNPARSEABLE: FolderRole.FAILED,
+}
+
+# Keywords (RFC 3501 §2.3.2) set on messages filed to Failed, so a person or a script can
+# tell why without asking the daemon.
+OUTCOME_KEYWORD: dict[Outcome, str] = {
+    Outcome.NO_GROUP: "$EmailSyncNoGroup",
+    Outcome.UNPARSEABLE: "$EmailSyncUnparseable",
+}
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """One attachment: its decoded file name, MIME type and decoded size in bytes."""
+
+    filename: str
+    content_type: str
+    size: int
+
+
+@dataclass(frozen=True)
+class QueuedMessage:
+    """One message in Queue, parsed as far as it could be.
+
+    Addresses are normalised (see ``emailsync.address``). ``problem`` is set, and the other
+    fields may be empty, when the message is unusable; such a message goes to Failed.
+    """
+
+    uid: int
+    key: str  # SHA-256 hex of the normalised identity fields (DESIGN.md §1)
+    message_id: str | None
+    subject: str
+    from_addrs: tuple[str, ...]
+    sender_addrs: tuple[str, ...]
+    reply_to: tuple[str, ...]
+    to: tuple[str, ...]
+    cc: tuple[str, ...]
+    bcc: tuple[str, ...]
+    date: datetime | None  # the Date header, else INTERNALDATE
+    size: int
+    body_text: str = ""
+    attachments: tuple[Attachment, ...] = ()
+    problem: str | None = None
+    # The To/Cc/From lines as written (decoded), for the event; addresses above are for logic.
+    display_from: str = ""
+    display_to: str = ""
+    display_cc: str = ""
+
+    @property
+    def usable(self) -> bool:
+        """True when the message can be classified and filed with events."""
+        return self.problem is None
+
+
+@dataclass(frozen=True)
+class Classification:
+    """Direction and counterpart addresses of a message, seen from the mailbox owner."""
+
+    direction: Direction
+    counterparts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Group:
+    """A group card of the CRM, with the addresses linked to it."""
+
+    name: str
+    addresses: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TimelineEvent:
+    """One timeline entry: a message filed against one group.
+
+    ``(group, message_key)`` is the idempotency key: recording the same pair twice is a no-op
+    apart from adding ``mailbox`` to the mailboxes that filed it.
+    """
+
+    group: str
+    direction: Direction
+    mailbox: str
+    message_key: str
+    message_id: str | None
+    subject: str
+    from_: str
+    to: str
+    cc: str
+    date: datetime | None
+    body_text: str
+    attachments: tuple[Attachment, ...]
+    size: int
+    filed_at: datetime
+    mailboxes: tuple[str, ...] = field(default=())  # filled in when read back from a store
