@@ -1,0 +1,581 @@
+"""Parse raw mail bytes into a QueuedMessage: addresses, identity key, text body, attachments.
+
+Parsing never raises on bad mail. A message is **unusable** (``problem`` is set, and the
+message goes to Failed as ``unparseable``) when, and only when:
+
+* the bytes are empty or only white space ("empty message");
+* no header field can be read at all, so it is not an RFC 5322 message ("no header fields");
+* none of the originator fields (From, Sender, Reply-To; RFC 5322 §3.6.2) nor the
+  destination fields (To, Cc, Bcc; §3.6.3) holds a single usable address
+  ("no sender or recipient address") — with neither side there is nothing to classify;
+* the stdlib parser crashes on it even in its lenient ``compat32`` mode ("parser error: …").
+
+Everything else is usable, however broken: a message without From but with recipients is
+classified inbound and will probably end up "no group", which is the filer's decision, not
+the parser's. Broken MIME (lost boundary, bad base64, truncated multipart) yields whatever
+text can be had.
+
+The message key (DESIGN.md §1) covers Message-ID, Date, From and Subject. Without a
+Message-ID it also covers a digest of the body, so ``parse_headers`` (the cheap first phase of
+a fetch) cannot compute the final key for such a message: check ``needs_body_for_key`` and
+parse the whole message with ``parse_message`` when it is true. The key never uses
+INTERNALDATE, which differs between the mailboxes the same message was queued in.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import email.errors
+import email.policy
+import email.utils
+import hashlib
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.generator import BytesGenerator
+from email.message import Message
+from email.parser import BytesParser
+from email.policy import Policy
+from io import BytesIO
+from typing import Any
+
+from emailsync.address import normalise_address
+from emailsync.htmltext import html_to_text
+from emailsync.model import Attachment, QueuedMessage
+
+# Cap on the body text kept for a timeline event, in bytes of UTF-8 (DESIGN.md §1).
+MAX_BODY_BYTES = 64 * 1024
+# HTML source read for rendering, in characters: far more than can survive MAX_BODY_BYTES of
+# text, but bounds the work a hostile multi-megabyte HTML part can cause.
+MAX_HTML_SOURCE_CHARS = 16 * MAX_BODY_BYTES
+# Nesting depth of multiparts followed, in levels; real mail rarely exceeds 5.
+MAX_MIME_DEPTH = 32
+TRUNCATION_MARK = "\n[… truncated]"
+# Bumped whenever the key's inputs or their normalisation change, so old and new keys never
+# collide by accident.
+KEY_VERSION = "v1"
+
+# What the stdlib email package has been seen to raise on malformed input, when reading a
+# header object, a parameter or a payload. A failure here degrades one field, not the parse.
+_MALFORMED_INPUT_ERRORS: tuple[type[Exception], ...] = (
+    email.errors.MessageError,
+    AssertionError,
+    AttributeError,
+    IndexError,
+    KeyError,
+    LookupError,
+    RecursionError,  # the generator re-serialises forwarded messages recursively
+    TypeError,
+    ValueError,
+)
+
+_ADDRESS_FIELDS = ("from", "sender", "reply-to", "to", "cc", "bcc")
+# Lenient fallback: header values are kept as raw strings and never parsed into objects.
+_COMPAT32 = email.policy.compat32.clone(mangle_from_=False, linesep="\r\n")
+_DEFAULT = email.policy.default
+
+# RFC 5322 §2.2.3: unfolding removes a CRLF that is followed by white space.
+_FOLD = re.compile(r"\r?\n(?=[ \t])")
+_LINE_BREAK = re.compile(r"\r\n?|\n")
+# RFC 2047 §2 encoded-word; the optional "*lang" suffix of the charset is RFC 2231 §5.
+_ENCODED_WORD = re.compile(r"=\?([^?\s*]+)(?:\*[^?\s]*)?\?([QqBb])\?([^?\s]*)\?=")
+_Q_ESCAPE = re.compile(rb"=([0-9A-Fa-f]{2})")
+_NOT_BASE64 = re.compile(r"[^A-Za-z0-9+/]")
+_ANGLE_ADDR = re.compile(r"<([^<>]*)>")
+
+
+def parse_message(
+    uid: int,
+    raw: bytes,
+    *,
+    internaldate: datetime | None = None,
+    size: int | None = None,
+) -> QueuedMessage:
+    """Parse a whole message (RFC 5322 header and MIME body); never raises on bad mail."""
+    return _parse_safely(uid, raw, internaldate, size, headers_only=False)
+
+
+def parse_headers(
+    uid: int,
+    raw_header_bytes: bytes,
+    *,
+    internaldate: datetime | None = None,
+    size: int | None = None,
+) -> QueuedMessage:
+    """Parse only a message's header block; body_text is "" and attachments are ().
+
+    The key equals ``parse_message``'s when the message has a Message-ID; otherwise it is
+    provisional (see ``needs_body_for_key``). Pass the message's RFC822.SIZE as ``size``.
+    """
+    return _parse_safely(uid, raw_header_bytes, internaldate, size, headers_only=True)
+
+
+def needs_body_for_key(msg: QueuedMessage) -> bool:
+    """True when the key depends on the body (no Message-ID), so a header-only key is not final."""
+    return msg.message_id is None
+
+
+def message_key(
+    message_id: str | None,
+    date: str,
+    from_addrs: Sequence[str],
+    subject: str,
+    body_text: str | None = None,
+) -> str:
+    """Return the SHA-256 hex key identifying a message across mailboxes (DESIGN.md §1).
+
+    ``date`` is the Date header as written (normalised to UTC ISO 8601 when parseable),
+    ``subject`` the decoded Subject. ``body_text`` is only used when there is no Message-ID.
+    Each field is length-prefixed, so no choice of field contents can collide with another.
+    """
+    normalised_id = _normalise_message_id(message_id or "")
+    addresses = (normalise_address(a) or a.strip().lower() for a in from_addrs)
+    fields = [
+        KEY_VERSION,
+        normalised_id or "",
+        _normalise_date_text(date),
+        ",".join(addresses),
+        _collapse(subject),
+    ]
+    if normalised_id is None:
+        body = _collapse(body_text or "").encode("utf-8", "surrogatepass")
+        fields.append(hashlib.sha256(body).hexdigest())
+    digest = hashlib.sha256()
+    for value in fields:
+        data = value.encode("utf-8", "surrogatepass")
+        digest.update(b"%d:" % len(data))
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def decode_encoded_words(text: str) -> str:
+    """Decode RFC 2047 encoded-words in ``text``; malformed words are decoded best-effort.
+
+    White space between adjacent encoded-words is dropped (RFC 2047 §6.2), and adjacent words
+    in one charset are decoded together, because mailers split multi-byte characters
+    across words although §5 forbids it.
+    """
+    out: list[str] = []
+    pending = bytearray()
+    pending_charset = ""
+    position = 0
+    for match in _ENCODED_WORD.finditer(text):
+        gap = text[position : match.start()]
+        charset = match.group(1).lower()
+        adjacent = bool(pending_charset) and not gap.strip()
+        if not adjacent or charset != pending_charset:
+            out.append(_decode_charset(bytes(pending), pending_charset))
+            pending.clear()
+            if not adjacent:
+                out.append(gap)
+        pending += _decode_word_text(match.group(2), match.group(3))
+        pending_charset = charset
+        position = match.end()
+    out.append(_decode_charset(bytes(pending), pending_charset))
+    out.append(text[position:])
+    return "".join(out)
+
+
+# --- parsing -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Body:
+    """What the MIME walk found: shown text, the text the key digests, and attachments."""
+
+    text: str
+    source: str
+    attachments: tuple[Attachment, ...]
+
+
+_NO_BODY = _Body("", "", ())
+
+
+def _parse_safely(
+    uid: int,
+    raw: bytes,
+    internaldate: datetime | None,
+    size: int | None,
+    *,
+    headers_only: bool,
+) -> QueuedMessage:
+    """Try the strict policy, then compat32; turn a crash of both into an unusable message."""
+    total = len(raw) if size is None else size
+    if not raw.strip():
+        return _unusable(uid, raw, "empty message", internaldate, total)
+    failure = "parser error"
+    for policy in (_DEFAULT, _COMPAT32):
+        try:
+            return _parse(uid, raw, policy, internaldate, total, headers_only=headers_only)
+        # Why so broad: this is the boundary where untrusted bytes meet the stdlib parser,
+        # whose failure modes on hostile input are not enumerable; the contract is "never
+        # raises", and a crash files the message to Failed instead of stalling the Queue.
+        except Exception as exc:
+            failure = f"parser error: {type(exc).__name__}"
+    return _unusable(uid, raw, failure, internaldate, total)
+
+
+def _parse(
+    uid: int,
+    raw: bytes,
+    policy: Policy,
+    internaldate: datetime | None,
+    total: int,
+    *,
+    headers_only: bool,
+) -> QueuedMessage:
+    parsed = BytesParser(policy=policy).parsebytes(raw, headersonly=headers_only)
+    headers = _HeaderReader(parsed)
+    addresses = {name: _addresses(headers.all(name)) for name in _ADDRESS_FIELDS}
+    message_id = _normalise_message_id(headers.first("message-id"))
+    date_text = headers.first("date")
+    subject = _collapse(_clean(decode_encoded_words(headers.first("subject"))))
+    body = _NO_BODY if headers_only else _extract_body(parsed)
+
+    problem: str | None = None
+    if not headers.names:
+        problem = "no header fields: not an RFC 5322 message"
+    elif not any(addresses.values()):
+        problem = "no sender or recipient address"
+
+    return QueuedMessage(
+        uid=uid,
+        key=message_key(message_id, date_text, addresses["from"], subject, body.source),
+        message_id=message_id,
+        subject=subject,
+        from_addrs=addresses["from"],
+        sender_addrs=addresses["sender"],
+        reply_to=addresses["reply-to"],
+        to=addresses["to"],
+        cc=addresses["cc"],
+        bcc=addresses["bcc"],
+        date=_parse_date(date_text) or _as_utc(internaldate),
+        size=total,
+        body_text=_cap(body.text),
+        attachments=body.attachments,
+        problem=problem,
+        display_from=headers.display("from"),
+        display_to=headers.display("to"),
+        display_cc=headers.display("cc"),
+    )
+
+
+def _unusable(
+    uid: int, raw: bytes, problem: str, internaldate: datetime | None, total: int
+) -> QueuedMessage:
+    """A message with nothing readable; its key is a digest of the raw bytes."""
+    key = hashlib.sha256(f"{KEY_VERSION}-raw:".encode() + raw).hexdigest()
+    return QueuedMessage(
+        uid=uid,
+        key=key,
+        message_id=None,
+        subject="",
+        from_addrs=(),
+        sender_addrs=(),
+        reply_to=(),
+        to=(),
+        cc=(),
+        bcc=(),
+        date=_as_utc(internaldate),
+        size=total,
+        problem=problem,
+    )
+
+
+# --- header fields -------------------------------------------------------------------------
+
+
+class _HeaderReader:
+    """The top-level header fields as text, read from the raw values so no policy can raise."""
+
+    def __init__(self, msg: Message) -> None:
+        self._fields: list[tuple[str, str]] = [
+            (str(name).lower(), _header_text(str(value))) for name, value in msg.raw_items()
+        ]
+        self.names = frozenset(name for name, _ in self._fields)
+
+    def all(self, name: str) -> list[str]:
+        """Every value of the field ``name`` (lower case), unfolded, 8-bit text decoded."""
+        return [value for field, value in self._fields if field == name]
+
+    def first(self, name: str) -> str:
+        """The first value of ``name``, or "" when absent."""
+        values = self.all(name)
+        return values[0] if values else ""
+
+    def display(self, name: str) -> str:
+        """The field as a reader should see it: encoded-words decoded, one line."""
+        return _collapse(_clean(", ".join(decode_encoded_words(v) for v in self.all(name))))
+
+
+def _header_text(value: str) -> str:
+    """A raw header value as text: 8-bit bytes decoded (RFC 6532), unfolded (RFC 5322 §2.2.3)."""
+    if not value.isascii():
+        # BytesParser keeps 8-bit header bytes as surrogate escapes; get the bytes back.
+        try:
+            data = value.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            data = value.encode("utf-8", "replace")
+        value = _decode_8bit(data)
+    return _LINE_BREAK.sub(" ", _FOLD.sub("", value)).strip()
+
+
+def _decode_8bit(data: bytes) -> str:
+    """Decode unlabelled 8-bit text: UTF-8 (RFC 6532) when valid, else Windows-1252/Latin-1."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    try:
+        # Windows-1252 is what "latin-1" mail really is (curly quotes in 0x80 to 0x9f).
+        return data.decode("cp1252")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
+
+
+def _decode_charset(data: bytes, charset: str) -> str:
+    """Decode ``data`` in a declared MIME charset; unknown or missing charsets never fail."""
+    charset = charset.strip().strip('"').lower()
+    if not data:
+        return ""
+    if charset in {"", "us-ascii", "ascii", "unknown-8bit", "x-unknown", "unknown"}:
+        # Undeclared or mislabelled 8-bit text is common; guess instead of replacing it all.
+        return _decode_8bit(data)
+    try:
+        return data.decode(charset, "replace")
+    except (LookupError, ValueError, TypeError):
+        # Unknown charset, or a codec that is not a text encoding ("base64", "idna").
+        return data.decode("utf-8", "replace")
+
+
+def _decode_word_text(encoding: str, text: str) -> bytes:
+    """The bytes an RFC 2047 encoded-text stands for, in the "Q" or "B" encoding (§4)."""
+    if encoding in "Qq":
+        data = text.replace("_", " ").encode("utf-8", "surrogateescape")
+        return _Q_ESCAPE.sub(lambda m: bytes([int(m.group(1), 16)]), data)
+    letters = _NOT_BASE64.sub("", text)
+    if len(letters) % 4 == 1:
+        letters = letters[:-1]  # one dangling 6-bit group cannot complete a byte
+    try:
+        return base64.b64decode(letters + "=" * (-len(letters) % 4))
+    except (binascii.Error, ValueError):
+        return text.encode("utf-8", "surrogateescape")
+
+
+def _collapse(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _clean(text: str) -> str:
+    """Drop NUL characters, which no store column can hold and no reader needs."""
+    return text.replace("\x00", "")
+
+
+def _addresses(values: Iterable[str]) -> tuple[str, ...]:
+    """Normalised, de-duplicated addresses of address header values; invalid ones skipped."""
+    found: list[str] = []
+    for value in values:
+        for candidate in _address_candidates(value):
+            address = normalise_address(candidate)
+            if address is not None:
+                found.append(address)
+    return tuple(dict.fromkeys(found))
+
+
+def _address_candidates(value: str) -> list[str]:
+    """Every addr-spec either stdlib address parser finds in one header value.
+
+    The RFC 5322 parser of ``policy.default`` understands groups and encoded display names,
+    but stops at the first ";" where Outlook users separate addresses; ``getaddresses``
+    is lax about that. Their union misses the fewest real addresses; anything that is not a
+    valid address is dropped later by ``normalise_address``.
+    """
+    candidates: list[str] = []
+    with contextlib.suppress(*_MALFORMED_INPUT_ERRORS):
+        header: Any = _DEFAULT.header_factory("to", value)
+        candidates.extend(str(address.addr_spec) for address in header.addresses)
+    with contextlib.suppress(*_MALFORMED_INPUT_ERRORS):
+        candidates.extend(addr for _, addr in email.utils.getaddresses([value]))
+    return candidates
+
+
+def _normalise_message_id(value: str) -> str | None:
+    """The msg-id without angle brackets or white space (RFC 5322 §3.6.4); None when empty."""
+    match = _ANGLE_ADDR.search(value)
+    text = match.group(1) if match else value
+    text = "".join(text.split()).strip("<>")
+    return text or None
+
+
+def _parse_date(text: str) -> datetime | None:
+    """The Date header (RFC 5322 §3.3) as an aware UTC datetime; None when unparseable."""
+    if not text.strip():
+        return None
+    try:
+        parsed = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    return _as_utc(parsed)
+
+
+def _as_utc(moment: datetime | None) -> datetime | None:
+    """``moment`` in UTC; a naive time (zone "-0000", RFC 5322 §3.3) is taken as UTC."""
+    if moment is None:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    try:
+        return moment.astimezone(UTC)
+    except (OverflowError, ValueError):
+        return None
+
+
+def _normalise_date_text(text: str) -> str:
+    """The Date as UTC ISO 8601 when parseable, else the header text with white space collapsed."""
+    parsed = _parse_date(text)
+    return parsed.isoformat() if parsed is not None else _collapse(text)
+
+
+# --- MIME body -----------------------------------------------------------------------------
+
+
+def _extract_body(root: Message) -> _Body:
+    """Pick the text body and list the attachments (RFC 2045/2046 structure)."""
+    plain: list[str] = []
+    html: list[str] = []
+    unsplit: list[str] = []
+    attachments: list[Attachment] = []
+    for part in _leaves(root):
+        content_type = _content_type(part)
+        filename = _filename(part)
+        # RFC 2046 §5.2.1 message/rfc822 and RFC 6532 §3.7 message/global: a forwarded
+        # message is an attachment, and its own text is not our body.
+        if content_type in {"message/rfc822", "message/global"}:
+            attachments.append(
+                Attachment(filename or "forwarded.eml", content_type, _embedded_size(part))
+            )
+        elif _disposition(part) == "attachment" or filename is not None:
+            attachments.append(
+                Attachment(filename or "unnamed", content_type, len(_payload_bytes(part)))
+            )
+        elif content_type == "text/plain":
+            plain.append(_part_text(part))
+        elif content_type == "text/html":
+            html.append(_part_text(part))
+        elif content_type.startswith("multipart/"):
+            # A multipart whose boundary is missing was left as one opaque body
+            # (RFC 2046 §5.1.1 defect); its raw text is the only text there is.
+            unsplit.append(_part_text(part))
+
+    for text in plain:
+        if text.strip():
+            return _Body(text, text, tuple(attachments))
+    for source in html:
+        if source.strip():
+            return _Body(html_to_text(source[:MAX_HTML_SOURCE_CHARS]), source, tuple(attachments))
+    for text in unsplit:
+        if text.strip():
+            return _Body(text, text, tuple(attachments))
+    return _Body("", "", tuple(attachments))
+
+
+def _leaves(root: Message) -> Iterator[Message]:
+    """The non-multipart parts in document order; message/* parts are leaves, not entered."""
+    stack: list[tuple[Message, int]] = [(root, 0)]
+    while stack:
+        part, depth = stack.pop()
+        payload = _raw_payload(part)
+        is_container = isinstance(payload, list) and depth < MAX_MIME_DEPTH
+        if is_container and not _content_type(part).startswith("message/"):
+            children = [child for child in payload if isinstance(child, Message)]
+            stack.extend((child, depth + 1) for child in reversed(children))
+        else:
+            yield part
+
+
+def _content_type(part: Message) -> str:
+    try:
+        return part.get_content_type().lower()
+    except _MALFORMED_INPUT_ERRORS:
+        # RFC 2045 §5.2: a part without a usable Content-Type is text/plain.
+        return "text/plain"
+
+
+def _disposition(part: Message) -> str | None:
+    try:
+        disposition = part.get_content_disposition()
+    except _MALFORMED_INPUT_ERRORS:
+        return None
+    return disposition.lower() if disposition else None
+
+
+def _filename(part: Message) -> str | None:
+    """The decoded file name (RFC 2231 parameters, or RFC 2047 words as Outlook writes them)."""
+    try:
+        name = part.get_filename()
+    except _MALFORMED_INPUT_ERRORS:
+        return None
+    if name is None:
+        return None
+    text = str(name)
+    if not text.isascii():
+        text = _header_text(text)
+    return _collapse(_clean(decode_encoded_words(text)))
+
+
+def _payload_bytes(part: Message) -> bytes:
+    """The part's content with its transfer encoding (RFC 2045 §6) undone, best-effort."""
+    try:
+        data = part.get_payload(decode=True)
+    except _MALFORMED_INPUT_ERRORS:
+        data = None
+    if isinstance(data, bytes):
+        return data
+    payload = _raw_payload(part)
+    if isinstance(payload, str):
+        return payload.encode("utf-8", "surrogateescape")
+    return b""
+
+
+def _part_text(part: Message) -> str:
+    try:
+        charset = part.get_content_charset() or ""
+    except _MALFORMED_INPUT_ERRORS:
+        charset = ""
+    text = _decode_charset(_payload_bytes(part), str(charset))
+    # Trailing blank lines are the boundary's or the mailer's padding, not the writer's text.
+    return _clean(_LINE_BREAK.sub("\n", text)).rstrip()
+
+
+def _raw_payload(part: Message) -> Any:
+    """The parsed payload: a list of sub-parts, a string, or None when unreadable."""
+    try:
+        return part.get_payload()
+    except _MALFORMED_INPUT_ERRORS:
+        return None
+
+
+def _embedded_size(part: Message) -> int:
+    """Size in bytes of a forwarded message/rfc822 part, as re-serialised."""
+    payload = _raw_payload(part)
+    if isinstance(payload, list) and payload and isinstance(payload[0], Message):
+        buffer = BytesIO()
+        try:
+            BytesGenerator(buffer, policy=_COMPAT32).flatten(payload[0])
+        except _MALFORMED_INPUT_ERRORS:
+            return 0
+        return len(buffer.getvalue())
+    return len(_payload_bytes(part))
+
+
+def _cap(text: str) -> str:
+    """``text`` cut to MAX_BODY_BYTES of UTF-8 on a character boundary, the cut marked."""
+    data = text.encode("utf-8", "replace")
+    if len(data) <= MAX_BODY_BYTES:
+        return data.decode("utf-8")
+    room = MAX_BODY_BYTES - len(TRUNCATION_MARK.encode("utf-8"))
+    # errors="ignore" drops only the partial character the byte cut may leave at the end.
+    return data[:room].decode("utf-8", "ignore") + TRUNCATION_MARK
