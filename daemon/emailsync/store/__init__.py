@@ -1,0 +1,57 @@
+"""Timeline stores: the ``Store`` protocol, and ``open_store`` to pick one by URL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from emailsync.errors import ConfigError
+from emailsync.store.base import Store
+from emailsync.store.csvimport import read_group_csv
+from emailsync.store.sqlite import SqliteStore
+
+__all__ = ["DEFAULT_DB_NAME", "Store", "open_store", "read_group_csv"]
+
+# The built-in store's file inside the state directory when the URL names no path.
+DEFAULT_DB_NAME = "emailsync.db"
+
+
+def open_store(url: str, state_dir: Path) -> Store:
+    """Open the store that the ``[daemon] store`` URL names, migrating its schema if needed.
+
+    ``sqlite:///abs/path.db`` opens that file; ``sqlite:`` or an empty URL opens
+    ``<state_dir>/emailsync.db``. Raises ``ConfigError`` for a URL it cannot use, and
+    ``StoreUnavailableError`` / ``StoreError`` when the store itself cannot be opened.
+    """
+    return SqliteStore(_sqlite_path(url, state_dir))
+
+
+def _sqlite_path(url: str, state_dir: Path) -> Path:
+    """The database file a store URL names; ``ConfigError`` for any other URL."""
+    url = url.strip()
+    if not url:
+        return state_dir / DEFAULT_DB_NAME
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if not scheme:
+        raise ConfigError([f"store: {url!r} is not a URL; use sqlite:///ABSOLUTE/PATH.db"])
+    if scheme != "sqlite":
+        # Only the scheme is echoed: a postgresql:// URL may carry a password.
+        raise ConfigError(
+            [
+                f"store: unsupported store URL scheme {scheme!r}; use sqlite:///ABSOLUTE/PATH.db"
+                " (postgresql:// and https:// stores are not available yet)"
+            ]
+        )
+    if parts.netloc:
+        raise ConfigError(
+            [f"store: {url!r} names a host; use three slashes: sqlite:///ABSOLUTE/PATH.db"]
+        )
+    if parts.query or parts.fragment:
+        raise ConfigError([f"store: {url!r} has a query or fragment; sqlite URLs take none"])
+    path = unquote(parts.path)
+    if not path:
+        return state_dir / DEFAULT_DB_NAME
+    if not path.startswith("/"):
+        raise ConfigError([f"store: {url!r} needs an absolute path: sqlite:///ABSOLUTE/PATH.db"])
+    return Path(path)

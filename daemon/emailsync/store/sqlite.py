@@ -1,0 +1,524 @@
+"""SqliteStore: the built-in timeline store, one SQLite file with numbered schema migrations."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sqlite3
+import threading
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from emailsync.address import normalise_address
+from emailsync.errors import StoreError, StoreUnavailableError
+from emailsync.model import Attachment, Direction, Group, TimelineEvent
+
+# How long a writer waits for another writer (another thread or a CLI process) to commit.
+BUSY_TIMEOUT_SECONDS = 5.0
+# The file holds client mail: owner-only, and so is a state directory we create.
+DB_FILE_MODE = 0o600
+STATE_DIR_MODE = 0o700
+
+# Primary result codes (https://sqlite.org/rescode.html) after which a later retry can
+# succeed: another writer holds the lock, the disk failed or is full, the file is not
+# reachable right now. Anything else (corrupt file, constraint, bug) is a plain StoreError.
+_UNAVAILABLE_CODES = frozenset(
+    {
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_PROTOCOL,
+    }
+)
+# Extended result codes carry the primary code in their low byte.
+_PRIMARY_CODE_MASK = 0xFF
+
+_GROUP_IDS_BY_NAME = "SELECT name, id FROM groups WHERE name IN (SELECT value FROM json_each(?))"
+_INSERT_GROUP = "INSERT INTO groups (name) VALUES (?) ON CONFLICT (name) DO NOTHING"
+_INSERT_LINK = (
+    "INSERT INTO group_addresses (group_id, address) VALUES (?, ?)"
+    " ON CONFLICT (group_id, address) DO NOTHING"
+)
+_GROUPS_FOR_ADDRESSES = """
+    WITH matched AS (
+        SELECT DISTINCT group_id FROM group_addresses
+        WHERE address IN (SELECT value FROM json_each(?))
+    )
+    SELECT g.name, a.address
+    FROM matched
+    JOIN groups AS g ON g.id = matched.group_id
+    JOIN group_addresses AS a ON a.group_id = g.id
+    ORDER BY g.name, a.address
+"""
+_ALL_GROUPS = """
+    SELECT g.name, a.address
+    FROM groups AS g LEFT JOIN group_addresses AS a ON a.group_id = g.id
+    ORDER BY g.name, a.address
+"""
+_INSERT_EVENT = """
+    INSERT INTO timeline_events (
+        group_id, message_key, direction, mailbox, message_id, subject, from_, to_, cc,
+        date, body_text, attachments, size, filed_at
+    ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (group_id, message_key) DO NOTHING
+"""
+# The WHERE clause is needed anyway, and also tells SQLite's parser that ON CONFLICT
+# belongs to the INSERT, not to a join (https://sqlite.org/lang_upsert.html, "Parsing
+# Ambiguity").
+_LINK_EVENT_MAILBOX = """
+    INSERT INTO event_mailboxes (event_id, mailbox)
+    SELECT id, ? FROM timeline_events WHERE group_id = ? AND message_key = ?
+    ON CONFLICT (event_id, mailbox) DO NOTHING
+"""
+# One statement, so the events and their mailboxes come from one consistent snapshot.
+_SELECT_EVENTS = """
+    SELECT g.name, e.direction, e.mailbox, e.message_key, e.message_id, e.subject, e.from_,
+           e.to_, e.cc, e.date, e.body_text, e.attachments, e.size, e.filed_at,
+           (SELECT json_group_array(m.mailbox) FROM event_mailboxes AS m
+            WHERE m.event_id = e.id) AS mailboxes
+    FROM timeline_events AS e JOIN groups AS g ON g.id = e.group_id
+"""
+_WHERE_GROUP = "g.name = ?"
+_WHERE_MAILBOX = (
+    "EXISTS (SELECT 1 FROM event_mailboxes AS f WHERE f.event_id = e.id AND f.mailbox = ?)"
+)
+# A negative LIMIT means no limit in SQLite.
+_ORDER_NEWEST_FIRST = " ORDER BY e.filed_at DESC, e.id DESC LIMIT ?"
+
+
+class SqliteStore:
+    """The timeline store in one SQLite file, shared by every mailbox worker thread.
+
+    Each thread gets its own connection, so lookups run beside the single writer (WAL mode).
+    Writes are ``BEGIN IMMEDIATE`` transactions: a writer takes the lock up front, waiting at
+    most ``busy_timeout_seconds`` for another writer, instead of failing half-way through.
+    Opening the store creates the file (mode 0600) and applies pending schema migrations.
+
+    Mailboxes are stored in their normalised address form, like group addresses. Call
+    ``close()`` only after the threads using the store have stopped.
+    """
+
+    def __init__(self, path: Path, *, busy_timeout_seconds: float = BUSY_TIMEOUT_SECONDS) -> None:
+        self.path = path
+        self._busy_timeout_seconds = busy_timeout_seconds
+        self._local = threading.local()
+        # Weak, so a thread that ends takes its connection with it; close() reaches the rest.
+        self._holders: weakref.WeakSet[_ConnectionHolder] = weakref.WeakSet()
+        self._holders_lock = threading.Lock()
+        self._closed = False
+        _create_private_file(path)
+        try:
+            self._migrate()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- groups -------------------------------------------------------------------------
+
+    def groups_for_addresses(self, addresses: Iterable[str]) -> list[Group]:
+        """Groups linked to any of the (normalised) addresses, each once, ordered by name.
+
+        Each ``Group.addresses`` holds all addresses of the group, not only the matched ones.
+        Addresses are compared case-insensitively.
+        """
+        wanted = sorted({address.strip().lower() for address in addresses})
+        if not wanted:
+            return []
+        rows = self._query("look up groups", _GROUPS_FOR_ADDRESSES, (json.dumps(wanted),))
+        return _groups_from_rows(rows)
+
+    def add_group(self, name: str, addresses: Iterable[str]) -> Group:
+        """Create the group, or extend it, with the addresses; return it with all addresses.
+
+        Addresses are normalised; raises ``ValueError`` naming the first invalid name or
+        address, before anything is written.
+        """
+        group_name = _checked_group_name(name)
+        links = sorted({_checked_address(address) for address in addresses})
+        with self._transaction("add group") as conn:
+            conn.execute(_INSERT_GROUP, (group_name,))
+            (group_id,) = conn.execute(
+                "SELECT id FROM groups WHERE name = ?", (group_name,)
+            ).fetchone()
+            conn.executemany(_INSERT_LINK, [(group_id, address) for address in links])
+            rows = conn.execute(
+                "SELECT address FROM group_addresses WHERE group_id = ? ORDER BY address",
+                (group_id,),
+            ).fetchall()
+        return Group(name=group_name, addresses=tuple(address for (address,) in rows))
+
+    def import_groups(self, rows: Iterable[tuple[str, str]]) -> int:
+        """Link ``(group, address)`` rows, creating groups as needed; return new links.
+
+        Raises ``ValueError`` naming the first invalid row (counting from 1); nothing is
+        written then. Rows already linked are not counted.
+        """
+        links: list[tuple[str, str]] = []
+        for number, (name, address) in enumerate(rows, start=1):
+            try:
+                links.append((_checked_group_name(name), _checked_address(address)))
+            except ValueError as exc:
+                raise ValueError(f"row {number}: {exc}") from exc
+        if not links:
+            return 0
+        names = sorted({name for name, _ in links})
+        with self._transaction("import groups") as conn:
+            conn.executemany(_INSERT_GROUP, [(name,) for name in names])
+            ids = dict(conn.execute(_GROUP_IDS_BY_NAME, (json.dumps(names),)).fetchall())
+            # rowcount sums sqlite3_changes() over the batch; a link that existed adds 0.
+            cursor = conn.executemany(_INSERT_LINK, [(ids[name], addr) for name, addr in links])
+            return cursor.rowcount
+
+    def list_groups(self) -> list[Group]:
+        """Every group with all its addresses, ordered by name."""
+        return _groups_from_rows(self._query("list groups", _ALL_GROUPS, ()))
+
+    # -- timeline -----------------------------------------------------------------------
+
+    def record_events(self, events: Sequence[TimelineEvent]) -> int:
+        """Record events in one transaction; return how many were new.
+
+        Idempotent on ``(group, message_key)``: recording an existing pair links the event's
+        ``mailbox`` (and any ``mailboxes``) to the stored event and creates no new event.
+        Every group must exist; otherwise ``StoreError`` and nothing is recorded.
+        """
+        if not events:
+            return 0
+        # Serialise before taking the write lock, to hold it as briefly as possible.
+        columns = [_event_columns(event) for event in events]
+        mailbox_links = [
+            (mailbox, event.group, event.message_key)
+            for event in events
+            for mailbox in sorted({_mailbox_key(m) for m in (event.mailbox, *event.mailboxes)})
+        ]
+        names = sorted({event.group for event in events})
+        with self._transaction("record events") as conn:
+            ids: dict[str, int] = dict(
+                conn.execute(_GROUP_IDS_BY_NAME, (json.dumps(names),)).fetchall()
+            )
+            missing = [name for name in names if name not in ids]
+            if missing:
+                raise StoreError(f"store: cannot record events for unknown group(s) {missing}")
+            cursor = conn.executemany(
+                _INSERT_EVENT,
+                [(ids[event.group], *row) for event, row in zip(events, columns, strict=True)],
+            )
+            # sqlite3_changes() counts only rows this INSERT added, not conflicts skipped.
+            new_events = cursor.rowcount
+            conn.executemany(
+                _LINK_EVENT_MAILBOX,
+                [(mailbox, ids[group], key) for mailbox, group, key in mailbox_links],
+            )
+        return new_events
+
+    def list_events(
+        self, *, group: str | None = None, mailbox: str | None = None, limit: int | None = None
+    ) -> list[TimelineEvent]:
+        """Recorded events, newest filed first, with ``mailboxes`` filled in (sorted).
+
+        ``group`` keeps one group's events, ``mailbox`` the events that mailbox filed (first
+        or later); ``limit`` caps how many are returned.
+        """
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must not be negative, got {limit}")
+        conditions: list[str] = []
+        params: list[object] = []
+        if group is not None:
+            conditions.append(_WHERE_GROUP)
+            params.append(group)
+        if mailbox is not None:
+            conditions.append(_WHERE_MAILBOX)
+            params.append(_mailbox_key(mailbox))
+        params.append(-1 if limit is None else limit)
+        where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+        # Only the constant fragments above are joined; every value is a bound parameter.
+        sql = _SELECT_EVENTS + where + _ORDER_NEWEST_FIRST
+        return [_event_from_row(row) for row in self._query("list events", sql, params)]
+
+    # -- connections ----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close every thread's connection; later calls raise ``StoreError``."""
+        with self._holders_lock:
+            self._closed = True
+            holders = list(self._holders)
+            self._holders.clear()
+        for holder in holders:
+            holder.close()
+
+    def _connection(self) -> sqlite3.Connection:
+        """This thread's connection, opened on first use."""
+        holder: _ConnectionHolder | None = getattr(self._local, "holder", None)
+        if holder is not None and not self._closed:
+            return holder.connection
+        with self._holders_lock:
+            if self._closed:
+                raise StoreError(f"store {self.path}: already closed")
+            holder = _ConnectionHolder(self._connect())
+            self._holders.add(holder)
+        self._local.holder = holder
+        return holder.connection
+
+    def _connect(self) -> sqlite3.Connection:
+        with _translated(self.path, "open database"):
+            # isolation_level=None: no implicit transactions; we issue BEGIN/COMMIT ourselves.
+            # check_same_thread=False only so close() can close other threads' connections.
+            conn = sqlite3.connect(
+                self.path,
+                timeout=self._busy_timeout_seconds,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            try:
+                conn.execute("PRAGMA foreign_keys = ON")
+                # FULL, not the WAL-usual NORMAL: an event must survive power loss once
+                # committed, because the message is moved out of Queue right after.
+                conn.execute("PRAGMA synchronous = FULL")
+            except sqlite3.Error:
+                conn.close()
+                raise
+        return conn
+
+    def _discard_connection(self) -> None:
+        """Forget this thread's connection after it failed in a way we cannot undo."""
+        holder: _ConnectionHolder | None = getattr(self._local, "holder", None)
+        if holder is None:
+            return
+        self._local.holder = None
+        with self._holders_lock:
+            self._holders.discard(holder)
+        holder.close()
+
+    @contextmanager
+    def _transaction(self, doing: str) -> Iterator[sqlite3.Connection]:
+        """A write transaction: committed when the block ends, rolled back if it raises."""
+        conn = self._connection()
+        try:
+            with _translated(self.path, doing):
+                conn.execute("BEGIN IMMEDIATE")
+                yield conn
+                conn.execute("COMMIT")
+        finally:
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    # The connection's state is unknown: never reuse it.
+                    self._discard_connection()
+
+    def _query(self, doing: str, sql: str, params: Sequence[object]) -> list[Any]:
+        """All rows of one read statement (one statement is one consistent snapshot)."""
+        conn = self._connection()
+        with _translated(self.path, doing):
+            return conn.execute(sql, params).fetchall()
+
+    # -- schema -----------------------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        """Apply the schema files newer than the file's ``PRAGMA user_version``, atomically."""
+        migrations = _migrations()
+        latest = migrations[-1][0]
+        conn = self._connection()
+        with _translated(self.path, "enable WAL"):
+            # Persistent in the file: readers never wait for the writer, nor it for them.
+            conn.execute("PRAGMA journal_mode = WAL")
+        # One transaction for the check and the changes, so two processes opening a fresh
+        # file at once cannot both migrate it.
+        with self._transaction("migrate schema") as txn:
+            (current,) = txn.execute("PRAGMA user_version").fetchone()
+            if current > latest:
+                raise StoreError(
+                    f"store {self.path}: schema version {current} is newer than this "
+                    f"emailsync knows ({latest}); upgrade emailsync"
+                )
+            for version, name, script in migrations:
+                if version <= current:
+                    continue
+                with _translated(self.path, f"apply migration {name}"):
+                    for statement in _statements(script):
+                        txn.execute(statement)
+                    # PRAGMA takes no bound parameters; version is an int from a file name.
+                    txn.execute(f"PRAGMA user_version = {version:d}")
+
+
+class _ConnectionHolder:
+    """Owns one thread's connection and closes it when the thread's storage goes away.
+
+    Without this the connection would wait for the cycle collector: sqlite3 connections
+    reference themselves through their statement cache.
+    """
+
+    __slots__ = ("__weakref__", "_finalizer", "connection")
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self.connection = connection
+        self._finalizer = weakref.finalize(self, connection.close)
+
+    def close(self) -> None:
+        """Close the connection now (at most once)."""
+        self._finalizer()
+
+
+@contextmanager
+def _translated(path: Path, doing: str) -> Iterator[None]:
+    """Turn sqlite3 errors into StoreUnavailableError (retry later) or StoreError."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        code = getattr(exc, "sqlite_errorcode", None)
+        message = f"store {path}: {doing}: {exc}"
+        if code is not None and (code & _PRIMARY_CODE_MASK) in _UNAVAILABLE_CODES:
+            raise StoreUnavailableError(message) from exc
+        raise StoreError(message) from exc
+
+
+def _create_private_file(path: Path) -> None:
+    """Create the database file 0600 (and a missing directory 0700) before SQLite opens it.
+
+    SQLite would create it with the umask's mode; its -wal and -shm files copy the mode of
+    the database file, so they end up private too.
+    """
+    try:
+        path.parent.mkdir(mode=STATE_DIR_MODE, parents=True, exist_ok=True)
+        # O_RDONLY: creating needs no write access to an existing file (a read-only CLI).
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, DB_FILE_MODE)
+        os.close(fd)
+    except OSError as exc:
+        raise StoreUnavailableError(f"store {path}: cannot create database file: {exc}") from exc
+
+
+@functools.cache
+def _migrations() -> tuple[tuple[int, str, str], ...]:
+    """The ``(version, file name, SQL)`` of every ``schema/NNN_name.sql``, by version."""
+    found: list[tuple[int, str, str]] = []
+    for entry in resources.files("emailsync.store").joinpath("schema").iterdir():
+        if not entry.name.endswith(".sql"):
+            continue
+        number = entry.name.split("_", 1)[0]
+        if not number.isdigit():
+            raise StoreError(f"store: migration {entry.name!r} does not start with a number")
+        found.append((int(number), entry.name, entry.read_text(encoding="utf-8")))
+    found.sort()
+    versions = [version for version, _, _ in found]
+    if versions != list(range(1, len(found) + 1)):
+        raise StoreError(f"store: migrations must be numbered 1, 2, 3... found {versions}")
+    return tuple(found)
+
+
+def _statements(script: str) -> Iterator[str]:
+    """Split a SQL script into statements, leaving ``;`` inside strings and triggers alone.
+
+    ``executescript`` would do this, but it commits first, which would break the migration
+    transaction.
+    """
+    start = 0
+    for index, char in enumerate(script):
+        if char == ";" and sqlite3.complete_statement(script[start : index + 1]):
+            yield script[start : index + 1]
+            start = index + 1
+    rest = script[start:]
+    # Whatever follows the last ';' must be comments or blank, not a forgotten statement.
+    if _has_code(rest):
+        raise StoreError(f"store: migration ends in a statement without ';': {rest.strip()!r}")
+
+
+def _has_code(sql: str) -> bool:
+    """True when ``sql`` holds anything besides whitespace and ``--`` comments."""
+    return any(line.strip() and not line.strip().startswith("--") for line in sql.splitlines())
+
+
+def _groups_from_rows(rows: Iterable[tuple[str, str | None]]) -> list[Group]:
+    """Fold ``(name, address)`` rows, ordered by name, into groups (address None: empty)."""
+    addresses: dict[str, list[str]] = {}
+    for name, address in rows:
+        members = addresses.setdefault(name, [])
+        if address is not None:
+            members.append(address)
+    return [Group(name=name, addresses=tuple(members)) for name, members in addresses.items()]
+
+
+def _checked_group_name(name: str) -> str:
+    stripped = name.strip()
+    if not stripped:
+        raise ValueError(f"empty group name: {name!r}")
+    return stripped
+
+
+def _checked_address(address: str) -> str:
+    normalised = normalise_address(address)
+    if normalised is None:
+        raise ValueError(f"not an email address: {address!r}")
+    return normalised
+
+
+def _mailbox_key(mailbox: str) -> str:
+    """A mailbox in the form it is stored and matched: its normalised address if it has one."""
+    return normalise_address(mailbox) or mailbox.strip()
+
+
+def _to_iso(moment: datetime) -> str:
+    """ISO 8601 in UTC with microseconds, so text order is time order (naive means UTC)."""
+    if moment.utcoffset() is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def _from_iso(text: str) -> datetime:
+    moment = datetime.fromisoformat(text)
+    return moment if moment.utcoffset() is not None else moment.replace(tzinfo=UTC)
+
+
+def _event_columns(event: TimelineEvent) -> tuple[object, ...]:
+    """The event's columns after ``group_id``, in ``_INSERT_EVENT`` order."""
+    attachments = [
+        {"filename": a.filename, "content_type": a.content_type, "size": a.size}
+        for a in event.attachments
+    ]
+    return (
+        event.message_key,
+        event.direction.value,
+        _mailbox_key(event.mailbox),
+        event.message_id,
+        event.subject,
+        event.from_,
+        event.to,
+        event.cc,
+        None if event.date is None else _to_iso(event.date),
+        event.body_text,
+        json.dumps(attachments, ensure_ascii=False),
+        event.size,
+        _to_iso(event.filed_at),
+    )
+
+
+def _event_from_row(row: Sequence[Any]) -> TimelineEvent:
+    (name, direction, mailbox, key, message_id, subject, from_, to, cc, date, body) = row[:11]
+    attachments, size, filed_at, mailboxes = row[11:]
+    return TimelineEvent(
+        group=name,
+        direction=Direction(direction),
+        mailbox=mailbox,
+        message_key=key,
+        message_id=message_id,
+        subject=subject,
+        from_=from_,
+        to=to,
+        cc=cc,
+        date=None if date is None else _from_iso(date),
+        body_text=body,
+        attachments=tuple(
+            Attachment(filename=a["filename"], content_type=a["content_type"], size=a["size"])
+            for a in json.loads(attachments)
+        ),
+        size=size,
+        filed_at=_from_iso(filed_at),
+        mailboxes=tuple(sorted(json.loads(mailboxes))),
+    )
