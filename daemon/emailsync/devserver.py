@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -98,12 +99,16 @@ def free_port() -> int:
 class Dovecot:
     """One Dovecot instance in ``base_dir``; ``start()``, ``add_user()``, ``stop()``."""
 
-    def __init__(self, base_dir: Path, options: DovecotOptions | None = None) -> None:
-        self.base_dir = base_dir
+    def __init__(self, base_dir: Path | None = None, options: DovecotOptions | None = None) -> None:
+        # Dovecot's unprivileged processes must traverse every parent of base_dir, so the
+        # default is a fresh directory in /tmp (pytest's and $HOME's are mode 0700).
+        self._owns_dir = base_dir is None
+        self.base_dir = base_dir or Path(tempfile.mkdtemp(prefix="emailsync-dovecot-"))
         self.options = options or DovecotOptions()
         self.host = "127.0.0.1"
         self.port = free_port()
         self.ssl_port = free_port() if self.options.tls else 0
+        base_dir = self.base_dir
         self.config_path = base_dir / "dovecot.conf"
         self.passwd_path = base_dir / "passwd"
         self.log_path = base_dir / "dovecot.log"
@@ -120,7 +125,13 @@ class Dovecot:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop, and remove the directory when this object made it."""
         self.stop()
+        if self._owns_dir:
+            shutil.rmtree(self.base_dir, ignore_errors=True)
 
     @property
     def running(self) -> bool:
@@ -168,13 +179,16 @@ class Dovecot:
         self._wait_ready()
 
     def add_user(self, address: str, password: str) -> None:
-        """Add a login; Dovecot re-reads the passwd-file when it changes."""
+        """Add a login (at once usable)."""
         if any(c in address + password for c in ":\n\r"):
             raise ValueError(
                 "user names and passwords for the passwd-file cannot hold ':' or newlines"
             )
-        with self.passwd_path.open("a", encoding="utf-8") as passwd:
-            passwd.write(f"{address}:{{PLAIN}}{password}::::::\n")
+        # One passwd-file per user: Dovecot re-reads a changed passwd-file at most once a
+        # second, so users added to one shared file in quick succession would go unseen.
+        path = self.passwd_path / address
+        path.write_text(f"{address}:{{PLAIN}}{password}::::::\n", encoding="utf-8")
+        path.chmod(0o644)
 
     def doveadm(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run ``doveadm`` against this instance."""
@@ -205,8 +219,8 @@ class Dovecot:
             path.chmod(0o755)
         self.mail_dir.mkdir(exist_ok=True)
         os.chown(self.mail_dir, MAIL_UID, MAIL_UID)
-        self.passwd_path.touch()
-        self.passwd_path.chmod(0o644)
+        self.passwd_path.mkdir(exist_ok=True)
+        self.passwd_path.chmod(0o755)
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
@@ -238,7 +252,7 @@ class Dovecot:
             ssl = "ssl = no"
             imaps = "inet_listener imaps {\n    port = 0\n  }"
         passdb = opts.passdb or (
-            f"passdb {{\n  driver = passwd-file\n  args = scheme=PLAIN {self.passwd_path}\n}}"
+            f"passdb {{\n  driver = passwd-file\n  args = scheme=PLAIN {self.passwd_path}/%u\n}}"
         )
         return f"""# written by emailsync.devserver; throwaway
 protocols = imap
@@ -305,11 +319,13 @@ def _raise_inotify_limit() -> None:
 
 
 @contextlib.contextmanager
-def running_dovecot(base_dir: Path, options: DovecotOptions | None = None) -> Iterator[Dovecot]:
+def running_dovecot(
+    base_dir: Path | None = None, options: DovecotOptions | None = None
+) -> Iterator[Dovecot]:
     """Start a Dovecot for the length of a ``with`` block."""
     server = Dovecot(base_dir, options)
     server.start()
     try:
         yield server
     finally:
-        server.stop()
+        server.close()

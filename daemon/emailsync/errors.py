@@ -37,6 +37,13 @@ class ConnectionLostError(MailboxError):
         self.retry_after = retry_after
 
 
+class IdentityProviderUnavailableError(ConnectionLostError):
+    """The identity provider (Microsoft Entra ID) could not be reached or failed; transient.
+
+    Nothing is wrong with the credentials: back off and retry, never mark needs_reauth.
+    """
+
+
 class AuthError(MailboxError):
     """The server or identity provider refused our credentials; the mailbox needs re-auth."""
 

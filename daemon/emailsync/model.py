@@ -48,6 +48,18 @@ OUTCOME_KEYWORD: dict[Outcome, str] = {
 
 
 @dataclass(frozen=True)
+class FetchedMessage:
+    """What one IMAP FETCH returned for a message: header block or whole bytes, and metadata."""
+
+    uid: int
+    data: bytes
+    internaldate: datetime | None
+    size: int
+    flags: tuple[str, ...] = ()
+    savedate: datetime | None = None  # when it landed in this folder (RFC 8514), if known
+
+
+@dataclass(frozen=True)
 class Attachment:
     """One attachment: its decoded file name, MIME type and decoded size in bytes."""
 

@@ -1,0 +1,50 @@
+# emailsync: `make demo` runs the main job, `make test` runs every test. Both set up what they need.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: all setup system-deps demo test lint typecheck unit integration bench bench-full soak clean
+
+all: test
+
+# Debian packages the daemon's tests and demo need (run as root; skipped when present).
+system-deps:
+	@bash .ci/system-deps
+
+$(STAMP): pyproject.toml
+	@bash .ci/system-deps
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/emailsync demo
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: setup
+	$(BIN)/mypy
+
+unit: setup
+	$(BIN)/python -m pytest tests/unit -q
+
+integration: setup
+	$(BIN)/python -m pytest tests/integration -q
+
+# Everything CI runs: lint, types, every test (Dovecot, PostgreSQL, Prometheus) and the bench smoke.
+test: setup lint typecheck
+	$(BIN)/python -m pytest -q
+	$(BIN)/python bench/run.py --smoke
+
+bench: setup
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) .demo .mypy_cache .ruff_cache .pytest_cache build *.egg-info

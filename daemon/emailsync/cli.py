@@ -1,0 +1,425 @@
+"""Command line: argv → objects. The only place that picks the concrete store and auth."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import structlog
+
+from emailsync import __version__
+from emailsync.config import Settings, check_secrets, default_config_path, load_settings
+from emailsync.control import ControlClient, stopped_marker
+from emailsync.errors import (
+    AuthError,
+    ConfigError,
+    ConnectionLostError,
+    ControlError,
+    EmailSyncError,
+    MailboxError,
+    StoreError,
+)
+from emailsync.filing import Filer, PassResult
+from emailsync.imap.auth import make_authenticator
+from emailsync.imap.session import ImapSession
+from emailsync.logs import configure_logging
+from emailsync.model import OUTCOME_KEYWORD, FolderRole, Outcome, TimelineEvent
+from emailsync.store import open_store
+from emailsync.store.base import Store
+from emailsync.store.csvimport import read_group_csv
+
+log = structlog.get_logger(__name__)
+
+# Exit codes (sysexits.h where one fits).
+EXIT_OK = 0
+EXIT_RUNTIME = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 69
+EXIT_CONFIG = 78
+
+Handler = Callable[[argparse.Namespace, TextIO], int]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return handler(args, sys.stdout)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_CONFIG
+    except ControlError as exc:
+        print(f"emailsync: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except AuthError as exc:
+        print(f"emailsync: authentication failed: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except ConnectionLostError as exc:
+        print(f"emailsync: server unavailable: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except (MailboxError, StoreError, EmailSyncError) as exc:
+        print(f"emailsync: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="emailsync",
+        description="Files mail dropped into an IMAP Queue folder onto CRM group timelines.",
+    )
+    parser.add_argument("--version", action="version", version=f"emailsync {__version__}")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="config file (default: $EMAILSYNC_CONFIG, else /etc/emailsync/emailsync.toml)",
+    )
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    def command(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(handler=handler)
+        return p
+
+    command("run", cmd_run, "the daemon, in the foreground")
+    command("check-config", cmd_check_config, "validate the config and the presence of secrets")
+
+    p = command("setup", cmd_setup, "log in and create + subscribe the folder tree")
+    p.add_argument("address", help="the mailbox address")
+
+    p = command("sync", cmd_sync, "one sync pass without the daemon")
+    p.add_argument(
+        "addresses", nargs="*", metavar="ADDRESS", help="mailboxes (default: all enabled)"
+    )
+    p.add_argument(
+        "--once", action="store_true", help="one pass and exit (the default without a daemon)"
+    )
+    p.add_argument("--dry-run", action="store_true", help="print what would happen; change nothing")
+
+    p = command("start-sync", cmd_start_sync, "send Start Sync to the running daemon")
+    p.add_argument("addresses", nargs="*", metavar="ADDRESS")
+    p.add_argument("--all", action="store_true", help="every mailbox")
+
+    p = command("stop", cmd_stop, "Stop Email Sync for a mailbox (forgets its tokens)")
+    p.add_argument("address")
+
+    p = command("status", cmd_status, "per-mailbox state from the running daemon")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    p = command("retry-failed", cmd_retry_failed, "move Failed messages back to Queue")
+    p.add_argument("address", help="the mailbox address")
+
+    groups = sub.add_parser("groups", help="the group directory of the built-in store")
+    groups_sub = groups.add_subparsers(title="groups commands", metavar="COMMAND")
+    p = groups_sub.add_parser("add", help="link addresses to a group (created if new)")
+    p.add_argument("name")
+    p.add_argument("addresses", nargs="+", metavar="ADDRESS")
+    p.set_defaults(handler=cmd_groups_add)
+    p = groups_sub.add_parser("import", help="import a CSV with columns group,address")
+    p.add_argument("file", type=Path)
+    p.set_defaults(handler=cmd_groups_import)
+    p = groups_sub.add_parser("list", help="list groups and their addresses")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(handler=cmd_groups_list)
+
+    p = command("timeline", cmd_timeline, "recorded timeline events, newest first")
+    p.add_argument("--group", help="only this group")
+    p.add_argument("--mailbox", help="only events filed from this mailbox")
+    p.add_argument("--limit", type=int, default=None, help="at most this many events")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    p = command(
+        "demo", cmd_demo, "throwaway Dovecot + seeded mailboxes, groups and mail + the daemon"
+    )
+    p.add_argument("--dir", type=Path, default=Path(".demo"), help="where the demo keeps its files")
+    p.add_argument(
+        "--once", action="store_true", help="one pass and exit instead of running the daemon"
+    )
+    return parser
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def load(args: argparse.Namespace) -> Settings:
+    """Load the config named by --config (or the default) and set up logging from it."""
+    settings = load_settings(args.config or default_config_path())
+    configure_logging(settings.daemon.log_format, settings.daemon.log_level)
+    return settings
+
+
+@contextlib.contextmanager
+def store_for(settings: Settings) -> Iterator[Store]:
+    """Open the configured store for the length of a ``with`` block."""
+    store = open_store(settings.store_url, settings.daemon.state_dir)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+@contextlib.contextmanager
+def session_for(settings: Settings, address: str) -> Iterator[ImapSession]:
+    """A logged-in session to one configured mailbox, logged out at the end."""
+    mailbox = settings.mailbox(address)
+    session = ImapSession.open(
+        mailbox,
+        settings.folders,
+        make_authenticator(mailbox, settings),
+        timeout_seconds=settings.daemon.timeout_seconds,
+    )
+    try:
+        yield session
+    finally:
+        session.logout()
+
+
+def event_json(event: TimelineEvent) -> dict[str, Any]:
+    """A timeline event as a JSON-ready dict (the ``timeline --json`` line shape)."""
+    return {
+        "group": event.group,
+        "direction": event.direction.value,
+        "mailboxes": list(event.mailboxes or (event.mailbox,)),
+        "message_key": event.message_key,
+        "message_id": event.message_id,
+        "subject": event.subject,
+        "from": event.from_,
+        "to": event.to,
+        "cc": event.cc,
+        "date": event.date.isoformat() if event.date else None,
+        "attachments": [
+            {"filename": a.filename, "content_type": a.content_type, "size": a.size}
+            for a in event.attachments
+        ],
+        "size": event.size,
+        "filed_at": event.filed_at.isoformat(),
+        "body_text": event.body_text,
+    }
+
+
+# -- commands ------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
+    """The daemon in the foreground, until SIGTERM."""
+    from emailsync.supervisor import Supervisor  # noqa: PLC0415 -- only the daemon needs it
+
+    settings = load(args)
+    problems = check_secrets(settings)
+    if problems:
+        raise ConfigError(problems)
+    with store_for(settings) as store:
+        return Supervisor(settings, store).run()
+
+
+def cmd_start_sync(args: argparse.Namespace, out: TextIO) -> int:
+    """Ask the running daemon for a pass now."""
+    if not args.all and not args.addresses:
+        print("emailsync start-sync: give ADDRESS… or --all", file=sys.stderr)
+        return EXIT_USAGE
+    client = ControlClient(load_settings(args.config or default_config_path()))
+    for address in [None] if args.all else args.addresses:
+        client.sync(address)
+        print(f"start sync: {address or 'all mailboxes'}", file=out)
+    return EXIT_OK
+
+
+def cmd_stop(args: argparse.Namespace, out: TextIO) -> int:
+    """Stop Email Sync for a mailbox in the running daemon."""
+    client = ControlClient(load_settings(args.config or default_config_path()))
+    client.stop(args.address)
+    print(
+        f"{args.address}: stopped; run `emailsync setup {args.address}` to start it again", file=out
+    )
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
+    """Per-mailbox state from the running daemon."""
+    client = ControlClient(load_settings(args.config or default_config_path()))
+    for status in client.mailboxes():
+        if args.json:
+            print(json.dumps(status), file=out)
+        else:
+            filed = ", ".join(f"{k} {n}" for k, n in sorted(status.get("filed", {}).items()))
+            print(
+                f"{status['address']:32} {status['state']:13} queue={status['queue']:<4} "
+                f"last_sync={status.get('last_sync') or 'never'}  {filed}"
+                + (f"  error: {status['last_error']}" if status.get("last_error") else ""),
+                file=out,
+            )
+    return EXIT_OK
+
+
+def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
+    """Validate the config; one line per problem, exit 78 on any."""
+    path = args.config or default_config_path()
+    settings = load_settings(path)
+    problems = check_secrets(settings)
+    if problems:
+        raise ConfigError(problems)
+    enabled = sum(1 for m in settings.mailboxes if m.enabled)
+    print(f"{path}: ok ({len(settings.mailboxes)} mailboxes, {enabled} enabled)", file=out)
+    return EXIT_OK
+
+
+def cmd_setup(args: argparse.Namespace, out: TextIO) -> int:
+    """First-time setup of one mailbox: log in, create and subscribe the folder tree."""
+    settings = load(args)
+    with session_for(settings, args.address) as session:
+        created = session.ensure_folders()
+        tree = session.tree
+    assert tree is not None  # noqa: S101 -- ensure_folders resolved it
+    for name in tree.all_names():
+        state = "created" if name in created else "exists"
+        print(f"{name}\t{state}, subscribed", file=out)
+    marker = stopped_marker(settings, settings.mailbox(args.address).address)
+    if marker.exists():
+        marker.unlink()
+        with contextlib.suppress(ControlError):
+            ControlClient(settings).start(settings.mailbox(args.address).address)
+        print(f"{args.address}: sync started again", file=out)
+    return EXIT_OK
+
+
+def cmd_sync(args: argparse.Namespace, out: TextIO) -> int:
+    """One pass per mailbox; with --dry-run, print decisions and change nothing."""
+    settings = load(args)
+    mailboxes = (
+        [settings.mailbox(a) for a in args.addresses]
+        if args.addresses
+        else [m for m in settings.mailboxes if m.enabled]
+    )
+    status = EXIT_OK
+    with store_for(settings) as store:
+        for mailbox in mailboxes:
+            try:
+                with session_for(settings, mailbox.address) as session:
+                    if not args.dry_run:
+                        session.ensure_folders()
+                    result = Filer(mailbox, store, batch_size=settings.daemon.fetch_batch).run_pass(
+                        session, dry_run=args.dry_run
+                    )
+            except (MailboxError, StoreError) as exc:
+                print(f"{mailbox.address}: {exc}", file=sys.stderr)
+                status = EXIT_UNAVAILABLE if isinstance(exc, ConnectionLostError) else EXIT_RUNTIME
+                continue
+            _print_pass(mailbox.address, result, out, dry_run=args.dry_run)
+    return status
+
+
+def _print_pass(address: str, result: PassResult, out: TextIO, *, dry_run: bool) -> None:
+    if dry_run:
+        for d in result.decisions:
+            direction = d.classification.direction.value if d.classification else "-"
+            counterparts = ",".join(d.classification.counterparts) if d.classification else "-"
+            reason = f"\t({d.message.problem})" if d.message.problem else ""
+            print(
+                f"{address}\tuid={d.uid}\t{direction}\tcounterparts={counterparts or '-'}"
+                f"\tgroups={','.join(d.groups) or '-'}\t→ {d.destination.value}{reason}",
+                file=out,
+            )
+    failed = result.count(Outcome.NO_GROUP) + result.count(Outcome.UNPARSEABLE)
+    summary = (
+        f"{result.count(Outcome.SENT)} to Sent, {result.count(Outcome.RECEIVED)} to Received, "
+        f"{failed} to Failed"
+    )
+    verb = "would file" if dry_run else "filed"
+    print(
+        f"{address}: {verb} {len(result.decisions)} ({summary}); {result.new_events} new events",
+        file=out,
+    )
+
+
+def cmd_retry_failed(args: argparse.Namespace, out: TextIO) -> int:
+    """Move every Failed message back to Queue (after groups were linked)."""
+    settings = load(args)
+    with session_for(settings, args.address) as session:
+        session.ensure_folders()
+        moved = session.requeue(FolderRole.FAILED, list(OUTCOME_KEYWORD.values()))
+    print(f"{args.address}: moved {moved} messages from Failed back to Queue", file=out)
+    return EXIT_OK
+
+
+def cmd_groups_add(args: argparse.Namespace, out: TextIO) -> int:
+    """Create a group or link more addresses to it."""
+    settings = load(args)
+    with store_for(settings) as store:
+        try:
+            group = store.add_group(args.name, args.addresses)
+        except ValueError as exc:
+            print(f"emailsync: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    print(f"{group.name}: {', '.join(group.addresses)}", file=out)
+    return EXIT_OK
+
+
+def cmd_groups_import(args: argparse.Namespace, out: TextIO) -> int:
+    """Import group,address rows from a CSV file."""
+    settings = load(args)
+    try:
+        rows = read_group_csv(args.file)
+    except (ValueError, OSError) as exc:
+        print(f"emailsync: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    with store_for(settings) as store:
+        linked = store.import_groups(rows)
+    print(f"{args.file}: {len(rows)} rows, {linked} new links", file=out)
+    return EXIT_OK
+
+
+def cmd_groups_list(args: argparse.Namespace, out: TextIO) -> int:
+    """List groups with their addresses."""
+    settings = load(args)
+    with store_for(settings) as store:
+        groups = store.list_groups()
+    for group in groups:
+        if args.json:
+            print(json.dumps({"group": group.name, "addresses": list(group.addresses)}), file=out)
+        else:
+            print(f"{group.name}\t{', '.join(group.addresses)}", file=out)
+    return EXIT_OK
+
+
+def cmd_timeline(args: argparse.Namespace, out: TextIO) -> int:
+    """Print recorded events, newest first; JSON is one object per line."""
+    settings = load(args)
+    with store_for(settings) as store:
+        events = store.list_events(group=args.group, mailbox=args.mailbox, limit=args.limit)
+    for event in events:
+        if args.json:
+            print(json.dumps(event_json(event), ensure_ascii=False), file=out)
+        else:
+            when = event.date.strftime("%Y-%m-%d %H:%M") if event.date else "?"
+            mailboxes = ",".join(event.mailboxes or (event.mailbox,))
+            print(
+                f"{when}\t{event.group}\t{event.direction.value}\t{event.subject!r}"
+                f"\tfrom {event.from_}\tvia {mailboxes}",
+                file=out,
+            )
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
+    """Run the demo (see emailsync.demo)."""
+    from emailsync.demo import run_demo  # noqa: PLC0415 -- the demo pulls in the dev server
+
+    return run_demo(args.dir, once=args.once, out=out)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

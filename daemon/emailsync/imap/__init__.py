@@ -1,0 +1,1 @@
+"""IMAP adapters: the only package that imports imapclient."""

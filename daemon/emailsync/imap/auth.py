@@ -1,0 +1,738 @@
+"""How a mailbox logs in to IMAP: a password, or an Office 365 OAuth2 token (XOAUTH2) via MSAL.
+
+Office 365 has two modes. Delegated: an agent signs in once with MSAL's device-code flow
+(``emailsync auth login ADDRESS``); MSAL's token cache, with the refresh token, is kept per
+mailbox in ``state_dir/tokens/<address>.json`` and rewritten whenever MSAL changes it, so a
+rotated refresh token is never lost. App-only: the app's client secret buys tokens for any
+mailbox the tenant lets it open; nothing is written to disk.
+
+Every (re)connect asks MSAL for a token: MSAL answers from its cache while the token has more
+than five minutes left and refreshes it otherwise. Errors are sorted by what the worker does:
+``AuthError`` (needs_reauth: a person must sign in again or fix the app) versus
+``ConnectionLostError`` / ``IdentityProviderUnavailableError`` (back off and retry).
+Token values never reach a log line, an exception message or ``status()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import imaplib
+import json
+import logging
+import os
+import re
+import ssl
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol, TypedDict
+from urllib.parse import quote
+
+import imapclient
+import msal
+import requests
+import structlog
+from imapclient.exceptions import LoginError
+from requests.adapters import HTTPAdapter
+
+from emailsync.config import MailboxSettings, Office365Settings, Settings
+from emailsync.errors import (
+    AuthError,
+    ConfigError,
+    ConnectionLostError,
+    IdentityProviderUnavailableError,
+    MailboxError,
+)
+
+log = structlog.get_logger(__name__)
+
+# Delegated access to IMAP (Exchange Online's permission name). MSAL adds openid, profile and
+# offline_access itself and refuses them as input ("reserved scopes").
+DELEGATED_SCOPES = ("https://outlook.office.com/IMAP.AccessAsUser.All",)
+# App-only (client credentials) tokens ask for the resource's .default scope, which carries
+# whatever application permissions (IMAP.AccessAsApp) the tenant admin granted.
+APP_ONLY_SCOPES = ("https://outlook.office365.com/.default",)
+# MSAL serves a cached access token only while more than this is left; below, it refreshes.
+MSAL_EXPIRY_MARGIN_SECONDS = 300
+# Entra ID refresh tokens lapse after 90 days unused; redeem one at least this often.
+REFRESH_TOKEN_KEEPALIVE_SECONDS = 7 * 24 * 3600
+TOKEN_DIR_MODE = 0o700
+TOKEN_FILE_MODE = 0o600
+# Longest a device-code sign-in waits for the person (Entra ID's codes live 15 minutes).
+DEVICE_CODE_TIMEOUT_SECONDS = 15 * 60
+ERROR_TEXT_CHARS = 300
+# RFC 5530 response codes that mean "try again later", not "your credentials are wrong".
+TRANSIENT_RESPONSE_CODES = frozenset({"UNAVAILABLE", "SERVERBUG", "INUSE", "LIMIT"})
+# RFC 6749 §5.2 / Entra ID token-endpoint errors that say nothing about the credentials.
+TRANSIENT_OAUTH_ERRORS = frozenset({"temporarily_unavailable", "server_error"})
+
+_RESPONSE_CODE_RE = re.compile(r"\[([A-Z][A-Z0-9-]*)")
+
+
+class _DropTokenEvents(logging.Filter):
+    """Drops MSAL's debug dump of every token response.
+
+    MSAL masks access and refresh tokens in it but not the request data, so the device code
+    would reach the log.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno <= logging.DEBUG and str(record.msg).startswith("event="))
+
+
+logging.getLogger("msal.token_cache").addFilter(_DropTokenEvents())
+
+
+class Authenticator(Protocol):
+    """How a mailbox worker logs in, and what it may ask about its credentials."""
+
+    def login(self, client: imapclient.IMAPClient) -> None:
+        """Log in on a connected client.
+
+        Raises AuthError when the server or identity provider refuses (needs_reauth), and
+        ConnectionLostError (IdentityProviderUnavailableError included) when it is transient.
+        """
+        ...
+
+    def token_expiry(self) -> datetime | None:
+        """When the current access token expires; None for passwords or when there is none."""
+        ...
+
+    def forget(self) -> None:
+        """Drop cached tokens (Stop Email Sync); a no-op for passwords."""
+        ...
+
+
+class PasswordAuthenticator:
+    """IMAP LOGIN with the mailbox's password, read from its secret source at every login."""
+
+    def __init__(self, mailbox: MailboxSettings) -> None:
+        if mailbox.password is None:
+            raise ConfigError([f"mailbox {mailbox.address}: auth = password needs a password"])
+        self._mailbox = mailbox
+        self._password = mailbox.password
+        self._log = log.bind(mailbox=mailbox.address)
+
+    def login(self, client: imapclient.IMAPClient) -> None:
+        """LOGIN as the mailbox's username; see ``Authenticator.login``."""
+        address = self._mailbox.address
+        try:
+            password = self._password.read()
+        except ConfigError as exc:
+            # The message names the source only; a missing secret needs a person, not retries.
+            raise AuthError(f"{address}: {exc}") from None
+        with _translated_connection_errors(address):
+            if client.has_capability("LOGINDISABLED"):
+                raise AuthError(
+                    f"{address}: the server refuses LOGIN on this connection (LOGINDISABLED); "
+                    "use security = ssl or starttls"
+                )
+            try:
+                client.login(self._mailbox.username, password.reveal())
+            except LoginError as exc:
+                error = _login_failure(exc, address, "password login", (password.reveal(),))
+                if isinstance(error, AuthError):
+                    self._log.warning("login_refused", reason=str(error))
+                raise error from None
+        self._log.debug("logged_in", method="LOGIN")
+
+    def token_expiry(self) -> datetime | None:
+        """Passwords do not expire from our point of view."""
+        return None
+
+    def forget(self) -> None:
+        """Nothing is cached for passwords."""
+
+
+class Office365Status(TypedDict):
+    """What ``emailsync auth status`` shows for one mailbox; never a token value."""
+
+    address: str
+    mode: str  # "delegated" or "app_only"
+    account: str | None  # the signed-in user (delegated) or None
+    signed_in: bool
+    access_token_expires: str | None  # ISO 8601, UTC
+    refresh_token_age_seconds: float | None
+    client_secret_expires: str | None  # ISO 8601, from the config (app-only)
+    token_cache: str | None  # the cache file (delegated)
+    last_error: str | None
+
+
+class Office365Authenticator:
+    """XOAUTH2 with Microsoft Entra ID tokens from MSAL: delegated or app-only."""
+
+    def __init__(
+        self,
+        mailbox: MailboxSettings,
+        office365: Office365Settings,
+        *,
+        state_dir: Path,
+        http_session: requests.Session,
+    ) -> None:
+        self._mailbox = mailbox
+        self._office365 = office365
+        self._session = http_session
+        self._app_only = office365.app_only
+        self._scopes = list(APP_ONLY_SCOPES if self._app_only else DELEGATED_SCOPES)
+        self._cache = msal.SerializableTokenCache()
+        self.cache_path: Path | None = (
+            None if self._app_only else token_cache_path(state_dir, mailbox.address)
+        )
+        self._cache_stamp: tuple[int, int, int] | None = None
+        self._app: Any = None  # built on first use: creating it fetches OpenID discovery
+        self._lock = threading.RLock()
+        self._last_error: str | None = None
+        self._log = log.bind(mailbox=mailbox.address)
+
+    def __repr__(self) -> str:
+        mode = "app_only" if self._app_only else "delegated"
+        return f"Office365Authenticator({self._mailbox.address!r}, mode={mode!r})"
+
+    @property
+    def mode(self) -> str:
+        """``"app_only"`` (client credentials) or ``"delegated"`` (device-code sign-in)."""
+        return "app_only" if self._app_only else "delegated"
+
+    # -- the Authenticator protocol ------------------------------------------------------------
+
+    def login(self, client: imapclient.IMAPClient) -> None:
+        """AUTHENTICATE XOAUTH2 with a fresh token; see ``Authenticator.login``.
+
+        A refusal is retried once with a token MSAL refreshes regardless of its cache: the
+        cached one may have been revoked at the server since it was issued.
+        """
+        address = self._mailbox.address
+        with _translated_connection_errors(address):
+            if not client.has_capability("AUTH=XOAUTH2"):
+                raise AuthError(f"{address}: the server does not offer AUTH=XOAUTH2")
+        token = self.access_token()
+        refusal = self._xoauth2(client, token)
+        if refusal is None:
+            return
+        self._log.info("xoauth2_refused_retrying", reason=refusal)
+        token = self._acquire(force_refresh=True)
+        refusal = self._xoauth2(client, token)
+        if refusal is None:
+            return
+        message = f"{address}: the server refused the Office 365 token: {refusal}; " + (
+            self._fix_hint()
+        )
+        self._last_error = message
+        self._log.warning("login_refused", reason=message)
+        raise AuthError(message)
+
+    def token_expiry(self) -> datetime | None:
+        """When the newest cached access token expires (may be in the past), or None."""
+        with self._lock:
+            self._reload_cache()
+            expiries = [int(at["expires_on"]) for at in self._cached(_AT)]
+        return datetime.fromtimestamp(max(expiries), tz=UTC) if expiries else None
+
+    def forget(self) -> None:
+        """Delete the token cache file and every cached token and account in memory."""
+        with self._lock:
+            self._cache.deserialize(None)
+            self._cache_stamp = None
+            self._app = None  # also drops MSAL's memory of recent HTTP answers
+            if self.cache_path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    self.cache_path.unlink()
+        self._log.info("tokens_forgotten")
+
+    # -- Office 365 specifics ------------------------------------------------------------------
+
+    def access_token(self) -> str:
+        """A usable access token: MSAL's cached one while it is valid, else a refreshed one."""
+        return self._acquire(force_refresh=False)
+
+    def refresh_if_needed(self, min_valid_seconds: float) -> datetime | None:
+        """Refresh now if the access token has less than ``min_valid_seconds`` left.
+
+        Also redeems the refresh token when it has not been used for
+        ``REFRESH_TOKEN_KEEPALIVE_SECONDS``, so it never lapses unused. Returns the new expiry.
+        """
+        expiry = self.token_expiry()
+        age = self._refresh_token_age()
+        left = None if expiry is None else expiry.timestamp() - time.time()
+        stale = age is not None and age > REFRESH_TOKEN_KEEPALIVE_SECONDS
+        if left is None or left < min_valid_seconds or stale:
+            self._acquire(force_refresh=True)
+            self._log.info("token_refreshed_ahead", seconds_left=left, refresh_token_stale=stale)
+        return self.token_expiry()
+
+    def device_code_login(
+        self, out: Callable[[str], None], *, timeout_seconds: float = DEVICE_CODE_TIMEOUT_SECONDS
+    ) -> None:
+        """Delegated sign-in: show MSAL's message (URL and code) via ``out`` and wait for it.
+
+        Raises AuthError when the person declines or the code expires, ConfigError for an
+        app-only configuration, IdentityProviderUnavailableError when Entra ID is unreachable.
+        """
+        address = self._mailbox.address
+        if self._app_only:
+            raise ConfigError(
+                [
+                    f"mailbox {address}: [office365] has a client secret (app-only sign-in); "
+                    "device-code sign-in is for delegated mode"
+                ]
+            )
+        with self._lock:
+            self._reload_cache()
+            app = self._application()
+        with self._provider_errors():
+            flow = app.initiate_device_flow(scopes=self._scopes)
+        if "user_code" not in flow:
+            raise self._refused(flow, "device-code sign-in")
+        flow["expires_at"] = min(float(flow["expires_at"]), time.time() + timeout_seconds)
+        out(str(flow["message"]))
+        # Polls at the interval Entra ID asks for (RFC 8628 §3.5) until approval or expiry.
+        with self._provider_errors():
+            result = app.acquire_token_by_device_flow(flow)
+        with self._lock:
+            try:
+                if "error" in result:
+                    raise self._refused(result, "device-code sign-in")
+                account = self._keep_only_account(app, result)
+            finally:
+                self._persist_cache()
+            self._last_error = None
+        self._log.info("device_code_signed_in", account=account)
+
+    def status(self) -> Office365Status:
+        """Mode, account, token expiry, refresh-token age and last error (no token values)."""
+        with self._lock:
+            self._reload_cache()
+            account = None if self._app_only else self._cached_username()
+            expiry = self.token_expiry()
+            age = self._refresh_token_age()
+            secret_expires = self._office365.client_secret_expires
+            return Office365Status(
+                address=self._mailbox.address,
+                mode=self.mode,
+                account=account,
+                signed_in=self._app_only or account is not None,
+                access_token_expires=expiry.isoformat() if expiry else None,
+                refresh_token_age_seconds=age,
+                client_secret_expires=secret_expires.isoformat() if secret_expires else None,
+                token_cache=str(self.cache_path) if self.cache_path else None,
+                last_error=self._last_error,
+            )
+
+    # -- MSAL ----------------------------------------------------------------------------------
+
+    def _application(self) -> Any:
+        if self._app is not None:
+            return self._app
+        settings = self._office365
+        options: dict[str, Any] = {
+            "authority": f"{settings.authority}/{settings.tenant_id}",
+            "token_cache": self._cache,
+            "http_client": self._session,
+            # The authority is configured, not guessed: skip the alias lookup at
+            # login.microsoftonline.com, which also lets tests use a local provider.
+            "instance_discovery": False,
+            "validate_authority": False,
+        }
+        with self._provider_errors():
+            try:
+                if self._app_only:
+                    secret = self._client_secret()
+                    self._app = msal.ConfidentialClientApplication(
+                        settings.client_id, client_credential=secret, **options
+                    )
+                else:
+                    self._app = msal.PublicClientApplication(settings.client_id, **options)
+            except ValueError as exc:
+                # MSAL's message for a 4xx discovery answer: wrong tenant or authority.
+                raise self._record(
+                    AuthError(
+                        f"{self._mailbox.address}: identity provider rejected the authority "
+                        f"{settings.authority}/{settings.tenant_id}: {_short(str(exc))}"
+                    )
+                ) from None
+        return self._app
+
+    def _client_secret(self) -> str:
+        source = self._office365.client_secret
+        if source is None:
+            raise AuthError(f"{self._mailbox.address}: app-only sign-in needs a client secret")
+        try:
+            return source.read().reveal()
+        except ConfigError as exc:
+            raise self._record(AuthError(f"{self._mailbox.address}: {exc}")) from None
+
+    def _acquire(self, *, force_refresh: bool) -> str:
+        with self._lock:
+            self._reload_cache()
+            app = self._application()
+            try:
+                with self._provider_errors():
+                    if self._app_only:
+                        if force_refresh:
+                            # acquire_token_for_client has no force_refresh: empty the cache.
+                            app.remove_tokens_for_client()
+                        result = app.acquire_token_for_client(self._scopes)
+                    else:
+                        account = self._account(app)
+                        result = (
+                            None
+                            if account is None
+                            else app.acquire_token_silent_with_error(
+                                self._scopes, account, force_refresh=force_refresh
+                            )
+                        )
+            finally:
+                # Whatever MSAL changed (a rotated refresh token above all) goes to disk now.
+                self._persist_cache()
+            if not result:
+                raise self._record(
+                    AuthError(
+                        f"{self._mailbox.address}: no Office 365 sign-in; "
+                        f"run `emailsync auth login {self._mailbox.address}`"
+                    )
+                )
+            if "error" in result:
+                raise self._refused(result, "token refresh")
+            self._last_error = None
+            if result.get("token_source") == "identity_provider":
+                self._log.info("access_token_obtained", expires_in_seconds=result.get("expires_in"))
+            return str(result["access_token"])
+
+    def _account(self, app: Any) -> dict[str, Any] | None:
+        accounts: list[dict[str, Any]] = app.get_accounts()
+        wanted = self._mailbox.username.lower()
+        for account in accounts:
+            if str(account.get("username", "")).lower() == wanted:
+                return account
+        return accounts[0] if accounts else None
+
+    def _keep_only_account(self, app: Any, result: Mapping[str, Any]) -> str | None:
+        """Remove accounts other than the one that just signed in; returns its user name."""
+        claims = result.get("id_token_claims") or {}
+        username = claims.get("preferred_username")
+        oid = claims.get("oid") or claims.get("sub")
+        for account in app.get_accounts():
+            if account.get("local_account_id") != oid:
+                app.remove_account(account)
+        return str(username) if username else None
+
+    def _refused(self, result: Mapping[str, Any], action: str) -> MailboxError:
+        """The exception for an OAuth2 error answer (RFC 6749 §5.2) from the token endpoint."""
+        error = str(result.get("error", "unknown_error"))
+        description = str(result.get("error_description", "")).splitlines()
+        detail = _short(description[0]) if description else ""
+        text = f"{self._mailbox.address}: {action} failed: {error}" + (
+            f" ({detail})" if detail else ""
+        )
+        if error in TRANSIENT_OAUTH_ERRORS:
+            return IdentityProviderUnavailableError(text, kind="protocol")
+        return self._record(AuthError(f"{text}; {self._fix_hint()}"))
+
+    def _fix_hint(self) -> str:
+        if self._app_only:
+            return "check the app's client secret and its IMAP.AccessAsApp permission"
+        return f"run `emailsync auth login {self._mailbox.address}`"
+
+    def _record(self, error: AuthError) -> AuthError:
+        self._last_error = str(error)
+        self._log.warning("office365_auth_failed", reason=str(error))
+        return error
+
+    @contextlib.contextmanager
+    def _provider_errors(self) -> Iterator[None]:
+        """Turn network failures reaching the identity provider into a transient error."""
+        authority = self._office365.authority
+        try:
+            yield
+        except requests.Timeout as exc:
+            raise self._unavailable(f"{authority} timed out", "timeout") from exc
+        except requests.exceptions.SSLError as exc:
+            raise self._unavailable(f"TLS with {authority} failed: {exc}", "tls") from exc
+        except requests.RequestException as exc:
+            raise self._unavailable(f"cannot reach {authority}: {exc}", "refused") from exc
+        except msal.exceptions.MsalServiceError as exc:
+            # MSAL raises this for HTTP 5xx answers (outage, maintenance).
+            raise self._unavailable(f"{authority} answered {exc}", "protocol") from exc
+
+    def _unavailable(self, what: str, kind: str) -> IdentityProviderUnavailableError:
+        message = f"{self._mailbox.address}: identity provider unavailable: {_short(what)}"
+        self._last_error = message
+        self._log.warning("identity_provider_unavailable", reason=message, kind=kind)
+        return IdentityProviderUnavailableError(message, kind=kind)
+
+    # -- XOAUTH2 -------------------------------------------------------------------------------
+
+    def _xoauth2(self, client: imapclient.IMAPClient, token: str) -> str | None:
+        """AUTHENTICATE XOAUTH2; None on success, the server's refusal text on NO."""
+        address = self._mailbox.address
+        mechanism = _XOAuth2(self._mailbox.username, token)
+        with _translated_connection_errors(address):
+            try:
+                client.sasl_login("XOAUTH2", mechanism)
+            except LoginError as exc:
+                error = _login_failure(exc, address, "XOAUTH2 login", (token,))
+                if not isinstance(error, AuthError):
+                    raise error from None
+                status = mechanism.server_status
+                return str(error) + (f" (status {status})" if status else "")
+        self._log.debug("logged_in", method="XOAUTH2")
+        return None
+
+    # -- the token cache file ------------------------------------------------------------------
+
+    def _reload_cache(self) -> None:
+        """Read the cache file if another process (``emailsync auth login``) changed it."""
+        path = self.cache_path
+        if path is None:
+            return
+        try:
+            info = path.stat()
+        except FileNotFoundError:
+            if self._cache_stamp is not None:  # deleted under us: emailsync stop
+                self._cache.deserialize(None)
+                self._cache_stamp = None
+            return
+        stamp = (info.st_ino, info.st_mtime_ns, info.st_size)
+        if stamp == self._cache_stamp:
+            return
+        if info.st_mode & 0o077:
+            path.chmod(TOKEN_FILE_MODE)
+            self._log.warning("token_cache_mode_fixed", path=str(path))
+        try:
+            self._cache.deserialize(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise self._record(
+                AuthError(
+                    f"{self._mailbox.address}: token cache {path} is unreadable "
+                    f"({type(exc).__name__}); run `emailsync auth login {self._mailbox.address}`"
+                )
+            ) from None
+        self._cache_stamp = stamp
+
+    def _persist_cache(self) -> None:
+        path = self.cache_path
+        if path is None or not self._cache.has_state_changed:
+            return
+        try:
+            write_private_file(path, self._cache.serialize())
+            info = path.stat()
+        except OSError as exc:
+            # The tokens still work from memory; a lost rotation costs a sign-in at worst.
+            self._last_error = f"{self._mailbox.address}: cannot write {path}: {exc.strerror}"
+            self._log.error("token_cache_write_failed", path=str(path), error=exc.strerror)
+            return
+        self._cache_stamp = (info.st_ino, info.st_mtime_ns, info.st_size)
+
+    def _cached(self, credential_type: str) -> list[dict[str, Any]]:
+        query: dict[str, str | None] = {"client_id": self._office365.client_id}
+        if self._app_only:
+            query["home_account_id"] = None  # app-only tokens belong to no account
+        # now=0: list expired access tokens too instead of letting MSAL delete them here.
+        return list(self._cache.search(credential_type, query=query, now=0))
+
+    def _cached_username(self) -> str | None:
+        accounts = list(self._cache.search(_ACCOUNT, now=0))
+        wanted = self._mailbox.username.lower()
+        names = [str(a.get("username", "")) for a in accounts]
+        for name in names:
+            if name.lower() == wanted:
+                return name
+        return names[0] if names else None
+
+    def _refresh_token_age(self) -> float | None:
+        if self._app_only:
+            return None
+        times = [int(rt.get("last_modification_time", 0)) for rt in self._cached(_RT)]
+        times = [t for t in times if t > 0]
+        return max(0.0, time.time() - max(times)) if times else None
+
+
+_AT = msal.TokenCache.CredentialType.ACCESS_TOKEN
+_RT = msal.TokenCache.CredentialType.REFRESH_TOKEN
+_ACCOUNT = msal.TokenCache.CredentialType.ACCOUNT
+
+
+class _XOAuth2:
+    """The client side of SASL XOAUTH2, as a callable for ``IMAPClient.sasl_login``.
+
+    The first (empty) challenge gets the initial response. A second challenge is the
+    server's error status as JSON; like OAUTHBEARER (RFC 7628 §3.2.3) the client answers it
+    with an empty response and the server then completes with NO.
+    """
+
+    def __init__(self, user: str, token: str) -> None:
+        self._user = user
+        self._token = token
+        self._sent = False
+        self.server_status: str | None = None
+
+    def __repr__(self) -> str:
+        return f"_XOAuth2({self._user!r})"
+
+    def __call__(self, challenge: bytes) -> bytes:
+        if not self._sent:
+            self._sent = True
+            return f"user={self._user}\x01auth=Bearer {self._token}\x01\x01".encode()
+        with contextlib.suppress(ValueError, AttributeError):
+            self.server_status = str(json.loads(challenge).get("status"))
+        return b""
+
+
+def make_authenticator(
+    mailbox: MailboxSettings, settings: Settings, *, http_session: requests.Session | None = None
+) -> Authenticator:
+    """The authenticator a mailbox's settings ask for (raises ConfigError when incomplete)."""
+    if mailbox.auth != "office365":
+        return PasswordAuthenticator(mailbox)
+    if settings.office365 is None:
+        raise ConfigError([f"mailbox {mailbox.address}: auth = office365 needs [office365]"])
+    session = http_session or identity_provider_session(
+        settings.office365, timeout_seconds=settings.daemon.timeout_seconds
+    )
+    return Office365Authenticator(
+        mailbox, settings.office365, state_dir=settings.daemon.state_dir, http_session=session
+    )
+
+
+class _TimeoutAdapter(HTTPAdapter):
+    """An HTTP adapter that puts a timeout on every request (MSAL passes none)."""
+
+    def __init__(self, timeout_seconds: float) -> None:
+        # One retry on a dropped pooled connection, as MSAL's own default session does.
+        super().__init__(max_retries=1)
+        self._timeout_seconds = timeout_seconds
+
+    def send(  # noqa: PLR0917 -- the signature of requests' HTTPAdapter.send
+        self,
+        request: requests.PreparedRequest,
+        stream: bool = False,
+        timeout: float | tuple[float, float] | tuple[float, None] | None = None,
+        verify: bool | str = True,
+        cert: bytes | str | tuple[bytes | str, bytes | str] | None = None,
+        proxies: Mapping[str, str] | None = None,
+    ) -> requests.Response:
+        return super().send(
+            request,
+            stream=stream,
+            timeout=self._timeout_seconds if timeout is None else timeout,
+            verify=verify,
+            cert=cert,
+            proxies=proxies,
+        )
+
+
+def identity_provider_session(
+    office365: Office365Settings, *, timeout_seconds: float
+) -> requests.Session:
+    """The HTTP session MSAL uses: verified TLS (``ca_file`` or system CAs), timeouts.
+
+    ``trust_env`` is off so that environment variables (proxies, REQUESTS_CA_BUNDLE, .netrc)
+    cannot redirect or loosen how tokens travel.
+    """
+    session = requests.Session()
+    session.trust_env = False
+    session.verify = str(office365.ca_file) if office365.ca_file else True
+    adapter = _TimeoutAdapter(timeout_seconds)
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    return session
+
+
+def token_cache_path(state_dir: Path, address: str) -> Path:
+    """Where a mailbox's MSAL token cache lives: ``state_dir/tokens/<address>.json``."""
+    # A local part may legally hold "/" and other oddities: percent-encode all but the usual.
+    return state_dir / "tokens" / f"{quote(address, safe='@.+-_')}.json"
+
+
+def write_private_file(path: Path, text: str) -> None:
+    """Replace ``path`` atomically with ``text``: mode 0600 in a 0700 directory, fsynced."""
+    directory = path.parent
+    directory.mkdir(mode=TOKEN_DIR_MODE, parents=True, exist_ok=True)
+    directory.chmod(TOKEN_DIR_MODE)  # mkdir's mode is masked by umask and skipped if it exists
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as tmp:
+            os.fchmod(tmp.fileno(), TOKEN_FILE_MODE)
+            tmp.write(text)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+@contextlib.contextmanager
+def _translated_connection_errors(address: str) -> Iterator[None]:
+    """Socket, TLS and abort errors during login become ConnectionLostError."""
+    try:
+        yield
+    except MailboxError:
+        raise
+    except imaplib.IMAP4.abort as exc:
+        raise ConnectionLostError(
+            f"{address}: connection lost during login: {exc}", kind="bye"
+        ) from exc
+    except imaplib.IMAP4.error as exc:
+        raise ConnectionLostError(
+            f"{address}: unexpected answer during login: {exc}", kind="protocol"
+        ) from exc
+    except TimeoutError as exc:
+        raise ConnectionLostError(f"{address}: login timed out", kind="timeout") from exc
+    except ssl.SSLError as exc:
+        raise ConnectionLostError(f"{address}: TLS failed during login: {exc}", kind="tls") from exc
+    except OSError as exc:
+        raise ConnectionLostError(
+            f"{address}: connection lost during login: {exc.strerror or exc}", kind="bye"
+        ) from exc
+
+
+def _login_failure(
+    exc: LoginError, address: str, action: str, secrets: tuple[str, ...]
+) -> MailboxError:
+    """Sort a failed LOGIN/AUTHENTICATE: refused (AuthError) or transient (ConnectionLostError)."""
+    text = _redact(_server_text(exc), secrets)
+    # imapclient wraps every imaplib error in LoginError, a dropped connection included.
+    if isinstance(exc.__context__, imaplib.IMAP4.abort):
+        return ConnectionLostError(
+            f"{address}: connection lost during {action}: {text}", kind="bye"
+        )
+    match = _RESPONSE_CODE_RE.search(text)
+    if match and match.group(1) in TRANSIENT_RESPONSE_CODES:
+        # RFC 5530 §3: [UNAVAILABLE] and friends are the server's problem, not ours.
+        return ConnectionLostError(
+            f"{address}: {action}: server unavailable: {text}", kind="protocol"
+        )
+    return AuthError(f"{address}: {action} refused: {text}")
+
+
+def _server_text(exc: BaseException) -> str:
+    parts = []
+    for arg in exc.args:
+        text = arg.decode("utf-8", "replace") if isinstance(arg, bytes) else str(arg)
+        # imaplib passes LOGIN's NO text as bytes, which LoginError turned into "b'...'".
+        if len(text) >= 3 and text[:2] in ("b'", 'b"') and text[-1] == text[1]:
+            text = text[2:-1]
+        parts.append(text)
+    return _short(" ".join(parts))
+
+
+def _redact(text: str, secrets: tuple[str, ...]) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+def _short(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= ERROR_TEXT_CHARS else text[: ERROR_TEXT_CHARS - 1] + "…"

@@ -1,0 +1,500 @@
+"""One logged-in IMAP connection to one mailbox: connect, TLS, folders, fetch and move.
+
+Every imapclient call goes through ``_translated`` so that callers only ever see the
+exceptions of ``emailsync.errors``, grouped by what they do about them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import select
+import socket
+import ssl
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import imapclient
+import structlog
+from imapclient.datetime_util import parse_to_datetime
+from imapclient.exceptions import (
+    CapabilityError,
+    IMAPClientAbortError,
+    IMAPClientError,
+    LoginError,
+)
+from imapclient.imapclient import SocketTimeout
+
+from emailsync.config import FolderSettings, MailboxSettings
+from emailsync.errors import (
+    AuthError,
+    ConnectionLostError,
+    FolderMissingError,
+    MailboxError,
+    UidValidityChangedError,
+)
+from emailsync.imap.folders import FolderTree
+from emailsync.model import FetchedMessage, FolderRole
+
+if TYPE_CHECKING:
+    from emailsync.imap.auth import Authenticator
+
+log = structlog.get_logger(__name__)
+
+# Keyword on a Queue message between COPY and EXPUNGE on servers without MOVE (RFC 6851);
+# the copy carries it too, so a crash in between can be recognised and not copied twice.
+FILING_KEYWORD = "$EmailSyncFiling"
+# Cap on bytes fetched in one FETCH of whole messages, so one batch of large attachments
+# cannot hold a socket read for minutes.
+FULL_FETCH_BYTES = 16 * 1024 * 1024
+# Exchange: "Request is throttled. Suggested Backoff Time: 299961 milliseconds".
+_BACKOFF_RE = re.compile(r"Suggested Backoff Time:\s*(\d+)\s*milliseconds", re.IGNORECASE)
+# RFC 5530 response codes that mean "try again later", not "your credentials are wrong".
+TRANSIENT_CODES = ("[UNAVAILABLE]", "[SERVERBUG]", "[INUSE]", "[LIMIT]")
+
+
+@dataclass
+class IdleUpdate:
+    """What a wait in IDLE brought: new mail (EXISTS grew) and/or a local wake-up."""
+
+    new_mail: bool = False
+    woken: bool = False
+
+
+@contextlib.contextmanager
+def translated(action: str) -> Iterator[None]:
+    """Turn imapclient, socket and TLS exceptions into ``emailsync.errors`` ones."""
+    try:
+        yield
+    except MailboxError:
+        raise
+    except LoginError as exc:
+        text = _text(exc)
+        if any(code in text for code in TRANSIENT_CODES):
+            raise ConnectionLostError(f"{action}: server unavailable: {text}") from exc
+        raise AuthError(f"{action}: login refused by the server: {text}") from exc
+    except IMAPClientAbortError as exc:
+        text = _text(exc)
+        kind = "bye" if "BYE" in text.upper() or "EOF" in text.upper() else "protocol"
+        raise ConnectionLostError(
+            f"{action}: {text}", kind=kind, retry_after=_backoff(text)
+        ) from exc
+    except CapabilityError as exc:
+        raise ConnectionLostError(f"{action}: {_text(exc)}", kind="protocol") from exc
+    except IMAPClientError as exc:
+        text = _text(exc)
+        if "[TRYCREATE]" in text or "[NONEXISTENT]" in text:
+            raise FolderMissingError(f"{action}: {text}") from exc
+        raise ConnectionLostError(
+            f"{action}: {text}", kind="protocol", retry_after=_backoff(text)
+        ) from exc
+    except TimeoutError as exc:
+        raise ConnectionLostError(f"{action}: timed out", kind="timeout") from exc
+    except ssl.SSLError as exc:
+        # Includes certificate verification failures: never retried without verification.
+        raise ConnectionLostError(f"{action}: TLS failed: {exc}", kind="tls") from exc
+    except ConnectionRefusedError as exc:
+        raise ConnectionLostError(f"{action}: connection refused", kind="refused") from exc
+    except OSError as exc:
+        raise ConnectionLostError(f"{action}: {exc.strerror or exc}", kind="bye") from exc
+
+
+def _text(exc: BaseException) -> str:
+    return " ".join(
+        str(a.decode("utf-8", "replace") if isinstance(a, bytes) else a) for a in exc.args
+    )
+
+
+def _backoff(text: str) -> float | None:
+    match = _BACKOFF_RE.search(text)
+    return int(match.group(1)) / 1000 if match else None
+
+
+def _enable_keepalive(sock: socket.socket) -> None:
+    # TCP keepalive finds a peer that vanished while we sit in IDLE (no traffic for minutes).
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 15)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 4)
+
+
+def tls_context(ca_file: str | None) -> ssl.SSLContext:
+    """A verifying client TLS context (system CAs, or ``ca_file`` when given)."""
+    context = ssl.create_default_context(cafile=ca_file)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+class ImapSession:
+    """A logged-in connection to one mailbox, with the folder tree resolved."""
+
+    def __init__(
+        self, client: imapclient.IMAPClient, mailbox: MailboxSettings, folders: FolderSettings
+    ) -> None:
+        self.client = client
+        self.mailbox = mailbox
+        self.folders = folders
+        self.tree: FolderTree | None = None
+        self.uidvalidity: int | None = None
+        self.keywords_allowed = False
+        self.exists = 0
+        self.log = log.bind(mailbox=mailbox.address)
+
+    @classmethod
+    def open(
+        cls,
+        mailbox: MailboxSettings,
+        folders: FolderSettings,
+        authenticator: Authenticator,
+        *,
+        timeout_seconds: float,
+    ) -> ImapSession:
+        """Connect, secure and log in; raises ConnectionLostError or AuthError."""
+        server = mailbox.server
+        context = tls_context(str(server.ca_file) if server.ca_file else None)
+        action = f"connect {server.host}:{server.port}"
+        with translated(action):
+            client = imapclient.IMAPClient(
+                server.host,
+                port=server.port,
+                ssl=server.security == "ssl",
+                ssl_context=context,
+                timeout=SocketTimeout(connect=timeout_seconds, read=timeout_seconds),
+            )
+        try:
+            with translated(action):
+                if server.security == "starttls":
+                    # RFC 3501 §6.2.1; never falls back to clear text when the server lacks it.
+                    client.starttls(context)
+                _enable_keepalive(client.socket())
+                client.normalise_times = False  # keep INTERNALDATE's time zone
+            authenticator.login(client)
+        except BaseException:
+            _close_quietly(client)
+            raise
+        return cls(client, mailbox, folders)
+
+    def capabilities(self) -> frozenset[str]:
+        """The server's capabilities after login."""
+        with translated("capability"):
+            return frozenset(
+                c.decode("ascii", "replace").upper() for c in self.client.capabilities()
+            )
+
+    def has(self, capability: str) -> bool:
+        """True when the server announced a capability (e.g. MOVE, UIDPLUS, IDLE)."""
+        return capability.upper() in self.capabilities()
+
+    # -- folders -------------------------------------------------------------------------------
+
+    def resolve_tree(self) -> FolderTree:
+        """Find the delimiter and personal namespace (RFC 2342) and name the tree from them."""
+        with translated("namespace"):
+            prefix, delimiter = "", None
+            if self.has("NAMESPACE"):
+                personal = self.client.namespace().personal
+                if personal:
+                    prefix, delimiter = personal[0][0] or "", personal[0][1]
+            if delimiter is None:
+                listing = self.client.list_folders(pattern="")  # RFC 3501 §6.3.8: the delimiter
+                delimiter = listing[0][1] if listing else "/"
+        delim = delimiter.decode() if isinstance(delimiter, bytes) else str(delimiter or "/")
+        self.tree = FolderTree.build(self.folders, prefix=_str(prefix), delimiter=delim)
+        return self.tree
+
+    def ensure_folders(self) -> list[str]:
+        """Create and subscribe root and its four children where missing; returns those created."""
+        tree = self.tree or self.resolve_tree()
+        created: list[str] = []
+        with translated("ensure folders"):
+            existing = {
+                _str(name) for _, _, name in self.client.list_folders(pattern=f"{tree.root}*")
+            }
+            subscribed = {
+                _str(name) for _, _, name in self.client.list_sub_folders(pattern=f"{tree.root}*")
+            }
+            for name in tree.all_names():
+                if name not in existing:
+                    try:
+                        self.client.create_folder(name)
+                        created.append(name)
+                    except IMAPClientError as exc:
+                        # Another connection may have created it a moment ago.
+                        if (
+                            "ALREADYEXISTS" not in _text(exc).upper()
+                            and "EXISTS" not in _text(exc).upper()
+                        ):
+                            raise
+                if name not in subscribed:
+                    self.client.subscribe_folder(name)
+        if created:
+            self.log.info("folders_created", folders=created)
+        return created
+
+    # -- queue ---------------------------------------------------------------------------------
+
+    def select_queue(self) -> int:
+        """SELECT the Queue; returns its message count. Detects a UIDVALIDITY change."""
+        tree = self.tree or self.resolve_tree()
+        with translated("select queue"):
+            info = self.client.select_folder(tree.queue)
+        uidvalidity = int(info.get(b"UIDVALIDITY", 0))
+        changed = self.uidvalidity is not None and uidvalidity != self.uidvalidity
+        self.uidvalidity = uidvalidity
+        self.keywords_allowed = b"\\*" in tuple(info.get(b"PERMANENTFLAGS", ()))
+        self.exists = int(info.get(b"EXISTS", 0))
+        if changed:
+            raise UidValidityChangedError(f"Queue UIDVALIDITY changed to {uidvalidity}")
+        return self.exists
+
+    def queue_uids(self) -> list[int]:
+        """The UIDs in the (selected) Queue, oldest first."""
+        with translated("search queue"):
+            return sorted(int(uid) for uid in self.client.search(["ALL"]))
+
+    def fetch_headers(self, uids: Sequence[int]) -> list[FetchedMessage]:
+        """Header blocks, INTERNALDATE, size and flags of these messages (missing ones skipped)."""
+        return self._fetch(uids, b"BODY.PEEK[HEADER]", b"BODY[HEADER]")
+
+    def fetch_full(
+        self, uids: Sequence[int], sizes: dict[int, int] | None = None
+    ) -> list[FetchedMessage]:
+        """Whole messages, in FETCHes of at most FULL_FETCH_BYTES (by their RFC822.SIZE)."""
+        result: list[FetchedMessage] = []
+        chunk: list[int] = []
+        chunk_bytes = 0
+        for uid in uids:
+            size = (sizes or {}).get(uid, 0)
+            if chunk and chunk_bytes + size > FULL_FETCH_BYTES:
+                result.extend(self._fetch(chunk, b"BODY.PEEK[]", b"BODY[]"))
+                chunk, chunk_bytes = [], 0
+            chunk.append(uid)
+            chunk_bytes += size
+        if chunk:
+            result.extend(self._fetch(chunk, b"BODY.PEEK[]", b"BODY[]"))
+        return result
+
+    def _fetch(self, uids: Sequence[int], item: bytes, key: bytes) -> list[FetchedMessage]:
+        if not uids:
+            return []
+        with translated("fetch"):
+            response = self.client.fetch(
+                list(uids), [item, b"INTERNALDATE", b"RFC822.SIZE", b"FLAGS"]
+            )
+        messages = []
+        for uid, data in sorted(response.items()):
+            if key not in data:
+                continue  # expunged by someone else meanwhile
+            messages.append(
+                FetchedMessage(
+                    uid=int(uid),
+                    data=bytes(data[key] or b""),
+                    internaldate=data.get(b"INTERNALDATE"),
+                    size=int(data.get(b"RFC822.SIZE", 0)),
+                    flags=tuple(_str(f) for f in data.get(b"FLAGS", ())),
+                    savedate=_savedate(data.get(b"SAVEDATE")),
+                )
+            )
+        return messages
+
+    # -- filing --------------------------------------------------------------------------------
+
+    def file(self, uids: Sequence[int], role: FolderRole, keyword: str | None = None) -> None:
+        """Move messages from the (selected) Queue to a folder of the tree, optionally tagged."""
+        if not uids:
+            return
+        tree = self.tree or self.resolve_tree()
+        dest = tree.name(role)
+        with translated(f"file to {role.value}"):
+            if keyword and self.keywords_allowed:
+                self.client.add_flags(list(uids), [keyword], silent=True)
+            self._move(list(uids), tree.queue, dest)
+
+    def requeue(self, role: FolderRole, keywords: Sequence[str]) -> int:
+        """Move every message of a folder (e.g. Failed) back to Queue, without the keywords."""
+        tree = self.tree or self.resolve_tree()
+        source = tree.name(role)
+        with translated(f"requeue {role.value}"):
+            info = self.client.select_folder(source)
+            uids = sorted(int(u) for u in self.client.search(["ALL"]))
+            if not uids:
+                return 0
+            if b"\\*" in tuple(info.get(b"PERMANENTFLAGS", ())):
+                self.client.remove_flags(uids, list(keywords), silent=True)
+            self.keywords_allowed = False  # the fallback's marker is for Queue only
+            self._move(uids, source, tree.queue)
+        return len(uids)
+
+    def _move(self, uids: list[int], source: str, dest: str) -> None:
+        if self.has("MOVE"):
+            self.client.move(uids, dest)  # RFC 6851
+        else:
+            self._copy_then_expunge(uids, source, dest)
+
+    def _copy_then_expunge(self, uids: list[int], source: str, dest: str) -> None:
+        """COPY + \\Deleted + UID EXPUNGE, without leaving a second copy after a crash.
+
+        Before copying, the Queue messages get FILING_KEYWORD, which COPY carries over. A
+        message that already has it was copied by an earlier, interrupted attempt: if its copy
+        is in ``dest`` it is not copied again. After EXPUNGE the keyword is taken off the copies.
+        """
+        if not self.keywords_allowed:
+            # Without keywords there is nothing to recognise an earlier copy by.
+            self.client.copy(uids, dest)
+            self._delete_and_expunge(uids)
+            return
+        flags = self.client.get_flags(uids)
+        interrupted = [uid for uid in uids if FILING_KEYWORD.encode() in flags.get(uid, ())]
+        already_copied = self._copies_in(dest, interrupted) if interrupted else set()
+        self.client.select_folder(source)
+        to_copy = [uid for uid in uids if uid not in already_copied]
+        if to_copy:
+            self.client.add_flags(to_copy, [FILING_KEYWORD], silent=True)
+            self.client.copy(to_copy, dest)
+        self._delete_and_expunge(uids)
+        # Take the keyword off the copies; a crash before this only leaves a harmless keyword.
+        self.client.select_folder(dest)
+        pending = self.client.search(["KEYWORD", FILING_KEYWORD])
+        if pending:
+            self.client.remove_flags(pending, [FILING_KEYWORD], silent=True)
+        self.client.select_folder(source)
+
+    def _copies_in(self, dest: str, uids: list[int]) -> set[int]:
+        """Queue UIDs among ``uids`` with a copy in dest (same Message-ID, size, INTERNALDATE)."""
+        wanted_items = [b"BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]", b"INTERNALDATE", b"RFC822.SIZE"]
+        key = b"BODY[HEADER.FIELDS (MESSAGE-ID)]"
+
+        def identity(data: dict[bytes, Any]) -> tuple[bytes, object, int]:
+            return (
+                bytes(data.get(key) or b"").strip(),
+                data.get(b"INTERNALDATE"),
+                int(data.get(b"RFC822.SIZE", 0)),
+            )
+
+        sources = {uid: identity(d) for uid, d in self.client.fetch(uids, wanted_items).items()}
+        self.client.select_folder(dest, readonly=True)
+        pending = self.client.search(["KEYWORD", FILING_KEYWORD])
+        copies = (
+            {identity(d) for d in self.client.fetch(pending, wanted_items).values()}
+            if pending
+            else set()
+        )
+        return {uid for uid, ident in sources.items() if ident in copies}
+
+    def _delete_and_expunge(self, uids: list[int]) -> None:
+        self.client.add_flags(uids, [imapclient.DELETED], silent=True)
+        if self.has("UIDPLUS"):
+            self.client.uid_expunge(uids)  # RFC 4315: only these messages
+        else:
+            self.client.expunge()
+
+    # -- IDLE (RFC 2177) ------------------------------------------------------------------------
+
+    def idle_begin(self) -> None:
+        """Enter IDLE on the selected Queue."""
+        with translated("idle"):
+            self.client.idle()
+
+    def idle_wait(self, timeout_seconds: float, wake_fd: int) -> IdleUpdate:
+        """Wait in IDLE for the server, a wake-up on ``wake_fd``, or the timeout.
+
+        Polls the IMAP socket and the wake pipe together, so Start Sync and shutdown are
+        seen at once, not at the next timeout.
+        """
+        poller = select.poll()
+        sock = self.client.socket()
+        poller.register(sock.fileno(), select.POLLIN)
+        poller.register(wake_fd, select.POLLIN)
+        events = dict(poller.poll(max(0.0, timeout_seconds) * 1000))
+        update = IdleUpdate(woken=wake_fd in events)
+        if sock.fileno() in events:
+            with translated("idle"):
+                responses = self.client.idle_check(timeout=0)
+            if not responses:
+                # Readable with nothing to read: the server closed the connection.
+                raise ConnectionLostError("idle: connection closed by the server", kind="bye")
+            self._apply(responses, update)
+        return update
+
+    def idle_end(self) -> IdleUpdate:
+        """Leave IDLE (DONE); a server that does not answer within the timeout is dead."""
+        update = IdleUpdate()
+        with translated("idle done"):
+            _, responses = self.client.idle_done()
+        self._apply(responses, update)
+        return update
+
+    def _apply(self, responses: Sequence[Any], update: IdleUpdate) -> None:
+        for response in responses:
+            if not isinstance(response, tuple) or len(response) < 2:
+                continue
+            first, second = response[0], response[1]
+            if first == b"BYE":
+                raise ConnectionLostError(
+                    f"server said BYE: {_str(second)}",
+                    kind="bye",
+                    retry_after=_backoff(_str(second)),
+                )
+            if second == b"EXISTS" and isinstance(first, int):
+                update.new_mail = update.new_mail or first > self.exists
+                self.exists = first
+            elif second == b"EXPUNGE" and isinstance(first, int):
+                self.exists = max(0, self.exists - 1)
+
+    def oldest_queued(self) -> datetime | None:
+        """When the oldest message in the selected Queue landed there; None when it is empty.
+
+        SAVEDATE (RFC 8514) where the server has it; else INTERNALDATE, which for a message
+        moved in from another folder is when it was first received, so an over-estimate.
+        """
+        with translated("fetch oldest"):
+            uids = self.client.search(["ALL"])
+            if not uids:
+                return None
+            items = [b"INTERNALDATE", *([b"SAVEDATE"] if self.has("SAVEDATE") else [])]
+            response = self.client.fetch([min(uids)], items)
+        for data in response.values():
+            saved = _savedate(data.get(b"SAVEDATE"))
+            internal = data.get(b"INTERNALDATE")
+            return saved or (internal if isinstance(internal, datetime) else None)
+        return None
+
+    # -- lifetime ------------------------------------------------------------------------------
+
+    def noop(self) -> None:
+        """NOOP: proves the connection answers, and collects untagged updates (RFC 3501 §6.1.2)."""
+        with translated("noop"):
+            self.client.noop()
+
+    def logout(self) -> None:
+        """LOGOUT politely, then close the socket; never raises."""
+        with contextlib.suppress(Exception):
+            self.client.logout()
+        _close_quietly(self.client)
+
+    def close(self) -> None:
+        """Close the socket without LOGOUT (for a connection already known dead)."""
+        _close_quietly(self.client)
+
+
+def _close_quietly(client: imapclient.IMAPClient) -> None:
+    with contextlib.suppress(Exception):
+        client.shutdown()
+
+
+def _savedate(value: object) -> datetime | None:
+    if isinstance(value, datetime):
+        return value
+    if isinstance(value, bytes) and value not in (b"NIL", b""):
+        with contextlib.suppress(ValueError):
+            return parse_to_datetime(value, normalise=False)  # type: ignore[no-any-return]
+    return None
+
+
+def _str(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)

@@ -1,0 +1,421 @@
+"""A sync pass against a real Dovecot: folders, classification, store, moves, idempotency."""
+
+from __future__ import annotations
+
+import io
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stdout
+from email.message import EmailMessage
+from email.utils import make_msgid
+from pathlib import Path
+
+import pytest
+
+from emailsync import cli
+from emailsync.config import Settings
+from emailsync.devserver import Dovecot
+from emailsync.errors import StoreUnavailableError
+from emailsync.filing import Filer
+from emailsync.imap.auth import make_authenticator
+from emailsync.imap.session import FILING_KEYWORD, ImapSession
+from emailsync.model import FolderRole
+from emailsync.store import open_store
+from emailsync.store.sqlite import SqliteStore
+
+from .conftest import MailUser, new_user, settings_for, write_config
+
+pytestmark = pytest.mark.dovecot
+
+ROOT = "Rezi-Imported"
+
+
+def build_message(
+    frm: str,
+    to: str,
+    subject: str,
+    *,
+    cc: str = "",
+    bcc: str = "",
+    message_id: str | None = None,
+    body: str = "Hello.",
+) -> bytes:
+    msg = EmailMessage()
+    msg["From"] = frm
+    msg["To"] = to
+    if cc:
+        msg["Cc"] = cc
+    if bcc:
+        msg["Bcc"] = bcc
+    msg["Subject"] = subject
+    msg["Date"] = "Mon, 23 Nov 2026 10:00:00 +0000"
+    msg["Message-ID"] = message_id or make_msgid(domain="test.example")
+    msg.set_content(body)
+    return msg.as_bytes()
+
+
+@contextmanager
+def opened(settings: Settings, address: str) -> Iterator[ImapSession]:
+    mailbox = settings.mailbox(address)
+    session = ImapSession.open(
+        mailbox, settings.folders, make_authenticator(mailbox, settings), timeout_seconds=10
+    )
+    try:
+        session.ensure_folders()
+        yield session
+    finally:
+        session.logout()
+
+
+def queue(user: MailUser, *messages: bytes, delimiter: str = ".") -> None:
+    with user.client() as client:
+        for raw in messages:
+            client.append(f"{ROOT}{delimiter}Queue", raw)
+
+
+def folder_subjects(user: MailUser, folder: str, delimiter: str = ".") -> dict[str, set[str]]:
+    """Subject → keywords of every message in a folder of the tree."""
+    with user.client() as client:
+        client.select_folder(f"{ROOT}{delimiter}{folder}", readonly=True)
+        uids = client.search(["ALL"])
+        data = client.fetch(uids, ["ENVELOPE", "FLAGS"]) if uids else {}
+        return {
+            (d[b"ENVELOPE"].subject or b"").decode(): {
+                f.decode() for f in d[b"FLAGS"] if f.startswith(b"$")
+            }
+            for d in data.values()
+        }
+
+
+def run_cli(*args: str) -> tuple[int, str]:
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code = cli.main(list(args))
+    return code, out.getvalue()
+
+
+def test_setup_creates_and_subscribes_the_tree_with_dot_delimiter(
+    user: MailUser, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path, [user])
+    code, out = run_cli("--config", str(config), "setup", user.address)
+    assert code == 0
+    names = [f"{ROOT}", *(f"{ROOT}.{c}" for c in ("Queue", "Sent", "Received", "Failed"))]
+    with user.client() as client:
+        subscribed = {name for _, _, name in client.list_sub_folders()}
+    assert set(names) <= subscribed
+    assert out.count("created") == 5
+    code, out = run_cli("--config", str(config), "setup", user.address)
+    assert code == 0
+    assert "created" not in out  # idempotent: a second setup creates nothing
+
+
+def test_setup_uses_the_servers_slash_delimiter(dovecot_slash: Dovecot, tmp_path: Path) -> None:
+    user = new_user(dovecot_slash)
+    code, _ = run_cli("--config", str(write_config(tmp_path, [user])), "setup", user.address)
+    assert code == 0
+    with user.client() as client:
+        subscribed = {name for _, _, name in client.list_sub_folders()}
+    assert {f"{ROOT}/Queue", f"{ROOT}/Sent", f"{ROOT}/Received", f"{ROOT}/Failed"} <= subscribed
+
+
+def test_folder_names_with_non_ascii_characters_round_trip(user: MailUser, tmp_path: Path) -> None:
+    config = write_config(tmp_path, [user], extra='[folders]\nroot = "Rezi-Importé"\n')
+    # [folders] must come before [daemon]'s keys end; rewrite as a separate table.
+    text = config.read_text().replace('[folders]\nroot = "Rezi-Importé"\n', "")
+    config.write_text(text + '\n[folders]\nroot = "Rezi-Importé"\n')
+    code, _ = run_cli("--config", str(config), "setup", user.address)
+    assert code == 0
+    with user.client() as client:
+        names = {name for _, _, name in client.list_folders()}
+    assert "Rezi-Importé.Queue" in names  # imapclient decodes modified UTF-7 (RFC 3501 §5.1.3)
+
+
+def test_messages_are_filed_to_sent_received_and_failed(user: MailUser, tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, [user])
+    store = open_store(settings.store_url, settings.daemon.state_dir)
+    store.add_group("Smith", ["john@clients.example"])
+    with opened(settings, user.address):
+        pass
+    queue(
+        user,
+        build_message(user.address, "John <JOHN@clients.example>", "outbound linked"),
+        build_message("john@clients.example", user.address, "inbound linked"),
+        build_message("stranger@else.example", user.address, "inbound unlinked"),
+        build_message(user.address, "stranger@else.example", "outbound unlinked"),
+        b"\x00\x01\x02 not a message",
+    )
+    with opened(settings, user.address) as session:
+        result = Filer(settings.mailbox(user.address), store).run_pass(session)
+    assert len(result.decisions) == 5
+    assert result.new_events == 2
+    assert folder_subjects(user, "Sent") == {"outbound linked": set()}
+    assert folder_subjects(user, "Received") == {"inbound linked": set()}
+    failed = folder_subjects(user, "Failed")
+    assert failed["inbound unlinked"] == {"$EmailSyncNoGroup"}
+    assert failed["outbound unlinked"] == {"$EmailSyncNoGroup"}
+    assert {"$EmailSyncUnparseable"} in failed.values()
+    assert folder_subjects(user, "Queue") == {}
+    events = store.list_events()
+    assert {(e.group, e.direction.value, e.subject) for e in events} == {
+        ("Smith", "outbound", "outbound linked"),
+        ("Smith", "inbound", "inbound linked"),
+    }
+    assert all(e.body_text.strip() == "Hello." for e in events)
+    store.close()
+
+
+def test_alias_from_is_outbound_and_cc_bcc_are_counterparts(user: MailUser, tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, [user], mailbox_extra='aliases = ["Lettings@Example.com"]')
+    store = open_store(settings.store_url, settings.daemon.state_dir)
+    store.add_group("Cc group", ["cc@clients.example"])
+    store.add_group("Bcc group", ["bcc@clients.example"])
+    with opened(settings, user.address):
+        pass
+    queue(
+        user,
+        build_message(
+            "lettings@example.com",
+            "nobody@else.example",
+            "from the alias",
+            cc="cc@clients.example",
+            bcc="bcc@clients.example",
+        ),
+    )
+    with opened(settings, user.address) as session:
+        Filer(settings.mailbox(user.address), store).run_pass(session)
+    assert folder_subjects(user, "Sent") == {"from the alias": set()}
+    assert sorted(e.group for e in store.list_events()) == ["Bcc group", "Cc group"]
+    assert {e.direction.value for e in store.list_events()} == {"outbound"}
+    store.close()
+
+
+def test_one_message_linked_to_several_groups_gets_one_event_each(
+    user: MailUser, tmp_path: Path
+) -> None:
+    settings = settings_for(tmp_path, [user])
+    store = open_store(settings.store_url, settings.daemon.state_dir)
+    store.add_group("Buyer", ["buyer@clients.example"])
+    store.add_group("Seller", ["seller@clients.example"])
+    store.add_group("Both", ["buyer@clients.example", "seller@clients.example"])
+    with opened(settings, user.address):
+        pass
+    queue(
+        user, build_message(user.address, "buyer@clients.example, seller@clients.example", "deal")
+    )
+    with opened(settings, user.address) as session:
+        result = Filer(settings.mailbox(user.address), store).run_pass(session)
+    assert result.new_events == 3
+    assert sorted(e.group for e in store.list_events()) == ["Both", "Buyer", "Seller"]
+    store.close()
+
+
+def test_same_message_in_two_mailboxes_gives_one_event_listing_both(
+    dovecot: Dovecot, tmp_path: Path
+) -> None:
+    first, second = new_user(dovecot), new_user(dovecot)
+    settings = settings_for(tmp_path, [first, second])
+    store = open_store(settings.store_url, settings.daemon.state_dir)
+    store.add_group("Smith", ["john@clients.example"])
+    raw = build_message(
+        "john@clients.example", f"{first.address}, {second.address}", "to both agents"
+    )
+    for u in (first, second):
+        with opened(settings, u.address):
+            pass
+        queue(u, raw)
+        with opened(settings, u.address) as session:
+            Filer(settings.mailbox(u.address), store).run_pass(session)
+    events = store.list_events()
+    assert len(events) == 1
+    assert set(events[0].mailboxes) == {first.address, second.address}
+    store.close()
+
+
+def test_refiling_the_same_message_records_no_new_event(user: MailUser, tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, [user])
+    store = open_store(settings.store_url, settings.daemon.state_dir)
+    store.add_group("Smith", ["john@clients.example"])
+    raw = build_message("john@clients.example", user.address, "again")
+    with opened(settings, user.address):
+        pass
+    filer = Filer(settings.mailbox(user.address), store)
+    new_counts = []
+    for _ in range(2):
+        queue(user, raw)
+        with opened(settings, user.address) as session:
+            new_counts.append(filer.run_pass(session).new_events)
+    assert new_counts == [1, 0]
+    assert len(store.list_events()) == 1
+    assert len(folder_subjects(user, "Queue")) == 0
+    store.close()
+
+
+def test_messages_reusing_a_message_id_are_not_merged(user: MailUser, tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, [user])
+    store = open_store(settings.store_url, settings.daemon.state_dir)
+    store.add_group("Smith", ["john@clients.example"])
+    with opened(settings, user.address):
+        pass
+    queue(
+        user,
+        build_message("john@clients.example", user.address, "first", message_id="<same@broken>"),
+        build_message("john@clients.example", user.address, "second", message_id="<same@broken>"),
+    )
+    with opened(settings, user.address) as session:
+        Filer(settings.mailbox(user.address), store).run_pass(session)
+    assert sorted(e.subject for e in store.list_events()) == ["first", "second"]
+    store.close()
+
+
+def test_dry_run_prints_decisions_and_changes_nothing(user: MailUser, tmp_path: Path) -> None:
+    config = write_config(tmp_path, [user])
+    run_cli("--config", str(config), "groups", "add", "Smith", "john@clients.example")
+    run_cli("--config", str(config), "setup", user.address)
+    queue(user, build_message("john@clients.example", user.address, "dry"))
+    code, out = run_cli("--config", str(config), "sync", "--dry-run")
+    assert code == 0
+    assert "inbound" in out
+    assert "counterparts=john@clients.example" in out
+    assert "groups=Smith" in out
+    assert "→ received" in out
+    assert folder_subjects(user, "Queue") == {"dry": set()}
+    code, out = run_cli("--config", str(config), "timeline", "--json")
+    assert out == ""
+
+
+def test_sync_command_files_and_timeline_lists_as_json(user: MailUser, tmp_path: Path) -> None:
+    config = write_config(tmp_path, [user])
+    run_cli("--config", str(config), "groups", "add", "Smith", "john@clients.example")
+    run_cli("--config", str(config), "setup", user.address)
+    queue(user, build_message(user.address, "john@clients.example", "by the cli"))
+    code, out = run_cli("--config", str(config), "sync", "--once")
+    assert code == 0
+    assert "1 to Sent" in out
+    code, out = run_cli("--config", str(config), "timeline", "--json", "--group", "Smith")
+    assert '"subject": "by the cli"' in out
+    assert '"direction": "outbound"' in out
+
+
+def test_without_move_copy_and_expunge_files_each_message_once(
+    dovecot_nomove: Dovecot, tmp_path: Path
+) -> None:
+    user = new_user(dovecot_nomove)
+    settings = settings_for(tmp_path, [user])
+    store = open_store(settings.store_url, settings.daemon.state_dir)
+    store.add_group("Smith", ["john@clients.example"])
+    with opened(settings, user.address) as session:
+        assert not session.has("MOVE")
+    queue(
+        user,
+        build_message("john@clients.example", user.address, "in"),
+        build_message(user.address, "john@clients.example", "out"),
+    )
+    with opened(settings, user.address) as session:
+        Filer(settings.mailbox(user.address), store).run_pass(session)
+    assert folder_subjects(user, "Received") == {"in": set()}
+    assert folder_subjects(user, "Sent") == {"out": set()}
+    assert folder_subjects(user, "Queue") == {}
+    store.close()
+
+
+def test_copy_fallback_after_a_crash_between_copy_and_expunge_leaves_one_copy(
+    dovecot_nomove: Dovecot, tmp_path: Path
+) -> None:
+    user = new_user(dovecot_nomove)
+    settings = settings_for(tmp_path, [user])
+    store = open_store(settings.store_url, settings.daemon.state_dir)
+    store.add_group("Smith", ["john@clients.example"])
+    with opened(settings, user.address):
+        pass
+    queue(user, build_message("john@clients.example", user.address, "crashed"))
+    # What an interrupted earlier attempt leaves: the marker on the Queue message and its
+    # copy in Received, but no EXPUNGE.
+    with user.client() as client:
+        client.select_folder(f"{ROOT}.Queue")
+        uids = client.search(["ALL"])
+        client.add_flags(uids, [FILING_KEYWORD])
+        client.copy(uids, f"{ROOT}.Received")
+    with opened(settings, user.address) as session:
+        Filer(settings.mailbox(user.address), store).run_pass(session)
+    with user.client() as client:
+        client.select_folder(f"{ROOT}.Received", readonly=True)
+        assert len(client.search(["ALL"])) == 1
+        assert client.search(["KEYWORD", FILING_KEYWORD]) == []
+    assert folder_subjects(user, "Queue") == {}
+    assert len(store.list_events()) == 1
+    store.close()
+
+
+def test_unreachable_store_leaves_messages_in_queue(user: MailUser, tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, [user])
+    setup = open_store(settings.store_url, settings.daemon.state_dir)
+    setup.add_group("Smith", ["john@clients.example"])
+    setup.close()
+    db = settings.daemon.state_dir / "emailsync.db"
+    store = SqliteStore(db, busy_timeout_seconds=0.05)
+    with opened(settings, user.address):
+        pass
+    queue(user, build_message("john@clients.example", user.address, "waits"))
+    blocker = sqlite3.connect(db)
+    blocker.execute("BEGIN EXCLUSIVE")  # another writer holds the database
+    try:
+        with opened(settings, user.address) as session, pytest.raises(StoreUnavailableError):
+            Filer(settings.mailbox(user.address), store).run_pass(session)
+    finally:
+        blocker.rollback()
+        blocker.close()
+    assert folder_subjects(user, "Queue") == {"waits": set()}
+    assert folder_subjects(user, "Failed") == {}
+    with opened(settings, user.address) as session:
+        Filer(settings.mailbox(user.address), store).run_pass(session)
+    assert folder_subjects(user, "Received") == {"waits": set()}
+    store.close()
+
+
+def test_retry_failed_moves_messages_back_to_queue_without_keywords(
+    user: MailUser, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path, [user])
+    run_cli("--config", str(config), "setup", user.address)
+    queue(user, build_message("later@clients.example", user.address, "linked later"))
+    run_cli("--config", str(config), "sync")
+    assert folder_subjects(user, "Failed") == {"linked later": {"$EmailSyncNoGroup"}}
+    run_cli("--config", str(config), "groups", "add", "Later", "later@clients.example")
+    code, out = run_cli("--config", str(config), "retry-failed", user.address)
+    assert code == 0
+    assert "moved 1" in out
+    assert folder_subjects(user, "Queue") == {"linked later": set()}
+    run_cli("--config", str(config), "sync")
+    assert folder_subjects(user, "Received") == {"linked later": set()}
+
+
+def test_a_deleted_folder_is_recreated_by_the_next_sync(user: MailUser, tmp_path: Path) -> None:
+    config = write_config(tmp_path, [user])
+    run_cli("--config", str(config), "setup", user.address)
+    with user.client() as client:
+        client.delete_folder(f"{ROOT}.Failed")
+    queue(user, build_message("nobody@else.example", user.address, "orphan"))
+    code, _ = run_cli("--config", str(config), "sync")
+    assert code == 0
+    assert folder_subjects(user, "Failed") == {"orphan": {"$EmailSyncNoGroup"}}
+
+
+def test_wrong_password_exits_nonzero_without_showing_it(
+    user: MailUser, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path, [user])
+    (tmp_path / "secrets" / user.address).write_text("not-the-password-xyz\n")
+    code, _ = run_cli("--config", str(config), "setup", user.address)
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "authentication failed" in err
+    assert "not-the-password-xyz" not in err
+    assert user.password not in err
+
+
+def test_folder_role_names_follow_the_config(user: MailUser, tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, [user])
+    with opened(settings, user.address) as session:
+        assert session.tree is not None
+        assert session.tree.name(FolderRole.FAILED) == f"{ROOT}.Failed"
