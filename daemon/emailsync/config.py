@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email.utils
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -60,6 +61,14 @@ class SecretSource:
     env: str | None = None
     credential: str | None = None
 
+    def key(self, prefix: str) -> str:
+        """The config key that names this source, e.g. ``password_file`` for prefix password."""
+        if self.file is not None:
+            return f"{prefix}_file"
+        if self.env is not None:
+            return f"{prefix}_env"
+        return f"{prefix}_credential"
+
     def describe(self) -> str:
         """Where the secret is read from, for error messages (never the value)."""
         if self.file is not None:
@@ -80,6 +89,9 @@ class SecretSource:
             value = path.read_text(encoding="utf-8").rstrip("\r\n")
         except OSError as exc:
             raise ConfigError([f"secret: cannot read {self.describe()}: {exc.strerror}"]) from None
+        except UnicodeDecodeError:
+            # ``from None`` and no message from the codec: its text quotes bytes of the secret.
+            raise ConfigError([f"secret: {self.describe()} is not UTF-8 text"]) from None
         if not value:
             raise ConfigError([f"secret: {self.describe()} is empty"])
         return Secret(value)
@@ -226,7 +238,8 @@ def parse_settings(data: Mapping[str, Any], path: Path) -> Settings:
     """Validate parsed TOML; raises ConfigError listing every problem found."""
     problems: list[str] = []
     top = _Table(data, "", path, problems)
-    base_dir = path.parent
+    # Relative paths in the config mean "next to the config file", whatever the cwd later is.
+    base_dir = path.absolute().parent
     daemon = _parse_daemon(top.table("daemon"), base_dir)
     folders = _parse_folders(top.table("folders"))
     branches_table = top.table("branches")
@@ -262,13 +275,14 @@ def parse_settings(data: Mapping[str, Any], path: Path) -> Settings:
 def check_secrets(settings: Settings) -> list[str]:
     """Problems with secrets that the config names but that cannot be read (values unseen)."""
     problems: list[str] = []
-    for mailbox in settings.mailboxes:
+    for index, mailbox in enumerate(settings.mailboxes):
         if mailbox.enabled and mailbox.password is not None:
             try:
                 mailbox.password.read()
             except ConfigError as exc:
+                key = f"mailboxes[{index}].{mailbox.password.key('password')}"
                 problems.extend(
-                    f"{settings.path}: mailbox {mailbox.address}: {p}" for p in exc.problems
+                    f"{settings.path}: {key}: mailbox {mailbox.address}: {p}" for p in exc.problems
                 )
     if settings.daemon.control_token is not None:
         try:
@@ -278,12 +292,12 @@ def check_secrets(settings: Settings) -> list[str]:
                 f"{settings.path}: daemon.control_token_file: {p}" for p in exc.problems
             )
     if settings.office365 is not None and settings.office365.client_secret is not None:
+        source = settings.office365.client_secret
         try:
-            settings.office365.client_secret.read()
+            source.read()
         except ConfigError as exc:
-            problems.extend(
-                f"{settings.path}: office365.client_secret_file: {p}" for p in exc.problems
-            )
+            key = f"office365.{source.key('client_secret')}"
+            problems.extend(f"{settings.path}: {key}: {p}" for p in exc.problems)
     return problems
 
 
@@ -408,6 +422,10 @@ def _describe(value: object) -> str:
     return type(value).__name__
 
 
+def _non_empty(value: str) -> str | None:
+    return None if value.strip() else "must not be empty"
+
+
 def _positive(value: float) -> str | None:
     return None if value > 0 else "must be greater than 0"
 
@@ -514,9 +532,14 @@ def _parse_server(table: _Table, base_dir: Path) -> ServerSettings:
 def _parse_secret(table: _Table, prefix: str, base_dir: Path) -> SecretSource | None:
     file_key, env_key, cred_key = f"{prefix}_file", f"{prefix}_env", f"{prefix}_credential"
     file = table.path_value(file_key, base_dir)
-    env = table.get(env_key, str, "") or None
+    env = table.get(env_key, str, "", _non_empty) or None
     credential = (
-        table.get(cred_key, str, "", lambda v: None if "/" not in v else "must be a bare name")
+        table.get(
+            cred_key,
+            str,
+            "",
+            lambda v: _non_empty(v) or (None if "/" not in v else "must be a bare name"),
+        )
         or None
     )
     given = [k for k, v in ((file_key, file), (env_key, env), (cred_key, credential)) if v]
@@ -570,9 +593,12 @@ def _parse_mailbox(
 ) -> MailboxSettings | None:
     raw_address = table.get("address", str, "")
     address = normalise_address(raw_address) if raw_address else None
+    # The login name defaults to the address as written (case kept), without a display name.
+    default_username = email.utils.parseaddr(raw_address)[1] or raw_address
     if not table.has("address"):
         table.problem("address", "is required")
-    elif address is None:
+    elif address is None and isinstance(table.data["address"], str):
+        # (a non-string address was already reported by get())
         table.problem("address", f"{raw_address!r} is not an email address")
     auth = table.choice("auth", AUTHS, "password")
     branch = table.get("branch", str, "") or None
@@ -604,7 +630,7 @@ def _parse_mailbox(
         address=address or "",
         server=server or ServerSettings(host="", port=993),
         auth=auth,
-        username=table.get("username", str, raw_address) or raw_address,
+        username=table.get("username", str, default_username, _non_empty) or default_username,
         password=password if auth == "password" else None,
         aliases=tuple(a for a in dict.fromkeys(aliases) if a != address),
         trigger=table.choice("trigger", TRIGGERS, "auto"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -159,6 +160,10 @@ class Dovecot:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=5)
+        # Client processes (imap) outlive the master; a real restart drops their connections,
+        # so end everything in the instance's process group.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
 
     def restart(self) -> None:
         """Stop and start again on the same ports, keeping users and mail."""
@@ -175,6 +180,7 @@ class Dovecot:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
+                start_new_session=True,  # its own process group, so stop() can end it all
             )
         self._wait_ready()
 

@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+
 from emailsync.errors import ConfigError, StoreError, StoreUnavailableError
 from emailsync.model import Attachment, Direction, TimelineEvent
 from emailsync.store import open_store, read_group_csv

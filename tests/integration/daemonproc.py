@@ -1,0 +1,190 @@
+"""The daemon as a real subprocess for tests: start, wait ready, talk HTTP, signal, stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from emailsync.devserver import free_port
+
+READY_TIMEOUT_SECONDS = 30.0
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = 15.0, interval: float = 0.1) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail with AssertionError on timeout."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = condition()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout} s (last value: {last!r})")
+
+
+class NotifySocket:
+    """A unix datagram socket standing in for systemd's NOTIFY_SOCKET; records messages."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: list[str] = []
+        self._running = True
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while self._running:
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.messages.append(data.decode("utf-8", "replace"))
+
+    def seen(self, fragment: str) -> bool:
+        """True when any message so far contains ``fragment``."""
+        return any(fragment in m for m in list(self.messages))
+
+    def close(self) -> None:
+        """Stop reading and close."""
+        self._running = False
+        self._thread.join(2)
+        self.sock.close()
+
+
+class RunningDaemon:
+    """``emailsync run`` in a subprocess with its own config, token and notify socket."""
+
+    def __init__(self, config: Path, port: int, token: str, workdir: Path) -> None:
+        self.config = config
+        self.port = port
+        self.token = token
+        self.workdir = workdir
+        self.log_path = workdir / "daemon.log"
+        self.notify = NotifySocket(workdir / "notify.sock")
+        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
+        env.update(
+            NOTIFY_SOCKET=str(self.notify.path), WATCHDOG_USEC="2000000", PYTHONUNBUFFERED="1"
+        )
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "emailsync.cli", "--config", str(config), "run"],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+
+    def wait_ready(self) -> None:
+        """Wait for /readyz and READY=1; fail with the daemon's log otherwise."""
+        try:
+            wait_until(lambda: self.get("/readyz")[0] == 200, READY_TIMEOUT_SECONDS)
+            wait_until(lambda: self.notify.seen("READY=1"), 10)
+        except AssertionError:
+            raise AssertionError(f"daemon not ready; log:\n{self.log()}") from None
+
+    def log(self) -> str:
+        """Everything the daemon printed so far."""
+        self._log.flush()
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def request(
+        self, method: str, path: str, *, token: str | None = "default"
+    ) -> tuple[int, bytes]:
+        """An HTTP request to the daemon; returns (status, body)."""
+        headers = {}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {self.token if token == 'default' else token}"
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}",
+            method=method,
+            headers=headers,
+            data=b"" if method == "POST" else None,
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=10) as response:  # noqa: S310
+                return response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+        except (urllib.error.URLError, OSError):
+            return 0, b""
+
+    def get(self, path: str, **kwargs: Any) -> tuple[int, bytes]:
+        """GET."""
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path: str, **kwargs: Any) -> tuple[int, bytes]:
+        """POST."""
+        return self.request("POST", path, **kwargs)
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        """One sample's value from /metrics, or None when absent."""
+        status, body = self.get("/metrics", token=None)
+        if status != 200:
+            return None
+        for family in text_string_to_metric_families(body.decode()):
+            for sample in family.samples:
+                if sample.name == name and all(
+                    sample.labels.get(k) == v for k, v in labels.items()
+                ):
+                    return float(sample.value)
+        return None
+
+    def mailboxes(self) -> dict[str, dict[str, Any]]:
+        """The /v1/mailboxes answer keyed by address."""
+        status, body = self.get("/v1/mailboxes")
+        assert status == 200, body
+        return {m["address"]: m for m in json.loads(body)["mailboxes"]}
+
+    def signal(self, signum: signal.Signals) -> None:
+        """Send a signal to the daemon."""
+        self.process.send_signal(signum)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self._log.close()
+        self.notify.close()
+        return int(self.process.returncode)
+
+
+def daemon_config_extra(port: int, token_file: Path, **overrides: object) -> str:
+    """[daemon] keys for a test daemon: its port and token; polls and sweeps far away."""
+    values: dict[str, object] = {
+        "listen": f"127.0.0.1:{port}",
+        "control_token_file": str(token_file),
+        "sweep_seconds": 3600,
+        "poll_seconds": 3600,
+        "log_format": "json",
+        "log_level": "debug",
+    }
+    values.update(overrides)
+    return "\n".join(f"{k} = {json.dumps(v)}" for k, v in values.items())
+
+
+def new_port() -> int:
+    """A free loopback port."""
+    return free_port()

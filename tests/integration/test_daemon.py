@@ -1,0 +1,354 @@
+"""``emailsync run`` as a real subprocess against real Dovecot: IDLE filing, Start Sync,
+reconnects, reload, shutdown, control API, metrics and sd_notify."""
+
+from __future__ import annotations
+
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from emailsync import cli
+from emailsync.devserver import Dovecot
+
+from .conftest import MailUser, new_user, write_config
+from .daemonproc import RunningDaemon, daemon_config_extra, new_port, wait_until
+from .test_filing import build_message, folder_subjects, queue
+
+pytestmark = pytest.mark.dovecot
+
+
+class DaemonFactory:
+    """Starts daemons for a test and stops them at its end."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.daemons: list[RunningDaemon] = []
+
+    def start(
+        self,
+        users: list[MailUser],
+        *,
+        mailbox_extra: str = "",
+        groups: dict[str, list[str]] | None = None,
+        **daemon: object,
+    ) -> RunningDaemon:
+        port = new_port()
+        token = secrets.token_urlsafe(16)
+        token_file = self.tmp_path / "control-token"
+        token_file.write_text(token + "\n")
+        config = write_config(
+            self.tmp_path,
+            users,
+            extra=daemon_config_extra(port, token_file, **daemon),
+            mailbox_extra=mailbox_extra,
+        )
+        for name, addresses in (groups or {}).items():
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "emailsync.cli",
+                    "--config",
+                    str(config),
+                    "groups",
+                    "add",
+                    name,
+                    *addresses,
+                ],
+                check=True,
+                capture_output=True,
+            )
+        process = RunningDaemon(config, port, token, self.tmp_path)
+        self.daemons.append(process)
+        process.wait_ready()
+        return process
+
+    def stop_all(self) -> None:
+        for process in self.daemons:
+            process.stop()
+
+
+@pytest.fixture
+def daemons(tmp_path: Path) -> Iterator[DaemonFactory]:
+    factory = DaemonFactory(tmp_path)
+    yield factory
+    factory.stop_all()
+
+
+def wait_filed(user: MailUser, folder: str, subject: str, timeout: float = 10.0) -> None:
+    wait_until(lambda: subject in folder_subjects(user, folder), timeout)
+
+
+def test_appended_message_is_filed_by_idle_without_polling(
+    user: MailUser, daemons: DaemonFactory
+) -> None:
+    daemon = daemons.start([user], groups={"Smith": ["john@clients.example"]})
+    wait_until(
+        lambda: daemon.metric("emailsync_mailbox_state", mailbox=user.address, state="idle") == 1
+    )
+    started = time.monotonic()
+    queue(user, build_message("john@clients.example", user.address, "live"))
+    wait_filed(user, "Received", "live", timeout=10)
+    assert time.monotonic() - started < 10  # sweep and poll are an hour away: IDLE did it
+    assert daemon.metric("emailsync_sync_passes_total", mailbox=user.address, trigger="idle") >= 1
+    assert daemon.metric("emailsync_sync_passes_total", mailbox=user.address, trigger="sweep") == 0
+    assert daemon.metric("emailsync_messages_received_total", mailbox=user.address) == 1
+    assert daemon.metric("emailsync_timeline_events_total", mailbox=user.address) == 1
+    assert daemon.metric("emailsync_filing_latency_seconds_count") == 1
+
+
+def test_startup_pass_files_mail_queued_before_start(
+    user: MailUser, daemons: DaemonFactory, tmp_path: Path
+) -> None:
+    write_config(tmp_path, [user])
+    cli.main(["--config", str(tmp_path / "emailsync.toml"), "setup", user.address])
+    queue(user, build_message(user.address, "john@clients.example", "early out"))
+    queue(user, build_message("stranger@else.example", user.address, "early unlinked"))
+    daemon = daemons.start([user], groups={"Smith": ["john@clients.example"]})
+    wait_filed(user, "Sent", "early out")
+    wait_filed(user, "Failed", "early unlinked")
+    assert daemon.metric("emailsync_messages_synced_total", mailbox=user.address) == 1
+    assert (
+        daemon.metric("emailsync_messages_failed_total", mailbox=user.address, reason="no_group")
+        == 1
+    )
+    assert (
+        daemon.metric("emailsync_sync_passes_total", mailbox=user.address, trigger="startup") == 1
+    )
+
+
+def test_worker_reconnects_after_kick_and_files_mail_queued_meanwhile(
+    user: MailUser, daemons: DaemonFactory
+) -> None:
+    daemon = daemons.start(
+        [user], groups={"Smith": ["john@clients.example"]}, max_backoff_seconds=2
+    )
+    wait_until(
+        lambda: daemon.metric("emailsync_mailbox_state", mailbox=user.address, state="idle") == 1
+    )
+    user.server.kick(user.address)
+    queue(user, build_message("john@clients.example", user.address, "after kick"))
+    wait_filed(user, "Received", "after kick", timeout=15)
+    assert daemon.metric("emailsync_connection_errors_total", mailbox=user.address, kind="bye") >= 1
+
+
+def test_worker_reconnects_after_the_server_restarts(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    server = Dovecot()
+    server.start()
+    try:
+        user = new_user(server)
+        daemon = daemons.start(
+            [user], groups={"Smith": ["john@clients.example"]}, max_backoff_seconds=2
+        )
+        wait_until(
+            lambda: (
+                daemon.metric("emailsync_mailbox_state", mailbox=user.address, state="idle") == 1
+            )
+        )
+        server.stop()
+        wait_until(
+            lambda: (
+                daemon.metric("emailsync_mailbox_state", mailbox=user.address, state="idle") == 0
+            )
+        )
+        server.restart()
+        queue(user, build_message("john@clients.example", user.address, "after restart"))
+        wait_filed(user, "Received", "after restart", timeout=20)
+        assert daemon.process.poll() is None
+    finally:
+        server.close()
+
+
+def test_manual_mailbox_files_only_on_start_sync(user: MailUser, daemons: DaemonFactory) -> None:
+    daemon = daemons.start(
+        [user], mailbox_extra='trigger = "manual"', groups={"Smith": ["john@clients.example"]}
+    )
+    wait_until(
+        lambda: daemon.metric("emailsync_mailbox_state", mailbox=user.address, state="idle") == 1
+    )
+    queue(user, build_message("john@clients.example", user.address, "waits for api"))
+    wait_until(lambda: daemon.metric("emailsync_queue_messages", mailbox=user.address) == 1)
+    time.sleep(1.5)  # IDLE has announced it: a manual mailbox must still leave it alone
+    assert folder_subjects(user, "Queue") == {"waits for api": set()}
+    status, _ = daemon.post(f"/v1/mailboxes/{user.address}/sync")
+    assert status == 202
+    wait_filed(user, "Received", "waits for api")
+
+    queue(user, build_message("john@clients.example", user.address, "waits for cli"))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "emailsync.cli",
+            "--config",
+            str(daemon.config),
+            "start-sync",
+            user.address,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    wait_filed(user, "Received", "waits for cli")
+
+    queue(user, build_message("john@clients.example", user.address, "waits for signal"))
+    daemon.signal(signal.SIGUSR1)
+    wait_filed(user, "Received", "waits for signal")
+    assert (
+        daemon.metric("emailsync_sync_passes_total", mailbox=user.address, trigger="start_sync")
+        == 3
+    )
+    assert daemon.metric("emailsync_sync_passes_total", mailbox=user.address, trigger="idle") == 0
+
+
+def test_control_api_refuses_missing_or_wrong_token(user: MailUser, daemons: DaemonFactory) -> None:
+    daemon = daemons.start([user])
+    assert daemon.get("/v1/mailboxes", token=None)[0] == 401
+    assert daemon.get("/v1/mailboxes", token="wrong")[0] == 401
+    assert daemon.post("/v1/sync", token="wrong")[0] == 401
+    assert daemon.post(f"/v1/mailboxes/{user.address}/stop", token=None)[0] == 401
+    assert daemon.get("/v1/mailboxes")[0] == 200
+    assert daemon.get("/metrics", token=None)[0] == 200
+    assert daemon.get("/healthz", token=None)[0] == 200
+    assert daemon.post("/v1/mailboxes/nobody@nowhere.example/sync")[0] == 404
+    assert daemon.token not in daemon.log()
+
+
+def test_status_command_shows_each_mailbox(user: MailUser, daemons: DaemonFactory) -> None:
+    daemon = daemons.start([user])
+    wait_until(lambda: daemon.mailboxes()[user.address]["state"] == "idle")
+    result = subprocess.run(
+        [sys.executable, "-m", "emailsync.cli", "--config", str(daemon.config), "status", "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f'"address": "{user.address}"' in result.stdout
+    assert '"state": "idle"' in result.stdout
+    assert user.password not in result.stdout
+
+
+def test_sighup_adds_a_mailbox_and_leaves_the_others_connection_alone(
+    dovecot: Dovecot, daemons: DaemonFactory, tmp_path: Path
+) -> None:
+    first, second = new_user(dovecot), new_user(dovecot)
+    daemon = daemons.start([first], groups={"Smith": ["john@clients.example"]})
+    wait_until(
+        lambda: daemon.metric("emailsync_mailbox_state", mailbox=first.address, state="idle") == 1
+    )
+    pids_before = imap_pids(dovecot, first.address)
+    assert len(pids_before) == 1
+    text = daemon.config.read_text()
+    write_config(tmp_path, [first, second], extra="")  # writes the second's password file
+    added = (
+        f'address = "{second.address}"\nbranch = "b0"\npassword_file = "secrets/{second.address}"'
+    )
+    daemon.config.write_text(f"{text}\n[[mailboxes]]\n{added}\n")
+    daemon.signal(signal.SIGHUP)
+    wait_until(lambda: daemon.notify.seen("RELOADING=1"))
+    wait_until(
+        lambda: daemon.metric("emailsync_mailbox_state", mailbox=second.address, state="idle") == 1
+    )
+    assert imap_pids(dovecot, first.address) == pids_before
+    queue(second, build_message("john@clients.example", second.address, "second mailbox"))
+    wait_filed(second, "Received", "second mailbox")
+
+
+def imap_pids(server: Dovecot, address: str) -> set[str]:
+    """Dovecot's imap process ids serving a user (one connection each, here)."""
+    out = server.doveadm("who", "-1", address, check=False).stdout
+    return {line.split()[-2] for line in out.splitlines()[1:] if line.strip()}
+
+
+def test_sigterm_stops_cleanly_with_logout_and_sd_notify(
+    user: MailUser, daemons: DaemonFactory
+) -> None:
+    daemon = daemons.start([user])
+    wait_until(
+        lambda: daemon.metric("emailsync_mailbox_state", mailbox=user.address, state="idle") == 1
+    )
+    assert daemon.notify.seen("READY=1")
+    wait_until(lambda: daemon.notify.seen("WATCHDOG=1"), 5)
+    assert daemon.notify.seen("STATUS=")
+    started = time.monotonic()
+    code = daemon.stop()
+    assert code == 0
+    assert time.monotonic() - started < 10
+    assert daemon.notify.seen("STOPPING=1")
+    wait_until(
+        lambda: (
+            "Logged out" in user.server.log_tail(200)
+            or "Disconnected: Logged out" in user.server.log_tail(200)
+        ),
+        5,
+    )
+
+
+def test_stop_then_setup_restarts_the_mailbox(user: MailUser, daemons: DaemonFactory) -> None:
+    daemon = daemons.start([user], groups={"Smith": ["john@clients.example"]})
+    wait_until(lambda: daemon.mailboxes()[user.address]["state"] == "idle")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "emailsync.cli",
+            "--config",
+            str(daemon.config),
+            "stop",
+            user.address,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    wait_until(lambda: daemon.mailboxes()[user.address]["state"] == "stopped")
+    assert daemon.metric("emailsync_mailbox_state", mailbox=user.address, state="stopped") == 1
+    queue(user, build_message("john@clients.example", user.address, "while stopped"))
+    time.sleep(1.5)
+    assert "while stopped" in folder_subjects(user, "Queue")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "emailsync.cli",
+            "--config",
+            str(daemon.config),
+            "setup",
+            user.address,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    wait_filed(user, "Received", "while stopped")
+
+
+def test_refused_login_puts_the_mailbox_in_needs_reauth(
+    user: MailUser, daemons: DaemonFactory, tmp_path: Path
+) -> None:
+    daemon = daemons.start([user])
+    (tmp_path / "secrets" / user.address).write_text("wrong-password\n")
+    user.server.kick(user.address)
+    wait_until(
+        lambda: (
+            daemon.metric("emailsync_mailbox_state", mailbox=user.address, state="needs_reauth")
+            == 1
+        )
+    )
+    assert daemon.metric("emailsync_auth_failures_total", mailbox=user.address) == 1
+    time.sleep(1.0)
+    assert daemon.metric("emailsync_auth_failures_total", mailbox=user.address) == 1  # no hammering
+    assert "wrong-password" not in daemon.log()
+    assert daemon.get("/readyz", token=None)[0] == 200
