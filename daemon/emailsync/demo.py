@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
 from pathlib import Path
 from typing import TextIO
 
-from emailsync.config import load_settings
-from emailsync.devserver import Dovecot
-from emailsync.filing import Filer
+from emailsync.config import Settings, load_settings
+from emailsync.control import ControlClient
+from emailsync.devserver import Dovecot, free_port
+from emailsync.errors import ControlError
 from emailsync.imap.auth import make_authenticator
 from emailsync.imap.session import ImapSession
 from emailsync.logs import configure_logging
@@ -27,43 +35,46 @@ GROUPS = {
 }
 
 
+def _message(frm: str, to: str, subject: str, body: str, cc: str = "") -> bytes:
+    msg = EmailMessage()
+    msg["From"] = frm
+    msg["To"] = to
+    if cc:
+        msg["Cc"] = cc
+    msg["Subject"] = subject
+    msg["Date"] = format_datetime(datetime.now(UTC))
+    msg["Message-ID"] = make_msgid(domain="demo.example")
+    msg.set_content(body)
+    return msg.as_bytes()
+
+
+# Sent to both agents: queued in both mailboxes, it makes one event listing both.
+SHARED_OFFER = _message(
+    "Mary Jones <mary.jones@clients.example>",
+    ", ".join(AGENTS),
+    "Re: offer on 4 Privet Drive",
+    "We'd like to offer the asking price.",
+    cc="tom.jones@clients.example",
+)
+
+
 def demo_messages(agent: str) -> list[bytes]:
     """The mail an agent has dragged into Queue: linked both ways, unlinked, and broken."""
-    now = datetime.now(UTC)
-
-    def message(frm: str, to: str, subject: str, body: str, cc: str = "") -> bytes:
-        msg = EmailMessage()
-        msg["From"] = frm
-        msg["To"] = to
-        if cc:
-            msg["Cc"] = cc
-        msg["Subject"] = subject
-        msg["Date"] = format_datetime(now)
-        msg["Message-ID"] = make_msgid(domain="demo.example")
-        msg.set_content(body)
-        return msg.as_bytes()
-
     return [
-        message(
+        _message(
             agent,
             "John Smith <john.smith@clients.example>",
             "Viewing on Saturday",
             "Hi John, confirming the viewing at 10am.",
         ),
-        message(
-            "Mary Jones <mary.jones@clients.example>",
-            agent,
-            "Re: offer on 4 Privet Drive",
-            "We'd like to offer the asking price.",
-            cc="tom.jones@clients.example",
-        ),
-        message(
+        SHARED_OFFER,
+        _message(
             agent,
             "ada.okafor@landlords.example",
             "Tenancy renewal",
             "The tenants want to renew for a year.",
         ),
-        message(
+        _message(
             "newsletter@portal.example",
             agent,
             "This week's market report",
@@ -73,7 +84,7 @@ def demo_messages(agent: str) -> list[bytes]:
     ]
 
 
-def write_config(base: Path, server: Dovecot, passwords: dict[str, str]) -> Path:
+def write_config(base: Path, server: Dovecot, passwords: dict[str, str], port: int) -> Path:
     """Write the demo's config and password files; returns the config path."""
     secrets_dir = base / "secrets"
     secrets_dir.mkdir(mode=0o700, exist_ok=True)
@@ -95,9 +106,9 @@ def write_config(base: Path, server: Dovecot, passwords: dict[str, str]) -> Path
         f"""# The demo's config: a throwaway Dovecot on loopback.
 [daemon]
 state_dir = "state"
-listen = "127.0.0.1:9387"
+listen = "127.0.0.1:{port}"
 control_token_file = "secrets/control-token"
-log_format = "console"
+log_format = "json"
 sweep_seconds = 60
 
 [branches.demo]
@@ -113,44 +124,88 @@ allow_insecure = true
     return config
 
 
+def _listen_port() -> int:
+    """9387 (the default) when free, else any free port."""
+    with socket.socket() as sock:
+        if sock.connect_ex(("127.0.0.1", 9387)) != 0:
+            return 9387
+    return free_port()
+
+
 def run_demo(base: Path, *, once: bool, out: TextIO) -> int:
-    """Start everything, file the seeded mail, show the result; then keep running if asked."""
+    """Seed a throwaway Dovecot, run the daemon on it, show filing on start and live.
+
+    On a terminal it keeps running until Ctrl-C, so the status page and /metrics can be
+    looked at; otherwise (or with ``once``) it stops after the scripted part.
+    """
     base = base.resolve()
     if base.exists():
         shutil.rmtree(base)
     base.mkdir(parents=True)
+    configure_logging("console", "warning")
     server = Dovecot()
     server.start()
+    daemon: subprocess.Popen[bytes] | None = None
     try:
         passwords = {agent: secrets.token_urlsafe(12) for agent in AGENTS}
         for agent, password in passwords.items():
             server.add_user(agent, password)
-        config = write_config(base, server, passwords)
+        port = _listen_port()
+        config = write_config(base, server, passwords, port)
         settings = load_settings(config)
-        configure_logging("console", "warning")
         store = open_store(settings.store_url, settings.daemon.state_dir)
         for name, addresses in GROUPS.items():
             store.add_group(name, addresses)
-        print(f"Dovecot on {server.host}:{server.port}; config {config}", file=out)
+        print(f"Dovecot on {server.host}:{server.port} (throwaway); config {config}", file=out)
+        print(f"Groups: {', '.join(GROUPS)}", file=out)
         for mailbox in settings.mailboxes:
-            session = ImapSession.open(
-                mailbox, settings.folders, make_authenticator(mailbox, settings), timeout_seconds=10
+            with _session(settings, mailbox.address) as session:
+                session.ensure_folders()
+                queued = demo_messages(mailbox.address)
+                for raw in queued:
+                    session.client.append(session.queue_name, raw)
+            print(f"{mailbox.address}: {len(queued)} messages dragged into Queue", file=out)
+
+        log_path = base / "daemon.log"
+        print(
+            f"\nStarting the daemon: emailsync --config {config} run  (log: {log_path})", file=out
+        )
+        with log_path.open("wb") as log:
+            daemon = subprocess.Popen(
+                [sys.executable, "-m", "emailsync.cli", "--config", str(config), "run"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
             )
-            session.ensure_folders()
-            for raw in demo_messages(mailbox.address):
-                session.client.append(session.tree.queue if session.tree else "", raw)
-            print(
-                f"{mailbox.address}: queued {len(demo_messages(mailbox.address))} messages",
-                file=out,
+        client = ControlClient(settings)
+        if not _wait(lambda: _queues_empty(client), DEMO_TIMEOUT_SECONDS):
+            print(f"the daemon did not file the queue in time; see {log_path}", file=out)
+            return 1
+        print("Filed on start:", file=out)
+        for mailbox in settings.mailboxes:
+            print(f"  {mailbox.address}", file=out)
+            with _session(settings, mailbox.address) as session:
+                _show_folders(session, out)
+
+        with _session(settings, AGENTS[1]) as session:
+            session.client.append(
+                session.queue_name,
+                _message(
+                    "John Smith <john.smith@clients.example>",
+                    AGENTS[1],
+                    "Live: can we move the viewing?",
+                    "Dropped into Queue while the daemon runs.",
+                ),
             )
-            result = Filer(mailbox, store).run_pass(session)
-            print(
-                f"{mailbox.address}: filed {len(result.decisions)} messages, "
-                f"{result.new_events} new timeline events",
-                file=out,
-            )
-            _show_folders(session, out)
-            session.logout()
+        started = time.monotonic()
+        if not _wait(lambda: _filed_count(client) >= 2 * len(demo_messages(AGENTS[0])) + 1, 30):
+            print(f"the live message was not filed in time; see {log_path}", file=out)
+            return 1
+        print(
+            f"\nLive: a message dropped into {AGENTS[1]}'s Queue was filed "
+            f"{time.monotonic() - started:.2f} s later (IDLE, no polling).",
+            file=out,
+        )
         print("\nTimeline (emailsync timeline):", file=out)
         for event in store.list_events():
             print(
@@ -159,10 +214,62 @@ def run_demo(base: Path, *, once: bool, out: TextIO) -> int:
                 file=out,
             )
         store.close()
-        del once
+        print("\nStatus (emailsync status):", file=out)
+        for status in client.mailboxes():
+            print(f"  {status['address']:22} {status['state']:6} filed {status['filed']}", file=out)
+        url = f"http://127.0.0.1:{port}"
+        print(f"\nStatus page {url}/   metrics {url}/metrics   log {log_path}", file=out)
+        print(f"Try: emailsync --config {config} status | timeline | start-sync --all", file=out)
+        if not once and sys.stdin.isatty():
+            print("Running; press Ctrl-C to stop.", file=out)
+            with contextlib.suppress(KeyboardInterrupt):
+                daemon.wait()
         return 0
     finally:
+        if daemon is not None and daemon.poll() is None:
+            daemon.send_signal(signal.SIGTERM)
+            try:
+                daemon.wait(15)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
         server.close()
+
+
+DEMO_TIMEOUT_SECONDS = 30.0
+
+
+@contextlib.contextmanager
+def _session(settings: Settings, address: str) -> Iterator[ImapSession]:
+    mailbox = settings.mailbox(address)
+    session = ImapSession.open(
+        mailbox, settings.folders, make_authenticator(mailbox, settings), timeout_seconds=10
+    )
+    try:
+        session.resolve_tree()
+        yield session
+    finally:
+        session.logout()
+
+
+def _wait(condition: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ControlError):
+            if condition():
+                return True
+        time.sleep(0.1)
+    return False
+
+
+def _queues_empty(client: ControlClient) -> bool:
+    statuses = client.mailboxes()
+    return bool(statuses) and all(
+        s["state"] == "idle" and s["queue"] == 0 and s["filed"] for s in statuses
+    )
+
+
+def _filed_count(client: ControlClient) -> int:
+    return sum(sum(s["filed"].values()) for s in client.mailboxes())
 
 
 def _show_folders(session: ImapSession, out: TextIO) -> None:

@@ -248,6 +248,7 @@ class MailboxWorker(threading.Thread):
         self._update_token_expiry()
         session.ensure_folders()
         session.select_queue()
+        self._set_queue(session.exists)
         self._failures = 0
         with self._lock:
             self.status.last_error = None
@@ -259,11 +260,17 @@ class MailboxWorker(threading.Thread):
         trigger: str | None = "startup"
         use_idle = session.has("IDLE")
         while self._running:
-            if trigger is not None:
-                self._sync(session, trigger)
+            filed = self._sync(session, trigger) if trigger is not None else 0
+            # Re-select: EXISTS is then exact (the pass's own MOVEs expunged messages), and mail
+            # that landed after the pass's last search shows up here instead of waiting for
+            # the next sweep, since IDLE will not announce it again.
+            depth = session.select_queue()
             self._update_queue_gauges(session)
             if self._stop_requested():
                 return
+            if filed and depth and trigger is not None and self._files_on(trigger):
+                trigger = "idle"  # progress was made and more is waiting: go again
+                continue
             self._set_state(State.IDLE)
             trigger = self._wait(session) if use_idle else self._poll_wait(session)
 
@@ -271,13 +278,13 @@ class MailboxWorker(threading.Thread):
         """Manual mailboxes file only on Start Sync; auto ones on anything."""
         return self.mailbox.trigger == "auto" or trigger == "start_sync"
 
-    def _sync(self, session: ImapSession, trigger: str) -> None:
+    def _sync(self, session: ImapSession, trigger: str) -> int:
+        """Run a pass if this trigger files for this mailbox; returns how many were filed."""
         if not self._files_on(trigger):
-            session.select_queue()  # keep the depth current
-            return
+            return 0
         self._set_state(State.SYNCING)
         started = time.monotonic()
-        self.filer.run_pass(session, stopping=lambda: not self._running)
+        result = self.filer.run_pass(session, stopping=self._stop_requested)
         elapsed = time.monotonic() - started
         address = self.mailbox.address
         self.metrics.sync_passes.labels(mailbox=address, trigger=trigger).inc()
@@ -287,6 +294,7 @@ class MailboxWorker(threading.Thread):
         with self._lock:
             self.status.last_sync = _iso(now)
         self.log.debug("sync_pass", trigger=trigger, seconds=round(elapsed, 3))
+        return len(result.decisions)
 
     def _take_pending(self) -> str | None:
         with self._lock:

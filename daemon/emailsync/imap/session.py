@@ -177,6 +177,11 @@ class ImapSession:
             raise
         return cls(client, mailbox, folders)
 
+    @property
+    def queue_name(self) -> str:
+        """The full name of the Queue folder."""
+        return (self.tree or self.resolve_tree()).queue
+
     def capabilities(self) -> frozenset[str]:
         """The server's capabilities after login."""
         with translated("capability"):
