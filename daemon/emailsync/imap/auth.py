@@ -123,7 +123,7 @@ class PasswordAuthenticator:
             password = self._password.read()
         except ConfigError as exc:
             # The message names the source only; a missing secret needs a person, not retries.
-            raise AuthError(f"{address}: {exc}") from None
+            raise AuthError(f"{address}: {exc}") from exc
         with _translated_connection_errors(address):
             if client.has_capability("LOGINDISABLED"):
                 raise AuthError(
@@ -136,6 +136,7 @@ class PasswordAuthenticator:
                 error = _login_failure(exc, address, "password login", (password.reveal(),))
                 if isinstance(error, AuthError):
                     self._log.warning("login_refused", reason=str(error))
+                # Not chained: the library's exception repeats the server's text unredacted.
                 raise error from None
         self._log.debug("logged_in", method="LOGIN")
 
@@ -210,12 +211,12 @@ class Office365Authenticator:
                 raise AuthError(f"{address}: the server does not offer AUTH=XOAUTH2")
         token = self.access_token()
         refusal = self._xoauth2(client, token)
+        if refusal is not None:
+            self._log.info("xoauth2_refused_retrying", reason=refusal)
+            token = self._acquire(force_refresh=True)
+            refusal = self._xoauth2(client, token)
         if refusal is None:
-            return
-        self._log.info("xoauth2_refused_retrying", reason=refusal)
-        token = self._acquire(force_refresh=True)
-        refusal = self._xoauth2(client, token)
-        if refusal is None:
+            self._last_error = None
             return
         message = f"{address}: the server refused the Office 365 token: {refusal}; " + (
             self._fix_hint()
@@ -304,7 +305,8 @@ class Office365Authenticator:
     def status(self) -> Office365Status:
         """Mode, account, token expiry, refresh-token age and last error (no token values)."""
         with self._lock:
-            self._reload_cache()
+            with contextlib.suppress(AuthError):  # an unreadable cache shows as last_error
+                self._reload_cache()
             account = None if self._app_only else self._cached_username()
             expiry = self.token_expiry()
             age = self._refresh_token_age()
@@ -352,7 +354,7 @@ class Office365Authenticator:
                         f"{self._mailbox.address}: identity provider rejected the authority "
                         f"{settings.authority}/{settings.tenant_id}: {_short(str(exc))}"
                     )
-                ) from None
+                ) from exc
         return self._app
 
     def _client_secret(self) -> str:
@@ -362,7 +364,7 @@ class Office365Authenticator:
         try:
             return source.read().reveal()
         except ConfigError as exc:
-            raise self._record(AuthError(f"{self._mailbox.address}: {exc}")) from None
+            raise self._record(AuthError(f"{self._mailbox.address}: {exc}")) from exc
 
     def _acquire(self, *, force_refresh: bool) -> str:
         with self._lock:
@@ -396,8 +398,8 @@ class Office365Authenticator:
                 )
             if "error" in result:
                 raise self._refused(result, "token refresh")
-            self._last_error = None
             if result.get("token_source") == "identity_provider":
+                self._last_error = None  # the provider accepted us again
                 self._log.info("access_token_obtained", expires_in_seconds=result.get("expires_in"))
             return str(result["access_token"])
 
@@ -475,6 +477,8 @@ class Office365Authenticator:
             except LoginError as exc:
                 error = _login_failure(exc, address, "XOAUTH2 login", (token,))
                 if not isinstance(error, AuthError):
+                    self._last_error = str(error)
+                    # Not chained: the library's exception repeats the server's text unredacted.
                     raise error from None
                 status = mechanism.server_status
                 return str(error) + (f" (status {status})" if status else "")
@@ -509,7 +513,7 @@ class Office365Authenticator:
                     f"{self._mailbox.address}: token cache {path} is unreadable "
                     f"({type(exc).__name__}); run `emailsync auth login {self._mailbox.address}`"
                 )
-            ) from None
+            ) from exc
         self._cache_stamp = stamp
 
     def _persist_cache(self) -> None:
