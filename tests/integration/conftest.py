@@ -2,37 +2,16 @@
 
 from __future__ import annotations
 
-import itertools
 import os
-import secrets
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import imapclient
 import pytest
 
-from emailsync.config import Settings, load_settings
 from emailsync.devserver import Dovecot, DovecotOptions
 
-_user_numbers = itertools.count(1)
-
-
-@dataclass(frozen=True)
-class MailUser:
-    """A login on a test Dovecot."""
-
-    address: str
-    password: str
-    server: Dovecot
-
-    def client(self) -> imapclient.IMAPClient:
-        """A plain imapclient connection, logged in, for arranging and checking mail."""
-        client = imapclient.IMAPClient(
-            self.server.host, port=self.server.port, ssl=False, timeout=10
-        )
-        client.login(self.address, self.password)
-        return client
+from .daemonproc import DaemonFactory
+from .mailenv import MailUser, new_user, settings_for, write_config
 
 
 def _start(options: DovecotOptions) -> Iterator[Dovecot]:
@@ -62,50 +41,18 @@ def dovecot_nomove() -> Iterator[Dovecot]:
     yield from _start(DovecotOptions(without_capabilities=("MOVE",)))
 
 
-def new_user(server: Dovecot, prefix: str = "agent") -> MailUser:
-    """Add a fresh login with a random password."""
-    user = MailUser(
-        f"{prefix}{next(_user_numbers)}-{secrets.token_hex(3)}@example.com",
-        secrets.token_urlsafe(12),
-        server,
-    )
-    server.add_user(user.address, user.password)
-    return user
-
-
 @pytest.fixture
 def user(dovecot: Dovecot) -> MailUser:
     """A fresh mailbox on the default Dovecot."""
     return new_user(dovecot)
 
 
-def write_config(
-    tmp_path: Path, users: list[MailUser], *, extra: str = "", mailbox_extra: str = ""
-) -> Path:
-    """Write a config with one branch per server and one mailbox per user; returns its path."""
-    secrets_dir = tmp_path / "secrets"
-    secrets_dir.mkdir(exist_ok=True)
-    branches: dict[int, str] = {}
-    parts = [f'[daemon]\nstate_dir = "{tmp_path / "state"}"\ntimeout_seconds = 10\n{extra}\n']
-    for u in users:
-        if u.server.port not in branches:
-            name = f"b{len(branches)}"
-            branches[u.server.port] = name
-            parts.append(
-                f'[branches.{name}]\nhost = "127.0.0.1"\nport = {u.server.port}\n'
-                'security = "none"\nallow_insecure = true\n'
-            )
-    for u in users:
-        (secrets_dir / u.address).write_text(u.password + "\n", encoding="utf-8")
-        parts.append(
-            f'[[mailboxes]]\naddress = "{u.address}"\nbranch = "{branches[u.server.port]}"\n'
-            f'password_file = "secrets/{u.address}"\n{mailbox_extra}\n'
-        )
-    path = tmp_path / "emailsync.toml"
-    path.write_text("\n".join(parts), encoding="utf-8")
-    return path
+@pytest.fixture
+def daemons(tmp_path: Path) -> Iterator[DaemonFactory]:
+    """Starts daemon subprocesses for a test; stops them at its end."""
+    factory = DaemonFactory(tmp_path)
+    yield factory
+    factory.stop_all()
 
 
-def settings_for(tmp_path: Path, users: list[MailUser], **kwargs: str) -> Settings:
-    """Write a config for these users and load it through the real loader."""
-    return load_settings(write_config(tmp_path, users, **kwargs))
+__all__ = ["MailUser", "new_user", "settings_for", "write_config"]

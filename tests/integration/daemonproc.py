@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -19,6 +20,8 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from emailsync.devserver import free_port
+
+from .mailenv import MailUser, write_config
 
 READY_TIMEOUT_SECONDS = 30.0
 
@@ -188,3 +191,54 @@ def daemon_config_extra(port: int, token_file: Path, **overrides: object) -> str
 def new_port() -> int:
     """A free loopback port."""
     return free_port()
+
+
+class DaemonFactory:
+    """Starts daemons for a test and stops them at its end."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.daemons: list[RunningDaemon] = []
+
+    def start(
+        self,
+        users: list[MailUser],
+        *,
+        mailbox_extra: str = "",
+        groups: dict[str, list[str]] | None = None,
+        **daemon: object,
+    ) -> RunningDaemon:
+        port = new_port()
+        token = secrets.token_urlsafe(16)
+        token_file = self.tmp_path / "control-token"
+        token_file.write_text(token + "\n")
+        config = write_config(
+            self.tmp_path,
+            users,
+            extra=daemon_config_extra(port, token_file, **daemon),
+            mailbox_extra=mailbox_extra,
+        )
+        for name, addresses in (groups or {}).items():
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "emailsync.cli",
+                    "--config",
+                    str(config),
+                    "groups",
+                    "add",
+                    name,
+                    *addresses,
+                ],
+                check=True,
+                capture_output=True,
+            )
+        process = RunningDaemon(config, port, token, self.tmp_path)
+        self.daemons.append(process)
+        process.wait_ready()
+        return process
+
+    def stop_all(self) -> None:
+        for process in self.daemons:
+            process.stop()

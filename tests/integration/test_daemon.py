@@ -3,12 +3,10 @@ reconnects, reload, shutdown, control API, metrics and sd_notify."""
 
 from __future__ import annotations
 
-import secrets
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,68 +15,10 @@ from emailsync import cli
 from emailsync.devserver import Dovecot
 
 from .conftest import MailUser, new_user, write_config
-from .daemonproc import RunningDaemon, daemon_config_extra, new_port, wait_until
+from .daemonproc import DaemonFactory, wait_until
 from .test_filing import build_message, folder_subjects, queue
 
 pytestmark = pytest.mark.dovecot
-
-
-class DaemonFactory:
-    """Starts daemons for a test and stops them at its end."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.tmp_path = tmp_path
-        self.daemons: list[RunningDaemon] = []
-
-    def start(
-        self,
-        users: list[MailUser],
-        *,
-        mailbox_extra: str = "",
-        groups: dict[str, list[str]] | None = None,
-        **daemon: object,
-    ) -> RunningDaemon:
-        port = new_port()
-        token = secrets.token_urlsafe(16)
-        token_file = self.tmp_path / "control-token"
-        token_file.write_text(token + "\n")
-        config = write_config(
-            self.tmp_path,
-            users,
-            extra=daemon_config_extra(port, token_file, **daemon),
-            mailbox_extra=mailbox_extra,
-        )
-        for name, addresses in (groups or {}).items():
-            subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "emailsync.cli",
-                    "--config",
-                    str(config),
-                    "groups",
-                    "add",
-                    name,
-                    *addresses,
-                ],
-                check=True,
-                capture_output=True,
-            )
-        process = RunningDaemon(config, port, token, self.tmp_path)
-        self.daemons.append(process)
-        process.wait_ready()
-        return process
-
-    def stop_all(self) -> None:
-        for process in self.daemons:
-            process.stop()
-
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[DaemonFactory]:
-    factory = DaemonFactory(tmp_path)
-    yield factory
-    factory.stop_all()
 
 
 def wait_filed(user: MailUser, folder: str, subject: str, timeout: float = 10.0) -> None:

@@ -76,7 +76,10 @@ def queue(user: MailUser, *messages: bytes, delimiter: str = ".") -> None:
 def folder_subjects(user: MailUser, folder: str, delimiter: str = ".") -> dict[str, set[str]]:
     """Subject → keywords of every message in a folder of the tree."""
     with user.client() as client:
-        client.select_folder(f"{ROOT}{delimiter}{folder}", readonly=True)
+        name = f"{ROOT}{delimiter}{folder}"
+        if not client.folder_exists(name):
+            return {}
+        client.select_folder(name, readonly=True)
         uids = client.search(["ALL"])
         data = client.fetch(uids, ["ENVELOPE", "FLAGS"]) if uids else {}
         return {
