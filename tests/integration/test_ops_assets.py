@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
+
+from emailsync.metrics import Metrics
 
 REPO = Path(__file__).resolve().parents[2]
 SYSTEMD_DIR = REPO / "systemd"
@@ -29,30 +32,26 @@ DASHBOARD = REPO / "metrics" / "grafana" / "emailsync.json"
 
 MAX_EXPOSURE = 2.0
 
-# The metrics of DESIGN.md §3 (name → type), plus the two gauges the alerts need.
-# TODO(lead): derive this from emailsync.metrics' registry instead, e.g.
-#   {n for fam in registry.collect() for n in series_names(fam.name, fam.type)}
-# (collect() names are enough: labelled metrics with no children yet expose no samples).
-DOCUMENTED_METRICS: dict[str, str] = {
-    "emailsync_messages_synced_total": "counter",
-    "emailsync_messages_received_total": "counter",
-    "emailsync_messages_failed_total": "counter",
-    "emailsync_timeline_events_total": "counter",
-    "emailsync_sync_passes_total": "counter",
-    "emailsync_sync_pass_seconds": "histogram",
-    "emailsync_filing_latency_seconds": "histogram",
-    "emailsync_queue_messages": "gauge",
-    "emailsync_mailbox_state": "gauge",
-    "emailsync_last_sync_timestamp_seconds": "gauge",
-    "emailsync_connection_errors_total": "counter",
-    "emailsync_auth_failures_total": "counter",
-    "emailsync_token_expiry_timestamp_seconds": "gauge",
-    "emailsync_build_info": "gauge",
-    # Added with the ops assets: age of the oldest message in Queue (0 when empty)…
-    "emailsync_queue_oldest_message_age_seconds": "gauge",
-    # …and the configured expiry of the Office 365 client secret (absent when not configured).
-    "emailsync_client_secret_expiry_timestamp_seconds": "gauge",
-}
+
+def registry_series() -> dict[str, frozenset[str]]:
+    """Every metric family of the daemon's real registry → the series names it exposes.
+
+    Built from `emailsync.metrics.Metrics` with one mailbox initialised, so the names cannot
+    drift from the code. Labelled metrics with no child yet (sync pass histogram, last sync,
+    token expiry) expose no samples, so each family's type adds the names Prometheus would see
+    once it has one: counters `_total`/`_created`, histograms `_bucket`/`_sum`/`_count`/`_created`.
+    """
+    metrics = Metrics(CollectorRegistry())
+    metrics.init_mailbox("x@example.com")
+    metrics.set_state("x@example.com", "idle")
+    return {
+        family.name: frozenset(
+            {sample.name for sample in family.samples} | series_names(family.name, family.type)
+        )
+        for family in metrics.registry.collect()
+    }
+
+
 # Series from Prometheus itself that the assets may use.
 STANDARD_SERIES = frozenset({"up"})
 
@@ -83,22 +82,24 @@ _LABEL_VALUES = re.compile(r"^\s*label_values\((?:(?P<metric>.*),)?\s*(?P<label>
 
 
 def series_names(name: str, metric_type: str) -> set[str]:
-    """The series names a metric family exposes (counter `_total`; histogram buckets…)."""
+    """The series names a metric family exposes in the text format, as Prometheus stores them."""
+    base = name.removesuffix("_total")
     if metric_type == "counter":
-        return {name if name.endswith("_total") else f"{name}_total"}
+        return {f"{base}_total", f"{base}_created"}
     if metric_type == "histogram":
-        return {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
+        return {f"{name}_bucket", f"{name}_sum", f"{name}_count", f"{name}_created"}
     if metric_type == "summary":
-        return {name, f"{name}_sum", f"{name}_count"}
+        return {name, f"{name}_sum", f"{name}_count", f"{name}_created"}
     return {name}
 
 
+# Metric family → series names, straight from the daemon's registry.
+DOCUMENTED_METRICS: dict[str, frozenset[str]] = registry_series()
+
+
 def documented_series_names() -> set[str]:
-    """Every series name the daemon documents, plus Prometheus' standard `up`."""
-    names = set(STANDARD_SERIES)
-    for name, metric_type in DOCUMENTED_METRICS.items():
-        names |= series_names(name, metric_type)
-    return names
+    """Every series name the daemon's registry exposes, plus Prometheus' standard `up`."""
+    return set(STANDARD_SERIES).union(*DOCUMENTED_METRICS.values())
 
 
 def referenced_metric_names(expr: str) -> set[str]:
@@ -273,6 +274,24 @@ def test_every_alert_has_severity_summary_and_description() -> None:
         assert re.search(r"^\s*description: ", chunk, re.MULTILINE), name
 
 
+def test_documented_series_are_the_registrys_with_prometheus_suffixes() -> None:
+    """The allowed names come from the real registry, suffixed as Prometheus stores them."""
+    names = documented_series_names()
+    assert {
+        "up",
+        "emailsync_messages_synced_total",
+        "emailsync_messages_synced_created",
+        "emailsync_sync_pass_seconds_bucket",
+        "emailsync_sync_pass_seconds_sum",
+        "emailsync_sync_pass_seconds_count",
+        "emailsync_mailbox_state",
+        "emailsync_last_sync_timestamp_seconds",
+        "emailsync_token_expiry_timestamp_seconds",
+    } <= names
+    # A counter's family name is not a series; neither is a histogram's.
+    assert not {"emailsync_messages_synced", "emailsync_sync_pass_seconds"} & names
+
+
 def test_rules_reference_only_documented_metrics_and_defined_recording_rules() -> None:
     """Alert and recording expressions use documented metrics or our own recorded series."""
     allowed = documented_series_names() | set(rule_file_entries(RULES, "record"))
@@ -364,8 +383,8 @@ def test_dashboard_shows_every_documented_metric() -> None:
     shown: set[str] = set()
     for expr in dashboard_exprs():
         shown |= referenced_metric_names(expr)
-    for name, metric_type in DOCUMENTED_METRICS.items():
-        assert series_names(name, metric_type) & shown, f"{name} has no panel"
+    for name, series in DOCUMENTED_METRICS.items():
+        assert series & shown, f"{name} has no panel"
 
 
 def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
