@@ -25,7 +25,7 @@ from emailsync.errors import (
     StoreError,
 )
 from emailsync.filing import Filer, PassResult
-from emailsync.imap.auth import make_authenticator
+from emailsync.imap.auth import Office365Authenticator, make_authenticator
 from emailsync.imap.session import ImapSession
 from emailsync.logs import configure_logging
 from emailsync.model import OUTCOME_KEYWORD, FolderRole, Outcome, TimelineEvent
@@ -135,6 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = groups_sub.add_parser("list", help="list groups and their addresses")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(handler=cmd_groups_list)
+
+    auth = sub.add_parser("auth", help="Office 365 sign-in and token state")
+    auth_sub = auth.add_subparsers(title="auth commands", metavar="COMMAND")
+    p = auth_sub.add_parser(
+        "login", help="Office 365 device-code sign-in for a mailbox (delegated mode)"
+    )
+    p.add_argument("address")
+    p.set_defaults(handler=cmd_auth_login)
+    p = auth_sub.add_parser("status", help="token state of every Office 365 mailbox")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(handler=cmd_auth_status)
 
     p = command("timeline", cmd_timeline, "recorded timeline events, newest first")
     p.add_argument("--group", help="only this group")
@@ -287,12 +298,15 @@ def cmd_setup(args: argparse.Namespace, out: TextIO) -> int:
     for name in tree.all_names():
         state = "created" if name in created else "exists"
         print(f"{name}\t{state}, subscribed", file=out)
-    marker = stopped_marker(settings, settings.mailbox(args.address).address)
+    address = settings.mailbox(args.address).address
+    marker = stopped_marker(settings, address)
     if marker.exists():
         marker.unlink()
         with contextlib.suppress(ControlError):
-            ControlClient(settings).start(settings.mailbox(args.address).address)
-        print(f"{args.address}: sync started again", file=out)
+            ControlClient(settings).start(address)
+        print(f"{address}: sync started again", file=out)
+    else:
+        _poke_daemon(settings, address, out)
     return EXIT_OK
 
 
@@ -411,6 +425,67 @@ def cmd_timeline(args: argparse.Namespace, out: TextIO) -> int:
                 f"\tfrom {event.from_}\tvia {mailboxes}",
                 file=out,
             )
+    return EXIT_OK
+
+
+def cmd_auth_login(args: argparse.Namespace, out: TextIO) -> int:
+    """Device-code sign-in; then a running daemon is told to retry the mailbox at once."""
+    settings = load(args)
+    mailbox = settings.mailbox(args.address)
+    authenticator = make_authenticator(mailbox, settings)
+    if not isinstance(authenticator, Office365Authenticator):
+        print(
+            f"emailsync: {mailbox.address} signs in with a password, not Office 365",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    if authenticator.mode == "app_only":
+        authenticator.access_token()  # proves the client credentials work
+        print(f"{mailbox.address}: app-only access works (no personal sign-in needed)", file=out)
+    else:
+        authenticator.device_code_login(lambda text: print(text, file=out, flush=True))
+        status = authenticator.status()
+        print(
+            f"{mailbox.address}: signed in as {status['account']}; "
+            f"access token valid until {status['access_token_expires']}",
+            file=out,
+        )
+    _poke_daemon(settings, mailbox.address, out)
+    return EXIT_OK
+
+
+def _poke_daemon(settings: Settings, address: str, out: TextIO) -> None:
+    """Ask a running daemon to retry a mailbox now (it may be waiting in needs_reauth)."""
+    if stopped_marker(settings, address).exists():
+        print(f"{address}: sync is stopped; run `emailsync setup {address}` to start it", file=out)
+        return
+    with contextlib.suppress(ControlError):
+        ControlClient(settings).sync(address)
+        print(f"{address}: the running daemon will retry now", file=out)
+
+
+def cmd_auth_status(args: argparse.Namespace, out: TextIO) -> int:
+    """Mode, account, token expiry, refresh-token age and last error per Office 365 mailbox."""
+    settings = load(args)
+    mailboxes = [m for m in settings.mailboxes if m.auth == "office365"]
+    if not mailboxes:
+        print("no Office 365 mailboxes in the config", file=out)
+    for mailbox in mailboxes:
+        authenticator = make_authenticator(mailbox, settings)
+        assert isinstance(authenticator, Office365Authenticator)  # noqa: S101 -- auth = office365
+        status = authenticator.status()
+        if args.json:
+            print(json.dumps(dict(status)), file=out)
+            continue
+        age = status["refresh_token_age_seconds"]
+        who = f"signed in as {status['account']}" if status["signed_in"] else "NOT signed in"
+        print(
+            f"{status['address']:32} {status['mode']:9} {who}"
+            f"  token until {status['access_token_expires'] or '-'}"
+            f"  refresh token age {f'{age / 86400:.1f} d' if age is not None else '-'}"
+            + (f"  last error: {status['last_error']}" if status["last_error"] else ""),
+            file=out,
+        )
     return EXIT_OK
 
 

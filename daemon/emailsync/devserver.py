@@ -281,7 +281,7 @@ mail_max_userip_connections = 10000
 {passdb}
 userdb {{
   driver = static
-  args = uid={MAIL_UID} gid={MAIL_UID} home={self.mail_dir}/%u
+  args = uid={MAIL_UID} gid={MAIL_UID} home={self.mail_dir}/%u allow_all_users=yes
 }}
 service imap-login {{
   inet_listener imap {{

@@ -53,6 +53,11 @@ from emailsync.store.base import Store
 log = structlog.get_logger(__name__)
 
 BACKOFF_START_SECONDS = 1.0
+# Reconnect this long before an OAuth access token expires: Exchange ends a session whose
+# token expired ("* BYE Session invalidated - AccessTokenExpired"), and MSAL hands out a new
+# token once less than 300 s are left, so the new login gets a fresh one.
+TOKEN_RECONNECT_AHEAD_SECONDS = 240.0
+RECONNECT = "reconnect"  # not a pass trigger: _wait's answer when the token runs out
 # The cap on how long LOGOUT may take at shutdown (SIGTERM must exit within 10 s).
 LOGOUT_TIMEOUT_SECONDS = 3.0
 
@@ -180,7 +185,11 @@ class MailboxWorker(threading.Thread):
             self._set_state(State.CONNECTING)
             session = self._connect()
             self.first_attempt_done.set()
-            self._serve(session)
+            if self._serve(session) == RECONNECT:
+                self.log.info("token_expiring_reconnect")
+                self._session = None
+                session.logout()
+                return
         except AuthError as exc:
             self.metrics.auth_failures.labels(mailbox=self.mailbox.address).inc()
             self._set_state(State.NEEDS_REAUTH, error=str(exc))
@@ -193,7 +202,9 @@ class MailboxWorker(threading.Thread):
         except ConnectionLostError as exc:
             self.metrics.connection_errors.labels(mailbox=self.mailbox.address, kind=exc.kind).inc()
             error = str(exc)
-            delay = self._backoff_delay(exc.retry_after)
+            # Exchange ends sessions whose token expired; a new login gets a fresh one at once.
+            expired = "AccessTokenExpired" in error
+            delay = 0.0 if expired else self._backoff_delay(exc.retry_after)
             self.log.warning(
                 "connection_lost", kind=exc.kind, error=str(exc), retry_in=round(delay, 2)
             )
@@ -256,7 +267,8 @@ class MailboxWorker(threading.Thread):
         self.log.info("connected", idle=session.has("IDLE"), move=session.has("MOVE"))
         return session
 
-    def _serve(self, session: ImapSession) -> None:
+    def _serve(self, session: ImapSession) -> str | None:
+        """Pass, IDLE, pass… until stop() or the token needs a new login (returns RECONNECT)."""
         trigger: str | None = "startup"
         use_idle = session.has("IDLE")
         while self._running:
@@ -267,12 +279,23 @@ class MailboxWorker(threading.Thread):
             depth = session.select_queue()
             self._update_queue_gauges(session)
             if self._stop_requested():
-                return
+                return None
             if filed and depth and trigger is not None and self._files_on(trigger):
                 trigger = "idle"  # progress was made and more is waiting: go again
                 continue
             self._set_state(State.IDLE)
             trigger = self._wait(session) if use_idle else self._poll_wait(session)
+            if trigger == RECONNECT:
+                return RECONNECT
+        return None
+
+    def _token_deadline(self) -> float:
+        """Monotonic time at which to reconnect for a fresh token (inf for passwords)."""
+        expiry = self.authenticator.token_expiry()
+        if expiry is None:
+            return float("inf")
+        left = expiry.timestamp() - time.time() - TOKEN_RECONNECT_AHEAD_SECONDS
+        return time.monotonic() + max(left, 0.0)
 
     def _files_on(self, trigger: str) -> bool:
         """Manual mailboxes file only on Start Sync; auto ones on anything."""
@@ -313,13 +336,17 @@ class MailboxWorker(threading.Thread):
         pending = self._take_pending()
         if pending is not None:
             return pending
+        token_deadline = self._token_deadline()
+        if token_deadline <= time.monotonic():
+            return RECONNECT
         session.idle_begin()
-        deadline = time.monotonic() + self.daemon_settings.idle_renew_seconds
+        # RFC 2177: re-issue IDLE before the server's 30-minute limit.
+        deadline = min(time.monotonic() + self.daemon_settings.idle_renew_seconds, token_deadline)
         trigger: str | None = None
         while self._running and trigger is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                break  # RFC 2177: re-issue IDLE before the server's 30-minute limit
+                break
             update = session.idle_wait(remaining, self._wake_r)
             if update.woken:
                 self._drain_wake()
@@ -331,6 +358,8 @@ class MailboxWorker(threading.Thread):
         # (a server that does not answer DONE within the timeout is dead).
         if session.idle_end().new_mail and trigger is None:
             trigger = "idle"
+        if trigger is None and time.monotonic() >= token_deadline:
+            return RECONNECT
         if trigger is None and self._running:
             # Renewal: NOOP proves the connection still answers before IDLE again.
             session.noop()
@@ -339,10 +368,16 @@ class MailboxWorker(threading.Thread):
     def _poll_wait(self, session: ImapSession) -> str | None:
         """For servers without IDLE: wait poll_seconds (or a request), then a poll pass."""
         self._sleep.clear()
-        if self._take_pending() is None:
-            self._sleep.wait(self.daemon_settings.poll_seconds)
-        self._drain_wake()
-        return self._take_pending() or "poll"
+        token_deadline = self._token_deadline()
+        pending = self._take_pending()
+        if pending is None:
+            wait = min(self.daemon_settings.poll_seconds, token_deadline - time.monotonic())
+            self._sleep.wait(max(0.0, wait))
+            self._drain_wake()
+            pending = self._take_pending()
+        if pending is None and time.monotonic() >= token_deadline:
+            return RECONNECT
+        return pending or "poll"
 
     # -- metrics and status ---------------------------------------------------------------------
 

@@ -1,0 +1,248 @@
+"""Office 365 mailboxes in the running daemon: device-code sign-in from the CLI, filing over
+XOAUTH2, needs_reauth when the refresh token is revoked, recovery by ``auth login`` without a
+restart, and Stop Email Sync forgetting the tokens. Real MSAL, identity provider and Dovecot."""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import subprocess
+import sys
+import time
+from email.message import EmailMessage
+from email.utils import make_msgid
+from pathlib import Path
+
+import pytest
+
+from emailsync.devserver import Dovecot
+
+from .daemonproc import RunningDaemon, new_port, wait_until
+from .idp import IdentityProvider
+from .oauth_fixtures import *  # noqa: F403 -- pytest finds these fixtures by their names
+from .oauth_fixtures import OAuthClients
+
+pytestmark = pytest.mark.dovecot
+
+ROOT = "Rezi-Imported"
+CODE_RE = re.compile(r"enter the code (\S+)")
+
+
+def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "emailsync.cli", "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def device_login(config: Path, address: str, idp: IdentityProvider) -> str:
+    """``emailsync auth login`` as a person would run it: read the code, approve it."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "emailsync.cli", "--config", str(config), "auth", "login", address],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert process.stdout is not None
+    shown = []
+    for line in process.stdout:
+        shown.append(line)
+        match = CODE_RE.search(line)
+        if match:
+            idp.approve(match.group(1), address)
+            break
+    rest, _ = process.communicate(timeout=60)
+    output = "".join(shown) + rest
+    assert process.returncode == 0, output
+    return output
+
+
+def write_o365_config(  # noqa: PLR0917 -- one test helper, each argument a fixture value
+    tmp_path: Path,
+    server: Dovecot,
+    idp: IdentityProvider,
+    clients: OAuthClients,
+    ca: Path,
+    address: str,
+    port: int,
+    token_file: Path,
+) -> Path:
+    config = tmp_path / "emailsync.toml"
+    config.write_text(
+        f"""[daemon]
+state_dir = "{tmp_path / "state"}"
+listen = "127.0.0.1:{port}"
+control_token_file = "{token_file}"
+timeout_seconds = 10
+sweep_seconds = 3600
+max_backoff_seconds = 1
+reauth_retry_seconds = 3600
+log_format = "json"
+
+[branches.local]
+host = "{server.host}"
+port = {server.port}
+security = "none"
+allow_insecure = true
+
+[office365]
+tenant_id = "{idp.tenant_id}"
+client_id = "{clients.delegated_client_id}"
+authority = "{idp.authority}"
+ca_file = "{ca}"
+
+[[mailboxes]]
+address = "{address}"
+auth = "office365"
+branch = "local"
+"""
+    )
+    return config
+
+
+def deliver(server: Dovecot, address: str, subject: str) -> None:
+    """Put a message into the mailbox's Queue the way a mail client would (doveadm save)."""
+    msg = EmailMessage()
+    msg["From"] = "john@clients.example"
+    msg["To"] = address
+    msg["Subject"] = subject
+    msg["Message-ID"] = make_msgid(domain="test.example")
+    msg.set_content("Hello.")
+    subprocess.run(
+        ["doveadm", "-c", str(server.config_path), "save", "-u", address, "-m", f"{ROOT}.Queue"],
+        input=msg.as_bytes(),
+        check=True,
+        timeout=30,
+    )
+
+
+def count(server: Dovecot, address: str, folder: str) -> int:
+    out = server.doveadm(
+        "mailbox", "status", "-u", address, "messages", f"{ROOT}.{folder}", check=False
+    )
+    match = re.search(r"messages=(\d+)", out.stdout)
+    return int(match.group(1)) if match else -1
+
+
+@pytest.fixture
+def o365(
+    tmp_path: Path,
+    idp: IdentityProvider,
+    oauth_clients: OAuthClients,
+    oauth2_dovecot: Dovecot,
+    oauth_ca_file: Path,
+) -> tuple[Path, str, int, str]:
+    address = f"o365-{secrets.token_hex(4)}@example.com"
+    port = new_port()
+    token = secrets.token_urlsafe(16)
+    token_file = tmp_path / "control-token"
+    token_file.write_text(token + "\n")
+    config = write_o365_config(
+        tmp_path, oauth2_dovecot, idp, oauth_clients, oauth_ca_file, address, port, token_file
+    )
+    result = cli(config, "groups", "add", "Smith", "john@clients.example")
+    assert result.returncode == 0, result.stderr
+    return config, address, port, token
+
+
+def test_device_code_sign_in_then_the_daemon_files_mail_over_xoauth2(
+    o365: tuple[Path, str, int, str], idp: IdentityProvider, oauth2_dovecot: Dovecot, tmp_path: Path
+) -> None:
+    config, address, port, token = o365
+    output = device_login(config, address, idp)
+    assert f"signed in as {address}" in output
+    result = cli(config, "setup", address)
+    assert result.returncode == 0, result.stderr
+    deliver(oauth2_dovecot, address, "over xoauth2")
+    daemon = RunningDaemon(config, port, token, tmp_path)
+    try:
+        daemon.wait_ready()
+        wait_until(lambda: count(oauth2_dovecot, address, "Received") == 1)
+        expiry = daemon.metric("emailsync_token_expiry_timestamp_seconds", mailbox=address)
+        assert expiry is not None
+        assert expiry > time.time()
+        status = cli(config, "auth", "status", "--json")
+        assert status.returncode == 0, status.stderr
+        shown = json.loads(status.stdout)
+        assert shown["signed_in"] is True
+        assert shown["account"] == address
+        for secret in idp.issued_secrets():
+            assert secret not in status.stdout
+            assert secret not in daemon.log()
+    finally:
+        daemon.stop()
+
+
+def test_revoked_consent_needs_reauth_and_auth_login_restores_sync_without_restart(
+    o365: tuple[Path, str, int, str], idp: IdentityProvider, oauth2_dovecot: Dovecot, tmp_path: Path
+) -> None:
+    config, address, port, token = o365
+    device_login(config, address, idp)
+    assert cli(config, "setup", address).returncode == 0
+    daemon = RunningDaemon(config, port, token, tmp_path)
+    try:
+        daemon.wait_ready()
+        wait_until(
+            lambda: daemon.metric("emailsync_mailbox_state", mailbox=address, state="idle") == 1
+        )
+        pid = daemon.process.pid
+        idp.revoke_refresh_tokens(address)  # the password changed / consent revoked
+        idp.expire_access_tokens()
+        oauth2_dovecot.kick(address)
+        wait_until(
+            lambda: (
+                daemon.metric("emailsync_mailbox_state", mailbox=address, state="needs_reauth") == 1
+            ),
+            timeout=20,
+        )
+        assert daemon.metric("emailsync_auth_failures_total", mailbox=address) >= 1
+        output = device_login(config, address, idp)
+        assert "will retry now" in output
+        wait_until(
+            lambda: daemon.metric("emailsync_mailbox_state", mailbox=address, state="idle") == 1
+        )
+        deliver(oauth2_dovecot, address, "after re-auth")
+        wait_until(lambda: count(oauth2_dovecot, address, "Received") == 1)
+        assert daemon.process.pid == pid
+        assert daemon.process.poll() is None
+    finally:
+        daemon.stop()
+
+
+def test_stop_email_sync_forgets_tokens_and_login_plus_setup_bring_it_back(
+    o365: tuple[Path, str, int, str], idp: IdentityProvider, oauth2_dovecot: Dovecot, tmp_path: Path
+) -> None:
+    config, address, port, token = o365
+    device_login(config, address, idp)
+    assert cli(config, "setup", address).returncode == 0
+    cache = tmp_path / "state" / "tokens" / f"{address}.json"
+    assert cache.exists()
+    daemon = RunningDaemon(config, port, token, tmp_path)
+    try:
+        daemon.wait_ready()
+        wait_until(
+            lambda: daemon.metric("emailsync_mailbox_state", mailbox=address, state="idle") == 1
+        )
+        result = cli(config, "stop", address)
+        assert result.returncode == 0, result.stderr
+        wait_until(
+            lambda: daemon.metric("emailsync_mailbox_state", mailbox=address, state="stopped") == 1
+        )
+        assert not cache.exists()
+        status = json.loads(cli(config, "auth", "status", "--json").stdout)
+        assert status["signed_in"] is False
+        device_login(config, address, idp)
+        result = cli(config, "setup", address)
+        assert result.returncode == 0, result.stderr
+        assert "sync started again" in result.stdout
+        wait_until(
+            lambda: daemon.metric("emailsync_mailbox_state", mailbox=address, state="idle") == 1
+        )
+        deliver(oauth2_dovecot, address, "after setup")
+        wait_until(lambda: count(oauth2_dovecot, address, "Received") == 1)
+    finally:
+        daemon.stop()
