@@ -86,13 +86,17 @@ class JournalRenderer:
             if k not in ("level", "timestamp")
         }
         summary = " ".join(f"{k}={v}" for k, v in event.items() if k not in ("level", "timestamp"))
-        self._send(
-            f"{name} {summary}".strip(),
-            PRIORITY=str(JOURNAL_PRIORITY.get(method, 6)),
-            EVENT=name,
-            SYSLOG_IDENTIFIER="emailsync",
-            **fields,
-        )
+        try:
+            self._send(
+                f"{name} {summary}".strip(),
+                PRIORITY=str(JOURNAL_PRIORITY.get(method, 6)),
+                EVENT=name,
+                SYSLOG_IDENTIFIER="emailsync",
+                **fields,
+            )
+        except OSError:
+            # The journal went away: a log line is never worth a worker's life.
+            sys.stderr.write(f"{name} {summary}\n")
         raise structlog.DropEvent
 
 
