@@ -13,6 +13,18 @@ from emailsync.devserver import Dovecot, DovecotOptions
 from .daemonproc import DaemonFactory
 from .mailenv import MailUser, new_user, settings_for, write_config
 
+# The Office 365 fixtures (identity provider, OAuth2 Dovecot) live in their own module and are
+# made visible here once, so session-scoped ones really are one per session.
+from .oauth_fixtures import (  # noqa: F401 -- pytest finds fixtures by name in conftest
+    identity_provider_server,
+    idp,
+    oauth2_dovecot,
+    oauth_ca,
+    oauth_ca_file,
+    oauth_clients,
+    office365_settings,
+)
+
 
 def _start(options: DovecotOptions) -> Iterator[Dovecot]:
     if os.geteuid() != 0:

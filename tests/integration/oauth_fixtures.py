@@ -18,7 +18,7 @@ from emailsync.devserver import Dovecot, DovecotOptions
 
 from .idp import IdentityProvider, write_ca_file
 
-# The fixtures, for ``from .oauth_fixtures import *`` in a conftest or test module.
+# The fixtures; conftest.py imports them so that pytest sees each exactly once.
 __all__ = [
     "identity_provider_server",
     "idp",

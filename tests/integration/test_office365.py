@@ -37,7 +37,6 @@ from emailsync.imap.auth import (
 
 from .conftest import MailUser, new_user, settings_for
 from .idp import DEVICE_GRANT, IdentityProvider
-from .oauth_fixtures import *  # noqa: F403 -- pytest finds these fixtures by their names
 from .oauth_fixtures import OAuthClients, shared_temp_dir
 
 pytestmark = pytest.mark.dovecot

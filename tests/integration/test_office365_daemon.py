@@ -20,7 +20,6 @@ from emailsync.devserver import Dovecot
 
 from .daemonproc import RunningDaemon, new_port, wait_until
 from .idp import IdentityProvider
-from .oauth_fixtures import *  # noqa: F403 -- pytest finds these fixtures by their names
 from .oauth_fixtures import OAuthClients
 
 pytestmark = pytest.mark.dovecot

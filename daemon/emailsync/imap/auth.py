@@ -20,8 +20,6 @@ import imaplib
 import json
 import logging
 import os
-import re
-import ssl
 import tempfile
 import threading
 import time
@@ -46,6 +44,7 @@ from emailsync.errors import (
     IdentityProviderUnavailableError,
     MailboxError,
 )
+from emailsync.imap.translate import is_transient, server_text, translated
 
 log = structlog.get_logger(__name__)
 
@@ -65,11 +64,8 @@ TOKEN_FILE_MODE = 0o600
 DEVICE_CODE_TIMEOUT_SECONDS = 15 * 60
 ERROR_TEXT_CHARS = 300
 # RFC 5530 response codes that mean "try again later", not "your credentials are wrong".
-TRANSIENT_RESPONSE_CODES = frozenset({"UNAVAILABLE", "SERVERBUG", "INUSE", "LIMIT"})
 # RFC 6749 §5.2 / Entra ID token-endpoint errors that say nothing about the credentials.
 TRANSIENT_OAUTH_ERRORS = frozenset({"temporarily_unavailable", "server_error"})
-
-_RESPONSE_CODE_RE = re.compile(r"\[([A-Z][A-Z0-9-]*)")
 
 
 class _DropTokenEvents(logging.Filter):
@@ -124,7 +120,7 @@ class PasswordAuthenticator:
         except ConfigError as exc:
             # The message names the source only; a missing secret needs a person, not retries.
             raise AuthError(f"{address}: {exc}") from exc
-        with _translated_connection_errors(address):
+        with translated(f"{address}: login"):
             if client.has_capability("LOGINDISABLED"):
                 raise AuthError(
                     f"{address}: the server refuses LOGIN on this connection (LOGINDISABLED); "
@@ -206,7 +202,7 @@ class Office365Authenticator:
         cached one may have been revoked at the server since it was issued.
         """
         address = self._mailbox.address
-        with _translated_connection_errors(address):
+        with translated(f"{address}: login"):
             if not client.has_capability("AUTH=XOAUTH2"):
                 raise AuthError(f"{address}: the server does not offer AUTH=XOAUTH2")
         token = self.access_token()
@@ -471,7 +467,7 @@ class Office365Authenticator:
         """AUTHENTICATE XOAUTH2; None on success, the server's refusal text on NO."""
         address = self._mailbox.address
         mechanism = _XOAuth2(self._mailbox.username, token)
-        with _translated_connection_errors(address):
+        with translated(f"{address}: login"):
             try:
                 client.sasl_login("XOAUTH2", mechanism)
             except LoginError as exc:
@@ -675,59 +671,22 @@ def write_private_file(path: Path, text: str) -> None:
         os.close(dir_fd)
 
 
-@contextlib.contextmanager
-def _translated_connection_errors(address: str) -> Iterator[None]:
-    """Socket, TLS and abort errors during login become ConnectionLostError."""
-    try:
-        yield
-    except MailboxError:
-        raise
-    except imaplib.IMAP4.abort as exc:
-        raise ConnectionLostError(
-            f"{address}: connection lost during login: {exc}", kind="bye"
-        ) from exc
-    except imaplib.IMAP4.error as exc:
-        raise ConnectionLostError(
-            f"{address}: unexpected answer during login: {exc}", kind="protocol"
-        ) from exc
-    except TimeoutError as exc:
-        raise ConnectionLostError(f"{address}: login timed out", kind="timeout") from exc
-    except ssl.SSLError as exc:
-        raise ConnectionLostError(f"{address}: TLS failed during login: {exc}", kind="tls") from exc
-    except OSError as exc:
-        raise ConnectionLostError(
-            f"{address}: connection lost during login: {exc.strerror or exc}", kind="bye"
-        ) from exc
-
-
 def _login_failure(
     exc: LoginError, address: str, action: str, secrets: tuple[str, ...]
 ) -> MailboxError:
     """Sort a failed LOGIN/AUTHENTICATE: refused (AuthError) or transient (ConnectionLostError)."""
-    text = _redact(_server_text(exc), secrets)
+    text = _redact(_short(server_text(exc)), secrets)
     # imapclient wraps every imaplib error in LoginError, a dropped connection included.
     if isinstance(exc.__context__, imaplib.IMAP4.abort):
         return ConnectionLostError(
             f"{address}: connection lost during {action}: {text}", kind="bye"
         )
-    match = _RESPONSE_CODE_RE.search(text)
-    if match and match.group(1) in TRANSIENT_RESPONSE_CODES:
+    if is_transient(text):
         # RFC 5530 §3: [UNAVAILABLE] and friends are the server's problem, not ours.
         return ConnectionLostError(
             f"{address}: {action}: server unavailable: {text}", kind="protocol"
         )
     return AuthError(f"{address}: {action} refused: {text}")
-
-
-def _server_text(exc: BaseException) -> str:
-    parts = []
-    for arg in exc.args:
-        text = arg.decode("utf-8", "replace") if isinstance(arg, bytes) else str(arg)
-        # imaplib passes LOGIN's NO text as bytes, which LoginError turned into "b'...'".
-        if len(text) >= 3 and text[:2] in ("b'", 'b"') and text[-1] == text[1]:
-            text = text[2:-1]
-        parts.append(text)
-    return _short(" ".join(parts))
 
 
 def _redact(text: str, secrets: tuple[str, ...]) -> str:

@@ -7,11 +7,10 @@ exceptions of ``emailsync.errors``, grouped by what they do about them.
 from __future__ import annotations
 
 import contextlib
-import re
 import select
 import socket
 import ssl
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -20,22 +19,17 @@ import imapclient
 import structlog
 from imapclient.datetime_util import parse_to_datetime
 from imapclient.exceptions import (
-    CapabilityError,
-    IMAPClientAbortError,
     IMAPClientError,
-    LoginError,
 )
 from imapclient.imapclient import SocketTimeout
 
 from emailsync.config import FolderSettings, MailboxSettings
 from emailsync.errors import (
-    AuthError,
     ConnectionLostError,
-    FolderMissingError,
-    MailboxError,
     UidValidityChangedError,
 )
 from emailsync.imap.folders import FolderTree
+from emailsync.imap.translate import backoff_hint, server_text, translated
 from emailsync.model import FetchedMessage, FolderRole
 
 if TYPE_CHECKING:
@@ -49,10 +43,6 @@ FILING_KEYWORD = "$EmailSyncFiling"
 # Cap on bytes fetched in one FETCH of whole messages, so one batch of large attachments
 # cannot hold a socket read for minutes.
 FULL_FETCH_BYTES = 16 * 1024 * 1024
-# Exchange: "Request is throttled. Suggested Backoff Time: 299961 milliseconds".
-_BACKOFF_RE = re.compile(r"Suggested Backoff Time:\s*(\d+)\s*milliseconds", re.IGNORECASE)
-# RFC 5530 response codes that mean "try again later", not "your credentials are wrong".
-TRANSIENT_CODES = ("[UNAVAILABLE]", "[SERVERBUG]", "[INUSE]", "[LIMIT]")
 
 
 @dataclass
@@ -61,55 +51,6 @@ class IdleUpdate:
 
     new_mail: bool = False
     woken: bool = False
-
-
-@contextlib.contextmanager
-def translated(action: str) -> Iterator[None]:
-    """Turn imapclient, socket and TLS exceptions into ``emailsync.errors`` ones."""
-    try:
-        yield
-    except MailboxError:
-        raise
-    except LoginError as exc:
-        text = _text(exc)
-        if any(code in text for code in TRANSIENT_CODES):
-            raise ConnectionLostError(f"{action}: server unavailable: {text}") from exc
-        raise AuthError(f"{action}: login refused by the server: {text}") from exc
-    except IMAPClientAbortError as exc:
-        text = _text(exc)
-        kind = "bye" if "BYE" in text.upper() or "EOF" in text.upper() else "protocol"
-        raise ConnectionLostError(
-            f"{action}: {text}", kind=kind, retry_after=_backoff(text)
-        ) from exc
-    except CapabilityError as exc:
-        raise ConnectionLostError(f"{action}: {_text(exc)}", kind="protocol") from exc
-    except IMAPClientError as exc:
-        text = _text(exc)
-        if "[TRYCREATE]" in text or "[NONEXISTENT]" in text:
-            raise FolderMissingError(f"{action}: {text}") from exc
-        raise ConnectionLostError(
-            f"{action}: {text}", kind="protocol", retry_after=_backoff(text)
-        ) from exc
-    except TimeoutError as exc:
-        raise ConnectionLostError(f"{action}: timed out", kind="timeout") from exc
-    except ssl.SSLError as exc:
-        # Includes certificate verification failures: never retried without verification.
-        raise ConnectionLostError(f"{action}: TLS failed: {exc}", kind="tls") from exc
-    except ConnectionRefusedError as exc:
-        raise ConnectionLostError(f"{action}: connection refused", kind="refused") from exc
-    except OSError as exc:
-        raise ConnectionLostError(f"{action}: {exc.strerror or exc}", kind="bye") from exc
-
-
-def _text(exc: BaseException) -> str:
-    return " ".join(
-        str(a.decode("utf-8", "replace") if isinstance(a, bytes) else a) for a in exc.args
-    )
-
-
-def _backoff(text: str) -> float | None:
-    match = _BACKOFF_RE.search(text)
-    return int(match.group(1)) / 1000 if match else None
 
 
 def _enable_keepalive(sock: socket.socket) -> None:
@@ -229,8 +170,8 @@ class ImapSession:
                     except IMAPClientError as exc:
                         # Another connection may have created it a moment ago.
                         if (
-                            "ALREADYEXISTS" not in _text(exc).upper()
-                            and "EXISTS" not in _text(exc).upper()
+                            "ALREADYEXISTS" not in server_text(exc).upper()
+                            and "EXISTS" not in server_text(exc).upper()
                         ):
                             raise
                 if name not in subscribed:
@@ -285,10 +226,11 @@ class ImapSession:
     def _fetch(self, uids: Sequence[int], item: bytes, key: bytes) -> list[FetchedMessage]:
         if not uids:
             return []
+        items = [item, b"INTERNALDATE", b"RFC822.SIZE", b"FLAGS"]
         with translated("fetch"):
-            response = self.client.fetch(
-                list(uids), [item, b"INTERNALDATE", b"RFC822.SIZE", b"FLAGS"]
-            )
+            if self.has("SAVEDATE"):
+                items.append(b"SAVEDATE")  # RFC 8514: when it landed in Queue, for latency
+            response = self.client.fetch(list(uids), items)
         messages = []
         for uid, data in sorted(response.items()):
             if key not in data:
@@ -441,7 +383,7 @@ class ImapSession:
                 raise ConnectionLostError(
                     f"server said BYE: {_str(second)}",
                     kind="bye",
-                    retry_after=_backoff(_str(second)),
+                    retry_after=backoff_hint(_str(second)),
                 )
             if second == b"EXISTS" and isinstance(first, int):
                 update.new_mail = update.new_mail or first > self.exists

@@ -1,0 +1,65 @@
+"""Reading server answers: response codes (RFC 5530), throttling hints, error grouping."""
+
+from __future__ import annotations
+
+import ssl
+
+import pytest
+from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginError
+
+from emailsync.errors import AuthError, ConnectionLostError, FolderMissingError, MailboxError
+from emailsync.imap.translate import backoff_hint, is_transient, response_code, translated
+
+
+def test_response_code_is_read_from_the_server_text() -> None:
+    assert response_code("[UNAVAILABLE] Temporary authentication failure.") == "UNAVAILABLE"
+    assert response_code("Logged in") is None
+
+
+@pytest.mark.parametrize("code", ["UNAVAILABLE", "SERVERBUG", "INUSE", "LIMIT"])
+def test_try_again_codes_are_transient(code: str) -> None:
+    assert is_transient(f"[{code}] later")
+
+
+def test_authenticationfailed_is_not_transient() -> None:
+    assert not is_transient("[AUTHENTICATIONFAILED] Authentication failed.")
+
+
+def test_exchange_throttling_hint_is_read_in_seconds() -> None:
+    text = "Request is throttled. Suggested Backoff Time: 299961 milliseconds"
+    assert backoff_hint(text) == pytest.approx(299.961)
+    assert backoff_hint("BYE bye") is None
+
+
+def raised(exc: BaseException) -> BaseException:
+    with pytest.raises(MailboxError) as info, translated("test"):
+        raise exc
+    return info.value
+
+
+def test_refused_login_needs_reauth_and_unavailable_login_is_transient() -> None:
+    assert isinstance(raised(LoginError("[AUTHENTICATIONFAILED] no")), AuthError)
+    assert isinstance(raised(LoginError("[UNAVAILABLE] later")), ConnectionLostError)
+
+
+def test_trycreate_means_the_folder_is_missing() -> None:
+    err = raised(IMAPClientError("[TRYCREATE] Mailbox doesn't exist: Rezi-Imported.Sent"))
+    assert isinstance(err, FolderMissingError)
+
+
+@pytest.mark.parametrize(
+    ("exc", "kind"),
+    [
+        (IMAPClientAbortError("socket error: EOF"), "bye"),
+        (TimeoutError(), "timeout"),
+        (ssl.SSLCertVerificationError("certificate verify failed"), "tls"),
+        (ConnectionRefusedError(111, "refused"), "refused"),
+        (ConnectionResetError(104, "reset"), "bye"),
+        (IMAPClientError("BAD Error in IMAP command"), "protocol"),
+    ],
+)
+def test_connection_trouble_is_grouped_by_kind(exc: BaseException, kind: str) -> None:
+    err = raised(exc)
+    assert isinstance(err, ConnectionLostError)
+    assert err.kind == kind
+    assert err.__cause__ is exc
