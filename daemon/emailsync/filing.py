@@ -17,6 +17,7 @@ import structlog
 
 from emailsync.classify import classify
 from emailsync.config import MailboxSettings
+from emailsync.errors import ConnectionLostError, StoreError, StoreUnavailableError
 from emailsync.message import parse_headers, parse_message
 from emailsync.model import (
     OUTCOME_FOLDER,
@@ -188,11 +189,10 @@ class Filer:
                 for d in decisions
                 if (filled := self._with_body(d, full.get(d.uid))) is not None
             ]
-        events = [event for d in decisions for event in self._events(d)]
         new_events = 0
         if not dry_run:
-            new_events = self.store.record_events(events) if events else 0
-            self._move(session, decisions)
+            recorded, new_events = self._record(decisions)
+            decisions = self._move(session, recorded)
             for uid in uids:
                 self.first_seen.pop(uid, None)
             if self.on_filed is not None:
@@ -237,12 +237,69 @@ class Filer:
             for group in decision.groups
         ]
 
-    def _move(self, session: QueueSession, decisions: Sequence[Decision]) -> None:
-        by_outcome: dict[Outcome, list[int]] = {}
+    def _record(self, decisions: Sequence[Decision]) -> tuple[list[Decision], int]:
+        """Record the batch's events in one transaction; returns what may move, and new events.
+
+        When the store refuses the batch (not merely unavailable), each message is recorded on
+        its own, so that one bad event cannot hold up the queue; a message whose events cannot
+        be recorded stays in Queue (logged) and the others go on.
+        """
+        events = [event for d in decisions for event in self._events(d)]
+        if not events:
+            return list(decisions), 0
+        try:
+            return list(decisions), self.store.record_events(events)
+        except StoreUnavailableError:
+            raise
+        except StoreError as exc:
+            self.log.warning("batch_not_recorded", error=str(exc), messages=len(decisions))
+        kept: list[Decision] = []
+        new_events = 0
         for decision in decisions:
-            by_outcome.setdefault(decision.outcome, []).append(decision.uid)
-        for outcome, uids in by_outcome.items():
-            session.file(uids, OUTCOME_FOLDER[outcome], OUTCOME_KEYWORD.get(outcome))
+            own = self._events(decision)
+            try:
+                new_events += self.store.record_events(own) if own else 0
+            except StoreUnavailableError:
+                raise
+            except StoreError as exc:
+                self.log.error("event_not_recorded", uid=decision.uid, error=str(exc))  # noqa: TRY400 -- expected, no traceback
+                continue
+            kept.append(decision)
+        return kept, new_events
+
+    def _move(self, session: QueueSession, decisions: Sequence[Decision]) -> list[Decision]:
+        """Move by destination in batches; returns the decisions whose message moved.
+
+        A batch the server refuses (NO/BAD on a live connection) is retried one message at a
+        time, so one message the server will not move cannot hold up the others.
+        """
+        by_outcome: dict[Outcome, list[Decision]] = {}
+        for decision in decisions:
+            by_outcome.setdefault(decision.outcome, []).append(decision)
+        moved: list[Decision] = []
+        for outcome, group in by_outcome.items():
+            folder, keyword = OUTCOME_FOLDER[outcome], OUTCOME_KEYWORD.get(outcome)
+            try:
+                session.file([d.uid for d in group], folder, keyword)
+                moved.extend(group)
+                continue
+            except ConnectionLostError as exc:
+                if exc.kind != "protocol":
+                    raise
+                self.log.warning("batch_not_moved", error=str(exc), messages=len(group))
+            for decision in group:
+                try:
+                    session.file([decision.uid], folder, keyword)
+                except ConnectionLostError as exc:
+                    if exc.kind != "protocol":
+                        raise
+                    self.log.error("message_not_moved", uid=decision.uid, error=str(exc))  # noqa: TRY400 -- expected, no traceback
+                    continue
+                moved.append(decision)
+        self._log_filed(moved)
+        return moved
+
+    def _log_filed(self, decisions: Sequence[Decision]) -> None:
         for decision in decisions:
             self.log.info(
                 "message_filed",

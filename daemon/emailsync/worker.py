@@ -210,6 +210,8 @@ class MailboxWorker(threading.Thread):
             )
         except (FolderMissingError, UidValidityChangedError) as exc:
             # Reconnecting re-creates the tree and re-selects Queue; a short pause stops a loop.
+            # UIDs seen before mean nothing under a new UIDVALIDITY (RFC 3501 §2.3.1.1).
+            self.filer.first_seen.clear()
             error = str(exc)
             delay = self._backoff_delay(None)
             self.log.warning("folder_changed", error=str(exc), retry_in=round(delay, 2))

@@ -422,3 +422,49 @@ def test_folder_role_names_follow_the_config(user: MailUser, tmp_path: Path) -> 
     with opened(settings, user.address) as session:
         assert session.tree is not None
         assert session.tree.name(FolderRole.FAILED) == f"{ROOT}.Failed"
+
+
+class GroupRemovedMidPass(SqliteStore):
+    """The real store, with an admin deleting a group just before the pass records events."""
+
+    def __init__(self, path: Path, doomed: str) -> None:
+        super().__init__(path)
+        self.doomed = doomed
+
+    def record_events(self, events):  # type: ignore[no-untyped-def]
+        with sqlite3.connect(self.path) as admin:
+            admin.execute("PRAGMA foreign_keys = ON")
+            admin.execute(
+                "DELETE FROM group_addresses WHERE group_id IN "
+                "(SELECT id FROM groups WHERE name = ?)",
+                (self.doomed,),
+            )
+            admin.execute("DELETE FROM groups WHERE name = ?", (self.doomed,))
+        return super().record_events(events)
+
+
+def test_one_message_whose_events_cannot_be_recorded_does_not_hold_up_the_others(
+    user: MailUser, tmp_path: Path
+) -> None:
+    settings = settings_for(tmp_path, [user])
+    setup = open_store(settings.store_url, settings.daemon.state_dir)
+    setup.add_group("Smith", ["john@clients.example"])
+    setup.add_group("Gone", ["gone@clients.example"])
+    setup.close()
+    store = GroupRemovedMidPass(settings.daemon.state_dir / "emailsync.db", doomed="Gone")
+    with opened(settings, user.address):
+        pass
+    queue(
+        user,
+        build_message("john@clients.example", user.address, "fine"),
+        build_message("gone@clients.example", user.address, "group vanished"),
+        build_message("stranger@else.example", user.address, "no group"),
+    )
+    with opened(settings, user.address) as session:
+        result = Filer(settings.mailbox(user.address), store).run_pass(session)
+    assert folder_subjects(user, "Received") == {"fine": set()}
+    assert folder_subjects(user, "Failed") == {"no group": {"$EmailSyncNoGroup"}}
+    assert folder_subjects(user, "Queue") == {"group vanished": set()}  # waits, never lost
+    assert sorted(d.message.subject for d in result.decisions) == ["fine", "no group"]
+    assert [e.subject for e in store.list_events()] == ["fine"]
+    store.close()
