@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 import structlog
@@ -36,6 +36,7 @@ from emailsync.store.base import Store
 log = structlog.get_logger(__name__)
 
 FETCH_BATCH = 200  # messages per header FETCH and per store transaction
+SAVEDATE_RESOLUTION = timedelta(seconds=1)  # RFC 8514 SAVEDATE is a date-time to the second
 
 
 class QueueSession(Protocol):
@@ -176,7 +177,9 @@ class Filer:
             parse_headers(f.uid, f.data, internaldate=f.internaldate, size=f.size) for f in headers
         ]
         now = self.clock()
-        queued_at = {f.uid: f.savedate or self.first_seen.setdefault(f.uid, now) for f in headers}
+        queued_at = {
+            f.uid: landed_at(f.savedate, self.first_seen.setdefault(f.uid, now)) for f in headers
+        }
         decisions = [replace(d, queued_at=queued_at.get(d.uid)) for d in self.decide(parsed)]
         # Only linked messages need their bodies: a no-group message with a 20 MB attachment
         # goes to Failed without being downloaded.
@@ -308,6 +311,21 @@ class Filer:
                 groups=list(decision.groups),
                 reason=decision.message.problem,
             )
+
+
+def landed_at(savedate: datetime | None, first_seen: datetime) -> datetime:
+    """Best estimate of when a message landed in Queue, for the filing-latency histogram.
+
+    SAVEDATE (RFC 8514) has whole-second resolution, so the moment lies in
+    [savedate, savedate + 1 s), and not after we first saw it: take the middle of what is left.
+    Without SAVEDATE, the first time a pass saw it (which misses the server's notice delay).
+    """
+    if savedate is None:
+        return first_seen
+    latest = min(savedate + SAVEDATE_RESOLUTION, first_seen)
+    if latest < savedate:
+        return first_seen  # clocks disagree: trust our own
+    return savedate + (latest - savedate) / 2
 
 
 def _groups_by_address(groups: Iterable[Group]) -> dict[str, list[str]]:

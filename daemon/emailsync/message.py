@@ -202,12 +202,16 @@ def _parse_safely(
     *,
     headers_only: bool,
 ) -> QueuedMessage:
-    """Try the strict policy, then compat32; turn a crash of both into an unusable message."""
+    """Try compat32, then the strict policy; turn a crash of both into an unusable message.
+
+    compat32 first: header fields are read raw and decoded here anyway, and the strict
+    policy's header objects made parsing twice as slow (bench/: 1.7 → 0.8 ms a message).
+    """
     total = len(raw) if size is None else size
     if not raw.strip():
         return _unusable(uid, raw, "empty message", internaldate, total)
     failure = "parser error"
-    for policy in (_DEFAULT, _COMPAT32):
+    for policy in (_COMPAT32, _DEFAULT):
         try:
             return _parse(uid, raw, policy, internaldate, total, headers_only=headers_only)
         # Why so broad: this is the boundary where untrusted bytes meet the stdlib parser,
@@ -394,9 +398,12 @@ def _address_candidates(value: str) -> list[str]:
     valid address is dropped later by ``normalise_address``.
     """
     candidates: list[str] = []
-    with contextlib.suppress(*_MALFORMED_INPUT_ERRORS):
-        header: Any = _DEFAULT.header_factory("to", value)
-        candidates.extend(str(address.addr_spec) for address in header.addresses)
+    # The RFC 5322 parser costs about ten times as much as getaddresses; it is only needed
+    # for group syntax and ";" separators, which always show a ":" or ";".
+    if ":" in value or ";" in value:
+        with contextlib.suppress(*_MALFORMED_INPUT_ERRORS):
+            header: Any = _DEFAULT.header_factory("to", value)
+            candidates.extend(str(address.addr_spec) for address in header.addresses)
     with contextlib.suppress(*_MALFORMED_INPUT_ERRORS):
         candidates.extend(addr for _, addr in email.utils.getaddresses([value]))
     return candidates
