@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from emailsync.config import MailboxSettings, Settings, load_settings
 from emailsync.control import control_token, stopped_marker
-from emailsync.errors import ConfigError
+from emailsync.errors import ConfigError, ControlError
 from emailsync.imap.auth import Authenticator, make_authenticator
 from emailsync.metrics import Metrics
 from emailsync.store.base import Store
@@ -141,7 +141,13 @@ class Supervisor:
         self._install_signals()
         token = control_token(self.settings, create=True)
         daemon = self.settings.daemon
-        self.web = WebServer(daemon.listen_host, daemon.listen_port, self, self.registry, token)
+        try:
+            self.web = WebServer(daemon.listen_host, daemon.listen_port, self, self.registry, token)
+        except OSError as exc:
+            where = f"{daemon.listen_host}:{daemon.listen_port}"
+            raise ControlError(
+                f"cannot listen on {where} (daemon.listen): {exc.strerror}"
+            ) from None
         self.web.start()
         log.info("listening", address=f"{daemon.listen_host}:{self.web.port}")
         with self._lock:

@@ -4,6 +4,7 @@ reconnects, reload, shutdown, control API, metrics and sd_notify."""
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ from emailsync import cli
 from emailsync.devserver import Dovecot
 
 from .conftest import MailUser, new_user, write_config
-from .daemonproc import DaemonFactory, wait_until
+from .daemonproc import DaemonFactory, daemon_config_extra, wait_until
 from .test_filing import build_message, folder_subjects, queue
 
 pytestmark = pytest.mark.dovecot
@@ -292,3 +293,23 @@ def test_refused_login_puts_the_mailbox_in_needs_reauth(
     assert daemon.metric("emailsync_auth_failures_total", mailbox=user.address) == 1  # no hammering
     assert "wrong-password" not in daemon.log()
     assert daemon.get("/readyz", token=None)[0] == 200
+
+
+def test_a_taken_listen_port_exits_69_with_a_clear_message(user: MailUser, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        token_file = tmp_path / "control-token"
+        token_file.write_text("t0ken\n")
+        config = write_config(tmp_path, [user], extra=daemon_config_extra(port, token_file))
+        result = subprocess.run(
+            [sys.executable, "-m", "emailsync.cli", "--config", str(config), "run"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    assert result.returncode == 69
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
