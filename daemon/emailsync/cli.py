@@ -479,8 +479,9 @@ def cmd_auth_status(args: argparse.Namespace, out: TextIO) -> int:
             continue
         age = status["refresh_token_age_seconds"]
         who = f"signed in as {status['account']}" if status["signed_in"] else "NOT signed in"
+        mode = status["mode"] + (f" ({status['credential']})" if status["credential"] else "")
         print(
-            f"{status['address']:32} {status['mode']:9} {who}"
+            f"{status['address']:32} {mode:21} {who}"
             f"  token until {status['access_token_expires'] or '-'}"
             f"  refresh token age {f'{age / 86400:.1f} d' if age is not None else '-'}"
             + (f"  last error: {status['last_error']}" if status["last_error"] else ""),

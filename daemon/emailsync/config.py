@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email.utils
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from typing import Any, TypeVar
 from emailsync.address import normalise_address
 from emailsync.errors import ConfigError
 from emailsync.model import FolderRole
+from emailsync.secret import ClientCertificate, SecretSource, read_client_certificate
 
 DEFAULT_CONFIG_PATH = Path("/etc/emailsync/emailsync.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/emailsync")
@@ -34,74 +36,9 @@ LOG_FORMATS = ("auto", "json", "console", "journal")
 
 T = TypeVar("T")
 
-
-class Secret:
-    """A secret string that never shows itself in repr, str or logs."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        """The secret itself; call only where it is sent to the server that needs it."""
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('***')"
-
-    __str__ = __repr__
-
-
-@dataclass(frozen=True)
-class SecretSource:
-    """Where a secret lives: a file, an environment variable or a systemd credential."""
-
-    file: Path | None = None
-    env: str | None = None
-    credential: str | None = None
-
-    def key(self, prefix: str) -> str:
-        """The config key that names this source, e.g. ``password_file`` for prefix password."""
-        if self.file is not None:
-            return f"{prefix}_file"
-        if self.env is not None:
-            return f"{prefix}_env"
-        return f"{prefix}_credential"
-
-    def describe(self) -> str:
-        """Where the secret is read from, for error messages (never the value)."""
-        if self.file is not None:
-            return f"file {self.file}"
-        if self.env is not None:
-            return f"environment variable {self.env}"
-        return f"credential {self.credential!r} in $CREDENTIALS_DIRECTORY"
-
-    def read(self) -> Secret:
-        """Read the secret now; raises ConfigError naming the source (never the value)."""
-        if self.env is not None:
-            value = os.environ.get(self.env)
-            if not value:
-                raise ConfigError([f"secret: {self.describe()} is not set or empty"])
-            return Secret(value)
-        path = self.path()
-        try:
-            value = path.read_text(encoding="utf-8").rstrip("\r\n")
-        except OSError as exc:
-            raise ConfigError([f"secret: cannot read {self.describe()}: {exc.strerror}"]) from None
-        except UnicodeDecodeError:
-            # ``from None`` and no message from the codec: its text quotes bytes of the secret.
-            raise ConfigError([f"secret: {self.describe()} is not UTF-8 text"]) from None
-        if not value:
-            raise ConfigError([f"secret: {self.describe()} is empty"])
-        return Secret(value)
-
-    def path(self) -> Path:
-        """The file the secret is in (for file and credential sources)."""
-        if self.file is not None:
-            return self.file
-        creds = os.environ.get("CREDENTIALS_DIRECTORY", "")
-        return Path(creds or "/nonexistent-credentials-directory") / (self.credential or "")
+# RFC 7468 textual encoding: one labelled block per key or certificate in a PEM file.
+# Entra ID shows a certificate's SHA-1 thumbprint as 40 hex digits (openssl adds colons).
+_THUMBPRINT = re.compile(r"[0-9A-Fa-f]{40}")
 
 
 @dataclass(frozen=True)
@@ -160,11 +97,26 @@ class Office365Settings:
     authority: str = OFFICE365_AUTHORITY
     client_secret_expires: datetime | None = None
     ca_file: Path | None = None
+    client_certificate: Path | None = None  # PEM: private key and certificate
+    client_certificate_thumbprint: str | None = None  # upper-case hex; None: from the file
 
     @property
     def app_only(self) -> bool:
         """True for client-credentials (app-only) sign-in, False for delegated."""
-        return self.client_secret is not None
+        return self.credential is not None
+
+    @property
+    def credential(self) -> str | None:
+        """The app-only credential kind, ``"secret"`` or ``"certificate"``; None for delegated."""
+        if self.client_certificate is not None:
+            return "certificate"
+        return "secret" if self.client_secret is not None else None
+
+    def read_client_certificate(self) -> ClientCertificate:
+        """Read the app's certificate credential now; ConfigError if there is none or it is bad."""
+        if self.client_certificate is None:
+            raise ConfigError(["office365: no client_certificate_file is configured"])
+        return read_client_certificate(self.client_certificate, self.client_certificate_thumbprint)
 
 
 @dataclass(frozen=True)
@@ -297,6 +249,12 @@ def check_secrets(settings: Settings) -> list[str]:
             source.read()
         except ConfigError as exc:
             key = f"office365.{source.key('client_secret')}"
+            problems.extend(f"{settings.path}: {key}: {p}" for p in exc.problems)
+    if settings.office365 is not None and settings.office365.client_certificate is not None:
+        try:
+            settings.office365.read_client_certificate()
+        except ConfigError as exc:
+            key = "office365.client_certificate_file"
             problems.extend(f"{settings.path}: {key}: {p}" for p in exc.problems)
     return problems
 
@@ -575,14 +533,32 @@ def _parse_office365(table: _Table, base_dir: Path) -> Office365Settings:
         OFFICE365_AUTHORITY,
         lambda v: None if v.startswith("https://") else "must be an https:// URL",
     )
+    secret = _parse_secret(table, "client_secret", base_dir)
+    certificate = table.path_value("client_certificate_file", base_dir)
+    if secret is not None and certificate is not None:
+        table.problem(
+            "client_certificate_file",
+            f"give either {secret.key('client_secret')} or client_certificate_file, not both",
+        )
+    thumbprint = table.get("client_certificate_thumbprint", str, "", _check_thumbprint)
+    if thumbprint and certificate is None:
+        table.problem("client_certificate_thumbprint", "needs client_certificate_file")
     return Office365Settings(
         tenant_id=tenant,
         client_id=client,
-        client_secret=_parse_secret(table, "client_secret", base_dir),
+        client_secret=secret,
         authority=authority.rstrip("/"),
         client_secret_expires=expires,
         ca_file=table.path_value("ca_file", base_dir),
+        client_certificate=certificate,
+        client_certificate_thumbprint=thumbprint.replace(":", "").upper() or None,
     )
+
+
+def _check_thumbprint(value: str) -> str | None:
+    if _THUMBPRINT.fullmatch(value.replace(":", "")):
+        return None
+    return "must be the certificate's SHA-1 thumbprint, 40 hex digits"
 
 
 def _parse_mailbox(

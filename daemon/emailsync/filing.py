@@ -108,6 +108,9 @@ class Filer:
         # When this filer first saw each Queue UID: the latency start on servers without
         # SAVEDATE (RFC 8514). Entries go when the message is filed.
         self.first_seen: dict[int, datetime] = {}
+        # The Queue UIDs the last pass tried (filed or left behind), so a caller can tell
+        # mail that arrived after it from mail it could not move.
+        self.attempted: set[int] = set()
 
     def run_pass(
         self,
@@ -127,6 +130,7 @@ class Filer:
         result = PassResult()
         session.select_queue()
         attempted: set[int] = set()
+        self.attempted = attempted
         while True:
             uids = [uid for uid in session.queue_uids() if uid not in attempted]
             if not uids:

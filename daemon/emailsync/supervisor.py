@@ -7,6 +7,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime
 from types import FrameType
 
 import structlog
@@ -32,6 +33,19 @@ TOKEN_CHECK_SECONDS = 300.0
 TOKEN_REFRESH_AHEAD_SECONDS = 900.0  # refresh an access token this long before it expires
 
 AuthenticatorFactory = Callable[[MailboxSettings, Settings], Authenticator]
+
+
+def credential_expiry(settings: Settings) -> datetime | None:
+    """When the Office 365 app credential expires: the configured date, else the certificate's."""
+    office365 = settings.office365
+    if office365 is None:
+        return None
+    if office365.client_secret_expires is not None:
+        return office365.client_secret_expires
+    if office365.client_certificate is not None:
+        with contextlib.suppress(ConfigError):  # check-config reports an unreadable file
+            return office365.read_client_certificate().expires
+    return None
 
 
 class Supervisor:
@@ -64,10 +78,9 @@ class Supervisor:
         self._last_watchdog = 0.0
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self.web: WebServer | None = None
-        if settings.office365 and settings.office365.client_secret_expires:
-            self.metrics.client_secret_expiry.set(
-                settings.office365.client_secret_expires.timestamp()
-            )
+        expiry = credential_expiry(settings)
+        if expiry is not None:
+            self.metrics.client_secret_expiry.set(expiry.timestamp())
 
     # -- Control (for the HTTP listener) ----------------------------------------------------
 

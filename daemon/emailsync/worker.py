@@ -274,7 +274,8 @@ class MailboxWorker(threading.Thread):
         trigger: str | None = "startup"
         use_idle = session.has("IDLE")
         while self._running:
-            filed = self._sync(session, trigger) if trigger is not None else 0
+            if trigger is not None:
+                self._sync(session, trigger)
             # Re-select: EXISTS is then exact (the pass's own MOVEs expunged messages), and mail
             # that landed after the pass's last search shows up here instead of waiting for
             # the next sweep, since IDLE will not announce it again.
@@ -282,14 +283,24 @@ class MailboxWorker(threading.Thread):
             self._update_queue_gauges(session)
             if self._stop_requested():
                 return None
-            if filed and depth and trigger is not None and self._files_on(trigger):
-                trigger = "idle"  # progress was made and more is waiting: go again
+            if depth and self._unseen_waiting(session):
+                trigger = "idle"  # landed after the pass's last search: file it now
                 continue
             self._set_state(State.IDLE)
             trigger = self._wait(session) if use_idle else self._poll_wait(session)
             if trigger == RECONNECT:
                 return RECONNECT
         return None
+
+    def _unseen_waiting(self, session: ImapSession) -> bool:
+        """True when an auto mailbox's Queue holds a message the last pass did not try.
+
+        Messages a pass tried and could not move stay in Queue; they wait for the next
+        trigger instead of spinning this loop.
+        """
+        if self.mailbox.trigger != "auto":
+            return False
+        return bool(set(session.queue_uids()) - self.filer.attempted)
 
     def _token_deadline(self) -> float:
         """Monotonic time at which to reconnect for a fresh token (inf for passwords)."""
@@ -303,13 +314,13 @@ class MailboxWorker(threading.Thread):
         """Manual mailboxes file only on Start Sync; auto ones on anything."""
         return self.mailbox.trigger == "auto" or trigger == "start_sync"
 
-    def _sync(self, session: ImapSession, trigger: str) -> int:
-        """Run a pass if this trigger files for this mailbox; returns how many were filed."""
+    def _sync(self, session: ImapSession, trigger: str) -> None:
+        """Run a pass if this trigger files for this mailbox."""
         if not self._files_on(trigger):
-            return 0
+            return
         self._set_state(State.SYNCING)
         started = time.monotonic()
-        result = self.filer.run_pass(session, stopping=self._stop_requested)
+        self.filer.run_pass(session, stopping=self._stop_requested)
         elapsed = time.monotonic() - started
         address = self.mailbox.address
         self.metrics.sync_passes.labels(mailbox=address, trigger=trigger).inc()
@@ -319,7 +330,6 @@ class MailboxWorker(threading.Thread):
         with self._lock:
             self.status.last_sync = _iso(now)
         self.log.debug("sync_pass", trigger=trigger, seconds=round(elapsed, 3))
-        return len(result.decisions)
 
     def _take_pending(self) -> str | None:
         with self._lock:
@@ -362,9 +372,10 @@ class MailboxWorker(threading.Thread):
             trigger = "idle"
         if trigger is None and time.monotonic() >= token_deadline:
             return RECONNECT
-        if trigger is None and self._running:
-            # Renewal: NOOP proves the connection still answers before IDLE again.
-            session.noop()
+        if trigger is None and self._running and session.noop().new_mail:
+            # Renewal: NOOP proves the connection still answers before IDLE again, and mail
+            # that landed between DONE and NOOP is announced only here.
+            trigger = "idle"
         return trigger
 
     def _poll_wait(self, session: ImapSession) -> str | None:

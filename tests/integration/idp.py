@@ -2,7 +2,8 @@
 
 It speaks just enough of Microsoft Entra ID's v2.0 endpoints for MSAL and Dovecot: OpenID
 discovery, device authorisation (RFC 8628), a token endpoint (device_code, refresh_token with
-rotation on every use, client_credentials) and RFC 7662 introspection for Dovecot's oauth2
+rotation on every use, client_credentials with a client secret or an RFC 7523 JWT client
+assertion signed with a registered certificate) and RFC 7662 introspection for Dovecot's oauth2
 passdb. Access and refresh tokens are opaque random strings; the id_token is an unsigned JWT
 (MSAL decodes its claims without checking a signature). Tests drive it through plain methods:
 ``approve()`` a device code, ``revoke_refresh_tokens()``, ``expire_access_tokens()``,
@@ -29,6 +30,10 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import trustme
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 HOST = "127.0.0.1"
 # Like Entra ID, the provider listens on the HTTPS default port: MSAL rebuilds some URLs
@@ -42,18 +47,30 @@ DEVICE_CODE_LIFETIME_SECONDS = 120
 # RFC 8628 §3.2: how long a client waits between polls; MSAL sleeps in whole seconds.
 DEVICE_POLL_INTERVAL_SECONDS = 1
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+# RFC 7523 §2.2: a JWT that authenticates the client in place of a client secret.
+CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 # Entra ID answers these codes; MSAL and emailsync only look at the OAuth2 error names.
 AADSTS_PENDING = 70016
 AADSTS_REVOKED = 50173
 AADSTS_REFRESH_TOKEN_USED = 70000
 AADSTS_BAD_CLIENT_SECRET = 7000215
 AADSTS_UNKNOWN_CLIENT = 700016
+AADSTS_NO_CLIENT_CREDENTIAL = 7000218
+AADSTS_BAD_CLIENT_ASSERTION = 700027
+AADSTS_CLIENT_ASSERTION_EXPIRED = 700024
 
 
 @dataclass
 class _Client:
     client_id: str
-    secret: str | None  # None: a public client (device-code sign-in)
+    secret: str | None
+    # The registered certificates by x5t (unpadded base64url of the SHA-1 thumbprint).
+    certificates: dict[str, x509.Certificate] = field(default_factory=dict)
+
+    @property
+    def confidential(self) -> bool:
+        """False for a public client (device-code sign-in): no secret, no certificate."""
+        return self.secret is not None or bool(self.certificates)
 
 
 @dataclass
@@ -212,10 +229,20 @@ class IdentityProvider:
         self.access_token_lifetime_seconds = DEFAULT_ACCESS_TOKEN_LIFETIME_SECONDS
         self.up()
 
-    def add_client(self, client_id: str, secret: str | None = None) -> None:
-        """Register an application: public (device code) without a secret, else confidential."""
+    def add_client(
+        self, client_id: str, secret: str | None = None, certificate_pem: bytes | None = None
+    ) -> None:
+        """Register an application: public (device code) without credentials, else confidential.
+
+        ``certificate_pem`` is the app's public certificate (the first in the PEM text), as
+        uploaded under *Certificates & secrets*; its key signs the client assertions.
+        """
+        client = _Client(client_id, secret)
+        if certificate_pem is not None:
+            certificate = x509.load_pem_x509_certificate(certificate_pem)
+            client.certificates[_x5t(certificate)] = certificate
         with self._lock:
-            self._state.clients[client_id] = _Client(client_id, secret)
+            self._state.clients[client_id] = client
             if secret is not None:
                 self._state.issued.add(secret)
 
@@ -369,7 +396,18 @@ class IdentityProvider:
                     AADSTS_UNKNOWN_CLIENT,
                     "Application not found in the directory.",
                 )
-            if client.secret is not None and secret != client.secret:
+            if "client_assertion" in form or "client_assertion_type" in form:
+                refusal = self._check_client_assertion(client, form)
+                if refusal is not None:
+                    return refusal
+            elif client.confidential and (client.secret is None or secret != client.secret):
+                if secret is None:
+                    return _error(
+                        HTTPStatus.UNAUTHORIZED,
+                        "invalid_client",
+                        AADSTS_NO_CLIENT_CREDENTIAL,
+                        "The request body must contain 'client_assertion' or 'client_secret'.",
+                    )
                 return _error(
                     HTTPStatus.UNAUTHORIZED,
                     "invalid_client",
@@ -380,11 +418,75 @@ class IdentityProvider:
                 return self._redeem_device_code(client, form.get("device_code", ""))
             if grant == "refresh_token":
                 return self._redeem_refresh_token(client, form)
-            if grant == "client_credentials" and client.secret is not None:
+            if grant == "client_credentials" and client.confidential:
                 return self._client_credentials(client, form.get("scope", ""))
         return _error(
             HTTPStatus.BAD_REQUEST, "unsupported_grant_type", 70003, f"{grant!r} not supported."
         )
+
+    def _check_client_assertion(
+        self, client: _Client, form: Mapping[str, str]
+    ) -> tuple[int, dict[str, Any], dict[str, str]] | None:
+        """Check an RFC 7523 client assertion (§3); None when it authenticates ``client``.
+
+        The JWT must carry a registered certificate's ``x5t``, an RS256 signature by its key,
+        ``iss`` and ``sub`` equal to the client id, ``aud`` equal to the token endpoint (what
+        MSAL sends) and an ``exp`` in the future.
+        """
+        assertion = form.get("client_assertion", "")
+        # A bearer credential until it expires: the leak tests look for it like for tokens.
+        self._state.issued.add(assertion)
+
+        def refused(
+            description: str, code: int = AADSTS_BAD_CLIENT_ASSERTION
+        ) -> tuple[int, dict[str, Any], dict[str, str]]:
+            return _error(HTTPStatus.UNAUTHORIZED, "invalid_client", code, description)
+
+        if form.get("client_assertion_type") != CLIENT_ASSERTION_TYPE:
+            return refused(f"client_assertion_type must be {CLIENT_ASSERTION_TYPE}.")
+        try:
+            header_part, claims_part, signature_part = assertion.split(".")
+            header = json.loads(_b64url_decode(header_part))
+            claims = json.loads(_b64url_decode(claims_part))
+            signature = _b64url_decode(signature_part)
+        except (ValueError, binascii.Error):
+            return refused("Client assertion is not a signed JWT.")
+        if not isinstance(header, dict) or not isinstance(claims, dict):
+            return refused("Client assertion is not a signed JWT.")
+        if header.get("alg") != "RS256":
+            return refused("Client assertion must be signed with RS256.")
+        # MSAL pads its base64url x5t with "="; RFC 7515 §2 says base64url without padding.
+        certificate = client.certificates.get(str(header.get("x5t", "")).rstrip("="))
+        if certificate is None:
+            return refused(
+                "The certificate with identifier used to sign the client assertion "
+                "is not registered on application."
+            )
+        public_key = certificate.public_key()
+        if not isinstance(public_key, rsa.RSAPublicKey):
+            return refused("The registered certificate has no RSA key.")
+        try:
+            public_key.verify(
+                signature,
+                f"{header_part}.{claims_part}".encode("ascii"),
+                padding.PKCS1v15(),
+                hashes.SHA256(),
+            )
+        except InvalidSignature:
+            return refused("Client assertion failed signature validation.")
+        audience = claims.get("aud")
+        audiences = audience if isinstance(audience, list) else [audience]
+        if self.token_endpoint not in audiences:
+            return refused(f"Client assertion audience must be {self.token_endpoint}.")
+        if not claims.get("iss") == claims.get("sub") == client.client_id:
+            return refused("Client assertion issuer and subject must be the client id.")
+        expires = claims.get("exp")
+        if not isinstance(expires, int | float) or expires <= time.time():
+            return refused(
+                "Client assertion is not within its valid time range.",
+                AADSTS_CLIENT_ASSERTION_EXPIRED,
+            )
+        return None
 
     def _redeem_device_code(
         self, client: _Client, device_code: str
@@ -528,6 +630,16 @@ class IdentityProvider:
 def _b64url(claims: Mapping[str, Any]) -> str:
     raw = json.dumps(claims, separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def _b64url_decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _x5t(certificate: x509.Certificate) -> str:
+    """RFC 7515 §4.1.7: base64url (unpadded) of the certificate's SHA-1 thumbprint."""
+    digest = certificate.fingerprint(hashes.SHA1())  # noqa: S303 -- x5t is defined as SHA-1
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
 def _error(

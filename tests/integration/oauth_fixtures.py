@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -37,12 +38,35 @@ APP_MAILBOXES = ("shared@example.com", "agent1@example.com")
 
 @dataclass(frozen=True)
 class OAuthClients:
-    """The applications registered at the provider, with the app's secret file."""
+    """The applications registered at the provider, with the app's secret and certificate."""
 
     delegated_client_id: str
     app_client_id: str
     app_secret: str
     app_secret_file: Path
+    app_certificate_file: Path  # PEM: private key, certificate, issuing CA
+    app_private_key: str  # the key's PEM text, for tests that look for leaks
+
+
+def new_app_certificate() -> trustme.LeafCert:
+    """A fresh RSA key and certificate (Entra ID takes RSA for client assertions)."""
+    ca = trustme.CA(key_type=trustme.KeyType.RSA)
+    return ca.issue_cert(
+        "emailsync.example.com", common_name="emailsync app", key_type=trustme.KeyType.RSA
+    )
+
+
+@functools.cache
+def app_certificate() -> trustme.LeafCert:
+    """The app's registered certificate, made once per session (RSA key generation is slow)."""
+    return new_app_certificate()
+
+
+def write_certificate_file(certificate: trustme.LeafCert, path: Path) -> Path:
+    """Write key and certificate chain to one PEM file, as ``client_certificate_file`` wants."""
+    certificate.private_key_and_cert_chain_pem.write_to_path(str(path))
+    path.chmod(0o600)
+    return path
 
 
 def oauth2_dovecot_options(
@@ -156,14 +180,26 @@ def idp(identity_provider_server: IdentityProvider) -> Iterator[IdentityProvider
 
 @pytest.fixture
 def oauth_clients(idp: IdentityProvider, tmp_path: Path) -> OAuthClients:
-    """A public client for delegated sign-in and a confidential client for app-only."""
+    """A public client for delegated sign-in and a confidential client for app-only.
+
+    The app has both a client secret and a certificate, as an Entra ID registration may.
+    """
     secret = "app-secret-" + tmp_path.name
     secret_file = tmp_path / "client-secret"
     secret_file.write_text(secret + "\n")
     secret_file.chmod(0o600)
+    certificate = app_certificate()
+    certificate_file = write_certificate_file(certificate, tmp_path / "client-certificate.pem")
     idp.add_client(DELEGATED_CLIENT_ID)
-    idp.add_client(APP_CLIENT_ID, secret)
-    return OAuthClients(DELEGATED_CLIENT_ID, APP_CLIENT_ID, secret, secret_file)
+    idp.add_client(APP_CLIENT_ID, secret, certificate_pem=certificate.cert_chain_pems[0].bytes())
+    return OAuthClients(
+        delegated_client_id=DELEGATED_CLIENT_ID,
+        app_client_id=APP_CLIENT_ID,
+        app_secret=secret,
+        app_secret_file=secret_file,
+        app_certificate_file=certificate_file,
+        app_private_key=certificate.private_key_pem.bytes().decode("ascii"),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -188,10 +224,14 @@ def office365_settings(
 ) -> Callable[..., Settings]:
     """Build Settings for Office 365 mailboxes served by ``oauth2_dovecot``.
 
-    Call it as ``office365_settings("agent1@example.com", app_only=False)``.
+    Call it as ``office365_settings("agent1@example.com", app_only=False)``; app-only uses the
+    client secret, or the certificate file given as ``certificate_file`` (implies app-only).
     """
 
-    def build(*addresses: str, app_only: bool = False) -> Settings:
+    def build(
+        *addresses: str, app_only: bool = False, certificate_file: Path | None = None
+    ) -> Settings:
+        app_only = app_only or certificate_file is not None
         office365: dict[str, Any] = {
             "tenant_id": idp.tenant_id,
             "client_id": oauth_clients.app_client_id
@@ -200,7 +240,9 @@ def office365_settings(
             "authority": idp.authority,
             "ca_file": str(oauth_ca_file),
         }
-        if app_only:
+        if certificate_file is not None:
+            office365["client_certificate_file"] = str(certificate_file)
+        elif app_only:
             office365["client_secret_file"] = str(oauth_clients.app_secret_file)
         data = {
             "daemon": {"state_dir": str(tmp_path / "state"), "timeout_seconds": 10},

@@ -37,7 +37,12 @@ from emailsync.imap.auth import (
 
 from .conftest import MailUser, new_user, settings_for
 from .idp import DEVICE_GRANT, IdentityProvider
-from .oauth_fixtures import OAuthClients, shared_temp_dir
+from .oauth_fixtures import (
+    OAuthClients,
+    new_app_certificate,
+    shared_temp_dir,
+    write_certificate_file,
+)
 
 pytestmark = pytest.mark.dovecot
 
@@ -325,6 +330,7 @@ def test_app_only_login_works_for_allowed_mailboxes_and_writes_no_cache(
     assert not (tmp_path / "state" / "tokens").exists()
     status = auth.status()
     assert status["mode"] == "app_only"
+    assert status["credential"] == "secret"
     assert status["signed_in"] is True
     assert status["access_token_expires"] is not None
     with pytest.raises(AuthError, match=r"IMAP\.AccessAsApp"):
@@ -343,6 +349,97 @@ def test_app_only_with_a_wrong_client_secret_needs_reauth(
 
     with pytest.raises(AuthError, match=r"invalid_client.*AADSTS7000215"):
         login_and_select(office365(settings, "shared@example.com"), oauth2_dovecot)
+
+
+def test_app_only_login_with_a_certificate_works_and_shows_no_key_material(  # noqa: PLR0917 -- each argument is a fixture
+    idp: IdentityProvider,
+    office365_settings: Callable[..., Settings],
+    oauth2_dovecot: Dovecot,
+    oauth_clients: OAuthClients,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A certificate-signed RFC 7523 client assertion buys the token; the key stays hidden."""
+    caplog.set_level(logging.DEBUG)
+    oauth_clients.app_secret_file.unlink()  # the secret cannot be what gets the token
+    settings = office365_settings(
+        "shared@example.com",
+        "other@example.com",
+        certificate_file=oauth_clients.app_certificate_file,
+    )
+    auth = office365(settings, "shared@example.com")
+
+    login_and_select(auth, oauth2_dovecot)
+    requests_for_shared = idp.token_requests("client_credentials")
+    with pytest.raises(AuthError, match=r"IMAP\.AccessAsApp") as refused:
+        login_and_select(office365(settings, "other@example.com"), oauth2_dovecot)
+
+    assert [r.status for r in requests_for_shared] == [200]
+    assert auth.cache_path is None
+    status = auth.status()
+    assert status["mode"] == "app_only"
+    assert status["credential"] == "certificate"
+    assert status["signed_in"] is True
+    assert status["access_token_expires"] is not None
+    captured = capsys.readouterr()
+    everything = "\n".join(
+        (
+            caplog.text,
+            captured.out,
+            captured.err,
+            json.dumps(status),
+            repr(auth),
+            repr(settings),
+            str(refused.value),
+            repr(refused.value),
+        )
+    )
+    assert "access_token_obtained" in everything  # the logs were captured at all
+    assert "PRIVATE KEY" not in everything
+    key_lines = [line for line in oauth_clients.app_private_key.splitlines() if len(line) == 64]
+    assert key_lines
+    assert [line for line in key_lines if line in everything] == []
+    # The provider's secrets include the signed client assertions it received.
+    assert [s[:6] + "…" for s in idp.issued_secrets() if s in everything] == []
+
+
+def test_app_only_with_a_certificate_the_provider_does_not_know_needs_reauth(
+    idp: IdentityProvider,
+    office365_settings: Callable[..., Settings],
+    oauth2_dovecot: Dovecot,
+    tmp_path: Path,
+) -> None:
+    """An assertion signed by an unregistered certificate is invalid_client: needs_reauth."""
+    unknown = write_certificate_file(new_app_certificate(), tmp_path / "unknown.pem")
+    auth = office365(
+        office365_settings("shared@example.com", certificate_file=unknown), "shared@example.com"
+    )
+
+    with pytest.raises(AuthError, match=r"invalid_client.*AADSTS700027") as refused:
+        login_and_select(auth, oauth2_dovecot)
+
+    assert not isinstance(refused.value, ConnectionLostError)
+    assert "Certificates & secrets" in str(refused.value)
+    assert auth.status()["last_error"] == str(refused.value)
+    assert [r.status for r in idp.token_requests("client_credentials")] == [401]
+
+
+def test_app_only_with_an_unreadable_certificate_file_needs_reauth(
+    idp: IdentityProvider,
+    office365_settings: Callable[..., Settings],
+    oauth2_dovecot: Dovecot,
+    tmp_path: Path,
+) -> None:
+    """A missing certificate file is a problem for a person, not a reason to retry quickly."""
+    missing = tmp_path / "absent.pem"
+    auth = office365(
+        office365_settings("shared@example.com", certificate_file=missing), "shared@example.com"
+    )
+
+    with pytest.raises(AuthError, match=rf"cannot read file {missing}"):
+        login_and_select(auth, oauth2_dovecot)
+
+    assert idp.token_requests("client_credentials") == []
 
 
 # -- the identity provider is down -----------------------------------------------------------

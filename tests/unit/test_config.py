@@ -9,14 +9,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 
-from emailsync import config
 from emailsync.config import (
     DaemonSettings,
     FolderSettings,
     MailboxSettings,
     Office365Settings,
-    SecretSource,
     ServerSettings,
     Settings,
     check_secrets,
@@ -25,6 +26,7 @@ from emailsync.config import (
 )
 from emailsync.errors import ConfigError
 from emailsync.model import FolderRole
+from emailsync.secret import Secret, SecretSource
 
 PASSWORD = "hunter2-Tr0ub4dor&3"  # a distinctive value to look for in output
 EXIT_OK = 0
@@ -846,6 +848,18 @@ def test_mailbox_address_of_the_wrong_type_also_needs_no_other_report(tmp_path: 
             "office365.client_secret_env",
             "give only one of client_secret_file, client_secret_env, client_secret_credential",
         ),
+        (
+            '[office365]\ntenant_id = "t"\nclient_id = "c"\n'
+            'client_certificate_file = "app.pem"\nclient_certificate_thumbprint = "AB12"\n',
+            "office365.client_certificate_thumbprint",
+            "must be the certificate's SHA-1 thumbprint, 40 hex digits",
+        ),
+        (
+            '[office365]\ntenant_id = "t"\nclient_id = "c"\n'
+            f'client_certificate_thumbprint = "{"AB" * 20}"\n',
+            "office365.client_certificate_thumbprint",
+            "needs client_certificate_file",
+        ),
     ],
 )
 def test_bad_values_are_errors_naming_the_key(
@@ -1100,7 +1114,7 @@ def test_secrets_are_never_in_the_repr_or_str_of_settings(tmp_path: Path) -> Non
 
 def test_a_read_secret_hides_itself_in_repr_and_str() -> None:
     """A Secret shows only asterisks unless revealed on purpose."""
-    secret = config.Secret(PASSWORD)
+    secret = Secret(PASSWORD)
 
     assert repr(secret) == str(secret) == f"{secret}" == "Secret('***')"
     assert secret.reveal() == PASSWORD
@@ -1159,6 +1173,168 @@ def test_config_errors_never_contain_a_secret(
     ]
     for text in (str(load_error.value), *secret_problems, repr(settings)):
         assert PASSWORD not in text
+
+
+# --- Office 365 certificate credentials -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def app_certificate() -> trustme.LeafCert:
+    """An RSA key and certificate, as an app registration's certificate credential uses."""
+    ca = trustme.CA(key_type=trustme.KeyType.RSA)
+    return ca.issue_cert("emailsync.example.com", key_type=trustme.KeyType.RSA)
+
+
+def sha1_thumbprint(certificate: trustme.LeafCert) -> str:
+    """The SHA-1 thumbprint as Entra ID shows it (upper-case hex), computed independently."""
+    leaf = x509.load_pem_x509_certificate(certificate.cert_chain_pems[0].bytes())
+    return leaf.fingerprint(hashes.SHA1()).hex().upper()  # noqa: S303 -- a name, not a MAC
+
+
+def key_lines(certificate: trustme.LeafCert) -> list[str]:
+    """The full base64 lines of the private key's PEM, to look for in output."""
+    pem = certificate.private_key_pem.bytes().decode("ascii")
+    return [line for line in pem.splitlines() if len(line) == 64]
+
+
+CERTIFICATE_CONFIG = """
+    [office365]
+    tenant_id = "t"
+    client_id = "c"
+    client_certificate_file = "certs/app.pem"
+"""
+
+
+def test_office365_certificate_loads_and_its_thumbprint_is_computed_from_the_file(
+    tmp_path: Path, app_certificate: trustme.LeafCert
+) -> None:
+    """A relative client_certificate_file is next to the config; the thumbprint is the SHA-1."""
+    (tmp_path / "certs").mkdir()
+    app_certificate.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "certs/app.pem"))
+
+    settings = load(tmp_path, CERTIFICATE_CONFIG)
+
+    office365 = settings.office365
+    assert office365 is not None
+    assert office365.client_certificate == tmp_path / "certs" / "app.pem"
+    assert office365.client_certificate_thumbprint is None
+    assert office365.client_secret is None
+    assert office365.app_only
+    assert office365.credential == "certificate"
+    credential = office365.read_client_certificate()
+    assert credential.thumbprint == sha1_thumbprint(app_certificate)
+    assert credential.private_key.reveal().startswith("-----BEGIN ")
+    assert credential.private_key.reveal().rstrip().endswith("PRIVATE KEY-----")
+    assert credential.certificate_chain is not None
+    assert credential.certificate_chain.startswith(
+        app_certificate.cert_chain_pems[0].bytes().decode()
+    )
+    assert not [line for line in key_lines(app_certificate) if line in repr(credential)]
+    assert check_secrets(settings) == []
+
+
+def test_office365_configured_thumbprint_is_upper_case_hex_and_must_match_the_certificate(
+    tmp_path: Path, app_certificate: trustme.LeafCert
+) -> None:
+    """Lower case or openssl's colons are accepted; a thumbprint of another certificate is not."""
+    (tmp_path / "certs").mkdir()
+    app_certificate.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "certs/app.pem"))
+    thumbprint = sha1_thumbprint(app_certificate)
+    with_colons = ":".join(thumbprint[i : i + 2] for i in range(0, 40, 2)).lower()
+
+    settings = load(
+        tmp_path, CERTIFICATE_CONFIG + f'client_certificate_thumbprint = "{with_colons}"\n'
+    )
+    other = load(tmp_path, CERTIFICATE_CONFIG + f'client_certificate_thumbprint = "{"0" * 40}"\n')
+
+    assert settings.office365 is not None
+    assert settings.office365.client_certificate_thumbprint == thumbprint
+    assert settings.office365.read_client_certificate().thumbprint == thumbprint
+    assert check_secrets(other) == [
+        f"{other.path}: office365.client_certificate_file: certificate: "
+        f"client_certificate_thumbprint {'0' * 40} does not match the certificate in file "
+        f"{tmp_path / 'certs' / 'app.pem'} (its SHA-1 thumbprint is {thumbprint})"
+    ]
+
+
+@pytest.mark.parametrize(
+    "secret_key", ["client_secret_file", "client_secret_env", "client_secret_credential"]
+)
+def test_office365_client_secret_and_certificate_together_are_an_error_naming_both(
+    tmp_path: Path, secret_key: str
+) -> None:
+    """App-only sign-in takes one credential: a client secret or a certificate, not both."""
+    problems = problems_of(tmp_path, CERTIFICATE_CONFIG + f'{secret_key} = "o365"\n')
+
+    assert problems == [
+        f"{tmp_path / 'emailsync.toml'}: office365.client_certificate_file: "
+        f"give either {secret_key} or client_certificate_file, not both"
+    ]
+
+
+def test_check_config_reports_a_missing_certificate_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The config loads, but check-config (like the daemon's start) names the absent file."""
+    monkeypatch.setenv("AGENT1_PASSWORD", PASSWORD)
+    path = write_config(tmp_path, MINIMAL + CERTIFICATE_CONFIG)
+
+    code, out, err = check_config(path, capsys)
+
+    assert code == EXIT_CONFIG
+    assert out == ""
+    assert err == (
+        f"{path}: office365.client_certificate_file: certificate: cannot read file "
+        f"{tmp_path / 'certs' / 'app.pem'}: No such file or directory\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("contents", "what"),
+    [
+        ("certificate", "holds no private key (PEM PRIVATE KEY block)"),
+        ("key", "holds no certificate; add it after the key or set client_certificate_thumbprint"),
+        ("key twice", "holds more than one private key (PEM PRIVATE KEY block)"),
+        ("another key", "the private key in file {path} does not belong to its certificate"),
+        (
+            "encrypted key",
+            "the private key in file {path} is encrypted; store it without a passphrase "
+            "in a file only emailsync can read",
+        ),
+    ],
+)
+def test_check_secrets_reports_a_bad_certificate_file_without_showing_the_key(
+    tmp_path: Path, app_certificate: trustme.LeafCert, contents: str, what: str
+) -> None:
+    """A certificate file must hold one private key and, first, its certificate."""
+    key = app_certificate.private_key_pem.bytes()
+    certificate = app_certificate.cert_chain_pems[0].bytes()
+    other_key = trustme.CA(key_type=trustme.KeyType.RSA).private_key_pem.bytes()
+    encrypted_key = serialization.load_pem_private_key(key, password=None).private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"passphrase"),
+    )
+    pem = {
+        "certificate": certificate,
+        "key": key,
+        "key twice": key + key + certificate,
+        "another key": other_key + certificate,
+        "encrypted key": encrypted_key + certificate,
+    }[contents]
+    (tmp_path / "certs").mkdir()
+    path = tmp_path / "certs" / "app.pem"
+    path.write_bytes(pem)
+    settings = load(tmp_path, CERTIFICATE_CONFIG)
+
+    problems = check_secrets(settings)
+
+    detail = what.format(path=path) if "{path}" in what else f"file {path} {what}"
+    assert problems == [
+        f"{settings.path}: office365.client_certificate_file: certificate: {detail}"
+    ]
+    assert "PRIVATE KEY-----" not in problems[0]
+    assert not [line for line in key_lines(app_certificate) if line in problems[0]]
 
 
 # --- check_secrets ---------------------------------------------------------------------------

@@ -3,14 +3,16 @@
 Office 365 has two modes. Delegated: an agent signs in once with MSAL's device-code flow
 (``emailsync auth login ADDRESS``); MSAL's token cache, with the refresh token, is kept per
 mailbox in ``state_dir/tokens/<address>.json`` and rewritten whenever MSAL changes it, so a
-rotated refresh token is never lost. App-only: the app's client secret buys tokens for any
-mailbox the tenant lets it open; nothing is written to disk.
+rotated refresh token is never lost. App-only: the app's client secret, or a certificate
+whose private key signs an RFC 7523 JWT client assertion, buys tokens for any mailbox the
+tenant lets it open; nothing is written to disk.
 
 Every (re)connect asks MSAL for a token: MSAL answers from its cache while the token has more
 than five minutes left and refreshes it otherwise. Errors are sorted by what the worker does:
 ``AuthError`` (needs_reauth: a person must sign in again or fix the app) versus
 ``ConnectionLostError`` / ``IdentityProviderUnavailableError`` (back off and retry).
-Token values never reach a log line, an exception message or ``status()``.
+Token values, client secrets and private keys never reach a log line, an exception message,
+a repr or ``status()``.
 """
 
 from __future__ import annotations
@@ -149,6 +151,7 @@ class Office365Status(TypedDict):
 
     address: str
     mode: str  # "delegated" or "app_only"
+    credential: str | None  # "secret" or "certificate" (app-only); None (delegated)
     account: str | None  # the signed-in user (delegated) or None
     signed_in: bool
     access_token_expires: str | None  # ISO 8601, UTC
@@ -272,8 +275,8 @@ class Office365Authenticator:
         if self._app_only:
             raise ConfigError(
                 [
-                    f"mailbox {address}: [office365] has a client secret (app-only sign-in); "
-                    "device-code sign-in is for delegated mode"
+                    f"mailbox {address}: [office365] has a client {self._office365.credential} "
+                    "(app-only sign-in); device-code sign-in is for delegated mode"
                 ]
             )
         with self._lock:
@@ -310,6 +313,7 @@ class Office365Authenticator:
             return Office365Status(
                 address=self._mailbox.address,
                 mode=self.mode,
+                credential=self._office365.credential,
                 account=account,
                 signed_in=self._app_only or account is not None,
                 access_token_expires=expiry.isoformat() if expiry else None,
@@ -337,9 +341,8 @@ class Office365Authenticator:
         with self._provider_errors():
             try:
                 if self._app_only:
-                    secret = self._client_secret()
                     self._app = msal.ConfidentialClientApplication(
-                        settings.client_id, client_credential=secret, **options
+                        settings.client_id, client_credential=self._client_credential(), **options
                     )
                 else:
                     self._app = msal.PublicClientApplication(settings.client_id, **options)
@@ -353,14 +356,33 @@ class Office365Authenticator:
                 ) from exc
         return self._app
 
-    def _client_secret(self) -> str:
-        source = self._office365.client_secret
-        if source is None:
-            raise AuthError(f"{self._mailbox.address}: app-only sign-in needs a client secret")
+    def _client_credential(self) -> str | dict[str, str]:
+        """The client secret, or the certificate MSAL signs client assertions with.
+
+        Read now, at every application build, so a replaced secret or certificate file counts
+        after ``forget()``. For a certificate MSAL sends an RFC 7523 JWT assertion (RS256,
+        header ``x5t`` = the SHA-1 thumbprint) instead of a secret; ``public_certificate``
+        also puts the chain in ``x5c`` for subject-name/issuer authentication.
+        """
+        settings = self._office365
         try:
-            return source.read().reveal()
+            if settings.client_certificate is not None:
+                certificate = settings.read_client_certificate()
+                credential = {
+                    "private_key": certificate.private_key.reveal(),
+                    "thumbprint": certificate.thumbprint,
+                }
+                if certificate.certificate_chain is not None:
+                    credential["public_certificate"] = certificate.certificate_chain
+                return credential
+            if settings.client_secret is not None:
+                return settings.client_secret.read().reveal()
         except ConfigError as exc:
+            # The message names the file only; a bad credential needs a person, not retries.
             raise self._record(AuthError(f"{self._mailbox.address}: {exc}")) from exc
+        raise AuthError(
+            f"{self._mailbox.address}: app-only sign-in needs a client secret or certificate"
+        )
 
     def _acquire(self, *, force_refresh: bool) -> str:
         with self._lock:
@@ -430,6 +452,11 @@ class Office365Authenticator:
         return self._record(AuthError(f"{text}; {self._fix_hint()}"))
 
     def _fix_hint(self) -> str:
+        if self._office365.credential == "certificate":
+            return (
+                "check the app's certificate (uploaded under Certificates & secrets) "
+                "and its IMAP.AccessAsApp permission"
+            )
         if self._app_only:
             return "check the app's client secret and its IMAP.AccessAsApp permission"
         return f"run `emailsync auth login {self._mailbox.address}`"

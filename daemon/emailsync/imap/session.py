@@ -411,10 +411,17 @@ class ImapSession:
 
     # -- lifetime ------------------------------------------------------------------------------
 
-    def noop(self) -> None:
-        """NOOP: proves the connection answers, and collects untagged updates (RFC 3501 §6.1.2)."""
+    def noop(self) -> IdleUpdate:
+        """NOOP: proves the connection answers; reports new mail among its untagged updates.
+
+        RFC 3501 §6.1.2: a server may announce new mail in the NOOP response, and then not
+        again in the next IDLE, so the caller must act on ``new_mail``.
+        """
+        update = IdleUpdate()
         with translated("noop"):
-            self.client.noop()
+            _, responses = self.client.noop()
+        self._apply(responses, update)
+        return update
 
     def logout(self) -> None:
         """LOGOUT politely, then close the socket; never raises."""
