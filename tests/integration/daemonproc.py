@@ -26,6 +26,17 @@ from .mailenv import MailUser, write_config
 READY_TIMEOUT_SECONDS = 30.0
 
 
+def run_cli(config: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``emailsync --config CONFIG ARGS…`` in a subprocess, as an operator would type it."""
+    return subprocess.run(
+        [sys.executable, "-m", "emailsync.cli", "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def wait_until(condition: Callable[[], Any], timeout: float = 15.0, interval: float = 0.1) -> Any:
     """Poll ``condition`` until it returns something truthy; fail with AssertionError on timeout."""
     deadline = time.monotonic() + timeout

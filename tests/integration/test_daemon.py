@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +14,7 @@ from emailsync import cli
 from emailsync.devserver import Dovecot
 
 from .conftest import MailUser, new_user, write_config
-from .daemonproc import DaemonFactory, daemon_config_extra, wait_until
+from .daemonproc import DaemonFactory, daemon_config_extra, run_cli, wait_until
 from .test_filing import build_message, folder_subjects, queue
 
 pytestmark = pytest.mark.dovecot
@@ -124,20 +122,7 @@ def test_manual_mailbox_files_only_on_start_sync(user: MailUser, daemons: Daemon
     wait_filed(user, "Received", "waits for api")
 
     queue(user, build_message("john@clients.example", user.address, "waits for cli"))
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "emailsync.cli",
-            "--config",
-            str(daemon.config),
-            "start-sync",
-            user.address,
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    result = run_cli(daemon.config, "start-sync", user.address)
     assert result.returncode == 0, result.stderr
     wait_filed(user, "Received", "waits for cli")
 
@@ -167,12 +152,7 @@ def test_control_api_refuses_missing_or_wrong_token(user: MailUser, daemons: Dae
 def test_status_command_shows_each_mailbox(user: MailUser, daemons: DaemonFactory) -> None:
     daemon = daemons.start([user])
     wait_until(lambda: daemon.mailboxes()[user.address]["state"] == "idle")
-    result = subprocess.run(
-        [sys.executable, "-m", "emailsync.cli", "--config", str(daemon.config), "status", "--json"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    result = run_cli(daemon.config, "status", "--json")
     assert result.returncode == 0, result.stderr
     assert f'"address": "{user.address}"' in result.stdout
     assert '"state": "idle"' in result.stdout
@@ -238,40 +218,14 @@ def test_sigterm_stops_cleanly_with_logout_and_sd_notify(
 def test_stop_then_setup_restarts_the_mailbox(user: MailUser, daemons: DaemonFactory) -> None:
     daemon = daemons.start([user], groups={"Smith": ["john@clients.example"]})
     wait_until(lambda: daemon.mailboxes()[user.address]["state"] == "idle")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "emailsync.cli",
-            "--config",
-            str(daemon.config),
-            "stop",
-            user.address,
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    result = run_cli(daemon.config, "stop", user.address)
     assert result.returncode == 0, result.stderr
     wait_until(lambda: daemon.mailboxes()[user.address]["state"] == "stopped")
     assert daemon.metric("emailsync_mailbox_state", mailbox=user.address, state="stopped") == 1
     queue(user, build_message("john@clients.example", user.address, "while stopped"))
     time.sleep(1.5)
     assert "while stopped" in folder_subjects(user, "Queue")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "emailsync.cli",
-            "--config",
-            str(daemon.config),
-            "setup",
-            user.address,
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    result = run_cli(daemon.config, "setup", user.address)
     assert result.returncode == 0, result.stderr
     wait_filed(user, "Received", "while stopped")
 
@@ -303,13 +257,7 @@ def test_a_taken_listen_port_exits_69_with_a_clear_message(user: MailUser, tmp_p
         token_file = tmp_path / "control-token"
         token_file.write_text("t0ken\n")
         config = write_config(tmp_path, [user], extra=daemon_config_extra(port, token_file))
-        result = subprocess.run(
-            [sys.executable, "-m", "emailsync.cli", "--config", str(config), "run"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
+        result = run_cli(config, "run")
     assert result.returncode == 69
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr

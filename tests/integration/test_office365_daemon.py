@@ -18,7 +18,7 @@ import pytest
 
 from emailsync.devserver import Dovecot
 
-from .daemonproc import RunningDaemon, new_port, wait_until
+from .daemonproc import RunningDaemon, new_port, run_cli, wait_until
 from .idp import IdentityProvider
 from .oauth_fixtures import OAuthClients
 
@@ -26,16 +26,6 @@ pytestmark = pytest.mark.dovecot
 
 ROOT = "Rezi-Imported"
 CODE_RE = re.compile(r"enter the code (\S+)")
-
-
-def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "emailsync.cli", "--config", str(config), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def device_login(config: Path, address: str, idp: IdentityProvider) -> str:
@@ -143,7 +133,7 @@ def o365(
     config = write_o365_config(
         tmp_path, oauth2_dovecot, idp, oauth_clients, oauth_ca_file, address, port, token_file
     )
-    result = cli(config, "groups", "add", "Smith", "john@clients.example")
+    result = run_cli(config, "groups", "add", "Smith", "john@clients.example")
     assert result.returncode == 0, result.stderr
     return config, address, port, token
 
@@ -154,7 +144,7 @@ def test_device_code_sign_in_then_the_daemon_files_mail_over_xoauth2(
     config, address, port, token = o365
     output = device_login(config, address, idp)
     assert f"signed in as {address}" in output
-    result = cli(config, "setup", address)
+    result = run_cli(config, "setup", address)
     assert result.returncode == 0, result.stderr
     deliver(oauth2_dovecot, address, "over xoauth2")
     daemon = RunningDaemon(config, port, token, tmp_path)
@@ -164,7 +154,7 @@ def test_device_code_sign_in_then_the_daemon_files_mail_over_xoauth2(
         expiry = daemon.metric("emailsync_token_expiry_timestamp_seconds", mailbox=address)
         assert expiry is not None
         assert expiry > time.time()
-        status = cli(config, "auth", "status", "--json")
+        status = run_cli(config, "auth", "status", "--json")
         assert status.returncode == 0, status.stderr
         shown = json.loads(status.stdout)
         assert shown["signed_in"] is True
@@ -181,7 +171,7 @@ def test_revoked_consent_needs_reauth_and_auth_login_restores_sync_without_resta
 ) -> None:
     config, address, port, token = o365
     device_login(config, address, idp)
-    assert cli(config, "setup", address).returncode == 0
+    assert run_cli(config, "setup", address).returncode == 0
     daemon = RunningDaemon(config, port, token, tmp_path)
     try:
         daemon.wait_ready()
@@ -217,7 +207,7 @@ def test_stop_email_sync_forgets_tokens_and_login_plus_setup_bring_it_back(
 ) -> None:
     config, address, port, token = o365
     device_login(config, address, idp)
-    assert cli(config, "setup", address).returncode == 0
+    assert run_cli(config, "setup", address).returncode == 0
     cache = tmp_path / "state" / "tokens" / f"{address}.json"
     assert cache.exists()
     daemon = RunningDaemon(config, port, token, tmp_path)
@@ -226,16 +216,16 @@ def test_stop_email_sync_forgets_tokens_and_login_plus_setup_bring_it_back(
         wait_until(
             lambda: daemon.metric("emailsync_mailbox_state", mailbox=address, state="idle") == 1
         )
-        result = cli(config, "stop", address)
+        result = run_cli(config, "stop", address)
         assert result.returncode == 0, result.stderr
         wait_until(
             lambda: daemon.metric("emailsync_mailbox_state", mailbox=address, state="stopped") == 1
         )
         assert not cache.exists()
-        status = json.loads(cli(config, "auth", "status", "--json").stdout)
+        status = json.loads(run_cli(config, "auth", "status", "--json").stdout)
         assert status["signed_in"] is False
         device_login(config, address, idp)
-        result = cli(config, "setup", address)
+        result = run_cli(config, "setup", address)
         assert result.returncode == 0, result.stderr
         assert "sync started again" in result.stdout
         wait_until(
