@@ -125,6 +125,7 @@ class MailboxWorker(threading.Thread):
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
+        self._pipe_closed = False
         self._sleep = threading.Event()  # interrupts back-off and poll waits
         self._session: ImapSession | None = None
         self._failures = 0
@@ -161,8 +162,11 @@ class MailboxWorker(threading.Thread):
 
     def _wake(self) -> None:
         self._sleep.set()
-        with contextlib.suppress(BlockingIOError, OSError):
-            os.write(self._wake_w, b"!")
+        with self._lock:
+            if self._pipe_closed:
+                return  # the thread has ended; its descriptor numbers may belong to others now
+            with contextlib.suppress(BlockingIOError, OSError):
+                os.write(self._wake_w, b"!")
 
     # -- the thread -----------------------------------------------------------------------------
 
@@ -174,9 +178,11 @@ class MailboxWorker(threading.Thread):
         finally:
             self._set_state(State.STOPPED)
             self.first_attempt_done.set()
-            for fd in (self._wake_r, self._wake_w):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            with self._lock:
+                self._pipe_closed = True
+                for fd in (self._wake_r, self._wake_w):
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
 
     def _attempt(self) -> None:
         delay: float | None = None
@@ -243,12 +249,20 @@ class MailboxWorker(threading.Thread):
         return delay
 
     def _pause(self, seconds: float) -> None:
-        """Sleep, but wake at once for stop() or a Start Sync."""
-        self._sleep.clear()
-        with self._lock:
-            if self._pending:
+        """Sleep through back-off or needs_reauth; only stop() or a Start Sync cut it short.
+
+        A sweep does not: it would turn the slow re-auth retry into one every sweep.
+        """
+        deadline = time.monotonic() + seconds
+        while self._running:
+            with self._lock:
+                if "start_sync" in self._pending:
+                    return
+                self._sleep.clear()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 return
-        self._sleep.wait(seconds)
+            self._sleep.wait(remaining)
 
     def _connect(self) -> ImapSession:
         session = ImapSession.open(

@@ -233,8 +233,9 @@ def test_stop_then_setup_restarts_the_mailbox(user: MailUser, daemons: DaemonFac
 def test_refused_login_puts_the_mailbox_in_needs_reauth(
     user: MailUser, daemons: DaemonFactory, tmp_path: Path
 ) -> None:
-    daemon = daemons.start([user])
-    (tmp_path / "secrets" / user.address).write_text("wrong-password\n")
+    daemon = daemons.start([user], sweep_seconds=0.5, groups={"Smith": ["john@clients.example"]})
+    password_file = tmp_path / "secrets" / user.address
+    password_file.write_text("wrong-password\n")
     user.server.kick(user.address)
     wait_until(
         lambda: (
@@ -243,10 +244,16 @@ def test_refused_login_puts_the_mailbox_in_needs_reauth(
         )
     )
     assert daemon.metric("emailsync_auth_failures_total", mailbox=user.address) == 1
-    time.sleep(1.0)
+    time.sleep(2.0)  # four sweeps go by: none of them may retry the login
     assert daemon.metric("emailsync_auth_failures_total", mailbox=user.address) == 1  # no hammering
     assert "wrong-password" not in daemon.log()
     assert daemon.get("/readyz", token=None)[0] == 200
+    # The operator fixes the password and presses Start Sync: back without a restart.
+    password_file.write_text(user.password + "\n")
+    queue(user, build_message("john@clients.example", user.address, "after the fix"))
+    assert run_cli(daemon.config, "start-sync", user.address).returncode == 0
+    wait_filed(user, "Received", "after the fix")
+    assert daemon.metric("emailsync_mailbox_state", mailbox=user.address, state="needs_reauth") == 0
 
 
 def test_a_taken_listen_port_exits_69_with_a_clear_message(user: MailUser, tmp_path: Path) -> None:
