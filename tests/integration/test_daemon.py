@@ -268,3 +268,37 @@ def test_a_taken_listen_port_exits_69_with_a_clear_message(user: MailUser, tmp_p
     assert result.returncode == 69
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_sighup_restarts_a_changed_mailbox_stops_a_removed_one_and_survives_a_bad_config(
+    dovecot: Dovecot, daemons: DaemonFactory, tmp_path: Path
+) -> None:
+    kept, changed, removed = new_user(dovecot), new_user(dovecot), new_user(dovecot)
+    daemon = daemons.start([kept, changed, removed])
+    for u in (kept, changed, removed):
+        wait_until(
+            lambda u=u: (
+                daemon.metric("emailsync_mailbox_state", mailbox=u.address, state="idle") == 1
+            )
+        )
+    kept_pids, changed_pids = imap_pids(dovecot, kept.address), imap_pids(dovecot, changed.address)
+    original = daemon.config.read_text()
+
+    daemon.config.write_text(original + "\n[daemon\n")  # broken TOML
+    daemon.signal(signal.SIGHUP)
+    wait_until(lambda: "reload_failed" in daemon.log())
+    assert daemon.process.poll() is None
+    assert imap_pids(dovecot, kept.address) == kept_pids
+
+    section = f'address = "{changed.address}"'
+    marked = original.replace(section, section + '\ntrigger = "manual"')
+    cut = marked.index(f'[[mailboxes]]\naddress = "{removed.address}"')
+    daemon.config.write_text(marked[:cut])
+    daemon.signal(signal.SIGHUP)
+    wait_until(lambda: imap_pids(dovecot, removed.address) == set())
+    wait_until(lambda: daemon.mailboxes().get(changed.address, {}).get("trigger") == "manual")
+    wait_until(lambda: len(imap_pids(dovecot, changed.address)) == 1)
+    assert imap_pids(dovecot, changed.address) != changed_pids
+    assert imap_pids(dovecot, kept.address) == kept_pids
+    assert removed.address not in daemon.mailboxes()
+    assert daemon.metric("emailsync_mailbox_state", mailbox=removed.address, state="idle") is None
