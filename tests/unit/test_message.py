@@ -662,7 +662,7 @@ def _mutate(rng: random.Random, raw: bytes) -> bytes:
 
 def test_random_mutations_of_the_samples_never_raise() -> None:
     """Thousands of seeded corruptions each parse to a QueuedMessage with a hex key."""
-    rng = random.Random(5322)  # noqa: S311 - reason: seeded for reproducible fuzzing, not secrets
+    rng = random.Random(5322)
     sources = [p.read_bytes() for p in SAMPLES]
     started = time.monotonic()
     for _ in range(3000):

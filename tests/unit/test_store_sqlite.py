@@ -364,7 +364,7 @@ def test_concurrent_threads_recording_overlapping_events_give_exact_counts(
     def worker(index: int) -> int:
         order = keys[:]
         # A seeded shuffle, for a reproducible order per thread; nothing secret.
-        random.Random(index).shuffle(order)  # noqa: S311 - reason: see the line above
+        random.Random(index).shuffle(order)
         start.wait()
         new = 0
         for offset in range(0, len(order), 10):
