@@ -216,10 +216,12 @@ def run_demo(base: Path, *, once: bool, out: TextIO) -> int:
         store.close()
         print("\nStatus (emailsync status):", file=out)
         for status in client.mailboxes():
-            print(f"  {status['address']:22} {status['state']:6} filed {status['filed']}", file=out)
+            filed = ", ".join(f"{n} {outcome}" for outcome, n in sorted(status["filed"].items()))
+            print(f"  {status['address']:22} {status['state']:6} filed: {filed}", file=out)
         url = f"http://127.0.0.1:{port}"
         print(f"\nStatus page {url}/   metrics {url}/metrics   log {log_path}", file=out)
-        print(f"Try: emailsync --config {config} status | timeline | start-sync --all", file=out)
+        command = Path(sys.executable).with_name("emailsync")
+        print(f"Try: {command} --config {config} status | timeline | start-sync --all", file=out)
         if not once and sys.stdin.isatty():
             print("Running; press Ctrl-C to stop.", file=out)
             with contextlib.suppress(KeyboardInterrupt):
