@@ -84,6 +84,7 @@ class DovecotOptions:
     """How the throwaway server is set up."""
 
     separator: str = "."  # hierarchy delimiter: "." (maildir++) or "/" (LAYOUT=fs)
+    prefix: str = ""  # personal namespace prefix, e.g. "INBOX." as Courier has it
     without_capabilities: tuple[str, ...] = ()  # e.g. ("MOVE",) or ("IDLE",)
     tls: TlsFiles | None = None  # adds STARTTLS on the imap port and an imaps port
     extra_config: str = ""  # appended verbatim (oauth2 passdb and the like)
@@ -304,6 +305,7 @@ service anvil {{
 namespace inbox {{
   inbox = yes
   separator = {opts.separator}
+  prefix = {opts.prefix}
 }}
 {opts.extra_config}
 """

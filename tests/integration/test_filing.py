@@ -14,7 +14,7 @@ import pytest
 
 from emailsync import cli
 from emailsync.config import Settings
-from emailsync.devserver import Dovecot
+from emailsync.devserver import Dovecot, DovecotOptions, running_dovecot
 from emailsync.errors import StoreUnavailableError
 from emailsync.filing import Filer
 from emailsync.imap.auth import make_authenticator
@@ -120,6 +120,28 @@ def test_setup_uses_the_servers_slash_delimiter(dovecot_slash: Dovecot, tmp_path
     with user.client() as client:
         subscribed = {name for _, _, name in client.list_sub_folders()}
     assert {f"{ROOT}/Queue", f"{ROOT}/Sent", f"{ROOT}/Received", f"{ROOT}/Failed"} <= subscribed
+
+
+def test_setup_puts_the_tree_under_the_personal_namespace_prefix(tmp_path: Path) -> None:
+    with running_dovecot(options=DovecotOptions(prefix="INBOX.")) as server:
+        user = new_user(server)
+        settings = settings_for(tmp_path, [user])
+        with opened(settings, user.address) as session:
+            assert session.tree is not None
+            assert session.tree.queue == "INBOX.Rezi-Imported.Queue"
+        with user.client() as client:
+            subscribed = {name for _, _, name in client.list_sub_folders()}
+            client.append(
+                "INBOX.Rezi-Imported.Queue", build_message("a@b.example", user.address, "x")
+            )
+        assert {f"INBOX.{ROOT}", f"INBOX.{ROOT}.Queue", f"INBOX.{ROOT}.Failed"} <= subscribed
+        store = open_store(settings.store_url, settings.daemon.state_dir)
+        with opened(settings, user.address) as session:
+            Filer(settings.mailbox(user.address), store).run_pass(session)
+        with user.client() as client:
+            client.select_folder(f"INBOX.{ROOT}.Failed", readonly=True)
+            assert len(client.search(["ALL"])) == 1
+        store.close()
 
 
 def test_folder_names_with_non_ascii_characters_round_trip(user: MailUser, tmp_path: Path) -> None:
