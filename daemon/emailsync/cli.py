@@ -13,7 +13,14 @@ from typing import Any, TextIO
 import structlog
 
 from emailsync import __version__
-from emailsync.config import Settings, check_secrets, default_config_path, load_settings
+from emailsync.config import (
+    Settings,
+    check_secrets,
+    default_config_path,
+    load_settings,
+    mailbox_secret_problems,
+    shared_secret_problems,
+)
 from emailsync.control import ControlClient, stopped_marker
 from emailsync.errors import (
     AuthError,
@@ -230,9 +237,13 @@ def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
     from emailsync.supervisor import Supervisor  # noqa: PLC0415 -- only the daemon needs it
 
     settings = load(args)
-    problems = check_secrets(settings)
+    problems = shared_secret_problems(settings)
     if problems:
         raise ConfigError(problems)
+    # One agent's unreadable password must not stop everyone's sync: that mailbox starts in
+    # needs_reauth (its login fails), is alerted on, and the others run.
+    for problem in mailbox_secret_problems(settings):
+        log.error("mailbox_secret_unreadable", problem=problem)
     with store_for(settings) as store:
         return Supervisor(settings, store).run()
 

@@ -226,6 +226,11 @@ def parse_settings(data: Mapping[str, Any], path: Path) -> Settings:
 
 def check_secrets(settings: Settings) -> list[str]:
     """Problems with secrets that the config names but that cannot be read (values unseen)."""
+    return mailbox_secret_problems(settings) + shared_secret_problems(settings)
+
+
+def mailbox_secret_problems(settings: Settings) -> list[str]:
+    """Unreadable mailbox passwords: each concerns one mailbox only."""
     problems: list[str] = []
     for index, mailbox in enumerate(settings.mailboxes):
         if mailbox.enabled and mailbox.password is not None:
@@ -236,6 +241,12 @@ def check_secrets(settings: Settings) -> list[str]:
                 problems.extend(
                     f"{settings.path}: {key}: mailbox {mailbox.address}: {p}" for p in exc.problems
                 )
+    return problems
+
+
+def shared_secret_problems(settings: Settings) -> list[str]:
+    """Unreadable secrets every mailbox or the daemon itself needs (token, Office 365 app)."""
+    problems: list[str] = []
     if settings.daemon.control_token is not None:
         try:
             settings.daemon.control_token.read()

@@ -14,7 +14,14 @@ from emailsync import cli
 from emailsync.devserver import Dovecot
 
 from .conftest import MailUser, new_user, write_config
-from .daemonproc import DaemonFactory, daemon_config_extra, run_cli, wait_until
+from .daemonproc import (
+    DaemonFactory,
+    RunningDaemon,
+    daemon_config_extra,
+    new_port,
+    run_cli,
+    wait_until,
+)
 from .test_filing import build_message, folder_subjects, queue
 
 pytestmark = pytest.mark.dovecot
@@ -302,3 +309,41 @@ def test_sighup_restarts_a_changed_mailbox_stops_a_removed_one_and_survives_a_ba
     assert imap_pids(dovecot, kept.address) == kept_pids
     assert removed.address not in daemon.mailboxes()
     assert daemon.metric("emailsync_mailbox_state", mailbox=removed.address, state="idle") is None
+
+
+def test_one_unreadable_password_does_not_stop_the_other_mailboxes(
+    dovecot: Dovecot, tmp_path: Path
+) -> None:
+    good, broken = new_user(dovecot), new_user(dovecot)
+    port, token_file = new_port(), tmp_path / "control-token"
+    token_file.write_text("t0ken-for-this-test\n")
+    config = write_config(tmp_path, [good, broken], extra=daemon_config_extra(port, token_file))
+    (tmp_path / "secrets" / broken.address).unlink()  # missing from the start
+    assert run_cli(config, "groups", "add", "Smith", "john@clients.example").returncode == 0
+    daemon = RunningDaemon(config, port, "t0ken-for-this-test", tmp_path)
+    try:
+        daemon.wait_ready()
+        assert "mailbox_secret_unreadable" in daemon.log()
+        wait_until(
+            lambda: (
+                daemon.metric(
+                    "emailsync_mailbox_state", mailbox=broken.address, state="needs_reauth"
+                )
+                == 1
+            )
+        )
+        queue(good, build_message("john@clients.example", good.address, "still flowing"))
+        wait_filed(good, "Received", "still flowing")
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_an_unreadable_control_token_stops_the_daemon_with_exit_78(
+    user: MailUser, tmp_path: Path
+) -> None:
+    missing = tmp_path / "no-such-token"
+    config = write_config(tmp_path, [user], extra=daemon_config_extra(1, missing))
+    result = run_cli(config, "run")
+    assert result.returncode == 78
+    assert "daemon.control_token_file" in result.stderr
+    assert str(missing) in result.stderr
