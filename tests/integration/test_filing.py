@@ -16,11 +16,12 @@ from emailsync import cli
 from emailsync.config import Settings
 from emailsync.devserver import Dovecot, DovecotOptions, running_dovecot
 from emailsync.errors import StoreUnavailableError
-from emailsync.filing import Filer
+from emailsync.filing import Filer, PassResult
 from emailsync.imap.auth import make_authenticator
 from emailsync.imap.session import FILING_KEYWORD, ImapSession
 from emailsync.model import FolderRole
 from emailsync.store import open_store
+from emailsync.store.base import Store
 from emailsync.store.sqlite import SqliteStore
 
 from .conftest import MailUser, new_user, settings_for, write_config
@@ -65,6 +66,18 @@ def opened(settings: Settings, address: str) -> Iterator[ImapSession]:
         yield session
     finally:
         session.logout()
+
+
+def make_folders(settings: Settings, address: str) -> None:
+    """Log in once so that the folder tree exists."""
+    with opened(settings, address):
+        pass
+
+
+def file_queue(settings: Settings, store: Store, address: str) -> PassResult:
+    """One sync pass over a mailbox's Queue."""
+    with opened(settings, address) as session:
+        return Filer(settings.mailbox(address), store).run_pass(session)
 
 
 def queue(user: MailUser, *messages: bytes, delimiter: str = ".") -> None:
@@ -136,8 +149,7 @@ def test_setup_puts_the_tree_under_the_personal_namespace_prefix(tmp_path: Path)
             )
         assert {f"INBOX.{ROOT}", f"INBOX.{ROOT}.Queue", f"INBOX.{ROOT}.Failed"} <= subscribed
         store = open_store(settings.store_url, settings.daemon.state_dir)
-        with opened(settings, user.address) as session:
-            Filer(settings.mailbox(user.address), store).run_pass(session)
+        file_queue(settings, store, user.address)
         with user.client() as client:
             client.select_folder(f"INBOX.{ROOT}.Failed", readonly=True)
             assert len(client.search(["ALL"])) == 1
@@ -160,8 +172,7 @@ def test_messages_are_filed_to_sent_received_and_failed(user: MailUser, tmp_path
     settings = settings_for(tmp_path, [user])
     store = open_store(settings.store_url, settings.daemon.state_dir)
     store.add_group("Smith", ["john@clients.example"])
-    with opened(settings, user.address):
-        pass
+    make_folders(settings, user.address)
     queue(
         user,
         build_message(user.address, "John <JOHN@clients.example>", "outbound linked"),
@@ -170,8 +181,7 @@ def test_messages_are_filed_to_sent_received_and_failed(user: MailUser, tmp_path
         build_message(user.address, "stranger@else.example", "outbound unlinked"),
         b"\x00\x01\x02 not a message",
     )
-    with opened(settings, user.address) as session:
-        result = Filer(settings.mailbox(user.address), store).run_pass(session)
+    result = file_queue(settings, store, user.address)
     assert len(result.decisions) == 5
     assert result.new_events == 2
     assert folder_subjects(user, "Sent") == {"outbound linked": set()}
@@ -195,8 +205,7 @@ def test_alias_from_is_outbound_and_cc_bcc_are_counterparts(user: MailUser, tmp_
     store = open_store(settings.store_url, settings.daemon.state_dir)
     store.add_group("Cc group", ["cc@clients.example"])
     store.add_group("Bcc group", ["bcc@clients.example"])
-    with opened(settings, user.address):
-        pass
+    make_folders(settings, user.address)
     queue(
         user,
         build_message(
@@ -207,8 +216,7 @@ def test_alias_from_is_outbound_and_cc_bcc_are_counterparts(user: MailUser, tmp_
             bcc="bcc@clients.example",
         ),
     )
-    with opened(settings, user.address) as session:
-        Filer(settings.mailbox(user.address), store).run_pass(session)
+    file_queue(settings, store, user.address)
     assert folder_subjects(user, "Sent") == {"from the alias": set()}
     assert sorted(e.group for e in store.list_events()) == ["Bcc group", "Cc group"]
     assert {e.direction.value for e in store.list_events()} == {"outbound"}
@@ -223,13 +231,11 @@ def test_one_message_linked_to_several_groups_gets_one_event_each(
     store.add_group("Buyer", ["buyer@clients.example"])
     store.add_group("Seller", ["seller@clients.example"])
     store.add_group("Both", ["buyer@clients.example", "seller@clients.example"])
-    with opened(settings, user.address):
-        pass
+    make_folders(settings, user.address)
     queue(
         user, build_message(user.address, "buyer@clients.example, seller@clients.example", "deal")
     )
-    with opened(settings, user.address) as session:
-        result = Filer(settings.mailbox(user.address), store).run_pass(session)
+    result = file_queue(settings, store, user.address)
     assert result.new_events == 3
     assert sorted(e.group for e in store.list_events()) == ["Both", "Buyer", "Seller"]
     store.close()
@@ -246,11 +252,9 @@ def test_same_message_in_two_mailboxes_gives_one_event_listing_both(
         "john@clients.example", f"{first.address}, {second.address}", "to both agents"
     )
     for u in (first, second):
-        with opened(settings, u.address):
-            pass
+        make_folders(settings, u.address)
         queue(u, raw)
-        with opened(settings, u.address) as session:
-            Filer(settings.mailbox(u.address), store).run_pass(session)
+        file_queue(settings, store, u.address)
     events = store.list_events()
     assert len(events) == 1
     assert set(events[0].mailboxes) == {first.address, second.address}
@@ -262,8 +266,7 @@ def test_refiling_the_same_message_records_no_new_event(user: MailUser, tmp_path
     store = open_store(settings.store_url, settings.daemon.state_dir)
     store.add_group("Smith", ["john@clients.example"])
     raw = build_message("john@clients.example", user.address, "again")
-    with opened(settings, user.address):
-        pass
+    make_folders(settings, user.address)
     filer = Filer(settings.mailbox(user.address), store)
     new_counts = []
     for _ in range(2):
@@ -280,15 +283,13 @@ def test_messages_reusing_a_message_id_are_not_merged(user: MailUser, tmp_path: 
     settings = settings_for(tmp_path, [user])
     store = open_store(settings.store_url, settings.daemon.state_dir)
     store.add_group("Smith", ["john@clients.example"])
-    with opened(settings, user.address):
-        pass
+    make_folders(settings, user.address)
     queue(
         user,
         build_message("john@clients.example", user.address, "first", message_id="<same@broken>"),
         build_message("john@clients.example", user.address, "second", message_id="<same@broken>"),
     )
-    with opened(settings, user.address) as session:
-        Filer(settings.mailbox(user.address), store).run_pass(session)
+    file_queue(settings, store, user.address)
     assert sorted(e.subject for e in store.list_events()) == ["first", "second"]
     store.close()
 
@@ -336,8 +337,7 @@ def test_without_move_copy_and_expunge_files_each_message_once(
         build_message("john@clients.example", user.address, "in"),
         build_message(user.address, "john@clients.example", "out"),
     )
-    with opened(settings, user.address) as session:
-        Filer(settings.mailbox(user.address), store).run_pass(session)
+    file_queue(settings, store, user.address)
     assert folder_subjects(user, "Received") == {"in": set()}
     assert folder_subjects(user, "Sent") == {"out": set()}
     assert folder_subjects(user, "Queue") == {}
@@ -351,8 +351,7 @@ def test_copy_fallback_after_a_crash_between_copy_and_expunge_leaves_one_copy(
     settings = settings_for(tmp_path, [user])
     store = open_store(settings.store_url, settings.daemon.state_dir)
     store.add_group("Smith", ["john@clients.example"])
-    with opened(settings, user.address):
-        pass
+    make_folders(settings, user.address)
     queue(user, build_message("john@clients.example", user.address, "crashed"))
     # What an interrupted earlier attempt leaves: the marker on the Queue message and its
     # copy in Received, but no EXPUNGE.
@@ -361,8 +360,7 @@ def test_copy_fallback_after_a_crash_between_copy_and_expunge_leaves_one_copy(
         uids = client.search(["ALL"])
         client.add_flags(uids, [FILING_KEYWORD])
         client.copy(uids, f"{ROOT}.Received")
-    with opened(settings, user.address) as session:
-        Filer(settings.mailbox(user.address), store).run_pass(session)
+    file_queue(settings, store, user.address)
     with user.client() as client:
         client.select_folder(f"{ROOT}.Received", readonly=True)
         assert len(client.search(["ALL"])) == 1
@@ -379,8 +377,7 @@ def test_unreachable_store_leaves_messages_in_queue(user: MailUser, tmp_path: Pa
     setup.close()
     db = settings.daemon.state_dir / "emailsync.db"
     store = SqliteStore(db, busy_timeout_seconds=0.05)
-    with opened(settings, user.address):
-        pass
+    make_folders(settings, user.address)
     queue(user, build_message("john@clients.example", user.address, "waits"))
     blocker = sqlite3.connect(db)
     blocker.execute("BEGIN EXCLUSIVE")  # another writer holds the database
@@ -392,8 +389,7 @@ def test_unreachable_store_leaves_messages_in_queue(user: MailUser, tmp_path: Pa
         blocker.close()
     assert folder_subjects(user, "Queue") == {"waits": set()}
     assert folder_subjects(user, "Failed") == {}
-    with opened(settings, user.address) as session:
-        Filer(settings.mailbox(user.address), store).run_pass(session)
+    file_queue(settings, store, user.address)
     assert folder_subjects(user, "Received") == {"waits": set()}
     store.close()
 
@@ -474,16 +470,14 @@ def test_one_message_whose_events_cannot_be_recorded_does_not_hold_up_the_others
     setup.add_group("Gone", ["gone@clients.example"])
     setup.close()
     store = GroupRemovedMidPass(settings.daemon.state_dir / "emailsync.db", doomed="Gone")
-    with opened(settings, user.address):
-        pass
+    make_folders(settings, user.address)
     queue(
         user,
         build_message("john@clients.example", user.address, "fine"),
         build_message("gone@clients.example", user.address, "group vanished"),
         build_message("stranger@else.example", user.address, "no group"),
     )
-    with opened(settings, user.address) as session:
-        result = Filer(settings.mailbox(user.address), store).run_pass(session)
+    result = file_queue(settings, store, user.address)
     assert folder_subjects(user, "Received") == {"fine": set()}
     assert folder_subjects(user, "Failed") == {"no group": {"$EmailSyncNoGroup"}}
     assert folder_subjects(user, "Queue") == {"group vanished": set()}  # waits, never lost
