@@ -293,11 +293,12 @@ class MailboxWorker(threading.Thread):
             # Re-select: EXISTS is then exact (the pass's own MOVEs expunged messages), and mail
             # that landed after the pass's last search shows up here instead of waiting for
             # the next sweep, since IDLE will not announce it again.
-            depth = session.select_queue()
-            self._update_queue_gauges(session)
+            # One SEARCH serves both the gauges and the check for unseen mail.
+            uids = session.queue_uids() if session.select_queue() else []
+            self._update_queue_gauges(session, uids)
             if self._stop_requested():
                 return None
-            if depth and self._unseen_waiting(session):
+            if self._unseen_waiting(uids):
                 trigger = "idle"  # landed after the pass's last search: file it now
                 continue
             self._set_state(State.IDLE)
@@ -306,7 +307,7 @@ class MailboxWorker(threading.Thread):
                 return RECONNECT
         return None
 
-    def _unseen_waiting(self, session: ImapSession) -> bool:
+    def _unseen_waiting(self, uids: Sequence[int]) -> bool:
         """True when an auto mailbox's Queue holds a message the last pass did not try.
 
         Messages a pass tried and could not move stay in Queue; they wait for the next
@@ -314,7 +315,7 @@ class MailboxWorker(threading.Thread):
         """
         if self.mailbox.trigger != "auto":
             return False
-        return bool(set(session.queue_uids()) - self.filer.attempted)
+        return bool(set(uids) - self.filer.attempted)
 
     def _token_deadline(self) -> float:
         """Monotonic time at which to reconnect for a fresh token (inf for passwords)."""
@@ -429,9 +430,9 @@ class MailboxWorker(threading.Thread):
                 key = decision.outcome.value
                 self.status.filed[key] = self.status.filed.get(key, 0) + 1
 
-    def _update_queue_gauges(self, session: ImapSession) -> None:
+    def _update_queue_gauges(self, session: ImapSession, uids: Sequence[int]) -> None:
         self._set_queue(session.exists)
-        self._oldest_queued = session.oldest_queued() if session.exists else None
+        self._oldest_queued = session.oldest_queued(uids)
         self.refresh_gauges()
 
     def refresh_gauges(self) -> None:

@@ -391,16 +391,15 @@ class ImapSession:
             elif second == b"EXPUNGE" and isinstance(first, int):
                 self.exists = max(0, self.exists - 1)
 
-    def oldest_queued(self) -> datetime | None:
-        """When the oldest message in the selected Queue landed there; None when it is empty.
+    def oldest_queued(self, uids: Sequence[int]) -> datetime | None:
+        """When the oldest of these Queue messages landed there; None for no messages.
 
         SAVEDATE (RFC 8514) where the server has it; else INTERNALDATE, which for a message
         moved in from another folder is when it was first received, so an over-estimate.
         """
+        if not uids:
+            return None
         with translated("fetch oldest"):
-            uids = self.client.search(["ALL"])
-            if not uids:
-                return None
             items = [b"INTERNALDATE", *([b"SAVEDATE"] if self.has("SAVEDATE") else [])]
             response = self.client.fetch([min(uids)], items)
         for data in response.values():
