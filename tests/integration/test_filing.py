@@ -15,7 +15,7 @@ import pytest
 from emailsync import cli
 from emailsync.config import Settings
 from emailsync.devserver import Dovecot, DovecotOptions, running_dovecot
-from emailsync.errors import StoreUnavailableError
+from emailsync.errors import StoreUnavailableError, UidValidityChangedError
 from emailsync.filing import Filer, PassResult
 from emailsync.imap.auth import make_authenticator
 from emailsync.imap.session import FILING_KEYWORD, ImapSession
@@ -483,4 +483,71 @@ def test_one_message_whose_events_cannot_be_recorded_does_not_hold_up_the_others
     assert folder_subjects(user, "Queue") == {"group vanished": set()}  # waits, never lost
     assert sorted(d.message.subject for d in result.decisions) == ["fine", "no group"]
     assert [e.subject for e in store.list_events()] == ["fine"]
+    store.close()
+
+
+class QueueReplacedBeforeExpunge(ImapSession):
+    """The real session, with another client replacing Queue while dest is selected.
+
+    What a user or an admin tool can do between the COPY of an interrupted attempt and our
+    EXPUNGE: rename Queue away and create a new one holding other mail. The new Queue has a
+    new UIDVALIDITY, and the old UIDs name its messages (RFC 3501 §2.3.1.1).
+    """
+
+    user: MailUser
+    newcomer: bytes
+
+    def _copies_in(self, dest: str, uids: list[int]) -> set[int]:
+        found = super()._copies_in(dest, uids)
+        with self.user.client() as client:
+            client.rename_folder(f"{ROOT}.Queue", f"{ROOT}.Queue-old")
+            client.create_folder(f"{ROOT}.Queue")
+            client.append(f"{ROOT}.Queue", self.newcomer)
+        return found
+
+
+def test_copy_fallback_refuses_to_expunge_when_queue_uidvalidity_changed(
+    dovecot_nomove: Dovecot, tmp_path: Path
+) -> None:
+    user = new_user(dovecot_nomove)
+    settings = settings_for(tmp_path, [user])
+    store = open_store(settings.store_url, settings.daemon.state_dir)
+    store.add_group("Smith", ["john@clients.example"])
+    make_folders(settings, user.address)
+    queue(user, build_message("john@clients.example", user.address, "crashed"))
+    with user.client() as client:  # an interrupted attempt: marker and copy, no EXPUNGE
+        client.select_folder(f"{ROOT}.Queue")
+        uids = client.search(["ALL"])
+        client.add_flags(uids, [FILING_KEYWORD])
+        client.copy(uids, f"{ROOT}.Received")
+        old_validity = client.folder_status(f"{ROOT}.Queue", ["UIDVALIDITY"])[b"UIDVALIDITY"]
+    mailbox = settings.mailbox(user.address)
+    session = QueueReplacedBeforeExpunge.open(
+        mailbox, settings.folders, make_authenticator(mailbox, settings), timeout_seconds=10
+    )
+    session.user = user
+    session.newcomer = build_message("john@clients.example", user.address, "newcomer")
+    raised: Exception | None = None
+    try:
+        session.ensure_folders()
+        Filer(mailbox, store).run_pass(session)
+    except UidValidityChangedError as exc:
+        raised = exc
+    finally:
+        session.logout()
+    with user.client() as client:
+        new_validity = client.folder_status(f"{ROOT}.Queue", ["UIDVALIDITY"])[b"UIDVALIDITY"]
+    assert new_validity != old_validity
+    # The newcomer carries the old message's UID in the new Queue: it must not be expunged.
+    assert folder_subjects(user, "Queue") == {"newcomer": set()}
+    assert folder_subjects(user, "Received") == {"crashed": {FILING_KEYWORD}}
+    assert isinstance(raised, UidValidityChangedError)
+    # The next pass (a fresh session) files the newcomer once; nothing lost, nothing doubled.
+    file_queue(settings, store, user.address)
+    assert folder_subjects(user, "Queue") == {}
+    with user.client() as client:
+        client.select_folder(f"{ROOT}.Received", readonly=True)
+        data = client.fetch(client.search(["ALL"]), ["ENVELOPE"])
+    subjects = sorted((d[b"ENVELOPE"].subject or b"").decode() for d in data.values())
+    assert subjects == ["crashed", "newcomer"]
     store.close()

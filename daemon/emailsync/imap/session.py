@@ -258,7 +258,7 @@ class ImapSession:
         with translated(f"file to {role.value}"):
             if keyword and self.keywords_allowed:
                 self.client.add_flags(list(uids), [keyword], silent=True)
-            self._move(list(uids), tree.queue, dest)
+            self._move(list(uids), tree.queue, dest, self.uidvalidity)
 
     def requeue(self, role: FolderRole, keywords: Sequence[str]) -> int:
         """Move every message of a folder (e.g. Failed) back to Queue, without the keywords."""
@@ -272,21 +272,25 @@ class ImapSession:
             if b"\\*" in tuple(info.get(b"PERMANENTFLAGS", ())):
                 self.client.remove_flags(uids, list(keywords), silent=True)
             self.keywords_allowed = False  # the fallback's marker is for Queue only
-            self._move(uids, source, tree.queue)
+            self._move(uids, source, tree.queue, int(info.get(b"UIDVALIDITY", 0)))
         return len(uids)
 
-    def _move(self, uids: list[int], source: str, dest: str) -> None:
+    def _move(self, uids: list[int], source: str, dest: str, uidvalidity: int | None) -> None:
         if self.has("MOVE"):
             self.client.move(uids, dest)  # RFC 6851
         else:
-            self._copy_then_expunge(uids, source, dest)
+            self._copy_then_expunge(uids, source, dest, uidvalidity)
 
-    def _copy_then_expunge(self, uids: list[int], source: str, dest: str) -> None:
+    def _copy_then_expunge(
+        self, uids: list[int], source: str, dest: str, uidvalidity: int | None
+    ) -> None:
         """COPY + \\Deleted + UID EXPUNGE, without leaving a second copy after a crash.
 
         Before copying, the Queue messages get FILING_KEYWORD, which COPY carries over. A
         message that already has it was copied by an earlier, interrupted attempt: if its copy
         is in ``dest`` it is not copied again. After EXPUNGE the keyword is taken off the copies.
+        ``uidvalidity`` is the source's when ``uids`` were read: every re-SELECT of the source
+        checks it, so that a source replaced meanwhile never has the wrong messages expunged.
         """
         if not self.keywords_allowed:
             # Without keywords there is nothing to recognise an earlier copy by.
@@ -296,7 +300,7 @@ class ImapSession:
         flags = self.client.get_flags(uids)
         interrupted = [uid for uid in uids if FILING_KEYWORD.encode() in flags.get(uid, ())]
         already_copied = self._copies_in(dest, interrupted) if interrupted else set()
-        self.client.select_folder(source)
+        self._reselect(source, uidvalidity)
         to_copy = [uid for uid in uids if uid not in already_copied]
         if to_copy:
             self.client.add_flags(to_copy, [FILING_KEYWORD], silent=True)
@@ -307,7 +311,24 @@ class ImapSession:
         pending = self.client.search(["KEYWORD", FILING_KEYWORD])
         if pending:
             self.client.remove_flags(pending, [FILING_KEYWORD], silent=True)
-        self.client.select_folder(source)
+        # The caller goes on with more UIDs of the source: they must still name the same mail.
+        self._reselect(source, uidvalidity)
+
+    def _reselect(self, folder: str, uidvalidity: int | None) -> None:
+        """SELECT a folder again; UidValidityChangedError if its UIDVALIDITY is not the one known.
+
+        RFC 3501 §2.3.1.1: UIDs are only meaningful together with UIDVALIDITY. A folder that
+        was deleted and re-created (or renamed away and replaced) between two SELECTs has a new
+        one, and the UIDs read before would name other messages; UID EXPUNGE (RFC 4315) of them
+        would destroy mail that was never copied.
+        """
+        info = self.client.select_folder(folder)
+        current = int(info.get(b"UIDVALIDITY", 0))
+        if uidvalidity is not None and current != uidvalidity:
+            self.log.warning(
+                "uidvalidity_changed", folder=folder, expected=uidvalidity, found=current
+            )
+            raise UidValidityChangedError(f"{folder}: UIDVALIDITY changed to {current}")
 
     def _copies_in(self, dest: str, uids: list[int]) -> set[int]:
         """Queue UIDs among ``uids`` with a copy in dest (same Message-ID, size, INTERNALDATE)."""
