@@ -120,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("start-sync", cmd_start_sync, "send Start Sync to the running daemon")
     p.add_argument("addresses", nargs="*", metavar="ADDRESS")
     p.add_argument("--all", action="store_true", help="every mailbox")
+    p.add_argument(
+        "--include-stuck",
+        action="store_true",
+        help="also retry messages quarantined in Queue ($EmailSyncStuck)",
+    )
 
     p = command("stop", cmd_stop, "Stop Email Sync for a mailbox (forgets its tokens)")
     p.add_argument("address")
@@ -127,7 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("status", cmd_status, "per-mailbox state from the running daemon")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
 
-    p = command("retry-failed", cmd_retry_failed, "move Failed messages back to Queue")
+    p = command(
+        "retry-failed",
+        cmd_retry_failed,
+        "move Failed messages back to Queue and release stuck ones in Queue",
+    )
     p.add_argument("address", help="the mailbox address")
 
     groups = sub.add_parser("groups", help="the group directory of the built-in store")
@@ -255,8 +264,9 @@ def cmd_start_sync(args: argparse.Namespace, out: TextIO) -> int:
         return EXIT_USAGE
     client = ControlClient(load_settings(args.config or default_config_path()))
     for address in [None] if args.all else args.addresses:
-        client.sync(address)
-        print(f"start sync: {address or 'all mailboxes'}", file=out)
+        client.sync(address, include_stuck=args.include_stuck)
+        stuck = " (releasing stuck messages)" if args.include_stuck else ""
+        print(f"start sync: {address or 'all mailboxes'}{stuck}", file=out)
     return EXIT_OK
 
 
@@ -280,6 +290,7 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
             filed = ", ".join(f"{k} {n}" for k, n in sorted(status.get("filed", {}).items()))
             print(
                 f"{status['address']:32} {status['state']:13} queue={status['queue']:<4} "
+                f"stuck={status.get('stuck', 0):<3} "
                 f"last_sync={status.get('last_sync') or 'never'}  {filed}"
                 + (f"  error: {status['last_error']}" if status.get("last_error") else ""),
                 file=out,
@@ -371,12 +382,17 @@ def _print_pass(address: str, result: PassResult, out: TextIO, *, dry_run: bool)
 
 
 def cmd_retry_failed(args: argparse.Namespace, out: TextIO) -> int:
-    """Move every Failed message back to Queue (after groups were linked)."""
+    """Move every Failed message back to Queue (after groups were linked); release stuck ones."""
     settings = load(args)
     with session_for(settings, args.address) as session:
         session.ensure_folders()
         moved = session.requeue(FolderRole.FAILED, list(OUTCOME_KEYWORD.values()))
+        released = session.release_stuck()
     print(f"{args.address}: moved {moved} messages from Failed back to Queue", file=out)
+    print(f"{args.address}: released {released} stuck messages in Queue", file=out)
+    if released:
+        # A keyword change is no new mail to IDLE: ask a running daemon for a pass now.
+        _poke_daemon(settings, settings.mailbox(args.address).address, out)
     return EXIT_OK
 
 

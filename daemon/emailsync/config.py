@@ -28,6 +28,7 @@ SWEEP_SECONDS = 10 * 60
 POLL_SECONDS = 60
 TIMEOUT_SECONDS = 30.0
 FETCH_BATCH = 200
+STUCK_AFTER_ATTEMPTS = 5
 
 SECURITIES = ("ssl", "starttls", "none")
 AUTHS = ("password", "office365")
@@ -59,6 +60,7 @@ class DaemonSettings:
     fetch_batch: int = FETCH_BATCH
     max_backoff_seconds: float = 300.0
     reauth_retry_seconds: float = 30 * 60.0
+    stuck_after_attempts: int = STUCK_AFTER_ATTEMPTS
 
 
 @dataclass(frozen=True)
@@ -440,6 +442,9 @@ def _parse_daemon(table: _Table, base_dir: Path) -> DaemonSettings:
         fetch_batch=table.get("fetch_batch", int, FETCH_BATCH, _positive),
         max_backoff_seconds=table.get("max_backoff_seconds", float, 300.0, _positive),
         reauth_retry_seconds=table.get("reauth_retry_seconds", float, 1800.0, _positive),
+        stuck_after_attempts=table.get(
+            "stuck_after_attempts", int, STUCK_AFTER_ATTEMPTS, _positive
+        ),
     )
 
 

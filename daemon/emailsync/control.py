@@ -85,10 +85,10 @@ class ControlClient:
         """Per-mailbox status."""
         return list(self.request("GET", "/v1/mailboxes").get("mailboxes", []))
 
-    def sync(self, address: str | None) -> None:
-        """Start Sync for one mailbox, or all."""
+    def sync(self, address: str | None, *, include_stuck: bool = False) -> None:
+        """Start Sync for one mailbox, or all; ``include_stuck`` releases quarantined mail first."""
         path = "/v1/sync" if address is None else f"/v1/mailboxes/{quote(address)}/sync"
-        self.request("POST", path)
+        self.request("POST", path + ("?include_stuck=true" if include_stuck else ""))
 
     def stop(self, address: str) -> None:
         """Stop Email Sync for a mailbox."""

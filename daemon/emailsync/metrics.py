@@ -80,6 +80,13 @@ class Metrics:
             namespace=ns,
             registry=registry,
         )
+        self.messages_stuck = Gauge(
+            "messages_stuck",
+            "Messages quarantined in Queue (keyword $EmailSyncStuck) after repeated refusals.",
+            ["mailbox"],
+            namespace=ns,
+            registry=registry,
+        )
         self.queue_oldest_age = Gauge(
             "queue_oldest_message_age_seconds",
             "Age of the oldest message waiting in Queue (0 when it is empty).",
@@ -151,6 +158,7 @@ class Metrics:
         self.auth_failures.labels(mailbox=mailbox)
         self.queue_messages.labels(mailbox=mailbox).set(0)
         self.queue_oldest_age.labels(mailbox=mailbox).set(0)
+        self.messages_stuck.labels(mailbox=mailbox).set(0)
 
     def set_state(self, mailbox: str, state: str) -> None:
         """Set the state gauge: 1 for ``state``, 0 for the others."""
@@ -166,6 +174,7 @@ class Metrics:
             self.sync_pass_seconds,
             self.queue_messages,
             self.queue_oldest_age,
+            self.messages_stuck,
             self.last_sync,
             self.auth_failures,
             self.token_expiry,

@@ -46,6 +46,12 @@ OUTCOME_KEYWORD: dict[Outcome, str] = {
     Outcome.UNPARSEABLE: "$EmailSyncUnparseable",
 }
 
+# Keyword on a Queue message the server would not move or fetch (or the store would not take)
+# on ``stuck_after_attempts`` passes in a row: it stays in Queue and passes skip it until the
+# keyword is removed (``retry-failed``, Start Sync with include_stuck, or by hand). Being on
+# the message, the quarantine survives a restart of the daemon.
+STUCK_KEYWORD = "$EmailSyncStuck"
+
 
 @dataclass(frozen=True)
 class FetchedMessage:

@@ -90,16 +90,23 @@ class Supervisor:
             running = [w.snapshot() for w in self.workers.values()]
             return sorted([*running, *self._stopped.values()], key=lambda s: s.address)
 
-    def start_sync(self, address: str | None) -> bool:
-        """Start Sync for one mailbox (False if unknown or stopped) or all."""
+    def start_sync(self, address: str | None, *, include_stuck: bool = False) -> bool:
+        """Start Sync for one mailbox (False if unknown or stopped) or all.
+
+        ``include_stuck``: the pass first releases the messages quarantined in Queue.
+        """
         with self._lock:
             if address is None:
                 for each in self.workers.values():
+                    if include_stuck:
+                        each.filer.release_stuck()
                     each.request_pass("start_sync")
                 return True
             worker = self.workers.get(address.lower())
         if worker is None:
             return False
+        if include_stuck:
+            worker.filer.release_stuck()
         worker.request_pass("start_sync")
         return True
 

@@ -10,7 +10,7 @@ from dataclasses import asdict
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote
 
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -28,7 +28,7 @@ class Control(Protocol):
 
     def statuses(self) -> list[WorkerStatus]: ...
 
-    def start_sync(self, address: str | None) -> bool: ...
+    def start_sync(self, address: str | None, *, include_stuck: bool = False) -> bool: ...
 
     def stop_mailbox(self, address: str) -> bool: ...
 
@@ -123,9 +123,14 @@ def _handler_class(
                 self.rfile.read(length)
             if not self._authorised():
                 return
-            parts = [unquote(p) for p in self.path.split("?", 1)[0].strip("/").split("/")]
+            path, _, query = self.path.partition("?")
+            parts = [unquote(p) for p in path.strip("/").split("/")]
+            include_stuck = _include_stuck(query)
+            if include_stuck is None:
+                self._json(HTTPStatus.BAD_REQUEST, {"error": "include_stuck must be true or false"})
+                return
             if parts == ["v1", "sync"]:
-                control.start_sync(None)
+                control.start_sync(None, include_stuck=include_stuck)
                 self._json(HTTPStatus.ACCEPTED, {"sync": "all"})
                 return
             if (
@@ -135,7 +140,7 @@ def _handler_class(
             ):
                 address, action = parts[2], parts[3]
                 act = {
-                    "sync": control.start_sync,
+                    "sync": lambda a: control.start_sync(a, include_stuck=include_stuck),
                     "stop": control.stop_mailbox,
                     "start": control.start_mailbox,
                 }
@@ -176,6 +181,12 @@ def _handler_class(
     return Handler
 
 
+def _include_stuck(query: str) -> bool | None:
+    """``include_stuck`` of a Start Sync query string; None when its value is not a boolean."""
+    values = parse_qs(query, keep_blank_values=True).get("include_stuck", ["false"])
+    return {"true": True, "1": True, "false": False, "0": False}.get(values[-1].lower())
+
+
 def _status_page(statuses: list[WorkerStatus]) -> str:
     rows = "\n".join(
         "<tr>"
@@ -186,6 +197,7 @@ def _status_page(statuses: list[WorkerStatus]) -> str:
                 s.state,
                 s.trigger,
                 s.queue,
+                s.stuck,
                 s.last_sync or "never",
                 ", ".join(f"{k}: {n}" for k, n in sorted(s.filed.items())) or "-",
                 s.last_error or "",
@@ -200,7 +212,8 @@ def _status_page(statuses: list[WorkerStatus]) -> str:
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:.3em .8em;text-align:left}}
 tr:nth-child(even){{background:#f3f3f3}}</style></head>
 <body><h1>emailsync</h1>
-<table><tr><th>mailbox</th><th>state</th><th>trigger</th><th>queue</th><th>last sync</th>
+<table><tr><th>mailbox</th><th>state</th><th>trigger</th><th>queue</th><th>stuck</th>
+<th>last sync</th>
 <th>filed</th><th>last error</th></tr>
 {rows}
 </table><p><a href="/metrics">/metrics</a></p></body></html>

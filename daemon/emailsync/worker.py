@@ -81,6 +81,7 @@ class WorkerStatus:
     state: str
     trigger: str
     queue: int = 0
+    stuck: int = 0  # quarantined in Queue ($EmailSyncStuck), skipped by passes
     last_sync: str | None = None
     last_error: str | None = None
     next_attempt: str | None = None
@@ -116,7 +117,11 @@ class MailboxWorker(threading.Thread):
         self.rng = rng or random.Random()  # noqa: S311 -- jitter, not cryptography
         self.log = log.bind(mailbox=mailbox.address)
         self.filer = Filer(
-            mailbox, store, batch_size=settings.daemon.fetch_batch, on_filed=self._on_filed
+            mailbox,
+            store,
+            batch_size=settings.daemon.fetch_batch,
+            on_filed=self._on_filed,
+            stuck_after=settings.daemon.stuck_after_attempts,
         )
         self.first_attempt_done = threading.Event()
         self._running = True
@@ -338,6 +343,9 @@ class MailboxWorker(threading.Thread):
         self.filer.run_pass(session, stopping=self._stop_requested)
         elapsed = time.monotonic() - started
         address = self.mailbox.address
+        self.metrics.messages_stuck.labels(mailbox=address).set(self.filer.stuck)
+        with self._lock:
+            self.status.stuck = self.filer.stuck
         self.metrics.sync_passes.labels(mailbox=address, trigger=trigger).inc()
         self.metrics.sync_pass_seconds.labels(mailbox=address).observe(elapsed)
         now = time.time()

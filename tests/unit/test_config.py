@@ -105,6 +105,7 @@ def write_full_config(directory: Path) -> Path:
         fetch_batch = 50
         max_backoff_seconds = 120
         reauth_retry_seconds = 900
+        stuck_after_attempts = 3
 
         [folders]
         root = "CRM"
@@ -182,6 +183,7 @@ def test_full_config_with_every_documented_key_loads_to_the_expected_values(
             fetch_batch=50,
             max_backoff_seconds=120.0,
             reauth_retry_seconds=900.0,
+            stuck_after_attempts=3,
         ),
         folders=FolderSettings(
             root="CRM", queue="Inbox-Queue", sent="Outbox", received="Incoming", failed="Problems"
@@ -286,6 +288,7 @@ def test_minimal_config_gets_the_documented_defaults(tmp_path: Path) -> None:
     assert (settings.daemon.listen_host, settings.daemon.listen_port) == ("127.0.0.1", 9387)
     assert settings.daemon.control_token is None
     assert settings.daemon.idle_renew_seconds == 23 * 60
+    assert settings.daemon.stuck_after_attempts == 5
     assert settings.folders == FolderSettings(
         root="Rezi-Imported", queue="Queue", sent="Sent", received="Received", failed="Failed"
     )
@@ -647,6 +650,7 @@ def test_several_problems_are_all_reported_at_once(tmp_path: Path) -> None:
         listen = "nowhere"
         fetch_batch = 0
         idle_renew_seconds = 1800
+        stuck_after_attempts = 0
 
         [folders]
         sent = "Sent/Items"
@@ -671,6 +675,7 @@ def test_several_problems_are_all_reported_at_once(tmp_path: Path) -> None:
             "daemon.listen",
             "daemon.fetch_batch",
             "daemon.idle_renew_seconds",
+            "daemon.stuck_after_attempts",
             "folders.sent",
             "branches.london.host",
             "branches.london.security",
@@ -743,6 +748,16 @@ def test_unknown_key_message_does_not_echo_its_value(tmp_path: Path) -> None:
             "must be an integer, not a boolean",
         ),
         (
+            "[daemon]\nstuck_after_attempts = 2.5\n",
+            "daemon.stuck_after_attempts",
+            "must be an integer, not a number",
+        ),
+        (
+            '[daemon]\nstuck_after_attempts = "5"\n',
+            "daemon.stuck_after_attempts",
+            "must be an integer, not a string",
+        ),
+        (
             '[daemon]\nlog_format = ["json"]\n',
             "daemon.log_format",
             "must be a string, not an array",
@@ -812,6 +827,16 @@ def test_mailbox_address_of_the_wrong_type_also_needs_no_other_report(tmp_path: 
         ('[daemon]\nstate_dir = ""\n', "daemon.state_dir", "must not be empty"),
         ("[daemon]\nsweep_seconds = 0\n", "daemon.sweep_seconds", "must be greater than 0"),
         ("[daemon]\npoll_seconds = -1\n", "daemon.poll_seconds", "must be greater than 0"),
+        (
+            "[daemon]\nstuck_after_attempts = 0\n",
+            "daemon.stuck_after_attempts",
+            "must be greater than 0",
+        ),
+        (
+            "[daemon]\nstuck_after_attempts = -3\n",
+            "daemon.stuck_after_attempts",
+            "must be greater than 0",
+        ),
         (
             '[daemon]\nlog_level = "verbose"\n',
             "daemon.log_level",

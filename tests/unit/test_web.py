@@ -21,13 +21,15 @@ class Supervisor:
     def __init__(self) -> None:
         self.is_ready = False
         self.synced: list[str | None] = []
+        self.include_stuck: list[bool] = []
         self.known = {"agent@example.com"}
 
     def statuses(self) -> list[WorkerStatus]:
         return [WorkerStatus("<script>@example.com", "idle", "auto", last_error="a & b")]
 
-    def start_sync(self, address: str | None) -> bool:
+    def start_sync(self, address: str | None, *, include_stuck: bool = False) -> bool:
         self.synced.append(address)
+        self.include_stuck.append(include_stuck)
         return address is None or address in self.known
 
     def stop_mailbox(self, address: str) -> bool:
@@ -102,6 +104,26 @@ def test_mailbox_actions_route_by_address(served: tuple[WebServer, Supervisor]) 
     assert supervisor.synced == ["agent@example.com"]
     assert call(server, "POST", "/v1/mailboxes/other@example.com/stop", AUTH)[0] == 404
     assert call(server, "POST", "/v1/mailboxes/agent@example.com/delete", AUTH)[0] == 404
+
+
+def test_start_sync_takes_include_stuck_from_the_query(
+    served: tuple[WebServer, Supervisor],
+) -> None:
+    server, supervisor = served
+    path = "/v1/mailboxes/agent%40example.com/sync"
+    assert call(server, "POST", path + "?include_stuck=true", AUTH)[0] == 202
+    assert call(server, "POST", path, AUTH)[0] == 202
+    assert call(server, "POST", "/v1/sync?include_stuck=1", AUTH)[0] == 202
+    assert call(server, "POST", path + "?include_stuck=false", AUTH)[0] == 202
+    assert supervisor.synced == [
+        "agent@example.com",
+        "agent@example.com",
+        None,
+        "agent@example.com",
+    ]
+    assert supervisor.include_stuck == [True, False, True, False]
+    assert call(server, "POST", path + "?include_stuck=maybe", AUTH)[0] == 400
+    assert len(supervisor.synced) == 4  # a bad value starts nothing
 
 
 def test_bad_or_huge_bodies_are_refused_without_reading_them(

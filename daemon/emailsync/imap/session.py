@@ -30,7 +30,7 @@ from emailsync.errors import (
 )
 from emailsync.imap.folders import FolderTree
 from emailsync.imap.translate import backoff_hint, server_text, translated
-from emailsync.model import FetchedMessage, FolderRole
+from emailsync.model import STUCK_KEYWORD, FetchedMessage, FolderRole
 
 if TYPE_CHECKING:
     from emailsync.imap.auth import Authenticator
@@ -200,6 +200,35 @@ class ImapSession:
         """The UIDs in the (selected) Queue, oldest first."""
         with translated("search queue"):
             return sorted(int(uid) for uid in self.client.search(["ALL"]))
+
+    def keyword_uids(self, keyword: str) -> list[int]:
+        """The UIDs in the (selected) Queue that carry a keyword (RFC 3501 §6.4.4 KEYWORD)."""
+        with translated("search queue"):
+            return sorted(int(uid) for uid in self.client.search(["KEYWORD", keyword]))
+
+    def set_keyword(self, uids: Sequence[int], keyword: str, *, on: bool) -> bool:
+        """STORE +FLAGS (``on``) or -FLAGS a keyword on messages of the (selected) Queue.
+
+        Returns False, storing nothing, when the Queue takes no new keywords (no ``\\*`` in
+        PERMANENTFLAGS, RFC 3501 §7.1): setting one would only earn a NO.
+        """
+        if not uids:
+            return True
+        if on and not self.keywords_allowed:
+            return False
+        with translated("store keyword"):
+            if on:
+                self.client.add_flags(list(uids), [keyword], silent=True)
+            else:
+                self.client.remove_flags(list(uids), [keyword], silent=True)
+        return True
+
+    def release_stuck(self) -> int:
+        """Take STUCK_KEYWORD off every Queue message; returns how many carried it."""
+        self.select_queue()
+        uids = self.keyword_uids(STUCK_KEYWORD)
+        self.set_keyword(uids, STUCK_KEYWORD, on=False)
+        return len(uids)
 
     def fetch_headers(self, uids: Sequence[int]) -> list[FetchedMessage]:
         """Header blocks, INTERNALDATE, size and flags of these messages (missing ones skipped)."""
