@@ -9,8 +9,8 @@ A message the server refuses on its own (MOVE/COPY or FETCH answered NO, or a FE
 alone that loses the connection), or whose events the store refuses, fails one *attempt*;
 after ``stuck_after`` attempts (one per pass at most) it is quarantined: it keeps
 STUCK_KEYWORD in Queue and passes skip it until the keyword goes. A store that is down,
-a dropped connection or a transient NO (RFC 5530 UNAVAILABLE…) is nobody's fault and counts
-for no message.
+a dropped connection or a busy server (NO [UNAVAILABLE], NO [INUSE], RFC 5530) is no
+message's fault and counts for none.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import structlog
 from emailsync.classify import classify
 from emailsync.config import STUCK_AFTER_ATTEMPTS, MailboxSettings
 from emailsync.errors import ConnectionLostError, StoreError, StoreUnavailableError
-from emailsync.imap.translate import is_transient
+from emailsync.imap.translate import response_code
 from emailsync.message import parse_headers, parse_message
 from emailsync.model import (
     OUTCOME_FOLDER,
@@ -47,6 +47,10 @@ log = structlog.get_logger(__name__)
 
 FETCH_BATCH = 200  # messages per header FETCH and per store transaction
 SAVEDATE_RESOLUTION = timedelta(seconds=1)  # RFC 8514 SAVEDATE is a date-time to the second
+# RFC 5530 codes that say the server or the folder is busy, not that this message is at fault:
+# a refusal carrying one counts no attempt. (SERVERBUG does count: a bug one message
+# triggers is the very case the quarantine is for.)
+NOT_THE_MESSAGE = frozenset({"UNAVAILABLE", "INUSE"})
 
 
 class QueueSession(Protocol):
@@ -284,7 +288,7 @@ class Filer:
                 else:
                     self._suspects.update(uids)
                 raise
-            if is_transient(str(exc)):
+            if _busy(exc):
                 raise
             self.log.warning("batch_not_fetched", error=str(exc), messages=len(uids))
         else:
@@ -295,7 +299,7 @@ class Filer:
             try:
                 fetched.extend(fetch([uid]))
             except ConnectionLostError as exc:
-                if exc.kind != "protocol" or is_transient(str(exc)):
+                if exc.kind != "protocol" or _busy(exc):
                     raise
                 self.log.error("message_not_fetched", uid=uid, error=str(exc))  # noqa: TRY400 -- expected, no traceback
                 self._fail(uid, "fetch", str(exc))
@@ -463,7 +467,7 @@ class Filer:
                     if exc.kind != "protocol":
                         raise
                     self.log.error("message_not_moved", uid=decision.uid, error=str(exc))  # noqa: TRY400 -- expected, no traceback
-                    if not is_transient(str(exc)):  # NO [UNAVAILABLE] is no fault of the message
+                    if not _busy(exc):
                         self._fail(decision.uid, "move", str(exc))
                     continue
                 moved.append(decision)
@@ -494,6 +498,11 @@ def landed_at(savedate: datetime | None, first_seen: datetime) -> datetime:
     if latest < savedate:
         return first_seen  # clocks disagree: trust our own
     return savedate + (latest - savedate) / 2
+
+
+def _busy(exc: ConnectionLostError) -> bool:
+    """True for a refusal that says the server is busy, which is no message's fault."""
+    return response_code(str(exc)) in NOT_THE_MESSAGE
 
 
 def _groups_by_address(groups: Iterable[Group]) -> dict[str, list[str]]:
