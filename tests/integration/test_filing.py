@@ -19,12 +19,14 @@ from emailsync.errors import StoreUnavailableError, UidValidityChangedError
 from emailsync.filing import Filer, PassResult
 from emailsync.imap.auth import make_authenticator
 from emailsync.imap.session import FILING_KEYWORD, ImapSession
-from emailsync.model import FolderRole
+from emailsync.model import STUCK_KEYWORD, FolderRole
 from emailsync.store import open_store
 from emailsync.store.base import Store
 from emailsync.store.sqlite import SqliteStore
 
 from .conftest import MailUser, new_user, settings_for, write_config
+from .daemonproc import DaemonFactory, wait_until
+from .daemonproc import run_cli as daemon_cli
 
 pytestmark = pytest.mark.dovecot
 
@@ -551,3 +553,130 @@ def test_copy_fallback_refuses_to_expunge_when_queue_uidvalidity_changed(
     subjects = sorted((d[b"ENVELOPE"].subject or b"").decode() for d in data.values())
     assert subjects == ["crashed", "newcomer"]
     store.close()
+
+
+# -- messages the server will not move: quarantine ($EmailSyncStuck) --------------------------
+
+# Dovecot's ACL plugin (RFC 4314): the owner can take the insert right off Received with
+# SETACL, and a MOVE there then gets "NO [NOPERM] Permission denied" for every message, a
+# refusal of this message by this server, like NO [OVERQUOTA].
+ACL_CONFIG = """
+mail_plugins = $mail_plugins acl
+protocol imap {
+  mail_plugins = $mail_plugins imap_acl
+}
+plugin {
+  acl = vfile
+}
+"""
+ALL_RIGHTS = "lrwstipekxa"
+
+
+@pytest.fixture(scope="module")
+def dovecot_acl() -> Iterator[Dovecot]:
+    """A Dovecot with the ACL plugin, so a test can make a folder refuse new messages."""
+    with running_dovecot(options=DovecotOptions(extra_config=ACL_CONFIG)) as server:
+        yield server
+
+
+def refuse_received(user: MailUser, refuse: bool = True) -> None:
+    rights = ALL_RIGHTS.replace("i", "") if refuse else ALL_RIGHTS  # i: insert (RFC 4314)
+    with user.client() as client:
+        client.setacl(f"{ROOT}.Received", "owner", rights)
+
+
+def keywords_in_queue(user: MailUser) -> dict[str, set[str]]:
+    return folder_subjects(user, "Queue")
+
+
+def test_a_message_the_server_will_not_move_is_quarantined_after_five_passes(
+    dovecot_acl: Dovecot, tmp_path: Path
+) -> None:
+    user = new_user(dovecot_acl)
+    config = write_config(tmp_path, [user])
+    settings = settings_for(tmp_path, [user])
+    store = open_store(settings.store_url, settings.daemon.state_dir)
+    store.add_group("Smith", ["john@clients.example"])
+    make_folders(settings, user.address)
+    refuse_received(user)
+    queue(user, build_message("john@clients.example", user.address, "refused"))
+    filer = Filer(settings.mailbox(user.address), store)
+    for attempt in range(1, 6):
+        assert keywords_in_queue(user) == {"refused": set()}, f"stuck before attempt {attempt}"
+        with opened(settings, user.address) as session:
+            filer.run_pass(session)
+    assert keywords_in_queue(user) == {"refused": {STUCK_KEYWORD}}
+    assert filer.stuck == 1
+    # Later passes leave it alone: another message is filed meanwhile (the pass ran) and the
+    # stuck one is neither decided nor counted again.
+    queue(user, build_message(user.address, "john@clients.example", "goes on"))
+    with opened(settings, user.address) as session:
+        result = filer.run_pass(session)
+    assert [d.message.subject for d in result.decisions] == ["goes on"]
+    assert folder_subjects(user, "Sent") == {"goes on": set()}
+    assert list(filer.attempts.values()) == [5]
+    # A restart forgets the counts; the keyword keeps the quarantine.
+    with opened(settings, user.address) as session:
+        fresh = Filer(settings.mailbox(user.address), store)
+        assert fresh.run_pass(session).decisions == []
+        assert fresh.stuck == 1
+    # retry-failed releases it; with the cause gone, the next pass files it.
+    code, out = run_cli("--config", str(config), "retry-failed", user.address)
+    assert code == 0
+    assert "released 1 stuck" in out
+    assert keywords_in_queue(user) == {"refused": set()}
+    refuse_received(user, refuse=False)
+    with opened(settings, user.address) as session:
+        result = filer.run_pass(session)
+    assert [d.message.subject for d in result.decisions] == ["refused"]
+    assert folder_subjects(user, "Received") == {"refused": set()}
+    assert folder_subjects(user, "Queue") == {}
+    assert filer.attempts == {}
+    store.close()
+
+
+def test_the_daemon_quarantines_counts_and_shows_stuck_mail_and_start_sync_includes_it(
+    dovecot_acl: Dovecot, daemons: DaemonFactory
+) -> None:
+    user = new_user(dovecot_acl)
+    settings = settings_for(daemons.tmp_path, [user])
+    make_folders(settings, user.address)
+    refuse_received(user)
+    queue(user, build_message("john@clients.example", user.address, "over quota"))
+    daemon = daemons.start([user], groups={"Smith": ["john@clients.example"]})
+    address = user.address
+
+    def passes(trigger: str) -> float:
+        return daemon.metric("emailsync_sync_passes_total", mailbox=address, trigger=trigger) or 0
+
+    def refusals() -> int:
+        return daemon.log().count('"event": "message_not_moved"')
+
+    wait_until(lambda: passes("startup") == 1 and refusals() == 1)  # attempt 1
+    for attempt in range(2, 6):
+        assert daemon.post(f"/v1/mailboxes/{address}/sync")[0] == 202
+        wait_until(lambda n=attempt: passes("start_sync") == n - 1)
+        wait_until(lambda n=attempt: refusals() == n)
+    wait_until(lambda: daemon.metric("emailsync_messages_stuck", mailbox=address) == 1)
+    assert keywords_in_queue(user) == {"over quota": {STUCK_KEYWORD}}
+    status = daemon_cli(daemon.config, "status")
+    assert "stuck=1" in status.stdout, status
+    assert daemon.mailboxes()[address]["stuck"] == 1
+    # Later passes skip it: new mail is filed (IDLE) and no further MOVE of it is tried.
+    queue(user, build_message(address, "john@clients.example", "next one"))
+    wait_until(lambda: "next one" in folder_subjects(user, "Sent"))
+    assert daemon.post(f"/v1/mailboxes/{address}/sync")[0] == 202
+    wait_until(lambda: passes("start_sync") == 5)
+    assert refusals() == 5
+    assert daemon.metric("emailsync_messages_stuck", mailbox=address) == 1
+    # The cause goes (the ACL is fixed; a new login sees it): still skipped until asked for.
+    refuse_received(user, refuse=False)
+    dovecot_acl.kick(address)
+    wait_until(lambda: passes("startup") == 2, timeout=20)
+    assert keywords_in_queue(user) == {"over quota": {STUCK_KEYWORD}}
+    result = daemon_cli(daemon.config, "start-sync", "--include-stuck", address)
+    assert result.returncode == 0, result
+    wait_until(lambda: "over quota" in folder_subjects(user, "Received"))
+    assert folder_subjects(user, "Queue") == {}
+    wait_until(lambda: daemon.metric("emailsync_messages_stuck", mailbox=address) == 0)
+    assert daemon.mailboxes()[address]["stuck"] == 0
