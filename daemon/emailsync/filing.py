@@ -136,13 +136,19 @@ class Filer:
         # Failed attempts per Queue UID, under ``_uidvalidity``; in memory only (the keyword
         # is what survives a restart). At most one per pass: ``_failed_this_pass``.
         self.attempts: dict[int, int] = {}
-        self.stuck = 0  # messages quarantined in Queue when the last pass ended
+        # The messages quarantined in Queue when the last pass ended.
+        self.stuck_uids: frozenset[int] = frozenset()
         self._uidvalidity: int | None = None
         self._marked: set[int] = set()  # Queue UIDs seen carrying STUCK_KEYWORD
         self._suspects: set[int] = set()  # UIDs of a FETCH that lost the connection
         self._failed_this_pass: set[int] = set()
         self._counting = True
         self._release = threading.Event()
+
+    @property
+    def stuck(self) -> int:
+        """How many messages were quarantined in Queue when the last pass ended."""
+        return len(self.stuck_uids)
 
     def release_stuck(self) -> None:
         """Ask the next pass to release quarantined messages first; any thread, returns at once.
@@ -180,7 +186,7 @@ class Filer:
         while True:
             queued = session.queue_uids()
             held = self._held(session, queued)
-            self.stuck = len(held)
+            self.stuck_uids = frozenset(held)
             attempted.update(held)
             uids = [uid for uid in queued if uid not in attempted]
             if not uids:

@@ -440,7 +440,9 @@ class MailboxWorker(threading.Thread):
 
     def _update_queue_gauges(self, session: ImapSession, uids: Sequence[int]) -> None:
         self._set_queue(session.exists)
-        self._oldest_queued = session.oldest_queued(uids)
+        # Quarantined messages have their own gauge; they must not make the Queue look stale.
+        stuck = self.filer.stuck_uids
+        self._oldest_queued = session.oldest_queued([u for u in uids if u not in stuck])
         self.refresh_gauges()
 
     def refresh_gauges(self) -> None:
