@@ -347,14 +347,24 @@ def cmd_sync(args: argparse.Namespace, out: TextIO) -> int:
                 with session_for(settings, mailbox.address) as session:
                     if not args.dry_run:
                         session.ensure_folders()
-                    result = Filer(mailbox, store, batch_size=settings.daemon.fetch_batch).run_pass(
-                        session, dry_run=args.dry_run
+                    filer = Filer(
+                        mailbox,
+                        store,
+                        batch_size=settings.daemon.fetch_batch,
+                        stuck_after=settings.daemon.stuck_after_attempts,
                     )
+                    result = filer.run_pass(session, dry_run=args.dry_run)
             except (MailboxError, StoreError) as exc:
                 print(f"{mailbox.address}: {exc}", file=sys.stderr)
                 status = EXIT_UNAVAILABLE if isinstance(exc, ConnectionLostError) else EXIT_RUNTIME
                 continue
             _print_pass(mailbox.address, result, out, dry_run=args.dry_run)
+            if filer.stuck:
+                print(
+                    f"{mailbox.address}: {filer.stuck} stuck in Queue ($EmailSyncStuck), skipped;"
+                    f" `emailsync retry-failed {mailbox.address}` releases them",
+                    file=out,
+                )
     return status
 
 
@@ -390,9 +400,9 @@ def cmd_retry_failed(args: argparse.Namespace, out: TextIO) -> int:
         released = session.release_stuck()
     print(f"{args.address}: moved {moved} messages from Failed back to Queue", file=out)
     print(f"{args.address}: released {released} stuck messages in Queue", file=out)
-    if released:
-        # A keyword change is no new mail to IDLE: ask a running daemon for a pass now.
-        _poke_daemon(settings, settings.mailbox(args.address).address, out)
+    # A keyword change is no new mail to IDLE: ask a running daemon for a pass now, releasing
+    # too what it holds in memory only (a Queue that takes no keywords).
+    _poke_daemon(settings, settings.mailbox(args.address).address, out, include_stuck=True)
     return EXIT_OK
 
 
@@ -481,13 +491,15 @@ def cmd_auth_login(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
-def _poke_daemon(settings: Settings, address: str, out: TextIO) -> None:
+def _poke_daemon(
+    settings: Settings, address: str, out: TextIO, *, include_stuck: bool = False
+) -> None:
     """Ask a running daemon to retry a mailbox now (it may be waiting in needs_reauth)."""
     if stopped_marker(settings, address).exists():
         print(f"{address}: sync is stopped; run `emailsync setup {address}` to start it", file=out)
         return
     with contextlib.suppress(ControlError):
-        ControlClient(settings).sync(address)
+        ControlClient(settings).sync(address, include_stuck=include_stuck)
         print(f"{address}: the running daemon will retry now", file=out)
 
 

@@ -669,6 +669,17 @@ def test_the_daemon_quarantines_counts_and_shows_stuck_mail_and_start_sync_inclu
     wait_until(lambda: passes("start_sync") == 5)
     assert refusals() == 5
     assert daemon.metric("emailsync_messages_stuck", mailbox=address) == 1
+    # retry-failed releases it, and pokes the daemon, which tries it again (a fresh count).
+    result = daemon_cli(daemon.config, "retry-failed", address)
+    assert "released 1 stuck" in result.stdout, result
+    wait_until(lambda: refusals() == 6)
+    wait_until(lambda: daemon.metric("emailsync_messages_stuck", mailbox=address) == 0)
+    assert keywords_in_queue(user) == {"over quota": set()}
+    for attempt in range(7, 11):  # four more refusals: quarantined again
+        assert daemon.post(f"/v1/mailboxes/{address}/sync")[0] == 202
+        wait_until(lambda n=attempt: refusals() == n)
+    wait_until(lambda: daemon.metric("emailsync_messages_stuck", mailbox=address) == 1)
+    assert keywords_in_queue(user) == {"over quota": {STUCK_KEYWORD}}
     # The cause goes (the ACL is fixed; a new login sees it): still skipped until asked for.
     refuse_received(user, refuse=False)
     dovecot_acl.kick(address)
