@@ -172,6 +172,8 @@ class Filer:
         the end and goes on until nothing new is there. A message it could not move (still in
         Queue) is not tried twice in one pass, so the loop always ends. ``stopping`` is asked
         between batches: on shutdown the batch in flight is finished and the rest wait.
+        Quarantined messages (STUCK_KEYWORD, or over ``stuck_after`` attempts) are skipped,
+        unless ``release_stuck()`` was called since the last pass.
         """
         result = PassResult()
         session.select_queue()
@@ -179,8 +181,12 @@ class Filer:
         self._counting = not dry_run
         self._failed_this_pass = set()
         if self._release.is_set() and not dry_run:
-            self._release_all(session)
-            self._release.clear()
+            self._release.clear()  # before: a request made during the release is kept
+            try:
+                self._release_all(session)
+            except BaseException:
+                self._release.set()  # not done: the next pass does it
+                raise
         attempted: set[int] = set()
         self.attempted = attempted
         while True:
