@@ -343,12 +343,17 @@ def test_app_only_with_a_wrong_client_secret_needs_reauth(
     oauth2_dovecot: Dovecot,
     oauth_clients: OAuthClients,
 ) -> None:
-    """invalid_client (AADSTS7000215) is an AuthError, not a transient failure."""
+    """invalid_client (AADSTS7000215) is an AuthError, not a transient failure.
+
+    The message names the request that failed: app-only sign-in has no refresh token.
+    """
     settings = office365_settings("shared@example.com", app_only=True)
     oauth_clients.app_secret_file.write_text("not-the-secret\n")
 
-    with pytest.raises(AuthError, match=r"invalid_client.*AADSTS7000215"):
+    with pytest.raises(AuthError, match=r"invalid_client.*AADSTS7000215") as refused:
         login_and_select(office365(settings, "shared@example.com"), oauth2_dovecot)
+    assert "app-only token request (client secret) failed: invalid_client" in str(refused.value)
+    assert "refresh" not in str(refused.value)
 
 
 def test_app_only_login_with_a_certificate_works_and_shows_no_key_material(  # noqa: PLR0917 -- each argument is a fixture
