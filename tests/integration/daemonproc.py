@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from emailsync.devserver import free_port
 
+from .faultproxy import FaultProxy
 from .mailenv import MailUser, write_config
 
 READY_TIMEOUT_SECONDS = 30.0
@@ -87,6 +88,7 @@ class RunningDaemon:
     """``emailsync run`` in a subprocess with its own config, token and notify socket."""
 
     def __init__(self, config: Path, port: int, token: str, workdir: Path) -> None:
+        self.expected_exit = 0  # what stop_all() accepts; a test that kills it says so
         self.config = config
         self.port = port
         self.token = token
@@ -116,7 +118,8 @@ class RunningDaemon:
 
     def log(self) -> str:
         """Everything the daemon printed so far."""
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
     def request(
@@ -149,10 +152,14 @@ class RunningDaemon:
         return self.request("POST", path, **kwargs)
 
     def metric(self, name: str, **labels: str) -> float | None:
-        """One sample's value from /metrics, or None when absent."""
+        """One sample's value from /metrics, or None when absent.
+
+        Raises AssertionError when /metrics does not answer 200: a dead listener must not
+        pass for "the series is absent".
+        """
         status, body = self.get("/metrics", token=None)
         if status != 200:
-            return None
+            raise AssertionError(f"/metrics answered {status}, not 200: {body[:200]!r}")
         for family in text_string_to_metric_families(body.decode()):
             for sample in family.samples:
                 if sample.name == name and all(
@@ -217,8 +224,13 @@ class DaemonFactory:
         *,
         mailbox_extra: str = "",
         groups: dict[str, list[str]] | None = None,
+        proxy: FaultProxy | None = None,
         **daemon: object,
     ) -> RunningDaemon:
+        """Write a config for ``users`` and start a daemon on it; waits until it is ready.
+
+        With ``proxy`` the daemon reaches the proxy's upstream Dovecot through the proxy.
+        """
         port = new_port()
         token = secrets.token_urlsafe(16)
         token_file = self.tmp_path / "control-token"
@@ -228,6 +240,7 @@ class DaemonFactory:
             users,
             extra=daemon_config_extra(port, token_file, **daemon),
             mailbox_extra=mailbox_extra,
+            ports={proxy.upstream[1]: proxy.port} if proxy else None,
         )
         for name, addresses in (groups or {}).items():
             subprocess.run(
@@ -251,5 +264,15 @@ class DaemonFactory:
         return process
 
     def stop_all(self) -> None:
+        """Stop every daemon; fail when one did not exit as expected (0 unless told).
+
+        A daemon that crashed at shutdown, or had to be killed, fails the test.
+        """
+        failures = []
         for process in self.daemons:
-            process.stop()
+            code = process.stop()
+            if code != process.expected_exit:
+                tail = "\n".join(process.log().splitlines()[-30:])
+                failures.append(f"daemon exited {code}, expected {process.expected_exit}:\n{tail}")
+        if failures:
+            raise AssertionError("\n\n".join(failures))

@@ -14,7 +14,8 @@ Faults, all switchable while connections are open:
 - ``drop()``: close every open connection now (FIN to both sides);
 - ``refuse(True)``: accept new connections and close them at once;
 - ``stall()`` / ``resume()``: stop forwarding in both directions, keep every socket open
-  (no FIN, no RST: the peer sees silence, as with a dead middlebox);
+  (no FIN, no RST: the peer sees silence, as with a dead middlebox); ``stall_open()``
+  stalls only the connections open now, so a reconnect gets through;
 - ``half_close()``: FIN towards the client on every open connection while its writes are
   still accepted (and thrown away);
 - ``trickle(delay)``: the server's bytes go to the client one at a time, ``delay`` apart;
@@ -24,6 +25,8 @@ Faults, all switchable while connections are open:
   ``drop_on(pattern)``: the same faults, but on the connection where a client command line
   matching ``pattern`` (a regex, searched case-insensitively) is seen: mid-LOGIN, mid-FETCH,
   mid-IDLE, mid-MOVE;
+- ``answer_on(pattern, answer)``: answer a matching command in the server's place (e.g.
+  ``NO [OVERQUOTA]``) without forwarding it;
 - ``before_client_command(pattern, callback)``: run ``callback()`` (blocking code, in a
   thread) before a matching client line is forwarded; e.g. APPEND a message with another
   connection in the instant before IDLE reaches the server.
@@ -64,11 +67,12 @@ class Rule:
     """One command-triggered fault or hook."""
 
     pattern: re.Pattern[str]
-    action: str  # "reset", "stall", "drop", "half_close" or "callback"
+    action: str  # "reset", "stall", "drop", "half_close", "answer" or "callback"
     times: int | None = 1  # None: every match
     after_bytes: int = 0  # reset: server bytes still let through after the command
     forward: bool = True  # reset/drop: forward the matching line first
     callback: Callable[[], object] | None = None
+    answer: str = ""
     fired: int = 0
 
 
@@ -196,6 +200,16 @@ class FaultProxy:
         self.faults["stall"] += 1
         self._stalled = True
 
+    def stall_open(self) -> None:
+        """Stall only the connections open now (a dead path); new connections flow."""
+
+        def run() -> None:
+            for conn in self._open():
+                self.faults["stall"] += 1
+                conn.stalled = True
+
+        self._call(run)
+
     def resume(self) -> None:
         """Forward again after ``stall()`` (connections stalled by a rule stay stalled)."""
         self._stalled = False
@@ -253,6 +267,14 @@ class FaultProxy:
     def half_close_on(self, pattern: str, *, times: int | None = 1) -> None:
         """Forward a matching client line, then half-close that connection."""
         self._add(Rule(_compile(pattern), "half_close", times))
+
+    def answer_on(self, pattern: str, answer: str, *, times: int | None = 1) -> None:
+        """Answer a matching client command in the server's place with ``<tag> answer``.
+
+        The command never reaches the server; e.g. ``NO [OVERQUOTA] Quota exceeded`` for a
+        MOVE, which Dovecot itself never refuses within one quota root.
+        """
+        self._add(Rule(_compile(pattern), "answer", times, answer=answer))
 
     def before_client_command(
         self, pattern: str, callback: Callable[[], object], *, times: int | None = 1
@@ -373,6 +395,15 @@ class FaultProxy:
                     self.faults["callback"] += 1
                     await self._loop.run_in_executor(None, rule.callback)
                     rule = None
+                if rule is not None and rule.action == "answer" and conn.client is not None:
+                    self.faults["answer_on"] += 1
+                    tag = line.split(b" ", 1)[0]
+                    conn.client.write(tag + b" " + rule.answer.encode() + b"\r\n")
+                    await conn.client.drain()
+                    if literal:
+                        await reader.readexactly(int(literal.group(1)))
+                    in_command = False
+                    continue
                 if rule is not None and not rule.forward and rule.action in ("reset", "drop"):
                     self._close(conn, reset=rule.action == "reset", kind=f"{rule.action}_on")
                     return

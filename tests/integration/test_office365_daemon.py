@@ -163,7 +163,8 @@ def test_device_code_sign_in_then_the_daemon_files_mail_over_xoauth2(
             assert secret not in status.stdout
             assert secret not in daemon.log()
     finally:
-        daemon.stop()
+        code = daemon.stop()
+    assert code == 0, f"the daemon exited {code} at shutdown"
 
 
 def test_revoked_consent_needs_reauth_and_auth_login_restores_sync_without_restart(
@@ -199,7 +200,8 @@ def test_revoked_consent_needs_reauth_and_auth_login_restores_sync_without_resta
         assert daemon.process.pid == pid
         assert daemon.process.poll() is None
     finally:
-        daemon.stop()
+        code = daemon.stop()
+    assert code == 0, f"the daemon exited {code} at shutdown"
 
 
 def test_stop_email_sync_forgets_tokens_and_login_plus_setup_bring_it_back(
@@ -234,4 +236,5 @@ def test_stop_email_sync_forgets_tokens_and_login_plus_setup_bring_it_back(
         deliver(oauth2_dovecot, address, "after setup")
         wait_until(lambda: count(oauth2_dovecot, address, "Received") == 1)
     finally:
-        daemon.stop()
+        code = daemon.stop()
+    assert code == 0, f"the daemon exited {code} at shutdown"

@@ -14,6 +14,7 @@ from emailsync.devserver import Dovecot, DovecotOptions
 
 from .conftest import MailUser, new_user
 from .daemonproc import wait_until
+from .faultproxy import FaultProxy
 from .test_daemon import DaemonFactory, imap_pids, wait_filed
 from .test_filing import ROOT, build_message, folder_subjects, queue
 
@@ -73,11 +74,19 @@ def test_a_server_without_idle_is_polled(
     assert daemon.metric("emailsync_sync_passes_total", mailbox=user.address, trigger="idle") == 0
 
 
-def test_idle_is_renewed_and_mail_still_arrives(user: MailUser, daemons: DaemonFactory) -> None:
-    daemon = daemons.start([user], groups=GROUPS, idle_renew_seconds=1)
+def test_idle_is_renewed_and_mail_still_arrives(
+    user: MailUser, fault_proxy: FaultProxy, daemons: DaemonFactory
+) -> None:
+    # The proxy injects nothing here: it counts the daemon's commands.
+    daemon = daemons.start([user], groups=GROUPS, idle_renew_seconds=1, proxy=fault_proxy)
     wait_until(lambda: state_is(daemon.metric, user.address, "idle"))
     (pid_before,) = imap_pids(user.server, user.address)
+    idles_before = fault_proxy.commands(r"^\S+ IDLE$")
     time.sleep(3.5)  # three renewals: DONE, NOOP, IDLE again on the same connection
+    renewals = fault_proxy.commands(r"^\S+ IDLE$") - idles_before
+    assert renewals >= 2, fault_proxy.connections[-1].commands[-12:]  # 3 due; 1 of slack
+    assert fault_proxy.commands(r"^DONE$") >= renewals
+    assert len(fault_proxy.connections) == 1
     assert imap_pids(user.server, user.address) == {pid_before}
     assert (
         daemon.metric("emailsync_connection_errors_total", mailbox=user.address, kind="timeout")
