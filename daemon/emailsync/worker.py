@@ -348,12 +348,14 @@ class MailboxWorker(threading.Thread):
         while not self._stopping():
             taken = self._wakeup.consume()
             self._owed |= taken
-            if Trigger.START_SYNC in taken and start_sync_after is not None and not shortened:
-                shortened = True
-                deadline = min(deadline, began + start_sync_after)
-                left = max(0.0, deadline - self.clock.monotonic())
-                self.report.next_attempt_in(left)
-                self.log.info("retry_brought_forward", retry_in=round(left, 2))
+            if Trigger.START_SYNC in taken:
+                if start_sync_after is not None and not shortened:
+                    shortened = True
+                    deadline = min(deadline, began + start_sync_after)
+                    self.report.next_attempt_in(max(0.0, deadline - self.clock.monotonic()))
+                left = round(max(0.0, deadline - self.clock.monotonic()), 2)
+                # Served by the next login, which is not brought forward again (issue 7 #1).
+                self.log.info("start_sync_waits", retry_in=left, brought_forward=shortened)
             remaining = deadline - self.clock.monotonic()
             if remaining <= 0:
                 break
