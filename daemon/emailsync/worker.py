@@ -2,27 +2,24 @@
 
 State machine (the ``mailbox_state`` metric shows the current state)::
 
-                 ┌──────── Start Sync / sweep / EXISTS / poll / IDLE renewal ─────────┐
-                 ▼                                                                    │
-    start ─▶ connecting ──login ok──▶ syncing ──pass done──▶ idle ────────────────────┘
-              ▲ ▲  │  │                 │   ▲                 │  │
-              │ │  │  │ refused,        │   │ store back:     │  │ access token near its
-              │ │  │  │ timeout, TLS,   │   │ pass again on   │  │ end: LOGOUT, log in
-              │ │  │  │ BYE             │   │ the same session│  │ again at once
-              │ │  │  │                 │   │                 │  └──────────────────────┐
-              │ │  │  │    store        ▼   │                 │ connection lost, BYE,  │
-              │ │  │  │    unavailable: backoff (connected)   │ no answer to DONE      │
-              │ │  │  ▼                                       ▼                        │
-              │ └──│─ backoff ◀─────────── connection lost, folder or UIDVALIDITY      │
-              │    │   (1 s → max_backoff_seconds, full jitter; a server's             │
-              │    │    suggested back-off wins; Start Sync waits for the end)         │
-              │    ▼                                                                   │
-              └─ needs_reauth (login refused: slow retry every reauth_retry_seconds;   │
-                    a Start Sync brings it forward to the end of the back-off slot,    │
-                    once per slow retry)                                               │
-              ▲                                                                        │
-              └────────────────────────────────────────────────────────────────────────┘
+                 ┌────── Start Sync / sweep / EXISTS / poll / IDLE renewal ──────┐
+                 ▼                                                               │
+    start ─▶ connecting ──login ok──▶ syncing ──pass done──▶ idle ───────────────┘
+              ▲  ▲  │  │               │                     │
+              │  │  │  │ timeout, TLS, │ connection lost,    │ connection lost, BYE,
+              │  │  │  │ BYE,          │ folder gone,        │ no answer to DONE
+              │  │  │  │ throttled     │ UIDVALIDITY changed │
+              │  │  │  ▼               ▼                     ▼
+              │  └──┼─ backoff ◀───────┴─────────────────────┘
+              │     │   (1 s → max_backoff_seconds, full jitter; a server's suggested
+              │     │    back-off wins; a Start Sync waits for its end)
+              │     │ login refused
+              │     ▼
+              └─ needs_reauth (slow retry every reauth_retry_seconds; a Start Sync brings
+                               it forward to the end of the back-off slot, once per retry)
 
+    syncing ──store unavailable──▶ backoff, still logged in ──▶ syncing (the same pass again)
+    idle ──access token near its end──▶ LOGOUT ──▶ connecting (at once)
     stop() from any state ─▶ stopped (the message batch in flight is finished, then LOGOUT)
 
 The back-off restarts from 1 s only after a pass completed (``Backoff.progress()``), never on
