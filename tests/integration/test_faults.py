@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -32,7 +33,7 @@ CLIENT = "john@clients.example"
 GROUPS = {"Smith": [CLIENT]}
 # Small bounds so a case takes seconds: a dead connection shows within the IDLE renewal plus
 # the timeout, and back-off never waits more than 1 s.
-DAEMON: dict[str, object] = {
+DAEMON: dict[str, Any] = {
     "timeout_seconds": 2,
     "idle_renew_seconds": 2,
     "max_backoff_seconds": 1,
