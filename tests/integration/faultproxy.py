@@ -59,6 +59,7 @@ _CHUNK = 65536
 # RFC 3501 §4.3 / RFC 7888: a line ending in {n} or {n+} is followed by n bytes of literal.
 _LITERAL = re.compile(rb"\{(\d+)\+?\}\r?\n$")
 _LOGIN = re.compile(r"^(\S+\s+LOGIN\s+)(\S+)\s.*$", re.IGNORECASE)
+_LOGOUT = re.compile(r"^\S+\s+LOGOUT\s*$", re.IGNORECASE)
 _AUTHENTICATE = re.compile(r"^\S+\s+AUTHENTICATE\s+(\S+)(?:\s+(\S+))?", re.IGNORECASE)
 
 
@@ -83,6 +84,7 @@ class Connection:
     number: int
     opened: float = field(default_factory=time.monotonic)
     closed: float | None = None
+    logout_at: float | None = None  # when the client sent LOGOUT
     commands: list[str] = field(default_factory=list)  # client lines, LOGIN redacted
     users: list[str] = field(default_factory=list)  # one entry per LOGIN/AUTHENTICATE
     faults: list[str] = field(default_factory=list)  # kinds injected on this connection
@@ -487,6 +489,8 @@ class FaultProxy:
                     await self._pass_gate(conn)
 
     def _record(self, conn: Connection, text: str) -> None:
+        if _LOGOUT.match(text):
+            conn.logout_at = time.monotonic()
         login = _LOGIN.match(text)
         if login:
             conn.users.append(_unquote(login.group(2)))
