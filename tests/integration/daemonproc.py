@@ -173,6 +173,18 @@ class RunningDaemon:
                     return float(sample.value)
         return None
 
+    def samples(self, name: str) -> list[tuple[dict[str, str], float]]:
+        """Every sample of one metric from a single /metrics read: (labels, value) pairs."""
+        status, body = self.get("/metrics", token=None)
+        if status != 200:
+            raise AssertionError(f"/metrics answered {status}, not 200: {body[:200]!r}")
+        return [
+            (dict(sample.labels), float(sample.value))
+            for family in text_string_to_metric_families(body.decode())
+            for sample in family.samples
+            if sample.name == name
+        ]
+
     def mailboxes(self) -> dict[str, dict[str, Any]]:
         """The /v1/mailboxes answer keyed by address."""
         status, body = self.get("/v1/mailboxes")

@@ -293,13 +293,19 @@ class FaultProxy:
         """
         self._add(Rule(_compile(pattern), "callback", times, callback=callback))
 
-    def clear(self) -> None:
-        """Remove every rule and fault; stalled connections (global or by rule) resume."""
+    def clear(self, *, resume: bool = True) -> None:
+        """Remove every rule and fault; stalled connections (global or by rule) resume.
+
+        With ``resume=False`` connections stalled one by one stay stalled (their client has
+        to notice and give up) while rules, trickle and a global stall end.
+        """
         with self._lock:
             self._rules.clear()
         self._refuse = False
         self._trickle = None
         self._stalled = False
+        if not resume:
+            return
 
         def run() -> None:
             for conn in self._open():
