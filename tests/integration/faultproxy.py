@@ -348,7 +348,9 @@ class FaultProxy:
         return [c for c in self.connections if not c.done]
 
     def _targets(self, only: Connection | None) -> list[Connection]:
-        return [only] if only is not None and not only.done else [] if only else self._open()
+        if only is None:
+            return self._open()
+        return [] if only.done else [only]
 
     def _hit(self, conn: Connection, kind: str) -> None:
         self.faults[kind] += 1
