@@ -59,6 +59,7 @@ _CHUNK = 65536
 # RFC 3501 §4.3 / RFC 7888: a line ending in {n} or {n+} is followed by n bytes of literal.
 _LITERAL = re.compile(rb"\{(\d+)\+?\}\r?\n$")
 _LOGIN = re.compile(r"^(\S+\s+LOGIN\s+)(\S+)\s.*$", re.IGNORECASE)
+_LOGOUT = re.compile(r"^\S+\s+LOGOUT\s*$", re.IGNORECASE)
 _AUTHENTICATE = re.compile(r"^\S+\s+AUTHENTICATE\s+(\S+)(?:\s+(\S+))?", re.IGNORECASE)
 
 
@@ -83,8 +84,11 @@ class Connection:
     number: int
     opened: float = field(default_factory=time.monotonic)
     closed: float | None = None
+    logout_at: float | None = None  # when the client sent LOGOUT
     commands: list[str] = field(default_factory=list)  # client lines, LOGIN redacted
     users: list[str] = field(default_factory=list)  # one entry per LOGIN/AUTHENTICATE
+    faults: list[str] = field(default_factory=list)  # kinds injected on this connection
+    trickle_epochs: set[int] = field(default_factory=set)
     stalled: bool = False
     half_closed: bool = False
     reset_budget: int | None = None  # server bytes left before an RST
@@ -115,6 +119,7 @@ class FaultProxy:
         self._stalled = False
         self._refuse = False
         self._trickle: float | None = None
+        self._trickle_epoch = 0
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.Server | None = None
         self._thread = threading.Thread(target=self._run, name="faultproxy", daemon=True)
@@ -182,11 +187,11 @@ class FaultProxy:
 
     # -- faults ---------------------------------------------------------------------------
 
-    def drop(self) -> None:
-        """Close every open connection now with a FIN to both sides."""
+    def drop(self, only: Connection | None = None) -> None:
+        """Close every open connection (or ``only`` that one) now with a FIN to both sides."""
 
         def run() -> None:
-            for conn in self._open():
+            for conn in self._targets(only):
                 self._close(conn, reset=False, kind="drop")
 
         self._call(run)
@@ -200,12 +205,12 @@ class FaultProxy:
         self.faults["stall"] += 1
         self._stalled = True
 
-    def stall_open(self) -> None:
-        """Stall only the connections open now (a dead path); new connections flow."""
+    def stall_open(self, only: Connection | None = None) -> None:
+        """Stall only the connections open now (or ``only`` that one); new ones flow."""
 
         def run() -> None:
-            for conn in self._open():
-                self.faults["stall"] += 1
+            for conn in self._targets(only):
+                self._hit(conn, "stall")
                 conn.stalled = True
 
         self._call(run)
@@ -220,11 +225,12 @@ class FaultProxy:
 
         self._call(run)
 
-    def half_close(self) -> None:
-        """Send FIN to the client on every open connection; its writes are then discarded."""
+    def half_close(self, only: Connection | None = None) -> None:
+        """Send FIN to the client on every open connection (or ``only``); its writes are then
+        discarded."""
 
         def run() -> None:
-            for conn in self._open():
+            for conn in self._targets(only):
                 self._half_close(conn)
 
         self._call(run)
@@ -233,13 +239,14 @@ class FaultProxy:
         """Forward server bytes one at a time, ``delay`` seconds apart; None to stop."""
         if delay is not None:
             self.faults["trickle"] += 1
+            self._trickle_epoch += 1
         self._trickle = delay
 
-    def reset_after(self, nbytes: int) -> None:
-        """RST each open connection once ``nbytes`` more server bytes have gone to it."""
+    def reset_after(self, nbytes: int, only: Connection | None = None) -> None:
+        """RST each open connection (or ``only``) once ``nbytes`` more server bytes went to it."""
 
         def run() -> None:
-            for conn in self._open():
+            for conn in self._targets(only):
                 conn.reset_budget = nbytes
                 if nbytes <= 0:
                     self._close(conn, reset=True, kind="reset")
@@ -286,13 +293,19 @@ class FaultProxy:
         """
         self._add(Rule(_compile(pattern), "callback", times, callback=callback))
 
-    def clear(self) -> None:
-        """Remove every rule and fault; stalled connections (global or by rule) resume."""
+    def clear(self, *, resume: bool = True) -> None:
+        """Remove every rule and fault; stalled connections (global or by rule) resume.
+
+        With ``resume=False`` connections stalled one by one stay stalled (their client has
+        to notice and give up) while rules, trickle and a global stall end.
+        """
         with self._lock:
             self._rules.clear()
         self._refuse = False
         self._trickle = None
         self._stalled = False
+        if not resume:
+            return
 
         def run() -> None:
             for conn in self._open():
@@ -327,8 +340,21 @@ class FaultProxy:
             if regex.search(line)
         )
 
+    def faulted(self, user: str) -> int:
+        """Connections that logged in as ``user`` and had a fault injected."""
+        return sum(1 for c in list(self.connections) if user in c.users and c.faults)
+
     def _open(self) -> list[Connection]:
         return [c for c in self.connections if not c.done]
+
+    def _targets(self, only: Connection | None) -> list[Connection]:
+        if only is None:
+            return self._open()
+        return [] if only.done else [only]
+
+    def _hit(self, conn: Connection, kind: str) -> None:
+        self.faults[kind] += 1
+        conn.faults.append(kind)
 
     # -- forwarding ----------------------------------------------------------------------
 
@@ -392,11 +418,11 @@ class FaultProxy:
                 literal = _LITERAL.search(line)
                 in_command = literal is not None
                 if rule is not None and rule.action == "callback" and rule.callback:
-                    self.faults["callback"] += 1
+                    self._hit(conn, "callback")
                     await self._loop.run_in_executor(None, rule.callback)
                     rule = None
                 if rule is not None and rule.action == "answer" and conn.client is not None:
-                    self.faults["answer_on"] += 1
+                    self._hit(conn, "answer_on")
                     tag = line.split(b" ", 1)[0]
                     conn.client.write(tag + b" " + rule.answer.encode() + b"\r\n")
                     await conn.client.drain()
@@ -424,12 +450,12 @@ class FaultProxy:
             if rule.after_bytes <= 0:
                 self._close(conn, reset=True, kind=kind)
             else:
-                self.faults[kind] += 1
+                self._hit(conn, kind)
                 conn.reset_budget = rule.after_bytes
         elif rule.action == "drop":
             self._close(conn, reset=False, kind=kind)
         elif rule.action == "stall":
-            self.faults[kind] += 1
+            self._hit(conn, kind)
             conn.stalled = True
         elif rule.action == "half_close":
             self._half_close(conn)
@@ -461,6 +487,9 @@ class FaultProxy:
                     writer.write(data)
                     await writer.drain()
                     continue
+                if self._trickle_epoch not in conn.trickle_epochs:
+                    conn.trickle_epochs.add(self._trickle_epoch)
+                    conn.faults.append("trickle")
                 for i in range(len(data)):
                     writer.write(data[i : i + 1])
                     await writer.drain()
@@ -468,6 +497,8 @@ class FaultProxy:
                     await self._pass_gate(conn)
 
     def _record(self, conn: Connection, text: str) -> None:
+        if _LOGOUT.match(text):
+            conn.logout_at = time.monotonic()
         login = _LOGIN.match(text)
         if login:
             conn.users.append(_unquote(login.group(2)))
@@ -492,7 +523,7 @@ class FaultProxy:
         if conn.client is None or conn.done or conn.half_closed:
             return
         conn.half_closed = True
-        self.faults["half_close"] += 1
+        self._hit(conn, "half_close")
         with contextlib.suppress(OSError, RuntimeError):
             conn.client.write_eof()
 
@@ -500,7 +531,7 @@ class FaultProxy:
         if conn.done:
             return
         if kind:
-            self.faults[kind] += 1
+            self._hit(conn, kind)
         conn.done = True
         conn.closed = time.monotonic()
         conn.gate.set()

@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -32,7 +33,7 @@ CLIENT = "john@clients.example"
 GROUPS = {"Smith": [CLIENT]}
 # Small bounds so a case takes seconds: a dead connection shows within the IDLE renewal plus
 # the timeout, and back-off never waits more than 1 s.
-DAEMON: dict[str, object] = {
+DAEMON: dict[str, Any] = {
     "timeout_seconds": 2,
     "idle_renew_seconds": 2,
     "max_backoff_seconds": 1,
@@ -248,3 +249,29 @@ def test_a_copy_refused_by_dovecots_quota_leaves_the_message_in_queue_once(
         assert daemon.metric("emailsync_queue_messages", mailbox=user.address) == 1
         assert proxy.logins(user.address) == 1
         daemon.stop()
+
+
+def test_a_fault_that_recurs_after_every_login_backs_off_exponentially(
+    user: MailUser, fault_proxy: FaultProxy, daemons: DaemonFactory
+) -> None:
+    """Issue 7 defect 2: back-off grows until a pass completes, not until a login succeeds.
+
+    Every FETCH is reset for 20 s, so every session logs in and then fails. With full jitter
+    capped at 8 s the delays are uniform in [0, 2], [0, 4], [0, 8], [0, 8] … s: about 6
+    LOGINs in 20 s, more than 11 only by a freak of chance (well under 0.1 %). A back-off that
+    starts again at every login draws from [0, 2] s each time: about 15.
+    """
+    daemon = daemons.start(
+        [user], groups=GROUPS, proxy=fault_proxy, timeout_seconds=2, max_backoff_seconds=8
+    )
+    wait_until(lambda: idle(daemon, user))
+    fault_proxy.reset_on(r"UID FETCH", times=None)
+    raw = build_message(CLIENT, user.address, "fetch fails every time")
+    queue(user, raw)
+    wait_until(lambda: fault_proxy.faults["reset_on"] >= 1)
+    logins_before = fault_proxy.logins(user.address)
+    time.sleep(20)
+    logins = fault_proxy.logins(user.address) - logins_before
+    assert 2 <= logins <= 11, f"{logins} LOGINs in 20 s"  # it retried, within the schedule
+    fault_proxy.clear()
+    wait_until(lambda: all_filed_once(user, [raw]), 8 + RECOVERY_BOUND_SECONDS)
