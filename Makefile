@@ -47,5 +47,10 @@ test: setup lint typecheck
 bench: setup
 	$(BIN)/python bench/run.py
 
+# Issue 7's soak: 200 mailboxes, 10 minutes of mail and random faults (make test runs 60 s of 20).
+soak: setup
+	EMAILSYNC_SOAK_SECONDS=600 EMAILSYNC_SOAK_MAILBOXES=200 \
+		$(BIN)/python -m pytest tests/integration/test_soak.py -q -s
+
 clean:
 	rm -rf $(VENV) .demo .mypy_cache .ruff_cache .pytest_cache build *.egg-info

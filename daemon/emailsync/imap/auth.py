@@ -415,7 +415,13 @@ class Office365Authenticator:
                     )
                 )
             if "error" in result:
-                raise self._refused(result, "token refresh")
+                # App-only has no refresh token: it asks for a token with the app's credential.
+                action = (
+                    f"app-only token request (client {self._office365.credential})"
+                    if self._app_only
+                    else "token refresh"
+                )
+                raise self._refused(result, action)
             if result.get("token_source") == "identity_provider":
                 self._last_error = None  # the provider accepted us again
                 self._log.info("access_token_obtained", expires_in_seconds=result.get("expires_in"))

@@ -7,11 +7,9 @@ exceptions of ``emailsync.errors``, grouped by what they do about them.
 from __future__ import annotations
 
 import contextlib
-import select
 import socket
 import ssl
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -25,11 +23,12 @@ from imapclient.imapclient import SocketTimeout
 
 from emailsync.config import FolderSettings, MailboxSettings
 from emailsync.errors import (
-    ConnectionLostError,
     UidValidityChangedError,
 )
+from emailsync.imap import idle
 from emailsync.imap.folders import FolderTree
-from emailsync.imap.translate import backoff_hint, server_text, translated
+from emailsync.imap.idle import IdleUpdate, WakeSource
+from emailsync.imap.translate import server_text, translated
 from emailsync.model import STUCK_KEYWORD, FetchedMessage, FolderRole
 
 if TYPE_CHECKING:
@@ -43,14 +42,6 @@ FILING_KEYWORD = "$EmailSyncFiling"
 # Cap on bytes fetched in one FETCH of whole messages, so one batch of large attachments
 # cannot hold a socket read for minutes.
 FULL_FETCH_BYTES = 16 * 1024 * 1024
-
-
-@dataclass
-class IdleUpdate:
-    """What a wait in IDLE brought: new mail (EXISTS grew) and/or a local wake-up."""
-
-    new_mail: bool = False
-    woken: bool = False
 
 
 def _enable_keepalive(sock: socket.socket) -> None:
@@ -392,54 +383,19 @@ class ImapSession:
 
     def idle_begin(self) -> None:
         """Enter IDLE on the selected Queue."""
-        with translated("idle"):
-            self.client.idle()
+        idle.begin(self.client)
 
-    def idle_wait(self, timeout_seconds: float, wake_fd: int) -> IdleUpdate:
-        """Wait in IDLE for the server, a wake-up on ``wake_fd``, or the timeout.
-
-        Polls the IMAP socket and the wake pipe together, so Start Sync and shutdown are
-        seen at once, not at the next timeout.
-        """
-        poller = select.poll()
-        sock = self.client.socket()
-        poller.register(sock.fileno(), select.POLLIN)
-        poller.register(wake_fd, select.POLLIN)
-        events = dict(poller.poll(max(0.0, timeout_seconds) * 1000))
-        update = IdleUpdate(woken=wake_fd in events)
-        if sock.fileno() in events:
-            with translated("idle"):
-                responses = self.client.idle_check(timeout=0)
-            if not responses:
-                # Readable with nothing to read: the server closed the connection.
-                raise ConnectionLostError("idle: connection closed by the server", kind="bye")
-            self._apply(responses, update)
-        return update
+    def idle_wait(self, timeout_seconds: float, wake: WakeSource) -> IdleUpdate:
+        """Wait in IDLE for the server, a wake-up on ``wake`` or the timeout (see imap/idle.py)."""
+        return self._count(idle.wait(self.client, timeout_seconds, wake, self.exists))
 
     def idle_end(self) -> IdleUpdate:
         """Leave IDLE (DONE); a server that does not answer within the timeout is dead."""
-        update = IdleUpdate()
-        with translated("idle done"):
-            _, responses = self.client.idle_done()
-        self._apply(responses, update)
-        return update
+        return self._count(idle.end(self.client, self.exists))
 
-    def _apply(self, responses: Sequence[Any], update: IdleUpdate) -> None:
-        for response in responses:
-            if not isinstance(response, tuple) or len(response) < 2:
-                continue
-            first, second = response[0], response[1]
-            if first == b"BYE":
-                raise ConnectionLostError(
-                    f"server said BYE: {_str(second)}",
-                    kind="bye",
-                    retry_after=backoff_hint(_str(second)),
-                )
-            if second == b"EXISTS" and isinstance(first, int):
-                update.new_mail = update.new_mail or first > self.exists
-                self.exists = first
-            elif second == b"EXPUNGE" and isinstance(first, int):
-                self.exists = max(0, self.exists - 1)
+    def _count(self, update: IdleUpdate) -> IdleUpdate:
+        self.exists = update.exists
+        return update
 
     def oldest_queued(self, uids: Sequence[int]) -> datetime | None:
         """When the oldest of these Queue messages landed there; None for no messages.
@@ -466,14 +422,15 @@ class ImapSession:
         RFC 3501 §6.1.2: a server may announce new mail in the NOOP response, and then not
         again in the next IDLE, so the caller must act on ``new_mail``.
         """
-        update = IdleUpdate()
         with translated("noop"):
             _, responses = self.client.noop()
-        self._apply(responses, update)
-        return update
+        return self._count(idle.mailbox_updates(responses, self.exists))
 
-    def logout(self) -> None:
-        """LOGOUT politely, then close the socket; never raises."""
+    def logout(self, timeout_seconds: float | None = None) -> None:
+        """LOGOUT politely (waiting at most ``timeout_seconds`` when given), close; never raises."""
+        if timeout_seconds is not None:
+            with contextlib.suppress(OSError):
+                self.client.socket().settimeout(timeout_seconds)
         with contextlib.suppress(Exception):
             self.client.logout()
         _close_quietly(self.client)
