@@ -5,7 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all setup system-deps demo test lint typecheck unit integration bench bench-full soak clean
+.PHONY: all setup system-deps demo test lint typecheck unit integration bench bench-full soak clean \
+	dist test-dist
 
 all: test
 
@@ -47,5 +48,13 @@ test: setup lint typecheck
 bench: setup
 	$(BIN)/python bench/run.py
 
+# sdist + wheel into dist/ (version from daemon/emailsync/__init__.py).
+dist: setup
+	$(BIN)/python -m build --outdir dist .
+
+# Builds both, installs the wheel in a fresh venv, runs --version, check-config and demo --once.
+test-dist: setup
+	bash .ci/test-dist
+
 clean:
-	rm -rf $(VENV) .demo .mypy_cache .ruff_cache .pytest_cache build *.egg-info
+	rm -rf $(VENV) .demo .mypy_cache .ruff_cache .pytest_cache build dist *.egg-info
