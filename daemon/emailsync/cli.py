@@ -167,6 +167,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per line")
 
     p = command(
+        "doctor",
+        cmd_doctor,
+        "log in as the daemon would and report TLS, capabilities, folders and IDLE delay",
+    )
+    p.add_argument("address", help="the mailbox address")
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=75.0,
+        metavar="SECONDS",
+        help="how long to wait for the server's IDLE notice of the probe (default 75)",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    p = command(
         "demo", cmd_demo, "throwaway Dovecot + seeded mailboxes, groups and mail + the daemon"
     )
     p.add_argument("--dir", type=Path, default=Path(".demo"), help="where the demo keeps its files")
@@ -505,6 +520,20 @@ def cmd_auth_status(args: argparse.Namespace, out: TextIO) -> int:
             file=out,
         )
     return EXIT_OK
+
+
+def cmd_doctor(args: argparse.Namespace, out: TextIO) -> int:
+    """One line per check of a mailbox's server; exit 1 when any is a problem."""
+    from emailsync.doctor import diagnose, exit_code  # noqa: PLC0415 -- only doctor needs it
+
+    settings = load(args)
+
+    def emit(finding: Any) -> None:
+        text = json.dumps(finding.as_json()) if args.json else finding.line()
+        print(text, file=out, flush=True)
+
+    findings = diagnose(settings, args.address, idle_timeout=args.idle_timeout, emit=emit)
+    return exit_code(findings)
 
 
 def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
