@@ -188,7 +188,79 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--once", action="store_true", help="one pass and exit instead of running the daemon"
     )
+    p = command("completion", cmd_completion, "print a bash or zsh completion script")
+    p.add_argument("shell", choices=("bash", "zsh"))
+
+    add_examples(parser)
     return parser
+
+
+# Examples shown under each command's --help (and in the man page). Every command has one:
+# tests/unit/test_cli_help.py fails for a command added without.
+EXAMPLES: dict[str, str] = {
+    "run": "emailsync --config /etc/emailsync/emailsync.toml run   # what the unit runs",
+    "check-config": (
+        "emailsync check-config\n"
+        "  emailsync --config config/emailsync.toml check-config --skip-secrets"
+    ),
+    "setup": "sudo -u emailsync emailsync setup agent1@example.com",
+    "sync": (
+        "emailsync sync --dry-run agent1@example.com   # what would happen, nothing changed\n"
+        "  emailsync sync --once                          # one pass over every enabled mailbox"
+    ),
+    "start-sync": "emailsync start-sync agent1@example.com\n  emailsync start-sync --all",
+    "stop": "emailsync stop agent1@example.com   # then `emailsync setup` starts it again",
+    "status": "emailsync status\n  emailsync status --json | jq -r 'select(.queue > 0).address'",
+    "retry-failed": (
+        "emailsync groups add Smiths buyer@example.org && emailsync retry-failed agent1@example.com"
+    ),
+    "groups": "emailsync groups list",
+    "groups add": "emailsync groups add 'Smith, 12 High St' buyer@example.org seller@example.net",
+    "groups import": "emailsync groups import groups.csv   # header: group,address",
+    "groups list": "emailsync groups list --json",
+    "auth": "emailsync auth status",
+    "auth login": "emailsync auth login agent3@contoso.com   # prints a URL and a code",
+    "auth status": "emailsync auth status --json",
+    "timeline": "emailsync timeline --group Smiths --limit 20\n  emailsync timeline --json",
+    "doctor": "emailsync doctor agent1@example.com\n  emailsync doctor --json agent1@example.com",
+    "demo": "emailsync demo            # Ctrl-C to stop\n  emailsync demo --once",
+    "completion": (
+        "emailsync completion bash > /etc/bash_completion.d/emailsync\n"
+        '  emailsync completion zsh > "${fpath[1]}/_emailsync"'
+    ),
+}
+
+
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """A parser's direct subcommands by name (argparse keeps them on a private action)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def walk_commands(
+    parser: argparse.ArgumentParser, prefix: str = ""
+) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    """Every command path (``"groups add"``) with its parser, depth first."""
+    for name, sub in subcommands(parser).items():
+        path = f"{prefix} {name}".strip()
+        yield path, sub
+        yield from walk_commands(sub, path)
+
+
+def add_examples(parser: argparse.ArgumentParser) -> None:
+    """Put each command's example into its --help epilog."""
+    for path, sub in walk_commands(parser):
+        example = EXAMPLES.get(path)
+        if example:
+            sub.epilog = f"example:\n  {example}"
+            sub.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = (
+        "examples:\n  emailsync demo\n  emailsync check-config && emailsync doctor "
+        "agent1@example.com\n\n'emailsync COMMAND --help' shows a command's options and example."
+    )
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -534,6 +606,15 @@ def cmd_doctor(args: argparse.Namespace, out: TextIO) -> int:
 
     findings = diagnose(settings, args.address, idle_timeout=args.idle_timeout, emit=emit)
     return exit_code(findings)
+
+
+def cmd_completion(args: argparse.Namespace, out: TextIO) -> int:
+    """Print the completion script for a shell, generated from this parser."""
+    from emailsync.completion import bash_script, zsh_script  # noqa: PLC0415 -- only here
+
+    parser = build_parser()
+    out.write(bash_script(parser) if args.shell == "bash" else zsh_script(parser))
+    return EXIT_OK
 
 
 def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
