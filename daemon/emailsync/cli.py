@@ -36,6 +36,7 @@ from emailsync.imap.auth import Office365Authenticator, make_authenticator
 from emailsync.imap.session import ImapSession
 from emailsync.logs import configure_logging
 from emailsync.model import OUTCOME_KEYWORD, FolderRole, Outcome, TimelineEvent
+from emailsync.progress import progress
 from emailsync.store import open_store
 from emailsync.store.base import Store
 from emailsync.store.csvimport import read_group_csv
@@ -110,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="check the config's structure only, not that its secret files can be read "
         "(e.g. an example config, or on a build host without the secrets)",
     )
+    p.add_argument(
+        "--json", action="store_true", help="one JSON object: ok, counts and every problem"
+    )
 
     p = command("setup", cmd_setup, "log in and create + subscribe the folder tree")
     p.add_argument("address", help="the mailbox address")
@@ -122,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--once", action="store_true", help="one pass and exit (the default without a daemon)"
     )
     p.add_argument("--dry-run", action="store_true", help="print what would happen; change nothing")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per line: each decision (with --dry-run), then a per-mailbox summary",
+    )
 
     p = command("start-sync", cmd_start_sync, "send Start Sync to the running daemon")
     p.add_argument("addresses", nargs="*", metavar="ADDRESS")
@@ -200,13 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
 EXAMPLES: dict[str, str] = {
     "run": "emailsync --config /etc/emailsync/emailsync.toml run   # what the unit runs",
     "check-config": (
-        "emailsync check-config\n"
+        "emailsync check-config\n  emailsync check-config --json\n"
         "  emailsync --config config/emailsync.toml check-config --skip-secrets"
     ),
     "setup": "sudo -u emailsync emailsync setup agent1@example.com",
     "sync": (
         "emailsync sync --dry-run agent1@example.com   # what would happen, nothing changed\n"
-        "  emailsync sync --once                          # one pass over every enabled mailbox"
+        "  emailsync sync --once                          # one pass over every enabled mailbox\n"
+        "  emailsync sync --dry-run --json | jq -c 'select(.destination == \"failed\")'"
     ),
     "start-sync": "emailsync start-sync agent1@example.com\n  emailsync start-sync --all",
     "stop": "emailsync stop agent1@example.com   # then `emailsync setup` starts it again",
@@ -383,6 +393,8 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
     """Validate the config; one line per problem, exit 78 on any."""
     path = args.config or default_config_path()
+    if args.json:
+        return _check_config_json(path, out, skip_secrets=args.skip_secrets)
     settings = load_settings(path)
     problems = [] if args.skip_secrets else check_secrets(settings)
     if problems:
@@ -390,6 +402,22 @@ def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
     enabled = sum(1 for m in settings.mailboxes if m.enabled)
     print(f"{path}: ok ({len(settings.mailboxes)} mailboxes, {enabled} enabled)", file=out)
     return EXIT_OK
+
+
+def _check_config_json(path: Path, out: TextIO, *, skip_secrets: bool) -> int:
+    """``check-config --json``: one object, exit 78 when it lists problems."""
+    report: dict[str, Any] = {"config": str(path), "ok": True, "problems": []}
+    try:
+        settings = load_settings(path)
+        problems = [] if skip_secrets else check_secrets(settings)
+        report["mailboxes"] = len(settings.mailboxes)
+        report["enabled"] = sum(1 for m in settings.mailboxes if m.enabled)
+    except ConfigError as exc:
+        problems = list(exc.problems)
+    report["ok"] = not problems
+    report["problems"] = problems
+    print(json.dumps(report), file=out)
+    return EXIT_OK if not problems else EXIT_CONFIG
 
 
 def cmd_setup(args: argparse.Namespace, out: TextIO) -> int:
@@ -429,14 +457,17 @@ def cmd_sync(args: argparse.Namespace, out: TextIO) -> int:
                 with session_for(settings, mailbox.address) as session:
                     if not args.dry_run:
                         session.ensure_folders()
-                    result = Filer(mailbox, store, batch_size=settings.daemon.fetch_batch).run_pass(
-                        session, dry_run=args.dry_run
-                    )
+                    filer = Filer(mailbox, store, batch_size=settings.daemon.fetch_batch)
+                    with progress(mailbox.address, sys.stderr) as report:
+                        result = filer.run_pass(session, dry_run=args.dry_run, progress=report)
             except (MailboxError, StoreError) as exc:
                 print(f"{mailbox.address}: {exc}", file=sys.stderr)
                 status = EXIT_UNAVAILABLE if isinstance(exc, ConnectionLostError) else EXIT_RUNTIME
                 continue
-            _print_pass(mailbox.address, result, out, dry_run=args.dry_run)
+            if args.json:
+                _print_pass_json(mailbox.address, result, out, dry_run=args.dry_run)
+            else:
+                _print_pass(mailbox.address, result, out, dry_run=args.dry_run)
     return status
 
 
@@ -463,12 +494,53 @@ def _print_pass(address: str, result: PassResult, out: TextIO, *, dry_run: bool)
     )
 
 
+def _print_pass_json(address: str, result: PassResult, out: TextIO, *, dry_run: bool) -> None:
+    """``sync --json``: each decision (dry run), then the mailbox's summary, one per line."""
+    if dry_run:
+        for d in result.decisions:
+            c = d.classification
+            print(
+                json.dumps(
+                    {
+                        "mailbox": address,
+                        "uid": d.uid,
+                        "direction": c.direction.value if c else None,
+                        "counterparts": list(c.counterparts) if c else [],
+                        "groups": list(d.groups),
+                        "destination": d.destination.value,
+                        "problem": d.message.problem,
+                    }
+                ),
+                file=out,
+            )
+    print(
+        json.dumps(
+            {
+                "mailbox": address,
+                "dry_run": dry_run,
+                "messages": len(result.decisions),
+                "sent": result.count(Outcome.SENT),
+                "received": result.count(Outcome.RECEIVED),
+                "failed": result.count(Outcome.NO_GROUP) + result.count(Outcome.UNPARSEABLE),
+                "new_events": result.new_events,
+            }
+        ),
+        file=out,
+    )
+
+
 def cmd_retry_failed(args: argparse.Namespace, out: TextIO) -> int:
     """Move every Failed message back to Queue (after groups were linked)."""
     settings = load(args)
     with session_for(settings, args.address) as session:
         session.ensure_folders()
-        moved = session.requeue(FolderRole.FAILED, list(OUTCOME_KEYWORD.values()))
+        with progress(f"{args.address} Failed → Queue", sys.stderr) as report:
+            moved = session.requeue(
+                FolderRole.FAILED,
+                list(OUTCOME_KEYWORD.values()),
+                batch_size=settings.daemon.fetch_batch,
+                progress=report,
+            )
     print(f"{args.address}: moved {moved} messages from Failed back to Queue", file=out)
     return EXIT_OK
 

@@ -118,6 +118,7 @@ class Filer:
         *,
         dry_run: bool = False,
         stopping: Callable[[], bool] = lambda: False,
+        progress: Callable[[int, int], None] | None = None,
     ) -> PassResult:
         """File every message in Queue, including ones that arrive while the pass runs.
 
@@ -126,6 +127,7 @@ class Filer:
         the end and goes on until nothing new is there. A message it could not move (still in
         Queue) is not tried twice in one pass, so the loop always ends. ``stopping`` is asked
         between batches: on shutdown the batch in flight is finished and the rest wait.
+        ``progress(done, total)`` is told after each batch (the CLI's progress bar).
         """
         result = PassResult()
         session.select_queue()
@@ -135,6 +137,7 @@ class Filer:
             uids = [uid for uid in session.queue_uids() if uid not in attempted]
             if not uids:
                 break
+            total = len(attempted) + len(uids)
             for start in range(0, len(uids), self.batch_size):
                 chunk = uids[start : start + self.batch_size]
                 if stopping():
@@ -143,6 +146,8 @@ class Filer:
                 decisions, new_events = self._file_batch(session, chunk, dry_run=dry_run)
                 result.decisions.extend(decisions)
                 result.new_events += new_events
+                if progress is not None:
+                    progress(len(attempted), total)
             if dry_run:
                 break
         return result

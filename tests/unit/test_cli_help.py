@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -84,3 +85,38 @@ def test_man_page_is_clean_roff_with_every_command(tmp_path: Path) -> None:
     )
     assert result.returncode == 0
     assert result.stderr == ""
+
+
+READ_COMMANDS = (
+    "status",
+    "groups list",
+    "auth status",
+    "timeline",
+    "doctor",
+    "check-config",
+    "sync",
+)
+
+
+def test_every_read_command_has_json() -> None:
+    commands = dict(walk_commands(build_parser()))
+    for path in READ_COMMANDS:
+        options = {o for a in commands[path]._actions for o in a.option_strings}
+        assert "--json" in options, path
+
+
+def test_check_config_json(capsys: pytest.CaptureFixture[str]) -> None:
+    example = Path(__file__).resolve().parents[2] / "config" / "emailsync.toml"
+    assert main(["--config", str(example), "check-config", "--json"]) == 78
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] is False
+    assert report["mailboxes"] == 2
+    assert any("control_token_file" in p for p in report["problems"])
+    assert main(["--config", str(example), "check-config", "--json", "--skip-secrets"]) == 0
+    assert json.loads(capsys.readouterr().out) == {
+        "config": str(example),
+        "ok": True,
+        "problems": [],
+        "mailboxes": 2,
+        "enabled": 2,
+    }
