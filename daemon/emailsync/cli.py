@@ -36,6 +36,7 @@ from emailsync.imap.auth import Office365Authenticator, make_authenticator
 from emailsync.imap.session import ImapSession
 from emailsync.logs import configure_logging
 from emailsync.model import OUTCOME_KEYWORD, FolderRole, Outcome, TimelineEvent
+from emailsync.progress import progress
 from emailsync.store import open_store
 from emailsync.store.base import Store
 from emailsync.store.csvimport import read_group_csv
@@ -103,7 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     command("run", cmd_run, "the daemon, in the foreground")
-    command("check-config", cmd_check_config, "validate the config and the presence of secrets")
+    p = command("check-config", cmd_check_config, "validate the config and the presence of secrets")
+    p.add_argument(
+        "--skip-secrets",
+        action="store_true",
+        help="check the config's structure only, not that its secret files can be read "
+        "(e.g. an example config, or on a build host without the secrets)",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="one JSON object: ok, counts and every problem"
+    )
 
     p = command("setup", cmd_setup, "log in and create + subscribe the folder tree")
     p.add_argument("address", help="the mailbox address")
@@ -116,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--once", action="store_true", help="one pass and exit (the default without a daemon)"
     )
     p.add_argument("--dry-run", action="store_true", help="print what would happen; change nothing")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per line: each decision (with --dry-run), then a per-mailbox summary",
+    )
 
     p = command("start-sync", cmd_start_sync, "send Start Sync to the running daemon")
     p.add_argument("addresses", nargs="*", metavar="ADDRESS")
@@ -170,13 +185,101 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per line")
 
     p = command(
+        "doctor",
+        cmd_doctor,
+        "log in as the daemon would and report TLS, capabilities, folders and IDLE delay",
+    )
+    p.add_argument("address", help="the mailbox address")
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=75.0,
+        metavar="SECONDS",
+        help="how long to wait for the server's IDLE notice of the probe (default 75)",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    p = command(
         "demo", cmd_demo, "throwaway Dovecot + seeded mailboxes, groups and mail + the daemon"
     )
     p.add_argument("--dir", type=Path, default=Path(".demo"), help="where the demo keeps its files")
     p.add_argument(
         "--once", action="store_true", help="one pass and exit instead of running the daemon"
     )
+    p = command("completion", cmd_completion, "print a bash or zsh completion script")
+    p.add_argument("shell", choices=("bash", "zsh"))
+
+    add_examples(parser)
     return parser
+
+
+# Examples shown under each command's --help (and in the man page). Every command has one:
+# tests/unit/test_cli_help.py fails for a command added without.
+EXAMPLES: dict[str, str] = {
+    "run": "emailsync --config /etc/emailsync/emailsync.toml run   # what the unit runs",
+    "check-config": (
+        "emailsync check-config\n  emailsync check-config --json\n"
+        "  emailsync --config config/emailsync.toml check-config --skip-secrets"
+    ),
+    "setup": "sudo -u emailsync emailsync setup agent1@example.com",
+    "sync": (
+        "emailsync sync --dry-run agent1@example.com   # what would happen, nothing changed\n"
+        "  emailsync sync --once                          # one pass over every enabled mailbox\n"
+        "  emailsync sync --dry-run --json | jq -c 'select(.destination == \"failed\")'"
+    ),
+    "start-sync": "emailsync start-sync agent1@example.com\n  emailsync start-sync --all",
+    "stop": "emailsync stop agent1@example.com   # then `emailsync setup` starts it again",
+    "status": "emailsync status\n  emailsync status --json | jq -r 'select(.queue > 0).address'",
+    "retry-failed": (
+        "emailsync groups add Smiths buyer@example.org && emailsync retry-failed agent1@example.com"
+    ),
+    "groups": "emailsync groups list",
+    "groups add": "emailsync groups add 'Smith, 12 High St' buyer@example.org seller@example.net",
+    "groups import": "emailsync groups import groups.csv   # header: group,address",
+    "groups list": "emailsync groups list --json",
+    "auth": "emailsync auth status",
+    "auth login": "emailsync auth login agent3@contoso.com   # prints a URL and a code",
+    "auth status": "emailsync auth status --json",
+    "timeline": "emailsync timeline --group Smiths --limit 20\n  emailsync timeline --json",
+    "doctor": "emailsync doctor agent1@example.com\n  emailsync doctor --json agent1@example.com",
+    "demo": "emailsync demo            # Ctrl-C to stop\n  emailsync demo --once",
+    "completion": (
+        "emailsync completion bash > /etc/bash_completion.d/emailsync\n"
+        '  emailsync completion zsh > "${fpath[1]}/_emailsync"'
+    ),
+}
+
+
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """A parser's direct subcommands by name (argparse keeps them on a private action)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def walk_commands(
+    parser: argparse.ArgumentParser, prefix: str = ""
+) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    """Every command path (``"groups add"``) with its parser, depth first."""
+    for name, sub in subcommands(parser).items():
+        path = f"{prefix} {name}".strip()
+        yield path, sub
+        yield from walk_commands(sub, path)
+
+
+def add_examples(parser: argparse.ArgumentParser) -> None:
+    """Put each command's example into its --help epilog."""
+    for path, sub in walk_commands(parser):
+        example = EXAMPLES.get(path)
+        if example:
+            sub.epilog = f"example:\n  {example}"
+            sub.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = (
+        "examples:\n  emailsync demo\n  emailsync check-config && emailsync doctor "
+        "agent1@example.com\n\n'emailsync COMMAND --help' shows a command's options and example."
+    )
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -301,13 +404,31 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
     """Validate the config; one line per problem, exit 78 on any."""
     path = args.config or default_config_path()
+    if args.json:
+        return _check_config_json(path, out, skip_secrets=args.skip_secrets)
     settings = load_settings(path)
-    problems = check_secrets(settings)
+    problems = [] if args.skip_secrets else check_secrets(settings)
     if problems:
         raise ConfigError(problems)
     enabled = sum(1 for m in settings.mailboxes if m.enabled)
     print(f"{path}: ok ({len(settings.mailboxes)} mailboxes, {enabled} enabled)", file=out)
     return EXIT_OK
+
+
+def _check_config_json(path: Path, out: TextIO, *, skip_secrets: bool) -> int:
+    """``check-config --json``: one object, exit 78 when it lists problems."""
+    report: dict[str, Any] = {"config": str(path), "ok": True, "problems": []}
+    try:
+        settings = load_settings(path)
+        problems = [] if skip_secrets else check_secrets(settings)
+        report["mailboxes"] = len(settings.mailboxes)
+        report["enabled"] = sum(1 for m in settings.mailboxes if m.enabled)
+    except ConfigError as exc:
+        problems = list(exc.problems)
+    report["ok"] = not problems
+    report["problems"] = problems
+    print(json.dumps(report), file=out)
+    return EXIT_OK if not problems else EXIT_CONFIG
 
 
 def cmd_setup(args: argparse.Namespace, out: TextIO) -> int:
@@ -353,17 +474,21 @@ def cmd_sync(args: argparse.Namespace, out: TextIO) -> int:
                         batch_size=settings.daemon.fetch_batch,
                         stuck_after=settings.daemon.stuck_after_attempts,
                     )
-                    result = filer.run_pass(session, dry_run=args.dry_run)
+                    with progress(mailbox.address, sys.stderr) as report:
+                        result = filer.run_pass(session, dry_run=args.dry_run, progress=report)
             except (MailboxError, StoreError) as exc:
                 print(f"{mailbox.address}: {exc}", file=sys.stderr)
                 status = EXIT_UNAVAILABLE if isinstance(exc, ConnectionLostError) else EXIT_RUNTIME
                 continue
-            _print_pass(mailbox.address, result, out, dry_run=args.dry_run)
+            if args.json:
+                _print_pass_json(mailbox.address, result, out, dry_run=args.dry_run)
+            else:
+                _print_pass(mailbox.address, result, out, dry_run=args.dry_run)
             if filer.stuck:
                 print(
                     f"{mailbox.address}: {filer.stuck} stuck in Queue ($EmailSyncStuck), skipped;"
                     f" `emailsync retry-failed {mailbox.address}` releases them",
-                    file=out,
+                    file=sys.stderr if args.json else out,
                 )
     return status
 
@@ -391,12 +516,53 @@ def _print_pass(address: str, result: PassResult, out: TextIO, *, dry_run: bool)
     )
 
 
+def _print_pass_json(address: str, result: PassResult, out: TextIO, *, dry_run: bool) -> None:
+    """``sync --json``: each decision (dry run), then the mailbox's summary, one per line."""
+    if dry_run:
+        for d in result.decisions:
+            c = d.classification
+            print(
+                json.dumps(
+                    {
+                        "mailbox": address,
+                        "uid": d.uid,
+                        "direction": c.direction.value if c else None,
+                        "counterparts": list(c.counterparts) if c else [],
+                        "groups": list(d.groups),
+                        "destination": d.destination.value,
+                        "problem": d.message.problem,
+                    }
+                ),
+                file=out,
+            )
+    print(
+        json.dumps(
+            {
+                "mailbox": address,
+                "dry_run": dry_run,
+                "messages": len(result.decisions),
+                "sent": result.count(Outcome.SENT),
+                "received": result.count(Outcome.RECEIVED),
+                "failed": result.count(Outcome.NO_GROUP) + result.count(Outcome.UNPARSEABLE),
+                "new_events": result.new_events,
+            }
+        ),
+        file=out,
+    )
+
+
 def cmd_retry_failed(args: argparse.Namespace, out: TextIO) -> int:
     """Move every Failed message back to Queue (after groups were linked); release stuck ones."""
     settings = load(args)
     with session_for(settings, args.address) as session:
         session.ensure_folders()
-        moved = session.requeue(FolderRole.FAILED, list(OUTCOME_KEYWORD.values()))
+        with progress(f"{args.address} Failed → Queue", sys.stderr) as report:
+            moved = session.requeue(
+                FolderRole.FAILED,
+                list(OUTCOME_KEYWORD.values()),
+                batch_size=settings.daemon.fetch_batch,
+                progress=report,
+            )
         released = session.release_stuck()
     print(f"{args.address}: moved {moved} messages from Failed back to Queue", file=out)
     print(f"{args.address}: released {released} stuck messages in Queue", file=out)
@@ -526,6 +692,29 @@ def cmd_auth_status(args: argparse.Namespace, out: TextIO) -> int:
             + (f"  last error: {status['last_error']}" if status["last_error"] else ""),
             file=out,
         )
+    return EXIT_OK
+
+
+def cmd_doctor(args: argparse.Namespace, out: TextIO) -> int:
+    """One line per check of a mailbox's server; exit 1 when any is a problem."""
+    from emailsync.doctor import diagnose, exit_code  # noqa: PLC0415 -- only doctor needs it
+
+    settings = load(args)
+
+    def emit(finding: Any) -> None:
+        text = json.dumps(finding.as_json()) if args.json else finding.line()
+        print(text, file=out, flush=True)
+
+    findings = diagnose(settings, args.address, idle_timeout=args.idle_timeout, emit=emit)
+    return exit_code(findings)
+
+
+def cmd_completion(args: argparse.Namespace, out: TextIO) -> int:
+    """Print the completion script for a shell, generated from this parser."""
+    from emailsync.completion import bash_script, zsh_script  # noqa: PLC0415 -- only here
+
+    parser = build_parser()
+    out.write(bash_script(parser) if args.shell == "bash" else zsh_script(parser))
     return EXIT_OK
 
 

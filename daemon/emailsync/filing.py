@@ -164,6 +164,7 @@ class Filer:
         *,
         dry_run: bool = False,
         stopping: Callable[[], bool] = lambda: False,
+        progress: Callable[[int, int], None] | None = None,
     ) -> PassResult:
         """File every message in Queue, including ones that arrive while the pass runs.
 
@@ -174,6 +175,7 @@ class Filer:
         between batches: on shutdown the batch in flight is finished and the rest wait.
         Quarantined messages (STUCK_KEYWORD, or over ``stuck_after`` attempts) are skipped,
         unless ``release_stuck()`` was called since the last pass.
+        ``progress(done, total)`` is told after each batch (the CLI's progress bar).
         """
         result = PassResult()
         session.select_queue()
@@ -197,6 +199,7 @@ class Filer:
             uids = [uid for uid in queued if uid not in attempted]
             if not uids:
                 break
+            total = len(attempted) + len(uids)
             for chunk in self._chunks(uids):
                 if stopping():
                     return result
@@ -204,6 +207,8 @@ class Filer:
                 decisions, new_events = self._file_batch(session, chunk, dry_run=dry_run)
                 result.decisions.extend(decisions)
                 result.new_events += new_events
+                if progress is not None:
+                    progress(len(attempted), total)
             if dry_run:
                 break
         return result

@@ -141,7 +141,8 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | N
     else:
         processors += [
             structlog.processors.TimeStamper(fmt="%H:%M:%S", utc=False),
-            structlog.dev.ConsoleRenderer(colors=out.isatty()),
+            # Colour only on a terminal and never with NO_COLOR (https://no-color.org).
+            structlog.dev.ConsoleRenderer(colors=out.isatty() and not os.environ.get("NO_COLOR")),
         ]
     structlog.configure(
         processors=processors,

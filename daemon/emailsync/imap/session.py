@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -280,8 +280,19 @@ class ImapSession:
                 self.client.add_flags(list(uids), [keyword], silent=True)
             self._move(list(uids), tree.queue, dest, self.uidvalidity)
 
-    def requeue(self, role: FolderRole, keywords: Sequence[str]) -> int:
-        """Move every message of a folder (e.g. Failed) back to Queue, without the keywords."""
+    def requeue(
+        self,
+        role: FolderRole,
+        keywords: Sequence[str],
+        *,
+        batch_size: int | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> int:
+        """Move every message of a folder (e.g. Failed) back to Queue, without the keywords.
+
+        With ``batch_size``, in batches of that many UIDs (MOVE keeps the other UIDs valid),
+        telling ``progress(done, total)`` after each.
+        """
         tree = self.tree or self.resolve_tree()
         source = tree.name(role)
         with translated(f"requeue {role.value}"):
@@ -289,10 +300,17 @@ class ImapSession:
             uids = sorted(int(u) for u in self.client.search(["ALL"]))
             if not uids:
                 return 0
-            if b"\\*" in tuple(info.get(b"PERMANENTFLAGS", ())):
-                self.client.remove_flags(uids, list(keywords), silent=True)
+            keywords_allowed = b"\\*" in tuple(info.get(b"PERMANENTFLAGS", ()))
             self.keywords_allowed = False  # the fallback's marker is for Queue only
-            self._move(uids, source, tree.queue, int(info.get(b"UIDVALIDITY", 0)))
+            uidvalidity = int(info.get(b"UIDVALIDITY", 0))
+            step = batch_size or len(uids)
+            for start in range(0, len(uids), step):
+                chunk = uids[start : start + step]
+                if keywords_allowed:
+                    self.client.remove_flags(chunk, list(keywords), silent=True)
+                self._move(chunk, source, tree.queue, uidvalidity)
+                if progress is not None:
+                    progress(start + len(chunk), len(uids))
         return len(uids)
 
     def _move(self, uids: list[int], source: str, dest: str, uidvalidity: int | None) -> None:
