@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import email.utils
+import functools
 
 import idna
 
+# Distinct addresses remembered by normalise_address: a pass meets the same few hundred
+# addresses again and again (the owner's on every message), and parseaddr is the single
+# largest cost of parsing headers (issue 10 profile). Bounded: about 1 MB at most.
+ADDRESS_CACHE_SIZE = 4096
 
+
+@functools.lru_cache(maxsize=ADDRESS_CACHE_SIZE)
 def normalise_address(raw: str) -> str | None:
     """Return ``local@domain`` lower-cased with the domain in ASCII (IDNA) form, or None.
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -31,7 +32,7 @@ from emailsync.errors import (
     MailboxError,
     StoreError,
 )
-from emailsync.filing import Filer, PassResult
+from emailsync.filing import Decision, Filer, PassResult
 from emailsync.imap.auth import Office365Authenticator, make_authenticator
 from emailsync.imap.session import ImapSession
 from emailsync.logs import configure_logging
@@ -474,8 +475,16 @@ def cmd_sync(args: argparse.Namespace, out: TextIO) -> int:
                         batch_size=settings.daemon.fetch_batch,
                         stuck_after=settings.daemon.stuck_after_attempts,
                     )
+                    # A dry run prints each batch's decisions as it goes: the pass keeps counts.
+                    show = _print_decisions_json if args.json else _print_decisions
+                    on_batch = functools.partial(show, mailbox.address, out=out)
                     with progress(mailbox.address, sys.stderr) as report:
-                        result = filer.run_pass(session, dry_run=args.dry_run, progress=report)
+                        result = filer.run_pass(
+                            session,
+                            dry_run=args.dry_run,
+                            progress=report,
+                            on_batch=on_batch if args.dry_run else None,
+                        )
             except (MailboxError, StoreError) as exc:
                 print(f"{mailbox.address}: {exc}", file=sys.stderr)
                 status = EXIT_UNAVAILABLE if isinstance(exc, ConnectionLostError) else EXIT_RUNTIME
@@ -493,17 +502,40 @@ def cmd_sync(args: argparse.Namespace, out: TextIO) -> int:
     return status
 
 
+def _print_decisions(address: str, decisions: Sequence[Decision], out: TextIO) -> None:
+    """``sync --dry-run``: one line per decision of a batch."""
+    for d in decisions:
+        direction = d.classification.direction.value if d.classification else "-"
+        counterparts = ",".join(d.classification.counterparts) if d.classification else "-"
+        reason = f"\t({d.message.problem})" if d.message.problem else ""
+        print(
+            f"{address}\tuid={d.uid}\t{direction}\tcounterparts={counterparts or '-'}"
+            f"\tgroups={','.join(d.groups) or '-'}\t→ {d.destination.value}{reason}",
+            file=out,
+        )
+
+
+def _print_decisions_json(address: str, decisions: Sequence[Decision], out: TextIO) -> None:
+    """``sync --dry-run --json``: one JSON line per decision of a batch."""
+    for d in decisions:
+        c = d.classification
+        print(
+            json.dumps(
+                {
+                    "mailbox": address,
+                    "uid": d.uid,
+                    "direction": c.direction.value if c else None,
+                    "counterparts": list(c.counterparts) if c else [],
+                    "groups": list(d.groups),
+                    "destination": d.destination.value,
+                    "problem": d.message.problem,
+                }
+            ),
+            file=out,
+        )
+
+
 def _print_pass(address: str, result: PassResult, out: TextIO, *, dry_run: bool) -> None:
-    if dry_run:
-        for d in result.decisions:
-            direction = d.classification.direction.value if d.classification else "-"
-            counterparts = ",".join(d.classification.counterparts) if d.classification else "-"
-            reason = f"\t({d.message.problem})" if d.message.problem else ""
-            print(
-                f"{address}\tuid={d.uid}\t{direction}\tcounterparts={counterparts or '-'}"
-                f"\tgroups={','.join(d.groups) or '-'}\t→ {d.destination.value}{reason}",
-                file=out,
-            )
     failed = result.count(Outcome.NO_GROUP) + result.count(Outcome.UNPARSEABLE)
     summary = (
         f"{result.count(Outcome.SENT)} to Sent, {result.count(Outcome.RECEIVED)} to Received, "
@@ -511,36 +543,19 @@ def _print_pass(address: str, result: PassResult, out: TextIO, *, dry_run: bool)
     )
     verb = "would file" if dry_run else "filed"
     print(
-        f"{address}: {verb} {len(result.decisions)} ({summary}); {result.new_events} new events",
+        f"{address}: {verb} {result.messages} ({summary}); {result.new_events} new events",
         file=out,
     )
 
 
 def _print_pass_json(address: str, result: PassResult, out: TextIO, *, dry_run: bool) -> None:
-    """``sync --json``: each decision (dry run), then the mailbox's summary, one per line."""
-    if dry_run:
-        for d in result.decisions:
-            c = d.classification
-            print(
-                json.dumps(
-                    {
-                        "mailbox": address,
-                        "uid": d.uid,
-                        "direction": c.direction.value if c else None,
-                        "counterparts": list(c.counterparts) if c else [],
-                        "groups": list(d.groups),
-                        "destination": d.destination.value,
-                        "problem": d.message.problem,
-                    }
-                ),
-                file=out,
-            )
+    """``sync --json``: the mailbox's summary line (decisions were printed per batch)."""
     print(
         json.dumps(
             {
                 "mailbox": address,
                 "dry_run": dry_run,
-                "messages": len(result.decisions),
+                "messages": result.messages,
                 "sent": result.count(Outcome.SENT),
                 "received": result.count(Outcome.RECEIVED),
                 "failed": result.count(Outcome.NO_GROUP) + result.count(Outcome.UNPARSEABLE),

@@ -27,7 +27,7 @@ from emailsync.classify import classify
 from emailsync.config import STUCK_AFTER_ATTEMPTS, MailboxSettings
 from emailsync.errors import ConnectionLostError, StoreError, StoreUnavailableError
 from emailsync.imap.translate import response_code
-from emailsync.message import parse_headers, parse_message
+from emailsync.message import parse_headers, parse_message, with_body
 from emailsync.model import (
     OUTCOME_FOLDER,
     OUTCOME_KEYWORD,
@@ -94,17 +94,33 @@ class Decision:
 
 @dataclass
 class PassResult:
-    """Everything one pass decided, and how many new timeline events it recorded."""
+    """How many messages one pass decided per outcome, and the new timeline events it recorded.
 
-    decisions: list[Decision] = field(default_factory=list)
+    Counts only: a pass over a backlog of 10,000 messages must not keep 10,000 decisions
+    (with their bodies) alive until it ends (issue 10). Whoever needs the decisions
+    themselves takes each batch's from ``run_pass(on_batch=…)``.
+    """
+
+    counts: dict[Outcome, int] = field(default_factory=dict)
     new_events: int = 0
+
+    @property
+    def messages(self) -> int:
+        """How many messages the pass decided (filed, or would file in a dry run)."""
+        return sum(self.counts.values())
 
     def count(self, outcome: Outcome) -> int:
         """How many messages had this outcome."""
-        return sum(1 for d in self.decisions if d.outcome is outcome)
+        return self.counts.get(outcome, 0)
+
+    def add(self, decisions: Iterable[Decision]) -> None:
+        """Count a batch's decisions."""
+        for decision in decisions:
+            self.counts[decision.outcome] = self.counts.get(decision.outcome, 0) + 1
 
 
 FiledCallback = Callable[[Sequence[Decision], int], None]
+BatchCallback = Callable[[Sequence[Decision]], None]
 
 
 class Filer:
@@ -165,6 +181,7 @@ class Filer:
         dry_run: bool = False,
         stopping: Callable[[], bool] = lambda: False,
         progress: Callable[[int, int], None] | None = None,
+        on_batch: BatchCallback | None = None,
     ) -> PassResult:
         """File every message in Queue, including ones that arrive while the pass runs.
 
@@ -175,7 +192,9 @@ class Filer:
         between batches: on shutdown the batch in flight is finished and the rest wait.
         Quarantined messages (STUCK_KEYWORD, or over ``stuck_after`` attempts) are skipped,
         unless ``release_stuck()`` was called since the last pass.
-        ``progress(done, total)`` is told after each batch (the CLI's progress bar).
+        ``progress(done, total)`` is told after each batch (the CLI's progress bar), and
+        ``on_batch(decisions)`` gets each batch's decisions (moved ones; all in a dry run):
+        the result keeps only counts.
         """
         result = PassResult()
         session.select_queue()
@@ -205,8 +224,11 @@ class Filer:
                     return result
                 attempted.update(chunk)
                 decisions, new_events = self._file_batch(session, chunk, dry_run=dry_run)
-                result.decisions.extend(decisions)
+                result.add(decisions)
                 result.new_events += new_events
+                if on_batch is not None:
+                    on_batch(decisions)
+                del decisions  # nothing of a batch outlives it
                 if progress is not None:
                     progress(len(attempted), total)
             if dry_run:
@@ -371,11 +393,14 @@ class Filer:
                     lambda chunk: session.fetch_full(chunk, sizes), [d.uid for d in linked]
                 )
             }
+            blocks = {f.uid: f.data for f in headers}
             decisions = [
                 filled
                 for d in decisions
-                if (filled := self._with_body(d, full.get(d.uid))) is not None
+                if (filled := self._with_body(d, full.get(d.uid), blocks.get(d.uid, b"")))
+                is not None
             ]
+            del full, blocks  # bodies live only as long as their batch
         new_events = 0
         if not dry_run:
             recorded, new_events = self._record(decisions)
@@ -388,11 +413,17 @@ class Filer:
                 self.on_filed(decisions, new_events)
         return decisions, new_events
 
-    def _with_body(self, decision: Decision, fetched: FetchedMessage | None) -> Decision | None:
+    def _with_body(
+        self, decision: Decision, fetched: FetchedMessage | None, header_block: bytes
+    ) -> Decision | None:
         if not decision.groups:
             return decision
         if fetched is None:
             return None  # gone between the header and body fetches (another client moved it)
+        if fetched.plan is not None:
+            # Fetched by its structure: the headers were parsed already, only the text is new.
+            body = with_body(decision.message, fetched.plan, fetched.sections, header_block)
+            return replace(decision, message=body)
         message = parse_message(
             fetched.uid, fetched.data, internaldate=fetched.internaldate, size=fetched.size
         )

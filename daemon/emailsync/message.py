@@ -30,10 +30,11 @@ import contextlib
 import email.errors
 import email.policy
 import email.utils
+import functools
 import hashlib
 import re
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from email.generator import BytesGenerator
 from email.message import Message
@@ -42,9 +43,9 @@ from email.policy import Policy
 from io import BytesIO
 from typing import Any
 
-from emailsync.address import normalise_address
+from emailsync.address import ADDRESS_CACHE_SIZE, normalise_address
 from emailsync.htmltext import html_to_text
-from emailsync.model import Attachment, QueuedMessage
+from emailsync.model import Attachment, BodyPlan, QueuedMessage, TextSection
 
 # Cap on the body text kept for a timeline event, in bytes of UTF-8 (DESIGN.md §1).
 MAX_BODY_BYTES = 64 * 1024
@@ -111,6 +112,73 @@ def parse_headers(
     provisional (see ``needs_body_for_key``). Pass the message's RFC822.SIZE as ``size``.
     """
     return _parse_safely(uid, raw_header_bytes, internaldate, size, headers_only=True)
+
+
+def with_body(
+    message: QueuedMessage, plan: BodyPlan, sections: Mapping[str, bytes], header_block: bytes
+) -> QueuedMessage:
+    """A header-parsed message completed from its BODYSTRUCTURE plan and fetched text parts.
+
+    ``sections`` holds each text part's encoded bytes (possibly cut at the fetch cap), and
+    ``header_block`` the header bytes ``message`` was parsed from (its key needs the Date as
+    written when there is no Message-ID). The text is chosen as ``parse_message`` chooses it:
+    the first non-empty text/plain, else text/html rendered, else none. The header fields are
+    not parsed again. Never raises: a part that cannot be decoded gives no text.
+    """
+    source, shown = "", ""
+    # Same boundary as _parse_safely: untrusted bytes meet codecs and the HTML renderer.
+    with contextlib.suppress(Exception):
+        source, shown = _chosen_text(plan, sections)
+    key = message.key
+    if needs_body_for_key(message):
+        key = _body_key(message, header_block, source)
+    return replace(message, key=key, body_text=_cap(shown), attachments=plan.attachments)
+
+
+def _chosen_text(plan: BodyPlan, sections: Mapping[str, bytes]) -> tuple[str, str]:
+    """The text the key digests and the text shown, as ``_extract_body`` picks them."""
+    for wanted in ("text/plain", "text/html"):
+        for part in plan.texts:
+            if part.content_type != wanted:
+                continue
+            text = _section_text(part, sections.get(part.section, b""))
+            if not text.strip():
+                continue
+            if wanted == "text/html":
+                return text, html_to_text(text[:MAX_HTML_SOURCE_CHARS])
+            return text, text
+    return "", ""
+
+
+def _body_key(message: QueuedMessage, header_block: bytes, source: str) -> str:
+    """The key of a message without Message-ID: its header fields and its body text."""
+    try:
+        parsed = BytesParser(policy=_COMPAT32).parsebytes(header_block, headersonly=True)
+        date_text = _HeaderReader(parsed).first("date")
+    # Same boundary as _parse_safely: untrusted bytes meet the stdlib parser.
+    except Exception:
+        return message.key
+    return message_key(None, date_text, message.from_addrs, message.subject, source)
+
+
+def _section_text(part: TextSection, data: bytes) -> str:
+    """A fetched text part's bytes, transfer encoding and charset undone, as ``_part_text``."""
+    try:
+        if part.encoding == "base64":
+            data = _lenient_base64(data)
+        elif part.encoding == "quoted-printable":
+            data = binascii.a2b_qp(data)
+    except (binascii.Error, ValueError):
+        data = b""
+    text = _decode_charset(data, part.charset)
+    return _clean(_LINE_BREAK.sub("\n", text)).rstrip()
+
+
+def _lenient_base64(data: bytes) -> bytes:
+    """Base64 that may be cut anywhere (the fetch cap): whole 4-character groups only."""
+    letters = re.sub(rb"[^A-Za-z0-9+/=]", b"", data).rstrip(b"=")
+    letters = letters[: len(letters) - len(letters) % 4] if len(letters) % 4 == 1 else letters
+    return base64.b64decode(letters + b"=" * (-len(letters) % 4))
 
 
 def needs_body_for_key(msg: QueuedMessage) -> bool:
@@ -382,11 +450,19 @@ def _addresses(values: Iterable[str]) -> tuple[str, ...]:
     """Normalised, de-duplicated addresses of address header values; invalid ones skipped."""
     found: list[str] = []
     for value in values:
-        for candidate in _address_candidates(value):
-            address = normalise_address(candidate)
-            if address is not None:
-                found.append(address)
+        found.extend(_value_addresses(value))
     return tuple(dict.fromkeys(found))
+
+
+@functools.lru_cache(maxsize=ADDRESS_CACHE_SIZE)
+def _value_addresses(value: str) -> tuple[str, ...]:
+    """The normalised addresses of one header value (the same values recur: To the owner)."""
+    found: list[str] = []
+    for candidate in _address_candidates(value):
+        address = normalise_address(candidate)
+        if address is not None:
+            found.append(address)
+    return tuple(found)
 
 
 def _address_candidates(value: str) -> list[str]:
@@ -527,7 +603,11 @@ def _filename(part: Message) -> str | None:
         return None
     if name is None:
         return None
-    text = str(name)
+    return display_filename(str(name))
+
+
+def display_filename(text: str) -> str:
+    """A file name parameter as shown: 8-bit text and RFC 2047 words decoded, one line."""
     if not text.isascii():
         text = _header_text(text)
     return _collapse(_clean(decode_encoded_words(text)))

@@ -54,8 +54,35 @@ STUCK_KEYWORD = "$EmailSyncStuck"
 
 
 @dataclass(frozen=True)
+class TextSection:
+    """A text part of a message's MIME structure, to be fetched by its IMAP section number."""
+
+    section: str  # RFC 3501 §6.4.5 part specifier: "1", "1.2", …
+    content_type: str  # "text/plain" or "text/html"
+    charset: str
+    encoding: str  # Content-Transfer-Encoding (RFC 2045 §6), lower case
+    size: int  # encoded octets on the server
+
+
+@dataclass(frozen=True)
+class BodyPlan:
+    """What a message's BODYSTRUCTURE (RFC 3501 §7.4.2) says an event needs of its body.
+
+    The text parts in document order, and the attachments (names and sizes known without
+    downloading them): a 50 MB PDF is listed, never fetched.
+    """
+
+    texts: tuple[TextSection, ...]
+    attachments: tuple[Attachment, ...]
+
+
+@dataclass(frozen=True)
 class FetchedMessage:
-    """What one IMAP FETCH returned for a message: header block or whole bytes, and metadata."""
+    """What one IMAP FETCH returned for a message: header block or whole bytes, and metadata.
+
+    A body fetched by its structure has ``plan`` set, ``data`` empty and its text parts
+    (each cut at the fetch cap) in ``sections``, by section number.
+    """
 
     uid: int
     data: bytes
@@ -63,6 +90,8 @@ class FetchedMessage:
     size: int
     flags: tuple[str, ...] = ()
     savedate: datetime | None = None  # when it landed in this folder (RFC 8514), if known
+    plan: BodyPlan | None = None
+    sections: dict[str, bytes] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,10 @@ from emailsync.errors import (
 from emailsync.imap import idle
 from emailsync.imap.folders import FolderTree
 from emailsync.imap.idle import IdleUpdate, WakeSource
+from emailsync.imap.structure import plan_body
 from emailsync.imap.translate import server_text, translated
-from emailsync.model import STUCK_KEYWORD, FetchedMessage, FolderRole
+from emailsync.message import MAX_HTML_SOURCE_CHARS
+from emailsync.model import STUCK_KEYWORD, BodyPlan, FetchedMessage, FolderRole
 
 if TYPE_CHECKING:
     from emailsync.imap.auth import Authenticator
@@ -39,9 +41,15 @@ log = structlog.get_logger(__name__)
 # Keyword on a Queue message between COPY and EXPUNGE on servers without MOVE (RFC 6851);
 # the copy carries it too, so a crash in between can be recognised and not copied twice.
 FILING_KEYWORD = "$EmailSyncFiling"
-# Cap on bytes fetched in one FETCH of whole messages, so one batch of large attachments
-# cannot hold a socket read for minutes.
-FULL_FETCH_BYTES = 16 * 1024 * 1024
+# Cap on bytes fetched in one FETCH of bodies, so one batch cannot hold a socket read for
+# minutes nor the memory of many large texts at once.
+FULL_FETCH_BYTES = 4 * 1024 * 1024
+# Cap on the bytes of one text part fetched for an event (issue 10: a 50 MB message costs
+# at most this): 1 MiB is what message.py reads of HTML source at most.
+BODY_FETCH_CAP = MAX_HTML_SOURCE_CHARS
+# A message whose BODYSTRUCTURE cannot be read is fetched whole up to this size, else only
+# its first BODY_FETCH_CAP bytes.
+WHOLE_FETCH_MAX = BODY_FETCH_CAP
 
 
 def _enable_keepalive(sock: socket.socket) -> None:
@@ -228,20 +236,81 @@ class ImapSession:
     def fetch_full(
         self, uids: Sequence[int], sizes: dict[int, int] | None = None
     ) -> list[FetchedMessage]:
-        """Whole messages, in FETCHes of at most FULL_FETCH_BYTES (by their RFC822.SIZE)."""
+        """What events need of these messages' bodies, by their BODYSTRUCTURE (RFC 3501 §7.4.2).
+
+        One FETCH of the structures, then the text parts only, each cut at BODY_FETCH_CAP
+        (``BODY.PEEK[n]<0.cap>``, §6.4.5), one FETCH per set of part numbers: attachments are
+        listed from the structure and never downloaded. A message whose structure cannot be
+        read is fetched whole when it is at most WHOLE_FETCH_MAX bytes (by its RFC822.SIZE),
+        else its first BODY_FETCH_CAP bytes, and the stdlib parser reads what came.
+        """
+        sizes = sizes or {}
+        plans = self._plans(uids)
         result: list[FetchedMessage] = []
-        chunk: list[int] = []
-        chunk_bytes = 0
+        by_sections: dict[tuple[str, ...], list[int]] = {}
+        whole: list[int] = []
+        prefix: list[int] = []
         for uid in uids:
-            size = (sizes or {}).get(uid, 0)
-            if chunk and chunk_bytes + size > FULL_FETCH_BYTES:
-                result.extend(self._fetch(chunk, b"BODY.PEEK[]", b"BODY[]"))
-                chunk, chunk_bytes = [], 0
-            chunk.append(uid)
-            chunk_bytes += size
-        if chunk:
+            if uid not in plans:
+                continue  # expunged by someone else meanwhile
+            plan = plans[uid]
+            if plan is not None:
+                by_sections.setdefault(tuple(t.section for t in plan.texts), []).append(uid)
+            elif sizes.get(uid, 0) <= WHOLE_FETCH_MAX:
+                whole.append(uid)
+            else:
+                prefix.append(uid)
+        for sections, group in by_sections.items():
+            cost = {uid: _text_bytes(plans[uid]) for uid in group}
+            for chunk in _by_bytes(group, cost):
+                result.extend(self._fetch_sections(chunk, sections, plans))
+        for chunk in _by_bytes(whole, sizes):
             result.extend(self._fetch(chunk, b"BODY.PEEK[]", b"BODY[]"))
-        return result
+        for chunk in _by_bytes(prefix, dict.fromkeys(prefix, BODY_FETCH_CAP)):
+            item = b"BODY.PEEK[]<0.%d>" % BODY_FETCH_CAP
+            result.extend(self._fetch(chunk, item, b"BODY[]<0>"))
+        return sorted(result, key=lambda m: m.uid)
+
+    def _plans(self, uids: Sequence[int]) -> dict[int, BodyPlan | None]:
+        """Each message's body plan from one FETCH BODYSTRUCTURE; None where unreadable."""
+        if not uids:
+            return {}
+        with translated("fetch structure"):
+            response = self.client.fetch(list(uids), [b"BODYSTRUCTURE"])
+        return {
+            int(uid): plan_body(data.get(b"BODYSTRUCTURE"))
+            for uid, data in response.items()
+            if b"BODYSTRUCTURE" in data
+        }
+
+    def _fetch_sections(
+        self,
+        uids: Sequence[int],
+        sections: tuple[str, ...],
+        plans: dict[int, BodyPlan | None],
+    ) -> list[FetchedMessage]:
+        """The same text parts of several messages, each cut at BODY_FETCH_CAP, in one FETCH."""
+        if not sections:  # no text part at all: the structure says all an event needs
+            return [FetchedMessage(uid, b"", None, 0, plan=plans[uid]) for uid in uids]
+        items = [b"BODY.PEEK[%s]<0.%d>" % (s.encode(), BODY_FETCH_CAP) for s in sections]
+        keys = {s: b"BODY[%s]<0>" % s.encode() for s in sections}
+        with translated("fetch text"):
+            response = self.client.fetch(list(uids), items)
+        messages = []
+        for uid, data in response.items():
+            if int(uid) not in plans:
+                continue
+            messages.append(
+                FetchedMessage(
+                    uid=int(uid),
+                    data=b"",
+                    internaldate=None,
+                    size=0,
+                    plan=plans[int(uid)],
+                    sections={s: bytes(data.get(key) or b"") for s, key in keys.items()},
+                )
+            )
+        return messages
 
     def _fetch(self, uids: Sequence[int], item: bytes, key: bytes) -> list[FetchedMessage]:
         if not uids:
@@ -461,6 +530,28 @@ class ImapSession:
 def _close_quietly(client: imapclient.IMAPClient) -> None:
     with contextlib.suppress(Exception):
         client.shutdown()
+
+
+def _text_bytes(plan: BodyPlan | None) -> int:
+    """Bytes the text parts of a plan cost to fetch, each cut at BODY_FETCH_CAP."""
+    return sum(min(t.size, BODY_FETCH_CAP) for t in plan.texts) if plan else 0
+
+
+def _by_bytes(uids: Sequence[int], sizes: dict[int, int]) -> list[list[int]]:
+    """``uids`` in runs of at most FULL_FETCH_BYTES by ``sizes`` (one message at least)."""
+    chunks: list[list[int]] = []
+    chunk: list[int] = []
+    chunk_bytes = 0
+    for uid in uids:
+        size = sizes.get(uid, 0)
+        if chunk and chunk_bytes + size > FULL_FETCH_BYTES:
+            chunks.append(chunk)
+            chunk, chunk_bytes = [], 0
+        chunk.append(uid)
+        chunk_bytes += size
+    if chunk:
+        chunks.append(chunk)
+    return chunks
 
 
 def _savedate(value: object) -> datetime | None:
