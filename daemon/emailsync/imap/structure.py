@@ -43,8 +43,13 @@ def _walk(
         raise _UnreadableError("not a body")
     if isinstance(part[0], list | tuple):  # multipart: the children, then the subtype
         children = part[0] if isinstance(part[0], list) else _leading_tuples(part)
+        rest = part[1:] if isinstance(part[0], list) else part[len(children) :]
         if not children or depth >= MAX_MIME_DEPTH:
             raise _UnreadableError("empty or too deep multipart")
+        if len(rest) < 2 or "boundary" not in _params(rest[1]):
+            # RFC 2046 §5.1.1 requires one; without it the server's split is a guess, and
+            # the stdlib parser keeps the raw text instead.
+            raise _UnreadableError("multipart without boundary")
         for number, child in enumerate(children, start=1):
             _walk(
                 child,
