@@ -24,7 +24,7 @@ from collections import Counter
 from dataclasses import asdict
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import unquote
 
 import structlog
@@ -222,6 +222,30 @@ def _handler_class(
             except Exception:
                 self._failed()
 
+        def _method_not_allowed(self) -> None:
+            # RFC 9110 §15.5.6: 405 with Allow, for a method we know but this path has not
+            # (a 501 would say the server does not know the method at all).
+            path = self.path.split("?", 1)[0]
+            self.close_connection = True
+            body = b'{"error": "method not allowed"}'
+            self.send_response(HTTPStatus.METHOD_NOT_ALLOWED)
+            self.send_header("Allow", _allowed_method(path) or "GET, POST")
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        if not TYPE_CHECKING:  # (for mypy, Handler keeps no catch-all attribute)
+
+            def __getattr__(self, name: str) -> Any:
+                # http.server dispatches on do_<METHOD> and answers 501 when there is none:
+                # every method but GET and POST (HEAD, PUT, TRACE, QUERY, …) gets 405 instead.
+                if name.startswith("do_"):
+                    return self._method_not_allowed
+                raise AttributeError(name)
+
         def _failed(self) -> None:
             # A bug in a route must cost a 500 and a log line, not the connection or a thread.
             log.exception("http_request_failed", request=self.requestline)
@@ -231,7 +255,9 @@ def _handler_class(
 
         def _get(self) -> None:
             path = self.path.split("?", 1)[0]
-            if path == "/metrics":
+            if _allowed_method(path) == "POST":
+                self._method_not_allowed()
+            elif path == "/metrics":
                 self._send(HTTPStatus.OK, generate_latest(registry), CONTENT_TYPE_LATEST)
             elif path == "/healthz":
                 ok = control.healthy()
@@ -274,6 +300,9 @@ def _handler_class(
                 return
             if length:
                 self.rfile.read(length)
+            if _allowed_method(self.path.split("?", 1)[0]) == "GET":
+                self._method_not_allowed()
+                return
             if not self._authorised():
                 return
             parts = [unquote(p) for p in self.path.split("?", 1)[0].strip("/").split("/")]
@@ -333,6 +362,22 @@ def _handler_class(
             self.wfile.write(body)
 
     return Handler
+
+
+GET_PATHS = frozenset({"/", "/healthz", "/readyz", "/metrics", "/v1/mailboxes"})
+MAILBOX_ACTIONS = ("sync", "stop", "start")
+
+
+def _allowed_method(path: str) -> str | None:
+    """The one method a known path answers, or None for a path we do not serve."""
+    if path in GET_PATHS:
+        return "GET"
+    parts = path.strip("/").split("/")
+    if parts == ["v1", "sync"] or (
+        len(parts) == 4 and parts[:2] == ["v1", "mailboxes"] and parts[3] in MAILBOX_ACTIONS
+    ):
+        return "POST"
+    return None
 
 
 def _mailbox_address(raw: str) -> str | None:

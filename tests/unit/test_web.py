@@ -221,8 +221,10 @@ def test_connections_beyond_the_cap_get_503_until_idle_ones_reach_the_deadline(
     idle = [socket.create_connection(("127.0.0.1", strict.port)) for _ in range(3)]
     try:
         assert call(strict, "GET", "/healthz")[0] == 200  # below the cap: served
+        time.sleep(0.3)  # the slot of that call is freed just after its answer
         idle.append(socket.create_connection(("127.0.0.1", strict.port)))
         time.sleep(0.2)  # let the server accept the fourth
+        assert select.select(idle, [], [], 0)[0] == []  # none was refused: the cap is full
         started = time.monotonic()
         status, body = call(strict, "GET", "/healthz")
         assert (status, body) == (503, b"busy\n")
@@ -235,3 +237,35 @@ def test_connections_beyond_the_cap_get_503_until_idle_ones_reach_the_deadline(
     finally:
         for each in idle:
             each.close()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("TRACE", "/v1/sync", "POST"),
+        ("PUT", "/v1/mailboxes/agent@example.com/stop", "POST"),
+        ("GET", "/v1/sync", "POST"),
+        ("POST", "/healthz", "GET"),
+        ("DELETE", "/v1/mailboxes", "GET"),
+        ("OPTIONS", "/", "GET"),
+        ("PATCH", "/elsewhere", "GET, POST"),
+        ("QUERY", "/v1/mailboxes", "GET"),
+        ("HEAD", "/healthz", "GET"),
+    ],
+)
+def test_a_method_a_path_does_not_take_is_405_with_allow_not_a_5xx(
+    served: tuple[WebServer, Supervisor], method: str, path: str, allow: str
+) -> None:
+    """Found by schemathesis: http.server answered TRACE and friends with 501 (a 5xx)."""
+    server, supervisor = served
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    try:
+        conn.request(method, path, headers=AUTH)
+        response = conn.getresponse()
+        assert response.status == 405
+        assert response.getheader("Allow") == allow
+        body = b"" if method == "HEAD" else b'{"error": "method not allowed"}'
+        assert response.read() == body
+    finally:
+        conn.close()
+    assert supervisor.synced == []
