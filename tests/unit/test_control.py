@@ -10,6 +10,7 @@ import pytest
 from emailsync.config import Settings, load_settings
 from emailsync.control import control_token, generated_token_path, stopped_marker
 from emailsync.errors import ConfigError, ControlError
+from emailsync.imap.auth import token_cache_lock_path, token_cache_path
 
 CONFIG = """
 [daemon]
@@ -96,3 +97,15 @@ def test_a_marker_named_by_the_address_by_an_older_version_still_counts(
     marker = stopped_marker(settings, "agent1@example.com")
     assert marker.exists()
     assert not legacy.exists()
+
+
+@pytest.mark.parametrize("address", ["../x@d", '"../../x"@example.com', "a/b@example.com", "..@d"])
+def test_a_token_cache_stays_in_its_directory_whatever_the_address(
+    tmp_path: Path, address: str
+) -> None:
+    """Token caches keep their percent-encoded names (existing files stay readable): no `/`."""
+    path = token_cache_path(tmp_path, address)
+    assert path.parent == tmp_path / "tokens"
+    assert "/" not in path.name
+    assert path.name.endswith(".json")
+    assert token_cache_lock_path(path).parent == path.parent
