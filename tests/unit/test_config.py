@@ -1712,3 +1712,15 @@ def test_a_short_or_empty_control_token_file_is_a_config_error_naming_the_file(
         assert len(problems) == 1, content
         assert problems[0].startswith(f"{path}: daemon.control_token_file: ")
         assert str(token) in problems[0]
+
+
+def test_check_config_exits_78_for_a_path_traversing_address(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(
+        tmp_path, MINIMAL + '\n[[mailboxes]]\naddress = "../x@d"\nbranch = "london"\n'
+    )
+    code, out, err = check_config(path, capsys)
+    assert code == EXIT_CONFIG
+    assert out == ""
+    assert err.startswith(f"{path}: mailboxes[1].address: '../x@d' has a local part that is ")
