@@ -200,6 +200,12 @@ def _handler_class(
             deadline = time.monotonic() + request_seconds
             self.rfile = io.BufferedReader(_DeadlineReader(self.connection, deadline))
 
+        def end_headers(self) -> None:
+            # The deadline covers reading the request; writing the answer gets its own time
+            # (a request read just before the deadline would leave the socket a few ms).
+            self.connection.settimeout(request_seconds)
+            super().end_headers()
+
         def log_message(self, format: str, *args: Any) -> None:
             # The request line only: never headers (Authorization) or bodies.
             # (requestline is unset when the request line itself timed out or was garbage.)
