@@ -39,6 +39,7 @@ log = structlog.get_logger(__name__)
 REQUEST_SECONDS = 10.0  # headers and body of one request, in all; then the client is dropped
 MAX_CONNECTIONS = 64  # served at once; beyond, 503 at once (a thread each: keep it small)
 MAX_BODY_BYTES = 64 * 1024
+REFUSED_WARNING_SECONDS = 10.0  # at most one warning about refused connections this often
 REFUSE_SECONDS = 0.5  # what writing a 503 to a connection beyond the cap may take at most
 NO_SUCH_MAILBOX = {"error": "no such mailbox"}
 BUSY_RESPONSE = (
@@ -131,6 +132,9 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
         max_connections: int,
     ) -> None:
         self._slots = threading.BoundedSemaphore(max_connections)
+        self._max_connections = max_connections
+        self._refused = 0  # since the last warning
+        self._warned_at = float("-inf")
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, handler)
@@ -139,7 +143,17 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
         if not self._slots.acquire(blocking=False):
             _refuse(request)
             self.shutdown_request(request)
-            log.warning("http_connection_refused", client=client_address[0], reason="busy")
+            self._refused += 1
+            now = time.monotonic()
+            if now - self._warned_at >= REFUSED_WARNING_SECONDS:
+                # One line per interval, not per connection: a flood must not flood the journal.
+                log.warning(
+                    "http_connections_refused",
+                    count=self._refused,
+                    max_connections=self._max_connections,
+                    last_client=client_address[0],
+                )
+                self._refused, self._warned_at = 0, now
             return
         try:
             super().process_request(request, client_address)

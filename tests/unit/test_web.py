@@ -226,14 +226,19 @@ def test_connections_beyond_the_cap_get_503_until_idle_ones_reach_the_deadline(
         time.sleep(0.2)  # let the server accept the fourth
         assert select.select(idle, [], [], 0)[0] == []  # none was refused: the cap is full
         started = time.monotonic()
-        status, body = call(strict, "GET", "/healthz")
-        assert (status, body) == (503, b"busy\n")
-        assert time.monotonic() - started < 1.0  # refused at once, not queued
-        deadline = started + REQUEST_SECONDS + 2.0
-        while call(strict, "GET", "/healthz")[0] != 200:
-            assert time.monotonic() < deadline, "/healthz still refused after the deadline"
-            time.sleep(0.1)
+        with structlog.testing.capture_logs() as logs:
+            status, body = call(strict, "GET", "/healthz")
+            assert (status, body) == (503, b"busy\n")
+            assert time.monotonic() - started < 1.0  # refused at once, not queued
+            assert call(strict, "GET", "/healthz")[0] == 503
+            deadline = started + REQUEST_SECONDS + 2.0
+            while call(strict, "GET", "/healthz")[0] != 200:
+                assert time.monotonic() < deadline, "/healthz still refused after the deadline"
+                time.sleep(0.1)
         assert time.monotonic() - started >= REQUEST_SECONDS - 0.5
+        # Two refusals or more, one warning: a flood does not flood the log.
+        refused = [e for e in logs if e["event"] == "http_connections_refused"]
+        assert [(e["count"], e["max_connections"]) for e in refused] == [(1, 4)]
     finally:
         for each in idle:
             each.close()
