@@ -95,6 +95,11 @@ class WebServer:
             )
 
     @property
+    def active_connections(self) -> int:
+        """Connections being served now (at most ``max_connections``)."""
+        return self.httpd.active
+
+    @property
     def port(self) -> int:
         """The port actually bound (useful with port 0)."""
         return int(self.httpd.server_address[1])
@@ -132,6 +137,8 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
         max_connections: int,
     ) -> None:
         self._slots = threading.BoundedSemaphore(max_connections)
+        self._count_lock = threading.Lock()
+        self.active = 0
         self._max_connections = max_connections
         self._refused = 0  # since the last warning
         self._warned_at = float("-inf")
@@ -155,9 +162,11 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
                 )
                 self._refused, self._warned_at = 0, now
             return
+        self._count(+1)
         try:
             super().process_request(request, client_address)
         except BaseException:
+            self._count(-1)
             self._slots.release()
             raise
 
@@ -165,7 +174,12 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
         try:
             super().process_request_thread(request, client_address)
         finally:
+            self._count(-1)
             self._slots.release()
+
+    def _count(self, change: int) -> None:
+        with self._count_lock:
+            self.active += change
 
 
 def _refuse(request: socket.socket) -> None:
