@@ -38,7 +38,7 @@ from emailsync.imap.session import ImapSession
 from emailsync.logs import configure_logging
 from emailsync.model import OUTCOME_KEYWORD, FolderRole, Outcome, TimelineEvent
 from emailsync.progress import progress
-from emailsync.store import open_store
+from emailsync.store import check_store_url, open_store
 from emailsync.store.base import Store
 from emailsync.store.csvimport import read_group_csv
 
@@ -409,6 +409,11 @@ def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
         return _check_config_json(path, out, skip_secrets=args.skip_secrets)
     settings = load_settings(path)
     problems = [] if args.skip_secrets else check_secrets(settings)
+    try:
+        check_store_url(settings.store_url, settings.daemon.state_dir)
+    except ConfigError as exc:
+        # The same parser open_store uses: check-config accepts exactly what run accepts.
+        problems.extend(f"{settings.path}: daemon.{p}" for p in exc.problems)
     if problems:
         raise ConfigError(problems)
     enabled = sum(1 for m in settings.mailboxes if m.enabled)

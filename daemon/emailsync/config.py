@@ -12,7 +12,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from emailsync.address import normalise_address
+from emailsync.address import mailbox_address_problem, normalise_address
 from emailsync.errors import ConfigError
 from emailsync.model import FolderRole
 from emailsync.secret import ClientCertificate, SecretSource, read_client_certificate
@@ -20,6 +20,9 @@ from emailsync.secret import ClientCertificate, SecretSource, read_client_certif
 DEFAULT_CONFIG_PATH = Path("/etc/emailsync/emailsync.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/emailsync")
 DEFAULT_LISTEN = "127.0.0.1:9387"
+# A control token of 22 URL-safe characters carries 128 bits (``secrets.token_urlsafe(16)``).
+MIN_CONTROL_TOKEN_CHARS = 22
+MIN_CONTROL_TOKEN_DISTINCT = 8
 OFFICE365_HOST = "outlook.office365.com"
 OFFICE365_AUTHORITY = "https://login.microsoftonline.com"
 # RFC 2177: servers may drop an IDLE client after 30 minutes, so renew well before.
@@ -246,16 +249,42 @@ def mailbox_secret_problems(settings: Settings) -> list[str]:
     return problems
 
 
+def weak_token_problem(token: str) -> str | None:
+    """Why ``token`` is unfit to guard the control API, or None when it will do.
+
+    An empty file (a crash right after creating it) must never mean "any ``Bearer`` header
+    goes": a token shorter than MIN_CONTROL_TOKEN_CHARS, or one built from fewer than
+    MIN_CONTROL_TOKEN_DISTINCT different characters, is refused.
+    """
+    token = token.strip()
+    if len(token) < MIN_CONTROL_TOKEN_CHARS:
+        return (
+            f"holds {len(token)} characters; a control token needs at least "
+            f"{MIN_CONTROL_TOKEN_CHARS} (e.g. `openssl rand -base64 32`)"
+        )
+    if len(set(token)) < MIN_CONTROL_TOKEN_DISTINCT:
+        return "is too repetitive to be a secret (e.g. `openssl rand -base64 32`)"
+    if any(c.isspace() or not c.isprintable() for c in token):
+        return "holds white space or control characters; a bearer token cannot"
+    return None
+
+
 def shared_secret_problems(settings: Settings) -> list[str]:
     """Unreadable secrets every mailbox or the daemon itself needs (token, Office 365 app)."""
     problems: list[str] = []
     if settings.daemon.control_token is not None:
+        source = settings.daemon.control_token
         try:
-            settings.daemon.control_token.read()
+            weak = weak_token_problem(source.read().reveal())
         except ConfigError as exc:
             problems.extend(
                 f"{settings.path}: daemon.control_token_file: {p}" for p in exc.problems
             )
+        else:
+            if weak is not None:
+                problems.append(
+                    f"{settings.path}: daemon.control_token_file: {source.describe()} {weak}"
+                )
     if settings.office365 is not None and settings.office365.client_secret is not None:
         source = settings.office365.client_secret
         try:
@@ -592,6 +621,10 @@ def _parse_mailbox(
     elif address is None and isinstance(table.data["address"], str):
         # (a non-string address was already reported by get())
         table.problem("address", f"{raw_address!r} is not an email address")
+    elif address is not None and (problem := mailbox_address_problem(address)) is not None:
+        # The address names files and URL paths; only RFC 5321 forms get that far.
+        table.problem("address", f"{raw_address!r} {problem}")
+        address = None
     auth = table.choice("auth", AUTHS, "password")
     branch = table.get("branch", str, "") or None
     aliases: list[str] = []

@@ -289,7 +289,7 @@ def test_a_taken_listen_port_exits_69_with_a_clear_message(user: MailUser, tmp_p
         taken.listen()
         port = taken.getsockname()[1]
         token_file = tmp_path / "control-token"
-        token_file.write_text("t0ken\n")
+        token_file.write_text("t0ken-for-the-taken-port-test\n")
         config = write_config(tmp_path, [user], extra=daemon_config_extra(port, token_file))
         result = run_cli(config, "run")
     assert result.returncode == 69
@@ -336,11 +336,11 @@ def test_one_unreadable_password_does_not_stop_the_other_mailboxes(
 ) -> None:
     good, broken = new_user(dovecot), new_user(dovecot)
     port, token_file = new_port(), tmp_path / "control-token"
-    token_file.write_text("t0ken-for-this-test\n")
+    token_file.write_text("t0ken-for-this-test-0123456789\n")
     config = write_config(tmp_path, [good, broken], extra=daemon_config_extra(port, token_file))
     (tmp_path / "secrets" / broken.address).unlink()  # missing from the start
     assert run_cli(config, "groups", "add", "Smith", "john@clients.example").returncode == 0
-    daemon = RunningDaemon(config, port, "t0ken-for-this-test", tmp_path)
+    daemon = RunningDaemon(config, port, "t0ken-for-this-test-0123456789", tmp_path)
     try:
         daemon.wait_ready()
         assert "mailbox_secret_unreadable" in daemon.log()

@@ -451,6 +451,10 @@ def test_units_keep_the_daemon_contract() -> None:
         assert int(settings["TimeoutStopSec"]) > 10, unit.name
         assert settings["User"] == "emailsync", unit.name
         assert " run --config /etc/emailsync/" in settings["ExecStart"], unit.name
+        # A thread per mailbox: 2,000 mailboxes, doubled while a reload overlaps old and new.
+        assert int(settings["TasksMax"]) >= 2 * 2000, unit.name
+        assert settings["MemoryMax"].endswith("G"), unit.name
+        assert int(settings["MemoryHigh"][:-1]) < int(settings["MemoryMax"][:-1]), unit.name
 
 
 def test_sysusers_and_tmpfiles_create_the_user_and_directories(tmp_path: Path) -> None:

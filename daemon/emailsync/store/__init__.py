@@ -10,7 +10,7 @@ from emailsync.store.base import Store
 from emailsync.store.csvimport import read_group_csv
 from emailsync.store.sqlite import SqliteStore
 
-__all__ = ["DEFAULT_DB_NAME", "Store", "open_store", "read_group_csv"]
+__all__ = ["DEFAULT_DB_NAME", "Store", "check_store_url", "open_store", "read_group_csv"]
 
 # The built-in store's file inside the state directory when the URL names no path.
 DEFAULT_DB_NAME = "emailsync.db"
@@ -24,6 +24,15 @@ def open_store(url: str, state_dir: Path) -> Store:
     ``StoreUnavailableError`` / ``StoreError`` when the store itself cannot be opened.
     """
     return SqliteStore(_sqlite_path(url, state_dir))
+
+
+def check_store_url(url: str, state_dir: Path) -> None:
+    """Raise ``ConfigError`` exactly when ``open_store`` would refuse ``url``.
+
+    ``check-config`` calls this so that it never accepts a URL that ``run`` then refuses:
+    both go through the same parser.
+    """
+    _sqlite_path(url, state_dir)
 
 
 def _sqlite_path(url: str, state_dir: Path) -> Path:
