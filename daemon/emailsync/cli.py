@@ -7,6 +7,7 @@ import contextlib
 import functools
 import json
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -348,7 +349,10 @@ def event_json(event: TimelineEvent) -> dict[str, Any]:
 def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
     """The daemon in the foreground, until SIGTERM."""
     from emailsync.supervisor import Supervisor  # noqa: PLC0415 -- only the daemon needs it
+    from emailsync.worker import WORKER_STACK_BYTES  # noqa: PLC0415 -- only the daemon needs it
 
+    # Every thread started from here on (a worker per mailbox) gets a small stack (issue 10).
+    threading.stack_size(WORKER_STACK_BYTES)
     settings = load(args)
     problems = shared_secret_problems(settings)
     if problems:

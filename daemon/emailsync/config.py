@@ -32,6 +32,9 @@ POLL_SECONDS = 60
 TIMEOUT_SECONDS = 30.0
 FETCH_BATCH = 200
 STUCK_AFTER_ATTEMPTS = 5
+# Connects (TCP, TLS, login) in flight at once across all mailboxes: 2,000 mailboxes starting
+# together must not make 2,000 handshakes compete for the CPU and the server (issue 10).
+CONNECT_CONCURRENCY = 32
 
 SECURITIES = ("ssl", "starttls", "none")
 AUTHS = ("password", "office365")
@@ -64,6 +67,7 @@ class DaemonSettings:
     max_backoff_seconds: float = 300.0
     reauth_retry_seconds: float = 30 * 60.0
     stuck_after_attempts: int = STUCK_AFTER_ATTEMPTS
+    connect_concurrency: int = CONNECT_CONCURRENCY
 
 
 @dataclass(frozen=True)
@@ -474,6 +478,7 @@ def _parse_daemon(table: _Table, base_dir: Path) -> DaemonSettings:
         stuck_after_attempts=table.get(
             "stuck_after_attempts", int, STUCK_AFTER_ATTEMPTS, _positive
         ),
+        connect_concurrency=table.get("connect_concurrency", int, CONNECT_CONCURRENCY, _positive),
     )
 
 

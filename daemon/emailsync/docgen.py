@@ -78,6 +78,10 @@ DESCRIPTIONS: dict[tuple[str, str], str] = {
         "Queue with `$EmailSyncStuck` (released by `retry-failed` or "
         "`start-sync --include-stuck`)."
     ),
+    ("daemon", "connect_concurrency"): (
+        "Connects (TCP, TLS, login) in flight at once across all mailboxes; the others wait "
+        "their turn, so a start with thousands of mailboxes does not overload CPU or server."
+    ),
     ("folders", "root"): "The root folder, in the personal namespace (e.g. `INBOX.` on Courier).",
     ("folders", "queue"): "Agents drop mail here; emailsync files it.",
     ("folders", "sent"): "Outbound mail linked to a group goes here.",

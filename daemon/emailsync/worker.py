@@ -158,6 +158,30 @@ def token_reconnect_delay(seconds_left: float, since_last_reconnect: float | Non
     return delay
 
 
+# Stack of each thread the daemon starts (threading.stack_size, set before the workers start):
+# 8 MiB by default, of which a worker touches little; 512 KiB still lets the stdlib parser
+# hit Python's recursion limit (RecursionError, handled) on mail nested 3,000 deep, where
+# 256 KiB crashed the process (tests/unit/test_worker_stack.py).
+WORKER_STACK_BYTES = 512 * 1024
+# How often a worker waiting for a connect slot checks whether it was stopped.
+SLOT_POLL_SECONDS = 0.2
+_gates: dict[int, threading.BoundedSemaphore] = {}
+_gates_lock = threading.Lock()
+
+
+def connect_gate(limit: int) -> threading.BoundedSemaphore:
+    """The process-wide semaphore that bounds connects in flight to ``limit`` (issue 10).
+
+    One per distinct limit, shared by every worker of the process: at start, 2,000 mailboxes
+    take turns instead of 2,000 TLS handshakes and logins competing at once.
+    """
+    with _gates_lock:
+        gate = _gates.get(limit)
+        if gate is None:
+            gate = _gates[limit] = threading.BoundedSemaphore(limit)
+        return gate
+
+
 class MailboxWorker(threading.Thread):
     """Owns one mailbox's connection and runs its state machine until ``stop()``.
 
@@ -261,12 +285,15 @@ class MailboxWorker(threading.Thread):
     def _attempt(self) -> None:
         """One connection: log in, serve until it ends, then wait as the way it ended asks."""
         self.report.set_state(State.CONNECTING)
+        gate = connect_gate(self.daemon_settings.connect_concurrency)
+        if not self._take_slot(gate):
+            return  # stopped while waiting for a turn to connect
         # This login serves every trigger asked for so far, Start Syncs included.
         self._owed |= self._wakeup.consume()
         polite = False
         wait: Callable[[], None] | None = None
         try:
-            session = self._open()
+            session = self._open(gate)
             self.first_attempt_done.set()
             self._serve(session)
             polite = True  # stop, or a new login for a fresh token
@@ -363,13 +390,27 @@ class MailboxWorker(threading.Thread):
             self._wakeup.wait(remaining)
         return shortened
 
-    def _open(self) -> WorkerSession:
-        session = self._connect(
-            self.mailbox,
-            self.folders,
-            self.authenticator,
-            timeout_seconds=self.daemon_settings.timeout_seconds,
-        )
+    def _take_slot(self, gate: threading.BoundedSemaphore) -> bool:
+        """Wait for a turn to connect (``connect_concurrency``); False when stopped meanwhile."""
+        while not gate.acquire(timeout=SLOT_POLL_SECONDS):
+            if self._stopping():
+                return False
+        if self._stopping():
+            gate.release()
+            return False
+        return True
+
+    def _open(self, gate: threading.BoundedSemaphore) -> WorkerSession:
+        """Connect and log in (holding a connect slot, given back here), then ready Queue."""
+        try:
+            session = self._connect(
+                self.mailbox,
+                self.folders,
+                self.authenticator,
+                timeout_seconds=self.daemon_settings.timeout_seconds,
+            )
+        finally:
+            gate.release()
         self._session = session
         self._reauth_shortcut = True
         self.report.token_expiry(self.authenticator.token_expiry())
