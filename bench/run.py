@@ -1,11 +1,16 @@
 """One-command benchmarks of emailsync, each as a ratio against a baseline measured in the same run.
 
     .venv/bin/python bench/run.py [--smoke] [--messages N] [--latency-messages N] [--json FILE]
+                                  [--backlog N] [--mailboxes N] [--big-mailboxes N]
 
 1. Pass throughput: ``Filer.run_pass`` versus a bare imapclient loop doing the same IMAP work
    (see ``throughput.py``); median of REPEATS fresh Queues each.
 2. APPEND→filed latency: the daemon as a subprocess versus Dovecot's own IDLE notification
    delay on the same messages (see ``latency.py``).
+3. Issue 10's table: an all-linked backlog against raw ``UID MOVE`` and a plain script
+   (``backlog.py``); N mailboxes' RSS, start → all IDLE and CPU at rest against bare
+   imapclient threads (``mailboxes.py``); peak RSS of ``sync`` for a small and a large
+   backlog, and for a small and a ~50 MB message (``footprint.py``).
 
 Prints a table; ``--json FILE`` also writes the figures. Exits 1 when anything failed (a
 message not filed, a wrong folder count, the daemon not stopping cleanly), never on timings.
@@ -26,8 +31,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from backlog import BacklogTrials, run_backlog
 from corpus import Directory
+from footprint import backlog_peak, big_message_peak
 from latency import LatencyResult, run_latency
+from mailboxes import Footprint, bare_threads, emailsync_run, inotify_instances, make_users
 from testbed import Testbed
 from throughput import PHASES, ThroughputResult, Trial, run_throughput
 
@@ -40,6 +48,17 @@ DEFAULT_LATENCY_MESSAGES = 200
 SMOKE_MESSAGES = 100
 SMOKE_LATENCY_MESSAGES = 20
 PERCENTILES = (50, 90, 99, 100)
+DEFAULT_BACKLOG = 2000
+SMOKE_BACKLOG = 200
+DEFAULT_MAILBOXES = 300
+SMOKE_MAILBOXES = 5
+# Peak RSS pairs: sync of a small vs a 10x backlog; a small vs a ~50 MB message.
+DEFAULT_RSS_BACKLOGS = (1000, 10000)
+SMOKE_RSS_BACKLOGS = (50, 300)
+DEFAULT_BIG_ATTACHMENT = 37 * 1024 * 1024  # ~50 MB once base64-encoded
+SMOKE_BIG_ATTACHMENT = 3 * 1024 * 1024
+SMALL_ATTACHMENT = 16 * 1024
+MB = 1024 * 1024
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -54,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging("json", "info", stream=sink)
         started = time.monotonic()
         try:
-            report = _run(messages, latency_messages)
+            report = _run(messages, latency_messages, _issue10_sizes(args))
         except Exception:
             traceback.print_exc()
             return 1
@@ -84,7 +103,44 @@ def _parser() -> argparse.ArgumentParser:
         help=f"messages timed one by one (default {DEFAULT_LATENCY_MESSAGES})",
     )
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the figures here")
+    parser.add_argument(
+        "--backlog", type=_positive, help=f"all-linked backlog size (default {DEFAULT_BACKLOG})"
+    )
+    parser.add_argument(
+        "--mailboxes", type=_positive, help=f"mailboxes for RSS/start (default {DEFAULT_MAILBOXES})"
+    )
+    parser.add_argument(
+        "--big-mailboxes",
+        type=_positive,
+        help="also one run (no repeats) with this many mailboxes, e.g. 2000",
+    )
+    parser.add_argument(
+        "--rss-backlogs",
+        type=_positive,
+        nargs=2,
+        metavar=("SMALL", "LARGE"),
+        help=f"backlogs whose sync peak RSS is compared (default {DEFAULT_RSS_BACKLOGS})",
+    )
+    parser.add_argument(
+        "--no-issue10", action="store_true", help="only parts 1 and 2 (throughput, latency)"
+    )
     return parser
+
+
+def _issue10_sizes(args: argparse.Namespace) -> dict[str, Any] | None:
+    if args.no_issue10:
+        return None
+    smoke = args.smoke
+    return {
+        "backlog": args.backlog or (SMOKE_BACKLOG if smoke else DEFAULT_BACKLOG),
+        "mailboxes": args.mailboxes or (SMOKE_MAILBOXES if smoke else DEFAULT_MAILBOXES),
+        "big_mailboxes": args.big_mailboxes,
+        "rss_backlogs": tuple(
+            args.rss_backlogs or (SMOKE_RSS_BACKLOGS if smoke else DEFAULT_RSS_BACKLOGS)
+        ),
+        "big_attachment": SMOKE_BIG_ATTACHMENT if smoke else DEFAULT_BIG_ATTACHMENT,
+        "repeats": 1 if smoke else REPEATS,
+    }
 
 
 def _positive(text: str) -> int:
@@ -94,18 +150,113 @@ def _positive(text: str) -> int:
     return value
 
 
-def _run(messages: int, latency_messages: int) -> dict[str, Any]:
+def _run(messages: int, latency_messages: int, sizes: dict[str, Any] | None) -> dict[str, Any]:
     directory = Directory.build(random.Random(SEED))  # noqa: S311 -- test data, not cryptography
     with Testbed(directory) as testbed:
         throughput = run_throughput(testbed, messages, REPEATS, SEED)
         latency = run_latency(testbed, latency_messages, SEED + 100, testbed.workdir)
-    return {
+        issue10 = _run_issue10(testbed, sizes) if sizes else None
+    report = {
         "messages": messages,
         "repeats": REPEATS,
         "groups": len(directory.groups),
         "throughput": _throughput_figures(throughput),
         "latency": _latency_figures(latency),
         "problems": throughput.problems + latency.problems,
+    }
+    if issue10 is not None:
+        report["issue10"] = issue10
+        report["problems"] += issue10.pop("problems")
+    return report
+
+
+def _run_issue10(testbed: Testbed, sizes: dict[str, Any]) -> dict[str, Any]:
+    """Every row of issue 10's table, each against its same-run baseline."""
+    repeats = sizes["repeats"]
+    problems: list[str] = []
+    backlog = run_backlog(testbed, sizes["backlog"], repeats, SEED + 200)
+    problems += backlog.problems
+    count = sizes["mailboxes"]
+    big = sizes["big_mailboxes"]
+    with inotify_instances(2 * max(count, big or 0) + 512):
+        users = make_users(testbed, max(count, big or 0))
+        bare = [bare_threads(testbed, users[:count]) for _ in range(repeats)]
+        ours = [emailsync_run(testbed, users[:count]) for _ in range(repeats)]
+        big_pair = (bare_threads(testbed, users), emailsync_run(testbed, users)) if big else None
+    small_n, large_n = sizes["rss_backlogs"]
+    rss_small, more = backlog_peak(testbed, small_n, SEED + 300)
+    problems += more
+    rss_large, more = backlog_peak(testbed, large_n, SEED + 301)
+    problems += more
+    rss_tiny, more = big_message_peak(testbed, SMALL_ATTACHMENT)
+    problems += more
+    rss_huge, more = big_message_peak(testbed, sizes["big_attachment"])
+    problems += more
+    return {
+        "repeats": repeats,
+        "backlog": _backlog_figures(backlog),
+        "mailboxes": _mailbox_figures(bare, ours),
+        "big_mailboxes": _mailbox_figures([big_pair[0]], [big_pair[1]]) if big_pair else None,
+        "sync_peak_rss": {
+            "small_messages": small_n,
+            "large_messages": large_n,
+            "small_mb": round(rss_small / MB, 1),
+            "large_mb": round(rss_large / MB, 1),
+            "growth_mb": round((rss_large - rss_small) / MB, 1),
+        },
+        "big_message_peak_rss": {
+            "attachment_mb": round(sizes["big_attachment"] / MB, 1),
+            "small_mb": round(rss_tiny / MB, 1),
+            "big_mb": round(rss_huge / MB, 1),
+            "growth_mb": round((rss_huge - rss_tiny) / MB, 1),
+        },
+        "problems": problems,
+    }
+
+
+def _spread(values: Sequence[float]) -> dict[str, float]:
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+    }
+
+
+def _backlog_figures(trials: BacklogTrials) -> dict[str, Any]:
+    n = trials.messages
+    rates = {
+        name: [n / s for s in seconds]
+        for name, seconds in (
+            ("raw_move", trials.raw_move),
+            ("plain", trials.plain),
+            ("emailsync", trials.emailsync),
+        )
+    }
+    ratios_raw = [e / r for e, r in zip(rates["emailsync"], rates["raw_move"], strict=True)]
+    ratios_plain = [e / p for e, p in zip(rates["emailsync"], rates["plain"], strict=True)]
+    return {
+        "messages": n,
+        "rates": {k: _spread(v) for k, v in rates.items()},
+        "vs_raw_move": _spread(ratios_raw),
+        "vs_plain": _spread(ratios_plain),
+    }
+
+
+def _mailbox_figures(bare: Sequence[Footprint], ours: Sequence[Footprint]) -> dict[str, Any]:
+    return {
+        "mailboxes": bare[0].mailboxes,
+        "bare_rss_mb": _spread([b.rss_bytes / MB for b in bare]),
+        "emailsync_rss_mb": _spread([o.rss_bytes / MB for o in ours]),
+        "emailsync_kb_per_mailbox": round(
+            statistics.median(o.rss_bytes for o in ours) / 1024 / ours[0].mailboxes, 1
+        ),
+        "bare_start_s": _spread([b.start_seconds for b in bare]),
+        "emailsync_start_s": _spread([o.start_seconds for o in ours]),
+        "start_ratio": _spread(
+            [o.start_seconds / b.start_seconds for b, o in zip(bare, ours, strict=True)]
+        ),
+        "emailsync_rest_cpu": _spread([o.rest_cpu_share for o in ours]),
+        "bare_rest_cpu": _spread([b.rest_cpu_share for b in bare]),
     }
 
 
@@ -193,7 +344,114 @@ def _table(report: dict[str, Any]) -> str:
     lines.append(
         f"  daemon's filing_latency_seconds histogram mean: {lat['daemon_histogram_mean_ms']} ms"
     )
+    if "issue10" in report:
+        lines += _issue10_table(report)
     return "\n".join(lines)
+
+
+def _issue10_table(report: dict[str, Any]) -> list[str]:
+    """Issue 10's rows: figure, same-run baseline, ratio (median, spread min-max), goal."""
+    i10, lat = report["issue10"], report["latency"]
+    b, m = i10["backlog"], i10["mailboxes"]
+
+    def cell(s: dict[str, float], fmt: str = ".0f") -> str:
+        return f"{s['median']:{fmt}} ({s['min']:{fmt}}-{s['max']:{fmt}})"
+
+    rows = [
+        (
+            f"backlog {b['messages']} linked msgs: msg/s",
+            cell(b["rates"]["emailsync"]),
+            f"raw MOVE {cell(b['rates']['raw_move'])}",
+            f"{cell(b['vs_raw_move'], '.2f')}",
+            ">= 0.30",
+        ),
+        (
+            "  same, vs the plain script",
+            "",
+            f"plain {cell(b['rates']['plain'])}",
+            f"{cell(b['vs_plain'], '.2f')}",
+            ">= 3",
+        ),
+        (
+            f"{m['mailboxes']} mailboxes: RSS MB",
+            cell(m["emailsync_rss_mb"]),
+            f"bare {cell(m['bare_rss_mb'])}",
+            f"RSS/N {m['emailsync_kb_per_mailbox']:.0f} KB",
+            "2000 in <= 250 MB",
+        ),
+        (
+            f"{m['mailboxes']} mailboxes: start -> all IDLE s",
+            cell(m["emailsync_start_s"], ".1f"),
+            f"bare {cell(m['bare_start_s'], '.1f')}",
+            cell(m["start_ratio"], ".2f"),
+            "<= 1.3",
+        ),
+        (
+            f"{m['mailboxes']} mailboxes at rest: CPU",
+            cell({k: v * 100 for k, v in m["emailsync_rest_cpu"].items()}, ".2f") + " %",
+            f"bare {m['bare_rest_cpu']['median'] * 100:.2f} %",
+            "",
+            "<= 2 %",
+        ),
+    ]
+    big = i10.get("big_mailboxes")
+    if big:
+        rows += [
+            (
+                f"{big['mailboxes']} mailboxes (once): RSS MB",
+                f"{big['emailsync_rss_mb']['median']:.0f}",
+                f"bare {big['bare_rss_mb']['median']:.0f}",
+                f"RSS/N {big['emailsync_kb_per_mailbox']:.0f} KB",
+                "<= 250 MB",
+            ),
+            (
+                f"{big['mailboxes']} mailboxes (once): start s",
+                f"{big['emailsync_start_s']['median']:.1f}",
+                f"bare {big['bare_start_s']['median']:.1f}",
+                f"{big['start_ratio']['median']:.2f}",
+                "<= 1.3",
+            ),
+            (
+                f"{big['mailboxes']} mailboxes (once): rest CPU",
+                f"{big['emailsync_rest_cpu']['median'] * 100:.2f} %",
+                "",
+                "",
+                "<= 2 %",
+            ),
+        ]
+    if "p50_overhead_ms" in lat:
+        rows.append(
+            (
+                "APPEND -> filed p50 ms",
+                f"{lat['emailsync_ms']['p50']:.0f}",
+                f"IDLE notice {lat['baseline_ms']['p50']:.0f}",
+                f"{lat['p50_overhead_ms']:+.1f} ms",
+                "<= +15 ms",
+            )
+        )
+    rss, big_msg = i10["sync_peak_rss"], i10["big_message_peak_rss"]
+    rows += [
+        (
+            f"sync peak RSS {rss['small_messages']} vs {rss['large_messages']} MB",
+            f"{rss['large_mb']:.0f}",
+            f"{rss['small_mb']:.0f}",
+            f"{rss['growth_mb']:+.1f} MB",
+            "<= +20 MB",
+        ),
+        (
+            f"sync peak RSS, {big_msg['attachment_mb']:.0f} MB attachment",
+            f"{big_msg['big_mb']:.0f}",
+            f"small msg {big_msg['small_mb']:.0f}",
+            f"{big_msg['growth_mb']:+.1f} MB",
+            "<= 2 x cap (2 MB)",
+        ),
+    ]
+    widths = (42, 20, 30, 22, 0)
+    header = ("Issue 10", "emailsync", "same-run baseline", "ratio / delta", "goal")
+    lines = ["", f"Issue 10 (median of {i10['repeats']}, (min-max); 2-core machine shared)"]
+    for row in (header, *rows):
+        lines.append("  " + "".join(f"{c:{w}}" for c, w in zip(row, widths, strict=True)))
+    return lines
 
 
 def _latency_row(name: str, values: dict[str, float | None]) -> str:

@@ -89,6 +89,11 @@ class TimedSession:
         self.fetch_headers = clock.wrap("imap", session.fetch_headers)
         self._fetch_full = clock.wrap("imap", session.fetch_full)
         self.file = clock.wrap("imap", session.file)
+        self._session = session
+
+    def __getattr__(self, name: str) -> Any:
+        # The rest of the protocol (uidvalidity, keyword_uids…) untimed: a pass barely uses it.
+        return getattr(self._session, name)
 
     def fetch_full(
         self, uids: Sequence[int], sizes: dict[int, int] | None = None

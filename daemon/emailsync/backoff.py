@@ -13,6 +13,9 @@ def full_jitter_backoff(failures: int, cap: float, rng: random.Random) -> float:
     return rng.uniform(0, ceiling)
 
 
+_SHARED_RNG = random.Random()  # noqa: S311 -- jitter, not cryptography
+
+
 class Backoff:
     """How long to wait before the next attempt after failures in a row (DESIGN.md §2).
 
@@ -24,7 +27,9 @@ class Backoff:
 
     def __init__(self, cap_seconds: float, *, rng: random.Random | None = None) -> None:
         self.cap_seconds = cap_seconds
-        self.rng = rng or random.Random()  # noqa: S311 -- jitter, not cryptography
+        # The module's shared generator by default: a Random of its own is 2.5 KB per mailbox
+        # (issue 10), and jitter needs no independent streams.
+        self.rng = rng or _SHARED_RNG
         self.failures = 0
 
     def next_delay(self, suggested: float | None = None) -> float:
