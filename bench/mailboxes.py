@@ -40,9 +40,17 @@ BARE = textwrap.dedent(
     host, port, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     users = [line.split("\\t") for line in open(path).read().splitlines()]
     idle, lock, stop = [0], threading.Lock(), threading.Event()
+    def connect(address, password):
+        for attempt in range(10):  # as any client would: a refused or slow login is retried
+            try:
+                client = imapclient.IMAPClient(host, port=port, ssl=False, timeout=30)
+                client.login(address, password)
+                return client
+            except Exception:
+                if attempt == 9:
+                    raise
     def run(address, password):
-        client = imapclient.IMAPClient(host, port=port, ssl=False, timeout=60)
-        client.login(address, password)
+        client = connect(address, password)
         client.select_folder("INBOX")
         client.idle()
         with lock:
