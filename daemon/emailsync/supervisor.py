@@ -64,6 +64,7 @@ class Supervisor:
         self.store = store
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
+        store.register_metrics(self.registry)
         self.authenticator_factory = authenticator_factory
         self.notifier = notifier or Notifier()
         self.workers: dict[str, MailboxWorker] = {}

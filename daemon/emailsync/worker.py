@@ -223,7 +223,7 @@ class MailboxWorker(threading.Thread):
             self.log.warning("folder_changed", error=str(exc), retry_in=round(delay, 2))
         except StoreUnavailableError as exc:
             error = str(exc)
-            delay = self._backoff_delay(None)
+            delay = self._backoff_delay(exc.retry_after)
             self.log.warning("store_unavailable", error=str(exc), retry_in=round(delay, 2))
         except Exception as exc:  # the top of a worker loop: log, back off, go on
             error = repr(exc)
@@ -429,6 +429,9 @@ class MailboxWorker(threading.Thread):
             for decision in decisions:
                 key = decision.outcome.value
                 self.status.filed[key] = self.status.filed.get(key, 0) + 1
+                if decision.outcome is Outcome.REJECTED:
+                    # The store's reason, so `emailsync status` shows why it went to Failed.
+                    self.status.last_error = f"uid {decision.uid}: {decision.message.problem}"
 
     def _update_queue_gauges(self, session: ImapSession, uids: Sequence[int]) -> None:
         self._set_queue(session.exists)
