@@ -48,7 +48,8 @@ CREATE TABLE IF NOT EXISTS event_via (
 class Faults:
     """How the reference CRM misbehaves; change the fields at any time (tests do).
 
-    ``status``: answer every request with this HTTP status (503, 429…) and change nothing;
+    ``status``: answer every request to ``status_paths`` (both endpoints unless narrowed)
+    with this HTTP status (503, 429…) and change nothing;
     ``retry_after``: the Retry-After header sent with it; ``delay_seconds``: sleep this long
     before handling a request (longer than the client's timeout = a timeout; the request is
     still handled after the sleep, as a slow CRM would); ``reject_subjects``: reject events of
@@ -58,6 +59,7 @@ class Faults:
     """
 
     status: int | None = None
+    status_paths: set[str] = field(default_factory=lambda: {LOOKUP_PATH, EVENTS_PATH})
     retry_after: str | None = None
     delay_seconds: float = 0.0
     reject_subjects: set[str] = field(default_factory=set)
@@ -267,7 +269,7 @@ def _handler_class(crm: DevCrm) -> type[BaseHTTPRequestHandler]:
                 return
             with crm._lock:
                 crm.calls[path] += 1
-            if faults.status is not None:
+            if faults.status is not None and path in faults.status_paths:
                 extra = {"Retry-After": faults.retry_after} if faults.retry_after else {}
                 self._answer(faults.status, {"error": "the CRM is failing on purpose"}, body, extra)
                 return
@@ -303,12 +305,16 @@ def _handler_class(crm: DevCrm) -> type[BaseHTTPRequestHandler]:
         ) -> None:
             data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
             headers = {"Content-Type": "application/json", **(extra or {})}
-            self.send_response(HTTPStatus(status))
-            for name, value in headers.items():
-                self.send_header(name, value)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            try:
+                self.send_response(HTTPStatus(status))
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+            except OSError:
+                self.close_connection = True
+                return  # the client is gone (killed, timed out): no answer was delivered
             crm.exchanges.append(
                 Exchange(
                     path=self.path,
