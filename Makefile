@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all setup system-deps demo test lint typecheck unit integration bench bench-full soak clean
+.PHONY: all setup system-deps demo demo-crm test lint typecheck unit integration bench bench-full soak clean
 
 all: test
 
@@ -24,6 +24,9 @@ setup: $(STAMP)
 
 demo: setup
 	$(BIN)/emailsync demo
+
+demo-crm: setup  # the same against the reference CRM: groups from it, events delivered to it
+	$(BIN)/emailsync demo --crm
 
 lint: setup
 	$(BIN)/ruff check .

@@ -180,6 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--once", action="store_true", help="one pass and exit instead of running the daemon"
     )
+    p.add_argument(
+        "--crm",
+        action="store_true",
+        help="groups and events in the reference CRM (emailsync.devcrm) instead of SQLite",
+    )
     return parser
 
 
@@ -571,7 +576,7 @@ def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     """Run the demo (see emailsync.demo)."""
     from emailsync.demo import run_demo  # noqa: PLC0415 -- the demo pulls in the dev server
 
-    return run_demo(args.dir, once=args.once, out=out)
+    return run_demo(args.dir, once=args.once, out=out, crm=args.crm)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ openapi-core, so the reference, the client and the document cannot drift apart.
 
 from __future__ import annotations
 
+import io
 import json
 import signal
 import time
@@ -21,6 +22,7 @@ from werkzeug.datastructures import Headers, ImmutableMultiDict
 
 from emailsync.config import Settings, load_settings
 from emailsync.crm import signing
+from emailsync.demo import run_demo
 from emailsync.devcrm import EVENTS_PATH, LOOKUP_PATH, DevCrm, Exchange
 from emailsync.errors import StoreUnavailableError
 from emailsync.filing import Filer
@@ -392,3 +394,13 @@ def test_kill_9_during_delivery_then_restart_files_each_event_exactly_once(
     assert answered_statuses(crm).count("exists") == len(subjects)  # same keys, no doubles
     assert restarted.stop() == 0
     assert_conforms(crm)
+
+
+def test_the_crm_demo_shows_the_events_arriving_in_the_reference_crm(tmp_path: Path) -> None:
+    out = io.StringIO()
+    assert run_demo(tmp_path / "demo", once=True, out=out, crm=True) == 0, out.getvalue()
+    text = out.getvalue()
+    assert "Timeline events as the CRM received them" in text
+    # The message both agents got is one event, via both.
+    assert "'Re: offer on 4 Privet Drive' via agent1@example.com, agent2@example.com" in text
+    assert "'Live: can we move the viewing?' via agent2@example.com" in text
