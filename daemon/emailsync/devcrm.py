@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from emailsync.crm import signing
+from emailsync.store.csvimport import read_group_csv
 
 LOOKUP_PATH = "/groups:lookup"
 EVENTS_PATH = "/timeline-events"
@@ -343,11 +344,20 @@ def main(argv: list[str] | None = None) -> int:
         metavar=("ID", "NAME", "ADDRESSES"),
         help="link comma-separated addresses to a group (repeatable)",
     )
+    parser.add_argument(
+        "--groups-csv", type=Path, help="link group,address rows (the group name is its id)"
+    )
     args = parser.parse_args(argv)
     secret = args.secret_file.read_text(encoding="utf-8").rstrip("\r\n").encode()
     crm = DevCrm(secret, args.db, port=args.port)
     for group_id, name, addresses in args.link:
         crm.link(group_id, name, addresses.split(","))
+    if args.groups_csv is not None:
+        by_group: dict[str, list[str]] = {}
+        for group, address in read_group_csv(args.groups_csv):
+            by_group.setdefault(group, []).append(address)
+        for group, addresses in by_group.items():
+            crm.link(group, group, addresses)
     print(f"reference CRM at {crm.url}", file=sys.stderr)
     crm.start()
     try:
