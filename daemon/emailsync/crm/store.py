@@ -134,7 +134,13 @@ class HttpStore:
     # -- helpers --------------------------------------------------------------------------------
 
     def _lookup(self, addresses: list[str], *, cache: bool = True) -> dict[str, tuple[Group, ...]]:
-        answer, response = self.client.post(LOOKUP_PATH, {"addresses": addresses})
+        try:
+            answer, response = self.client.post(LOOKUP_PATH, {"addresses": addresses})
+        except StoreUnavailableError:
+            raise
+        except StoreError as exc:
+            # A refused lookup (400, 413…) must not decide anything: the batch waits in Queue.
+            raise StoreUnavailableError(str(exc)) from exc
         results = answer.get("results")
         if not isinstance(results, list):
             raise StoreUnavailableError("CRM groups_lookup: answer has no results list")
