@@ -79,8 +79,23 @@ def one_pass(settings: Settings, store: Store, address: str) -> Filer:
     return filer
 
 
+@pytest.fixture
+def launched() -> Iterator[list[RunningDaemon]]:
+    """Daemons a test started; each is stopped at the end, even when the test failed."""
+    daemons: list[RunningDaemon] = []
+    yield daemons
+    for daemon in daemons:
+        daemon.stop()
+
+
 def start_daemon(
-    tmp_path: Path, users: list[MailUser], crm: DevCrm, *, run: str = "run", **keys: object
+    tmp_path: Path,
+    users: list[MailUser],
+    crm: DevCrm,
+    launched: list[RunningDaemon],
+    *,
+    run: str = "run",
+    **keys: object,
 ) -> RunningDaemon:
     port = new_port()
     token = "test-token-" + str(port)
@@ -93,6 +108,7 @@ def start_daemon(
     workdir = tmp_path / run  # its own log and notify socket
     workdir.mkdir()
     daemon = RunningDaemon(config, port, token, workdir)
+    launched.append(daemon)
     daemon.wait_ready()
     return daemon
 
@@ -322,13 +338,13 @@ def test_crm_check_says_in_one_line_whether_the_crm_accepts_us(
 
 
 def test_crm_down_moves_nothing_and_back_up_files_everything_once(
-    user: MailUser, tmp_path: Path, crm: DevCrm
+    user: MailUser, tmp_path: Path, crm: DevCrm, launched: list[RunningDaemon]
 ) -> None:
     crm.faults.status, crm.faults.retry_after = 429, "1"
     make_folders(load_settings(write_config(tmp_path, [user])), user.address)
     subjects = {f"message {n}" for n in range(5)}
     queue(user, *(build_message(CLIENT_A, user.address, s) for s in sorted(subjects)))
-    daemon = start_daemon(tmp_path, [user], crm)
+    daemon = start_daemon(tmp_path, [user], crm, launched)
     wait_until(lambda: crm.calls[LOOKUP_PATH] >= 2, 20)  # it tried, and tried again
     assert daemon.metric("emailsync_crm_up") == 0
     assert (
@@ -346,7 +362,7 @@ def test_crm_down_moves_nothing_and_back_up_files_everything_once(
 
 
 def test_a_rejected_event_sends_only_its_message_to_failed_with_the_reason(
-    user: MailUser, tmp_path: Path, crm: DevCrm
+    user: MailUser, tmp_path: Path, crm: DevCrm, launched: list[RunningDaemon]
 ) -> None:
     crm.faults.reject_subjects = {"bad one"}
     crm.faults.reject_reason = "group g-smith is archived"
@@ -357,7 +373,7 @@ def test_a_rejected_event_sends_only_its_message_to_failed_with_the_reason(
         build_message(CLIENT_A, user.address, "bad one"),
         build_message(CLIENT_B, user.address, "good two"),
     )
-    daemon = start_daemon(tmp_path, [user], crm)
+    daemon = start_daemon(tmp_path, [user], crm, launched)
     wait_until(lambda: folder_subjects(user, "Queue") == {}, 20)
     assert folder_subjects(user, "Failed") == {"bad one": {"$EmailSyncRejected"}}
     assert folder_subjects(user, "Received").keys() == {"good one", "good two"}
@@ -373,13 +389,13 @@ def test_a_rejected_event_sends_only_its_message_to_failed_with_the_reason(
 
 
 def test_kill_9_during_delivery_then_restart_files_each_event_exactly_once(
-    user: MailUser, tmp_path: Path, crm: DevCrm
+    user: MailUser, tmp_path: Path, crm: DevCrm, launched: list[RunningDaemon]
 ) -> None:
     make_folders(load_settings(write_config(tmp_path, [user])), user.address)
     subjects = {f"killed {n}" for n in range(6)}
     queue(user, *(build_message(CLIENT_A, user.address, s) for s in sorted(subjects)))
     crm.faults.delay_seconds = 1.5  # the delivery is in flight when the daemon dies
-    daemon = start_daemon(tmp_path, [user], crm)
+    daemon = start_daemon(tmp_path, [user], crm, launched)
     wait_until(lambda: any(x.path.endswith(LOOKUP_PATH) for x in crm.exchanges), 20)
     time.sleep(0.5)  # the lookup is answered; the delivery request is now being handled
     daemon.process.send_signal(signal.SIGKILL)
@@ -388,7 +404,7 @@ def test_kill_9_during_delivery_then_restart_files_each_event_exactly_once(
     wait_until(lambda: len(crm.events()) == len(subjects), 10)  # the CRM committed it all
     assert folder_subjects(user, "Queue").keys() == subjects  # nothing moved
     crm.faults.delay_seconds = 0
-    restarted = start_daemon(tmp_path, [user], crm, run="restart")
+    restarted = start_daemon(tmp_path, [user], crm, launched, run="restart")
     wait_until(lambda: folder_subjects(user, "Received").keys() == subjects, 20)
     assert sorted(e["subject"] for e in crm.events()) == sorted(subjects)
     assert answered_statuses(crm).count("exists") == len(subjects)  # same keys, no doubles
