@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import json
 import sqlite3
+import ssl
 import sys
 import threading
 import time
@@ -92,6 +93,7 @@ class DevCrm:
         host: str = "127.0.0.1",
         port: int = 0,
         base_path: str = "/crm/v1",
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.secret = secret
         self.base_path = base_path.rstrip("/")
@@ -104,6 +106,11 @@ class DevCrm:
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer((host, port), _handler_class(self))
         self._server.daemon_threads = True
+        self.scheme = "http"
+        if ssl_context is not None:
+            # HTTPS, so tests can show that TLS is verified (and a private CA via ca_file).
+            self._server.socket = ssl_context.wrap_socket(self._server.socket, server_side=True)
+            self.scheme = "https"
         self._thread: threading.Thread | None = None
 
     @property
@@ -111,7 +118,7 @@ class DevCrm:
         """The base URL to configure as ``[crm] url``."""
         host, port = self._server.server_address[:2]
         name = host.decode() if isinstance(host, bytes) else host
-        return f"http://{name}:{port}{self.base_path}"
+        return f"{self.scheme}://{name}:{port}{self.base_path}"
 
     def start(self) -> DevCrm:
         """Serve in a background thread."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import signal
+import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 import requests
+import trustme
 from openapi_core import OpenAPI
 from openapi_core.datatypes import RequestParameters
 from werkzeug.datastructures import Headers, ImmutableMultiDict
@@ -420,3 +422,26 @@ def test_the_crm_demo_shows_the_events_arriving_in_the_reference_crm(tmp_path: P
     # The message both agents got is one event, via both.
     assert "'Re: offer on 4 Privet Drive' via agent1@example.com, agent2@example.com" in text
     assert "'Live: can we move the viewing?' via agent2@example.com" in text
+
+
+def test_tls_to_the_crm_is_verified_and_a_private_ca_is_trusted_via_ca_file(
+    user: MailUser, tmp_path: Path
+) -> None:
+    authority = trustme.CA()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    authority.issue_cert("127.0.0.1").configure_cert(context)
+    ca_file = tmp_path / "crm-ca.pem"
+    authority.cert_pem.write_to_path(str(ca_file))
+    with DevCrm(SECRET.encode(), ssl_context=context) as server:
+        server.link("g-smith", "Smith", [CLIENT_A])
+        assert server.url.startswith("https://")
+        untrusted = crm_settings(tmp_path, [user], server)
+        refused = run_cli(untrusted.path, "crm", "check", "--address", CLIENT_A)
+        assert refused.returncode == 69
+        assert "CERTIFICATE_VERIFY_FAILED" in refused.stderr
+        assert server.calls[LOOKUP_PATH] == 0
+        trusted = crm_settings(tmp_path, [user], server, ca_file=str(ca_file))
+        ok = run_cli(trusted.path, "crm", "check", "--address", CLIENT_A)
+        assert ok.returncode == 0, ok.stderr
+        assert "1 group(s)" in ok.stdout
+        assert server.calls[LOOKUP_PATH] == 1
