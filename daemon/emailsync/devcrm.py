@@ -99,6 +99,7 @@ class DevCrm:
         self.base_path = base_path.rstrip("/")
         self.faults = Faults()
         self.calls: Counter[str] = Counter()  # endpoint path → requests that reached a handler
+        self.arrived: Counter[str] = Counter()  # path → requests read, before any delay or check
         self.exchanges: list[Exchange] = []
         self.refused: list[str] = []  # why signatures were refused, in order
         self._db = sqlite3.connect(str(db_path), check_same_thread=False, isolation_level=None)
@@ -263,6 +264,8 @@ def _handler_class(crm: DevCrm) -> type[BaseHTTPRequestHandler]:
                 return
             body = self.rfile.read(length)
             path = self.path.removeprefix(crm.base_path)
+            with crm._lock:
+                crm.arrived[path] += 1
             faults = crm.faults
             if faults.delay_seconds:
                 time.sleep(faults.delay_seconds)

@@ -396,10 +396,10 @@ def test_kill_9_during_delivery_then_restart_files_each_event_exactly_once(
     make_folders(load_settings(write_config(tmp_path, [user])), user.address)
     subjects = {f"killed {n}" for n in range(6)}
     queue(user, *(build_message(CLIENT_A, user.address, s) for s in sorted(subjects)))
-    crm.faults.delay_seconds = 1.5  # the delivery is in flight when the daemon dies
+    crm.faults.delay_seconds = 2.0  # the delivery is in flight when the daemon dies
     daemon = start_daemon(tmp_path, [user], crm, launched)
-    wait_until(lambda: any(x.path.endswith(LOOKUP_PATH) for x in crm.exchanges), 20)
-    time.sleep(0.5)  # the lookup is answered; the delivery request is now being handled
+    # The delivery request has reached the CRM, which sleeps before committing it.
+    wait_until(lambda: crm.arrived[EVENTS_PATH] >= 1, 30, 0.02)
     daemon.process.send_signal(signal.SIGKILL)
     daemon.process.wait(5)
     daemon.stop()
