@@ -8,6 +8,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from openapi_spec_validator import validate
+from openapi_spec_validator.readers import read_from_filename
 
 from emailsync import cli
 from emailsync.config import load_settings
@@ -217,3 +219,10 @@ def test_check_config_reports_an_unreadable_crm_secret_and_exits_78(
     code = cli.main(["--config", str(tmp_path / "emailsync.toml"), "check-config"])
     assert code == 78
     assert "crm.secret_file: secret: cannot read" in capsys.readouterr().err
+
+
+def test_the_crm_api_document_is_valid_openapi_3_1() -> None:
+    document, _ = read_from_filename(str(Path(__file__).parents[2] / "config" / "crm-api.yaml"))
+    validate(document)  # raises on any schema violation
+    assert document["openapi"].startswith("3.1")
+    assert set(document["paths"]) == {"/groups:lookup", "/timeline-events"}
