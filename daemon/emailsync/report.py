@@ -123,6 +123,9 @@ class WorkerReport:
             for decision in decisions:
                 key = decision.outcome.value
                 self._status.filed[key] = self._status.filed.get(key, 0) + 1
+                if decision.outcome is Outcome.REJECTED:
+                    # The store's reason, so `emailsync status` shows why it went to Failed.
+                    self._status.last_error = f"uid {decision.uid}: {decision.message.problem}"
 
     def stuck(self, count: int) -> None:
         """The number of messages quarantined in Queue ($EmailSyncStuck)."""
