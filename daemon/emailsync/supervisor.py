@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 from types import FrameType
+from typing import Protocol
 
 import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -35,6 +36,41 @@ TOKEN_REFRESH_AHEAD_SECONDS = 900.0  # refresh an access token this long before 
 AuthenticatorFactory = Callable[[MailboxSettings, Settings], Authenticator]
 
 
+class Worker(Protocol):
+    """What the supervisor needs of a mailbox worker (``MailboxWorker``; tests use fakes)."""
+
+    mailbox: MailboxSettings
+    authenticator: Authenticator
+    first_attempt_done: threading.Event
+
+    def start(self) -> None:
+        """Start the thread."""
+
+    def stop(self) -> None:
+        """Ask the thread to end soon; returns at once."""
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the thread to end."""
+
+    def is_alive(self) -> bool:
+        """True until the thread has ended."""
+
+    def snapshot(self) -> WorkerStatus:
+        """A copy of the current status."""
+
+    def request_pass(self, trigger: str) -> None:
+        """Ask for a sync pass."""
+
+    def refresh_gauges(self) -> None:
+        """Recompute time-based gauges."""
+
+    def refresh_token(self, ahead_seconds: float) -> None:
+        """Refresh an OAuth token that expires soon."""
+
+
+WorkerFactory = Callable[[MailboxSettings, Settings, Store, Metrics, Authenticator], Worker]
+
+
 def credential_expiry(settings: Settings) -> datetime | None:
     """When the Office 365 app credential expires: the configured date, else the certificate's."""
     office365 = settings.office365
@@ -59,6 +95,7 @@ class Supervisor:
         registry: CollectorRegistry | None = None,
         authenticator_factory: AuthenticatorFactory = make_authenticator,
         notifier: Notifier | None = None,
+        worker_factory: WorkerFactory = MailboxWorker,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -66,7 +103,8 @@ class Supervisor:
         self.metrics = Metrics(self.registry)
         self.authenticator_factory = authenticator_factory
         self.notifier = notifier or Notifier()
-        self.workers: dict[str, MailboxWorker] = {}
+        self.worker_factory = worker_factory
+        self.workers: dict[str, Worker] = {}
         self._stopped: dict[str, WorkerStatus] = {}
         self._lock = threading.RLock()
         self._wake = threading.Event()
@@ -229,6 +267,11 @@ class Supervisor:
         self._stop_requested = True
         self._wake.set()
 
+    def request_reload(self) -> None:
+        """Ask the main loop to re-read the config (what SIGHUP does)."""
+        self._reload_requested = True
+        self._wake.set()
+
     # -- reload ---------------------------------------------------------------------------------
 
     def reload(self) -> None:
@@ -275,7 +318,7 @@ class Supervisor:
 
     def _start_worker(self, mailbox: MailboxSettings) -> None:
         self._stopped.pop(mailbox.address, None)
-        worker = MailboxWorker(
+        worker = self.worker_factory(
             mailbox,
             self.settings,
             self.store,
