@@ -41,6 +41,8 @@ PROBE_TIMEOUT_SECONDS = 30.0
 WHO_SECONDS = 1.0
 READY_TIMEOUT_SECONDS = 900.0
 STOP_TIMEOUT_SECONDS = 30.0
+REFUSED = 0  # a probe's status when nothing listens yet
+NO_ANSWER = -1  # a probe's status when it timed out
 
 
 @dataclass
@@ -85,8 +87,11 @@ class Prober(threading.Thread):
                     status = int(response.status)
             except urllib.error.HTTPError as exc:
                 status = exc.code
-            except OSError:
-                status = 0
+            except urllib.error.URLError as exc:
+                refused = isinstance(exc.reason, ConnectionRefusedError)
+                status = REFUSED if refused else NO_ANSWER
+            except OSError:  # a timeout while reading the answer
+                status = NO_ANSWER
             self.samples.append((started, time.monotonic() - started, status))
             time.sleep(max(0.0, PROBE_SECONDS - (time.monotonic() - started)))
 
@@ -226,7 +231,7 @@ def measure_phase(
         return phase
     probes = prober.between(start, end)
     if name == "fresh start":  # before the listener is up, probes are refused: not counted
-        up = next((i for i, s in enumerate(probes) if s[2] == 200), len(probes))
+        up = next((i for i, s in enumerate(probes) if s[2] != REFUSED), len(probes))
         probes = probes[up:]
     phase.seconds = round(end - start, 2)
     phase.probes = len(probes)
