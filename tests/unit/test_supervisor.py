@@ -433,10 +433,11 @@ def test_a_crashing_worker_is_restarted_with_growing_delays(
 
 
 def test_an_exception_in_the_tick_is_logged_and_the_loop_goes_on(
-    make_rig: Callable[..., Rig],
+    make_rig: Callable[..., Rig], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The watchdog ping raises twice: logged with its traceback, the loop carries on (pings
     resume), and the daemon shuts down normally with exit code 0."""
+    monkeypatch.setattr(supervisor_module, "TICK_SECONDS", 0.1)
     rig = make_rig(2, watchdog_failures=2)
 
     def driver() -> None:
