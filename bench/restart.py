@@ -4,10 +4,11 @@ One throwaway Dovecot, N users, one config with N mailboxes. The daemon is start
 create every folder tree (not timed), stopped, then started again: the **fresh start** (spawn
 → every mailbox idle) is the baseline. Then ``[daemon]`` changes and SIGHUP restarts every
 worker: the **restart** (SIGHUP → every mailbox connected anew and idle). Throughout, a
-thread GETs ``/healthz`` every 0.2 s (30 s timeout) and another counts each user's
-connections with ``doveadm who`` (a mailbox must never have two). Reported: worst
-``/healthz`` latency during each phase, the restart/fresh-start ratio, shutdown time, and
-the load average (the machine may be shared).
+thread GETs ``/healthz`` every 0.2 s (30 s timeout), another a page that does not exist
+(answered without asking the supervisor: what any request costs while the process is busy),
+and one counts each user's connections with ``doveadm who`` (a mailbox must never have two).
+Reported: worst ``/healthz`` and 404 latency during each phase, the restart/fresh-start
+ratio, shutdown time, and the load average (the machine may be shared).
 
     sudo .venv/bin/python bench/restart.py --mailboxes 300 [--json bench/results/restart.json]
 
@@ -53,6 +54,9 @@ class Phase:
     seconds: float = 0.0
     probes: int = 0
     worst_healthz_seconds: float = 0.0
+    # The same for a path the listener answers without asking the supervisor (a 404): what
+    # the process as a whole (GIL, CPU shared with Dovecot and others) costs any request.
+    worst_404_seconds: float = 0.0
     failed_probes: int = 0  # timed out or not 200 (at a fresh start: once the listener is up)
     most_connections: int = 0  # per mailbox, as doveadm who saw it
 
@@ -71,11 +75,11 @@ class Result:
 
 
 class Prober(threading.Thread):
-    """GETs /healthz every PROBE_SECONDS; records (start, seconds, status) of each."""
+    """GETs a path every PROBE_SECONDS; records (start, seconds, status) of each."""
 
-    def __init__(self, port: int) -> None:
-        super().__init__(name="healthz-prober", daemon=True)
-        self.url = f"http://127.0.0.1:{port}/healthz"
+    def __init__(self, port: int, path: str) -> None:
+        super().__init__(name=f"prober{path}", daemon=True)
+        self.url = f"http://127.0.0.1:{port}{path}"
         self.samples: list[tuple[float, float, int]] = []
         self._running = True
 
@@ -224,12 +228,18 @@ def wait_all(
 
 
 def measure_phase(
-    name: str, prober: Prober, who: WhoWatcher, start: float, end: float | None
+    name: str,
+    probers: tuple[Prober, Prober],
+    who: WhoWatcher,
+    start: float,
+    end: float | None,
 ) -> Phase:
     phase = Phase(name)
     if end is None:
         return phase
+    prober, baseline = probers
     probes = prober.between(start, end)
+    phase.worst_404_seconds = round(max((s[1] for s in baseline.between(start, end)), default=0), 3)
     if name == "fresh start":  # before the listener is up, probes are refused: not counted
         up = next((i for i, s in enumerate(probes) if s[2] != REFUSED), len(probes))
         probes = probes[up:]
@@ -266,10 +276,11 @@ def run(count: int) -> Result:
             print("fresh start")
             started = time.monotonic()
             daemon = Daemon(config, port, token, log_path)
-            prober = Prober(port)
-            prober.start()
+            probers = (Prober(port, "/healthz"), Prober(port, "/no-such-page"))
+            for prober in probers:
+                prober.start()
             done = wait_all(daemon, addresses, timeout=READY_TIMEOUT_SECONDS)
-            result.phases.append(measure_phase("fresh start", prober, who, started, done))
+            result.phases.append(measure_phase("fresh start", probers, who, started, done))
             if done is None:
                 result.problems.append("fresh start: not every mailbox became idle")
 
@@ -281,11 +292,12 @@ def run(count: int) -> Result:
             started = time.monotonic()
             daemon.process.send_signal(signal.SIGHUP)
             done = wait_all(daemon, addresses, since=offset, timeout=READY_TIMEOUT_SECONDS)
-            result.phases.append(measure_phase("restart (SIGHUP)", prober, who, started, done))
+            result.phases.append(measure_phase("restart (SIGHUP)", probers, who, started, done))
             if done is None:
                 result.problems.append("restart: not every mailbox connected anew and idle")
             time.sleep(1.0)
-            prober.stop()
+            for prober in probers:
+                prober.stop()
             result.shutdown_seconds, result.exit_code = daemon.stop()
             result.shutdown_seconds = round(result.shutdown_seconds, 2)
             who.stop()
@@ -301,11 +313,15 @@ def run(count: int) -> Result:
 
 def report(result: Result) -> None:
     print(f"\n{result.mailboxes} idle mailboxes; load average before {result.load_before}")
-    print(f"{'phase':<18} {'until all idle':>15} {'worst /healthz':>15} {'failed':>7} {'conn.':>6}")
+    print(
+        f"{'phase':<18} {'until all idle':>15} {'worst /healthz':>15} {'failed':>7} "
+        f"{'worst 404':>10} {'conn.':>6}"
+    )
     for p in result.phases:
         print(
             f"{p.name:<18} {p.seconds:>13.2f} s {p.worst_healthz_seconds:>13.3f} s "
-            f"{p.failed_probes:>3}/{p.probes:<3} {p.most_connections:>6}"
+            f"{p.failed_probes:>3}/{p.probes:<3} {p.worst_404_seconds:>8.3f} s "
+            f"{p.most_connections:>6}"
         )
     fresh = next((p for p in result.phases if p.name == "fresh start"), None)
     restart = next((p for p in result.phases if p.name.startswith("restart")), None)
