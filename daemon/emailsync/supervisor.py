@@ -115,7 +115,8 @@ def restart_delay(restarts: int, rng: random.Random) -> float:
     """How long to wait before the ``restarts``-th restart in a row of a dead worker.
 
     Exponential from RESTART_START_SECONDS to RESTART_MAX_SECONDS with "equal jitter"
-    (uniform in the upper half), so each delay is at least as long as the one before.
+    (uniform in the upper half of the ceiling), so below the cap no delay is shorter than
+    the one before.
     """
     ceiling = min(RESTART_MAX_SECONDS, RESTART_START_SECONDS * 2 ** min(restarts - 1, 30))
     return rng.uniform(ceiling / 2, ceiling)

@@ -8,6 +8,7 @@ can make one slow to stop or crash at once; the supervisor, its main loop, the l
 from __future__ import annotations
 
 import itertools
+import random
 import signal
 import threading
 import time
@@ -476,3 +477,38 @@ def test_one_raising_mailbox_in_a_scheduler_job_does_not_skip_the_others(
         ("gauges", "agent0@example.com"),
         ("sweep", "agent0@example.com"),
     ]
+
+
+def test_stop_email_sync_during_a_restart_leaves_the_mailbox_stopped_without_a_replacement(
+    make_rig: Callable[..., Rig],
+) -> None:
+    """Stop Email Sync arrives while the reloaded worker is still stopping (1.5 s): no
+    replacement starts, and the mailbox shows ``stopped`` in status and metrics."""
+    rig = make_rig(
+        2,
+        stop_seconds=lambda address, generation: 1.5 if address == "agent0@example.com" else 0,
+    )
+    stopped, other = rig.addresses
+
+    def driver() -> None:
+        wait_for(lambda: all_running(rig, 1))
+        rig.change_daemon_section()
+        rig.supervisor.request_reload()
+        wait_for(lambda: rig.census.running(other, 2), timeout=10)  # the reload is under way
+        assert rig.supervisor.stop_mailbox(stopped)
+        time.sleep(0.5)  # ticks go by with nothing left to start for it
+        assert rig.census.running(other, 2)
+
+    rig.run(driver)
+    assert len(rig.census.of(stopped)) == 1
+    assert rig.state(stopped, "stopped") == 1
+    assert {s.address: s.state for s in rig.supervisor.statuses()}[stopped] == "stopped"
+
+
+def test_restart_delays_double_from_one_second_without_shrinking_up_to_the_cap() -> None:
+    rng = random.Random(5)
+    for _ in range(50):
+        delays = [supervisor_module.restart_delay(n, rng) for n in range(1, 16)]
+        assert 0.5 <= delays[0] <= 1.0
+        assert all(a <= b for a, b in itertools.pairwise(delays[:9]))  # 1 s … 256 s
+        assert all(150.0 <= d <= 300.0 for d in delays[9:])
