@@ -8,8 +8,9 @@ land before the new one's first, and ``/healthz`` and the watchdog keep being an
 2,000 workers log out. The lock guards the bookkeeping only; no one joins a thread under it.
 
 A mailbox is in at most one of: ``workers`` (running), ``_pending`` (to start once no retiring
-worker of it is left), ``_restarting`` (its worker died: restart after a back-off) and
-``_stopped``; ``_retiring`` (asked to stop, not yet ended) may hold it beside any of these.
+worker of it is left), ``_starting`` (being started by the main loop, outside the lock),
+``_restarting`` (its worker died: restart after a back-off) and ``_stopped``; ``_retiring``
+(asked to stop, not yet ended) may hold it beside any of these but ``workers``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from datetime import UTC, datetime
 from types import FrameType
 from typing import Protocol
@@ -42,11 +43,12 @@ from emailsync.worker import MailboxWorker, WorkerStatus
 log = structlog.get_logger(__name__)
 
 TICK_SECONDS = 0.5
-# While workers are being stopped or started the loop ticks this often, so a replacement
-# follows its predecessor's end closely.
+# While workers are being stopped the loop ticks this often, so a replacement follows its
+# predecessor's end closely.
 BUSY_TICK_SECONDS = 0.05
-# Starting a worker takes ~1 ms (a thread, a pipe, metric series); a tick starts them for
-# at most this long, so starting 2,000 never keeps the lock (or the loop) for long.
+# Starting a worker (a thread, a pipe, metric series) takes a millisecond or, while hundreds
+# of others log in, much longer: a tick starts them (outside the lock) for at most this long
+# and the next tick goes on at once, so the watchdog and /healthz are never kept waiting.
 START_BUDGET_SECONDS = 0.1
 SHUTDOWN_SECONDS = 8.0  # SIGTERM must end the process within 10 s
 GAUGE_SECONDS = 15.0
@@ -163,6 +165,7 @@ class Supervisor:
         self.workers: dict[str, Worker] = {}
         self._started_at: dict[str, float] = {}  # monotonic, per running worker
         self._pending: dict[str, MailboxSettings] = {}
+        self._starting: dict[str, MailboxSettings] = {}
         self._retiring: dict[str, _Retiring] = {}
         self._restarting: dict[str, _Restart] = {}
         self._restarts: dict[str, int] = {}  # dead-worker restarts in a row, per mailbox
@@ -189,7 +192,10 @@ class Supervisor:
         """Every configured mailbox's status: running, about to (re)start, or stopped."""
         with self._lock:
             running = [w.snapshot() for w in self.workers.values()]
-            starting = [WorkerStatus(a, "connecting", m.trigger) for a, m in self._pending.items()]
+            starting = [
+                WorkerStatus(a, "connecting", m.trigger)
+                for a, m in [*self._pending.items(), *self._starting.items()]
+            ]
             restarting = [r.status for r in self._restarting.values()]
             everything = [*running, *starting, *restarting, *self._stopped.values()]
         return sorted(everything, key=lambda s: s.address)
@@ -240,7 +246,7 @@ class Supervisor:
         stopped_marker(self.settings, address).unlink(missing_ok=True)
         with self._lock:
             self._restarting.pop(address, None)  # an operator's start does not wait
-            if address not in self.workers:
+            if address not in self.workers and address not in self._starting:
                 self._stopped.pop(address, None)
                 self._pending[address] = mailbox
         self._wake.set()
@@ -255,7 +261,7 @@ class Supervisor:
     def ready(self) -> bool:
         """Every mailbox has been started and had its first connect attempt."""
         with self._lock:
-            if self._pending:
+            if self._pending or self._starting:
                 return False
             return all(w.first_attempt_done.is_set() for w in self.workers.values())
 
@@ -319,7 +325,9 @@ class Supervisor:
     def _tick_wait(self) -> float:
         """How long the loop sleeps: short while workers come and go, else until the next tick."""
         if self._pending or self._retiring:
-            return BUSY_TICK_SECONDS
+            with self._lock:
+                startable = any(a not in self._retiring for a in self._pending)
+            return 0.0 if startable else BUSY_TICK_SECONDS
         with self._lock:
             due = min((r.due for r in self._restarting.values()), default=float("inf"))
         return max(0.0, min(TICK_SECONDS, due - time.monotonic()))
@@ -440,6 +448,7 @@ class Supervisor:
         The worker goes to ``_retiring``; nothing of this mailbox starts until it has ended.
         """
         self._pending.pop(address, None)
+        self._starting.pop(address, None)  # the main loop retires it once it has started
         self._restarting.pop(address, None)
         self._started_at.pop(address, None)
         worker = self.workers.pop(address, None)
@@ -467,26 +476,44 @@ class Supervisor:
 
     def _forget_if_gone(self, address: str) -> None:
         """Remove a mailbox's metric series once it is out of the config and its worker ended."""
-        known = (self.workers, self._pending, self._restarting, self._stopped, self._retiring)
+        known: list[Container[str]] = [self.workers, self._pending, self._starting]
+        known += [self._restarting, self._stopped, self._retiring]
         if not any(address in each for each in known):
             self.metrics.forget_mailbox(address)
 
     def _start_pending(self) -> None:
-        """Start queued workers whose predecessor has ended, for up to START_BUDGET_SECONDS."""
+        """Start queued workers whose predecessor has ended, for up to START_BUDGET_SECONDS.
+
+        Each is claimed under the lock and made and started outside it; a Stop Email Sync or
+        reload that comes in meanwhile takes the claim back, and the new worker is retired.
+        """
         with self._lock:
             startable = [a for a in self._pending if a not in self._retiring]
         deadline = time.monotonic() + START_BUDGET_SECONDS
         for address in startable:
             if time.monotonic() > deadline:
-                return  # the rest on the next tick; /healthz gets the lock in between
+                return  # the rest on the next tick, which follows at once
             with self._lock:
-                mailbox = self._pending.pop(address, None)
-                if mailbox is not None and address not in self._retiring:
-                    self._start_worker(mailbox)
+                mailbox = None if address in self._retiring else self._pending.pop(address, None)
+                if mailbox is None:
+                    continue
+                self._starting[address] = mailbox
+            worker = self._make_worker(mailbox)
+            with self._lock:
+                claimed = self._starting.pop(address, None) is not None
+                if worker is None:
+                    if claimed:
+                        status = WorkerStatus(address, "backoff", mailbox.trigger)
+                        self._schedule_restart(mailbox, status)
+                elif claimed:
+                    self.workers[address] = worker
+                    self._started_at[address] = time.monotonic()
+                else:
+                    worker.stop()
+                    self._retiring[address] = _Retiring(worker, time.monotonic())
 
-    def _start_worker(self, mailbox: MailboxSettings) -> None:
-        """Make and start a mailbox's worker; under the lock, with no worker of it alive."""
-        address = mailbox.address
+    def _make_worker(self, mailbox: MailboxSettings) -> Worker | None:
+        """Make and start a mailbox's worker (no other of it is alive); None if that failed."""
         try:
             worker = self.worker_factory(
                 mailbox,
@@ -497,11 +524,9 @@ class Supervisor:
             )
             worker.start()
         except Exception as exc:  # one mailbox's broken start must not stop the others
-            log.exception("worker_start_failed", mailbox=address, error=repr(exc))
-            self._schedule_restart(mailbox, WorkerStatus(address, "backoff", mailbox.trigger))
-            return
-        self.workers[address] = worker
-        self._started_at[address] = time.monotonic()
+            log.exception("worker_start_failed", mailbox=mailbox.address, error=repr(exc))
+            return None
+        return worker
 
     def _mark_stopped(self, mailbox: MailboxSettings) -> None:
         self.metrics.init_mailbox(mailbox.address)

@@ -272,6 +272,7 @@ def make_rig(tmp_path: Path, store: Store, signals_restored: None) -> Callable[.
         crash: Callable[[str], bool] = lambda address: False,
         raises_in_jobs: Callable[[str], bool] = lambda address: False,
         watchdog_failures: int = 0,
+        before_start: Callable[[str, int], None] = lambda address, generation: None,
     ) -> Rig:
         config = write_config(tmp_path, count)
         settings = load_settings(config)
@@ -287,7 +288,8 @@ def make_rig(tmp_path: Path, store: Store, signals_restored: None) -> Callable[.
             metrics: Metrics,
             authenticator: Authenticator,
         ) -> FakeWorker:
-            generation = len(census.of(mailbox.address)) + 1
+            generation = len([w for w in workers if w.mailbox.address == mailbox.address]) + 1
+            before_start(mailbox.address, generation)
             worker = FakeWorker(
                 mailbox,
                 metrics,
@@ -512,3 +514,31 @@ def test_restart_delays_double_from_one_second_without_shrinking_up_to_the_cap()
         assert 0.5 <= delays[0] <= 1.0
         assert all(a <= b for a, b in itertools.pairwise(delays[:9]))  # 1 s … 256 s
         assert all(150.0 <= d <= 300.0 for d in delays[9:])
+
+
+def test_a_worker_being_started_when_stop_email_sync_arrives_is_stopped_at_once(
+    make_rig: Callable[..., Rig],
+) -> None:
+    """Stop Email Sync while the main loop is making the mailbox's worker (outside the lock):
+    the worker it then starts is retired at once, and the mailbox stays stopped."""
+    entered, release = threading.Event(), threading.Event()
+
+    def before_start(address: str, generation: int) -> None:
+        entered.set()
+        release.wait(10)
+
+    rig = make_rig(1, before_start=before_start)
+    address = rig.addresses[0]
+
+    def driver() -> None:
+        assert entered.wait(10)
+        threading.Timer(0.5, release.set).start()
+        assert rig.supervisor.stop_mailbox(address)
+        wait_for(lambda: len(rig.census.of(address)) == 1)
+        wait_for(lambda: rig.census.of(address)[0].ended is not None)
+        time.sleep(0.3)  # ticks go by: nothing starts it again
+        assert [s.state for s in rig.supervisor.statuses()] == ["stopped"]
+        assert rig.state(address, "stopped") == 1
+
+    rig.run(driver)
+    assert len(rig.census.of(address)) == 1
