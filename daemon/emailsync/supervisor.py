@@ -169,6 +169,7 @@ class Supervisor:
         self._retiring: dict[str, _Retiring] = {}
         self._restarting: dict[str, _Restart] = {}
         self._restarts: dict[str, int] = {}  # dead-worker restarts in a row, per mailbox
+        self._sync_on_start: set[str] = set()  # Start Sync asked while no worker ran
         self._stopped: dict[str, WorkerStatus] = {}
         self._lock = threading.RLock()
         self._wake = threading.Event()
@@ -201,15 +202,24 @@ class Supervisor:
         return sorted(everything, key=lambda s: s.address)
 
     def start_sync(self, address: str | None) -> bool:
-        """Start Sync for one mailbox (False if unknown or stopped) or all."""
+        """Start Sync for one mailbox (False if unknown or stopped) or all.
+
+        A mailbox whose worker is being (re)started gets it as soon as the worker runs.
+        """
         with self._lock:
+            waiting = {*self._pending, *self._starting, *self._restarting}
             if address is None:
                 for each in self.workers.values():
                     each.request_pass("start_sync")
+                self._sync_on_start |= waiting
                 return True
-            worker = self.workers.get(address.lower())
-        if worker is None:
-            return False
+            address = address.lower()
+            worker = self.workers.get(address)
+            if worker is None:
+                if address not in waiting:
+                    return False
+                self._sync_on_start.add(address)
+                return True
         worker.request_pass("start_sync")
         return True
 
@@ -406,6 +416,7 @@ class Supervisor:
                     self._retire(address)
                     self._stopped.pop(address, None)
                     self._restarts.pop(address, None)
+                    self._sync_on_start.discard(address)
                     self._forget_if_gone(address)
                     log.info("mailbox_removed", mailbox=address)
                 elif everything_changed or new_by_address[address] != mailbox:
@@ -508,6 +519,9 @@ class Supervisor:
                 elif claimed:
                     self.workers[address] = worker
                     self._started_at[address] = time.monotonic()
+                    if address in self._sync_on_start:
+                        self._sync_on_start.discard(address)
+                        worker.request_pass("start_sync")
                 else:
                     worker.stop()
                     self._retiring[address] = _Retiring(worker, time.monotonic())
@@ -534,6 +548,7 @@ class Supervisor:
         with self._lock:
             self._pending.pop(mailbox.address, None)
             self._restarting.pop(mailbox.address, None)
+            self._sync_on_start.discard(mailbox.address)
             self._stopped[mailbox.address] = WorkerStatus(
                 mailbox.address, "stopped", mailbox.trigger
             )

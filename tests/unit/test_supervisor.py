@@ -542,3 +542,24 @@ def test_a_worker_being_started_when_stop_email_sync_arrives_is_stopped_at_once(
 
     rig.run(driver)
     assert len(rig.census.of(address)) == 1
+
+
+def test_a_start_sync_during_a_restart_reaches_the_new_worker(
+    make_rig: Callable[..., Rig],
+) -> None:
+    """Start Sync for a mailbox whose old worker is still stopping is accepted and handed to
+    the replacement when it starts (a manual mailbox files only on Start Sync)."""
+    rig = make_rig(1, stop_seconds=lambda address, generation: 1.0)
+    address = rig.addresses[0]
+
+    def driver() -> None:
+        wait_for(lambda: all_running(rig, 1))
+        rig.change_daemon_section()
+        rig.supervisor.request_reload()
+        wait_for(lambda: [s.state for s in rig.supervisor.statuses()] == ["connecting"])
+        assert rig.supervisor.start_sync(address)
+        assert not rig.supervisor.start_sync("nobody@example.com")
+        wait_for(lambda: len(rig.workers) == 2 and rig.workers[1].jobs == ["start_sync"])
+
+    rig.run(driver)
+    assert rig.workers[0].jobs == []
