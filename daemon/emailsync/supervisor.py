@@ -5,7 +5,9 @@ worker means asking it to stop ("retiring" it) and starting its replacement on a
 once the old thread has ended. So a mailbox never has two live workers (two filers on one
 Queue, two connections where providers cap them), the old worker's last writes (``stopped``)
 land before the new one's first, and ``/healthz`` and the watchdog keep being answered while
-2,000 workers log out. The lock guards the bookkeeping only; no one joins a thread under it.
+2,000 workers log out. The lock guards the bookkeeping only: no one joins a thread, logs,
+touches a file or calls into a worker under it (any of these hands the GIL to 2,000 busy
+threads and can keep the lock, and so /healthz, for seconds).
 
 A mailbox is in at most one of: ``workers`` (running), ``_pending`` (to start once no retiring
 worker of it is left), ``_starting`` (being started by the main loop, outside the lock),
@@ -192,14 +194,15 @@ class Supervisor:
     def statuses(self) -> list[WorkerStatus]:
         """Every configured mailbox's status: running, about to (re)start, or stopped."""
         with self._lock:
-            running = [w.snapshot() for w in self.workers.values()]
+            workers = list(self.workers.values())
             starting = [
                 WorkerStatus(a, "connecting", m.trigger)
                 for a, m in [*self._pending.items(), *self._starting.items()]
             ]
             restarting = [r.status for r in self._restarting.values()]
-            everything = [*running, *starting, *restarting, *self._stopped.values()]
-        return sorted(everything, key=lambda s: s.address)
+            stopped = list(self._stopped.values())
+        running = [w.snapshot() for w in workers]
+        return sorted([*running, *starting, *restarting, *stopped], key=lambda s: s.address)
 
     def start_sync(self, address: str | None) -> bool:
         """Start Sync for one mailbox (False if unknown or stopped) or all.
@@ -209,10 +212,13 @@ class Supervisor:
         with self._lock:
             waiting = {*self._pending, *self._starting, *self._restarting}
             if address is None:
-                for each in self.workers.values():
-                    each.request_pass("start_sync")
+                workers = list(self.workers.values())
                 self._sync_on_start |= waiting
-                return True
+        if address is None:
+            for each in workers:
+                each.request_pass("start_sync")
+            return True
+        with self._lock:
             address = address.lower()
             worker = self.workers.get(address)
             if worker is None:
@@ -233,10 +239,10 @@ class Supervisor:
         marker.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         marker.touch()
         with self._lock:
-            worker = self.workers.get(address)
-            self._retire(address)
+            worker = self._retire(address)
             retiring = self._retiring.get(address)
         if worker is not None:
+            worker.stop()
             worker.authenticator.forget()
         else:
             self.authenticator_factory(mailbox, self.settings).forget()
@@ -291,9 +297,10 @@ class Supervisor:
             ) from None
         self.web.start()
         log.info("listening", address=f"{daemon.listen_host}:{self.web.port}")
+        marked = self._marked_stopped(self.settings)
         with self._lock:
             for mailbox in self.settings.mailboxes:
-                self._start_or_mark(mailbox)
+                self._start_or_mark(mailbox, mailbox.address in marked)
         self._schedule_jobs()
         self.scheduler.start()
         try:
@@ -358,17 +365,19 @@ class Supervisor:
         Every worker is asked first and then all are waited for together, within one
         SHUTDOWN_SECONDS for all of them.
         """
+        deadline = time.monotonic() + SHUTDOWN_SECONDS
         self.notifier.stopping()
         log.info("stopping")
         with contextlib.suppress(Exception):
             self.scheduler.shutdown(wait=False)
         with self._lock:
-            for address in list(self.workers):
-                self._retire(address)
+            running = [self._retire(address) for address in list(self.workers)]
             self._pending.clear()
             self._restarting.clear()
             retiring = [r.worker for r in self._retiring.values()]
-        deadline = time.monotonic() + SHUTDOWN_SECONDS
+        for worker in running:
+            if worker is not None:
+                worker.stop()
         for worker in retiring:
             worker.join(max(0.0, deadline - time.monotonic()))
         left = sum(1 for worker in retiring if worker.is_alive())
@@ -409,26 +418,34 @@ class Supervisor:
         )
         old_by_address = {m.address: m for m in old.mailboxes}
         new_by_address = {m.address: m for m in new.mailboxes}
+        marked = self._marked_stopped(new)
         self.settings = new
+        retired: list[Worker | None] = []
+        events: list[tuple[str, str]] = []
         with self._lock:
             for address, mailbox in old_by_address.items():
                 if address not in new_by_address:
-                    self._retire(address)
+                    retired.append(self._retire(address))
                     self._stopped.pop(address, None)
                     self._restarts.pop(address, None)
                     self._sync_on_start.discard(address)
                     self._forget_if_gone(address)
-                    log.info("mailbox_removed", mailbox=address)
+                    events.append(("mailbox_removed", address))
                 elif everything_changed or new_by_address[address] != mailbox:
-                    self._retire(address)
+                    retired.append(self._retire(address))
                     self._stopped.pop(address, None)
-                    self._start_or_mark(new_by_address[address])
-                    log.info("mailbox_restarted", mailbox=address)
+                    self._start_or_mark(new_by_address[address], address in marked)
+                    events.append(("mailbox_restarted", address))
             for address, mailbox in new_by_address.items():
                 if address not in old_by_address:
-                    self._start_or_mark(mailbox)
-                    log.info("mailbox_added", mailbox=address)
+                    self._start_or_mark(mailbox, address in marked)
+                    events.append(("mailbox_added", address))
             self._reload_started = time.monotonic()
+        for worker in retired:
+            if worker is not None:
+                worker.stop()
+        for event, address in events:
+            log.info(event, mailbox=address)
 
     def _finish_reload(self) -> None:
         """READY=1 once every restart of a reload is done (or SHUTDOWN_SECONDS have passed)."""
@@ -445,45 +462,50 @@ class Supervisor:
 
     # -- internals (the callers hold the lock where it says so) --------------------------------
 
-    def _start_or_mark(self, mailbox: MailboxSettings) -> None:
+    def _marked_stopped(self, settings: Settings) -> set[str]:
+        """The mailboxes Stop Email Sync has marked (looked up before taking the lock)."""
+        return {
+            m.address for m in settings.mailboxes if stopped_marker(settings, m.address).exists()
+        }
+
+    def _start_or_mark(self, mailbox: MailboxSettings, marked_stopped: bool) -> None:
         """Queue a mailbox's worker to start, or mark it stopped; under the lock."""
-        if not mailbox.enabled or stopped_marker(self.settings, mailbox.address).exists():
+        if not mailbox.enabled or marked_stopped:
             self._mark_stopped(mailbox)
         else:
             self._stopped.pop(mailbox.address, None)
             self._pending[mailbox.address] = mailbox
 
-    def _retire(self, address: str) -> None:
-        """Ask a mailbox's worker to stop and drop anything queued for it; under the lock.
+    def _retire(self, address: str) -> Worker | None:
+        """Move a mailbox's worker to ``_retiring`` and drop anything queued; under the lock.
 
-        The worker goes to ``_retiring``; nothing of this mailbox starts until it has ended.
+        Returns the worker, which the caller must ``stop()`` once it has released the lock.
+        Nothing of this mailbox starts until that worker has ended.
         """
         self._pending.pop(address, None)
         self._starting.pop(address, None)  # the main loop retires it once it has started
         self._restarting.pop(address, None)
         self._started_at.pop(address, None)
         worker = self.workers.pop(address, None)
-        if worker is None:
-            return
-        worker.stop()
-        self._retiring[address] = _Retiring(worker, time.monotonic())
+        if worker is not None:
+            self._retiring[address] = _Retiring(worker, time.monotonic())
+        return worker
 
     def _reap_retiring(self) -> None:
         """Forget retired workers whose thread has ended; warn once about slow ones."""
         now = time.monotonic()
+        slow: list[tuple[str, float]] = []
         with self._lock:
             for address, retiring in list(self._retiring.items()):
                 if retiring.worker.is_alive():
                     if not retiring.warned and now - retiring.since > SHUTDOWN_SECONDS:
                         retiring.warned = True
-                        log.warning(
-                            "worker_slow_to_stop",
-                            mailbox=address,
-                            seconds=round(now - retiring.since, 1),
-                        )
+                        slow.append((address, now - retiring.since))
                     continue
                 del self._retiring[address]
                 self._forget_if_gone(address)
+        for address, seconds in slow:
+            log.warning("worker_slow_to_stop", mailbox=address, seconds=round(seconds, 1))
 
     def _forget_if_gone(self, address: str) -> None:
         """Remove a mailbox's metric series once it is out of the config and its worker ended."""
@@ -510,12 +532,13 @@ class Supervisor:
                     continue
                 self._starting[address] = mailbox
             worker = self._make_worker(mailbox)
+            restart: tuple[int, float] | None = None
             with self._lock:
                 claimed = self._starting.pop(address, None) is not None
                 if worker is None:
                     if claimed:
                         status = WorkerStatus(address, "backoff", mailbox.trigger)
-                        self._schedule_restart(mailbox, status)
+                        restart = self._schedule_restart(mailbox, status)
                 elif claimed:
                     self.workers[address] = worker
                     self._started_at[address] = time.monotonic()
@@ -523,8 +546,11 @@ class Supervisor:
                         self._sync_on_start.discard(address)
                         worker.request_pass("start_sync")
                 else:
-                    worker.stop()
                     self._retiring[address] = _Retiring(worker, time.monotonic())
+            if worker is not None and not claimed:
+                worker.stop()  # stopped or removed while it was being made
+            if restart is not None:
+                _log_restart(address, *restart)
 
     def _make_worker(self, mailbox: MailboxSettings) -> Worker | None:
         """Make and start a mailbox's worker (no other of it is alive); None if that failed."""
@@ -556,6 +582,7 @@ class Supervisor:
     def _restart_dead_workers(self) -> None:
         """Workers that ended unasked are restarted after a growing back-off, not at once."""
         now = time.monotonic()
+        died: list[tuple[Worker, int, float]] = []
         with self._lock:
             for address, worker in list(self.workers.items()):
                 if worker.is_alive():
@@ -563,14 +590,20 @@ class Supervisor:
                 del self.workers[address]
                 if now - self._started_at.pop(address, now) >= RESTART_RESET_SECONDS:
                     self._restarts.pop(address, None)
-                self._schedule_restart(worker.mailbox, worker.snapshot())
+                # Its status as it ended; the thread is gone, so its lock is free.
+                died.append((worker, *self._schedule_restart(worker.mailbox, worker.snapshot())))
             for address, restart in list(self._restarting.items()):
                 if restart.due <= now:
                     del self._restarting[address]
                     self._pending[address] = restart.mailbox
+        for worker, restarts, delay in died:
+            _log_restart(worker.mailbox.address, restarts, delay)
 
-    def _schedule_restart(self, mailbox: MailboxSettings, last: WorkerStatus) -> None:
-        """Restart a mailbox's worker after its back-off; under the lock."""
+    def _schedule_restart(self, mailbox: MailboxSettings, last: WorkerStatus) -> tuple[int, float]:
+        """Restart a mailbox's worker after its back-off; under the lock.
+
+        Returns (restarts in a row, delay) for the caller to log once it released the lock.
+        """
         address = mailbox.address
         restarts = self._restarts[address] = self._restarts.get(address, 0) + 1
         delay = restart_delay(restarts, self._rng)
@@ -583,7 +616,7 @@ class Supervisor:
         )
         self._restarting[address] = _Restart(mailbox, time.monotonic() + delay, status)
         self.metrics.set_state(address, "backoff")
-        log.error("worker_died", mailbox=address, restarts=restarts, restart_in=round(delay, 2))
+        return restarts, delay
 
     def _schedule_jobs(self) -> None:
         daemon = self.settings.daemon
@@ -639,3 +672,7 @@ class Supervisor:
         signal.signal(signal.SIGINT, on_stop)
         signal.signal(signal.SIGHUP, on_reload)
         signal.signal(signal.SIGUSR1, on_sync)
+
+
+def _log_restart(address: str, restarts: int, delay: float) -> None:
+    log.error("worker_died", mailbox=address, restarts=restarts, restart_in=round(delay, 2))
