@@ -219,6 +219,10 @@ class MailboxWorker(threading.Thread):
         """Ask for a sync pass (``Trigger.START_SYNC``, ``"sweep"``…); returns at once."""
         self._wakeup.post(Trigger(trigger))
 
+    def release_stuck(self) -> None:
+        """Have the next pass release the messages quarantined in Queue (include_stuck)."""
+        self.filer.release_stuck()
+
     def stop(self) -> None:
         """Ask the worker to finish the batch in flight, LOG OUT and end."""
         self._wakeup.stop()
