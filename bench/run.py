@@ -7,7 +7,9 @@
    (see ``throughput.py``); median of REPEATS fresh Queues each.
 2. APPEND→filed latency: the daemon as a subprocess versus Dovecot's own IDLE notification
    delay on the same messages (see ``latency.py``).
-3. Issue 10's table: an all-linked backlog against raw ``UID MOVE`` and a plain script
+3. CRM throughput: an all-linked backlog filed against the reference CRM (its own process,
+   signed HTTP on loopback) versus the SQLite store, same corpus (see ``crm.py``).
+4. Issue 10's table: an all-linked backlog against raw ``UID MOVE`` and a plain script
    (``backlog.py``); N mailboxes' RSS, start → all IDLE and CPU at rest against bare
    imapclient threads (``mailboxes.py``); peak RSS of ``sync`` for a small and a large
    backlog, and for a small and a ~50 MB message (``footprint.py``).
@@ -33,6 +35,7 @@ from typing import Any
 
 from backlog import BacklogTrials, run_backlog
 from corpus import Directory
+from crm import CrmThroughputResult, run_crm_throughput
 from footprint import backlog_peak, big_message_peak
 from latency import LatencyResult, run_latency
 from mailboxes import Footprint, bare_threads, emailsync_run, inotify_instances, make_users
@@ -73,7 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging("json", "info", stream=sink)
         started = time.monotonic()
         try:
-            report = _run(messages, latency_messages, _issue10_sizes(args))
+            report = _run(
+                messages, latency_messages, args.crm_messages or messages, _issue10_sizes(args)
+            )
         except Exception:
             traceback.print_exc()
             return 1
@@ -101,6 +106,11 @@ def _parser() -> argparse.ArgumentParser:
         "--latency-messages",
         type=_positive,
         help=f"messages timed one by one (default {DEFAULT_LATENCY_MESSAGES})",
+    )
+    parser.add_argument(
+        "--crm-messages",
+        type=_positive,
+        help="all-linked backlog for the CRM-vs-SQLite row (default: --messages)",
     )
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the figures here")
     parser.add_argument(
@@ -150,11 +160,14 @@ def _positive(text: str) -> int:
     return value
 
 
-def _run(messages: int, latency_messages: int, sizes: dict[str, Any] | None) -> dict[str, Any]:
+def _run(
+    messages: int, latency_messages: int, crm_messages: int, sizes: dict[str, Any] | None
+) -> dict[str, Any]:
     directory = Directory.build(random.Random(SEED))  # noqa: S311 -- test data, not cryptography
     with Testbed(directory) as testbed:
         throughput = run_throughput(testbed, messages, REPEATS, SEED)
         latency = run_latency(testbed, latency_messages, SEED + 100, testbed.workdir)
+        crm = run_crm_throughput(testbed, crm_messages, REPEATS, SEED + 200)
         issue10 = _run_issue10(testbed, sizes) if sizes else None
     report = {
         "messages": messages,
@@ -162,7 +175,8 @@ def _run(messages: int, latency_messages: int, sizes: dict[str, Any] | None) -> 
         "groups": len(directory.groups),
         "throughput": _throughput_figures(throughput),
         "latency": _latency_figures(latency),
-        "problems": throughput.problems + latency.problems,
+        "crm": _crm_figures(crm, crm_messages),
+        "problems": throughput.problems + latency.problems + crm.problems,
     }
     if issue10 is not None:
         report["issue10"] = issue10
@@ -174,7 +188,7 @@ def _run_issue10(testbed: Testbed, sizes: dict[str, Any]) -> dict[str, Any]:
     """Every row of issue 10's table, each against its same-run baseline."""
     repeats = sizes["repeats"]
     problems: list[str] = []
-    backlog = run_backlog(testbed, sizes["backlog"], repeats, SEED + 200)
+    backlog = run_backlog(testbed, sizes["backlog"], repeats, SEED + 250)
     problems += backlog.problems
     count = sizes["mailboxes"]
     big = sizes["big_mailboxes"]
@@ -273,6 +287,36 @@ def _throughput_figures(result: ThroughputResult) -> dict[str, Any]:
     }
 
 
+def _crm_figures(result: CrmThroughputResult, messages: int) -> dict[str, Any]:
+    sqlite = statistics.median(t.rate for t in result.sqlite)
+    crm = statistics.median(t.rate for t in result.crm)
+    return {
+        "messages": messages,
+        "sqlite_messages_per_second": round(sqlite, 1),
+        "crm_messages_per_second": round(crm, 1),
+        "ratio": round(crm / sqlite, 3),
+        # Each trial files the same corpus with both stores back to back: the median of those
+        # pairs' ratios is less exposed to load that changes between trials on a shared machine.
+        "paired_ratio_median": round(
+            statistics.median(
+                c.rate / s.rate for s, c in zip(result.sqlite, result.crm, strict=True)
+            ),
+            3,
+        ),
+        "store_ms_per_message": {
+            "sqlite": round(
+                statistics.median(t.phases["store"] / t.messages for t in result.sqlite) * 1000, 3
+            ),
+            "crm": round(
+                statistics.median(t.phases["store"] / t.messages for t in result.crm) * 1000, 3
+            ),
+        },
+        "sqlite_seconds": [round(t.seconds, 4) for t in result.sqlite],
+        "crm_seconds": [round(t.seconds, 4) for t in result.crm],
+        "crm_phase_share": _phase_shares(result.crm),
+    }
+
+
 def _phase_shares(trials: Sequence[Trial]) -> dict[str, float]:
     """Median share of pass time per phase; ``other`` is the Filer itself, logs and events."""
     shares = {
@@ -344,6 +388,19 @@ def _table(report: dict[str, Any]) -> str:
     lines.append(
         f"  daemon's filing_latency_seconds histogram mean: {lat['daemon_histogram_mean_ms']} ms"
     )
+    crm = report["crm"]
+    crm_shares = ", ".join(f"{k} {v:.0%}" for k, v in crm["crm_phase_share"].items())
+    lines += [
+        "",
+        f"{'CRM throughput (all linked, ' + str(crm['messages']) + ' msgs)':34}{'msg/s':>10}",
+        f"  {'emailsync + SQLite store':32}{crm['sqlite_messages_per_second']:>10.1f}",
+        f"  {'emailsync + reference CRM':32}{crm['crm_messages_per_second']:>10.1f}",
+        f"  {'ratio CRM / SQLite (goal >= 0.7)':32}{crm['ratio']:>10.3f}",
+        f"  {'median ratio of paired passes':32}{crm['paired_ratio_median']:>10.3f}",
+        f"  store ms/message: SQLite {crm['store_ms_per_message']['sqlite']},"
+        f" CRM {crm['store_ms_per_message']['crm']}",
+        f"  CRM time: {crm_shares}",
+    ]
     if "issue10" in report:
         lines += _issue10_table(report)
     return "\n".join(lines)

@@ -103,8 +103,12 @@ class WorkerReport:
         with self._lock:
             self._status.last_sync = _iso(now)
 
-    def filed(self, decisions: Sequence[Decision], new_events: int) -> None:
-        """Count filed messages by outcome, their latency and the new timeline events."""
+    def recorded(self, new_events: int) -> None:
+        """Count timeline events the store took as new (de-duplicated ones are not)."""
+        self.metrics.timeline_events.labels(mailbox=self.address).inc(new_events)
+
+    def filed(self, decisions: Sequence[Decision]) -> None:
+        """Count filed messages by outcome and their latency."""
         now = datetime.fromtimestamp(self.clock.time(), UTC)
         for decision in decisions:
             if decision.outcome is Outcome.SENT:
@@ -118,11 +122,13 @@ class WorkerReport:
             if decision.queued_at is not None:
                 latency = (now - decision.queued_at).total_seconds()
                 self.metrics.filing_latency_seconds.observe(max(0.0, latency))
-        self.metrics.timeline_events.labels(mailbox=self.address).inc(new_events)
         with self._lock:
             for decision in decisions:
                 key = decision.outcome.value
                 self._status.filed[key] = self._status.filed.get(key, 0) + 1
+                if decision.outcome is Outcome.REJECTED:
+                    # The store's reason, so `emailsync status` shows why it went to Failed.
+                    self._status.last_error = f"uid {decision.uid}: {decision.message.problem}"
 
     def stuck(self, count: int) -> None:
         """The number of messages quarantined in Queue ($EmailSyncStuck)."""

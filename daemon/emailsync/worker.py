@@ -217,6 +217,7 @@ class MailboxWorker(threading.Thread):
             store,
             batch_size=settings.daemon.fetch_batch,
             on_filed=self.report.filed,
+            on_recorded=self.report.recorded,
             stuck_after=settings.daemon.stuck_after_attempts,
         )
         self.first_attempt_done = threading.Event()
@@ -241,6 +242,10 @@ class MailboxWorker(threading.Thread):
     def request_pass(self, trigger: Trigger | str) -> None:
         """Ask for a sync pass (``Trigger.START_SYNC``, ``"sweep"``…); returns at once."""
         self._wakeup.post(Trigger(trigger))
+
+    def release_stuck(self) -> None:
+        """Have the next pass release the messages quarantined in Queue (include_stuck)."""
+        self.filer.release_stuck()
 
     def stop(self) -> None:
         """Ask the worker to finish the batch in flight, LOG OUT and end."""
@@ -461,8 +466,9 @@ class MailboxWorker(threading.Thread):
             try:
                 self._sync(session, trigger)
             except StoreUnavailableError as exc:
-                # The IMAP session is fine: keep it, and keep the messages in Queue.
-                delay = self._backoff.next_delay()
+                # The IMAP session is fine: keep it, and keep the messages in Queue. A CRM's
+                # Retry-After wins over the drawn delay, as a server's hint does.
+                delay = self._backoff.next_delay(exc.retry_after)
                 self.report.set_state(State.BACKOFF, error=str(exc))
                 self.log.warning("store_unavailable", error=str(exc), retry_in=round(delay, 2))
                 self._pause(delay)
