@@ -376,10 +376,15 @@ def event_json(event: TimelineEvent) -> dict[str, Any]:
 def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
     """The daemon in the foreground, until SIGTERM."""
     from emailsync.supervisor import Supervisor  # noqa: PLC0415 -- only the daemon needs it
-    from emailsync.worker import WORKER_STACK_BYTES  # noqa: PLC0415 -- only the daemon needs it
+    from emailsync.worker import (  # noqa: PLC0415 -- only the daemon needs it
+        WORKER_STACK_BYTES,
+        limit_malloc_arenas,
+    )
 
-    # Every thread started from here on (a worker per mailbox) gets a small stack (issue 10).
+    # Every thread started from here on (a worker per mailbox) gets a small stack and shares
+    # few malloc arenas (issue 10: per-mailbox memory).
     threading.stack_size(WORKER_STACK_BYTES)
+    limit_malloc_arenas()
     settings = load(args)
     problems = shared_secret_problems(settings)
     if problems:
