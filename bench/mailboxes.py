@@ -104,7 +104,9 @@ def make_users(testbed: Testbed, count: int) -> list[tuple[str, str]]:
     return users
 
 
-def bare_threads(testbed: Testbed, users: list[tuple[str, str]]) -> Footprint:
+def bare_threads(
+    testbed: Testbed, users: list[tuple[str, str]], rest_seconds: float = REST_SECONDS
+) -> Footprint:
     """The bare imapclient process: start → all IDLE, RSS, CPU at rest."""
     listing = testbed.workdir / f"bare-{len(users)}.tsv"
     listing.write_text("".join(f"{a}\t{p}\n" for a, p in users), encoding="utf-8")
@@ -121,7 +123,7 @@ def bare_threads(testbed: Testbed, users: list[tuple[str, str]]) -> Footprint:
         if "ALL_IDLE" not in line:
             raise RuntimeError(f"bare threads did not all reach IDLE: {line!r}")
         seconds = time.monotonic() - started
-        return _measure(process.pid, len(users), seconds)
+        return _measure(process.pid, len(users), seconds, rest_seconds)
     finally:
         if process.stdin is not None:
             process.stdin.close()
@@ -129,7 +131,9 @@ def bare_threads(testbed: Testbed, users: list[tuple[str, str]]) -> Footprint:
         process.wait(10)
 
 
-def emailsync_run(testbed: Testbed, users: list[tuple[str, str]]) -> Footprint:
+def emailsync_run(
+    testbed: Testbed, users: list[tuple[str, str]], rest_seconds: float = REST_SECONDS
+) -> Footprint:
     """``emailsync run`` over every user: start → all IDLE, RSS, CPU at rest."""
     home = testbed.workdir / f"many-{len(users)}-{secrets.token_hex(2)}"
     (home / "state").mkdir(parents=True)
@@ -153,14 +157,14 @@ def emailsync_run(testbed: Testbed, users: list[tuple[str, str]]) -> Footprint:
                 raise RuntimeError(f"{idle} of {len(users)} in IDLE:\n{daemon.log_tail()}")
             time.sleep(0.25)
         seconds = time.monotonic() - started
-        return _measure(daemon.process.pid, len(users), seconds)
+        return _measure(daemon.process.pid, len(users), seconds, rest_seconds)
 
 
-def _measure(pid: int, mailboxes: int, seconds: float) -> Footprint:
-    time.sleep(1.0)  # let the last IDLEs settle
+def _measure(pid: int, mailboxes: int, seconds: float, rest_seconds: float) -> Footprint:
+    time.sleep(min(1.0, rest_seconds))  # let the last IDLEs settle
     before = _cpu_seconds(pid)
-    time.sleep(REST_SECONDS)
-    cpu = (_cpu_seconds(pid) - before) / REST_SECONDS
+    time.sleep(rest_seconds)
+    cpu = (_cpu_seconds(pid) - before) / rest_seconds
     return Footprint(mailboxes, seconds, _rss_bytes(pid), cpu)
 
 
