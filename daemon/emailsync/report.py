@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import threading
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -16,6 +17,8 @@ from emailsync.metrics import Metrics
 from emailsync.model import Outcome
 
 log = structlog.get_logger(__name__)
+
+RECENT_OUTCOMES = 10  # the latest filed/failed messages a mailbox's status page shows
 
 
 class State(enum.Enum):
@@ -56,6 +59,7 @@ class WorkerReport:
         self._lock = threading.Lock()
         self._status = WorkerStatus(address, State.CONNECTING.value, trigger)
         self._oldest_queued: datetime | None = None
+        self._recent: deque[dict[str, str | None]] = deque(maxlen=RECENT_OUTCOMES)
         metrics.init_mailbox(address)
         metrics.set_state(address, State.CONNECTING.value)
 
@@ -123,6 +127,20 @@ class WorkerReport:
             for decision in decisions:
                 key = decision.outcome.value
                 self._status.filed[key] = self._status.filed.get(key, 0) + 1
+                self._recent.appendleft(
+                    {
+                        "at": now.isoformat(timespec="seconds"),
+                        "outcome": key,
+                        "subject": decision.message.subject,
+                        "reason": decision.message.problem
+                        or ("no group for its addresses" if key == "no_group" else None),
+                    }
+                )
+
+    def recent(self) -> list[dict[str, str | None]]:
+        """The latest filed or failed messages, newest first: time, outcome, subject, reason."""
+        with self._lock:
+            return [dict(entry) for entry in self._recent]
 
     def stuck(self, count: int) -> None:
         """The number of messages quarantined in Queue ($EmailSyncStuck)."""

@@ -1,4 +1,9 @@
-"""The supervisor: one worker per mailbox, signals, reload, scheduled jobs, systemd, shutdown."""
+"""The supervisor: one worker per mailbox, signals, reload, scheduled jobs, systemd, shutdown.
+
+Mailboxes come from the config file and from the store's registry (registered at run time
+through the API or the self-service pages). Registering, changing or forgetting one starts,
+restarts or stops just that worker; a reload (SIGHUP) only compares the config file's.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +12,33 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime
+from dataclasses import asdict
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
 from prometheus_client import CollectorRegistry
 
-from emailsync.config import MailboxSettings, Settings, load_settings
+from emailsync.config import MailboxSettings, ServerSettings, Settings, load_settings
 from emailsync.control import control_token, stopped_marker
-from emailsync.errors import ConfigError, ControlError
-from emailsync.imap.auth import Authenticator, make_authenticator
+from emailsync.errors import (
+    AuthError,
+    ConfigError,
+    ConnectionLostError,
+    ControlError,
+    MailboxError,
+    RegistrationError,
+)
+from emailsync.imap.auth import Authenticator, PasswordAuthenticator, make_authenticator
+from emailsync.imap.session import ImapSession
 from emailsync.metrics import Metrics
-from emailsync.store.base import Store
+from emailsync.secret import Secret
+from emailsync.store.base import RegisteredBranch, RegisteredMailbox, Registry, Store
 from emailsync.systemd import Notifier
+from emailsync.vault import Vault
 from emailsync.web import WebServer
 from emailsync.worker import MailboxWorker, WorkerStatus
 
@@ -31,6 +49,7 @@ SHUTDOWN_SECONDS = 8.0  # SIGTERM must end the process within 10 s
 GAUGE_SECONDS = 15.0
 TOKEN_CHECK_SECONDS = 300.0
 TOKEN_REFRESH_AHEAD_SECONDS = 900.0  # refresh an access token this long before it expires
+SETUP_TIMEOUT_SECONDS = 4.0  # First Time Setup logs in while the caller waits: keep it short
 
 AuthenticatorFactory = Callable[[MailboxSettings, Settings], Authenticator]
 
@@ -78,6 +97,11 @@ class Supervisor:
         self._last_watchdog = 0.0
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self.web: WebServer | None = None
+        self.mailbox_registry: Registry | None = store if isinstance(store, Registry) else None
+        self.vault = Vault(settings.daemon.state_dir)
+        # Mailboxes registered at run time, by address (the config file's win on a clash).
+        self.registered: dict[str, MailboxSettings] = {}
+        self._registered_loaded = False
         expiry = credential_expiry(settings)
         if expiry is not None:
             self.metrics.client_secret_expiry.set(expiry.timestamp())
@@ -113,6 +137,8 @@ class Supervisor:
     def stop_mailbox(self, address: str) -> bool:
         """Stop Email Sync: stop the worker, forget its tokens, mark it stopped."""
         address = address.lower()
+        if address in self._registered_mailboxes():
+            return self.forget_mailbox(address)
         mailbox = next((m for m in self.settings.mailboxes if m.address == address), None)
         if mailbox is None:
             return False
@@ -134,6 +160,9 @@ class Supervisor:
     def start_mailbox(self, address: str) -> bool:
         """Start a stopped mailbox again (``emailsync setup`` calls this)."""
         address = address.lower()
+        registered = self._registered_mailboxes().get(address)
+        if registered is not None:
+            return self._start_registered(registered)
         mailbox = next((m for m in self.settings.mailboxes if m.address == address), None)
         if mailbox is None or not mailbox.enabled:
             return False
@@ -142,6 +171,21 @@ class Supervisor:
             if address not in self.workers:
                 self._start_worker(mailbox)
         return True
+
+    def check_agent_token(self, token: str) -> str | None:
+        """The mailbox an agent token is for, or None (invalid, expired, revoked)."""
+        try:
+            granted = self.vault.check_token(token)
+        except ConfigError as exc:
+            log.error("agent_token_unchecked", problems=exc.problems)  # noqa: TRY400 -- no traceback needed
+            return None
+        return granted.address if granted is not None else None
+
+    def issue_agent_token(self, address: str, days: int | None) -> str:
+        """A token for one mailbox's set-up, Start Sync, Stop and status."""
+        expires = datetime.now(UTC) + timedelta(days=days) if days else None
+        log.info("agent_token_issued", mailbox=address, expires=expires and expires.isoformat())
+        return self.vault.issue_token(address, expires)
 
     def healthy(self) -> bool:
         """The main loop ticked recently and every worker thread is alive."""
@@ -162,7 +206,16 @@ class Supervisor:
         token = control_token(self.settings, create=True)
         daemon = self.settings.daemon
         try:
-            self.web = WebServer(daemon.listen_host, daemon.listen_port, self, self.registry, token)
+            self.web = WebServer(
+                daemon.listen_host,
+                daemon.listen_port,
+                self,
+                self.registry,
+                token,
+                registrar=self,
+                check_agent_token=self.check_agent_token,
+                issue_agent_token=self.issue_agent_token,
+            )
         except OSError as exc:
             where = f"{daemon.listen_host}:{daemon.listen_port}"
             raise ControlError(
@@ -173,6 +226,8 @@ class Supervisor:
         with self._lock:
             for mailbox in self.settings.mailboxes:
                 self._start_or_mark(mailbox)
+            for mailbox in self._registered_mailboxes().values():
+                self._start_registered(mailbox)
         self._schedule_jobs()
         self.scheduler.start()
         try:
@@ -272,6 +327,231 @@ class Supervisor:
                     log.info("mailbox_added", mailbox=address)
         self.notifier.ready(self.summary())
 
+    # -- the registry (self-service) -------------------------------------------------------------
+
+    def branches(self) -> list[dict[str, Any]]:
+        """Every branch: the config file's (read-only) and the registered ones, by name."""
+        found: dict[str, dict[str, Any]] = {}
+        for branch in self._registry_or_none_branches():
+            found[branch.name] = {
+                "name": branch.name,
+                "host": branch.host,
+                "port": branch.port,
+                "security": branch.security,
+                "source": "registry",
+            }
+        for name, server in self.settings.branches.items():
+            found[name] = {
+                "name": name,
+                "host": server.host,
+                "port": server.port,
+                "security": server.security,
+                "source": "config",
+            }
+        return [found[name] for name in sorted(found)]
+
+    def put_branch(
+        self, name: str, host: str, port: int, security: str, ca_file: str | None = None
+    ) -> bool:
+        """Register (or change) a branch's IMAP server; True when new.
+
+        Mailboxes registered on it are restarted with the new server. A branch of the config
+        file is read-only here (RegistrationError 409).
+        """
+        registry = self._registry()
+        if name in self.settings.branches:
+            raise RegistrationError(
+                f"branch {name!r} is set in the config file; change it there", status=409
+            )
+        created = registry.put_branch(RegisteredBranch(name, host, port, security, ca_file))
+        log.info("branch_registered", branch=name, host=host, port=port, security=security)
+        with self._lock:
+            self._registered_loaded = False
+            for address, mailbox in list(self._registered_mailboxes().items()):
+                if mailbox.branch == name and address in self.workers:
+                    self._stop_worker(address)
+                    self._start_worker(mailbox)
+                    log.info("mailbox_restarted", mailbox=address, reason="branch changed")
+        return created
+
+    def setup_mailbox(self, address: str, branch: str, username: str, password: str) -> None:
+        """First Time Setup (Basic): log in, create the folders, store the password, start.
+
+        The login comes first: a refused one raises RegistrationError 422 with the server's
+        answer in one line, and nothing is stored. A mailbox of the config file is read-only
+        here (409).
+        """
+        registry = self._registry()
+        if any(m.address == address for m in self.settings.mailboxes):
+            raise RegistrationError(
+                f"mailbox {address} is set in the config file; use `emailsync setup`",
+                status=409,
+            )
+        mailbox = MailboxSettings(
+            address=address,
+            server=self._branch_server(branch),
+            auth="password",
+            username=username,
+            branch=branch,
+        )
+        secret = Secret(password)
+        authenticator = PasswordAuthenticator(mailbox, password=lambda: secret)
+        try:
+            session = ImapSession.open(
+                mailbox,
+                self.settings.folders,
+                authenticator,
+                timeout_seconds=min(self.settings.daemon.timeout_seconds, SETUP_TIMEOUT_SECONDS),
+            )
+            try:
+                session.ensure_folders()
+            finally:
+                session.logout(SETUP_TIMEOUT_SECONDS)
+        except AuthError as exc:
+            raise RegistrationError(_one_line(str(exc)), status=422) from None
+        except (ConnectionLostError, MailboxError) as exc:
+            raise RegistrationError(_one_line(str(exc)), status=502) from None
+        blob = self.vault.encrypt(password, address)
+        record = RegisteredMailbox(address, branch, "password", username, True, False)
+        with self._lock:
+            self._stop_worker(address)
+            registry.put_mailbox(record, blob)
+            self.registered[address] = mailbox
+            self._start_worker(mailbox)
+        log.info("mailbox_registered", mailbox=address, branch=branch)
+
+    def forget_mailbox(self, address: str) -> bool:
+        """Stop Email Sync: stop the worker, erase the password and tokens; keep the folders.
+
+        For a mailbox of the config file this is ``stop_mailbox``. False when unknown.
+        """
+        mailbox = self._registered_mailboxes().get(address)
+        if mailbox is None:
+            if any(m.address == address for m in self.settings.mailboxes):
+                return self.stop_mailbox(address)
+            return False
+        with self._lock:
+            worker = self.workers.pop(address, None)
+        if worker is not None:
+            worker.stop()
+            worker.join(SHUTDOWN_SECONDS)
+        self._registry().erase_secret(address)
+        if mailbox.auth == "office365":
+            with contextlib.suppress(ConfigError):
+                self.authenticator_factory(mailbox, self.settings).forget()
+        self._mark_stopped(mailbox)
+        log.info("mailbox_stopped", mailbox=address, credentials="erased")
+        return True
+
+    def mailbox_detail(self, address: str) -> dict[str, Any] | None:
+        """Status, source, branch and the latest filed/failed messages of one mailbox."""
+        registered = self._registered_mailboxes().get(address)
+        configured = next((m for m in self.settings.mailboxes if m.address == address), None)
+        mailbox = configured or registered
+        if mailbox is None:
+            return None
+        with self._lock:
+            worker = self.workers.get(address)
+            status = worker.snapshot() if worker else self._stopped.get(address)
+            recent = worker.report.recent() if worker else []
+        if status is None:
+            return None
+        return {
+            **asdict(status),
+            "source": "config" if configured else "registry",
+            "branch": mailbox.branch,
+            "auth": mailbox.auth,
+            "set_up": configured is not None or self._has_secret(address),
+            "recent": recent,
+        }
+
+    def _has_secret(self, address: str) -> bool:
+        registry = self.mailbox_registry
+        return registry is not None and registry.mailbox_secret(address) is not None
+
+    def _registry(self) -> Registry:
+        if self.mailbox_registry is None:
+            raise RegistrationError(
+                "this store keeps no registry of mailboxes (use the built-in SQLite store)",
+                status=503,
+            )
+        return self.mailbox_registry
+
+    def _registry_or_none_branches(self) -> list[RegisteredBranch]:
+        return (
+            self.mailbox_registry.registered_branches() if self.mailbox_registry is not None else []
+        )
+
+    def _branch_server(self, name: str) -> ServerSettings:
+        if name in self.settings.branches:
+            return self.settings.branches[name]
+        for branch in self._registry_or_none_branches():
+            if branch.name == name:
+                return ServerSettings(
+                    host=branch.host,
+                    port=branch.port,
+                    security=branch.security,
+                    ca_file=Path(branch.ca_file) if branch.ca_file else None,
+                    allow_insecure=branch.security == "none",
+                )
+        raise RegistrationError(f"no branch {name!r}; IT adds it first", status=422)
+
+    def _registered_mailboxes(self) -> dict[str, MailboxSettings]:
+        """The registry's mailboxes as settings (loaded once; re-read after a branch change)."""
+        if self.mailbox_registry is None:
+            return {}
+        with self._lock:
+            if not self._registered_loaded:
+                configured = {m.address for m in self.settings.mailboxes}
+                loaded: dict[str, MailboxSettings] = {}
+                for record in self.mailbox_registry.registered_mailboxes():
+                    if record.address in configured:
+                        continue  # the config file's wins
+                    try:
+                        server = self._branch_server(record.branch)
+                    except RegistrationError:
+                        log.warning("mailbox_branch_missing", mailbox=record.address)
+                        continue
+                    loaded[record.address] = MailboxSettings(
+                        address=record.address,
+                        server=server,
+                        auth=record.auth,
+                        username=record.username,
+                        branch=record.branch,
+                    )
+                self.registered = loaded
+                self._registered_loaded = True
+            return self.registered
+
+    def _start_registered(self, mailbox: MailboxSettings) -> bool:
+        """Start a registered mailbox that has its credentials; else show it stopped."""
+        if mailbox.auth == "password" and not self._has_secret(mailbox.address):
+            self._mark_stopped(mailbox)
+            return False
+        with self._lock:
+            if mailbox.address not in self.workers:
+                self._start_worker(mailbox)
+        return True
+
+    def _authenticator(self, mailbox: MailboxSettings) -> Authenticator:
+        registry = self.mailbox_registry
+        if (
+            registry is not None
+            and mailbox.auth == "password"
+            and mailbox.address in self.registered
+            and mailbox.password is None
+        ):
+            address = mailbox.address
+
+            def read() -> Secret:
+                blob = registry.mailbox_secret(address)
+                if blob is None:
+                    raise ConfigError([f"{address}: no stored password (Stop Email Sync)"])
+                return self.vault.decrypt(blob, address)
+
+            return PasswordAuthenticator(mailbox, password=read)
+        return self.authenticator_factory(mailbox, self.settings)
+
     # -- internals ------------------------------------------------------------------------------
 
     def _start_or_mark(self, mailbox: MailboxSettings) -> None:
@@ -287,7 +567,7 @@ class Supervisor:
             self.settings,
             self.store,
             self.metrics,
-            self.authenticator_factory(mailbox, self.settings),
+            self._authenticator(mailbox),
         )
         self.workers[mailbox.address] = worker
         worker.start()
@@ -367,3 +647,7 @@ class Supervisor:
         signal.signal(signal.SIGINT, on_stop)
         signal.signal(signal.SIGHUP, on_reload)
         signal.signal(signal.SIGUSR1, on_sync)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())

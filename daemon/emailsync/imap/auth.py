@@ -53,6 +53,7 @@ from emailsync.errors import (
     MailboxError,
 )
 from emailsync.imap.translate import is_transient, server_text, translated
+from emailsync.secret import Secret
 
 log = structlog.get_logger(__name__)
 
@@ -113,18 +114,24 @@ class Authenticator(Protocol):
 class PasswordAuthenticator:
     """IMAP LOGIN with the mailbox's password, read from its secret source at every login."""
 
-    def __init__(self, mailbox: MailboxSettings) -> None:
-        if mailbox.password is None:
-            raise ConfigError([f"mailbox {mailbox.address}: auth = password needs a password"])
+    def __init__(
+        self, mailbox: MailboxSettings, *, password: Callable[[], Secret] | None = None
+    ) -> None:
+        """``password``: reads the secret at each login (a registered mailbox's, decrypted
+        from the store); by default the mailbox's configured secret source."""
+        if password is None:
+            if mailbox.password is None:
+                raise ConfigError([f"mailbox {mailbox.address}: auth = password needs a password"])
+            password = mailbox.password.read
         self._mailbox = mailbox
-        self._password = mailbox.password
+        self._read_password = password
         self._log = log.bind(mailbox=mailbox.address)
 
     def login(self, client: imapclient.IMAPClient) -> None:
         """LOGIN as the mailbox's username; see ``Authenticator.login``."""
         address = self._mailbox.address
         try:
-            password = self._password.read()
+            password = self._read_password()
         except ConfigError as exc:
             # The message names the source only; a missing secret needs a person, not retries.
             raise AuthError(f"{address}: {exc}") from exc
