@@ -138,7 +138,7 @@ class Supervisor:
         """Stop Email Sync: stop the worker, forget its tokens, mark it stopped."""
         address = address.lower()
         if address in self._registered_mailboxes():
-            return self.forget_mailbox(address)
+            return self.forget_mailbox(address)  # Stop Email Sync forgets a registered one
         mailbox = next((m for m in self.settings.mailboxes if m.address == address), None)
         if mailbox is None:
             return False
@@ -421,25 +421,34 @@ class Supervisor:
         log.info("mailbox_registered", mailbox=address, branch=branch)
 
     def forget_mailbox(self, address: str) -> bool:
-        """Stop Email Sync: stop the worker, erase the password and tokens; keep the folders.
+        """Stop Email Sync for a registered mailbox: stop its worker, forget it and its secret.
 
-        For a mailbox of the config file this is ``stop_mailbox``. False when unknown.
+        The password (or the Office 365 tokens) is erased; the folders on the server and the
+        timeline history stay, and First Time Setup registers it again. False when it is not
+        registered; a mailbox of the config file is read-only here (RegistrationError 409:
+        ``stop_mailbox`` stops it).
         """
         mailbox = self._registered_mailboxes().get(address)
         if mailbox is None:
             if any(m.address == address for m in self.settings.mailboxes):
-                return self.stop_mailbox(address)
+                raise RegistrationError(
+                    f"mailbox {address} is set in the config file; stop it with POST …/stop",
+                    status=409,
+                )
             return False
         with self._lock:
             worker = self.workers.pop(address, None)
         if worker is not None:
             worker.stop()
             worker.join(SHUTDOWN_SECONDS)
-        self._registry().erase_secret(address)
+        self._registry().remove_mailbox(address)
         if mailbox.auth == "office365":
             with contextlib.suppress(ConfigError):
                 self.authenticator_factory(mailbox, self.settings).forget()
-        self._mark_stopped(mailbox)
+        with self._lock:
+            self.registered.pop(address, None)
+            self._stopped.pop(address, None)
+        self.metrics.forget_mailbox(address)
         log.info("mailbox_stopped", mailbox=address, credentials="erased")
         return True
 

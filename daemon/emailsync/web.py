@@ -455,10 +455,14 @@ def _handler_class(
                 address = self._visible_address(path, principal)
                 if method == "PUT":
                     self._put_mailbox(address)
-                elif self._registrar().forget_mailbox(address):
-                    self._json(HTTPStatus.OK, self._detail(address))
-                else:
+                    return
+                try:
+                    forgotten = self._registrar().forget_mailbox(address)
+                except RegistrationError as exc:
+                    raise _RefusedError(exc.status, str(exc)) from None
+                if not forgotten:
                     raise _RefusedError(HTTPStatus.NOT_FOUND, NO_SUCH_MAILBOX["error"])
+                self._json(HTTPStatus.OK, {"stopped": address})
                 return
             include_stuck = _include_stuck(query)
             if include_stuck is None:
@@ -491,15 +495,15 @@ def _handler_class(
             if not _BRANCH_NAME.fullmatch(name):
                 raise _RefusedError(HTTPStatus.BAD_REQUEST, "branch name: letters, digits, . _ -")
             data = self._json_body()
-            host, port, security = data.get("host"), data.get("port"), data.get("security")
+            host, security = data.get("host"), data.get("security")
+            port = _integer(data.get("port"))
             ca_file = data.get("ca_file")
             unknown = set(data) - {"host", "port", "security", "ca_file"}
             if (
                 unknown
                 or not isinstance(host, str)
                 or not _HOST.fullmatch(host)
-                or not isinstance(port, int)
-                or isinstance(port, bool)
+                or port is None
                 or not 1 <= port <= 65535
                 or security not in SECURITIES
                 or not (ca_file is None or (isinstance(ca_file, str) and ca_file.startswith("/")))
@@ -534,13 +538,14 @@ def _handler_class(
         def _issue_token(self) -> None:
             data = self._json_body()
             address = data.get("address")
-            days = data.get("expires_days")
+            days = _integer(data.get("expires_days"))
             if (
                 set(data) - {"address", "expires_days"}
                 or not isinstance(address, str)
+                or len(address) > MAX_ADDRESS_CHARS
                 or (_mailbox_address(address) is None)
-                or not (days is None or (isinstance(days, int) and not isinstance(days, bool)))
-                or (isinstance(days, int) and not 1 <= days <= MAX_TOKEN_DAYS)
+                or (data.get("expires_days") is not None and days is None)
+                or (days is not None and not 1 <= days <= MAX_TOKEN_DAYS)
             ):
                 raise _RefusedError(
                     HTTPStatus.BAD_REQUEST,
@@ -841,6 +846,7 @@ PAGE_POST_PATHS = frozenset({"/login", "/logout", "/it/branches", "/it/tokens"})
 PAGE_ACTIONS = ("setup", "sync", "stop")
 MAX_FIELD_CHARS = 1024
 MAX_TOKEN_DAYS = 3660
+MAX_ADDRESS_CHARS = 254  # RFC 5321 §4.5.3.1.3: a path holds at most 256 octets with its <>
 _BRANCH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 # A DNS name or an IPv4 address; no URL, no spaces, no path.
 _HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
@@ -882,6 +888,17 @@ def _allowed_method(path: str) -> str | None:
             return "GET"
         if rest.rpartition("/")[2] in PAGE_ACTIONS:
             return "POST"
+    return None
+
+
+def _integer(value: object) -> int | None:
+    """A JSON integer (``2`` or ``2.0``: JSON Schema counts both as integers), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
     return None
 
 

@@ -132,10 +132,10 @@ def test_an_agent_sets_up_syncs_and_stops_their_mailbox_and_the_password_is_gone
 
     # Stop Email Sync: the worker stops and the ciphertext is gone from the files.
     status, answer = call(daemon, "DELETE", path, token=token)
-    assert status == 200, answer
-    assert answer["state"] == "stopped"
-    assert answer["set_up"] is False
-    assert stored_secret(daemon, agent.address) is None
+    assert (status, answer) == (200, {"stopped": agent.address})
+    assert call(daemon, "GET", path, token=token)[0] == 404  # First Time Setup again
+    assert agent.address not in daemon.mailboxes()
+    assert registered_rows(daemon) == 0
     on_disk = raw_store_bytes(daemon)
     assert blob not in on_disk
     assert blob[-16:] not in on_disk  # not even the GCM tag
@@ -144,6 +144,23 @@ def test_an_agent_sets_up_syncs_and_stops_their_mailbox_and_the_password_is_gone
     # Folders and history stay.
     assert "Offer on Elm St" in folder_subjects(agent, "Received")
     assert call(daemon, "POST", f"{path}/sync", token=token)[0] == 404  # not running
+
+
+def test_a_mailbox_of_the_config_file_is_read_only_through_the_api(
+    user: MailUser, dovecot: Dovecot, daemons: DaemonFactory
+) -> None:
+    daemon = daemons.start([user])
+    path = f"/v1/mailboxes/{quote(user.address)}"
+    body = {"branch": "b0", "username": user.address, "password": user.password}
+    assert call(daemon, "PUT", path, body)[0] == 409
+    assert call(daemon, "DELETE", path)[0] == 409
+    branch = {"host": "127.0.0.1", "port": dovecot.port, "security": "none"}
+    assert call(daemon, "PUT", "/v1/branches/b0", branch)[0] == 409
+    # Positive signal: the mailbox is still there and its status readable.
+    status, detail = call(daemon, "GET", path)
+    assert status == 200
+    assert detail["source"] == "config"
+    assert detail["state"] != "stopped"
 
 
 def test_an_agent_token_sees_and_touches_only_its_own_mailbox(

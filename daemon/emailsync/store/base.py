@@ -113,8 +113,8 @@ class Registry(Protocol):
         """The encrypted secret of a registered mailbox, or None."""
         ...
 
-    def erase_secret(self, address: str) -> bool:
-        """Stop Email Sync: drop the secret for good and mark the mailbox stopped."""
+    def remove_mailbox(self, address: str) -> bool:
+        """Stop Email Sync: forget the mailbox and its secret for good; False when unknown."""
         ...
 
     def reencrypt_secrets(self, convert: Callable[[bytes, str], bytes]) -> int:

@@ -303,13 +303,15 @@ class SqliteStore:
         )
         return bytes(rows[0][0]) if rows and rows[0][0] is not None else None
 
-    def erase_secret(self, address: str) -> bool:
-        """Drop the secret for good and mark the mailbox stopped; False when not registered."""
-        with self._transaction("erase secret") as txn:
+    def remove_mailbox(self, address: str) -> bool:
+        """Forget a registered mailbox and its secret for good; False when not registered.
+
+        The row goes (secure_delete zeroes it in the file) and the WAL is checkpointed and
+        truncated, so no copy of the ciphertext is left on disk.
+        """
+        with self._transaction("remove mailbox") as txn:
             changed = txn.execute(
-                "UPDATE registered_mailboxes SET secret = NULL, stopped = 1, updated_at = ?"
-                " WHERE address = ?",
-                (_now(), address),
+                "DELETE FROM registered_mailboxes WHERE address = ?", (address,)
             ).rowcount
         self._scrub()
         return bool(changed)
