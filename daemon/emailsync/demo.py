@@ -26,8 +26,13 @@ from emailsync.imap.session import ImapSession
 from emailsync.logs import configure_logging
 from emailsync.model import FolderRole
 from emailsync.store import open_store
+from emailsync.store.base import RegisteredBranch, Registry
+from emailsync.vault import Vault
 
 AGENTS = ("agent1@example.com", "agent2@example.com")
+# Not in the config: the self-service pages set it up (First Time Setup, Basic).
+SELF_SERVICE_AGENT = "agent3@example.com"
+SELF_SERVICE_BRANCH = "high-street"
 GROUPS = {
     "Smith — 12 Acacia Avenue": ["john.smith@clients.example"],
     "Jones — 4 Privet Drive": ["mary.jones@clients.example", "tom.jones@clients.example"],
@@ -150,12 +155,19 @@ def run_demo(base: Path, *, once: bool, out: TextIO) -> int:
         passwords = {agent: secrets.token_urlsafe(12) for agent in AGENTS}
         for agent, password in passwords.items():
             server.add_user(agent, password)
+        self_service_password = secrets.token_urlsafe(12)
+        server.add_user(SELF_SERVICE_AGENT, self_service_password)
         port = _listen_port()
         config = write_config(base, server, passwords, port)
         settings = load_settings(config)
         store = open_store(settings.store_url, settings.daemon.state_dir)
         for name, addresses in GROUPS.items():
             store.add_group(name, addresses)
+        if isinstance(store, Registry):
+            # What IT support does once per branch (PUT /v1/branches/{name}, or the IT page).
+            store.put_branch(
+                RegisteredBranch(SELF_SERVICE_BRANCH, server.host, server.port, "none")
+            )
         print(f"Dovecot on {server.host}:{server.port} (throwaway); config {config}", file=out)
         print(f"Groups: {', '.join(GROUPS)}", file=out)
         for mailbox in settings.mailboxes:
@@ -222,6 +234,15 @@ def run_demo(base: Path, *, once: bool, out: TextIO) -> int:
         print(f"\nStatus page {url}/   metrics {url}/metrics   log {log_path}", file=out)
         command = Path(sys.executable).with_name("emailsync")
         print(f"Try: {command} --config {config} status | timeline | start-sync --all", file=out)
+        vault = Vault(settings.daemon.state_dir)
+        print(
+            f"\nSelf-service: {SELF_SERVICE_AGENT}'s Email Sync page (their link; the token "
+            f"is their login):\n  {url}/login?token={vault.issue_token(SELF_SERVICE_AGENT)}\n"
+            f"  First Time Setup, Basic: branch {SELF_SERVICE_BRANCH}, username "
+            f"{SELF_SERVICE_AGENT}, password {self_service_password}\n"
+            f"IT overview (branches + mailboxes): {url}/login?token={client.token}",
+            file=out,
+        )
         if not once and sys.stdin.isatty():
             print("Running; press Ctrl-C to stop.", file=out)
             with contextlib.suppress(KeyboardInterrupt):
