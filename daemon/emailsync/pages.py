@@ -24,6 +24,8 @@ SESSION_SECONDS = 8 * 3600  # a working day; then log in again with the link
 STATIC_FILES = {
     "emailsync.css": "text/css; charset=utf-8",
     "continue.js": "text/javascript; charset=utf-8",
+    "office365.js": "text/javascript; charset=utf-8",
+    "close.js": "text/javascript; charset=utf-8",
 }
 MAX_SESSIONS = 1000  # the oldest is dropped beyond this (a flood of logins cannot grow memory)
 

@@ -12,7 +12,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
@@ -22,7 +22,13 @@ import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
 from prometheus_client import CollectorRegistry
 
-from emailsync.config import MailboxSettings, ServerSettings, Settings, load_settings
+from emailsync.config import (
+    OFFICE365_HOST,
+    MailboxSettings,
+    ServerSettings,
+    Settings,
+    load_settings,
+)
 from emailsync.control import control_token, stopped_marker
 from emailsync.errors import (
     AuthError,
@@ -32,7 +38,12 @@ from emailsync.errors import (
     MailboxError,
     RegistrationError,
 )
-from emailsync.imap.auth import Authenticator, PasswordAuthenticator, make_authenticator
+from emailsync.imap.auth import (
+    Authenticator,
+    Office365Authenticator,
+    PasswordAuthenticator,
+    make_authenticator,
+)
 from emailsync.imap.session import ImapSession
 from emailsync.metrics import Metrics
 from emailsync.secret import Secret
@@ -49,6 +60,7 @@ SHUTDOWN_SECONDS = 8.0  # SIGTERM must end the process within 10 s
 GAUGE_SECONDS = 15.0
 TOKEN_CHECK_SECONDS = 300.0
 TOKEN_REFRESH_AHEAD_SECONDS = 900.0  # refresh an access token this long before it expires
+OFFICE365_FLOW_SECONDS = 600.0  # a browser sign-in must come back within 10 minutes
 SETUP_TIMEOUT_SECONDS = 4.0  # First Time Setup logs in while the caller waits: keep it short
 
 AuthenticatorFactory = Callable[[MailboxSettings, Settings], Authenticator]
@@ -65,6 +77,15 @@ def credential_expiry(settings: Settings) -> datetime | None:
         with contextlib.suppress(ConfigError):  # check-config reports an unreadable file
             return office365.read_client_certificate().expires
     return None
+
+
+@dataclass(frozen=True)
+class _PendingSignIn:
+    """An Office 365 browser sign-in under way: the mailbox, MSAL's flow, its deadline."""
+
+    mailbox: MailboxSettings
+    flow: dict[str, Any]
+    expires_at: float  # time.monotonic()
 
 
 class Supervisor:
@@ -102,6 +123,7 @@ class Supervisor:
         # Mailboxes registered at run time, by address (the config file's win on a clash).
         self.registered: dict[str, MailboxSettings] = {}
         self._registered_loaded = False
+        self._flows: dict[str, _PendingSignIn] = {}  # Office 365 sign-ins by OAuth state
         expiry = credential_expiry(settings)
         if expiry is not None:
             self.metrics.client_secret_expiry.set(expiry.timestamp())
@@ -470,9 +492,96 @@ class Supervisor:
             "source": "config" if configured else "registry",
             "branch": mailbox.branch,
             "auth": mailbox.auth,
-            "set_up": configured is not None or self._has_secret(address),
+            "set_up": True,
             "recent": recent,
         }
+
+    def office365_available(self) -> bool:
+        """True when browser sign-in can be offered: ``[office365]`` in delegated mode."""
+        return self.settings.office365 is not None and not self.settings.office365.app_only
+
+    def office365_start(self, address: str, branch: str | None, redirect_uri: str) -> str:
+        """First Time Setup (Office 365): the URL of the provider's sign-in page.
+
+        The flow (PKCE verifier, nonce) stays here, keyed by its ``state``, bound to the
+        mailbox, for ``OFFICE365_FLOW_SECONDS``. ``branch`` names the IMAP server; by default
+        Exchange Online's.
+        """
+        if not self.office365_available():
+            raise RegistrationError(
+                "Office 365 sign-in is not set up here ([office365] in delegated mode)",
+                status=409,
+            )
+        if any(m.address == address for m in self.settings.mailboxes):
+            raise RegistrationError(
+                f"mailbox {address} is set in the config file; use `emailsync auth login`",
+                status=409,
+            )
+        server = (
+            self._branch_server(branch)
+            if branch
+            else ServerSettings(host=OFFICE365_HOST, port=993, security="ssl")
+        )
+        mailbox = MailboxSettings(
+            address=address, server=server, auth="office365", username=address, branch=branch
+        )
+        authenticator = self.authenticator_factory(mailbox, self.settings)
+        if not isinstance(authenticator, Office365Authenticator):
+            raise RegistrationError("Office 365 sign-in is not available", status=409)
+        try:
+            flow = authenticator.start_auth_code_flow(redirect_uri)
+        except (AuthError, ConfigError) as exc:
+            raise RegistrationError(_one_line(str(exc)), status=409) from None
+        except ConnectionLostError as exc:
+            raise RegistrationError(_one_line(str(exc)), status=502) from None
+        now = time.monotonic()
+        with self._lock:
+            for state in [s for s, f in self._flows.items() if f.expires_at <= now]:
+                del self._flows[state]
+            self._flows[str(flow["state"])] = _PendingSignIn(
+                mailbox, flow, now + OFFICE365_FLOW_SECONDS
+            )
+        log.info("office365_sign_in_started", mailbox=address)
+        return str(flow["auth_uri"])
+
+    def office365_finish(self, params: dict[str, str]) -> str:
+        """The provider's callback: redeem the code, check the account, store, start.
+
+        Returns the mailbox address. RegistrationError 400 for an unknown or expired state,
+        422 when the provider refused or another account signed in (nothing is kept).
+        """
+        with self._lock:
+            pending = self._flows.pop(params.get("state", ""), None)
+        if pending is None or pending.expires_at <= time.monotonic():
+            raise RegistrationError(
+                "this sign-in expired or was already used; click Start Authentication again",
+                status=400,
+            )
+        mailbox = pending.mailbox
+        if "error" in params:
+            reason = params.get("error_description") or params["error"]
+            raise RegistrationError(_one_line(f"Microsoft refused: {reason}")[:300], status=422)
+        authenticator = self.authenticator_factory(mailbox, self.settings)
+        if not isinstance(authenticator, Office365Authenticator):
+            raise RegistrationError("Office 365 sign-in is not available", status=409)
+        try:
+            authenticator.finish_auth_code_flow(
+                pending.flow, params, allowed=mailbox.owner_addresses
+            )
+        except AuthError as exc:
+            raise RegistrationError(_one_line(str(exc)), status=422) from None
+        except ConnectionLostError as exc:
+            raise RegistrationError(_one_line(str(exc)), status=502) from None
+        record = RegisteredMailbox(
+            mailbox.address, mailbox.branch or "", "office365", mailbox.address, False, False
+        )
+        with self._lock:
+            self._stop_worker(mailbox.address)
+            self._registry().put_mailbox(record, None)
+            self.registered[mailbox.address] = mailbox
+            self._start_worker(mailbox)
+        log.info("mailbox_registered", mailbox=mailbox.address, auth="office365")
+        return mailbox.address
 
     def _has_secret(self, address: str) -> bool:
         registry = self.mailbox_registry
@@ -517,7 +626,11 @@ class Supervisor:
                     if record.address in configured:
                         continue  # the config file's wins
                     try:
-                        server = self._branch_server(record.branch)
+                        server = (
+                            self._branch_server(record.branch)
+                            if record.branch
+                            else ServerSettings(host=OFFICE365_HOST, port=993, security="ssl")
+                        )
                     except RegistrationError:
                         log.warning("mailbox_branch_missing", mailbox=record.address)
                         continue
@@ -526,7 +639,7 @@ class Supervisor:
                         server=server,
                         auth=record.auth,
                         username=record.username,
-                        branch=record.branch,
+                        branch=record.branch or None,
                     )
                 self.registered = loaded
                 self._registered_loaded = True

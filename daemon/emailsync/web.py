@@ -83,6 +83,12 @@ class Registrar(Protocol):
 
     def mailbox_detail(self, address: str) -> dict[str, Any] | None: ...
 
+    def office365_available(self) -> bool: ...
+
+    def office365_start(self, address: str, branch: str | None, redirect_uri: str) -> str: ...
+
+    def office365_finish(self, params: dict[str, str]) -> str: ...
+
 
 AgentTokenCheck = Callable[[str], "str | None"]
 AgentTokenIssue = Callable[[str, "int | None"], str]
@@ -464,6 +470,21 @@ def _handler_class(
                     raise _RefusedError(HTTPStatus.NOT_FOUND, NO_SUCH_MAILBOX["error"])
                 self._json(HTTPStatus.OK, {"stopped": address})
                 return
+            if (
+                len(parts) == 5
+                and parts[:2] == ["v1", "mailboxes"]
+                and parts[3:] == ["office365", "start"]
+            ):
+                address = self._visible_address(path, principal)
+                data = self._json_body() if self.body.strip() else {}
+                branch = data.get("branch")
+                if set(data) - {"branch"} or not (
+                    branch is None or (isinstance(branch, str) and 0 < len(branch) <= 1024)
+                ):
+                    raise _RefusedError(HTTPStatus.BAD_REQUEST, "expected {branch?}")
+                url = self._office365_start(address, branch)
+                self._json(HTTPStatus.OK, {"authorize_url": url})
+                return
             include_stuck = _include_stuck(query)
             if include_stuck is None:
                 self._json(HTTPStatus.BAD_REQUEST, {"error": "include_stuck must be true or false"})
@@ -560,6 +581,26 @@ def _handler_class(
                 {"address": normalised, "token": issue(normalised, days)},
             )
 
+        def _office365_start(self, address: str, branch: str | None) -> str:
+            try:
+                return self._registrar().office365_start(
+                    address, branch, self._base_url() + OFFICE365_CALLBACK
+                )
+            except RegistrationError as exc:
+                raise _RefusedError(exc.status, str(exc)) from None
+
+        def _base_url(self) -> str:
+            """This listener's URL as the browser reached it (for the OAuth redirect URI).
+
+            From the Host header when it is a plain host[:port] (the identity provider only
+            redirects to a registered URI anyway), else the socket's own address.
+            """
+            host = self.headers.get("Host") or ""
+            if not _HOST_HEADER.fullmatch(host):
+                local = self.connection.getsockname()
+                host = f"{local[0]}:{local[1]}"
+            return f"http://{host}"
+
         def _json_body(self) -> dict[str, Any]:
             try:
                 data = json.loads(self.body or b"null")
@@ -634,6 +675,22 @@ def _handler_class(
                 body, content_type = pages.static(path.removeprefix("/static/"))
                 self._send(HTTPStatus.OK, body, content_type)
                 return
+            if path == OFFICE365_CALLBACK:
+                # No session needed (the cookie is SameSite=Strict, and this is a cross-site
+                # redirect): the unguessable, single-use state binds it to the mailbox.
+                try:
+                    signed_in = self._registrar().office365_finish(params)
+                except RegistrationError as exc:
+                    self._html(
+                        HTTPStatus(exc.status),
+                        pages.render("signed_in.html", None, address=None, error=str(exc)),
+                    )
+                    return
+                self._html(
+                    HTTPStatus.OK,
+                    pages.render("signed_in.html", None, address=signed_in, error=None),
+                )
+                return
             if path == "/login":
                 given = params.get("token", "")
                 principal = self._principal_for(given) if given else None
@@ -688,6 +745,7 @@ def _handler_class(
                     address=address,
                     detail=registrar.mailbox_detail(address),
                     branches=registrar.branches(),
+                    office365=registrar.office365_available(),
                 ),
             )
 
@@ -747,6 +805,15 @@ def _handler_class(
                     session.flash("notice", "Sync started.")
                 else:
                     session.flash("error", "Email Sync is not running for this mailbox.")
+            elif action == "office365":
+                try:
+                    url = self._office365_start(address, form.get("branch") or None)
+                except _RefusedError as exc:
+                    session.flash("error", exc.error)
+                else:
+                    # A page, not a 303: the CSP's form-action 'self' also covers redirects.
+                    self._html(HTTPStatus.OK, pages.render("continue.html", session, target=url))
+                    return
             elif action == "stop":
                 registrar.forget_mailbox(address)
                 session.flash("notice", "Email Sync stopped and your credentials forgotten.")
@@ -843,7 +910,9 @@ MAILBOX_ACTIONS = ("sync", "stop", "start")
 EMAIL_SYNC_PAGE = "/email-sync/"
 PAGE_GET_PATHS = frozenset({"/login", "/it", *(f"/static/{name}" for name in STATIC_FILES)})
 PAGE_POST_PATHS = frozenset({"/login", "/logout", "/it/branches", "/it/tokens"})
-PAGE_ACTIONS = ("setup", "sync", "stop")
+PAGE_ACTIONS = ("setup", "sync", "stop", "office365")
+OFFICE365_CALLBACK = "/oauth/office365/callback"
+_HOST_HEADER = re.compile(r"[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
 MAX_FIELD_CHARS = 1024
 MAX_TOKEN_DAYS = 3660
 MAX_ADDRESS_CHARS = 254  # RFC 5321 §4.5.3.1.3: a path holds at most 256 octets with its <>
@@ -880,6 +949,8 @@ def _allowed_method(path: str) -> str | None:
         return "PUT"
     if len(parts) == 3 and parts[:2] == ["v1", "mailboxes"] and parts[2]:
         return "GET, PUT, DELETE"
+    if len(parts) == 5 and parts[:2] == ["v1", "mailboxes"] and parts[3:] == ["office365", "start"]:
+        return "POST"
     if len(parts) == 4 and parts[:2] == ["v1", "mailboxes"] and parts[3] in MAILBOX_ACTIONS:
         return "POST"
     if path.startswith(EMAIL_SYNC_PAGE):

@@ -315,6 +315,68 @@ class Office365Authenticator:
             self._last_error = None
         self._log.info("device_code_signed_in", account=account)
 
+    def start_auth_code_flow(self, redirect_uri: str) -> dict[str, Any]:
+        """Begin a browser sign-in: MSAL's authorization-code flow with PKCE (RFC 7636).
+
+        Returns MSAL's flow (``auth_uri``, ``state``, the PKCE verifier, the nonce): keep it
+        server-side until the callback. ConfigError for an app-only configuration.
+        """
+        if self._app_only:
+            raise ConfigError(
+                [f"mailbox {self._mailbox.address}: [office365] is app-only; no browser sign-in"]
+            )
+        with self._lock:
+            self._reload_cache()
+            app = self._application()
+        with self._provider_errors():
+            flow: dict[str, Any] = app.initiate_auth_code_flow(
+                self._scopes, redirect_uri=redirect_uri, login_hint=self._mailbox.address
+            )
+        if "auth_uri" not in flow:
+            raise self._refused(flow, "browser sign-in")
+        return flow
+
+    def finish_auth_code_flow(
+        self, flow: dict[str, Any], params: Mapping[str, str], allowed: frozenset[str]
+    ) -> str:
+        """Redeem the callback's code; keep the tokens only when the account is in ``allowed``.
+
+        Raises AuthError when the provider refused or someone else signed in (nothing is
+        kept then). Returns the signed-in account's user name.
+        """
+        address = self._mailbox.address
+        with self._lock, self._cache_file_lock():
+            self._reload_cache()
+            app = self._application()
+            try:
+                with self._provider_errors():
+                    result = app.acquire_token_by_auth_code_flow(flow, dict(params))
+            except ValueError as exc:
+                # MSAL's own check: the state does not match the flow it started.
+                raise AuthError(f"{address}: browser sign-in: {_short(str(exc))}") from None
+            if "error" in result:
+                self._forget_unsaved()
+                raise self._refused(result, "browser sign-in")
+            claims = result.get("id_token_claims") or {}
+            username = str(claims.get("preferred_username", "")).lower()
+            if username not in allowed:
+                self._forget_unsaved()
+                raise AuthError(
+                    f"{address}: signed in as {username or 'an unnamed account'}, which is "
+                    "not this mailbox; sign in with the mailbox's own account"
+                )
+            self._keep_only_account(app, result)
+            self._persist_cache()
+            self._last_error = None
+        self._log.info("browser_signed_in", account=username)
+        return username
+
+    def _forget_unsaved(self) -> None:
+        """Drop what MSAL cached in memory from a sign-in that is not kept (the file stays)."""
+        self._cache.deserialize(None)
+        self._cache_stamp = None
+        self._app = None
+
     def status(self) -> Office365Status:
         """Mode, account, token expiry, refresh-token age and last error (no token values)."""
         with self._lock:
