@@ -908,10 +908,12 @@ def _include_stuck(query: str) -> bool | None:
 GET_PATHS = frozenset({"/", "/healthz", "/readyz", "/metrics", "/v1/mailboxes", "/v1/branches"})
 MAILBOX_ACTIONS = ("sync", "stop", "start")
 EMAIL_SYNC_PAGE = "/email-sync/"
-PAGE_GET_PATHS = frozenset({"/login", "/it", *(f"/static/{name}" for name in STATIC_FILES)})
+OFFICE365_CALLBACK = "/oauth/office365/callback"
+PAGE_GET_PATHS = frozenset(
+    {"/login", "/it", OFFICE365_CALLBACK, *(f"/static/{name}" for name in STATIC_FILES)}
+)
 PAGE_POST_PATHS = frozenset({"/login", "/logout", "/it/branches", "/it/tokens"})
 PAGE_ACTIONS = ("setup", "sync", "stop", "office365")
-OFFICE365_CALLBACK = "/oauth/office365/callback"
 _HOST_HEADER = re.compile(r"[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
 MAX_FIELD_CHARS = 1024
 MAX_TOKEN_DAYS = 3660

@@ -31,6 +31,7 @@ import os
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -328,7 +329,10 @@ class Office365Authenticator:
         with self._lock:
             self._reload_cache()
             app = self._application()
-        with self._provider_errors():
+        with self._provider_errors(), warnings.catch_warnings():
+            # MSAL suggests response_mode=form_post (RFC 9700 §4.3.1); the code in the query
+            # is useless without the PKCE verifier, which never leaves the daemon.
+            warnings.simplefilter("ignore", UserWarning)
             flow: dict[str, Any] = app.initiate_auth_code_flow(
                 self._scopes, redirect_uri=redirect_uri, login_hint=self._mailbox.address
             )
