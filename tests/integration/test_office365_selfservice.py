@@ -126,7 +126,7 @@ def test_start_authentication_signs_in_in_a_pop_up_and_mail_is_filed_over_xoauth
 
 
 def _put_branch(base: str, token: str, body: dict[str, object]) -> None:
-    req = urllib.request.Request(
+    req = urllib.request.Request(  # noqa: S310 -- http:// on loopback
         f"{base}/v1/branches/o365-branch",
         method="PUT",
         headers={"Authorization": f"Bearer {token}"},
