@@ -5,8 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all setup system-deps demo test lint typecheck unit integration bench bench-full soak clean \
-	dist test-dist deb test-deb deb-deps
+.PHONY: all setup system-deps demo demo-crm test lint typecheck unit integration bench bench-full soak \
+	clean dist test-dist deb test-deb deb-deps
 
 all: test
 
@@ -25,6 +25,9 @@ setup: $(STAMP)
 
 demo: setup
 	$(BIN)/emailsync demo
+
+demo-crm: setup  # the same against the reference CRM: groups from it, events delivered to it
+	$(BIN)/emailsync demo --crm
 
 lint: setup
 	$(BIN)/ruff check .

@@ -32,6 +32,7 @@ from emailsync.errors import (
     EmailSyncError,
     MailboxError,
     StoreError,
+    StoreUnavailableError,
 )
 from emailsync.filing import Filer, PassResult
 from emailsync.imap.auth import Office365Authenticator, make_authenticator
@@ -157,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("address", help="the mailbox address")
 
-    groups = sub.add_parser("groups", help="the group directory of the built-in store")
+    groups = sub.add_parser(
+        "groups", help="the group directory of the built-in store (a CRM owns its own)"
+    )
     groups_sub = groups.add_subparsers(title="groups commands", metavar="COMMAND")
     p = groups_sub.add_parser("add", help="link addresses to a group (created if new)")
     p.add_argument("name")
@@ -204,6 +207,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=cmd_keys_rotate)
 
+    crm = sub.add_parser("crm", help="the configured CRM connector")
+    crm_sub = crm.add_subparsers(title="crm commands", metavar="COMMAND")
+    p = crm_sub.add_parser(
+        "check", help="call the CRM once: a signed group lookup of a test address"
+    )
+    p.add_argument(
+        "--address", default="emailsync-check@example.invalid", help="the address to look up"
+    )
+    p.set_defaults(handler=cmd_crm_check)
+
     p = command("timeline", cmd_timeline, "recorded timeline events, newest first")
     p.add_argument("--group", help="only this group")
     p.add_argument("--mailbox", help="only events filed from this mailbox")
@@ -232,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--once", action="store_true", help="one pass and exit instead of running the daemon"
     )
+    p.add_argument(
+        "--crm",
+        action="store_true",
+        help="groups and events in the reference CRM (emailsync.devcrm) instead of SQLite",
+    )
+
     p = command("completion", cmd_completion, "print a bash or zsh completion script")
     p.add_argument("shell", choices=("bash", "zsh"))
 
@@ -253,7 +272,10 @@ EXAMPLES: dict[str, str] = {
         "  emailsync sync --once                          # one pass over every enabled mailbox\n"
         "  emailsync sync --dry-run --json | jq -c 'select(.destination == \"failed\")'"
     ),
-    "start-sync": "emailsync start-sync agent1@example.com\n  emailsync start-sync --all",
+    "start-sync": (
+        "emailsync start-sync agent1@example.com\n  emailsync start-sync --all\n"
+        "  emailsync start-sync --include-stuck agent1@example.com"
+    ),
     "stop": "emailsync stop agent1@example.com   # then `emailsync setup` starts it again",
     "status": "emailsync status\n  emailsync status --json | jq -r 'select(.queue > 0).address'",
     "retry-failed": (
@@ -274,7 +296,12 @@ EXAMPLES: dict[str, str] = {
     "keys rotate": "emailsync keys rotate   # every agent token stops working",
     "timeline": "emailsync timeline --group Smiths --limit 20\n  emailsync timeline --json",
     "doctor": "emailsync doctor agent1@example.com\n  emailsync doctor --json agent1@example.com",
-    "demo": "emailsync demo            # Ctrl-C to stop\n  emailsync demo --once",
+    "demo": (
+        "emailsync demo            # Ctrl-C to stop\n  emailsync demo --once\n"
+        "  emailsync demo --crm      # events go to the reference CRM"
+    ),
+    "crm": "emailsync crm check",
+    "crm check": "emailsync crm check   # one signed lookup; says what is wrong in one line",
     "completion": (
         "emailsync completion bash > /etc/bash_completion.d/emailsync\n"
         '  emailsync completion zsh > "${fpath[1]}/_emailsync"'
@@ -327,7 +354,7 @@ def load(args: argparse.Namespace) -> Settings:
 @contextlib.contextmanager
 def store_for(settings: Settings) -> Iterator[Store]:
     """Open the configured store for the length of a ``with`` block."""
-    store = open_store(settings.store_url, settings.daemon.state_dir)
+    store = open_store(settings.store_url, settings.daemon.state_dir, settings.crm)
     try:
         yield store
     finally:
@@ -448,7 +475,8 @@ def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
     if problems:
         raise ConfigError(problems)
     enabled = sum(1 for m in settings.mailboxes if m.enabled)
-    print(f"{path}: ok ({len(settings.mailboxes)} mailboxes, {enabled} enabled)", file=out)
+    store = f", CRM {settings.crm.url}" if settings.crm is not None else ""
+    print(f"{path}: ok ({len(settings.mailboxes)} mailboxes, {enabled} enabled{store})", file=out)
     return EXIT_OK
 
 
@@ -612,6 +640,8 @@ def cmd_retry_failed(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_groups_add(args: argparse.Namespace, out: TextIO) -> int:
     """Create a group or link more addresses to it."""
     settings = load(args)
+    if settings.crm is not None:
+        return _owned_by_crm(settings, "groups")
     with store_for(settings) as store:
         try:
             group = store.add_group(args.name, args.addresses)
@@ -625,6 +655,8 @@ def cmd_groups_add(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_groups_import(args: argparse.Namespace, out: TextIO) -> int:
     """Import group,address rows from a CSV file."""
     settings = load(args)
+    if settings.crm is not None:
+        return _owned_by_crm(settings, "groups")
     try:
         rows = read_group_csv(args.file)
     except (ValueError, OSError) as exc:
@@ -639,6 +671,8 @@ def cmd_groups_import(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_groups_list(args: argparse.Namespace, out: TextIO) -> int:
     """List groups with their addresses."""
     settings = load(args)
+    if settings.crm is not None:
+        return _owned_by_crm(settings, "groups")
     with store_for(settings) as store:
         groups = store.list_groups()
     for group in groups:
@@ -691,6 +725,8 @@ def page_base(settings: Settings) -> str:
 def cmd_timeline(args: argparse.Namespace, out: TextIO) -> int:
     """Print recorded events, newest first; JSON is one object per line."""
     settings = load(args)
+    if settings.crm is not None:
+        return _owned_by_crm(settings, "timeline events")
     with store_for(settings) as store:
         events = store.list_events(group=args.group, mailbox=args.mailbox, limit=args.limit)
     for event in events:
@@ -704,6 +740,50 @@ def cmd_timeline(args: argparse.Namespace, out: TextIO) -> int:
                 f"\tfrom {event.from_}\tvia {mailboxes}",
                 file=out,
             )
+    return EXIT_OK
+
+
+def _owned_by_crm(settings: Settings, what: str) -> int:
+    assert settings.crm is not None  # noqa: S101 -- callers check
+    print(
+        f"emailsync: the CRM at {settings.crm.url} owns {what} ([crm] in {settings.path});"
+        f" manage them in the CRM, not here",
+        file=sys.stderr,
+    )
+    return EXIT_USAGE
+
+
+def cmd_crm_check(args: argparse.Namespace, out: TextIO) -> int:
+    """One signed lookup against the CRM; one line saying it works or what is wrong."""
+    from emailsync.crm.store import HttpStore  # noqa: PLC0415 -- only this command needs it
+
+    settings = load(args)
+    if settings.crm is None:
+        print(
+            f"emailsync: no [crm] table in {settings.path}: the built-in store is used",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    problems = shared_secret_problems(settings)
+    if problems:
+        raise ConfigError(problems)
+    store = HttpStore(settings.crm)
+    try:
+        answer = store.lookup([args.address])
+    except StoreUnavailableError as exc:
+        print(f"emailsync: CRM check failed: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except StoreError as exc:
+        print(f"emailsync: CRM check failed: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    finally:
+        store.close()
+    groups = next(iter(answer.values()), ())
+    print(
+        f"{settings.crm.url}: ok (signature accepted; {args.address} is linked to "
+        f"{len(groups)} group(s))",
+        file=out,
+    )
     return EXIT_OK
 
 
@@ -798,7 +878,7 @@ def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     """Run the demo (see emailsync.demo)."""
     from emailsync.demo import run_demo  # noqa: PLC0415 -- the demo pulls in the dev server
 
-    return run_demo(args.dir, once=args.once, out=out)
+    return run_demo(args.dir, once=args.once, out=out, crm=args.crm)
 
 
 if __name__ == "__main__":

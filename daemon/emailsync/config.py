@@ -6,6 +6,7 @@ import email.utils
 import os
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -32,6 +33,10 @@ POLL_SECONDS = 60
 TIMEOUT_SECONDS = 30.0
 FETCH_BATCH = 200
 STUCK_AFTER_ATTEMPTS = 5
+CRM_TIMEOUT_SECONDS = 10.0
+CRM_GROUP_CACHE_SECONDS = 60.0
+# Plain http:// is accepted only to these hosts (a CRM on the same machine, the demo's).
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 
 SECURITIES = ("ssl", "starttls", "none")
 AUTHS = ("password", "office365")
@@ -125,6 +130,17 @@ class Office365Settings:
 
 
 @dataclass(frozen=True)
+class CrmSettings:
+    """The ``[crm]`` table: the CRM that owns groups and receives timeline events."""
+
+    url: str
+    secret: SecretSource
+    timeout_seconds: float = CRM_TIMEOUT_SECONDS
+    group_cache_seconds: float = CRM_GROUP_CACHE_SECONDS
+    ca_file: Path | None = None
+
+
+@dataclass(frozen=True)
 class MailboxSettings:
     """One ``[[mailboxes]]`` entry, with its branch's server settings resolved."""
 
@@ -154,6 +170,7 @@ class Settings:
     branches: Mapping[str, ServerSettings]
     mailboxes: tuple[MailboxSettings, ...]
     office365: Office365Settings | None = None
+    crm: CrmSettings | None = None
     extra_problems: tuple[str, ...] = field(default=())
 
     def mailbox(self, address: str) -> MailboxSettings:
@@ -205,6 +222,12 @@ def parse_settings(data: Mapping[str, Any], path: Path) -> Settings:
         branches[name] = _parse_server(branches_table.table(name), base_dir)
     o365_table = top.optional_table("office365")
     office365 = _parse_office365(o365_table, base_dir) if o365_table is not None else None
+    crm_table = top.optional_table("crm")
+    crm = _parse_crm(crm_table, base_dir) if crm_table is not None else None
+    if crm is not None and daemon.store:
+        problems.append(
+            f"{path}: daemon.store: give either daemon.store or a [crm] table, not both"
+        )
     mailboxes: list[MailboxSettings] = []
     seen: set[str] = set()
     for entry in top.array_of_tables("mailboxes"):
@@ -226,6 +249,7 @@ def parse_settings(data: Mapping[str, Any], path: Path) -> Settings:
         branches=branches,
         mailboxes=tuple(mailboxes),
         office365=office365,
+        crm=crm,
     )
 
 
@@ -297,6 +321,12 @@ def shared_secret_problems(settings: Settings) -> list[str]:
             settings.office365.read_client_certificate()
         except ConfigError as exc:
             key = "office365.client_certificate_file"
+            problems.extend(f"{settings.path}: {key}: {p}" for p in exc.problems)
+    if settings.crm is not None:
+        try:
+            settings.crm.secret.read()
+        except ConfigError as exc:
+            key = f"crm.{settings.crm.secret.key('secret')}"
             problems.extend(f"{settings.path}: {key}: {p}" for p in exc.problems)
     return problems
 
@@ -598,6 +628,49 @@ def _parse_office365(table: _Table, base_dir: Path) -> Office365Settings:
         client_certificate=certificate,
         client_certificate_thumbprint=thumbprint.replace(":", "").upper() or None,
     )
+
+
+def _parse_crm(table: _Table, base_dir: Path) -> CrmSettings | None:
+    url = table.get("url", str, "", _check_crm_url)
+    if not table.has("url"):
+        table.problem("url", "is required (the CRM's base URL, https://…)")
+    secret = _parse_secret(table, "secret", base_dir)
+    if secret is None:
+        table.problem(
+            "secret_file", "is required: give one of secret_file, secret_env, secret_credential"
+        )
+    timeout = table.get("timeout_seconds", float, CRM_TIMEOUT_SECONDS, _positive)
+    cache = table.get(
+        "group_cache_seconds",
+        float,
+        CRM_GROUP_CACHE_SECONDS,
+        lambda v: None if v >= 0 else "must be 0 (no cache) or more",
+    )
+    ca_file = table.path_value("ca_file", base_dir)
+    if ca_file is not None and not ca_file.is_file():
+        table.problem("ca_file", f"{ca_file} is not a readable file")
+    if not url or secret is None:
+        return None
+    return CrmSettings(
+        url=url.rstrip("/"),
+        secret=secret,
+        timeout_seconds=timeout,
+        group_cache_seconds=cache,
+        ca_file=ca_file,
+    )
+
+
+def _check_crm_url(value: str) -> str | None:
+    parts = urllib.parse.urlsplit(value.strip())
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        return "must be an https:// URL"
+    if parts.username or parts.password:
+        return "must not carry credentials; the secret goes in secret_file/_env/_credential"
+    if parts.query or parts.fragment:
+        return "must not have a query or fragment"
+    if parts.scheme == "http" and parts.hostname not in LOOPBACK_HOSTS:
+        return "must be https:// (plain http:// only to localhost)"
+    return None
 
 
 def _check_thumbprint(value: str) -> str | None:

@@ -38,6 +38,10 @@ SECTIONS: dict[str, str] = {
     "branches.NAME": 'One IMAP server; password mailboxes name it with `branch = "NAME"`.',
     "mailboxes": "One `[[mailboxes]]` entry per mailbox.",
     "office365": 'The Entra ID app for `auth = "office365"` mailboxes.',
+    "crm": (
+        "Optional: groups come from, and timeline events go to, a CRM over HTTPS "
+        "(`config/crm-api.yaml`); instead of `daemon.store`."
+    ),
 }
 
 DESCRIPTIONS: dict[tuple[str, str], str] = {
@@ -129,6 +133,18 @@ DESCRIPTIONS: dict[tuple[str, str], str] = {
         "SHA-1 thumbprint as Entra ID shows it. Default: computed from the certificate."
     ),
     ("office365", "ca_file"): "PEM CA for the identity provider (system CAs otherwise).",
+    ("crm", "url"): (
+        "Base URL of the CRM's emailsync API (https; plain http only to a loopback host)."
+    ),
+    ("crm", "secret_file"): "File holding the shared HMAC-SHA256 request-signing secret.",
+    ("crm", "secret_env"): "The signing secret from this environment variable.",
+    ("crm", "secret_credential"): "The signing secret from this systemd credential.",
+    ("crm", "timeout_seconds"): "Every request to the CRM times out after this.",
+    ("crm", "group_cache_seconds"): (
+        "How long group lookups (negative answers too) are cached; a shorter "
+        "`Cache-Control: max-age` from the CRM wins."
+    ),
+    ("crm", "ca_file"): "PEM CA for the CRM's certificate (system CAs otherwise).",
 }
 
 # Defaults computed from other values (shown as "—"; the description says what they are).
@@ -229,6 +245,7 @@ _PROBE: dict[str, Any] = {
     "folders": {},
     "branches": {"NAME": {"host": "imap.example.com"}},
     "office365": {"tenant_id": "t", "client_id": "c"},
+    "crm": {"url": "https://crm.example/emailsync/v1"},
     "mailboxes": [
         {"address": "a@example.com", "branch": "NAME"},
         {"address": "b@example.com", "auth": "office365"},

@@ -41,7 +41,7 @@ from emailsync.model import (
     QueuedMessage,
     TimelineEvent,
 )
-from emailsync.store.base import Store
+from emailsync.store.base import Recorded, Store
 
 log = structlog.get_logger(__name__)
 
@@ -437,7 +437,7 @@ class Filer:
         if not events:
             return list(decisions), 0
         try:
-            return list(decisions), self.store.record_events(events)
+            return self._after_recording(decisions, self.store.record_events_checked(events))
         except StoreUnavailableError:
             raise
         except StoreError as exc:
@@ -447,7 +447,9 @@ class Filer:
         for decision in decisions:
             own = self._events(decision)
             try:
-                new_events += self.store.record_events(own) if own else 0
+                recorded = self.store.record_events_checked(own) if own else Recorded()
+                decision = self._after_recording([decision], recorded)[0][0]  # noqa: PLW2901 -- a rejection replaces it
+                new_events += recorded.new
             except StoreUnavailableError:
                 raise
             except StoreError as exc:
@@ -456,6 +458,34 @@ class Filer:
                 continue
             kept.append(decision)
         return kept, new_events
+
+    def _after_recording(
+        self, decisions: Sequence[Decision], recorded: Recorded
+    ) -> tuple[list[Decision], int]:
+        """Turn the store's per-event rejections into REJECTED decisions (to Failed).
+
+        A message any of whose events the store refused goes to Failed with the store's reason;
+        its other events stay recorded (idempotent, so a retry from Failed doubles nothing).
+        """
+        if not recorded.rejected:
+            return list(decisions), recorded.new
+        result: list[Decision] = []
+        for decision in decisions:
+            reasons = [
+                reason
+                for group in decision.groups
+                if (reason := recorded.rejected.get((group, decision.message.key))) is not None
+            ]
+            if reasons:
+                problem = "rejected by the store: " + "; ".join(dict.fromkeys(reasons))
+                self.log.warning("event_rejected", uid=decision.uid, reason=problem)
+                decision = replace(  # noqa: PLW2901 -- the rejected decision replaces it
+                    decision,
+                    outcome=Outcome.REJECTED,
+                    message=replace(decision.message, problem=problem),
+                )
+            result.append(decision)
+        return result, recorded.new
 
     def _move(self, session: QueueSession, decisions: Sequence[Decision]) -> list[Decision]:
         """Move by destination in batches; returns the decisions whose message moved.
@@ -526,7 +556,7 @@ def _groups_by_address(groups: Iterable[Group]) -> dict[str, list[str]]:
     by_address: dict[str, list[str]] = {}
     for group in groups:
         for address in group.addresses:
-            by_address.setdefault(address, []).append(group.name)
+            by_address.setdefault(address, []).append(group.ref)
     return by_address
 
 

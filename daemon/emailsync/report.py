@@ -127,6 +127,9 @@ class WorkerReport:
             for decision in decisions:
                 key = decision.outcome.value
                 self._status.filed[key] = self._status.filed.get(key, 0) + 1
+                if decision.outcome is Outcome.REJECTED:
+                    # The store's reason, so `emailsync status` shows why it went to Failed.
+                    self._status.last_error = f"uid {decision.uid}: {decision.message.problem}"
                 self._recent.appendleft(
                     {
                         "at": now.isoformat(timespec="seconds"),

@@ -104,6 +104,7 @@ class Supervisor:
         self.store = store
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
+        store.register_metrics(self.registry)
         self.authenticator_factory = authenticator_factory
         self.notifier = notifier or Notifier()
         self.workers: dict[str, MailboxWorker] = {}
@@ -328,6 +329,9 @@ class Supervisor:
         everything_changed = (
             new.daemon != old.daemon or new.folders != old.folders or new.office365 != old.office365
         )
+        if new.crm != old.crm:
+            # The store (the CRM connector) is opened once at start, with its secret.
+            log.warning("crm_change_needs_restart", action="systemctl restart emailsync")
         old_by_address = {m.address: m for m in old.mailboxes}
         new_by_address = {m.address: m for m in new.mailboxes}
         self.settings = new

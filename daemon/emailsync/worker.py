@@ -420,8 +420,9 @@ class MailboxWorker(threading.Thread):
             try:
                 self._sync(session, trigger)
             except StoreUnavailableError as exc:
-                # The IMAP session is fine: keep it, and keep the messages in Queue.
-                delay = self._backoff.next_delay()
+                # The IMAP session is fine: keep it, and keep the messages in Queue. A CRM's
+                # Retry-After wins over the drawn delay, as a server's hint does.
+                delay = self._backoff.next_delay(exc.retry_after)
                 self.report.set_state(State.BACKOFF, error=str(exc))
                 self.log.warning("store_unavailable", error=str(exc), retry_in=round(delay, 2))
                 self._pause(delay)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from emailsync.config import CrmSettings
 from emailsync.errors import ConfigError
 from emailsync.store.base import Store
 from emailsync.store.csvimport import read_group_csv
@@ -16,13 +17,19 @@ __all__ = ["DEFAULT_DB_NAME", "Store", "check_store_url", "open_store", "read_gr
 DEFAULT_DB_NAME = "emailsync.db"
 
 
-def open_store(url: str, state_dir: Path) -> Store:
+def open_store(url: str, state_dir: Path, crm: CrmSettings | None = None) -> Store:
     """Open the store that the ``[daemon] store`` URL names, migrating its schema if needed.
 
+    With a ``[crm]`` table, the CRM is the store (``url`` is then ignored). Otherwise
     ``sqlite:///abs/path.db`` opens that file; ``sqlite:`` or an empty URL opens
-    ``<state_dir>/emailsync.db``. Raises ``ConfigError`` for a URL it cannot use, and
-    ``StoreUnavailableError`` / ``StoreError`` when the store itself cannot be opened.
+    ``<state_dir>/emailsync.db``. Raises ``ConfigError`` for a URL it cannot use or an
+    unreadable CRM secret, and ``StoreUnavailableError`` / ``StoreError`` when the store
+    itself cannot be opened.
     """
+    if crm is not None:
+        from emailsync.crm.store import HttpStore  # noqa: PLC0415 -- crm.store imports store.base
+
+        return HttpStore(crm)
     return SqliteStore(_sqlite_path(url, state_dir))
 
 
@@ -49,7 +56,7 @@ def _sqlite_path(url: str, state_dir: Path) -> Path:
         raise ConfigError(
             [
                 f"store: unsupported store URL scheme {scheme!r}; use sqlite:///ABSOLUTE/PATH.db"
-                " (postgresql:// and https:// stores are not available yet)"
+                " (postgresql:// is not available yet; a CRM is configured with a [crm] table)"
             ]
         )
     if parts.netloc:
