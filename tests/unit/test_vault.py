@@ -25,7 +25,7 @@ def test_a_secret_round_trips_and_never_appears_in_its_ciphertext(tmp_path: Path
 def test_a_ciphertext_moved_to_another_mailbox_does_not_decrypt(tmp_path: Path) -> None:
     vault = Vault(tmp_path)
     blob = vault.encrypt("secret", "agent@example.com")
-    with pytest.raises(ConfigError, match="other@example.com") as raised:
+    with pytest.raises(ConfigError, match=r"other@example\.com") as raised:
         vault.decrypt(blob, "other@example.com")
     assert "secret" not in str(raised.value).replace("stored password", "")
 
