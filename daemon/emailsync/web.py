@@ -815,8 +815,13 @@ def _handler_class(
                     self._html(HTTPStatus.OK, pages.render("continue.html", session, target=url))
                     return
             elif action == "stop":
-                registrar.forget_mailbox(address)
-                session.flash("notice", "Email Sync stopped and your credentials forgotten.")
+                try:
+                    registrar.forget_mailbox(address)
+                    session.flash("notice", "Email Sync stopped and your credentials forgotten.")
+                except RegistrationError:
+                    # A mailbox of the config file: stopped (tokens forgotten) until `setup`.
+                    control.stop_mailbox(address)
+                    session.flash("notice", "Email Sync stopped until IT runs `emailsync setup`.")
             self._redirect(page)
 
         def _it_post(self, path: str, form: dict[str, str], session: Any) -> None:

@@ -19,7 +19,7 @@ from .daemonproc import RunningDaemon, new_port, run_cli, wait_until
 from .idp import IdentityProvider
 from .oauth_fixtures import OAuthClients
 from .test_office365_daemon import count, deliver
-from .test_selfservice_pages import CHROMIUM, CHROMIUM_ARGS, SCREENSHOTS
+from .test_selfservice_pages import CHROMIUM, CHROMIUM_ARGS, SCREENSHOTS, TIMEOUT_MS
 
 pytestmark = pytest.mark.dovecot
 
@@ -80,6 +80,7 @@ def test_start_authentication_signs_in_in_a_pop_up_and_mail_is_filed_over_xoauth
             browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
             # The provider's certificate comes from the tests' own CA.
             context = browser.new_context(ignore_https_errors=True)
+            context.set_default_timeout(TIMEOUT_MS)
             page = context.new_page()
             page.goto(f"{base}/login?token={agent_token}")
             page.wait_for_url(f"{base}/email-sync/{quote(address, safe='@')}")

@@ -33,6 +33,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
+TIMEOUT_MS = 10_000  # a missing element fails in 10 s, not Playwright's 30
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "screenshots"
 
 playwright_api = pytest.importorskip("playwright.sync_api")
@@ -71,6 +72,7 @@ def test_it_adds_a_branch_and_an_agent_sets_up_syncs_and_stops_in_the_browser(
 
     # IT support: log in with the admin token, add the branch, make the agent's link.
     it = browser.new_context()  # type: ignore[attr-defined]
+    it.set_default_timeout(TIMEOUT_MS)
     it_page = page = it.new_page()
     response = page.goto(f"{base}/login?token={daemon.token}")
     page.wait_for_url(f"{base}/it")
@@ -94,6 +96,7 @@ def test_it_adds_a_branch_and_an_agent_sets_up_syncs_and_stops_in_the_browser(
 
     # The agent opens their link: First Time Setup, then a wrong password.
     agent_context = browser.new_context()  # type: ignore[attr-defined]
+    agent_context.set_default_timeout(TIMEOUT_MS)
     page = agent_context.new_page()
     page.goto(base + link)
     my_page = f"{base}/email-sync/{quote(agent.address, safe='@')}"
@@ -135,6 +138,7 @@ def test_it_adds_a_branch_and_an_agent_sets_up_syncs_and_stops_in_the_browser(
 
     # Another agent's login cannot see this mailbox, on the pages or through the API.
     intruder = browser.new_context()  # type: ignore[attr-defined]
+    intruder.set_default_timeout(TIMEOUT_MS)
     spy = intruder.new_page()
     token = daemon_token_for(daemon, other.address)
     spy.goto(f"{base}/login?token={token}")
@@ -161,6 +165,11 @@ def test_it_adds_a_branch_and_an_agent_sets_up_syncs_and_stops_in_the_browser(
     assert agent.address not in daemon.mailboxes()
     assert "Viewing on Friday" in folder_subjects(agent, "Received")  # the folders stay
     shot(page, "agent-first-time-setup")
+    # IT can stop a mailbox of the config file from its page too (it stays, stopped).
+    it_page.goto(f"{base}/email-sync/{quote(user.address, safe='@')}")
+    it_page.click("#stop-sync")
+    assert "stopped" in it_page.inner_text(".notice")
+    assert daemon.mailboxes()[user.address]["state"] == "stopped"
     for context in (it, agent_context, intruder):
         context.close()
 
