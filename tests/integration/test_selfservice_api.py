@@ -4,6 +4,7 @@ Start Sync, Stop Email Sync (secret provably gone), agent tokens and key rotatio
 from __future__ import annotations
 
 import json
+import signal
 import sqlite3
 import urllib.error
 import urllib.request
@@ -17,6 +18,7 @@ from emailsync.devserver import Dovecot
 
 from .conftest import MailUser, new_user
 from .daemonproc import DaemonFactory, RunningDaemon, run_cli, wait_until
+from .test_daemon import imap_pids
 from .test_filing import ROOT, build_message, folder_subjects, queue
 
 pytestmark = pytest.mark.dovecot
@@ -229,3 +231,27 @@ def test_rotating_the_key_revokes_agent_tokens_and_keeps_passwords_readable(
     daemon.stop()
     again = daemons.start([user])
     wait_until(lambda: again.mailboxes()[agent.address]["state"] == "idle")
+
+
+def test_a_reload_leaves_a_registered_mailbox_and_its_connection_alone(
+    user: MailUser, dovecot: Dovecot, daemons: DaemonFactory
+) -> None:
+    daemon = daemons.start([user])
+    agent = new_user(dovecot)
+    add_branch(daemon, dovecot)
+    body = {"branch": "main", "username": agent.address, "password": agent.password}
+    assert call(daemon, "PUT", f"/v1/mailboxes/{quote(agent.address)}", body)[0] == 200
+    wait_until(lambda: daemon.mailboxes()[agent.address]["state"] == "idle")
+    pids_before = imap_pids(dovecot, agent.address)
+    assert len(pids_before) == 1
+    daemon.signal(signal.SIGHUP)
+    wait_until(lambda: daemon.notify.seen("RELOADING=1"))
+
+    def reload_done() -> bool:  # READY=1 again after RELOADING=1: the reload has finished
+        messages = list(daemon.notify.messages)
+        started = next(i for i, m in enumerate(messages) if "RELOADING=1" in m)
+        return any("READY=1" in m for m in messages[started + 1 :])
+
+    wait_until(reload_done)
+    assert daemon.mailboxes()[agent.address]["state"] == "idle"
+    assert imap_pids(dovecot, agent.address) == pids_before  # the same connection
