@@ -104,7 +104,8 @@ class PassResult:
         return sum(1 for d in self.decisions if d.outcome is outcome)
 
 
-FiledCallback = Callable[[Sequence[Decision], int], None]
+FiledCallback = Callable[[Sequence[Decision]], None]
+RecordedCallback = Callable[[int], None]
 
 
 class Filer:
@@ -117,6 +118,7 @@ class Filer:
         *,
         batch_size: int = FETCH_BATCH,
         on_filed: FiledCallback | None = None,
+        on_recorded: RecordedCallback | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         stuck_after: int = STUCK_AFTER_ATTEMPTS,
     ) -> None:
@@ -124,6 +126,7 @@ class Filer:
         self.store = store
         self.batch_size = batch_size
         self.on_filed = on_filed
+        self.on_recorded = on_recorded
         self.clock = clock
         self.stuck_after = stuck_after
         self.log = log.bind(mailbox=mailbox.address)
@@ -379,13 +382,17 @@ class Filer:
         new_events = 0
         if not dry_run:
             recorded, new_events = self._record(decisions)
+            if self.on_recorded is not None:
+                # Counted once the store has them, not after the MOVE: a MOVE whose answer is
+                # lost files the message on the next pass, where its events are no longer new.
+                self.on_recorded(new_events)
             decisions = self._move(session, recorded)
             for uid in uids:
                 self.first_seen.pop(uid, None)
             for decision in decisions:
                 self.attempts.pop(decision.uid, None)
             if self.on_filed is not None:
-                self.on_filed(decisions, new_events)
+                self.on_filed(decisions)
         return decisions, new_events
 
     def _with_body(self, decision: Decision, fetched: FetchedMessage | None) -> Decision | None:

@@ -107,8 +107,12 @@ class WorkerReport:
         with self._lock:
             self._status.last_sync = _iso(now)
 
-    def filed(self, decisions: Sequence[Decision], new_events: int) -> None:
-        """Count filed messages by outcome, their latency and the new timeline events."""
+    def recorded(self, new_events: int) -> None:
+        """Count timeline events the store took as new (de-duplicated ones are not)."""
+        self.metrics.timeline_events.labels(mailbox=self.address).inc(new_events)
+
+    def filed(self, decisions: Sequence[Decision]) -> None:
+        """Count filed messages by outcome and their latency."""
         now = datetime.fromtimestamp(self.clock.time(), UTC)
         for decision in decisions:
             if decision.outcome is Outcome.SENT:
@@ -122,7 +126,6 @@ class WorkerReport:
             if decision.queued_at is not None:
                 latency = (now - decision.queued_at).total_seconds()
                 self.metrics.filing_latency_seconds.observe(max(0.0, latency))
-        self.metrics.timeline_events.labels(mailbox=self.address).inc(new_events)
         with self._lock:
             for decision in decisions:
                 key = decision.outcome.value

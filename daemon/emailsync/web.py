@@ -169,6 +169,10 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
 
     daemon_threads = True
     block_on_close = False
+    # socketserver's default listen backlog is 5: a burst of clients (a dashboard refresh, a
+    # CRM's Start Sync fan-out) would see connections dropped by the kernel before the cap
+    # above could answer them with a 503.
+    request_queue_size = 128
 
     def __init__(
         self,

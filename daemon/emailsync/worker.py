@@ -193,6 +193,7 @@ class MailboxWorker(threading.Thread):
             store,
             batch_size=settings.daemon.fetch_batch,
             on_filed=self.report.filed,
+            on_recorded=self.report.recorded,
             stuck_after=settings.daemon.stuck_after_attempts,
         )
         self.first_attempt_done = threading.Event()

@@ -56,6 +56,7 @@ from typing import Any
 
 _LINE_LIMIT = 16 * 1024 * 1024  # a client line may carry a long UID set
 _CHUNK = 65536
+_BACKLOG = 1024  # hundreds of mailboxes connect at once when a daemon starts
 # RFC 3501 §4.3 / RFC 7888: a line ending in {n} or {n+} is followed by n bytes of literal.
 _LITERAL = re.compile(rb"\{(\d+)\+?\}\r?\n$")
 _LOGIN = re.compile(r"^(\S+\s+LOGIN\s+)(\S+)\s.*$", re.IGNORECASE)
@@ -132,7 +133,9 @@ class FaultProxy:
         ready = threading.Event()
 
         async def listen() -> None:
-            self._server = await asyncio.start_server(self._accept, self.host, 0, limit=_LINE_LIMIT)
+            self._server = await asyncio.start_server(
+                self._accept, self.host, 0, limit=_LINE_LIMIT, backlog=_BACKLOG
+            )
             self.port = int(self._server.sockets[0].getsockname()[1])
             ready.set()
 

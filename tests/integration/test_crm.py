@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import secrets
 import signal
 import ssl
 import time
@@ -100,7 +101,7 @@ def start_daemon(
     **keys: object,
 ) -> RunningDaemon:
     port = new_port()
-    token = "test-token-" + str(port)
+    token = secrets.token_urlsafe(24)  # the daemon refuses tokens under 22 characters
     token_file = tmp_path / "control-token"
     token_file.write_text(token + "\n")
     extra = daemon_config_extra(port, token_file, max_backoff_seconds=1) + crm_table(

@@ -165,15 +165,17 @@ def test_uidvalidity_changed_between_passes_is_noticed_and_mail_still_filed_once
     old = queue_uidvalidity(user)
     set_uidvalidity(user, old + 1000)
     assert queue_uidvalidity(user) == old + 1000
+    # Dovecot refuses a session whose selected mailbox changed UIDVALIDITY when it next syncs
+    # it (BYE, or "IMAP session state is inconsistent" to the next command: the renewal is
+    # within a second); had it not, the daemon's re-select after a pass would
+    # (folder_changed). Either way: one new session; the old UIDs are not trusted.
+    wait_until(lambda: fault_proxy.logins(user.address) == 2)
+    log = daemon.log()
+    assert "folder_changed" in log or "connection_lost" in log
     later = inbound(user, 2, "after the change")
     queue(user, *later)
     wait_until(lambda: sum(folder_ids(user, "Received").values()) == 4, 15)
     wait_until(lambda: idle(daemon, user))
-    # Dovecot ends a session whose selected mailbox changed UIDVALIDITY (BYE); had it not,
-    # the daemon's re-select after the pass would (folder_changed). Either way: one new
-    # session, and the UIDs of the old one are not trusted.
-    log = daemon.log()
-    assert "folder_changed" in log or '"kind": "bye"' in log
     assert fault_proxy.logins(user.address) == 2
     each_once(user, first + later)
 
@@ -229,6 +231,8 @@ def test_the_needs_reauth_slow_retry_fires_and_recovers_without_a_start_sync(
 def test_many_concurrent_http_clients_are_all_answered(
     user: MailUser, daemons: DaemonFactory
 ) -> None:
+    """48 clients at once (below any sane cap): every request 200. 128 at once: each one
+    answered, 200 or 503 with Retry-After (a cap's answer), never a dropped connection."""
     daemon = daemons.start([user])
     wait_until(lambda: idle(daemon, user))
     paths = ["/healthz", "/readyz", "/metrics", "/v1/mailboxes"]
@@ -238,13 +242,13 @@ def test_many_concurrent_http_clients_are_all_answered(
         token = None if path in ("/healthz", "/readyz", "/metrics") else "default"
         return path, daemon.get(path, token=token)[0]
 
-    started = time.monotonic()
-    with ThreadPoolExecutor(max_workers=64) as pool:
-        answers = list(pool.map(call, range(640)))
-    elapsed = time.monotonic() - started
-    failed = [a for a in answers if a[1] != 200]
-    assert not failed, failed[:10]
-    assert elapsed < 30
+    for clients, allowed in ((48, {200}), (128, {200, 503})):
+        started = time.monotonic()
+        with ThreadPoolExecutor(max_workers=clients) as pool:
+            answers = list(pool.map(call, range(clients * 8)))
+        assert time.monotonic() - started < 30
+        wrong = [a for a in answers if a[1] not in allowed]  # 0: no HTTP answer at all
+        assert not wrong, f"{len(wrong)} of {len(answers)} with {clients} clients: {wrong[:5]}"
     status = json.loads(daemon.get("/v1/mailboxes")[1])
     assert status["mailboxes"][0]["state"] == "idle"
     assert daemon.process.poll() is None
