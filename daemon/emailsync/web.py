@@ -856,7 +856,8 @@ def _handler_class(
                 if address is None or issue is None:
                     session.flash("error", "Not a mailbox address.")
                 else:
-                    session.flash("token_link", f"/login?token={issue(address, None)}")
+                    link = f"{self._base_url()}/login?token={issue(address, None)}"
+                    session.flash("token_link", link)
             self._redirect("/it")
 
         def _principal_for(self, given: str) -> Principal | None:

@@ -92,17 +92,18 @@ def test_it_adds_a_branch_and_an_agent_sets_up_syncs_and_stops_in_the_browser(
     page.fill("#issue-token input[name=address]", agent.address)
     page.click("#issue-token button")
     link = page.inner_text("#token-link")
-    assert link.startswith("/login?token=es1.")
+    assert link.startswith(f"{base}/login?token=es1.")
 
     # The agent opens their link: First Time Setup, then a wrong password.
     agent_context = browser.new_context()  # type: ignore[attr-defined]
     agent_context.set_default_timeout(TIMEOUT_MS)
     page = agent_context.new_page()
-    page.goto(base + link)
+    page.goto(link)
     my_page = f"{base}/email-sync/{quote(agent.address, safe='@')}"
     page.wait_for_url(my_page)
     assert "First Time Setup" in page.inner_text("main")
     assert "Office 365" in page.inner_text("#first-time-setup")
+    page.select_option("#basic select[name=branch]", "high-street")
     page.fill("#basic input[name=password]", "not-my-password")
     page.click("#authenticate")
     error = page.inner_text("p.error")
@@ -112,6 +113,7 @@ def test_it_adds_a_branch_and_an_agent_sets_up_syncs_and_stops_in_the_browser(
     assert "First Time Setup" in page.inner_text("main")
 
     # The right password: the folders exist over IMAP, Start Sync files the Queue.
+    page.select_option("#basic select[name=branch]", "high-street")
     page.fill("#basic input[name=password]", agent.password)
     page.click("#authenticate")
     assert "Authenticated" in page.inner_text(".notice")
@@ -133,7 +135,9 @@ def test_it_adds_a_branch_and_an_agent_sets_up_syncs_and_stops_in_the_browser(
     assert "received" in page.inner_text("#recent")
     shot(page, "agent-email-sync")
     it_page.reload()
-    assert agent.address in it_page.inner_text("#mailboxes")
+    row = it_page.inner_text(f"#mailboxes tr:has-text('{agent.address}')")
+    assert "high-street" in row
+    assert "registry" in row
     shot(it_page, "it-overview")
 
     # Another agent's login cannot see this mailbox, on the pages or through the API.
