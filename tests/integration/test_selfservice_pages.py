@@ -98,6 +98,8 @@ def test_it_adds_a_branch_and_an_agent_sets_up_syncs_and_stops_in_the_browser(
     agent_context = browser.new_context()  # type: ignore[attr-defined]
     agent_context.set_default_timeout(TIMEOUT_MS)
     page = agent_context.new_page()
+    console_errors: list[str] = []
+    page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
     page.goto(link)
     my_page = f"{base}/email-sync/{quote(agent.address, safe='@')}"
     page.wait_for_url(my_page)
@@ -169,6 +171,8 @@ def test_it_adds_a_branch_and_an_agent_sets_up_syncs_and_stops_in_the_browser(
     assert agent.address not in daemon.mailboxes()
     assert "Viewing on Friday" in folder_subjects(agent, "Received")  # the folders stay
     shot(page, "agent-first-time-setup")
+    # The pages keep to their own Content-Security-Policy (no inline script or style).
+    assert not [e for e in console_errors if "Content Security Policy" in e], console_errors
     # IT can stop a mailbox of the config file from its page too (it stays, stopped).
     it_page.goto(f"{base}/email-sync/{quote(user.address, safe='@')}")
     it_page.click("#stop-sync")
