@@ -52,6 +52,7 @@ class Session:
 
     sid: str
     principal: Principal | None
+    token: str = field(default="", repr=False)  # what it logged in with, checked each request
     csrf: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     created: float = field(default_factory=time.monotonic)
     messages: dict[str, str] = field(default_factory=dict)
@@ -96,11 +97,13 @@ class Pages:
         """A session before login, so the login form has a CSRF token too."""
         return self._add(Session(secrets.token_urlsafe(32), None))
 
-    def login(self, principal: Principal, *, replacing: Session | None = None) -> Session:
-        """A new session for ``principal`` (a new id: no session fixation)."""
+    def login(
+        self, principal: Principal, *, token: str, replacing: Session | None = None
+    ) -> Session:
+        """A new session for ``principal``, who gave ``token`` (a new id: no fixation)."""
         if replacing is not None:
             self.logout(replacing)
-        return self._add(Session(secrets.token_urlsafe(32), principal))
+        return self._add(Session(secrets.token_urlsafe(32), principal, token))
 
     def logout(self, session: Session) -> None:
         """End a session."""

@@ -35,7 +35,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from emailsync.address import mailbox_address_problem, normalise_address
 from emailsync.config import SECURITIES, weak_token_problem
 from emailsync.errors import RegistrationError
-from emailsync.pages import STATIC_FILES, Pages, Principal
+from emailsync.pages import STATIC_FILES, Pages, Principal, Session
 from emailsync.worker import WorkerStatus
 
 log = structlog.get_logger(__name__)
@@ -674,7 +674,7 @@ def _handler_class(
 
         def _page_get(self, path: str, query: str) -> None:
             params = {k: v[-1] for k, v in parse_qs(query).items()}
-            session = pages.session(self.headers.get("Cookie"))
+            session = self._session()
             if path.startswith("/static/"):
                 body, content_type = pages.static(path.removeprefix("/static/"))
                 self._send(HTTPStatus.OK, body, content_type)
@@ -699,7 +699,7 @@ def _handler_class(
                 given = params.get("token", "")
                 principal = self._principal_for(given) if given else None
                 if principal is not None:
-                    session = pages.login(principal)
+                    session = pages.login(principal, token=given)
                     self._html(
                         HTTPStatus.OK,
                         pages.render("continue.html", session, target=pages.home(principal)),
@@ -756,19 +756,20 @@ def _handler_class(
         def _page_post(self) -> None:
             path = self.path.split("?", 1)[0]
             form = {k: v[-1] for k, v in parse_qs(self.body.decode("utf-8", "replace")).items()}
-            session = pages.session(self.headers.get("Cookie"))
+            session = self._session()
             if session is None or not pages.csrf_ok(session, form.get("csrf", "")):
                 self._html(HTTPStatus.FORBIDDEN, pages.render("expired.html", None))
                 return
             if path == "/login":
-                principal = self._principal_for(form.get("token", "").strip())
+                given = form.get("token", "").strip()
+                principal = self._principal_for(given)
                 if principal is None:
                     self._html(
                         HTTPStatus.UNAUTHORIZED,
                         pages.render("login.html", session, error="That token is not valid."),
                     )
                     return
-                session = pages.login(principal, replacing=session)
+                session = pages.login(principal, token=given, replacing=session)
                 self._redirect(pages.home(principal), cookie=pages.cookie(session))
                 return
             if path == "/logout":
@@ -828,7 +829,7 @@ def _handler_class(
                     session.flash("notice", "Email Sync stopped until IT runs `emailsync setup`.")
             self._redirect(page)
 
-        def _it_post(self, path: str, form: dict[str, str], session: Any) -> None:
+        def _it_post(self, path: str, form: dict[str, str], session: Session) -> None:
             registrar = self._registrar()
             if path == "/it/branches":
                 try:
@@ -859,6 +860,22 @@ def _handler_class(
                     link = f"{self._base_url()}/login?token={issue(address, None)}"
                     session.flash("token_link", link)
             self._redirect("/it")
+
+        def _session(self) -> Session | None:
+            """The request's session, while the token it was opened with is still valid.
+
+            An agent's session ends with its token: ``emailsync keys rotate`` (or the
+            token's expiry) logs the agent out at once, not after ``SESSION_SECONDS``.
+            """
+            session = pages.session(self.headers.get("Cookie"))
+            if (
+                session is not None
+                and session.principal is not None
+                and self._principal_for(session.token) != session.principal
+            ):
+                pages.logout(session)
+                return None
+            return session
 
         def _principal_for(self, given: str) -> Principal | None:
             if hmac.compare_digest(given.encode("utf-8", "replace"), token.encode()):

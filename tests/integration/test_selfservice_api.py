@@ -3,6 +3,7 @@ Start Sync, Stop Email Sync (secret provably gone), agent tokens and key rotatio
 
 from __future__ import annotations
 
+import http.client
 import json
 import signal
 import sqlite3
@@ -47,6 +48,31 @@ def call(
             return response.status, json.loads(response.read() or b"null")
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read() or b"null")
+
+
+def page_session(daemon: RunningDaemon, token: str) -> str:
+    """Log in to the pages with a token; returns the session cookie."""
+    conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=10)
+    try:
+        conn.request("GET", f"/login?token={token}")
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 200
+        return (response.getheader("Set-Cookie") or "").split(";")[0]
+    finally:
+        conn.close()
+
+
+def page_get(daemon: RunningDaemon, path: str, cookie: str) -> tuple[int, str | None]:
+    """GET a page with a session cookie, without following redirects: (status, Location)."""
+    conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=10)
+    try:
+        conn.request("GET", path, headers={"Cookie": cookie})
+        response = conn.getresponse()
+        response.read()
+        return response.status, response.getheader("Location")
+    finally:
+        conn.close()
 
 
 def db_path(daemon: RunningDaemon) -> Path:
@@ -219,11 +245,15 @@ def test_rotating_the_key_revokes_agent_tokens_and_keeps_passwords_readable(
     assert call(daemon, "GET", path, token=token)[0] == 200
     assert call(daemon, "GET", path, token=issued)[0] == 200
     before = stored_secret(daemon, agent.address)
+    cookie = page_session(daemon, issued)
+    page = f"/email-sync/{quote(agent.address, safe='@')}"
+    assert page_get(daemon, page, cookie) == (200, None)
 
     rotated = run_cli(daemon.config, "keys", "rotate")
     assert rotated.returncode == 0, rotated.stderr
     assert call(daemon, "GET", path, token=token)[0] == 401
     assert call(daemon, "GET", path, token=issued)[0] == 401
+    assert page_get(daemon, page, cookie) == (303, "/login")  # the page session ended too
     after = stored_secret(daemon, agent.address)
     assert after is not None
     assert after != before
