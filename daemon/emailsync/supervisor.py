@@ -1,22 +1,38 @@
 """The supervisor: one worker per mailbox, signals, reload, scheduled jobs, systemd, shutdown.
 
+The main loop (``run``) ticks every TICK_SECONDS and never waits on a worker: restarting a
+worker means asking it to stop ("retiring" it) and starting its replacement on a later tick,
+once the old thread has ended. So a mailbox never has two live workers (two filers on one
+Queue, two connections where providers cap them), the old worker's last writes (``stopped``)
+land before the new one's first, and ``/healthz`` and the watchdog keep being answered while
+2,000 workers log out. The lock guards the bookkeeping only: no one joins a thread, logs,
+touches a file or calls into a worker under it (any of these hands the GIL to 2,000 busy
+threads and can keep the lock, and so /healthz, for seconds).
+
+A mailbox is in at most one of: ``workers`` (running), ``_pending`` (to start once no retiring
+worker of it is left), ``_starting`` (being started by the main loop, outside the lock),
+``_restarting`` (its worker died: restart after a back-off) and ``_stopped``; ``_retiring``
+(asked to stop, not yet ended) may hold it beside any of these but ``workers``.
+
 Mailboxes come from the config file and from the store's registry (registered at run time
-through the API or the self-service pages). Registering, changing or forgetting one starts,
-restarts or stops just that worker; a reload (SIGHUP) only compares the config file's.
+through the API or the self-service pages). Registering, changing or forgetting one queues,
+restarts or retires just that worker, by the same rules; a reload (SIGHUP) compares the
+config file's only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import random
 import signal
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Container
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -56,14 +72,67 @@ from emailsync.worker import MailboxWorker, WorkerStatus
 log = structlog.get_logger(__name__)
 
 TICK_SECONDS = 0.5
+# While workers are being stopped the loop ticks this often, so a replacement follows its
+# predecessor's end closely.
+BUSY_TICK_SECONDS = 0.05
+# Starting a worker (a thread, a pipe, metric series) takes a millisecond or, while hundreds
+# of others log in, much longer: a tick starts them (outside the lock) for at most this long
+# and the next tick goes on at once, so the watchdog and /healthz are never kept waiting.
+START_BUDGET_SECONDS = 0.1
 SHUTDOWN_SECONDS = 8.0  # SIGTERM must end the process within 10 s
 GAUGE_SECONDS = 15.0
 TOKEN_CHECK_SECONDS = 300.0
 TOKEN_REFRESH_AHEAD_SECONDS = 900.0  # refresh an access token this long before it expires
 OFFICE365_FLOW_SECONDS = 600.0  # a browser sign-in must come back within 10 minutes
 SETUP_TIMEOUT_SECONDS = 4.0  # First Time Setup logs in while the caller waits: keep it short
+RECENT_OUTCOMES_NONE: list[dict[str, str | None]] = []
+# A worker thread that ended without being asked (a bug, not a mailbox error: those are
+# backed off inside the worker) is restarted after 1 s, 2 s, 4 s … 5 min, each jittered down
+# by up to half so that many do not come back at once; a worker that ran this long before
+# dying starts the count again.
+RESTART_START_SECONDS = 1.0
+RESTART_MAX_SECONDS = 300.0
+RESTART_RESET_SECONDS = 600.0
 
 AuthenticatorFactory = Callable[[MailboxSettings, Settings], Authenticator]
+
+
+class Worker(Protocol):
+    """What the supervisor needs of a mailbox worker (``MailboxWorker``; tests use fakes)."""
+
+    mailbox: MailboxSettings
+    authenticator: Authenticator
+    first_attempt_done: threading.Event
+
+    def start(self) -> None:
+        """Start the thread."""
+
+    def stop(self) -> None:
+        """Ask the thread to end soon; returns at once."""
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the thread to end."""
+
+    def is_alive(self) -> bool:
+        """True until the thread has ended."""
+
+    def snapshot(self) -> WorkerStatus:
+        """A copy of the current status."""
+
+    def request_pass(self, trigger: str) -> None:
+        """Ask for a sync pass."""
+
+    def release_stuck(self) -> None:
+        """Have the next pass release the messages quarantined in Queue."""
+
+    def refresh_gauges(self) -> None:
+        """Recompute time-based gauges."""
+
+    def refresh_token(self, ahead_seconds: float) -> None:
+        """Refresh an OAuth token that expires soon."""
+
+
+WorkerFactory = Callable[[MailboxSettings, Settings, Store, Metrics, Authenticator], Worker]
 
 
 def credential_expiry(settings: Settings) -> datetime | None:
@@ -79,7 +148,36 @@ def credential_expiry(settings: Settings) -> datetime | None:
     return None
 
 
-@dataclass(frozen=True)
+def restart_delay(restarts: int, rng: random.Random) -> float:
+    """How long to wait before the ``restarts``-th restart in a row of a dead worker.
+
+    Exponential from RESTART_START_SECONDS to RESTART_MAX_SECONDS with "equal jitter"
+    (uniform in the upper half of the ceiling), so below the cap no delay is shorter than
+    the one before.
+    """
+    ceiling = min(RESTART_MAX_SECONDS, RESTART_START_SECONDS * 2 ** min(restarts - 1, 30))
+    return rng.uniform(ceiling / 2, ceiling)
+
+
+@dataclasses.dataclass
+class _Retiring:
+    """A worker asked to stop whose thread has not ended yet."""
+
+    worker: Worker
+    since: float  # monotonic
+    warned: bool = False
+
+
+@dataclasses.dataclass
+class _Restart:
+    """A mailbox whose worker died, waiting for its restart back-off."""
+
+    mailbox: MailboxSettings
+    due: float  # monotonic
+    status: WorkerStatus
+
+
+@dataclasses.dataclass(frozen=True)
 class _PendingSignIn:
     """An Office 365 browser sign-in under way: the mailbox, MSAL's flow, its deadline."""
 
@@ -99,6 +197,7 @@ class Supervisor:
         registry: CollectorRegistry | None = None,
         authenticator_factory: AuthenticatorFactory = make_authenticator,
         notifier: Notifier | None = None,
+        worker_factory: WorkerFactory = MailboxWorker,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -107,13 +206,24 @@ class Supervisor:
         store.register_metrics(self.registry)
         self.authenticator_factory = authenticator_factory
         self.notifier = notifier or Notifier()
-        self.workers: dict[str, MailboxWorker] = {}
+        self.worker_factory = worker_factory
+        self.workers: dict[str, Worker] = {}
+        self._started_at: dict[str, float] = {}  # monotonic, per running worker
+        self._pending: dict[str, MailboxSettings] = {}
+        self._starting: dict[str, MailboxSettings] = {}
+        self._retiring: dict[str, _Retiring] = {}
+        self._restarting: dict[str, _Restart] = {}
+        self._restarts: dict[str, int] = {}  # dead-worker restarts in a row, per mailbox
+        self._sync_on_start: set[str] = set()  # Start Sync asked while no worker ran
+        self._release_on_start: set[str] = set()  # ... with include_stuck
         self._stopped: dict[str, WorkerStatus] = {}
         self._lock = threading.RLock()
         self._wake = threading.Event()
+        self._rng = random.Random()  # noqa: S311 -- jitter, not cryptography
         self._stop_requested = False
         self._reload_requested = False
         self._sync_all_requested = False
+        self._reload_started: float | None = None  # monotonic; READY=1 is due when it is done
         self._ready_sent = False
         self._last_tick = time.monotonic()
         self._last_watchdog = 0.0
@@ -132,36 +242,60 @@ class Supervisor:
     # -- Control (for the HTTP listener) ----------------------------------------------------
 
     def statuses(self) -> list[WorkerStatus]:
-        """Every configured mailbox's status, running or stopped."""
+        """Every configured mailbox's status: running, about to (re)start, or stopped."""
         with self._lock:
-            running = [w.snapshot() for w in self.workers.values()]
-            return sorted([*running, *self._stopped.values()], key=lambda s: s.address)
+            workers = list(self.workers.values())
+            starting = [
+                WorkerStatus(a, "connecting", m.trigger)
+                for a, m in [*self._pending.items(), *self._starting.items()]
+            ]
+            restarting = [r.status for r in self._restarting.values()]
+            stopped = list(self._stopped.values())
+        running = [w.snapshot() for w in workers]
+        return sorted([*running, *starting, *restarting, *stopped], key=lambda s: s.address)
 
     def start_sync(self, address: str | None, *, include_stuck: bool = False) -> bool:
         """Start Sync for one mailbox (False if unknown or stopped) or all.
 
         ``include_stuck``: the pass first releases the messages quarantined in Queue.
+        A mailbox whose worker is being (re)started gets it as soon as the worker runs.
         """
         with self._lock:
+            waiting = {*self._pending, *self._starting, *self._restarting}
             if address is None:
-                for each in self.workers.values():
-                    if include_stuck:
-                        each.filer.release_stuck()
-                    each.request_pass("start_sync")
+                workers = list(self.workers.values())
+                self._sync_on_start |= waiting
+                if include_stuck:
+                    self._release_on_start |= waiting
+        if address is None:
+            for each in workers:
+                if include_stuck:
+                    each.release_stuck()
+                each.request_pass("start_sync")
+            return True
+        with self._lock:
+            address = address.lower()
+            worker = self.workers.get(address)
+            if worker is None:
+                if address not in waiting:
+                    return False
+                self._sync_on_start.add(address)
+                if include_stuck:
+                    self._release_on_start.add(address)
                 return True
-            worker = self.workers.get(address.lower())
-        if worker is None:
-            return False
         if include_stuck:
-            worker.filer.release_stuck()
+            worker.release_stuck()
         worker.request_pass("start_sync")
         return True
 
     def stop_mailbox(self, address: str) -> bool:
-        """Stop Email Sync: stop the worker, forget its tokens, mark it stopped."""
+        """Stop Email Sync: stop the worker, forget its tokens, mark it stopped.
+
+        A registered mailbox is forgotten with its credentials (``forget_mailbox``).
+        """
         address = address.lower()
         if address in self._registered_mailboxes():
-            return self.forget_mailbox(address)  # Stop Email Sync forgets a registered one
+            return self.forget_mailbox(address)
         mailbox = next((m for m in self.settings.mailboxes if m.address == address), None)
         if mailbox is None:
             return False
@@ -169,13 +303,16 @@ class Supervisor:
         marker.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         marker.touch()
         with self._lock:
-            worker = self.workers.pop(address, None)
+            worker = self._retire(address)
+            retiring = self._retiring.get(address)
         if worker is not None:
             worker.stop()
             worker.authenticator.forget()
-            worker.join(SHUTDOWN_SECONDS)
         else:
             self.authenticator_factory(mailbox, self.settings).forget()
+        if retiring is not None:
+            # The caller (the CLI) waits for the LOGOUT; the main loop does not.
+            retiring.worker.join(max(0.0, retiring.since + SHUTDOWN_SECONDS - time.monotonic()))
         self._mark_stopped(mailbox)
         log.info("mailbox_stopped", mailbox=address)
         return True
@@ -191,8 +328,11 @@ class Supervisor:
             return False
         stopped_marker(self.settings, address).unlink(missing_ok=True)
         with self._lock:
-            if address not in self.workers:
-                self._start_worker(mailbox)
+            self._restarting.pop(address, None)  # an operator's start does not wait
+            if address not in self.workers and address not in self._starting:
+                self._stopped.pop(address, None)
+                self._pending[address] = mailbox
+        self._wake.set()
         return True
 
     def check_agent_token(self, token: str) -> str | None:
@@ -211,14 +351,16 @@ class Supervisor:
         return self.vault.issue_token(address, expires)
 
     def healthy(self) -> bool:
-        """The main loop ticked recently and every worker thread is alive."""
+        """The main loop ticked recently and every running worker thread is alive."""
         with self._lock:
             alive = all(w.is_alive() for w in self.workers.values())
         return alive and time.monotonic() - self._last_tick < 10 * TICK_SECONDS + 5
 
     def ready(self) -> bool:
-        """Every mailbox has had its first connect attempt."""
+        """Every mailbox has been started and had its first connect attempt."""
         with self._lock:
+            if self._pending or self._starting:
+                return False
             return all(w.first_attempt_done.is_set() for w in self.workers.values())
 
     # -- lifetime -------------------------------------------------------------------------------
@@ -246,41 +388,59 @@ class Supervisor:
             ) from None
         self.web.start()
         log.info("listening", address=f"{daemon.listen_host}:{self.web.port}")
+        marked = self._marked_stopped(self.settings)
         with self._lock:
             for mailbox in self.settings.mailboxes:
-                self._start_or_mark(mailbox)
-            for mailbox in self._registered_mailboxes().values():
-                self._start_registered(mailbox)
+                self._start_or_mark(mailbox, mailbox.address in marked)
+        for mailbox in self._registered_mailboxes().values():
+            self._start_registered(mailbox)
         self._schedule_jobs()
         self.scheduler.start()
         try:
             while not self._stop_requested:
-                self._tick()
-                self._wake.wait(TICK_SECONDS)
                 self._wake.clear()
+                try:
+                    self._tick()
+                except Exception as exc:  # the top of the supervisor loop: log and go on
+                    log.exception("supervisor_error", error=repr(exc))
+                self._wake.wait(self._tick_wait())
         finally:
             self.shutdown()
         return 0
 
     def _tick(self) -> None:
-        self._last_tick = time.monotonic()
         if self._reload_requested:
             self._reload_requested = False
             self.reload()
         if self._sync_all_requested:
             self._sync_all_requested = False
             self.start_sync(None)
+        self._reap_retiring()
         self._restart_dead_workers()
+        self._start_pending()
+        self._finish_reload()
         if not self._ready_sent and self.ready():
             self._ready_sent = True
             self.notifier.ready(self.summary())
             log.info("ready", summary=self.summary())
-        now = time.monotonic()
+        # Only a tick that got this far counts: one that fails every time turns /healthz
+        # red and stops the watchdog pings, so systemd restarts the daemon.
+        now = self._last_tick = time.monotonic()
         interval = self.notifier.watchdog_seconds / 2 if self.notifier.watchdog_seconds else 0
         if interval and now - self._last_watchdog >= interval and self.healthy():
             self._last_watchdog = now
             self.notifier.watchdog()
             self.notifier.status(self.summary())
+
+    def _tick_wait(self) -> float:
+        """How long the loop sleeps: short while workers come and go, else until the next tick."""
+        if self._pending or self._retiring:
+            with self._lock:
+                startable = any(a not in self._retiring for a in self._pending)
+            return 0.0 if startable else BUSY_TICK_SECONDS
+        with self._lock:
+            due = min((r.due for r in self._restarting.values()), default=float("inf"))
+        return max(0.0, min(TICK_SECONDS, due - time.monotonic()))
 
     def summary(self) -> str:
         """The one-line STATUS=: how many mailboxes are in which state, and the queue."""
@@ -293,18 +453,29 @@ class Supervisor:
         return f"{states}; {queued} queued"
 
     def shutdown(self) -> None:
-        """Stop workers (batch in flight finished, LOGOUT), the scheduler and the listener."""
+        """Stop workers (batch in flight finished, LOGOUT), the scheduler and the listener.
+
+        Every worker is asked first and then all are waited for together, within one
+        SHUTDOWN_SECONDS for all of them.
+        """
+        deadline = time.monotonic() + SHUTDOWN_SECONDS
         self.notifier.stopping()
         log.info("stopping")
         with contextlib.suppress(Exception):
             self.scheduler.shutdown(wait=False)
         with self._lock:
-            workers = list(self.workers.values())
-        for worker in workers:
-            worker.stop()
-        deadline = time.monotonic() + SHUTDOWN_SECONDS
-        for worker in workers:
+            running = [self._retire(address) for address in list(self.workers)]
+            self._pending.clear()
+            self._restarting.clear()
+            retiring = [r.worker for r in self._retiring.values()]
+        for worker in running:
+            if worker is not None:
+                worker.stop()
+        for worker in retiring:
             worker.join(max(0.0, deadline - time.monotonic()))
+        left = sum(1 for worker in retiring if worker.is_alive())
+        if left:
+            log.warning("workers_still_stopping", count=left, waited=SHUTDOWN_SECONDS)
         if self.web is not None:
             self.web.stop()
         log.info("stopped")
@@ -314,10 +485,19 @@ class Supervisor:
         self._stop_requested = True
         self._wake.set()
 
+    def request_reload(self) -> None:
+        """Ask the main loop to re-read the config (what SIGHUP does)."""
+        self._reload_requested = True
+        self._wake.set()
+
     # -- reload ---------------------------------------------------------------------------------
 
     def reload(self) -> None:
-        """Re-read the config: start new mailboxes, stop removed ones, restart changed ones."""
+        """Re-read the config: start new mailboxes, stop removed ones, restart changed ones.
+
+        Returns at once: changed and removed workers are asked to stop, and the main loop
+        starts each replacement once its predecessor has ended (READY=1 follows then).
+        """
         self.notifier.reloading()
         try:
             new = load_settings(self.settings.path)
@@ -334,23 +514,53 @@ class Supervisor:
             log.warning("crm_change_needs_restart", action="systemctl restart emailsync")
         old_by_address = {m.address: m for m in old.mailboxes}
         new_by_address = {m.address: m for m in new.mailboxes}
+        marked = self._marked_stopped(new)
         self.settings = new
+        retired: list[Worker | None] = []
+        events: list[tuple[str, str]] = []
         with self._lock:
             for address, mailbox in old_by_address.items():
                 if address not in new_by_address:
-                    self._stop_worker(address)
+                    retired.append(self._retire(address))
                     self._stopped.pop(address, None)
-                    self.metrics.forget_mailbox(address)
-                    log.info("mailbox_removed", mailbox=address)
+                    self._restarts.pop(address, None)
+                    self._sync_on_start.discard(address)
+                    self._release_on_start.discard(address)
+                    self._forget_if_gone(address)
+                    events.append(("mailbox_removed", address))
                 elif everything_changed or new_by_address[address] != mailbox:
-                    self._stop_worker(address)
+                    retired.append(self._retire(address))
                     self._stopped.pop(address, None)
-                    self._start_or_mark(new_by_address[address])
-                    log.info("mailbox_restarted", mailbox=address)
+                    self._start_or_mark(new_by_address[address], address in marked)
+                    events.append(("mailbox_restarted", address))
             for address, mailbox in new_by_address.items():
                 if address not in old_by_address:
-                    self._start_or_mark(mailbox)
-                    log.info("mailbox_added", mailbox=address)
+                    self._start_or_mark(mailbox, address in marked)
+                    events.append(("mailbox_added", address))
+            if everything_changed:
+                for address, mailbox in self.registered.items():
+                    if address in self.workers or address in self._pending:
+                        retired.append(self._retire(address))
+                        self._pending[address] = mailbox
+                        events.append(("mailbox_restarted", address))
+            self._reload_started = time.monotonic()
+        for worker in retired:
+            if worker is not None:
+                worker.stop()
+        for event, address in events:
+            log.info(event, mailbox=address)
+
+    def _finish_reload(self) -> None:
+        """READY=1 once every restart of a reload is done (or SHUTDOWN_SECONDS have passed)."""
+        if self._reload_started is None:
+            return
+        took = time.monotonic() - self._reload_started
+        with self._lock:
+            waiting = len(self._pending) + len(self._retiring)
+        if waiting and took < SHUTDOWN_SECONDS:
+            return
+        self._reload_started = None
+        log.info("reloaded", seconds=round(took, 2), still_stopping=waiting)
         self.notifier.ready(self.summary())
 
     # -- the registry (self-service) -------------------------------------------------------------
@@ -393,11 +603,10 @@ class Supervisor:
         log.info("branch_registered", branch=name, host=host, port=port, security=security)
         with self._lock:
             self._registered_loaded = False
-            for address, mailbox in list(self._registered_mailboxes().items()):
-                if mailbox.branch == name and address in self.workers:
-                    self._stop_worker(address)
-                    self._start_worker(mailbox)
-                    log.info("mailbox_restarted", mailbox=address, reason="branch changed")
+        changed = [m for m in self._registered_mailboxes().values() if m.branch == name]
+        restarted = [m.address for m in changed if self._replace_worker(m, only_running=True)]
+        for address in restarted:
+            log.info("mailbox_restarted", mailbox=address, reason="branch changed")
         return created
 
     def setup_mailbox(self, address: str, branch: str, username: str, password: str) -> None:
@@ -439,11 +648,8 @@ class Supervisor:
             raise RegistrationError(_one_line(str(exc)), status=502) from None
         blob = self.vault.encrypt(password, address)
         record = RegisteredMailbox(address, branch, "password", username, True, False)
-        with self._lock:
-            self._stop_worker(address)
-            registry.put_mailbox(record, blob)
-            self.registered[address] = mailbox
-            self._start_worker(mailbox)
+        registry.put_mailbox(record, blob)
+        self._replace_worker(mailbox)
         log.info("mailbox_registered", mailbox=address, branch=branch)
 
     def forget_mailbox(self, address: str) -> bool:
@@ -463,18 +669,24 @@ class Supervisor:
                 )
             return False
         with self._lock:
-            worker = self.workers.pop(address, None)
+            worker = self._retire(address)
+            retiring = self._retiring.get(address)
+            self.registered.pop(address, None)
+            self._stopped.pop(address, None)
+            self._restarts.pop(address, None)
+            self._sync_on_start.discard(address)
+            self._release_on_start.discard(address)
         if worker is not None:
             worker.stop()
-            worker.join(SHUTDOWN_SECONDS)
+        if retiring is not None:
+            # The caller (the API, a page) waits for the LOGOUT; the main loop does not.
+            retiring.worker.join(max(0.0, retiring.since + SHUTDOWN_SECONDS - time.monotonic()))
         self._registry().remove_mailbox(address)
         if mailbox.auth == "office365":
             with contextlib.suppress(ConfigError):
                 self.authenticator_factory(mailbox, self.settings).forget()
         with self._lock:
-            self.registered.pop(address, None)
-            self._stopped.pop(address, None)
-        self.metrics.forget_mailbox(address)
+            self._forget_if_gone(address)  # else the reaper does once the worker has ended
         log.info("mailbox_stopped", mailbox=address, credentials="erased")
         return True
 
@@ -487,12 +699,12 @@ class Supervisor:
             return None
         with self._lock:
             worker = self.workers.get(address)
-            status = worker.snapshot() if worker else self._stopped.get(address)
-            recent = worker.report.recent() if worker else []
+        status = next((s for s in self.statuses() if s.address == address), None)
         if status is None:
             return None
+        recent = getattr(worker, "recent_outcomes", lambda: RECENT_OUTCOMES_NONE)()
         return {
-            **asdict(status),
+            **dataclasses.asdict(status),
             "source": "config" if configured else "registry",
             "branch": mailbox.branch,
             "auth": mailbox.auth,
@@ -579,11 +791,8 @@ class Supervisor:
         record = RegisteredMailbox(
             mailbox.address, mailbox.branch or "", "office365", mailbox.address, False, False
         )
-        with self._lock:
-            self._stop_worker(mailbox.address)
-            self._registry().put_mailbox(record, None)
-            self.registered[mailbox.address] = mailbox
-            self._start_worker(mailbox)
+        self._registry().put_mailbox(record, None)
+        self._replace_worker(mailbox)
         log.info("mailbox_registered", mailbox=mailbox.address, auth="office365")
         return mailbox.address
 
@@ -619,44 +828,73 @@ class Supervisor:
         raise RegistrationError(f"no branch {name!r}; IT adds it first", status=422)
 
     def _registered_mailboxes(self) -> dict[str, MailboxSettings]:
-        """The registry's mailboxes as settings (loaded once; re-read after a branch change)."""
+        """The registry's mailboxes as settings (read once; again after a branch change).
+
+        The store is read outside the lock (the lock guards bookkeeping only).
+        """
         if self.mailbox_registry is None:
             return {}
         with self._lock:
-            if not self._registered_loaded:
-                configured = {m.address for m in self.settings.mailboxes}
-                loaded: dict[str, MailboxSettings] = {}
-                for record in self.mailbox_registry.registered_mailboxes():
-                    if record.address in configured:
-                        continue  # the config file's wins
-                    try:
-                        server = (
-                            self._branch_server(record.branch)
-                            if record.branch
-                            else ServerSettings(host=OFFICE365_HOST, port=993, security="ssl")
-                        )
-                    except RegistrationError:
-                        log.warning("mailbox_branch_missing", mailbox=record.address)
-                        continue
-                    loaded[record.address] = MailboxSettings(
-                        address=record.address,
-                        server=server,
-                        auth=record.auth,
-                        username=record.username,
-                        branch=record.branch or None,
-                    )
-                self.registered = loaded
-                self._registered_loaded = True
-            return self.registered
+            if self._registered_loaded:
+                return dict(self.registered)
+        configured = {m.address for m in self.settings.mailboxes}
+        loaded: dict[str, MailboxSettings] = {}
+        for record in self.mailbox_registry.registered_mailboxes():
+            if record.address in configured:
+                continue  # the config file's wins
+            try:
+                server = (
+                    self._branch_server(record.branch)
+                    if record.branch
+                    else ServerSettings(host=OFFICE365_HOST, port=993, security="ssl")
+                )
+            except RegistrationError:
+                log.warning("mailbox_branch_missing", mailbox=record.address)
+                continue
+            loaded[record.address] = MailboxSettings(
+                address=record.address,
+                server=server,
+                auth=record.auth,
+                username=record.username,
+                branch=record.branch or None,
+            )
+        with self._lock:
+            self.registered = loaded
+            self._registered_loaded = True
+        return dict(loaded)
 
     def _start_registered(self, mailbox: MailboxSettings) -> bool:
-        """Start a registered mailbox that has its credentials; else show it stopped."""
+        """Queue a registered mailbox that has its credentials; else show it stopped."""
         if mailbox.auth == "password" and not self._has_secret(mailbox.address):
             self._mark_stopped(mailbox)
             return False
         with self._lock:
-            if mailbox.address not in self.workers:
-                self._start_worker(mailbox)
+            self._restarting.pop(mailbox.address, None)
+            if mailbox.address not in self.workers and mailbox.address not in self._starting:
+                self._stopped.pop(mailbox.address, None)
+                self._pending[mailbox.address] = mailbox
+        self._wake.set()
+        return True
+
+    def _replace_worker(self, mailbox: MailboxSettings, *, only_running: bool = False) -> bool:
+        """(Re)start a registered mailbox's worker with these settings, without a reload.
+
+        The old worker (if any) is retired and the new one queued: the main loop starts it
+        once the old thread has ended. ``only_running``: leave a mailbox alone that has no
+        worker (stopped). True when a worker was queued.
+        """
+        address = mailbox.address
+        with self._lock:
+            self.registered[address] = mailbox
+            running = address in self.workers or address in self._pending
+            if only_running and not running:
+                return False
+            old = self._retire(address)
+            self._stopped.pop(address, None)
+            self._pending[address] = mailbox
+        if old is not None:
+            old.stop()
+        self._wake.set()
         return True
 
     def _authenticator(self, mailbox: MailboxSettings) -> Authenticator:
@@ -678,51 +916,167 @@ class Supervisor:
             return PasswordAuthenticator(mailbox, password=read)
         return self.authenticator_factory(mailbox, self.settings)
 
-    # -- internals ------------------------------------------------------------------------------
+    # -- internals (the callers hold the lock where it says so) --------------------------------
 
-    def _start_or_mark(self, mailbox: MailboxSettings) -> None:
-        if not mailbox.enabled or stopped_marker(self.settings, mailbox.address).exists():
+    def _marked_stopped(self, settings: Settings) -> set[str]:
+        """The mailboxes Stop Email Sync has marked (looked up before taking the lock)."""
+        return {
+            m.address for m in settings.mailboxes if stopped_marker(settings, m.address).exists()
+        }
+
+    def _start_or_mark(self, mailbox: MailboxSettings, marked_stopped: bool) -> None:
+        """Queue a mailbox's worker to start, or mark it stopped; under the lock."""
+        if not mailbox.enabled or marked_stopped:
             self._mark_stopped(mailbox)
         else:
-            self._start_worker(mailbox)
+            self._stopped.pop(mailbox.address, None)
+            self._pending[mailbox.address] = mailbox
 
-    def _start_worker(self, mailbox: MailboxSettings) -> None:
-        self._stopped.pop(mailbox.address, None)
-        worker = MailboxWorker(
-            mailbox,
-            self.settings,
-            self.store,
-            self.metrics,
-            self._authenticator(mailbox),
-        )
-        self.workers[mailbox.address] = worker
-        worker.start()
+    def _retire(self, address: str) -> Worker | None:
+        """Move a mailbox's worker to ``_retiring`` and drop anything queued; under the lock.
 
-    def _stop_worker(self, address: str) -> None:
+        Returns the worker, which the caller must ``stop()`` once it has released the lock.
+        Nothing of this mailbox starts until that worker has ended.
+        """
+        self._pending.pop(address, None)
+        self._starting.pop(address, None)  # the main loop retires it once it has started
+        self._restarting.pop(address, None)
+        self._started_at.pop(address, None)
         worker = self.workers.pop(address, None)
         if worker is not None:
-            worker.stop()
-            worker.join(SHUTDOWN_SECONDS)
+            self._retiring[address] = _Retiring(worker, time.monotonic())
+        return worker
+
+    def _reap_retiring(self) -> None:
+        """Forget retired workers whose thread has ended; warn once about slow ones."""
+        now = time.monotonic()
+        slow: list[tuple[str, float]] = []
+        with self._lock:
+            for address, retiring in list(self._retiring.items()):
+                if retiring.worker.is_alive():
+                    if not retiring.warned and now - retiring.since > SHUTDOWN_SECONDS:
+                        retiring.warned = True
+                        slow.append((address, now - retiring.since))
+                    continue
+                del self._retiring[address]
+                self._forget_if_gone(address)
+        for address, seconds in slow:
+            log.warning("worker_slow_to_stop", mailbox=address, seconds=round(seconds, 1))
+
+    def _forget_if_gone(self, address: str) -> None:
+        """Remove a mailbox's metric series once it is out of the config and its worker ended."""
+        known: list[Container[str]] = [self.workers, self._pending, self._starting]
+        known += [self._restarting, self._stopped, self._retiring]
+        if not any(address in each for each in known):
+            self.metrics.forget_mailbox(address)
+
+    def _start_pending(self) -> None:
+        """Start queued workers whose predecessor has ended, for up to START_BUDGET_SECONDS.
+
+        Each is claimed under the lock and made and started outside it; a Stop Email Sync or
+        reload that comes in meanwhile takes the claim back, and the new worker is retired.
+        """
+        with self._lock:
+            startable = [a for a in self._pending if a not in self._retiring]
+        deadline = time.monotonic() + START_BUDGET_SECONDS
+        for address in startable:
+            if time.monotonic() > deadline:
+                return  # the rest on the next tick, which follows at once
+            with self._lock:
+                mailbox = None if address in self._retiring else self._pending.pop(address, None)
+                if mailbox is None:
+                    continue
+                self._starting[address] = mailbox
+            worker = self._make_worker(mailbox)
+            restart: tuple[int, float] | None = None
+            with self._lock:
+                claimed = self._starting.pop(address, None) is not None
+                if worker is None:
+                    if claimed:
+                        status = WorkerStatus(address, "backoff", mailbox.trigger)
+                        restart = self._schedule_restart(mailbox, status)
+                elif claimed:
+                    self.workers[address] = worker
+                    self._started_at[address] = time.monotonic()
+                    if address in self._release_on_start:
+                        self._release_on_start.discard(address)
+                        worker.release_stuck()
+                    if address in self._sync_on_start:
+                        self._sync_on_start.discard(address)
+                        worker.request_pass("start_sync")
+                else:
+                    self._retiring[address] = _Retiring(worker, time.monotonic())
+            if worker is not None and not claimed:
+                worker.stop()  # stopped or removed while it was being made
+            if restart is not None:
+                _log_restart(address, *restart)
+
+    def _make_worker(self, mailbox: MailboxSettings) -> Worker | None:
+        """Make and start a mailbox's worker (no other of it is alive); None if that failed."""
+        try:
+            worker = self.worker_factory(
+                mailbox,
+                self.settings,
+                self.store,
+                self.metrics,
+                self._authenticator(mailbox),
+            )
+            worker.start()
+        except Exception as exc:  # one mailbox's broken start must not stop the others
+            log.exception("worker_start_failed", mailbox=mailbox.address, error=repr(exc))
+            return None
+        return worker
 
     def _mark_stopped(self, mailbox: MailboxSettings) -> None:
         self.metrics.init_mailbox(mailbox.address)
         self.metrics.set_state(mailbox.address, "stopped")
         with self._lock:
+            self._pending.pop(mailbox.address, None)
+            self._restarting.pop(mailbox.address, None)
+            self._sync_on_start.discard(mailbox.address)
+            self._release_on_start.discard(mailbox.address)
             self._stopped[mailbox.address] = WorkerStatus(
                 mailbox.address, "stopped", mailbox.trigger
             )
 
     def _restart_dead_workers(self) -> None:
+        """Workers that ended unasked are restarted after a growing back-off, not at once."""
+        now = time.monotonic()
+        died: list[tuple[Worker, int, float]] = []
         with self._lock:
-            dead = [
-                a
-                for a, w in self.workers.items()
-                if not w.is_alive() and w.first_attempt_done.is_set()
-            ]
-            for address in dead:
-                log.error("worker_died", mailbox=address)
-                mailbox = self.workers.pop(address).mailbox
-                self._start_worker(mailbox)
+            for address, worker in list(self.workers.items()):
+                if worker.is_alive():
+                    continue
+                del self.workers[address]
+                if now - self._started_at.pop(address, now) >= RESTART_RESET_SECONDS:
+                    self._restarts.pop(address, None)
+                # Its status as it ended; the thread is gone, so its lock is free.
+                died.append((worker, *self._schedule_restart(worker.mailbox, worker.snapshot())))
+            for address, restart in list(self._restarting.items()):
+                if restart.due <= now:
+                    del self._restarting[address]
+                    self._pending[address] = restart.mailbox
+        for worker, restarts, delay in died:
+            _log_restart(worker.mailbox.address, restarts, delay)
+
+    def _schedule_restart(self, mailbox: MailboxSettings, last: WorkerStatus) -> tuple[int, float]:
+        """Restart a mailbox's worker after its back-off; under the lock.
+
+        Returns (restarts in a row, delay) for the caller to log once it released the lock.
+        """
+        address = mailbox.address
+        restarts = self._restarts[address] = self._restarts.get(address, 0) + 1
+        delay = restart_delay(restarts, self._rng)
+        next_attempt = datetime.fromtimestamp(time.time() + delay, UTC)
+        status = dataclasses.replace(
+            last,
+            state="backoff",
+            last_error="worker ended unexpectedly; see the log",
+            next_attempt=next_attempt.isoformat(timespec="seconds"),
+        )
+        self._restarting[address] = _Restart(mailbox, time.monotonic() + delay, status)
+        self.metrics.set_state(address, "backoff")
+        return restarts, delay
 
     def _schedule_jobs(self) -> None:
         daemon = self.settings.daemon
@@ -736,25 +1090,30 @@ class Supervisor:
                 job, "interval", seconds=seconds, id=name, max_instances=1, coalesce=True
             )
 
+    def _for_each_worker(self, job: str, call: Callable[[Worker], object]) -> None:
+        """Run a scheduler job's step for every running worker; one failing skips no other."""
+        with self._lock:
+            workers = list(self.workers.values())
+        for worker in workers:
+            try:
+                call(worker)
+            except Exception as exc:  # a scheduler job's loop: log, go on with the next
+                log.exception(
+                    "scheduler_job_failed", job=job, mailbox=worker.mailbox.address, error=repr(exc)
+                )
+
     def _sweep(self) -> None:
         """Safety sweep: a pass over every Queue, for anything IDLE did not announce."""
-        with self._lock:
-            workers = list(self.workers.values())
-        for worker in workers:
-            worker.request_pass("sweep")
+        self._for_each_worker("sweep", lambda worker: worker.request_pass("sweep"))
 
     def _refresh_gauges(self) -> None:
-        with self._lock:
-            workers = list(self.workers.values())
-        for worker in workers:
-            worker.refresh_gauges()
+        self._for_each_worker("gauges", lambda worker: worker.refresh_gauges())
 
     def _refresh_tokens(self) -> None:
         """Refresh OAuth tokens ahead of expiry (and keep refresh tokens alive)."""
-        with self._lock:
-            workers = list(self.workers.values())
-        for worker in workers:
-            worker.refresh_token(TOKEN_REFRESH_AHEAD_SECONDS)
+        self._for_each_worker(
+            "tokens", lambda worker: worker.refresh_token(TOKEN_REFRESH_AHEAD_SECONDS)
+        )
 
     def _install_signals(self) -> None:
         def on_stop(signum: int, _: FrameType | None) -> None:
@@ -773,6 +1132,10 @@ class Supervisor:
         signal.signal(signal.SIGINT, on_stop)
         signal.signal(signal.SIGHUP, on_reload)
         signal.signal(signal.SIGUSR1, on_sync)
+
+
+def _log_restart(address: str, restarts: int, delay: float) -> None:
+    log.error("worker_died", mailbox=address, restarts=restarts, restart_in=round(delay, 2))
 
 
 def _one_line(text: str) -> str:

@@ -219,6 +219,10 @@ class MailboxWorker(threading.Thread):
         """Ask for a sync pass (``Trigger.START_SYNC``, ``"sweep"``…); returns at once."""
         self._wakeup.post(Trigger(trigger))
 
+    def release_stuck(self) -> None:
+        """Have the next pass release the messages quarantined in Queue (include_stuck)."""
+        self.filer.release_stuck()
+
     def stop(self) -> None:
         """Ask the worker to finish the batch in flight, LOG OUT and end."""
         self._wakeup.stop()
@@ -226,6 +230,10 @@ class MailboxWorker(threading.Thread):
     def snapshot(self) -> WorkerStatus:
         """A copy of the current status, safe to serialise from any thread."""
         return self.report.snapshot()
+
+    def recent_outcomes(self) -> list[dict[str, str | None]]:
+        """The latest filed or failed messages, newest first (for the Email Sync page)."""
+        return self.report.recent()
 
     def refresh_gauges(self) -> None:
         """Recompute the age of the oldest queued message (the scheduler calls this)."""
