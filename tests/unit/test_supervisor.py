@@ -26,7 +26,7 @@ from emailsync.devserver import free_port
 from emailsync.imap.auth import Authenticator
 from emailsync.metrics import Metrics
 from emailsync.store import open_store
-from emailsync.store.base import Store
+from emailsync.store.base import RegisteredBranch, RegisteredMailbox, Registry, Store
 from emailsync.supervisor import Supervisor
 from emailsync.systemd import Notifier
 from emailsync.worker import WorkerStatus
@@ -566,3 +566,36 @@ def test_a_start_sync_during_a_restart_reaches_the_new_worker(
 
     rig.run(driver)
     assert rig.workers[0].jobs == []
+
+
+def test_a_registered_mailbox_restarts_on_a_branch_change_without_two_workers_at_once(
+    make_rig: Callable[..., Rig], store: Store
+) -> None:
+    """A branch change restarts only the registered mailboxes on it, by the same rule as a
+    reload: the replacement (with the new server) starts once the slow old worker ended;
+    Stop Email Sync then retires it and forgets it."""
+    rig = make_rig(1, stop_seconds=lambda address, generation: 1.0 if generation == 1 else 0.0)
+    address, other = "self@example.com", rig.addresses[0]
+    assert isinstance(store, Registry)
+    store.put_branch(RegisteredBranch("high-street", "127.0.0.1", 1, "none"))
+    blob = rig.supervisor.vault.encrypt("pw", address)
+    store.put_mailbox(
+        RegisteredMailbox(address, "high-street", "password", address, True, False), blob
+    )
+
+    def driver() -> None:
+        wait_for(lambda: rig.census.running(address, 1) and rig.census.running(other, 1))
+        assert rig.supervisor.put_branch("high-street", "127.0.0.2", 1, "none") is False
+        wait_for(lambda: rig.census.running(address, 2))
+        assert rig.workers[-1].mailbox.server.host == "127.0.0.2"
+        assert len(rig.census.of(other)) == 1  # the config file's mailbox was left alone
+        assert rig.supervisor.forget_mailbox(address) is True
+        assert address not in [s.address for s in rig.supervisor.statuses()]
+        assert store.mailbox_secret(address) is None
+
+    rig.run(driver)
+    assert rig.census.most_alive[address] == 1
+    first, second = rig.census.of(address)
+    assert first.ended is not None
+    assert second.started >= first.ended
+    assert second.ended is not None  # forgotten: its worker stopped too
