@@ -168,7 +168,8 @@ class Postgres:
             text=True,
             check=False,
             cwd=self.base_dir,
-            **self._as_user(),
+            user=self._uid,
+            group=self._gid,
         )
         if result.returncode != 0:
             raise PostgresStartError(f"initdb failed:\n{result.stdout}\n{result.stderr}")
@@ -197,7 +198,8 @@ class Postgres:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 cwd=self.base_dir,
-                **self._as_user(),
+                user=self._uid,
+                group=self._gid,
             )
         finally:
             log.close()
@@ -221,11 +223,14 @@ class Postgres:
             f"postgres not ready after {START_TIMEOUT_SECONDS} s ({last}):\n{self.log_tail()}"
         )
 
-    def _as_user(self) -> dict[str, int]:
-        """Popen arguments that drop root for PostgreSQL, which refuses to run as root."""
-        if self._user is None:
-            return {}
-        return {"user": self._user.pw_uid, "group": self._user.pw_gid}
+    @property
+    def _uid(self) -> int | None:
+        """The uid to run the binaries as (PostgreSQL refuses root); None: stay who we are."""
+        return None if self._user is None else self._user.pw_uid
+
+    @property
+    def _gid(self) -> int | None:
+        return None if self._user is None else self._user.pw_gid
 
 
 def _run_as_user() -> pwd.struct_passwd | None:
