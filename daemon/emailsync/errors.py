@@ -70,3 +70,12 @@ class MessageError(EmailSyncError):
 
 class ControlError(EmailSyncError):
     """The running daemon could not be reached or refused a control request (exit 69)."""
+
+
+class LeaseLostError(StoreUnavailableError):
+    """This instance no longer holds the mailbox's lease (fencing token refused).
+
+    Another instance may own the mailbox now: record nothing, move nothing, stop the worker.
+    A subclass of ``StoreUnavailableError`` so that code which does not know about leases
+    still leaves the message in Queue.
+    """

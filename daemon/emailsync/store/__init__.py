@@ -14,15 +14,24 @@ __all__ = ["DEFAULT_DB_NAME", "Store", "open_store", "read_group_csv"]
 
 # The built-in store's file inside the state directory when the URL names no path.
 DEFAULT_DB_NAME = "emailsync.db"
+# URL schemes libpq accepts for a connection URI.
+POSTGRES_SCHEMES = frozenset({"postgresql", "postgres"})
 
 
 def open_store(url: str, state_dir: Path) -> Store:
     """Open the store that the ``[daemon] store`` URL names, migrating its schema if needed.
 
     ``sqlite:///abs/path.db`` opens that file; ``sqlite:`` or an empty URL opens
-    ``<state_dir>/emailsync.db``. Raises ``ConfigError`` for a URL it cannot use, and
-    ``StoreUnavailableError`` / ``StoreError`` when the store itself cannot be opened.
+    ``<state_dir>/emailsync.db``; ``postgresql://…`` (or ``postgres://…``) opens a
+    ``PostgresStore``, which several instances can share. Raises ``ConfigError`` for a URL
+    it cannot use, and ``StoreUnavailableError`` / ``StoreError`` when the store itself
+    cannot be opened.
     """
+    if urlsplit(url.strip()).scheme.lower() in POSTGRES_SCHEMES:
+        # Imported here: psycopg is only loaded by instances that use it.
+        from emailsync.store.postgres import PostgresStore  # noqa: PLC0415
+
+        return PostgresStore(url.strip())
     return SqliteStore(_sqlite_path(url, state_dir))
 
 
@@ -40,7 +49,7 @@ def _sqlite_path(url: str, state_dir: Path) -> Path:
         raise ConfigError(
             [
                 f"store: unsupported store URL scheme {scheme!r}; use sqlite:///ABSOLUTE/PATH.db"
-                " (postgresql:// and https:// stores are not available yet)"
+                " or postgresql://USER@HOST/DATABASE"
             ]
         )
     if parts.netloc:
