@@ -184,3 +184,22 @@ class Metrics:
 def _remove(metric: Counter | Gauge | Histogram, *labels: str) -> None:
     with contextlib.suppress(KeyError):  # never created
         metric.remove(*labels)
+
+
+class ClusterMetrics:
+    """Metrics of an instance that shares mailboxes through PostgreSQL (``emailsync.lease``)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        ns = "emailsync"
+        self.owned_mailboxes = Gauge(
+            "owned_mailboxes",
+            "Mailboxes whose lease this instance holds (it runs their workers).",
+            namespace=ns,
+            registry=registry,
+        )
+        self.lease_losses = Counter(
+            "lease_losses",
+            "Leases this instance lost without releasing them (expired or taken over).",
+            namespace=ns,
+            registry=registry,
+        )

@@ -1,0 +1,183 @@
+"""Mailbox leases against a real PostgreSQL: fair shares, takeover after expiry, fencing."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from datetime import UTC, datetime
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from emailsync.errors import LeaseLostError
+from emailsync.lease import FencedStore, LeaseKeeper, LeaseTable
+from emailsync.metrics import ClusterMetrics
+from emailsync.model import Direction, Fence, TimelineEvent
+from emailsync.store.postgres import PostgresStore
+
+MAILBOXES = [f"agent{i:02d}@example.com" for i in range(10)]
+
+
+class Daemon:
+    """The keeper's view of a daemon: which mailboxes exist, and which workers run."""
+
+    def __init__(self, mailboxes: Sequence[str]) -> None:
+        self.mailboxes = list(mailboxes)
+        self.running: dict[str, Fence] = {}
+        self.stopped: list[str] = []
+
+    def wanted_mailboxes(self) -> list[str]:
+        return self.mailboxes
+
+    def acquire_mailbox(self, address: str, fence: Fence) -> None:
+        assert address not in self.running
+        self.running[address] = fence
+
+    def release_mailboxes(self, addresses: Sequence[str]) -> None:
+        for address in addresses:
+            self.running.pop(address)
+            self.stopped.append(address)
+
+
+@pytest.fixture
+def store(pg_url: str) -> Iterator[PostgresStore]:
+    opened = PostgresStore(pg_url)
+    opened.add_group("Smith", ["client@example.org"])
+    yield opened
+    opened.close()
+
+
+def keeper(
+    store: PostgresStore, name: str, lease_seconds: float = 30.0
+) -> tuple[LeaseKeeper, Daemon, CollectorRegistry]:
+    registry = CollectorRegistry()
+    daemon = Daemon(MAILBOXES)
+    table = LeaseTable(store, name, lease_seconds)
+    return (
+        LeaseKeeper(table, daemon, ClusterMetrics(registry), lease_seconds=lease_seconds),
+        daemon,
+        registry,
+    )
+
+
+def event(mailbox: str, key: str = "k1") -> TimelineEvent:
+    return TimelineEvent(
+        group="Smith",
+        direction=Direction.OUTBOUND,
+        mailbox=mailbox,
+        message_key=key,
+        message_id=f"<{key}@example.com>",
+        subject="Hello",
+        from_=mailbox,
+        to="client@example.org",
+        cc="",
+        date=None,
+        body_text="Hi",
+        attachments=(),
+        size=100,
+        filed_at=datetime(2024, 5, 1, tzinfo=UTC),
+    )
+
+
+def test_two_keepers_split_the_mailboxes_fairly_without_a_double_owner(
+    store: PostgresStore,
+) -> None:
+    """The first takes all 10; once the second is live, 5 move over, never two owners."""
+    first, first_daemon, first_metrics = keeper(store, "a")
+    second, second_daemon, _ = keeper(store, "b")
+    first.tick()
+    assert len(first_daemon.running) == 10
+    second.tick()  # registers b; every lease is held, nothing to claim yet
+    assert second_daemon.running == {}
+    first.tick()  # share is now 5: hands back 5
+    assert not set(first_daemon.running) & set(second_daemon.running)
+    second.tick()
+    assert len(first_daemon.running) == 5
+    assert len(second_daemon.running) == 5
+    assert set(first_daemon.running) | set(second_daemon.running) == set(MAILBOXES)
+    owners = first.table.owners(MAILBOXES)
+    assert {m for m, o in owners.items() if o == "a"} == set(first_daemon.running)
+    assert first_metrics.get_sample_value("emailsync_owned_mailboxes") == 5
+    assert first_metrics.get_sample_value("emailsync_lease_losses_total") == 0
+
+
+def test_a_keeper_that_stops_renewing_is_taken_over_after_expiry(store: PostgresStore) -> None:
+    """The other keeper waits for the lease to expire, then owns every mailbox anew."""
+    first, first_daemon, _ = keeper(store, "a", lease_seconds=1.5)
+    second, second_daemon, _ = keeper(store, "b", lease_seconds=1.5)
+    first.tick()
+    second.tick()
+    assert second_daemon.running == {}
+    old = dict(first_daemon.running)
+    time.sleep(1.6)  # "a" is paused: no heartbeat, its leases and instance row expire
+    second.tick()
+    assert set(second_daemon.running) == set(MAILBOXES)
+    for mailbox, fence in second_daemon.running.items():
+        assert fence.generation > old[mailbox].generation
+    assert not first.holds(old[MAILBOXES[0]])
+
+
+def test_a_stale_owner_records_nothing(store: PostgresStore) -> None:
+    """After takeover the old fence is refused in the recording transaction; nothing is kept."""
+    first, first_daemon, _ = keeper(store, "a", lease_seconds=1.5)
+    second, second_daemon, _ = keeper(store, "b", lease_seconds=1.5)
+    first.tick()
+    mailbox = MAILBOXES[0]
+    stale = first_daemon.running[mailbox]
+    fenced = FencedStore(store, stale, first)
+    assert fenced.record_events([event(mailbox, "before")]) == 1  # the owner may write
+    time.sleep(1.6)
+    second.tick()
+    assert mailbox in second_daemon.running
+    with pytest.raises(LeaseLostError):
+        fenced.record_events([event(mailbox, "after")])
+    with pytest.raises(LeaseLostError):
+        fenced.groups_for_addresses(["client@example.org"])
+    # The database refuses it too, even if the local deadline were wrong.
+    with pytest.raises(LeaseLostError):
+        store.record_events([event(mailbox, "after")], fence=stale)
+    assert [e.message_key for e in store.list_events()] == ["before"]
+    current = FencedStore(store, second_daemon.running[mailbox], second)
+    assert current.record_events([event(mailbox, "after")]) == 1
+
+
+def test_a_taken_lease_stops_the_worker_and_counts_a_loss(store: PostgresStore) -> None:
+    """A lease someone else bumped is not renewed: the worker stops, losses_total counts it."""
+    first, first_daemon, metrics = keeper(store, "a")
+    first.tick()
+    mailbox = MAILBOXES[3]
+    with store.transaction("steal") as conn:
+        conn.execute(
+            "UPDATE mailbox_leases SET owner = 'x', generation = generation + 1 WHERE mailbox = %s",
+            (mailbox,),
+        )
+    first.tick()
+    assert first_daemon.stopped == [mailbox]
+    assert metrics.get_sample_value("emailsync_lease_losses_total") == 1
+    assert metrics.get_sample_value("emailsync_owned_mailboxes") == 9
+
+
+def test_a_graceful_stop_releases_at_once(store: PostgresStore) -> None:
+    """stop() stops the workers and hands the leases back: the other takes them without waiting."""
+    first, first_daemon, _ = keeper(store, "a")
+    second, second_daemon, _ = keeper(store, "b")
+    first.tick()
+    first.stop()
+    assert first_daemon.running == {}
+    assert sorted(first_daemon.stopped) == MAILBOXES
+    second.tick()
+    assert set(second_daemon.running) == set(MAILBOXES)
+
+
+def test_a_fence_with_an_old_generation_is_refused_by_the_store(store: PostgresStore) -> None:
+    """Same owner, older generation (re-claimed after a pause): refused, nothing recorded."""
+    first, first_daemon, _ = keeper(store, "a")
+    first.tick()
+    fence = first_daemon.running[MAILBOXES[0]]
+    with pytest.raises(LeaseLostError):
+        store.record_events(
+            [event(MAILBOXES[0])], fence=replace(fence, generation=fence.generation - 1)
+        )
+    assert store.list_events() == []
+    assert store.record_events([event(MAILBOXES[0])], fence=fence) == 1
