@@ -6,9 +6,10 @@ import contextlib
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -16,13 +17,16 @@ from prometheus_client import CollectorRegistry
 
 from emailsync.config import MailboxSettings, Settings, load_settings
 from emailsync.control import control_token, stopped_marker
-from emailsync.errors import ConfigError, ControlError
+from emailsync.errors import ConfigError, ControlError, StoreError
 from emailsync.imap.auth import Authenticator, make_authenticator
 from emailsync.metrics import Metrics
 from emailsync.store.base import Store
 from emailsync.systemd import Notifier
 from emailsync.web import WebServer
 from emailsync.worker import MailboxWorker, WorkerStatus
+
+if TYPE_CHECKING:
+    from emailsync.cluster import Cluster
 
 log = structlog.get_logger(__name__)
 
@@ -33,6 +37,7 @@ TOKEN_CHECK_SECONDS = 300.0
 TOKEN_REFRESH_AHEAD_SECONDS = 900.0  # refresh an access token this long before it expires
 
 AuthenticatorFactory = Callable[[MailboxSettings, Settings], Authenticator]
+ClusterFactory = Callable[["Supervisor"], "Cluster"]
 
 
 def credential_expiry(settings: Settings) -> datetime | None:
@@ -59,6 +64,7 @@ class Supervisor:
         registry: CollectorRegistry | None = None,
         authenticator_factory: AuthenticatorFactory = make_authenticator,
         notifier: Notifier | None = None,
+        cluster_factory: ClusterFactory | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -81,17 +87,62 @@ class Supervisor:
         expiry = credential_expiry(settings)
         if expiry is not None:
             self.metrics.client_secret_expiry.set(expiry.timestamp())
+        # With a shared store, leases decide which mailboxes this instance runs (cluster.py).
+        self.cluster = cluster_factory(self) if cluster_factory is not None else None
 
     # -- Control (for the HTTP listener) ----------------------------------------------------
 
     def statuses(self) -> list[WorkerStatus]:
-        """Every configured mailbox's status, running or stopped."""
+        """Every configured mailbox's status, running or stopped (or run by another instance)."""
         with self._lock:
             running = [w.snapshot() for w in self.workers.values()]
-            return sorted([*running, *self._stopped.values()], key=lambda s: s.address)
+            listed = sorted([*running, *self._stopped.values()], key=lambda s: s.address)
+        if self.cluster is not None:
+            listed = self._with_owners(listed, self.cluster)
+        return listed
+
+    def _with_owners(self, listed: list[WorkerStatus], cluster: Cluster) -> list[WorkerStatus]:
+        """Name each mailbox's owner; list the ones other instances run as ``remote``."""
+        try:
+            owners = cluster.owners()
+        except StoreError:
+            owners = {}
+        local = {s.address for s in listed}
+        for status in listed:
+            status.owner = cluster.instance_id
+        for mailbox in self.settings.mailboxes:
+            if mailbox.enabled and mailbox.address not in local:
+                listed.append(
+                    WorkerStatus(
+                        mailbox.address,
+                        "remote",
+                        mailbox.trigger,
+                        owner=owners.get(mailbox.address),
+                    )
+                )
+        return sorted(listed, key=lambda s: s.address)
 
     def start_sync(self, address: str | None) -> bool:
-        """Start Sync for one mailbox (False if unknown or stopped) or all."""
+        """Start Sync for one mailbox (False if unknown or stopped) or all.
+
+        In a cluster, a mailbox another instance runs gets it through the database.
+        """
+        done = self.start_sync_local(address)
+        if self.cluster is None or (done and address is not None):
+            return done
+        if address is not None and not any(
+            m.address == address.lower() and m.enabled for m in self.settings.mailboxes
+        ):
+            return False
+        try:
+            self.cluster.publish_sync(None if address is None else address.lower())
+        except StoreError as exc:
+            log.warning("start_sync_not_published", mailbox=address, error=str(exc))
+            return done
+        return True
+
+    def start_sync_local(self, address: str | None) -> bool:
+        """Start Sync for a mailbox whose worker runs in this process (or all of them)."""
         with self._lock:
             if address is None:
                 for each in self.workers.values():
@@ -140,12 +191,38 @@ class Supervisor:
         """The main loop ticked recently and every worker thread is alive."""
         with self._lock:
             alive = all(w.is_alive() for w in self.workers.values())
+        if self.cluster is not None and not self.cluster.healthy():
+            return False
         return alive and time.monotonic() - self._last_tick < 10 * TICK_SECONDS + 5
 
     def ready(self) -> bool:
         """Every mailbox has had its first connect attempt."""
         with self._lock:
-            return all(w.first_attempt_done.is_set() for w in self.workers.values())
+            started = all(w.first_attempt_done.is_set() for w in self.workers.values())
+        return started and (self.cluster is None or self.cluster.ready())
+
+    # -- Cluster (the lease keeper starts and stops workers) ----------------------------------
+
+    def run_mailbox(self, address: str, store: Store) -> bool:
+        """Start the mailbox's worker with its own (fenced) store; False if not configured."""
+        mailbox = next((m for m in self.settings.mailboxes if m.address == address), None)
+        if mailbox is None or not mailbox.enabled:
+            return False
+        with self._lock:
+            self._stop_worker(address)
+            self._start_worker(mailbox, store)
+        return True
+
+    def drop_mailboxes(self, addresses: Sequence[str]) -> None:
+        """Stop these workers together, wait for them, and forget them here."""
+        with self._lock:
+            workers = [w for a in addresses if (w := self.workers.pop(a, None)) is not None]
+        for worker in workers:
+            worker.stop()
+        deadline = time.monotonic() + SHUTDOWN_SECONDS
+        for worker in workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
+            self.metrics.forget_mailbox(worker.mailbox.address)
 
     # -- lifetime -------------------------------------------------------------------------------
 
@@ -163,9 +240,12 @@ class Supervisor:
             ) from None
         self.web.start()
         log.info("listening", address=f"{daemon.listen_host}:{self.web.port}")
-        with self._lock:
-            for mailbox in self.settings.mailboxes:
-                self._start_or_mark(mailbox)
+        if self.cluster is not None:
+            self.cluster.start()
+        else:
+            with self._lock:
+                for mailbox in self.settings.mailboxes:
+                    self._start_or_mark(mailbox)
         self._schedule_jobs()
         self.scheduler.start()
         try:
@@ -213,6 +293,8 @@ class Supervisor:
         log.info("stopping")
         with contextlib.suppress(Exception):
             self.scheduler.shutdown(wait=False)
+        if self.cluster is not None:
+            self.cluster.stop()  # its workers first, then the leases go back at once
         with self._lock:
             workers = list(self.workers.values())
         for worker in workers:
@@ -241,6 +323,9 @@ class Supervisor:
             self.notifier.ready(self.summary())
             return
         old = self.settings
+        if self.cluster is not None:
+            self._reload_cluster(old, new)
+            return
         everything_changed = (
             new.daemon != old.daemon or new.folders != old.folders or new.office365 != old.office365
         )
@@ -265,6 +350,29 @@ class Supervisor:
                     log.info("mailbox_added", mailbox=address)
         self.notifier.ready(self.summary())
 
+    def _reload_cluster(self, old: Settings, new: Settings) -> None:
+        """Stop workers of removed or changed mailboxes; the lease keeper does the rest.
+
+        Their leases lapse or are handed back, and a changed mailbox is claimed again (here
+        or elsewhere) with the new settings on a following heartbeat.
+        """
+        everything_changed = (
+            new.daemon != old.daemon or new.folders != old.folders or new.office365 != old.office365
+        )
+        new_by_address = {m.address: m for m in new.mailboxes}
+        self.settings = new
+        with self._lock:
+            changed = [
+                address
+                for address, worker in self.workers.items()
+                if everything_changed or new_by_address.get(address) != worker.mailbox
+            ]
+            for address in changed:
+                self._stop_worker(address)
+        for address in changed:
+            log.info("mailbox_restarted", mailbox=address)
+        self.notifier.ready(self.summary())
+
     # -- internals ------------------------------------------------------------------------------
 
     def _start_or_mark(self, mailbox: MailboxSettings) -> None:
@@ -273,12 +381,12 @@ class Supervisor:
         else:
             self._start_worker(mailbox)
 
-    def _start_worker(self, mailbox: MailboxSettings) -> None:
+    def _start_worker(self, mailbox: MailboxSettings, store: Store | None = None) -> None:
         self._stopped.pop(mailbox.address, None)
         worker = MailboxWorker(
             mailbox,
             self.settings,
-            self.store,
+            store or self.store,
             self.metrics,
             self.authenticator_factory(mailbox, self.settings),
         )
@@ -308,8 +416,8 @@ class Supervisor:
             ]
             for address in dead:
                 log.error("worker_died", mailbox=address)
-                mailbox = self.workers.pop(address).mailbox
-                self._start_worker(mailbox)
+                dead_worker = self.workers.pop(address)
+                self._start_worker(dead_worker.mailbox, dead_worker.store)
 
     def _schedule_jobs(self) -> None:
         daemon = self.settings.daemon

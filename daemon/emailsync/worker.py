@@ -40,6 +40,7 @@ from emailsync.errors import (
     AuthError,
     ConnectionLostError,
     FolderMissingError,
+    LeaseLostError,
     StoreUnavailableError,
     UidValidityChangedError,
 )
@@ -85,6 +86,7 @@ class WorkerStatus:
     last_error: str | None = None
     next_attempt: str | None = None
     filed: dict[str, int] = field(default_factory=dict)
+    owner: str | None = None  # the instance running it, with a shared (PostgreSQL) store
 
 
 def full_jitter_backoff(failures: int, cap: float, rng: random.Random) -> float:
@@ -129,6 +131,7 @@ class MailboxWorker(threading.Thread):
         self._sleep = threading.Event()  # interrupts back-off and poll waits
         self._session: ImapSession | None = None
         self._failures = 0
+        self._lease_lost = False
         self._oldest_queued: datetime | None = None
         self.state = State.CONNECTING
         self.status = WorkerStatus(mailbox.address, State.CONNECTING.value, mailbox.trigger)
@@ -221,6 +224,12 @@ class MailboxWorker(threading.Thread):
             error = str(exc)
             delay = self._backoff_delay(None)
             self.log.warning("folder_changed", error=str(exc), retry_in=round(delay, 2))
+        except LeaseLostError as exc:
+            # Another instance may own the mailbox now (emailsync.lease): move nothing more,
+            # drop the connection and wait, parked, for the lease keeper to stop us.
+            error = str(exc)
+            self.log.warning("lease_lost_parked", error=error)
+            self._lease_lost = True
         except StoreUnavailableError as exc:
             error = str(exc)
             delay = self._backoff_delay(None)
@@ -232,6 +241,12 @@ class MailboxWorker(threading.Thread):
         finally:
             self._close_session()
             self.first_attempt_done.set()
+        if self._lease_lost:
+            self._set_state(State.STOPPED, error=error)
+            while self._running:
+                self._sleep.wait(1.0)
+                self._sleep.clear()
+            return
         if delay is not None and self._running:
             if self.state is not State.NEEDS_REAUTH:
                 self._set_state(State.BACKOFF, error=error)

@@ -301,6 +301,15 @@ class PostgresStore:
         with translated(doing), self.pool.connection() as conn, conn.transaction():
             yield conn
 
+    def listen_connection(self) -> psycopg.Connection[Any]:
+        """A new autocommit connection outside the pool, for ``LISTEN`` (close it when done).
+
+        Raises psycopg errors untranslated: the listener owns its reconnect loop.
+        """
+        return psycopg.connect(
+            self._url, autocommit=True, connect_timeout=max(1, round(self._timeout))
+        )
+
     # -- schema -----------------------------------------------------------------------------
 
     def schema_version(self) -> int:

@@ -1,0 +1,234 @@
+"""Several daemons share the mailboxes through a real PostgreSQL: one owner each, failover,
+fencing of a paused owner, and Start Sync sent to an instance that does not own the mailbox."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import signal
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from emailsync.devserver import Dovecot
+from emailsync.store.postgres import PostgresStore
+
+from .conftest import MailUser, new_user, write_config
+from .daemonproc import RunningDaemon, daemon_config_extra, new_port, run_cli, wait_until
+from .test_filing import build_message, folder_subjects, queue
+
+pytestmark = pytest.mark.dovecot
+
+LEASE_SECONDS = 5
+CLIENT = "john@clients.example"
+
+
+class Cluster:
+    """Daemon subprocesses of one test, each with its own directory, port and instance id."""
+
+    def __init__(self, tmp_path: Path, users: list[MailUser], pg_url: str) -> None:
+        self.tmp_path = tmp_path
+        self.users = users
+        self.pg_url = pg_url
+        self.daemons: dict[str, RunningDaemon] = {}
+
+    def config(self, name: str, mailbox_extra: str = "") -> Path:
+        workdir = self.tmp_path / name
+        workdir.mkdir(exist_ok=True)
+        token_file = workdir / "control-token"
+        token_file.write_text(secrets.token_urlsafe(16) + "\n")
+        port = new_port()
+        # [cluster] goes after the [daemon] keys; the branch and mailbox tables follow it.
+        extra = daemon_config_extra(port, token_file, store=self.pg_url) + (
+            f'\n\n[cluster]\ninstance_id = "{name}"\nlease_seconds = {LEASE_SECONDS}\n'
+        )
+        return write_config(workdir, self.users, extra=extra, mailbox_extra=mailbox_extra)
+
+    def start(self, name: str, mailbox_extra: str = "") -> RunningDaemon:
+        config = self.config(name, mailbox_extra)
+        text = config.read_text()
+        port = int(text.split('listen = "127.0.0.1:', 1)[1].split('"', 1)[0])
+        token = (config.parent / "control-token").read_text().strip()
+        daemon = RunningDaemon(config, port, token, config.parent)
+        self.daemons[name] = daemon
+        daemon.wait_ready()
+        return daemon
+
+    def owners(self, via: str) -> dict[str, str | None]:
+        return {a: m.get("owner") for a, m in self.daemons[via].mailboxes().items()}
+
+    def owned(self, name: str) -> set[str]:
+        return {a for a, owner in self.owners(name).items() if owner == name}
+
+    def stop_all(self) -> None:
+        for daemon in self.daemons.values():
+            if daemon.process.poll() is None:
+                daemon.process.send_signal(signal.SIGCONT)
+            daemon.stop()
+
+
+@pytest.fixture
+def many_users(dovecot: Dovecot) -> list[MailUser]:
+    return [new_user(dovecot, prefix="cl") for _ in range(30)]
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, many_users: list[MailUser], pg_url: str) -> Iterator[Cluster]:
+    made = Cluster(tmp_path, many_users, pg_url)
+    config = made.config("setup")
+    result = run_cli(config, "groups", "add", "Smith", CLIENT)
+    assert result.returncode == 0, result.stderr
+    yield made
+    made.stop_all()
+
+
+def imap_connections(server: Dovecot) -> Counter[str]:
+    """IMAP connections per user, as Dovecot counts them (``doveadm who -1``)."""
+    out = server.doveadm("who", "-1", check=False).stdout
+    counts: Counter[str] = Counter()
+    for line in out.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 2 and fields[1] == "imap":
+            counts[fields[0]] += 1
+    return counts
+
+
+def balanced(cluster: Cluster, names: list[str], total: int) -> bool:
+    share = -(-total // len(names))
+    counts = [cluster.daemons[n].metric("emailsync_owned_mailboxes") for n in names]
+    return sum(c or 0 for c in counts) == total and all(
+        c is not None and c <= share for c in counts
+    )
+
+
+def events_by_subject(pg_url: str) -> Counter[str]:
+    store = PostgresStore(pg_url)
+    try:
+        return Counter(event.subject for event in store.list_events())
+    finally:
+        store.close()
+
+
+def test_three_instances_run_each_mailbox_once_and_start_sync_reaches_the_owner(
+    cluster: Cluster, many_users: list[MailUser], dovecot: Dovecot
+) -> None:
+    """30 manual mailboxes over 3 instances: 10 each, one IDLE connection per mailbox;
+    Start Sync sent to a non-owner files the mailbox; status names each owner."""
+    manual = 'trigger = "manual"'
+    for name in ("a", "b", "c"):
+        cluster.start(name, manual)
+    addresses = {u.address for u in many_users}
+    wait_until(lambda: balanced(cluster, ["a", "b", "c"], 30), timeout=40, interval=0.5)
+
+    def one_idle_each() -> bool:
+        counts = imap_connections(dovecot)
+        return all(counts[a] == 1 for a in addresses)
+
+    wait_until(one_idle_each, timeout=20, interval=0.5)
+    owners = cluster.owners("a")
+    assert set(owners) == addresses
+    assert Counter(owners.values()) == {"a": 10, "b": 10, "c": 10}
+
+    # Start Sync to "a" for a mailbox "b" owns: published, "b" files it.
+    target = next(u for u in many_users if owners[u.address] == "b")
+    queue(target, build_message(CLIENT, target.address, "sync via a"))
+    owner = cluster.daemons["b"]
+    wait_until(lambda: owner.metric("emailsync_queue_messages", mailbox=target.address) == 1)
+    assert folder_subjects(target, "Queue") == {"sync via a": set()}  # manual: still waiting
+    status, _ = cluster.daemons["a"].post(f"/v1/mailboxes/{target.address}/sync")
+    assert status == 202
+    wait_until(lambda: "sync via a" in folder_subjects(target, "Received"), timeout=10)
+    assert (
+        owner.metric("emailsync_sync_passes_total", mailbox=target.address, trigger="start_sync")
+        == 1
+    )
+    # `emailsync status` on any instance names the owner of every mailbox.
+    result = run_cli(cluster.daemons["c"].config, "status", "--json")
+    assert result.returncode == 0, result.stderr
+    shown = {s["address"]: s["owner"] for s in map(json.loads, result.stdout.splitlines())}
+    assert shown == owners
+
+
+def test_a_killed_instance_s_mailboxes_are_taken_over_and_mail_queued_meanwhile_filed_once(
+    cluster: Cluster, many_users: list[MailUser], dovecot: Dovecot, pg_url: str
+) -> None:
+    """kill -9 of one of 3: its mailboxes are IDLE elsewhere within lease + 15 s; the mail
+    queued while nobody watched them is filed once."""
+    for name in ("a", "b", "c"):
+        cluster.start(name)
+    wait_until(lambda: balanced(cluster, ["a", "b", "c"], 30), timeout=40, interval=0.5)
+    orphans = cluster.owned("c")
+    assert len(orphans) == 10
+    victim = cluster.daemons["c"]
+    victim.process.kill()
+    killed = time.monotonic()
+    victim.process.wait(5)
+    by_address = {u.address: u for u in many_users}
+    for address in orphans:
+        queue(by_address[address], build_message(CLIENT, address, f"while down {address}"))
+
+    def taken_over() -> bool:
+        owners = cluster.owners("a")
+        states = {**cluster.daemons["a"].mailboxes(), **cluster.daemons["b"].mailboxes()}
+        return all(
+            owners[a] in ("a", "b")
+            and any(
+                cluster.daemons[n].metric("emailsync_mailbox_state", mailbox=a, state="idle") == 1
+                for n in ("a", "b")
+            )
+            for a in orphans
+        ) and bool(states)
+
+    wait_until(taken_over, timeout=LEASE_SECONDS + 15, interval=0.5)
+    failover = time.monotonic() - killed
+    assert failover < LEASE_SECONDS + 15
+    for address in orphans:
+        wait_until(
+            lambda a=address: f"while down {a}" in folder_subjects(by_address[a], "Received"),
+            timeout=10,
+        )
+    events = events_by_subject(pg_url)
+    assert all(events[f"while down {a}"] == 1 for a in orphans)
+    assert all(folder_subjects(by_address[a], "Queue") == {} for a in orphans)
+    counts = imap_connections(dovecot)
+    assert all(counts[a] == 1 for a in by_address)
+    print(f"failover (kill -9 → 10 mailboxes IDLE elsewhere): {failover:.1f} s")
+
+
+def test_a_paused_instance_records_nothing_and_moves_nothing_after_its_lease_expired(
+    tmp_path: Path, dovecot: Dovecot, pg_url: str
+) -> None:
+    """SIGSTOP past the lease, mail arrives, SIGCONT: the old owner sees it and is fenced."""
+    users = [new_user(dovecot, prefix="st") for _ in range(4)]
+    cluster = Cluster(tmp_path, users, pg_url)
+    result = run_cli(cluster.config("setup"), "groups", "add", "Smith", CLIENT)
+    assert result.returncode == 0, result.stderr
+    try:
+        cluster.start("a")
+        cluster.start("b")
+        wait_until(lambda: balanced(cluster, ["a", "b"], 4), timeout=30, interval=0.5)
+        paused, other = cluster.daemons["a"], cluster.daemons["b"]
+        mailbox = sorted(cluster.owned("a"))[0]
+        user = next(u for u in users if u.address == mailbox)
+        paused.signal(signal.SIGSTOP)
+        wait_until(lambda: cluster.owned("b") == {u.address for u in users}, timeout=20)
+        # The new owner is paused too for a moment, so the mail is still in Queue when the
+        # old owner wakes: its IDLE connection announces it, and it tries a pass.
+        other.signal(signal.SIGSTOP)
+        queue(user, build_message(CLIENT, mailbox, "fenced"))
+        time.sleep(1)  # Dovecot tells IDLE clients 0.5 s after the mail lands
+        paused.signal(signal.SIGCONT)
+        wait_until(lambda: paused.metric("emailsync_lease_losses_total") == 2, timeout=10)
+        wait_until(lambda: '"lease_lost' in paused.log(), timeout=10)
+        time.sleep(1.5)
+        assert folder_subjects(user, "Queue") == {"fenced": set()}  # moved nothing
+        assert events_by_subject(pg_url)["fenced"] == 0  # recorded nothing
+        other.signal(signal.SIGCONT)
+        wait_until(lambda: "fenced" in folder_subjects(user, "Received"), timeout=15)
+        assert events_by_subject(pg_url)["fenced"] == 1
+        assert paused.metric("emailsync_timeline_events_total", mailbox=mailbox) in (None, 0)
+    finally:
+        cluster.stop_all()
