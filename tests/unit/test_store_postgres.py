@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -90,7 +91,16 @@ def test_a_restarted_server_is_unavailable_while_down_and_usable_after() -> None
         with pytest.raises(StoreUnavailableError):
             store.list_groups()
         server.start()
-        assert [g.name for g in store.list_groups()] == ["Smith"]
+        # The pool reconnects with its own back-off (1 s, doubling): usable within seconds.
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                assert [g.name for g in store.list_groups()] == ["Smith"]
+                break
+            except StoreUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
         store.close()
     finally:
         server.close()
