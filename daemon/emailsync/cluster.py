@@ -88,6 +88,18 @@ class Cluster:
         """Start the worker with a store that carries the lease's fencing token."""
         self.daemon.run_mailbox(address, FencedStore(self.store, fence, self.keeper))
 
+    def resume(self, address: str) -> bool:
+        """(Re)start a mailbox's worker if this instance holds its lease; True if it does.
+
+        For workers the supervisor stopped itself (reload, Stop Email Sync then setup): a
+        worker in a cluster must never run without its lease's fence.
+        """
+        fence = self.keeper.owned().get(address)
+        if fence is None:
+            return False
+        self.acquire_mailbox(address, fence)
+        return True
+
     def release_mailboxes(self, addresses: Sequence[str]) -> None:
         """Stop the workers (the keeper releases or has lost their leases)."""
         self.daemon.drop_mailboxes(addresses)

@@ -182,6 +182,13 @@ class Supervisor:
         if mailbox is None or not mailbox.enabled:
             return False
         stopped_marker(self.settings, address).unlink(missing_ok=True)
+        if self.cluster is not None:
+            # Only under its lease; another instance may be the owner (then it runs there).
+            with self._lock:
+                running = address in self.workers
+            if not running:
+                self.cluster.resume(address)
+            return True
         with self._lock:
             if address not in self.workers:
                 self._start_worker(mailbox)
@@ -351,10 +358,10 @@ class Supervisor:
         self.notifier.ready(self.summary())
 
     def _reload_cluster(self, old: Settings, new: Settings) -> None:
-        """Stop workers of removed or changed mailboxes; the lease keeper does the rest.
+        """Restart changed mailboxes under their leases; the lease keeper does the rest.
 
-        Their leases lapse or are handed back, and a changed mailbox is claimed again (here
-        or elsewhere) with the new settings on a following heartbeat.
+        A changed mailbox restarts here with the new settings and the same fence; a removed
+        one's lease is handed back and a new one is claimed on a following heartbeat.
         """
         everything_changed = (
             new.daemon != old.daemon or new.folders != old.folders or new.office365 != old.office365
@@ -370,6 +377,8 @@ class Supervisor:
             for address in changed:
                 self._stop_worker(address)
         for address in changed:
+            if address in new_by_address and self.cluster is not None:
+                self.cluster.resume(address)  # same lease, new settings
             log.info("mailbox_restarted", mailbox=address)
         self.notifier.ready(self.summary())
 

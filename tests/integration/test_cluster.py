@@ -34,25 +34,26 @@ class Cluster:
         self.users = users
         self.pg_url = pg_url
         self.daemons: dict[str, RunningDaemon] = {}
+        self.ports: dict[str, int] = {}
 
     def config(self, name: str, mailbox_extra: str = "") -> Path:
+        """Write ``name``'s config (again: same port and token, new mailbox settings)."""
         workdir = self.tmp_path / name
         workdir.mkdir(exist_ok=True)
-        token_file = workdir / "control-token"
-        token_file.write_text(secrets.token_urlsafe(16) + "\n")
-        port = new_port()
-        # [cluster] goes after the [daemon] keys; the branch and mailbox tables follow it.
-        extra = daemon_config_extra(port, token_file, store=self.pg_url) + (
-            f'\n\n[cluster]\ninstance_id = "{name}"\nlease_seconds = {LEASE_SECONDS}\n'
-        )
+        if name not in self.ports:
+            self.ports[name] = new_port()
+            (workdir / "control-token").write_text(secrets.token_urlsafe(16) + "\n")
+        extra = daemon_config_extra(
+            self.ports[name], workdir / "control-token", store=self.pg_url
+        ) + (f'\n\n[cluster]\ninstance_id = "{name}"\nlease_seconds = {LEASE_SECONDS}\n')
+        # [cluster] follows the [daemon] keys; the branch and mailbox tables come after it.
         return write_config(workdir, self.users, extra=extra, mailbox_extra=mailbox_extra)
 
     def start(self, name: str, mailbox_extra: str = "") -> RunningDaemon:
+        """Start instance ``name`` and wait until it is ready."""
         config = self.config(name, mailbox_extra)
-        text = config.read_text()
-        port = int(text.split('listen = "127.0.0.1:', 1)[1].split('"', 1)[0])
         token = (config.parent / "control-token").read_text().strip()
-        daemon = RunningDaemon(config, port, token, config.parent)
+        daemon = RunningDaemon(config, self.ports[name], token, config.parent)
         self.daemons[name] = daemon
         daemon.wait_ready()
         return daemon
@@ -230,5 +231,34 @@ def test_a_paused_instance_records_nothing_and_moves_nothing_after_its_lease_exp
         wait_until(lambda: "fenced" in folder_subjects(user, "Received"), timeout=15)
         assert events_by_subject(pg_url)["fenced"] == 1
         assert paused.metric("emailsync_timeline_events_total", mailbox=mailbox) in (None, 0)
+    finally:
+        cluster.stop_all()
+
+
+def test_sighup_restarts_a_changed_mailbox_under_its_lease(
+    tmp_path: Path, dovecot: Dovecot, pg_url: str
+) -> None:
+    """A mailbox switched from manual to auto by SIGHUP runs again, here, and files by IDLE."""
+    users = [new_user(dovecot, prefix="hup") for _ in range(2)]
+    cluster = Cluster(tmp_path, users, pg_url)
+    result = run_cli(cluster.config("setup"), "groups", "add", "Smith", CLIENT)
+    assert result.returncode == 0, result.stderr
+    try:
+        daemon = cluster.start("a", 'trigger = "manual"')
+        wait_until(lambda: daemon.metric("emailsync_owned_mailboxes") == 2, timeout=15)
+        user = users[0]
+        cluster.config("a", 'trigger = "auto"')
+        daemon.signal(signal.SIGHUP)
+        wait_until(lambda: '"mailbox_restarted"' in daemon.log(), timeout=10)
+        wait_until(
+            lambda: (
+                daemon.metric("emailsync_mailbox_state", mailbox=user.address, state="idle") == 1
+            ),
+            timeout=15,
+        )
+        queue(user, build_message(CLIENT, user.address, "after reload"))
+        wait_until(lambda: "after reload" in folder_subjects(user, "Received"), timeout=10)
+        assert imap_connections(dovecot)[user.address] == 1
+        assert daemon.metric("emailsync_owned_mailboxes") == 2
     finally:
         cluster.stop_all()
