@@ -8,7 +8,9 @@ Every instance registers a heartbeat row in ``cluster_instances`` and holds leas
    a lease it did not get back was lost: that mailbox's worker stops at once;
 2. computes its fair share, ceil(mailboxes / live instances);
 3. above it, stops a few workers and releases their leases (re-balancing slowly, so a
-   joining instance never makes the cluster drop everything at once); below it, claims
+   joining instance never makes the cluster drop everything at once; above the floor while
+   another live instance is below it, one a heartbeat, so shares end within one of each
+   other); below it, claims
    free or expired leases with ``SELECT … FOR UPDATE SKIP LOCKED`` (instances claiming at
    the same moment take different rows, none waits) and starts their workers.
 
@@ -61,7 +63,16 @@ _HEARTBEAT = """
     VALUES (%(me)s, now(), now() + %(lease)s)
     ON CONFLICT (instance_id) DO UPDATE SET heartbeat_at = now(), expires_at = now() + %(lease)s
 """
-_LIVE_INSTANCES = "SELECT count(*) FROM cluster_instances WHERE expires_at > now()"
+# Live instances, and the fewest leases any of them holds (0 for a newcomer).
+_LIVE_INSTANCES = """
+    SELECT count(*), coalesce(min(held), 0) FROM (
+        SELECT i.instance_id, count(l.mailbox) AS held
+        FROM cluster_instances AS i
+        LEFT JOIN mailbox_leases AS l ON l.owner = i.instance_id AND l.expires_at > now()
+        WHERE i.expires_at > now()
+        GROUP BY i.instance_id
+    ) AS live
+"""
 _RENEW = """
     UPDATE mailbox_leases SET expires_at = now() + %(lease)s
     WHERE owner = %(me)s AND mailbox = ANY(%(mailboxes)s) AND expires_at > now()
@@ -112,12 +123,15 @@ class LeaseTable:
         with self.store.transaction("register mailboxes") as conn:
             conn.execute(_REGISTER, (list(mailboxes),))
 
-    def heartbeat(self) -> int:
-        """Renew this instance's row; return how many instances are live (this one included)."""
+    def heartbeat(self) -> tuple[int, int]:
+        """Renew this instance's row; return how many instances are live (this one included)
+        and the fewest leases any live instance holds."""
         with self.store.transaction("heartbeat") as conn:
             conn.execute(_HEARTBEAT, {"me": self.instance_id, "lease": self.lease})
             row = conn.execute(_LIVE_INSTANCES).fetchone()
-        return max(1, int(row[0]) if row else 1)
+        if row is None:
+            return 1, 0
+        return max(1, int(row[0])), int(row[1])
 
     def renew(self, mailboxes: Iterable[str]) -> dict[str, int]:
         """Extend the leases still held; return them as mailbox → generation."""
@@ -278,16 +292,21 @@ class LeaseKeeper:
             if frozenset(wanted) != self._registered:
                 self.table.register(wanted)
                 self._registered = frozenset(wanted)
-            live = self.table.heartbeat()
+            live, fewest = self.table.heartbeat()
             self._renew()
             share = math.ceil(len(wanted) / live) if wanted else 0
+            floor = len(wanted) // live
             owned = self.owned()
             unwanted = [f for m, f in owned.items() if m not in set(wanted)]
+            by_name = sorted(owned.values(), key=lambda f: f.mailbox)
             if unwanted:
                 self._hand_back(unwanted, reason="not_configured")
             elif len(owned) > share:
-                extra = sorted(owned.values(), key=lambda f: f.mailbox)[share:]
-                self._hand_back(extra[:REBALANCE_STEP], reason="rebalance")
+                self._hand_back(by_name[share:][:REBALANCE_STEP], reason="rebalance")
+            elif len(owned) > floor and fewest < floor:
+                # Everyone is within the ceiling, but one instance is below the floor (it
+                # joined late and found little free): one each, until all are within one.
+                self._hand_back(by_name[floor:][:1], reason="rebalance")
             elif len(owned) < share:
                 self._claim([m for m in wanted if m not in owned], share - len(owned))
         except StoreError as exc:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import secrets
 import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -117,7 +118,8 @@ def test_three_instances_run_each_mailbox_once_and_start_sync_reaches_the_owner(
     cluster: Cluster, many_users: list[MailUser], dovecot: Dovecot
 ) -> None:
     """30 manual mailboxes over 3 instances: 10 each, one IDLE connection per mailbox;
-    Start Sync sent to a non-owner files the mailbox; status names each owner."""
+    Start Sync sent to a non-owner files the mailbox; status names each owner; a fourth
+    instance joins and the shares re-balance with never two connections for a mailbox."""
     manual = 'trigger = "manual"'
     for name in ("a", "b", "c"):
         cluster.start(name, manual)
@@ -151,6 +153,32 @@ def test_three_instances_run_each_mailbox_once_and_start_sync_reaches_the_owner(
     assert result.returncode == 0, result.stderr
     shown = {s["address"]: s["owner"] for s in map(json.loads, result.stdout.splitlines())}
     assert shown == owners
+
+    # A fourth instance joins: shares re-balance to 8/8/7/7, never two connections at once.
+    most: Counter[str] = Counter()
+    samples = 0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal samples
+        while not done.is_set():
+            for address, count in imap_connections(dovecot).items():
+                most[address] = max(most[address], count)
+            samples += 1
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        cluster.start("d", manual)
+        wait_until(lambda: balanced(cluster, ["a", "b", "c", "d"], 30), timeout=40, interval=0.5)
+        wait_until(one_idle_each, timeout=20, interval=0.5)
+    finally:
+        done.set()
+        sampler.join()
+    assert samples > 10
+    assert max(most[a] for a in addresses) == 1
+    assert sorted(Counter(cluster.owners("d").values()).values()) == [7, 7, 8, 8]
 
 
 def test_a_killed_instance_s_mailboxes_are_taken_over_and_mail_queued_meanwhile_filed_once(

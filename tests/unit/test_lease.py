@@ -181,3 +181,20 @@ def test_a_fence_with_an_old_generation_is_refused_by_the_store(store: PostgresS
         )
     assert store.list_events() == []
     assert store.record_events([event(MAILBOXES[0])], fence=fence) == 1
+
+
+def test_a_late_joiner_brings_shares_within_one_of_each_other(store: PostgresStore) -> None:
+    """10 mailboxes, a third keeper joins two that hold 5 each: the end is 4/3/3, not 5/4/1."""
+    keepers = [keeper(store, name) for name in ("a", "b", "c")]
+    for each, _, _ in keepers[:2]:
+        each.tick()
+    keepers[0][0].tick()
+    keepers[1][0].tick()
+    for _ in range(6):
+        for each, _, _ in keepers:
+            each.tick()
+    counts = sorted(len(daemon.running) for _, daemon, _ in keepers)
+    assert counts == [3, 3, 4]
+    running = [set(daemon.running) for _, daemon, _ in keepers]
+    assert set.union(*running) == set(MAILBOXES)
+    assert sum(len(r) for r in running) == len(MAILBOXES)
