@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from emailsync.devpostgres import Postgres
 from emailsync.devserver import Dovecot
 from emailsync.store.postgres import PostgresStore
 
@@ -290,3 +291,53 @@ def test_sighup_restarts_a_changed_mailbox_under_its_lease(
         assert daemon.metric("emailsync_owned_mailboxes") == 2
     finally:
         cluster.stop_all()
+
+
+def test_instances_ride_out_a_postgresql_restart_without_a_double_owner(
+    tmp_path: Path, dovecot: Dovecot
+) -> None:
+    """PostgreSQL down for 3 s and back: the instances reconnect, every mailbox ends with one
+    connection (never two on the way), and mail queued around the restart is filed once."""
+    server = Postgres()
+    server.start()
+    users = [new_user(dovecot, prefix="pgr") for _ in range(6)]
+    pg_url = server.create_database()
+    cluster = Cluster(tmp_path, users, pg_url)
+    result = run_cli(cluster.config("setup"), "groups", "add", "Smith", CLIENT)
+    assert result.returncode == 0, result.stderr
+    addresses = {u.address for u in users}
+    most: Counter[str] = Counter()
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            for address, count in imap_connections(dovecot).items():
+                most[address] = max(most[address], count)
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample)
+    try:
+        cluster.start("a")
+        cluster.start("b")
+        wait_until(lambda: balanced(cluster, ["a", "b"], 6), timeout=30, interval=0.5)
+        sampler.start()
+        server.stop()
+        queue(users[0], build_message(CLIENT, users[0].address, "during outage"))
+        time.sleep(3)
+        server.start()
+        queue(users[1], build_message(CLIENT, users[1].address, "after outage"))
+        wait_until(lambda: balanced(cluster, ["a", "b"], 6), timeout=30, interval=0.5)
+        wait_until(lambda: all(imap_connections(dovecot)[a] == 1 for a in addresses), timeout=20)
+        for user, subject in ((users[0], "during outage"), (users[1], "after outage")):
+            wait_until(lambda u=user, s=subject: s in folder_subjects(u, "Received"), timeout=30)
+        events = events_by_subject(pg_url)
+        assert events["during outage"] == 1
+        assert events["after outage"] == 1
+    finally:
+        done.set()
+        if sampler.is_alive():
+            sampler.join()
+        cluster.stop_all()
+        server.close()
+    # The test's own IMAP sessions (queue, folder checks) touch users 0 and 1 only.
+    assert max(most[u.address] for u in users[2:]) == 1
