@@ -51,6 +51,8 @@ REBALANCE_STEP = 5
 # The local deadline stops a worker this fraction of the lease before the database's expiry,
 # so clock-rate differences between hosts never let two owners overlap.
 LOCAL_DEADLINE_MARGIN = 0.1
+# How long stop() waits for a heartbeat in progress.
+STOP_JOIN_SECONDS = 2.0
 # The keeper re-checks local deadlines at least this often between heartbeats.
 DEADLINE_CHECK_SECONDS = 0.25
 
@@ -250,7 +252,9 @@ class LeaseKeeper:
         """Stop heartbeats, stop every owned worker, then release the leases and leave."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(self.lease_seconds)
+            # Bounded: SIGTERM must end the daemon within 10 s; a tick stuck on an unreachable
+            # store claims nothing once stop is set (see _claim).
+            self._thread.join(STOP_JOIN_SECONDS)
         with self._lock:
             fences = list(self._owned.values())
         self.hooks.release_mailboxes([fence.mailbox for fence in fences])
@@ -333,9 +337,15 @@ class LeaseKeeper:
         self._lose(lost, reason="not_renewed")
 
     def _claim(self, candidates: list[str], limit: int) -> None:
+        if self._stop.is_set():
+            return
         started = time.monotonic()
         fences = self.table.claim(candidates, limit)
         deadline = started + self.lease_seconds * (1 - LOCAL_DEADLINE_MARGIN)
+        if self._stop.is_set():
+            # Stopping while the claim ran: hand them straight back, start nothing.
+            self.table.release(fences)
+            return
         for fence in fences:
             with self._lock:
                 self._owned[fence.mailbox] = fence
