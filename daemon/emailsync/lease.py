@@ -211,6 +211,7 @@ class LeaseKeeper:
         metrics: ClusterMetrics,
         *,
         lease_seconds: float,
+        announce_first: bool = True,
     ) -> None:
         self.table = table
         self.hooks = hooks
@@ -224,7 +225,12 @@ class LeaseKeeper:
         self._registered: frozenset[str] = frozenset()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.ticks = 0  # completed heartbeats: the positive signal tests look for
+        # The first heartbeat only announces this instance: instances started together then
+        # see each other before claiming, instead of the first one taking every mailbox and
+        # handing most of them back a few at a time.
+        self._announce_pending = announce_first
+        self._last_renewal = 0.0
+        self.ticks = 0  # completed claiming heartbeats: ready, and the tests' positive signal
 
     @property
     def instance_id(self) -> str:
@@ -298,6 +304,10 @@ class LeaseKeeper:
                 self._registered = frozenset(wanted)
             live, fewest = self.table.heartbeat()
             self._renew()
+            if self._announce_pending:
+                self._announce_pending = False
+                self.log.info("cluster_announced", live_instances=live)
+                return
             share = math.ceil(len(wanted) / live) if wanted else 0
             floor = len(wanted) // live
             owned = self.owned()
@@ -324,6 +334,7 @@ class LeaseKeeper:
         if not owned:
             return
         started = time.monotonic()
+        self._last_renewal = started
         held = self.table.renew(owned)
         deadline = started + self.lease_seconds * (1 - LOCAL_DEADLINE_MARGIN)
         lost: list[Fence] = []
@@ -346,13 +357,21 @@ class LeaseKeeper:
             # Stopping while the claim ran: hand them straight back, start nothing.
             self.table.release(fences)
             return
-        for fence in fences:
-            with self._lock:
+        # Owned (and so renewed) from now on, all of them, before any worker starts.
+        with self._lock:
+            for fence in fences:
                 self._owned[fence.mailbox] = fence
                 self._deadlines[fence.mailbox] = deadline
-            self.metrics.owned_mailboxes.set(len(self.owned()))
+        self.metrics.owned_mailboxes.set(len(self.owned()))
+        for fence in fences:
+            if not self.holds(fence):
+                continue  # lost while the others started: its worker must not start
             self.log.info("lease_acquired", mailbox=fence.mailbox, generation=fence.generation)
             self.hooks.acquire_mailbox(fence.mailbox, fence)
+            # Starting hundreds of workers takes a while on a busy host: keep renewing, or
+            # the leases would pass their deadline before the loop ends.
+            if time.monotonic() - self._last_renewal >= self.heartbeat_seconds:
+                self._renew()
 
     def _hand_back(self, fences: list[Fence], *, reason: str) -> None:
         """Stop the workers first, then release: never two IDLE connections for a mailbox."""

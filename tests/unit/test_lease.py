@@ -49,13 +49,19 @@ def store(pg_url: str) -> Iterator[PostgresStore]:
 
 
 def keeper(
-    store: PostgresStore, name: str, lease_seconds: float = 30.0
+    store: PostgresStore, name: str, lease_seconds: float = 30.0, *, announce_first: bool = False
 ) -> tuple[LeaseKeeper, Daemon, CollectorRegistry]:
     registry = CollectorRegistry()
     daemon = Daemon(MAILBOXES)
     table = LeaseTable(store, name, lease_seconds)
     return (
-        LeaseKeeper(table, daemon, ClusterMetrics(registry), lease_seconds=lease_seconds),
+        LeaseKeeper(
+            table,
+            daemon,
+            ClusterMetrics(registry),
+            lease_seconds=lease_seconds,
+            announce_first=announce_first,
+        ),
         daemon,
         registry,
     )
@@ -198,3 +204,44 @@ def test_a_late_joiner_brings_shares_within_one_of_each_other(store: PostgresSto
     running = [set(daemon.running) for _, daemon, _ in keepers]
     assert set.union(*running) == set(MAILBOXES)
     assert sum(len(r) for r in running) == len(MAILBOXES)
+
+
+def test_keepers_started_together_announce_first_and_share_without_handing_back(
+    store: PostgresStore,
+) -> None:
+    """The first heartbeat only registers; the next claims the fair share straight away."""
+    pair = [keeper(store, name, announce_first=True) for name in ("a", "b")]
+    for each, daemon, _ in pair:
+        each.tick()
+        assert daemon.running == {}
+        assert each.ticks == 0
+    for each, _, _ in pair:
+        each.tick()
+    assert [len(daemon.running) for _, daemon, _ in pair] == [5, 5]
+    assert all(daemon.stopped == [] for _, daemon, _ in pair)
+    assert all(each.ticks == 1 for each, _, _ in pair)
+
+
+class SlowDaemon(Daemon):
+    """Starting a worker takes 0.2 s, as on a busy host with hundreds of them."""
+
+    def acquire_mailbox(self, address: str, fence: Fence) -> None:
+        time.sleep(0.2)
+        super().acquire_mailbox(address, fence)
+
+
+def test_leases_are_renewed_while_many_workers_start(store: PostgresStore) -> None:
+    """10 slow starts (2 s) outlast a 1.5 s lease: the keeper renews meanwhile, keeps all."""
+    registry = CollectorRegistry()
+    daemon = SlowDaemon(MAILBOXES)
+    slow = LeaseKeeper(
+        LeaseTable(store, "slow", 1.5),
+        daemon,
+        ClusterMetrics(registry),
+        lease_seconds=1.5,
+        announce_first=False,
+    )
+    slow.tick()
+    assert len(daemon.running) == 10
+    assert all(slow.holds(fence) for fence in daemon.running.values())
+    assert set(slow.table.renew(MAILBOXES)) == set(MAILBOXES)  # the database agrees
