@@ -16,6 +16,8 @@ State machine (the ``mailbox_state`` metric shows the current state)::
                                     or at once on Start Sync / reload; never hammering)
 
     stop() from any state ─▶ stopped (the message batch in flight is finished, then LOGOUT)
+    lease lost (LeaseLostError, PostgreSQL store) ─▶ stopped at once: connection dropped,
+        nothing recorded or moved; parked until the lease keeper calls stop()
 
 ``trigger = "manual"`` mailboxes keep IDLE for queue depth but file only on Start Sync.
 A server without IDLE is polled every ``poll_seconds``.
