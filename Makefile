@@ -5,7 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all setup system-deps demo test lint typecheck unit integration bench bench-full soak clean
+.PHONY: all setup system-deps demo demo-crm test lint typecheck unit integration bench bench-full soak \
+	clean dist test-dist deb test-deb deb-deps
 
 all: test
 
@@ -24,6 +25,9 @@ setup: $(STAMP)
 
 demo: setup
 	$(BIN)/emailsync demo
+
+demo-crm: setup  # the same against the reference CRM: groups from it, events delivered to it
+	$(BIN)/emailsync demo --crm
 
 lint: setup
 	$(BIN)/ruff check .
@@ -47,5 +51,31 @@ test: setup lint typecheck
 bench: setup
 	$(BIN)/python bench/run.py
 
+# Issue 7's soak: 200 mailboxes, 10 minutes of mail and random faults (make test runs 60 s of 20).
+soak: setup
+	EMAILSYNC_SOAK_SECONDS=600 EMAILSYNC_SOAK_MAILBOXES=200 \
+		$(BIN)/python -m pytest tests/integration/test_soak.py -q -s
+# sdist + wheel into dist/ (version from daemon/emailsync/__init__.py).
+dist: setup
+	$(BIN)/python -m build --outdir dist .
+
+# Builds both, installs the wheel in a fresh venv, runs --version, check-config and demo --once.
+test-dist: setup
+	bash .ci/test-dist
+
+# Debian packages `make deb` needs (debhelper, dh-virtualenv); not needed by `make test`.
+deb-deps:
+	@bash .ci/deb-deps
+
+# dist/emailsync_<version>_amd64.deb (dh-virtualenv: Python deps in /opt/venvs/emailsync; pip
+# fetches them from PyPI at build time). Version: emailsync.__version__ = debian/changelog.
+deb: deb-deps
+	bash .ci/build-deb
+
+# Builds the .deb, dpkg -i on this machine (root), --version, check-config on the example,
+# systemd-analyze verify on the installed units, then dpkg --purge and checks nothing is left.
+test-deb: deb-deps
+	bash .ci/test-deb
+
 clean:
-	rm -rf $(VENV) .demo .mypy_cache .ruff_cache .pytest_cache build *.egg-info
+	rm -rf $(VENV) .demo .mypy_cache .ruff_cache .pytest_cache build dist *.egg-info

@@ -6,6 +6,8 @@
    (see ``throughput.py``); median of REPEATS fresh Queues each.
 2. APPEND→filed latency: the daemon as a subprocess versus Dovecot's own IDLE notification
    delay on the same messages (see ``latency.py``).
+3. CRM throughput: an all-linked backlog filed against the reference CRM (its own process,
+   signed HTTP on loopback) versus the SQLite store, same corpus (see ``crm.py``).
 
 Prints a table; ``--json FILE`` also writes the figures. Exits 1 when anything failed (a
 message not filed, a wrong folder count, the daemon not stopping cleanly), never on timings.
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from corpus import Directory
+from crm import CrmThroughputResult, run_crm_throughput
 from latency import LatencyResult, run_latency
 from testbed import Testbed
 from throughput import PHASES, ThroughputResult, Trial, run_throughput
@@ -54,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging("json", "info", stream=sink)
         started = time.monotonic()
         try:
-            report = _run(messages, latency_messages)
+            report = _run(messages, latency_messages, args.crm_messages or messages)
         except Exception:
             traceback.print_exc()
             return 1
@@ -83,6 +86,11 @@ def _parser() -> argparse.ArgumentParser:
         type=_positive,
         help=f"messages timed one by one (default {DEFAULT_LATENCY_MESSAGES})",
     )
+    parser.add_argument(
+        "--crm-messages",
+        type=_positive,
+        help="all-linked backlog for the CRM-vs-SQLite row (default: --messages)",
+    )
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the figures here")
     return parser
 
@@ -94,18 +102,20 @@ def _positive(text: str) -> int:
     return value
 
 
-def _run(messages: int, latency_messages: int) -> dict[str, Any]:
+def _run(messages: int, latency_messages: int, crm_messages: int) -> dict[str, Any]:
     directory = Directory.build(random.Random(SEED))  # noqa: S311 -- test data, not cryptography
     with Testbed(directory) as testbed:
         throughput = run_throughput(testbed, messages, REPEATS, SEED)
         latency = run_latency(testbed, latency_messages, SEED + 100, testbed.workdir)
+        crm = run_crm_throughput(testbed, crm_messages, REPEATS, SEED + 200)
     return {
         "messages": messages,
         "repeats": REPEATS,
         "groups": len(directory.groups),
         "throughput": _throughput_figures(throughput),
         "latency": _latency_figures(latency),
-        "problems": throughput.problems + latency.problems,
+        "crm": _crm_figures(crm, crm_messages),
+        "problems": throughput.problems + latency.problems + crm.problems,
     }
 
 
@@ -119,6 +129,36 @@ def _throughput_figures(result: ThroughputResult) -> dict[str, Any]:
         "baseline_seconds": [round(t.seconds, 4) for t in result.baseline],
         "emailsync_seconds": [round(t.seconds, 4) for t in result.emailsync],
         "emailsync_phase_share": _phase_shares(result.emailsync),
+    }
+
+
+def _crm_figures(result: CrmThroughputResult, messages: int) -> dict[str, Any]:
+    sqlite = statistics.median(t.rate for t in result.sqlite)
+    crm = statistics.median(t.rate for t in result.crm)
+    return {
+        "messages": messages,
+        "sqlite_messages_per_second": round(sqlite, 1),
+        "crm_messages_per_second": round(crm, 1),
+        "ratio": round(crm / sqlite, 3),
+        # Each trial files the same corpus with both stores back to back: the median of those
+        # pairs' ratios is less exposed to load that changes between trials on a shared machine.
+        "paired_ratio_median": round(
+            statistics.median(
+                c.rate / s.rate for s, c in zip(result.sqlite, result.crm, strict=True)
+            ),
+            3,
+        ),
+        "store_ms_per_message": {
+            "sqlite": round(
+                statistics.median(t.phases["store"] / t.messages for t in result.sqlite) * 1000, 3
+            ),
+            "crm": round(
+                statistics.median(t.phases["store"] / t.messages for t in result.crm) * 1000, 3
+            ),
+        },
+        "sqlite_seconds": [round(t.seconds, 4) for t in result.sqlite],
+        "crm_seconds": [round(t.seconds, 4) for t in result.crm],
+        "crm_phase_share": _phase_shares(result.crm),
     }
 
 
@@ -193,6 +233,19 @@ def _table(report: dict[str, Any]) -> str:
     lines.append(
         f"  daemon's filing_latency_seconds histogram mean: {lat['daemon_histogram_mean_ms']} ms"
     )
+    crm = report["crm"]
+    crm_shares = ", ".join(f"{k} {v:.0%}" for k, v in crm["crm_phase_share"].items())
+    lines += [
+        "",
+        f"{'CRM throughput (all linked, ' + str(crm['messages']) + ' msgs)':34}{'msg/s':>10}",
+        f"  {'emailsync + SQLite store':32}{crm['sqlite_messages_per_second']:>10.1f}",
+        f"  {'emailsync + reference CRM':32}{crm['crm_messages_per_second']:>10.1f}",
+        f"  {'ratio CRM / SQLite (goal >= 0.7)':32}{crm['ratio']:>10.3f}",
+        f"  {'median ratio of paired passes':32}{crm['paired_ratio_median']:>10.3f}",
+        f"  store ms/message: SQLite {crm['store_ms_per_message']['sqlite']},"
+        f" CRM {crm['store_ms_per_message']['crm']}",
+        f"  CRM time: {crm_shares}",
+    ]
     return "\n".join(lines)
 
 

@@ -24,6 +24,7 @@ from corpus import BenchMessage, make_corpus
 from testbed import OWNER_ALIAS, BenchMailbox, Testbed, append_all, folder_counts
 
 from emailsync import filing
+from emailsync.config import CrmSettings
 from emailsync.filing import FETCH_BATCH, Filer, QueueSession
 from emailsync.imap.folders import FolderTree
 from emailsync.imap.session import ImapSession
@@ -104,6 +105,7 @@ class TimedStore:
         self._store = store
         self.groups_for_addresses = clock.wrap("store", store.groups_for_addresses)
         self.record_events = clock.wrap("store", store.record_events)
+        self.record_events_checked = clock.wrap("store", store.record_events_checked)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
@@ -181,12 +183,17 @@ def baseline_pass(
 
 
 def _emailsync_trial(
-    testbed: Testbed, corpus: Sequence[BenchMessage], problems: list[str]
+    testbed: Testbed,
+    corpus: Sequence[BenchMessage],
+    problems: list[str],
+    *,
+    crm: CrmSettings | None = None,
 ) -> Trial:
     mailbox = testbed.new_mailbox()
     _seed(mailbox, corpus)
     settings = mailbox.settings()
-    store = open_store(settings.store_url, settings.daemon.state_dir)
+    # With ``crm`` the groups and events are the CRM's (bench/crm.py), else the mailbox's SQLite.
+    store = open_store(settings.store_url, settings.daemon.state_dir, crm)
     session = mailbox.open_session()
     clock = PhaseClock()
     filer = Filer(

@@ -30,13 +30,15 @@ from emailsync.errors import (
     EmailSyncError,
     MailboxError,
     StoreError,
+    StoreUnavailableError,
 )
 from emailsync.filing import Filer, PassResult
 from emailsync.imap.auth import Office365Authenticator, make_authenticator
 from emailsync.imap.session import ImapSession
 from emailsync.logs import configure_logging
 from emailsync.model import OUTCOME_KEYWORD, FolderRole, Outcome, TimelineEvent
-from emailsync.store import open_store
+from emailsync.progress import progress
+from emailsync.store import check_store_url, open_store
 from emailsync.store.base import Store
 from emailsync.store.csvimport import read_group_csv
 
@@ -107,7 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     command("run", cmd_run, "the daemon, in the foreground")
-    command("check-config", cmd_check_config, "validate the config and the presence of secrets")
+    p = command("check-config", cmd_check_config, "validate the config and the presence of secrets")
+    p.add_argument(
+        "--skip-secrets",
+        action="store_true",
+        help="check the config's structure only, not that its secret files can be read "
+        "(e.g. an example config, or on a build host without the secrets)",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="one JSON object: ok, counts and every problem"
+    )
 
     p = command("setup", cmd_setup, "log in and create + subscribe the folder tree")
     p.add_argument("address", help="the mailbox address")
@@ -120,10 +131,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--once", action="store_true", help="one pass and exit (the default without a daemon)"
     )
     p.add_argument("--dry-run", action="store_true", help="print what would happen; change nothing")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per line: each decision (with --dry-run), then a per-mailbox summary",
+    )
 
     p = command("start-sync", cmd_start_sync, "send Start Sync to the running daemon")
     p.add_argument("addresses", nargs="*", metavar="ADDRESS")
     p.add_argument("--all", action="store_true", help="every mailbox")
+    p.add_argument(
+        "--include-stuck",
+        action="store_true",
+        help="also retry messages quarantined in Queue ($EmailSyncStuck)",
+    )
 
     p = command("stop", cmd_stop, "Stop Email Sync for a mailbox (forgets its tokens)")
     p.add_argument("address")
@@ -131,10 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("status", cmd_status, "per-mailbox state from the running daemon")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
 
-    p = command("retry-failed", cmd_retry_failed, "move Failed messages back to Queue")
+    p = command(
+        "retry-failed",
+        cmd_retry_failed,
+        "move Failed messages back to Queue and release stuck ones in Queue",
+    )
     p.add_argument("address", help="the mailbox address")
 
-    groups = sub.add_parser("groups", help="the group directory of the built-in store")
+    groups = sub.add_parser(
+        "groups", help="the group directory of the built-in store (a CRM owns its own)"
+    )
     groups_sub = groups.add_subparsers(title="groups commands", metavar="COMMAND")
     p = groups_sub.add_parser("add", help="link addresses to a group (created if new)")
     p.add_argument("name")
@@ -158,10 +185,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(handler=cmd_auth_status)
 
+    crm = sub.add_parser("crm", help="the configured CRM connector")
+    crm_sub = crm.add_subparsers(title="crm commands", metavar="COMMAND")
+    p = crm_sub.add_parser(
+        "check", help="call the CRM once: a signed group lookup of a test address"
+    )
+    p.add_argument(
+        "--address", default="emailsync-check@example.invalid", help="the address to look up"
+    )
+    p.set_defaults(handler=cmd_crm_check)
+
     p = command("timeline", cmd_timeline, "recorded timeline events, newest first")
     p.add_argument("--group", help="only this group")
     p.add_argument("--mailbox", help="only events filed from this mailbox")
     p.add_argument("--limit", type=int, default=None, help="at most this many events")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    p = command(
+        "doctor",
+        cmd_doctor,
+        "log in as the daemon would and report TLS, capabilities, folders and IDLE delay",
+    )
+    p.add_argument("address", help="the mailbox address")
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=75.0,
+        metavar="SECONDS",
+        help="how long to wait for the server's IDLE notice of the probe (default 75)",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per line")
 
     p = command(
@@ -171,7 +223,94 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--once", action="store_true", help="one pass and exit instead of running the daemon"
     )
+    p.add_argument(
+        "--crm",
+        action="store_true",
+        help="groups and events in the reference CRM (emailsync.devcrm) instead of SQLite",
+    )
+
+    p = command("completion", cmd_completion, "print a bash or zsh completion script")
+    p.add_argument("shell", choices=("bash", "zsh"))
+
+    add_examples(parser)
     return parser
+
+
+# Examples shown under each command's --help (and in the man page). Every command has one:
+# tests/unit/test_cli_help.py fails for a command added without.
+EXAMPLES: dict[str, str] = {
+    "run": "emailsync --config /etc/emailsync/emailsync.toml run   # what the unit runs",
+    "check-config": (
+        "emailsync check-config\n  emailsync check-config --json\n"
+        "  emailsync --config config/emailsync.toml check-config --skip-secrets"
+    ),
+    "setup": "sudo -u emailsync emailsync setup agent1@example.com",
+    "sync": (
+        "emailsync sync --dry-run agent1@example.com   # what would happen, nothing changed\n"
+        "  emailsync sync --once                          # one pass over every enabled mailbox\n"
+        "  emailsync sync --dry-run --json | jq -c 'select(.destination == \"failed\")'"
+    ),
+    "start-sync": (
+        "emailsync start-sync agent1@example.com\n  emailsync start-sync --all\n"
+        "  emailsync start-sync --include-stuck agent1@example.com"
+    ),
+    "stop": "emailsync stop agent1@example.com   # then `emailsync setup` starts it again",
+    "status": "emailsync status\n  emailsync status --json | jq -r 'select(.queue > 0).address'",
+    "retry-failed": (
+        "emailsync groups add Smiths buyer@example.org && emailsync retry-failed agent1@example.com"
+    ),
+    "groups": "emailsync groups list",
+    "groups add": "emailsync groups add 'Smith, 12 High St' buyer@example.org seller@example.net",
+    "groups import": "emailsync groups import groups.csv   # header: group,address",
+    "groups list": "emailsync groups list --json",
+    "auth": "emailsync auth status",
+    "auth login": "emailsync auth login agent3@contoso.com   # prints a URL and a code",
+    "auth status": "emailsync auth status --json",
+    "timeline": "emailsync timeline --group Smiths --limit 20\n  emailsync timeline --json",
+    "doctor": "emailsync doctor agent1@example.com\n  emailsync doctor --json agent1@example.com",
+    "demo": (
+        "emailsync demo            # Ctrl-C to stop\n  emailsync demo --once\n"
+        "  emailsync demo --crm      # events go to the reference CRM"
+    ),
+    "crm": "emailsync crm check",
+    "crm check": "emailsync crm check   # one signed lookup; says what is wrong in one line",
+    "completion": (
+        "emailsync completion bash > /etc/bash_completion.d/emailsync\n"
+        '  emailsync completion zsh > "${fpath[1]}/_emailsync"'
+    ),
+}
+
+
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """A parser's direct subcommands by name (argparse keeps them on a private action)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def walk_commands(
+    parser: argparse.ArgumentParser, prefix: str = ""
+) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    """Every command path (``"groups add"``) with its parser, depth first."""
+    for name, sub in subcommands(parser).items():
+        path = f"{prefix} {name}".strip()
+        yield path, sub
+        yield from walk_commands(sub, path)
+
+
+def add_examples(parser: argparse.ArgumentParser) -> None:
+    """Put each command's example into its --help epilog."""
+    for path, sub in walk_commands(parser):
+        example = EXAMPLES.get(path)
+        if example:
+            sub.epilog = f"example:\n  {example}"
+            sub.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = (
+        "examples:\n  emailsync demo\n  emailsync check-config && emailsync doctor "
+        "agent1@example.com\n\n'emailsync COMMAND --help' shows a command's options and example."
+    )
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -187,7 +326,7 @@ def load(args: argparse.Namespace) -> Settings:
 @contextlib.contextmanager
 def store_for(settings: Settings) -> Iterator[Store]:
     """Open the configured store for the length of a ``with`` block."""
-    store = open_store(settings.store_url, settings.daemon.state_dir)
+    store = open_store(settings.store_url, settings.daemon.state_dir, settings.crm)
     try:
         yield store
     finally:
@@ -274,8 +413,9 @@ def cmd_start_sync(args: argparse.Namespace, out: TextIO) -> int:
         return EXIT_USAGE
     client = ControlClient(load_settings(args.config or default_config_path()))
     for address in [None] if args.all else args.addresses:
-        client.sync(address)
-        print(f"start sync: {address or 'all mailboxes'}", file=out)
+        client.sync(address, include_stuck=args.include_stuck)
+        stuck = " (releasing stuck messages)" if args.include_stuck else ""
+        print(f"start sync: {address or 'all mailboxes'}{stuck}", file=out)
     return EXIT_OK
 
 
@@ -299,6 +439,7 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
             filed = ", ".join(f"{k} {n}" for k, n in sorted(status.get("filed", {}).items()))
             print(
                 f"{status['address']:32} {status['state']:13} queue={status['queue']:<4} "
+                f"stuck={status.get('stuck', 0):<3} "
                 f"last_sync={status.get('last_sync') or 'never'}  {filed}"
                 + (f"  owner={status['owner']}" if status.get("owner") else "")
                 + (f"  error: {status['last_error']}" if status.get("last_error") else ""),
@@ -310,13 +451,37 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
     """Validate the config; one line per problem, exit 78 on any."""
     path = args.config or default_config_path()
+    if args.json:
+        return _check_config_json(path, out, skip_secrets=args.skip_secrets)
     settings = load_settings(path)
-    problems = check_secrets(settings)
+    problems = [] if args.skip_secrets else check_secrets(settings)
+    try:
+        check_store_url(settings.store_url, settings.daemon.state_dir)
+    except ConfigError as exc:
+        # The same parser open_store uses: check-config accepts exactly what run accepts.
+        problems.extend(f"{settings.path}: daemon.{p}" for p in exc.problems)
     if problems:
         raise ConfigError(problems)
     enabled = sum(1 for m in settings.mailboxes if m.enabled)
-    print(f"{path}: ok ({len(settings.mailboxes)} mailboxes, {enabled} enabled)", file=out)
+    store = f", CRM {settings.crm.url}" if settings.crm is not None else ""
+    print(f"{path}: ok ({len(settings.mailboxes)} mailboxes, {enabled} enabled{store})", file=out)
     return EXIT_OK
+
+
+def _check_config_json(path: Path, out: TextIO, *, skip_secrets: bool) -> int:
+    """``check-config --json``: one object, exit 78 when it lists problems."""
+    report: dict[str, Any] = {"config": str(path), "ok": True, "problems": []}
+    try:
+        settings = load_settings(path)
+        problems = [] if skip_secrets else check_secrets(settings)
+        report["mailboxes"] = len(settings.mailboxes)
+        report["enabled"] = sum(1 for m in settings.mailboxes if m.enabled)
+    except ConfigError as exc:
+        problems = list(exc.problems)
+    report["ok"] = not problems
+    report["problems"] = problems
+    print(json.dumps(report), file=out)
+    return EXIT_OK if not problems else EXIT_CONFIG
 
 
 def cmd_setup(args: argparse.Namespace, out: TextIO) -> int:
@@ -356,14 +521,28 @@ def cmd_sync(args: argparse.Namespace, out: TextIO) -> int:
                 with session_for(settings, mailbox.address) as session:
                     if not args.dry_run:
                         session.ensure_folders()
-                    result = Filer(mailbox, store, batch_size=settings.daemon.fetch_batch).run_pass(
-                        session, dry_run=args.dry_run
+                    filer = Filer(
+                        mailbox,
+                        store,
+                        batch_size=settings.daemon.fetch_batch,
+                        stuck_after=settings.daemon.stuck_after_attempts,
                     )
+                    with progress(mailbox.address, sys.stderr) as report:
+                        result = filer.run_pass(session, dry_run=args.dry_run, progress=report)
             except (MailboxError, StoreError) as exc:
                 print(f"{mailbox.address}: {exc}", file=sys.stderr)
                 status = EXIT_UNAVAILABLE if isinstance(exc, ConnectionLostError) else EXIT_RUNTIME
                 continue
-            _print_pass(mailbox.address, result, out, dry_run=args.dry_run)
+            if args.json:
+                _print_pass_json(mailbox.address, result, out, dry_run=args.dry_run)
+            else:
+                _print_pass(mailbox.address, result, out, dry_run=args.dry_run)
+            if filer.stuck:
+                print(
+                    f"{mailbox.address}: {filer.stuck} stuck in Queue ($EmailSyncStuck), skipped;"
+                    f" `emailsync retry-failed {mailbox.address}` releases them",
+                    file=sys.stderr if args.json else out,
+                )
     return status
 
 
@@ -390,19 +569,67 @@ def _print_pass(address: str, result: PassResult, out: TextIO, *, dry_run: bool)
     )
 
 
+def _print_pass_json(address: str, result: PassResult, out: TextIO, *, dry_run: bool) -> None:
+    """``sync --json``: each decision (dry run), then the mailbox's summary, one per line."""
+    if dry_run:
+        for d in result.decisions:
+            c = d.classification
+            print(
+                json.dumps(
+                    {
+                        "mailbox": address,
+                        "uid": d.uid,
+                        "direction": c.direction.value if c else None,
+                        "counterparts": list(c.counterparts) if c else [],
+                        "groups": list(d.groups),
+                        "destination": d.destination.value,
+                        "problem": d.message.problem,
+                    }
+                ),
+                file=out,
+            )
+    print(
+        json.dumps(
+            {
+                "mailbox": address,
+                "dry_run": dry_run,
+                "messages": len(result.decisions),
+                "sent": result.count(Outcome.SENT),
+                "received": result.count(Outcome.RECEIVED),
+                "failed": result.count(Outcome.NO_GROUP) + result.count(Outcome.UNPARSEABLE),
+                "new_events": result.new_events,
+            }
+        ),
+        file=out,
+    )
+
+
 def cmd_retry_failed(args: argparse.Namespace, out: TextIO) -> int:
-    """Move every Failed message back to Queue (after groups were linked)."""
+    """Move every Failed message back to Queue (after groups were linked); release stuck ones."""
     settings = load(args)
     with session_for(settings, args.address) as session:
         session.ensure_folders()
-        moved = session.requeue(FolderRole.FAILED, list(OUTCOME_KEYWORD.values()))
+        with progress(f"{args.address} Failed → Queue", sys.stderr) as report:
+            moved = session.requeue(
+                FolderRole.FAILED,
+                list(OUTCOME_KEYWORD.values()),
+                batch_size=settings.daemon.fetch_batch,
+                progress=report,
+            )
+        released = session.release_stuck()
     print(f"{args.address}: moved {moved} messages from Failed back to Queue", file=out)
+    print(f"{args.address}: released {released} stuck messages in Queue", file=out)
+    # A keyword change is no new mail to IDLE: ask a running daemon for a pass now, releasing
+    # too what it holds in memory only (a Queue that takes no keywords).
+    _poke_daemon(settings, settings.mailbox(args.address).address, out, include_stuck=True)
     return EXIT_OK
 
 
 def cmd_groups_add(args: argparse.Namespace, out: TextIO) -> int:
     """Create a group or link more addresses to it."""
     settings = load(args)
+    if settings.crm is not None:
+        return _owned_by_crm(settings, "groups")
     with store_for(settings) as store:
         try:
             group = store.add_group(args.name, args.addresses)
@@ -416,6 +643,8 @@ def cmd_groups_add(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_groups_import(args: argparse.Namespace, out: TextIO) -> int:
     """Import group,address rows from a CSV file."""
     settings = load(args)
+    if settings.crm is not None:
+        return _owned_by_crm(settings, "groups")
     try:
         rows = read_group_csv(args.file)
     except (ValueError, OSError) as exc:
@@ -430,6 +659,8 @@ def cmd_groups_import(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_groups_list(args: argparse.Namespace, out: TextIO) -> int:
     """List groups with their addresses."""
     settings = load(args)
+    if settings.crm is not None:
+        return _owned_by_crm(settings, "groups")
     with store_for(settings) as store:
         groups = store.list_groups()
     for group in groups:
@@ -443,6 +674,8 @@ def cmd_groups_list(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_timeline(args: argparse.Namespace, out: TextIO) -> int:
     """Print recorded events, newest first; JSON is one object per line."""
     settings = load(args)
+    if settings.crm is not None:
+        return _owned_by_crm(settings, "timeline events")
     with store_for(settings) as store:
         events = store.list_events(group=args.group, mailbox=args.mailbox, limit=args.limit)
     for event in events:
@@ -456,6 +689,50 @@ def cmd_timeline(args: argparse.Namespace, out: TextIO) -> int:
                 f"\tfrom {event.from_}\tvia {mailboxes}",
                 file=out,
             )
+    return EXIT_OK
+
+
+def _owned_by_crm(settings: Settings, what: str) -> int:
+    assert settings.crm is not None  # noqa: S101 -- callers check
+    print(
+        f"emailsync: the CRM at {settings.crm.url} owns {what} ([crm] in {settings.path});"
+        f" manage them in the CRM, not here",
+        file=sys.stderr,
+    )
+    return EXIT_USAGE
+
+
+def cmd_crm_check(args: argparse.Namespace, out: TextIO) -> int:
+    """One signed lookup against the CRM; one line saying it works or what is wrong."""
+    from emailsync.crm.store import HttpStore  # noqa: PLC0415 -- only this command needs it
+
+    settings = load(args)
+    if settings.crm is None:
+        print(
+            f"emailsync: no [crm] table in {settings.path}: the built-in store is used",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    problems = shared_secret_problems(settings)
+    if problems:
+        raise ConfigError(problems)
+    store = HttpStore(settings.crm)
+    try:
+        answer = store.lookup([args.address])
+    except StoreUnavailableError as exc:
+        print(f"emailsync: CRM check failed: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except StoreError as exc:
+        print(f"emailsync: CRM check failed: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    finally:
+        store.close()
+    groups = next(iter(answer.values()), ())
+    print(
+        f"{settings.crm.url}: ok (signature accepted; {args.address} is linked to "
+        f"{len(groups)} group(s))",
+        file=out,
+    )
     return EXIT_OK
 
 
@@ -485,13 +762,15 @@ def cmd_auth_login(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
-def _poke_daemon(settings: Settings, address: str, out: TextIO) -> None:
+def _poke_daemon(
+    settings: Settings, address: str, out: TextIO, *, include_stuck: bool = False
+) -> None:
     """Ask a running daemon to retry a mailbox now (it may be waiting in needs_reauth)."""
     if stopped_marker(settings, address).exists():
         print(f"{address}: sync is stopped; run `emailsync setup {address}` to start it", file=out)
         return
     with contextlib.suppress(ControlError):
-        ControlClient(settings).sync(address)
+        ControlClient(settings).sync(address, include_stuck=include_stuck)
         print(f"{address}: the running daemon will retry now", file=out)
 
 
@@ -521,11 +800,34 @@ def cmd_auth_status(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def cmd_doctor(args: argparse.Namespace, out: TextIO) -> int:
+    """One line per check of a mailbox's server; exit 1 when any is a problem."""
+    from emailsync.doctor import diagnose, exit_code  # noqa: PLC0415 -- only doctor needs it
+
+    settings = load(args)
+
+    def emit(finding: Any) -> None:
+        text = json.dumps(finding.as_json()) if args.json else finding.line()
+        print(text, file=out, flush=True)
+
+    findings = diagnose(settings, args.address, idle_timeout=args.idle_timeout, emit=emit)
+    return exit_code(findings)
+
+
+def cmd_completion(args: argparse.Namespace, out: TextIO) -> int:
+    """Print the completion script for a shell, generated from this parser."""
+    from emailsync.completion import bash_script, zsh_script  # noqa: PLC0415 -- only here
+
+    parser = build_parser()
+    out.write(bash_script(parser) if args.shell == "bash" else zsh_script(parser))
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     """Run the demo (see emailsync.demo)."""
     from emailsync.demo import run_demo  # noqa: PLC0415 -- the demo pulls in the dev server
 
-    return run_demo(args.dir, once=args.once, out=out)
+    return run_demo(args.dir, once=args.once, out=out, crm=args.crm)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ class ClusterDaemon(Protocol):
         """Stop these mailboxes' workers and wait for them."""
         ...
 
-    def start_sync_local(self, address: str | None) -> bool:
+    def start_sync_local(self, address: str | None, *, include_stuck: bool = False) -> bool:
         """Start Sync for a mailbox whose worker runs here (or all local ones)."""
         ...
 
@@ -134,12 +134,17 @@ class Cluster:
 
     # -- Start Sync across instances -----------------------------------------------------------
 
-    def publish_sync(self, address: str | None) -> None:
-        """Ask the owner (any instance; all for None) to run a Start Sync pass."""
-        payload = json.dumps({"from": self.instance_id, "mailbox": address})
+    def publish_sync(self, address: str | None, *, include_stuck: bool = False) -> None:
+        """Ask the owner (any instance; all for None) to run a Start Sync pass.
+
+        ``include_stuck``: the pass first releases the messages quarantined in Queue.
+        """
+        payload = json.dumps(
+            {"from": self.instance_id, "mailbox": address, "include_stuck": include_stuck}
+        )
         with self.store.transaction("publish start sync") as conn:
             conn.execute("SELECT pg_notify(%s, %s)", (SYNC_CHANNEL, payload))
-        self.log.info("start_sync_published", mailbox=address)
+        self.log.info("start_sync_published", mailbox=address, include_stuck=include_stuck)
 
     def _listen(self) -> None:
         while not self._stop.is_set():
@@ -166,6 +171,12 @@ class Cluster:
         address = message.get("mailbox")
         if address is not None and not isinstance(address, str):
             return
+        include_stuck = message.get("include_stuck") is True
         if address is None or address in self.keeper.owned():
-            self.log.info("start_sync_received", mailbox=address, sender=message.get("from"))
-            self.daemon.start_sync_local(address)
+            self.log.info(
+                "start_sync_received",
+                mailbox=address,
+                sender=message.get("from"),
+                include_stuck=include_stuck,
+            )
+            self.daemon.start_sync_local(address, include_stuck=include_stuck)

@@ -6,13 +6,14 @@ import email.utils
 import os
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from emailsync.address import normalise_address
+from emailsync.address import mailbox_address_problem, normalise_address
 from emailsync.errors import ConfigError
 from emailsync.model import FolderRole
 from emailsync.secret import ClientCertificate, SecretSource, read_client_certificate
@@ -20,6 +21,9 @@ from emailsync.secret import ClientCertificate, SecretSource, read_client_certif
 DEFAULT_CONFIG_PATH = Path("/etc/emailsync/emailsync.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/emailsync")
 DEFAULT_LISTEN = "127.0.0.1:9387"
+# A control token of 22 URL-safe characters carries 128 bits (``secrets.token_urlsafe(16)``).
+MIN_CONTROL_TOKEN_CHARS = 22
+MIN_CONTROL_TOKEN_DISTINCT = 8
 OFFICE365_HOST = "outlook.office365.com"
 OFFICE365_AUTHORITY = "https://login.microsoftonline.com"
 # RFC 2177: servers may drop an IDLE client after 30 minutes, so renew well before.
@@ -28,6 +32,11 @@ SWEEP_SECONDS = 10 * 60
 POLL_SECONDS = 60
 TIMEOUT_SECONDS = 30.0
 FETCH_BATCH = 200
+STUCK_AFTER_ATTEMPTS = 5
+CRM_TIMEOUT_SECONDS = 10.0
+CRM_GROUP_CACHE_SECONDS = 60.0
+# Plain http:// is accepted only to these hosts (a CRM on the same machine, the demo's).
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 
 SECURITIES = ("ssl", "starttls", "none")
 AUTHS = ("password", "office365")
@@ -65,6 +74,7 @@ class DaemonSettings:
     fetch_batch: int = FETCH_BATCH
     max_backoff_seconds: float = 300.0
     reauth_retry_seconds: float = 30 * 60.0
+    stuck_after_attempts: int = STUCK_AFTER_ATTEMPTS
 
 
 @dataclass(frozen=True)
@@ -126,6 +136,17 @@ class Office365Settings:
 
 
 @dataclass(frozen=True)
+class CrmSettings:
+    """The ``[crm]`` table: the CRM that owns groups and receives timeline events."""
+
+    url: str
+    secret: SecretSource
+    timeout_seconds: float = CRM_TIMEOUT_SECONDS
+    group_cache_seconds: float = CRM_GROUP_CACHE_SECONDS
+    ca_file: Path | None = None
+
+
+@dataclass(frozen=True)
 class MailboxSettings:
     """One ``[[mailboxes]]`` entry, with its branch's server settings resolved."""
 
@@ -167,6 +188,7 @@ class Settings:
     branches: Mapping[str, ServerSettings]
     mailboxes: tuple[MailboxSettings, ...]
     office365: Office365Settings | None = None
+    crm: CrmSettings | None = None
     extra_problems: tuple[str, ...] = field(default=())
     cluster: ClusterSettings = field(default=ClusterSettings())
 
@@ -228,6 +250,12 @@ def parse_settings(data: Mapping[str, Any], path: Path) -> Settings:
             )
     o365_table = top.optional_table("office365")
     office365 = _parse_office365(o365_table, base_dir) if o365_table is not None else None
+    crm_table = top.optional_table("crm")
+    crm = _parse_crm(crm_table, base_dir) if crm_table is not None else None
+    if crm is not None and daemon.store:
+        problems.append(
+            f"{path}: daemon.store: give either daemon.store or a [crm] table, not both"
+        )
     mailboxes: list[MailboxSettings] = []
     seen: set[str] = set()
     for entry in top.array_of_tables("mailboxes"):
@@ -250,6 +278,7 @@ def parse_settings(data: Mapping[str, Any], path: Path) -> Settings:
         mailboxes=tuple(mailboxes),
         office365=office365,
         cluster=cluster,
+        crm=crm,
     )
 
 
@@ -273,16 +302,42 @@ def mailbox_secret_problems(settings: Settings) -> list[str]:
     return problems
 
 
+def weak_token_problem(token: str) -> str | None:
+    """Why ``token`` is unfit to guard the control API, or None when it will do.
+
+    An empty file (a crash right after creating it) must never mean "any ``Bearer`` header
+    goes": a token shorter than MIN_CONTROL_TOKEN_CHARS, or one built from fewer than
+    MIN_CONTROL_TOKEN_DISTINCT different characters, is refused.
+    """
+    token = token.strip()
+    if len(token) < MIN_CONTROL_TOKEN_CHARS:
+        return (
+            f"holds {len(token)} characters; a control token needs at least "
+            f"{MIN_CONTROL_TOKEN_CHARS} (e.g. `openssl rand -base64 32`)"
+        )
+    if len(set(token)) < MIN_CONTROL_TOKEN_DISTINCT:
+        return "is too repetitive to be a secret (e.g. `openssl rand -base64 32`)"
+    if any(c.isspace() or not c.isprintable() for c in token):
+        return "holds white space or control characters; a bearer token cannot"
+    return None
+
+
 def shared_secret_problems(settings: Settings) -> list[str]:
     """Unreadable secrets every mailbox or the daemon itself needs (token, Office 365 app)."""
     problems: list[str] = []
     if settings.daemon.control_token is not None:
+        source = settings.daemon.control_token
         try:
-            settings.daemon.control_token.read()
+            weak = weak_token_problem(source.read().reveal())
         except ConfigError as exc:
             problems.extend(
                 f"{settings.path}: daemon.control_token_file: {p}" for p in exc.problems
             )
+        else:
+            if weak is not None:
+                problems.append(
+                    f"{settings.path}: daemon.control_token_file: {source.describe()} {weak}"
+                )
     if settings.office365 is not None and settings.office365.client_secret is not None:
         source = settings.office365.client_secret
         try:
@@ -295,6 +350,12 @@ def shared_secret_problems(settings: Settings) -> list[str]:
             settings.office365.read_client_certificate()
         except ConfigError as exc:
             key = "office365.client_certificate_file"
+            problems.extend(f"{settings.path}: {key}: {p}" for p in exc.problems)
+    if settings.crm is not None:
+        try:
+            settings.crm.secret.read()
+        except ConfigError as exc:
+            key = f"crm.{settings.crm.secret.key('secret')}"
             problems.extend(f"{settings.path}: {key}: {p}" for p in exc.problems)
     return problems
 
@@ -469,6 +530,9 @@ def _parse_daemon(table: _Table, base_dir: Path) -> DaemonSettings:
         fetch_batch=table.get("fetch_batch", int, FETCH_BATCH, _positive),
         max_backoff_seconds=table.get("max_backoff_seconds", float, 300.0, _positive),
         reauth_retry_seconds=table.get("reauth_retry_seconds", float, 1800.0, _positive),
+        stuck_after_attempts=table.get(
+            "stuck_after_attempts", int, STUCK_AFTER_ATTEMPTS, _positive
+        ),
     )
 
 
@@ -617,6 +681,49 @@ def _parse_office365(table: _Table, base_dir: Path) -> Office365Settings:
     )
 
 
+def _parse_crm(table: _Table, base_dir: Path) -> CrmSettings | None:
+    url = table.get("url", str, "", _check_crm_url)
+    if not table.has("url"):
+        table.problem("url", "is required (the CRM's base URL, https://…)")
+    secret = _parse_secret(table, "secret", base_dir)
+    if secret is None:
+        table.problem(
+            "secret_file", "is required: give one of secret_file, secret_env, secret_credential"
+        )
+    timeout = table.get("timeout_seconds", float, CRM_TIMEOUT_SECONDS, _positive)
+    cache = table.get(
+        "group_cache_seconds",
+        float,
+        CRM_GROUP_CACHE_SECONDS,
+        lambda v: None if v >= 0 else "must be 0 (no cache) or more",
+    )
+    ca_file = table.path_value("ca_file", base_dir)
+    if ca_file is not None and not ca_file.is_file():
+        table.problem("ca_file", f"{ca_file} is not a readable file")
+    if not url or secret is None:
+        return None
+    return CrmSettings(
+        url=url.rstrip("/"),
+        secret=secret,
+        timeout_seconds=timeout,
+        group_cache_seconds=cache,
+        ca_file=ca_file,
+    )
+
+
+def _check_crm_url(value: str) -> str | None:
+    parts = urllib.parse.urlsplit(value.strip())
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        return "must be an https:// URL"
+    if parts.username or parts.password:
+        return "must not carry credentials; the secret goes in secret_file/_env/_credential"
+    if parts.query or parts.fragment:
+        return "must not have a query or fragment"
+    if parts.scheme == "http" and parts.hostname not in LOOPBACK_HOSTS:
+        return "must be https:// (plain http:// only to localhost)"
+    return None
+
+
 def _check_thumbprint(value: str) -> str | None:
     if _THUMBPRINT.fullmatch(value.replace(":", "")):
         return None
@@ -638,6 +745,10 @@ def _parse_mailbox(
     elif address is None and isinstance(table.data["address"], str):
         # (a non-string address was already reported by get())
         table.problem("address", f"{raw_address!r} is not an email address")
+    elif address is not None and (problem := mailbox_address_problem(address)) is not None:
+        # The address names files and URL paths; only RFC 5321 forms get that far.
+        table.problem("address", f"{raw_address!r} {problem}")
+        address = None
     auth = table.choice("auth", AUTHS, "password")
     branch = table.get("branch", str, "") or None
     aliases: list[str] = []

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import secrets
 import urllib.error
 import urllib.request
@@ -11,8 +11,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from emailsync.config import Settings
+import structlog
+
+from emailsync.config import Settings, weak_token_problem
 from emailsync.errors import ConfigError, ControlError
+from emailsync.imap.auth import write_private_file
+
+log = structlog.get_logger(__name__)
 
 CONTROL_TIMEOUT_SECONDS = 10.0
 GENERATED_TOKEN_NAME = "control-token"  # noqa: S105 -- a file name, not a secret
@@ -27,26 +32,61 @@ def control_token(settings: Settings, *, create: bool = False) -> str:
     """The bearer token: from control_token_file, else the one generated in state_dir.
 
     The control API is never open without a token: with no token file configured, the daemon
-    writes a random one (mode 0600) that only its own user (and root) can read.
+    writes a random one (mode 0600) that only its own user (and root) can read. A token that
+    is empty or short (an empty file left by a crash, a placeholder) is a ConfigError naming
+    the file, never an open door.
     """
     if settings.daemon.control_token is not None:
-        return settings.daemon.control_token.read().reveal()
+        source = settings.daemon.control_token
+        try:
+            token = source.read().reveal().strip()
+        except ConfigError as exc:
+            raise ConfigError(
+                [f"{settings.path}: daemon.control_token_file: {p}" for p in exc.problems]
+            ) from None
+        _refuse_weak(token, f"{settings.path}: daemon.control_token_file: {source.describe()}")
+        return token
     path = generated_token_path(settings)
     if path.exists():
-        return path.read_text(encoding="utf-8").strip()
-    if not create:
+        token = path.read_text(encoding="utf-8").strip()
+        if weak_token_problem(token) is None or not create:
+            _refuse_weak(token, f"generated control token {path}")
+            return token
+        # Only a crash of an old version could leave it so (ours is written whole or not at
+        # all): the daemon makes a new one rather than run open or refuse to start.
+        log.warning("control_token_regenerated", path=str(path))
+    elif not create:
         raise ControlError(f"no control token at {path}: is the daemon running with this config?")
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     token = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(token + "\n")
+    write_private_file(path, token + "\n")
     return token
 
 
+def _refuse_weak(token: str, where: str) -> None:
+    problem = weak_token_problem(token)
+    if problem is not None:
+        raise ConfigError([f"{where} {problem}"])
+
+
 def stopped_marker(settings: Settings, address: str) -> Path:
-    """The file that marks a mailbox stopped (Stop Email Sync) until ``setup`` runs again."""
-    return settings.daemon.state_dir / "stopped" / address
+    """The file that marks a mailbox stopped (Stop Email Sync) until ``setup`` runs again.
+
+    Named by a SHA-256 of the address, never by the address itself: an RFC 5321 local part
+    may hold ``/`` (and a quoted one ``../``), and a path built from it could leave
+    ``state_dir``. A marker from an older version (named by the address) is renamed here when
+    its name is one safe path component.
+    """
+    directory = settings.daemon.state_dir / "stopped"
+    marker = directory / hashlib.sha256(address.encode("utf-8")).hexdigest()
+    if _is_plain_file_name(address):
+        legacy = directory / address
+        if legacy.is_file() and not marker.exists():
+            legacy.rename(marker)
+    return marker
+
+
+def _is_plain_file_name(name: str) -> bool:
+    return name not in (".", "..") and "/" not in name and "\0" not in name
 
 
 class ControlClient:
@@ -85,10 +125,10 @@ class ControlClient:
         """Per-mailbox status."""
         return list(self.request("GET", "/v1/mailboxes").get("mailboxes", []))
 
-    def sync(self, address: str | None) -> None:
-        """Start Sync for one mailbox, or all."""
+    def sync(self, address: str | None, *, include_stuck: bool = False) -> None:
+        """Start Sync for one mailbox, or all; ``include_stuck`` releases quarantined mail first."""
         path = "/v1/sync" if address is None else f"/v1/mailboxes/{quote(address)}/sync"
-        self.request("POST", path)
+        self.request("POST", path + ("?include_stuck=true" if include_stuck else ""))
 
     def stop(self, address: str) -> None:
         """Stop Email Sync for a mailbox."""

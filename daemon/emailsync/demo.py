@@ -19,6 +19,7 @@ from typing import TextIO
 
 from emailsync.config import Settings, load_settings
 from emailsync.control import ControlClient
+from emailsync.devcrm import DevCrm
 from emailsync.devserver import Dovecot, free_port
 from emailsync.errors import ControlError
 from emailsync.imap.auth import make_authenticator
@@ -26,6 +27,7 @@ from emailsync.imap.session import ImapSession
 from emailsync.logs import configure_logging
 from emailsync.model import FolderRole
 from emailsync.store import open_store
+from emailsync.store.base import Store
 
 AGENTS = ("agent1@example.com", "agent2@example.com")
 GROUPS = {
@@ -132,11 +134,12 @@ def _listen_port() -> int:
     return free_port()
 
 
-def run_demo(base: Path, *, once: bool, out: TextIO) -> int:
+def run_demo(base: Path, *, once: bool, out: TextIO, crm: bool = False) -> int:
     """Seed a throwaway Dovecot, run the daemon on it, show filing on start and live.
 
     On a terminal it keeps running until Ctrl-C, so the status page and /metrics can be
-    looked at; otherwise (or with ``once``) it stops after the scripted part.
+    looked at; otherwise (or with ``once``) it stops after the scripted part. With ``crm``
+    the groups live in the reference CRM (``emailsync.devcrm``) and the events arrive there.
     """
     base = base.resolve()
     if base.exists():
@@ -146,17 +149,25 @@ def run_demo(base: Path, *, once: bool, out: TextIO) -> int:
     server = Dovecot()
     server.start()
     daemon: subprocess.Popen[bytes] | None = None
+    reference: DevCrm | None = None
     try:
         passwords = {agent: secrets.token_urlsafe(12) for agent in AGENTS}
         for agent, password in passwords.items():
             server.add_user(agent, password)
         port = _listen_port()
         config = write_config(base, server, passwords, port)
+        store: Store | None = None
+        if crm:
+            reference = _start_crm(base, config)
+        else:
+            settings = load_settings(config)
+            store = open_store(settings.store_url, settings.daemon.state_dir)
+            for name, addresses in GROUPS.items():
+                store.add_group(name, addresses)
         settings = load_settings(config)
-        store = open_store(settings.store_url, settings.daemon.state_dir)
-        for name, addresses in GROUPS.items():
-            store.add_group(name, addresses)
         print(f"Dovecot on {server.host}:{server.port} (throwaway); config {config}", file=out)
+        if reference is not None:
+            print(f"Reference CRM on {reference.url} (owns the groups, receives events)", file=out)
         print(f"Groups: {', '.join(GROUPS)}", file=out)
         for mailbox in settings.mailboxes:
             with _session(settings, mailbox.address) as session:
@@ -206,14 +217,17 @@ def run_demo(base: Path, *, once: bool, out: TextIO) -> int:
             f"{time.monotonic() - started:.2f} s later (IDLE, no polling).",
             file=out,
         )
-        print("\nTimeline (emailsync timeline):", file=out)
-        for event in store.list_events():
-            print(
-                f"  {event.group:34} {event.direction.value:8} {event.subject!r} "
-                f"via {', '.join(event.mailboxes)}",
-                file=out,
-            )
-        store.close()
+        if reference is not None:
+            _show_crm_events(reference, out)
+        if store is not None:
+            print("\nTimeline (emailsync timeline):", file=out)
+            for event in store.list_events():
+                print(
+                    f"  {event.group:34} {event.direction.value:8} {event.subject!r} "
+                    f"via {', '.join(event.mailboxes)}",
+                    file=out,
+                )
+            store.close()
         print("\nStatus (emailsync status):", file=out)
         for status in client.mailboxes():
             filed = ", ".join(f"{n} {outcome}" for outcome, n in sorted(status["filed"].items()))
@@ -234,7 +248,42 @@ def run_demo(base: Path, *, once: bool, out: TextIO) -> int:
                 daemon.wait(15)
             except subprocess.TimeoutExpired:
                 daemon.kill()
+        if reference is not None:
+            reference.close()
         server.close()
+
+
+def _start_crm(base: Path, config: Path) -> DevCrm:
+    """The reference CRM with the demo's groups, and a [crm] table pointing the config at it."""
+    secret = secrets.token_urlsafe(24)
+    secret_file = base / "secrets" / "crm-secret"
+    secret_file.write_text(secret + "\n", encoding="utf-8")
+    secret_file.chmod(0o600)
+    reference = DevCrm(secret.encode(), base / "devcrm.db").start()
+    for number, (name, addresses) in enumerate(GROUPS.items(), start=1):
+        reference.link(f"grp-{number}", name, addresses)
+    with config.open("a", encoding="utf-8") as file:
+        file.write(
+            f"\n[crm]  # the reference CRM (emailsync.devcrm); requests are HMAC-signed\n"
+            f'url = "{reference.url}"\nsecret_file = "secrets/crm-secret"\n'
+        )
+    return reference
+
+
+def _show_crm_events(reference: DevCrm, out: TextIO) -> None:
+    names = {f"grp-{n}": name for n, name in enumerate(GROUPS, start=1)}
+    print("\nTimeline events as the CRM received them (devcrm.db):", file=out)
+    for event in reference.events():
+        print(
+            f"  {names.get(event['group_id'], event['group_id']):34} {event['direction']:8} "
+            f"{event['subject']!r} via {', '.join(event['via'])}",
+            file=out,
+        )
+    print(
+        f"  ({reference.calls['/timeline-events']} delivery and "
+        f"{reference.calls['/groups:lookup']} lookup requests, all signed)",
+        file=out,
+    )
 
 
 DEMO_TIMEOUT_SECONDS = 30.0

@@ -61,7 +61,14 @@ class StoreError(EmailSyncError):
 
 
 class StoreUnavailableError(StoreError):
-    """The store cannot be reached right now; leave the message in Queue and retry later."""
+    """The store cannot be reached right now; leave the message in Queue and retry later.
+
+    ``retry_after`` is a back-off in seconds the store asked for (HTTP ``Retry-After``), if any.
+    """
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class MessageError(EmailSyncError):

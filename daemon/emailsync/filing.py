@@ -4,10 +4,18 @@ The order is always record (idempotent) → move: a crash between the two re-rec
 and moves on the next pass, so nothing is lost and nothing doubled. A store that cannot be
 reached raises StoreUnavailableError before anything of that batch moves, so its messages
 stay in Queue. This module knows no IMAP library: it talks to a ``QueueSession``.
+
+A message the server refuses on its own (MOVE/COPY or FETCH answered NO, or a FETCH of it
+alone that loses the connection), or whose events the store refuses, fails one *attempt*;
+after ``stuck_after`` attempts (one per pass at most) it is quarantined: it keeps
+STUCK_KEYWORD in Queue and passes skip it until the keyword goes. A store that is down,
+a dropped connection or a busy server (NO [UNAVAILABLE], NO [INUSE], RFC 5530) is no
+message's fault and counts for none.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -16,12 +24,14 @@ from typing import Protocol
 import structlog
 
 from emailsync.classify import classify
-from emailsync.config import MailboxSettings
+from emailsync.config import STUCK_AFTER_ATTEMPTS, MailboxSettings
 from emailsync.errors import ConnectionLostError, StoreError, StoreUnavailableError
+from emailsync.imap.translate import response_code
 from emailsync.message import parse_headers, parse_message
 from emailsync.model import (
     OUTCOME_FOLDER,
     OUTCOME_KEYWORD,
+    STUCK_KEYWORD,
     Classification,
     Direction,
     FetchedMessage,
@@ -31,20 +41,30 @@ from emailsync.model import (
     QueuedMessage,
     TimelineEvent,
 )
-from emailsync.store.base import Store
+from emailsync.store.base import Recorded, Store
 
 log = structlog.get_logger(__name__)
 
 FETCH_BATCH = 200  # messages per header FETCH and per store transaction
 SAVEDATE_RESOLUTION = timedelta(seconds=1)  # RFC 8514 SAVEDATE is a date-time to the second
+# RFC 5530 codes that say the server or the folder is busy, not that this message is at fault:
+# a refusal carrying one counts no attempt. (SERVERBUG does count: a bug one message
+# triggers is the very case the quarantine is for.)
+NOT_THE_MESSAGE = frozenset({"UNAVAILABLE", "INUSE"})
 
 
 class QueueSession(Protocol):
     """What a pass needs from a connection: the Queue's messages and a way to move them."""
 
+    uidvalidity: int | None  # the Queue's, from the last SELECT (RFC 3501 §2.3.1.1)
+
     def select_queue(self) -> int: ...
 
     def queue_uids(self) -> list[int]: ...
+
+    def keyword_uids(self, keyword: str) -> list[int]: ...
+
+    def set_keyword(self, uids: Sequence[int], keyword: str, *, on: bool) -> bool: ...
 
     def fetch_headers(self, uids: Sequence[int]) -> list[FetchedMessage]: ...
 
@@ -84,7 +104,8 @@ class PassResult:
         return sum(1 for d in self.decisions if d.outcome is outcome)
 
 
-FiledCallback = Callable[[Sequence[Decision], int], None]
+FiledCallback = Callable[[Sequence[Decision]], None]
+RecordedCallback = Callable[[int], None]
 
 
 class Filer:
@@ -97,13 +118,17 @@ class Filer:
         *,
         batch_size: int = FETCH_BATCH,
         on_filed: FiledCallback | None = None,
+        on_recorded: RecordedCallback | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        stuck_after: int = STUCK_AFTER_ATTEMPTS,
     ) -> None:
         self.mailbox = mailbox
         self.store = store
         self.batch_size = batch_size
         self.on_filed = on_filed
+        self.on_recorded = on_recorded
         self.clock = clock
+        self.stuck_after = stuck_after
         self.log = log.bind(mailbox=mailbox.address)
         # When this filer first saw each Queue UID: the latency start on servers without
         # SAVEDATE (RFC 8514). Entries go when the message is filed.
@@ -111,6 +136,30 @@ class Filer:
         # The Queue UIDs the last pass tried (filed or left behind), so a caller can tell
         # mail that arrived after it from mail it could not move.
         self.attempted: set[int] = set()
+        # Failed attempts per Queue UID, under ``_uidvalidity``; in memory only (the keyword
+        # is what survives a restart). At most one per pass: ``_failed_this_pass``.
+        self.attempts: dict[int, int] = {}
+        # The messages quarantined in Queue when the last pass ended.
+        self.stuck_uids: frozenset[int] = frozenset()
+        self._uidvalidity: int | None = None
+        self._marked: set[int] = set()  # Queue UIDs seen carrying STUCK_KEYWORD
+        self._suspects: set[int] = set()  # UIDs of a FETCH that lost the connection
+        self._failed_this_pass: set[int] = set()
+        self._counting = True
+        self._release = threading.Event()
+
+    @property
+    def stuck(self) -> int:
+        """How many messages were quarantined in Queue when the last pass ended."""
+        return len(self.stuck_uids)
+
+    def release_stuck(self) -> None:
+        """Ask the next pass to release quarantined messages first; any thread, returns at once.
+
+        The worker thread owns the connection, so the release is a request: the next pass
+        takes STUCK_KEYWORD off every Queue message and forgets the attempt counts.
+        """
+        self._release.set()
 
     def run_pass(
         self,
@@ -118,6 +167,7 @@ class Filer:
         *,
         dry_run: bool = False,
         stopping: Callable[[], bool] = lambda: False,
+        progress: Callable[[int, int], None] | None = None,
     ) -> PassResult:
         """File every message in Queue, including ones that arrive while the pass runs.
 
@@ -126,26 +176,154 @@ class Filer:
         the end and goes on until nothing new is there. A message it could not move (still in
         Queue) is not tried twice in one pass, so the loop always ends. ``stopping`` is asked
         between batches: on shutdown the batch in flight is finished and the rest wait.
+        Quarantined messages (STUCK_KEYWORD, or over ``stuck_after`` attempts) are skipped,
+        unless ``release_stuck()`` was called since the last pass.
+        ``progress(done, total)`` is told after each batch (the CLI's progress bar).
         """
         result = PassResult()
         session.select_queue()
+        self._check_uidvalidity(session.uidvalidity)
+        self._counting = not dry_run
+        self._failed_this_pass = set()
+        if self._release.is_set() and not dry_run:
+            self._release.clear()  # before: a request made during the release is kept
+            try:
+                self._release_all(session)
+            except BaseException:
+                self._release.set()  # not done: the next pass does it
+                raise
         attempted: set[int] = set()
         self.attempted = attempted
         while True:
-            uids = [uid for uid in session.queue_uids() if uid not in attempted]
+            queued = session.queue_uids()
+            held = self._held(session, queued)
+            self.stuck_uids = frozenset(held)
+            attempted.update(held)
+            uids = [uid for uid in queued if uid not in attempted]
             if not uids:
                 break
-            for start in range(0, len(uids), self.batch_size):
-                chunk = uids[start : start + self.batch_size]
+            total = len(attempted) + len(uids)
+            for chunk in self._chunks(uids):
                 if stopping():
                     return result
                 attempted.update(chunk)
                 decisions, new_events = self._file_batch(session, chunk, dry_run=dry_run)
                 result.decisions.extend(decisions)
                 result.new_events += new_events
+                if progress is not None:
+                    progress(len(attempted), total)
             if dry_run:
                 break
         return result
+
+    def _chunks(self, uids: Sequence[int]) -> list[list[int]]:
+        """Fetch batches: a suspect (its batch's FETCH lost the connection) goes on its own."""
+        suspects = [uid for uid in uids if uid in self._suspects]
+        rest = [uid for uid in uids if uid not in self._suspects]
+        singles = [[uid] for uid in suspects]
+        return singles + [
+            rest[start : start + self.batch_size] for start in range(0, len(rest), self.batch_size)
+        ]
+
+    def _check_uidvalidity(self, uidvalidity: int | None) -> None:
+        # UIDs counted under another UIDVALIDITY name other messages now (RFC 3501 §2.3.1.1).
+        if uidvalidity != self._uidvalidity:
+            self.attempts.clear()
+            self._marked.clear()
+            self._suspects.clear()
+            self._uidvalidity = uidvalidity
+
+    def _release_all(self, session: QueueSession) -> None:
+        uids = session.keyword_uids(STUCK_KEYWORD)
+        session.set_keyword(uids, STUCK_KEYWORD, on=False)
+        self.log.info("stuck_released", messages=len(uids), counted=len(self.attempts))
+        self.attempts.clear()
+        self._marked.clear()
+        self._suspects.clear()
+
+    def _held(self, session: QueueSession, queued: Sequence[int]) -> set[int]:
+        """The quarantined Queue messages; marks those that just reached the limit.
+
+        A message this filer saw carrying STUCK_KEYWORD that no longer does was released by
+        someone (a person, ``retry-failed``): its count starts again from 0.
+        """
+        if not queued:
+            self._marked.clear()
+            return set()
+        marked = set(session.keyword_uids(STUCK_KEYWORD))
+        for uid in self._marked - marked:
+            self.attempts.pop(uid, None)
+        self._marked = marked
+        reached = {
+            uid
+            for uid in queued
+            if self.attempts.get(uid, 0) >= self.stuck_after and uid not in marked
+        }
+        if reached and self._counting:
+            try:
+                if session.set_keyword(sorted(reached), STUCK_KEYWORD, on=True):
+                    self._marked |= reached
+                else:
+                    self.log.warning("stuck_keyword_not_allowed", uids=sorted(reached))
+            except ConnectionLostError as exc:
+                if exc.kind != "protocol":
+                    raise
+                # Still held (in memory) for the life of this process.
+                self.log.warning("stuck_keyword_refused", uids=sorted(reached), error=str(exc))
+        return (marked | reached) & set(queued)
+
+    def _fail(self, uid: int, reason: str, error: str) -> None:
+        """Count one failed attempt of a message (once per pass)."""
+        if not self._counting or uid in self._failed_this_pass:
+            return
+        self._failed_this_pass.add(uid)
+        count = self.attempts.get(uid, 0) + 1
+        self.attempts[uid] = count
+        if count >= self.stuck_after:
+            self.log.error(
+                "message_stuck",
+                uid=uid,
+                attempts=count,
+                reason=reason,
+                error=error,
+                action=f"fix the cause, then emailsync retry-failed {self.mailbox.address}",
+            )
+
+    def _fetch_each(
+        self, fetch: Callable[[Sequence[int]], list[FetchedMessage]], uids: Sequence[int]
+    ) -> list[FetchedMessage]:
+        """FETCH a batch; when the server refuses it, one message at a time.
+
+        A message refused on its own fails an attempt and is left out. A FETCH that loses
+        the connection makes its messages suspects, fetched alone next time; a suspect that
+        loses the connection alone fails an attempt (a message that kills the server's
+        process or never arrives within the timeout must not block the Queue for ever).
+        """
+        try:
+            fetched = fetch(uids)
+        except ConnectionLostError as exc:
+            if exc.kind != "protocol":
+                if len(uids) == 1 and uids[0] in self._suspects:
+                    self._fail(uids[0], "fetch_lost", str(exc))
+                else:
+                    self._suspects.update(uids)
+                raise
+            if _busy(exc):
+                raise
+            self.log.warning("batch_not_fetched", error=str(exc), messages=len(uids))
+        else:
+            self._suspects.difference_update(uids)
+            return fetched
+        fetched = []
+        for uid in uids:
+            try:
+                fetched.extend(fetch([uid]))
+            except ConnectionLostError as exc:
+                if exc.kind != "protocol" or _busy(exc):
+                    raise
+                self.log.error("message_not_fetched", uid=uid, error=str(exc))  # noqa: TRY400 -- expected, no traceback
+                self._fail(uid, "fetch", str(exc))
+        return fetched
 
     def decide(self, messages: Iterable[QueuedMessage]) -> list[Decision]:
         """Classify messages and look up their groups (one store query for the batch)."""
@@ -176,7 +354,7 @@ class Filer:
     def _file_batch(
         self, session: QueueSession, uids: Sequence[int], *, dry_run: bool
     ) -> tuple[list[Decision], int]:
-        headers = session.fetch_headers(uids)
+        headers = self._fetch_each(session.fetch_headers, uids)
         parsed = [
             parse_headers(f.uid, f.data, internaldate=f.internaldate, size=f.size) for f in headers
         ]
@@ -190,7 +368,12 @@ class Filer:
         linked = [d for d in decisions if d.groups]
         if linked and not dry_run:
             sizes = {f.uid: f.size for f in headers}
-            full = {f.uid: f for f in session.fetch_full([d.uid for d in linked], sizes)}
+            full = {
+                f.uid: f
+                for f in self._fetch_each(
+                    lambda chunk: session.fetch_full(chunk, sizes), [d.uid for d in linked]
+                )
+            }
             decisions = [
                 filled
                 for d in decisions
@@ -199,11 +382,17 @@ class Filer:
         new_events = 0
         if not dry_run:
             recorded, new_events = self._record(decisions)
+            if self.on_recorded is not None:
+                # Counted once the store has them, not after the MOVE: a MOVE whose answer is
+                # lost files the message on the next pass, where its events are no longer new.
+                self.on_recorded(new_events)
             decisions = self._move(session, recorded)
             for uid in uids:
                 self.first_seen.pop(uid, None)
+            for decision in decisions:
+                self.attempts.pop(decision.uid, None)
             if self.on_filed is not None:
-                self.on_filed(decisions, new_events)
+                self.on_filed(decisions)
         return decisions, new_events
 
     def _with_body(self, decision: Decision, fetched: FetchedMessage | None) -> Decision | None:
@@ -255,7 +444,7 @@ class Filer:
         if not events:
             return list(decisions), 0
         try:
-            return list(decisions), self.store.record_events(events)
+            return self._after_recording(decisions, self.store.record_events_checked(events))
         except StoreUnavailableError:
             raise
         except StoreError as exc:
@@ -265,14 +454,45 @@ class Filer:
         for decision in decisions:
             own = self._events(decision)
             try:
-                new_events += self.store.record_events(own) if own else 0
+                recorded = self.store.record_events_checked(own) if own else Recorded()
+                decision = self._after_recording([decision], recorded)[0][0]  # noqa: PLW2901 -- a rejection replaces it
+                new_events += recorded.new
             except StoreUnavailableError:
                 raise
             except StoreError as exc:
                 self.log.error("event_not_recorded", uid=decision.uid, error=str(exc))  # noqa: TRY400 -- expected, no traceback
+                self._fail(decision.uid, "store", str(exc))
                 continue
             kept.append(decision)
         return kept, new_events
+
+    def _after_recording(
+        self, decisions: Sequence[Decision], recorded: Recorded
+    ) -> tuple[list[Decision], int]:
+        """Turn the store's per-event rejections into REJECTED decisions (to Failed).
+
+        A message any of whose events the store refused goes to Failed with the store's reason;
+        its other events stay recorded (idempotent, so a retry from Failed doubles nothing).
+        """
+        if not recorded.rejected:
+            return list(decisions), recorded.new
+        result: list[Decision] = []
+        for decision in decisions:
+            reasons = [
+                reason
+                for group in decision.groups
+                if (reason := recorded.rejected.get((group, decision.message.key))) is not None
+            ]
+            if reasons:
+                problem = "rejected by the store: " + "; ".join(dict.fromkeys(reasons))
+                self.log.warning("event_rejected", uid=decision.uid, reason=problem)
+                decision = replace(  # noqa: PLW2901 -- the rejected decision replaces it
+                    decision,
+                    outcome=Outcome.REJECTED,
+                    message=replace(decision.message, problem=problem),
+                )
+            result.append(decision)
+        return result, recorded.new
 
     def _move(self, session: QueueSession, decisions: Sequence[Decision]) -> list[Decision]:
         """Move by destination in batches; returns the decisions whose message moved.
@@ -301,6 +521,8 @@ class Filer:
                     if exc.kind != "protocol":
                         raise
                     self.log.error("message_not_moved", uid=decision.uid, error=str(exc))  # noqa: TRY400 -- expected, no traceback
+                    if not _busy(exc):
+                        self._fail(decision.uid, "move", str(exc))
                     continue
                 moved.append(decision)
         self._log_filed(moved)
@@ -332,11 +554,16 @@ def landed_at(savedate: datetime | None, first_seen: datetime) -> datetime:
     return savedate + (latest - savedate) / 2
 
 
+def _busy(exc: ConnectionLostError) -> bool:
+    """True for a refusal that says the server is busy, which is no message's fault."""
+    return response_code(str(exc)) in NOT_THE_MESSAGE
+
+
 def _groups_by_address(groups: Iterable[Group]) -> dict[str, list[str]]:
     by_address: dict[str, list[str]] = {}
     for group in groups:
         for address in group.addresses:
-            by_address.setdefault(address, []).append(group.name)
+            by_address.setdefault(address, []).append(group.ref)
     return by_address
 
 

@@ -36,10 +36,12 @@ from datetime import timedelta
 from typing import Protocol
 
 import structlog
+from prometheus_client import CollectorRegistry
 
 from emailsync.errors import LeaseLostError, StoreError
 from emailsync.metrics import ClusterMetrics
 from emailsync.model import Fence, Group, TimelineEvent
+from emailsync.store.base import Recorded
 from emailsync.store.postgres import PostgresStore
 
 log = structlog.get_logger(__name__)
@@ -443,6 +445,11 @@ class FencedStore:
         self._check_local()
         return self.store.record_events(events, fence=self.fence)
 
+    def record_events_checked(self, events: Sequence[TimelineEvent]) -> Recorded:
+        """As ``Store``, with the fence checked in the recording transaction."""
+        self._check_local()
+        return self.store.record_events_checked(events, fence=self.fence)
+
     def add_group(self, name: str, addresses: Iterable[str]) -> Group:
         """As ``Store``."""
         return self.store.add_group(name, addresses)
@@ -460,6 +467,9 @@ class FencedStore:
     ) -> list[TimelineEvent]:
         """As ``Store``."""
         return self.store.list_events(group=group, mailbox=mailbox, limit=limit)
+
+    def register_metrics(self, registry: CollectorRegistry) -> None:
+        """Nothing: the shared store's metrics are registered once, by the supervisor."""
 
     def close(self) -> None:
         """Nothing: the shared store is closed by its owner."""

@@ -1,11 +1,18 @@
-"""structlog set-up: console on a terminal, JSON lines otherwise, the journal under systemd."""
+"""structlog set-up: console on a terminal, JSON lines otherwise, the journal under systemd.
+
+There is one chain, and it redacts: the standard library's loggers (msal, apscheduler, urllib3,
+requests) are handed to structlog by ``StdlibBridge`` and go through the same processors as
+our own events. Tracebacks are printed plainly, never with local variables (rich's
+``show_locals`` would print a token held in a local).
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -20,8 +27,34 @@ SECRET_KEYS = frozenset(
         "secret",
         "client_secret",
         "authorization",
+        "id_token",
+        "assertion",
+        "client_assertion",
+        "device_code",
+        "private_key",
+        "cookie",
+        "set-cookie",
     }
 )
+_VALUE = r"""(?:b?["'])?)[^"'&,;\s}\]]+"""
+# Compound names (access_token, client_secret) are secrets wherever they are followed by : or =;
+# plain words (token, password) only as a quoted key (`"password": …`) or before `=`, since
+# prose such as "the server refused the token: AUTHENTICATE failed" must stay readable.
+_COMPOUND = "|".join(sorted((re.escape(k) for k in SECRET_KEYS if not k.isalpha()), key=len))
+_WORDS = "|".join(sorted(k for k in SECRET_KEYS if k.isalpha()))
+# Secrets inside text: those, `Bearer …`, and any JWT (RFC 7519: three base64url parts, the
+# header starting `eyJ`, i.e. `{"`).
+_SECRET_IN_TEXT = (
+    (re.compile(rf"""(?i)(["']?\b(?:{_COMPOUND})\b["']?\s*[:=]\s*{_VALUE}"""), r"\1***"),
+    (
+        re.compile(rf"""(?i)((?:["'](?:{_WORDS})["']\s*:|\b(?:{_WORDS})\s*=)\s*{_VALUE}"""),
+        r"\1***",
+    ),
+    (re.compile(r"(?i)\b(Bearer|Basic)\s+[A-Za-z0-9._~+/=-]+"), r"\1 ***"),
+    (re.compile(r"\beyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"), "***"),
+)
+# Nesting is followed this deep in dicts and lists; deeper values are replaced whole.
+MAX_REDACT_DEPTH = 6
 LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -41,11 +74,77 @@ JOURNAL_PRIORITY = {
 
 
 def redact_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """Replace the value of any secret-looking key with ``***``."""
-    for key in event:
-        if key.lower() in SECRET_KEYS:
-            event[key] = "***"
+    """Replace secret-looking values with ``***``: by key, in nested data and inside text."""
+    for key in list(event):
+        event[key] = _redacted(key, event[key], 0)
     return event
+
+
+def redact_text(text: str) -> str:
+    """``text`` with tokens, passwords and bearer credentials in it replaced by ``***``."""
+    for pattern, replacement in _SECRET_IN_TEXT:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def _redacted(key: object, value: Any, depth: int) -> Any:
+    if isinstance(key, str) and key.lower() in SECRET_KEYS:
+        return "***"
+    if depth >= MAX_REDACT_DEPTH:
+        return "***" if isinstance(value, Mapping | list | tuple) else value
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, bytes):
+        return redact_text(value.decode("utf-8", "replace"))
+    if isinstance(value, Mapping):
+        return {k: _redacted(k, v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redacted(None, v, depth + 1) for v in value]
+    return value
+
+
+class StdlibBridge(logging.Handler):
+    """Hands the standard library's log records to structlog, so one chain redacts them all.
+
+    The record's message is rendered (``%`` formatting of its args) and then goes through
+    ``redact_secrets`` like any of our events; the logger's name goes in ``logger``.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+        except Exception:  # a library's bad format string must not lose the line or raise
+            message = f"{record.msg!r} {record.args!r}"
+        method = _STDLIB_METHOD.get(record.levelno, "info")
+        if record.levelno >= logging.CRITICAL:
+            method = "critical"
+        log = structlog.get_logger(record.name)
+        kwargs: dict[str, Any] = {"logger": record.name}
+        if record.exc_info and record.exc_info[0] is not None:
+            kwargs["exc_info"] = record.exc_info
+        getattr(log, method)(message, **kwargs)
+
+
+_STDLIB_METHOD = {
+    logging.DEBUG: "debug",
+    logging.INFO: "info",
+    logging.WARNING: "warning",
+    logging.ERROR: "error",
+}
+
+
+def _route_stdlib(level: int) -> None:
+    """Send every stdlib logger's records through structlog (and nowhere else)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, StdlibBridge):
+            root.removeHandler(handler)
+    root.addHandler(StdlibBridge())
+    # Libraries' warnings and errors only: their info and debug lines (apscheduler's every job
+    # run, urllib3's every request) would drown ours.
+    root.setLevel(max(level, logging.WARNING))
+    # The fallback handler prints straight to stderr when no handler is set: never needed now.
+    logging.lastResort = None
 
 
 def under_journal(stream: TextIO) -> bool:
@@ -129,20 +228,28 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | N
         structlog.processors.add_log_level,
         redact_secrets,
     ]
+    # Tracebacks become text first and are redacted like any value (an exception's message
+    # can quote a token); plain text only, never rich's with local variables.
+    text_traceback = [structlog.processors.format_exc_info, redact_secrets]
     if chosen == "journal":
-        processors.append(structlog.processors.format_exc_info)
-        processors.append(JournalRenderer())
+        processors += [*text_traceback, JournalRenderer()]
     elif chosen == "json":
         processors += [
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
+            *text_traceback,
             structlog.processors.JSONRenderer(),
         ]
     else:
         processors += [
             structlog.processors.TimeStamper(fmt="%H:%M:%S", utc=False),
-            structlog.dev.ConsoleRenderer(colors=out.isatty()),
+            *text_traceback,
+            # Colour only on a terminal and never with NO_COLOR (https://no-color.org).
+            structlog.dev.ConsoleRenderer(
+                colors=out.isatty() and not os.environ.get("NO_COLOR"),
+                exception_formatter=structlog.dev.plain_traceback,
+            ),
         ]
+    _route_stdlib(LEVELS.get(level, logging.INFO))
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS.get(level, logging.INFO)),

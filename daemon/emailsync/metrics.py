@@ -11,7 +11,7 @@ from emailsync import __version__
 STATES = ("connecting", "idle", "syncing", "backoff", "needs_reauth", "stopped")
 TRIGGERS = ("idle", "start_sync", "poll", "sweep", "startup")
 CONNECTION_ERROR_KINDS = ("timeout", "refused", "tls", "bye", "protocol")
-FAIL_REASONS = ("no_group", "unparseable")
+FAIL_REASONS = ("no_group", "unparseable", "rejected")
 # Filing happens within a second of arrival when IDLE works; minutes when it falls back.
 LATENCY_BUCKETS_SECONDS = (0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30, 60, 300, 900, 3600)
 PASS_BUCKETS_SECONDS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
@@ -76,6 +76,13 @@ class Metrics:
         self.queue_messages = Gauge(
             "queue_messages",
             "Messages waiting in Queue.",
+            ["mailbox"],
+            namespace=ns,
+            registry=registry,
+        )
+        self.messages_stuck = Gauge(
+            "messages_stuck",
+            "Messages quarantined in Queue (keyword $EmailSyncStuck) after repeated refusals.",
             ["mailbox"],
             namespace=ns,
             registry=registry,
@@ -151,6 +158,7 @@ class Metrics:
         self.auth_failures.labels(mailbox=mailbox)
         self.queue_messages.labels(mailbox=mailbox).set(0)
         self.queue_oldest_age.labels(mailbox=mailbox).set(0)
+        self.messages_stuck.labels(mailbox=mailbox).set(0)
 
     def set_state(self, mailbox: str, state: str) -> None:
         """Set the state gauge: 1 for ``state``, 0 for the others."""
@@ -166,6 +174,7 @@ class Metrics:
             self.sync_pass_seconds,
             self.queue_messages,
             self.queue_oldest_age,
+            self.messages_stuck,
             self.last_sync,
             self.auth_failures,
             self.token_expiry,
@@ -203,3 +212,49 @@ class ClusterMetrics:
             namespace=ns,
             registry=registry,
         )
+
+
+CRM_ENDPOINTS = ("groups_lookup", "timeline_events")
+# Loopback answers in milliseconds; a remote CRM in tens to hundreds; the timeout is seconds.
+CRM_BUCKETS_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class CrmMetrics:
+    """The CRM connector's metrics; registered only when a ``[crm]`` is configured."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        ns = "emailsync"
+        self.requests = Counter(
+            "crm_requests",
+            "Requests to the CRM, by endpoint and HTTP status (error/timeout: no answer).",
+            ["endpoint", "status"],
+            namespace=ns,
+            registry=registry,
+        )
+        self.request_seconds = Histogram(
+            "crm_request_seconds",
+            "Duration of a request to the CRM.",
+            ["endpoint"],
+            buckets=CRM_BUCKETS_SECONDS,
+            namespace=ns,
+            registry=registry,
+        )
+        self.cache = Counter(
+            "crm_cache",
+            "Group lookups per address answered from the cache (hit) or asked of the CRM (miss).",
+            ["result"],
+            namespace=ns,
+            registry=registry,
+        )
+        self.up = Gauge(
+            "crm_up",
+            "1 when the last request to the CRM was answered, 0 when it could not be.",
+            namespace=ns,
+            registry=registry,
+        )
+        for endpoint in CRM_ENDPOINTS:
+            self.request_seconds.labels(endpoint=endpoint)
+            self.requests.labels(endpoint=endpoint, status="200")
+        for result in ("hit", "miss"):
+            self.cache.labels(result=result)
+        self.up.set(1)

@@ -21,6 +21,7 @@ class Outcome(enum.Enum):
     RECEIVED = "received"  # inbound, linked: events recorded, moved to Received
     NO_GROUP = "no_group"  # no group linked to any counterpart: moved to Failed
     UNPARSEABLE = "unparseable"  # the message cannot be used: moved to Failed
+    REJECTED = "rejected"  # the store (a CRM) refused one of its events: moved to Failed
 
 
 class FolderRole(enum.Enum):
@@ -37,6 +38,7 @@ OUTCOME_FOLDER: dict[Outcome, FolderRole] = {
     Outcome.RECEIVED: FolderRole.RECEIVED,
     Outcome.NO_GROUP: FolderRole.FAILED,
     Outcome.UNPARSEABLE: FolderRole.FAILED,
+    Outcome.REJECTED: FolderRole.FAILED,
 }
 
 # Keywords (RFC 3501 §2.3.2) set on messages filed to Failed, so a person or a script can
@@ -44,7 +46,14 @@ OUTCOME_FOLDER: dict[Outcome, FolderRole] = {
 OUTCOME_KEYWORD: dict[Outcome, str] = {
     Outcome.NO_GROUP: "$EmailSyncNoGroup",
     Outcome.UNPARSEABLE: "$EmailSyncUnparseable",
+    Outcome.REJECTED: "$EmailSyncRejected",
 }
+
+# Keyword on a Queue message the server would not move or fetch (or the store would not take)
+# on ``stuck_after_attempts`` passes in a row: it stays in Queue and passes skip it until the
+# keyword is removed (``retry-failed``, Start Sync with include_stuck, or by hand). Being on
+# the message, the quarantine survives a restart of the daemon.
+STUCK_KEYWORD = "$EmailSyncStuck"
 
 
 @dataclass(frozen=True)
@@ -116,6 +125,14 @@ class Group:
 
     name: str
     addresses: tuple[str, ...] = ()
+    # The CRM's own identifier, when the group comes from a CRM; events then name the group
+    # by it. The built-in store identifies groups by name and leaves this empty.
+    id: str = ""
+
+    @property
+    def ref(self) -> str:
+        """How events name this group: the CRM's id, else the name."""
+        return self.id or self.name
 
 
 @dataclass(frozen=True)

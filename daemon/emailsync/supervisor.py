@@ -1,15 +1,38 @@
-"""The supervisor: one worker per mailbox, signals, reload, scheduled jobs, systemd, shutdown."""
+"""The supervisor: one worker per mailbox, signals, reload, scheduled jobs, systemd, shutdown.
+
+The main loop (``run``) ticks every TICK_SECONDS and never waits on a worker: restarting a
+worker means asking it to stop ("retiring" it) and starting its replacement on a later tick,
+once the old thread has ended. So a mailbox never has two live workers (two filers on one
+Queue, two connections where providers cap them), the old worker's last writes (``stopped``)
+land before the new one's first, and ``/healthz`` and the watchdog keep being answered while
+2,000 workers log out. The lock guards the bookkeeping only: no one joins a thread, logs,
+touches a file or calls into a worker under it (any of these hands the GIL to 2,000 busy
+threads and can keep the lock, and so /healthz, for seconds).
+
+A mailbox is in at most one of: ``workers`` (running), ``_pending`` (to start once no retiring
+worker of it is left), ``_starting`` (being started by the main loop, outside the lock),
+``_restarting`` (its worker died: restart after a back-off) and ``_stopped``; ``_retiring``
+(asked to stop, not yet ended) may hold it beside any of these but ``workers``.
+
+With a shared (PostgreSQL) store, a ``Cluster`` decides which mailboxes this instance runs:
+its lease keeper calls ``run_mailbox`` with a store fenced by the lease (kept in ``_stores``
+and reused by restarts and reloads, so no worker of a cluster runs without its fence) and
+``drop_mailboxes`` when a lease is handed back or lost, which retires the workers like removed
+mailboxes and waits for them to end before the lease is released.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import random
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
-from datetime import datetime
+from collections.abc import Callable, Container, Sequence
+from datetime import UTC, datetime
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -31,13 +54,65 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 TICK_SECONDS = 0.5
+# While workers are being stopped the loop ticks this often, so a replacement follows its
+# predecessor's end closely.
+BUSY_TICK_SECONDS = 0.05
+# Starting a worker (a thread, a pipe, metric series) takes a millisecond or, while hundreds
+# of others log in, much longer: a tick starts them (outside the lock) for at most this long
+# and the next tick goes on at once, so the watchdog and /healthz are never kept waiting.
+START_BUDGET_SECONDS = 0.1
 SHUTDOWN_SECONDS = 8.0  # SIGTERM must end the process within 10 s
 GAUGE_SECONDS = 15.0
 TOKEN_CHECK_SECONDS = 300.0
 TOKEN_REFRESH_AHEAD_SECONDS = 900.0  # refresh an access token this long before it expires
+# A worker thread that ended without being asked (a bug, not a mailbox error: those are
+# backed off inside the worker) is restarted after 1 s, 2 s, 4 s … 5 min, each jittered down
+# by up to half so that many do not come back at once; a worker that ran this long before
+# dying starts the count again.
+RESTART_START_SECONDS = 1.0
+RESTART_MAX_SECONDS = 300.0
+RESTART_RESET_SECONDS = 600.0
 
 AuthenticatorFactory = Callable[[MailboxSettings, Settings], Authenticator]
 ClusterFactory = Callable[["Supervisor"], "Cluster"]
+
+
+class Worker(Protocol):
+    """What the supervisor needs of a mailbox worker (``MailboxWorker``; tests use fakes)."""
+
+    mailbox: MailboxSettings
+    authenticator: Authenticator
+    first_attempt_done: threading.Event
+
+    def start(self) -> None:
+        """Start the thread."""
+
+    def stop(self) -> None:
+        """Ask the thread to end soon; returns at once."""
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the thread to end."""
+
+    def is_alive(self) -> bool:
+        """True until the thread has ended."""
+
+    def snapshot(self) -> WorkerStatus:
+        """A copy of the current status."""
+
+    def request_pass(self, trigger: str) -> None:
+        """Ask for a sync pass."""
+
+    def release_stuck(self) -> None:
+        """Have the next pass release the messages quarantined in Queue."""
+
+    def refresh_gauges(self) -> None:
+        """Recompute time-based gauges."""
+
+    def refresh_token(self, ahead_seconds: float) -> None:
+        """Refresh an OAuth token that expires soon."""
+
+
+WorkerFactory = Callable[[MailboxSettings, Settings, Store, Metrics, Authenticator], Worker]
 
 
 def credential_expiry(settings: Settings) -> datetime | None:
@@ -53,6 +128,35 @@ def credential_expiry(settings: Settings) -> datetime | None:
     return None
 
 
+def restart_delay(restarts: int, rng: random.Random) -> float:
+    """How long to wait before the ``restarts``-th restart in a row of a dead worker.
+
+    Exponential from RESTART_START_SECONDS to RESTART_MAX_SECONDS with "equal jitter"
+    (uniform in the upper half of the ceiling), so below the cap no delay is shorter than
+    the one before.
+    """
+    ceiling = min(RESTART_MAX_SECONDS, RESTART_START_SECONDS * 2 ** min(restarts - 1, 30))
+    return rng.uniform(ceiling / 2, ceiling)
+
+
+@dataclasses.dataclass
+class _Retiring:
+    """A worker asked to stop whose thread has not ended yet."""
+
+    worker: Worker
+    since: float  # monotonic
+    warned: bool = False
+
+
+@dataclasses.dataclass
+class _Restart:
+    """A mailbox whose worker died, waiting for its restart back-off."""
+
+    mailbox: MailboxSettings
+    due: float  # monotonic
+    status: WorkerStatus
+
+
 class Supervisor:
     """Owns the workers, the HTTP listener and the scheduler; runs in the main thread."""
 
@@ -64,21 +168,35 @@ class Supervisor:
         registry: CollectorRegistry | None = None,
         authenticator_factory: AuthenticatorFactory = make_authenticator,
         notifier: Notifier | None = None,
+        worker_factory: WorkerFactory = MailboxWorker,
         cluster_factory: ClusterFactory | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
+        store.register_metrics(self.registry)
         self.authenticator_factory = authenticator_factory
         self.notifier = notifier or Notifier()
-        self.workers: dict[str, MailboxWorker] = {}
+        self.worker_factory = worker_factory
+        self.workers: dict[str, Worker] = {}
+        self._started_at: dict[str, float] = {}  # monotonic, per running worker
+        self._pending: dict[str, MailboxSettings] = {}
+        self._starting: dict[str, MailboxSettings] = {}
+        self._retiring: dict[str, _Retiring] = {}
+        self._restarting: dict[str, _Restart] = {}
+        self._restarts: dict[str, int] = {}  # dead-worker restarts in a row, per mailbox
+        self._sync_on_start: set[str] = set()  # Start Sync asked while no worker ran
+        self._release_on_start: set[str] = set()  # ... with include_stuck
         self._stopped: dict[str, WorkerStatus] = {}
+        self._stores: dict[str, Store] = {}  # in a cluster: each owned mailbox's fenced store
         self._lock = threading.RLock()
         self._wake = threading.Event()
+        self._rng = random.Random()  # noqa: S311 -- jitter, not cryptography
         self._stop_requested = False
         self._reload_requested = False
         self._sync_all_requested = False
+        self._reload_started: float | None = None  # monotonic; READY=1 is due when it is done
         self._ready_sent = False
         self._last_tick = time.monotonic()
         self._last_watchdog = 0.0
@@ -93,10 +211,17 @@ class Supervisor:
     # -- Control (for the HTTP listener) ----------------------------------------------------
 
     def statuses(self) -> list[WorkerStatus]:
-        """Every configured mailbox's status, running or stopped (or run by another instance)."""
+        """Every configured mailbox's status: running, about to (re)start, or stopped."""
         with self._lock:
-            running = [w.snapshot() for w in self.workers.values()]
-            listed = sorted([*running, *self._stopped.values()], key=lambda s: s.address)
+            workers = list(self.workers.values())
+            starting = [
+                WorkerStatus(a, "connecting", m.trigger)
+                for a, m in [*self._pending.items(), *self._starting.items()]
+            ]
+            restarting = [r.status for r in self._restarting.values()]
+            stopped = list(self._stopped.values())
+        running = [w.snapshot() for w in workers]
+        listed = sorted([*running, *starting, *restarting, *stopped], key=lambda s: s.address)
         if self.cluster is not None:
             listed = self._with_owners(listed, self.cluster)
         return listed
@@ -108,26 +233,22 @@ class Supervisor:
         except StoreError:
             owners = {}
         local = {s.address for s in listed}
-        for status in listed:
-            status.owner = cluster.instance_id
-        for mailbox in self.settings.mailboxes:
-            if mailbox.enabled and mailbox.address not in local:
-                listed.append(
-                    WorkerStatus(
-                        mailbox.address,
-                        "remote",
-                        mailbox.trigger,
-                        owner=owners.get(mailbox.address),
-                    )
-                )
-        return sorted(listed, key=lambda s: s.address)
+        # Copies: the restarting and stopped statuses are the supervisor's own objects.
+        named = [dataclasses.replace(s, owner=cluster.instance_id) for s in listed]
+        named += [
+            WorkerStatus(m.address, "remote", m.trigger, owner=owners.get(m.address))
+            for m in self.settings.mailboxes
+            if m.enabled and m.address not in local
+        ]
+        return sorted(named, key=lambda s: s.address)
 
-    def start_sync(self, address: str | None) -> bool:
+    def start_sync(self, address: str | None, *, include_stuck: bool = False) -> bool:
         """Start Sync for one mailbox (False if unknown or stopped) or all.
 
+        ``include_stuck``: the pass first releases the messages quarantined in Queue.
         In a cluster, a mailbox another instance runs gets it through the database.
         """
-        done = self.start_sync_local(address)
+        done = self.start_sync_local(address, include_stuck=include_stuck)
         if self.cluster is None or (done and address is not None):
             return done
         if address is not None and not any(
@@ -135,22 +256,44 @@ class Supervisor:
         ):
             return False
         try:
-            self.cluster.publish_sync(None if address is None else address.lower())
+            self.cluster.publish_sync(
+                None if address is None else address.lower(), include_stuck=include_stuck
+            )
         except StoreError as exc:
             log.warning("start_sync_not_published", mailbox=address, error=str(exc))
             return done
         return True
 
-    def start_sync_local(self, address: str | None) -> bool:
-        """Start Sync for a mailbox whose worker runs in this process (or all of them)."""
+    def start_sync_local(self, address: str | None, *, include_stuck: bool = False) -> bool:
+        """Start Sync for a mailbox whose worker runs in this process (or all of them).
+
+        A mailbox whose worker is being (re)started gets it as soon as the worker runs.
+        """
         with self._lock:
+            waiting = {*self._pending, *self._starting, *self._restarting}
             if address is None:
-                for each in self.workers.values():
-                    each.request_pass("start_sync")
+                workers = list(self.workers.values())
+                self._sync_on_start |= waiting
+                if include_stuck:
+                    self._release_on_start |= waiting
+        if address is None:
+            for each in workers:
+                if include_stuck:
+                    each.release_stuck()
+                each.request_pass("start_sync")
+            return True
+        with self._lock:
+            address = address.lower()
+            worker = self.workers.get(address)
+            if worker is None:
+                if address not in waiting:
+                    return False
+                self._sync_on_start.add(address)
+                if include_stuck:
+                    self._release_on_start.add(address)
                 return True
-            worker = self.workers.get(address.lower())
-        if worker is None:
-            return False
+        if include_stuck:
+            worker.release_stuck()
         worker.request_pass("start_sync")
         return True
 
@@ -164,13 +307,16 @@ class Supervisor:
         marker.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         marker.touch()
         with self._lock:
-            worker = self.workers.pop(address, None)
+            worker = self._retire(address)
+            retiring = self._retiring.get(address)
         if worker is not None:
             worker.stop()
             worker.authenticator.forget()
-            worker.join(SHUTDOWN_SECONDS)
         else:
             self.authenticator_factory(mailbox, self.settings).forget()
+        if retiring is not None:
+            # The caller (the CLI) waits for the LOGOUT; the main loop does not.
+            retiring.worker.join(max(0.0, retiring.since + SHUTDOWN_SECONDS - time.monotonic()))
         self._mark_stopped(mailbox)
         log.info("mailbox_stopped", mailbox=address)
         return True
@@ -185,17 +331,23 @@ class Supervisor:
         if self.cluster is not None:
             # Only under its lease; another instance may be the owner (then it runs there).
             with self._lock:
-                running = address in self.workers
-            if not running:
+                local = address in self.workers or address in self._starting
+                local = local or address in self._pending
+            if not local:
+                with self._lock:
+                    self._stopped.pop(address, None)
                 self.cluster.resume(address)
             return True
         with self._lock:
-            if address not in self.workers:
-                self._start_worker(mailbox)
+            self._restarting.pop(address, None)  # an operator's start does not wait
+            if address not in self.workers and address not in self._starting:
+                self._stopped.pop(address, None)
+                self._pending[address] = mailbox
+        self._wake.set()
         return True
 
     def healthy(self) -> bool:
-        """The main loop ticked recently and every worker thread is alive."""
+        """The main loop ticked recently and every running worker thread is alive."""
         with self._lock:
             alive = all(w.is_alive() for w in self.workers.values())
         if self.cluster is not None and not self.cluster.healthy():
@@ -203,33 +355,58 @@ class Supervisor:
         return alive and time.monotonic() - self._last_tick < 10 * TICK_SECONDS + 5
 
     def ready(self) -> bool:
-        """Every mailbox has had its first connect attempt."""
+        """Every mailbox has been started and had its first connect attempt."""
         with self._lock:
+            if self._pending or self._starting:
+                return False
             started = all(w.first_attempt_done.is_set() for w in self.workers.values())
         return started and (self.cluster is None or self.cluster.ready())
 
     # -- Cluster (the lease keeper starts and stops workers) ----------------------------------
 
     def run_mailbox(self, address: str, store: Store) -> bool:
-        """Start the mailbox's worker with its own (fenced) store; False if not configured."""
+        """Queue the mailbox's worker with its own (fenced) store; False if not configured.
+
+        A worker of it that still runs is retired first: the new one starts on a later tick,
+        once that one has ended.
+        """
         mailbox = next((m for m in self.settings.mailboxes if m.address == address), None)
         if mailbox is None or not mailbox.enabled:
             return False
         with self._lock:
-            self._stop_worker(address)
-            self._start_worker(mailbox, store)
+            # A lease claimed here runs its worker: Stop Email Sync's marker is per instance
+            # and does not hold a mailbox back from the cluster (README, Several instances).
+            worker = self._retire(address)
+            self._stores[address] = store
+            self._start_or_mark(mailbox, marked_stopped=False)
+        if worker is not None:
+            worker.stop()
+        self._wake.set()
         return True
 
     def drop_mailboxes(self, addresses: Sequence[str]) -> None:
-        """Stop these workers together, wait for them, and forget them here."""
+        """Retire these workers like removed mailboxes, and wait for them to end.
+
+        The lease keeper releases the leases after this returns: the next owner's worker
+        must not connect while ours still does.
+        """
         with self._lock:
-            workers = [w for a in addresses if (w := self.workers.pop(a, None)) is not None]
+            workers = [self._retire(address) for address in addresses]
+            retiring = [r.worker for a in addresses if (r := self._retiring.get(a)) is not None]
+            for address in addresses:
+                self._stores.pop(address, None)
+                self._stopped.pop(address, None)
+                self._restarts.pop(address, None)
+                self._sync_on_start.discard(address)
+                self._release_on_start.discard(address)
+                self._forget_if_gone(address)
         for worker in workers:
-            worker.stop()
+            if worker is not None:
+                worker.stop()
         deadline = time.monotonic() + SHUTDOWN_SECONDS
-        for worker in workers:
+        for worker in retiring:
             worker.join(max(0.0, deadline - time.monotonic()))
-            self.metrics.forget_mailbox(worker.mailbox.address)
+        self._wake.set()  # the main loop reaps them and forgets their metric series
 
     # -- lifetime -------------------------------------------------------------------------------
 
@@ -250,39 +427,57 @@ class Supervisor:
         if self.cluster is not None:
             self.cluster.start()
         else:
+            marked = self._marked_stopped(self.settings)
             with self._lock:
                 for mailbox in self.settings.mailboxes:
-                    self._start_or_mark(mailbox)
+                    self._start_or_mark(mailbox, mailbox.address in marked)
         self._schedule_jobs()
         self.scheduler.start()
         try:
             while not self._stop_requested:
-                self._tick()
-                self._wake.wait(TICK_SECONDS)
                 self._wake.clear()
+                try:
+                    self._tick()
+                except Exception as exc:  # the top of the supervisor loop: log and go on
+                    log.exception("supervisor_error", error=repr(exc))
+                self._wake.wait(self._tick_wait())
         finally:
             self.shutdown()
         return 0
 
     def _tick(self) -> None:
-        self._last_tick = time.monotonic()
         if self._reload_requested:
             self._reload_requested = False
             self.reload()
         if self._sync_all_requested:
             self._sync_all_requested = False
             self.start_sync(None)
+        self._reap_retiring()
         self._restart_dead_workers()
+        self._start_pending()
+        self._finish_reload()
         if not self._ready_sent and self.ready():
             self._ready_sent = True
             self.notifier.ready(self.summary())
             log.info("ready", summary=self.summary())
-        now = time.monotonic()
+        # Only a tick that got this far counts: one that fails every time turns /healthz
+        # red and stops the watchdog pings, so systemd restarts the daemon.
+        now = self._last_tick = time.monotonic()
         interval = self.notifier.watchdog_seconds / 2 if self.notifier.watchdog_seconds else 0
         if interval and now - self._last_watchdog >= interval and self.healthy():
             self._last_watchdog = now
             self.notifier.watchdog()
             self.notifier.status(self.summary())
+
+    def _tick_wait(self) -> float:
+        """How long the loop sleeps: short while workers come and go, else until the next tick."""
+        if self._pending or self._retiring:
+            with self._lock:
+                startable = any(a not in self._retiring for a in self._pending)
+            return 0.0 if startable else BUSY_TICK_SECONDS
+        with self._lock:
+            due = min((r.due for r in self._restarting.values()), default=float("inf"))
+        return max(0.0, min(TICK_SECONDS, due - time.monotonic()))
 
     def summary(self) -> str:
         """The one-line STATUS=: how many mailboxes are in which state, and the queue."""
@@ -295,7 +490,12 @@ class Supervisor:
         return f"{states}; {queued} queued"
 
     def shutdown(self) -> None:
-        """Stop workers (batch in flight finished, LOGOUT), the scheduler and the listener."""
+        """Stop workers (batch in flight finished, LOGOUT), the scheduler and the listener.
+
+        Every worker is asked first and then all are waited for together, within one
+        SHUTDOWN_SECONDS for all of them.
+        """
+        deadline = time.monotonic() + SHUTDOWN_SECONDS
         self.notifier.stopping()
         log.info("stopping")
         with contextlib.suppress(Exception):
@@ -303,12 +503,18 @@ class Supervisor:
         if self.cluster is not None:
             self.cluster.stop()  # its workers first, then the leases go back at once
         with self._lock:
-            workers = list(self.workers.values())
-        for worker in workers:
-            worker.stop()
-        deadline = time.monotonic() + SHUTDOWN_SECONDS
-        for worker in workers:
+            running = [self._retire(address) for address in list(self.workers)]
+            self._pending.clear()
+            self._restarting.clear()
+            retiring = [r.worker for r in self._retiring.values()]
+        for worker in running:
+            if worker is not None:
+                worker.stop()
+        for worker in retiring:
             worker.join(max(0.0, deadline - time.monotonic()))
+        left = sum(1 for worker in retiring if worker.is_alive())
+        if left:
+            log.warning("workers_still_stopping", count=left, waited=SHUTDOWN_SECONDS)
         if self.web is not None:
             self.web.stop()
         log.info("stopped")
@@ -318,10 +524,19 @@ class Supervisor:
         self._stop_requested = True
         self._wake.set()
 
+    def request_reload(self) -> None:
+        """Ask the main loop to re-read the config (what SIGHUP does)."""
+        self._reload_requested = True
+        self._wake.set()
+
     # -- reload ---------------------------------------------------------------------------------
 
     def reload(self) -> None:
-        """Re-read the config: start new mailboxes, stop removed ones, restart changed ones."""
+        """Re-read the config: start new mailboxes, stop removed ones, restart changed ones.
+
+        Returns at once: changed and removed workers are asked to stop, and the main loop
+        starts each replacement once its predecessor has ended (READY=1 follows then).
+        """
         self.notifier.reloading()
         try:
             new = load_settings(self.settings.path)
@@ -330,103 +545,263 @@ class Supervisor:
             self.notifier.ready(self.summary())
             return
         old = self.settings
-        if self.cluster is not None:
-            self._reload_cluster(old, new)
-            return
         everything_changed = (
             new.daemon != old.daemon or new.folders != old.folders or new.office365 != old.office365
         )
+        if new.crm != old.crm:
+            # The store (the CRM connector) is opened once at start, with its secret.
+            log.warning("crm_change_needs_restart", action="systemctl restart emailsync")
+        if self.cluster is not None:
+            self._reload_cluster(old, new, everything_changed=everything_changed)
+            return
         old_by_address = {m.address: m for m in old.mailboxes}
         new_by_address = {m.address: m for m in new.mailboxes}
+        marked = self._marked_stopped(new)
         self.settings = new
+        retired: list[Worker | None] = []
+        events: list[tuple[str, str]] = []
         with self._lock:
             for address, mailbox in old_by_address.items():
                 if address not in new_by_address:
-                    self._stop_worker(address)
+                    retired.append(self._retire(address))
                     self._stopped.pop(address, None)
-                    self.metrics.forget_mailbox(address)
-                    log.info("mailbox_removed", mailbox=address)
+                    self._restarts.pop(address, None)
+                    self._sync_on_start.discard(address)
+                    self._release_on_start.discard(address)
+                    self._forget_if_gone(address)
+                    events.append(("mailbox_removed", address))
                 elif everything_changed or new_by_address[address] != mailbox:
-                    self._stop_worker(address)
+                    retired.append(self._retire(address))
                     self._stopped.pop(address, None)
-                    self._start_or_mark(new_by_address[address])
-                    log.info("mailbox_restarted", mailbox=address)
+                    self._start_or_mark(new_by_address[address], address in marked)
+                    events.append(("mailbox_restarted", address))
             for address, mailbox in new_by_address.items():
                 if address not in old_by_address:
-                    self._start_or_mark(mailbox)
-                    log.info("mailbox_added", mailbox=address)
-        self.notifier.ready(self.summary())
+                    self._start_or_mark(mailbox, address in marked)
+                    events.append(("mailbox_added", address))
+            self._reload_started = time.monotonic()
+        for worker in retired:
+            if worker is not None:
+                worker.stop()
+        for event, address in events:
+            log.info(event, mailbox=address)
 
-    def _reload_cluster(self, old: Settings, new: Settings) -> None:
-        """Restart changed mailboxes under their leases; the lease keeper does the rest.
+    def _reload_cluster(self, old: Settings, new: Settings, *, everything_changed: bool) -> None:
+        """Restart this instance's changed mailboxes under their leases; the keeper does the rest.
 
-        A changed mailbox restarts here with the new settings and the same fence; a removed
-        one's lease is handed back and a new one is claimed on a following heartbeat.
+        A changed mailbox restarts with the new settings and the same fenced store once its
+        worker has ended; a removed one is retired here and its lease handed back by the
+        keeper's next heartbeat, which also claims added ones.
         """
-        everything_changed = (
-            new.daemon != old.daemon or new.folders != old.folders or new.office365 != old.office365
-        )
+        old_by_address = {m.address: m for m in old.mailboxes}
         new_by_address = {m.address: m for m in new.mailboxes}
+        marked = self._marked_stopped(new)
         self.settings = new
+        retired: list[Worker | None] = []
+        events: list[tuple[str, str]] = []
         with self._lock:
-            changed = [
-                address
-                for address, worker in self.workers.items()
-                if everything_changed or new_by_address.get(address) != worker.mailbox
-            ]
-            for address in changed:
-                self._stop_worker(address)
-        for address in changed:
-            if address in new_by_address and self.cluster is not None:
-                self.cluster.resume(address)  # same lease, new settings
-            log.info("mailbox_restarted", mailbox=address)
+            for address, mailbox in old_by_address.items():
+                local = any(
+                    address in each
+                    for each in (self.workers, self._pending, self._starting, self._restarting)
+                )
+                new_mailbox = new_by_address.get(address)
+                if new_mailbox is None:
+                    retired.append(self._retire(address))
+                    self._stopped.pop(address, None)
+                    self._stores.pop(address, None)
+                    self._restarts.pop(address, None)
+                    self._sync_on_start.discard(address)
+                    self._release_on_start.discard(address)
+                    self._forget_if_gone(address)
+                    events.append(("mailbox_removed", address))
+                elif local and (everything_changed or new_mailbox != mailbox):
+                    retired.append(self._retire(address))
+                    if address in self._stores:
+                        self._start_or_mark(new_mailbox, address in marked)
+                    events.append(("mailbox_restarted", address))
+            self._reload_started = time.monotonic()
+        for worker in retired:
+            if worker is not None:
+                worker.stop()
+        for event, address in events:
+            log.info(event, mailbox=address)
+
+    def _finish_reload(self) -> None:
+        """READY=1 once every restart of a reload is done (or SHUTDOWN_SECONDS have passed)."""
+        if self._reload_started is None:
+            return
+        took = time.monotonic() - self._reload_started
+        with self._lock:
+            waiting = len(self._pending) + len(self._retiring)
+        if waiting and took < SHUTDOWN_SECONDS:
+            return
+        self._reload_started = None
+        log.info("reloaded", seconds=round(took, 2), still_stopping=waiting)
         self.notifier.ready(self.summary())
 
-    # -- internals ------------------------------------------------------------------------------
+    # -- internals (the callers hold the lock where it says so) --------------------------------
 
-    def _start_or_mark(self, mailbox: MailboxSettings) -> None:
-        if not mailbox.enabled or stopped_marker(self.settings, mailbox.address).exists():
+    def _marked_stopped(self, settings: Settings) -> set[str]:
+        """The mailboxes Stop Email Sync has marked (looked up before taking the lock)."""
+        return {
+            m.address for m in settings.mailboxes if stopped_marker(settings, m.address).exists()
+        }
+
+    def _start_or_mark(self, mailbox: MailboxSettings, marked_stopped: bool) -> None:
+        """Queue a mailbox's worker to start, or mark it stopped; under the lock."""
+        if not mailbox.enabled or marked_stopped:
             self._mark_stopped(mailbox)
         else:
-            self._start_worker(mailbox)
+            self._stopped.pop(mailbox.address, None)
+            self._pending[mailbox.address] = mailbox
 
-    def _start_worker(self, mailbox: MailboxSettings, store: Store | None = None) -> None:
-        self._stopped.pop(mailbox.address, None)
-        worker = MailboxWorker(
-            mailbox,
-            self.settings,
-            store or self.store,
-            self.metrics,
-            self.authenticator_factory(mailbox, self.settings),
-        )
-        self.workers[mailbox.address] = worker
-        worker.start()
+    def _retire(self, address: str) -> Worker | None:
+        """Move a mailbox's worker to ``_retiring`` and drop anything queued; under the lock.
 
-    def _stop_worker(self, address: str) -> None:
+        Returns the worker, which the caller must ``stop()`` once it has released the lock.
+        Nothing of this mailbox starts until that worker has ended.
+        """
+        self._pending.pop(address, None)
+        self._starting.pop(address, None)  # the main loop retires it once it has started
+        self._restarting.pop(address, None)
+        self._started_at.pop(address, None)
         worker = self.workers.pop(address, None)
         if worker is not None:
-            worker.stop()
-            worker.join(SHUTDOWN_SECONDS)
+            self._retiring[address] = _Retiring(worker, time.monotonic())
+        return worker
+
+    def _reap_retiring(self) -> None:
+        """Forget retired workers whose thread has ended; warn once about slow ones."""
+        now = time.monotonic()
+        slow: list[tuple[str, float]] = []
+        with self._lock:
+            for address, retiring in list(self._retiring.items()):
+                if retiring.worker.is_alive():
+                    if not retiring.warned and now - retiring.since > SHUTDOWN_SECONDS:
+                        retiring.warned = True
+                        slow.append((address, now - retiring.since))
+                    continue
+                del self._retiring[address]
+                self._forget_if_gone(address)
+        for address, seconds in slow:
+            log.warning("worker_slow_to_stop", mailbox=address, seconds=round(seconds, 1))
+
+    def _forget_if_gone(self, address: str) -> None:
+        """Remove a mailbox's metric series once it is out of the config and its worker ended."""
+        known: list[Container[str]] = [self.workers, self._pending, self._starting]
+        known += [self._restarting, self._stopped, self._retiring]
+        if not any(address in each for each in known):
+            self.metrics.forget_mailbox(address)
+
+    def _start_pending(self) -> None:
+        """Start queued workers whose predecessor has ended, for up to START_BUDGET_SECONDS.
+
+        Each is claimed under the lock and made and started outside it; a Stop Email Sync or
+        reload that comes in meanwhile takes the claim back, and the new worker is retired.
+        """
+        with self._lock:
+            startable = [a for a in self._pending if a not in self._retiring]
+        deadline = time.monotonic() + START_BUDGET_SECONDS
+        for address in startable:
+            if time.monotonic() > deadline:
+                return  # the rest on the next tick, which follows at once
+            with self._lock:
+                mailbox = None if address in self._retiring else self._pending.pop(address, None)
+                if mailbox is None:
+                    continue
+                self._starting[address] = mailbox
+                store = self._stores.get(address, self.store)
+            worker = self._make_worker(mailbox, store)
+            restart: tuple[int, float] | None = None
+            with self._lock:
+                claimed = self._starting.pop(address, None) is not None
+                if worker is None:
+                    if claimed:
+                        status = WorkerStatus(address, "backoff", mailbox.trigger)
+                        restart = self._schedule_restart(mailbox, status)
+                elif claimed:
+                    self.workers[address] = worker
+                    self._started_at[address] = time.monotonic()
+                    if address in self._release_on_start:
+                        self._release_on_start.discard(address)
+                        worker.release_stuck()
+                    if address in self._sync_on_start:
+                        self._sync_on_start.discard(address)
+                        worker.request_pass("start_sync")
+                else:
+                    self._retiring[address] = _Retiring(worker, time.monotonic())
+            if worker is not None and not claimed:
+                worker.stop()  # stopped or removed while it was being made
+            if restart is not None:
+                _log_restart(address, *restart)
+
+    def _make_worker(self, mailbox: MailboxSettings, store: Store) -> Worker | None:
+        """Make and start a mailbox's worker (no other of it is alive); None if that failed."""
+        try:
+            worker = self.worker_factory(
+                mailbox,
+                self.settings,
+                store,
+                self.metrics,
+                self.authenticator_factory(mailbox, self.settings),
+            )
+            worker.start()
+        except Exception as exc:  # one mailbox's broken start must not stop the others
+            log.exception("worker_start_failed", mailbox=mailbox.address, error=repr(exc))
+            return None
+        return worker
 
     def _mark_stopped(self, mailbox: MailboxSettings) -> None:
         self.metrics.init_mailbox(mailbox.address)
         self.metrics.set_state(mailbox.address, "stopped")
         with self._lock:
+            self._pending.pop(mailbox.address, None)
+            self._restarting.pop(mailbox.address, None)
+            self._sync_on_start.discard(mailbox.address)
+            self._release_on_start.discard(mailbox.address)
             self._stopped[mailbox.address] = WorkerStatus(
                 mailbox.address, "stopped", mailbox.trigger
             )
 
     def _restart_dead_workers(self) -> None:
+        """Workers that ended unasked are restarted after a growing back-off, not at once."""
+        now = time.monotonic()
+        died: list[tuple[Worker, int, float]] = []
         with self._lock:
-            dead = [
-                a
-                for a, w in self.workers.items()
-                if not w.is_alive() and w.first_attempt_done.is_set()
-            ]
-            for address in dead:
-                log.error("worker_died", mailbox=address)
-                dead_worker = self.workers.pop(address)
-                self._start_worker(dead_worker.mailbox, dead_worker.store)
+            for address, worker in list(self.workers.items()):
+                if worker.is_alive():
+                    continue
+                del self.workers[address]
+                if now - self._started_at.pop(address, now) >= RESTART_RESET_SECONDS:
+                    self._restarts.pop(address, None)
+                # Its status as it ended; the thread is gone, so its lock is free.
+                died.append((worker, *self._schedule_restart(worker.mailbox, worker.snapshot())))
+            for address, restart in list(self._restarting.items()):
+                if restart.due <= now:
+                    del self._restarting[address]
+                    self._pending[address] = restart.mailbox
+        for worker, restarts, delay in died:
+            _log_restart(worker.mailbox.address, restarts, delay)
+
+    def _schedule_restart(self, mailbox: MailboxSettings, last: WorkerStatus) -> tuple[int, float]:
+        """Restart a mailbox's worker after its back-off; under the lock.
+
+        Returns (restarts in a row, delay) for the caller to log once it released the lock.
+        """
+        address = mailbox.address
+        restarts = self._restarts[address] = self._restarts.get(address, 0) + 1
+        delay = restart_delay(restarts, self._rng)
+        next_attempt = datetime.fromtimestamp(time.time() + delay, UTC)
+        status = dataclasses.replace(
+            last,
+            state="backoff",
+            last_error="worker ended unexpectedly; see the log",
+            next_attempt=next_attempt.isoformat(timespec="seconds"),
+        )
+        self._restarting[address] = _Restart(mailbox, time.monotonic() + delay, status)
+        self.metrics.set_state(address, "backoff")
+        return restarts, delay
 
     def _schedule_jobs(self) -> None:
         daemon = self.settings.daemon
@@ -440,25 +815,30 @@ class Supervisor:
                 job, "interval", seconds=seconds, id=name, max_instances=1, coalesce=True
             )
 
+    def _for_each_worker(self, job: str, call: Callable[[Worker], object]) -> None:
+        """Run a scheduler job's step for every running worker; one failing skips no other."""
+        with self._lock:
+            workers = list(self.workers.values())
+        for worker in workers:
+            try:
+                call(worker)
+            except Exception as exc:  # a scheduler job's loop: log, go on with the next
+                log.exception(
+                    "scheduler_job_failed", job=job, mailbox=worker.mailbox.address, error=repr(exc)
+                )
+
     def _sweep(self) -> None:
         """Safety sweep: a pass over every Queue, for anything IDLE did not announce."""
-        with self._lock:
-            workers = list(self.workers.values())
-        for worker in workers:
-            worker.request_pass("sweep")
+        self._for_each_worker("sweep", lambda worker: worker.request_pass("sweep"))
 
     def _refresh_gauges(self) -> None:
-        with self._lock:
-            workers = list(self.workers.values())
-        for worker in workers:
-            worker.refresh_gauges()
+        self._for_each_worker("gauges", lambda worker: worker.refresh_gauges())
 
     def _refresh_tokens(self) -> None:
         """Refresh OAuth tokens ahead of expiry (and keep refresh tokens alive)."""
-        with self._lock:
-            workers = list(self.workers.values())
-        for worker in workers:
-            worker.refresh_token(TOKEN_REFRESH_AHEAD_SECONDS)
+        self._for_each_worker(
+            "tokens", lambda worker: worker.refresh_token(TOKEN_REFRESH_AHEAD_SECONDS)
+        )
 
     def _install_signals(self) -> None:
         def on_stop(signum: int, _: FrameType | None) -> None:
@@ -477,3 +857,7 @@ class Supervisor:
         signal.signal(signal.SIGINT, on_stop)
         signal.signal(signal.SIGHUP, on_reload)
         signal.signal(signal.SIGUSR1, on_sync)
+
+
+def _log_restart(address: str, restarts: int, delay: float) -> None:
+    log.error("worker_died", mailbox=address, restarts=restarts, restart_in=round(delay, 2))

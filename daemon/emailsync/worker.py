@@ -2,22 +2,37 @@
 
 State machine (the ``mailbox_state`` metric shows the current state)::
 
-                  ┌──────────────────── Start Sync / sweep / EXISTS / IDLE renewal ──┐
-                  ▼                                                                  │
-    start ─▶ connecting ──login ok──▶ syncing ──pass done──▶ idle ──────────────────┘
-                  ▲  │                   │                    │
-                  │  │ refused, timeout, │ connection lost,   │ connection lost, BYE,
-                  │  │ TLS, BYE          │ store unavailable  │ no answer to DONE
-                  │  ▼                   ▼                    ▼
-                  └─ backoff ◀───────────┴────────────────────┘
-                  │   (1 s → 5 min, full jitter; a server's suggested back-off wins)
-                  │
-                  └─ needs_reauth  (login refused: slow retry every reauth_retry_seconds,
-                                    or at once on Start Sync / reload; never hammering)
+                 ┌────── Start Sync / sweep / EXISTS / poll / IDLE renewal ──────┐
+                 ▼                                                               │
+    start ─▶ connecting ──login ok──▶ syncing ──pass done──▶ idle ───────────────┘
+              ▲  ▲  │  │               │                     │
+              │  │  │  │ timeout, TLS, │ connection lost,    │ connection lost, BYE,
+              │  │  │  │ BYE,          │ folder gone,        │ no answer to DONE
+              │  │  │  │ throttled     │ UIDVALIDITY changed │
+              │  │  │  ▼               ▼                     ▼
+              │  └──┼─ backoff ◀───────┴─────────────────────┘
+              │     │   (1 s → max_backoff_seconds, full jitter; a server's suggested
+              │     │    back-off wins; a Start Sync waits for its end)
+              │     │ login refused
+              │     ▼
+              └─ needs_reauth (slow retry every reauth_retry_seconds; a Start Sync brings
+                               it forward to the end of the back-off slot, once per retry)
 
+    syncing ──store unavailable──▶ backoff, still logged in ──▶ syncing (the same pass again)
+    idle ──access token near its end──▶ LOGOUT ──▶ connecting (at once)
     stop() from any state ─▶ stopped (the message batch in flight is finished, then LOGOUT)
     lease lost (LeaseLostError, PostgreSQL store) ─▶ stopped at once: connection dropped,
         nothing recorded or moved; parked until the lease keeper calls stop()
+
+The back-off restarts from 1 s only after a pass completed (``Backoff.progress()``), never on
+a mere login, so a failure right after login cannot turn into a reconnect every second. An
+``AccessTokenExpired`` BYE reconnects at once, but only once in a row (another within
+``TOKEN_RECONNECT_FLOOR_SECONDS`` backs off).
+
+Triggers (Start Sync, sweep, …) are consumed from the ``Wakeup`` when they are acted on. One
+that arrives while the worker is not connected is owed to the first pass after the next
+login; that login serves every trigger asked for before it (and while it was in flight), so
+a burst of Start Syncs never becomes a burst of logins.
 
 ``trigger = "manual"`` mailboxes keep IDLE for queue depth but file only on Start Sync.
 A server without IDLE is polled every ``poll_seconds``.
@@ -25,18 +40,17 @@ A server without IDLE is polled every ``poll_seconds``.
 
 from __future__ import annotations
 
-import contextlib
-import enum
-import os
+import functools
 import random
 import threading
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
+from typing import Protocol
 
 import structlog
 
+from emailsync.backoff import Backoff, full_jitter_backoff
+from emailsync.clock import Clock, SystemClock
 from emailsync.config import FolderSettings, MailboxSettings, Settings
 from emailsync.errors import (
     AuthError,
@@ -46,59 +60,117 @@ from emailsync.errors import (
     StoreUnavailableError,
     UidValidityChangedError,
 )
-from emailsync.filing import Decision, Filer
+from emailsync.filing import Filer, QueueSession
 from emailsync.imap.auth import Authenticator
+from emailsync.imap.idle import IdleUpdate, WakeSource
 from emailsync.imap.session import ImapSession
 from emailsync.metrics import Metrics
-from emailsync.model import Outcome
+from emailsync.report import State, WorkerReport, WorkerStatus
 from emailsync.store.base import Store
+from emailsync.wakeup import Trigger, Wakeup
+
+__all__ = [
+    "MailboxWorker",
+    "State",
+    "Trigger",
+    "WorkerStatus",
+    "full_jitter_backoff",
+    "token_reconnect_delay",
+]
 
 log = structlog.get_logger(__name__)
 
-BACKOFF_START_SECONDS = 1.0
-# Reconnect this long before an OAuth access token expires: Exchange ends a session whose
-# token expired ("* BYE Session invalidated - AccessTokenExpired"), and MSAL hands out a new
-# token once less than 300 s are left, so the new login gets a fresh one.
+# Exchange ends a session whose token expired ("* BYE Session invalidated -
+# AccessTokenExpired"), so log in again ahead of expiry, by this much at most…
 TOKEN_RECONNECT_AHEAD_SECONDS = 240.0
-RECONNECT = "reconnect"  # not a pass trigger: _wait's answer when the token runs out
-# The cap on how long LOGOUT may take at shutdown (SIGTERM must exit within 10 s).
+# …and by at most this fraction of the token's remaining life, so a token that lives less
+# than the above (a tenant policy, a test identity provider) does not mean "reconnect now"…
+TOKEN_RECONNECT_FRACTION = 0.1
+# …and never sooner than this after the previous token reconnect, whatever the token says.
+TOKEN_RECONNECT_FLOOR_SECONDS = 30.0
+# The cap on how long LOGOUT may take (SIGTERM must exit within 10 s).
 LOGOUT_TIMEOUT_SECONDS = 3.0
+# A parked worker (lease lost) only waits for stop(), which wakes it at once; this bounds each wait.
+PARK_WAIT_SECONDS = 3600.0
+# Which label a pass gets when it serves several triggers at once.
+_LABEL_ORDER = (Trigger.START_SYNC, Trigger.STARTUP, Trigger.IDLE, Trigger.SWEEP, Trigger.POLL)
 
 
-class State(enum.Enum):
-    """The worker's state; the value is the ``mailbox_state`` label."""
+class WorkerSession(QueueSession, Protocol):
+    """What the worker needs of a logged-in connection (``ImapSession`` in the daemon)."""
 
-    CONNECTING = "connecting"
-    IDLE = "idle"
-    SYNCING = "syncing"
-    BACKOFF = "backoff"
-    NEEDS_REAUTH = "needs_reauth"
-    STOPPED = "stopped"
+    exists: int
+
+    def has(self, capability: str) -> bool:
+        """True when the server announced a capability."""
+        ...
+
+    def ensure_folders(self) -> list[str]:
+        """Create and subscribe the folder tree where missing."""
+        ...
+
+    def oldest_queued(self, uids: Sequence[int]) -> datetime | None:
+        """When the oldest of these Queue messages landed there."""
+        ...
+
+    def noop(self) -> IdleUpdate:
+        """NOOP, reporting new mail among its untagged responses."""
+        ...
+
+    def idle_begin(self) -> None:
+        """Enter IDLE on the selected Queue."""
+        ...
+
+    def idle_wait(self, timeout_seconds: float, wake: WakeSource) -> IdleUpdate:
+        """Wait in IDLE for the server, a wake-up or the timeout."""
+        ...
+
+    def idle_end(self) -> IdleUpdate:
+        """Leave IDLE."""
+        ...
+
+    def logout(self, timeout_seconds: float | None = None) -> None:
+        """LOGOUT and close; never raises."""
+        ...
+
+    def close(self) -> None:
+        """Close without LOGOUT."""
+        ...
 
 
-@dataclass
-class WorkerStatus:
-    """What ``status`` and ``/v1/mailboxes`` show for a mailbox (never a secret)."""
+class SessionFactory(Protocol):
+    """Opens a logged-in session (``ImapSession.open``); raises ConnectionLostError/AuthError."""
 
-    address: str
-    state: str
-    trigger: str
-    queue: int = 0
-    last_sync: str | None = None
-    last_error: str | None = None
-    next_attempt: str | None = None
-    filed: dict[str, int] = field(default_factory=dict)
-    owner: str | None = None  # the instance running it, with a shared (PostgreSQL) store
+    def __call__(
+        self,
+        mailbox: MailboxSettings,
+        folders: FolderSettings,
+        authenticator: Authenticator,
+        *,
+        timeout_seconds: float,
+    ) -> WorkerSession: ...
 
 
-def full_jitter_backoff(failures: int, cap: float, rng: random.Random) -> float:
-    """Exponential back-off with full jitter: uniform in [0, min(cap, 1 s · 2^failures)]."""
-    ceiling = min(cap, BACKOFF_START_SECONDS * (2 ** min(failures, 30)))
-    return rng.uniform(0, ceiling)
+def token_reconnect_delay(seconds_left: float, since_last_reconnect: float | None) -> float:
+    """Seconds from now until logging in again for a fresh access token.
+
+    ``seconds_left`` is the life the session's token has left; ``since_last_reconnect`` the
+    seconds since the previous token reconnect (None: there was none).
+    """
+    ahead = min(TOKEN_RECONNECT_AHEAD_SECONDS, TOKEN_RECONNECT_FRACTION * max(0.0, seconds_left))
+    delay = max(0.0, seconds_left - ahead)
+    if since_last_reconnect is not None:
+        delay = max(delay, TOKEN_RECONNECT_FLOOR_SECONDS - since_last_reconnect)
+    return delay
 
 
 class MailboxWorker(threading.Thread):
-    """Owns one mailbox's connection and runs its state machine until ``stop()``."""
+    """Owns one mailbox's connection and runs its state machine until ``stop()``.
+
+    Timing and signalling are small objects it holds: ``Backoff`` (how long to wait after
+    failures), ``Wakeup`` (triggers and stop from other threads), ``WorkerReport`` (metrics
+    and status). ``clock`` and ``connect`` are seams for tests; the daemon uses the defaults.
+    """
 
     def __init__(
         self,
@@ -109,6 +181,8 @@ class MailboxWorker(threading.Thread):
         authenticator: Authenticator,
         *,
         rng: random.Random | None = None,
+        clock: Clock | None = None,
+        connect: SessionFactory | None = None,
     ) -> None:
         super().__init__(name=f"worker-{mailbox.address}", daemon=True)
         self.mailbox = mailbox
@@ -117,346 +191,55 @@ class MailboxWorker(threading.Thread):
         self.store = store
         self.metrics = metrics
         self.authenticator = authenticator
-        self.rng = rng or random.Random()  # noqa: S311 -- jitter, not cryptography
+        self.clock: Clock = clock or SystemClock()
         self.log = log.bind(mailbox=mailbox.address)
+        self.report = WorkerReport(mailbox.address, mailbox.trigger, metrics, self.clock)
         self.filer = Filer(
-            mailbox, store, batch_size=settings.daemon.fetch_batch, on_filed=self._on_filed
+            mailbox,
+            store,
+            batch_size=settings.daemon.fetch_batch,
+            on_filed=self.report.filed,
+            on_recorded=self.report.recorded,
+            stuck_after=settings.daemon.stuck_after_attempts,
         )
         self.first_attempt_done = threading.Event()
-        self._running = True
-        self._lock = threading.Lock()
-        self._pending: list[str] = []  # pass triggers asked for by other threads
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        self._pipe_closed = False
-        self._sleep = threading.Event()  # interrupts back-off and poll waits
-        self._session: ImapSession | None = None
-        self._failures = 0
-        self._lease_lost = False
-        self._oldest_queued: datetime | None = None
-        self.state = State.CONNECTING
-        self.status = WorkerStatus(mailbox.address, State.CONNECTING.value, mailbox.trigger)
-        metrics.init_mailbox(mailbox.address)
-        metrics.set_state(mailbox.address, State.CONNECTING.value)
+        self._connect: SessionFactory = connect or ImapSession.open
+        self._wakeup = Wakeup(self.clock)
+        self._backoff = Backoff(settings.daemon.max_backoff_seconds, rng=rng)
+        self._session: WorkerSession | None = None
+        # Triggers consumed but not yet served by a completed pass.
+        self._owed: set[Trigger] = set()
+        # In needs_reauth a Start Sync may bring the next login forward once per slow retry.
+        self._reauth_shortcut = True
+        self._expired_reconnect_at: float | None = None
+        self._token_reconnected_at: float | None = None
+
+    @property
+    def state(self) -> State:
+        """The current state."""
+        return self.report.state
 
     # -- called from other threads --------------------------------------------------------------
 
-    def request_pass(self, trigger: str) -> None:
-        """Ask for a sync pass (``start_sync`` or ``sweep``); returns at once."""
-        with self._lock:
-            if trigger not in self._pending:
-                self._pending.append(trigger)
-        if trigger == "start_sync" and self.state is State.NEEDS_REAUTH:
-            self._failures = 0
-        self._wake()
+    def request_pass(self, trigger: Trigger | str) -> None:
+        """Ask for a sync pass (``Trigger.START_SYNC``, ``"sweep"``…); returns at once."""
+        self._wakeup.post(Trigger(trigger))
+
+    def release_stuck(self) -> None:
+        """Have the next pass release the messages quarantined in Queue (include_stuck)."""
+        self.filer.release_stuck()
 
     def stop(self) -> None:
         """Ask the worker to finish the batch in flight, LOG OUT and end."""
-        self._running = False
-        self._wake()
+        self._wakeup.stop()
 
     def snapshot(self) -> WorkerStatus:
         """A copy of the current status, safe to serialise from any thread."""
-        with self._lock:
-            return WorkerStatus(**{**self.status.__dict__, "filed": dict(self.status.filed)})
-
-    def _stop_requested(self) -> bool:
-        # A method, not the attribute, so that type narrowing does not assume it unchanged.
-        return not self._running
-
-    def _wake(self) -> None:
-        self._sleep.set()
-        with self._lock:
-            if self._pipe_closed:
-                return  # the thread has ended; its descriptor numbers may belong to others now
-            with contextlib.suppress(BlockingIOError, OSError):
-                os.write(self._wake_w, b"!")
-
-    # -- the thread -----------------------------------------------------------------------------
-
-    def run(self) -> None:
-        """The state machine; never raises (errors go to back-off and logs)."""
-        try:
-            while self._running:
-                self._attempt()
-        finally:
-            self._set_state(State.STOPPED)
-            self.first_attempt_done.set()
-            with self._lock:
-                self._pipe_closed = True
-                for fd in (self._wake_r, self._wake_w):
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
-
-    def _attempt(self) -> None:
-        delay: float | None = None
-        error: str | None = None
-        try:
-            self._set_state(State.CONNECTING)
-            session = self._connect()
-            self.first_attempt_done.set()
-            if self._serve(session) == RECONNECT:
-                self.log.info("token_expiring_reconnect")
-                self._session = None
-                session.logout()
-                return
-        except AuthError as exc:
-            self.metrics.auth_failures.labels(mailbox=self.mailbox.address).inc()
-            self._set_state(State.NEEDS_REAUTH, error=str(exc))
-            self.log.error(  # noqa: TRY400 -- a refused login is expected; no traceback
-                "login_refused",
-                error=str(exc),
-                action="emailsync auth login / fix the password, then emailsync setup",
-            )
-            delay = self.daemon_settings.reauth_retry_seconds
-        except ConnectionLostError as exc:
-            self.metrics.connection_errors.labels(mailbox=self.mailbox.address, kind=exc.kind).inc()
-            error = str(exc)
-            # Exchange ends sessions whose token expired; a new login gets a fresh one at once.
-            expired = "AccessTokenExpired" in error
-            delay = 0.0 if expired else self._backoff_delay(exc.retry_after)
-            self.log.warning(
-                "connection_lost", kind=exc.kind, error=str(exc), retry_in=round(delay, 2)
-            )
-        except (FolderMissingError, UidValidityChangedError) as exc:
-            # Reconnecting re-creates the tree and re-selects Queue; a short pause stops a loop.
-            # UIDs seen before mean nothing under a new UIDVALIDITY (RFC 3501 §2.3.1.1).
-            self.filer.first_seen.clear()
-            error = str(exc)
-            delay = self._backoff_delay(None)
-            self.log.warning("folder_changed", error=str(exc), retry_in=round(delay, 2))
-        except LeaseLostError as exc:
-            # Another instance may own the mailbox now (emailsync.lease): move nothing more,
-            # drop the connection and wait, parked, for the lease keeper to stop us.
-            error = str(exc)
-            self.log.warning("lease_lost_parked", error=error)
-            self._lease_lost = True
-        except StoreUnavailableError as exc:
-            error = str(exc)
-            delay = self._backoff_delay(None)
-            self.log.warning("store_unavailable", error=str(exc), retry_in=round(delay, 2))
-        except Exception as exc:  # the top of a worker loop: log, back off, go on
-            error = repr(exc)
-            delay = self._backoff_delay(None)
-            self.log.exception("worker_error", error=repr(exc), retry_in=round(delay, 2))
-        finally:
-            self._close_session()
-            self.first_attempt_done.set()
-        if self._lease_lost:
-            self._set_state(State.STOPPED, error=error)
-            while self._running:
-                self._sleep.wait(1.0)
-                self._sleep.clear()
-            return
-        if delay is not None and self._running:
-            if self.state is not State.NEEDS_REAUTH:
-                self._set_state(State.BACKOFF, error=error)
-            self._pause(delay)
-
-    def _backoff_delay(self, suggested: float | None) -> float:
-        self._failures += 1
-        delay = full_jitter_backoff(
-            self._failures, self.daemon_settings.max_backoff_seconds, self.rng
-        )
-        if suggested is not None:
-            delay = max(delay, suggested)  # the server knows its own load best
-        with self._lock:
-            self.status.next_attempt = _iso(datetime.now(UTC).timestamp() + delay)
-        return delay
-
-    def _pause(self, seconds: float) -> None:
-        """Sleep through back-off or needs_reauth; only stop() or a Start Sync cut it short.
-
-        A sweep does not: it would turn the slow re-auth retry into one every sweep.
-        """
-        deadline = time.monotonic() + seconds
-        while self._running:
-            with self._lock:
-                if "start_sync" in self._pending:
-                    return
-                self._sleep.clear()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            self._sleep.wait(remaining)
-
-    def _connect(self) -> ImapSession:
-        session = ImapSession.open(
-            self.mailbox,
-            self.folders,
-            self.authenticator,
-            timeout_seconds=self.daemon_settings.timeout_seconds,
-        )
-        self._session = session
-        self._update_token_expiry()
-        session.ensure_folders()
-        session.select_queue()
-        self._set_queue(session.exists)
-        self._failures = 0
-        with self._lock:
-            self.status.last_error = None
-            self.status.next_attempt = None
-        self.log.info("connected", idle=session.has("IDLE"), move=session.has("MOVE"))
-        return session
-
-    def _serve(self, session: ImapSession) -> str | None:
-        """Pass, IDLE, pass… until stop() or the token needs a new login (returns RECONNECT)."""
-        trigger: str | None = "startup"
-        use_idle = session.has("IDLE")
-        while self._running:
-            if trigger is not None:
-                self._sync(session, trigger)
-            # Re-select: EXISTS is then exact (the pass's own MOVEs expunged messages), and mail
-            # that landed after the pass's last search shows up here instead of waiting for
-            # the next sweep, since IDLE will not announce it again.
-            # One SEARCH serves both the gauges and the check for unseen mail.
-            uids = session.queue_uids() if session.select_queue() else []
-            self._update_queue_gauges(session, uids)
-            if self._stop_requested():
-                return None
-            if self._unseen_waiting(uids):
-                trigger = "idle"  # landed after the pass's last search: file it now
-                continue
-            self._set_state(State.IDLE)
-            trigger = self._wait(session) if use_idle else self._poll_wait(session)
-            if trigger == RECONNECT:
-                return RECONNECT
-        return None
-
-    def _unseen_waiting(self, uids: Sequence[int]) -> bool:
-        """True when an auto mailbox's Queue holds a message the last pass did not try.
-
-        Messages a pass tried and could not move stay in Queue; they wait for the next
-        trigger instead of spinning this loop.
-        """
-        if self.mailbox.trigger != "auto":
-            return False
-        return bool(set(uids) - self.filer.attempted)
-
-    def _token_deadline(self) -> float:
-        """Monotonic time at which to reconnect for a fresh token (inf for passwords)."""
-        expiry = self.authenticator.token_expiry()
-        if expiry is None:
-            return float("inf")
-        left = expiry.timestamp() - time.time() - TOKEN_RECONNECT_AHEAD_SECONDS
-        return time.monotonic() + max(left, 0.0)
-
-    def _files_on(self, trigger: str) -> bool:
-        """Manual mailboxes file only on Start Sync; auto ones on anything."""
-        return self.mailbox.trigger == "auto" or trigger == "start_sync"
-
-    def _sync(self, session: ImapSession, trigger: str) -> None:
-        """Run a pass if this trigger files for this mailbox."""
-        if not self._files_on(trigger):
-            return
-        self._set_state(State.SYNCING)
-        started = time.monotonic()
-        self.filer.run_pass(session, stopping=self._stop_requested)
-        elapsed = time.monotonic() - started
-        address = self.mailbox.address
-        self.metrics.sync_passes.labels(mailbox=address, trigger=trigger).inc()
-        self.metrics.sync_pass_seconds.labels(mailbox=address).observe(elapsed)
-        now = time.time()
-        self.metrics.last_sync.labels(mailbox=address).set(now)
-        with self._lock:
-            self.status.last_sync = _iso(now)
-        self.log.debug("sync_pass", trigger=trigger, seconds=round(elapsed, 3))
-
-    def _take_pending(self) -> str | None:
-        with self._lock:
-            pending, self._pending = self._pending, []
-        if not pending:
-            return None
-        return "start_sync" if "start_sync" in pending else pending[0]
-
-    def _drain_wake(self) -> None:
-        with contextlib.suppress(BlockingIOError, OSError):
-            while os.read(self._wake_r, 512):
-                pass
-
-    def _wait(self, session: ImapSession) -> str | None:
-        """IDLE until new mail, a request, or the renewal time; returns the pass trigger."""
-        pending = self._take_pending()
-        if pending is not None:
-            return pending
-        token_deadline = self._token_deadline()
-        if token_deadline <= time.monotonic():
-            return RECONNECT
-        session.idle_begin()
-        # RFC 2177: re-issue IDLE before the server's 30-minute limit.
-        deadline = min(time.monotonic() + self.daemon_settings.idle_renew_seconds, token_deadline)
-        trigger: str | None = None
-        while self._running and trigger is None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            update = session.idle_wait(remaining, self._wake_r)
-            if update.woken:
-                self._drain_wake()
-                trigger = self._take_pending()
-            if update.new_mail:
-                trigger = trigger or "idle"
-            self._set_queue(session.exists)
-        # DONE also on shutdown, so LOGOUT is not sent inside IDLE; an error here propagates
-        # (a server that does not answer DONE within the timeout is dead).
-        if session.idle_end().new_mail and trigger is None:
-            trigger = "idle"
-        if trigger is None and time.monotonic() >= token_deadline:
-            return RECONNECT
-        if trigger is None and self._running and session.noop().new_mail:
-            # Renewal: NOOP proves the connection still answers before IDLE again, and mail
-            # that landed between DONE and NOOP is announced only here.
-            trigger = "idle"
-        return trigger
-
-    def _poll_wait(self, session: ImapSession) -> str | None:
-        """For servers without IDLE: wait poll_seconds (or a request), then a poll pass."""
-        self._sleep.clear()
-        token_deadline = self._token_deadline()
-        pending = self._take_pending()
-        if pending is None:
-            wait = min(self.daemon_settings.poll_seconds, token_deadline - time.monotonic())
-            self._sleep.wait(max(0.0, wait))
-            self._drain_wake()
-            pending = self._take_pending()
-        if pending is None and time.monotonic() >= token_deadline:
-            return RECONNECT
-        return pending or "poll"
-
-    # -- metrics and status ---------------------------------------------------------------------
-
-    def _on_filed(self, decisions: Sequence[Decision], new_events: int) -> None:
-        address = self.mailbox.address
-        now = datetime.now(UTC)
-        for decision in decisions:
-            if decision.outcome is Outcome.SENT:
-                self.metrics.messages_synced.labels(mailbox=address).inc()
-            elif decision.outcome is Outcome.RECEIVED:
-                self.metrics.messages_received.labels(mailbox=address).inc()
-            else:
-                self.metrics.messages_failed.labels(
-                    mailbox=address, reason=decision.outcome.value
-                ).inc()
-            if decision.queued_at is not None:
-                latency = (now - decision.queued_at).total_seconds()
-                self.metrics.filing_latency_seconds.observe(max(0.0, latency))
-        self.metrics.timeline_events.labels(mailbox=address).inc(new_events)
-        with self._lock:
-            for decision in decisions:
-                key = decision.outcome.value
-                self.status.filed[key] = self.status.filed.get(key, 0) + 1
-
-    def _update_queue_gauges(self, session: ImapSession, uids: Sequence[int]) -> None:
-        self._set_queue(session.exists)
-        self._oldest_queued = session.oldest_queued(uids)
-        self.refresh_gauges()
+        return self.report.snapshot()
 
     def refresh_gauges(self) -> None:
         """Recompute the age of the oldest queued message (the scheduler calls this)."""
-        oldest = self._oldest_queued
-        age = (datetime.now(UTC) - oldest).total_seconds() if oldest else 0.0
-        self.metrics.queue_oldest_age.labels(mailbox=self.mailbox.address).set(max(0.0, age))
+        self.report.refresh_gauges()
 
     def refresh_token(self, ahead_seconds: float) -> None:
         """Refresh an OAuth access token that expires within ``ahead_seconds`` (scheduler job)."""
@@ -469,43 +252,307 @@ class MailboxWorker(threading.Thread):
             # The worker meets the same error at its next login and acts on it there.
             self.log.warning("token_refresh_failed", error=str(exc))
             return
-        self._update_token_expiry()
+        self.report.token_expiry(self.authenticator.token_expiry())
 
-    def _set_queue(self, depth: int) -> None:
-        self.metrics.queue_messages.labels(mailbox=self.mailbox.address).set(depth)
-        with self._lock:
-            self.status.queue = depth
+    def _stopping(self) -> bool:
+        return self._wakeup.stopping
 
-    def _update_token_expiry(self) -> None:
+    # -- the thread -----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """The state machine; never raises (errors go to back-off and logs)."""
+        try:
+            while not self._stopping():
+                self._attempt()
+        finally:
+            self.report.set_state(State.STOPPED)
+            self.first_attempt_done.set()
+            self._wakeup.close()
+
+    def _attempt(self) -> None:
+        """One connection: log in, serve until it ends, then wait as the way it ended asks."""
+        self.report.set_state(State.CONNECTING)
+        # This login serves every trigger asked for so far, Start Syncs included.
+        self._owed |= self._wakeup.consume()
+        polite = False
+        wait: Callable[[], None] | None = None
+        try:
+            session = self._open()
+            self.first_attempt_done.set()
+            self._serve(session)
+            polite = True  # stop, or a new login for a fresh token
+        except AuthError as exc:
+            # Start Syncs that came while this login was in flight were served by it.
+            self._owed |= self._wakeup.consume()
+            self.report.auth_failed()
+            self.report.set_state(State.NEEDS_REAUTH, error=str(exc))
+            self.log.error(  # noqa: TRY400 -- a refused login is expected; no traceback
+                "login_refused",
+                error=str(exc),
+                action="emailsync auth login / fix the password, then emailsync setup",
+            )
+            wait = self._wait_for_reauth
+        except ConnectionLostError as exc:
+            self.report.connection_error(exc.kind)
+            wait = self._wait_after_connection_lost(exc)
+        except LeaseLostError as exc:
+            # Another instance may own the mailbox now (emailsync.lease): move nothing more,
+            # drop the connection (no LOGOUT: nothing more is said on it) and wait, parked,
+            # for the lease keeper to stop us.
+            self.log.warning("lease_lost_parked", error=str(exc))
+            wait = functools.partial(self._park, str(exc))
+        except (FolderMissingError, UidValidityChangedError) as exc:
+            # Reconnecting re-creates the tree and re-selects Queue; back-off stops a loop.
+            # UIDs seen before mean nothing under a new UIDVALIDITY (RFC 3501 §2.3.1.1).
+            self.filer.first_seen.clear()
+            wait = self._wait_backoff(str(exc), "folder_changed")
+        except Exception as exc:  # the top of a worker loop: log, back off, go on
+            self.log.exception("worker_error", error=repr(exc))
+            wait = self._wait_backoff(repr(exc), "worker_error")
+        finally:
+            self._close_session(polite=polite)
+            self.first_attempt_done.set()
+        if wait is not None and not self._stopping():
+            wait()
+
+    def _park(self, error: str) -> None:
+        """Lease lost: ``stopped`` until stop(); triggers are dropped, the new owner serves them."""
+        self.report.set_state(State.STOPPED, error=error)
+        while not self._stopping():
+            self._wakeup.consume()
+            self._wakeup.wait(PARK_WAIT_SECONDS)
+
+    def _wait_for_reauth(self) -> None:
+        """needs_reauth: the slow retry, which one Start Sync per retry may bring forward.
+
+        Never sooner than the back-off slot: a Start Sync right after a refused login waits
+        for it, and Start Syncs while the earlier one is pending change nothing.
+        """
+        slot = self._backoff.next_delay()
+        shortcut = slot if self._reauth_shortcut else None
+        seconds = max(self.daemon_settings.reauth_retry_seconds, slot)
+        self._reauth_shortcut = not self._pause(seconds, start_sync_after=shortcut)
+
+    def _wait_after_connection_lost(self, exc: ConnectionLostError) -> Callable[[], None]:
+        # Exchange ends sessions whose token expired; a new login gets a fresh one at once,
+        # but only once in a row: another within TOKEN_RECONNECT_FLOOR_SECONDS backs off like
+        # any loss (a token that expires again at once is not fixed by logging in faster).
+        now = self.clock.monotonic()
+        last = self._expired_reconnect_at
+        if "AccessTokenExpired" in str(exc) and (
+            last is None or now - last >= TOKEN_RECONNECT_FLOOR_SECONDS
+        ):
+            self._expired_reconnect_at = now
+            self.log.warning("connection_lost", kind=exc.kind, error=str(exc), retry_in=0.0)
+            return lambda: None
+        return self._wait_backoff(str(exc), "connection_lost", exc.retry_after, kind=exc.kind)
+
+    def _wait_backoff(
+        self, error: str, event: str, suggested: float | None = None, **context: str
+    ) -> Callable[[], None]:
+        delay = self._backoff.next_delay(suggested)
+        self.log.warning(event, error=error, retry_in=round(delay, 2), **context)
+
+        def wait() -> None:
+            self.report.set_state(State.BACKOFF, error=error)
+            self._pause(delay)
+
+        return wait
+
+    def _pause(self, seconds: float, *, start_sync_after: float | None = None) -> bool:
+        """Wait ``seconds``; triggers that come meanwhile are owed to the next pass.
+
+        Only stop() ends the wait early, and, when ``start_sync_after`` is given, the first
+        Start Sync: the wait then ends ``start_sync_after`` seconds after it began (at once if
+        that has passed). Returns True when a Start Sync shortened it.
+        """
+        began = self.clock.monotonic()
+        deadline = began + seconds
+        shortened = False
+        self.report.next_attempt_in(seconds)
+        while not self._stopping():
+            taken = self._wakeup.consume()
+            self._owed |= taken
+            if Trigger.START_SYNC in taken:
+                if start_sync_after is not None and not shortened:
+                    shortened = True
+                    deadline = min(deadline, began + start_sync_after)
+                    self.report.next_attempt_in(max(0.0, deadline - self.clock.monotonic()))
+                left = round(max(0.0, deadline - self.clock.monotonic()), 2)
+                # Served by the next login, which is not brought forward again (issue 7 #1).
+                self.log.info("start_sync_waits", retry_in=left, brought_forward=shortened)
+            remaining = deadline - self.clock.monotonic()
+            if remaining <= 0:
+                break
+            self._wakeup.wait(remaining)
+        return shortened
+
+    def _open(self) -> WorkerSession:
+        session = self._connect(
+            self.mailbox,
+            self.folders,
+            self.authenticator,
+            timeout_seconds=self.daemon_settings.timeout_seconds,
+        )
+        self._session = session
+        self._reauth_shortcut = True
+        self.report.token_expiry(self.authenticator.token_expiry())
+        session.ensure_folders()
+        session.select_queue()
+        self.report.queue_depth(session.exists)
+        self.report.connected()
+        self.log.info("connected", idle=session.has("IDLE"), move=session.has("MOVE"))
+        return session
+
+    def _serve(self, session: WorkerSession) -> None:
+        """Pass, IDLE, pass… until stop() or the access token needs a new login."""
+        self._owed.add(Trigger.STARTUP)
+        use_idle = session.has("IDLE")
+        reconnect_at = self._token_reconnect_at()
+        while not self._stopping():
+            if self._owed:
+                self._pass(session)
+            # Re-select: EXISTS is then exact (the pass's own MOVEs expunged messages), and mail
+            # that landed after the pass's last search shows up here instead of waiting for
+            # the next sweep, since IDLE will not announce it again.
+            # One SEARCH serves both the gauges and the check for unseen mail.
+            uids = session.queue_uids() if session.select_queue() else []
+            self.report.queue_depth(session.exists)
+            # Quarantined messages have their own gauge; they must not make Queue look stale.
+            stuck = self.filer.stuck_uids
+            self.report.oldest_queued(session.oldest_queued([u for u in uids if u not in stuck]))
+            self._backoff.progress()
+            if self._stopping():
+                return
+            if self._unseen_waiting(uids):
+                self._owed.add(Trigger.IDLE)  # landed after the pass's last search: file it now
+                continue
+            self.report.set_state(State.IDLE)
+            waited = (
+                self._idle(session, reconnect_at) if use_idle else self._poll(session, reconnect_at)
+            )
+            if waited is None:
+                self.log.info("token_expiring_reconnect")
+                self._token_reconnected_at = self.clock.monotonic()
+                return
+            self._owed |= waited
+
+    def _pass(self, session: WorkerSession) -> None:
+        """A pass for the owed triggers; a store outage waits with back-off, same session."""
+        while not self._stopping():
+            trigger = next(t for t in _LABEL_ORDER if t in self._owed)
+            try:
+                self._sync(session, trigger)
+            except LeaseLostError:
+                raise  # a StoreUnavailableError too, but retrying cannot help: park (_attempt)
+            except StoreUnavailableError as exc:
+                # The IMAP session is fine: keep it, and keep the messages in Queue. A CRM's
+                # Retry-After wins over the drawn delay, as a server's hint does.
+                delay = self._backoff.next_delay(exc.retry_after)
+                self.report.set_state(State.BACKOFF, error=str(exc))
+                self.log.warning("store_unavailable", error=str(exc), retry_in=round(delay, 2))
+                self._pause(delay)
+                continue
+            self._owed.clear()
+            return
+
+    def _unseen_waiting(self, uids: Sequence[int]) -> bool:
+        """True when an auto mailbox's Queue holds a message the last pass did not try.
+
+        Messages a pass tried and could not move stay in Queue; they wait for the next
+        trigger instead of spinning this loop.
+        """
+        if self.mailbox.trigger != "auto":
+            return False
+        return bool(set(uids) - self.filer.attempted)
+
+    def _token_reconnect_at(self) -> float:
+        """Monotonic time at which to log in again for a fresh token (inf for passwords).
+
+        Taken once per connection: the session lives on the token it logged in with, even
+        when the scheduler refreshes the cached one meanwhile.
+        """
         expiry = self.authenticator.token_expiry()
-        if expiry is not None:
-            self.metrics.token_expiry.labels(mailbox=self.mailbox.address).set(expiry.timestamp())
+        if expiry is None:
+            return float("inf")
+        now = self.clock.monotonic()
+        since = None if self._token_reconnected_at is None else now - self._token_reconnected_at
+        return now + token_reconnect_delay(expiry.timestamp() - self.clock.time(), since)
 
-    def _set_state(self, state: State, *, error: str | None = None) -> None:
-        if state is not self.state:
-            self.log.info("state", state=state.value)
-        self.state = state
-        self.metrics.set_state(self.mailbox.address, state.value)
-        with self._lock:
-            self.status.state = state.value
-            if error is not None:
-                self.status.last_error = error
+    def _files_on(self, trigger: Trigger) -> bool:
+        """Manual mailboxes file only on Start Sync; auto ones on anything."""
+        return self.mailbox.trigger == "auto" or trigger is Trigger.START_SYNC
 
-    def _close_session(self) -> None:
+    def _sync(self, session: WorkerSession, trigger: Trigger) -> None:
+        """Run a pass if this trigger files for this mailbox."""
+        if not self._files_on(trigger):
+            return
+        self.report.set_state(State.SYNCING)
+        started = self.clock.monotonic()
+        self.filer.run_pass(session, stopping=self._stopping)
+        elapsed = self.clock.monotonic() - started
+        self.report.stuck(self.filer.stuck)
+        self.report.pass_done(trigger.value, elapsed)
+        self.log.debug("sync_pass", trigger=trigger.value, seconds=round(elapsed, 3))
+
+    def _idle(self, session: WorkerSession, reconnect_at: float) -> frozenset[Trigger] | None:
+        """IDLE until new mail, a request, or the renewal time; None: log in again (token)."""
+        triggers = self._wakeup.consume()
+        if triggers:
+            return triggers
+        if self.clock.monotonic() >= reconnect_at:
+            return None
+        session.idle_begin()
+        # RFC 2177: re-issue IDLE before the server's 30-minute limit.
+        deadline = min(
+            self.clock.monotonic() + self.daemon_settings.idle_renew_seconds, reconnect_at
+        )
+        new_mail = False
+        while not self._stopping() and not triggers and not new_mail:
+            remaining = deadline - self.clock.monotonic()
+            if remaining <= 0:
+                break
+            update = session.idle_wait(remaining, self._wakeup)
+            if update.woken:
+                triggers = self._wakeup.consume()
+            new_mail = update.new_mail
+            self.report.queue_depth(session.exists)
+        # DONE also on shutdown, so LOGOUT is not sent inside IDLE; an error here propagates
+        # (a server that does not answer DONE within the timeout is dead).
+        if session.idle_end().new_mail or new_mail:
+            triggers |= {Trigger.IDLE}
+        if not triggers and self.clock.monotonic() >= reconnect_at:
+            return None
+        if not triggers and not self._stopping() and session.noop().new_mail:
+            # Renewal: NOOP proves the connection still answers before IDLE again, and mail
+            # that landed between DONE and NOOP is announced only here.
+            triggers = frozenset({Trigger.IDLE})
+        return triggers
+
+    def _poll(self, session: WorkerSession, reconnect_at: float) -> frozenset[Trigger] | None:
+        """For servers without IDLE: wait poll_seconds (or a request), then a poll pass."""
+        deadline = min(self.clock.monotonic() + self.daemon_settings.poll_seconds, reconnect_at)
+        triggers = self._wakeup.consume()
+        while not triggers and not self._stopping():
+            remaining = deadline - self.clock.monotonic()
+            if remaining <= 0:
+                break
+            self._wakeup.wait(remaining)
+            triggers = self._wakeup.consume()
+        if triggers:
+            return triggers
+        if self.clock.monotonic() >= reconnect_at:
+            return None
+        return frozenset({Trigger.POLL})
+
+    def _close_session(self, *, polite: bool) -> None:
         session, self._session = self._session, None
         if session is None:
             return
-        if self._running:
+        if polite or self._stopping():
+            session.logout(LOGOUT_TIMEOUT_SECONDS)  # never wait long for a goodbye
+        else:
             session.close()  # the connection failed: nothing to say goodbye to
-            return
-        # Shutdown: LOGOUT, but never wait long for it.
-        with contextlib.suppress(OSError):
-            session.client.socket().settimeout(LOGOUT_TIMEOUT_SECONDS)
-        session.logout()
-
-
-def _iso(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
 
 
 WorkerFactory = Callable[[MailboxSettings], MailboxWorker]

@@ -11,6 +11,7 @@ import pytest
 from emailsync.devserver import Dovecot, DovecotOptions
 
 from .daemonproc import DaemonFactory
+from .faultproxy import FaultProxy
 from .mailenv import MailUser, new_user, settings_for, write_config
 
 # The Office 365 fixtures (identity provider, OAuth2 Dovecot) live in their own module and are
@@ -57,6 +58,13 @@ def dovecot_nomove() -> Iterator[Dovecot]:
 def user(dovecot: Dovecot) -> MailUser:
     """A fresh mailbox on the default Dovecot."""
     return new_user(dovecot)
+
+
+@pytest.fixture
+def fault_proxy(dovecot: Dovecot) -> Iterator[FaultProxy]:
+    """A fault proxy in front of the default Dovecot; ask for it before ``daemons``."""
+    with FaultProxy(dovecot.port) as proxy:
+        yield proxy
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from emailsync.devserver import free_port
 
+from .faultproxy import FaultProxy
 from .mailenv import MailUser, write_config
 
 READY_TIMEOUT_SECONDS = 30.0
@@ -55,6 +56,7 @@ class NotifySocket:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        path.unlink(missing_ok=True)  # left by an earlier daemon of the same test
         self.sock.bind(str(path))
         self.sock.settimeout(0.2)
         self.messages: list[str] = []
@@ -86,13 +88,18 @@ class NotifySocket:
 class RunningDaemon:
     """``emailsync run`` in a subprocess with its own config, token and notify socket."""
 
-    def __init__(self, config: Path, port: int, token: str, workdir: Path) -> None:
+    def __init__(
+        self, config: Path, port: int, token: str, workdir: Path, name: str = "daemon"
+    ) -> None:
+        self.expected_exit = 0  # what stop_all() accepts; a test that kills it says so
         self.config = config
         self.port = port
         self.token = token
         self.workdir = workdir
-        self.log_path = workdir / "daemon.log"
-        self.notify = NotifySocket(workdir / "notify.sock")
+        self.log_path = workdir / f"{name}.log"
+        self.notify = NotifySocket(
+            workdir / ("notify.sock" if name == "daemon" else f"{name}.sock")
+        )
         env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
         env.update(
             NOTIFY_SOCKET=str(self.notify.path), WATCHDOG_USEC="2000000", PYTHONUNBUFFERED="1"
@@ -116,7 +123,8 @@ class RunningDaemon:
 
     def log(self) -> str:
         """Everything the daemon printed so far."""
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
     def request(
@@ -149,10 +157,14 @@ class RunningDaemon:
         return self.request("POST", path, **kwargs)
 
     def metric(self, name: str, **labels: str) -> float | None:
-        """One sample's value from /metrics, or None when absent."""
+        """One sample's value from /metrics, or None when absent.
+
+        Raises AssertionError when /metrics does not answer 200: a dead listener must not
+        pass for "the series is absent".
+        """
         status, body = self.get("/metrics", token=None)
         if status != 200:
-            return None
+            raise AssertionError(f"/metrics answered {status}, not 200: {body[:200]!r}")
         for family in text_string_to_metric_families(body.decode()):
             for sample in family.samples:
                 if sample.name == name and all(
@@ -160,6 +172,18 @@ class RunningDaemon:
                 ):
                     return float(sample.value)
         return None
+
+    def samples(self, name: str) -> list[tuple[dict[str, str], float]]:
+        """Every sample of one metric from a single /metrics read: (labels, value) pairs."""
+        status, body = self.get("/metrics", token=None)
+        if status != 200:
+            raise AssertionError(f"/metrics answered {status}, not 200: {body[:200]!r}")
+        return [
+            (dict(sample.labels), float(sample.value))
+            for family in text_string_to_metric_families(body.decode())
+            for sample in family.samples
+            if sample.name == name
+        ]
 
     def mailboxes(self) -> dict[str, dict[str, Any]]:
         """The /v1/mailboxes answer keyed by address."""
@@ -210,24 +234,32 @@ class DaemonFactory:
     def __init__(self, tmp_path: Path) -> None:
         self.tmp_path = tmp_path
         self.daemons: list[RunningDaemon] = []
+        self._port: int | None = None  # one port and token per test: a restart reuses them
+        self._token = ""
 
-    def start(
+    def write(
         self,
         users: list[MailUser],
         *,
         mailbox_extra: str = "",
         groups: dict[str, list[str]] | None = None,
+        proxy: FaultProxy | None = None,
         **daemon: object,
-    ) -> RunningDaemon:
-        port = new_port()
-        token = secrets.token_urlsafe(16)
+    ) -> Path:
+        """Write the config (and token, and groups) a daemon for ``users`` would run with.
+
+        With ``proxy`` the daemon reaches the proxy's upstream Dovecot through the proxy.
+        """
+        if self._port is None:
+            self._port, self._token = new_port(), secrets.token_urlsafe(16)
         token_file = self.tmp_path / "control-token"
-        token_file.write_text(token + "\n")
+        token_file.write_text(self._token + "\n")
         config = write_config(
             self.tmp_path,
             users,
-            extra=daemon_config_extra(port, token_file, **daemon),
+            extra=daemon_config_extra(self._port, token_file, **daemon),
             mailbox_extra=mailbox_extra,
+            ports={proxy.upstream[1]: proxy.port} if proxy else None,
         )
         for name, addresses in (groups or {}).items():
             subprocess.run(
@@ -245,11 +277,43 @@ class DaemonFactory:
                 check=True,
                 capture_output=True,
             )
-        process = RunningDaemon(config, port, token, self.tmp_path)
+        return config
+
+    def start(
+        self,
+        users: list[MailUser],
+        *,
+        mailbox_extra: str = "",
+        groups: dict[str, list[str]] | None = None,
+        proxy: FaultProxy | None = None,
+        ready: bool = True,
+        **daemon: object,
+    ) -> RunningDaemon:
+        """Write a config for ``users`` (see ``write``) and start a daemon on it.
+
+        Waits until it is ready unless ``ready`` is False (the caller then waits).
+        """
+        config = self.write(
+            users, mailbox_extra=mailbox_extra, groups=groups, proxy=proxy, **daemon
+        )
+        assert self._port is not None
+        name = f"daemon-{len(self.daemons) + 1}" if self.daemons else "daemon"
+        process = RunningDaemon(config, self._port, self._token, self.tmp_path, name)
         self.daemons.append(process)
-        process.wait_ready()
+        if ready:
+            process.wait_ready()
         return process
 
     def stop_all(self) -> None:
+        """Stop every daemon; fail when one did not exit as expected (0 unless told).
+
+        A daemon that crashed at shutdown, or had to be killed, fails the test.
+        """
+        failures = []
         for process in self.daemons:
-            process.stop()
+            code = process.stop()
+            if code != process.expected_exit:
+                tail = "\n".join(process.log().splitlines()[-30:])
+                failures.append(f"daemon exited {code}, expected {process.expected_exit}:\n{tail}")
+        if failures:
+            raise AssertionError("\n\n".join(failures))

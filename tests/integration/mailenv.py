@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import secrets
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,9 +45,17 @@ def new_user(server: Dovecot, prefix: str = "agent") -> MailUser:
 
 
 def write_config(
-    tmp_path: Path, users: list[MailUser], *, extra: str = "", mailbox_extra: str = ""
+    tmp_path: Path,
+    users: list[MailUser],
+    *,
+    extra: str = "",
+    mailbox_extra: str = "",
+    ports: dict[int, int] | None = None,
 ) -> Path:
-    """Write a config with one branch per server and one mailbox per user; returns its path."""
+    """Write a config with one branch per server and one mailbox per user; returns its path.
+
+    ``ports`` maps a server's port to the one the branch uses instead (a fault proxy's).
+    """
     secrets_dir = tmp_path / "secrets"
     secrets_dir.mkdir(exist_ok=True)
     branches: dict[int, str] = {}
@@ -57,7 +66,8 @@ def write_config(
             name = f"b{len(branches)}"
             branches[u.server.port] = name
             parts.append(
-                f'[branches.{name}]\nhost = "127.0.0.1"\nport = {u.server.port}\n'
+                f'[branches.{name}]\nhost = "127.0.0.1"\n'
+                f"port = {(ports or {}).get(u.server.port, u.server.port)}\n"
                 'security = "none"\nallow_insecure = true\n'
             )
     for u in users:
@@ -71,6 +81,37 @@ def write_config(
     return path
 
 
-def settings_for(tmp_path: Path, users: list[MailUser], **kwargs: str) -> Settings:
+def settings_for(
+    tmp_path: Path, users: list[MailUser], *, extra: str = "", mailbox_extra: str = ""
+) -> Settings:
     """Write a config for these users and load it through the real loader."""
-    return load_settings(write_config(tmp_path, users, **kwargs))
+    return load_settings(write_config(tmp_path, users, extra=extra, mailbox_extra=mailbox_extra))
+
+
+def session_log(server: Dovecot, address: str, pid: str) -> list[str]:
+    """Dovecot's log lines for one IMAP session: this user, served by imap process ``pid``.
+
+    The log is shared by every test of the session, so a check on it must name the session.
+    """
+    try:
+        text = server.log_path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    marker = f"imap({address})<{pid}>"
+    return [line for line in text.splitlines() if marker in line]
+
+
+def folder_message_ids(user: MailUser, folder: str) -> Counter[str]:
+    """Message-ID → how many copies of it ``folder`` (a full name) holds; {} when it is absent.
+
+    A multiset: a message filed twice counts 2, where a dict keyed by subject would merge it.
+    """
+    with user.client() as client:
+        if not client.folder_exists(folder):
+            return Counter()
+        client.select_folder(folder, readonly=True)
+        uids = client.search(["ALL"])
+        data = client.fetch(uids, ["ENVELOPE"]) if uids else {}
+        return Counter(
+            (d[b"ENVELOPE"].message_id or b"").decode("utf-8", "replace") for d in data.values()
+        )

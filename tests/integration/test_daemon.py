@@ -22,6 +22,7 @@ from .daemonproc import (
     run_cli,
     wait_until,
 )
+from .mailenv import session_log
 from .test_filing import build_message, folder_subjects, queue
 
 pytestmark = pytest.mark.dovecot
@@ -205,6 +206,7 @@ def test_sigterm_stops_cleanly_with_logout_and_sd_notify(
     wait_until(
         lambda: daemon.metric("emailsync_mailbox_state", mailbox=user.address, state="idle") == 1
     )
+    (pid,) = imap_pids(user.server, user.address)  # the daemon's one IMAP session
     assert daemon.notify.seen("READY=1")
     wait_until(lambda: daemon.notify.seen("WATCHDOG=1"), 5)
     assert daemon.notify.seen("STATUS=")
@@ -213,24 +215,37 @@ def test_sigterm_stops_cleanly_with_logout_and_sd_notify(
     assert code == 0
     assert time.monotonic() - started < 10
     assert daemon.notify.seen("STOPPING=1")
+    # Dovecot's log is shared by the whole test session: only this user's session counts.
     wait_until(
-        lambda: (
-            "Logged out" in user.server.log_tail(200)
-            or "Disconnected: Logged out" in user.server.log_tail(200)
+        lambda: any(
+            "Disconnected: Logged out" in line
+            for line in session_log(user.server, user.address, pid)
         ),
         5,
     )
 
 
-def test_stop_then_setup_restarts_the_mailbox(user: MailUser, daemons: DaemonFactory) -> None:
-    daemon = daemons.start([user], groups={"Smith": ["john@clients.example"]})
+def sweeps(daemon: RunningDaemon, user: MailUser) -> float:
+    """Sweep passes a mailbox has run: the positive signal that the daemon was looking."""
+    return daemon.metric("emailsync_sync_passes_total", mailbox=user.address, trigger="sweep") or 0
+
+
+def test_stop_then_setup_restarts_the_mailbox(
+    user: MailUser, dovecot: Dovecot, daemons: DaemonFactory
+) -> None:
+    witness = new_user(dovecot)  # a running mailbox whose sweeps show the daemon is at work
+    daemon = daemons.start(
+        [user, witness], sweep_seconds=0.3, groups={"Smith": ["john@clients.example"]}
+    )
     wait_until(lambda: daemon.mailboxes()[user.address]["state"] == "idle")
     result = run_cli(daemon.config, "stop", user.address)
     assert result.returncode == 0, result.stderr
     wait_until(lambda: daemon.mailboxes()[user.address]["state"] == "stopped")
     assert daemon.metric("emailsync_mailbox_state", mailbox=user.address, state="stopped") == 1
     queue(user, build_message("john@clients.example", user.address, "while stopped"))
+    swept = sweeps(daemon, witness)
     time.sleep(1.5)
+    assert sweeps(daemon, witness) >= swept + 2  # sweeps ran; none touched the stopped one
     assert "while stopped" in folder_subjects(user, "Queue")
     result = run_cli(daemon.config, "setup", user.address)
     assert result.returncode == 0, result.stderr
@@ -240,7 +255,10 @@ def test_stop_then_setup_restarts_the_mailbox(user: MailUser, daemons: DaemonFac
 def test_refused_login_puts_the_mailbox_in_needs_reauth(
     user: MailUser, daemons: DaemonFactory, tmp_path: Path
 ) -> None:
-    daemon = daemons.start([user], sweep_seconds=0.5, groups={"Smith": ["john@clients.example"]})
+    witness = new_user(user.server)  # a healthy mailbox whose sweeps show the daemon at work
+    daemon = daemons.start(
+        [user, witness], sweep_seconds=0.5, groups={"Smith": ["john@clients.example"]}
+    )
     password_file = tmp_path / "secrets" / user.address
     password_file.write_text("wrong-password\n")
     user.server.kick(user.address)
@@ -251,7 +269,9 @@ def test_refused_login_puts_the_mailbox_in_needs_reauth(
         )
     )
     assert daemon.metric("emailsync_auth_failures_total", mailbox=user.address) == 1
+    swept = sweeps(daemon, witness)
     time.sleep(2.0)  # four sweeps go by: none of them may retry the login
+    assert sweeps(daemon, witness) >= swept + 3  # they did go by
     assert daemon.metric("emailsync_auth_failures_total", mailbox=user.address) == 1  # no hammering
     assert "wrong-password" not in daemon.log()
     assert daemon.get("/readyz", token=None)[0] == 200
@@ -269,7 +289,7 @@ def test_a_taken_listen_port_exits_69_with_a_clear_message(user: MailUser, tmp_p
         taken.listen()
         port = taken.getsockname()[1]
         token_file = tmp_path / "control-token"
-        token_file.write_text("t0ken\n")
+        token_file.write_text("t0ken-for-the-taken-port-test\n")
         config = write_config(tmp_path, [user], extra=daemon_config_extra(port, token_file))
         result = run_cli(config, "run")
     assert result.returncode == 69
@@ -316,11 +336,11 @@ def test_one_unreadable_password_does_not_stop_the_other_mailboxes(
 ) -> None:
     good, broken = new_user(dovecot), new_user(dovecot)
     port, token_file = new_port(), tmp_path / "control-token"
-    token_file.write_text("t0ken-for-this-test\n")
+    token_file.write_text("t0ken-for-this-test-0123456789\n")
     config = write_config(tmp_path, [good, broken], extra=daemon_config_extra(port, token_file))
     (tmp_path / "secrets" / broken.address).unlink()  # missing from the start
     assert run_cli(config, "groups", "add", "Smith", "john@clients.example").returncode == 0
-    daemon = RunningDaemon(config, port, "t0ken-for-this-test", tmp_path)
+    daemon = RunningDaemon(config, port, "t0ken-for-this-test-0123456789", tmp_path)
     try:
         daemon.wait_ready()
         assert "mailbox_secret_unreadable" in daemon.log()

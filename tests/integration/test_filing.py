@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import io
 import sqlite3
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager, redirect_stdout
 from email.message import EmailMessage
+from email.parser import BytesParser
 from email.utils import make_msgid
 from pathlib import Path
 
@@ -15,16 +17,19 @@ import pytest
 from emailsync import cli
 from emailsync.config import Settings
 from emailsync.devserver import Dovecot, DovecotOptions, running_dovecot
-from emailsync.errors import StoreUnavailableError
+from emailsync.errors import StoreUnavailableError, UidValidityChangedError
 from emailsync.filing import Filer, PassResult
 from emailsync.imap.auth import make_authenticator
 from emailsync.imap.session import FILING_KEYWORD, ImapSession
-from emailsync.model import FolderRole
+from emailsync.model import STUCK_KEYWORD, FolderRole
 from emailsync.store import open_store
 from emailsync.store.base import Store
 from emailsync.store.sqlite import SqliteStore
 
 from .conftest import MailUser, new_user, settings_for, write_config
+from .daemonproc import DaemonFactory, wait_until
+from .daemonproc import run_cli as daemon_cli
+from .mailenv import folder_message_ids
 
 pytestmark = pytest.mark.dovecot
 
@@ -87,7 +92,12 @@ def queue(user: MailUser, *messages: bytes, delimiter: str = ".") -> None:
 
 
 def folder_subjects(user: MailUser, folder: str, delimiter: str = ".") -> dict[str, set[str]]:
-    """Subject → keywords of every message in a folder of the tree."""
+    """Subject → keywords of every message in a folder of the tree.
+
+    A dict keyed by subject would merge a message filed twice into one entry, so this fails
+    (AssertionError) when two messages in the folder share a subject or a Message-ID; a test
+    that needs the counts uses ``folder_ids``.
+    """
     with user.client() as client:
         name = f"{ROOT}{delimiter}{folder}"
         if not client.folder_exists(name):
@@ -95,12 +105,29 @@ def folder_subjects(user: MailUser, folder: str, delimiter: str = ".") -> dict[s
         client.select_folder(name, readonly=True)
         uids = client.search(["ALL"])
         data = client.fetch(uids, ["ENVELOPE", "FLAGS"]) if uids else {}
-        return {
-            (d[b"ENVELOPE"].subject or b"").decode(): {
-                f.decode() for f in d[b"FLAGS"] if f.startswith(b"$")
-            }
-            for d in data.values()
+    envelopes = [d[b"ENVELOPE"] for d in data.values()]
+    subjects = Counter((e.subject or b"").decode() for e in envelopes)
+    ids = Counter(e.message_id for e in envelopes if e.message_id)
+    doubled = [s for s, n in subjects.items() if n > 1] + [
+        i.decode() for i, n in ids.items() if n > 1
+    ]
+    assert not doubled, f"{folder} holds these more than once: {doubled}"
+    return {
+        (d[b"ENVELOPE"].subject or b"").decode(): {
+            f.decode() for f in d[b"FLAGS"] if f.startswith(b"$")
         }
+        for d in data.values()
+    }
+
+
+def folder_ids(user: MailUser, folder: str, delimiter: str = ".") -> Counter[str]:
+    """Message-ID → copies of it in a folder of the tree (a multiset: doubles count 2)."""
+    return folder_message_ids(user, f"{ROOT}{delimiter}{folder}")
+
+
+def message_id(raw: bytes) -> str:
+    """The Message-ID header of a raw message built by ``build_message``."""
+    return str(BytesParser().parsebytes(raw, headersonly=True)["Message-ID"])
 
 
 def run_cli(*args: str) -> tuple[int, str]:
@@ -275,7 +302,8 @@ def test_refiling_the_same_message_records_no_new_event(user: MailUser, tmp_path
             new_counts.append(filer.run_pass(session).new_events)
     assert new_counts == [1, 0]
     assert len(store.list_events()) == 1
-    assert len(folder_subjects(user, "Queue")) == 0
+    assert folder_ids(user, "Queue") == Counter()
+    assert folder_ids(user, "Received") == Counter({message_id(raw): 2})  # queued twice
     store.close()
 
 
@@ -307,6 +335,7 @@ def test_dry_run_prints_decisions_and_changes_nothing(user: MailUser, tmp_path: 
     assert "→ received" in out
     assert folder_subjects(user, "Queue") == {"dry": set()}
     code, out = run_cli("--config", str(config), "timeline", "--json")
+    assert code == 0  # a failing command prints nothing on stdout either
     assert out == ""
 
 
@@ -332,15 +361,13 @@ def test_without_move_copy_and_expunge_files_each_message_once(
     store.add_group("Smith", ["john@clients.example"])
     with opened(settings, user.address) as session:
         assert not session.has("MOVE")
-    queue(
-        user,
-        build_message("john@clients.example", user.address, "in"),
-        build_message(user.address, "john@clients.example", "out"),
-    )
+    inbound = build_message("john@clients.example", user.address, "in")
+    outbound = build_message(user.address, "john@clients.example", "out")
+    queue(user, inbound, outbound)
     file_queue(settings, store, user.address)
-    assert folder_subjects(user, "Received") == {"in": set()}
-    assert folder_subjects(user, "Sent") == {"out": set()}
-    assert folder_subjects(user, "Queue") == {}
+    assert folder_ids(user, "Received") == Counter({message_id(inbound): 1})
+    assert folder_ids(user, "Sent") == Counter({message_id(outbound): 1})
+    assert folder_ids(user, "Queue") == Counter()
     store.close()
 
 
@@ -352,7 +379,8 @@ def test_copy_fallback_after_a_crash_between_copy_and_expunge_leaves_one_copy(
     store = open_store(settings.store_url, settings.daemon.state_dir)
     store.add_group("Smith", ["john@clients.example"])
     make_folders(settings, user.address)
-    queue(user, build_message("john@clients.example", user.address, "crashed"))
+    raw = build_message("john@clients.example", user.address, "crashed")
+    queue(user, raw)
     # What an interrupted earlier attempt leaves: the marker on the Queue message and its
     # copy in Received, but no EXPUNGE.
     with user.client() as client:
@@ -363,9 +391,9 @@ def test_copy_fallback_after_a_crash_between_copy_and_expunge_leaves_one_copy(
     file_queue(settings, store, user.address)
     with user.client() as client:
         client.select_folder(f"{ROOT}.Received", readonly=True)
-        assert len(client.search(["ALL"])) == 1
         assert client.search(["KEYWORD", FILING_KEYWORD]) == []
-    assert folder_subjects(user, "Queue") == {}
+    assert folder_ids(user, "Received") == Counter({message_id(raw): 1})
+    assert folder_ids(user, "Queue") == Counter()
     assert len(store.list_events()) == 1
     store.close()
 
@@ -484,3 +512,208 @@ def test_one_message_whose_events_cannot_be_recorded_does_not_hold_up_the_others
     assert sorted(d.message.subject for d in result.decisions) == ["fine", "no group"]
     assert [e.subject for e in store.list_events()] == ["fine"]
     store.close()
+
+
+class QueueReplacedBeforeExpunge(ImapSession):
+    """The real session, with another client replacing Queue while dest is selected.
+
+    What a user or an admin tool can do between the COPY of an interrupted attempt and our
+    EXPUNGE: rename Queue away and create a new one holding other mail. The new Queue has a
+    new UIDVALIDITY, and the old UIDs name its messages (RFC 3501 §2.3.1.1).
+    """
+
+    user: MailUser
+    newcomer: bytes
+
+    def _copies_in(self, dest: str, uids: list[int]) -> set[int]:
+        found = super()._copies_in(dest, uids)
+        with self.user.client() as client:
+            client.rename_folder(f"{ROOT}.Queue", f"{ROOT}.Queue-old")
+            client.create_folder(f"{ROOT}.Queue")
+            client.append(f"{ROOT}.Queue", self.newcomer)
+        return found
+
+
+def test_copy_fallback_refuses_to_expunge_when_queue_uidvalidity_changed(
+    dovecot_nomove: Dovecot, tmp_path: Path
+) -> None:
+    user = new_user(dovecot_nomove)
+    settings = settings_for(tmp_path, [user])
+    store = open_store(settings.store_url, settings.daemon.state_dir)
+    store.add_group("Smith", ["john@clients.example"])
+    make_folders(settings, user.address)
+    queue(user, build_message("john@clients.example", user.address, "crashed"))
+    with user.client() as client:  # an interrupted attempt: marker and copy, no EXPUNGE
+        client.select_folder(f"{ROOT}.Queue")
+        uids = client.search(["ALL"])
+        client.add_flags(uids, [FILING_KEYWORD])
+        client.copy(uids, f"{ROOT}.Received")
+        old_validity = client.folder_status(f"{ROOT}.Queue", ["UIDVALIDITY"])[b"UIDVALIDITY"]
+    mailbox = settings.mailbox(user.address)
+    session = QueueReplacedBeforeExpunge.open(
+        mailbox, settings.folders, make_authenticator(mailbox, settings), timeout_seconds=10
+    )
+    session.user = user
+    session.newcomer = build_message("john@clients.example", user.address, "newcomer")
+    raised: Exception | None = None
+    try:
+        session.ensure_folders()
+        Filer(mailbox, store).run_pass(session)
+    except UidValidityChangedError as exc:
+        raised = exc
+    finally:
+        session.logout()
+    with user.client() as client:
+        new_validity = client.folder_status(f"{ROOT}.Queue", ["UIDVALIDITY"])[b"UIDVALIDITY"]
+    assert new_validity != old_validity
+    # The newcomer carries the old message's UID in the new Queue: it must not be expunged.
+    assert folder_subjects(user, "Queue") == {"newcomer": set()}
+    assert folder_subjects(user, "Received") == {"crashed": {FILING_KEYWORD}}
+    assert isinstance(raised, UidValidityChangedError)
+    # The next pass (a fresh session) files the newcomer once; nothing lost, nothing doubled.
+    file_queue(settings, store, user.address)
+    assert folder_subjects(user, "Queue") == {}
+    with user.client() as client:
+        client.select_folder(f"{ROOT}.Received", readonly=True)
+        data = client.fetch(client.search(["ALL"]), ["ENVELOPE"])
+    subjects = sorted((d[b"ENVELOPE"].subject or b"").decode() for d in data.values())
+    assert subjects == ["crashed", "newcomer"]
+    store.close()
+
+
+# -- messages the server will not move: quarantine ($EmailSyncStuck) --------------------------
+
+# Dovecot's ACL plugin (RFC 4314): the owner can take the insert right off Received with
+# SETACL, and a MOVE there then gets "NO [NOPERM] Permission denied" for every message, a
+# refusal of this message by this server, like NO [OVERQUOTA].
+ACL_CONFIG = """
+mail_plugins = $mail_plugins acl
+protocol imap {
+  mail_plugins = $mail_plugins imap_acl
+}
+plugin {
+  acl = vfile
+}
+"""
+ALL_RIGHTS = "lrwstipekxa"
+
+
+@pytest.fixture(scope="module")
+def dovecot_acl() -> Iterator[Dovecot]:
+    """A Dovecot with the ACL plugin, so a test can make a folder refuse new messages."""
+    with running_dovecot(options=DovecotOptions(extra_config=ACL_CONFIG)) as server:
+        yield server
+
+
+def refuse_received(user: MailUser, refuse: bool = True) -> None:
+    rights = ALL_RIGHTS.replace("i", "") if refuse else ALL_RIGHTS  # i: insert (RFC 4314)
+    with user.client() as client:
+        client.setacl(f"{ROOT}.Received", "owner", rights)
+
+
+def keywords_in_queue(user: MailUser) -> dict[str, set[str]]:
+    return folder_subjects(user, "Queue")
+
+
+def test_a_message_the_server_will_not_move_is_quarantined_after_five_passes(
+    dovecot_acl: Dovecot, tmp_path: Path
+) -> None:
+    user = new_user(dovecot_acl)
+    config = write_config(tmp_path, [user])
+    settings = settings_for(tmp_path, [user])
+    store = open_store(settings.store_url, settings.daemon.state_dir)
+    store.add_group("Smith", ["john@clients.example"])
+    make_folders(settings, user.address)
+    refuse_received(user)
+    queue(user, build_message("john@clients.example", user.address, "refused"))
+    filer = Filer(settings.mailbox(user.address), store)
+    for attempt in range(1, 6):
+        assert keywords_in_queue(user) == {"refused": set()}, f"stuck before attempt {attempt}"
+        with opened(settings, user.address) as session:
+            filer.run_pass(session)
+    assert keywords_in_queue(user) == {"refused": {STUCK_KEYWORD}}
+    assert filer.stuck == 1
+    # Later passes leave it alone: another message is filed meanwhile (the pass ran) and the
+    # stuck one is neither decided nor counted again.
+    queue(user, build_message(user.address, "john@clients.example", "goes on"))
+    with opened(settings, user.address) as session:
+        result = filer.run_pass(session)
+    assert [d.message.subject for d in result.decisions] == ["goes on"]
+    assert folder_subjects(user, "Sent") == {"goes on": set()}
+    assert list(filer.attempts.values()) == [5]
+    # A restart forgets the counts; the keyword keeps the quarantine.
+    with opened(settings, user.address) as session:
+        fresh = Filer(settings.mailbox(user.address), store)
+        assert fresh.run_pass(session).decisions == []
+        assert fresh.stuck == 1
+    # retry-failed releases it; with the cause gone, the next pass files it.
+    code, out = run_cli("--config", str(config), "retry-failed", user.address)
+    assert code == 0
+    assert "released 1 stuck" in out
+    assert keywords_in_queue(user) == {"refused": set()}
+    refuse_received(user, refuse=False)
+    with opened(settings, user.address) as session:
+        result = filer.run_pass(session)
+    assert [d.message.subject for d in result.decisions] == ["refused"]
+    assert folder_subjects(user, "Received") == {"refused": set()}
+    assert folder_subjects(user, "Queue") == {}
+    assert filer.attempts == {}
+    store.close()
+
+
+def test_the_daemon_quarantines_counts_and_shows_stuck_mail_and_start_sync_includes_it(
+    dovecot_acl: Dovecot, daemons: DaemonFactory
+) -> None:
+    user = new_user(dovecot_acl)
+    settings = settings_for(daemons.tmp_path, [user])
+    make_folders(settings, user.address)
+    refuse_received(user)
+    queue(user, build_message("john@clients.example", user.address, "over quota"))
+    daemon = daemons.start([user], groups={"Smith": ["john@clients.example"]})
+    address = user.address
+
+    def passes(trigger: str) -> float:
+        return daemon.metric("emailsync_sync_passes_total", mailbox=address, trigger=trigger) or 0
+
+    def refusals() -> int:
+        return daemon.log().count('"event": "message_not_moved"')
+
+    wait_until(lambda: passes("startup") == 1 and refusals() == 1)  # attempt 1
+    for attempt in range(2, 6):
+        assert daemon.post(f"/v1/mailboxes/{address}/sync")[0] == 202
+        wait_until(lambda n=attempt: passes("start_sync") == n - 1)
+        wait_until(lambda n=attempt: refusals() == n)
+    wait_until(lambda: daemon.metric("emailsync_messages_stuck", mailbox=address) == 1)
+    assert keywords_in_queue(user) == {"over quota": {STUCK_KEYWORD}}
+    status = daemon_cli(daemon.config, "status")
+    assert "stuck=1" in status.stdout, status
+    assert daemon.mailboxes()[address]["stuck"] == 1
+    # Later passes skip it: new mail is filed (IDLE) and no further MOVE of it is tried.
+    queue(user, build_message(address, "john@clients.example", "next one"))
+    wait_until(lambda: "next one" in folder_subjects(user, "Sent"))
+    assert daemon.post(f"/v1/mailboxes/{address}/sync")[0] == 202
+    wait_until(lambda: passes("start_sync") == 5)
+    assert refusals() == 5
+    assert daemon.metric("emailsync_messages_stuck", mailbox=address) == 1
+    # retry-failed releases it, and pokes the daemon, which tries it again (a fresh count).
+    result = daemon_cli(daemon.config, "retry-failed", address)
+    assert "released 1 stuck" in result.stdout, result
+    wait_until(lambda: refusals() == 6)
+    wait_until(lambda: daemon.metric("emailsync_messages_stuck", mailbox=address) == 0)
+    assert keywords_in_queue(user) == {"over quota": set()}
+    for attempt in range(7, 11):  # four more refusals: quarantined again
+        assert daemon.post(f"/v1/mailboxes/{address}/sync")[0] == 202
+        wait_until(lambda n=attempt: refusals() == n)
+    wait_until(lambda: daemon.metric("emailsync_messages_stuck", mailbox=address) == 1)
+    assert keywords_in_queue(user) == {"over quota": {STUCK_KEYWORD}}
+    # The cause goes (the ACL is fixed; a new login sees it): still skipped until asked for.
+    refuse_received(user, refuse=False)
+    dovecot_acl.kick(address)
+    wait_until(lambda: passes("startup") == 2, timeout=20)
+    assert keywords_in_queue(user) == {"over quota": {STUCK_KEYWORD}}
+    result = daemon_cli(daemon.config, "start-sync", "--include-stuck", address)
+    assert result.returncode == 0, result
+    wait_until(lambda: "over quota" in folder_subjects(user, "Received"))
+    assert folder_subjects(user, "Queue") == {}
+    wait_until(lambda: daemon.metric("emailsync_messages_stuck", mailbox=address) == 0)
+    assert daemon.mailboxes()[address]["stuck"] == 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import secrets
 import stat
 import threading
 import time
@@ -298,16 +299,25 @@ def test_a_delegated_token_does_not_open_another_users_mailbox(
     assert len(idp.token_requests("refresh_token")) == 1  # the one retry
 
 
-def test_dovecot_accepts_provider_tokens_over_oauthbearer_too(
+def test_the_oauth2_server_checks_every_token_over_xoauth2_and_oauthbearer(
     idp: IdentityProvider, office365_settings: Callable[..., Settings], oauth2_dovecot: Dovecot
 ) -> None:
-    """The recipe enables OAUTHBEARER (RFC 7628) next to XOAUTH2 on the same passdb."""
+    """The token emailsync obtained opens the mailbox over XOAUTH2 and OAUTHBEARER (RFC 7628),
+    and a token the provider never issued is refused over both: a server that took any token
+    would make every Office 365 test here pass without proving anything."""
     auth = office365(office365_settings())
     sign_in(auth, idp)
+    token = auth.access_token()
+    forged = secrets.token_urlsafe(len(token) * 3 // 4)
 
+    login_and_select(auth, oauth2_dovecot)  # the product's own XOAUTH2 login
     with imap(oauth2_dovecot) as client:
-        client.oauthbearer_login(AGENT, auth.access_token())
+        client.oauthbearer_login(AGENT, token)
         client.select_folder("INBOX")
+    with imap(oauth2_dovecot) as client, pytest.raises(imapclient.exceptions.LoginError):
+        client.oauth2_login(AGENT, forged)
+    with imap(oauth2_dovecot) as client, pytest.raises(imapclient.exceptions.LoginError):
+        client.oauthbearer_login(AGENT, forged)
 
 
 # -- app-only (client credentials) -----------------------------------------------------------
@@ -343,12 +353,17 @@ def test_app_only_with_a_wrong_client_secret_needs_reauth(
     oauth2_dovecot: Dovecot,
     oauth_clients: OAuthClients,
 ) -> None:
-    """invalid_client (AADSTS7000215) is an AuthError, not a transient failure."""
+    """invalid_client (AADSTS7000215) is an AuthError, not a transient failure.
+
+    The message names the request that failed: app-only sign-in has no refresh token.
+    """
     settings = office365_settings("shared@example.com", app_only=True)
     oauth_clients.app_secret_file.write_text("not-the-secret\n")
 
-    with pytest.raises(AuthError, match=r"invalid_client.*AADSTS7000215"):
+    with pytest.raises(AuthError, match=r"invalid_client.*AADSTS7000215") as refused:
         login_and_select(office365(settings, "shared@example.com"), oauth2_dovecot)
+    assert "app-only token request (client secret) failed: invalid_client" in str(refused.value)
+    assert "refresh" not in str(refused.value)
 
 
 def test_app_only_login_with_a_certificate_works_and_shows_no_key_material(  # noqa: PLR0917 -- each argument is a fixture
@@ -562,7 +577,11 @@ def test_password_login_works(tmp_path: Path, oauth2_dovecot: Dovecot) -> None:
     login_and_select(auth, oauth2_dovecot)
 
     assert auth.token_expiry() is None
+    # Stop Email Sync on a password mailbox forgets nothing: the secret file is the
+    # operator's, so it stays, and the next login still works.
     auth.forget()
+    assert (tmp_path / "secrets" / user.address).read_text().strip() == user.password
+    login_and_select(auth, oauth2_dovecot)
 
 
 def test_wrong_password_raises_auth_error_without_the_password_in_it(

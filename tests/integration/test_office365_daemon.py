@@ -163,7 +163,8 @@ def test_device_code_sign_in_then_the_daemon_files_mail_over_xoauth2(
             assert secret not in status.stdout
             assert secret not in daemon.log()
     finally:
-        daemon.stop()
+        code = daemon.stop()
+    assert code == 0, f"the daemon exited {code} at shutdown"
 
 
 def test_revoked_consent_needs_reauth_and_auth_login_restores_sync_without_restart(
@@ -199,7 +200,8 @@ def test_revoked_consent_needs_reauth_and_auth_login_restores_sync_without_resta
         assert daemon.process.pid == pid
         assert daemon.process.poll() is None
     finally:
-        daemon.stop()
+        code = daemon.stop()
+    assert code == 0, f"the daemon exited {code} at shutdown"
 
 
 def test_stop_email_sync_forgets_tokens_and_login_plus_setup_bring_it_back(
@@ -234,4 +236,36 @@ def test_stop_email_sync_forgets_tokens_and_login_plus_setup_bring_it_back(
         deliver(oauth2_dovecot, address, "after setup")
         wait_until(lambda: count(oauth2_dovecot, address, "Received") == 1)
     finally:
-        daemon.stop()
+        code = daemon.stop()
+    assert code == 0, f"the daemon exited {code} at shutdown"
+
+
+def test_a_short_lived_access_token_does_not_make_the_daemon_reconnect_in_a_loop(
+    o365: tuple[Path, str, int, str], idp: IdentityProvider, oauth2_dovecot: Dovecot, tmp_path: Path
+) -> None:
+    """Issue 7 defect 9: a tenant that issues 2-minute access tokens (less than the 4 minutes
+    the daemon reconnects ahead) gave 687 token refreshes in 40 s. Now the daemon logs in
+    once and reconnects only about 12 s (10 % of the life) before the token expires."""
+    config, address, port, token = o365
+    idp.access_token_lifetime_seconds = 120
+    device_login(config, address, idp)
+    assert run_cli(config, "setup", address).returncode == 0
+    daemon = RunningDaemon(config, port, token, tmp_path)
+    try:
+        daemon.wait_ready()
+        wait_until(
+            lambda: daemon.metric("emailsync_mailbox_state", mailbox=address, state="idle") == 1
+        )
+        requests_at_idle = len(idp.token_requests())
+        deliver(oauth2_dovecot, address, "with a short token")
+        wait_until(lambda: count(oauth2_dovecot, address, "Received") == 1)  # it is working
+        time.sleep(4)
+        assert len(idp.token_requests()) - requests_at_idle <= 1
+        assert daemon.log().count('"event": "connected"') == 1
+        assert daemon.log().count("token_expiring_reconnect") == 0
+        expiry = daemon.metric("emailsync_token_expiry_timestamp_seconds", mailbox=address)
+        assert expiry is not None
+        assert 0 < expiry - time.time() <= 120
+    finally:
+        code = daemon.stop()
+    assert code == 0, f"the daemon exited {code} at shutdown"

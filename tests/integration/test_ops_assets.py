@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from emailsync.metrics import Metrics
+from emailsync.metrics import CrmMetrics, Metrics
 
 REPO = Path(__file__).resolve().parents[2]
 SYSTEMD_DIR = REPO / "systemd"
@@ -36,12 +36,14 @@ MAX_EXPOSURE = 2.0
 def registry_series() -> dict[str, frozenset[str]]:
     """Every metric family of the daemon's real registry → the series names it exposes.
 
-    Built from `emailsync.metrics.Metrics` with one mailbox initialised, so the names cannot
+    Built from `emailsync.metrics.Metrics` (and `CrmMetrics`, which daemons with a `[crm]`
+    register) with one mailbox initialised, so the names cannot
     drift from the code. Labelled metrics with no child yet (sync pass histogram, last sync,
     token expiry) expose no samples, so each family's type adds the names Prometheus would see
     once it has one: counters `_total`/`_created`, histograms `_bucket`/`_sum`/`_count`/`_created`.
     """
     metrics = Metrics(CollectorRegistry())
+    CrmMetrics(metrics.registry)  # registered by daemons with a [crm]
     metrics.init_mailbox("x@example.com")
     metrics.set_state("x@example.com", "idle")
     return {
@@ -451,6 +453,10 @@ def test_units_keep_the_daemon_contract() -> None:
         assert int(settings["TimeoutStopSec"]) > 10, unit.name
         assert settings["User"] == "emailsync", unit.name
         assert " run --config /etc/emailsync/" in settings["ExecStart"], unit.name
+        # A thread per mailbox: 2,000 mailboxes, doubled while a reload overlaps old and new.
+        assert int(settings["TasksMax"]) >= 2 * 2000, unit.name
+        assert settings["MemoryMax"].endswith("G"), unit.name
+        assert int(settings["MemoryHigh"][:-1]) < int(settings["MemoryMax"][:-1]), unit.name
 
 
 def test_sysusers_and_tmpfiles_create_the_user_and_directories(tmp_path: Path) -> None:

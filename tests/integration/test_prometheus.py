@@ -1,7 +1,8 @@
 """A real Prometheus scrapes a real daemon and evaluates our alerts, rules and dashboard on it.
 
-The daemon runs against the session Dovecot with two mailboxes: an automatic one whose mail
-was filed to Sent, Received and Failed, and a manual one with a message left in its Queue.
+The daemon runs against the session Dovecot and the reference CRM (emailsync.devcrm) with two
+mailboxes: an automatic one whose mail was filed to Sent, Received and Failed, and a manual one
+with a message left in its Queue.
 Prometheus (Debian's /usr/bin/prometheus, on 127.0.0.1 only, data in a temporary directory)
 scrapes it every second and loads alerts.yml and rules.yml. Every recording-rule, alert and
 dashboard expression must then evaluate without error over series that really exist, and the
@@ -15,7 +16,6 @@ import json
 import re
 import secrets
 import subprocess
-import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from emailsync.devcrm import DevCrm
 from emailsync.devserver import Dovecot, free_port
 
 from .conftest import MailUser, new_user, write_config
@@ -47,6 +48,7 @@ PROMTOOL = Path("/usr/bin/promtool")
 READY_TIMEOUT_SECONDS = 20.0
 LOG_TAIL_LINES = 40
 CLIENT = "john@clients.example"
+CRM_SECRET = "prometheus-scenario-crm-secret"
 # Series that only exist for some setups: the token expiry is set only for Office 365
 # mailboxes (TokenExpiringSoon treats "absent" as "no token"), and this daemon has none.
 ABSENT_WITHOUT_OFFICE365 = frozenset({"emailsync_token_expiry_timestamp_seconds"})
@@ -170,32 +172,24 @@ class Prometheus:
         self._log.close()
 
 
-def start_daemon(workdir: Path, auto: MailUser, manual: MailUser) -> RunningDaemon:
-    """`emailsync run` with both mailboxes; only `manual` has trigger = "manual"."""
+def start_daemon(workdir: Path, auto: MailUser, manual: MailUser, crm: DevCrm) -> RunningDaemon:
+    """`emailsync run` with both mailboxes against the reference CRM (so the CRM metrics
+    exist too); only `manual` has trigger = "manual"."""
     port = free_port()
     token = secrets.token_urlsafe(16)
     token_file = workdir / "control-token"
     token_file.write_text(token + "\n", encoding="utf-8")
-    config = write_config(workdir, [auto, manual], extra=daemon_config_extra(port, token_file))
+    secret_file = workdir / "crm-secret"
+    secret_file.write_text(CRM_SECRET + "\n", encoding="utf-8")
+    crm_table = f'\n[crm]\nurl = "{crm.url}"\nsecret_file = "{secret_file}"\n'
+    config = write_config(
+        workdir, [auto, manual], extra=daemon_config_extra(port, token_file) + crm_table
+    )
     marker = f'password_file = "secrets/{manual.address}"\n'
     text = config.read_text(encoding="utf-8")
     assert marker in text
     config.write_text(text.replace(marker, marker + 'trigger = "manual"\n'), encoding="utf-8")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "emailsync.cli",
-            "--config",
-            str(config),
-            "groups",
-            "add",
-            "Smith",
-            CLIENT,
-        ],
-        check=True,
-        capture_output=True,
-    )
+    crm.link("g-smith", "Smith", [CLIENT])
     daemon = RunningDaemon(config, port, token, workdir)
     try:
         daemon.wait_ready()
@@ -214,10 +208,16 @@ def wait_filed(user: MailUser, folder: str, subject: str) -> None:
 def scenario(dovecot: Dovecot, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
     """Mail filed by a running daemon, and a Prometheus that has scraped it a few times."""
     if not PROMETHEUS.exists():
-        pytest.skip(f"{PROMETHEUS} is not installed")
+        # make test promises these checks ran: a missing Prometheus is a failure, not a skip.
+        pytest.fail(f"{PROMETHEUS} is not installed (Debian package prometheus; make system-deps)")
     workdir = tmp_path_factory.mktemp("prometheus")
     auto, manual = new_user(dovecot, "auto"), new_user(dovecot, "manual")
-    daemon = start_daemon(workdir, auto, manual)
+    crm = DevCrm(CRM_SECRET.encode()).start()
+    try:
+        daemon = start_daemon(workdir, auto, manual, crm)
+    except BaseException:
+        crm.close()
+        raise
     prometheus: Prometheus | None = None
     try:
         wait_until(
@@ -255,7 +255,9 @@ def scenario(dovecot: Dovecot, tmp_path_factory: pytest.TempPathFactory) -> Iter
     finally:
         if prometheus is not None:
             prometheus.stop()
-        daemon.stop()
+        code = daemon.stop()
+        crm.close()
+    assert code == 0, f"the daemon exited {code} at shutdown"
 
 
 def all_rules_evaluated(prometheus: Prometheus) -> bool:
@@ -356,6 +358,8 @@ def test_scraped_values_match_the_mail_the_daemon_filed(scenario: Scenario) -> N
     )
     assert prometheus.value(f"emailsync_filing_latency_seconds_count{{{job}}}") == 4
     assert prometheus.value(f"emailsync_build_info{{{job}}}") == 1
+    assert prometheus.value(f"emailsync_crm_up{{{job}}}") == 1
+    assert prometheus.value(f'emailsync_crm_cache_total{{{job}, result="miss"}}') >= 1
     # The recording rules, evaluated by Prometheus itself.
     assert prometheus.value(f"emailsync:queue_messages:sum{{{job}}}") == 1
     assert prometheus.value(f'emailsync:mailbox_state:sum{{{job}, state="idle"}}') == 2

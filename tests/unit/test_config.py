@@ -13,6 +13,7 @@ import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
+from emailsync.address import normalise_address
 from emailsync.config import (
     DaemonSettings,
     FolderSettings,
@@ -32,6 +33,7 @@ PASSWORD = "hunter2-Tr0ub4dor&3"  # a distinctive value to look for in output
 EXIT_OK = 0
 EXIT_CONFIG = 78
 
+FULL_STORE_URL = "postgresql://emailsync@db.example.com/emailsync"
 MINIMAL = """
     [branches.london]
     host = "imap.example.com"
@@ -86,14 +88,14 @@ def write_full_config(directory: Path) -> Path:
     """A config using every documented key, with the files it names present."""
     (directory / "internal-ca.pem").write_text("-----BEGIN CERTIFICATE-----\n", encoding="utf-8")
     (directory / "agent1.password").write_text(PASSWORD + "\n", encoding="utf-8")
-    (directory / "control-token").write_text("control-token-value\n", encoding="utf-8")
+    (directory / "control-token").write_text("control-token-value-0123456789\n", encoding="utf-8")
     (directory / "client-secret").write_text("client-secret-value\n", encoding="utf-8")
     return write_config(
         directory,
         f"""
         [daemon]
         state_dir = "{directory}/state"
-        store = "postgresql://emailsync@db.example.com/emailsync"
+        store = "{FULL_STORE_URL}"
         listen = "[::1]:9400"
         control_token_file = "{directory}/control-token"
         log_format = "json"
@@ -105,6 +107,7 @@ def write_full_config(directory: Path) -> Path:
         fetch_batch = 50
         max_backoff_seconds = 120
         reauth_retry_seconds = 900
+        stuck_after_attempts = 3
 
         [folders]
         root = "CRM"
@@ -182,6 +185,7 @@ def test_full_config_with_every_documented_key_loads_to_the_expected_values(
             fetch_batch=50,
             max_backoff_seconds=120.0,
             reauth_retry_seconds=900.0,
+            stuck_after_attempts=3,
         ),
         folders=FolderSettings(
             root="CRM", queue="Inbox-Queue", sent="Outbox", received="Incoming", failed="Problems"
@@ -286,6 +290,7 @@ def test_minimal_config_gets_the_documented_defaults(tmp_path: Path) -> None:
     assert (settings.daemon.listen_host, settings.daemon.listen_port) == ("127.0.0.1", 9387)
     assert settings.daemon.control_token is None
     assert settings.daemon.idle_renew_seconds == 23 * 60
+    assert settings.daemon.stuck_after_attempts == 5
     assert settings.folders == FolderSettings(
         root="Rezi-Imported", queue="Queue", sent="Sent", received="Received", failed="Failed"
     )
@@ -647,6 +652,7 @@ def test_several_problems_are_all_reported_at_once(tmp_path: Path) -> None:
         listen = "nowhere"
         fetch_batch = 0
         idle_renew_seconds = 1800
+        stuck_after_attempts = 0
 
         [folders]
         sent = "Sent/Items"
@@ -671,6 +677,7 @@ def test_several_problems_are_all_reported_at_once(tmp_path: Path) -> None:
             "daemon.listen",
             "daemon.fetch_batch",
             "daemon.idle_renew_seconds",
+            "daemon.stuck_after_attempts",
             "folders.sent",
             "branches.london.host",
             "branches.london.security",
@@ -743,6 +750,16 @@ def test_unknown_key_message_does_not_echo_its_value(tmp_path: Path) -> None:
             "must be an integer, not a boolean",
         ),
         (
+            "[daemon]\nstuck_after_attempts = 2.5\n",
+            "daemon.stuck_after_attempts",
+            "must be an integer, not a number",
+        ),
+        (
+            '[daemon]\nstuck_after_attempts = "5"\n',
+            "daemon.stuck_after_attempts",
+            "must be an integer, not a string",
+        ),
+        (
             '[daemon]\nlog_format = ["json"]\n',
             "daemon.log_format",
             "must be a string, not an array",
@@ -812,6 +829,16 @@ def test_mailbox_address_of_the_wrong_type_also_needs_no_other_report(tmp_path: 
         ('[daemon]\nstate_dir = ""\n', "daemon.state_dir", "must not be empty"),
         ("[daemon]\nsweep_seconds = 0\n", "daemon.sweep_seconds", "must be greater than 0"),
         ("[daemon]\npoll_seconds = -1\n", "daemon.poll_seconds", "must be greater than 0"),
+        (
+            "[daemon]\nstuck_after_attempts = 0\n",
+            "daemon.stuck_after_attempts",
+            "must be greater than 0",
+        ),
+        (
+            "[daemon]\nstuck_after_attempts = -3\n",
+            "daemon.stuck_after_attempts",
+            "must be greater than 0",
+        ),
         (
             '[daemon]\nlog_level = "verbose"\n',
             "daemon.log_level",
@@ -1108,7 +1135,7 @@ def test_secrets_are_never_in_the_repr_or_str_of_settings(tmp_path: Path) -> Non
     assert password.read().reveal() == PASSWORD  # the file really holds the password
     assert PASSWORD not in repr(settings)
     assert PASSWORD not in str(settings)
-    assert "control-token-value" not in repr(settings)
+    assert "control-token-value-0123456789" not in repr(settings)
     assert "client-secret-value" not in repr(settings)
 
 
@@ -1389,6 +1416,8 @@ def test_check_config_of_a_good_config_exits_0_with_an_ok_line(
     """A valid config with readable secrets prints one ok line with the mailbox counts."""
     monkeypatch.setenv("AGENT2_PASSWORD", PASSWORD)
     path = write_full_config(tmp_path)
+    text = path.read_text(encoding="utf-8")
+    path.write_text(text.replace(FULL_STORE_URL, f"sqlite:///{tmp_path}/timeline.db"))
 
     code, out, err = check_config(path, capsys)
 
@@ -1396,6 +1425,35 @@ def test_check_config_of_a_good_config_exits_0_with_an_ok_line(
     assert out == f"{path}: ok (3 mailboxes, 2 enabled)\n"
     assert err == ""
     assert PASSWORD not in out
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("https://db.example.com/emailsync", "unsupported store URL scheme 'https'"),
+        ("sqlite://db.example.com/x.db", "names a host"),
+        ("sqlite:///x.db?mode=ro", "has a query or fragment"),
+    ],
+)
+def test_check_config_refuses_a_store_url_that_run_would_refuse(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    url: str,
+    why: str,
+) -> None:
+    """check-config parses the store URL with open_store's own parser: no "ok" that run refuses."""
+    monkeypatch.setenv("AGENT2_PASSWORD", PASSWORD)
+    path = write_full_config(tmp_path)
+    path.write_text(path.read_text(encoding="utf-8").replace(FULL_STORE_URL, url))
+
+    code, out, err = check_config(path, capsys)
+
+    assert code == EXIT_CONFIG
+    assert out == ""
+    assert f"{path}: daemon.store: " in err
+    assert why in err
+    assert "emailsync@" not in err  # a postgresql URL's user (or password) is never echoed
 
 
 def test_check_config_uses_emailsync_config_when_no_config_is_given(
@@ -1616,3 +1674,78 @@ def test_check_config_names_the_environment_variable_but_not_a_set_value(
         f"{path}: daemon.control_token_file: "
         "secret: cannot read file /nonexistent/t: No such file or directory\n"
     )
+
+
+# --- addresses that would name files ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "../x@d",
+        "../../etc/passwd@example.com",
+        "a..b@example.com",
+        ".a@example.com",
+        "a@-bad.example",
+        "a@[192.0.2.1]",
+        "a@under_score.example",
+    ],
+)
+def test_an_address_outside_rfc_5321_is_a_config_error_naming_its_entry(
+    tmp_path: Path, address: str
+) -> None:
+    """Only RFC 5321 dot-atom or quoted local parts and host-name domains are mailboxes."""
+    path = write_config(
+        tmp_path, MINIMAL + f'\n[[mailboxes]]\naddress = "{address}"\nbranch = "london"\n'
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    assert len(caught.value.problems) == 1
+    assert caught.value.problems[0].startswith(f"{path}: mailboxes[1].address: {address!r} ")
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "a.b+tag@example.com",
+        "o'brien@example.com",
+        "a/b@example.com",
+        "agent@bücher.example",
+        "agent@localhost",
+    ],
+)
+def test_unusual_but_valid_addresses_still_load(tmp_path: Path, address: str) -> None:
+    """Dot-atoms with atext like ' / + and IDN domains stay valid mailbox addresses."""
+    settings = load(
+        tmp_path,
+        f'[branches.l]\nhost = "h"\n[[mailboxes]]\naddress = "{address}"\n'
+        'branch = "l"\npassword_env = "X"\n',
+    )
+    assert settings.mailboxes[0].address == normalise_address(address)
+
+
+def test_a_short_or_empty_control_token_file_is_a_config_error_naming_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An empty token file (a crash right after creating it) is refused, never an open API."""
+    monkeypatch.setenv("AGENT1_PASSWORD", PASSWORD)
+    token = tmp_path / "token"
+    path = write_config(tmp_path, MINIMAL + '\n[daemon]\ncontrol_token_file = "token"\n')
+    for content in ("", "\n", "short-token\n", "a" * 40 + "\n"):
+        token.write_text(content, encoding="utf-8")
+        problems = check_secrets(load_settings(path))
+        assert len(problems) == 1, content
+        assert problems[0].startswith(f"{path}: daemon.control_token_file: ")
+        assert str(token) in problems[0]
+
+
+def test_check_config_exits_78_for_a_path_traversing_address(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(
+        tmp_path, MINIMAL + '\n[[mailboxes]]\naddress = "../x@d"\nbranch = "london"\n'
+    )
+    code, out, err = check_config(path, capsys)
+    assert code == EXIT_CONFIG
+    assert out == ""
+    assert err.startswith(f"{path}: mailboxes[1].address: '../x@d' has a local part that is ")

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import http.client
+import select
+import socket
+import time
 from collections.abc import Iterator
 
 import pytest
+import structlog
 from prometheus_client import CollectorRegistry
 
 from emailsync.metrics import Metrics
 from emailsync.web import WebServer
 from emailsync.worker import WorkerStatus
 
-TOKEN = "s3cret-token"
+TOKEN = "s3cret-token-for-the-web-tests"
 
 
 class Supervisor:
@@ -21,13 +25,15 @@ class Supervisor:
     def __init__(self) -> None:
         self.is_ready = False
         self.synced: list[str | None] = []
+        self.include_stuck: list[bool] = []
         self.known = {"agent@example.com"}
 
     def statuses(self) -> list[WorkerStatus]:
         return [WorkerStatus("<script>@example.com", "idle", "auto", last_error="a & b")]
 
-    def start_sync(self, address: str | None) -> bool:
+    def start_sync(self, address: str | None, *, include_stuck: bool = False) -> bool:
         self.synced.append(address)
+        self.include_stuck.append(include_stuck)
         return address is None or address in self.known
 
     def stop_mailbox(self, address: str) -> bool:
@@ -104,6 +110,26 @@ def test_mailbox_actions_route_by_address(served: tuple[WebServer, Supervisor]) 
     assert call(server, "POST", "/v1/mailboxes/agent@example.com/delete", AUTH)[0] == 404
 
 
+def test_start_sync_takes_include_stuck_from_the_query(
+    served: tuple[WebServer, Supervisor],
+) -> None:
+    server, supervisor = served
+    path = "/v1/mailboxes/agent%40example.com/sync"
+    assert call(server, "POST", path + "?include_stuck=true", AUTH)[0] == 202
+    assert call(server, "POST", path, AUTH)[0] == 202
+    assert call(server, "POST", "/v1/sync?include_stuck=1", AUTH)[0] == 202
+    assert call(server, "POST", path + "?include_stuck=false", AUTH)[0] == 202
+    assert supervisor.synced == [
+        "agent@example.com",
+        "agent@example.com",
+        None,
+        "agent@example.com",
+    ]
+    assert supervisor.include_stuck == [True, False, True, False]
+    assert call(server, "POST", path + "?include_stuck=maybe", AUTH)[0] == 400
+    assert len(supervisor.synced) == 4  # a bad value starts nothing
+
+
 def test_bad_or_huge_bodies_are_refused_without_reading_them(
     served: tuple[WebServer, Supervisor],
 ) -> None:
@@ -115,9 +141,167 @@ def test_bad_or_huge_bodies_are_refused_without_reading_them(
 
 def test_status_page_escapes_what_it_shows(served: tuple[WebServer, Supervisor]) -> None:
     server, _ = served
-    status, body = call(server, "GET", "/")
+    status, body = call(server, "GET", "/", AUTH)
     assert status == 200
     assert b"&lt;script&gt;@example.com" in body
     assert b"a &amp; b" in body
     assert b"<script>" not in body
     assert TOKEN.encode() not in body
+
+
+def test_status_page_without_the_token_shows_counts_not_addresses_or_errors(
+    served: tuple[WebServer, Supervisor],
+) -> None:
+    """/ answers browsers without a token, but only with counts by state."""
+    server, _ = served
+    for headers in ({}, {"Authorization": f"Bearer {TOKEN}x"}, {"Authorization": "Bearer "}):
+        status, body = call(server, "GET", "/", headers)
+        assert status == 200
+        assert b"<td>idle</td><td>1</td>" in body
+        assert b"example.com" not in body
+        assert b"a &amp; b" not in body
+
+
+@pytest.mark.parametrize("token", ["", " ", "short", "x" * 40])
+def test_an_empty_or_weak_token_is_never_served(token: str) -> None:
+    """An empty token file must not turn `Authorization: Bearer ` into a pass."""
+    with pytest.raises(ValueError, match="control token"):
+        WebServer("127.0.0.1", 0, Supervisor(), CollectorRegistry(), token)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["..%2Fx@d", "%2E%2E%2Fx@example.com", "x@-d", "%20agent@example.com", "", "%00@d"],
+)
+def test_an_invalid_address_answers_like_an_unknown_one(
+    served: tuple[WebServer, Supervisor], raw: str
+) -> None:
+    """No path traversal reaches the supervisor, and the answer does not echo the input."""
+    server, supervisor = served
+    unknown = call(server, "POST", "/v1/mailboxes/nobody@example.com/stop", AUTH)
+    assert unknown == (404, b'{"error": "no such mailbox"}')
+    assert call(server, "POST", f"/v1/mailboxes/{raw}/stop", AUTH) == unknown
+    assert call(server, "POST", f"/v1/mailboxes/{raw}/sync", AUTH) == unknown
+    assert supervisor.synced == []
+
+
+def test_a_non_loopback_listener_warns() -> None:
+    with structlog.testing.capture_logs() as logs:
+        WebServer("0.0.0.0", 0, Supervisor(), CollectorRegistry(), TOKEN).httpd.server_close()  # noqa: S104 -- the case under test
+        WebServer("127.0.0.1", 0, Supervisor(), CollectorRegistry(), TOKEN).httpd.server_close()
+    warnings = [e for e in logs if e["event"] == "listen_not_loopback"]
+    assert [w["host"] for w in warnings] == ["0.0.0.0"]  # noqa: S104 -- the case under test
+
+
+@pytest.fixture
+def strict() -> Iterator[WebServer]:
+    """A listener with a small cap and a short request deadline, so the tests are quick."""
+    server = WebServer(
+        "127.0.0.1",
+        0,
+        Supervisor(),
+        CollectorRegistry(),
+        TOKEN,
+        max_connections=4,
+        request_seconds=REQUEST_SECONDS,
+    )
+    server.start()
+    yield server
+    server.stop()
+
+
+REQUEST_SECONDS = 2.5
+
+
+def test_a_slowloris_client_is_cut_off_at_the_request_deadline_while_healthz_answers(
+    strict: WebServer,
+) -> None:
+    """A byte every 0.2 s never trips a per-read timeout; the per-request deadline cuts it."""
+    with socket.create_connection(("127.0.0.1", strict.port), timeout=5) as slow:
+        started = time.monotonic()
+        slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        cut_after = None
+        for _ in range(50):  # 10 s at most
+            try:
+                slow.sendall(b"X")
+            except OSError:
+                cut_after = time.monotonic() - started
+                break
+            assert call(strict, "GET", "/healthz")[0] == 200  # served meanwhile
+            ready, _, _ = select.select([slow], [], [], 0.2)
+            if ready and slow.recv(4096) == b"":
+                cut_after = time.monotonic() - started
+                break
+    assert cut_after is not None, "the trickling client was never cut off"
+    assert REQUEST_SECONDS <= cut_after < REQUEST_SECONDS + 1.5
+
+
+def wait_for_connections(server: WebServer, count: int) -> None:
+    deadline = time.monotonic() + 5
+    while server.active_connections != count:
+        assert time.monotonic() < deadline, (server.active_connections, count)
+        time.sleep(0.01)
+
+
+def test_connections_beyond_the_cap_get_503_until_idle_ones_reach_the_deadline(
+    strict: WebServer,
+) -> None:
+    """4 idle connections fill the cap: /healthz gets 503 at once, then 200 after the deadline."""
+    idle = [socket.create_connection(("127.0.0.1", strict.port)) for _ in range(3)]
+    try:
+        wait_for_connections(strict, 3)
+        assert call(strict, "GET", "/healthz")[0] == 200  # below the cap: served
+        wait_for_connections(strict, 3)  # that call's slot is free again
+        idle.append(socket.create_connection(("127.0.0.1", strict.port)))
+        wait_for_connections(strict, 4)  # the cap is full
+        started = time.monotonic()
+        with structlog.testing.capture_logs() as logs:
+            status, body = call(strict, "GET", "/healthz")
+            assert (status, body) == (503, b"busy\n")
+            assert time.monotonic() - started < 1.0  # refused at once, not queued
+            assert call(strict, "GET", "/healthz")[0] == 503
+            deadline = started + REQUEST_SECONDS + 2.0
+            while call(strict, "GET", "/healthz")[0] != 200:
+                assert time.monotonic() < deadline, "/healthz still refused after the deadline"
+                time.sleep(0.1)
+        # The idle ones were dropped at their deadline, not before.
+        assert time.monotonic() - started >= REQUEST_SECONDS - 1.0
+        assert all(each.recv(1) == b"" for each in idle)  # closed by the server, no answer
+        # Two refusals or more, one warning: a flood does not flood the log.
+        refused = [e for e in logs if e["event"] == "http_connections_refused"]
+        assert [(e["count"], e["max_connections"]) for e in refused] == [(1, 4)]
+    finally:
+        for each in idle:
+            each.close()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("TRACE", "/v1/sync", "POST"),
+        ("PUT", "/v1/mailboxes/agent@example.com/stop", "POST"),
+        ("GET", "/v1/sync", "POST"),
+        ("POST", "/healthz", "GET"),
+        ("DELETE", "/v1/mailboxes", "GET"),
+        ("OPTIONS", "/", "GET"),
+        ("PATCH", "/elsewhere", "GET, POST"),
+        ("QUERY", "/v1/mailboxes", "GET"),
+        ("HEAD", "/healthz", "GET"),
+    ],
+)
+def test_a_method_a_path_does_not_take_is_405_with_allow_not_a_5xx(
+    served: tuple[WebServer, Supervisor], method: str, path: str, allow: str
+) -> None:
+    """Found by schemathesis: http.server answered TRACE and friends with 501 (a 5xx)."""
+    server, supervisor = served
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    try:
+        conn.request(method, path, headers=AUTH)
+        response = conn.getresponse()
+        assert response.status == 405
+        assert response.getheader("Allow") == allow
+        body = b"" if method == "HEAD" else b'{"error": "method not allowed"}'
+        assert response.read() == body
+    finally:
+        conn.close()
+    assert supervisor.synced == []

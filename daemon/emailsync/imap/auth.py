@@ -3,9 +3,14 @@
 Office 365 has two modes. Delegated: an agent signs in once with MSAL's device-code flow
 (``emailsync auth login ADDRESS``); MSAL's token cache, with the refresh token, is kept per
 mailbox in ``state_dir/tokens/<address>.json`` and rewritten whenever MSAL changes it, so a
-rotated refresh token is never lost. App-only: the app's client secret, or a certificate
-whose private key signs an RFC 7523 JWT client assertion, buys tokens for any mailbox the
-tenant lets it open; nothing is written to disk.
+rotated refresh token is never lost. The daemon and ``auth login`` are separate processes: each
+read-modify-write of the cache (read the file, let MSAL refresh, write it back) holds an
+``flock`` on ``<cache>.lock`` beside it, so neither redeems a refresh token the other has
+already rotated away, nor writes an older cache over a newer one.
+
+App-only: the app's client secret, or a certificate whose private key signs an RFC 7523 JWT
+client assertion, buys tokens for any mailbox the tenant lets it open; nothing is written to
+disk.
 
 Every (re)connect asks MSAL for a token: MSAL answers from its cache while the token has more
 than five minutes left and refreshes it otherwise. Errors are sorted by what the worker does:
@@ -18,6 +23,7 @@ a repr or ``status()``.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import imaplib
 import json
 import logging
@@ -233,7 +239,7 @@ class Office365Authenticator:
 
     def forget(self) -> None:
         """Delete the token cache file and every cached token and account in memory."""
-        with self._lock:
+        with self._lock, self._cache_file_lock():
             self._cache.deserialize(None)
             self._cache_stamp = None
             self._app = None  # also drops MSAL's memory of recent HTTP answers
@@ -291,7 +297,8 @@ class Office365Authenticator:
         # Polls at the interval Entra ID asks for (RFC 8628 §3.5) until approval or expiry.
         with self._provider_errors():
             result = app.acquire_token_by_device_flow(flow)
-        with self._lock:
+        # The person may take minutes: the file lock is held only to write the result.
+        with self._lock, self._cache_file_lock():
             try:
                 if "error" in result:
                     raise self._refused(result, "device-code sign-in")
@@ -385,7 +392,7 @@ class Office365Authenticator:
         )
 
     def _acquire(self, *, force_refresh: bool) -> str:
-        with self._lock:
+        with self._lock, self._cache_file_lock():
             self._reload_cache()
             app = self._application()
             try:
@@ -415,7 +422,13 @@ class Office365Authenticator:
                     )
                 )
             if "error" in result:
-                raise self._refused(result, "token refresh")
+                # App-only has no refresh token: it asks for a token with the app's credential.
+                action = (
+                    f"app-only token request (client {self._office365.credential})"
+                    if self._app_only
+                    else "token refresh"
+                )
+                raise self._refused(result, action)
             if result.get("token_source") == "identity_provider":
                 self._last_error = None  # the provider accepted us again
                 self._log.info("access_token_obtained", expires_in_seconds=result.get("expires_in"))
@@ -509,6 +522,27 @@ class Office365Authenticator:
         return None
 
     # -- the token cache file ------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _cache_file_lock(self) -> Iterator[None]:
+        """Hold an exclusive ``flock`` on ``<cache>.lock`` (other processes, other instances).
+
+        A separate lock file, because the cache itself is replaced by rename on every write
+        (a lock on the old inode would not exclude a writer of the new one). The lock file is
+        never deleted, for the same reason.
+        """
+        if self.cache_path is None:
+            yield
+            return
+        lock_path = token_cache_lock_path(self.cache_path)
+        lock_path.parent.mkdir(mode=TOKEN_DIR_MODE, parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, TOKEN_FILE_MODE)
+        try:
+            # Blocks while another process refreshes: bounded by the HTTP session's timeouts.
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
 
     def _reload_cache(self) -> None:
         """Read the cache file if another process (``emailsync auth login``) changed it."""
@@ -672,6 +706,11 @@ def token_cache_path(state_dir: Path, address: str) -> Path:
     """Where a mailbox's MSAL token cache lives: ``state_dir/tokens/<address>.json``."""
     # A local part may legally hold "/" and other oddities: percent-encode all but the usual.
     return state_dir / "tokens" / f"{quote(address, safe='@.+-_')}.json"
+
+
+def token_cache_lock_path(cache_path: Path) -> Path:
+    """The lock file beside a token cache: ``<address>.json.lock``."""
+    return cache_path.with_name(cache_path.name + ".lock")
 
 
 def write_private_file(path: Path, text: str) -> None:

@@ -7,11 +7,9 @@ exceptions of ``emailsync.errors``, grouped by what they do about them.
 from __future__ import annotations
 
 import contextlib
-import select
 import socket
 import ssl
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -25,12 +23,13 @@ from imapclient.imapclient import SocketTimeout
 
 from emailsync.config import FolderSettings, MailboxSettings
 from emailsync.errors import (
-    ConnectionLostError,
     UidValidityChangedError,
 )
+from emailsync.imap import idle
 from emailsync.imap.folders import FolderTree
-from emailsync.imap.translate import backoff_hint, server_text, translated
-from emailsync.model import FetchedMessage, FolderRole
+from emailsync.imap.idle import IdleUpdate, WakeSource
+from emailsync.imap.translate import server_text, translated
+from emailsync.model import STUCK_KEYWORD, FetchedMessage, FolderRole
 
 if TYPE_CHECKING:
     from emailsync.imap.auth import Authenticator
@@ -43,14 +42,6 @@ FILING_KEYWORD = "$EmailSyncFiling"
 # Cap on bytes fetched in one FETCH of whole messages, so one batch of large attachments
 # cannot hold a socket read for minutes.
 FULL_FETCH_BYTES = 16 * 1024 * 1024
-
-
-@dataclass
-class IdleUpdate:
-    """What a wait in IDLE brought: new mail (EXISTS grew) and/or a local wake-up."""
-
-    new_mail: bool = False
-    woken: bool = False
 
 
 def _enable_keepalive(sock: socket.socket) -> None:
@@ -201,6 +192,35 @@ class ImapSession:
         with translated("search queue"):
             return sorted(int(uid) for uid in self.client.search(["ALL"]))
 
+    def keyword_uids(self, keyword: str) -> list[int]:
+        """The UIDs in the (selected) Queue that carry a keyword (RFC 3501 §6.4.4 KEYWORD)."""
+        with translated("search queue"):
+            return sorted(int(uid) for uid in self.client.search(["KEYWORD", keyword]))
+
+    def set_keyword(self, uids: Sequence[int], keyword: str, *, on: bool) -> bool:
+        """STORE +FLAGS (``on``) or -FLAGS a keyword on messages of the (selected) Queue.
+
+        Returns False, storing nothing, when the Queue takes no new keywords (no ``\\*`` in
+        PERMANENTFLAGS, RFC 3501 §7.1): setting one would only earn a NO.
+        """
+        if not uids:
+            return True
+        if on and not self.keywords_allowed:
+            return False
+        with translated("store keyword"):
+            if on:
+                self.client.add_flags(list(uids), [keyword], silent=True)
+            else:
+                self.client.remove_flags(list(uids), [keyword], silent=True)
+        return True
+
+    def release_stuck(self) -> int:
+        """Take STUCK_KEYWORD off every Queue message; returns how many carried it."""
+        self.select_queue()
+        uids = self.keyword_uids(STUCK_KEYWORD)
+        self.set_keyword(uids, STUCK_KEYWORD, on=False)
+        return len(uids)
+
     def fetch_headers(self, uids: Sequence[int]) -> list[FetchedMessage]:
         """Header blocks, INTERNALDATE, size and flags of these messages (missing ones skipped)."""
         return self._fetch(uids, b"BODY.PEEK[HEADER]", b"BODY[HEADER]")
@@ -258,10 +278,21 @@ class ImapSession:
         with translated(f"file to {role.value}"):
             if keyword and self.keywords_allowed:
                 self.client.add_flags(list(uids), [keyword], silent=True)
-            self._move(list(uids), tree.queue, dest)
+            self._move(list(uids), tree.queue, dest, self.uidvalidity)
 
-    def requeue(self, role: FolderRole, keywords: Sequence[str]) -> int:
-        """Move every message of a folder (e.g. Failed) back to Queue, without the keywords."""
+    def requeue(
+        self,
+        role: FolderRole,
+        keywords: Sequence[str],
+        *,
+        batch_size: int | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> int:
+        """Move every message of a folder (e.g. Failed) back to Queue, without the keywords.
+
+        With ``batch_size``, in batches of that many UIDs (MOVE keeps the other UIDs valid),
+        telling ``progress(done, total)`` after each.
+        """
         tree = self.tree or self.resolve_tree()
         source = tree.name(role)
         with translated(f"requeue {role.value}"):
@@ -269,24 +300,35 @@ class ImapSession:
             uids = sorted(int(u) for u in self.client.search(["ALL"]))
             if not uids:
                 return 0
-            if b"\\*" in tuple(info.get(b"PERMANENTFLAGS", ())):
-                self.client.remove_flags(uids, list(keywords), silent=True)
+            keywords_allowed = b"\\*" in tuple(info.get(b"PERMANENTFLAGS", ()))
             self.keywords_allowed = False  # the fallback's marker is for Queue only
-            self._move(uids, source, tree.queue)
+            uidvalidity = int(info.get(b"UIDVALIDITY", 0))
+            step = batch_size or len(uids)
+            for start in range(0, len(uids), step):
+                chunk = uids[start : start + step]
+                if keywords_allowed:
+                    self.client.remove_flags(chunk, list(keywords), silent=True)
+                self._move(chunk, source, tree.queue, uidvalidity)
+                if progress is not None:
+                    progress(start + len(chunk), len(uids))
         return len(uids)
 
-    def _move(self, uids: list[int], source: str, dest: str) -> None:
+    def _move(self, uids: list[int], source: str, dest: str, uidvalidity: int | None) -> None:
         if self.has("MOVE"):
             self.client.move(uids, dest)  # RFC 6851
         else:
-            self._copy_then_expunge(uids, source, dest)
+            self._copy_then_expunge(uids, source, dest, uidvalidity)
 
-    def _copy_then_expunge(self, uids: list[int], source: str, dest: str) -> None:
+    def _copy_then_expunge(
+        self, uids: list[int], source: str, dest: str, uidvalidity: int | None
+    ) -> None:
         """COPY + \\Deleted + UID EXPUNGE, without leaving a second copy after a crash.
 
         Before copying, the Queue messages get FILING_KEYWORD, which COPY carries over. A
         message that already has it was copied by an earlier, interrupted attempt: if its copy
         is in ``dest`` it is not copied again. After EXPUNGE the keyword is taken off the copies.
+        ``uidvalidity`` is the source's when ``uids`` were read: every re-SELECT of the source
+        checks it, so that a source replaced meanwhile never has the wrong messages expunged.
         """
         if not self.keywords_allowed:
             # Without keywords there is nothing to recognise an earlier copy by.
@@ -296,7 +338,7 @@ class ImapSession:
         flags = self.client.get_flags(uids)
         interrupted = [uid for uid in uids if FILING_KEYWORD.encode() in flags.get(uid, ())]
         already_copied = self._copies_in(dest, interrupted) if interrupted else set()
-        self.client.select_folder(source)
+        self._reselect(source, uidvalidity)
         to_copy = [uid for uid in uids if uid not in already_copied]
         if to_copy:
             self.client.add_flags(to_copy, [FILING_KEYWORD], silent=True)
@@ -307,7 +349,24 @@ class ImapSession:
         pending = self.client.search(["KEYWORD", FILING_KEYWORD])
         if pending:
             self.client.remove_flags(pending, [FILING_KEYWORD], silent=True)
-        self.client.select_folder(source)
+        # The caller goes on with more UIDs of the source: they must still name the same mail.
+        self._reselect(source, uidvalidity)
+
+    def _reselect(self, folder: str, uidvalidity: int | None) -> None:
+        """SELECT a folder again; UidValidityChangedError if its UIDVALIDITY is not the one known.
+
+        RFC 3501 §2.3.1.1: UIDs are only meaningful together with UIDVALIDITY. A folder that
+        was deleted and re-created (or renamed away and replaced) between two SELECTs has a new
+        one, and the UIDs read before would name other messages; UID EXPUNGE (RFC 4315) of them
+        would destroy mail that was never copied.
+        """
+        info = self.client.select_folder(folder)
+        current = int(info.get(b"UIDVALIDITY", 0))
+        if uidvalidity is not None and current != uidvalidity:
+            self.log.warning(
+                "uidvalidity_changed", folder=folder, expected=uidvalidity, found=current
+            )
+            raise UidValidityChangedError(f"{folder}: UIDVALIDITY changed to {current}")
 
     def _copies_in(self, dest: str, uids: list[int]) -> set[int]:
         """Queue UIDs among ``uids`` with a copy in dest (same Message-ID, size, INTERNALDATE)."""
@@ -342,54 +401,19 @@ class ImapSession:
 
     def idle_begin(self) -> None:
         """Enter IDLE on the selected Queue."""
-        with translated("idle"):
-            self.client.idle()
+        idle.begin(self.client)
 
-    def idle_wait(self, timeout_seconds: float, wake_fd: int) -> IdleUpdate:
-        """Wait in IDLE for the server, a wake-up on ``wake_fd``, or the timeout.
-
-        Polls the IMAP socket and the wake pipe together, so Start Sync and shutdown are
-        seen at once, not at the next timeout.
-        """
-        poller = select.poll()
-        sock = self.client.socket()
-        poller.register(sock.fileno(), select.POLLIN)
-        poller.register(wake_fd, select.POLLIN)
-        events = dict(poller.poll(max(0.0, timeout_seconds) * 1000))
-        update = IdleUpdate(woken=wake_fd in events)
-        if sock.fileno() in events:
-            with translated("idle"):
-                responses = self.client.idle_check(timeout=0)
-            if not responses:
-                # Readable with nothing to read: the server closed the connection.
-                raise ConnectionLostError("idle: connection closed by the server", kind="bye")
-            self._apply(responses, update)
-        return update
+    def idle_wait(self, timeout_seconds: float, wake: WakeSource) -> IdleUpdate:
+        """Wait in IDLE for the server, a wake-up on ``wake`` or the timeout (see imap/idle.py)."""
+        return self._count(idle.wait(self.client, timeout_seconds, wake, self.exists))
 
     def idle_end(self) -> IdleUpdate:
         """Leave IDLE (DONE); a server that does not answer within the timeout is dead."""
-        update = IdleUpdate()
-        with translated("idle done"):
-            _, responses = self.client.idle_done()
-        self._apply(responses, update)
-        return update
+        return self._count(idle.end(self.client, self.exists))
 
-    def _apply(self, responses: Sequence[Any], update: IdleUpdate) -> None:
-        for response in responses:
-            if not isinstance(response, tuple) or len(response) < 2:
-                continue
-            first, second = response[0], response[1]
-            if first == b"BYE":
-                raise ConnectionLostError(
-                    f"server said BYE: {_str(second)}",
-                    kind="bye",
-                    retry_after=backoff_hint(_str(second)),
-                )
-            if second == b"EXISTS" and isinstance(first, int):
-                update.new_mail = update.new_mail or first > self.exists
-                self.exists = first
-            elif second == b"EXPUNGE" and isinstance(first, int):
-                self.exists = max(0, self.exists - 1)
+    def _count(self, update: IdleUpdate) -> IdleUpdate:
+        self.exists = update.exists
+        return update
 
     def oldest_queued(self, uids: Sequence[int]) -> datetime | None:
         """When the oldest of these Queue messages landed there; None for no messages.
@@ -416,14 +440,15 @@ class ImapSession:
         RFC 3501 §6.1.2: a server may announce new mail in the NOOP response, and then not
         again in the next IDLE, so the caller must act on ``new_mail``.
         """
-        update = IdleUpdate()
         with translated("noop"):
             _, responses = self.client.noop()
-        self._apply(responses, update)
-        return update
+        return self._count(idle.mailbox_updates(responses, self.exists))
 
-    def logout(self) -> None:
-        """LOGOUT politely, then close the socket; never raises."""
+    def logout(self, timeout_seconds: float | None = None) -> None:
+        """LOGOUT politely (waiting at most ``timeout_seconds`` when given), close; never raises."""
+        if timeout_seconds is not None:
+            with contextlib.suppress(OSError):
+                self.client.socket().settimeout(timeout_seconds)
         with contextlib.suppress(Exception):
             self.client.logout()
         _close_quietly(self.client)

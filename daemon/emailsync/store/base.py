@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
+from prometheus_client import CollectorRegistry
+
 from emailsync.model import Group, TimelineEvent
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What a store said about a batch of events.
+
+    ``new`` counts events that did not exist before. ``rejected`` maps the ``(group,
+    message_key)`` of each event the store refused for good to its reason; every other event of
+    the batch is recorded. The built-in store never rejects.
+    """
+
+    new: int = 0
+    rejected: Mapping[tuple[str, str], str] = field(default_factory=dict)
 
 
 class Store(Protocol):
@@ -32,6 +48,13 @@ class Store(Protocol):
         """
         ...
 
+    def record_events_checked(self, events: Sequence[TimelineEvent]) -> Recorded:
+        """Like ``record_events``, but a store may refuse single events (a CRM's 4xx per event).
+
+        The events it does not refuse are recorded (or were already there) when this returns.
+        """
+        ...
+
     def add_group(self, name: str, addresses: Iterable[str]) -> Group:
         """Create the group, or extend it, with the addresses; return it with all addresses.
 
@@ -54,6 +77,10 @@ class Store(Protocol):
         self, *, group: str | None = None, mailbox: str | None = None, limit: int | None = None
     ) -> list[TimelineEvent]:
         """Recorded events, newest filed first, with ``mailboxes`` filled in."""
+        ...
+
+    def register_metrics(self, registry: CollectorRegistry) -> None:
+        """Register the store's own metrics, if it has any, on the daemon's registry."""
         ...
 
     def close(self) -> None:

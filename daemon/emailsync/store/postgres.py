@@ -19,10 +19,12 @@ from typing import Any
 
 import psycopg
 import psycopg_pool
+from prometheus_client import CollectorRegistry
 from psycopg.types.json import Jsonb
 
 from emailsync.errors import LeaseLostError, StoreError
 from emailsync.model import Attachment, Direction, Fence, Group, TimelineEvent
+from emailsync.store.base import Recorded
 from emailsync.store.pgtranslate import translated
 from emailsync.store.sqlite import (
     _checked_address,
@@ -260,6 +262,12 @@ class PostgresStore:
                 f" by {fence.owner}"
             )
 
+    def record_events_checked(
+        self, events: Sequence[TimelineEvent], *, fence: Fence | None = None
+    ) -> Recorded:
+        """``record_events`` (fence included); this store never refuses a single event."""
+        return Recorded(new=self.record_events(events, fence=fence))
+
     def list_events(
         self, *, group: str | None = None, mailbox: str | None = None, limit: int | None = None
     ) -> list[TimelineEvent]:
@@ -287,6 +295,9 @@ class PostgresStore:
         return [_event_from_row(row) for row in rows]
 
     # -- connections ----------------------------------------------------------------------
+
+    def register_metrics(self, registry: CollectorRegistry) -> None:
+        """The PostgreSQL store has no metrics of its own (the lease keeper registers its own)."""
 
     def close(self) -> None:
         """Close the pool; later calls raise ``StoreError``."""

@@ -15,9 +15,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
 from emailsync.address import normalise_address
 from emailsync.errors import StoreError, StoreUnavailableError
 from emailsync.model import Attachment, Direction, Group, TimelineEvent
+from emailsync.store.base import Recorded
 
 # How long a writer waits for another writer (another thread or a CLI process) to commit.
 BUSY_TIMEOUT_SECONDS = 5.0
@@ -219,6 +222,10 @@ class SqliteStore:
             )
         return new_events
 
+    def record_events_checked(self, events: Sequence[TimelineEvent]) -> Recorded:
+        """``record_events``; the built-in store never refuses an event."""
+        return Recorded(new=self.record_events(events))
+
     def list_events(
         self, *, group: str | None = None, mailbox: str | None = None, limit: int | None = None
     ) -> list[TimelineEvent]:
@@ -244,6 +251,9 @@ class SqliteStore:
         return [_event_from_row(row) for row in self._query("list events", sql, params)]
 
     # -- connections ----------------------------------------------------------------------
+
+    def register_metrics(self, registry: CollectorRegistry) -> None:
+        """The built-in store has no metrics of its own."""
 
     def close(self) -> None:
         """Close every thread's connection; later calls raise ``StoreError``."""

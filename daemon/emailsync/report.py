@@ -1,0 +1,165 @@
+"""What a mailbox worker tells the outside: its metrics and the status ``status`` shows."""
+
+from __future__ import annotations
+
+import enum
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import structlog
+
+from emailsync.clock import Clock
+from emailsync.filing import Decision
+from emailsync.metrics import Metrics
+from emailsync.model import Outcome
+
+log = structlog.get_logger(__name__)
+
+
+class State(enum.Enum):
+    """The worker's state; the value is the ``mailbox_state`` label."""
+
+    CONNECTING = "connecting"
+    IDLE = "idle"
+    SYNCING = "syncing"
+    BACKOFF = "backoff"
+    NEEDS_REAUTH = "needs_reauth"
+    STOPPED = "stopped"
+
+
+@dataclass
+class WorkerStatus:
+    """What ``status`` and ``/v1/mailboxes`` show for a mailbox (never a secret)."""
+
+    address: str
+    state: str
+    trigger: str
+    queue: int = 0
+    stuck: int = 0  # quarantined in Queue ($EmailSyncStuck), skipped by passes
+    last_sync: str | None = None
+    last_error: str | None = None
+    next_attempt: str | None = None
+    filed: dict[str, int] = field(default_factory=dict)
+    owner: str | None = None  # the instance running it, with a shared (PostgreSQL) store
+
+
+class WorkerReport:
+    """One mailbox's metrics and status; every method is safe to call from any thread."""
+
+    def __init__(self, address: str, trigger: str, metrics: Metrics, clock: Clock) -> None:
+        self.address = address
+        self.metrics = metrics
+        self.clock = clock
+        self.log = log.bind(mailbox=address)
+        self.state = State.CONNECTING
+        self._lock = threading.Lock()
+        self._status = WorkerStatus(address, State.CONNECTING.value, trigger)
+        self._oldest_queued: datetime | None = None
+        metrics.init_mailbox(address)
+        metrics.set_state(address, State.CONNECTING.value)
+
+    def snapshot(self) -> WorkerStatus:
+        """A copy of the current status, safe to serialise from any thread."""
+        with self._lock:
+            return WorkerStatus(**{**self._status.__dict__, "filed": dict(self._status.filed)})
+
+    def set_state(self, state: State, *, error: str | None = None) -> None:
+        """Enter a state (the ``mailbox_state`` gauge), recording an error when there is one."""
+        if state is not self.state:
+            self.log.info("state", state=state.value)
+        self.state = state
+        self.metrics.set_state(self.address, state.value)
+        with self._lock:
+            self._status.state = state.value
+            if error is not None:
+                self._status.last_error = error
+
+    def connected(self) -> None:
+        """A login went through: clear the error and the planned retry."""
+        with self._lock:
+            self._status.last_error = None
+            self._status.next_attempt = None
+
+    def next_attempt_in(self, seconds: float) -> None:
+        """Show when the next attempt is planned."""
+        with self._lock:
+            self._status.next_attempt = _iso(self.clock.time() + seconds)
+
+    def auth_failed(self) -> None:
+        """Count a refused login."""
+        self.metrics.auth_failures.labels(mailbox=self.address).inc()
+
+    def connection_error(self, kind: str) -> None:
+        """Count a lost or refused connection by kind (timeout, refused, tls, bye, protocol)."""
+        self.metrics.connection_errors.labels(mailbox=self.address, kind=kind).inc()
+
+    def pass_done(self, trigger: str, seconds: float) -> None:
+        """Count a completed sync pass and its duration."""
+        self.metrics.sync_passes.labels(mailbox=self.address, trigger=trigger).inc()
+        self.metrics.sync_pass_seconds.labels(mailbox=self.address).observe(seconds)
+        now = self.clock.time()
+        self.metrics.last_sync.labels(mailbox=self.address).set(now)
+        with self._lock:
+            self._status.last_sync = _iso(now)
+
+    def recorded(self, new_events: int) -> None:
+        """Count timeline events the store took as new (de-duplicated ones are not)."""
+        self.metrics.timeline_events.labels(mailbox=self.address).inc(new_events)
+
+    def filed(self, decisions: Sequence[Decision]) -> None:
+        """Count filed messages by outcome and their latency."""
+        now = datetime.fromtimestamp(self.clock.time(), UTC)
+        for decision in decisions:
+            if decision.outcome is Outcome.SENT:
+                self.metrics.messages_synced.labels(mailbox=self.address).inc()
+            elif decision.outcome is Outcome.RECEIVED:
+                self.metrics.messages_received.labels(mailbox=self.address).inc()
+            else:
+                self.metrics.messages_failed.labels(
+                    mailbox=self.address, reason=decision.outcome.value
+                ).inc()
+            if decision.queued_at is not None:
+                latency = (now - decision.queued_at).total_seconds()
+                self.metrics.filing_latency_seconds.observe(max(0.0, latency))
+        with self._lock:
+            for decision in decisions:
+                key = decision.outcome.value
+                self._status.filed[key] = self._status.filed.get(key, 0) + 1
+                if decision.outcome is Outcome.REJECTED:
+                    # The store's reason, so `emailsync status` shows why it went to Failed.
+                    self._status.last_error = f"uid {decision.uid}: {decision.message.problem}"
+
+    def stuck(self, count: int) -> None:
+        """The number of messages quarantined in Queue ($EmailSyncStuck)."""
+        self.metrics.messages_stuck.labels(mailbox=self.address).set(count)
+        with self._lock:
+            self._status.stuck = count
+
+    def queue_depth(self, depth: int) -> None:
+        """The number of messages waiting in Queue."""
+        self.metrics.queue_messages.labels(mailbox=self.address).set(depth)
+        with self._lock:
+            self._status.queue = depth
+
+    def oldest_queued(self, oldest: datetime | None) -> None:
+        """When the oldest waiting message landed (None: Queue is empty)."""
+        self._oldest_queued = oldest
+        self.refresh_gauges()
+
+    def refresh_gauges(self) -> None:
+        """Recompute the age of the oldest queued message (the scheduler calls this)."""
+        oldest = self._oldest_queued
+        now = datetime.fromtimestamp(self.clock.time(), UTC)
+        age = (now - oldest).total_seconds() if oldest else 0.0
+        self.metrics.queue_oldest_age.labels(mailbox=self.address).set(max(0.0, age))
+
+    def token_expiry(self, expiry: datetime | None) -> None:
+        """The access token's expiry (Office 365), when there is one."""
+        if expiry is not None:
+            self.metrics.token_expiry.labels(mailbox=self.address).set(expiry.timestamp())
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")

@@ -1,0 +1,78 @@
+"""Wakeup: triggers and stop from other threads, consumed at once, never lost."""
+
+from __future__ import annotations
+
+import select
+import threading
+import time
+
+from emailsync.wakeup import Trigger, Wakeup
+
+
+def readable(fd: int) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def test_consume_returns_each_pending_trigger_once_and_clears_event_and_pipe() -> None:
+    wakeup = Wakeup()
+    wakeup.post(Trigger.SWEEP)
+    wakeup.post(Trigger.START_SYNC)
+    wakeup.post(Trigger.START_SYNC)
+    assert readable(wakeup.fileno())
+    assert wakeup.wait(0)
+    assert wakeup.consume() == {Trigger.SWEEP, Trigger.START_SYNC}
+    assert wakeup.consume() == frozenset()
+    assert not readable(wakeup.fileno())
+    assert not wakeup.wait(0)
+    wakeup.close()
+
+
+def test_a_post_between_consume_and_wait_ends_the_wait_at_once() -> None:
+    wakeup = Wakeup()
+    assert wakeup.consume() == frozenset()
+    wakeup.post(Trigger.POLL)  # lands after the consume, before the wait
+    started = time.monotonic()
+    assert wakeup.wait(10)
+    assert time.monotonic() - started < 1
+    wakeup.close()
+
+
+def test_stop_is_sticky_across_consume() -> None:
+    """Lost wake-up (issue 7, defect 6): a stop() that lands just before the worker's
+    consume() must still end its next wait at once, on the event and on the pipe."""
+    wakeup = Wakeup()
+    wakeup.post(Trigger.SWEEP)
+    wakeup.stop()
+    assert wakeup.consume() == {Trigger.SWEEP}
+    started = time.monotonic()
+    assert wakeup.wait(10)
+    assert time.monotonic() - started < 1
+    assert readable(wakeup.fileno())
+    assert wakeup.stopping
+    wakeup.close()
+
+
+def test_a_post_from_another_thread_wakes_a_waiter() -> None:
+    wakeup = Wakeup()
+    threading.Timer(0.05, wakeup.post, args=(Trigger.START_SYNC,)).start()
+    started = time.monotonic()
+    assert wakeup.wait(5)
+    assert time.monotonic() - started < 2
+    assert wakeup.consume() == {Trigger.START_SYNC}
+    wakeup.close()
+
+
+def test_posting_after_close_is_harmless() -> None:
+    wakeup = Wakeup()
+    wakeup.close()
+    wakeup.post(Trigger.SWEEP)
+    wakeup.stop()
+    wakeup.close()
+    assert wakeup.consume() == {Trigger.SWEEP}
+
+
+def test_trigger_values_are_the_metric_labels() -> None:
+    assert {t.value for t in Trigger} == {"idle", "start_sync", "poll", "sweep", "startup"}
+    assert Trigger("start_sync") is Trigger.START_SYNC
