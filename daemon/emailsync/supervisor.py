@@ -551,6 +551,9 @@ class Supervisor:
         if new.crm != old.crm:
             # The store (the CRM connector) is opened once at start, with its secret.
             log.warning("crm_change_needs_restart", action="systemctl restart emailsync")
+        if new.cluster != old.cluster:
+            # The lease keeper is made once at start, with its instance id and lease length.
+            log.warning("cluster_change_needs_restart", action="systemctl restart emailsync")
         if self.cluster is not None:
             self._reload_cluster(old, new, everything_changed=everything_changed)
             return
