@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
+from types import SimpleNamespace
 
 import pytest
 from prometheus_client import CollectorRegistry
 
+from emailsync.cluster import Cluster
+from emailsync.config import ClusterSettings
 from emailsync.errors import LeaseLostError
 from emailsync.lease import FencedStore, LeaseKeeper, LeaseTable
 from emailsync.metrics import ClusterMetrics
@@ -245,3 +249,44 @@ def test_leases_are_renewed_while_many_workers_start(store: PostgresStore) -> No
     assert len(daemon.running) == 10
     assert all(slow.holds(fence) for fence in daemon.running.values())
     assert set(slow.table.renew(MAILBOXES)) == set(MAILBOXES)  # the database agrees
+
+
+class SyncRecorder:
+    """A daemon for ``Cluster`` with no mailboxes that records the Start Syncs it is handed."""
+
+    def __init__(self) -> None:
+        self.settings = SimpleNamespace(mailboxes=[])
+        self.syncs: list[tuple[str | None, bool]] = []
+        self.received = threading.Event()
+
+    def run_mailbox(self, address: str, store: object) -> bool:
+        return False
+
+    def drop_mailboxes(self, addresses: Sequence[str]) -> None:
+        pass
+
+    def start_sync_local(self, address: str | None, *, include_stuck: bool = False) -> bool:
+        self.syncs.append((address, include_stuck))
+        self.received.set()
+        return True
+
+
+def test_start_sync_with_include_stuck_travels_through_notify(store: PostgresStore) -> None:
+    """A Start Sync for all with include_stuck published by one instance reaches the other
+    with include_stuck (LISTEN/NOTIFY), and not the sender itself."""
+    daemons = [SyncRecorder(), SyncRecorder()]
+    clusters = [
+        Cluster(store, d, ClusterSettings(instance_id=name), CollectorRegistry())  # type: ignore[arg-type]
+        for d, name in zip(daemons, ("sender", "receiver"), strict=True)
+    ]
+    for cluster in clusters:
+        cluster.start()
+    try:
+        assert all(c.listening.wait(10) for c in clusters)
+        clusters[0].publish_sync(None, include_stuck=True)
+        assert daemons[1].received.wait(10)
+        assert daemons[1].syncs == [(None, True)]
+        assert daemons[0].syncs == []
+    finally:
+        for cluster in clusters:
+            cluster.stop()
