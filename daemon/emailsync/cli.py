@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import structlog
 
@@ -44,6 +44,10 @@ from emailsync.store import check_store_url, open_store
 from emailsync.store.base import Registry, Store
 from emailsync.store.csvimport import read_group_csv
 from emailsync.vault import Vault
+
+if TYPE_CHECKING:
+    from emailsync.cluster import Cluster
+    from emailsync.supervisor import ClusterFactory, Supervisor
 
 log = structlog.get_logger(__name__)
 
@@ -416,7 +420,22 @@ def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
     for problem in mailbox_secret_problems(settings):
         log.error("mailbox_secret_unreadable", problem=problem)
     with store_for(settings) as store:
-        return Supervisor(settings, store).run()
+        return Supervisor(settings, store, cluster_factory=cluster_factory(settings, store)).run()
+
+
+def cluster_factory(settings: Settings, store: Store) -> ClusterFactory | None:
+    """With a shared PostgreSQL store, instances share the mailboxes by leases (cluster.py)."""
+    # Imported here: only a daemon with a PostgreSQL store loads psycopg and the cluster.
+    from emailsync.cluster import Cluster  # noqa: PLC0415
+    from emailsync.store.postgres import PostgresStore  # noqa: PLC0415
+
+    if not isinstance(store, PostgresStore):
+        return None
+
+    def make(supervisor: Supervisor) -> Cluster:
+        return Cluster(store, supervisor, settings.cluster, supervisor.registry)
+
+    return make
 
 
 def cmd_start_sync(args: argparse.Namespace, out: TextIO) -> int:
@@ -454,6 +473,7 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
                 f"{status['address']:32} {status['state']:13} queue={status['queue']:<4} "
                 f"stuck={status.get('stuck', 0):<3} "
                 f"last_sync={status.get('last_sync') or 'never'}  {filed}"
+                + (f"  owner={status['owner']}" if status.get("owner") else "")
                 + (f"  error: {status['last_error']}" if status.get("last_error") else ""),
                 file=out,
             )

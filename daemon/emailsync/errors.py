@@ -91,3 +91,12 @@ class RegistrationError(EmailSyncError):
     def __init__(self, message: str, *, status: int) -> None:
         super().__init__(message)
         self.status = status
+
+
+class LeaseLostError(StoreUnavailableError):
+    """This instance no longer holds the mailbox's lease (fencing token refused).
+
+    Another instance may own the mailbox now: record nothing, move nothing, stop the worker.
+    A subclass of ``StoreUnavailableError`` so that code which does not know about leases
+    still leaves the message in Queue.
+    """

@@ -45,6 +45,7 @@ class WorkerStatus:
     last_error: str | None = None
     next_attempt: str | None = None
     filed: dict[str, int] = field(default_factory=dict)
+    owner: str | None = None  # the instance running it, with a shared (PostgreSQL) store
 
 
 class WorkerReport:

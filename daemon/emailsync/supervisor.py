@@ -18,6 +18,11 @@ Mailboxes come from the config file and from the store's registry (registered at
 through the API or the self-service pages). Registering, changing or forgetting one queues,
 restarts or retires just that worker, by the same rules; a reload (SIGHUP) compares the
 config file's only.
+With a shared (PostgreSQL) store, a ``Cluster`` decides which mailboxes this instance runs:
+its lease keeper calls ``run_mailbox`` with a store fenced by the lease (kept in ``_stores``
+and reused by restarts and reloads, so no worker of a cluster runs without its fence) and
+``drop_mailboxes`` when a lease is handed back or lost, which retires the workers like removed
+mailboxes and waits for them to end before the lease is released.
 """
 
 from __future__ import annotations
@@ -28,11 +33,11 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -53,6 +58,7 @@ from emailsync.errors import (
     ControlError,
     MailboxError,
     RegistrationError,
+    StoreError,
 )
 from emailsync.imap.auth import (
     Authenticator,
@@ -68,6 +74,9 @@ from emailsync.systemd import Notifier
 from emailsync.vault import Vault
 from emailsync.web import WebServer
 from emailsync.worker import MailboxWorker, WorkerStatus
+
+if TYPE_CHECKING:
+    from emailsync.cluster import Cluster
 
 log = structlog.get_logger(__name__)
 
@@ -95,6 +104,7 @@ RESTART_MAX_SECONDS = 300.0
 RESTART_RESET_SECONDS = 600.0
 
 AuthenticatorFactory = Callable[[MailboxSettings, Settings], Authenticator]
+ClusterFactory = Callable[["Supervisor"], "Cluster"]
 
 
 class Worker(Protocol):
@@ -198,6 +208,7 @@ class Supervisor:
         authenticator_factory: AuthenticatorFactory = make_authenticator,
         notifier: Notifier | None = None,
         worker_factory: WorkerFactory = MailboxWorker,
+        cluster_factory: ClusterFactory | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -217,6 +228,7 @@ class Supervisor:
         self._sync_on_start: set[str] = set()  # Start Sync asked while no worker ran
         self._release_on_start: set[str] = set()  # ... with include_stuck
         self._stopped: dict[str, WorkerStatus] = {}
+        self._stores: dict[str, Store] = {}  # in a cluster: each owned mailbox's fenced store
         self._lock = threading.RLock()
         self._wake = threading.Event()
         self._rng = random.Random()  # noqa: S311 -- jitter, not cryptography
@@ -238,6 +250,8 @@ class Supervisor:
         expiry = credential_expiry(settings)
         if expiry is not None:
             self.metrics.client_secret_expiry.set(expiry.timestamp())
+        # With a shared store, leases decide which mailboxes this instance runs (cluster.py).
+        self.cluster = cluster_factory(self) if cluster_factory is not None else None
 
     # -- Control (for the HTTP listener) ----------------------------------------------------
 
@@ -252,12 +266,52 @@ class Supervisor:
             restarting = [r.status for r in self._restarting.values()]
             stopped = list(self._stopped.values())
         running = [w.snapshot() for w in workers]
-        return sorted([*running, *starting, *restarting, *stopped], key=lambda s: s.address)
+        listed = sorted([*running, *starting, *restarting, *stopped], key=lambda s: s.address)
+        if self.cluster is not None:
+            listed = self._with_owners(listed, self.cluster)
+        return listed
+
+    def _with_owners(self, listed: list[WorkerStatus], cluster: Cluster) -> list[WorkerStatus]:
+        """Name each mailbox's owner; list the ones other instances run as ``remote``."""
+        try:
+            owners = cluster.owners()
+        except StoreError:
+            owners = {}
+        local = {s.address for s in listed}
+        # Copies: the restarting and stopped statuses are the supervisor's own objects.
+        named = [dataclasses.replace(s, owner=cluster.instance_id) for s in listed]
+        named += [
+            WorkerStatus(m.address, "remote", m.trigger, owner=owners.get(m.address))
+            for m in self.settings.mailboxes
+            if m.enabled and m.address not in local
+        ]
+        return sorted(named, key=lambda s: s.address)
 
     def start_sync(self, address: str | None, *, include_stuck: bool = False) -> bool:
         """Start Sync for one mailbox (False if unknown or stopped) or all.
 
         ``include_stuck``: the pass first releases the messages quarantined in Queue.
+        In a cluster, a mailbox another instance runs gets it through the database.
+        """
+        done = self.start_sync_local(address, include_stuck=include_stuck)
+        if self.cluster is None or (done and address is not None):
+            return done
+        if address is not None and not any(
+            m.address == address.lower() and m.enabled for m in self.settings.mailboxes
+        ):
+            return False
+        try:
+            self.cluster.publish_sync(
+                None if address is None else address.lower(), include_stuck=include_stuck
+            )
+        except StoreError as exc:
+            log.warning("start_sync_not_published", mailbox=address, error=str(exc))
+            return done
+        return True
+
+    def start_sync_local(self, address: str | None, *, include_stuck: bool = False) -> bool:
+        """Start Sync for a mailbox whose worker runs in this process (or all of them).
+
         A mailbox whose worker is being (re)started gets it as soon as the worker runs.
         """
         with self._lock:
@@ -327,6 +381,16 @@ class Supervisor:
         if mailbox is None or not mailbox.enabled:
             return False
         stopped_marker(self.settings, address).unlink(missing_ok=True)
+        if self.cluster is not None:
+            # Only under its lease; another instance may be the owner (then it runs there).
+            with self._lock:
+                local = address in self.workers or address in self._starting
+                local = local or address in self._pending
+            if not local:
+                with self._lock:
+                    self._stopped.pop(address, None)
+                self.cluster.resume(address)
+            return True
         with self._lock:
             self._restarting.pop(address, None)  # an operator's start does not wait
             if address not in self.workers and address not in self._starting:
@@ -354,6 +418,8 @@ class Supervisor:
         """The main loop ticked recently and every running worker thread is alive."""
         with self._lock:
             alive = all(w.is_alive() for w in self.workers.values())
+        if self.cluster is not None and not self.cluster.healthy():
+            return False
         return alive and time.monotonic() - self._last_tick < 10 * TICK_SECONDS + 5
 
     def ready(self) -> bool:
@@ -361,7 +427,54 @@ class Supervisor:
         with self._lock:
             if self._pending or self._starting:
                 return False
-            return all(w.first_attempt_done.is_set() for w in self.workers.values())
+            started = all(w.first_attempt_done.is_set() for w in self.workers.values())
+        return started and (self.cluster is None or self.cluster.ready())
+
+    # -- Cluster (the lease keeper starts and stops workers) ----------------------------------
+
+    def run_mailbox(self, address: str, store: Store) -> bool:
+        """Queue the mailbox's worker with its own (fenced) store; False if not configured.
+
+        A worker of it that still runs is retired first: the new one starts on a later tick,
+        once that one has ended.
+        """
+        mailbox = next((m for m in self.settings.mailboxes if m.address == address), None)
+        if mailbox is None or not mailbox.enabled:
+            return False
+        with self._lock:
+            # A lease claimed here runs its worker: Stop Email Sync's marker is per instance
+            # and does not hold a mailbox back from the cluster (README, Several instances).
+            worker = self._retire(address)
+            self._stores[address] = store
+            self._start_or_mark(mailbox, marked_stopped=False)
+        if worker is not None:
+            worker.stop()
+        self._wake.set()
+        return True
+
+    def drop_mailboxes(self, addresses: Sequence[str]) -> None:
+        """Retire these workers like removed mailboxes, and wait for them to end.
+
+        The lease keeper releases the leases after this returns: the next owner's worker
+        must not connect while ours still does.
+        """
+        with self._lock:
+            workers = [self._retire(address) for address in addresses]
+            retiring = [r.worker for a in addresses if (r := self._retiring.get(a)) is not None]
+            for address in addresses:
+                self._stores.pop(address, None)
+                self._stopped.pop(address, None)
+                self._restarts.pop(address, None)
+                self._sync_on_start.discard(address)
+                self._release_on_start.discard(address)
+                self._forget_if_gone(address)
+        for worker in workers:
+            if worker is not None:
+                worker.stop()
+        deadline = time.monotonic() + SHUTDOWN_SECONDS
+        for worker in retiring:
+            worker.join(max(0.0, deadline - time.monotonic()))
+        self._wake.set()  # the main loop reaps them and forgets their metric series
 
     # -- lifetime -------------------------------------------------------------------------------
 
@@ -388,12 +501,17 @@ class Supervisor:
             ) from None
         self.web.start()
         log.info("listening", address=f"{daemon.listen_host}:{self.web.port}")
-        marked = self._marked_stopped(self.settings)
-        with self._lock:
-            for mailbox in self.settings.mailboxes:
-                self._start_or_mark(mailbox, mailbox.address in marked)
-        for mailbox in self._registered_mailboxes().values():
-            self._start_registered(mailbox)
+        if self.cluster is not None:
+            # The lease keeper decides which mailboxes run here (the registry of run-time
+            # mailboxes lives only in the built-in SQLite store, never in a cluster's).
+            self.cluster.start()
+        else:
+            marked = self._marked_stopped(self.settings)
+            with self._lock:
+                for mailbox in self.settings.mailboxes:
+                    self._start_or_mark(mailbox, mailbox.address in marked)
+            for mailbox in self._registered_mailboxes().values():
+                self._start_registered(mailbox)
         self._schedule_jobs()
         self.scheduler.start()
         try:
@@ -463,6 +581,8 @@ class Supervisor:
         log.info("stopping")
         with contextlib.suppress(Exception):
             self.scheduler.shutdown(wait=False)
+        if self.cluster is not None:
+            self.cluster.stop()  # its workers first, then the leases go back at once
         with self._lock:
             running = [self._retire(address) for address in list(self.workers)]
             self._pending.clear()
@@ -512,6 +632,12 @@ class Supervisor:
         if new.crm != old.crm:
             # The store (the CRM connector) is opened once at start, with its secret.
             log.warning("crm_change_needs_restart", action="systemctl restart emailsync")
+        if new.cluster != old.cluster:
+            # The lease keeper is made once at start, with its instance id and lease length.
+            log.warning("cluster_change_needs_restart", action="systemctl restart emailsync")
+        if self.cluster is not None:
+            self._reload_cluster(old, new, everything_changed=everything_changed)
+            return
         old_by_address = {m.address: m for m in old.mailboxes}
         new_by_address = {m.address: m for m in new.mailboxes}
         marked = self._marked_stopped(new)
@@ -543,6 +669,47 @@ class Supervisor:
                         retired.append(self._retire(address))
                         self._pending[address] = mailbox
                         events.append(("mailbox_restarted", address))
+            self._reload_started = time.monotonic()
+        for worker in retired:
+            if worker is not None:
+                worker.stop()
+        for event, address in events:
+            log.info(event, mailbox=address)
+
+    def _reload_cluster(self, old: Settings, new: Settings, *, everything_changed: bool) -> None:
+        """Restart this instance's changed mailboxes under their leases; the keeper does the rest.
+
+        A changed mailbox restarts with the new settings and the same fenced store once its
+        worker has ended; a removed one is retired here and its lease handed back by the
+        keeper's next heartbeat, which also claims added ones.
+        """
+        old_by_address = {m.address: m for m in old.mailboxes}
+        new_by_address = {m.address: m for m in new.mailboxes}
+        marked = self._marked_stopped(new)
+        self.settings = new
+        retired: list[Worker | None] = []
+        events: list[tuple[str, str]] = []
+        with self._lock:
+            for address, mailbox in old_by_address.items():
+                local = any(
+                    address in each
+                    for each in (self.workers, self._pending, self._starting, self._restarting)
+                )
+                new_mailbox = new_by_address.get(address)
+                if new_mailbox is None:
+                    retired.append(self._retire(address))
+                    self._stopped.pop(address, None)
+                    self._stores.pop(address, None)
+                    self._restarts.pop(address, None)
+                    self._sync_on_start.discard(address)
+                    self._release_on_start.discard(address)
+                    self._forget_if_gone(address)
+                    events.append(("mailbox_removed", address))
+                elif local and (everything_changed or new_mailbox != mailbox):
+                    retired.append(self._retire(address))
+                    if address in self._stores:
+                        self._start_or_mark(new_mailbox, address in marked)
+                    events.append(("mailbox_restarted", address))
             self._reload_started = time.monotonic()
         for worker in retired:
             if worker is not None:
@@ -987,7 +1154,8 @@ class Supervisor:
                 if mailbox is None:
                     continue
                 self._starting[address] = mailbox
-            worker = self._make_worker(mailbox)
+                store = self._stores.get(address, self.store)
+            worker = self._make_worker(mailbox, store)
             restart: tuple[int, float] | None = None
             with self._lock:
                 claimed = self._starting.pop(address, None) is not None
@@ -1011,13 +1179,13 @@ class Supervisor:
             if restart is not None:
                 _log_restart(address, *restart)
 
-    def _make_worker(self, mailbox: MailboxSettings) -> Worker | None:
+    def _make_worker(self, mailbox: MailboxSettings, store: Store) -> Worker | None:
         """Make and start a mailbox's worker (no other of it is alive); None if that failed."""
         try:
             worker = self.worker_factory(
                 mailbox,
                 self.settings,
-                self.store,
+                store,
                 self.metrics,
                 self._authenticator(mailbox),
             )
