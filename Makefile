@@ -79,4 +79,4 @@ test-deb: deb-deps
 	bash .ci/test-deb
 
 clean:
-	rm -rf $(VENV) .demo .mypy_cache .ruff_cache .pytest_cache build dist *.egg-info
+	rm -rf $(VENV) .demo .mypy_cache .ruff_cache .pytest_cache build dist *.egg-info test-artifacts

@@ -90,11 +90,14 @@ class TimedSession:
         self.fetch_headers = clock.wrap("imap", session.fetch_headers)
         self._fetch_full = clock.wrap("imap", session.fetch_full)
         self.file = clock.wrap("imap", session.file)
+        self.keyword_uids = clock.wrap("imap", session.keyword_uids)
+        self.set_keyword = clock.wrap("imap", session.set_keyword)
         self._session = session
 
-    def __getattr__(self, name: str) -> Any:
-        # The rest of the protocol (uidvalidity, keyword_uids…) untimed: a pass barely uses it.
-        return getattr(self._session, name)
+    @property
+    def uidvalidity(self) -> int | None:
+        """The Queue's UIDVALIDITY from the last SELECT."""
+        return self._session.uidvalidity
 
     def fetch_full(
         self, uids: Sequence[int], sizes: dict[int, int] | None = None

@@ -9,12 +9,14 @@ import json
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import structlog
 
 from emailsync import __version__
+from emailsync.address import mailbox_address_problem, normalise_address
 from emailsync.config import (
     Settings,
     check_secrets,
@@ -41,8 +43,13 @@ from emailsync.logs import configure_logging
 from emailsync.model import OUTCOME_KEYWORD, FolderRole, Outcome, TimelineEvent
 from emailsync.progress import progress
 from emailsync.store import check_store_url, open_store
-from emailsync.store.base import Store
+from emailsync.store.base import Registry, Store
 from emailsync.store.csvimport import read_group_csv
+from emailsync.vault import Vault
+
+if TYPE_CHECKING:
+    from emailsync.cluster import Cluster
+    from emailsync.supervisor import ClusterFactory, Supervisor
 
 log = structlog.get_logger(__name__)
 
@@ -183,6 +190,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(handler=cmd_auth_status)
 
+    token = sub.add_parser("token", help="per-agent tokens for the self-service pages and API")
+    token_sub = token.add_subparsers(title="token commands", metavar="COMMAND")
+    p = token_sub.add_parser(
+        "issue",
+        help="a signed token for one mailbox's set-up, Start Sync, Stop and status",
+    )
+    p.add_argument("address", help="the mailbox address")
+    p.add_argument(
+        "--expires",
+        type=int,
+        default=None,
+        metavar="DAYS",
+        help="valid for this many days (default: until `emailsync keys rotate`)",
+    )
+    p.set_defaults(handler=cmd_token_issue)
+
+    keys = sub.add_parser("keys", help="the registry key (stored passwords, agent tokens)")
+    keys_sub = keys.add_subparsers(title="keys commands", metavar="COMMAND")
+    p = keys_sub.add_parser(
+        "rotate", help="new key: re-encrypt stored passwords, revoke every agent token"
+    )
+    p.set_defaults(handler=cmd_keys_rotate)
+
     crm = sub.add_parser("crm", help="the configured CRM connector")
     crm_sub = crm.add_subparsers(title="crm commands", metavar="COMMAND")
     p = crm_sub.add_parser(
@@ -264,6 +294,12 @@ EXAMPLES: dict[str, str] = {
     "auth": "emailsync auth status",
     "auth login": "emailsync auth login agent3@contoso.com   # prints a URL and a code",
     "auth status": "emailsync auth status --json",
+    "token": "emailsync token issue agent1@example.com",
+    "token issue": (
+        "emailsync token issue agent1@example.com --expires 90   # prints the token and page link"
+    ),
+    "keys": "emailsync keys rotate",
+    "keys rotate": "emailsync keys rotate   # every agent token stops working",
     "timeline": "emailsync timeline --group Smiths --limit 20\n  emailsync timeline --json",
     "doctor": "emailsync doctor agent1@example.com\n  emailsync doctor --json agent1@example.com",
     "demo": (
@@ -394,7 +430,22 @@ def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
     for problem in mailbox_secret_problems(settings):
         log.error("mailbox_secret_unreadable", problem=problem)
     with store_for(settings) as store:
-        return Supervisor(settings, store).run()
+        return Supervisor(settings, store, cluster_factory=cluster_factory(settings, store)).run()
+
+
+def cluster_factory(settings: Settings, store: Store) -> ClusterFactory | None:
+    """With a shared PostgreSQL store, instances share the mailboxes by leases (cluster.py)."""
+    # Imported here: only a daemon with a PostgreSQL store loads psycopg and the cluster.
+    from emailsync.cluster import Cluster  # noqa: PLC0415
+    from emailsync.store.postgres import PostgresStore  # noqa: PLC0415
+
+    if not isinstance(store, PostgresStore):
+        return None
+
+    def make(supervisor: Supervisor) -> Cluster:
+        return Cluster(store, supervisor, settings.cluster, supervisor.registry)
+
+    return make
 
 
 def cmd_start_sync(args: argparse.Namespace, out: TextIO) -> int:
@@ -432,6 +483,7 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
                 f"{status['address']:32} {status['state']:13} queue={status['queue']:<4} "
                 f"stuck={status.get('stuck', 0):<3} "
                 f"last_sync={status.get('last_sync') or 'never'}  {filed}"
+                + (f"  owner={status['owner']}" if status.get("owner") else "")
                 + (f"  error: {status['last_error']}" if status.get("last_error") else ""),
                 file=out,
             )
@@ -673,6 +725,45 @@ def cmd_groups_list(args: argparse.Namespace, out: TextIO) -> int:
         else:
             print(f"{group.name}\t{', '.join(group.addresses)}", file=out)
     return EXIT_OK
+
+
+def cmd_token_issue(args: argparse.Namespace, out: TextIO) -> int:
+    """Print an agent token for one mailbox and the page link that carries it."""
+    settings = load(args)
+    address = normalise_address(args.address)
+    if address is None or mailbox_address_problem(address) is not None:
+        print(f"emailsync: {args.address!r} is not a mailbox address", file=sys.stderr)
+        return EXIT_USAGE
+    if args.expires is not None and args.expires < 1:
+        print("emailsync: --expires takes a number of days, 1 or more", file=sys.stderr)
+        return EXIT_USAGE
+    expires = datetime.now(UTC) + timedelta(days=args.expires) if args.expires else None
+    token = Vault(settings.daemon.state_dir).issue_token(address, expires)
+    print(token, file=out)
+    print(f"page: {page_base(settings)}/login?token={token}", file=out)
+    return EXIT_OK
+
+
+def cmd_keys_rotate(args: argparse.Namespace, out: TextIO) -> int:
+    """Rotate the registry key: re-encrypt stored passwords; agent tokens stop working."""
+    settings = load(args)
+    with store_for(settings) as store:
+        if not isinstance(store, Registry):
+            print("emailsync: this store keeps no registry", file=sys.stderr)
+            return EXIT_USAGE
+        generation = Vault(settings.daemon.state_dir).rotate(store.reencrypt_secrets)
+    print(f"registry key rotated to generation {generation}; agent tokens revoked", file=out)
+    return EXIT_OK
+
+
+def page_base(settings: Settings) -> str:
+    """The pages' base URL on this machine (the listen address; a wildcard means loopback)."""
+    host = settings.daemon.listen_host
+    if host in ("0.0.0.0", "::", ""):  # noqa: S104 -- a wildcard listener is reached on loopback
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{settings.daemon.listen_port}"
 
 
 def cmd_timeline(args: argparse.Namespace, out: TextIO) -> int:

@@ -49,6 +49,12 @@ LOG_FORMATS = ("auto", "json", "console", "journal")
 T = TypeVar("T")
 
 # RFC 7468 textual encoding: one labelled block per key or certificate in a PEM file.
+# [cluster]: a dead instance's mailboxes wait up to this long for a new owner; heartbeats
+# come every third of it, so shorter leases cost store round-trips, longer ones failover time.
+LEASE_SECONDS = 30.0
+MIN_LEASE_SECONDS = 3.0
+MAX_LEASE_SECONDS = 3600.0
+_INSTANCE_ID = re.compile(r"[A-Za-z0-9._@:-]{1,100}")
 # Entra ID shows a certificate's SHA-1 thumbprint as 40 hex digits (openssl adds colons).
 _THUMBPRINT = re.compile(r"[0-9A-Fa-f]{40}")
 
@@ -165,6 +171,18 @@ class MailboxSettings:
 
 
 @dataclass(frozen=True)
+class ClusterSettings:
+    """The ``[cluster]`` table: how an instance shares mailboxes through a PostgreSQL store.
+
+    Used whenever ``store`` is ``postgresql://…``. An empty ``instance_id`` means the
+    hostname plus a random suffix, chosen at start (``emailsync.lease.default_instance_id``).
+    """
+
+    instance_id: str = ""
+    lease_seconds: float = LEASE_SECONDS
+
+
+@dataclass(frozen=True)
 class Settings:
     """The whole validated configuration."""
 
@@ -176,6 +194,7 @@ class Settings:
     office365: Office365Settings | None = None
     crm: CrmSettings | None = None
     extra_problems: tuple[str, ...] = field(default=())
+    cluster: ClusterSettings = field(default=ClusterSettings())
 
     def mailbox(self, address: str) -> MailboxSettings:
         """The mailbox with this address (any case); ConfigError when there is none."""
@@ -224,6 +243,15 @@ def parse_settings(data: Mapping[str, Any], path: Path) -> Settings:
     branches: dict[str, ServerSettings] = {}
     for name in branches_table.names():
         branches[name] = _parse_server(branches_table.table(name), base_dir)
+    cluster_table = top.optional_table("cluster")
+    cluster = ClusterSettings()
+    if cluster_table is not None:
+        cluster = _parse_cluster(cluster_table)
+        if daemon.store.split(":", 1)[0] not in ("postgresql", "postgres"):
+            cluster_table.problem(
+                "instance_id" if cluster_table.has("instance_id") else "lease_seconds",
+                '[cluster] needs daemon.store = "postgresql://…" (instances share through it)',
+            )
     o365_table = top.optional_table("office365")
     office365 = _parse_office365(o365_table, base_dir) if o365_table is not None else None
     crm_table = top.optional_table("crm")
@@ -253,6 +281,7 @@ def parse_settings(data: Mapping[str, Any], path: Path) -> Settings:
         branches=branches,
         mailboxes=tuple(mailboxes),
         office365=office365,
+        cluster=cluster,
         crm=crm,
     )
 
@@ -522,6 +551,28 @@ def _check_store_url(value: str) -> str | None:
     ):
         return None
     return "must be a sqlite:///…, postgresql://… or https://… URL"
+
+
+def _check_instance_id(value: str) -> str | None:
+    if _INSTANCE_ID.fullmatch(value):
+        return None
+    return "must be 1-100 letters, digits or . _ - @ : (it names this instance in the store)"
+
+
+def _parse_cluster(table: _Table) -> ClusterSettings:
+    return ClusterSettings(
+        instance_id=table.get("instance_id", str, "", _check_instance_id),
+        lease_seconds=table.get(
+            "lease_seconds",
+            float,
+            LEASE_SECONDS,
+            lambda v: (
+                None
+                if MIN_LEASE_SECONDS <= v <= MAX_LEASE_SECONDS
+                else f"must be between {MIN_LEASE_SECONDS:g} and {MAX_LEASE_SECONDS:g}"
+            ),
+        ),
+    )
 
 
 def _check_folder_name(value: str) -> str | None:

@@ -27,9 +27,13 @@ from emailsync.imap.session import ImapSession
 from emailsync.logs import configure_logging
 from emailsync.model import FolderRole
 from emailsync.store import open_store
-from emailsync.store.base import Store
+from emailsync.store.base import RegisteredBranch, Registry, Store
+from emailsync.vault import Vault
 
 AGENTS = ("agent1@example.com", "agent2@example.com")
+# Not in the config: the self-service pages set it up (First Time Setup, Basic).
+SELF_SERVICE_AGENT = "agent3@example.com"
+SELF_SERVICE_BRANCH = "high-street"
 GROUPS = {
     "Smith — 12 Acacia Avenue": ["john.smith@clients.example"],
     "Jones — 4 Privet Drive": ["mary.jones@clients.example", "tom.jones@clients.example"],
@@ -154,6 +158,8 @@ def run_demo(base: Path, *, once: bool, out: TextIO, crm: bool = False) -> int:
         passwords = {agent: secrets.token_urlsafe(12) for agent in AGENTS}
         for agent, password in passwords.items():
             server.add_user(agent, password)
+        self_service_password = secrets.token_urlsafe(12)
+        server.add_user(SELF_SERVICE_AGENT, self_service_password)
         port = _listen_port()
         config = write_config(base, server, passwords, port)
         store: Store | None = None
@@ -164,6 +170,11 @@ def run_demo(base: Path, *, once: bool, out: TextIO, crm: bool = False) -> int:
             store = open_store(settings.store_url, settings.daemon.state_dir)
             for name, addresses in GROUPS.items():
                 store.add_group(name, addresses)
+            if isinstance(store, Registry):
+                # What IT support does once per branch (PUT /v1/branches/{name}, the IT page).
+                store.put_branch(
+                    RegisteredBranch(SELF_SERVICE_BRANCH, server.host, server.port, "none")
+                )
         settings = load_settings(config)
         print(f"Dovecot on {server.host}:{server.port} (throwaway); config {config}", file=out)
         if reference is not None:
@@ -236,6 +247,8 @@ def run_demo(base: Path, *, once: bool, out: TextIO, crm: bool = False) -> int:
         print(f"\nStatus page {url}/   metrics {url}/metrics   log {log_path}", file=out)
         command = Path(sys.executable).with_name("emailsync")
         print(f"Try: {command} --config {config} status | timeline | start-sync --all", file=out)
+        if not crm:  # the registry lives in the built-in store (the CRM demo has none)
+            _print_self_service(settings, url, client.token, self_service_password, out)
         if not once and sys.stdin.isatty():
             print("Running; press Ctrl-C to stop.", file=out)
             with contextlib.suppress(KeyboardInterrupt):
@@ -251,6 +264,21 @@ def run_demo(base: Path, *, once: bool, out: TextIO, crm: bool = False) -> int:
         if reference is not None:
             reference.close()
         server.close()
+
+
+def _print_self_service(
+    settings: Settings, url: str, admin_token: str, password: str, out: TextIO
+) -> None:
+    """The self-service links: the agent's Email Sync page and the IT overview."""
+    link = f"{url}/login?token={Vault(settings.daemon.state_dir).issue_token(SELF_SERVICE_AGENT)}"
+    print(
+        f"\nSelf-service: {SELF_SERVICE_AGENT}'s Email Sync page (the link is their login):\n"
+        f"  {link}\n"
+        f"  First Time Setup, Basic: branch {SELF_SERVICE_BRANCH}, username "
+        f"{SELF_SERVICE_AGENT}, password {password}\n"
+        f"IT overview (branches + mailboxes): {url}/login?token={admin_token}",
+        file=out,
+    )
 
 
 def _start_crm(base: Path, config: Path) -> DevCrm:

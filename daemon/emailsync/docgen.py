@@ -38,6 +38,10 @@ SECTIONS: dict[str, str] = {
     "branches.NAME": 'One IMAP server; password mailboxes name it with `branch = "NAME"`.',
     "mailboxes": "One `[[mailboxes]]` entry per mailbox.",
     "office365": 'The Entra ID app for `auth = "office365"` mailboxes.',
+    "cluster": (
+        "Optional, with a `postgresql://` `daemon.store`: how this instance shares the mailboxes "
+        "with the others by leases (README, *Several instances*)."
+    ),
     "crm": (
         "Optional: groups come from, and timeline events go to, a CRM over HTTPS "
         "(`config/crm-api.yaml`); instead of `daemon.store`."
@@ -137,6 +141,14 @@ DESCRIPTIONS: dict[tuple[str, str], str] = {
         "SHA-1 thumbprint as Entra ID shows it. Default: computed from the certificate."
     ),
     ("office365", "ca_file"): "PEM CA for the identity provider (system CAs otherwise).",
+    ("cluster", "instance_id"): (
+        "This instance's name in the lease tables (1-100 letters, digits or `. _ - @ :`). "
+        "Empty: the hostname plus a random suffix, unique per start."
+    ),
+    ("cluster", "lease_seconds"): (
+        "How long a lease lasts unrenewed (3-3600 s): a dead instance's mailboxes wait up to "
+        "this long for a new owner. Renewed every third of it."
+    ),
     ("crm", "url"): (
         "Base URL of the CRM's emailsync API (https; plain http only to a loopback host)."
     ),
@@ -249,6 +261,7 @@ _PROBE: dict[str, Any] = {
     "folders": {},
     "branches": {"NAME": {"host": "imap.example.com"}},
     "office365": {"tenant_id": "t", "client_id": "c"},
+    "cluster": {"instance_id": "probe"},
     "crm": {"url": "https://crm.example/emailsync/v1"},
     "mailboxes": [
         {"address": "a@example.com", "branch": "NAME"},

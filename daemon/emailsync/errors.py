@@ -77,3 +77,26 @@ class MessageError(EmailSyncError):
 
 class ControlError(EmailSyncError):
     """The running daemon could not be reached or refused a control request (exit 69)."""
+
+
+class RegistrationError(EmailSyncError):
+    """A run-time registration (API or page) was refused; nothing was stored.
+
+    ``status`` is the HTTP status the listener answers with: 409 for a branch or mailbox of
+    the config file (read-only through the API), 422 for a refused login or an unknown
+    branch, 502 when the mail server cannot be reached, 503 when the store keeps no registry.
+    The message is one line and never holds a secret.
+    """
+
+    def __init__(self, message: str, *, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class LeaseLostError(StoreUnavailableError):
+    """This instance no longer holds the mailbox's lease (fencing token refused).
+
+    Another instance may own the mailbox now: record nothing, move nothing, stop the worker.
+    A subclass of ``StoreUnavailableError`` so that code which does not know about leases
+    still leaves the message in Queue.
+    """

@@ -195,6 +195,25 @@ def _remove(metric: Counter | Gauge | Histogram, *labels: str) -> None:
         metric.remove(*labels)
 
 
+class ClusterMetrics:
+    """Metrics of an instance that shares mailboxes through PostgreSQL (``emailsync.lease``)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        ns = "emailsync"
+        self.owned_mailboxes = Gauge(
+            "owned_mailboxes",
+            "Mailboxes whose lease this instance holds (it runs their workers).",
+            namespace=ns,
+            registry=registry,
+        )
+        self.lease_losses = Counter(
+            "lease_losses",
+            "Leases this instance lost without releasing them (expired or taken over).",
+            namespace=ns,
+            registry=registry,
+        )
+
+
 CRM_ENDPOINTS = ("groups_lookup", "timeline_events")
 # Loopback answers in milliseconds; a remote CRM in tens to hundreds; the timeout is seconds.
 CRM_BUCKETS_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)

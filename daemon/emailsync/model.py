@@ -187,3 +187,16 @@ class TimelineEvent:
     size: int
     filed_at: datetime
     mailboxes: tuple[str, ...] = field(default=())  # filled in when read back from a store
+
+
+@dataclass(frozen=True)
+class Fence:
+    """A mailbox lease held by one instance: the fencing token its writes must carry.
+
+    ``generation`` grows each time the mailbox changes hands, so a write carrying an older
+    generation comes from an owner that lost the lease (paused, partitioned) and is refused.
+    """
+
+    mailbox: str
+    owner: str
+    generation: int

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import threading
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -16,6 +17,8 @@ from emailsync.metrics import Metrics
 from emailsync.model import Outcome
 
 log = structlog.get_logger(__name__)
+
+RECENT_OUTCOMES = 10  # the latest filed/failed messages a mailbox's status page shows
 
 
 class State(enum.Enum):
@@ -42,6 +45,7 @@ class WorkerStatus:
     last_error: str | None = None
     next_attempt: str | None = None
     filed: dict[str, int] = field(default_factory=dict)
+    owner: str | None = None  # the instance running it, with a shared (PostgreSQL) store
 
 
 class WorkerReport:
@@ -56,6 +60,7 @@ class WorkerReport:
         self._lock = threading.Lock()
         self._status = WorkerStatus(address, State.CONNECTING.value, trigger)
         self._oldest_queued: datetime | None = None
+        self._recent: deque[dict[str, str | None]] = deque(maxlen=RECENT_OUTCOMES)
         metrics.init_mailbox(address)
         metrics.set_state(address, State.CONNECTING.value)
 
@@ -129,6 +134,20 @@ class WorkerReport:
                 if decision.outcome is Outcome.REJECTED:
                     # The store's reason, so `emailsync status` shows why it went to Failed.
                     self._status.last_error = f"uid {decision.uid}: {decision.message.problem}"
+                self._recent.appendleft(
+                    {
+                        "at": now.isoformat(timespec="seconds"),
+                        "outcome": key,
+                        "subject": decision.message.subject,
+                        "reason": decision.message.problem
+                        or ("no group for its addresses" if key == "no_group" else None),
+                    }
+                )
+
+    def recent(self) -> list[dict[str, str | None]]:
+        """The latest filed or failed messages, newest first: time, outcome, subject, reason."""
+        with self._lock:
+            return [dict(entry) for entry in self._recent]
 
     def stuck(self, count: int) -> None:
         """The number of messages quarantined in Queue ($EmailSyncStuck)."""

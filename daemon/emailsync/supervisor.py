@@ -13,6 +13,16 @@ A mailbox is in at most one of: ``workers`` (running), ``_pending`` (to start on
 worker of it is left), ``_starting`` (being started by the main loop, outside the lock),
 ``_restarting`` (its worker died: restart after a back-off) and ``_stopped``; ``_retiring``
 (asked to stop, not yet ended) may hold it beside any of these but ``workers``.
+
+Mailboxes come from the config file and from the store's registry (registered at run time
+through the API or the self-service pages). Registering, changing or forgetting one queues,
+restarts or retires just that worker, by the same rules; a reload (SIGHUP) compares the
+config file's only.
+With a shared (PostgreSQL) store, a ``Cluster`` decides which mailboxes this instance runs:
+its lease keeper calls ``run_mailbox`` with a store fenced by the lease (kept in ``_stores``
+and reused by restarts and reloads, so no worker of a cluster runs without its fence) and
+``drop_mailboxes`` when a lease is handed back or lost, which retires the workers like removed
+mailboxes and waits for them to end before the lease is released.
 """
 
 from __future__ import annotations
@@ -23,24 +33,50 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable, Container
-from datetime import UTC, datetime
+from collections.abc import Callable, Container, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from types import FrameType
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
 from prometheus_client import CollectorRegistry
 
-from emailsync.config import MailboxSettings, Settings, load_settings
+from emailsync.config import (
+    OFFICE365_HOST,
+    MailboxSettings,
+    ServerSettings,
+    Settings,
+    load_settings,
+)
 from emailsync.control import control_token, stopped_marker
-from emailsync.errors import ConfigError, ControlError
-from emailsync.imap.auth import Authenticator, make_authenticator
+from emailsync.errors import (
+    AuthError,
+    ConfigError,
+    ConnectionLostError,
+    ControlError,
+    MailboxError,
+    RegistrationError,
+    StoreError,
+)
+from emailsync.imap.auth import (
+    Authenticator,
+    Office365Authenticator,
+    PasswordAuthenticator,
+    make_authenticator,
+)
+from emailsync.imap.session import ImapSession
 from emailsync.metrics import Metrics
-from emailsync.store.base import Store
+from emailsync.secret import Secret
+from emailsync.store.base import RegisteredBranch, RegisteredMailbox, Registry, Store
 from emailsync.systemd import Notifier
+from emailsync.vault import Vault
 from emailsync.web import WebServer
 from emailsync.worker import MailboxWorker, WorkerStatus
+
+if TYPE_CHECKING:
+    from emailsync.cluster import Cluster
 
 log = structlog.get_logger(__name__)
 
@@ -56,6 +92,9 @@ SHUTDOWN_SECONDS = 8.0  # SIGTERM must end the process within 10 s
 GAUGE_SECONDS = 15.0
 TOKEN_CHECK_SECONDS = 300.0
 TOKEN_REFRESH_AHEAD_SECONDS = 900.0  # refresh an access token this long before it expires
+OFFICE365_FLOW_SECONDS = 600.0  # a browser sign-in must come back within 10 minutes
+SETUP_TIMEOUT_SECONDS = 4.0  # First Time Setup logs in while the caller waits: keep it short
+RECENT_OUTCOMES_NONE: list[dict[str, str | None]] = []
 # A worker thread that ended without being asked (a bug, not a mailbox error: those are
 # backed off inside the worker) is restarted after 1 s, 2 s, 4 s … 5 min, each jittered down
 # by up to half so that many do not come back at once; a worker that ran this long before
@@ -65,6 +104,7 @@ RESTART_MAX_SECONDS = 300.0
 RESTART_RESET_SECONDS = 600.0
 
 AuthenticatorFactory = Callable[[MailboxSettings, Settings], Authenticator]
+ClusterFactory = Callable[["Supervisor"], "Cluster"]
 
 
 class Worker(Protocol):
@@ -147,6 +187,15 @@ class _Restart:
     status: WorkerStatus
 
 
+@dataclasses.dataclass(frozen=True)
+class _PendingSignIn:
+    """An Office 365 browser sign-in under way: the mailbox, MSAL's flow, its deadline."""
+
+    mailbox: MailboxSettings
+    flow: dict[str, Any]
+    expires_at: float  # time.monotonic()
+
+
 class Supervisor:
     """Owns the workers, the HTTP listener and the scheduler; runs in the main thread."""
 
@@ -159,6 +208,7 @@ class Supervisor:
         authenticator_factory: AuthenticatorFactory = make_authenticator,
         notifier: Notifier | None = None,
         worker_factory: WorkerFactory = MailboxWorker,
+        cluster_factory: ClusterFactory | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -178,6 +228,7 @@ class Supervisor:
         self._sync_on_start: set[str] = set()  # Start Sync asked while no worker ran
         self._release_on_start: set[str] = set()  # ... with include_stuck
         self._stopped: dict[str, WorkerStatus] = {}
+        self._stores: dict[str, Store] = {}  # in a cluster: each owned mailbox's fenced store
         self._lock = threading.RLock()
         self._wake = threading.Event()
         self._rng = random.Random()  # noqa: S311 -- jitter, not cryptography
@@ -190,9 +241,17 @@ class Supervisor:
         self._last_watchdog = 0.0
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self.web: WebServer | None = None
+        self.mailbox_registry: Registry | None = store if isinstance(store, Registry) else None
+        self.vault = Vault(settings.daemon.state_dir)
+        # Mailboxes registered at run time, by address (the config file's win on a clash).
+        self.registered: dict[str, MailboxSettings] = {}
+        self._registered_loaded = False
+        self._flows: dict[str, _PendingSignIn] = {}  # Office 365 sign-ins by OAuth state
         expiry = credential_expiry(settings)
         if expiry is not None:
             self.metrics.client_secret_expiry.set(expiry.timestamp())
+        # With a shared store, leases decide which mailboxes this instance runs (cluster.py).
+        self.cluster = cluster_factory(self) if cluster_factory is not None else None
 
     # -- Control (for the HTTP listener) ----------------------------------------------------
 
@@ -207,12 +266,52 @@ class Supervisor:
             restarting = [r.status for r in self._restarting.values()]
             stopped = list(self._stopped.values())
         running = [w.snapshot() for w in workers]
-        return sorted([*running, *starting, *restarting, *stopped], key=lambda s: s.address)
+        listed = sorted([*running, *starting, *restarting, *stopped], key=lambda s: s.address)
+        if self.cluster is not None:
+            listed = self._with_owners(listed, self.cluster)
+        return listed
+
+    def _with_owners(self, listed: list[WorkerStatus], cluster: Cluster) -> list[WorkerStatus]:
+        """Name each mailbox's owner; list the ones other instances run as ``remote``."""
+        try:
+            owners = cluster.owners()
+        except StoreError:
+            owners = {}
+        local = {s.address for s in listed}
+        # Copies: the restarting and stopped statuses are the supervisor's own objects.
+        named = [dataclasses.replace(s, owner=cluster.instance_id) for s in listed]
+        named += [
+            WorkerStatus(m.address, "remote", m.trigger, owner=owners.get(m.address))
+            for m in self.settings.mailboxes
+            if m.enabled and m.address not in local
+        ]
+        return sorted(named, key=lambda s: s.address)
 
     def start_sync(self, address: str | None, *, include_stuck: bool = False) -> bool:
         """Start Sync for one mailbox (False if unknown or stopped) or all.
 
         ``include_stuck``: the pass first releases the messages quarantined in Queue.
+        In a cluster, a mailbox another instance runs gets it through the database.
+        """
+        done = self.start_sync_local(address, include_stuck=include_stuck)
+        if self.cluster is None or (done and address is not None):
+            return done
+        if address is not None and not any(
+            m.address == address.lower() and m.enabled for m in self.settings.mailboxes
+        ):
+            return False
+        try:
+            self.cluster.publish_sync(
+                None if address is None else address.lower(), include_stuck=include_stuck
+            )
+        except StoreError as exc:
+            log.warning("start_sync_not_published", mailbox=address, error=str(exc))
+            return done
+        return True
+
+    def start_sync_local(self, address: str | None, *, include_stuck: bool = False) -> bool:
+        """Start Sync for a mailbox whose worker runs in this process (or all of them).
+
         A mailbox whose worker is being (re)started gets it as soon as the worker runs.
         """
         with self._lock:
@@ -244,8 +343,13 @@ class Supervisor:
         return True
 
     def stop_mailbox(self, address: str) -> bool:
-        """Stop Email Sync: stop the worker, forget its tokens, mark it stopped."""
+        """Stop Email Sync: stop the worker, forget its tokens, mark it stopped.
+
+        A registered mailbox is forgotten with its credentials (``forget_mailbox``).
+        """
         address = address.lower()
+        if address in self._registered_mailboxes():
+            return self.forget_mailbox(address)
         mailbox = next((m for m in self.settings.mailboxes if m.address == address), None)
         if mailbox is None:
             return False
@@ -270,10 +374,23 @@ class Supervisor:
     def start_mailbox(self, address: str) -> bool:
         """Start a stopped mailbox again (``emailsync setup`` calls this)."""
         address = address.lower()
+        registered = self._registered_mailboxes().get(address)
+        if registered is not None:
+            return self._start_registered(registered)
         mailbox = next((m for m in self.settings.mailboxes if m.address == address), None)
         if mailbox is None or not mailbox.enabled:
             return False
         stopped_marker(self.settings, address).unlink(missing_ok=True)
+        if self.cluster is not None:
+            # Only under its lease; another instance may be the owner (then it runs there).
+            with self._lock:
+                local = address in self.workers or address in self._starting
+                local = local or address in self._pending
+            if not local:
+                with self._lock:
+                    self._stopped.pop(address, None)
+                self.cluster.resume(address)
+            return True
         with self._lock:
             self._restarting.pop(address, None)  # an operator's start does not wait
             if address not in self.workers and address not in self._starting:
@@ -282,10 +399,27 @@ class Supervisor:
         self._wake.set()
         return True
 
+    def check_agent_token(self, token: str) -> str | None:
+        """The mailbox an agent token is for, or None (invalid, expired, revoked)."""
+        try:
+            granted = self.vault.check_token(token)
+        except ConfigError as exc:
+            log.error("agent_token_unchecked", problems=exc.problems)  # noqa: TRY400 -- no traceback needed
+            return None
+        return granted.address if granted is not None else None
+
+    def issue_agent_token(self, address: str, days: int | None) -> str:
+        """A token for one mailbox's set-up, Start Sync, Stop and status."""
+        expires = datetime.now(UTC) + timedelta(days=days) if days else None
+        log.info("agent_token_issued", mailbox=address, expires=expires and expires.isoformat())
+        return self.vault.issue_token(address, expires)
+
     def healthy(self) -> bool:
         """The main loop ticked recently and every running worker thread is alive."""
         with self._lock:
             alive = all(w.is_alive() for w in self.workers.values())
+        if self.cluster is not None and not self.cluster.healthy():
+            return False
         return alive and time.monotonic() - self._last_tick < 10 * TICK_SECONDS + 5
 
     def ready(self) -> bool:
@@ -293,7 +427,54 @@ class Supervisor:
         with self._lock:
             if self._pending or self._starting:
                 return False
-            return all(w.first_attempt_done.is_set() for w in self.workers.values())
+            started = all(w.first_attempt_done.is_set() for w in self.workers.values())
+        return started and (self.cluster is None or self.cluster.ready())
+
+    # -- Cluster (the lease keeper starts and stops workers) ----------------------------------
+
+    def run_mailbox(self, address: str, store: Store) -> bool:
+        """Queue the mailbox's worker with its own (fenced) store; False if not configured.
+
+        A worker of it that still runs is retired first: the new one starts on a later tick,
+        once that one has ended.
+        """
+        mailbox = next((m for m in self.settings.mailboxes if m.address == address), None)
+        if mailbox is None or not mailbox.enabled:
+            return False
+        with self._lock:
+            # A lease claimed here runs its worker: Stop Email Sync's marker is per instance
+            # and does not hold a mailbox back from the cluster (README, Several instances).
+            worker = self._retire(address)
+            self._stores[address] = store
+            self._start_or_mark(mailbox, marked_stopped=False)
+        if worker is not None:
+            worker.stop()
+        self._wake.set()
+        return True
+
+    def drop_mailboxes(self, addresses: Sequence[str]) -> None:
+        """Retire these workers like removed mailboxes, and wait for them to end.
+
+        The lease keeper releases the leases after this returns: the next owner's worker
+        must not connect while ours still does.
+        """
+        with self._lock:
+            workers = [self._retire(address) for address in addresses]
+            retiring = [r.worker for a in addresses if (r := self._retiring.get(a)) is not None]
+            for address in addresses:
+                self._stores.pop(address, None)
+                self._stopped.pop(address, None)
+                self._restarts.pop(address, None)
+                self._sync_on_start.discard(address)
+                self._release_on_start.discard(address)
+                self._forget_if_gone(address)
+        for worker in workers:
+            if worker is not None:
+                worker.stop()
+        deadline = time.monotonic() + SHUTDOWN_SECONDS
+        for worker in retiring:
+            worker.join(max(0.0, deadline - time.monotonic()))
+        self._wake.set()  # the main loop reaps them and forgets their metric series
 
     # -- lifetime -------------------------------------------------------------------------------
 
@@ -303,7 +484,16 @@ class Supervisor:
         token = control_token(self.settings, create=True)
         daemon = self.settings.daemon
         try:
-            self.web = WebServer(daemon.listen_host, daemon.listen_port, self, self.registry, token)
+            self.web = WebServer(
+                daemon.listen_host,
+                daemon.listen_port,
+                self,
+                self.registry,
+                token,
+                registrar=self,
+                check_agent_token=self.check_agent_token,
+                issue_agent_token=self.issue_agent_token,
+            )
         except OSError as exc:
             where = f"{daemon.listen_host}:{daemon.listen_port}"
             raise ControlError(
@@ -311,10 +501,17 @@ class Supervisor:
             ) from None
         self.web.start()
         log.info("listening", address=f"{daemon.listen_host}:{self.web.port}")
-        marked = self._marked_stopped(self.settings)
-        with self._lock:
-            for mailbox in self.settings.mailboxes:
-                self._start_or_mark(mailbox, mailbox.address in marked)
+        if self.cluster is not None:
+            # The lease keeper decides which mailboxes run here (the registry of run-time
+            # mailboxes lives only in the built-in SQLite store, never in a cluster's).
+            self.cluster.start()
+        else:
+            marked = self._marked_stopped(self.settings)
+            with self._lock:
+                for mailbox in self.settings.mailboxes:
+                    self._start_or_mark(mailbox, mailbox.address in marked)
+            for mailbox in self._registered_mailboxes().values():
+                self._start_registered(mailbox)
         self._schedule_jobs()
         self.scheduler.start()
         try:
@@ -384,6 +581,8 @@ class Supervisor:
         log.info("stopping")
         with contextlib.suppress(Exception):
             self.scheduler.shutdown(wait=False)
+        if self.cluster is not None:
+            self.cluster.stop()  # its workers first, then the leases go back at once
         with self._lock:
             running = [self._retire(address) for address in list(self.workers)]
             self._pending.clear()
@@ -433,6 +632,12 @@ class Supervisor:
         if new.crm != old.crm:
             # The store (the CRM connector) is opened once at start, with its secret.
             log.warning("crm_change_needs_restart", action="systemctl restart emailsync")
+        if new.cluster != old.cluster:
+            # The lease keeper is made once at start, with its instance id and lease length.
+            log.warning("cluster_change_needs_restart", action="systemctl restart emailsync")
+        if self.cluster is not None:
+            self._reload_cluster(old, new, everything_changed=everything_changed)
+            return
         old_by_address = {m.address: m for m in old.mailboxes}
         new_by_address = {m.address: m for m in new.mailboxes}
         marked = self._marked_stopped(new)
@@ -458,6 +663,53 @@ class Supervisor:
                 if address not in old_by_address:
                     self._start_or_mark(mailbox, address in marked)
                     events.append(("mailbox_added", address))
+            if everything_changed:
+                for address, mailbox in self.registered.items():
+                    if address in self.workers or address in self._pending:
+                        retired.append(self._retire(address))
+                        self._pending[address] = mailbox
+                        events.append(("mailbox_restarted", address))
+            self._reload_started = time.monotonic()
+        for worker in retired:
+            if worker is not None:
+                worker.stop()
+        for event, address in events:
+            log.info(event, mailbox=address)
+
+    def _reload_cluster(self, old: Settings, new: Settings, *, everything_changed: bool) -> None:
+        """Restart this instance's changed mailboxes under their leases; the keeper does the rest.
+
+        A changed mailbox restarts with the new settings and the same fenced store once its
+        worker has ended; a removed one is retired here and its lease handed back by the
+        keeper's next heartbeat, which also claims added ones.
+        """
+        old_by_address = {m.address: m for m in old.mailboxes}
+        new_by_address = {m.address: m for m in new.mailboxes}
+        marked = self._marked_stopped(new)
+        self.settings = new
+        retired: list[Worker | None] = []
+        events: list[tuple[str, str]] = []
+        with self._lock:
+            for address, mailbox in old_by_address.items():
+                local = any(
+                    address in each
+                    for each in (self.workers, self._pending, self._starting, self._restarting)
+                )
+                new_mailbox = new_by_address.get(address)
+                if new_mailbox is None:
+                    retired.append(self._retire(address))
+                    self._stopped.pop(address, None)
+                    self._stores.pop(address, None)
+                    self._restarts.pop(address, None)
+                    self._sync_on_start.discard(address)
+                    self._release_on_start.discard(address)
+                    self._forget_if_gone(address)
+                    events.append(("mailbox_removed", address))
+                elif local and (everything_changed or new_mailbox != mailbox):
+                    retired.append(self._retire(address))
+                    if address in self._stores:
+                        self._start_or_mark(new_mailbox, address in marked)
+                    events.append(("mailbox_restarted", address))
             self._reload_started = time.monotonic()
         for worker in retired:
             if worker is not None:
@@ -477,6 +729,359 @@ class Supervisor:
         self._reload_started = None
         log.info("reloaded", seconds=round(took, 2), still_stopping=waiting)
         self.notifier.ready(self.summary())
+
+    # -- the registry (self-service) -------------------------------------------------------------
+
+    def branches(self) -> list[dict[str, Any]]:
+        """Every branch: the config file's (read-only) and the registered ones, by name."""
+        found: dict[str, dict[str, Any]] = {}
+        for branch in self._registry_or_none_branches():
+            found[branch.name] = {
+                "name": branch.name,
+                "host": branch.host,
+                "port": branch.port,
+                "security": branch.security,
+                "source": "registry",
+            }
+        for name, server in self.settings.branches.items():
+            found[name] = {
+                "name": name,
+                "host": server.host,
+                "port": server.port,
+                "security": server.security,
+                "source": "config",
+            }
+        return [found[name] for name in sorted(found)]
+
+    def put_branch(
+        self, name: str, host: str, port: int, security: str, ca_file: str | None = None
+    ) -> bool:
+        """Register (or change) a branch's IMAP server; True when new.
+
+        Mailboxes registered on it are restarted with the new server. A branch of the config
+        file is read-only here (RegistrationError 409).
+        """
+        registry = self._registry()
+        if name in self.settings.branches:
+            raise RegistrationError(
+                f"branch {name!r} is set in the config file; change it there", status=409
+            )
+        created = registry.put_branch(RegisteredBranch(name, host, port, security, ca_file))
+        log.info("branch_registered", branch=name, host=host, port=port, security=security)
+        with self._lock:
+            self._registered_loaded = False
+        changed = [m for m in self._registered_mailboxes().values() if m.branch == name]
+        restarted = [m.address for m in changed if self._replace_worker(m, only_running=True)]
+        for address in restarted:
+            log.info("mailbox_restarted", mailbox=address, reason="branch changed")
+        return created
+
+    def setup_mailbox(self, address: str, branch: str, username: str, password: str) -> None:
+        """First Time Setup (Basic): log in, create the folders, store the password, start.
+
+        The login comes first: a refused one raises RegistrationError 422 with the server's
+        answer in one line, and nothing is stored. A mailbox of the config file is read-only
+        here (409).
+        """
+        registry = self._registry()
+        if any(m.address == address for m in self.settings.mailboxes):
+            raise RegistrationError(
+                f"mailbox {address} is set in the config file; use `emailsync setup`",
+                status=409,
+            )
+        mailbox = MailboxSettings(
+            address=address,
+            server=self._branch_server(branch),
+            auth="password",
+            username=username,
+            branch=branch,
+        )
+        secret = Secret(password)
+        authenticator = PasswordAuthenticator(mailbox, password=lambda: secret)
+        try:
+            session = ImapSession.open(
+                mailbox,
+                self.settings.folders,
+                authenticator,
+                timeout_seconds=min(self.settings.daemon.timeout_seconds, SETUP_TIMEOUT_SECONDS),
+            )
+            try:
+                session.ensure_folders()
+            finally:
+                session.logout(SETUP_TIMEOUT_SECONDS)
+        except AuthError as exc:
+            raise RegistrationError(_one_line(str(exc)), status=422) from None
+        except (ConnectionLostError, MailboxError) as exc:
+            raise RegistrationError(_one_line(str(exc)), status=502) from None
+        blob = self.vault.encrypt(password, address)
+        record = RegisteredMailbox(address, branch, "password", username, True, False)
+        registry.put_mailbox(record, blob)
+        self._replace_worker(mailbox)
+        log.info("mailbox_registered", mailbox=address, branch=branch)
+
+    def forget_mailbox(self, address: str) -> bool:
+        """Stop Email Sync for a registered mailbox: stop its worker, forget it and its secret.
+
+        The password (or the Office 365 tokens) is erased; the folders on the server and the
+        timeline history stay, and First Time Setup registers it again. False when it is not
+        registered; a mailbox of the config file is read-only here (RegistrationError 409:
+        ``stop_mailbox`` stops it).
+        """
+        mailbox = self._registered_mailboxes().get(address)
+        if mailbox is None:
+            if any(m.address == address for m in self.settings.mailboxes):
+                raise RegistrationError(
+                    f"mailbox {address} is set in the config file; stop it with POST …/stop",
+                    status=409,
+                )
+            return False
+        with self._lock:
+            worker = self._retire(address)
+            retiring = self._retiring.get(address)
+            self.registered.pop(address, None)
+            self._stopped.pop(address, None)
+            self._restarts.pop(address, None)
+            self._sync_on_start.discard(address)
+            self._release_on_start.discard(address)
+        if worker is not None:
+            worker.stop()
+        if retiring is not None:
+            # The caller (the API, a page) waits for the LOGOUT; the main loop does not.
+            retiring.worker.join(max(0.0, retiring.since + SHUTDOWN_SECONDS - time.monotonic()))
+        self._registry().remove_mailbox(address)
+        if mailbox.auth == "office365":
+            with contextlib.suppress(ConfigError):
+                self.authenticator_factory(mailbox, self.settings).forget()
+        with self._lock:
+            self._forget_if_gone(address)  # else the reaper does once the worker has ended
+        log.info("mailbox_stopped", mailbox=address, credentials="erased")
+        return True
+
+    def mailbox_detail(self, address: str) -> dict[str, Any] | None:
+        """Status, source, branch and the latest filed/failed messages of one mailbox."""
+        registered = self._registered_mailboxes().get(address)
+        configured = next((m for m in self.settings.mailboxes if m.address == address), None)
+        mailbox = configured or registered
+        if mailbox is None:
+            return None
+        with self._lock:
+            worker = self.workers.get(address)
+        status = next((s for s in self.statuses() if s.address == address), None)
+        if status is None:
+            return None
+        recent = getattr(worker, "recent_outcomes", lambda: RECENT_OUTCOMES_NONE)()
+        return {
+            **dataclasses.asdict(status),
+            "source": "config" if configured else "registry",
+            "branch": mailbox.branch,
+            "auth": mailbox.auth,
+            "set_up": True,
+            "recent": recent,
+        }
+
+    def office365_available(self) -> bool:
+        """True when browser sign-in can be offered: ``[office365]`` in delegated mode."""
+        return self.settings.office365 is not None and not self.settings.office365.app_only
+
+    def office365_start(self, address: str, branch: str | None, redirect_uri: str) -> str:
+        """First Time Setup (Office 365): the URL of the provider's sign-in page.
+
+        The flow (PKCE verifier, nonce) stays here, keyed by its ``state``, bound to the
+        mailbox, for ``OFFICE365_FLOW_SECONDS``. ``branch`` names the IMAP server; by default
+        Exchange Online's.
+        """
+        if not self.office365_available():
+            raise RegistrationError(
+                "Office 365 sign-in is not set up here ([office365] in delegated mode)",
+                status=409,
+            )
+        if any(m.address == address for m in self.settings.mailboxes):
+            raise RegistrationError(
+                f"mailbox {address} is set in the config file; use `emailsync auth login`",
+                status=409,
+            )
+        server = (
+            self._branch_server(branch)
+            if branch
+            else ServerSettings(host=OFFICE365_HOST, port=993, security="ssl")
+        )
+        mailbox = MailboxSettings(
+            address=address, server=server, auth="office365", username=address, branch=branch
+        )
+        authenticator = self.authenticator_factory(mailbox, self.settings)
+        if not isinstance(authenticator, Office365Authenticator):
+            raise RegistrationError("Office 365 sign-in is not available", status=409)
+        try:
+            flow = authenticator.start_auth_code_flow(redirect_uri)
+        except (AuthError, ConfigError) as exc:
+            raise RegistrationError(_one_line(str(exc)), status=409) from None
+        except ConnectionLostError as exc:
+            raise RegistrationError(_one_line(str(exc)), status=502) from None
+        now = time.monotonic()
+        with self._lock:
+            for state in [s for s, f in self._flows.items() if f.expires_at <= now]:
+                del self._flows[state]
+            self._flows[str(flow["state"])] = _PendingSignIn(
+                mailbox, flow, now + OFFICE365_FLOW_SECONDS
+            )
+        log.info("office365_sign_in_started", mailbox=address)
+        return str(flow["auth_uri"])
+
+    def office365_finish(self, params: dict[str, str]) -> str:
+        """The provider's callback: redeem the code, check the account, store, start.
+
+        Returns the mailbox address. RegistrationError 400 for an unknown or expired state,
+        422 when the provider refused or another account signed in (nothing is kept).
+        """
+        with self._lock:
+            pending = self._flows.pop(params.get("state", ""), None)
+        if pending is None or pending.expires_at <= time.monotonic():
+            raise RegistrationError(
+                "this sign-in expired or was already used; click Start Authentication again",
+                status=400,
+            )
+        mailbox = pending.mailbox
+        if "error" in params:
+            reason = params.get("error_description") or params["error"]
+            raise RegistrationError(_one_line(f"Microsoft refused: {reason}")[:300], status=422)
+        authenticator = self.authenticator_factory(mailbox, self.settings)
+        if not isinstance(authenticator, Office365Authenticator):
+            raise RegistrationError("Office 365 sign-in is not available", status=409)
+        try:
+            authenticator.finish_auth_code_flow(
+                pending.flow, params, allowed=mailbox.owner_addresses
+            )
+        except AuthError as exc:
+            raise RegistrationError(_one_line(str(exc)), status=422) from None
+        except ConnectionLostError as exc:
+            raise RegistrationError(_one_line(str(exc)), status=502) from None
+        record = RegisteredMailbox(
+            mailbox.address, mailbox.branch or "", "office365", mailbox.address, False, False
+        )
+        self._registry().put_mailbox(record, None)
+        self._replace_worker(mailbox)
+        log.info("mailbox_registered", mailbox=mailbox.address, auth="office365")
+        return mailbox.address
+
+    def _has_secret(self, address: str) -> bool:
+        registry = self.mailbox_registry
+        return registry is not None and registry.mailbox_secret(address) is not None
+
+    def _registry(self) -> Registry:
+        if self.mailbox_registry is None:
+            raise RegistrationError(
+                "this store keeps no registry of mailboxes (use the built-in SQLite store)",
+                status=503,
+            )
+        return self.mailbox_registry
+
+    def _registry_or_none_branches(self) -> list[RegisteredBranch]:
+        return (
+            self.mailbox_registry.registered_branches() if self.mailbox_registry is not None else []
+        )
+
+    def _branch_server(self, name: str) -> ServerSettings:
+        if name in self.settings.branches:
+            return self.settings.branches[name]
+        for branch in self._registry_or_none_branches():
+            if branch.name == name:
+                return ServerSettings(
+                    host=branch.host,
+                    port=branch.port,
+                    security=branch.security,
+                    ca_file=Path(branch.ca_file) if branch.ca_file else None,
+                    allow_insecure=branch.security == "none",
+                )
+        raise RegistrationError(f"no branch {name!r}; IT adds it first", status=422)
+
+    def _registered_mailboxes(self) -> dict[str, MailboxSettings]:
+        """The registry's mailboxes as settings (read once; again after a branch change).
+
+        The store is read outside the lock (the lock guards bookkeeping only).
+        """
+        if self.mailbox_registry is None:
+            return {}
+        with self._lock:
+            if self._registered_loaded:
+                return dict(self.registered)
+        configured = {m.address for m in self.settings.mailboxes}
+        loaded: dict[str, MailboxSettings] = {}
+        for record in self.mailbox_registry.registered_mailboxes():
+            if record.address in configured:
+                continue  # the config file's wins
+            try:
+                server = (
+                    self._branch_server(record.branch)
+                    if record.branch
+                    else ServerSettings(host=OFFICE365_HOST, port=993, security="ssl")
+                )
+            except RegistrationError:
+                log.warning("mailbox_branch_missing", mailbox=record.address)
+                continue
+            loaded[record.address] = MailboxSettings(
+                address=record.address,
+                server=server,
+                auth=record.auth,
+                username=record.username,
+                branch=record.branch or None,
+            )
+        with self._lock:
+            self.registered = loaded
+            self._registered_loaded = True
+        return dict(loaded)
+
+    def _start_registered(self, mailbox: MailboxSettings) -> bool:
+        """Queue a registered mailbox that has its credentials; else show it stopped."""
+        if mailbox.auth == "password" and not self._has_secret(mailbox.address):
+            self._mark_stopped(mailbox)
+            return False
+        with self._lock:
+            self._restarting.pop(mailbox.address, None)
+            if mailbox.address not in self.workers and mailbox.address not in self._starting:
+                self._stopped.pop(mailbox.address, None)
+                self._pending[mailbox.address] = mailbox
+        self._wake.set()
+        return True
+
+    def _replace_worker(self, mailbox: MailboxSettings, *, only_running: bool = False) -> bool:
+        """(Re)start a registered mailbox's worker with these settings, without a reload.
+
+        The old worker (if any) is retired and the new one queued: the main loop starts it
+        once the old thread has ended. ``only_running``: leave a mailbox alone that has no
+        worker (stopped). True when a worker was queued.
+        """
+        address = mailbox.address
+        with self._lock:
+            self.registered[address] = mailbox
+            running = address in self.workers or address in self._pending
+            if only_running and not running:
+                return False
+            old = self._retire(address)
+            self._stopped.pop(address, None)
+            self._pending[address] = mailbox
+        if old is not None:
+            old.stop()
+        self._wake.set()
+        return True
+
+    def _authenticator(self, mailbox: MailboxSettings) -> Authenticator:
+        registry = self.mailbox_registry
+        if (
+            registry is not None
+            and mailbox.auth == "password"
+            and mailbox.address in self.registered
+            and mailbox.password is None
+        ):
+            address = mailbox.address
+
+            def read() -> Secret:
+                blob = registry.mailbox_secret(address)
+                if blob is None:
+                    raise ConfigError([f"{address}: no stored password (Stop Email Sync)"])
+                return self.vault.decrypt(blob, address)
+
+            return PasswordAuthenticator(mailbox, password=read)
+        return self.authenticator_factory(mailbox, self.settings)
 
     # -- internals (the callers hold the lock where it says so) --------------------------------
 
@@ -549,7 +1154,8 @@ class Supervisor:
                 if mailbox is None:
                     continue
                 self._starting[address] = mailbox
-            worker = self._make_worker(mailbox)
+                store = self._stores.get(address, self.store)
+            worker = self._make_worker(mailbox, store)
             restart: tuple[int, float] | None = None
             with self._lock:
                 claimed = self._starting.pop(address, None) is not None
@@ -573,15 +1179,15 @@ class Supervisor:
             if restart is not None:
                 _log_restart(address, *restart)
 
-    def _make_worker(self, mailbox: MailboxSettings) -> Worker | None:
+    def _make_worker(self, mailbox: MailboxSettings, store: Store) -> Worker | None:
         """Make and start a mailbox's worker (no other of it is alive); None if that failed."""
         try:
             worker = self.worker_factory(
                 mailbox,
                 self.settings,
-                self.store,
+                store,
                 self.metrics,
-                self.authenticator_factory(mailbox, self.settings),
+                self._authenticator(mailbox),
             )
             worker.start()
         except Exception as exc:  # one mailbox's broken start must not stop the others
@@ -698,3 +1304,7 @@ class Supervisor:
 
 def _log_restart(address: str, restarts: int, delay: float) -> None:
     log.error("worker_died", mailbox=address, restarts=restarts, restart_in=round(delay, 2))
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())

@@ -17,21 +17,25 @@ import html
 import io
 import ipaddress
 import json
+import re
 import socket
 import threading
 import time
 from collections import Counter
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, Protocol
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs, quote, unquote
 
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from emailsync.address import mailbox_address_problem, normalise_address
-from emailsync.config import weak_token_problem
+from emailsync.config import SECURITIES, weak_token_problem
+from emailsync.errors import RegistrationError
+from emailsync.pages import STATIC_FILES, Pages, Principal, Session
 from emailsync.worker import WorkerStatus
 
 log = structlog.get_logger(__name__)
@@ -64,6 +68,32 @@ class Control(Protocol):
     def ready(self) -> bool: ...
 
 
+class Registrar(Protocol):
+    """What the self-service API and pages ask of the supervisor (see ``Supervisor``)."""
+
+    def branches(self) -> list[dict[str, Any]]: ...
+
+    def put_branch(
+        self, name: str, host: str, port: int, security: str, ca_file: str | None = None
+    ) -> bool: ...
+
+    def setup_mailbox(self, address: str, branch: str, username: str, password: str) -> None: ...
+
+    def forget_mailbox(self, address: str) -> bool: ...
+
+    def mailbox_detail(self, address: str) -> dict[str, Any] | None: ...
+
+    def office365_available(self) -> bool: ...
+
+    def office365_start(self, address: str, branch: str | None, redirect_uri: str) -> str: ...
+
+    def office365_finish(self, params: dict[str, str]) -> str: ...
+
+
+AgentTokenCheck = Callable[[str], "str | None"]
+AgentTokenIssue = Callable[[str, "int | None"], str]
+
+
 class WebServer:
     """Serves HTTP on one address in a background thread."""
 
@@ -77,12 +107,22 @@ class WebServer:
         *,
         max_connections: int = MAX_CONNECTIONS,
         request_seconds: float = REQUEST_SECONDS,
+        registrar: Registrar | None = None,
+        check_agent_token: AgentTokenCheck | None = None,
+        issue_agent_token: AgentTokenIssue | None = None,
     ) -> None:
         problem = weak_token_problem(token)
         if problem is not None:
             # Never serve the control API behind an empty or guessable token.
             raise ValueError(f"control token {problem}")
-        handler = _handler_class(control, registry, token, request_seconds)
+        self.pages = Pages()
+        handler = _handler_class(
+            control,
+            registry,
+            token,
+            request_seconds,
+            _SelfService(registrar, check_agent_token, issue_agent_token, self.pages),
+        )
         self.httpd = _BoundedHTTPServer((host, port), handler, max_connections)
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="http", daemon=True)
         if not is_loopback(host):
@@ -217,15 +257,43 @@ class _DeadlineReader(io.RawIOBase):
         return self._sock.recv_into(buffer)
 
 
+@dataclass(frozen=True)
+class _SelfService:
+    """The listener's optional self-service parts: registry, agent tokens, pages."""
+
+    registrar: Registrar | None
+    check_agent_token: AgentTokenCheck | None
+    issue_agent_token: AgentTokenIssue | None
+    pages: Pages
+
+
+class _RefusedError(Exception):
+    """An answer decided part-way through a route: status and JSON error."""
+
+    def __init__(self, status: HTTPStatus | int, error: str) -> None:
+        super().__init__(error)
+        self.status = HTTPStatus(status)
+        self.error = error
+
+
+FORBIDDEN_FOR_AGENT = "this token is for one mailbox only"
+
+
 def _handler_class(
-    control: Control, registry: CollectorRegistry, token: str, request_seconds: float
+    control: Control,
+    registry: CollectorRegistry,
+    token: str,
+    request_seconds: float,
+    selfservice: _SelfService,
 ) -> type[BaseHTTPRequestHandler]:
     expected = f"Bearer {token}".encode()
+    pages = selfservice.pages
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "emailsync"
         sys_version = ""
         timeout = request_seconds
+        body = b""
 
         def setup(self) -> None:
             super().setup()
@@ -239,26 +307,63 @@ def _handler_class(
             super().end_headers()
 
         def log_message(self, format: str, *args: Any) -> None:
-            # The request line only: never headers (Authorization) or bodies.
-            # (requestline is unset when the request line itself timed out or was garbage.)
+            # The request line without its query (a login link carries a token there); never
+            # headers (Authorization, Cookie) or bodies. (requestline is unset when the
+            # request line itself timed out or was garbage.)
+            request = getattr(self, "requestline", "")
             log.debug(
                 "http_request",
-                request=getattr(self, "requestline", ""),
+                request=request.split("?", 1)[0],
                 client=self.client_address[0],
-                detail=format % args,  # the status line or the error; never a header
+                detail=(format % args).split("?", 1)[0],  # the status line or the error
             )
 
         def do_GET(self) -> None:
+            self._dispatch("GET")
+
+        def do_POST(self) -> None:
+            self._dispatch("POST")
+
+        def do_PUT(self) -> None:
+            self._dispatch("PUT")
+
+        def do_DELETE(self) -> None:
+            self._dispatch("DELETE")
+
+        def _dispatch(self, method: str) -> None:
             try:
-                self._get()
+                if method != "GET" and not self._read_body():
+                    return
+                path = self.path.split("?", 1)[0]
+                allowed = _allowed_method(path)
+                if (allowed is not None and method not in allowed.split(", ")) or (
+                    allowed is None and method in ("PUT", "DELETE")
+                ):
+                    self._method_not_allowed()
+                elif method == "GET":
+                    self._get()
+                elif path.startswith("/v1/") or allowed is None:
+                    self._api(method)
+                else:
+                    self._page_post()
+            except _RefusedError as exc:
+                self._json(exc.status, {"error": exc.error})
             except Exception:
                 self._failed()
 
-        def do_POST(self) -> None:
+        def _read_body(self) -> bool:
             try:
-                self._post()
-            except Exception:
-                self._failed()
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = -1
+            if length < 0:
+                self._json(HTTPStatus.BAD_REQUEST, {"error": "bad Content-Length"})
+                return False
+            if length > MAX_BODY_BYTES:
+                self._json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": "body too large"})
+                return False
+            self.body = self.rfile.read(length) if length else b""
+            return True
 
         def _method_not_allowed(self) -> None:
             # RFC 9110 §15.5.6: 405 with Allow, for a method we know but this path has not
@@ -279,23 +384,23 @@ def _handler_class(
 
             def __getattr__(self, name: str) -> Any:
                 # http.server dispatches on do_<METHOD> and answers 501 when there is none:
-                # every method but GET and POST (HEAD, PUT, TRACE, QUERY, …) gets 405 instead.
+                # every other method (HEAD, TRACE, QUERY, PATCH, …) gets 405 instead.
                 if name.startswith("do_"):
                     return self._method_not_allowed
                 raise AttributeError(name)
 
         def _failed(self) -> None:
             # A bug in a route must cost a 500 and a log line, not the connection or a thread.
-            log.exception("http_request_failed", request=self.requestline)
+            log.exception("http_request_failed", request=self.requestline.split("?", 1)[0])
             self.close_connection = True
             with contextlib.suppress(OSError):
                 self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error"})
 
+        # -- GET --------------------------------------------------------------------------
+
         def _get(self) -> None:
-            path = self.path.split("?", 1)[0]
-            if _allowed_method(path) == "POST":
-                self._method_not_allowed()
-            elif path == "/metrics":
+            path, _, query = self.path.partition("?")
+            if path == "/metrics":
                 self._send(HTTPStatus.OK, generate_latest(registry), CONTENT_TYPE_LATEST)
             elif path == "/healthz":
                 ok = control.healthy()
@@ -311,76 +416,241 @@ def _handler_class(
                 )
             elif path == "/":
                 # Addresses and errors only for the token holder; others see counts by state.
-                detailed = self._has_token()
+                detailed = self._principal() == Principal.ADMIN
                 self._send(
                     HTTPStatus.OK,
                     _status_page(control.statuses(), detailed=detailed).encode(),
                     "text/html; charset=utf-8",
                 )
             elif path == "/v1/mailboxes":
-                if self._authorised():
-                    self._json(
-                        HTTPStatus.OK, {"mailboxes": [asdict(s) for s in control.statuses()]}
-                    )
+                principal = self._authorised()
+                if principal is not None:
+                    statuses = [
+                        asdict(s) for s in control.statuses() if principal.may_see(s.address)
+                    ]
+                    self._json(HTTPStatus.OK, {"mailboxes": statuses})
+            elif path == "/v1/branches":
+                if self._admin() is not None:
+                    self._json(HTTPStatus.OK, {"branches": self._registrar().branches()})
+            elif path.startswith("/v1/mailboxes/"):
+                principal = self._authorised()
+                if principal is not None:
+                    address = self._visible_address(path, principal)
+                    detail = self._registrar().mailbox_detail(address)
+                    if detail is None:
+                        raise _RefusedError(HTTPStatus.NOT_FOUND, NO_SUCH_MAILBOX["error"])
+                    self._json(HTTPStatus.OK, detail)
+            elif path in PAGE_GET_PATHS or _allowed_method(path) == "GET":
+                self._page_get(path, query)
             else:
                 self._json(HTTPStatus.NOT_FOUND, {"error": "not found"})
 
-        def _post(self) -> None:
-            try:
-                length = int(self.headers.get("Content-Length") or 0)
-            except ValueError:
-                length = -1
-            if length < 0:
-                self._json(HTTPStatus.BAD_REQUEST, {"error": "bad Content-Length"})
-                return
-            if length > MAX_BODY_BYTES:
-                self._json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": "body too large"})
-                return
-            if length:
-                self.rfile.read(length)
-            if _allowed_method(self.path.split("?", 1)[0]) == "GET":
-                self._method_not_allowed()
-                return
-            if not self._authorised():
+        # -- the /v1 API beyond GET ---------------------------------------------------------
+
+        def _api(self, method: str) -> None:
+            principal = self._authorised()
+            if principal is None:
                 return
             path, _, query = self.path.partition("?")
             parts = [unquote(p) for p in path.strip("/").split("/")]
+            if method == "PUT" and len(parts) == 3 and parts[:2] == ["v1", "branches"]:
+                self._require_admin(principal)
+                self._put_branch(parts[2])
+                return
+            if method == "POST" and parts == ["v1", "tokens"]:
+                self._require_admin(principal)
+                self._issue_token()
+                return
+            if len(parts) == 3 and parts[:2] == ["v1", "mailboxes"] and method in ("PUT", "DELETE"):
+                address = self._visible_address(path, principal)
+                if method == "PUT":
+                    self._put_mailbox(address)
+                    return
+                try:
+                    forgotten = self._registrar().forget_mailbox(address)
+                except RegistrationError as exc:
+                    raise _RefusedError(exc.status, str(exc)) from None
+                if not forgotten:
+                    raise _RefusedError(HTTPStatus.NOT_FOUND, NO_SUCH_MAILBOX["error"])
+                self._json(HTTPStatus.OK, {"stopped": address})
+                return
+            if (
+                len(parts) == 5
+                and parts[:2] == ["v1", "mailboxes"]
+                and parts[3:] == ["office365", "start"]
+            ):
+                address = self._visible_address(path, principal)
+                data = self._json_body() if self.body.strip() else {}
+                branch = data.get("branch")
+                if set(data) - {"branch"} or not (
+                    branch is None or (isinstance(branch, str) and 0 < len(branch) <= 1024)
+                ):
+                    raise _RefusedError(HTTPStatus.BAD_REQUEST, "expected {branch?}")
+                url = self._office365_start(address, branch)
+                self._json(HTTPStatus.OK, {"authorize_url": url})
+                return
             include_stuck = _include_stuck(query)
             if include_stuck is None:
                 self._json(HTTPStatus.BAD_REQUEST, {"error": "include_stuck must be true or false"})
                 return
             if parts == ["v1", "sync"]:
+                self._require_admin(principal)
                 control.start_sync(None, include_stuck=include_stuck)
                 self._json(HTTPStatus.ACCEPTED, {"sync": "all"})
                 return
-            if (
-                len(parts) == 4
-                and parts[:2] == ["v1", "mailboxes"]
-                and parts[3] in ("sync", "stop", "start")
-            ):
+            if len(parts) == 4 and parts[:2] == ["v1", "mailboxes"] and parts[3] in MAILBOX_ACTIONS:
                 action = parts[3]
-                address = _mailbox_address(parts[2])
+                target = _mailbox_address(parts[2])
                 act = {
                     "sync": lambda a: control.start_sync(a, include_stuck=include_stuck),
                     "stop": control.stop_mailbox,
                     "start": control.start_mailbox,
                 }
                 # An invalid address answers exactly like an unknown one, and no path is ever
-                # built from it (stop markers are named by a hash).
-                if address is not None and act[action](address):
-                    self._json(HTTPStatus.ACCEPTED, {action: address})
+                # built from it (stop markers are named by a hash). An agent's token sees no
+                # mailbox but its own.
+                if target is not None and principal.may_see(target) and act[action](target):
+                    self._json(HTTPStatus.ACCEPTED, {action: target})
                 else:
                     self._json(HTTPStatus.NOT_FOUND, NO_SUCH_MAILBOX)
                 return
             self._json(HTTPStatus.NOT_FOUND, {"error": "not found"})
 
-        def _has_token(self) -> bool:
-            given = (self.headers.get("Authorization") or "").encode("utf-8", "replace")
-            return hmac.compare_digest(given, expected)
+        def _put_branch(self, name: str) -> None:
+            if not _BRANCH_NAME.fullmatch(name):
+                raise _RefusedError(HTTPStatus.BAD_REQUEST, "branch name: letters, digits, . _ -")
+            data = self._json_body()
+            host, security = data.get("host"), data.get("security")
+            port = _integer(data.get("port"))
+            ca_file = data.get("ca_file")
+            unknown = set(data) - {"host", "port", "security", "ca_file"}
+            if (
+                unknown
+                or not isinstance(host, str)
+                or not _HOST.fullmatch(host)
+                or port is None
+                or not 1 <= port <= 65535
+                or security not in SECURITIES
+                or not (ca_file is None or (isinstance(ca_file, str) and ca_file.startswith("/")))
+            ):
+                raise _RefusedError(
+                    HTTPStatus.BAD_REQUEST,
+                    "expected {host, port (1-65535), security (ssl, starttls, none), ca_file?}",
+                )
+            try:
+                created = self._registrar().put_branch(name, host, port, security, ca_file)
+            except RegistrationError as exc:
+                raise _RefusedError(exc.status, str(exc)) from None
+            branch = {"name": name, "host": host, "port": port, "security": security}
+            self._json(HTTPStatus.CREATED if created else HTTPStatus.OK, branch)
 
-        def _authorised(self) -> bool:
-            if self._has_token():
-                return True
+        def _put_mailbox(self, address: str) -> None:
+            data = self._json_body()
+            values = [data.get(k) for k in ("branch", "username", "password")]
+            if set(data) != {"branch", "username", "password"} or not all(
+                isinstance(v, str) and v and len(v) <= MAX_FIELD_CHARS for v in values
+            ):
+                raise _RefusedError(
+                    HTTPStatus.BAD_REQUEST, "expected {branch, username, password} (strings)"
+                )
+            branch, username, password = (str(v) for v in values)
+            try:
+                self._registrar().setup_mailbox(address, branch, username, password)
+            except RegistrationError as exc:
+                raise _RefusedError(exc.status, str(exc)) from None
+            self._json(HTTPStatus.OK, self._detail(address))
+
+        def _issue_token(self) -> None:
+            data = self._json_body()
+            address = data.get("address")
+            days = _integer(data.get("expires_days"))
+            if (
+                set(data) - {"address", "expires_days"}
+                or not isinstance(address, str)
+                or len(address) > MAX_ADDRESS_CHARS
+                or (_mailbox_address(address) is None)
+                or (data.get("expires_days") is not None and days is None)
+                or (days is not None and not 1 <= days <= MAX_TOKEN_DAYS)
+            ):
+                raise _RefusedError(
+                    HTTPStatus.BAD_REQUEST,
+                    f"expected {{address, expires_days? (1-{MAX_TOKEN_DAYS})}}",
+                )
+            issue = selfservice.issue_agent_token
+            if issue is None:
+                raise _RefusedError(HTTPStatus.SERVICE_UNAVAILABLE, "agent tokens are not enabled")
+            normalised = _mailbox_address(address) or ""  # checked above: never empty
+            self._json(
+                HTTPStatus.CREATED,
+                {"address": normalised, "token": issue(normalised, days)},
+            )
+
+        def _office365_start(self, address: str, branch: str | None) -> str:
+            try:
+                return self._registrar().office365_start(
+                    address, branch, self._base_url() + OFFICE365_CALLBACK
+                )
+            except RegistrationError as exc:
+                raise _RefusedError(exc.status, str(exc)) from None
+
+        def _base_url(self) -> str:
+            """This listener's URL as the browser reached it (for the OAuth redirect URI).
+
+            From the Host header when it is a plain host[:port] (the identity provider only
+            redirects to a registered URI anyway), else the socket's own address.
+            """
+            host = self.headers.get("Host") or ""
+            if not _HOST_HEADER.fullmatch(host):
+                local = self.connection.getsockname()
+                host = f"{local[0]}:{local[1]}"
+            return f"http://{host}"
+
+        def _json_body(self) -> dict[str, Any]:
+            try:
+                data = json.loads(self.body or b"null")
+            except (ValueError, UnicodeDecodeError):
+                data = None
+            if not isinstance(data, dict):
+                raise _RefusedError(HTTPStatus.BAD_REQUEST, "the body must be a JSON object")
+            return data
+
+        def _detail(self, address: str) -> dict[str, Any]:
+            detail = self._registrar().mailbox_detail(address)
+            if detail is None:
+                raise _RefusedError(HTTPStatus.NOT_FOUND, NO_SUCH_MAILBOX["error"])
+            return detail
+
+        def _registrar(self) -> Registrar:
+            if selfservice.registrar is None:
+                raise _RefusedError(HTTPStatus.SERVICE_UNAVAILABLE, "self-service is not enabled")
+            return selfservice.registrar
+
+        def _visible_address(self, path: str, principal: Principal) -> str:
+            """The mailbox a /v1/mailboxes/{address}… path names, if this caller may see it."""
+            raw = unquote(path.strip("/").split("/")[2])
+            address = _mailbox_address(raw)
+            if address is None or not principal.may_see(address):
+                raise _RefusedError(HTTPStatus.NOT_FOUND, NO_SUCH_MAILBOX["error"])
+            return address
+
+        # -- who is asking ---------------------------------------------------------------
+
+        def _principal(self) -> Principal | None:
+            """Who the Authorization header names: the admin, an agent, or nobody."""
+            given = self.headers.get("Authorization") or ""
+            if hmac.compare_digest(given.encode("utf-8", "replace"), expected):
+                return Principal.ADMIN
+            check = selfservice.check_agent_token
+            if check is not None and given.startswith("Bearer es1."):
+                address = check(given.removeprefix("Bearer "))
+                if address is not None:
+                    return Principal(address)
+            return None
+
+        def _authorised(self) -> Principal | None:
+            principal = self._principal()
+            if principal is not None:
+                return principal
             self.send_response(HTTPStatus.UNAUTHORIZED)
             self.send_header("WWW-Authenticate", 'Bearer realm="emailsync"')
             body = b'{"error": "missing or wrong bearer token"}'
@@ -388,7 +658,256 @@ def _handler_class(
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
-            return False
+            return None
+
+        def _admin(self) -> Principal | None:
+            principal = self._authorised()
+            if principal is not None:
+                self._require_admin(principal)
+            return principal
+
+        def _require_admin(self, principal: Principal) -> None:
+            if principal != Principal.ADMIN:
+                raise _RefusedError(HTTPStatus.FORBIDDEN, FORBIDDEN_FOR_AGENT)
+
+        # -- pages ------------------------------------------------------------------------
+
+        def _page_get(self, path: str, query: str) -> None:
+            params = {k: v[-1] for k, v in parse_qs(query).items()}
+            session = self._session()
+            if path.startswith("/static/"):
+                body, content_type = pages.static(path.removeprefix("/static/"))
+                self._send(HTTPStatus.OK, body, content_type)
+                return
+            if path == OFFICE365_CALLBACK:
+                # No session needed (the cookie is SameSite=Strict, and this is a cross-site
+                # redirect): the unguessable, single-use state binds it to the mailbox.
+                try:
+                    signed_in = self._registrar().office365_finish(params)
+                except RegistrationError as exc:
+                    self._html(
+                        HTTPStatus(exc.status),
+                        pages.render("signed_in.html", None, address=None, error=str(exc)),
+                    )
+                    return
+                self._html(
+                    HTTPStatus.OK,
+                    pages.render("signed_in.html", None, address=signed_in, error=None),
+                )
+                return
+            if path == "/login":
+                given = params.get("token", "")
+                principal = self._principal_for(given) if given else None
+                if principal is not None:
+                    session = pages.login(principal, token=given)
+                    self._html(
+                        HTTPStatus.OK,
+                        pages.render("continue.html", session, target=pages.home(principal)),
+                        cookie=pages.cookie(session),
+                    )
+                    return
+                session = session or pages.anonymous()
+                status = HTTPStatus.UNAUTHORIZED if given else HTTPStatus.OK
+                error = "That link is not valid: it expired or was revoked." if given else None
+                self._html(
+                    status,
+                    pages.render("login.html", session, error=error),
+                    cookie=pages.cookie(session),
+                )
+                return
+            if session is None or session.principal is None:
+                self._redirect("/login")
+                return
+            if path == "/it":
+                if session.principal != Principal.ADMIN:
+                    self._html(HTTPStatus.FORBIDDEN, pages.render("forbidden.html", session))
+                    return
+                registrar = self._registrar()
+                details = [registrar.mailbox_detail(s.address) for s in control.statuses()]
+                self._html(
+                    HTTPStatus.OK,
+                    pages.render(
+                        "it.html",
+                        session,
+                        branches=registrar.branches(),
+                        mailboxes=[d for d in details if d is not None],
+                        securities=SECURITIES,
+                        token_link=session.pop_flash("token_link"),
+                    ),
+                )
+                return
+            address = _mailbox_address(unquote(path[len(EMAIL_SYNC_PAGE) :]))
+            if address is None or not session.principal.may_see(address):
+                self._html(HTTPStatus.NOT_FOUND, pages.render("forbidden.html", session))
+                return
+            registrar = self._registrar()
+            self._html(
+                HTTPStatus.OK,
+                pages.render(
+                    "email_sync.html",
+                    session,
+                    address=address,
+                    detail=registrar.mailbox_detail(address),
+                    branches=registrar.branches(),
+                    office365=registrar.office365_available(),
+                ),
+            )
+
+        def _page_post(self) -> None:
+            path = self.path.split("?", 1)[0]
+            form = {k: v[-1] for k, v in parse_qs(self.body.decode("utf-8", "replace")).items()}
+            session = self._session()
+            if session is None or not pages.csrf_ok(session, form.get("csrf", "")):
+                self._html(HTTPStatus.FORBIDDEN, pages.render("expired.html", None))
+                return
+            if path == "/login":
+                given = form.get("token", "").strip()
+                principal = self._principal_for(given)
+                if principal is None:
+                    self._html(
+                        HTTPStatus.UNAUTHORIZED,
+                        pages.render("login.html", session, error="That token is not valid."),
+                    )
+                    return
+                session = pages.login(principal, token=given, replacing=session)
+                self._redirect(pages.home(principal), cookie=pages.cookie(session))
+                return
+            if path == "/logout":
+                pages.logout(session)
+                self._redirect("/login", cookie=pages.cookie(None))
+                return
+            principal = session.principal
+            if principal is None:
+                self._redirect("/login")
+                return
+            if path.startswith("/it/"):
+                if principal != Principal.ADMIN:
+                    self._html(HTTPStatus.FORBIDDEN, pages.render("forbidden.html", session))
+                    return
+                self._it_post(path, form, session)
+                return
+            rest = path[len(EMAIL_SYNC_PAGE) :]
+            raw, _, action = rest.rpartition("/")
+            address = _mailbox_address(unquote(raw))
+            if address is None or not principal.may_see(address):
+                self._html(HTTPStatus.NOT_FOUND, pages.render("forbidden.html", session))
+                return
+            registrar = self._registrar()
+            page = f"{EMAIL_SYNC_PAGE}{quote(address, safe='@')}"
+            if action == "setup":
+                try:
+                    registrar.setup_mailbox(
+                        address,
+                        form.get("branch", ""),
+                        form.get("username", "").strip(),
+                        form.get("password", ""),
+                    )
+                    session.flash("notice", "Authenticated: your folders are ready.")
+                except RegistrationError as exc:
+                    session.flash("error", str(exc))
+            elif action == "sync":
+                if control.start_sync(address):
+                    session.flash("notice", "Sync started.")
+                else:
+                    session.flash("error", "Email Sync is not running for this mailbox.")
+            elif action == "office365":
+                try:
+                    url = self._office365_start(address, form.get("branch") or None)
+                except _RefusedError as exc:
+                    session.flash("error", exc.error)
+                else:
+                    # A page, not a 303: the CSP's form-action 'self' also covers redirects.
+                    self._html(HTTPStatus.OK, pages.render("continue.html", session, target=url))
+                    return
+            elif action == "stop":
+                try:
+                    registrar.forget_mailbox(address)
+                    session.flash("notice", "Email Sync stopped and your credentials forgotten.")
+                except RegistrationError:
+                    # A mailbox of the config file: stopped (tokens forgotten) until `setup`.
+                    control.stop_mailbox(address)
+                    session.flash("notice", "Email Sync stopped until IT runs `emailsync setup`.")
+            self._redirect(page)
+
+        def _it_post(self, path: str, form: dict[str, str], session: Session) -> None:
+            registrar = self._registrar()
+            if path == "/it/branches":
+                try:
+                    port = int(form.get("port", ""))
+                except ValueError:
+                    port = 0
+                name, host = form.get("name", "").strip(), form.get("host", "").strip()
+                security = form.get("security", "")
+                if (
+                    not _BRANCH_NAME.fullmatch(name)
+                    or not _HOST.fullmatch(host)
+                    or not 1 <= port <= 65535
+                    or security not in SECURITIES
+                ):
+                    session.flash("error", "Branch: a name, a host, a port 1-65535, a security.")
+                else:
+                    try:
+                        registrar.put_branch(name, host, port, security)
+                        session.flash("notice", f"Branch {name} saved.")
+                    except RegistrationError as exc:
+                        session.flash("error", str(exc))
+            elif path == "/it/tokens":
+                address = _mailbox_address(form.get("address", "").strip())
+                issue = selfservice.issue_agent_token
+                if address is None or issue is None:
+                    session.flash("error", "Not a mailbox address.")
+                else:
+                    link = f"{self._base_url()}/login?token={issue(address, None)}"
+                    session.flash("token_link", link)
+            self._redirect("/it")
+
+        def _session(self) -> Session | None:
+            """The request's session, while the token it was opened with is still valid.
+
+            An agent's session ends with its token: ``emailsync keys rotate`` (or the
+            token's expiry) logs the agent out at once, not after ``SESSION_SECONDS``.
+            """
+            session = pages.session(self.headers.get("Cookie"))
+            if (
+                session is not None
+                and session.principal is not None
+                and self._principal_for(session.token) != session.principal
+            ):
+                pages.logout(session)
+                return None
+            return session
+
+        def _principal_for(self, given: str) -> Principal | None:
+            if hmac.compare_digest(given.encode("utf-8", "replace"), token.encode()):
+                return Principal.ADMIN
+            check = selfservice.check_agent_token
+            address = check(given) if check is not None and given.startswith("es1.") else None
+            return Principal(address) if address is not None else None
+
+        def _html(self, status: HTTPStatus, text: str, *, cookie: str | None = None) -> None:
+            body = text.encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self._page_headers(cookie)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _redirect(self, location: str, *, cookie: str | None = None) -> None:
+            # 303: the browser follows with GET (POST-redirect-GET; a reload resends nothing).
+            self.send_response(HTTPStatus.SEE_OTHER)
+            self.send_header("Location", location)
+            self.send_header("Content-Length", "0")
+            self._page_headers(cookie)
+            self.end_headers()
+
+        def _page_headers(self, cookie: str | None) -> None:
+            for name, value in PAGE_HEADERS:
+                self.send_header(name, value)
+            if cookie is not None:
+                self.send_header("Set-Cookie", cookie)
+
+        # -- answers ----------------------------------------------------------------------
 
         def _json(self, status: HTTPStatus, payload: dict[str, Any]) -> None:
             self._send(status, json.dumps(payload).encode(), "application/json")
@@ -413,19 +932,73 @@ def _include_stuck(query: str) -> bool | None:
     return {"true": True, "1": True, "false": False, "0": False}.get(values[-1].lower())
 
 
-GET_PATHS = frozenset({"/", "/healthz", "/readyz", "/metrics", "/v1/mailboxes"})
+GET_PATHS = frozenset({"/", "/healthz", "/readyz", "/metrics", "/v1/mailboxes", "/v1/branches"})
 MAILBOX_ACTIONS = ("sync", "stop", "start")
+EMAIL_SYNC_PAGE = "/email-sync/"
+OFFICE365_CALLBACK = "/oauth/office365/callback"
+PAGE_GET_PATHS = frozenset(
+    {"/login", "/it", OFFICE365_CALLBACK, *(f"/static/{name}" for name in STATIC_FILES)}
+)
+PAGE_POST_PATHS = frozenset({"/login", "/logout", "/it/branches", "/it/tokens"})
+PAGE_ACTIONS = ("setup", "sync", "stop", "office365")
+_HOST_HEADER = re.compile(r"[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
+MAX_FIELD_CHARS = 1024
+MAX_TOKEN_DAYS = 3660
+MAX_ADDRESS_CHARS = 254  # RFC 5321 §4.5.3.1.3: a path holds at most 256 octets with its <>
+_BRANCH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+# A DNS name or an IPv4 address; no URL, no spaces, no path.
+_HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
+# Every page: nothing but our own stylesheet and script, no framing, no referrer (a login
+# link carries a token), no sniffing. https://www.w3.org/TR/CSP3/
+PAGE_HEADERS = (
+    (
+        "Content-Security-Policy",
+        "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self'; "
+        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    ),
+    ("X-Content-Type-Options", "nosniff"),
+    ("X-Frame-Options", "DENY"),
+    ("Referrer-Policy", "no-referrer"),
+    ("Cache-Control", "no-store"),
+)
 
 
 def _allowed_method(path: str) -> str | None:
-    """The one method a known path answers, or None for a path we do not serve."""
-    if path in GET_PATHS:
+    """The methods a known path answers (the Allow header), or None for a path we do not serve."""
+    if path in GET_PATHS or (path in PAGE_GET_PATHS and path not in PAGE_POST_PATHS):
         return "GET"
-    parts = path.strip("/").split("/")
-    if parts == ["v1", "sync"] or (
-        len(parts) == 4 and parts[:2] == ["v1", "mailboxes"] and parts[3] in MAILBOX_ACTIONS
-    ):
+    if path == "/login":
+        return "GET, POST"
+    if path in PAGE_POST_PATHS:
         return "POST"
+    parts = path.strip("/").split("/")
+    if parts in (["v1", "sync"], ["v1", "tokens"]):
+        return "POST"
+    if len(parts) == 3 and parts[:2] == ["v1", "branches"] and parts[2]:
+        return "PUT"
+    if len(parts) == 3 and parts[:2] == ["v1", "mailboxes"] and parts[2]:
+        return "GET, PUT, DELETE"
+    if len(parts) == 5 and parts[:2] == ["v1", "mailboxes"] and parts[3:] == ["office365", "start"]:
+        return "POST"
+    if len(parts) == 4 and parts[:2] == ["v1", "mailboxes"] and parts[3] in MAILBOX_ACTIONS:
+        return "POST"
+    if path.startswith(EMAIL_SYNC_PAGE):
+        rest = path[len(EMAIL_SYNC_PAGE) :]
+        if rest and "/" not in rest:
+            return "GET"
+        if rest.rpartition("/")[2] in PAGE_ACTIONS:
+            return "POST"
+    return None
+
+
+def _integer(value: object) -> int | None:
+    """A JSON integer (``2`` or ``2.0``: JSON Schema counts both as integers), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
     return None
 
 

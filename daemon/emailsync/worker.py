@@ -21,6 +21,8 @@ State machine (the ``mailbox_state`` metric shows the current state)::
     syncing ──store unavailable──▶ backoff, still logged in ──▶ syncing (the same pass again)
     idle ──access token near its end──▶ LOGOUT ──▶ connecting (at once)
     stop() from any state ─▶ stopped (the message batch in flight is finished, then LOGOUT)
+    lease lost (LeaseLostError, PostgreSQL store) ─▶ stopped at once: connection dropped,
+        nothing recorded or moved; parked until the lease keeper calls stop()
 
 The back-off restarts from 1 s only after a pass completed (``Backoff.progress()``), never on
 a mere login, so a failure right after login cannot turn into a reconnect every second. An
@@ -39,6 +41,7 @@ A server without IDLE is polled every ``poll_seconds``.
 from __future__ import annotations
 
 import ctypes
+import functools
 import random
 import threading
 from collections.abc import Callable, Sequence
@@ -54,6 +57,7 @@ from emailsync.errors import (
     AuthError,
     ConnectionLostError,
     FolderMissingError,
+    LeaseLostError,
     StoreUnavailableError,
     UidValidityChangedError,
 )
@@ -87,6 +91,8 @@ TOKEN_RECONNECT_FRACTION = 0.1
 TOKEN_RECONNECT_FLOOR_SECONDS = 30.0
 # The cap on how long LOGOUT may take (SIGTERM must exit within 10 s).
 LOGOUT_TIMEOUT_SECONDS = 3.0
+# A parked worker (lease lost) only waits for stop(), which wakes it at once; this bounds each wait.
+PARK_WAIT_SECONDS = 3600.0
 # Which label a pass gets when it serves several triggers at once.
 _LABEL_ORDER = (Trigger.START_SYNC, Trigger.STARTUP, Trigger.IDLE, Trigger.SWEEP, Trigger.POLL)
 
@@ -272,6 +278,10 @@ class MailboxWorker(threading.Thread):
         """A copy of the current status, safe to serialise from any thread."""
         return self.report.snapshot()
 
+    def recent_outcomes(self) -> list[dict[str, str | None]]:
+        """The latest filed or failed messages, newest first (for the Email Sync page)."""
+        return self.report.recent()
+
     def refresh_gauges(self) -> None:
         """Recompute the age of the oldest queued message (the scheduler calls this)."""
         self.report.refresh_gauges()
@@ -333,6 +343,12 @@ class MailboxWorker(threading.Thread):
         except ConnectionLostError as exc:
             self.report.connection_error(exc.kind)
             wait = self._wait_after_connection_lost(exc)
+        except LeaseLostError as exc:
+            # Another instance may own the mailbox now (emailsync.lease): move nothing more,
+            # drop the connection (no LOGOUT: nothing more is said on it) and wait, parked,
+            # for the lease keeper to stop us.
+            self.log.warning("lease_lost_parked", error=str(exc))
+            wait = functools.partial(self._park, str(exc))
         except (FolderMissingError, UidValidityChangedError) as exc:
             # Reconnecting re-creates the tree and re-selects Queue; back-off stops a loop.
             # UIDs seen before mean nothing under a new UIDVALIDITY (RFC 3501 §2.3.1.1).
@@ -346,6 +362,13 @@ class MailboxWorker(threading.Thread):
             self.first_attempt_done.set()
         if wait is not None and not self._stopping():
             wait()
+
+    def _park(self, error: str) -> None:
+        """Lease lost: ``stopped`` until stop(); triggers are dropped, the new owner serves them."""
+        self.report.set_state(State.STOPPED, error=error)
+        while not self._stopping():
+            self._wakeup.consume()
+            self._wakeup.wait(PARK_WAIT_SECONDS)
 
     def _wait_for_reauth(self) -> None:
         """needs_reauth: the slow retry, which one Start Sync per retry may bring forward.
@@ -482,6 +505,8 @@ class MailboxWorker(threading.Thread):
             trigger = next(t for t in _LABEL_ORDER if t in self._owed)
             try:
                 self._sync(session, trigger)
+            except LeaseLostError:
+                raise  # a StoreUnavailableError too, but retrying cannot help: park (_attempt)
             except StoreUnavailableError as exc:
                 # The IMAP session is fine: keep it, and keep the messages in Queue. A CRM's
                 # Retry-After wins over the drawn delay, as a server's hint does.

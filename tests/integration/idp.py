@@ -1,7 +1,9 @@
 """A small local OAuth2/OpenID Connect identity provider on loopback HTTPS, for Office 365 tests.
 
 It speaks just enough of Microsoft Entra ID's v2.0 endpoints for MSAL and Dovecot: OpenID
-discovery, device authorisation (RFC 8628), a token endpoint (device_code, refresh_token with
+discovery, device authorisation (RFC 8628), an authorization endpoint with a sign-in form (the
+authorization-code grant with PKCE, RFC 7636 S256 only; users from ``add_user()``), a token
+endpoint (authorization_code, device_code, refresh_token with
 rotation on every use, client_credentials with a client secret or an RFC 7523 JWT client
 assertion signed with a registered certificate) and RFC 7662 introspection for Dovecot's oauth2
 passdb. Access and refresh tokens are opaque random strings; the id_token is an unsigned JWT
@@ -15,6 +17,8 @@ from __future__ import annotations
 import base64
 import binascii
 import errno
+import hashlib
+import html
 import json
 import secrets
 import ssl
@@ -27,7 +31,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 import trustme
 from cryptography import x509
@@ -46,6 +50,7 @@ DEFAULT_ACCESS_TOKEN_LIFETIME_SECONDS = 3600
 DEVICE_CODE_LIFETIME_SECONDS = 120
 # RFC 8628 §3.2: how long a client waits between polls; MSAL sleeps in whole seconds.
 DEVICE_POLL_INTERVAL_SECONDS = 1
+AUTHORIZATION_CODE_LIFETIME_SECONDS = 600
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 # RFC 7523 §2.2: a JWT that authenticates the client in place of a client secret.
 CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
@@ -101,6 +106,18 @@ class _DeviceCode:
     redeemed: bool = False
 
 
+@dataclass
+class _AuthorizationCode:
+    client_id: str
+    redirect_uri: str
+    scope: str
+    code_challenge: str
+    nonce: str | None
+    username: str
+    expires_at: float
+    redeemed: bool = False
+
+
 @dataclass(frozen=True)
 class IdpRequest:
     """One request the provider answered: what was asked and the status sent back."""
@@ -117,6 +134,8 @@ class _State:
     access_tokens: dict[str, _AccessToken] = field(default_factory=dict)
     refresh_tokens: dict[str, _RefreshToken] = field(default_factory=dict)
     device_codes: dict[str, _DeviceCode] = field(default_factory=dict)
+    authorization_codes: dict[str, _AuthorizationCode] = field(default_factory=dict)
+    users: dict[str, str] = field(default_factory=dict)  # user name → password
     issued: set[str] = field(default_factory=set)
     requests: list[IdpRequest] = field(default_factory=list)
 
@@ -246,6 +265,12 @@ class IdentityProvider:
             if secret is not None:
                 self._state.issued.add(secret)
 
+    def add_user(self, username: str, password: str) -> None:
+        """A user who can sign in on the authorization endpoint's form."""
+        with self._lock:
+            self._state.users[username.lower()] = password
+            self._state.issued.add(password)
+
     def approve(self, user_code: str, username: str) -> None:
         """Sign ``username`` in on the device waiting with ``user_code`` (the browser step)."""
         with self._lock:
@@ -308,7 +333,7 @@ class IdentityProvider:
 
     def _handle(
         self, method: str, path: str, form: Mapping[str, str], basic: tuple[str, str] | None
-    ) -> tuple[int, dict[str, Any], dict[str, str]]:
+    ) -> tuple[int, dict[str, Any] | str, dict[str, str]]:
         if self._down_status is not None:
             # Retry-After: 0 keeps MSAL from replaying this answer from its throttle cache
             # once the test brings the provider back.
@@ -319,6 +344,8 @@ class IdentityProvider:
         route = path[len(prefix) :]
         if method == "GET" and route == "/v2.0/.well-known/openid-configuration":
             return HTTPStatus.OK, self._discovery(), {}
+        if route == "/oauth2/v2.0/authorize":
+            return self._authorize(method, form)
         if method == "POST" and route == "/oauth2/v2.0/devicecode":
             return self._device_authorization(form)
         if method == "POST" and route == "/oauth2/v2.0/token":
@@ -414,6 +441,8 @@ class IdentityProvider:
                     AADSTS_BAD_CLIENT_SECRET,
                     "Invalid client secret provided.",
                 )
+            if grant == "authorization_code":
+                return self._redeem_authorization_code(client, form)
             if grant == DEVICE_GRANT:
                 return self._redeem_device_code(client, form.get("device_code", ""))
             if grant == "refresh_token":
@@ -488,6 +517,79 @@ class IdentityProvider:
             )
         return None
 
+    def _authorize(
+        self, method: str, form: Mapping[str, str]
+    ) -> tuple[int, dict[str, Any] | str, dict[str, str]]:
+        """GET: the sign-in form; POST: check the user, redirect with a code (RFC 6749 §4.1).
+
+        Only ``code_challenge_method=S256`` is accepted (RFC 7636 §4.2: ``plain`` would let a
+        stolen code be redeemed by whoever saw the request).
+        """
+        client_id, redirect_uri = form.get("client_id", ""), form.get("redirect_uri", "")
+        with self._lock:
+            known = client_id in self._state.clients
+        if not known or not redirect_uri.startswith(("http://127.0.0.1:", "http://localhost:")):
+            return HTTPStatus.BAD_REQUEST, "<p>Unknown application or redirect URI.</p>", {}
+        if form.get("response_type") != "code" or form.get("code_challenge_method") != "S256":
+            return HTTPStatus.BAD_REQUEST, "<p>PKCE with S256 and response_type=code only.</p>", {}
+        error = ""
+        if method == "POST":
+            username = form.get("username", "").strip().lower()
+            with self._lock:
+                ok = username and self._state.users.get(username) == form.get("password")
+                if ok:
+                    code = secrets.token_urlsafe(32)
+                    self._state.authorization_codes[code] = _AuthorizationCode(
+                        client_id=client_id,
+                        redirect_uri=redirect_uri,
+                        scope=form.get("scope", ""),
+                        code_challenge=form.get("code_challenge", ""),
+                        nonce=form.get("nonce"),
+                        username=username,
+                        expires_at=time.time() + AUTHORIZATION_CODE_LIFETIME_SECONDS,
+                    )
+                    self._state.issued.add(code)
+            if ok:
+                query = urlencode({"code": code, "state": form.get("state", "")})
+                return HTTPStatus.FOUND, "", {"Location": f"{redirect_uri}?{query}"}
+            error = "<p id='error'>Wrong user name or password.</p>"
+        hidden = "".join(
+            f'<input type="hidden" name="{html.escape(k)}" value="{html.escape(v)}">'
+            for k, v in form.items()
+            if k not in ("username", "password")
+        )
+        login_hint = html.escape(form.get("login_hint", ""))
+        page = (
+            "<!doctype html><html><head><title>Sign in to your account</title></head><body>"
+            f"<h1>Sign in</h1>{error}<form method='post'>{hidden}"
+            f"<label>Email <input name='username' value='{login_hint}'></label>"
+            "<label>Password <input name='password' type='password'></label>"
+            "<button id='idp-sign-in' type='submit'>Sign in</button></form></body></html>"
+        )
+        return HTTPStatus.OK, page, {}
+
+    def _redeem_authorization_code(
+        self, client: _Client, form: Mapping[str, str]
+    ) -> tuple[int, dict[str, Any], dict[str, str]]:
+        grant = self._state.authorization_codes.get(form.get("code", ""))
+        if (
+            grant is None
+            or grant.redeemed
+            or grant.client_id != client.client_id
+            or grant.redirect_uri != form.get("redirect_uri")
+            or grant.expires_at <= time.time()
+        ):
+            return _error(HTTPStatus.BAD_REQUEST, "invalid_grant", 70008, "Bad or expired code.")
+        verifier = form.get("code_verifier", "")
+        challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest())
+        if challenge.rstrip(b"=").decode() != grant.code_challenge:
+            return _error(
+                HTTPStatus.BAD_REQUEST, "invalid_grant", 501481, "The code_verifier is wrong."
+            )
+        grant.redeemed = True
+        tokens = self._user_tokens(client, grant.username, grant.scope, nonce=grant.nonce)
+        return HTTPStatus.OK, tokens, {}
+
     def _redeem_device_code(
         self, client: _Client, device_code: str
     ) -> tuple[int, dict[str, Any], dict[str, str]]:
@@ -555,7 +657,9 @@ class IdentityProvider:
             {},
         )
 
-    def _user_tokens(self, client: _Client, username: str, scope: str) -> dict[str, Any]:
+    def _user_tokens(
+        self, client: _Client, username: str, scope: str, *, nonce: str | None = None
+    ) -> dict[str, Any]:
         lifetime = self.access_token_lifetime_seconds
         now = time.time()
         access_token = self._new_access_token(username, client.client_id, scope, app=False)
@@ -577,6 +681,8 @@ class IdentityProvider:
             "nbf": int(now),
             "exp": int(now) + lifetime,
         }
+        if nonce:
+            claims["nonce"] = nonce  # OpenID Connect Core §3.1.3.7: MSAL checks it
         # An unsigned JWT (RFC 7519 §6): MSAL only decodes the claims.
         id_token = ".".join((_b64url({"alg": "none", "typ": "JWT"}), _b64url(claims), ""))
         self._state.issued.update((refresh_token, id_token))
@@ -706,17 +812,23 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def _answer(self, method: str) -> None:
-        path = unquote(urlsplit(self.path).path)
+        url = urlsplit(self.path)
+        path = unquote(url.path)
         length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length).decode("utf-8") if length else ""
+        body = self.rfile.read(length).decode("utf-8") if length else url.query
         form = {k: v[0] for k, v in parse_qs(body, keep_blank_values=True).items()}
         status, payload, headers = self.server.idp._handle(
             method, path, form, _basic_credentials(self.headers.get("Authorization", ""))
         )
         self.server.idp._log(IdpRequest(method, path, form.get("grant_type"), status))
-        data = json.dumps(payload).encode()
+        # A page (the sign-in form, a redirect) is text; everything else is JSON.
+        page = isinstance(payload, str)
+        data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
         self.send_response(status)
-        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header(
+            "Content-Type",
+            "text/html; charset=utf-8" if page else "application/json; charset=utf-8",
+        )
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Cache-Control", "no-store")
         for name, value in headers.items():

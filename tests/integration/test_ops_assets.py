@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from emailsync.metrics import CrmMetrics, Metrics
+from emailsync.metrics import ClusterMetrics, CrmMetrics, Metrics
 
 REPO = Path(__file__).resolve().parents[2]
 SYSTEMD_DIR = REPO / "systemd"
@@ -37,13 +37,15 @@ def registry_series() -> dict[str, frozenset[str]]:
     """Every metric family of the daemon's real registry → the series names it exposes.
 
     Built from `emailsync.metrics.Metrics` (and `CrmMetrics`, which daemons with a `[crm]`
-    register) with one mailbox initialised, so the names cannot
-    drift from the code. Labelled metrics with no child yet (sync pass histogram, last sync,
-    token expiry) expose no samples, so each family's type adds the names Prometheus would see
-    once it has one: counters `_total`/`_created`, histograms `_bucket`/`_sum`/`_count`/`_created`.
+    register, and `ClusterMetrics`, which daemons with a PostgreSQL store register) with one
+    mailbox initialised, so the names cannot drift from the code. Labelled metrics with no
+    child yet (sync pass histogram, last sync, token expiry) expose no samples, so each
+    family's type adds the names Prometheus would see once it has one: counters
+    `_total`/`_created`, histograms `_bucket`/`_sum`/`_count`/`_created`.
     """
     metrics = Metrics(CollectorRegistry())
     CrmMetrics(metrics.registry)  # registered by daemons with a [crm]
+    ClusterMetrics(metrics.registry)  # registered by daemons with a postgresql:// store
     metrics.init_mailbox("x@example.com")
     metrics.set_state("x@example.com", "idle")
     return {

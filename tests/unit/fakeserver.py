@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from emailsync.clock import Clock
 from emailsync.config import MailboxSettings, Settings, parse_settings
-from emailsync.errors import AuthError, ConnectionLostError, StoreUnavailableError
+from emailsync.errors import AuthError, ConnectionLostError, LeaseLostError, StoreUnavailableError
 from emailsync.imap.idle import IdleUpdate
 from emailsync.metrics import Metrics
 from emailsync.model import FetchedMessage, FolderRole, Group
@@ -101,14 +101,17 @@ HEADER = (
 
 
 class FakeStore:
-    """A store with no groups that can be switched unavailable."""
+    """A store with no groups that can be switched unavailable, or its lease lost."""
 
     def __init__(self) -> None:
         self.down = False
+        self.lease_lost = False  # as a FencedStore whose lease another instance now holds
         self.lookups = 0
 
     def groups_for_addresses(self, addresses: Iterable[str]) -> list[Group]:
         self.lookups += 1
+        if self.lease_lost:
+            raise LeaseLostError("lease on agent@example.com (generation 1) expired or was lost")
         if self.down:
             raise StoreUnavailableError("store: connection refused")
         return []

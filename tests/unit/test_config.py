@@ -1430,7 +1430,7 @@ def test_check_config_of_a_good_config_exits_0_with_an_ok_line(
 @pytest.mark.parametrize(
     ("url", "why"),
     [
-        (FULL_STORE_URL, "unsupported store URL scheme 'postgresql'"),
+        ("https://db.example.com/emailsync", "unsupported store URL scheme 'https'"),
         ("sqlite://db.example.com/x.db", "names a host"),
         ("sqlite:///x.db?mode=ro", "has a query or fragment"),
     ],

@@ -26,8 +26,8 @@ from emailsync.devserver import free_port
 from emailsync.imap.auth import Authenticator
 from emailsync.metrics import Metrics
 from emailsync.store import open_store
-from emailsync.store.base import Store
-from emailsync.supervisor import Supervisor
+from emailsync.store.base import RegisteredBranch, RegisteredMailbox, Registry, Store
+from emailsync.supervisor import ClusterFactory, Supervisor
 from emailsync.systemd import Notifier
 from emailsync.worker import WorkerStatus
 
@@ -104,6 +104,7 @@ class FakeWorker(threading.Thread):
         self.crash = crash
         self.raises_in_jobs = raises_in_jobs
         self.first_attempt_done = threading.Event()
+        self.store: Store | None = None  # what the supervisor handed it
         self.jobs: list[str] = []
         self.state = "connecting"
         self._stopping = threading.Event()
@@ -276,6 +277,7 @@ def make_rig(tmp_path: Path, store: Store, signals_restored: None) -> Callable[.
         raises_in_jobs: Callable[[str], bool] = lambda address: False,
         watchdog_failures: int = 0,
         before_start: Callable[[str, int], None] = lambda address, generation: None,
+        cluster_factory: ClusterFactory | None = None,
     ) -> Rig:
         config = write_config(tmp_path, count)
         settings = load_settings(config)
@@ -302,11 +304,17 @@ def make_rig(tmp_path: Path, store: Store, signals_restored: None) -> Callable[.
                 crash=crash(mailbox.address),
                 raises_in_jobs=raises_in_jobs(mailbox.address),
             )
+            worker.store = store
             workers.append(worker)
             return worker
 
         supervisor = Supervisor(
-            settings, store, registry=registry, notifier=notifier, worker_factory=factory
+            settings,
+            store,
+            registry=registry,
+            notifier=notifier,
+            worker_factory=factory,
+            cluster_factory=cluster_factory,
         )
         addresses = [m.address for m in settings.mailboxes]
         return Rig(config, supervisor, notifier, census, registry, workers, addresses)
@@ -566,3 +574,102 @@ def test_a_start_sync_during_a_restart_reaches_the_new_worker(
 
     rig.run(driver)
     assert rig.workers[0].jobs == []
+
+
+def test_a_registered_mailbox_restarts_on_a_branch_change_without_two_workers_at_once(
+    make_rig: Callable[..., Rig], store: Store
+) -> None:
+    """A branch change restarts only the registered mailboxes on it, by the same rule as a
+    reload: the replacement (with the new server) starts once the slow old worker ended;
+    Stop Email Sync then retires it and forgets it."""
+    rig = make_rig(1, stop_seconds=lambda address, generation: 1.0 if generation == 1 else 0.0)
+    address, other = "self@example.com", rig.addresses[0]
+    assert isinstance(store, Registry)
+    store.put_branch(RegisteredBranch("high-street", "127.0.0.1", 1, "none"))
+    blob = rig.supervisor.vault.encrypt("pw", address)
+    store.put_mailbox(
+        RegisteredMailbox(address, "high-street", "password", address, True, False), blob
+    )
+
+    def driver() -> None:
+        wait_for(lambda: rig.census.running(address, 1) and rig.census.running(other, 1))
+        assert rig.supervisor.put_branch("high-street", "127.0.0.2", 1, "none") is False
+        wait_for(lambda: rig.census.running(address, 2))
+        assert rig.workers[-1].mailbox.server.host == "127.0.0.2"
+        assert len(rig.census.of(other)) == 1  # the config file's mailbox was left alone
+        assert rig.supervisor.forget_mailbox(address) is True
+        assert address not in [s.address for s in rig.supervisor.statuses()]
+        assert store.mailbox_secret(address) is None
+
+    rig.run(driver)
+
+
+class FakeCluster:
+    """The cluster as the supervisor sees it; the test plays the lease keeper."""
+
+    instance_id = "here"
+
+    def __init__(self) -> None:
+        self.published: list[tuple[str | None, bool]] = []
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def healthy(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        return True
+
+    def owners(self) -> dict[str, str | None]:
+        return {"agent0@example.com": "there"}
+
+    def resume(self, address: str) -> bool:
+        return False
+
+    def publish_sync(self, address: str | None, *, include_stuck: bool = False) -> None:
+        self.published.append((address, include_stuck))
+
+
+def test_lease_hooks_never_run_two_workers_and_each_worker_writes_through_its_fence(
+    make_rig: Callable[..., Rig], tmp_path: Path
+) -> None:
+    """The keeper's run_mailbox for a mailbox whose worker is slow to stop starts the new one
+    (with the new fenced store) only once the old one ended; drop_mailboxes returns once the
+    worker ended (the lease is released after it), the mailbox is then ``remote`` with its
+    owner, and a Start Sync for it is published with include_stuck."""
+    cluster = FakeCluster()
+    rig = make_rig(
+        1,
+        stop_seconds=lambda address, generation: 0.6 if generation == 1 else 0.0,
+        cluster_factory=lambda supervisor: cluster,
+    )
+    address = rig.addresses[0]
+    fenced = [open_store(f"sqlite:///{tmp_path / f'fence{n}.db'}", tmp_path) for n in (1, 2)]
+
+    def driver() -> None:
+        assert rig.supervisor.run_mailbox(address, fenced[0])
+        wait_for(lambda: rig.census.running(address, 1))
+        assert rig.supervisor.run_mailbox(address, fenced[1])  # a new fence, same mailbox
+        wait_for(lambda: rig.census.running(address, 2))
+        assert [w.store for w in rig.workers] == fenced
+        assert [(s.state, s.owner) for s in rig.supervisor.statuses()] == [("idle", "here")]
+        rig.supervisor.drop_mailboxes([address])
+        assert all(life.ended is not None for life in rig.census.of(address))
+        assert [(s.state, s.owner) for s in rig.supervisor.statuses()] == [("remote", "there")]
+        assert rig.supervisor.start_sync(address, include_stuck=True)
+        assert cluster.published == [(address, True)]
+
+    try:
+        rig.run(driver)
+    finally:
+        for each in fenced:
+            each.close()
+    assert rig.census.most_alive[address] == 1
+    first, second = rig.census.of(address)
+    assert first.ended is not None
+    assert second.started >= first.ended
+    assert second.ended is not None  # forgotten: its worker stopped too

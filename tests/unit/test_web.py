@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import re
 import select
 import socket
 import time
@@ -61,11 +62,15 @@ def served() -> Iterator[tuple[WebServer, Supervisor]]:
 
 
 def call(
-    server: WebServer, method: str, path: str, headers: dict[str, str] | None = None
+    server: WebServer,
+    method: str,
+    path: str,
+    headers: dict[str, str] | None = None,
+    body: str | None = None,
 ) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
     try:
-        conn.request(method, path, headers=headers or {})
+        conn.request(method, path, body=body, headers=headers or {})
         response = conn.getresponse()
         return response.status, response.read()
     finally:
@@ -185,6 +190,74 @@ def test_an_invalid_address_answers_like_an_unknown_one(
     assert supervisor.synced == []
 
 
+def test_pages_need_a_session_and_send_a_strict_content_security_policy(
+    served: tuple[WebServer, Supervisor],
+) -> None:
+    server, _ = served
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    try:
+        conn.request("GET", "/email-sync/agent@example.com")
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 303
+        assert response.getheader("Location") == "/login"
+    finally:
+        conn.close()
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    try:
+        conn.request("GET", "/login")
+        response = conn.getresponse()
+        body = response.read()
+        assert response.status == 200
+        policy = response.getheader("Content-Security-Policy") or ""
+        assert "default-src 'none'" in policy
+        assert "script-src 'self'" in policy
+        assert "'unsafe-inline'" not in policy
+        assert response.getheader("Referrer-Policy") == "no-referrer"
+        cookie = response.getheader("Set-Cookie") or ""
+        assert "HttpOnly" in cookie
+        assert "SameSite=Strict" in cookie
+        assert b'name="csrf"' in body
+    finally:
+        conn.close()
+
+
+def test_a_form_without_the_sessions_csrf_token_is_refused(
+    served: tuple[WebServer, Supervisor],
+) -> None:
+    server, _ = served
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    try:
+        conn.request("GET", "/login")
+        response = conn.getresponse()
+        page = response.read().decode()
+        cookie = (response.getheader("Set-Cookie") or "").split(";")[0]
+    finally:
+        conn.close()
+    good = re.search(r'name="csrf" value="([^"]+)"', page)
+    assert good is not None
+    for csrf in ("", "wrong", good.group(1)[:-1]):
+        body = f"token={TOKEN}&csrf={csrf}"
+        status, answer = call(
+            server,
+            "POST",
+            "/login",
+            {"Cookie": cookie, "Content-Type": "application/x-www-form-urlencoded"},
+            body,
+        )
+        assert status == 403
+        assert b"expired" in answer
+    # The same form with the session's token logs in (so the refusals above were the token's).
+    status, _ = call(
+        server,
+        "POST",
+        "/login",
+        {"Cookie": cookie, "Content-Type": "application/x-www-form-urlencoded"},
+        f"token={TOKEN}&csrf={good.group(1)}",
+    )
+    assert status == 303
+
+
 def test_a_non_loopback_listener_warns() -> None:
     with structlog.testing.capture_logs() as logs:
         WebServer("0.0.0.0", 0, Supervisor(), CollectorRegistry(), TOKEN).httpd.server_close()  # noqa: S104 -- the case under test
@@ -287,6 +360,15 @@ def test_connections_beyond_the_cap_get_503_until_idle_ones_reach_the_deadline(
         ("PATCH", "/elsewhere", "GET, POST"),
         ("QUERY", "/v1/mailboxes", "GET"),
         ("HEAD", "/healthz", "GET"),
+        ("POST", "/v1/mailboxes/agent@example.com", "GET, PUT, DELETE"),
+        ("PATCH", "/v1/mailboxes/agent@example.com", "GET, PUT, DELETE"),
+        ("GET", "/v1/branches/main", "PUT"),
+        ("GET", "/v1/tokens", "POST"),
+        ("GET", "/v1/mailboxes/agent@example.com/office365/start", "POST"),
+        ("PUT", "/login", "GET, POST"),
+        ("POST", "/it", "GET"),
+        ("GET", "/email-sync/agent@example.com/stop", "POST"),
+        ("DELETE", "/email-sync/agent@example.com", "GET"),
     ],
 )
 def test_a_method_a_path_does_not_take_is_405_with_allow_not_a_5xx(

@@ -167,6 +167,32 @@ def test_a_store_outage_keeps_the_session_and_retries_the_pass(tmp_path: Path) -
     assert r.worker.snapshot().last_error is not None
 
 
+def test_a_lost_lease_parks_the_worker_until_stop(tmp_path: Path) -> None:
+    """LeaseLostError is a StoreUnavailableError, but retrying cannot help: the worker drops
+    the connection (no LOGOUT), moves nothing, reports stopped and waits for stop() without
+    logging in again or asking the store again, whatever triggers come."""
+    r = rig(tmp_path, max_backoff_seconds=8)
+    r.server.deliver()
+    r.store.lease_lost = True
+    r.clock.at(20, r.server.deliver)
+    r.clock.at(30, lambda: r.worker.request_pass("start_sync"))
+    r.clock.at(40, lambda: r.worker.request_pass("sweep"))
+    r.run_until(600)
+
+    assert r.clock.now == 600  # parked until the stop, not ended early
+    assert len(r.server.logins) == 1
+    assert r.store.lookups == 1  # the pass asked the store once: the positive signal
+    assert r.server.queue == [1, 2]
+    assert r.server.filed == []
+    session = r.server.sessions[0]
+    assert session.closed
+    assert not session.logged_out
+    assert r.delays == []  # no back-off was drawn: not the store-outage retry
+    status = r.worker.snapshot()
+    assert status.state == "stopped"
+    assert "lease" in (status.last_error or "")
+
+
 def test_access_token_expired_bye_reconnects_at_once_only_once_in_a_row(tmp_path: Path) -> None:
     """Exchange's AccessTokenExpired BYE: the first reconnect is immediate, the next ones
     within TOKEN_RECONNECT_FLOOR_SECONDS back off like any other loss."""

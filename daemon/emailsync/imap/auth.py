@@ -31,6 +31,7 @@ import os
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -53,6 +54,7 @@ from emailsync.errors import (
     MailboxError,
 )
 from emailsync.imap.translate import is_transient, server_text, translated
+from emailsync.secret import Secret
 
 log = structlog.get_logger(__name__)
 
@@ -113,18 +115,24 @@ class Authenticator(Protocol):
 class PasswordAuthenticator:
     """IMAP LOGIN with the mailbox's password, read from its secret source at every login."""
 
-    def __init__(self, mailbox: MailboxSettings) -> None:
-        if mailbox.password is None:
-            raise ConfigError([f"mailbox {mailbox.address}: auth = password needs a password"])
+    def __init__(
+        self, mailbox: MailboxSettings, *, password: Callable[[], Secret] | None = None
+    ) -> None:
+        """``password``: reads the secret at each login (a registered mailbox's, decrypted
+        from the store); by default the mailbox's configured secret source."""
+        if password is None:
+            if mailbox.password is None:
+                raise ConfigError([f"mailbox {mailbox.address}: auth = password needs a password"])
+            password = mailbox.password.read
         self._mailbox = mailbox
-        self._password = mailbox.password
+        self._read_password = password
         self._log = log.bind(mailbox=mailbox.address)
 
     def login(self, client: imapclient.IMAPClient) -> None:
         """LOGIN as the mailbox's username; see ``Authenticator.login``."""
         address = self._mailbox.address
         try:
-            password = self._password.read()
+            password = self._read_password()
         except ConfigError as exc:
             # The message names the source only; a missing secret needs a person, not retries.
             raise AuthError(f"{address}: {exc}") from exc
@@ -307,6 +315,71 @@ class Office365Authenticator:
                 self._persist_cache()
             self._last_error = None
         self._log.info("device_code_signed_in", account=account)
+
+    def start_auth_code_flow(self, redirect_uri: str) -> dict[str, Any]:
+        """Begin a browser sign-in: MSAL's authorization-code flow with PKCE (RFC 7636).
+
+        Returns MSAL's flow (``auth_uri``, ``state``, the PKCE verifier, the nonce): keep it
+        server-side until the callback. ConfigError for an app-only configuration.
+        """
+        if self._app_only:
+            raise ConfigError(
+                [f"mailbox {self._mailbox.address}: [office365] is app-only; no browser sign-in"]
+            )
+        with self._lock:
+            self._reload_cache()
+            app = self._application()
+        with self._provider_errors(), warnings.catch_warnings():
+            # MSAL suggests response_mode=form_post (RFC 9700 §4.3.1); the code in the query
+            # is useless without the PKCE verifier, which never leaves the daemon.
+            warnings.simplefilter("ignore", UserWarning)
+            flow: dict[str, Any] = app.initiate_auth_code_flow(
+                self._scopes, redirect_uri=redirect_uri, login_hint=self._mailbox.address
+            )
+        if "auth_uri" not in flow:
+            raise self._refused(flow, "browser sign-in")
+        return flow
+
+    def finish_auth_code_flow(
+        self, flow: dict[str, Any], params: Mapping[str, str], allowed: frozenset[str]
+    ) -> str:
+        """Redeem the callback's code; keep the tokens only when the account is in ``allowed``.
+
+        Raises AuthError when the provider refused or someone else signed in (nothing is
+        kept then). Returns the signed-in account's user name.
+        """
+        address = self._mailbox.address
+        with self._lock, self._cache_file_lock():
+            self._reload_cache()
+            app = self._application()
+            try:
+                with self._provider_errors():
+                    result = app.acquire_token_by_auth_code_flow(flow, dict(params))
+            except ValueError as exc:
+                # MSAL's own check: the state does not match the flow it started.
+                raise AuthError(f"{address}: browser sign-in: {_short(str(exc))}") from None
+            if "error" in result:
+                self._forget_unsaved()
+                raise self._refused(result, "browser sign-in")
+            claims = result.get("id_token_claims") or {}
+            username = str(claims.get("preferred_username", "")).lower()
+            if username not in allowed:
+                self._forget_unsaved()
+                raise AuthError(
+                    f"{address}: signed in as {username or 'an unnamed account'}, which is "
+                    "not this mailbox; sign in with the mailbox's own account"
+                )
+            self._keep_only_account(app, result)
+            self._persist_cache()
+            self._last_error = None
+        self._log.info("browser_signed_in", account=username)
+        return username
+
+    def _forget_unsaved(self) -> None:
+        """Drop what MSAL cached in memory from a sign-in that is not kept (the file stays)."""
+        self._cache.deserialize(None)
+        self._cache_stamp = None
+        self._app = None
 
     def status(self) -> Office365Status:
         """Mode, account, token expiry, refresh-token age and last error (no token values)."""

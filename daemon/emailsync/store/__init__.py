@@ -15,6 +15,8 @@ __all__ = ["DEFAULT_DB_NAME", "Store", "check_store_url", "open_store", "read_gr
 
 # The built-in store's file inside the state directory when the URL names no path.
 DEFAULT_DB_NAME = "emailsync.db"
+# URL schemes libpq accepts for a connection URI.
+POSTGRES_SCHEMES = frozenset({"postgresql", "postgres"})
 
 
 def open_store(url: str, state_dir: Path, crm: CrmSettings | None = None) -> Store:
@@ -22,14 +24,20 @@ def open_store(url: str, state_dir: Path, crm: CrmSettings | None = None) -> Sto
 
     With a ``[crm]`` table, the CRM is the store (``url`` is then ignored). Otherwise
     ``sqlite:///abs/path.db`` opens that file; ``sqlite:`` or an empty URL opens
-    ``<state_dir>/emailsync.db``. Raises ``ConfigError`` for a URL it cannot use or an
-    unreadable CRM secret, and ``StoreUnavailableError`` / ``StoreError`` when the store
-    itself cannot be opened.
+    ``<state_dir>/emailsync.db``; ``postgresql://…`` (or ``postgres://…``) opens a
+    ``PostgresStore``, which several instances can share. Raises ``ConfigError`` for a URL
+    it cannot use or an unreadable CRM secret, and ``StoreUnavailableError`` /
+    ``StoreError`` when the store itself cannot be opened.
     """
     if crm is not None:
         from emailsync.crm.store import HttpStore  # noqa: PLC0415 -- crm.store imports store.base
 
         return HttpStore(crm)
+    if urlsplit(url.strip()).scheme.lower() in POSTGRES_SCHEMES:
+        # Imported here: psycopg is only loaded by instances that use it.
+        from emailsync.store.postgres import PostgresStore  # noqa: PLC0415
+
+        return PostgresStore(url.strip())
     return SqliteStore(_sqlite_path(url, state_dir))
 
 
@@ -39,6 +47,8 @@ def check_store_url(url: str, state_dir: Path) -> None:
     ``check-config`` calls this so that it never accepts a URL that ``run`` then refuses:
     both go through the same parser.
     """
+    if urlsplit(url.strip()).scheme.lower() in POSTGRES_SCHEMES:
+        return
     _sqlite_path(url, state_dir)
 
 
@@ -56,7 +66,7 @@ def _sqlite_path(url: str, state_dir: Path) -> Path:
         raise ConfigError(
             [
                 f"store: unsupported store URL scheme {scheme!r}; use sqlite:///ABSOLUTE/PATH.db"
-                " (postgresql:// is not available yet; a CRM is configured with a [crm] table)"
+                " or postgresql://USER@HOST/DATABASE"
             ]
         )
     if parts.netloc:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from prometheus_client import CollectorRegistry
 
@@ -85,4 +85,64 @@ class Store(Protocol):
 
     def close(self) -> None:
         """Release the store's connections; the store cannot be used afterwards."""
+        ...
+
+
+@dataclass(frozen=True)
+class RegisteredBranch:
+    """A branch's IMAP server, registered at run time (``PUT /v1/branches/{name}``)."""
+
+    name: str
+    host: str
+    port: int
+    security: str
+    ca_file: str | None = None
+
+
+@dataclass(frozen=True)
+class RegisteredMailbox:
+    """A mailbox registered at run time; its secret is never part of this record."""
+
+    address: str
+    branch: str
+    auth: str
+    username: str
+    has_secret: bool
+    stopped: bool
+
+
+@runtime_checkable
+class Registry(Protocol):
+    """Branches and mailboxes registered at run time, beside the read-only TOML ones.
+
+    Secrets are opaque blobs here (encrypted by ``emailsync.vault``); erasing one must leave
+    no copy of it in the store's files.
+    """
+
+    def put_branch(self, branch: RegisteredBranch) -> bool:
+        """Create or replace a branch; True when it is new."""
+        ...
+
+    def registered_branches(self) -> list[RegisteredBranch]:
+        """Every registered branch, by name."""
+        ...
+
+    def put_mailbox(self, mailbox: RegisteredMailbox, secret: bytes | None) -> None:
+        """Create or replace a mailbox with its encrypted secret (None: none, e.g. OAuth)."""
+        ...
+
+    def registered_mailboxes(self) -> list[RegisteredMailbox]:
+        """Every registered mailbox, by address (no secrets)."""
+        ...
+
+    def mailbox_secret(self, address: str) -> bytes | None:
+        """The encrypted secret of a registered mailbox, or None."""
+        ...
+
+    def remove_mailbox(self, address: str) -> bool:
+        """Stop Email Sync: forget the mailbox and its secret for good; False when unknown."""
+        ...
+
+    def reencrypt_secrets(self, convert: Callable[[bytes, str], bytes]) -> int:
+        """Rewrite every secret with ``convert(blob, address)`` in one transaction."""
         ...

@@ -8,7 +8,7 @@ import os
 import sqlite3
 import threading
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from importlib import resources
@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from emailsync.address import normalise_address
 from emailsync.errors import StoreError, StoreUnavailableError
 from emailsync.model import Attachment, Direction, Group, TimelineEvent
-from emailsync.store.base import Recorded
+from emailsync.store.base import Recorded, RegisteredBranch, RegisteredMailbox
 
 # How long a writer waits for another writer (another thread or a CLI process) to commit.
 BUSY_TIMEOUT_SECONDS = 5.0
@@ -250,6 +250,102 @@ class SqliteStore:
         sql = _SELECT_EVENTS + where + _ORDER_NEWEST_FIRST
         return [_event_from_row(row) for row in self._query("list events", sql, params)]
 
+    # -- registry (branches and mailboxes registered at run time) ---------------------------
+
+    def put_branch(self, branch: RegisteredBranch) -> bool:
+        """Create or replace a branch; True when it is new."""
+        with self._transaction("register branch") as txn:
+            new = (
+                txn.execute(
+                    "SELECT 1 FROM registered_branches WHERE name = ?", (branch.name,)
+                ).fetchone()
+                is None
+            )
+            txn.execute(
+                "INSERT INTO registered_branches (name, host, port, security, ca_file, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET host = excluded.host,"
+                " port = excluded.port, security = excluded.security,"
+                " ca_file = excluded.ca_file, updated_at = excluded.updated_at",
+                (branch.name, branch.host, branch.port, branch.security, branch.ca_file, _now()),
+            )
+        return new
+
+    def registered_branches(self) -> list[RegisteredBranch]:
+        """Every registered branch, by name."""
+        rows = self._query(
+            "list branches",
+            "SELECT name, host, port, security, ca_file FROM registered_branches ORDER BY name",
+            (),
+        )
+        return [RegisteredBranch(*row) for row in rows]
+
+    def put_mailbox(self, mailbox: RegisteredMailbox, secret: bytes | None) -> None:
+        """Create or replace a mailbox with its encrypted secret; it is not stopped after."""
+        with self._transaction("register mailbox") as txn:
+            txn.execute(
+                "INSERT INTO registered_mailboxes"
+                " (address, branch, auth, username, secret, stopped, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, 0, ?) ON CONFLICT (address) DO UPDATE SET"
+                " branch = excluded.branch, auth = excluded.auth, username = excluded.username,"
+                " secret = excluded.secret, stopped = 0, updated_at = excluded.updated_at",
+                (mailbox.address, mailbox.branch, mailbox.auth, mailbox.username, secret, _now()),
+            )
+        self._scrub()
+
+    def registered_mailboxes(self) -> list[RegisteredMailbox]:
+        """Every registered mailbox, by address (no secrets)."""
+        rows = self._query(
+            "list mailboxes",
+            "SELECT address, branch, auth, username, secret IS NOT NULL, stopped"
+            " FROM registered_mailboxes ORDER BY address",
+            (),
+        )
+        return [RegisteredMailbox(a, b, au, u, bool(s), bool(st)) for a, b, au, u, s, st in rows]
+
+    def mailbox_secret(self, address: str) -> bytes | None:
+        """The encrypted secret of a registered mailbox, or None."""
+        rows = self._query(
+            "read secret", "SELECT secret FROM registered_mailboxes WHERE address = ?", (address,)
+        )
+        return bytes(rows[0][0]) if rows and rows[0][0] is not None else None
+
+    def remove_mailbox(self, address: str) -> bool:
+        """Forget a registered mailbox and its secret for good; False when not registered.
+
+        The row goes (secure_delete zeroes it in the file) and the WAL is checkpointed and
+        truncated, so no copy of the ciphertext is left on disk.
+        """
+        with self._transaction("remove mailbox") as txn:
+            changed = txn.execute(
+                "DELETE FROM registered_mailboxes WHERE address = ?", (address,)
+            ).rowcount
+        self._scrub()
+        return bool(changed)
+
+    def reencrypt_secrets(self, convert: Callable[[bytes, str], bytes]) -> int:
+        """Rewrite every secret with ``convert(blob, address)`` in one transaction."""
+        with self._transaction("re-encrypt secrets") as txn:
+            rows = txn.execute(
+                "SELECT address, secret FROM registered_mailboxes WHERE secret IS NOT NULL"
+            ).fetchall()
+            for address, blob in rows:
+                txn.execute(
+                    "UPDATE registered_mailboxes SET secret = ? WHERE address = ?",
+                    (convert(bytes(blob), address), address),
+                )
+        self._scrub()
+        return len(rows)
+
+    def _scrub(self) -> None:
+        """Move the WAL into the file and truncate it, so a replaced secret's old pages go.
+
+        With ``secure_delete`` on, SQLite zeroes freed content in the database file; the WAL
+        still holds the old page images until a checkpoint. Best effort: a reader holding a
+        snapshot makes the checkpoint partial, and the next write retries.
+        """
+        with _translated(self.path, "checkpoint"):
+            self._connection().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
     # -- connections ----------------------------------------------------------------------
 
     def register_metrics(self, registry: CollectorRegistry) -> None:
@@ -289,6 +385,9 @@ class SqliteStore:
             )
             try:
                 conn.execute("PRAGMA foreign_keys = ON")
+                # Zero deleted content (an erased password's ciphertext) instead of leaving it
+                # in free pages: https://sqlite.org/pragma.html#pragma_secure_delete
+                conn.execute("PRAGMA secure_delete = ON")
                 # FULL, not the WAL-usual NORMAL: an event must survive power loss once
                 # committed, because the message is moved out of Queue right after.
                 conn.execute("PRAGMA synchronous = FULL")
@@ -472,6 +571,10 @@ def _checked_address(address: str) -> str:
 def _mailbox_key(mailbox: str) -> str:
     """A mailbox in the form it is stored and matched: its normalised address if it has one."""
     return normalise_address(mailbox) or mailbox.strip()
+
+
+def _now() -> str:
+    return _to_iso(datetime.now(UTC))
 
 
 def _to_iso(moment: datetime) -> str:

@@ -1,0 +1,182 @@
+"""One daemon's membership of a cluster: its lease keeper, and Start Sync across instances.
+
+With a ``postgresql://`` store every instance runs the workers of the mailboxes it holds a
+lease on (``emailsync.lease``), not of every configured mailbox. A Start Sync that reaches an
+instance without the mailbox's worker is published with PostgreSQL ``NOTIFY`` on
+``emailsync_sync``; every instance ``LISTEN``s there and the owner runs the pass. No broker
+beside the database: a notification sent while an instance is reconnecting is lost, which
+only delays that pass until the next IDLE event or safety sweep.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Sequence
+from typing import Protocol
+
+import psycopg
+import structlog
+from prometheus_client import CollectorRegistry
+
+from emailsync.config import ClusterSettings, Settings
+from emailsync.lease import FencedStore, LeaseKeeper, LeaseTable, default_instance_id
+from emailsync.metrics import ClusterMetrics
+from emailsync.model import Fence
+from emailsync.store.base import Store
+from emailsync.store.postgres import PostgresStore
+
+log = structlog.get_logger(__name__)
+
+SYNC_CHANNEL = "emailsync_sync"
+# How long the listener waits for notifications before checking whether it should stop.
+LISTEN_POLL_SECONDS = 1.0
+# Back-off between reconnects of the listening connection (the store is down).
+LISTEN_RETRY_SECONDS = 2.0
+
+
+class ClusterDaemon(Protocol):
+    """What the cluster needs from the supervisor: its settings, and workers on demand."""
+
+    @property
+    def settings(self) -> Settings:
+        """The current configuration (every instance has the same mailboxes)."""
+        ...
+
+    def run_mailbox(self, address: str, store: Store) -> bool:
+        """Start the mailbox's worker, writing through ``store``."""
+        ...
+
+    def drop_mailboxes(self, addresses: Sequence[str]) -> None:
+        """Stop these mailboxes' workers and wait for them."""
+        ...
+
+    def start_sync_local(self, address: str | None, *, include_stuck: bool = False) -> bool:
+        """Start Sync for a mailbox whose worker runs here (or all local ones)."""
+        ...
+
+
+class Cluster:
+    """Leases and cross-instance Start Sync for one daemon sharing a PostgreSQL store."""
+
+    def __init__(
+        self,
+        store: PostgresStore,
+        daemon: ClusterDaemon,
+        settings: ClusterSettings,
+        registry: CollectorRegistry,
+    ) -> None:
+        self.store = store
+        self.daemon = daemon
+        self.instance_id = settings.instance_id or default_instance_id()
+        self.table = LeaseTable(store, self.instance_id, settings.lease_seconds)
+        self.keeper = LeaseKeeper(
+            self.table, self, ClusterMetrics(registry), lease_seconds=settings.lease_seconds
+        )
+        self.log = log.bind(instance=self.instance_id)
+        self._stop = threading.Event()
+        self._listener: threading.Thread | None = None
+        self.listening = threading.Event()
+
+    # -- LeaseHooks ----------------------------------------------------------------------------
+
+    def wanted_mailboxes(self) -> list[str]:
+        """Every enabled mailbox of the config: the cluster shares them all."""
+        return [m.address for m in self.daemon.settings.mailboxes if m.enabled]
+
+    def acquire_mailbox(self, address: str, fence: Fence) -> None:
+        """Start the worker with a store that carries the lease's fencing token."""
+        self.daemon.run_mailbox(address, FencedStore(self.store, fence, self.keeper))
+
+    def resume(self, address: str) -> bool:
+        """(Re)start a mailbox's worker if this instance holds its lease; True if it does.
+
+        For workers the supervisor stopped itself (reload, Stop Email Sync then setup): a
+        worker in a cluster must never run without its lease's fence.
+        """
+        fence = self.keeper.owned().get(address)
+        if fence is None:
+            return False
+        self.acquire_mailbox(address, fence)
+        return True
+
+    def release_mailboxes(self, addresses: Sequence[str]) -> None:
+        """Stop the workers (the keeper releases or has lost their leases)."""
+        self.daemon.drop_mailboxes(addresses)
+
+    # -- lifetime ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the lease keeper and the Start Sync listener."""
+        self.log.info("cluster_joining", lease_seconds=self.keeper.lease_seconds)
+        self._listener = threading.Thread(target=self._listen, name="cluster-listen", daemon=True)
+        self._listener.start()
+        self.keeper.start()
+
+    def stop(self) -> None:
+        """Stop the owned workers, release their leases, leave the cluster."""
+        self._stop.set()
+        self.keeper.stop()
+        if self._listener is not None:
+            self._listener.join(LISTEN_POLL_SECONDS * 2)
+
+    def healthy(self) -> bool:
+        """The keeper's heartbeat thread runs."""
+        return self.keeper.alive()
+
+    def ready(self) -> bool:
+        """The keeper completed a heartbeat (it knows which mailboxes are its own)."""
+        return self.keeper.ticks > 0
+
+    def owners(self) -> dict[str, str | None]:
+        """The instance holding each configured mailbox (None: nobody right now)."""
+        return self.table.owners(self.wanted_mailboxes())
+
+    # -- Start Sync across instances -----------------------------------------------------------
+
+    def publish_sync(self, address: str | None, *, include_stuck: bool = False) -> None:
+        """Ask the owner (any instance; all for None) to run a Start Sync pass.
+
+        ``include_stuck``: the pass first releases the messages quarantined in Queue.
+        """
+        payload = json.dumps(
+            {"from": self.instance_id, "mailbox": address, "include_stuck": include_stuck}
+        )
+        with self.store.transaction("publish start sync") as conn:
+            conn.execute("SELECT pg_notify(%s, %s)", (SYNC_CHANNEL, payload))
+        self.log.info("start_sync_published", mailbox=address, include_stuck=include_stuck)
+
+    def _listen(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with self.store.listen_connection() as conn:
+                    conn.execute(f"LISTEN {SYNC_CHANNEL}")  # a constant identifier
+                    self.listening.set()
+                    while not self._stop.is_set():
+                        for notify in conn.notifies(timeout=LISTEN_POLL_SECONDS):
+                            self._on_notify(notify.payload)
+            except psycopg.Error as exc:
+                self.listening.clear()
+                self.log.warning("start_sync_listener_lost", error=type(exc).__name__)
+                self._stop.wait(LISTEN_RETRY_SECONDS)
+
+    def _on_notify(self, payload: str) -> None:
+        try:
+            message = json.loads(payload)
+        except ValueError:
+            self.log.warning("start_sync_notification_invalid")
+            return
+        if not isinstance(message, dict) or message.get("from") == self.instance_id:
+            return
+        address = message.get("mailbox")
+        if address is not None and not isinstance(address, str):
+            return
+        include_stuck = message.get("include_stuck") is True
+        if address is None or address in self.keeper.owned():
+            self.log.info(
+                "start_sync_received",
+                mailbox=address,
+                sender=message.get("from"),
+                include_stuck=include_stuck,
+            )
+            self.daemon.start_sync_local(address, include_stuck=include_stuck)

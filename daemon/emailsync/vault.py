@@ -1,0 +1,216 @@
+"""The vault: the key that encrypts registered mailboxes' passwords and signs agent tokens.
+
+Passwords entered through the API or the pages are stored AES-GCM encrypted (a 96-bit random
+nonce per encryption, the mailbox address as associated data so a ciphertext cannot be moved
+to another row). The key comes from a systemd credential (``emailsync-registry-key``: 32
+random bytes, base64) or else from ``<state_dir>/registry.key``, created 0600 atomically on
+first use. Each key has a *generation*; ciphertexts and agent tokens carry it.
+
+Agent tokens are ``es1.<address>.<generation>.<expiry>.<mac>``: an HMAC-SHA256 over the
+address, the key generation and the expiry, with a key derived from the vault key (HKDF).
+They are revoked all at once by ``emailsync keys rotate``, which makes a new generation,
+re-encrypts every password and drops the old key.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import hmac
+import json
+import os
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from emailsync.address import mailbox_address_problem, normalise_address
+from emailsync.errors import ConfigError
+from emailsync.imap.auth import write_private_file
+from emailsync.secret import Secret
+
+KEY_FILE_NAME = "registry.key"
+KEY_CREDENTIAL = "emailsync-registry-key"
+KEY_BYTES = 32  # AES-256
+NONCE_BYTES = 12  # NIST SP 800-38D: 96-bit nonces for GCM
+TOKEN_PREFIX = "es1"  # noqa: S105 -- a format marker, not a secret
+_BLOB_VERSION = b"\x01"
+
+
+@dataclass(frozen=True)
+class AgentToken:
+    """What a valid agent token grants: one mailbox, until ``expires`` (None: no expiry)."""
+
+    address: str
+    expires: datetime | None
+
+
+class Vault:
+    """Encrypts and decrypts stored secrets; issues and checks agent tokens.
+
+    The key file is read at every use (it is tiny), so a daemon sees a rotation made by
+    ``emailsync keys rotate`` in another process at once.
+    """
+
+    def __init__(self, state_dir: Path, *, credentials_dir: Path | None = None) -> None:
+        self.path = state_dir / KEY_FILE_NAME
+        env_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+        directory = credentials_dir or (Path(env_dir) if env_dir else None)
+        credential = directory / KEY_CREDENTIAL if directory is not None else None
+        self.credential = credential if credential is not None and credential.exists() else None
+
+    # -- keys -------------------------------------------------------------------------------
+
+    def _keys(self) -> tuple[int, dict[int, bytes]]:
+        """(current generation, every key by generation), creating the key file if needed."""
+        if self.credential is not None:
+            return 1, {1: _decode_key(self.credential.read_text(encoding="utf-8"), "credential")}
+        if not self.path.exists():
+            self._create()
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            keys = {int(g): _decode_key(k, str(self.path)) for g, k in data["keys"].items()}
+            current = int(data["current"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError([f"{self.path}: unreadable registry key file: {exc}"]) from None
+        if current not in keys:
+            raise ConfigError([f"{self.path}: the current key generation is missing"])
+        return current, keys
+
+    def _create(self) -> None:
+        # Written to a temporary 0600 file and linked into place: never a partial key, and two
+        # processes starting at once agree on one (the loser's link fails).
+        text = _key_file_text(1, {1: secrets.token_bytes(KEY_BYTES)})
+        tmp = self.path.with_name(f".{KEY_FILE_NAME}.{secrets.token_hex(4)}")
+        write_private_file(tmp, text)
+        try:
+            os.link(tmp, self.path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @property
+    def generation(self) -> int:
+        """The current key generation."""
+        return self._keys()[0]
+
+    # -- secrets ----------------------------------------------------------------------------
+
+    def encrypt(self, plaintext: str, address: str) -> bytes:
+        """AES-GCM encrypt a secret for one mailbox: version, generation, nonce, ciphertext."""
+        generation, keys = self._keys()
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        sealed = AESGCM(keys[generation]).encrypt(nonce, plaintext.encode(), address.encode())
+        return _BLOB_VERSION + generation.to_bytes(4, "big") + nonce + sealed
+
+    def decrypt(self, blob: bytes, address: str) -> Secret:
+        """The secret in ``blob``; ConfigError (naming the mailbox only) when it cannot be read."""
+        _, keys = self._keys()
+        generation = int.from_bytes(blob[1:5], "big")
+        key = keys.get(generation)
+        if blob[:1] != _BLOB_VERSION or key is None:
+            raise ConfigError([f"{address}: stored password is from an unknown key generation"])
+        nonce, sealed = blob[5 : 5 + NONCE_BYTES], blob[5 + NONCE_BYTES :]
+        try:
+            return Secret(AESGCM(key).decrypt(nonce, sealed, address.encode()).decode())
+        except (InvalidTag, UnicodeDecodeError):
+            raise ConfigError([f"{address}: stored password cannot be decrypted"]) from None
+
+    def rotate(self, reencrypt: Callable[[Callable[[bytes, str], bytes]], int]) -> int:
+        """Make a new key generation, re-encrypt through ``reencrypt``, drop the old keys.
+
+        ``reencrypt(convert)`` rewrites every stored blob with ``convert(blob, address)`` in
+        one transaction and returns how many it rewrote. The key file holds old and new keys
+        while that runs, so a crash half-way leaves every blob readable. Agent tokens signed
+        with an old generation stop working. Returns the new generation.
+        """
+        if self.credential is not None:
+            raise ConfigError(
+                [
+                    f"the registry key is the systemd credential {self.credential}: "
+                    "rotate it by replacing the credential (re-register the mailboxes)"
+                ]
+            )
+        current, keys = self._keys()
+        new = current + 1
+        keys[new] = secrets.token_bytes(KEY_BYTES)
+        write_private_file(self.path, _key_file_text(current, keys))
+
+        def convert(blob: bytes, address: str) -> bytes:
+            plaintext = self.decrypt(blob, address).reveal()
+            nonce = secrets.token_bytes(NONCE_BYTES)
+            sealed = AESGCM(keys[new]).encrypt(nonce, plaintext.encode(), address.encode())
+            return _BLOB_VERSION + new.to_bytes(4, "big") + nonce + sealed
+
+        reencrypt(convert)
+        write_private_file(self.path, _key_file_text(new, {new: keys[new]}))
+        return new
+
+    # -- agent tokens -----------------------------------------------------------------------
+
+    def issue_token(self, address: str, expires: datetime | None = None) -> str:
+        """A signed token for one mailbox (its set-up, Start Sync, Stop and status)."""
+        generation, keys = self._keys()
+        encoded = _b64(address.encode())
+        expiry = str(int(expires.timestamp())) if expires is not None else "0"
+        mac = _b64(_token_mac(keys[generation], address, generation, expiry))
+        return f"{TOKEN_PREFIX}.{encoded}.{generation}.{expiry}.{mac}"
+
+    def check_token(self, token: str, *, now: datetime | None = None) -> AgentToken | None:
+        """What ``token`` grants, or None when it is not a valid, current, unexpired token."""
+        parts = token.split(".")
+        if len(parts) != 5 or parts[0] != TOKEN_PREFIX:
+            return None
+        _, encoded, generation_text, expiry, mac = parts
+        if not generation_text.isdigit() or not expiry.isdigit():
+            return None
+        try:
+            address = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
+            current, keys = self._keys()
+        except (ValueError, UnicodeDecodeError):
+            return None
+        generation = int(generation_text)
+        if generation != current:
+            return None  # rotation revokes every token
+        expected = _b64(_token_mac(keys[generation], address, generation, expiry))
+        if not hmac.compare_digest(expected.encode(), mac.encode()):
+            return None
+        when = datetime.fromtimestamp(int(expiry), UTC) if expiry != "0" else None
+        if when is not None and when <= (now or datetime.now(UTC)):
+            return None
+        if normalise_address(address) != address or mailbox_address_problem(address) is not None:
+            return None
+        return AgentToken(address, when)
+
+
+def _token_mac(key: bytes, address: str, generation: int, expiry: str) -> bytes:
+    derived = HKDF(
+        algorithm=hashes.SHA256(), length=32, salt=None, info=b"emailsync agent token"
+    ).derive(key)
+    message = f"{address}\n{generation}\n{expiry}".encode()
+    return hmac.new(derived, message, hashlib.sha256).digest()
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _decode_key(text: str, where: str) -> bytes:
+    with contextlib.suppress(ValueError):
+        key = base64.b64decode(text.strip(), validate=True)
+        if len(key) == KEY_BYTES:
+            return key
+    raise ConfigError([f"registry key in {where} is not {KEY_BYTES} bytes of base64"])
+
+
+def _key_file_text(current: int, keys: dict[int, bytes]) -> str:
+    encoded = {str(g): base64.b64encode(k).decode() for g, k in sorted(keys.items())}
+    return json.dumps({"current": current, "keys": encoded}) + "\n"

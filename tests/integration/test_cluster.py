@@ -1,0 +1,343 @@
+"""Several daemons share the mailboxes through a real PostgreSQL: one owner each, failover,
+fencing of a paused owner, and Start Sync sent to an instance that does not own the mailbox."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from emailsync.devpostgres import Postgres
+from emailsync.devserver import Dovecot
+from emailsync.store.postgres import PostgresStore
+
+from .conftest import MailUser, new_user, write_config
+from .daemonproc import RunningDaemon, daemon_config_extra, new_port, run_cli, wait_until
+from .test_filing import build_message, folder_subjects, queue
+
+pytestmark = pytest.mark.dovecot
+
+LEASE_SECONDS = 5
+CLIENT = "john@clients.example"
+
+
+class Cluster:
+    """Daemon subprocesses of one test, each with its own directory, port and instance id."""
+
+    def __init__(self, tmp_path: Path, users: list[MailUser], pg_url: str) -> None:
+        self.tmp_path = tmp_path
+        self.users = users
+        self.pg_url = pg_url
+        self.daemons: dict[str, RunningDaemon] = {}
+        self.ports: dict[str, int] = {}
+
+    def config(self, name: str, mailbox_extra: str = "") -> Path:
+        """Write ``name``'s config (again: same port and token, new mailbox settings)."""
+        workdir = self.tmp_path / name
+        workdir.mkdir(exist_ok=True)
+        if name not in self.ports:
+            self.ports[name] = new_port()
+            (workdir / "control-token").write_text(secrets.token_urlsafe(16) + "\n")
+        extra = daemon_config_extra(
+            self.ports[name], workdir / "control-token", store=self.pg_url
+        ) + (f'\n\n[cluster]\ninstance_id = "{name}"\nlease_seconds = {LEASE_SECONDS}\n')
+        # [cluster] follows the [daemon] keys; the branch and mailbox tables come after it.
+        return write_config(workdir, self.users, extra=extra, mailbox_extra=mailbox_extra)
+
+    def start(self, name: str, mailbox_extra: str = "") -> RunningDaemon:
+        """Start instance ``name`` and wait until it is ready."""
+        config = self.config(name, mailbox_extra)
+        token = (config.parent / "control-token").read_text().strip()
+        daemon = RunningDaemon(config, self.ports[name], token, config.parent)
+        self.daemons[name] = daemon
+        daemon.wait_ready()
+        return daemon
+
+    def owners(self, via: str) -> dict[str, str | None]:
+        return {a: m.get("owner") for a, m in self.daemons[via].mailboxes().items()}
+
+    def owned(self, name: str) -> set[str]:
+        return {a for a, owner in self.owners(name).items() if owner == name}
+
+    def stop_all(self) -> None:
+        for daemon in self.daemons.values():
+            if daemon.process.poll() is None:
+                daemon.process.send_signal(signal.SIGCONT)
+            daemon.stop()
+
+
+@pytest.fixture
+def many_users(dovecot: Dovecot) -> list[MailUser]:
+    return [new_user(dovecot, prefix="cl") for _ in range(30)]
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, many_users: list[MailUser], pg_url: str) -> Iterator[Cluster]:
+    made = Cluster(tmp_path, many_users, pg_url)
+    config = made.config("setup")
+    result = run_cli(config, "groups", "add", "Smith", CLIENT)
+    assert result.returncode == 0, result.stderr
+    yield made
+    made.stop_all()
+
+
+def imap_connections(server: Dovecot) -> Counter[str]:
+    """IMAP connections per user, as Dovecot counts them (``doveadm who -1``)."""
+    out = server.doveadm("who", "-1", check=False).stdout
+    counts: Counter[str] = Counter()
+    for line in out.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 2 and fields[1] == "imap":
+            counts[fields[0]] += 1
+    return counts
+
+
+def balanced(cluster: Cluster, names: list[str], total: int) -> bool:
+    share = -(-total // len(names))
+    counts = [cluster.daemons[n].metric("emailsync_owned_mailboxes") for n in names]
+    return sum(c or 0 for c in counts) == total and all(
+        c is not None and c <= share for c in counts
+    )
+
+
+def events_by_subject(pg_url: str) -> Counter[str]:
+    store = PostgresStore(pg_url)
+    try:
+        return Counter(event.subject for event in store.list_events())
+    finally:
+        store.close()
+
+
+def test_three_instances_run_each_mailbox_once_and_start_sync_reaches_the_owner(
+    cluster: Cluster, many_users: list[MailUser], dovecot: Dovecot
+) -> None:
+    """30 manual mailboxes over 3 instances: 10 each, one IDLE connection per mailbox;
+    Start Sync sent to a non-owner files the mailbox; status names each owner; a fourth
+    instance joins and the shares re-balance with never two connections for a mailbox."""
+    manual = 'trigger = "manual"'
+    for name in ("a", "b", "c"):
+        cluster.start(name, manual)
+    addresses = {u.address for u in many_users}
+    wait_until(lambda: balanced(cluster, ["a", "b", "c"], 30), timeout=40, interval=0.5)
+
+    def one_idle_each() -> bool:
+        counts = imap_connections(dovecot)
+        return all(counts[a] == 1 for a in addresses)
+
+    wait_until(one_idle_each, timeout=20, interval=0.5)
+    owners = cluster.owners("a")
+    assert set(owners) == addresses
+    assert Counter(owners.values()) == {"a": 10, "b": 10, "c": 10}
+
+    # Start Sync to "a" for a mailbox "b" owns: published, "b" files it.
+    target = next(u for u in many_users if owners[u.address] == "b")
+    queue(target, build_message(CLIENT, target.address, "sync via a"))
+    owner = cluster.daemons["b"]
+    wait_until(lambda: owner.metric("emailsync_queue_messages", mailbox=target.address) == 1)
+    assert folder_subjects(target, "Queue") == {"sync via a": set()}  # manual: still waiting
+    status, _ = cluster.daemons["a"].post(f"/v1/mailboxes/{target.address}/sync")
+    assert status == 202
+    wait_until(lambda: "sync via a" in folder_subjects(target, "Received"), timeout=10)
+    assert (
+        owner.metric("emailsync_sync_passes_total", mailbox=target.address, trigger="start_sync")
+        == 1
+    )
+    # `emailsync status` on any instance names the owner of every mailbox.
+    result = run_cli(cluster.daemons["c"].config, "status", "--json")
+    assert result.returncode == 0, result.stderr
+    shown = {s["address"]: s["owner"] for s in map(json.loads, result.stdout.splitlines())}
+    assert shown == owners
+
+    # A fourth instance joins: shares re-balance to 8/8/7/7, never two connections at once.
+    most: Counter[str] = Counter()
+    samples = 0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal samples
+        while not done.is_set():
+            for address, count in imap_connections(dovecot).items():
+                most[address] = max(most[address], count)
+            samples += 1
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        cluster.start("d", manual)
+        wait_until(lambda: balanced(cluster, ["a", "b", "c", "d"], 30), timeout=40, interval=0.5)
+        wait_until(one_idle_each, timeout=20, interval=0.5)
+    finally:
+        done.set()
+        sampler.join()
+    assert samples > 10
+    assert max(most[a] for a in addresses) == 1
+    assert sorted(Counter(cluster.owners("d").values()).values()) == [7, 7, 8, 8]
+
+
+def test_a_killed_instance_s_mailboxes_are_taken_over_and_mail_queued_meanwhile_filed_once(
+    cluster: Cluster, many_users: list[MailUser], dovecot: Dovecot, pg_url: str
+) -> None:
+    """kill -9 of one of 3: its mailboxes are IDLE elsewhere within lease + 15 s; the mail
+    queued while nobody watched them is filed once."""
+    for name in ("a", "b", "c"):
+        cluster.start(name)
+    wait_until(lambda: balanced(cluster, ["a", "b", "c"], 30), timeout=40, interval=0.5)
+    orphans = cluster.owned("c")
+    assert len(orphans) == 10
+    victim = cluster.daemons["c"]
+    victim.process.kill()
+    killed = time.monotonic()
+    victim.process.wait(5)
+    by_address = {u.address: u for u in many_users}
+    for address in orphans:
+        queue(by_address[address], build_message(CLIENT, address, f"while down {address}"))
+
+    def taken_over() -> bool:
+        owners = cluster.owners("a")
+        states = {**cluster.daemons["a"].mailboxes(), **cluster.daemons["b"].mailboxes()}
+        return all(
+            owners[a] in ("a", "b")
+            and any(
+                cluster.daemons[n].metric("emailsync_mailbox_state", mailbox=a, state="idle") == 1
+                for n in ("a", "b")
+            )
+            for a in orphans
+        ) and bool(states)
+
+    wait_until(taken_over, timeout=LEASE_SECONDS + 15, interval=0.5)
+    failover = time.monotonic() - killed
+    assert failover < LEASE_SECONDS + 15
+    for address in orphans:
+        wait_until(
+            lambda a=address: f"while down {a}" in folder_subjects(by_address[a], "Received"),
+            timeout=10,
+        )
+    events = events_by_subject(pg_url)
+    assert all(events[f"while down {a}"] == 1 for a in orphans)
+    assert all(folder_subjects(by_address[a], "Queue") == {} for a in orphans)
+    counts = imap_connections(dovecot)
+    assert all(counts[a] == 1 for a in by_address)
+    print(f"failover (kill -9 → 10 mailboxes IDLE elsewhere): {failover:.1f} s")
+
+
+def test_a_paused_instance_records_nothing_and_moves_nothing_after_its_lease_expired(
+    tmp_path: Path, dovecot: Dovecot, pg_url: str
+) -> None:
+    """SIGSTOP past the lease, mail arrives, SIGCONT: the old owner sees it and is fenced."""
+    users = [new_user(dovecot, prefix="st") for _ in range(4)]
+    cluster = Cluster(tmp_path, users, pg_url)
+    result = run_cli(cluster.config("setup"), "groups", "add", "Smith", CLIENT)
+    assert result.returncode == 0, result.stderr
+    try:
+        cluster.start("a")
+        cluster.start("b")
+        wait_until(lambda: balanced(cluster, ["a", "b"], 4), timeout=30, interval=0.5)
+        paused, other = cluster.daemons["a"], cluster.daemons["b"]
+        mailbox = sorted(cluster.owned("a"))[0]
+        user = next(u for u in users if u.address == mailbox)
+        paused.signal(signal.SIGSTOP)
+        wait_until(lambda: cluster.owned("b") == {u.address for u in users}, timeout=20)
+        # The new owner is paused too for a moment, so the mail is still in Queue when the
+        # old owner wakes: its IDLE connection announces it, and it tries a pass.
+        other.signal(signal.SIGSTOP)
+        queue(user, build_message(CLIENT, mailbox, "fenced"))
+        time.sleep(1)  # Dovecot tells IDLE clients 0.5 s after the mail lands
+        paused.signal(signal.SIGCONT)
+        wait_until(lambda: paused.metric("emailsync_lease_losses_total") == 2, timeout=10)
+        wait_until(lambda: '"lease_lost' in paused.log(), timeout=10)
+        time.sleep(1.5)
+        assert folder_subjects(user, "Queue") == {"fenced": set()}  # moved nothing
+        assert events_by_subject(pg_url)["fenced"] == 0  # recorded nothing
+        other.signal(signal.SIGCONT)
+        wait_until(lambda: "fenced" in folder_subjects(user, "Received"), timeout=15)
+        assert events_by_subject(pg_url)["fenced"] == 1
+        assert paused.metric("emailsync_timeline_events_total", mailbox=mailbox) in (None, 0)
+    finally:
+        cluster.stop_all()
+
+
+def test_sighup_restarts_a_changed_mailbox_under_its_lease(
+    tmp_path: Path, dovecot: Dovecot, pg_url: str
+) -> None:
+    """A mailbox switched from manual to auto by SIGHUP runs again, here, and files by IDLE."""
+    users = [new_user(dovecot, prefix="hup") for _ in range(2)]
+    cluster = Cluster(tmp_path, users, pg_url)
+    result = run_cli(cluster.config("setup"), "groups", "add", "Smith", CLIENT)
+    assert result.returncode == 0, result.stderr
+    try:
+        daemon = cluster.start("a", 'trigger = "manual"')
+        wait_until(lambda: daemon.metric("emailsync_owned_mailboxes") == 2, timeout=15)
+        user = users[0]
+        cluster.config("a", 'trigger = "auto"')
+        daemon.signal(signal.SIGHUP)
+        wait_until(lambda: '"mailbox_restarted"' in daemon.log(), timeout=10)
+        wait_until(
+            lambda: (
+                daemon.metric("emailsync_mailbox_state", mailbox=user.address, state="idle") == 1
+            ),
+            timeout=15,
+        )
+        queue(user, build_message(CLIENT, user.address, "after reload"))
+        wait_until(lambda: "after reload" in folder_subjects(user, "Received"), timeout=10)
+        assert imap_connections(dovecot)[user.address] == 1
+        assert daemon.metric("emailsync_owned_mailboxes") == 2
+    finally:
+        cluster.stop_all()
+
+
+def test_instances_ride_out_a_postgresql_restart_without_a_double_owner(
+    tmp_path: Path, dovecot: Dovecot
+) -> None:
+    """PostgreSQL down for 3 s and back: the instances reconnect, every mailbox ends with one
+    connection (never two on the way), and mail queued around the restart is filed once."""
+    server = Postgres()
+    server.start()
+    users = [new_user(dovecot, prefix="pgr") for _ in range(6)]
+    pg_url = server.create_database()
+    cluster = Cluster(tmp_path, users, pg_url)
+    result = run_cli(cluster.config("setup"), "groups", "add", "Smith", CLIENT)
+    assert result.returncode == 0, result.stderr
+    addresses = {u.address for u in users}
+    most: Counter[str] = Counter()
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            for address, count in imap_connections(dovecot).items():
+                most[address] = max(most[address], count)
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample)
+    try:
+        cluster.start("a")
+        cluster.start("b")
+        wait_until(lambda: balanced(cluster, ["a", "b"], 6), timeout=30, interval=0.5)
+        sampler.start()
+        server.stop()
+        queue(users[0], build_message(CLIENT, users[0].address, "during outage"))
+        time.sleep(3)
+        server.start()
+        queue(users[1], build_message(CLIENT, users[1].address, "after outage"))
+        wait_until(lambda: balanced(cluster, ["a", "b"], 6), timeout=30, interval=0.5)
+        wait_until(lambda: all(imap_connections(dovecot)[a] == 1 for a in addresses), timeout=20)
+        for user, subject in ((users[0], "during outage"), (users[1], "after outage")):
+            wait_until(lambda u=user, s=subject: s in folder_subjects(u, "Received"), timeout=30)
+        events = events_by_subject(pg_url)
+        assert events["during outage"] == 1
+        assert events["after outage"] == 1
+    finally:
+        done.set()
+        if sampler.is_alive():
+            sampler.join()
+        cluster.stop_all()
+        server.close()
+    # The test's own IMAP sessions (queue, folder checks) touch users 0 and 1 only.
+    assert max(most[u.address] for u in users[2:]) == 1

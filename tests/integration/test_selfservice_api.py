@@ -1,0 +1,287 @@
+"""Self-service over the /v1 API against a real daemon and Dovecot: branches, First Time Setup,
+Start Sync, Stop Email Sync (secret provably gone), agent tokens and key rotation."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+import sqlite3
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+
+from emailsync.devserver import Dovecot
+
+from .conftest import MailUser, new_user
+from .daemonproc import DaemonFactory, RunningDaemon, run_cli, wait_until
+from .test_daemon import imap_pids
+from .test_filing import ROOT, build_message, folder_subjects, queue
+
+pytestmark = pytest.mark.dovecot
+
+
+def call(
+    daemon: RunningDaemon,
+    method: str,
+    path: str,
+    body: dict[str, Any] | None = None,
+    *,
+    token: str | None = None,
+) -> tuple[int, Any]:
+    """One request with a JSON body; returns (status, parsed JSON answer)."""
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{daemon.port}{path}",
+        method=method,
+        headers={
+            "Authorization": f"Bearer {token or daemon.token}",
+            "Content-Type": "application/json",
+        },
+        data=json.dumps(body).encode() if body is not None else b"",
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=15) as response:  # noqa: S310 -- loopback
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
+def page_session(daemon: RunningDaemon, token: str) -> str:
+    """Log in to the pages with a token; returns the session cookie."""
+    conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=10)
+    try:
+        conn.request("GET", f"/login?token={token}")
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 200
+        return (response.getheader("Set-Cookie") or "").split(";")[0]
+    finally:
+        conn.close()
+
+
+def page_get(daemon: RunningDaemon, path: str, cookie: str) -> tuple[int, str | None]:
+    """GET a page with a session cookie, without following redirects: (status, Location)."""
+    conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=10)
+    try:
+        conn.request("GET", path, headers={"Cookie": cookie})
+        response = conn.getresponse()
+        response.read()
+        return response.status, response.getheader("Location")
+    finally:
+        conn.close()
+
+
+def db_path(daemon: RunningDaemon) -> Path:
+    return daemon.workdir / "state" / "emailsync.db"
+
+
+def raw_store_bytes(daemon: RunningDaemon) -> bytes:
+    """Every byte of the store's files as they lie on disk (database, WAL)."""
+    path = db_path(daemon)
+    files = [path, path.with_name(path.name + "-wal")]
+    return b"".join(f.read_bytes() for f in files if f.exists())
+
+
+def stored_secret(daemon: RunningDaemon, address: str) -> bytes | None:
+    with sqlite3.connect(db_path(daemon)) as conn:
+        row = conn.execute(
+            "SELECT secret FROM registered_mailboxes WHERE address = ?", (address,)
+        ).fetchone()
+    return None if row is None or row[0] is None else bytes(row[0])
+
+
+def registered_rows(daemon: RunningDaemon) -> int:
+    with sqlite3.connect(db_path(daemon)) as conn:
+        return int(conn.execute("SELECT count(*) FROM registered_mailboxes").fetchone()[0])
+
+
+def add_branch(daemon: RunningDaemon, server: Dovecot, name: str = "main") -> None:
+    status, answer = call(
+        daemon,
+        "PUT",
+        f"/v1/branches/{name}",
+        {"host": server.host, "port": server.port, "security": "none"},
+    )
+    assert status == 201, answer
+
+
+def agent_token(daemon: RunningDaemon, address: str) -> str:
+    status, answer = call(daemon, "POST", "/v1/tokens", {"address": address})
+    assert status == 201, answer
+    return str(answer["token"])
+
+
+def test_an_agent_sets_up_syncs_and_stops_their_mailbox_and_the_password_is_gone(
+    user: MailUser, dovecot: Dovecot, daemons: DaemonFactory
+) -> None:
+    daemon = daemons.start([user], groups={"Smith": ["john@clients.example"]})
+    agent = new_user(dovecot)
+    path = f"/v1/mailboxes/{quote(agent.address)}"
+    add_branch(daemon, dovecot)
+    token = agent_token(daemon, agent.address)
+    setup = {"branch": "main", "username": agent.address}
+
+    # A wrong password: the server's refusal in one line, nothing stored.
+    status, answer = call(daemon, "PUT", path, {**setup, "password": "wrong"}, token=token)
+    assert status == 422, answer
+    assert "refused" in answer["error"]
+    assert "\n" not in answer["error"]
+    assert "wrong" not in answer["error"]
+    assert registered_rows(daemon) == 0
+    assert call(daemon, "GET", path, token=token)[0] == 404
+
+    # The right one: folders created and subscribed, the worker runs, status answered.
+    status, answer = call(daemon, "PUT", path, {**setup, "password": agent.password}, token=token)
+    assert status == 200, answer
+    assert answer["address"] == agent.address
+    assert answer["source"] == "registry"
+    assert agent.password not in json.dumps(answer)
+    with agent.client() as client:
+        subscribed = {name for _, _, name in client.list_sub_folders()}
+    assert {f"{ROOT}.Queue", f"{ROOT}.Sent", f"{ROOT}.Received", f"{ROOT}.Failed"} <= subscribed
+    wait_until(lambda: call(daemon, "GET", path, token=token)[1]["state"] == "idle")
+    blob = stored_secret(daemon, agent.address)
+    assert blob is not None
+    assert agent.password.encode() not in raw_store_bytes(daemon)  # encrypted at rest
+
+    # Queue mail, Start Sync: filed, and the status shows the subject and outcome.
+    queue(agent, build_message("john@clients.example", agent.address, "Offer on Elm St"))
+    status, _ = call(daemon, "POST", f"{path}/sync", token=token)
+    assert status == 202
+    wait_until(lambda: "Offer on Elm St" in folder_subjects(agent, "Received"))
+    detail = wait_until(lambda: (d := call(daemon, "GET", path, token=token)[1])["recent"] and d)
+    assert detail["recent"][0]["subject"] == "Offer on Elm St"
+    assert detail["recent"][0]["outcome"] == "received"
+    assert detail["last_sync"] is not None
+
+    # Stop Email Sync: the worker stops and the ciphertext is gone from the files.
+    status, answer = call(daemon, "DELETE", path, token=token)
+    assert (status, answer) == (200, {"stopped": agent.address})
+    assert call(daemon, "GET", path, token=token)[0] == 404  # First Time Setup again
+    assert agent.address not in daemon.mailboxes()
+    assert registered_rows(daemon) == 0
+    on_disk = raw_store_bytes(daemon)
+    assert blob not in on_disk
+    assert blob[-16:] not in on_disk  # not even the GCM tag
+    assert agent.password.encode() not in on_disk
+    assert '"mailbox_stopped"' in daemon.log()
+    # Folders and history stay.
+    assert "Offer on Elm St" in folder_subjects(agent, "Received")
+    assert call(daemon, "POST", f"{path}/sync", token=token)[0] == 404  # not running
+
+
+def test_a_mailbox_of_the_config_file_is_read_only_through_the_api(
+    user: MailUser, dovecot: Dovecot, daemons: DaemonFactory
+) -> None:
+    daemon = daemons.start([user])
+    path = f"/v1/mailboxes/{quote(user.address)}"
+    body = {"branch": "b0", "username": user.address, "password": user.password}
+    assert call(daemon, "PUT", path, body)[0] == 409
+    assert call(daemon, "DELETE", path)[0] == 409
+    branch = {"host": "127.0.0.1", "port": dovecot.port, "security": "none"}
+    assert call(daemon, "PUT", "/v1/branches/b0", branch)[0] == 409
+    # Positive signal: the mailbox is still there and its status readable.
+    status, detail = call(daemon, "GET", path)
+    assert status == 200
+    assert detail["source"] == "config"
+    assert detail["state"] != "stopped"
+
+
+def test_an_agent_token_sees_and_touches_only_its_own_mailbox(
+    user: MailUser, dovecot: Dovecot, daemons: DaemonFactory
+) -> None:
+    daemon = daemons.start([user])
+    first, second = new_user(dovecot), new_user(dovecot)
+    add_branch(daemon, dovecot)
+    for agent in (first, second):
+        body = {"branch": "main", "username": agent.address, "password": agent.password}
+        status, answer = call(daemon, "PUT", f"/v1/mailboxes/{quote(agent.address)}", body)
+        assert status == 200, answer
+    token = agent_token(daemon, first.address)
+    other = f"/v1/mailboxes/{quote(second.address)}"
+    toml = f"/v1/mailboxes/{quote(user.address)}"
+    # Positive signal: the token works on its own mailbox.
+    assert call(daemon, "GET", f"/v1/mailboxes/{quote(first.address)}", token=token)[0] == 200
+    listed = call(daemon, "GET", "/v1/mailboxes", token=token)[1]["mailboxes"]
+    assert [m["address"] for m in listed] == [first.address]
+    nobody = {"error": "no such mailbox"}
+    for target in (other, toml):
+        assert call(daemon, "GET", target, token=token) == (404, nobody)
+        assert call(daemon, "DELETE", target, token=token) == (404, nobody)
+        assert call(daemon, "POST", f"{target}/sync", token=token) == (404, nobody)
+        assert call(daemon, "POST", f"{target}/stop", token=token) == (404, nobody)
+        body = {"branch": "main", "username": "x", "password": "y"}
+        assert call(daemon, "PUT", target, body, token=token) == (404, nobody)
+    forbidden = {"error": "this token is for one mailbox only"}
+    assert call(daemon, "POST", "/v1/sync", token=token) == (403, forbidden)
+    assert call(daemon, "GET", "/v1/branches", token=token) == (403, forbidden)
+    branch = {"host": "evil.example", "port": 993, "security": "ssl"}
+    assert call(daemon, "PUT", "/v1/branches/main", branch, token=token) == (403, forbidden)
+    mint = {"address": second.address}
+    assert call(daemon, "POST", "/v1/tokens", mint, token=token) == (403, forbidden)
+    # The other mailboxes still run.
+    states = {a: m["state"] for a, m in daemon.mailboxes().items()}
+    assert states[second.address] != "stopped"
+    assert states[user.address] != "stopped"
+
+
+def test_rotating_the_key_revokes_agent_tokens_and_keeps_passwords_readable(
+    user: MailUser, dovecot: Dovecot, daemons: DaemonFactory
+) -> None:
+    daemon = daemons.start([user])
+    agent = new_user(dovecot)
+    add_branch(daemon, dovecot)
+    path = f"/v1/mailboxes/{quote(agent.address)}"
+    body = {"branch": "main", "username": agent.address, "password": agent.password}
+    assert call(daemon, "PUT", path, body)[0] == 200
+    token = agent_token(daemon, agent.address)
+    cli_token = run_cli(daemon.config, "token", "issue", agent.address, "--expires", "2")
+    assert cli_token.returncode == 0, cli_token.stderr
+    issued = cli_token.stdout.split()[0]
+    assert call(daemon, "GET", path, token=token)[0] == 200
+    assert call(daemon, "GET", path, token=issued)[0] == 200
+    before = stored_secret(daemon, agent.address)
+    cookie = page_session(daemon, issued)
+    page = f"/email-sync/{quote(agent.address, safe='@')}"
+    assert page_get(daemon, page, cookie) == (200, None)
+
+    rotated = run_cli(daemon.config, "keys", "rotate")
+    assert rotated.returncode == 0, rotated.stderr
+    assert call(daemon, "GET", path, token=token)[0] == 401
+    assert call(daemon, "GET", path, token=issued)[0] == 401
+    assert page_get(daemon, page, cookie) == (303, "/login")  # the page session ended too
+    after = stored_secret(daemon, agent.address)
+    assert after is not None
+    assert after != before
+    # A restarted daemon decrypts the re-encrypted password and logs in with it.
+    daemon.stop()
+    again = daemons.start([user])
+    wait_until(lambda: again.mailboxes()[agent.address]["state"] == "idle")
+
+
+def test_a_reload_leaves_a_registered_mailbox_and_its_connection_alone(
+    user: MailUser, dovecot: Dovecot, daemons: DaemonFactory
+) -> None:
+    daemon = daemons.start([user])
+    agent = new_user(dovecot)
+    add_branch(daemon, dovecot)
+    body = {"branch": "main", "username": agent.address, "password": agent.password}
+    assert call(daemon, "PUT", f"/v1/mailboxes/{quote(agent.address)}", body)[0] == 200
+    wait_until(lambda: daemon.mailboxes()[agent.address]["state"] == "idle")
+    pids_before = imap_pids(dovecot, agent.address)
+    assert len(pids_before) == 1
+    daemon.signal(signal.SIGHUP)
+    wait_until(lambda: daemon.notify.seen("RELOADING=1"))
+
+    def reload_done() -> bool:  # READY=1 again after RELOADING=1: the reload has finished
+        messages = list(daemon.notify.messages)
+        started = next(i for i, m in enumerate(messages) if "RELOADING=1" in m)
+        return any("READY=1" in m for m in messages[started + 1 :])
+
+    wait_until(reload_done)
+    assert daemon.mailboxes()[agent.address]["state"] == "idle"
+    assert imap_pids(dovecot, agent.address) == pids_before  # the same connection

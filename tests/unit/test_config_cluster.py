@@ -1,0 +1,65 @@
+"""The [cluster] table: instance_id and lease_seconds, and that it needs a PostgreSQL store."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from emailsync.config import LEASE_SECONDS, ConfigError, Settings, load_settings
+from emailsync.lease import default_instance_id
+
+BASE = """
+[daemon]
+state_dir = "{state}"
+store = "{store}"
+[folders]
+[branches.london]
+host = "imap.example.com"
+"""
+PG = "postgresql://emailsync@db.example.com/emailsync"
+
+
+def load(tmp_path: Path, extra: str, store: str = PG) -> Settings:
+    path = tmp_path / "emailsync.toml"
+    text = BASE.format(state=tmp_path / "state", store=store) + textwrap.dedent(extra)
+    path.write_text(text, encoding="utf-8")
+    return load_settings(path)
+
+
+def test_cluster_defaults_without_a_table(tmp_path: Path) -> None:
+    """No [cluster]: an instance id is chosen at start, leases last 30 s."""
+    settings = load(tmp_path, "")
+    assert settings.cluster.instance_id == ""
+    assert settings.cluster.lease_seconds == LEASE_SECONDS == 30.0
+
+
+def test_cluster_keys_are_read(tmp_path: Path) -> None:
+    """instance_id and lease_seconds as written."""
+    settings = load(tmp_path, '[cluster]\ninstance_id = "host-a.1"\nlease_seconds = 5\n')
+    assert settings.cluster.instance_id == "host-a.1"
+    assert settings.cluster.lease_seconds == 5.0
+
+
+@pytest.mark.parametrize(
+    ("extra", "store", "problem"),
+    [
+        ("[cluster]\nlease_seconds = 1\n", PG, "cluster.lease_seconds: must be between 3 and 3600"),
+        ('[cluster]\ninstance_id = "a b"\n', PG, "cluster.instance_id: must be 1-100 letters"),
+        ("[cluster]\nlease_seconds = 10\n", "sqlite:///x.db", "needs daemon.store"),
+        ('[cluster]\nowner = "x"\n', PG, "cluster.owner: unknown key"),
+    ],
+)
+def test_bad_cluster_settings_are_reported(
+    tmp_path: Path, extra: str, store: str, problem: str
+) -> None:
+    """Each bad value is one problem line naming the key."""
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, extra, store)
+    assert any(problem in line for line in caught.value.problems), caught.value.problems
+
+
+def test_default_instance_ids_differ_on_one_host() -> None:
+    """Two instances on one host get different ids (hostname + random suffix)."""
+    assert default_instance_id() != default_instance_id()

@@ -1,0 +1,292 @@
+"""Mailbox leases against a real PostgreSQL: fair shares, takeover after expiry, fencing."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from datetime import UTC, datetime
+from types import SimpleNamespace
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from emailsync.cluster import Cluster
+from emailsync.config import ClusterSettings
+from emailsync.errors import LeaseLostError
+from emailsync.lease import FencedStore, LeaseKeeper, LeaseTable
+from emailsync.metrics import ClusterMetrics
+from emailsync.model import Direction, Fence, TimelineEvent
+from emailsync.store.postgres import PostgresStore
+
+MAILBOXES = [f"agent{i:02d}@example.com" for i in range(10)]
+
+
+class Daemon:
+    """The keeper's view of a daemon: which mailboxes exist, and which workers run."""
+
+    def __init__(self, mailboxes: Sequence[str]) -> None:
+        self.mailboxes = list(mailboxes)
+        self.running: dict[str, Fence] = {}
+        self.stopped: list[str] = []
+
+    def wanted_mailboxes(self) -> list[str]:
+        return self.mailboxes
+
+    def acquire_mailbox(self, address: str, fence: Fence) -> None:
+        assert address not in self.running
+        self.running[address] = fence
+
+    def release_mailboxes(self, addresses: Sequence[str]) -> None:
+        for address in addresses:
+            self.running.pop(address)
+            self.stopped.append(address)
+
+
+@pytest.fixture
+def store(pg_url: str) -> Iterator[PostgresStore]:
+    opened = PostgresStore(pg_url)
+    opened.add_group("Smith", ["client@example.org"])
+    yield opened
+    opened.close()
+
+
+def keeper(
+    store: PostgresStore, name: str, lease_seconds: float = 30.0, *, announce_first: bool = False
+) -> tuple[LeaseKeeper, Daemon, CollectorRegistry]:
+    registry = CollectorRegistry()
+    daemon = Daemon(MAILBOXES)
+    table = LeaseTable(store, name, lease_seconds)
+    return (
+        LeaseKeeper(
+            table,
+            daemon,
+            ClusterMetrics(registry),
+            lease_seconds=lease_seconds,
+            announce_first=announce_first,
+        ),
+        daemon,
+        registry,
+    )
+
+
+def event(mailbox: str, key: str = "k1") -> TimelineEvent:
+    return TimelineEvent(
+        group="Smith",
+        direction=Direction.OUTBOUND,
+        mailbox=mailbox,
+        message_key=key,
+        message_id=f"<{key}@example.com>",
+        subject="Hello",
+        from_=mailbox,
+        to="client@example.org",
+        cc="",
+        date=None,
+        body_text="Hi",
+        attachments=(),
+        size=100,
+        filed_at=datetime(2024, 5, 1, tzinfo=UTC),
+    )
+
+
+def test_two_keepers_split_the_mailboxes_fairly_without_a_double_owner(
+    store: PostgresStore,
+) -> None:
+    """The first takes all 10; once the second is live, 5 move over, never two owners."""
+    first, first_daemon, first_metrics = keeper(store, "a")
+    second, second_daemon, _ = keeper(store, "b")
+    first.tick()
+    assert len(first_daemon.running) == 10
+    second.tick()  # registers b; every lease is held, nothing to claim yet
+    assert second_daemon.running == {}
+    first.tick()  # share is now 5: hands back 5
+    assert not set(first_daemon.running) & set(second_daemon.running)
+    second.tick()
+    assert len(first_daemon.running) == 5
+    assert len(second_daemon.running) == 5
+    assert set(first_daemon.running) | set(second_daemon.running) == set(MAILBOXES)
+    owners = first.table.owners(MAILBOXES)
+    assert {m for m, o in owners.items() if o == "a"} == set(first_daemon.running)
+    assert first_metrics.get_sample_value("emailsync_owned_mailboxes") == 5
+    assert first_metrics.get_sample_value("emailsync_lease_losses_total") == 0
+
+
+def test_a_keeper_that_stops_renewing_is_taken_over_after_expiry(store: PostgresStore) -> None:
+    """The other keeper waits for the lease to expire, then owns every mailbox anew."""
+    first, first_daemon, _ = keeper(store, "a", lease_seconds=1.5)
+    second, second_daemon, _ = keeper(store, "b", lease_seconds=1.5)
+    first.tick()
+    second.tick()
+    assert second_daemon.running == {}
+    old = dict(first_daemon.running)
+    time.sleep(1.6)  # "a" is paused: no heartbeat, its leases and instance row expire
+    second.tick()
+    assert set(second_daemon.running) == set(MAILBOXES)
+    for mailbox, fence in second_daemon.running.items():
+        assert fence.generation > old[mailbox].generation
+    assert not first.holds(old[MAILBOXES[0]])
+
+
+def test_a_stale_owner_records_nothing(store: PostgresStore) -> None:
+    """After takeover the old fence is refused in the recording transaction; nothing is kept."""
+    first, first_daemon, _ = keeper(store, "a", lease_seconds=1.5)
+    second, second_daemon, _ = keeper(store, "b", lease_seconds=1.5)
+    first.tick()
+    mailbox = MAILBOXES[0]
+    stale = first_daemon.running[mailbox]
+    fenced = FencedStore(store, stale, first)
+    assert fenced.record_events([event(mailbox, "before")]) == 1  # the owner may write
+    time.sleep(1.6)
+    second.tick()
+    assert mailbox in second_daemon.running
+    with pytest.raises(LeaseLostError):
+        fenced.record_events([event(mailbox, "after")])
+    with pytest.raises(LeaseLostError):
+        fenced.groups_for_addresses(["client@example.org"])
+    # The database refuses it too, even if the local deadline were wrong.
+    with pytest.raises(LeaseLostError):
+        store.record_events([event(mailbox, "after")], fence=stale)
+    assert [e.message_key for e in store.list_events()] == ["before"]
+    current = FencedStore(store, second_daemon.running[mailbox], second)
+    assert current.record_events([event(mailbox, "after")]) == 1
+
+
+def test_a_taken_lease_stops_the_worker_and_counts_a_loss(store: PostgresStore) -> None:
+    """A lease someone else bumped is not renewed: the worker stops, losses_total counts it."""
+    first, first_daemon, metrics = keeper(store, "a")
+    first.tick()
+    mailbox = MAILBOXES[3]
+    with store.transaction("steal") as conn:
+        conn.execute(
+            "UPDATE mailbox_leases SET owner = 'x', generation = generation + 1 WHERE mailbox = %s",
+            (mailbox,),
+        )
+    first.tick()
+    assert first_daemon.stopped == [mailbox]
+    assert metrics.get_sample_value("emailsync_lease_losses_total") == 1
+    assert metrics.get_sample_value("emailsync_owned_mailboxes") == 9
+
+
+def test_a_graceful_stop_releases_at_once(store: PostgresStore) -> None:
+    """stop() stops the workers and hands the leases back: the other takes them without waiting."""
+    first, first_daemon, _ = keeper(store, "a")
+    second, second_daemon, _ = keeper(store, "b")
+    first.tick()
+    first.stop()
+    assert first_daemon.running == {}
+    assert sorted(first_daemon.stopped) == MAILBOXES
+    second.tick()
+    assert set(second_daemon.running) == set(MAILBOXES)
+
+
+def test_a_fence_with_an_old_generation_is_refused_by_the_store(store: PostgresStore) -> None:
+    """Same owner, older generation (re-claimed after a pause): refused, nothing recorded."""
+    first, first_daemon, _ = keeper(store, "a")
+    first.tick()
+    fence = first_daemon.running[MAILBOXES[0]]
+    with pytest.raises(LeaseLostError):
+        store.record_events(
+            [event(MAILBOXES[0])], fence=replace(fence, generation=fence.generation - 1)
+        )
+    assert store.list_events() == []
+    assert store.record_events([event(MAILBOXES[0])], fence=fence) == 1
+
+
+def test_a_late_joiner_brings_shares_within_one_of_each_other(store: PostgresStore) -> None:
+    """10 mailboxes, a third keeper joins two that hold 5 each: the end is 4/3/3, not 5/4/1."""
+    keepers = [keeper(store, name) for name in ("a", "b", "c")]
+    for each, _, _ in keepers[:2]:
+        each.tick()
+    keepers[0][0].tick()
+    keepers[1][0].tick()
+    for _ in range(6):
+        for each, _, _ in keepers:
+            each.tick()
+    counts = sorted(len(daemon.running) for _, daemon, _ in keepers)
+    assert counts == [3, 3, 4]
+    running = [set(daemon.running) for _, daemon, _ in keepers]
+    assert set.union(*running) == set(MAILBOXES)
+    assert sum(len(r) for r in running) == len(MAILBOXES)
+
+
+def test_keepers_started_together_announce_first_and_share_without_handing_back(
+    store: PostgresStore,
+) -> None:
+    """The first heartbeat only registers; the next claims the fair share straight away."""
+    pair = [keeper(store, name, announce_first=True) for name in ("a", "b")]
+    for each, daemon, _ in pair:
+        each.tick()
+        assert daemon.running == {}
+        assert each.ticks == 0
+    for each, _, _ in pair:
+        each.tick()
+    assert [len(daemon.running) for _, daemon, _ in pair] == [5, 5]
+    assert all(daemon.stopped == [] for _, daemon, _ in pair)
+    assert all(each.ticks == 1 for each, _, _ in pair)
+
+
+class SlowDaemon(Daemon):
+    """Starting a worker takes 0.2 s, as on a busy host with hundreds of them."""
+
+    def acquire_mailbox(self, address: str, fence: Fence) -> None:
+        time.sleep(0.2)
+        super().acquire_mailbox(address, fence)
+
+
+def test_leases_are_renewed_while_many_workers_start(store: PostgresStore) -> None:
+    """10 slow starts (2 s) outlast a 1.5 s lease: the keeper renews meanwhile, keeps all."""
+    registry = CollectorRegistry()
+    daemon = SlowDaemon(MAILBOXES)
+    slow = LeaseKeeper(
+        LeaseTable(store, "slow", 1.5),
+        daemon,
+        ClusterMetrics(registry),
+        lease_seconds=1.5,
+        announce_first=False,
+    )
+    slow.tick()
+    assert len(daemon.running) == 10
+    assert all(slow.holds(fence) for fence in daemon.running.values())
+    assert set(slow.table.renew(MAILBOXES)) == set(MAILBOXES)  # the database agrees
+
+
+class SyncRecorder:
+    """A daemon for ``Cluster`` with no mailboxes that records the Start Syncs it is handed."""
+
+    def __init__(self) -> None:
+        self.settings = SimpleNamespace(mailboxes=[])
+        self.syncs: list[tuple[str | None, bool]] = []
+        self.received = threading.Event()
+
+    def run_mailbox(self, address: str, store: object) -> bool:
+        return False
+
+    def drop_mailboxes(self, addresses: Sequence[str]) -> None:
+        pass
+
+    def start_sync_local(self, address: str | None, *, include_stuck: bool = False) -> bool:
+        self.syncs.append((address, include_stuck))
+        self.received.set()
+        return True
+
+
+def test_start_sync_with_include_stuck_travels_through_notify(store: PostgresStore) -> None:
+    """A Start Sync for all with include_stuck published by one instance reaches the other
+    with include_stuck (LISTEN/NOTIFY), and not the sender itself."""
+    daemons = [SyncRecorder(), SyncRecorder()]
+    clusters = [
+        Cluster(store, d, ClusterSettings(instance_id=name), CollectorRegistry())  # type: ignore[arg-type]
+        for d, name in zip(daemons, ("sender", "receiver"), strict=True)
+    ]
+    for cluster in clusters:
+        cluster.start()
+    try:
+        assert all(c.listening.wait(10) for c in clusters)
+        clusters[0].publish_sync(None, include_stuck=True)
+        assert daemons[1].received.wait(10)
+        assert daemons[1].syncs == [(None, True)]
+        assert daemons[0].syncs == []
+    finally:
+        for cluster in clusters:
+            cluster.stop()

@@ -1,0 +1,131 @@
+"""PostgresStore beyond the shared protocol tests: migrations, outages, error translation."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psycopg
+import psycopg_pool
+import pytest
+
+from emailsync.devpostgres import Postgres
+from emailsync.devserver import free_port
+from emailsync.errors import StoreError, StoreUnavailableError
+from emailsync.store import open_store
+from emailsync.store.pgtranslate import translate
+from emailsync.store.postgres import PostgresStore, _migrations
+
+
+def test_open_store_picks_postgres_for_a_postgresql_url(pg_url: str, tmp_path: Path) -> None:
+    """store = "postgresql://…" opens a PostgresStore and writes nothing to the state dir."""
+    store = open_store(pg_url, tmp_path / "state")
+    try:
+        assert isinstance(store, PostgresStore)
+        assert store.schema_version() == len(_migrations())
+    finally:
+        store.close()
+    assert not (tmp_path / "state").exists()
+
+
+def test_instances_opening_a_fresh_database_together_migrate_it_once(pg_url: str) -> None:
+    """Four stores opened at once: one applies the migrations, the others wait and see them."""
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        stores = list(pool.map(lambda _: PostgresStore(pg_url), range(4)))
+    try:
+        with psycopg.connect(pg_url) as conn:
+            versions = conn.execute("SELECT version FROM emailsync_schema ORDER BY 1").fetchall()
+        assert versions == [(n,) for n in range(1, len(_migrations()) + 1)]
+        stores[0].add_group("Smith", ["client@example.org"])
+        assert [g.name for g in stores[3].list_groups()] == ["Smith"]
+    finally:
+        for store in stores:
+            store.close()
+
+
+def test_a_database_from_a_newer_emailsync_is_refused(pg_url: str) -> None:
+    """A schema version beyond ours is a StoreError asking to upgrade."""
+    PostgresStore(pg_url).close()
+    with psycopg.connect(pg_url) as conn:
+        conn.execute("INSERT INTO emailsync_schema (version) VALUES (999)")
+    with pytest.raises(StoreError, match="newer than this emailsync knows"):
+        PostgresStore(pg_url)
+
+
+def test_an_unreachable_server_is_unavailable_without_the_password() -> None:
+    """Nothing listening: StoreUnavailableError at open, and the password is not echoed."""
+    url = f"postgresql://emailsync:s3cret@127.0.0.1:{free_port()}/emailsync"
+    with pytest.raises(StoreUnavailableError) as caught:
+        PostgresStore(url, connect_timeout_seconds=1)
+    assert "s3cret" not in str(caught.value)
+
+
+def test_connections_the_server_dropped_are_replaced_on_the_next_call(pg_url: str) -> None:
+    """pg_terminate_backend (an admin shutdown of our sessions) costs no failed call."""
+    store = PostgresStore(pg_url)
+    try:
+        store.add_group("Smith", ["client@example.org"])
+        dbname = pg_url.rsplit("/", 1)[1]
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            killed = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = %s AND pid <> pg_backend_pid()",
+                (dbname,),
+            ).fetchone()
+        assert killed is not None
+        assert killed[0] >= 1
+        assert [g.name for g in store.list_groups()] == ["Smith"]
+    finally:
+        store.close()
+
+
+def test_a_restarted_server_is_unavailable_while_down_and_usable_after() -> None:
+    """Server stopped: StoreUnavailableError (mail stays in Queue); started again: works."""
+    server = Postgres()
+    server.start()
+    try:
+        store = PostgresStore(server.create_database(), connect_timeout_seconds=1)
+        store.add_group("Smith", ["client@example.org"])
+        server.stop()
+        with pytest.raises(StoreUnavailableError):
+            store.list_groups()
+        server.start()
+        # The pool reconnects with its own back-off (1 s, doubling): usable within seconds.
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                assert [g.name for g in store.list_groups()] == ["Smith"]
+                break
+            except StoreUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        store.close()
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize(
+    ("error", "unavailable"),
+    [
+        (psycopg.errors.AdminShutdown("terminating connection"), True),
+        (psycopg.errors.CannotConnectNow("starting up"), True),
+        (psycopg.errors.SerializationFailure("retry"), True),
+        (psycopg.errors.DeadlockDetected("deadlock"), True),
+        (psycopg.errors.TooManyConnections("too many"), True),
+        (psycopg.OperationalError("connection refused"), True),
+        (psycopg_pool.PoolTimeout("no connection"), True),
+        (psycopg.errors.UniqueViolation("duplicate"), False),
+        (psycopg.errors.UndefinedTable("no such table"), False),
+        (psycopg_pool.PoolClosed("closed"), False),
+    ],
+)
+def test_psycopg_errors_translate_by_whether_a_retry_can_help(
+    error: Exception, *, unavailable: bool
+) -> None:
+    """Outages and lost races are StoreUnavailableError; the rest is a plain StoreError."""
+    translated = translate(error, "doing it")
+    assert isinstance(translated, StoreError)
+    assert isinstance(translated, StoreUnavailableError) is unavailable
+    assert translated.args[0].startswith("store (postgresql): doing it: ")
