@@ -73,9 +73,13 @@ class Cluster:
             daemon.stop()
 
 
+# Issue 11's scenario: 3 instances sharing 60 mailboxes (a fourth joins later).
+MAILBOXES = 60
+
+
 @pytest.fixture
 def many_users(dovecot: Dovecot) -> list[MailUser]:
-    return [new_user(dovecot, prefix="cl") for _ in range(30)]
+    return [new_user(dovecot, prefix="cl") for _ in range(MAILBOXES)]
 
 
 @pytest.fixture
@@ -118,14 +122,14 @@ def events_by_subject(pg_url: str) -> Counter[str]:
 def test_three_instances_run_each_mailbox_once_and_start_sync_reaches_the_owner(
     cluster: Cluster, many_users: list[MailUser], dovecot: Dovecot
 ) -> None:
-    """30 manual mailboxes over 3 instances: 10 each, one IDLE connection per mailbox;
+    """60 manual mailboxes over 3 instances: 20 each, one IDLE connection per mailbox;
     Start Sync sent to a non-owner files the mailbox; status names each owner; a fourth
     instance joins and the shares re-balance with never two connections for a mailbox."""
     manual = 'trigger = "manual"'
     for name in ("a", "b", "c"):
         cluster.start(name, manual)
     addresses = {u.address for u in many_users}
-    wait_until(lambda: balanced(cluster, ["a", "b", "c"], 30), timeout=40, interval=0.5)
+    wait_until(lambda: balanced(cluster, ["a", "b", "c"], MAILBOXES), timeout=40, interval=0.5)
 
     def one_idle_each() -> bool:
         counts = imap_connections(dovecot)
@@ -134,7 +138,7 @@ def test_three_instances_run_each_mailbox_once_and_start_sync_reaches_the_owner(
     wait_until(one_idle_each, timeout=20, interval=0.5)
     owners = cluster.owners("a")
     assert set(owners) == addresses
-    assert Counter(owners.values()) == {"a": 10, "b": 10, "c": 10}
+    assert Counter(owners.values()) == {"a": 20, "b": 20, "c": 20}
 
     # Start Sync to "a" for a mailbox "b" owns: published, "b" files it.
     target = next(u for u in many_users if owners[u.address] == "b")
@@ -155,7 +159,7 @@ def test_three_instances_run_each_mailbox_once_and_start_sync_reaches_the_owner(
     shown = {s["address"]: s["owner"] for s in map(json.loads, result.stdout.splitlines())}
     assert shown == owners
 
-    # A fourth instance joins: shares re-balance to 8/8/7/7, never two connections at once.
+    # A fourth instance joins: shares re-balance to 15 each, never two connections at once.
     most: Counter[str] = Counter()
     samples = 0
     done = threading.Event()
@@ -172,14 +176,16 @@ def test_three_instances_run_each_mailbox_once_and_start_sync_reaches_the_owner(
     sampler.start()
     try:
         cluster.start("d", manual)
-        wait_until(lambda: balanced(cluster, ["a", "b", "c", "d"], 30), timeout=40, interval=0.5)
+        wait_until(
+            lambda: balanced(cluster, ["a", "b", "c", "d"], MAILBOXES), timeout=40, interval=0.5
+        )
         wait_until(one_idle_each, timeout=20, interval=0.5)
     finally:
         done.set()
         sampler.join()
     assert samples > 10
     assert max(most[a] for a in addresses) == 1
-    assert sorted(Counter(cluster.owners("d").values()).values()) == [7, 7, 8, 8]
+    assert sorted(Counter(cluster.owners("d").values()).values()) == [15, 15, 15, 15]
 
 
 def test_a_killed_instance_s_mailboxes_are_taken_over_and_mail_queued_meanwhile_filed_once(
@@ -189,9 +195,9 @@ def test_a_killed_instance_s_mailboxes_are_taken_over_and_mail_queued_meanwhile_
     queued while nobody watched them is filed once."""
     for name in ("a", "b", "c"):
         cluster.start(name)
-    wait_until(lambda: balanced(cluster, ["a", "b", "c"], 30), timeout=40, interval=0.5)
+    wait_until(lambda: balanced(cluster, ["a", "b", "c"], MAILBOXES), timeout=40, interval=0.5)
     orphans = cluster.owned("c")
-    assert len(orphans) == 10
+    assert len(orphans) == MAILBOXES // 3
     victim = cluster.daemons["c"]
     victim.process.kill()
     killed = time.monotonic()
@@ -225,7 +231,7 @@ def test_a_killed_instance_s_mailboxes_are_taken_over_and_mail_queued_meanwhile_
     assert all(folder_subjects(by_address[a], "Queue") == {} for a in orphans)
     counts = imap_connections(dovecot)
     assert all(counts[a] == 1 for a in by_address)
-    print(f"failover (kill -9 → 10 mailboxes IDLE elsewhere): {failover:.1f} s")
+    print(f"failover (kill -9 → {len(orphans)} mailboxes IDLE elsewhere): {failover:.1f} s")
 
 
 def test_a_paused_instance_records_nothing_and_moves_nothing_after_its_lease_expired(
