@@ -26,11 +26,12 @@ from emailsync.errors import LeaseLostError, StoreError
 from emailsync.model import Attachment, Direction, Fence, Group, TimelineEvent
 from emailsync.store.base import Recorded
 from emailsync.store.pgtranslate import translated
-from emailsync.store.sqlite import (
-    _checked_address,
-    _checked_group_name,
-    _groups_from_rows,
-    _mailbox_key,
+from emailsync.store.rows import (
+    EventsQuery,
+    checked_address,
+    checked_group_name,
+    groups_from_rows,
+    mailbox_key,
 )
 
 # Connections per process: one per busy worker would be too many for 20,000 mailboxes;
@@ -76,18 +77,21 @@ _LINK_EVENT_MAILBOX = """
     SELECT id, %s FROM timeline_events WHERE group_id = %s AND message_key = %s
     ON CONFLICT (event_id, mailbox) DO NOTHING
 """
-_SELECT_EVENTS = """
+_EVENTS = EventsQuery(
+    select="""
     SELECT g.name, e.direction, e.mailbox, e.message_key, e.message_id, e.subject, e.from_,
            e.to_, e.cc, e.date, e.body_text, e.attachments, e.size, e.filed_at,
            ARRAY(SELECT m.mailbox FROM event_mailboxes AS m
                  WHERE m.event_id = e.id ORDER BY m.mailbox COLLATE "C") AS mailboxes
     FROM timeline_events AS e JOIN groups AS g ON g.id = e.group_id
-"""
-_WHERE_GROUP = "g.name = %s"
-_WHERE_MAILBOX = (
-    "EXISTS (SELECT 1 FROM event_mailboxes AS f WHERE f.event_id = e.id AND f.mailbox = %s)"
+""",
+    where_group="g.name = %s",
+    where_mailbox=(
+        "EXISTS (SELECT 1 FROM event_mailboxes AS f WHERE f.event_id = e.id AND f.mailbox = %s)"
+    ),
+    order_and_limit=" ORDER BY e.filed_at DESC, e.id DESC LIMIT %s",
+    no_limit=None,  # LIMIT NULL means no limit in PostgreSQL
 )
-_ORDER_NEWEST_FIRST = " ORDER BY e.filed_at DESC, e.id DESC LIMIT %s"
 # The fence holds while the lease row names us with this generation and has not expired.
 # FOR SHARE keeps a claimer (FOR UPDATE SKIP LOCKED) off the row until we commit.
 _CHECK_FENCE = """
@@ -150,7 +154,7 @@ class PostgresStore:
             return []
         with self.transaction("look up groups") as conn:
             rows = conn.execute(_GROUPS_FOR_ADDRESSES, (wanted,)).fetchall()
-        return _groups_from_rows(rows)
+        return groups_from_rows(rows)
 
     def add_group(self, name: str, addresses: Iterable[str]) -> Group:
         """Create the group, or extend it, with the addresses; return it with all addresses.
@@ -158,8 +162,8 @@ class PostgresStore:
         Raises ``ValueError`` naming the first name or address that is not valid; nothing is
         written then.
         """
-        name = _checked_group_name(name)
-        normalised = sorted({_checked_address(address) for address in addresses})
+        name = checked_group_name(name)
+        normalised = sorted({checked_address(address) for address in addresses})
         with self.transaction("add group") as conn:
             conn.execute(_INSERT_GROUP, (name,))
             ids = dict(conn.execute(_GROUP_IDS_BY_NAME, ([name],)).fetchall())
@@ -180,7 +184,7 @@ class PostgresStore:
         links: list[tuple[str, str]] = []
         for number, (group, address) in enumerate(rows, start=1):
             try:
-                links.append((_checked_group_name(group), _checked_address(address)))
+                links.append((checked_group_name(group), checked_address(address)))
             except ValueError as exc:
                 raise ValueError(f"row {number}: {exc}") from None
         if not links:
@@ -200,7 +204,7 @@ class PostgresStore:
     def list_groups(self) -> list[Group]:
         """Every group with all its addresses, ordered by name."""
         with self.transaction("list groups") as conn:
-            return _groups_from_rows(conn.execute(_ALL_GROUPS).fetchall())
+            return groups_from_rows(conn.execute(_ALL_GROUPS).fetchall())
 
     # -- timeline -----------------------------------------------------------------------
 
@@ -223,7 +227,7 @@ class PostgresStore:
             {
                 (mailbox, event.group, event.message_key)
                 for event in ordered
-                for mailbox in {_mailbox_key(m) for m in (event.mailbox, *event.mailboxes)}
+                for mailbox in {mailbox_key(m) for m in (event.mailbox, *event.mailboxes)}
             },
             key=lambda link: (link[1], link[2], link[0]),
         )
@@ -276,20 +280,7 @@ class PostgresStore:
         ``group`` keeps one group's events, ``mailbox`` the events that mailbox filed (first
         or later); ``limit`` caps how many are returned.
         """
-        if limit is not None and limit < 0:
-            raise ValueError(f"limit must not be negative, got {limit}")
-        conditions: list[str] = []
-        params: list[object] = []
-        if group is not None:
-            conditions.append(_WHERE_GROUP)
-            params.append(group)
-        if mailbox is not None:
-            conditions.append(_WHERE_MAILBOX)
-            params.append(_mailbox_key(mailbox))
-        params.append(limit)  # LIMIT NULL means no limit in PostgreSQL
-        where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
-        # Only the constant fragments above are joined; every value is a bound parameter.
-        sql = _SELECT_EVENTS + where + _ORDER_NEWEST_FIRST
+        sql, params = _EVENTS.build(group=group, mailbox=mailbox, limit=limit)
         with self.transaction("list events") as conn:
             rows = conn.execute(sql, params).fetchall()
         return [_event_from_row(row) for row in rows]
@@ -390,7 +381,7 @@ def _event_columns(event: TimelineEvent) -> tuple[object, ...]:
     return (
         event.message_key,
         event.direction.value,
-        _mailbox_key(event.mailbox),
+        mailbox_key(event.mailbox),
         event.message_id,
         event.subject,
         event.from_,

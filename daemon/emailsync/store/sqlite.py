@@ -17,10 +17,16 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from emailsync.address import normalise_address
 from emailsync.errors import StoreError, StoreUnavailableError
 from emailsync.model import Attachment, Direction, Group, TimelineEvent
 from emailsync.store.base import Recorded, RegisteredBranch, RegisteredMailbox
+from emailsync.store.rows import (
+    EventsQuery,
+    checked_address,
+    checked_group_name,
+    groups_from_rows,
+    mailbox_key,
+)
 
 # How long a writer waits for another writer (another thread or a CLI process) to commit.
 BUSY_TIMEOUT_SECONDS = 5.0
@@ -82,19 +88,21 @@ _LINK_EVENT_MAILBOX = """
     ON CONFLICT (event_id, mailbox) DO NOTHING
 """
 # One statement, so the events and their mailboxes come from one consistent snapshot.
-_SELECT_EVENTS = """
+_EVENTS = EventsQuery(
+    select="""
     SELECT g.name, e.direction, e.mailbox, e.message_key, e.message_id, e.subject, e.from_,
            e.to_, e.cc, e.date, e.body_text, e.attachments, e.size, e.filed_at,
            (SELECT json_group_array(m.mailbox) FROM event_mailboxes AS m
             WHERE m.event_id = e.id) AS mailboxes
     FROM timeline_events AS e JOIN groups AS g ON g.id = e.group_id
-"""
-_WHERE_GROUP = "g.name = ?"
-_WHERE_MAILBOX = (
-    "EXISTS (SELECT 1 FROM event_mailboxes AS f WHERE f.event_id = e.id AND f.mailbox = ?)"
+""",
+    where_group="g.name = ?",
+    where_mailbox=(
+        "EXISTS (SELECT 1 FROM event_mailboxes AS f WHERE f.event_id = e.id AND f.mailbox = ?)"
+    ),
+    order_and_limit=" ORDER BY e.filed_at DESC, e.id DESC LIMIT ?",
+    no_limit=-1,  # a negative LIMIT means no limit in SQLite
 )
-# A negative LIMIT means no limit in SQLite.
-_ORDER_NEWEST_FIRST = " ORDER BY e.filed_at DESC, e.id DESC LIMIT ?"
 
 
 class SqliteStore:
@@ -136,7 +144,7 @@ class SqliteStore:
         if not wanted:
             return []
         rows = self._query("look up groups", _GROUPS_FOR_ADDRESSES, (json.dumps(wanted),))
-        return _groups_from_rows(rows)
+        return groups_from_rows(rows)
 
     def add_group(self, name: str, addresses: Iterable[str]) -> Group:
         """Create the group, or extend it, with the addresses; return it with all addresses.
@@ -144,8 +152,8 @@ class SqliteStore:
         Addresses are normalised; raises ``ValueError`` naming the first invalid name or
         address, before anything is written.
         """
-        group_name = _checked_group_name(name)
-        links = sorted({_checked_address(address) for address in addresses})
+        group_name = checked_group_name(name)
+        links = sorted({checked_address(address) for address in addresses})
         with self._transaction("add group") as conn:
             conn.execute(_INSERT_GROUP, (group_name,))
             (group_id,) = conn.execute(
@@ -167,7 +175,7 @@ class SqliteStore:
         links: list[tuple[str, str]] = []
         for number, (name, address) in enumerate(rows, start=1):
             try:
-                links.append((_checked_group_name(name), _checked_address(address)))
+                links.append((checked_group_name(name), checked_address(address)))
             except ValueError as exc:
                 raise ValueError(f"row {number}: {exc}") from exc
         if not links:
@@ -182,7 +190,7 @@ class SqliteStore:
 
     def list_groups(self) -> list[Group]:
         """Every group with all its addresses, ordered by name."""
-        return _groups_from_rows(self._query("list groups", _ALL_GROUPS, ()))
+        return groups_from_rows(self._query("list groups", _ALL_GROUPS, ()))
 
     # -- timeline -----------------------------------------------------------------------
 
@@ -200,7 +208,7 @@ class SqliteStore:
         mailbox_links = [
             (mailbox, event.group, event.message_key)
             for event in events
-            for mailbox in sorted({_mailbox_key(m) for m in (event.mailbox, *event.mailboxes)})
+            for mailbox in sorted({mailbox_key(m) for m in (event.mailbox, *event.mailboxes)})
         ]
         names = sorted({event.group for event in events})
         with self._transaction("record events") as conn:
@@ -234,20 +242,7 @@ class SqliteStore:
         ``group`` keeps one group's events, ``mailbox`` the events that mailbox filed (first
         or later); ``limit`` caps how many are returned.
         """
-        if limit is not None and limit < 0:
-            raise ValueError(f"limit must not be negative, got {limit}")
-        conditions: list[str] = []
-        params: list[object] = []
-        if group is not None:
-            conditions.append(_WHERE_GROUP)
-            params.append(group)
-        if mailbox is not None:
-            conditions.append(_WHERE_MAILBOX)
-            params.append(_mailbox_key(mailbox))
-        params.append(-1 if limit is None else limit)
-        where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
-        # Only the constant fragments above are joined; every value is a bound parameter.
-        sql = _SELECT_EVENTS + where + _ORDER_NEWEST_FIRST
+        sql, params = _EVENTS.build(group=group, mailbox=mailbox, limit=limit)
         return [_event_from_row(row) for row in self._query("list events", sql, params)]
 
     # -- registry (branches and mailboxes registered at run time) ---------------------------
@@ -544,35 +539,6 @@ def _has_code(sql: str) -> bool:
     return any(line.strip() and not line.strip().startswith("--") for line in sql.splitlines())
 
 
-def _groups_from_rows(rows: Iterable[tuple[str, str | None]]) -> list[Group]:
-    """Fold ``(name, address)`` rows, ordered by name, into groups (address None: empty)."""
-    addresses: dict[str, list[str]] = {}
-    for name, address in rows:
-        members = addresses.setdefault(name, [])
-        if address is not None:
-            members.append(address)
-    return [Group(name=name, addresses=tuple(members)) for name, members in addresses.items()]
-
-
-def _checked_group_name(name: str) -> str:
-    stripped = name.strip()
-    if not stripped:
-        raise ValueError(f"empty group name: {name!r}")
-    return stripped
-
-
-def _checked_address(address: str) -> str:
-    normalised = normalise_address(address)
-    if normalised is None:
-        raise ValueError(f"not an email address: {address!r}")
-    return normalised
-
-
-def _mailbox_key(mailbox: str) -> str:
-    """A mailbox in the form it is stored and matched: its normalised address if it has one."""
-    return normalise_address(mailbox) or mailbox.strip()
-
-
 def _now() -> str:
     return _to_iso(datetime.now(UTC))
 
@@ -598,7 +564,7 @@ def _event_columns(event: TimelineEvent) -> tuple[object, ...]:
     return (
         event.message_key,
         event.direction.value,
-        _mailbox_key(event.mailbox),
+        mailbox_key(event.mailbox),
         event.message_id,
         event.subject,
         event.from_,

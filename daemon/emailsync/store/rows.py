@@ -1,0 +1,73 @@
+"""What the SQL stores share: checking names and addresses, folding rows, the events query."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from emailsync.address import normalise_address
+from emailsync.model import Group
+
+
+@dataclass(frozen=True)
+class EventsQuery:
+    """The fragments of one engine's "list events" statement (its own placeholders).
+
+    ``build`` joins only these constant fragments; every value is a bound parameter.
+    """
+
+    select: str
+    where_group: str
+    where_mailbox: str
+    order_and_limit: str  # ends in the LIMIT placeholder
+    no_limit: object  # the LIMIT value meaning "no limit" (SQLite: -1, PostgreSQL: NULL)
+
+    def build(
+        self, *, group: str | None, mailbox: str | None, limit: int | None
+    ) -> tuple[str, list[object]]:
+        """The statement and its parameters: newest filed first, optionally one group's or
+        one mailbox's events, at most ``limit`` of them."""
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must not be negative, got {limit}")
+        conditions: list[str] = []
+        params: list[object] = []
+        if group is not None:
+            conditions.append(self.where_group)
+            params.append(group)
+        if mailbox is not None:
+            conditions.append(self.where_mailbox)
+            params.append(mailbox_key(mailbox))
+        params.append(self.no_limit if limit is None else limit)
+        where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+        return self.select + where + self.order_and_limit, params
+
+
+def groups_from_rows(rows: Iterable[tuple[str, str | None]]) -> list[Group]:
+    """Fold ``(name, address)`` rows, ordered by name, into groups (address None: empty)."""
+    addresses: dict[str, list[str]] = {}
+    for name, address in rows:
+        members = addresses.setdefault(name, [])
+        if address is not None:
+            members.append(address)
+    return [Group(name=name, addresses=tuple(members)) for name, members in addresses.items()]
+
+
+def checked_group_name(name: str) -> str:
+    """A group name without surrounding blanks; ValueError when nothing is left."""
+    stripped = name.strip()
+    if not stripped:
+        raise ValueError(f"empty group name: {name!r}")
+    return stripped
+
+
+def checked_address(address: str) -> str:
+    """The normalised address; ValueError when it is not an email address."""
+    normalised = normalise_address(address)
+    if normalised is None:
+        raise ValueError(f"not an email address: {address!r}")
+    return normalised
+
+
+def mailbox_key(mailbox: str) -> str:
+    """A mailbox in the form it is stored and matched: its normalised address if it has one."""
+    return normalise_address(mailbox) or mailbox.strip()
