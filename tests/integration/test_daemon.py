@@ -328,6 +328,13 @@ def test_sighup_restarts_a_changed_mailbox_stops_a_removed_one_and_survives_a_ba
     assert imap_pids(dovecot, changed.address) != changed_pids
     assert imap_pids(dovecot, kept.address) == kept_pids
     assert removed.address not in daemon.mailboxes()
+    # Its series go once the main loop has reaped the ended worker (a tick after LOGOUT).
+    wait_until(
+        lambda: (
+            daemon.metric("emailsync_mailbox_state", mailbox=removed.address, state="stopped")
+            is None
+        )
+    )
     assert daemon.metric("emailsync_mailbox_state", mailbox=removed.address, state="idle") is None
 
 
