@@ -2,10 +2,14 @@
 
 With a ``postgresql://`` store every instance runs the workers of the mailboxes it holds a
 lease on (``emailsync.lease``), not of every configured mailbox. A Start Sync that reaches an
-instance without the mailbox's worker is published with PostgreSQL ``NOTIFY`` on
-``emailsync_sync``; every instance ``LISTEN``s there and the owner runs the pass. No broker
-beside the database: a notification sent while an instance is reconnecting is lost, which
-only delays that pass until the next IDLE event or safety sweep.
+instance without the mailbox's worker is written to ``start_sync_requests``
+(schema_pg/003_start_sync_requests.sql) and announced with PostgreSQL ``NOTIFY`` on
+``emailsync_sync`` in the same transaction; every instance ``LISTEN``s there and the owner
+runs the pass. The row is the truth, the notification only a wake-up: one sent while an
+instance's listening connection is down reaches nobody, so on every (re)connect the listener
+first ``LISTEN``s, then reads the requests above the last id it has seen and acts on those
+for the mailboxes it owns. No broker beside the database. (Run-time registry changes are
+not published: a cluster's store keeps no registry, see ``Supervisor.run``.)
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Sequence
-from typing import Protocol
+from datetime import timedelta
+from typing import Any, Protocol
 
 import psycopg
 import structlog
@@ -33,6 +38,22 @@ SYNC_CHANNEL = "emailsync_sync"
 LISTEN_POLL_SECONDS = 1.0
 # Back-off between reconnects of the listening connection (the store is down).
 LISTEN_RETRY_SECONDS = 2.0
+# Publishers hold this advisory lock while they insert a request, so request ids commit in
+# increasing order and a listener's "above the last id seen" misses none ("emailsys" in ASCII).
+PUBLISH_LOCK_KEY = 0x656D61696C737973
+# Requests older than this are deleted by the next publisher. A listener cut off for longer
+# (its instance would have lost its leases long before) misses them.
+REQUEST_RETENTION = timedelta(days=1)
+
+_PRUNE_REQUESTS = "DELETE FROM start_sync_requests WHERE requested_at < now() - %s"
+_INSERT_REQUEST = """
+    INSERT INTO start_sync_requests (mailbox, include_stuck, sender) VALUES (%s, %s, %s)
+    RETURNING id
+"""
+_LAST_REQUEST = "SELECT coalesce(max(id), 0) FROM start_sync_requests"
+_REQUESTS_AFTER = """
+    SELECT id, mailbox, include_stuck, sender FROM start_sync_requests WHERE id > %s ORDER BY id
+"""
 
 
 class ClusterDaemon(Protocol):
@@ -77,6 +98,11 @@ class Cluster:
         self._stop = threading.Event()
         self._listener: threading.Thread | None = None
         self.listening = threading.Event()
+        # The highest Start Sync request id this instance has acted on or skipped (None until
+        # the listener first connects: requests older than this instance are not its own).
+        self._last_request: int | None = None
+        # How the listening connection shows in pg_stat_activity.
+        self.listen_application_name = f"emailsync-listen {self.instance_id}"
 
     # -- LeaseHooks ----------------------------------------------------------------------------
 
@@ -137,21 +163,38 @@ class Cluster:
     def publish_sync(self, address: str | None, *, include_stuck: bool = False) -> None:
         """Ask the owner (any instance; all for None) to run a Start Sync pass.
 
-        ``include_stuck``: the pass first releases the messages quarantined in Queue.
+        ``include_stuck``: the pass first releases the messages quarantined in Queue. The
+        request is a row (read by listeners that were reconnecting) and a notification, in
+        one transaction; requests older than ``REQUEST_RETENTION`` are pruned there too.
         """
-        payload = json.dumps(
-            {"from": self.instance_id, "mailbox": address, "include_stuck": include_stuck}
-        )
         with self.store.transaction("publish start sync") as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (PUBLISH_LOCK_KEY,))
+            conn.execute(_PRUNE_REQUESTS, (REQUEST_RETENTION,))
+            row = conn.execute(_INSERT_REQUEST, (address, include_stuck, self.instance_id))
+            (request,) = row.fetchone() or (None,)
+            payload = json.dumps(
+                {
+                    "id": request,
+                    "from": self.instance_id,
+                    "mailbox": address,
+                    "include_stuck": include_stuck,
+                }
+            )
             conn.execute("SELECT pg_notify(%s, %s)", (SYNC_CHANNEL, payload))
-        self.log.info("start_sync_published", mailbox=address, include_stuck=include_stuck)
+        self.log.info(
+            "start_sync_published", mailbox=address, include_stuck=include_stuck, request=request
+        )
 
     def _listen(self) -> None:
         while not self._stop.is_set():
             try:
-                with self.store.listen_connection() as conn:
+                with self.store.listen_connection(self.listen_application_name) as conn:
+                    # LISTEN first, then read: a request committed in between is both read and
+                    # notified (the notification is then skipped by its id), none is neither.
                     conn.execute(f"LISTEN {SYNC_CHANNEL}")  # a constant identifier
+                    missed = self._catch_up(conn)
                     self.listening.set()
+                    self.log.info("start_sync_listening", missed=missed)
                     while not self._stop.is_set():
                         for notify in conn.notifies(timeout=LISTEN_POLL_SECONDS):
                             self._on_notify(notify.payload)
@@ -160,23 +203,58 @@ class Cluster:
                 self.log.warning("start_sync_listener_lost", error=type(exc).__name__)
                 self._stop.wait(LISTEN_RETRY_SECONDS)
 
+    def _catch_up(self, conn: psycopg.Connection[Any]) -> int:
+        """Act on the requests published since the last one seen; return how many there were.
+
+        On the first connect there is nothing to catch up: the mailboxes are not owned yet,
+        and each worker's first pass comes with its lease.
+        """
+        if self._last_request is None:
+            row = conn.execute(_LAST_REQUEST).fetchone()
+            self._last_request = int(row[0]) if row is not None else 0
+            return 0
+        rows = conn.execute(_REQUESTS_AFTER, (self._last_request,)).fetchall()
+        for request, address, include_stuck, sender in rows:
+            self._last_request = max(self._last_request, int(request))
+            self._act(address, include_stuck=include_stuck, sender=sender, missed=True)
+        return len(rows)
+
     def _on_notify(self, payload: str) -> None:
         try:
             message = json.loads(payload)
         except ValueError:
             self.log.warning("start_sync_notification_invalid")
             return
-        if not isinstance(message, dict) or message.get("from") == self.instance_id:
+        if not isinstance(message, dict):
             return
+        request = message.get("id")
+        if isinstance(request, int) and self._last_request is not None:
+            if request <= self._last_request:
+                return  # read from the table when the listener (re)connected
+            self._last_request = request
         address = message.get("mailbox")
         if address is not None and not isinstance(address, str):
             return
-        include_stuck = message.get("include_stuck") is True
+        sender = message.get("from")
+        self._act(
+            address,
+            include_stuck=message.get("include_stuck") is True,
+            sender=sender if isinstance(sender, str) else None,
+            missed=False,
+        )
+
+    def _act(
+        self, address: str | None, *, include_stuck: bool, sender: str | None, missed: bool
+    ) -> None:
+        """Run a request's pass here if it is another instance's, for a mailbox we own (or all)."""
+        if sender == self.instance_id:
+            return  # the sender ran it locally where it could
         if address is None or address in self.keeper.owned():
             self.log.info(
                 "start_sync_received",
                 mailbox=address,
-                sender=message.get("from"),
+                sender=sender,
                 include_stuck=include_stuck,
+                missed=missed,
             )
             self.daemon.start_sync_local(address, include_stuck=include_stuck)

@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from emailsync.devpostgres import Postgres
@@ -266,6 +267,63 @@ def test_a_paused_instance_records_nothing_and_moves_nothing_after_its_lease_exp
         wait_until(lambda: "fenced" in folder_subjects(user, "Received"), timeout=15)
         assert events_by_subject(pg_url)["fenced"] == 1
         assert paused.metric("emailsync_timeline_events_total", mailbox=mailbox) in (None, 0)
+    finally:
+        cluster.stop_all()
+
+
+def listener_pids(pg_url: str, instance: str) -> list[int]:
+    """The backends of ``instance``'s Start Sync listener (its LISTEN connection)."""
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = %s",
+            (f"emailsync-listen {instance}",),
+        ).fetchall()
+    return [pid for (pid,) in rows]
+
+
+def test_a_start_sync_published_while_the_owner_s_listener_reconnects_is_not_lost(
+    tmp_path: Path, dovecot: Dovecot, pg_url: str
+) -> None:
+    """The owner's LISTEN connection is cut and a Start Sync for its (manual) mailbox is
+    published through the other instance before it is back: NOTIFY reached nobody, yet the
+    owner reads the request from the database once it listens again and files the mailbox."""
+    users = [new_user(dovecot, prefix="ls") for _ in range(2)]
+    cluster = Cluster(tmp_path, users, pg_url)
+    result = run_cli(cluster.config("setup"), "groups", "add", "Smith", CLIENT)
+    assert result.returncode == 0, result.stderr
+    manual = 'trigger = "manual"'
+    try:
+        sender = cluster.start("a", manual)
+        owner = cluster.start("b", manual)
+        wait_until(lambda: balanced(cluster, ["a", "b"], 2), timeout=30, interval=0.5)
+        target = next(u for u in users if u.address in cluster.owned("b"))
+        queue(target, build_message(CLIENT, target.address, "missed notify"))
+        wait_until(lambda: owner.metric("emailsync_queue_messages", mailbox=target.address) == 1)
+        assert owner.log().count('"start_sync_listening"') == 1
+
+        [pid] = listener_pids(pg_url, "b")
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            assert conn.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone() == (True,)
+        wait_until(lambda: pid not in listener_pids(pg_url, "b"), interval=0.02)
+        status, _ = sender.post(f"/v1/mailboxes/{target.address}/sync")
+        assert status == 202
+        # Published while "b" was not listening (it retries after 2 s).
+        assert owner.log().count('"start_sync_listening"') == 1
+        assert folder_subjects(target, "Queue") == {"missed notify": set()}
+
+        wait_until(lambda: '"start_sync_listener_lost"' in owner.log(), timeout=10)
+        wait_until(lambda: owner.log().count('"start_sync_listening"') == 2, timeout=10)
+        wait_until(lambda: "missed notify" in folder_subjects(target, "Received"), timeout=10)
+        assert (
+            owner.metric(
+                "emailsync_sync_passes_total", mailbox=target.address, trigger="start_sync"
+            )
+            == 1
+        )
+        assert sender.metric("emailsync_timeline_events_total", mailbox=target.address) in (
+            None,
+            0,
+        )
     finally:
         cluster.stop_all()
 

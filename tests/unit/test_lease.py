@@ -290,3 +290,76 @@ def test_start_sync_with_include_stuck_travels_through_notify(store: PostgresSto
     finally:
         for cluster in clusters:
             cluster.stop()
+
+
+def terminate_listener(store: PostgresStore, instance: str) -> None:
+    """Cut ``instance``'s LISTEN connection, as a network drop or a DBA would."""
+    with store.transaction("test: cut the listener") as conn:
+        rows = conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+            (f"emailsync-listen {instance}",),
+        ).fetchall()
+    assert rows == [(True,)]
+
+
+def test_a_start_sync_published_while_a_listener_is_cut_off_is_read_when_it_is_back(
+    store: PostgresStore,
+) -> None:
+    """Requests published while the receiver's LISTEN connection is down are acted on once
+    it is back (read from start_sync_requests), in order; one notified after that arrives
+    once, not again from the table; the receiver never sees requests older than itself."""
+    early = Cluster(
+        store,
+        SyncRecorder(),
+        ClusterSettings(instance_id="early"),
+        CollectorRegistry(),  # type: ignore[arg-type]
+    )
+    early.publish_sync(None)  # before the receiver existed: not its business
+    daemons = [SyncRecorder(), SyncRecorder()]
+    clusters = [
+        Cluster(store, d, ClusterSettings(instance_id=name), CollectorRegistry())  # type: ignore[arg-type]
+        for d, name in zip(daemons, ("sender", "receiver"), strict=True)
+    ]
+    for cluster in clusters:
+        cluster.start()
+    try:
+        assert all(c.listening.wait(10) for c in clusters)
+        terminate_listener(store, "receiver")
+        wait = time.monotonic() + 5
+        while clusters[1].listening.is_set() and time.monotonic() < wait:
+            time.sleep(0.01)
+        assert not clusters[1].listening.is_set()  # the receiver saw its connection go
+        clusters[0].publish_sync(None, include_stuck=True)
+        clusters[0].publish_sync(None)
+        assert daemons[1].syncs == []
+        assert clusters[1].listening.wait(10)  # reconnected (LISTEN_RETRY_SECONDS later)
+        assert daemons[1].syncs == [(None, True), (None, False)]
+
+        daemons[1].received.clear()
+        clusters[0].publish_sync(None, include_stuck=True)
+        assert daemons[1].received.wait(10)
+        time.sleep(0.5)
+        assert daemons[1].syncs == [(None, True), (None, False), (None, True)]
+        assert daemons[0].syncs == []  # the sender acts locally, never on its own requests
+    finally:
+        for cluster in clusters:
+            cluster.stop()
+
+
+def test_publishing_prunes_requests_older_than_the_retention(store: PostgresStore) -> None:
+    """start_sync_requests does not grow forever: a publish deletes rows past a day."""
+    cluster = Cluster(
+        store,
+        SyncRecorder(),
+        ClusterSettings(instance_id="p"),
+        CollectorRegistry(),  # type: ignore[arg-type]
+    )
+    with store.transaction("test: an old request") as conn:
+        conn.execute(
+            "INSERT INTO start_sync_requests (mailbox, include_stuck, sender, requested_at)"
+            " VALUES (NULL, false, 'gone', now() - interval '25 hours')"
+        )
+    cluster.publish_sync("agent00@example.com")
+    with store.transaction("test: read requests") as conn:
+        rows = conn.execute("SELECT mailbox, sender FROM start_sync_requests").fetchall()
+    assert rows == [("agent00@example.com", "p")]

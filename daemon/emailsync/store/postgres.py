@@ -303,13 +303,17 @@ class PostgresStore:
         with translated(doing), self.pool.connection() as conn, conn.transaction():
             yield conn
 
-    def listen_connection(self) -> psycopg.Connection[Any]:
+    def listen_connection(self, application_name: str = "") -> psycopg.Connection[Any]:
         """A new autocommit connection outside the pool, for ``LISTEN`` (close it when done).
 
+        ``application_name`` names it in ``pg_stat_activity`` (which instance listens there).
         Raises psycopg errors untranslated: the listener owns its reconnect loop.
         """
         return psycopg.connect(
-            self._url, autocommit=True, connect_timeout=max(1, round(self._timeout))
+            self._url,
+            autocommit=True,
+            connect_timeout=max(1, round(self._timeout)),
+            application_name=application_name,
         )
 
     # -- schema -----------------------------------------------------------------------------
