@@ -248,7 +248,8 @@ class CrmMetrics:
         )
         self.up = Gauge(
             "crm_up",
-            "1 when the last request to the CRM was answered, 0 when it could not be.",
+            "1 when the last request to the CRM (the start-up probe's included) was answered;"
+            " 0 when it could not be, and before the CRM first answered.",
             namespace=ns,
             registry=registry,
         )
@@ -257,4 +258,5 @@ class CrmMetrics:
             self.requests.labels(endpoint=endpoint, status="200")
         for result in ("hit", "miss"):
             self.cache.labels(result=result)
-        self.up.set(1)
+        # Not 1 until the CRM answered: a dashboard must not say "up" for a CRM never reached.
+        self.up.set(0)

@@ -21,10 +21,13 @@ import requests
 import trustme
 from openapi_core import OpenAPI
 from openapi_core.datatypes import RequestParameters
+from prometheus_client import CollectorRegistry
 from werkzeug.datastructures import Headers, ImmutableMultiDict
 
 from emailsync.config import Settings, load_settings
 from emailsync.crm import signing
+from emailsync.crm import store as crm_store_module
+from emailsync.crm.store import PROBE_ADDRESS, HttpStore
 from emailsync.demo import run_demo
 from emailsync.devcrm import EVENTS_PATH, LOOKUP_PATH, DevCrm, Exchange
 from emailsync.errors import StoreUnavailableError
@@ -361,6 +364,57 @@ def test_crm_down_moves_nothing_and_back_up_files_everything_once(
     assert sorted(e["subject"] for e in crm.events()) == sorted(subjects)
     assert daemon.metric("emailsync_crm_up") == 1
     assert daemon.stop() == 0
+    assert_conforms(crm)
+
+
+def test_crm_up_reads_0_for_a_crm_never_reached_and_1_once_the_start_up_probe_answered(
+    user: MailUser, tmp_path: Path, crm: DevCrm, launched: list[RunningDaemon]
+) -> None:
+    """No mail at all, so no worker asks the CRM: the daemon probes it at start-up. Nothing
+    listening at the URL reads 0 (the probe's failed request counted), never 1; the reference
+    CRM up reads 1 after exactly one lookup, of an address no CRM links."""
+    gone = DevCrm(SECRET.encode()).start()
+    gone.close()  # nothing listens at its URL any more
+    make_folders(load_settings(write_config(tmp_path, [user])), user.address)
+    down = start_daemon(tmp_path, [user], gone, launched, run="down")
+    assert down.metric("emailsync_crm_up") == 0
+    failed = {"endpoint": "groups_lookup", "status": "error"}  # no answer at all
+    wait_until(lambda: down.metric("emailsync_crm_requests_total", **failed), 10)
+    assert down.metric("emailsync_crm_up") == 0
+    assert down.stop() == 0
+
+    up = start_daemon(tmp_path, [user], crm, launched, run="up")
+    wait_until(lambda: up.metric("emailsync_crm_up") == 1, 10)
+    assert up.metric("emailsync_crm_requests_total", endpoint="groups_lookup", status="200") == 1
+    assert crm.calls[LOOKUP_PATH] == 1
+    [probe] = [e for e in crm.exchanges if e.path.endswith(LOOKUP_PATH)]
+    assert json.loads(probe.request_body) == {"addresses": [PROBE_ADDRESS]}
+    assert up.stop() == 0
+    assert_conforms(crm)
+
+
+def test_the_probe_asks_again_until_the_crm_answers_then_stops(
+    user: MailUser, tmp_path: Path, crm: DevCrm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CRM answering 503 at start-up reads 0 and is asked again; once it answers, 1, and the
+    probe asks no more (workers' requests keep the gauge current from then on)."""
+    monkeypatch.setattr(crm_store_module, "PROBE_RETRY_SECONDS", 0.2)
+    crm.faults.status = 503
+    settings = crm_settings(tmp_path, [user], crm)
+    assert settings.crm is not None
+    store = HttpStore(settings.crm)
+    registry = CollectorRegistry()
+    try:
+        store.register_metrics(registry)
+        wait_until(lambda: crm.calls[LOOKUP_PATH] >= 2, 10)
+        assert registry.get_sample_value("emailsync_crm_up") == 0
+        crm.faults.status = None
+        wait_until(lambda: registry.get_sample_value("emailsync_crm_up") == 1, 10)
+        asked = crm.calls[LOOKUP_PATH]
+        time.sleep(1)  # five retry periods
+        assert crm.calls[LOOKUP_PATH] == asked
+    finally:
+        store.close()
     assert_conforms(crm)
 
 

@@ -38,6 +38,8 @@ class CrmClient:
         self._local = threading.local()
         self._sessions: list[requests.Session] = []
         self._lock = threading.Lock()
+        # Whether the CRM answered the last request (None: nothing asked yet).
+        self.answered: bool | None = None
 
     def post(self, path: str, payload: dict[str, Any]) -> tuple[dict[str, Any], requests.Response]:
         """POST ``payload`` signed; the JSON object answered, and the response (for headers).
@@ -99,6 +101,7 @@ class CrmClient:
         return session
 
     def _observe(self, endpoint: str, status: str, started: float, *, up: bool) -> None:
+        self.answered = up
         if self.metrics is None:
             return
         self.metrics.requests.labels(endpoint=endpoint, status=status).inc()

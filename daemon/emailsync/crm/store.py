@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
+import structlog
 from prometheus_client import CollectorRegistry
 
 from emailsync.address import normalise_address
@@ -18,6 +20,8 @@ from emailsync.metrics import CrmMetrics
 from emailsync.model import Group, TimelineEvent
 from emailsync.store.base import Recorded
 
+log = structlog.get_logger(__name__)
+
 # The document's maxItems per request; a bigger batch goes in several requests.
 MAX_ADDRESSES_PER_LOOKUP = 1000
 MAX_EVENTS_PER_REQUEST = 1000
@@ -26,6 +30,12 @@ MAX_EVENTS_PER_REQUEST = 1000
 BODY_CAP_CHARS = 100_000
 _MAX_AGE = re.compile(r"(?:^|,)\s*(?:s-)?max-age\s*=\s*\"?(\d+)")
 _NO_CACHE = re.compile(r"(?:^|,)\s*(?:no-store|no-cache|private)\b")
+
+# The start-up probe is an ordinary lookup (the document has no separate health endpoint) of
+# an address no CRM links: ".invalid" is reserved and never resolves (RFC 2606 §2).
+PROBE_ADDRESS = "emailsync-probe@example.invalid"
+# Until the CRM answered a request (the probe's or a worker's), the probe asks again this often.
+PROBE_RETRY_SECONDS = 30.0
 
 OWNED_BY_CRM = "a [crm] is configured: the CRM owns groups and timeline events; manage them there"
 
@@ -48,11 +58,34 @@ class HttpStore:
         self.client = client or CrmClient(settings, settings.secret.read())
         self.cache = LookupCache(settings.group_cache_seconds)
         self.metrics: CrmMetrics | None = None
+        self._closed = threading.Event()
 
     def register_metrics(self, registry: CollectorRegistry) -> None:
-        """Register the CRM metrics on the daemon's registry and start counting."""
+        """Register the CRM metrics on the daemon's registry and start the start-up probe.
+
+        ``emailsync_crm_up`` reads 0 until the CRM answered a request. The probe (a thread)
+        looks up ``PROBE_ADDRESS`` at once and again every ``PROBE_RETRY_SECONDS`` until the
+        CRM answered one, its own or a worker's, so a daemon with no mail to file still says
+        whether its CRM is reachable, and an idle CRM that comes back reads 1 again.
+        """
         self.metrics = CrmMetrics(registry)
         self.client.metrics = self.metrics
+        threading.Thread(target=self._probe_until_answered, name="crm-probe", daemon=True).start()
+
+    def probe(self) -> bool:
+        """One uncached lookup of ``PROBE_ADDRESS``; True when the CRM answered it."""
+        try:
+            self._lookup([PROBE_ADDRESS], cache=False)
+        except StoreError as exc:
+            log.warning("crm_probe_failed", error=str(exc))
+        return self.client.answered is True
+
+    def _probe_until_answered(self) -> None:
+        while not self._closed.is_set():
+            if self.client.answered or self.probe():
+                log.info("crm_reachable")
+                return
+            self._closed.wait(PROBE_RETRY_SECONDS)
 
     # -- Store protocol -------------------------------------------------------------------------
 
@@ -128,7 +161,8 @@ class HttpStore:
         raise StoreError(OWNED_BY_CRM)
 
     def close(self) -> None:
-        """Close the HTTP connections."""
+        """Stop the probe and close the HTTP connections."""
+        self._closed.set()
         self.client.close()
 
     # -- helpers --------------------------------------------------------------------------------
