@@ -638,43 +638,7 @@ class Supervisor:
         if self.cluster is not None:
             self._reload_cluster(old, new, everything_changed=everything_changed)
             return
-        old_by_address = {m.address: m for m in old.mailboxes}
-        new_by_address = {m.address: m for m in new.mailboxes}
-        marked = self._marked_stopped(new)
-        self.settings = new
-        retired: list[Worker | None] = []
-        events: list[tuple[str, str]] = []
-        with self._lock:
-            for address, mailbox in old_by_address.items():
-                if address not in new_by_address:
-                    retired.append(self._retire(address))
-                    self._stopped.pop(address, None)
-                    self._restarts.pop(address, None)
-                    self._sync_on_start.discard(address)
-                    self._release_on_start.discard(address)
-                    self._forget_if_gone(address)
-                    events.append(("mailbox_removed", address))
-                elif everything_changed or new_by_address[address] != mailbox:
-                    retired.append(self._retire(address))
-                    self._stopped.pop(address, None)
-                    self._start_or_mark(new_by_address[address], address in marked)
-                    events.append(("mailbox_restarted", address))
-            for address, mailbox in new_by_address.items():
-                if address not in old_by_address:
-                    self._start_or_mark(mailbox, address in marked)
-                    events.append(("mailbox_added", address))
-            if everything_changed:
-                for address, mailbox in self.registered.items():
-                    if address in self.workers or address in self._pending:
-                        retired.append(self._retire(address))
-                        self._pending[address] = mailbox
-                        events.append(("mailbox_restarted", address))
-            self._reload_started = time.monotonic()
-        for worker in retired:
-            if worker is not None:
-                worker.stop()
-        for event, address in events:
-            log.info(event, mailbox=address)
+        self._apply_mailbox_changes(old, new, everything_changed=everything_changed, cluster=False)
 
     def _reload_cluster(self, old: Settings, new: Settings, *, everything_changed: bool) -> None:
         """Restart this instance's changed mailboxes under their leases; the keeper does the rest.
@@ -682,6 +646,18 @@ class Supervisor:
         A changed mailbox restarts with the new settings and the same fenced store once its
         worker has ended; a removed one is retired here and its lease handed back by the
         keeper's next heartbeat, which also claims added ones.
+        """
+        self._apply_mailbox_changes(old, new, everything_changed=everything_changed, cluster=True)
+
+    def _apply_mailbox_changes(
+        self, old: Settings, new: Settings, *, everything_changed: bool, cluster: bool
+    ) -> None:
+        """Adopt ``new``: retire removed mailboxes, restart changed ones, queue added ones.
+
+        Restarting retires the worker; the main loop starts the replacement once it has ended.
+        With ``everything_changed`` every mailbox counts as changed. In a ``cluster`` only the
+        mailboxes running here restart, each only with its lease's fenced store, and added
+        ones (and registered ones, which a cluster has not) are left to the lease keeper.
         """
         old_by_address = {m.address: m for m in old.mailboxes}
         new_by_address = {m.address: m for m in new.mailboxes}
@@ -705,11 +681,22 @@ class Supervisor:
                     self._release_on_start.discard(address)
                     self._forget_if_gone(address)
                     events.append(("mailbox_removed", address))
-                elif local and (everything_changed or new_mailbox != mailbox):
+                elif (everything_changed or new_mailbox != mailbox) and (local or not cluster):
                     retired.append(self._retire(address))
-                    if address in self._stores:
+                    self._stopped.pop(address, None)  # a no-op for a local mailbox
+                    if address in self._stores or not cluster:
                         self._start_or_mark(new_mailbox, address in marked)
                     events.append(("mailbox_restarted", address))
+            for address, mailbox in new_by_address.items():
+                if address not in old_by_address and not cluster:
+                    self._start_or_mark(mailbox, address in marked)
+                    events.append(("mailbox_added", address))
+            if everything_changed and not cluster:
+                for address, mailbox in self.registered.items():
+                    if address in self.workers or address in self._pending:
+                        retired.append(self._retire(address))
+                        self._pending[address] = mailbox
+                        events.append(("mailbox_restarted", address))
             self._reload_started = time.monotonic()
         for worker in retired:
             if worker is not None:
