@@ -1,4 +1,7 @@
-"""The one HTTP listener: /metrics, /healthz, /readyz, a status page and the /v1 control API.
+"""The one HTTP listener: /metrics, /healthz, /readyz, the /v1 control API, and the pages.
+
+The HTML (the status page and the self-service pages) is served by ``emailsync.web_pages``: the
+request handler here derives from its ``PageRoutes`` and adds everything else.
 
 Its shape is written down in ``config/control-api.yaml`` (OpenAPI 3.1); keep the two in step.
 
@@ -13,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import hmac
-import html
 import io
 import ipaddress
 import json
@@ -21,21 +23,30 @@ import re
 import socket
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, Protocol
-from urllib.parse import parse_qs, quote, unquote
+from urllib.parse import parse_qs, unquote
 
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from emailsync.address import mailbox_address_problem, normalise_address
 from emailsync.config import SECURITIES, weak_token_problem
 from emailsync.errors import RegistrationError
-from emailsync.pages import STATIC_FILES, Pages, Principal, Session
+from emailsync.pages import Pages, Principal
+from emailsync.web_pages import (
+    BRANCH_NAME,
+    HOST_NAME,
+    OFFICE365_CALLBACK,
+    PAGE_GET_PATHS,
+    PageRoutes,
+    RefusedError,
+    mailbox_address,
+    page_allowed_method,
+    status_page,
+)
 from emailsync.worker import WorkerStatus
 
 log = structlog.get_logger(__name__)
@@ -121,7 +132,7 @@ class WebServer:
             registry,
             token,
             request_seconds,
-            _SelfService(registrar, check_agent_token, issue_agent_token, self.pages),
+            SelfService(registrar, check_agent_token, issue_agent_token, self.pages),
         )
         self.httpd = _BoundedHTTPServer((host, port), handler, max_connections)
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="http", daemon=True)
@@ -258,22 +269,13 @@ class _DeadlineReader(io.RawIOBase):
 
 
 @dataclass(frozen=True)
-class _SelfService:
+class SelfService:
     """The listener's optional self-service parts: registry, agent tokens, pages."""
 
     registrar: Registrar | None
     check_agent_token: AgentTokenCheck | None
     issue_agent_token: AgentTokenIssue | None
     pages: Pages
-
-
-class _RefusedError(Exception):
-    """An answer decided part-way through a route: status and JSON error."""
-
-    def __init__(self, status: HTTPStatus | int, error: str) -> None:
-        super().__init__(error)
-        self.status = HTTPStatus(status)
-        self.error = error
 
 
 FORBIDDEN_FOR_AGENT = "this token is for one mailbox only"
@@ -284,16 +286,23 @@ def _handler_class(
     registry: CollectorRegistry,
     token: str,
     request_seconds: float,
-    selfservice: _SelfService,
+    selfservice: SelfService,
 ) -> type[BaseHTTPRequestHandler]:
     expected = f"Bearer {token}".encode()
     pages = selfservice.pages
 
-    class Handler(BaseHTTPRequestHandler):
+    # BaseHTTPRequestHandler named again (PageRoutes derives from it): linters then see that
+    # do_GET and friends are http.server's names.
+    class Handler(PageRoutes, BaseHTTPRequestHandler):
         server_version = "emailsync"
         sys_version = ""
         timeout = request_seconds
         body = b""
+        # For the page routes (emailsync.web_pages).
+        _control = control
+        _pages = pages
+        _selfservice = selfservice
+        _token = token
 
         def setup(self) -> None:
             super().setup()
@@ -346,7 +355,7 @@ def _handler_class(
                     self._api(method)
                 else:
                     self._page_post()
-            except _RefusedError as exc:
+            except RefusedError as exc:
                 self._json(exc.status, {"error": exc.error})
             except Exception:
                 self._failed()
@@ -419,7 +428,7 @@ def _handler_class(
                 detailed = self._principal() == Principal.ADMIN
                 self._send(
                     HTTPStatus.OK,
-                    _status_page(control.statuses(), detailed=detailed).encode(),
+                    status_page(control.statuses(), detailed=detailed).encode(),
                     "text/html; charset=utf-8",
                 )
             elif path == "/v1/mailboxes":
@@ -438,7 +447,7 @@ def _handler_class(
                     address = self._visible_address(path, principal)
                     detail = self._registrar().mailbox_detail(address)
                     if detail is None:
-                        raise _RefusedError(HTTPStatus.NOT_FOUND, NO_SUCH_MAILBOX["error"])
+                        raise RefusedError(HTTPStatus.NOT_FOUND, NO_SUCH_MAILBOX["error"])
                     self._json(HTTPStatus.OK, detail)
             elif path in PAGE_GET_PATHS or _allowed_method(path) == "GET":
                 self._page_get(path, query)
@@ -469,9 +478,9 @@ def _handler_class(
                 try:
                     forgotten = self._registrar().forget_mailbox(address)
                 except RegistrationError as exc:
-                    raise _RefusedError(exc.status, str(exc)) from None
+                    raise RefusedError(exc.status, str(exc)) from None
                 if not forgotten:
-                    raise _RefusedError(HTTPStatus.NOT_FOUND, NO_SUCH_MAILBOX["error"])
+                    raise RefusedError(HTTPStatus.NOT_FOUND, NO_SUCH_MAILBOX["error"])
                 self._json(HTTPStatus.OK, {"stopped": address})
                 return
             if (
@@ -485,7 +494,7 @@ def _handler_class(
                 if set(data) - {"branch"} or not (
                     branch is None or (isinstance(branch, str) and 0 < len(branch) <= 1024)
                 ):
-                    raise _RefusedError(HTTPStatus.BAD_REQUEST, "expected {branch?}")
+                    raise RefusedError(HTTPStatus.BAD_REQUEST, "expected {branch?}")
                 url = self._office365_start(address, branch)
                 self._json(HTTPStatus.OK, {"authorize_url": url})
                 return
@@ -500,7 +509,7 @@ def _handler_class(
                 return
             if len(parts) == 4 and parts[:2] == ["v1", "mailboxes"] and parts[3] in MAILBOX_ACTIONS:
                 action = parts[3]
-                target = _mailbox_address(parts[2])
+                target = mailbox_address(parts[2])
                 act = {
                     "sync": lambda a: control.start_sync(a, include_stuck=include_stuck),
                     "stop": control.stop_mailbox,
@@ -517,8 +526,8 @@ def _handler_class(
             self._json(HTTPStatus.NOT_FOUND, {"error": "not found"})
 
         def _put_branch(self, name: str) -> None:
-            if not _BRANCH_NAME.fullmatch(name):
-                raise _RefusedError(HTTPStatus.BAD_REQUEST, "branch name: letters, digits, . _ -")
+            if not BRANCH_NAME.fullmatch(name):
+                raise RefusedError(HTTPStatus.BAD_REQUEST, "branch name: letters, digits, . _ -")
             data = self._json_body()
             host, security = data.get("host"), data.get("security")
             port = _integer(data.get("port"))
@@ -527,20 +536,20 @@ def _handler_class(
             if (
                 unknown
                 or not isinstance(host, str)
-                or not _HOST.fullmatch(host)
+                or not HOST_NAME.fullmatch(host)
                 or port is None
                 or not 1 <= port <= 65535
                 or security not in SECURITIES
                 or not (ca_file is None or (isinstance(ca_file, str) and ca_file.startswith("/")))
             ):
-                raise _RefusedError(
+                raise RefusedError(
                     HTTPStatus.BAD_REQUEST,
                     "expected {host, port (1-65535), security (ssl, starttls, none), ca_file?}",
                 )
             try:
                 created = self._registrar().put_branch(name, host, port, security, ca_file)
             except RegistrationError as exc:
-                raise _RefusedError(exc.status, str(exc)) from None
+                raise RefusedError(exc.status, str(exc)) from None
             branch = {"name": name, "host": host, "port": port, "security": security}
             self._json(HTTPStatus.CREATED if created else HTTPStatus.OK, branch)
 
@@ -550,14 +559,14 @@ def _handler_class(
             if set(data) != {"branch", "username", "password"} or not all(
                 isinstance(v, str) and v and len(v) <= MAX_FIELD_CHARS for v in values
             ):
-                raise _RefusedError(
+                raise RefusedError(
                     HTTPStatus.BAD_REQUEST, "expected {branch, username, password} (strings)"
                 )
             branch, username, password = (str(v) for v in values)
             try:
                 self._registrar().setup_mailbox(address, branch, username, password)
             except RegistrationError as exc:
-                raise _RefusedError(exc.status, str(exc)) from None
+                raise RefusedError(exc.status, str(exc)) from None
             self._json(HTTPStatus.OK, self._detail(address))
 
         def _issue_token(self) -> None:
@@ -568,18 +577,18 @@ def _handler_class(
                 set(data) - {"address", "expires_days"}
                 or not isinstance(address, str)
                 or len(address) > MAX_ADDRESS_CHARS
-                or (_mailbox_address(address) is None)
+                or (mailbox_address(address) is None)
                 or (data.get("expires_days") is not None and days is None)
                 or (days is not None and not 1 <= days <= MAX_TOKEN_DAYS)
             ):
-                raise _RefusedError(
+                raise RefusedError(
                     HTTPStatus.BAD_REQUEST,
                     f"expected {{address, expires_days? (1-{MAX_TOKEN_DAYS})}}",
                 )
             issue = selfservice.issue_agent_token
             if issue is None:
-                raise _RefusedError(HTTPStatus.SERVICE_UNAVAILABLE, "agent tokens are not enabled")
-            normalised = _mailbox_address(address) or ""  # checked above: never empty
+                raise RefusedError(HTTPStatus.SERVICE_UNAVAILABLE, "agent tokens are not enabled")
+            normalised = mailbox_address(address) or ""  # checked above: never empty
             self._json(
                 HTTPStatus.CREATED,
                 {"address": normalised, "token": issue(normalised, days)},
@@ -591,7 +600,7 @@ def _handler_class(
                     address, branch, self._base_url() + OFFICE365_CALLBACK
                 )
             except RegistrationError as exc:
-                raise _RefusedError(exc.status, str(exc)) from None
+                raise RefusedError(exc.status, str(exc)) from None
 
         def _base_url(self) -> str:
             """This listener's URL as the browser reached it (for the OAuth redirect URI).
@@ -611,26 +620,26 @@ def _handler_class(
             except (ValueError, UnicodeDecodeError):
                 data = None
             if not isinstance(data, dict):
-                raise _RefusedError(HTTPStatus.BAD_REQUEST, "the body must be a JSON object")
+                raise RefusedError(HTTPStatus.BAD_REQUEST, "the body must be a JSON object")
             return data
 
         def _detail(self, address: str) -> dict[str, Any]:
             detail = self._registrar().mailbox_detail(address)
             if detail is None:
-                raise _RefusedError(HTTPStatus.NOT_FOUND, NO_SUCH_MAILBOX["error"])
+                raise RefusedError(HTTPStatus.NOT_FOUND, NO_SUCH_MAILBOX["error"])
             return detail
 
         def _registrar(self) -> Registrar:
             if selfservice.registrar is None:
-                raise _RefusedError(HTTPStatus.SERVICE_UNAVAILABLE, "self-service is not enabled")
+                raise RefusedError(HTTPStatus.SERVICE_UNAVAILABLE, "self-service is not enabled")
             return selfservice.registrar
 
         def _visible_address(self, path: str, principal: Principal) -> str:
             """The mailbox a /v1/mailboxes/{address}… path names, if this caller may see it."""
             raw = unquote(path.strip("/").split("/")[2])
-            address = _mailbox_address(raw)
+            address = mailbox_address(raw)
             if address is None or not principal.may_see(address):
-                raise _RefusedError(HTTPStatus.NOT_FOUND, NO_SUCH_MAILBOX["error"])
+                raise RefusedError(HTTPStatus.NOT_FOUND, NO_SUCH_MAILBOX["error"])
             return address
 
         # -- who is asking ---------------------------------------------------------------
@@ -668,244 +677,7 @@ def _handler_class(
 
         def _require_admin(self, principal: Principal) -> None:
             if principal != Principal.ADMIN:
-                raise _RefusedError(HTTPStatus.FORBIDDEN, FORBIDDEN_FOR_AGENT)
-
-        # -- pages ------------------------------------------------------------------------
-
-        def _page_get(self, path: str, query: str) -> None:
-            params = {k: v[-1] for k, v in parse_qs(query).items()}
-            session = self._session()
-            if path.startswith("/static/"):
-                body, content_type = pages.static(path.removeprefix("/static/"))
-                self._send(HTTPStatus.OK, body, content_type)
-                return
-            if path == OFFICE365_CALLBACK:
-                # No session needed (the cookie is SameSite=Strict, and this is a cross-site
-                # redirect): the unguessable, single-use state binds it to the mailbox.
-                try:
-                    signed_in = self._registrar().office365_finish(params)
-                except RegistrationError as exc:
-                    self._html(
-                        HTTPStatus(exc.status),
-                        pages.render("signed_in.html", None, address=None, error=str(exc)),
-                    )
-                    return
-                self._html(
-                    HTTPStatus.OK,
-                    pages.render("signed_in.html", None, address=signed_in, error=None),
-                )
-                return
-            if path == "/login":
-                given = params.get("token", "")
-                principal = self._principal_for(given) if given else None
-                if principal is not None:
-                    session = pages.login(principal, token=given)
-                    self._html(
-                        HTTPStatus.OK,
-                        pages.render("continue.html", session, target=pages.home(principal)),
-                        cookie=pages.cookie(session),
-                    )
-                    return
-                session = session or pages.anonymous()
-                status = HTTPStatus.UNAUTHORIZED if given else HTTPStatus.OK
-                error = "That link is not valid: it expired or was revoked." if given else None
-                self._html(
-                    status,
-                    pages.render("login.html", session, error=error),
-                    cookie=pages.cookie(session),
-                )
-                return
-            if session is None or session.principal is None:
-                self._redirect("/login")
-                return
-            if path == "/it":
-                if session.principal != Principal.ADMIN:
-                    self._html(HTTPStatus.FORBIDDEN, pages.render("forbidden.html", session))
-                    return
-                registrar = self._registrar()
-                details = [registrar.mailbox_detail(s.address) for s in control.statuses()]
-                self._html(
-                    HTTPStatus.OK,
-                    pages.render(
-                        "it.html",
-                        session,
-                        branches=registrar.branches(),
-                        mailboxes=[d for d in details if d is not None],
-                        securities=SECURITIES,
-                        token_link=session.pop_flash("token_link"),
-                    ),
-                )
-                return
-            address = _mailbox_address(unquote(path[len(EMAIL_SYNC_PAGE) :]))
-            if address is None or not session.principal.may_see(address):
-                self._html(HTTPStatus.NOT_FOUND, pages.render("forbidden.html", session))
-                return
-            registrar = self._registrar()
-            self._html(
-                HTTPStatus.OK,
-                pages.render(
-                    "email_sync.html",
-                    session,
-                    address=address,
-                    detail=registrar.mailbox_detail(address),
-                    branches=registrar.branches(),
-                    office365=registrar.office365_available(),
-                ),
-            )
-
-        def _page_post(self) -> None:
-            path = self.path.split("?", 1)[0]
-            form = {k: v[-1] for k, v in parse_qs(self.body.decode("utf-8", "replace")).items()}
-            session = self._session()
-            if session is None or not pages.csrf_ok(session, form.get("csrf", "")):
-                self._html(HTTPStatus.FORBIDDEN, pages.render("expired.html", None))
-                return
-            if path == "/login":
-                given = form.get("token", "").strip()
-                principal = self._principal_for(given)
-                if principal is None:
-                    self._html(
-                        HTTPStatus.UNAUTHORIZED,
-                        pages.render("login.html", session, error="That token is not valid."),
-                    )
-                    return
-                session = pages.login(principal, token=given, replacing=session)
-                self._redirect(pages.home(principal), cookie=pages.cookie(session))
-                return
-            if path == "/logout":
-                pages.logout(session)
-                self._redirect("/login", cookie=pages.cookie(None))
-                return
-            principal = session.principal
-            if principal is None:
-                self._redirect("/login")
-                return
-            if path.startswith("/it/"):
-                if principal != Principal.ADMIN:
-                    self._html(HTTPStatus.FORBIDDEN, pages.render("forbidden.html", session))
-                    return
-                self._it_post(path, form, session)
-                return
-            rest = path[len(EMAIL_SYNC_PAGE) :]
-            raw, _, action = rest.rpartition("/")
-            address = _mailbox_address(unquote(raw))
-            if address is None or not principal.may_see(address):
-                self._html(HTTPStatus.NOT_FOUND, pages.render("forbidden.html", session))
-                return
-            registrar = self._registrar()
-            page = f"{EMAIL_SYNC_PAGE}{quote(address, safe='@')}"
-            if action == "setup":
-                try:
-                    registrar.setup_mailbox(
-                        address,
-                        form.get("branch", ""),
-                        form.get("username", "").strip(),
-                        form.get("password", ""),
-                    )
-                    session.flash("notice", "Authenticated: your folders are ready.")
-                except RegistrationError as exc:
-                    session.flash("error", str(exc))
-            elif action == "sync":
-                if control.start_sync(address):
-                    session.flash("notice", "Sync started.")
-                else:
-                    session.flash("error", "Email Sync is not running for this mailbox.")
-            elif action == "office365":
-                try:
-                    url = self._office365_start(address, form.get("branch") or None)
-                except _RefusedError as exc:
-                    session.flash("error", exc.error)
-                else:
-                    # A page, not a 303: the CSP's form-action 'self' also covers redirects.
-                    self._html(HTTPStatus.OK, pages.render("continue.html", session, target=url))
-                    return
-            elif action == "stop":
-                try:
-                    registrar.forget_mailbox(address)
-                    session.flash("notice", "Email Sync stopped and your credentials forgotten.")
-                except RegistrationError:
-                    # A mailbox of the config file: stopped (tokens forgotten) until `setup`.
-                    control.stop_mailbox(address)
-                    session.flash("notice", "Email Sync stopped until IT runs `emailsync setup`.")
-            self._redirect(page)
-
-        def _it_post(self, path: str, form: dict[str, str], session: Session) -> None:
-            registrar = self._registrar()
-            if path == "/it/branches":
-                try:
-                    port = int(form.get("port", ""))
-                except ValueError:
-                    port = 0
-                name, host = form.get("name", "").strip(), form.get("host", "").strip()
-                security = form.get("security", "")
-                if (
-                    not _BRANCH_NAME.fullmatch(name)
-                    or not _HOST.fullmatch(host)
-                    or not 1 <= port <= 65535
-                    or security not in SECURITIES
-                ):
-                    session.flash("error", "Branch: a name, a host, a port 1-65535, a security.")
-                else:
-                    try:
-                        registrar.put_branch(name, host, port, security)
-                        session.flash("notice", f"Branch {name} saved.")
-                    except RegistrationError as exc:
-                        session.flash("error", str(exc))
-            elif path == "/it/tokens":
-                address = _mailbox_address(form.get("address", "").strip())
-                issue = selfservice.issue_agent_token
-                if address is None or issue is None:
-                    session.flash("error", "Not a mailbox address.")
-                else:
-                    link = f"{self._base_url()}/login?token={issue(address, None)}"
-                    session.flash("token_link", link)
-            self._redirect("/it")
-
-        def _session(self) -> Session | None:
-            """The request's session, while the token it was opened with is still valid.
-
-            An agent's session ends with its token: ``emailsync keys rotate`` (or the
-            token's expiry) logs the agent out at once, not after ``SESSION_SECONDS``.
-            """
-            session = pages.session(self.headers.get("Cookie"))
-            if (
-                session is not None
-                and session.principal is not None
-                and self._principal_for(session.token) != session.principal
-            ):
-                pages.logout(session)
-                return None
-            return session
-
-        def _principal_for(self, given: str) -> Principal | None:
-            if hmac.compare_digest(given.encode("utf-8", "replace"), token.encode()):
-                return Principal.ADMIN
-            check = selfservice.check_agent_token
-            address = check(given) if check is not None and given.startswith("es1.") else None
-            return Principal(address) if address is not None else None
-
-        def _html(self, status: HTTPStatus, text: str, *, cookie: str | None = None) -> None:
-            body = text.encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "text/html; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
-            self._page_headers(cookie)
-            self.end_headers()
-            self.wfile.write(body)
-
-        def _redirect(self, location: str, *, cookie: str | None = None) -> None:
-            # 303: the browser follows with GET (POST-redirect-GET; a reload resends nothing).
-            self.send_response(HTTPStatus.SEE_OTHER)
-            self.send_header("Location", location)
-            self.send_header("Content-Length", "0")
-            self._page_headers(cookie)
-            self.end_headers()
-
-        def _page_headers(self, cookie: str | None) -> None:
-            for name, value in PAGE_HEADERS:
-                self.send_header(name, value)
-            if cookie is not None:
-                self.send_header("Set-Cookie", cookie)
+                raise RefusedError(HTTPStatus.FORBIDDEN, FORBIDDEN_FOR_AGENT)
 
         # -- answers ----------------------------------------------------------------------
 
@@ -934,43 +706,16 @@ def _include_stuck(query: str) -> bool | None:
 
 GET_PATHS = frozenset({"/", "/healthz", "/readyz", "/metrics", "/v1/mailboxes", "/v1/branches"})
 MAILBOX_ACTIONS = ("sync", "stop", "start")
-EMAIL_SYNC_PAGE = "/email-sync/"
-OFFICE365_CALLBACK = "/oauth/office365/callback"
-PAGE_GET_PATHS = frozenset(
-    {"/login", "/it", OFFICE365_CALLBACK, *(f"/static/{name}" for name in STATIC_FILES)}
-)
-PAGE_POST_PATHS = frozenset({"/login", "/logout", "/it/branches", "/it/tokens"})
-PAGE_ACTIONS = ("setup", "sync", "stop", "office365")
 _HOST_HEADER = re.compile(r"[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
 MAX_FIELD_CHARS = 1024
 MAX_TOKEN_DAYS = 3660
 MAX_ADDRESS_CHARS = 254  # RFC 5321 §4.5.3.1.3: a path holds at most 256 octets with its <>
-_BRANCH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
-# A DNS name or an IPv4 address; no URL, no spaces, no path.
-_HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
-# Every page: nothing but our own stylesheet and script, no framing, no referrer (a login
-# link carries a token), no sniffing. https://www.w3.org/TR/CSP3/
-PAGE_HEADERS = (
-    (
-        "Content-Security-Policy",
-        "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self'; "
-        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
-    ),
-    ("X-Content-Type-Options", "nosniff"),
-    ("X-Frame-Options", "DENY"),
-    ("Referrer-Policy", "no-referrer"),
-    ("Cache-Control", "no-store"),
-)
 
 
 def _allowed_method(path: str) -> str | None:
     """The methods a known path answers (the Allow header), or None for a path we do not serve."""
-    if path in GET_PATHS or (path in PAGE_GET_PATHS and path not in PAGE_POST_PATHS):
+    if path in GET_PATHS:
         return "GET"
-    if path == "/login":
-        return "GET, POST"
-    if path in PAGE_POST_PATHS:
-        return "POST"
     parts = path.strip("/").split("/")
     if parts in (["v1", "sync"], ["v1", "tokens"]):
         return "POST"
@@ -982,13 +727,7 @@ def _allowed_method(path: str) -> str | None:
         return "POST"
     if len(parts) == 4 and parts[:2] == ["v1", "mailboxes"] and parts[3] in MAILBOX_ACTIONS:
         return "POST"
-    if path.startswith(EMAIL_SYNC_PAGE):
-        rest = path[len(EMAIL_SYNC_PAGE) :]
-        if rest and "/" not in rest:
-            return "GET"
-        if rest.rpartition("/")[2] in PAGE_ACTIONS:
-            return "POST"
-    return None
+    return page_allowed_method(path)
 
 
 def _integer(value: object) -> int | None:
@@ -1000,54 +739,3 @@ def _integer(value: object) -> int | None:
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return None
-
-
-def _mailbox_address(raw: str) -> str | None:
-    """The normalised address from a URL path segment, or None when it is not a mailbox's."""
-    address = normalise_address(raw) if raw and raw == raw.strip() else None
-    if address is None or mailbox_address_problem(address) is not None:
-        return None
-    return address
-
-
-def _status_page(statuses: list[WorkerStatus], *, detailed: bool) -> str:
-    if detailed:
-        head = (
-            "<tr><th>mailbox</th><th>state</th><th>trigger</th><th>queue</th><th>stuck</th>"
-            "<th>last sync</th><th>filed</th><th>last error</th></tr>"
-        )
-        cells: list[tuple[object, ...]] = [
-            (
-                s.address,
-                s.state,
-                s.trigger,
-                s.queue,
-                s.stuck,
-                s.last_sync or "never",
-                ", ".join(f"{k}: {n}" for k, n in sorted(s.filed.items())) or "-",
-                s.last_error or "",
-            )
-            for s in statuses
-        ]
-        note = ""
-    else:
-        head = "<tr><th>state</th><th>mailboxes</th></tr>"
-        cells = sorted(Counter(s.state for s in statuses).items())
-        note = (
-            "<p>Counts only: addresses and errors are shown with the control token "
-            "(<code>emailsync status</code>, or an <code>Authorization: Bearer</code> header)."
-            "</p>"
-        )
-    rows = "\n".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>" for row in cells
-    )
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="10">
-<title>emailsync</title>
-<style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:.3em .8em;text-align:left}}
-tr:nth-child(even){{background:#f3f3f3}}</style></head>
-<body><h1>emailsync</h1>
-<table>{head}
-{rows}
-</table>{note}<p><a href="/metrics">/metrics</a></p></body></html>
-"""
