@@ -560,7 +560,9 @@ def test_a_start_sync_during_a_restart_reaches_the_new_worker(
 ) -> None:
     """Start Sync for a mailbox whose old worker is still stopping is accepted and handed to
     the replacement when it starts (a manual mailbox files only on Start Sync)."""
-    rig = make_rig(1, stop_seconds=lambda address, generation: 1.0)
+    # The old worker takes 3 s to stop: a window wide enough that a loaded machine's driver
+    # thread still sees it (the replacement goes idle at once).
+    rig = make_rig(1, stop_seconds=lambda address, generation: 3.0 if generation == 1 else 0.0)
     address = rig.addresses[0]
 
     def driver() -> None:
@@ -568,6 +570,7 @@ def test_a_start_sync_during_a_restart_reaches_the_new_worker(
         rig.change_daemon_section()
         rig.supervisor.request_reload()
         wait_for(lambda: [s.state for s in rig.supervisor.statuses()] == ["connecting"])
+        assert len(rig.workers) == 1 and rig.workers[0].is_alive()  # still restarting
         assert rig.supervisor.start_sync(address)
         assert not rig.supervisor.start_sync("nobody@example.com")
         wait_for(lambda: len(rig.workers) == 2 and rig.workers[1].jobs == ["start_sync"])
