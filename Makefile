@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all setup system-deps demo demo-crm test lint typecheck unit integration bench bench-full soak \
+.PHONY: all setup system-deps demo demo-crm test lint typecheck unit integration bench bench-full profile soak \
 	clean dist test-dist deb test-deb deb-deps
 
 all: test
@@ -51,6 +51,16 @@ test: setup lint typecheck
 # Issue 10's full table, 2,000 mailboxes and 10,000 messages included (~20 min on 2 cores).
 bench: setup
 	$(BIN)/python bench/run.py --big-mailboxes 2000 --backlog 10000
+
+# Flame graphs (py-spy, SVG) of one backlog pass, for issue 10's profile: bench/results/.
+PROFILE_MESSAGES ?= 10000
+profile: setup
+	mkdir -p bench/results
+	$(BIN)/py-spy record --rate 200 --output bench/results/backlog-flame.svg -- \
+		$(BIN)/python bench/profile_backlog.py $(PROFILE_MESSAGES)
+	$(BIN)/py-spy record --rate 200 --format raw --output bench/results/backlog-flame.txt -- \
+		$(BIN)/python bench/profile_backlog.py $(PROFILE_MESSAGES)
+	$(BIN)/python bench/top_frames.py bench/results/backlog-flame.txt run_pass
 
 # Issue 7's soak: 200 mailboxes, 10 minutes of mail and random faults (make test runs 60 s of 20).
 soak: setup
