@@ -1,0 +1,197 @@
+"""The fast header-block reader against the stdlib compat32 parser it replaces (issue 10)."""
+
+from __future__ import annotations
+
+import email.policy
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from email.parser import BytesParser
+from pathlib import Path
+
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from emailsync import message as message_module
+from emailsync.message import parse_headers
+from emailsync.model import QueuedMessage
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+SAMPLES = sorted(DATA.glob("*.eml"))
+INTERNALDATE = datetime(2024, 4, 1, 9, 0, tzinfo=UTC)
+COMPAT32 = email.policy.compat32
+
+
+def stdlib_fields(raw: bytes) -> list[tuple[str, str]]:
+    """The header fields as the stdlib parser reads them, made text as the reader does."""
+    parsed = BytesParser(policy=COMPAT32).parsebytes(raw, headersonly=True)
+    return [
+        (str(name).lower(), message_module._header_text(str(value)))
+        for name, value in parsed.raw_items()
+    ]
+
+
+@contextmanager
+def stdlib_only() -> Iterator[None]:
+    """parse_headers without its fast path: only the stdlib parsers it falls back on."""
+
+    def unavailable(raw: bytes) -> list[tuple[str, str]]:
+        raise RuntimeError("fast header reader switched off")
+
+    fast = message_module._header_fields
+    message_module._header_fields = unavailable
+    try:
+        yield
+    finally:
+        message_module._header_fields = fast
+
+
+def stdlib_parse_headers(raw: bytes) -> QueuedMessage:
+    with stdlib_only():
+        return parse_headers(3, raw, internaldate=INTERNALDATE)
+
+
+def assert_same(raw: bytes) -> None:
+    """Field by field and message by message, the fast path equals the stdlib path."""
+    assert message_module._header_fields(raw) == stdlib_fields(raw)
+    fast = parse_headers(3, raw, internaldate=INTERNALDATE)
+    assert fast == stdlib_parse_headers(raw)
+
+
+def test_every_sample_reads_the_same_fields_and_message() -> None:
+    """Each message fixture, whole and cut at its header block, reads the same both ways."""
+    for path in SAMPLES:
+        raw = path.read_bytes()
+        assert_same(raw)
+        assert_same(raw.split(b"\r\n\r\n")[0] + b"\r\n\r\n")
+        assert_same(raw.split(b"\n\n")[0] + b"\n\n")
+
+
+def test_mutated_samples_read_the_same() -> None:
+    """Seeded corruptions of the fixtures (bytes flipped, lines cut and spliced) agree."""
+    rng = random.Random(2822)
+    sources = [p.read_bytes() for p in SAMPLES]
+    junk = [b"\r", b"\n", b"\r\n ", b"\t", b":", b"From ", b"\x00", b"\xe9", b"=?utf-8?q?", b"?="]
+    for _ in range(1500):
+        data = bytearray(rng.choice(sources)[:1500])
+        for _ in range(rng.randint(1, 5)):
+            position = rng.randrange(len(data) + 1)
+            if rng.random() < 0.5:
+                data[position:position] = rng.choice(junk)
+            else:
+                del data[position : position + rng.randint(1, 20)]
+        assert_same(bytes(data))
+
+
+def test_header_fields_keep_the_stdlib_quirks() -> None:
+    """The rules that are easy to get wrong, each checked against a known reading."""
+    raw = (
+        b"From ann@example.org Mon Apr  1 10:00:00 2024\r\n"  # mbox envelope line: skipped
+        b" lost continuation\r\n"  # continues nothing: dropped
+        b"SUBJECT: folded\r\n\tonce\r twice\n"  # CRLF fold removed, bare CR becomes a space
+        b": no name\r\n"  # a field without a name: dropped
+        b" dropped with it\r\n"
+        b"To: a@example.org\r\n"
+        b"To: b@example.org\r\n"
+        b"X-8bit: caf\xc3\xa9 \xe9t\xe9\r\n"  # not UTF-8 as a whole: Windows-1252
+        b"not a field\r\n"
+        b"From: after the end@example.org\r\n"
+    )
+    assert message_module._header_fields(raw) == [
+        ("subject", "folded\tonce  twice"),
+        ("to", "a@example.org"),
+        ("to", "b@example.org"),
+        ("x-8bit", "cafÃ© été"),
+    ]
+    assert message_module._header_fields(raw) == stdlib_fields(raw)
+
+
+# --- generated header blocks ---------------------------------------------------------------
+
+NAMES = st.sampled_from(
+    [
+        b"From",
+        b"from",
+        b"To",
+        b"CC",
+        b"Bcc",
+        b"Sender",
+        b"Reply-To",
+        b"Subject",
+        b"Date",
+        b"Message-ID",
+        b"X-Mailer",
+        b"",
+        b"Bad Name",
+        b"X-\x00",
+    ]
+)
+TOKENS = st.sampled_from(
+    [
+        b"ann@example.org",
+        b"<bob@example.com>",
+        b'"Ann, B" <ann@example.org>',
+        b"undisclosed-recipients:;",
+        b"team: c@example.org, d@example.org;",
+        b"e@example.org; f@example.org",
+        b"=?utf-8?q?Caf=C3=A9?=",
+        b"=?iso-8859-1?b?Y2Fm6Q==?=",
+        b"=?utf-8?b?broken",
+        b"Mon, 01 Apr 2024 10:00:00 +0200",
+        b"1 Apr 2024 25:61:00 -0000",
+        b"<id-1@example.org>",
+        b"caf\xc3\xa9",
+        b"\xe9t\xe9",
+        b"\x00",
+        b"\x0b\x0c\x1c",
+        b" ",
+        b"\t",
+        b":",
+        b"From ",
+        b"?=",
+    ]
+)
+ENDS = st.sampled_from([b"\r\n", b"\n", b"\r", b"\r\r\n"])
+
+
+@st.composite
+def header_lines(draw: st.DrawFn) -> bytes:
+    """One line of a header block: a field, a continuation, or something malformed."""
+    kind = draw(st.integers(0, 9))
+    value = b" ".join(draw(st.lists(TOKENS, max_size=4)))
+    if kind <= 5:
+        line = draw(NAMES) + b":" + draw(st.sampled_from([b" ", b"", b"\t"])) + value
+    elif kind <= 7:
+        line = draw(st.sampled_from([b" ", b"\t"])) + value
+    elif kind == 8:
+        line = draw(st.sampled_from([b"From ", b"no colon ", b":", b""])) + value
+    else:
+        line = draw(st.binary(max_size=30))
+    return line + draw(ENDS)
+
+
+@st.composite
+def header_blocks(draw: st.DrawFn) -> bytes:
+    """A header block, sometimes followed by a separator and a body line."""
+    block = b"".join(draw(st.lists(header_lines(), min_size=1, max_size=12)))
+    if draw(st.booleans()):
+        block += draw(ENDS) + b"Body: text\r\n"
+    return block
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(header_blocks())
+@example(b"From: ann@example.org\r\n\r")
+@example(b"Subject: x\r\n \r\nTo: a@example.org\r\n")
+@example(b"To: a@example.org\r\nFrom bob\r\n")
+def test_generated_header_blocks_read_the_same(raw: bytes) -> None:
+    """Folded lines, 8-bit bytes, encoded words, duplicates, bare CR/LF, NUL: equal readings."""
+    assert_same(raw)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200))
+def test_arbitrary_bytes_read_the_same(raw: bytes) -> None:
+    """Bytes with no structure at all: both ways agree, including on "unusable"."""
+    assert_same(raw)
