@@ -58,6 +58,9 @@ TRUNCATION_MARK = "\n[… truncated]"
 # Bumped whenever the key's inputs or their normalisation change, so old and new keys never
 # collide by accident.
 KEY_VERSION = "v1"
+# Date header texts whose parse is kept, in entries: a message's Date is parsed for its date
+# and again for its key, a few calls apart (datetime values are immutable, safe to share).
+DATE_CACHE_SIZE = 64
 
 # What the stdlib email package has been seen to raise on malformed input, when reading a
 # header object, a parameter or a payload. A failure here degrades one field, not the parse.
@@ -86,6 +89,12 @@ _ENCODED_WORD = re.compile(r"=\?([^?\s*]+)(?:\*[^?\s]*)?\?([QqBb])\?([^?\s]*)\?=
 _Q_ESCAPE = re.compile(rb"=([0-9A-Fa-f]{2})")
 _NOT_BASE64 = re.compile(r"[^A-Za-z0-9+/]")
 _ANGLE_ADDR = re.compile(r"<([^<>]*)>")
+# Every byte but the base64 alphabet and its padding (RFC 2045 §6.8), for bytes.translate.
+_NOT_BASE64_BYTES = bytes(
+    b
+    for b in range(256)
+    if b not in b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
+)
 
 
 def parse_message(
@@ -170,12 +179,19 @@ def _section_text(part: TextSection, data: bytes) -> str:
     except (binascii.Error, ValueError):
         data = b""
     text = _decode_charset(data, part.charset)
-    return _clean(_LINE_BREAK.sub("\n", text)).rstrip()
+    return _clean(_newlines(text)).rstrip()
+
+
+def _newlines(text: str) -> str:
+    """Every line break (CRLF, CR or LF) as LF: ``_LINE_BREAK.sub("\n", …)`` without a regex."""
+    if "\r" not in text:
+        return text
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _lenient_base64(data: bytes) -> bytes:
     """Base64 that may be cut anywhere (the fetch cap): whole 4-character groups only."""
-    letters = re.sub(rb"[^A-Za-z0-9+/=]", b"", data).rstrip(b"=")
+    letters = data.translate(None, _NOT_BASE64_BYTES).rstrip(b"=")
     letters = letters[: len(letters) - len(letters) % 4] if len(letters) % 4 == 1 else letters
     return base64.b64decode(letters + b"=" * (-len(letters) % 4))
 
@@ -225,6 +241,8 @@ def decode_encoded_words(text: str) -> str:
     in one charset are decoded together, because mailers split multi-byte characters
     across words although §5 forbids it.
     """
+    if "=?" not in text:
+        return text  # no encoded-word can start: the common case, without the regex
     out: list[str] = []
     pending = bytearray()
     pending_charset = ""
@@ -282,7 +300,8 @@ def _parse_safely(
         # compat32 parser would, at a fraction of the cost (the backlog's hot path, issue 10).
         # Should it ever fail, the stdlib parsers below still give the never-raising result.
         with contextlib.suppress(Exception):
-            return _message(uid, _HeaderReader(_header_fields(raw)), None, internaldate, total)
+            headers = _HeaderReader(_raw_header_fields(raw))
+            return _message(uid, headers, None, internaldate, total)
     failure = "parser error"
     for policy in (_COMPAT32, _DEFAULT):
         try:
@@ -377,23 +396,37 @@ def _unusable(
 # --- header fields -------------------------------------------------------------------------
 
 
+# A header field's value: its text, or the raw lines it was read from (see _HeaderReader).
+_FieldValue = str | list[bytes]
+
+
 class _HeaderReader:
     """The top-level header fields as text, read from the raw values so no policy can raise."""
 
-    def __init__(self, fields: Iterable[tuple[str, str]]) -> None:
-        """``fields``: (lower-case name, text value) pairs in header order."""
-        self._values: dict[str, list[str]] = {}
+    def __init__(self, fields: Iterable[tuple[str, _FieldValue]]) -> None:
+        """``fields``: (lower-case name, value) pairs in header order.
+
+        A value is its text, or the raw lines ``_raw_header_fields`` read, made text only
+        when asked for: most fields of a message (Received, MIME fields) never are.
+        """
+        self._values: dict[str, list[_FieldValue]] = {}
         for name, value in fields:
             self._values.setdefault(name, []).append(value)
         self.names = self._values.keys()
+        self._texts: dict[str, list[str]] = {}
 
     def all(self, name: str) -> list[str]:
         """Every value of the field ``name`` (lower case), unfolded, 8-bit text decoded."""
-        return self._values.get(name, [])
+        texts = self._texts.get(name)
+        if texts is None:
+            values = self._values.get(name, [])
+            texts = [v if isinstance(v, str) else _field_text(v) for v in values]
+            self._texts[name] = texts
+        return texts
 
     def first(self, name: str) -> str:
         """The first value of ``name``, or "" when absent."""
-        values = self._values.get(name)
+        values = self.all(name)
         return values[0] if values else ""
 
     def display(self, name: str) -> str:
@@ -407,16 +440,22 @@ _HEADER_LINE = re.compile(rb"From |[\x21-\x39\x3b-\x7e]*:|[\t ]")
 
 
 def _header_fields(raw: bytes) -> list[tuple[str, str]]:
-    """The header fields of ``raw`` as (lower-case name, text) pairs, read like compat32 does.
+    """The header fields of ``raw`` as (lower-case name, text) pairs, read like compat32 does."""
+    return [(name, _field_text(lines)) for name, lines in _raw_header_fields(raw)]
+
+
+def _raw_header_fields(raw: bytes) -> list[tuple[str, list[bytes]]]:
+    """The header fields of ``raw`` as (lower-case name, value lines) pairs, as compat32 reads.
 
     A hand-written equivalent of ``BytesParser(policy=compat32).parsebytes(raw,
-    headersonly=True).raw_items()`` followed by ``_header_text``, several times faster
-    (tests/unit/test_message_headers.py proves them equal). Lines end at CRLF, CR or LF; the
-    block ends at the first line that is neither a field, a continuation nor a "From " line.
+    headersonly=True).raw_items()``, several times faster; ``_field_text`` of the lines equals
+    ``_header_text`` of compat32's value (tests/unit/test_message_fast.py proves it). Lines
+    end at CRLF, CR or LF; the block ends at the first line that is neither a field, a
+    continuation nor a "From " line.
     Continuations before any field, after a "From " line or after a field without a name are
     dropped, as the stdlib drops them.
     """
-    fields: list[tuple[str, str]] = []
+    fields: list[tuple[str, list[bytes]]] = []
     name = b""
     value: list[bytes] = []
     for line in raw.splitlines(keepends=True):
@@ -427,7 +466,7 @@ def _header_fields(raw: bytes) -> list[tuple[str, str]]:
                 value.append(line)
             continue
         if name:
-            fields.append((name.decode("ascii").lower(), _field_text(value)))
+            fields.append((name.decode("ascii").lower(), value))
             name = b""
         if line.startswith(b"From "):
             continue  # an mbox envelope line (RFC 4155), not a field
@@ -436,7 +475,7 @@ def _header_fields(raw: bytes) -> list[tuple[str, str]]:
             name = line[:colon]
             value = [line[colon + 1 :].lstrip(b" \t")]
     if name:
-        fields.append((name.decode("ascii").lower(), _field_text(value)))
+        fields.append((name.decode("ascii").lower(), value))
     return fields
 
 
@@ -559,6 +598,7 @@ def _normalise_message_id(value: str) -> str | None:
     return text or None
 
 
+@functools.lru_cache(maxsize=DATE_CACHE_SIZE)
 def _parse_date(text: str) -> datetime | None:
     """The Date header (RFC 5322 §3.3) as an aware UTC datetime; None when unparseable."""
     if not text.strip():
@@ -700,7 +740,7 @@ def _part_text(part: Message) -> str:
         charset = ""
     text = _decode_charset(_payload_bytes(part), str(charset))
     # Trailing blank lines are the boundary's or the mailer's padding, not the writer's text.
-    return _clean(_LINE_BREAK.sub("\n", text)).rstrip()
+    return _clean(_newlines(text)).rstrip()
 
 
 def _raw_payload(part: Message) -> Any:
@@ -726,6 +766,8 @@ def _embedded_size(part: Message) -> int:
 
 def _cap(text: str) -> str:
     """``text`` cut to MAX_BODY_BYTES of UTF-8 on a character boundary, the cut marked."""
+    if len(text) <= MAX_BODY_BYTES and text.isascii():
+        return text  # one byte a character, and no lone surrogate for "replace" to change
     data = text.encode("utf-8", "replace")
     if len(data) <= MAX_BODY_BYTES:
         return data.decode("utf-8")

@@ -1,10 +1,13 @@
-"""The fast header-block reader against the stdlib compat32 parser it replaces (issue 10)."""
+"""The fast paths of message parsing against the stdlib and regex code they replace (issue 10)."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import email.policy
 import random
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from email.parser import BytesParser
@@ -195,3 +198,68 @@ def test_generated_header_blocks_read_the_same(raw: bytes) -> None:
 def test_arbitrary_bytes_read_the_same(raw: bytes) -> None:
     """Bytes with no structure at all: both ways agree, including on "unusable"."""
     assert_same(raw)
+
+
+# --- body text -----------------------------------------------------------------------------
+
+LINE_BREAK = re.compile(r"\r\n?|\n")
+BODY_TEXT = st.text(alphabet=st.sampled_from(["a", "é", "\r", "\n", "\x00", " ", "\udcff"]))
+
+
+def regex_lenient_base64(data: bytes) -> bytes:
+    """The regex version ``_lenient_base64`` replaced: alphabet kept, cut to whole groups."""
+    letters = re.sub(rb"[^A-Za-z0-9+/=]", b"", data).rstrip(b"=")
+    letters = letters[: len(letters) - len(letters) % 4] if len(letters) % 4 == 1 else letters
+    return base64.b64decode(letters + b"=" * (-len(letters) % 4))
+
+
+def outcome(decode: Callable[[bytes], bytes], data: bytes) -> bytes | str:
+    """The decoded bytes, or the name of the error (which _section_text turns into no text)."""
+    try:
+        return decode(data)
+    except (binascii.Error, ValueError) as exc:
+        return type(exc).__name__
+
+
+def encoded_cap(text: str) -> str:
+    """``_cap`` without its ASCII shortcut: always through UTF-8."""
+    data = text.encode("utf-8", "replace")
+    if len(data) <= message_module.MAX_BODY_BYTES:
+        return data.decode("utf-8")
+    mark = message_module.TRUNCATION_MARK
+    room = message_module.MAX_BODY_BYTES - len(mark.encode("utf-8"))
+    return data[:room].decode("utf-8", "ignore") + mark
+
+
+@settings(max_examples=300, deadline=None)
+@given(BODY_TEXT)
+def test_newlines_equal_the_line_break_regex(text: str) -> None:
+    """CRLF, lone CR and LF all become LF, exactly as the regex made them."""
+    assert message_module._newlines(text) == LINE_BREAK.sub("\n", text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=80) | st.text("QUJD+/=\r\n -_!é", max_size=80).map(str.encode))
+def test_lenient_base64_equals_the_regex_version(data: bytes) -> None:
+    """Clean or dirty, cut or padded: the same bytes as the regex filter gave."""
+    assert outcome(message_module._lenient_base64, data) == outcome(regex_lenient_base64, data)
+
+
+@example("a" * (message_module.MAX_BODY_BYTES + 1))
+@example("é" * message_module.MAX_BODY_BYTES)
+@example("\udcff")
+@settings(max_examples=200, deadline=None)
+@given(BODY_TEXT)
+def test_cap_shortcut_changes_nothing(text: str) -> None:
+    """ASCII text under the limit comes back as it was, as the UTF-8 round trip gave it."""
+    assert message_module._cap(text) == encoded_cap(text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["=", "?", "q", "b", "utf-8", "Q", "A", " ", "é"])).map("".join))
+def test_text_without_encoded_word_start_is_returned_as_is(text: str) -> None:
+    """Without "=?" no encoded-word can match, so the shortcut's answer is the decoder's."""
+    decoded = message_module.decode_encoded_words(text)
+    if "=?" not in text:
+        assert message_module._ENCODED_WORD.search(text) is None
+        assert decoded == text
