@@ -263,3 +263,35 @@ def test_text_without_encoded_word_start_is_returned_as_is(text: str) -> None:
     if "=?" not in text:
         assert message_module._ENCODED_WORD.search(text) is None
         assert decoded == text
+
+
+# --- dates ---------------------------------------------------------------------------------
+
+DIGITS2 = st.sampled_from(["00", "07", "23", "24", "59", "60", "99"])
+
+
+@st.composite
+def date_texts(draw: st.DrawFn) -> str:
+    """Dates in and near RFC 5322's recommended form, valid or not."""
+    day_name = draw(st.sampled_from(["", "Mon, ", "Sun, ", "mon, ", "Xyz, "]))
+    day = draw(st.sampled_from(["1", "01", "29", "30", "31", "0", "32", "7"]))
+    month = draw(st.sampled_from(["Jan", "Feb", "Apr", "Dec", "dec", "Foo"]))
+    year = draw(st.sampled_from(["2024", "1999", "9999", "1000", "0099", "24", "2100"]))
+    clock = ":".join(draw(st.lists(DIGITS2, min_size=2, max_size=3)))
+    zone = draw(st.sampled_from(["+", "-"])) + draw(DIGITS2) + draw(DIGITS2)
+    tail = draw(st.sampled_from(["", " (UTC)", " ", "\t", "GMT"]))
+    return f"{day_name}{day} {month} {year} {clock} {zone}{tail}"
+
+
+@example("Fri, 31 Dec 9999 23:59:59 -0100")  # past datetime.max in UTC
+@example("Mon, 01 Apr 2024 10:00:00 +2400")  # a whole day of offset
+@example("Mon, 01 Apr 2024 10:00:00 -0000")  # "no zone information" (RFC 5322 §3.3)
+@example("Mon, 31 Apr 2024 10:00:00 +0000")
+@example("Thu, 01 Apr 0099 10:00:00 +0000")  # email.utils takes it for 1999
+@settings(max_examples=500, deadline=None)
+@given(date_texts())
+def test_canonical_dates_read_as_email_utils_reads_them(text: str) -> None:
+    """The regex reading of a Date gives the stdlib's moment, or None when the stdlib does."""
+    fast = message_module._parse_date.__wrapped__(text)
+    stdlib = message_module._stdlib_date(text)
+    assert (fast and fast.isoformat()) == (stdlib and stdlib.isoformat())
