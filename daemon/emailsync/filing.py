@@ -16,7 +16,7 @@ message's fault and counts for none.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
@@ -32,6 +32,7 @@ from emailsync.model import (
     OUTCOME_FOLDER,
     OUTCOME_KEYWORD,
     STUCK_KEYWORD,
+    BodyPlan,
     Classification,
     Direction,
     FetchedMessage,
@@ -69,7 +70,10 @@ class QueueSession(Protocol):
     def fetch_headers(self, uids: Sequence[int]) -> list[FetchedMessage]: ...
 
     def fetch_full(
-        self, uids: Sequence[int], sizes: dict[int, int] | None = None
+        self,
+        uids: Sequence[int],
+        sizes: dict[int, int] | None = None,
+        plans: Mapping[int, BodyPlan | None] | None = None,
     ) -> list[FetchedMessage]: ...
 
     def file(self, uids: Sequence[int], role: FolderRole, keyword: str | None = None) -> None: ...
@@ -390,10 +394,12 @@ class Filer:
         linked = [d for d in decisions if d.groups]
         if linked and not dry_run:
             sizes = {f.uid: f.size for f in headers}
+            # The header FETCH carried each message's BODYSTRUCTURE: its plan saves a round trip.
+            plans = {f.uid: f.plan for f in headers}
             full = {
                 f.uid: f
                 for f in self._fetch_each(
-                    lambda chunk: session.fetch_full(chunk, sizes), [d.uid for d in linked]
+                    lambda chunk: session.fetch_full(chunk, sizes, plans), [d.uid for d in linked]
                 )
             }
             blocks = {f.uid: f.data for f in headers}

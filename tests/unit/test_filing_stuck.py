@@ -7,7 +7,7 @@ real server's refusals are tested in tests/integration/test_filing.py.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -16,7 +16,7 @@ import pytest
 from emailsync.config import MailboxSettings, ServerSettings
 from emailsync.errors import ConnectionLostError, StoreError, StoreUnavailableError
 from emailsync.filing import Filer
-from emailsync.model import STUCK_KEYWORD, FetchedMessage, FolderRole, TimelineEvent
+from emailsync.model import STUCK_KEYWORD, BodyPlan, FetchedMessage, FolderRole, TimelineEvent
 from emailsync.store.sqlite import SqliteStore
 
 OWNER = "agent@example.com"
@@ -80,7 +80,10 @@ class Queue:
         return self._fetch(uids)
 
     def fetch_full(
-        self, uids: Sequence[int], sizes: dict[int, int] | None = None
+        self,
+        uids: Sequence[int],
+        sizes: dict[int, int] | None = None,
+        plans: Mapping[int, BodyPlan | None] | None = None,
     ) -> list[FetchedMessage]:
         return self._fetch(uids)
 

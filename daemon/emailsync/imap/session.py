@@ -11,7 +11,7 @@ import functools
 import os
 import socket
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -251,11 +251,19 @@ class ImapSession:
         return len(uids)
 
     def fetch_headers(self, uids: Sequence[int]) -> list[FetchedMessage]:
-        """Header blocks, INTERNALDATE, size and flags of these messages (missing ones skipped)."""
-        return self._fetch(uids, b"BODY.PEEK[HEADER]", b"BODY[HEADER]")
+        """Header blocks, INTERNALDATE, size, flags and body plan (missing messages skipped).
+
+        The BODYSTRUCTURE travels in the same FETCH (issue 10: one round trip fewer per
+        batch): each message's ``plan`` is read from it, None where it is unreadable, and
+        ``fetch_full`` takes these plans instead of asking for the structures again.
+        """
+        return self._fetch(uids, b"BODY.PEEK[HEADER]", b"BODY[HEADER]", structure=True)
 
     def fetch_full(
-        self, uids: Sequence[int], sizes: dict[int, int] | None = None
+        self,
+        uids: Sequence[int],
+        sizes: dict[int, int] | None = None,
+        plans: Mapping[int, BodyPlan | None] | None = None,
     ) -> list[FetchedMessage]:
         """What events need of these messages' bodies, by their BODYSTRUCTURE (RFC 3501 §7.4.2).
 
@@ -264,9 +272,13 @@ class ImapSession:
         listed from the structure and never downloaded. A message whose structure cannot be
         read is fetched whole when it is at most WHOLE_FETCH_MAX bytes (by its RFC822.SIZE),
         else its first BODY_FETCH_CAP bytes, and the stdlib parser reads what came.
+        ``plans`` are the ones ``fetch_headers`` read already: only messages without one
+        have their structure fetched here.
         """
         sizes = sizes or {}
-        plans = self._plans(uids)
+        known = plans or {}
+        plans = {uid: known[uid] for uid in uids if uid in known}
+        plans.update(self._plans([uid for uid in uids if uid not in known]))
         result: list[FetchedMessage] = []
         by_sections: dict[tuple[str, ...], list[int]] = {}
         whole: list[int] = []
@@ -333,10 +345,14 @@ class ImapSession:
             )
         return messages
 
-    def _fetch(self, uids: Sequence[int], item: bytes, key: bytes) -> list[FetchedMessage]:
+    def _fetch(
+        self, uids: Sequence[int], item: bytes, key: bytes, *, structure: bool = False
+    ) -> list[FetchedMessage]:
         if not uids:
             return []
         items = [item, b"INTERNALDATE", b"RFC822.SIZE", b"FLAGS"]
+        if structure:
+            items.append(b"BODYSTRUCTURE")
         with translated("fetch"):
             if self.has("SAVEDATE"):
                 items.append(b"SAVEDATE")  # RFC 8514: when it landed in Queue, for latency
@@ -353,6 +369,7 @@ class ImapSession:
                     size=int(data.get(b"RFC822.SIZE", 0)),
                     flags=tuple(_str(f) for f in data.get(b"FLAGS", ())),
                     savedate=_savedate(data.get(b"SAVEDATE")),
+                    plan=plan_body(data.get(b"BODYSTRUCTURE")) if structure else None,
                 )
             )
         return messages
