@@ -28,6 +28,7 @@ from emailsync.errors import (
     UidValidityChangedError,
 )
 from emailsync.imap import idle
+from emailsync.imap.fetch import uid_fetch
 from emailsync.imap.folders import FolderTree
 from emailsync.imap.idle import IdleUpdate, WakeSource
 from emailsync.imap.structure import plan_body
@@ -309,7 +310,7 @@ class ImapSession:
         if not uids:
             return {}
         with translated("fetch structure"):
-            response = self.client.fetch(list(uids), [b"BODYSTRUCTURE"])
+            response = uid_fetch(self.client._imap, uids, [b"BODYSTRUCTURE"])
         return {
             int(uid): plan_body(data.get(b"BODYSTRUCTURE"))
             for uid, data in response.items()
@@ -328,7 +329,7 @@ class ImapSession:
         items = [b"BODY.PEEK[%s]<0.%d>" % (s.encode(), BODY_FETCH_CAP) for s in sections]
         keys = {s: b"BODY[%s]<0>" % s.encode() for s in sections}
         with translated("fetch text"):
-            response = self.client.fetch(list(uids), items)
+            response = uid_fetch(self.client._imap, uids, items)
         messages = []
         for uid, data in response.items():
             if int(uid) not in plans:
@@ -356,7 +357,7 @@ class ImapSession:
         with translated("fetch"):
             if self.has("SAVEDATE"):
                 items.append(b"SAVEDATE")  # RFC 8514: when it landed in Queue, for latency
-            response = self.client.fetch(list(uids), items)
+            response = uid_fetch(self.client._imap, uids, items)
         messages = []
         for uid, data in sorted(response.items()):
             if key not in data:
