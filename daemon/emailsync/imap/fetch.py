@@ -34,7 +34,7 @@ FetchData = dict[bytes, Any]
 # BODY[HEADER.FIELDS (TO)]<0>) or, as the last group, one character nothing else accepts.
 _TOKEN = re.compile(
     rb'[ \t\r\n]*(?:(\()|(\))|"([^"\\]*(?:\\.[^"\\]*)*)"'
-    rb'|((?:[^\x00-\x20\x7f()"\[%]|\[[^\]]*\])+)|([^ \t\r\n]))',
+    rb'|((?:[^\x00-\x20()"\[%]|\[[^\]]*\])+)|([^ \t\r\n]))',
     re.DOTALL,
 )
 _ESCAPE = re.compile(rb'\\([\\"])')
