@@ -136,8 +136,8 @@ def _read_until_tagged(imap: imaplib.IMAP4, tag: bytes, name: str) -> list[tuple
         raise IMAPClientAbortError(f"command: {name} => {exc}") from exc
     except IMAPClientError as exc:  # a line longer than imaplib's _MAXLINE
         raise IMAPClientError(f"command: {name} => {exc}") from exc
-    finally:
-        tagged.pop(tag, None)
+    # Forgotten only once answered: after a timeout imaplib may still read the late answer.
+    del tagged[tag]
     imap._check_bye()
     typ, data = result
     if typ == "BAD":
