@@ -351,9 +351,17 @@ class Filer:
                 self._fail(uid, "fetch", str(exc))
         return fetched
 
-    def decide(self, messages: Iterable[QueuedMessage]) -> list[Decision]:
-        """Classify messages and look up their groups (one store query for the batch)."""
+    def decide(
+        self,
+        messages: Iterable[QueuedMessage],
+        queued_at: Mapping[int, datetime] | None = None,
+    ) -> list[Decision]:
+        """Classify messages and look up their groups (one store query for the batch).
+
+        ``queued_at`` gives each decision, by UID, when its message landed in Queue.
+        """
         messages = list(messages)
+        landed = queued_at or {}
         owner = self.mailbox.owner_addresses
         classified: dict[int, Classification] = {
             m.uid: classify(m, owner) for m in messages if m.usable
@@ -365,7 +373,14 @@ class Filer:
         for message in messages:
             classification = classified.get(message.uid)
             if classification is None:
-                decisions.append(Decision(message.uid, Outcome.UNPARSEABLE, message))
+                decisions.append(
+                    Decision(
+                        message.uid,
+                        Outcome.UNPARSEABLE,
+                        message,
+                        queued_at=landed.get(message.uid),
+                    )
+                )
                 continue
             linked = _linked_groups(classification.counterparts, by_address)
             if not linked:
@@ -374,7 +389,16 @@ class Filer:
                 outcome = Outcome.SENT
             else:
                 outcome = Outcome.RECEIVED
-            decisions.append(Decision(message.uid, outcome, message, classification, linked))
+            decisions.append(
+                Decision(
+                    message.uid,
+                    outcome,
+                    message,
+                    classification,
+                    linked,
+                    queued_at=landed.get(message.uid),
+                )
+            )
         return decisions
 
     def _file_batch(
@@ -388,7 +412,7 @@ class Filer:
         queued_at = {
             f.uid: landed_at(f.savedate, self.first_seen.setdefault(f.uid, now)) for f in headers
         }
-        decisions = [replace(d, queued_at=queued_at.get(d.uid)) for d in self.decide(parsed)]
+        decisions = self.decide(parsed, queued_at)
         # Only linked messages need their bodies: a no-group message with a 20 MB attachment
         # goes to Failed without being downloaded.
         linked = [d for d in decisions if d.groups]

@@ -275,9 +275,10 @@ def parse_values(segments: Sequence[bytes]) -> list[Any]:
 
 @functools.lru_cache(maxsize=256)
 def internaldate(value: object) -> datetime | None:
-    """INTERNALDATE as imapclient gives it unnormalised (its own time zone); None if odd.
+    """An IMAP date-time as imapclient gives it unnormalised (its own time zone); None if odd.
 
-    Cached: a backlog's messages were mostly appended within the same few seconds.
+    For INTERNALDATE and SAVEDATE (RFC 8514). Cached: a backlog's messages were mostly
+    appended, and moved to Queue, within the same few seconds.
     """
     if not isinstance(value, bytes):
         return None

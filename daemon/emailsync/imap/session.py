@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 import imapclient
 import structlog
-from imapclient.datetime_util import parse_to_datetime
 from imapclient.exceptions import (
     IMAPClientError,
 )
@@ -28,7 +27,7 @@ from emailsync.errors import (
     UidValidityChangedError,
 )
 from emailsync.imap import idle
-from emailsync.imap.fetch import uid_fetch
+from emailsync.imap.fetch import internaldate, uid_fetch
 from emailsync.imap.folders import FolderTree
 from emailsync.imap.idle import IdleUpdate, WakeSource
 from emailsync.imap.structure import plan_body
@@ -597,8 +596,7 @@ def _savedate(value: object) -> datetime | None:
     if isinstance(value, datetime):
         return value
     if isinstance(value, bytes) and value not in (b"NIL", b""):
-        with contextlib.suppress(ValueError):
-            return parse_to_datetime(value, normalise=False)  # type: ignore[no-any-return]
+        return internaldate(value)
     return None
 
 
