@@ -88,6 +88,7 @@ class TimedSession:
         self.select_queue = clock.wrap("imap", session.select_queue)
         self.queue_uids = clock.wrap("imap", session.queue_uids)
         self.fetch_headers = clock.wrap("imap", session.fetch_headers)
+        self.prefetch_headers = clock.wrap("imap", session.prefetch_headers)
         self._fetch_full = clock.wrap("imap", session.fetch_full)
         self.file = clock.wrap("imap", session.file)
         self.keyword_uids = clock.wrap("imap", session.keyword_uids)

@@ -69,6 +69,8 @@ class QueueSession(Protocol):
 
     def fetch_headers(self, uids: Sequence[int]) -> list[FetchedMessage]: ...
 
+    def prefetch_headers(self, uids: Sequence[int]) -> None: ...
+
     def fetch_full(
         self,
         uids: Sequence[int],
@@ -226,11 +228,15 @@ class Filer:
             if not uids:
                 break
             total = len(attempted) + len(uids)
-            for chunk in self._chunks(uids):
+            chunks = self._chunks(uids)
+            for index, chunk in enumerate(chunks):
                 if stopping():
                     return result
                 attempted.update(chunk)
-                decisions, new_events = self._file_batch(session, chunk, dry_run=dry_run)
+                following = chunks[index + 1] if index + 1 < len(chunks) else []
+                decisions, new_events = self._file_batch(
+                    session, chunk, dry_run=dry_run, following=following
+                )
                 result.add(decisions)
                 result.new_events += new_events
                 if on_batch is not None:
@@ -402,9 +408,19 @@ class Filer:
         return decisions
 
     def _file_batch(
-        self, session: QueueSession, uids: Sequence[int], *, dry_run: bool
+        self,
+        session: QueueSession,
+        uids: Sequence[int],
+        *,
+        dry_run: bool,
+        following: Sequence[int] = (),
     ) -> tuple[list[Decision], int]:
         headers = self._fetch_each(session.fetch_headers, uids)
+        if following and not self._suspects.intersection(following):
+            # The server builds the next batch's headers while this one is parsed, recorded
+            # and moved (issue 10). A suspect is never sent ahead: if its FETCH kills the
+            # connection, that must happen in its own fetch_headers, where it is counted.
+            session.prefetch_headers(following)
         parsed = [
             parse_headers(f.uid, f.data, internaldate=f.internaldate, size=f.size) for f in headers
         ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -11,13 +11,16 @@ import imapclient
 import pytest
 from imapclient.response_types import BodyData
 
+from emailsync.config import load_settings
 from emailsync.devserver import Dovecot
 from emailsync.errors import ConnectionLostError, MailboxError
 from emailsync.imap.fetch import uid_fetch
+from emailsync.imap.session import ImapSession
 from emailsync.imap.translate import translated
 
 from .faultproxy import FaultProxy
-from .mailenv import MailUser, new_user
+from .mailenv import MailUser, new_user, write_config
+from .test_filing import opened
 
 pytestmark = pytest.mark.dovecot
 
@@ -168,3 +171,52 @@ def test_failures_translate_as_imapclient_s_do(
                 assert uid_fetch(client._imap, uids[:1], [b"FLAGS"])
     assert errors[0] is not None
     assert errors[1] == errors[0]
+
+
+@pytest.fixture
+def proxied(
+    dovecot: Dovecot, fault_proxy: FaultProxy, tmp_path: Path
+) -> Iterator[tuple[ImapSession, list[int]]]:
+    """An ImapSession through the fault proxy, with six messages in its Queue."""
+    user = new_user(dovecot)
+    config = write_config(tmp_path, [user], ports={dovecot.port: fault_proxy.port})
+    with opened(load_settings(config), user.address) as session:
+        with user.client() as client:
+            for number in range(6):
+                client.append(session.queue_name, message(number))
+        session.select_queue()
+        yield session, session.queue_uids()
+
+
+def test_headers_sent_ahead_are_read_by_the_next_use_and_given_once(
+    proxied: tuple[ImapSession, list[int]], fault_proxy: FaultProxy
+) -> None:
+    session, uids = proxied
+    expected = session.fetch_headers(uids[:4])
+    sent = fault_proxy.commands("UID FETCH")
+    session.prefetch_headers(uids[:4])
+    assert fault_proxy.commands("UID FETCH") == sent + 1
+    assert session.queue_uids() == uids  # another command first: it reads the answer ahead
+    assert session.fetch_headers(uids[:4]) == expected
+    assert fault_proxy.commands("UID FETCH") == sent + 1  # not asked again
+    assert session.fetch_headers(uids[:4]) == expected  # given once: this one asks again
+    assert fault_proxy.commands("UID FETCH") == sent + 2
+    # Sent ahead for other UIDs than asked for: dropped, and the asked ones fetched.
+    session.prefetch_headers(uids[4:6])
+    assert session.fetch_headers(uids[:4]) == expected
+    assert fault_proxy.commands("UID FETCH") == sent + 4
+    assert session.fetch_headers(uids[4:6]) == session.fetch_headers(uids[4:6])
+
+
+def test_a_refusal_of_headers_sent_ahead_is_raised_by_fetch_headers_only(
+    proxied: tuple[ImapSession, list[int]], fault_proxy: FaultProxy
+) -> None:
+    session, uids = proxied
+    fault_proxy.answer_on("UID FETCH", "NO [SERVERBUG] not now")
+    session.prefetch_headers(uids[:3])
+    assert session.queue_uids() == uids  # unharmed by the refusal it read first
+    with pytest.raises(ConnectionLostError) as refused:
+        session.fetch_headers(uids[:3])
+    assert refused.value.kind == "protocol"
+    assert "SERVERBUG" in str(refused.value)
+    assert len(session.fetch_headers(uids[:3])) == 3  # asked again: answered

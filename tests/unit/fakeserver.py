@@ -270,6 +270,9 @@ class FakeSession:
             if uid in self.server.queue
         ]
 
+    def prefetch_headers(self, uids: Sequence[int]) -> None:
+        pass  # answers at once anyway
+
     def fetch_full(
         self,
         uids: Sequence[int],

@@ -79,6 +79,9 @@ class Queue:
     def fetch_headers(self, uids: Sequence[int]) -> list[FetchedMessage]:
         return self._fetch(uids)
 
+    def prefetch_headers(self, uids: Sequence[int]) -> None:
+        pass  # answers at once anyway
+
     def fetch_full(
         self,
         uids: Sequence[int],

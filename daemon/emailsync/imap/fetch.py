@@ -59,7 +59,20 @@ def uid_fetch(
     """
     if not uids:
         return {}
-    tag = _send(imap, b"UID FETCH " + uid_set(uids) + b" (" + b" ".join(items) + b")")
+    return read_fetch(imap, send_fetch(imap, uids, items), uids)
+
+
+def send_fetch(imap: imaplib.IMAP4, uids: Sequence[int], items: Sequence[bytes]) -> bytes:
+    """Send ``UID FETCH uids (items)`` (``uids`` not empty) without reading; returns its tag.
+
+    RFC 3501 §5.5: the client may send a command before the previous one is answered; the
+    answer is read later with ``read_fetch``, before anything else reads the connection.
+    """
+    return _send(imap, b"UID FETCH " + uid_set(uids) + b" (" + b" ".join(items) + b")")
+
+
+def read_fetch(imap: imaplib.IMAP4, tag: bytes, uids: Sequence[int]) -> dict[int, FetchData]:
+    """Read and parse the answer to the FETCH sent as ``tag`` (see ``uid_fetch``)."""
     responses = _read_until_tagged(imap, tag, "FETCH")
     wanted = set(uids)
     result: dict[int, FetchData] = {}

@@ -12,6 +12,7 @@ import os
 import socket
 import ssl
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -24,10 +25,11 @@ from imapclient.imapclient import SocketTimeout
 
 from emailsync.config import FolderSettings, MailboxSettings
 from emailsync.errors import (
+    MailboxError,
     UidValidityChangedError,
 )
 from emailsync.imap import idle
-from emailsync.imap.fetch import internaldate, uid_fetch
+from emailsync.imap.fetch import FetchData, internaldate, read_fetch, send_fetch, uid_fetch
 from emailsync.imap.folders import FolderTree
 from emailsync.imap.idle import IdleUpdate, WakeSource
 from emailsync.imap.structure import plan_body
@@ -95,7 +97,9 @@ class ImapSession:
     def __init__(
         self, client: imapclient.IMAPClient, mailbox: MailboxSettings, folders: FolderSettings
     ) -> None:
-        self.client = client
+        self._client = client
+        self._sent: _HeaderFetch | None = None  # a header FETCH sent, its answer unread
+        self._read: _HeaderFetch | None = None  # its answer, read, for fetch_headers
         self.mailbox = mailbox
         self.folders = folders
         self.tree: FolderTree | None = None
@@ -137,6 +141,13 @@ class ImapSession:
             _close_quietly(client)
             raise
         return cls(client, mailbox, folders)
+
+    @property
+    def client(self) -> imapclient.IMAPClient:
+        """The connection; the answer to a header FETCH sent ahead is read off it first."""
+        if self._sent is not None:
+            self._read_ahead()
+        return self._client
 
     @property
     def queue_name(self) -> str:
@@ -207,6 +218,7 @@ class ImapSession:
         tree = self.tree or self.resolve_tree()
         with translated("select queue"):
             info = self.client.select_folder(tree.queue)
+        self._read = None  # an answer read ahead belongs to the pass before
         uidvalidity = int(info.get(b"UIDVALIDITY", 0))
         changed = self.uidvalidity is not None and uidvalidity != self.uidvalidity
         self.uidvalidity = uidvalidity
@@ -257,7 +269,43 @@ class ImapSession:
         batch): each message's ``plan`` is read from it, None where it is unreadable, and
         ``fetch_full`` takes these plans instead of asking for the structures again.
         """
-        return self._fetch(uids, b"BODY.PEEK[HEADER]", b"BODY[HEADER]", structure=True)
+        if self._sent is not None and self._sent.uids == tuple(uids):
+            self._read_ahead()
+        ahead, self._read = self._read, None
+        if ahead is None or ahead.uids != tuple(uids) or not uids:
+            return self._fetch(uids, b"BODY.PEEK[HEADER]", b"BODY[HEADER]", structure=True)
+        with translated("fetch"):
+            if ahead.error is not None:
+                raise ahead.error
+        return _messages(ahead.response, b"BODY[HEADER]", structure=True)
+
+    def prefetch_headers(self, uids: Sequence[int]) -> None:
+        """Send the header FETCH of ``uids`` now; ``fetch_headers(uids)`` reads its answer.
+
+        The server builds the next batch's answer while this process works on the batch
+        before (issue 10; RFC 3501 §5.5 lets a client send a command before the previous
+        one's answer is read). Whatever uses the connection first reads that answer and
+        keeps it for ``fetch_headers``; an answer of other UIDs is dropped. Never raises:
+        a FETCH that cannot be sent is sent again, and fails, in ``fetch_headers``.
+        """
+        if not uids:
+            return
+        client = self.client  # reads an answer still pending first
+        self._read = None
+        with contextlib.suppress(MailboxError), translated("fetch"):
+            items = self._items(b"BODY.PEEK[HEADER]", structure=True)
+            self._sent = _HeaderFetch(tuple(uids), send_fetch(client._imap, uids, items))
+
+    def _read_ahead(self) -> None:
+        """Read the answer of the header FETCH sent ahead, keeping it (or its error)."""
+        sent, self._sent = self._sent, None
+        if sent is None:
+            return
+        try:
+            sent.response = read_fetch(self._client._imap, sent.tag, sent.uids)
+        except Exception as exc:  # kept: fetch_headers raises it, translated
+            sent.error = exc
+        self._read = sent
 
     def fetch_full(
         self,
@@ -350,29 +398,17 @@ class ImapSession:
     ) -> list[FetchedMessage]:
         if not uids:
             return []
+        with translated("fetch"):
+            response = uid_fetch(self.client._imap, uids, self._items(item, structure=structure))
+        return _messages(response, key, structure=structure)
+
+    def _items(self, item: bytes, *, structure: bool) -> list[bytes]:
         items = [item, b"INTERNALDATE", b"RFC822.SIZE", b"FLAGS"]
         if structure:
             items.append(b"BODYSTRUCTURE")
-        with translated("fetch"):
-            if self.has("SAVEDATE"):
-                items.append(b"SAVEDATE")  # RFC 8514: when it landed in Queue, for latency
-            response = uid_fetch(self.client._imap, uids, items)
-        messages = []
-        for uid, data in sorted(response.items()):
-            if key not in data:
-                continue  # expunged by someone else meanwhile
-            messages.append(
-                FetchedMessage(
-                    uid=int(uid),
-                    data=bytes(data[key] or b""),
-                    internaldate=data.get(b"INTERNALDATE"),
-                    size=int(data.get(b"RFC822.SIZE", 0)),
-                    flags=tuple(_str(f) for f in data.get(b"FLAGS", ())),
-                    savedate=_savedate(data.get(b"SAVEDATE")),
-                    plan=plan_body(data.get(b"BODYSTRUCTURE")) if structure else None,
-                )
-            )
-        return messages
+        if self.has("SAVEDATE"):
+            items.append(b"SAVEDATE")  # RFC 8514: when it landed in Queue, for latency
+        return items
 
     # -- filing --------------------------------------------------------------------------------
 
@@ -555,14 +591,46 @@ class ImapSession:
         """LOGOUT politely (waiting at most ``timeout_seconds`` when given), close; never raises."""
         if timeout_seconds is not None:
             with contextlib.suppress(OSError):
-                self.client.socket().settimeout(timeout_seconds)
+                self._client.socket().settimeout(timeout_seconds)
         with contextlib.suppress(Exception):
-            self.client.logout()
-        _close_quietly(self.client)
+            self._client.logout()
+        _close_quietly(self._client)
 
     def close(self) -> None:
         """Close the socket without LOGOUT (for a connection already known dead)."""
-        _close_quietly(self.client)
+        _close_quietly(self._client)
+
+
+@dataclass
+class _HeaderFetch:
+    """A header FETCH sent ahead (``ImapSession.prefetch_headers``) and, once read, its answer."""
+
+    uids: tuple[int, ...]
+    tag: bytes
+    response: dict[int, FetchData] = field(default_factory=dict)
+    error: Exception | None = None
+
+
+def _messages(
+    response: dict[int, FetchData], key: bytes, *, structure: bool
+) -> list[FetchedMessage]:
+    """The FetchedMessages of a FETCH answer, by UID; a message without ``key`` is left out."""
+    messages = []
+    for uid, data in sorted(response.items()):
+        if key not in data:
+            continue  # expunged by someone else meanwhile
+        messages.append(
+            FetchedMessage(
+                uid=int(uid),
+                data=bytes(data[key] or b""),
+                internaldate=data.get(b"INTERNALDATE"),
+                size=int(data.get(b"RFC822.SIZE", 0)),
+                flags=tuple(_str(f) for f in data.get(b"FLAGS", ())),
+                savedate=_savedate(data.get(b"SAVEDATE")),
+                plan=plan_body(data.get(b"BODYSTRUCTURE")) if structure else None,
+            )
+        )
+    return messages
 
 
 def _close_quietly(client: imapclient.IMAPClient) -> None:
