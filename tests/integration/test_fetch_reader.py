@@ -14,7 +14,7 @@ from imapclient.response_types import BodyData
 from emailsync.config import load_settings
 from emailsync.devserver import Dovecot
 from emailsync.errors import ConnectionLostError, MailboxError
-from emailsync.imap.fetch import uid_fetch
+from emailsync.imap.fetch import uid_fetch, uid_move
 from emailsync.imap.session import ImapSession
 from emailsync.imap.translate import translated
 
@@ -134,8 +134,9 @@ def fetch_error(
     try:
         with translated("fetch"):
             fetch()
-    except ConnectionLostError as exc:
-        return type(exc), exc.kind, str(exc).replace(client._imap.tagpre.decode(), "TAG")
+    except MailboxError as exc:
+        text = str(exc).replace(client._imap.tagpre.decode(), "TAG")
+        return type(exc), getattr(exc, "kind", ""), text
     return None
 
 
@@ -195,8 +196,8 @@ def test_headers_sent_ahead_are_read_by_the_next_use_and_given_once(
     expected = session.fetch_headers(uids[:4])
     sent = fault_proxy.commands("UID FETCH")
     session.prefetch_headers(uids[:4])
-    assert fault_proxy.commands("UID FETCH") == sent + 1
     assert session.queue_uids() == uids  # another command first: it reads the answer ahead
+    assert fault_proxy.commands("UID FETCH") == sent + 1  # (the proxy has seen it by now)
     assert session.fetch_headers(uids[:4]) == expected
     assert fault_proxy.commands("UID FETCH") == sent + 1  # not asked again
     assert session.fetch_headers(uids[:4]) == expected  # given once: this one asks again
@@ -220,3 +221,55 @@ def test_a_refusal_of_headers_sent_ahead_is_raised_by_fetch_headers_only(
     assert refused.value.kind == "protocol"
     assert "SERVERBUG" in str(refused.value)
     assert len(session.fetch_headers(uids[:3])) == 3  # asked again: answered
+
+
+@pytest.mark.parametrize(
+    ("arm", "alive"),
+    [
+        pytest.param(lambda p: p.answer_on("UID MOVE", "NO [SERVERBUG] no way"), True, id="NO"),
+        pytest.param(lambda p: p.answer_on("UID MOVE", "NO [TRYCREATE] where?"), True, id="gone"),
+        pytest.param(lambda p: p.answer_on("UID MOVE", "BAD [PARSE] what?"), True, id="BAD"),
+        pytest.param(lambda p: p.answer_on("UID MOVE", "garbage"), False, id="garbage"),
+        pytest.param(lambda p: p.drop_on("UID MOVE"), False, id="EOF"),
+        pytest.param(lambda p: p.stall_on("UID MOVE"), False, id="timeout"),
+    ],
+)
+def test_move_failures_translate_as_imapclient_s_do(
+    dovecot: Dovecot, fault_proxy: FaultProxy, arm: Callable[[FaultProxy], None], alive: bool
+) -> None:
+    user = new_user(dovecot)
+    with user.client() as client:
+        client.create_folder("Done")
+        for number in range(4):
+            client.append("INBOX", message(number))
+    errors = []
+    for reader in ("imapclient", "lean"):
+        with selected(user, port=fault_proxy.port, timeout=1.5) as client:
+            uids = sorted(client.search(["ALL"]))[:2]
+            arm(fault_proxy)
+            if reader == "lean":
+                error = fetch_error(client, lambda: uid_move(client._imap, uids, b'"Done"'))  # noqa: B023
+            else:
+                error = fetch_error(client, lambda: client.move(uids, "Done"))  # noqa: B023
+            fault_proxy.clear()
+            errors.append(error)
+            if alive:
+                assert client.noop()[0]
+    assert errors[0] is not None
+    assert errors[1] == errors[0]
+
+
+def test_a_move_files_the_messages_and_keeps_the_connection_in_step(dovecot: Dovecot) -> None:
+    user = new_user(dovecot)
+    with user.client() as client:
+        client.create_folder("Done")
+        for number in range(5):
+            client.append("INBOX", message(number))
+    with selected(user) as client:
+        uids = sorted(client.search(["ALL"]))
+        uid_move(client._imap, [uids[0], *uids[2:4]], b'"Done"')
+        assert sorted(client._imap.untagged_responses["EXPUNGE"]) == [b"1", b"3", b"4"]
+        assert sorted(client.search(["ALL"])) == [uids[1], uids[4]]
+        assert not client._imap.tagged_commands
+        client.select_folder("Done")
+        assert len(client.search(["ALL"])) == 3

@@ -68,12 +68,13 @@ def send_fetch(imap: imaplib.IMAP4, uids: Sequence[int], items: Sequence[bytes])
     RFC 3501 §5.5: the client may send a command before the previous one is answered; the
     answer is read later with ``read_fetch``, before anything else reads the connection.
     """
-    return _send(imap, b"UID FETCH " + uid_set(uids) + b" (" + b" ".join(items) + b")")
+    items_list = b" (" + b" ".join(items) + b")"
+    return _send(imap, b"UID FETCH " + uid_set(uids) + items_list, "FETCH")
 
 
 def read_fetch(imap: imaplib.IMAP4, tag: bytes, uids: Sequence[int]) -> dict[int, FetchData]:
     """Read and parse the answer to the FETCH sent as ``tag`` (see ``uid_fetch``)."""
-    responses = _read_until_tagged(imap, tag, "FETCH")
+    responses = _read_until_tagged(imap, tag, "FETCH", "fetch failed")
     wanted = set(uids)
     result: dict[int, FetchData] = {}
     for seq, segments in responses:
@@ -82,6 +83,19 @@ def read_fetch(imap: imaplib.IMAP4, tag: bytes, uids: Sequence[int]) -> dict[int
         if uid is not None and uid in wanted:
             result.setdefault(uid, {}).update(data)
     return result
+
+
+def uid_move(imap: imaplib.IMAP4, uids: Sequence[int], folder: bytes) -> None:
+    """``UID MOVE uids folder`` (RFC 6851), answered as ``IMAPClient.move`` answers it.
+
+    ``folder`` is already encoded and quoted (``IMAPClient._normalise_folder``). Its
+    answer (a COPYUID and one EXPUNGE per message, §4.3) is read here rather than by
+    imaplib, which stores each line by a regex match per kind: 7 % of a backlog pass.
+    """
+    if not uids:
+        return
+    tag = _send(imap, b"UID MOVE " + uid_set(uids) + b" " + folder, "MOVE")
+    _read_until_tagged(imap, tag, "UID", "move failed")
 
 
 def uid_set(uids: Iterable[int]) -> bytes:
@@ -98,11 +112,11 @@ def uid_set(uids: Iterable[int]) -> bytes:
     return b",".join(runs)
 
 
-def _send(imap: imaplib.IMAP4, command: bytes) -> bytes:
-    """Send a tagged command the way ``imaplib.IMAP4._command`` does; returns its tag."""
+def _send(imap: imaplib.IMAP4, command: bytes, name: str) -> bytes:
+    """Send a tagged command the way ``imaplib.IMAP4.uid`` does; returns its tag."""
     if imap.state != "SELECTED":
         raise IMAPClientError(
-            f"command UID illegal in state {imap.state}, only allowed in states SELECTED"
+            f"command {name} illegal in state {imap.state}, only allowed in states SELECTED"
         )
     imap._check_bye()
     untagged = imap.untagged_responses
@@ -118,8 +132,13 @@ def _send(imap: imaplib.IMAP4, command: bytes) -> bytes:
     return tag
 
 
-def _read_until_tagged(imap: imaplib.IMAP4, tag: bytes, name: str) -> list[tuple[int, list[bytes]]]:
+def _read_until_tagged(
+    imap: imaplib.IMAP4, tag: bytes, name: str, refused: str
+) -> list[tuple[int, list[bytes]]]:
     """Read untagged FETCH responses up to the tagged one, which must be OK.
+
+    ``name`` and ``refused`` word the errors as imaplib (``command: {name} => …``) and
+    imapclient (``{refused}: …`` for a NO) word them.
 
     Each FETCH comes back as its sequence number and segments: the text after ``FETCH``
     and, for each ``{n}`` literal, the literal then the text after it (the ``{n}`` markers
@@ -157,7 +176,7 @@ def _read_until_tagged(imap: imaplib.IMAP4, tag: bytes, name: str) -> list[tuple
         raise IMAPClientError(f"{name} command error: {typ} {data}")
     if typ != "OK":
         text = data[0].decode("utf-8", "replace") if data[0] is not None else ""
-        raise IMAPClientError(f"{name.lower()} failed: {text}")
+        raise IMAPClientError(f"{refused}: {text}")
     return fetches
 
 

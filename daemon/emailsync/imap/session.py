@@ -29,7 +29,14 @@ from emailsync.errors import (
     UidValidityChangedError,
 )
 from emailsync.imap import idle
-from emailsync.imap.fetch import FetchData, internaldate, read_fetch, send_fetch, uid_fetch
+from emailsync.imap.fetch import (
+    FetchData,
+    internaldate,
+    read_fetch,
+    send_fetch,
+    uid_fetch,
+    uid_move,
+)
 from emailsync.imap.folders import FolderTree
 from emailsync.imap.idle import IdleUpdate, WakeSource
 from emailsync.imap.structure import plan_body
@@ -457,8 +464,11 @@ class ImapSession:
         return len(uids)
 
     def _move(self, uids: list[int], source: str, dest: str, uidvalidity: int | None) -> None:
-        if self.has("MOVE"):
-            self.client.move(uids, dest)  # RFC 6851
+        if self.has("MOVE"):  # RFC 6851, its answer read by the lean reader (imap/fetch.py)
+            folder = self.client._normalise_folder(dest)
+            uid_move(
+                self.client._imap, uids, folder if isinstance(folder, bytes) else folder.encode()
+            )
         else:
             self._copy_then_expunge(uids, source, dest, uidvalidity)
 
