@@ -14,9 +14,11 @@ from imapclient.response_types import BodyData
 from emailsync.config import load_settings
 from emailsync.devserver import Dovecot
 from emailsync.errors import ConnectionLostError, MailboxError
+from emailsync.filing import Filer
 from emailsync.imap.fetch import uid_fetch, uid_move
 from emailsync.imap.session import ImapSession
 from emailsync.imap.translate import translated
+from emailsync.store import open_store
 
 from .faultproxy import FaultProxy
 from .mailenv import MailUser, new_user, write_config
@@ -273,3 +275,44 @@ def test_a_move_files_the_messages_and_keeps_the_connection_in_step(dovecot: Dov
         assert not client._imap.tagged_commands
         client.select_folder("Done")
         assert len(client.search(["ALL"])) == 3
+
+
+def test_a_pass_asks_one_header_and_one_text_fetch_per_batch_of_linked_mail(
+    dovecot: Dovecot, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    user = new_user(dovecot)
+    config = write_config(tmp_path, [user], ports={dovecot.port: fault_proxy.port})
+    settings = load_settings(config)
+    store = open_store(settings.store_url, settings.daemon.state_dir)
+    store.add_group("Clients", [f"c{n}@clients.example" for n in range(7)])
+    with opened(settings, user.address) as session:
+        with user.client() as client:
+            for number in range(7):
+                client.append(session.queue_name, message(number))
+        filer = Filer(settings.mailbox(user.address), store, batch_size=3)
+        before = fault_proxy.commands("UID FETCH")
+        result = filer.run_pass(session)
+    assert result.new_events == 7  # all linked: every batch fetches its text parts
+    # Batches of 3, 3 and 1: a header FETCH (BODYSTRUCTURE included) and a text FETCH
+    # each; no FETCH of the structures on their own.
+    assert fault_proxy.commands("UID FETCH") - before == 6
+    assert fault_proxy.commands(r"UID FETCH \S+ \(BODYSTRUCTURE\)") == 0
+    assert fault_proxy.commands(r"UID FETCH \S+ \(BODY\.PEEK\[HEADER\].*BODYSTRUCTURE") == 3
+    # The next batch's headers are asked for before this batch's text parts and MOVEs.
+    (connection,) = [c for c in fault_proxy.connections if c.logins]
+    kinds = [
+        "headers" if "BODY.PEEK[HEADER]" in line else "text" if "FETCH" in line else "move"
+        for line in (line.split(" ", 1)[1] for line in connection.commands)
+        if line.startswith(("UID FETCH", "UID MOVE"))
+    ]
+    assert kinds == [
+        "headers",
+        "headers",
+        "text",
+        "move",
+        "headers",
+        "text",
+        "move",
+        "text",
+        "move",
+    ]
