@@ -48,6 +48,7 @@ class Queue:
         self.lose_connection_on_fetch: set[int] = set()
         self.lose_connection_on_move = False
         self.move_attempts: list[int] = []
+        self.prefetched: list[list[int]] = []  # header FETCHes sent ahead
 
     def add(self, raw: bytes) -> int:
         uid = self.next_uid
@@ -80,7 +81,7 @@ class Queue:
         return self._fetch(uids)
 
     def prefetch_headers(self, uids: Sequence[int]) -> None:
-        pass  # answers at once anyway
+        self.prefetched.append(list(uids))  # fetch_headers answers at once anyway
 
     def fetch_full(
         self,
@@ -261,6 +262,17 @@ def test_a_fetch_that_loses_the_connection_counts_only_when_the_message_is_alone
     filer.run_pass(queue)  # quarantined: the pass no longer touches it
     assert STUCK_KEYWORD in queue.keywords(killer)
     assert filer.stuck == 1
+    # A suspect's headers are never sent ahead: its FETCH must fail in its own batch.
+    assert all(killer not in uids for uids in queue.prefetched)
+
+
+def test_each_batch_sends_the_next_one_s_header_fetch_ahead(store: FlakyStore) -> None:
+    queue = Queue()
+    uids = [queue.add(message(f"m{n}")) for n in range(3)]
+    mailbox = MailboxSettings(address=OWNER, server=ServerSettings("imap.example", 993))
+    result = Filer(mailbox, store, batch_size=1).run_pass(queue)
+    assert result.messages == 3
+    assert queue.prefetched == [[uids[1]], [uids[2]]]
 
 
 def test_removing_the_keyword_releases_the_message_with_a_fresh_count(
