@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
@@ -28,7 +28,7 @@ from emailsync.config import CrmSettings
 from emailsync.filing import FETCH_BATCH, Filer, QueueSession
 from emailsync.imap.folders import FolderTree
 from emailsync.imap.session import ImapSession
-from emailsync.model import FetchedMessage, FolderRole, Outcome
+from emailsync.model import BodyPlan, FetchedMessage, FolderRole, Outcome
 from emailsync.store import open_store
 from emailsync.store.base import Store
 
@@ -88,6 +88,7 @@ class TimedSession:
         self.select_queue = clock.wrap("imap", session.select_queue)
         self.queue_uids = clock.wrap("imap", session.queue_uids)
         self.fetch_headers = clock.wrap("imap", session.fetch_headers)
+        self.prefetch_headers = clock.wrap("imap", session.prefetch_headers)
         self._fetch_full = clock.wrap("imap", session.fetch_full)
         self.file = clock.wrap("imap", session.file)
         self.keyword_uids = clock.wrap("imap", session.keyword_uids)
@@ -100,10 +101,13 @@ class TimedSession:
         return self._session.uidvalidity
 
     def fetch_full(
-        self, uids: Sequence[int], sizes: dict[int, int] | None = None
+        self,
+        uids: Sequence[int],
+        sizes: dict[int, int] | None = None,
+        plans: Mapping[int, BodyPlan | None] | None = None,
     ) -> list[FetchedMessage]:
         """Whole messages (timed)."""
-        return self._fetch_full(uids, sizes)
+        return self._fetch_full(uids, sizes, plans)
 
 
 class TimedStore:

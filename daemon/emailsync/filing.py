@@ -16,7 +16,7 @@ message's fault and counts for none.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
@@ -32,6 +32,7 @@ from emailsync.model import (
     OUTCOME_FOLDER,
     OUTCOME_KEYWORD,
     STUCK_KEYWORD,
+    BodyPlan,
     Classification,
     Direction,
     FetchedMessage,
@@ -68,8 +69,13 @@ class QueueSession(Protocol):
 
     def fetch_headers(self, uids: Sequence[int]) -> list[FetchedMessage]: ...
 
+    def prefetch_headers(self, uids: Sequence[int]) -> None: ...
+
     def fetch_full(
-        self, uids: Sequence[int], sizes: dict[int, int] | None = None
+        self,
+        uids: Sequence[int],
+        sizes: dict[int, int] | None = None,
+        plans: Mapping[int, BodyPlan | None] | None = None,
     ) -> list[FetchedMessage]: ...
 
     def file(self, uids: Sequence[int], role: FolderRole, keyword: str | None = None) -> None: ...
@@ -222,11 +228,15 @@ class Filer:
             if not uids:
                 break
             total = len(attempted) + len(uids)
-            for chunk in self._chunks(uids):
+            chunks = self._chunks(uids)
+            for index, chunk in enumerate(chunks):
                 if stopping():
                     return result
                 attempted.update(chunk)
-                decisions, new_events = self._file_batch(session, chunk, dry_run=dry_run)
+                following = chunks[index + 1] if index + 1 < len(chunks) else []
+                decisions, new_events = self._file_batch(
+                    session, chunk, dry_run=dry_run, following=following
+                )
                 result.add(decisions)
                 result.new_events += new_events
                 if on_batch is not None:
@@ -347,9 +357,17 @@ class Filer:
                 self._fail(uid, "fetch", str(exc))
         return fetched
 
-    def decide(self, messages: Iterable[QueuedMessage]) -> list[Decision]:
-        """Classify messages and look up their groups (one store query for the batch)."""
+    def decide(
+        self,
+        messages: Iterable[QueuedMessage],
+        queued_at: Mapping[int, datetime] | None = None,
+    ) -> list[Decision]:
+        """Classify messages and look up their groups (one store query for the batch).
+
+        ``queued_at`` gives each decision, by UID, when its message landed in Queue.
+        """
         messages = list(messages)
+        landed = queued_at or {}
         owner = self.mailbox.owner_addresses
         classified: dict[int, Classification] = {
             m.uid: classify(m, owner) for m in messages if m.usable
@@ -361,7 +379,14 @@ class Filer:
         for message in messages:
             classification = classified.get(message.uid)
             if classification is None:
-                decisions.append(Decision(message.uid, Outcome.UNPARSEABLE, message))
+                decisions.append(
+                    Decision(
+                        message.uid,
+                        Outcome.UNPARSEABLE,
+                        message,
+                        queued_at=landed.get(message.uid),
+                    )
+                )
                 continue
             linked = _linked_groups(classification.counterparts, by_address)
             if not linked:
@@ -370,13 +395,32 @@ class Filer:
                 outcome = Outcome.SENT
             else:
                 outcome = Outcome.RECEIVED
-            decisions.append(Decision(message.uid, outcome, message, classification, linked))
+            decisions.append(
+                Decision(
+                    message.uid,
+                    outcome,
+                    message,
+                    classification,
+                    linked,
+                    queued_at=landed.get(message.uid),
+                )
+            )
         return decisions
 
     def _file_batch(
-        self, session: QueueSession, uids: Sequence[int], *, dry_run: bool
+        self,
+        session: QueueSession,
+        uids: Sequence[int],
+        *,
+        dry_run: bool,
+        following: Sequence[int] = (),
     ) -> tuple[list[Decision], int]:
         headers = self._fetch_each(session.fetch_headers, uids)
+        if following and not self._suspects.intersection(following):
+            # The server builds the next batch's headers while this one is parsed, recorded
+            # and moved (issue 10). A suspect is never sent ahead: if its FETCH kills the
+            # connection, that must happen in its own fetch_headers, where it is counted.
+            session.prefetch_headers(following)
         parsed = [
             parse_headers(f.uid, f.data, internaldate=f.internaldate, size=f.size) for f in headers
         ]
@@ -384,16 +428,18 @@ class Filer:
         queued_at = {
             f.uid: landed_at(f.savedate, self.first_seen.setdefault(f.uid, now)) for f in headers
         }
-        decisions = [replace(d, queued_at=queued_at.get(d.uid)) for d in self.decide(parsed)]
+        decisions = self.decide(parsed, queued_at)
         # Only linked messages need their bodies: a no-group message with a 20 MB attachment
         # goes to Failed without being downloaded.
         linked = [d for d in decisions if d.groups]
         if linked and not dry_run:
             sizes = {f.uid: f.size for f in headers}
+            # The header FETCH carried each message's BODYSTRUCTURE: its plan saves a round trip.
+            plans = {f.uid: f.plan for f in headers}
             full = {
                 f.uid: f
                 for f in self._fetch_each(
-                    lambda chunk: session.fetch_full(chunk, sizes), [d.uid for d in linked]
+                    lambda chunk: session.fetch_full(chunk, sizes, plans), [d.uid for d in linked]
                 )
             }
             blocks = {f.uid: f.data for f in headers}

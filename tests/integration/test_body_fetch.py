@@ -45,7 +45,9 @@ def both_ways(
     session.select_queue()
     uid = max(session.queue_uids())
     (header,) = session.fetch_headers([uid])
-    (fetched,) = session.fetch_full([uid], {uid: header.size})
+    (fetched,) = session.fetch_full([uid], {uid: header.size}, {uid: header.plan})
+    # The plan read with the headers is the one a FETCH BODYSTRUCTURE of its own gives.
+    assert session.fetch_full([uid], {uid: header.size}) == [fetched]
     whole = parse_message(uid, raw, size=header.size)
     headers = parse_headers(uid, header.data, size=header.size)
     if fetched.plan is None:

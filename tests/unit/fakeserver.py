@@ -14,7 +14,7 @@ import itertools
 import random
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,7 +27,7 @@ from emailsync.config import MailboxSettings, Settings, parse_settings
 from emailsync.errors import AuthError, ConnectionLostError, LeaseLostError, StoreUnavailableError
 from emailsync.imap.idle import IdleUpdate
 from emailsync.metrics import Metrics
-from emailsync.model import FetchedMessage, FolderRole, Group
+from emailsync.model import BodyPlan, FetchedMessage, FolderRole, Group
 from emailsync.wakeup import Wakeup
 from emailsync.worker import MailboxWorker
 
@@ -270,8 +270,14 @@ class FakeSession:
             if uid in self.server.queue
         ]
 
+    def prefetch_headers(self, uids: Sequence[int]) -> None:
+        pass  # answers at once anyway
+
     def fetch_full(
-        self, uids: Sequence[int], sizes: dict[int, int] | None = None
+        self,
+        uids: Sequence[int],
+        sizes: dict[int, int] | None = None,
+        plans: Mapping[int, BodyPlan | None] | None = None,
     ) -> list[FetchedMessage]:
         return self.fetch_headers(uids)
 

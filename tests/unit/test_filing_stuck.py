@@ -7,7 +7,7 @@ real server's refusals are tested in tests/integration/test_filing.py.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -16,7 +16,7 @@ import pytest
 from emailsync.config import MailboxSettings, ServerSettings
 from emailsync.errors import ConnectionLostError, StoreError, StoreUnavailableError
 from emailsync.filing import Filer
-from emailsync.model import STUCK_KEYWORD, FetchedMessage, FolderRole, TimelineEvent
+from emailsync.model import STUCK_KEYWORD, BodyPlan, FetchedMessage, FolderRole, TimelineEvent
 from emailsync.store.sqlite import SqliteStore
 
 OWNER = "agent@example.com"
@@ -48,6 +48,7 @@ class Queue:
         self.lose_connection_on_fetch: set[int] = set()
         self.lose_connection_on_move = False
         self.move_attempts: list[int] = []
+        self.prefetched: list[list[int]] = []  # header FETCHes sent ahead
 
     def add(self, raw: bytes) -> int:
         uid = self.next_uid
@@ -79,8 +80,14 @@ class Queue:
     def fetch_headers(self, uids: Sequence[int]) -> list[FetchedMessage]:
         return self._fetch(uids)
 
+    def prefetch_headers(self, uids: Sequence[int]) -> None:
+        self.prefetched.append(list(uids))  # fetch_headers answers at once anyway
+
     def fetch_full(
-        self, uids: Sequence[int], sizes: dict[int, int] | None = None
+        self,
+        uids: Sequence[int],
+        sizes: dict[int, int] | None = None,
+        plans: Mapping[int, BodyPlan | None] | None = None,
     ) -> list[FetchedMessage]:
         return self._fetch(uids)
 
@@ -255,6 +262,17 @@ def test_a_fetch_that_loses_the_connection_counts_only_when_the_message_is_alone
     filer.run_pass(queue)  # quarantined: the pass no longer touches it
     assert STUCK_KEYWORD in queue.keywords(killer)
     assert filer.stuck == 1
+    # A suspect's headers are never sent ahead: its FETCH must fail in its own batch.
+    assert all(killer not in uids for uids in queue.prefetched)
+
+
+def test_each_batch_sends_the_next_one_s_header_fetch_ahead(store: FlakyStore) -> None:
+    queue = Queue()
+    uids = [queue.add(message(f"m{n}")) for n in range(3)]
+    mailbox = MailboxSettings(address=OWNER, server=ServerSettings("imap.example", 993))
+    result = Filer(mailbox, store, batch_size=1).run_pass(queue)
+    assert result.messages == 3
+    assert queue.prefetched == [[uids[1]], [uids[2]]]
 
 
 def test_removing_the_keyword_releases_the_message_with_a_fresh_count(

@@ -11,13 +11,13 @@ import functools
 import os
 import socket
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import imapclient
 import structlog
-from imapclient.datetime_util import parse_to_datetime
 from imapclient.exceptions import (
     IMAPClientError,
 )
@@ -25,9 +25,18 @@ from imapclient.imapclient import SocketTimeout
 
 from emailsync.config import FolderSettings, MailboxSettings
 from emailsync.errors import (
+    MailboxError,
     UidValidityChangedError,
 )
 from emailsync.imap import idle
+from emailsync.imap.fetch import (
+    FetchData,
+    internaldate,
+    read_fetch,
+    send_fetch,
+    uid_fetch,
+    uid_move,
+)
 from emailsync.imap.folders import FolderTree
 from emailsync.imap.idle import IdleUpdate, WakeSource
 from emailsync.imap.structure import plan_body
@@ -95,7 +104,9 @@ class ImapSession:
     def __init__(
         self, client: imapclient.IMAPClient, mailbox: MailboxSettings, folders: FolderSettings
     ) -> None:
-        self.client = client
+        self._client = client
+        self._sent: _HeaderFetch | None = None  # a header FETCH sent, its answer unread
+        self._read: _HeaderFetch | None = None  # its answer, read, for fetch_headers
         self.mailbox = mailbox
         self.folders = folders
         self.tree: FolderTree | None = None
@@ -137,6 +148,13 @@ class ImapSession:
             _close_quietly(client)
             raise
         return cls(client, mailbox, folders)
+
+    @property
+    def client(self) -> imapclient.IMAPClient:
+        """The connection; the answer to a header FETCH sent ahead is read off it first."""
+        if self._sent is not None:
+            self._read_ahead()
+        return self._client
 
     @property
     def queue_name(self) -> str:
@@ -207,6 +225,7 @@ class ImapSession:
         tree = self.tree or self.resolve_tree()
         with translated("select queue"):
             info = self.client.select_folder(tree.queue)
+        self._read = None  # an answer read ahead belongs to the pass before
         uidvalidity = int(info.get(b"UIDVALIDITY", 0))
         changed = self.uidvalidity is not None and uidvalidity != self.uidvalidity
         self.uidvalidity = uidvalidity
@@ -251,11 +270,55 @@ class ImapSession:
         return len(uids)
 
     def fetch_headers(self, uids: Sequence[int]) -> list[FetchedMessage]:
-        """Header blocks, INTERNALDATE, size and flags of these messages (missing ones skipped)."""
-        return self._fetch(uids, b"BODY.PEEK[HEADER]", b"BODY[HEADER]")
+        """Header blocks, INTERNALDATE, size, flags and body plan (missing messages skipped).
+
+        The BODYSTRUCTURE travels in the same FETCH (issue 10: one round trip fewer per
+        batch): each message's ``plan`` is read from it, None where it is unreadable, and
+        ``fetch_full`` takes these plans instead of asking for the structures again.
+        """
+        if self._sent is not None and self._sent.uids == tuple(uids):
+            self._read_ahead()
+        ahead, self._read = self._read, None
+        if ahead is None or ahead.uids != tuple(uids) or not uids:
+            return self._fetch(uids, b"BODY.PEEK[HEADER]", b"BODY[HEADER]", structure=True)
+        with translated("fetch"):
+            if ahead.error is not None:
+                raise ahead.error
+        return _messages(ahead.response, b"BODY[HEADER]", structure=True)
+
+    def prefetch_headers(self, uids: Sequence[int]) -> None:
+        """Send the header FETCH of ``uids`` now; ``fetch_headers(uids)`` reads its answer.
+
+        The server builds the next batch's answer while this process works on the batch
+        before (issue 10; RFC 3501 §5.5 lets a client send a command before the previous
+        one's answer is read). Whatever uses the connection first reads that answer and
+        keeps it for ``fetch_headers``; an answer of other UIDs is dropped. Never raises:
+        a FETCH that cannot be sent is sent again, and fails, in ``fetch_headers``.
+        """
+        if not uids:
+            return
+        client = self.client  # reads an answer still pending first
+        self._read = None
+        with contextlib.suppress(MailboxError), translated("fetch"):
+            items = self._items(b"BODY.PEEK[HEADER]", structure=True)
+            self._sent = _HeaderFetch(tuple(uids), send_fetch(client._imap, uids, items))
+
+    def _read_ahead(self) -> None:
+        """Read the answer of the header FETCH sent ahead, keeping it (or its error)."""
+        sent, self._sent = self._sent, None
+        if sent is None:
+            return
+        try:
+            sent.response = read_fetch(self._client._imap, sent.tag, sent.uids)
+        except Exception as exc:  # kept: fetch_headers raises it, translated
+            sent.error = exc
+        self._read = sent
 
     def fetch_full(
-        self, uids: Sequence[int], sizes: dict[int, int] | None = None
+        self,
+        uids: Sequence[int],
+        sizes: dict[int, int] | None = None,
+        plans: Mapping[int, BodyPlan | None] | None = None,
     ) -> list[FetchedMessage]:
         """What events need of these messages' bodies, by their BODYSTRUCTURE (RFC 3501 §7.4.2).
 
@@ -264,9 +327,13 @@ class ImapSession:
         listed from the structure and never downloaded. A message whose structure cannot be
         read is fetched whole when it is at most WHOLE_FETCH_MAX bytes (by its RFC822.SIZE),
         else its first BODY_FETCH_CAP bytes, and the stdlib parser reads what came.
+        ``plans`` are the ones ``fetch_headers`` read already: only messages without one
+        have their structure fetched here.
         """
         sizes = sizes or {}
-        plans = self._plans(uids)
+        known = plans or {}
+        plans = {uid: known[uid] for uid in uids if uid in known}
+        plans.update(self._plans([uid for uid in uids if uid not in known]))
         result: list[FetchedMessage] = []
         by_sections: dict[tuple[str, ...], list[int]] = {}
         whole: list[int] = []
@@ -297,7 +364,7 @@ class ImapSession:
         if not uids:
             return {}
         with translated("fetch structure"):
-            response = self.client.fetch(list(uids), [b"BODYSTRUCTURE"])
+            response = uid_fetch(self.client._imap, uids, [b"BODYSTRUCTURE"])
         return {
             int(uid): plan_body(data.get(b"BODYSTRUCTURE"))
             for uid, data in response.items()
@@ -316,7 +383,7 @@ class ImapSession:
         items = [b"BODY.PEEK[%s]<0.%d>" % (s.encode(), BODY_FETCH_CAP) for s in sections]
         keys = {s: b"BODY[%s]<0>" % s.encode() for s in sections}
         with translated("fetch text"):
-            response = self.client.fetch(list(uids), items)
+            response = uid_fetch(self.client._imap, uids, items)
         messages = []
         for uid, data in response.items():
             if int(uid) not in plans:
@@ -333,29 +400,22 @@ class ImapSession:
             )
         return messages
 
-    def _fetch(self, uids: Sequence[int], item: bytes, key: bytes) -> list[FetchedMessage]:
+    def _fetch(
+        self, uids: Sequence[int], item: bytes, key: bytes, *, structure: bool = False
+    ) -> list[FetchedMessage]:
         if not uids:
             return []
-        items = [item, b"INTERNALDATE", b"RFC822.SIZE", b"FLAGS"]
         with translated("fetch"):
-            if self.has("SAVEDATE"):
-                items.append(b"SAVEDATE")  # RFC 8514: when it landed in Queue, for latency
-            response = self.client.fetch(list(uids), items)
-        messages = []
-        for uid, data in sorted(response.items()):
-            if key not in data:
-                continue  # expunged by someone else meanwhile
-            messages.append(
-                FetchedMessage(
-                    uid=int(uid),
-                    data=bytes(data[key] or b""),
-                    internaldate=data.get(b"INTERNALDATE"),
-                    size=int(data.get(b"RFC822.SIZE", 0)),
-                    flags=tuple(_str(f) for f in data.get(b"FLAGS", ())),
-                    savedate=_savedate(data.get(b"SAVEDATE")),
-                )
-            )
-        return messages
+            response = uid_fetch(self.client._imap, uids, self._items(item, structure=structure))
+        return _messages(response, key, structure=structure)
+
+    def _items(self, item: bytes, *, structure: bool) -> list[bytes]:
+        items = [item, b"INTERNALDATE", b"RFC822.SIZE", b"FLAGS"]
+        if structure:
+            items.append(b"BODYSTRUCTURE")
+        if self.has("SAVEDATE"):
+            items.append(b"SAVEDATE")  # RFC 8514: when it landed in Queue, for latency
+        return items
 
     # -- filing --------------------------------------------------------------------------------
 
@@ -404,8 +464,11 @@ class ImapSession:
         return len(uids)
 
     def _move(self, uids: list[int], source: str, dest: str, uidvalidity: int | None) -> None:
-        if self.has("MOVE"):
-            self.client.move(uids, dest)  # RFC 6851
+        if self.has("MOVE"):  # RFC 6851, its answer read by the lean reader (imap/fetch.py)
+            folder = self.client._normalise_folder(dest)
+            uid_move(
+                self.client._imap, uids, folder if isinstance(folder, bytes) else folder.encode()
+            )
         else:
             self._copy_then_expunge(uids, source, dest, uidvalidity)
 
@@ -538,14 +601,46 @@ class ImapSession:
         """LOGOUT politely (waiting at most ``timeout_seconds`` when given), close; never raises."""
         if timeout_seconds is not None:
             with contextlib.suppress(OSError):
-                self.client.socket().settimeout(timeout_seconds)
+                self._client.socket().settimeout(timeout_seconds)
         with contextlib.suppress(Exception):
-            self.client.logout()
-        _close_quietly(self.client)
+            self._client.logout()
+        _close_quietly(self._client)
 
     def close(self) -> None:
         """Close the socket without LOGOUT (for a connection already known dead)."""
-        _close_quietly(self.client)
+        _close_quietly(self._client)
+
+
+@dataclass
+class _HeaderFetch:
+    """A header FETCH sent ahead (``ImapSession.prefetch_headers``) and, once read, its answer."""
+
+    uids: tuple[int, ...]
+    tag: bytes
+    response: dict[int, FetchData] = field(default_factory=dict)
+    error: Exception | None = None
+
+
+def _messages(
+    response: dict[int, FetchData], key: bytes, *, structure: bool
+) -> list[FetchedMessage]:
+    """The FetchedMessages of a FETCH answer, by UID; a message without ``key`` is left out."""
+    messages = []
+    for uid, data in sorted(response.items()):
+        if key not in data:
+            continue  # expunged by someone else meanwhile
+        messages.append(
+            FetchedMessage(
+                uid=int(uid),
+                data=bytes(data[key] or b""),
+                internaldate=data.get(b"INTERNALDATE"),
+                size=int(data.get(b"RFC822.SIZE", 0)),
+                flags=tuple(_str(f) for f in data.get(b"FLAGS", ())),
+                savedate=_savedate(data.get(b"SAVEDATE")),
+                plan=plan_body(data.get(b"BODYSTRUCTURE")) if structure else None,
+            )
+        )
+    return messages
 
 
 def _close_quietly(client: imapclient.IMAPClient) -> None:
@@ -579,8 +674,7 @@ def _savedate(value: object) -> datetime | None:
     if isinstance(value, datetime):
         return value
     if isinstance(value, bytes) and value not in (b"NIL", b""):
-        with contextlib.suppress(ValueError):
-            return parse_to_datetime(value, normalise=False)  # type: ignore[no-any-return]
+        return internaldate(value)
     return None
 
 

@@ -1,0 +1,318 @@
+"""The lean UID FETCH reader (imap/fetch.py) on real Dovecot: imapclient's answers and errors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import imapclient
+import pytest
+from imapclient.response_types import BodyData
+
+from emailsync.config import load_settings
+from emailsync.devserver import Dovecot
+from emailsync.errors import ConnectionLostError, MailboxError
+from emailsync.filing import Filer
+from emailsync.imap.fetch import uid_fetch, uid_move
+from emailsync.imap.session import ImapSession
+from emailsync.imap.translate import translated
+from emailsync.store import open_store
+
+from .faultproxy import FaultProxy
+from .mailenv import MailUser, new_user, write_config
+from .test_filing import opened
+
+pytestmark = pytest.mark.dovecot
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+ITEMS = [
+    b"BODY.PEEK[HEADER]",
+    b"INTERNALDATE",
+    b"RFC822.SIZE",
+    b"FLAGS",
+    b"SAVEDATE",
+    b"BODYSTRUCTURE",
+    b"BODY.PEEK[1]<0.200>",
+]
+
+
+def message(number: int) -> bytes:
+    msg = EmailMessage()
+    msg["From"] = f"Client {number} <c{number}@clients.example>"
+    msg["To"] = "agent@example.com"
+    msg["Subject"] = f'Quote "{number}" \\ (draft)'
+    msg.set_content(f"Body {number}\n" * 20)
+    msg.add_attachment(b"%PDF" * 100, maintype="application", subtype="pdf", filename="q.pdf")
+    return msg.as_bytes()
+
+
+@pytest.fixture(scope="module")
+def filled(dovecot: Dovecot) -> MailUser:
+    """A mailbox whose INBOX holds the sample messages and a few multipart ones."""
+    user = new_user(dovecot)
+    with user.client() as client:
+        samples = [p.read_bytes() for p in sorted(DATA.glob("*.eml"))]
+        for raw in [s for s in samples if s] + [message(n) for n in range(5)]:
+            client.append("INBOX", raw, flags=[b"$Seen-By-Test"])
+    return user
+
+
+def selected(user: MailUser, port: int | None = None, timeout: float = 10) -> imapclient.IMAPClient:
+    client = imapclient.IMAPClient(
+        user.server.host, port=port or user.server.port, ssl=False, timeout=timeout
+    )
+    client.login(user.address, user.password)
+    client.normalise_times = False  # as ImapSession sets it
+    client.select_folder("INBOX")
+    return client
+
+
+def as_imapclient_gives(response: dict[int, dict[bytes, Any]]) -> dict[int, dict[bytes, Any]]:
+    return {
+        uid: {k: BodyData.create(v) if k == b"BODYSTRUCTURE" else v for k, v in data.items()}
+        for uid, data in response.items()
+    }
+
+
+def test_answers_are_imapclient_s_and_the_connection_stays_in_step(filled: MailUser) -> None:
+    with selected(filled) as client:
+        uids = sorted(client.search(["ALL"]))
+        assert len(uids) > 10
+        mine = uid_fetch(client._imap, uids, ITEMS)
+        theirs = client.fetch(uids, ITEMS)
+        assert as_imapclient_gives(mine) == theirs
+        assert all(b"BODY[HEADER]" in d and b"BODYSTRUCTURE" in d for d in mine.values())
+        # imapclient goes on over the same connection: tags and untagged store stay consistent.
+        assert client.noop()[0]
+        assert uid_fetch(client._imap, uids[:2], [b"RFC822.SIZE"]) == {
+            uid: {b"SEQ": data[b"SEQ"], b"RFC822.SIZE": data[b"RFC822.SIZE"]}
+            for uid, data in theirs.items()
+            if uid in uids[:2]
+        }
+        assert uid_fetch(client._imap, [max(uids) + 100], [b"FLAGS"]) == {}
+        assert not client._imap.tagged_commands  # no tag left waiting
+
+
+def test_unsolicited_updates_in_the_middle_are_stored_or_skipped(dovecot: Dovecot) -> None:
+    user = new_user(dovecot)
+    with user.client() as other:
+        for n in range(4):
+            other.append("INBOX", message(n))
+    with selected(user) as client, user.client() as other:
+        uids = sorted(client.search(["ALL"]))
+        other.select_folder("INBOX")
+        # Another client files one away, flags one and delivers one while we look at them:
+        # Dovecot tells us with EXPUNGE, FETCH (FLAGS) and EXISTS in our UID FETCH's answer.
+        other.add_flags([uids[0]], [b"\\Flagged"])
+        other.delete_messages([uids[1]])
+        other.expunge()
+        other.append("INBOX", message(9))
+        got = uid_fetch(client._imap, uids, [b"RFC822.SIZE", b"BODY.PEEK[HEADER]"])
+        untagged = client._imap.untagged_responses
+        expunged = untagged.get("EXPUNGE")
+        exists = untagged.get("EXISTS")
+        assert client.noop()[0]  # still in step
+    assert sorted(got) == uids
+    # Dovecot still answers for the expunged one, with NIL: the session files nothing of it.
+    assert got[uids[1]][b"BODY[HEADER]"] is None
+    for uid in (uids[0], *uids[2:]):
+        assert got[uid][b"BODY[HEADER]"].startswith(b"From: Client")
+    # Its FLAGS update carries no UID, so it names no message of ours and is skipped.
+    assert b"FLAGS" not in got[uids[0]]
+    assert expunged == [b"2"]  # stored where imaplib stores it
+    assert exists is not None
+    assert exists[-1] == b"4"
+
+
+def fetch_error(
+    client: imapclient.IMAPClient, fetch: Callable[[], object]
+) -> tuple[type[MailboxError], str, str] | None:
+    """What ``translated`` makes of a FETCH's failure: error type, kind and text.
+
+    The connection's random tag prefix (imaplib) is taken out of the text.
+    """
+    try:
+        with translated("fetch"):
+            fetch()
+    except MailboxError as exc:
+        text = str(exc).replace(client._imap.tagpre.decode(), "TAG")
+        return type(exc), getattr(exc, "kind", ""), text
+    return None
+
+
+@pytest.mark.parametrize(
+    ("arm", "alive"),
+    [
+        pytest.param(lambda p: p.answer_on("UID FETCH", "NO [SERVERBUG] no way"), True, id="NO"),
+        pytest.param(lambda p: p.answer_on("UID FETCH", "BAD [PARSE] what?"), True, id="BAD"),
+        pytest.param(lambda p: p.answer_on("UID FETCH", "garbage"), False, id="garbage"),
+        pytest.param(
+            lambda p: p.answer_on("UID FETCH", "BYE shutting down"), True, id="tagged_BYE"
+        ),
+        pytest.param(lambda p: p.drop_on("UID FETCH"), False, id="EOF"),
+        pytest.param(lambda p: p.reset_on("UID FETCH", after_bytes=300), False, id="reset"),
+        pytest.param(lambda p: p.stall_on("UID FETCH"), False, id="timeout"),
+    ],
+)
+def test_failures_translate_as_imapclient_s_do(
+    filled: MailUser, fault_proxy: FaultProxy, arm: Callable[[FaultProxy], None], alive: bool
+) -> None:
+    errors = []
+    for reader in ("imapclient", "lean"):
+        with selected(filled, port=fault_proxy.port, timeout=1.5) as client:
+            uids = sorted(client.search(["ALL"]))
+            arm(fault_proxy)
+            if reader == "lean":
+                error = fetch_error(client, lambda: uid_fetch(client._imap, uids, ITEMS))  # noqa: B023
+            else:
+                error = fetch_error(client, lambda: client.fetch(uids, ITEMS))  # noqa: B023
+            fault_proxy.clear()
+            errors.append(error)
+            if alive:  # a refusal leaves the connection in step: the next FETCH works
+                assert uid_fetch(client._imap, uids[:1], [b"FLAGS"])
+    assert errors[0] is not None
+    assert errors[1] == errors[0]
+
+
+@pytest.fixture
+def proxied(
+    dovecot: Dovecot, fault_proxy: FaultProxy, tmp_path: Path
+) -> Iterator[tuple[ImapSession, list[int]]]:
+    """An ImapSession through the fault proxy, with six messages in its Queue."""
+    user = new_user(dovecot)
+    config = write_config(tmp_path, [user], ports={dovecot.port: fault_proxy.port})
+    with opened(load_settings(config), user.address) as session:
+        with user.client() as client:
+            for number in range(6):
+                client.append(session.queue_name, message(number))
+        session.select_queue()
+        yield session, session.queue_uids()
+
+
+def test_headers_sent_ahead_are_read_by_the_next_use_and_given_once(
+    proxied: tuple[ImapSession, list[int]], fault_proxy: FaultProxy
+) -> None:
+    session, uids = proxied
+    expected = session.fetch_headers(uids[:4])
+    sent = fault_proxy.commands("UID FETCH")
+    session.prefetch_headers(uids[:4])
+    assert session.queue_uids() == uids  # another command first: it reads the answer ahead
+    assert fault_proxy.commands("UID FETCH") == sent + 1  # (the proxy has seen it by now)
+    assert session.fetch_headers(uids[:4]) == expected
+    assert fault_proxy.commands("UID FETCH") == sent + 1  # not asked again
+    assert session.fetch_headers(uids[:4]) == expected  # given once: this one asks again
+    assert fault_proxy.commands("UID FETCH") == sent + 2
+    # Sent ahead for other UIDs than asked for: dropped, and the asked ones fetched.
+    session.prefetch_headers(uids[4:6])
+    assert session.fetch_headers(uids[:4]) == expected
+    assert fault_proxy.commands("UID FETCH") == sent + 4
+    assert session.fetch_headers(uids[4:6]) == session.fetch_headers(uids[4:6])
+
+
+def test_a_refusal_of_headers_sent_ahead_is_raised_by_fetch_headers_only(
+    proxied: tuple[ImapSession, list[int]], fault_proxy: FaultProxy
+) -> None:
+    session, uids = proxied
+    fault_proxy.answer_on("UID FETCH", "NO [SERVERBUG] not now")
+    session.prefetch_headers(uids[:3])
+    assert session.queue_uids() == uids  # unharmed by the refusal it read first
+    with pytest.raises(ConnectionLostError) as refused:
+        session.fetch_headers(uids[:3])
+    assert refused.value.kind == "protocol"
+    assert "SERVERBUG" in str(refused.value)
+    assert len(session.fetch_headers(uids[:3])) == 3  # asked again: answered
+
+
+@pytest.mark.parametrize(
+    ("arm", "alive"),
+    [
+        pytest.param(lambda p: p.answer_on("UID MOVE", "NO [SERVERBUG] no way"), True, id="NO"),
+        pytest.param(lambda p: p.answer_on("UID MOVE", "NO [TRYCREATE] where?"), True, id="gone"),
+        pytest.param(lambda p: p.answer_on("UID MOVE", "BAD [PARSE] what?"), True, id="BAD"),
+        pytest.param(lambda p: p.answer_on("UID MOVE", "garbage"), False, id="garbage"),
+        pytest.param(lambda p: p.drop_on("UID MOVE"), False, id="EOF"),
+        pytest.param(lambda p: p.stall_on("UID MOVE"), False, id="timeout"),
+    ],
+)
+def test_move_failures_translate_as_imapclient_s_do(
+    dovecot: Dovecot, fault_proxy: FaultProxy, arm: Callable[[FaultProxy], None], alive: bool
+) -> None:
+    user = new_user(dovecot)
+    with user.client() as client:
+        client.create_folder("Done")
+        for number in range(4):
+            client.append("INBOX", message(number))
+    errors = []
+    for reader in ("imapclient", "lean"):
+        with selected(user, port=fault_proxy.port, timeout=1.5) as client:
+            uids = sorted(client.search(["ALL"]))[:2]
+            arm(fault_proxy)
+            if reader == "lean":
+                error = fetch_error(client, lambda: uid_move(client._imap, uids, b'"Done"'))  # noqa: B023
+            else:
+                error = fetch_error(client, lambda: client.move(uids, "Done"))  # noqa: B023
+            fault_proxy.clear()
+            errors.append(error)
+            if alive:
+                assert client.noop()[0]
+    assert errors[0] is not None
+    assert errors[1] == errors[0]
+
+
+def test_a_move_files_the_messages_and_keeps_the_connection_in_step(dovecot: Dovecot) -> None:
+    user = new_user(dovecot)
+    with user.client() as client:
+        client.create_folder("Done")
+        for number in range(5):
+            client.append("INBOX", message(number))
+    with selected(user) as client:
+        uids = sorted(client.search(["ALL"]))
+        uid_move(client._imap, [uids[0], *uids[2:4]], b'"Done"')
+        assert sorted(client._imap.untagged_responses["EXPUNGE"]) == [b"1", b"3", b"4"]
+        assert sorted(client.search(["ALL"])) == [uids[1], uids[4]]
+        assert not client._imap.tagged_commands
+        client.select_folder("Done")
+        assert len(client.search(["ALL"])) == 3
+
+
+def test_a_pass_asks_one_header_and_one_text_fetch_per_batch_of_linked_mail(
+    dovecot: Dovecot, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    user = new_user(dovecot)
+    config = write_config(tmp_path, [user], ports={dovecot.port: fault_proxy.port})
+    settings = load_settings(config)
+    store = open_store(settings.store_url, settings.daemon.state_dir)
+    store.add_group("Clients", [f"c{n}@clients.example" for n in range(7)])
+    with opened(settings, user.address) as session:
+        with user.client() as client:
+            for number in range(7):
+                client.append(session.queue_name, message(number))
+        filer = Filer(settings.mailbox(user.address), store, batch_size=3)
+        before = fault_proxy.commands("UID FETCH")
+        result = filer.run_pass(session)
+    assert result.new_events == 7  # all linked: every batch fetches its text parts
+    # Batches of 3, 3 and 1: a header FETCH (BODYSTRUCTURE included) and a text FETCH
+    # each; no FETCH of the structures on their own.
+    assert fault_proxy.commands("UID FETCH") - before == 6
+    assert fault_proxy.commands(r"UID FETCH \S+ \(BODYSTRUCTURE\)") == 0
+    assert fault_proxy.commands(r"UID FETCH \S+ \(BODY\.PEEK\[HEADER\].*BODYSTRUCTURE") == 3
+    # The next batch's headers are asked for before this batch's text parts and MOVEs.
+    (connection,) = [c for c in fault_proxy.connections if c.logins]
+    kinds = [
+        "headers" if "BODY.PEEK[HEADER]" in line else "text" if "FETCH" in line else "move"
+        for line in (line.split(" ", 1)[1] for line in connection.commands)
+        if line.startswith(("UID FETCH", "UID MOVE"))
+    ]
+    assert kinds == [
+        "headers",
+        "headers",
+        "text",
+        "move",
+        "headers",
+        "text",
+        "move",
+        "text",
+        "move",
+    ]
