@@ -1,4 +1,5 @@
-"""Issue 10: a mailbox whose Queue is empty at login goes from SELECT to IDLE, no pass between.
+"""Issue 10, per-mailbox cost: a small read buffer per connection, and a mailbox whose Queue
+is empty at login going from SELECT to IDLE with no pass between.
 
 Dovecot logs every finished command here (``log_debug = event=imap_command_finished``), so
 the test reads what each daemon session said; a second mailbox with mail queued before the
@@ -8,6 +9,7 @@ start shows that the same log does record a pass's SEARCH.
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,8 +17,9 @@ import pytest
 
 from emailsync import cli
 from emailsync.devserver import Dovecot, DovecotOptions
+from emailsync.imap.session import READ_BUFFER_BYTES
 
-from .conftest import MailUser, new_user, write_config
+from .conftest import MailUser, new_user, settings_for, write_config
 from .daemonproc import DaemonFactory, RunningDaemon, wait_until
 from .mailenv import session_log
 from .test_daemon import imap_pids
@@ -79,3 +82,27 @@ def test_an_empty_queue_goes_from_select_to_idle(
     assert "SEARCH" not in before_idle, session(empty)
     assert before_idle.count("SELECT") == 1, session(empty)
     assert len(before_idle) < session(busy).index("IDLE"), (session(empty), session(busy))
+
+
+def test_a_session_reads_through_a_small_buffer_and_still_files_big_mail(
+    user: MailUser, daemons: DaemonFactory, tmp_path: Path
+) -> None:
+    """The reader after login is READ_BUFFER_BYTES, not imaplib's 8 KiB; a message with a
+    header line and a body many times that size is filed whole through it."""
+    settings = settings_for(tmp_path, [user])
+    with cli.session_for(settings, user.address) as session:
+        reader = session.client._imap.file
+        # A BufferedReader's size includes its buffer (CPython's buffered_sizeof).
+        assert sys.getsizeof(reader) < READ_BUFFER_BYTES + 1024 < 8192
+        session.ensure_folders()
+        assert session.select_queue() == 0
+    long_cc = ", ".join(f"someone{n}@else.example" for n in range(120))  # one ~3 KB header
+    body = "A long letter.\n" * 20_000  # ~300 KB
+    queue(
+        user,
+        build_message("john@clients.example", user.address, "big one", cc=long_cc, body=body),
+    )
+    daemon = daemons.start([user], groups={"Smith": ["john@clients.example"]})
+    wait_until(lambda: "big one" in folder_subjects(user, "Received"), 20)
+    assert daemon.metric("emailsync_messages_received_total", mailbox=user.address) == 1
+    assert daemon.metric("emailsync_timeline_events_total", mailbox=user.address) == 1
