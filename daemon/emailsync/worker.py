@@ -32,7 +32,9 @@ a mere login, so a failure right after login cannot turn into a reconnect every 
 Triggers (Start Sync, sweep, …) are consumed from the ``Wakeup`` when they are acted on. One
 that arrives while the worker is not connected is owed to the first pass after the next
 login; that login serves every trigger asked for before it (and while it was in flight), so
-a burst of Start Syncs never becomes a burst of logins.
+a burst of Start Syncs never becomes a burst of logins. The startup pass of a Queue that is
+empty at login (EXISTS 0 on the SELECT) is served without a command: the worker goes
+straight to IDLE (issue 10); every other trigger gets a real pass.
 
 ``trigger = "manual"`` mailboxes keep IDLE for queue depth but file only on Start Sync.
 A server without IDLE is polled every ``poll_seconds``.
