@@ -194,6 +194,18 @@ def limit_malloc_arenas(count: int = MALLOC_ARENAS) -> bool:
         return False
 
 
+def trim_malloc() -> bool:
+    """Give glibc's free heap pages back to the system (malloc_trim(3)); False where not glibc.
+
+    A /metrics scrape of 2,000 mailboxes allocates ~30 MB of short-lived samples and text;
+    freed, most of it would stay in the process's RSS (issue 10).
+    """
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 def connect_gate(limit: int) -> threading.BoundedSemaphore:
     """The process-wide semaphore that bounds connects in flight to ``limit`` (issue 10).
 
