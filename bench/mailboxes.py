@@ -204,3 +204,42 @@ security = "none"
 allow_insecure = true
 
 {chr(10).join(mailboxes)}"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Only this row: ``python bench/mailboxes.py N`` (bare threads, then emailsync, once each)."""
+    import argparse  # noqa: PLC0415 -- only the command line needs it
+    import json  # noqa: PLC0415
+    import random  # noqa: PLC0415
+
+    from corpus import Directory  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("mailboxes", type=int)
+    parser.add_argument("--no-bare", action="store_true", help="skip the bare threads")
+    args = parser.parse_args(argv)
+    count = args.mailboxes
+    directory = Directory.build(random.Random(1))  # noqa: S311 -- test data
+    with Testbed(directory) as testbed, inotify_instances(2 * count + 512):
+        users = make_users(testbed, count)
+        emailsync_run(testbed, users)  # not timed: the first start creates every folder tree
+        figures = {}
+        if not args.no_bare:
+            figures["bare"] = bare_threads(testbed, users).__dict__
+        figures["emailsync"] = emailsync_run(testbed, users).__dict__
+    for name, f in figures.items():
+        print(
+            f"{name}: {f['mailboxes']} mailboxes, start {f['start_seconds']:.1f} s,"
+            f" RSS {f['rss_bytes'] / 2**20:.1f} MB"
+            f" ({f['rss_bytes'] / 1024 / f['mailboxes']:.1f} KB each),"
+            f" rest CPU {100 * f['rest_cpu_share']:.2f} %"
+        )
+    if "bare" in figures:
+        ratio = figures["emailsync"]["start_seconds"] / figures["bare"]["start_seconds"]
+        print(f"start ratio {ratio:.2f}")
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

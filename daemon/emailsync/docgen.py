@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.metrics import MetricWrapperBase
 
 from emailsync import config
 from emailsync.errors import ConfigError
@@ -359,11 +358,10 @@ def metrics_reference(alerts_file: Path) -> str:
         "| metric | type | labels | meaning |",
         "|---|---|---|---|",
     ]
-    for metric in _metric_objects(metrics):
-        name = metric._name  # reason: prometheus_client keeps these on the wrapper only
-        suffix = "_total" if metric._type == "counter" else ""
-        labels = ", ".join(f"`{label}`" for label in metric._labelnames) or "—"
-        lines.append(f"| `{name}{suffix}` | {metric._type} | {labels} | {metric._documentation} |")
+    for name, kind, labelnames, documentation in metrics.reference():
+        suffix = "_total" if kind == "counter" else ""
+        labels = ", ".join(f"`{label}`" for label in labelnames) or "—"
+        lines.append(f"| `{name}{suffix}` | {kind} | {labels} | {documentation} |")
     lines += [
         "",
         "## Alerts",
@@ -388,12 +386,6 @@ def metrics_reference(alerts_file: Path) -> str:
             f"**Runbook.** {_clean(annotations.get('description', ''))}",
         ]
     return "\n".join(lines) + "\n"
-
-
-def _metric_objects(metrics: Metrics) -> Iterator[Any]:
-    for value in vars(metrics).values():
-        if isinstance(value, MetricWrapperBase):
-            yield value
 
 
 def _alerts(path: Path) -> list[dict[str, Any]]:

@@ -183,6 +183,11 @@ class Filer:
         """
         self._release.set()
 
+    @property
+    def release_requested(self) -> bool:
+        """True while a ``release_stuck()`` waits for the next pass."""
+        return self._release.is_set()
+
     def run_pass(
         self,
         session: QueueSession,

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
+import bisect
+import math
+import threading
+import time
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import metrics as prometheus_metrics
+from prometheus_client.metrics_core import Metric
+from prometheus_client.utils import floatToGoString
 
 from emailsync import __version__
 
@@ -17,182 +24,362 @@ LATENCY_BUCKETS_SECONDS = (0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30, 60, 30
 PASS_BUCKETS_SECONDS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 
+# The per-mailbox families, in the order they are exposed: (name, type, help, extra label).
+# One registered collector yields them from a small record per mailbox (``MailboxSeries``):
+# a prometheus_client label child per series (30-odd a mailbox, each with its own lock and
+# value objects) cost ~20 KB a mailbox, 40 MB at 2,000 mailboxes (issue 10).
+_FAMILIES: tuple[tuple[str, str, str, str | None], ...] = (
+    ("messages_synced", "counter", "Outbound messages filed to Sent with events.", None),
+    ("messages_received", "counter", "Inbound messages filed to Received with events.", None),
+    ("messages_failed", "counter", "Messages filed to Failed, by reason.", "reason"),
+    ("timeline_events", "counter", "Timeline events recorded (new ones, not de-duplicated).", None),
+    ("sync_passes", "counter", "Sync passes run, by what triggered them.", "trigger"),
+    ("sync_pass_seconds", "histogram", "Duration of a sync pass.", None),
+    ("filing_latency_seconds", "", "", None),  # unlabelled: a plain Histogram
+    ("queue_messages", "gauge", "Messages waiting in Queue.", None),
+    (
+        "messages_stuck",
+        "gauge",
+        "Messages quarantined in Queue (keyword $EmailSyncStuck) after repeated refusals.",
+        None,
+    ),
+    (
+        "queue_oldest_message_age_seconds",
+        "gauge",
+        "Age of the oldest message waiting in Queue (0 when it is empty).",
+        None,
+    ),
+    ("mailbox_state", "gauge", "1 for the mailbox's current state.", "state"),
+    ("last_sync_timestamp_seconds", "gauge", "End of the last successful sync pass.", None),
+    ("connection_errors", "counter", "Connection errors, by kind.", "kind"),
+    ("auth_failures", "counter", "Failed logins.", None),
+    ("token_expiry_timestamp_seconds", "gauge", "Office 365 access-token expiry.", None),
+    ("client_secret_expiry_timestamp_seconds", "", "", None),  # unlabelled: a plain Gauge
+    ("build_info", "", "", None),  # a plain Gauge
+)
+_PASS_BOUNDS = (*PASS_BUCKETS_SECONDS, math.inf)
+# The ``le`` label as prometheus_client writes it (Go's float format: 0.01, 2.5, +Inf).
+_PASS_LE = tuple(
+    floatToGoString(bound)  # type: ignore[no-untyped-call]  # untyped in prometheus_client
+    for bound in _PASS_BOUNDS
+)
+
+
+class MailboxSeries:
+    """One mailbox's series as plain numbers; every method is safe to call from any thread.
+
+    Counters are ints or floats, the state is an index into STATES, and the series created
+    only when first set (the pass histogram, last sync, token expiry) are None until then.
+    A record that ``forget_mailbox`` dropped takes updates but is no longer exposed, so a
+    worker still ending cannot bring a removed mailbox's series back.
+    """
+
+    __slots__ = (
+        "_lock",
+        "auth_failures",
+        "connection_errors",
+        "created",
+        "extra",
+        "failed",
+        "last_sync",
+        "oldest_age",
+        "pass_buckets",
+        "pass_created",
+        "pass_sum",
+        "passes",
+        "queue",
+        "received",
+        "state",
+        "stuck",
+        "synced",
+        "timeline",
+        "token_expiry",
+    )
+
+    def __init__(self, lock: threading.Lock, created: float) -> None:
+        self._lock = lock
+        self.created = created
+        self.synced: float = 0
+        self.received: float = 0
+        self.failed: list[float] = [0] * len(FAIL_REASONS)
+        self.timeline: float = 0
+        self.passes: list[float] = [0] * len(TRIGGERS)
+        self.pass_buckets: list[int] | None = None  # per bucket, not cumulative
+        self.pass_sum = 0.0
+        self.pass_created = 0.0
+        self.queue: float = 0
+        self.stuck: float = 0
+        self.oldest_age: float = 0
+        self.state: int | None = None  # index into STATES; -1: none of them; None: not set
+        self.last_sync: float | None = None
+        self.connection_errors: list[float] = [0] * len(CONNECTION_ERROR_KINDS)
+        self.auth_failures: float = 0
+        self.token_expiry: float | None = None
+        # Label values outside the known tuples: (family, value) -> [value, created].
+        self.extra: dict[tuple[str, str], list[float]] | None = None
+
+    def filed(self, outcome: str) -> None:
+        """Count one filed message: ``sent``, ``received`` or a Failed reason."""
+        with self._lock:
+            if outcome == "sent":
+                self.synced += 1
+            elif outcome == "received":
+                self.received += 1
+            else:
+                self._inc(self.failed, FAIL_REASONS, "messages_failed", outcome, 1)
+
+    def timeline_events(self, count: float) -> None:
+        """Count timeline events the store took as new."""
+        with self._lock:
+            self.timeline += count
+
+    def pass_done(self, trigger: str, seconds: float, now: float) -> None:
+        """Count a completed pass, observe its duration and set the last-sync time."""
+        with self._lock:
+            self._inc(self.passes, TRIGGERS, "sync_passes", trigger, 1)
+            if self.pass_buckets is None:
+                self.pass_buckets = [0] * len(_PASS_BOUNDS)
+                self.pass_created = time.time()
+            self.pass_buckets[bisect.bisect_left(_PASS_BOUNDS, seconds)] += 1
+            self.pass_sum += seconds
+            self.last_sync = float(now)
+
+    def connection_error(self, kind: str) -> None:
+        """Count a lost or refused connection by kind."""
+        with self._lock:
+            self._inc(self.connection_errors, CONNECTION_ERROR_KINDS, "connection_errors", kind, 1)
+
+    def auth_failure(self) -> None:
+        """Count a refused login."""
+        with self._lock:
+            self.auth_failures += 1
+
+    def set_queue(self, depth: float) -> None:
+        """Messages waiting in Queue."""
+        self.queue = depth
+
+    def set_stuck(self, count: float) -> None:
+        """Messages quarantined in Queue."""
+        self.stuck = count
+
+    def set_oldest_age(self, seconds: float) -> None:
+        """Age of the oldest waiting message."""
+        self.oldest_age = seconds
+
+    def set_token_expiry(self, timestamp: float) -> None:
+        """The access token's expiry."""
+        self.token_expiry = float(timestamp)
+
+    def set_state(self, state: str) -> None:
+        """The current state (1 for it, 0 for the others; all 0 for a state not in STATES)."""
+        self.state = STATES.index(state) if state in STATES else -1
+
+    def _inc(
+        self, values: list[float], known: tuple[str, ...], family: str, label: str, amount: float
+    ) -> None:
+        # Under self._lock.
+        if label in known:
+            values[known.index(label)] += amount
+            return
+        if self.extra is None:
+            self.extra = {}
+        entry = self.extra.setdefault((family, label), [0, time.time()])
+        entry[0] += amount
+
+    def copy(self) -> MailboxSeries:
+        """A consistent copy of the numbers (taken under the lock)."""
+        other = MailboxSeries.__new__(MailboxSeries)
+        with self._lock:
+            for name in MailboxSeries.__slots__:
+                value = getattr(self, name)
+                setattr(other, name, value.copy() if isinstance(value, list) else value)
+            if self.extra is not None:
+                other.extra = {key: list(entry) for key, entry in self.extra.items()}
+        return other
+
+
 class Metrics:
-    """The daemon's metrics (prefix ``emailsync_``; label ``mailbox`` is the address)."""
+    """The daemon's metrics (prefix ``emailsync_``; label ``mailbox`` is the address).
+
+    The per-mailbox families come from ``collect()`` (this object is the registered
+    collector); the unlabelled ones are plain prometheus_client metrics it yields in place.
+    """
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self._lock = threading.Lock()
+        self._mailboxes: dict[str, MailboxSeries] = {}
         ns = "emailsync"
-        self.messages_synced = Counter(
-            "messages_synced",
-            "Outbound messages filed to Sent with events.",
-            ["mailbox"],
-            namespace=ns,
-            registry=registry,
-        )
-        self.messages_received = Counter(
-            "messages_received",
-            "Inbound messages filed to Received with events.",
-            ["mailbox"],
-            namespace=ns,
-            registry=registry,
-        )
-        self.messages_failed = Counter(
-            "messages_failed",
-            "Messages filed to Failed, by reason.",
-            ["mailbox", "reason"],
-            namespace=ns,
-            registry=registry,
-        )
-        self.timeline_events = Counter(
-            "timeline_events",
-            "Timeline events recorded (new ones, not de-duplicated).",
-            ["mailbox"],
-            namespace=ns,
-            registry=registry,
-        )
-        self.sync_passes = Counter(
-            "sync_passes",
-            "Sync passes run, by what triggered them.",
-            ["mailbox", "trigger"],
-            namespace=ns,
-            registry=registry,
-        )
-        self.sync_pass_seconds = Histogram(
-            "sync_pass_seconds",
-            "Duration of a sync pass.",
-            ["mailbox"],
-            buckets=PASS_BUCKETS_SECONDS,
-            namespace=ns,
-            registry=registry,
-        )
         self.filing_latency_seconds = Histogram(
             "filing_latency_seconds",
             "Time from a message landing in Queue to it being filed.",
             buckets=LATENCY_BUCKETS_SECONDS,
             namespace=ns,
-            registry=registry,
-        )
-        self.queue_messages = Gauge(
-            "queue_messages",
-            "Messages waiting in Queue.",
-            ["mailbox"],
-            namespace=ns,
-            registry=registry,
-        )
-        self.messages_stuck = Gauge(
-            "messages_stuck",
-            "Messages quarantined in Queue (keyword $EmailSyncStuck) after repeated refusals.",
-            ["mailbox"],
-            namespace=ns,
-            registry=registry,
-        )
-        self.queue_oldest_age = Gauge(
-            "queue_oldest_message_age_seconds",
-            "Age of the oldest message waiting in Queue (0 when it is empty).",
-            ["mailbox"],
-            namespace=ns,
-            registry=registry,
-        )
-        self.mailbox_state = Gauge(
-            "mailbox_state",
-            "1 for the mailbox's current state.",
-            ["mailbox", "state"],
-            namespace=ns,
-            registry=registry,
-        )
-        self.last_sync = Gauge(
-            "last_sync_timestamp_seconds",
-            "End of the last successful sync pass.",
-            ["mailbox"],
-            namespace=ns,
-            registry=registry,
-        )
-        self.connection_errors = Counter(
-            "connection_errors",
-            "Connection errors, by kind.",
-            ["mailbox", "kind"],
-            namespace=ns,
-            registry=registry,
-        )
-        self.auth_failures = Counter(
-            "auth_failures",
-            "Failed logins.",
-            ["mailbox"],
-            namespace=ns,
-            registry=registry,
-        )
-        self.token_expiry = Gauge(
-            "token_expiry_timestamp_seconds",
-            "Office 365 access-token expiry.",
-            ["mailbox"],
-            namespace=ns,
-            registry=registry,
+            registry=None,
         )
         self.client_secret_expiry = Gauge(
             "client_secret_expiry_timestamp_seconds",
             "Configured expiry of the Office 365 client secret.",
             namespace=ns,
-            registry=registry,
+            registry=None,
         )
         self.build_info = Gauge(
             "build_info",
             "Always 1; the version label says which build runs.",
             ["version"],
             namespace=ns,
-            registry=registry,
+            registry=None,
         )
         self.build_info.labels(version=__version__).set(1)
+        self._plain: dict[str, Histogram | Gauge] = {
+            "filing_latency_seconds": self.filing_latency_seconds,
+            "client_secret_expiry_timestamp_seconds": self.client_secret_expiry,
+            "build_info": self.build_info,
+        }
+        registry.register(self)
 
-    def init_mailbox(self, mailbox: str) -> None:
-        """Create every labelled series of a mailbox at 0, so rates and alerts see them."""
-        self.messages_synced.labels(mailbox=mailbox)
-        self.messages_received.labels(mailbox=mailbox)
-        for reason in FAIL_REASONS:
-            self.messages_failed.labels(mailbox=mailbox, reason=reason)
-        self.timeline_events.labels(mailbox=mailbox)
-        for trigger in TRIGGERS:
-            self.sync_passes.labels(mailbox=mailbox, trigger=trigger)
-        for kind in CONNECTION_ERROR_KINDS:
-            self.connection_errors.labels(mailbox=mailbox, kind=kind)
-        self.auth_failures.labels(mailbox=mailbox)
-        self.queue_messages.labels(mailbox=mailbox).set(0)
-        self.queue_oldest_age.labels(mailbox=mailbox).set(0)
-        self.messages_stuck.labels(mailbox=mailbox).set(0)
+    def init_mailbox(self, mailbox: str) -> MailboxSeries:
+        """Create every labelled series of a mailbox at 0, so rates and alerts see them.
+
+        Called again for a known mailbox, it keeps the counters and sets the queue gauges
+        to 0. Returns the mailbox's record, which the worker's report updates.
+        """
+        with self._lock:
+            series = self._mailboxes.get(mailbox)
+            if series is None:
+                series = self._mailboxes[mailbox] = MailboxSeries(self._lock, time.time())
+            series.queue = series.oldest_age = series.stuck = 0
+            return series
 
     def set_state(self, mailbox: str, state: str) -> None:
-        """Set the state gauge: 1 for ``state``, 0 for the others."""
-        for name in STATES:
-            self.mailbox_state.labels(mailbox=mailbox, state=name).set(1 if name == state else 0)
+        """Set the state gauge: 1 for ``state``, 0 for the others (a known mailbox only)."""
+        series = self._mailboxes.get(mailbox)
+        if series is not None:
+            series.set_state(state)
 
     def forget_mailbox(self, mailbox: str) -> None:
         """Remove a mailbox's series (it was taken out of the config)."""
-        for metric in (
-            self.messages_synced,
-            self.messages_received,
-            self.timeline_events,
-            self.sync_pass_seconds,
-            self.queue_messages,
-            self.queue_oldest_age,
-            self.messages_stuck,
-            self.last_sync,
-            self.auth_failures,
-            self.token_expiry,
-        ):
-            _remove(metric, mailbox)
-        for reason in FAIL_REASONS:
-            _remove(self.messages_failed, mailbox, reason)
-        for trigger in TRIGGERS:
-            _remove(self.sync_passes, mailbox, trigger)
-        for kind in CONNECTION_ERROR_KINDS:
-            _remove(self.connection_errors, mailbox, kind)
-        for state in STATES:
-            _remove(self.mailbox_state, mailbox, state)
+        with self._lock:
+            self._mailboxes.pop(mailbox, None)
+
+    def reference(self) -> list[tuple[str, str, tuple[str, ...], str]]:
+        """Every metric in exposition order: name, type, label names, help (for docgen)."""
+        rows: list[tuple[str, str, tuple[str, ...], str]] = []
+        for name, kind, documentation, label in _FAMILIES:
+            plain = self._plain.get(name)
+            if plain is not None:
+                # reason: prometheus_client keeps these on the wrapper only
+                rows.append(
+                    (plain._name, plain._type, tuple(plain._labelnames), plain._documentation)
+                )
+            else:
+                labels = ("mailbox",) if label is None else ("mailbox", label)
+                rows.append((f"emailsync_{name}", kind, labels, documentation))
+        return rows
+
+    def describe(self) -> list[Metric]:
+        """The families, without samples (the registry checks names with these)."""
+        families: list[Metric] = []
+        for name, kind, documentation, _ in _FAMILIES:
+            plain = self._plain.get(name)
+            if plain is not None:
+                families.extend(plain.describe())
+            else:
+                families.append(Metric(f"emailsync_{name}", documentation, kind))
+        return families
+
+    def collect(self) -> Iterator[Metric]:
+        """Every family with its samples, the same as a label child per series would give.
+
+        One family at a time, as prometheus_client's own metrics do: a scrape of 2,000
+        mailboxes is ~120,000 samples, and holding them all at once doubled its peak memory.
+        """
+        with self._lock:
+            rows = list(self._mailboxes.items())
+        snapshot = [(address, {"mailbox": address}, series.copy()) for address, series in rows]
+        for name, kind, documentation, label in _FAMILIES:
+            plain = self._plain.get(name)
+            if plain is not None:
+                yield from plain.collect()
+                continue
+            family = Metric(f"emailsync_{name}", documentation, kind)
+            for address, one, series in snapshot:
+                _samples(family, name, label, address, one, series)
+            yield family
 
 
-def _remove(metric: Counter | Gauge | Histogram, *labels: str) -> None:
-    with contextlib.suppress(KeyError):  # never created
-        metric.remove(*labels)
+def _samples(  # noqa: PLR0917 -- a private helper of collect(), called in one place
+    family: Metric,
+    name: str,
+    label: str | None,
+    address: str,
+    one: dict[str, str],
+    s: MailboxSeries,
+) -> None:
+    """Add one mailbox's samples of one family, as prometheus_client's children name them.
+
+    ``one`` is the ``{"mailbox": address}`` label set, shared by the samples that have no
+    other label (the exposition only reads it).
+    """
+    full = family.name
+    if name == "sync_pass_seconds":
+        if s.pass_buckets is None:
+            return
+        acc = 0.0
+        for le, count in zip(_PASS_LE, s.pass_buckets, strict=True):
+            acc += count
+            family.add_sample(f"{full}_bucket", {"mailbox": address, "le": le}, acc)
+        family.add_sample(f"{full}_count", one, acc)
+        family.add_sample(f"{full}_sum", one, s.pass_sum)
+        if _use_created():
+            family.add_sample(f"{full}_created", one, s.pass_created)
+        return
+    if label is None:
+        value = {
+            "messages_synced": s.synced,
+            "messages_received": s.received,
+            "timeline_events": s.timeline,
+            "auth_failures": s.auth_failures,
+            "queue_messages": s.queue,
+            "messages_stuck": s.stuck,
+            "queue_oldest_message_age_seconds": s.oldest_age,
+            "last_sync_timestamp_seconds": s.last_sync,
+            "token_expiry_timestamp_seconds": s.token_expiry,
+        }[name]
+        if value is not None:
+            _add(family, one, value, s.created)
+        return
+    if name == "mailbox_state":
+        if s.state is not None:
+            for index, state in enumerate(STATES):
+                family.add_sample(
+                    full, {"mailbox": address, "state": state}, 1.0 if index == s.state else 0.0
+                )
+        return
+    known, values = {
+        "messages_failed": (FAIL_REASONS, s.failed),
+        "sync_passes": (TRIGGERS, s.passes),
+        "connection_errors": (CONNECTION_ERROR_KINDS, s.connection_errors),
+    }[name]
+    for value_label, value in zip(known, values, strict=True):
+        _add(family, {"mailbox": address, label: value_label}, value, s.created)
+    for (extra_family, value_label), (value, created) in (s.extra or {}).items():
+        if extra_family == name:
+            _add(family, {"mailbox": address, label: value_label}, value, created)
+
+
+def _add(family: Metric, labels: dict[str, str], value: float, created: float) -> None:
+    if family.type == "counter":
+        family.add_sample(f"{family.name}_total", labels, float(value))
+        if _use_created():
+            family.add_sample(f"{family.name}_created", labels, created)
+    else:
+        family.add_sample(family.name, labels, float(value))
+
+
+def _use_created() -> bool:
+    # prometheus_client's switch (PROMETHEUS_DISABLE_CREATED_SERIES, disable_created_metrics()).
+    return bool(prometheus_metrics._use_created)  # the library's own switch
 
 
 class ClusterMetrics:

@@ -61,8 +61,8 @@ class WorkerReport:
         self._status = WorkerStatus(address, State.CONNECTING.value, trigger)
         self._oldest_queued: datetime | None = None
         self._recent: deque[dict[str, str | None]] = deque(maxlen=RECENT_OUTCOMES)
-        metrics.init_mailbox(address)
-        metrics.set_state(address, State.CONNECTING.value)
+        self.series = metrics.init_mailbox(address)
+        self.series.set_state(State.CONNECTING.value)
 
     def snapshot(self) -> WorkerStatus:
         """A copy of the current status, safe to serialise from any thread."""
@@ -74,7 +74,7 @@ class WorkerReport:
         if state is not self.state:
             self.log.info("state", state=state.value)
         self.state = state
-        self.metrics.set_state(self.address, state.value)
+        self.series.set_state(state.value)
         with self._lock:
             self._status.state = state.value
             if error is not None:
@@ -93,37 +93,28 @@ class WorkerReport:
 
     def auth_failed(self) -> None:
         """Count a refused login."""
-        self.metrics.auth_failures.labels(mailbox=self.address).inc()
+        self.series.auth_failure()
 
     def connection_error(self, kind: str) -> None:
         """Count a lost or refused connection by kind (timeout, refused, tls, bye, protocol)."""
-        self.metrics.connection_errors.labels(mailbox=self.address, kind=kind).inc()
+        self.series.connection_error(kind)
 
     def pass_done(self, trigger: str, seconds: float) -> None:
         """Count a completed sync pass and its duration."""
-        self.metrics.sync_passes.labels(mailbox=self.address, trigger=trigger).inc()
-        self.metrics.sync_pass_seconds.labels(mailbox=self.address).observe(seconds)
         now = self.clock.time()
-        self.metrics.last_sync.labels(mailbox=self.address).set(now)
+        self.series.pass_done(trigger, seconds, now)
         with self._lock:
             self._status.last_sync = _iso(now)
 
     def recorded(self, new_events: int) -> None:
         """Count timeline events the store took as new (de-duplicated ones are not)."""
-        self.metrics.timeline_events.labels(mailbox=self.address).inc(new_events)
+        self.series.timeline_events(new_events)
 
     def filed(self, decisions: Sequence[Decision]) -> None:
         """Count filed messages by outcome and their latency."""
         now = datetime.fromtimestamp(self.clock.time(), UTC)
         for decision in decisions:
-            if decision.outcome is Outcome.SENT:
-                self.metrics.messages_synced.labels(mailbox=self.address).inc()
-            elif decision.outcome is Outcome.RECEIVED:
-                self.metrics.messages_received.labels(mailbox=self.address).inc()
-            else:
-                self.metrics.messages_failed.labels(
-                    mailbox=self.address, reason=decision.outcome.value
-                ).inc()
+            self.series.filed(decision.outcome.value)
             if decision.queued_at is not None:
                 latency = (now - decision.queued_at).total_seconds()
                 self.metrics.filing_latency_seconds.observe(max(0.0, latency))
@@ -151,13 +142,13 @@ class WorkerReport:
 
     def stuck(self, count: int) -> None:
         """The number of messages quarantined in Queue ($EmailSyncStuck)."""
-        self.metrics.messages_stuck.labels(mailbox=self.address).set(count)
+        self.series.set_stuck(count)
         with self._lock:
             self._status.stuck = count
 
     def queue_depth(self, depth: int) -> None:
         """The number of messages waiting in Queue."""
-        self.metrics.queue_messages.labels(mailbox=self.address).set(depth)
+        self.series.set_queue(depth)
         with self._lock:
             self._status.queue = depth
 
@@ -171,12 +162,12 @@ class WorkerReport:
         oldest = self._oldest_queued
         now = datetime.fromtimestamp(self.clock.time(), UTC)
         age = (now - oldest).total_seconds() if oldest else 0.0
-        self.metrics.queue_oldest_age.labels(mailbox=self.address).set(max(0.0, age))
+        self.series.set_oldest_age(max(0.0, age))
 
     def token_expiry(self, expiry: datetime | None) -> None:
         """The access token's expiry (Office 365), when there is one."""
         if expiry is not None:
-            self.metrics.token_expiry.labels(mailbox=self.address).set(expiry.timestamp())
+            self.series.set_token_expiry(expiry.timestamp())
 
 
 def _iso(timestamp: float) -> str:

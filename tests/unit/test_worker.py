@@ -132,6 +132,7 @@ def test_backoff_grows_when_every_pass_fails_after_login(tmp_path: Path) -> None
 def test_backoff_resets_after_a_completed_pass(tmp_path: Path) -> None:
     """Once a pass completes, the next loss starts again from the shortest delay."""
     r = rig(tmp_path, max_backoff_seconds=300)
+    r.server.deliver()  # a real startup pass (an empty Queue's is skipped, see below)
     r.server.outcomes.extend(["lost"] * 6)
     r.clock.at(1000, r.server.drop)
     r.run_until(1010)
@@ -350,3 +351,51 @@ def test_mail_announced_in_idle_is_filed_and_labelled_idle(tmp_path: Path) -> No
     assert r.server.filed == [1]
     assert r.passes_total("idle") == 1
     assert r.worker.snapshot().address == ADDRESS
+
+
+# -- issue 10: the startup pass of an empty Queue costs no command -----------------------------
+
+
+def test_an_empty_queue_goes_from_select_to_idle_and_still_files_what_lands(
+    tmp_path: Path,
+) -> None:
+    """EXISTS 0 on the login's SELECT: no pass, no re-SELECT, no SEARCH before IDLE; the
+    startup pass counts as done (an empty one), and mail that lands later is filed."""
+    r = rig(tmp_path)
+    r.clock.at(5, r.server.deliver)
+    r.run_until(10)
+
+    session = r.server.sessions[0]
+    assert session.commands[:3] == ["ensure_folders", "select", "idle"]
+    assert r.passes_total("startup") == 1
+    assert r.passes_total("idle") == 1  # the message at 5 s: the worker was watching
+    assert len(r.passes) == 1  # only that one ran the filer
+    assert r.server.queue == []
+
+
+def test_a_manual_mailbox_skips_too_and_counts_no_startup_pass(tmp_path: Path) -> None:
+    r = rig(tmp_path, trigger="manual")
+    r.run_until(10)
+    assert r.server.sessions[0].commands[:3] == ["ensure_folders", "select", "idle"]
+    assert r.passes_total("startup") == 0
+    assert r.worker.snapshot().queue == 0
+
+
+def test_a_start_sync_owed_at_login_runs_a_real_pass_on_an_empty_queue(tmp_path: Path) -> None:
+    """A Start Sync is answered by a completed pass, never by the skip."""
+    r = rig(tmp_path)
+    r.worker.request_pass("start_sync")  # before the login: owed to its first pass
+    r.run_until(10)
+    assert "search" in r.server.sessions[0].commands[:4]
+    assert len(r.passes) == 1
+    assert r.passes[0][1] is not None
+    assert r.passes_total("start_sync") == 1
+    assert r.passes_total("startup") == 0
+
+
+def test_a_requested_release_runs_a_real_pass_on_an_empty_queue(tmp_path: Path) -> None:
+    r = rig(tmp_path)
+    r.worker.release_stuck()
+    r.run_until(10)
+    assert len(r.passes) == 1
+    assert not r.worker.filer.release_requested

@@ -122,6 +122,11 @@ def _buffered_responses(client: imapclient.IMAPClient) -> list[Any]:
     return responses
 
 
+def nothing_pending(client: imapclient.IMAPClient) -> bool:
+    """True when nothing the server sent is waiting to be read (buffered or on the socket)."""
+    return _peek(client) is None
+
+
 def _peek(client: imapclient.IMAPClient) -> bytes | None:
     """Bytes readable without blocking: buffered ones first. None: nothing; b"": closed.
 

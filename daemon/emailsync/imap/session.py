@@ -63,6 +63,11 @@ BODY_FETCH_CAP = MAX_HTML_SOURCE_CHARS
 # A message whose BODYSTRUCTURE cannot be read is fetched whole up to this size, else only
 # its first BODY_FETCH_CAP bytes.
 WHOLE_FETCH_MAX = BODY_FETCH_CAP
+# imaplib reads through a BufferedReader of 8 KiB per connection, allocated for its whole life;
+# a worker spends that life in IDLE reading short lines, and at 2,000 mailboxes the buffers
+# are 16 MB (issue 10). A smaller one only means more recv() calls per big response (lines
+# longer than it are still read whole, and large literal reads bypass it).
+READ_BUFFER_BYTES = 1024
 
 
 def _enable_keepalive(sock: socket.socket) -> None:
@@ -144,6 +149,8 @@ class ImapSession:
                 _enable_keepalive(client.socket())
                 client.normalise_times = False  # keep INTERNALDATE's time zone
             authenticator.login(client)
+            with translated(action):
+                _shrink_read_buffer(client)
         except BaseException:
             _close_quietly(client)
             raise
@@ -641,6 +648,20 @@ def _messages(
             )
         )
     return messages
+
+
+def _shrink_read_buffer(client: imapclient.IMAPClient) -> None:
+    """Give a logged-in connection a READ_BUFFER_BYTES reader, when nothing is buffered.
+
+    Bytes already in the old reader would be lost with it, so it is replaced only when the
+    server has sent nothing unread (after LOGIN's tagged answer it normally has not).
+    """
+    if not idle.nothing_pending(client):
+        return
+    imap = client._imap
+    old = imap.file
+    imap.file = client.socket().makefile("rb", buffering=READ_BUFFER_BYTES)
+    old.close()  # the reader only: the socket stays open for the new one
 
 
 def _close_quietly(client: imapclient.IMAPClient) -> None:

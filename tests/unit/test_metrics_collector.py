@@ -1,0 +1,319 @@
+"""The per-mailbox metrics collector exposes exactly what one label child per series did."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from emailsync import __version__
+from emailsync.metrics import (
+    CONNECTION_ERROR_KINDS,
+    FAIL_REASONS,
+    LATENCY_BUCKETS_SECONDS,
+    PASS_BUCKETS_SECONDS,
+    STATES,
+    TRIGGERS,
+    MailboxSeries,
+    Metrics,
+)
+
+# -- the reference: the implementation before the collector (one label child per series) --------
+
+
+class LabelChildMetrics:
+    """emailsync.metrics.Metrics as it was: a prometheus_client label child per series."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        ns = "emailsync"
+
+        def counter(name: str, doc: str, labels: list[str]) -> Counter:
+            return Counter(name, doc, labels, namespace=ns, registry=registry)
+
+        def gauge(name: str, doc: str, labels: list[str]) -> Gauge:
+            return Gauge(name, doc, labels, namespace=ns, registry=registry)
+
+        self.messages_synced = counter(
+            "messages_synced", "Outbound messages filed to Sent with events.", ["mailbox"]
+        )
+        self.messages_received = counter(
+            "messages_received", "Inbound messages filed to Received with events.", ["mailbox"]
+        )
+        self.messages_failed = counter(
+            "messages_failed", "Messages filed to Failed, by reason.", ["mailbox", "reason"]
+        )
+        self.timeline_events = counter(
+            "timeline_events",
+            "Timeline events recorded (new ones, not de-duplicated).",
+            ["mailbox"],
+        )
+        self.sync_passes = counter(
+            "sync_passes", "Sync passes run, by what triggered them.", ["mailbox", "trigger"]
+        )
+        self.sync_pass_seconds = Histogram(
+            "sync_pass_seconds",
+            "Duration of a sync pass.",
+            ["mailbox"],
+            buckets=PASS_BUCKETS_SECONDS,
+            namespace=ns,
+            registry=registry,
+        )
+        self.filing_latency_seconds = Histogram(
+            "filing_latency_seconds",
+            "Time from a message landing in Queue to it being filed.",
+            buckets=LATENCY_BUCKETS_SECONDS,
+            namespace=ns,
+            registry=registry,
+        )
+        self.queue_messages = gauge("queue_messages", "Messages waiting in Queue.", ["mailbox"])
+        self.messages_stuck = gauge(
+            "messages_stuck",
+            "Messages quarantined in Queue (keyword $EmailSyncStuck) after repeated refusals.",
+            ["mailbox"],
+        )
+        self.queue_oldest_age = gauge(
+            "queue_oldest_message_age_seconds",
+            "Age of the oldest message waiting in Queue (0 when it is empty).",
+            ["mailbox"],
+        )
+        self.mailbox_state = gauge(
+            "mailbox_state", "1 for the mailbox's current state.", ["mailbox", "state"]
+        )
+        self.last_sync = gauge(
+            "last_sync_timestamp_seconds", "End of the last successful sync pass.", ["mailbox"]
+        )
+        self.connection_errors = counter(
+            "connection_errors", "Connection errors, by kind.", ["mailbox", "kind"]
+        )
+        self.auth_failures = counter("auth_failures", "Failed logins.", ["mailbox"])
+        self.token_expiry = gauge(
+            "token_expiry_timestamp_seconds", "Office 365 access-token expiry.", ["mailbox"]
+        )
+        self.client_secret_expiry = gauge(
+            "client_secret_expiry_timestamp_seconds",
+            "Configured expiry of the Office 365 client secret.",
+            [],
+        )
+        self.build_info = gauge(
+            "build_info", "Always 1; the version label says which build runs.", ["version"]
+        )
+        self.build_info.labels(version=__version__).set(1)
+
+    def init_mailbox(self, mailbox: str) -> None:
+        self.messages_synced.labels(mailbox=mailbox)
+        self.messages_received.labels(mailbox=mailbox)
+        for reason in FAIL_REASONS:
+            self.messages_failed.labels(mailbox=mailbox, reason=reason)
+        self.timeline_events.labels(mailbox=mailbox)
+        for trigger in TRIGGERS:
+            self.sync_passes.labels(mailbox=mailbox, trigger=trigger)
+        for kind in CONNECTION_ERROR_KINDS:
+            self.connection_errors.labels(mailbox=mailbox, kind=kind)
+        self.auth_failures.labels(mailbox=mailbox)
+        self.queue_messages.labels(mailbox=mailbox).set(0)
+        self.queue_oldest_age.labels(mailbox=mailbox).set(0)
+        self.messages_stuck.labels(mailbox=mailbox).set(0)
+
+    def set_state(self, mailbox: str, state: str) -> None:
+        for name in STATES:
+            self.mailbox_state.labels(mailbox=mailbox, state=name).set(1 if name == state else 0)
+
+    def forget_mailbox(self, mailbox: str) -> None:
+        for metric in (
+            self.messages_synced,
+            self.messages_received,
+            self.timeline_events,
+            self.sync_pass_seconds,
+            self.queue_messages,
+            self.queue_oldest_age,
+            self.messages_stuck,
+            self.last_sync,
+            self.auth_failures,
+            self.token_expiry,
+        ):
+            with contextlib.suppress(KeyError):
+                metric.remove(mailbox)
+        for family, values in (
+            (self.messages_failed, FAIL_REASONS),
+            (self.sync_passes, TRIGGERS),
+            (self.connection_errors, CONNECTION_ERROR_KINDS),
+            (self.mailbox_state, STATES),
+        ):
+            for value in values:
+                with contextlib.suppress(KeyError):
+                    family.remove(mailbox, value)
+
+
+# -- the same operations on both -----------------------------------------------------------------
+
+
+@dataclass
+class Pair:
+    """The reference and the collector, each on its own fresh registry."""
+
+    old: LabelChildMetrics
+    new: Metrics
+    old_registry: CollectorRegistry
+    new_registry: CollectorRegistry
+    series: dict[str, MailboxSeries]
+
+    def init(self, mailbox: str) -> None:
+        self.old.init_mailbox(mailbox)
+        self.series[mailbox] = self.new.init_mailbox(mailbox)
+
+    def state(self, mailbox: str, state: str) -> None:
+        self.old.set_state(mailbox, state)
+        self.new.set_state(mailbox, state)
+
+    def forget(self, mailbox: str) -> None:
+        self.old.forget_mailbox(mailbox)
+        self.new.forget_mailbox(mailbox)
+
+    def filed(self, mailbox: str, outcome: str) -> None:
+        if outcome == "sent":
+            self.old.messages_synced.labels(mailbox=mailbox).inc()
+        elif outcome == "received":
+            self.old.messages_received.labels(mailbox=mailbox).inc()
+        else:
+            self.old.messages_failed.labels(mailbox=mailbox, reason=outcome).inc()
+        self.series[mailbox].filed(outcome)
+
+    def pass_done(self, mailbox: str, trigger: str, seconds: float, now: float) -> None:
+        self.old.sync_passes.labels(mailbox=mailbox, trigger=trigger).inc()
+        self.old.sync_pass_seconds.labels(mailbox=mailbox).observe(seconds)
+        self.old.last_sync.labels(mailbox=mailbox).set(now)
+        self.series[mailbox].pass_done(trigger, seconds, now)
+
+    def gauges(self, mailbox: str, queue: int, stuck: int, age: float) -> None:
+        self.old.queue_messages.labels(mailbox=mailbox).set(queue)
+        self.old.messages_stuck.labels(mailbox=mailbox).set(stuck)
+        self.old.queue_oldest_age.labels(mailbox=mailbox).set(age)
+        series = self.series[mailbox]
+        series.set_queue(queue)
+        series.set_stuck(stuck)
+        series.set_oldest_age(age)
+
+    def other(self, mailbox: str) -> None:
+        self.old.timeline_events.labels(mailbox=mailbox).inc(3)
+        self.old.connection_errors.labels(mailbox=mailbox, kind="timeout").inc()
+        self.old.connection_errors.labels(mailbox=mailbox, kind="bye").inc()
+        self.old.auth_failures.labels(mailbox=mailbox).inc()
+        self.old.token_expiry.labels(mailbox=mailbox).set(1_900_000_000.5)
+        series = self.series[mailbox]
+        series.timeline_events(3)
+        series.connection_error("timeout")
+        series.connection_error("bye")
+        series.auth_failure()
+        series.set_token_expiry(1_900_000_000.5)
+
+    def unlabelled(self) -> None:
+        for metrics in (self.old, self.new):
+            metrics.filing_latency_seconds.observe(0.3)
+            metrics.filing_latency_seconds.observe(7)
+            metrics.client_secret_expiry.set(1_800_000_000)
+
+
+def pair() -> Pair:
+    old_registry, new_registry = CollectorRegistry(), CollectorRegistry()
+    return Pair(
+        LabelChildMetrics(old_registry), Metrics(new_registry), old_registry, new_registry, {}
+    )
+
+
+_CREATED = re.compile(rb"^(\S+_created(?:\{[^}]*\})?) \S+$", re.MULTILINE)
+
+
+def exposition(registry: CollectorRegistry) -> bytes:
+    """The text exposition with the creation times (wall clock, per series) blanked."""
+    return _CREATED.sub(rb"\1 T", generate_latest(registry))
+
+
+def assert_same(p: Pair) -> None:
+    old, new = exposition(p.old_registry), exposition(p.new_registry)
+    assert new.decode().splitlines() == old.decode().splitlines()
+
+
+def scenario(p: Pair, steps: list[Callable[[Pair], None]]) -> None:
+    for step in steps:
+        step(p)
+        assert_same(p)
+
+
+def test_fresh_registry_exposes_the_same_families() -> None:
+    p = pair()
+    assert_same(p)
+    assert b"# TYPE emailsync_sync_pass_seconds histogram" in exposition(p.new_registry)
+
+
+def test_three_mailboxes_through_their_lives_expose_the_same_text() -> None:
+    a, b, c = "a@example.com", "b@example.com", "c@example.com"
+    scenario(
+        pair(),
+        [
+            lambda p: p.init(a),
+            lambda p: p.state(a, "connecting"),
+            lambda p: p.init(b),
+            lambda p: p.state(b, "connecting"),
+            lambda p: p.pass_done(a, "startup", 0.003, 1_700_000_000.25),
+            lambda p: p.state(a, "idle"),
+            lambda p: p.filed(b, "sent"),
+            lambda p: p.filed(b, "received"),
+            lambda p: p.filed(b, "no_group"),
+            lambda p: p.filed(b, "rejected"),
+            lambda p: p.pass_done(b, "start_sync", 42.0, 1_700_000_100.0),
+            lambda p: p.pass_done(b, "idle", 400.0, 1_700_000_200.0),  # over the last bucket
+            lambda p: p.pass_done(b, "idle", 0.05, 1_700_000_300.0),  # on a bucket's bound
+            lambda p: p.gauges(b, 7, 2, 12.5),
+            lambda p: p.other(a),
+            lambda p: p.unlabelled(),
+            lambda p: p.init(c),
+            lambda p: p.state(c, "needs_reauth"),
+            lambda p: p.init(b),  # again (the supervisor does): counters kept, gauges to 0
+            lambda p: p.forget(a),
+            lambda p: p.forget("nobody@example.com"),
+            lambda p: p.init(a),  # back (a reload): after the others, from 0
+            lambda p: p.state(a, "stopped"),
+        ],
+    )
+
+
+def test_get_sample_value_sees_the_collector() -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    series = metrics.init_mailbox("a@example.com")
+    series.pass_done("sweep", 0.2, 1_700_000_000.0)
+    labels = {"mailbox": "a@example.com", "trigger": "sweep"}
+    assert registry.get_sample_value("emailsync_sync_passes_total", labels) == 1
+    assert (
+        registry.get_sample_value(
+            "emailsync_sync_pass_seconds_bucket", {"mailbox": "a@example.com", "le": "0.25"}
+        )
+        == 1
+    )
+    metrics.forget_mailbox("a@example.com")
+    series.pass_done("sweep", 0.2, 1_700_000_001.0)  # a worker still ending
+    assert registry.get_sample_value("emailsync_sync_passes_total", labels) is None
+
+
+def test_a_collector_is_a_fraction_of_the_label_children() -> None:
+    """The point of it (issue 10): a mailbox's series cost far less than ~20 KB."""
+    import tracemalloc  # noqa: PLC0415 -- only here
+
+    def cost(build: Callable[[CollectorRegistry], object], init: str) -> float:
+        registry = CollectorRegistry()
+        metrics = build(registry)
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        for n in range(200):
+            getattr(metrics, init)(f"m{n}@example.com")
+            metrics.set_state(f"m{n}@example.com", "idle")  # type: ignore[attr-defined]
+        after = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        return (after - before) / 200
+
+    old = cost(LabelChildMetrics, "init_mailbox")
+    new = cost(Metrics, "init_mailbox")
+    assert new < old / 5, (old, new)
