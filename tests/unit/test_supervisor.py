@@ -570,7 +570,8 @@ def test_a_start_sync_during_a_restart_reaches_the_new_worker(
         rig.change_daemon_section()
         rig.supervisor.request_reload()
         wait_for(lambda: [s.state for s in rig.supervisor.statuses()] == ["connecting"])
-        assert len(rig.workers) == 1 and rig.workers[0].is_alive()  # still restarting
+        assert len(rig.workers) == 1  # still restarting
+        assert rig.workers[0].is_alive()
         assert rig.supervisor.start_sync(address)
         assert not rig.supervisor.start_sync("nobody@example.com")
         wait_for(lambda: len(rig.workers) == 2 and rig.workers[1].jobs == ["start_sync"])
