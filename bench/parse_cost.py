@@ -73,21 +73,8 @@ def _record_cost(parsed: list[QueuedMessage], scratch: Path) -> dict[str, float]
     groups = [f"group-{n}" for n in range(GROUPS)]
     filed_at = datetime.now(UTC)
     events = [
-        TimelineEvent(
-            group=groups[n % GROUPS],
-            direction=Direction.INBOUND,
-            mailbox="agent@example.com",
-            message_key=message.key,
-            message_id=message.message_id,
-            subject=message.subject,
-            from_=message.display_from,
-            to=message.display_to,
-            cc=message.display_cc,
-            date=message.date,
-            body_text=message.body_text,
-            attachments=message.attachments,
-            size=message.size,
-            filed_at=filed_at,
+        TimelineEvent.of(
+            message, groups[n % GROUPS], Direction.INBOUND, "agent@example.com", filed_at
         )
         for n, message in enumerate(parsed)
     ]

@@ -496,21 +496,8 @@ class Filer:
         message = decision.message
         filed_at = self.clock()
         return [
-            TimelineEvent(
-                group=group,
-                direction=decision.classification.direction,
-                mailbox=self.mailbox.address,
-                message_key=message.key,
-                message_id=message.message_id,
-                subject=message.subject,
-                from_=message.display_from,
-                to=message.display_to,
-                cc=message.display_cc,
-                date=message.date,
-                body_text=message.body_text,
-                attachments=message.attachments,
-                size=message.size,
-                filed_at=filed_at,
+            TimelineEvent.of(
+                message, group, decision.classification.direction, self.mailbox.address, filed_at
             )
             for group in decision.groups
         ]

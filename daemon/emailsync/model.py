@@ -188,6 +188,33 @@ class TimelineEvent:
     filed_at: datetime
     mailboxes: tuple[str, ...] = field(default=())  # filled in when read back from a store
 
+    @classmethod
+    def of(
+        cls,
+        message: QueuedMessage,
+        group: str,
+        direction: Direction,
+        mailbox: str,
+        filed_at: datetime,
+    ) -> TimelineEvent:
+        """The event a filed message records on one of its groups."""
+        return cls(
+            group=group,
+            direction=direction,
+            mailbox=mailbox,
+            message_key=message.key,
+            message_id=message.message_id,
+            subject=message.subject,
+            from_=message.display_from,
+            to=message.display_to,
+            cc=message.display_cc,
+            date=message.date,
+            body_text=message.body_text,
+            attachments=message.attachments,
+            size=message.size,
+            filed_at=filed_at,
+        )
+
 
 @dataclass(frozen=True)
 class Fence:
