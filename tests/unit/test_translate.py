@@ -47,6 +47,20 @@ def test_trycreate_means_the_folder_is_missing() -> None:
     assert isinstance(err, FolderMissingError)
 
 
+def test_a_send_on_a_dead_socket_is_a_lost_connection_not_a_protocol_error() -> None:
+    # imaplib (and our pipelined send) wrap the OSError as "socket error: [Errno 32] …".
+    # "protocol" would make the filer retry message by message on the dead connection.
+    try:
+        try:
+            raise BrokenPipeError(32, "Broken pipe")
+        except OSError as exc:
+            raise IMAPClientAbortError(f"socket error: {exc}") from exc
+    except IMAPClientAbortError as abort:
+        err = raised(abort)
+    assert isinstance(err, ConnectionLostError)
+    assert err.kind == "bye"
+
+
 @pytest.mark.parametrize(
     ("exc", "kind"),
     [

@@ -66,7 +66,12 @@ def translated(action: str) -> Iterator[None]:
         raise AuthError(f"{action}: login refused by the server: {text}") from exc
     except IMAPClientAbortError as exc:
         text = server_text(exc)
-        kind = "bye" if "BYE" in text.upper() or "EOF" in text.upper() else "protocol"
+        # Gone (BYE, EOF, or a send on a dead socket: imaplib's "socket error: …") or out
+        # of step (an answer the library could not parse).
+        gone = isinstance(exc.__cause__ or exc.__context__, OSError) or any(
+            word in text.upper() for word in ("BYE", "EOF")
+        )
+        kind = "bye" if gone else "protocol"
         raise ConnectionLostError(
             f"{action}: {text}", kind=kind, retry_after=backoff_hint(text)
         ) from exc
