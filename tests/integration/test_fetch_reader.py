@@ -15,9 +15,10 @@ from emailsync.config import load_settings
 from emailsync.devserver import Dovecot
 from emailsync.errors import ConnectionLostError, MailboxError
 from emailsync.filing import Filer
-from emailsync.imap.fetch import uid_fetch, uid_move
+from emailsync.imap.fetch import read_move, send_move, uid_fetch, uid_move
 from emailsync.imap.session import ImapSession
 from emailsync.imap.translate import translated
+from emailsync.model import FolderRole
 from emailsync.store import open_store
 
 from .faultproxy import FaultProxy
@@ -261,12 +262,18 @@ def test_move_failures_translate_as_imapclient_s_do(
     assert errors[1] == errors[0]
 
 
-def test_a_move_files_the_messages_and_keeps_the_connection_in_step(dovecot: Dovecot) -> None:
+def with_done_folder(dovecot: Dovecot, messages: int) -> MailUser:
+    """A new user with ``messages`` sample messages in INBOX and an empty folder "Done"."""
     user = new_user(dovecot)
     with user.client() as client:
         client.create_folder("Done")
-        for number in range(5):
+        for number in range(messages):
             client.append("INBOX", message(number))
+    return user
+
+
+def test_a_move_files_the_messages_and_keeps_the_connection_in_step(dovecot: Dovecot) -> None:
+    user = with_done_folder(dovecot, 5)
     with selected(user) as client:
         uids = sorted(client.search(["ALL"]))
         uid_move(client._imap, [uids[0], *uids[2:4]], b'"Done"')
@@ -316,3 +323,92 @@ def test_a_pass_asks_one_header_and_one_text_fetch_per_batch_of_linked_mail(
         "text",
         "move",
     ]
+
+
+def test_moves_sent_ahead_are_answered_whichever_is_read_first(dovecot: Dovecot) -> None:
+    user = with_done_folder(dovecot, 3)
+    with selected(user, timeout=2) as client:
+        uids = sorted(client.search(["ALL"]))
+        first = send_move(client._imap, uids[:1], b'"Done"')
+        second = send_move(client._imap, uids[1:2], b'"Done"')
+        read_move(client._imap, second)  # reads the first one's answer on its way
+        read_move(client._imap, first)  # kept: not waited for (2 s timeout) nor lost
+        assert not client._imap.tagged_commands
+        assert sorted(client.search(["ALL"])) == uids[2:]
+        client.select_folder("Done")
+        assert len(client.search(["ALL"])) == 2
+
+
+@pytest.fixture
+def three_queued(
+    dovecot: Dovecot, fault_proxy: FaultProxy, tmp_path: Path
+) -> Iterator[ImapSession]:
+    """An ImapSession through the fault proxy (5 s timeout), three messages in its Queue."""
+    user = new_user(dovecot)
+    config = write_config(tmp_path, [user], ports={dovecot.port: fault_proxy.port})
+    settings = load_settings(config)
+    with opened(settings, user.address) as session:
+        with user.client() as client:
+            for number in range(3):
+                client.append(session.queue_name, message(number))
+        session.select_queue()
+        session._client._imap.sock.settimeout(5)
+        yield session
+
+
+def test_moves_in_flight_are_read_in_order_and_each_keeps_its_own_answer(
+    three_queued: ImapSession, fault_proxy: FaultProxy
+) -> None:
+    session = three_queued
+    uids = session.queue_uids()
+    fault_proxy.answer_on("UID MOVE .*Received", "NO [SERVERBUG] not this one")
+    sent = session.file_later(uids[:1], FolderRole.SENT)
+    received = session.file_later(uids[1:2], FolderRole.RECEIVED)
+    assert session.has("MOVE")  # asks nothing of the server: the answers stay unread
+    with pytest.raises(ConnectionLostError) as refused:
+        received.wait()  # reads the first answer on its way
+    assert refused.value.kind == "protocol"
+    assert "SERVERBUG" in str(refused.value)
+    sent.wait()  # already read: OK
+    assert session.queue_uids() == uids[1:]  # in step
+    session.file_later(uids[2:], FolderRole.FAILED).wait()
+    assert session.queue_uids() == uids[1:2]
+
+
+def test_a_connection_lost_under_moves_in_flight_fails_each_of_them(
+    three_queued: ImapSession, fault_proxy: FaultProxy
+) -> None:
+    session = three_queued
+    uids = session.queue_uids()
+    fault_proxy.drop_on("UID MOVE", forward=False)
+    pending = [session.file_later([uid], FolderRole.SENT) for uid in uids]
+    errors = []
+    for move in reversed(pending):
+        with pytest.raises(ConnectionLostError) as lost:
+            move.wait()
+        errors.append(lost.value.kind)
+    assert errors == ["bye", "bye", "bye"]
+
+
+def test_a_pass_of_many_batches_files_every_message_with_moves_in_flight(
+    dovecot: Dovecot, tmp_path: Path
+) -> None:
+    user = new_user(dovecot)
+    config = write_config(tmp_path, [user])
+    settings = load_settings(config)
+    store = open_store(settings.store_url, settings.daemon.state_dir)
+    store.add_group("Clients", [f"c{n}@clients.example" for n in range(0, 1000, 2)])
+    with opened(settings, user.address) as session:
+        with user.client() as client:
+            for number in range(1000):  # half linked, half to Failed
+                client.append(session.queue_name, message(number))
+        result = Filer(settings.mailbox(user.address), store).run_pass(session)
+        assert session.queue_uids() == []
+    assert result.messages == 1000
+    assert result.new_events == 500
+    with user.client() as client:
+        counts = {
+            role: client.select_folder(session.tree.name(role))[b"EXISTS"]  # type: ignore[union-attr]
+            for role in (FolderRole.RECEIVED, FolderRole.FAILED)
+        }
+    assert counts == {FolderRole.RECEIVED: 500, FolderRole.FAILED: 500}

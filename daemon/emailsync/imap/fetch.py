@@ -92,9 +92,22 @@ def uid_move(imap: imaplib.IMAP4, uids: Sequence[int], folder: bytes) -> None:
     answer (a COPYUID and one EXPUNGE per message, §4.3) is read here rather than by
     imaplib, which stores each line by a regex match per kind: 7 % of a backlog pass.
     """
-    if not uids:
-        return
-    tag = _send(imap, b"UID MOVE " + uid_set(uids) + b" " + folder, "MOVE")
+    if uids:
+        read_move(imap, send_move(imap, uids, folder))
+
+
+def send_move(imap: imaplib.IMAP4, uids: Sequence[int], folder: bytes) -> bytes:
+    """Send ``UID MOVE uids folder`` (``uids`` not empty) without reading; returns its tag.
+
+    Its answer is read later with ``read_move``. Nothing but other MOVEs may be sent
+    behind it before then: Dovecot runs pipelined commands side by side, so the untagged
+    FETCH lines of a FETCH sent behind a MOVE can come before the MOVE's tagged answer.
+    """
+    return _send(imap, b"UID MOVE " + uid_set(uids) + b" " + folder, "MOVE")
+
+
+def read_move(imap: imaplib.IMAP4, tag: bytes) -> None:
+    """Read the answer to the MOVE sent as ``tag``; raises as ``IMAPClient.move`` would."""
     _read_until_tagged(imap, tag, "UID", "move failed")
 
 
@@ -147,8 +160,9 @@ def _read_until_tagged(
     """
     tagged: dict[bytes, Any] = imap.tagged_commands
     fetches: list[tuple[int, list[bytes]]] = []
+    result = tagged.get(tag)  # set when another command's reader read this answer already
     try:
-        while True:
+        while result is None:
             line = _line(imap)
             if line[:2] == b"* ":
                 match = _FETCH_LINE.match(line)
@@ -160,10 +174,11 @@ def _read_until_tagged(
                 continue
             if line[:1] == b"+":
                 continue  # a continuation request is not ours to answer; imaplib ignores it too
-            line_tag, result = _tagged(imap, line)
+            line_tag, answer = _tagged(imap, line)
             if line_tag == tag:
-                break
-            tagged[line_tag] = result  # another command's: kept, as imaplib does
+                result = answer
+            else:
+                tagged[line_tag] = answer  # another command's: kept, as imaplib does
     except IMAPClientAbortError as exc:
         raise IMAPClientAbortError(f"command: {name} => {exc}") from exc
     except IMAPClientError as exc:  # a line longer than imaplib's _MAXLINE

@@ -11,6 +11,7 @@ import functools
 import os
 import socket
 import ssl
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -19,12 +20,14 @@ from typing import TYPE_CHECKING, Any
 import imapclient
 import structlog
 from imapclient.exceptions import (
+    IMAPClientAbortError,
     IMAPClientError,
 )
 from imapclient.imapclient import SocketTimeout
 
 from emailsync.config import FolderSettings, MailboxSettings
 from emailsync.errors import (
+    ConnectionLostError,
     MailboxError,
     UidValidityChangedError,
 )
@@ -33,7 +36,9 @@ from emailsync.imap.fetch import (
     FetchData,
     internaldate,
     read_fetch,
+    read_move,
     send_fetch,
+    send_move,
     uid_fetch,
     uid_move,
 )
@@ -112,6 +117,8 @@ class ImapSession:
         self._client = client
         self._sent: _HeaderFetch | None = None  # a header FETCH sent, its answer unread
         self._read: _HeaderFetch | None = None  # its answer, read, for fetch_headers
+        self._moves: deque[PendingMove] = deque()  # MOVEs sent, answers unread, oldest first
+        self._capabilities: frozenset[str] | None = None
         self.mailbox = mailbox
         self.folders = folders
         self.tree: FolderTree | None = None
@@ -158,9 +165,11 @@ class ImapSession:
 
     @property
     def client(self) -> imapclient.IMAPClient:
-        """The connection; the answer to a header FETCH sent ahead is read off it first."""
+        """The connection; answers to commands sent ahead (a header FETCH, MOVEs) read first."""
         if self._sent is not None:
             self._read_ahead()
+        if self._moves:
+            self._read_moves()
         return self._client
 
     @property
@@ -169,11 +178,16 @@ class ImapSession:
         return (self.tree or self.resolve_tree()).queue
 
     def capabilities(self) -> frozenset[str]:
-        """The server's capabilities after login."""
-        with translated("capability"):
-            return frozenset(
-                c.decode("ascii", "replace").upper() for c in self.client.capabilities()
-            )
+        """The server's capabilities after login (asked once: they do not change after it).
+
+        Kept, so that ``has("MOVE")`` while MOVEs are in flight does not read their answers.
+        """
+        if self._capabilities is None:
+            with translated("capability"):
+                self._capabilities = frozenset(
+                    c.decode("ascii", "replace").upper() for c in self.client.capabilities()
+                )
+        return self._capabilities
 
     def has(self, capability: str) -> bool:
         """True when the server announced a capability (e.g. MOVE, UIDPLUS, IDLE)."""
@@ -426,6 +440,65 @@ class ImapSession:
 
     # -- filing --------------------------------------------------------------------------------
 
+    def file_later(
+        self, uids: Sequence[int], role: FolderRole, keyword: str | None = None
+    ) -> PendingMove:
+        """Send the MOVE of ``file`` and return without its answer; ``wait()`` reads it.
+
+        The server moves the messages while this process works on the next batch (issue
+        10: waiting for MOVE answers was 29 % of a backlog pass). Answers are read in the
+        order the MOVEs went out, by ``wait()`` or by the next use of the connection, so
+        nothing else is ever sent behind a MOVE whose answer is unread (see
+        ``imap.fetch.send_move``). Never raises: ``wait()`` raises what ``file`` would.
+        Tagging with a keyword, or a server without MOVE (COPY, STORE, EXPUNGE, each
+        answered before the next), is done at once, its error kept for ``wait()``.
+        """
+        pending = PendingMove(self, role)
+        if not uids:
+            return pending
+        try:
+            if (keyword and self.keywords_allowed) or not self.has("MOVE"):
+                self.file(uids, role, keyword)
+                return pending
+            if self._sent is not None:
+                self._read_ahead()  # a FETCH answer is never left behind a MOVE
+            dest = (self.tree or self.resolve_tree()).name(role)
+            with translated(f"file to {role.value}"):
+                folder = self._client._normalise_folder(dest)
+                pending.tag = send_move(
+                    self._client._imap,
+                    uids,
+                    folder if isinstance(folder, bytes) else folder.encode(),
+                )
+        except MailboxError as exc:
+            pending.error = exc
+            return pending
+        self._moves.append(pending)
+        return pending
+
+    def _read_moves(self, upto: PendingMove | None = None) -> None:
+        """Read the answers of the MOVEs sent ahead, oldest first, up to ``upto`` (or all).
+
+        Each answer (or its error) is kept in its PendingMove. A connection lost on one
+        leaves the rest unanswerable: they get the same error.
+        """
+        while self._moves:
+            pending = self._moves.popleft()
+            assert pending.tag is not None  # noqa: S101 -- queued only once sent
+            try:
+                with translated(f"file to {pending.role.value}"):
+                    read_move(self._client._imap, pending.tag)
+            except ConnectionLostError as exc:
+                pending.error = exc
+                if _lost(exc):
+                    for rest in self._moves:
+                        rest.error = exc
+                    self._moves.clear()
+            except MailboxError as exc:
+                pending.error = exc
+            if pending is upto:
+                return
+
     def file(self, uids: Sequence[int], role: FolderRole, keyword: str | None = None) -> None:
         """Move messages from the (selected) Queue to a folder of the tree, optionally tagged."""
         if not uids:
@@ -616,6 +689,30 @@ class ImapSession:
     def close(self) -> None:
         """Close the socket without LOGOUT (for a connection already known dead)."""
         _close_quietly(self._client)
+
+
+class PendingMove:
+    """A MOVE sent by ``ImapSession.file_later``; ``wait()`` reads its answer."""
+
+    def __init__(self, session: ImapSession, role: FolderRole) -> None:
+        self._session = session
+        self.role = role
+        self.tag: bytes | None = None  # None: nothing in flight (done at once, or not sent)
+        self.error: MailboxError | None = None
+
+    def wait(self) -> None:
+        """Return once the messages moved; raises what ``ImapSession.file`` would have."""
+        session = self._session
+        if self in session._moves:
+            session._read_moves(upto=self)
+        if self.error is not None:
+            raise self.error
+
+
+def _lost(exc: ConnectionLostError) -> bool:
+    """True when the connection is gone or out of step (not a NO or BAD answer)."""
+    cause = exc.__cause__
+    return isinstance(cause, IMAPClientAbortError) or not isinstance(cause, IMAPClientError)
 
 
 @dataclass
