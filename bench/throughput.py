@@ -25,7 +25,7 @@ from testbed import OWNER_ALIAS, BenchMailbox, Testbed, append_all, folder_count
 
 from emailsync import filing
 from emailsync.config import CrmSettings
-from emailsync.filing import FETCH_BATCH, Filer, QueueSession
+from emailsync.filing import FETCH_BATCH, Filer, PendingFiling, QueueSession
 from emailsync.imap.folders import FolderTree
 from emailsync.imap.session import ImapSession
 from emailsync.model import BodyPlan, FetchedMessage, FolderRole, Outcome
@@ -91,14 +91,24 @@ class TimedSession:
         self.prefetch_headers = clock.wrap("imap", session.prefetch_headers)
         self._fetch_full = clock.wrap("imap", session.fetch_full)
         self.file = clock.wrap("imap", session.file)
+        self._file_later = clock.wrap("imap", session.file_later)
         self.keyword_uids = clock.wrap("imap", session.keyword_uids)
         self.set_keyword = clock.wrap("imap", session.set_keyword)
         self._session = session
+        self._clock = clock
 
     @property
     def uidvalidity(self) -> int | None:
         """The Queue's UIDVALIDITY from the last SELECT."""
         return self._session.uidvalidity
+
+    def file_later(
+        self, uids: Sequence[int], role: FolderRole, keyword: str | None = None
+    ) -> PendingFiling:
+        """Send a MOVE (timed); the wait for its answer is timed too."""
+        pending = self._file_later(uids, role, keyword)
+        pending.wait = self._clock.wrap("imap", pending.wait)  # type: ignore[method-assign]
+        return pending
 
     def fetch_full(
         self,

@@ -15,6 +15,7 @@ message's fault and counts for none.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -25,7 +26,12 @@ import structlog
 
 from emailsync.classify import classify
 from emailsync.config import STUCK_AFTER_ATTEMPTS, MailboxSettings
-from emailsync.errors import ConnectionLostError, StoreError, StoreUnavailableError
+from emailsync.errors import (
+    ConnectionLostError,
+    MailboxError,
+    StoreError,
+    StoreUnavailableError,
+)
 from emailsync.imap.translate import response_code
 from emailsync.message import parse_headers, parse_message, with_body
 from emailsync.model import (
@@ -79,6 +85,36 @@ class QueueSession(Protocol):
     ) -> list[FetchedMessage]: ...
 
     def file(self, uids: Sequence[int], role: FolderRole, keyword: str | None = None) -> None: ...
+
+    def file_later(
+        self, uids: Sequence[int], role: FolderRole, keyword: str | None = None
+    ) -> PendingFiling: ...
+
+
+class PendingFiling(Protocol):
+    """A move started by ``QueueSession.file_later``; never raises until waited for."""
+
+    def wait(self) -> None:
+        """Return once the messages moved; raises what ``QueueSession.file`` would."""
+        ...
+
+
+class FiledNow:
+    """The PendingFiling of a session that moves at once: ``file`` has run, its error kept."""
+
+    def __init__(
+        self, session: QueueSession, uids: Sequence[int], role: FolderRole, keyword: str | None
+    ) -> None:
+        self.error: MailboxError | None = None
+        try:
+            session.file(uids, role, keyword)
+        except MailboxError as exc:
+            self.error = exc
+
+    def wait(self) -> None:
+        """Raise what ``file`` raised, if anything."""
+        if self.error is not None:
+            raise self.error
 
 
 @dataclass(frozen=True)
@@ -224,33 +260,34 @@ class Filer:
                 raise
         attempted: set[int] = set()
         self.attempted = attempted
-        while True:
-            queued = session.queue_uids()
-            held = self._held(session, queued)
-            self.stuck_uids = frozenset(held)
-            attempted.update(held)
-            uids = [uid for uid in queued if uid not in attempted]
-            if not uids:
-                break
-            total = len(attempted) + len(uids)
-            chunks = self._chunks(uids)
-            for index, chunk in enumerate(chunks):
-                if stopping():
-                    return result
-                attempted.update(chunk)
-                following = chunks[index + 1] if index + 1 < len(chunks) else []
-                decisions, new_events = self._file_batch(
-                    session, chunk, dry_run=dry_run, following=following
-                )
-                result.add(decisions)
-                result.new_events += new_events
-                if on_batch is not None:
-                    on_batch(decisions)
-                del decisions  # nothing of a batch outlives it
-                if progress is not None:
-                    progress(len(attempted), total)
-            if dry_run:
-                break
+        pass_ = _Pass(session, result, dry_run, progress, on_batch)
+        try:
+            while True:
+                queued = session.queue_uids()
+                held = self._held(session, queued)
+                self.stuck_uids = frozenset(held)
+                attempted.update(held)
+                uids = [uid for uid in queued if uid not in attempted]
+                if not uids:
+                    break
+                total = len(attempted) + len(uids)
+                chunks = self._chunks(uids)
+                for index, chunk in enumerate(chunks):
+                    if stopping():
+                        self._finish(pass_)
+                        return result
+                    attempted.update(chunk)
+                    following = chunks[index + 1] if index + 1 < len(chunks) else []
+                    self._file_batch(pass_, chunk, following=following)
+                    pass_.in_flight.done, pass_.in_flight.total = len(attempted), total
+                self._finish(pass_)  # before searching again: the moves are answered
+                if dry_run:
+                    break
+        except BaseException:
+            # The batch in flight was recorded and its MOVEs sent: count what moved.
+            with contextlib.suppress(Exception):
+                self._finish(pass_)
+            raise
         return result
 
     def _chunks(self, uids: Sequence[int]) -> list[list[int]]:
@@ -412,20 +449,18 @@ class Filer:
             )
         return decisions
 
-    def _file_batch(
-        self,
-        session: QueueSession,
-        uids: Sequence[int],
-        *,
-        dry_run: bool,
-        following: Sequence[int] = (),
-    ) -> tuple[list[Decision], int]:
+    def _file_batch(self, pass_: _Pass, uids: Sequence[int], *, following: Sequence[int]) -> None:
+        """Decide a batch, finish the one before, then record this one and send its MOVEs.
+
+        The pipeline (issue 10): the server moves batch n-1 and builds the headers of n+1
+        while this process parses and decides n; nothing is sent behind a MOVE before its
+        answer is read (``_finish``). When n's headers were not sent ahead, fetching them
+        would read n-1's MOVE answers first, so n-1 is finished before.
+        """
+        session = pass_.session
+        if pass_.ahead != tuple(uids):
+            self._finish(pass_)
         headers = self._fetch_each(session.fetch_headers, uids)
-        if following and not self._suspects.intersection(following):
-            # The server builds the next batch's headers while this one is parsed, recorded
-            # and moved (issue 10). A suspect is never sent ahead: if its FETCH kills the
-            # connection, that must happen in its own fetch_headers, where it is counted.
-            session.prefetch_headers(following)
         parsed = [
             parse_headers(f.uid, f.data, internaldate=f.internaldate, size=f.size) for f in headers
         ]
@@ -434,6 +469,26 @@ class Filer:
             f.uid: landed_at(f.savedate, self.first_seen.setdefault(f.uid, now)) for f in headers
         }
         decisions = self.decide(parsed, queued_at)
+        self._finish(pass_)
+        pass_.ahead = ()
+        if following and not self._suspects.intersection(following):
+            # The server builds the next batch's headers while this one is recorded and n+1
+            # is decided. A suspect is never sent ahead: if its FETCH kills the connection,
+            # that must happen in its own fetch_headers, where it is counted.
+            session.prefetch_headers(following)
+            pass_.ahead = tuple(following)
+        pass_.in_flight = self._complete(session, uids, decisions, headers, dry_run=pass_.dry_run)
+
+    def _complete(
+        self,
+        session: QueueSession,
+        uids: Sequence[int],
+        decisions: list[Decision],
+        headers: Sequence[FetchedMessage],
+        *,
+        dry_run: bool,
+    ) -> _InFlight:
+        """Fetch the linked messages' texts, record the events, send the MOVEs."""
         # Only linked messages need their bodies: a no-group message with a 20 MB attachment
         # goes to Failed without being downloaded.
         linked = [d for d in decisions if d.groups]
@@ -455,21 +510,47 @@ class Filer:
                 is not None
             ]
             del full, blocks  # bodies live only as long as their batch
-        new_events = 0
-        if not dry_run:
-            recorded, new_events = self._record(decisions)
-            if self.on_recorded is not None:
-                # Counted once the store has them, not after the MOVE: a MOVE whose answer is
-                # lost files the message on the next pass, where its events are no longer new.
-                self.on_recorded(new_events)
-            decisions = self._move(session, recorded)
-            for uid in uids:
+        if dry_run:
+            return _InFlight(uids, unmoved=decisions)
+        recorded, new_events = self._record(decisions)
+        if self.on_recorded is not None:
+            # Counted once the store has them, not after the MOVE: a MOVE whose answer is
+            # lost files the message on the next pass, where its events are no longer new.
+            self.on_recorded(new_events)
+        by_outcome: dict[Outcome, list[Decision]] = {}
+        for decision in recorded:
+            by_outcome.setdefault(decision.outcome, []).append(decision)
+        moves = [
+            (
+                group,
+                session.file_later(
+                    [d.uid for d in group], OUTCOME_FOLDER[outcome], OUTCOME_KEYWORD.get(outcome)
+                ),
+            )
+            for outcome, group in by_outcome.items()
+        ]
+        return _InFlight(uids, moves=moves, new_events=new_events)
+
+    def _finish(self, pass_: _Pass) -> None:
+        """Read the MOVE answers of the batch in flight, count it and tell the callbacks."""
+        in_flight, pass_.in_flight = pass_.in_flight, _InFlight(())
+        if not in_flight.uids:
+            return
+        decisions = list(in_flight.unmoved)
+        if not pass_.dry_run:
+            decisions += self._moved(pass_.session, in_flight.moves)
+            for uid in in_flight.uids:
                 self.first_seen.pop(uid, None)
             for decision in decisions:
                 self.attempts.pop(decision.uid, None)
             if self.on_filed is not None:
                 self.on_filed(decisions)
-        return decisions, new_events
+        pass_.result.add(decisions)
+        pass_.result.new_events += in_flight.new_events
+        if pass_.on_batch is not None:
+            pass_.on_batch(decisions)
+        if pass_.progress is not None:
+            pass_.progress(in_flight.done, in_flight.total)
 
     def _with_body(
         self, decision: Decision, fetched: FetchedMessage | None, header_block: bytes
@@ -563,20 +644,20 @@ class Filer:
             result.append(decision)
         return result, recorded.new
 
-    def _move(self, session: QueueSession, decisions: Sequence[Decision]) -> list[Decision]:
-        """Move by destination in batches; returns the decisions whose message moved.
+    def _moved(
+        self, session: QueueSession, moves: Sequence[tuple[list[Decision], PendingFiling]]
+    ) -> list[Decision]:
+        """Wait for a batch's MOVEs (one per destination); the decisions whose message moved.
 
-        A batch the server refuses (NO/BAD on a live connection) is retried one message at a
+        A MOVE the server refuses (NO/BAD on a live connection) is retried one message at a
         time, so one message the server will not move cannot hold up the others.
         """
-        by_outcome: dict[Outcome, list[Decision]] = {}
-        for decision in decisions:
-            by_outcome.setdefault(decision.outcome, []).append(decision)
         moved: list[Decision] = []
-        for outcome, group in by_outcome.items():
+        for group, pending in moves:
+            outcome = group[0].outcome
             folder, keyword = OUTCOME_FOLDER[outcome], OUTCOME_KEYWORD.get(outcome)
             try:
-                session.file([d.uid for d in group], folder, keyword)
+                pending.wait()
                 moved.extend(group)
                 continue
             except ConnectionLostError as exc:
@@ -617,6 +698,35 @@ class Filer:
             )
         for outcome, uids in linked.items():
             self.log.info("messages_filed", outcome=outcome.value, count=len(uids), uids=uids)
+
+
+@dataclass
+class _InFlight:
+    """A batch recorded and its MOVEs sent (``moves``), their answers not read yet.
+
+    In a dry run nothing moves: ``unmoved`` holds the decisions. ``done`` and ``total``
+    are the pass's progress once this batch is counted.
+    """
+
+    uids: Sequence[int]
+    moves: list[tuple[list[Decision], PendingFiling]] = field(default_factory=list)
+    unmoved: list[Decision] = field(default_factory=list)
+    new_events: int = 0
+    done: int = 0
+    total: int = 0
+
+
+@dataclass
+class _Pass:
+    """One run_pass's session, result and callbacks, and the batch it has in flight."""
+
+    session: QueueSession
+    result: PassResult
+    dry_run: bool
+    progress: Callable[[int, int], None] | None
+    on_batch: BatchCallback | None
+    in_flight: _InFlight = field(default_factory=lambda: _InFlight(()))
+    ahead: tuple[int, ...] = ()  # the UIDs whose header FETCH was sent ahead
 
 
 def landed_at(savedate: datetime | None, first_seen: datetime) -> datetime:

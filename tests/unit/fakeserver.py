@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 from emailsync.clock import Clock
 from emailsync.config import MailboxSettings, Settings, parse_settings
 from emailsync.errors import AuthError, ConnectionLostError, LeaseLostError, StoreUnavailableError
+from emailsync.filing import FiledNow
 from emailsync.imap.idle import IdleUpdate
 from emailsync.metrics import Metrics
 from emailsync.model import BodyPlan, FetchedMessage, FolderRole, Group
@@ -280,6 +281,11 @@ class FakeSession:
         plans: Mapping[int, BodyPlan | None] | None = None,
     ) -> list[FetchedMessage]:
         return self.fetch_headers(uids)
+
+    def file_later(
+        self, uids: Sequence[int], role: FolderRole, keyword: str | None = None
+    ) -> FiledNow:
+        return FiledNow(self, uids, role, keyword)
 
     def file(self, uids: Sequence[int], role: FolderRole, keyword: str | None = None) -> None:
         self._command("move")

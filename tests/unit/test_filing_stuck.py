@@ -15,7 +15,7 @@ import pytest
 
 from emailsync.config import MailboxSettings, ServerSettings
 from emailsync.errors import ConnectionLostError, StoreError, StoreUnavailableError
-from emailsync.filing import Filer
+from emailsync.filing import FiledNow, Filer
 from emailsync.model import STUCK_KEYWORD, BodyPlan, FetchedMessage, FolderRole, TimelineEvent
 from emailsync.store.sqlite import SqliteStore
 
@@ -101,6 +101,11 @@ class Queue:
             for uid in uids
             if uid in self.messages
         ]
+
+    def file_later(
+        self, uids: Sequence[int], role: FolderRole, keyword: str | None = None
+    ) -> FiledNow:
+        return FiledNow(self, uids, role, keyword)
 
     def file(self, uids: Sequence[int], role: FolderRole, keyword: str | None = None) -> None:
         self.move_attempts.extend(uids)
