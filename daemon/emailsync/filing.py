@@ -452,10 +452,11 @@ class Filer:
     def _file_batch(self, pass_: _Pass, uids: Sequence[int], *, following: Sequence[int]) -> None:
         """Decide a batch, finish the one before, then record this one and send its MOVEs.
 
-        The pipeline (issue 10): the server moves batch n-1 and builds the headers of n+1
-        while this process parses and decides n; nothing is sent behind a MOVE before its
-        answer is read (``_finish``). When n's headers were not sent ahead, fetching them
-        would read n-1's MOVE answers first, so n-1 is finished before.
+        The pipeline (issue 10): the server moves batch n-1 while this process parses and
+        decides n, and builds n+1's headers while n's texts are parsed and its events
+        recorded; nothing is sent behind a MOVE before its answer is read (``_finish``).
+        When n's headers were not sent ahead, fetching them would read n-1's MOVE answers
+        first, so n-1 is finished before.
         """
         session = pass_.session
         if pass_.ahead != tuple(uids):
@@ -471,13 +472,18 @@ class Filer:
         decisions = self.decide(parsed, queued_at)
         self._finish(pass_)
         pass_.ahead = ()
-        if following and not self._suspects.intersection(following):
-            # The server builds the next batch's headers while this one is recorded and n+1
-            # is decided. A suspect is never sent ahead: if its FETCH kills the connection,
+
+        def send_ahead() -> None:
+            # Sent once n's texts are read, so that the server builds them while n is
+            # recorded. A suspect is never sent ahead: if its FETCH kills the connection,
             # that must happen in its own fetch_headers, where it is counted.
-            session.prefetch_headers(following)
-            pass_.ahead = tuple(following)
-        pass_.in_flight = self._complete(session, uids, decisions, headers, dry_run=pass_.dry_run)
+            if following and not self._suspects.intersection(following):
+                session.prefetch_headers(following)
+                pass_.ahead = tuple(following)
+
+        pass_.in_flight = self._complete(
+            session, uids, decisions, headers, dry_run=pass_.dry_run, send_ahead=send_ahead
+        )
 
     def _complete(
         self,
@@ -487,12 +493,15 @@ class Filer:
         headers: Sequence[FetchedMessage],
         *,
         dry_run: bool,
+        send_ahead: Callable[[], None],
     ) -> _InFlight:
-        """Fetch the linked messages' texts, record the events, send the MOVEs."""
+        """Fetch the linked messages' texts, ``send_ahead``, record the events, send the MOVEs."""
         # Only linked messages need their bodies: a no-group message with a 20 MB attachment
         # goes to Failed without being downloaded.
         linked = [d for d in decisions if d.groups]
-        if linked and not dry_run:
+        if not linked or dry_run:
+            send_ahead()
+        else:
             sizes = {f.uid: f.size for f in headers}
             # The header FETCH carried each message's BODYSTRUCTURE: its plan saves a round trip.
             plans = {f.uid: f.plan for f in headers}
@@ -502,6 +511,7 @@ class Filer:
                     lambda chunk: session.fetch_full(chunk, sizes, plans), [d.uid for d in linked]
                 )
             }
+            send_ahead()
             blocks = {f.uid: f.data for f in headers}
             decisions = [
                 filled
