@@ -9,6 +9,8 @@ outside: the time from process start until every mailbox is in IDLE (the daemon'
 ``emailsync_mailbox_state{state="idle"}`` gauges; the bare process says so on stdout), the
 process's RSS once all are in IDLE, and its CPU over a rest window with nothing to do.
 Dovecot needs one inotify instance per IDLE: the limit is raised for the run and restored.
+Each start is timed on a quiet server: once ``doveadm who`` lists no session of the run
+before (2,000 IMAP processes ending after a kill took long enough to slow the next start).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from testbed import Testbed
 from emailsync.devserver import free_port
 
 START_TIMEOUT_SECONDS = 600.0
+SETTLE_TIMEOUT_SECONDS = 300.0
 REST_SECONDS = 10.0
 INOTIFY_KNOB = Path("/proc/sys/fs/inotify/max_user_instances")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -110,6 +113,7 @@ def bare_threads(
     """The bare imapclient process: start → all IDLE, RSS, CPU at rest."""
     listing = testbed.workdir / f"bare-{len(users)}.tsv"
     listing.write_text("".join(f"{a}\t{p}\n" for a, p in users), encoding="utf-8")
+    settle(testbed)
     started = time.monotonic()
     process = subprocess.Popen(
         [sys.executable, "-c", BARE, "127.0.0.1", str(testbed.server.port), str(listing)],
@@ -140,6 +144,7 @@ def emailsync_run(
     port = free_port()
     config = home / "emailsync.toml"
     config.write_text(_config(home, testbed.server.port, port, users), encoding="utf-8")
+    settle(testbed)
     started = time.monotonic()
     with DaemonProcess(config, port, home / "daemon.log") as daemon:
         deadline = started + START_TIMEOUT_SECONDS
@@ -158,6 +163,17 @@ def emailsync_run(
             time.sleep(0.25)
         seconds = time.monotonic() - started
         return _measure(daemon.process.pid, len(users), seconds, rest_seconds)
+
+
+def settle(testbed: Testbed) -> None:
+    """Wait until Dovecot has no IMAP session left (the previous run's have all ended)."""
+    deadline = time.monotonic() + SETTLE_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        out = testbed.server.doveadm("who", "-1", check=False).stdout
+        if not any(line.strip() for line in out.splitlines()[1:]):
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"Dovecot still has sessions after {SETTLE_TIMEOUT_SECONDS:.0f} s")
 
 
 def _measure(pid: int, mailboxes: int, seconds: float, rest_seconds: float) -> Footprint:
