@@ -28,7 +28,6 @@ from emailsync.classify import classify
 from emailsync.config import STUCK_AFTER_ATTEMPTS, MailboxSettings
 from emailsync.errors import (
     ConnectionLostError,
-    MailboxError,
     StoreError,
     StoreUnavailableError,
 )
@@ -97,24 +96,6 @@ class PendingFiling(Protocol):
     def wait(self) -> None:
         """Return once the messages moved; raises what ``QueueSession.file`` would."""
         ...
-
-
-class FiledNow:
-    """The PendingFiling of a session that moves at once: ``file`` has run, its error kept."""
-
-    def __init__(
-        self, session: QueueSession, uids: Sequence[int], role: FolderRole, keyword: str | None
-    ) -> None:
-        self.error: MailboxError | None = None
-        try:
-            session.file(uids, role, keyword)
-        except MailboxError as exc:
-            self.error = exc
-
-    def wait(self) -> None:
-        """Raise what ``file`` raised, if anything."""
-        if self.error is not None:
-            raise self.error
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,14 @@ from prometheus_client import CollectorRegistry
 
 from emailsync.clock import Clock
 from emailsync.config import MailboxSettings, Settings, parse_settings
-from emailsync.errors import AuthError, ConnectionLostError, LeaseLostError, StoreUnavailableError
-from emailsync.filing import FiledNow
+from emailsync.errors import (
+    AuthError,
+    ConnectionLostError,
+    LeaseLostError,
+    MailboxError,
+    StoreUnavailableError,
+)
+from emailsync.filing import QueueSession
 from emailsync.imap.idle import IdleUpdate
 from emailsync.metrics import Metrics
 from emailsync.model import BodyPlan, FetchedMessage, FolderRole, Group
@@ -215,6 +221,24 @@ class FakeServer:
 
     def successful_logins(self) -> list[float]:
         return [login.at for login in self.logins if login.outcome == "ok"]
+
+
+class FiledNow:
+    """The PendingFiling of a fake session, which moves at once: ``file`` has run, error kept."""
+
+    def __init__(
+        self, session: QueueSession, uids: Sequence[int], role: FolderRole, keyword: str | None
+    ) -> None:
+        self.error: MailboxError | None = None
+        try:
+            session.file(uids, role, keyword)
+        except MailboxError as exc:
+            self.error = exc
+
+    def wait(self) -> None:
+        """Raise what ``file`` raised, if anything."""
+        if self.error is not None:
+            raise self.error
 
 
 @dataclass

@@ -15,9 +15,11 @@ import pytest
 
 from emailsync.config import MailboxSettings, ServerSettings
 from emailsync.errors import ConnectionLostError, StoreError, StoreUnavailableError
-from emailsync.filing import FiledNow, Filer
+from emailsync.filing import Filer
 from emailsync.model import STUCK_KEYWORD, BodyPlan, FetchedMessage, FolderRole, TimelineEvent
 from emailsync.store.sqlite import SqliteStore
+
+from .fakeserver import FiledNow
 
 OWNER = "agent@example.com"
 REFUSED = "file to received: UID command error: NO [OVERQUOTA] Quota exceeded"
