@@ -169,8 +169,7 @@ def settle(testbed: Testbed) -> None:
     """Wait until Dovecot has no IMAP session left (the previous run's have all ended)."""
     deadline = time.monotonic() + SETTLE_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
-        out = testbed.server.doveadm("who", "-1", check=False).stdout
-        if not any(line.strip() for line in out.splitlines()[1:]):
+        if not testbed.server.sessions():
             return
         time.sleep(0.5)
     raise RuntimeError(f"Dovecot still has sessions after {SETTLE_TIMEOUT_SECONDS:.0f} s")

@@ -120,8 +120,7 @@ class WhoWatcher(threading.Thread):
     def run(self) -> None:
         while self._running:
             at = time.monotonic()
-            out = self.server.doveadm("who", "-1", check=False).stdout
-            users = Counter(line.split()[0] for line in out.splitlines()[1:] if line.strip())
+            users = Counter(self.server.sessions())
             self.samples.append((at, max(users.values(), default=0)))
             time.sleep(WHO_SECONDS)
 

@@ -207,6 +207,11 @@ class Dovecot:
             check=check,
         )
 
+    def sessions(self) -> list[str]:
+        """The user of each open IMAP session (``doveadm who -1``: one line per connection)."""
+        out = self.doveadm("who", "-1", check=False).stdout
+        return [line.split()[0] for line in out.splitlines()[1:] if line.strip()]
+
     def kick(self, user: str) -> None:
         """Disconnect every session of a user from the server side."""
         self.doveadm("kick", user, check=False)
