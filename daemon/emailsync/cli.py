@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 import structlog
 
@@ -53,10 +53,11 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-# Exit codes (sysexits.h where one fits).
+# Exit codes (sysexits.h where one fits). A usage error is 64 (EX_USAGE), not argparse's 2:
+# the units list it in RestartPreventExitStatus, since restarting cannot fix a command line.
 EXIT_OK = 0
 EXIT_RUNTIME = 1
-EXIT_USAGE = 2
+EXIT_USAGE = 64
 EXIT_UNAVAILABLE = 69
 EXIT_CONFIG = 78
 
@@ -93,19 +94,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+class UsageParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors exit 64 (EX_USAGE) instead of 2."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print the usage and the problem, then exit EX_USAGE."""
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+CONFIG_HELP = "config file (default: $EMAILSYNC_CONFIG, else /etc/emailsync/emailsync.toml)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = UsageParser(
         prog="emailsync",
         description="Files mail dropped into an IMAP Queue folder onto CRM group timelines.",
     )
     parser.add_argument("--version", action="version", version=f"emailsync {__version__}")
-    parser.add_argument(
-        "--config",
-        type=Path,
-        default=None,
-        help="config file (default: $EMAILSYNC_CONFIG, else /etc/emailsync/emailsync.toml)",
-    )
+    parser.add_argument("--config", type=Path, default=None, help=CONFIG_HELP)
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     def command(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
@@ -261,6 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("shell", choices=("bash", "zsh"))
 
     add_examples(parser)
+    # --config is global, and accepted after the command too (`emailsync run --config F`, as
+    # an operator or a unit file may write it). SUPPRESS: a command's parser sets it only when
+    # given there, so `emailsync --config F run` keeps F.
+    for _, sub_parser in walk_commands(parser):
+        sub_parser.add_argument("--config", type=Path, default=argparse.SUPPRESS, help=CONFIG_HELP)
     return parser
 
 

@@ -191,7 +191,7 @@ _{prog} "$@"
 EXIT_STATUS = (
     ("0", "success"),
     ("1", "runtime error (e.g. a login refused); for doctor, any check found a problem"),
-    ("2", "usage error"),
+    ("64", "usage error (EX_USAGE): an unknown command or option, a missing argument"),
     ("69", "service unavailable: the IMAP server or the running daemon cannot be reached"),
     ("78", "configuration error (check-config names each problem)"),
 )

@@ -335,9 +335,9 @@ def test_crm_check_says_in_one_line_whether_the_crm_accepts_us(
     assert "401" in bad.stderr
     assert "wrong secret" not in bad.stderr
     owned = run_cli(settings.path, "groups", "add", "Smith", CLIENT_A)
-    assert owned.returncode == 2
+    assert owned.returncode == 64
     assert "the CRM" in owned.stderr
-    assert run_cli(settings.path, "timeline").returncode == 2
+    assert run_cli(settings.path, "timeline").returncode == 64
 
 
 # -- the daemon ------------------------------------------------------------------------------

@@ -444,17 +444,19 @@ def test_instance_unit_has_the_same_hardening_as_the_main_unit() -> None:
 
 
 def test_units_keep_the_daemon_contract() -> None:
-    """Both units run the daemon as DESIGN §2 expects: notify, watchdog, reload, stop, 78."""
+    """Both units run the daemon as DESIGN §2 expects: notify, watchdog, reload, stop, 64, 78."""
     for unit in UNITS:
         settings = dict(unit_settings(unit, "Service"))
         assert settings["Type"] == "notify", unit.name
         assert settings["NotifyAccess"] == "main", unit.name
         assert settings["ExecReload"] == "/bin/kill -HUP $MAINPID", unit.name
-        assert settings["RestartPreventExitStatus"] == "78", unit.name
+        assert settings["RestartPreventExitStatus"] == "64 78", unit.name
         # The daemon exits within 10 s of SIGTERM; systemd must wait longer than that.
         assert int(settings["TimeoutStopSec"]) > 10, unit.name
         assert settings["User"] == "emailsync", unit.name
-        assert " run --config /etc/emailsync/" in settings["ExecStart"], unit.name
+        exec_start = settings["ExecStart"]
+        assert exec_start.startswith("/usr/bin/emailsync --config /etc/emailsync/"), unit.name
+        assert exec_start.endswith(".toml run"), unit.name
         # A thread per mailbox: 2,000 mailboxes, doubled while a reload overlaps old and new.
         assert int(settings["TasksMax"]) >= 2 * 2000, unit.name
         assert settings["MemoryMax"].endswith("G"), unit.name

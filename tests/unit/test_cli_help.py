@@ -120,3 +120,40 @@ def test_check_config_json(capsys: pytest.CaptureFixture[str]) -> None:
         "mailboxes": 2,
         "enabled": 2,
     }
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--config", "CONFIG", "check-config", "--skip-secrets"],
+        ["check-config", "--config", "CONFIG", "--skip-secrets"],
+        ["check-config", "--skip-secrets", "--config", "CONFIG"],
+    ],
+    ids=["before", "after", "last"],
+)
+def test_config_option_is_accepted_before_or_after_the_command(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--config` works wherever an operator or a unit file puts it (issue 18)."""
+    config = Path(__file__).resolve().parents[2] / "config" / "emailsync.toml"
+    assert main([str(config) if a == "CONFIG" else a for a in argv]) == 0
+    assert ": ok (" in capsys.readouterr().out
+
+
+def test_config_after_the_command_wins_over_one_before() -> None:
+    """A command's own --config overrides the global one; without it the global one stays."""
+    parser = build_parser()
+    assert parser.parse_args(["--config", "a", "run", "--config", "b"]).config == Path("b")
+    assert parser.parse_args(["--config", "a", "run"]).config == Path("a")
+    assert parser.parse_args(["run"]).config is None
+
+
+@pytest.mark.parametrize(
+    "argv", [["run", "--bogus"], ["no-such-command"], ["groups", "add"], ["sync", "--once=x"]]
+)
+def test_usage_errors_exit_64(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """A usage error exits 64 (EX_USAGE), which the units list in RestartPreventExitStatus."""
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 64
+    assert "usage:" in capsys.readouterr().err
