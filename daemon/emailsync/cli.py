@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import functools
 import json
+import os
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -41,6 +42,7 @@ from emailsync.imap.auth import Office365Authenticator, make_authenticator
 from emailsync.imap.session import ImapSession
 from emailsync.logs import configure_logging
 from emailsync.model import OUTCOME_KEYWORD, FolderRole, Outcome, TimelineEvent
+from emailsync.privilege import ActingUser, act_as_state_owner
 from emailsync.progress import progress
 from emailsync.store import check_store_url, open_store
 from emailsync.store.base import Registry, Store
@@ -363,9 +365,20 @@ def add_examples(parser: argparse.ArgumentParser) -> None:
 # -- helpers -------------------------------------------------------------------------------------
 
 
+def read_settings(args: argparse.Namespace) -> Settings:
+    """The config named by --config (or the default), read as the command's caller.
+
+    From here on a command run as root acts as the owner of the state directory (the
+    service's user), so that every file it creates there stays readable by the service.
+    """
+    settings = load_settings(args.config or default_config_path())
+    args.acting_as = act_as_state_owner(settings.daemon.state_dir)
+    return settings
+
+
 def load(args: argparse.Namespace) -> Settings:
     """Load the config named by --config (or the default) and set up logging from it."""
-    settings = load_settings(args.config or default_config_path())
+    settings = read_settings(args)
     configure_logging(settings.daemon.log_format, settings.daemon.log_level)
     return settings
 
@@ -466,7 +479,7 @@ def cmd_start_sync(args: argparse.Namespace, out: TextIO) -> int:
     if not args.all and not args.addresses:
         print("emailsync start-sync: give ADDRESS… or --all", file=sys.stderr)
         return EXIT_USAGE
-    client = ControlClient(load_settings(args.config or default_config_path()))
+    client = ControlClient(read_settings(args))
     for address in [None] if args.all else args.addresses:
         client.sync(address, include_stuck=args.include_stuck)
         stuck = " (releasing stuck messages)" if args.include_stuck else ""
@@ -476,7 +489,7 @@ def cmd_start_sync(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_stop(args: argparse.Namespace, out: TextIO) -> int:
     """Stop Email Sync for a mailbox in the running daemon."""
-    client = ControlClient(load_settings(args.config or default_config_path()))
+    client = ControlClient(read_settings(args))
     client.stop(args.address)
     print(
         f"{args.address}: stopped; run `emailsync setup {args.address}` to start it again", file=out
@@ -486,7 +499,7 @@ def cmd_stop(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
     """Per-mailbox state from the running daemon."""
-    client = ControlClient(load_settings(args.config or default_config_path()))
+    client = ControlClient(read_settings(args))
     for status in client.mailboxes():
         if args.json:
             print(json.dumps(status), file=out)
@@ -507,14 +520,17 @@ def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
     """Validate the config; one line per problem, exit 78 on any."""
     path = args.config or default_config_path()
     if args.json:
-        return _check_config_json(path, out, skip_secrets=args.skip_secrets)
-    settings = load_settings(path)
-    problems = [] if args.skip_secrets else check_secrets(settings)
+        return _check_config_json(args, out)
+    settings = read_settings(args)
+    problems = _service_access_problems(settings, args.acting_as)
+    problems += [] if args.skip_secrets else check_secrets(settings)
     try:
         check_store_url(settings.store_url, settings.daemon.state_dir)
     except ConfigError as exc:
         # The same parser open_store uses: check-config accepts exactly what run accepts.
         problems.extend(f"{settings.path}: daemon.{p}" for p in exc.problems)
+    if problems and args.acting_as is not None:
+        problems.append(_acting_note(args.acting_as))
     if problems:
         raise ConfigError(problems)
     enabled = sum(1 for m in settings.mailboxes if m.enabled)
@@ -523,12 +539,34 @@ def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
-def _check_config_json(path: Path, out: TextIO, *, skip_secrets: bool) -> int:
+def _service_access_problems(settings: Settings, acting_as: ActingUser | None) -> list[str]:
+    """The config file, when root checks it on behalf of a service user who cannot read it."""
+    if acting_as is None or os.access(settings.path, os.R_OK):
+        return []
+    return [
+        f"{settings.path}: {acting_as.name} (the service's user) cannot read the config: "
+        f"chgrp {acting_as.name} {settings.path} && chmod 0640 {settings.path}"
+    ]
+
+
+def _acting_note(acting_as: ActingUser) -> str:
+    """The line that says whose access check-config tested, and how to grant it."""
+    return (
+        f"(checked as {acting_as.name}, who owns {acting_as.state_dir} and runs the service; "
+        f"for a file it cannot read: chgrp {acting_as.name} FILE && chmod 0640 FILE)"
+    )
+
+
+def _check_config_json(args: argparse.Namespace, out: TextIO) -> int:
     """``check-config --json``: one object, exit 78 when it lists problems."""
+    path = args.config or default_config_path()
     report: dict[str, Any] = {"config": str(path), "ok": True, "problems": []}
     try:
-        settings = load_settings(path)
-        problems = [] if skip_secrets else check_secrets(settings)
+        settings = read_settings(args)
+        problems = _service_access_problems(settings, args.acting_as)
+        problems += [] if args.skip_secrets else check_secrets(settings)
+        if args.acting_as is not None:
+            report["checked_as"] = args.acting_as.name
         report["mailboxes"] = len(settings.mailboxes)
         report["enabled"] = sum(1 for m in settings.mailboxes if m.enabled)
     except ConfigError as exc:

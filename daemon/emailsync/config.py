@@ -207,7 +207,8 @@ class Settings:
     @property
     def store_url(self) -> str:
         """The store URL; the built-in SQLite file in state_dir by default."""
-        return self.daemon.store or f"sqlite:///{self.daemon.state_dir / 'emailsync.db'}"
+        database = (self.daemon.state_dir / "emailsync.db").absolute()
+        return self.daemon.store or f"sqlite://{database}"
 
 
 def default_config_path() -> Path:

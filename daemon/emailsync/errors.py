@@ -75,6 +75,14 @@ class MessageError(EmailSyncError):
     """A message cannot be used; file it to Failed with reason ``unparseable``."""
 
 
+class KeyUnavailableError(EmailSyncError):
+    """The registry key cannot be read: agent links and stored passwords cannot be checked.
+
+    A server fault (an unreadable or damaged key file), never the caller's: a page answers
+    500 and asks the agent to tell IT instead of calling a good link expired.
+    """
+
+
 class ControlError(EmailSyncError):
     """The running daemon could not be reached or refused a control request (exit 69)."""
 

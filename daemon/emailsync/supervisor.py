@@ -56,6 +56,7 @@ from emailsync.errors import (
     ConfigError,
     ConnectionLostError,
     ControlError,
+    KeyUnavailableError,
     MailboxError,
     RegistrationError,
     StoreError,
@@ -400,12 +401,16 @@ class Supervisor:
         return True
 
     def check_agent_token(self, token: str) -> str | None:
-        """The mailbox an agent token is for, or None (invalid, expired, revoked)."""
+        """The mailbox an agent token is for, or None (invalid, expired, revoked).
+
+        Raises KeyUnavailableError when the registry key cannot be read: that is this
+        server's fault, and must not pass for a bad token.
+        """
         try:
             granted = self.vault.check_token(token)
         except ConfigError as exc:
             log.error("agent_token_unchecked", problems=exc.problems)  # noqa: TRY400 -- no traceback needed
-            return None
+            raise KeyUnavailableError("; ".join(exc.problems)) from None
         return granted.address if granted is not None else None
 
     def issue_agent_token(self, address: str, days: int | None) -> str:

@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from emailsync.address import mailbox_address_problem, normalise_address
 from emailsync.errors import ConfigError
 from emailsync.imap.auth import write_private_file
+from emailsync.privilege import access_hint
 from emailsync.secret import Secret
 
 KEY_FILE_NAME = "registry.key"
@@ -78,6 +79,11 @@ class Vault:
             data = json.loads(self.path.read_text(encoding="utf-8"))
             keys = {int(g): _decode_key(k, str(self.path)) for g, k in data["keys"].items()}
             current = int(data["current"])
+        except PermissionError as exc:
+            hint = access_hint(self.path, self.path.parent)
+            raise ConfigError(
+                [f"{self.path}: unreadable registry key file: {exc.strerror}; {hint}"]
+            ) from None
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ConfigError([f"{self.path}: unreadable registry key file: {exc}"]) from None
         if current not in keys:
@@ -89,7 +95,13 @@ class Vault:
         # processes starting at once agree on one (the loser's link fails).
         text = _key_file_text(1, {1: secrets.token_bytes(KEY_BYTES)})
         tmp = self.path.with_name(f".{KEY_FILE_NAME}.{secrets.token_hex(4)}")
-        write_private_file(tmp, text)
+        try:
+            write_private_file(tmp, text)
+        except OSError as exc:
+            hint = access_hint(self.path, self.path.parent)
+            raise ConfigError(
+                [f"{self.path}: cannot create the registry key: {exc.strerror}; {hint}"]
+            ) from None
         try:
             os.link(tmp, self.path)
         except FileExistsError:

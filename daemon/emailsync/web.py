@@ -34,7 +34,7 @@ import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from emailsync.config import SECURITIES, weak_token_problem
-from emailsync.errors import RegistrationError
+from emailsync.errors import KeyUnavailableError, RegistrationError
 from emailsync.pages import Pages, Principal
 from emailsync.web_pages import (
     BRANCH_NAME,
@@ -58,6 +58,10 @@ MAX_BODY_BYTES = 64 * 1024
 REFUSED_WARNING_SECONDS = 10.0  # at most one warning about refused connections this often
 REFUSE_SECONDS = 0.5  # what writing a 503 to a connection beyond the cap may take at most
 NO_SUCH_MAILBOX = {"error": "no such mailbox"}
+KEY_UNAVAILABLE = (
+    "This server cannot check sign-in links right now: it cannot read its registry key. "
+    "Please tell IT (the daemon's log says which file and why)."
+)
 BUSY_RESPONSE = (
     b"HTTP/1.0 503 Service Unavailable\r\nRetry-After: 1\r\nConnection: close\r\n"
     b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: 5\r\n\r\nbusy\n"
@@ -358,6 +362,8 @@ def _handler_class(
                     self._page_post()
             except RefusedError as exc:
                 self._json(exc.status, {"error": exc.error})
+            except KeyUnavailableError:
+                self._key_unavailable()
             except Exception:
                 self._failed()
 
@@ -398,6 +404,16 @@ def _handler_class(
                 if name.startswith("do_"):
                     return self._method_not_allowed
                 raise AttributeError(name)
+
+        def _key_unavailable(self) -> None:
+            # The server cannot check links (its registry key is unreadable): a 500 that says
+            # so, never "your link expired" (issue 18). supervisor logged the file's problem.
+            self.close_connection = True
+            if self.path.startswith("/v1/"):
+                self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": KEY_UNAVAILABLE})
+                return
+            page = self._pages.render("server_fault.html", None, message=KEY_UNAVAILABLE)
+            self._html(HTTPStatus.INTERNAL_SERVER_ERROR, page)
 
         def _failed(self) -> None:
             # A bug in a route must cost a 500 and a log line, not the connection or a thread.

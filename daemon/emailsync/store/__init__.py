@@ -80,4 +80,6 @@ def _sqlite_path(url: str, state_dir: Path) -> Path:
         return state_dir / DEFAULT_DB_NAME
     if not path.startswith("/"):
         raise ConfigError([f"store: {url!r} needs an absolute path: sqlite:///ABSOLUTE/PATH.db"])
-    return Path(path)
+    # sqlite:////abs (SQLAlchemy's spelling of an absolute path) names the same file; POSIX
+    # keeps a leading "//" in a path, which then shows up in every message.
+    return Path("/" + path.lstrip("/"))

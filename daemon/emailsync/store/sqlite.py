@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from emailsync.errors import StoreError, StoreUnavailableError
 from emailsync.model import Attachment, Direction, Group, TimelineEvent
+from emailsync.privilege import access_hint
 from emailsync.store.base import Recorded, RegisteredBranch, RegisteredMailbox
 from emailsync.store.rows import (
     EventsQuery,
@@ -495,6 +496,11 @@ def _create_private_file(path: Path) -> None:
         # O_RDONLY: creating needs no write access to an existing file (a read-only CLI).
         fd = os.open(path, os.O_RDONLY | os.O_CREAT, DB_FILE_MODE)
         os.close(fd)
+    except PermissionError as exc:
+        raise StoreUnavailableError(
+            f"store {path}: cannot open the database file: {exc.strerror}; "
+            + access_hint(path, path.parent)
+        ) from exc
     except OSError as exc:
         raise StoreUnavailableError(f"store {path}: cannot create database file: {exc}") from exc
 
