@@ -533,9 +533,11 @@ def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
         problems.append(_acting_note(args.acting_as))
     if problems:
         raise ConfigError(problems)
+    count = len(settings.mailboxes)
     enabled = sum(1 for m in settings.mailboxes if m.enabled)
     store = f", CRM {settings.crm.url}" if settings.crm is not None else ""
-    print(f"{path}: ok ({len(settings.mailboxes)} mailboxes, {enabled} enabled{store})", file=out)
+    noun = "mailbox" if count == 1 else "mailboxes"
+    print(f"{path}: ok ({count} {noun}, {enabled} enabled{store})", file=out)
     return EXIT_OK
 
 

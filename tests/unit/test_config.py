@@ -1468,7 +1468,7 @@ def test_check_config_uses_emailsync_config_when_no_config_is_given(
     code = main(["check-config"])
 
     assert code == EXIT_OK
-    assert capsys.readouterr().out == f"{path}: ok (1 mailboxes, 1 enabled)\n"
+    assert capsys.readouterr().out == f"{path}: ok (1 mailbox, 1 enabled)\n"
 
 
 def test_check_config_of_a_bad_config_exits_78_with_one_line_per_problem(
