@@ -287,7 +287,7 @@ EXAMPLES: dict[str, str] = {
         "emailsync check-config\n  emailsync check-config --json\n"
         "  emailsync --config config/emailsync.toml check-config --skip-secrets"
     ),
-    "setup": "sudo -u emailsync emailsync setup agent1@example.com",
+    "setup": "emailsync setup agent1@example.com   # as root: acts as the state dir's owner",
     "sync": (
         "emailsync sync --dry-run agent1@example.com   # what would happen, nothing changed\n"
         "  emailsync sync --once                          # one pass over every enabled mailbox\n"

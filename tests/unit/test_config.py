@@ -295,7 +295,7 @@ def test_minimal_config_gets_the_documented_defaults(tmp_path: Path) -> None:
         root="Rezi-Imported", queue="Queue", sent="Sent", received="Received", failed="Failed"
     )
     assert settings.office365 is None
-    assert settings.store_url == "sqlite:////var/lib/emailsync/emailsync.db"
+    assert settings.store_url == "sqlite:///var/lib/emailsync/emailsync.db"
 
 
 def test_folder_names_are_found_by_role(tmp_path: Path) -> None:
@@ -481,7 +481,7 @@ def test_state_dir_defaults_to_state_directory_from_systemd(
     settings = load(tmp_path, MINIMAL)
 
     assert settings.daemon.state_dir == Path("/var/lib/emailsync-test")
-    assert settings.store_url == "sqlite:////var/lib/emailsync-test/emailsync.db"
+    assert settings.store_url == "sqlite:///var/lib/emailsync-test/emailsync.db"
 
 
 def test_explicit_state_dir_wins_over_state_directory(
