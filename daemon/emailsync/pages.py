@@ -4,10 +4,17 @@ A visitor logs in with a token (the admin's control token, or an agent's mailbox
 ``emailsync token issue``); the session lives in memory, behind an HttpOnly, SameSite=Strict
 cookie, and ends with the daemon. Every form carries the session's CSRF token, compared in
 constant time; a form without it is refused.
+
+A visitor who has not logged in yet stores nothing: their cookie holds a random nonce and the
+login form's CSRF token is an HMAC of it under a key of this process (a signed double-submit
+token). Only logins take one of the ``MAX_SESSIONS`` slots, so a flood of anonymous visits
+cannot push a logged-in admin or agent out (issue 19).
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import hmac
 import secrets
 import threading
@@ -28,6 +35,8 @@ STATIC_FILES = {
     "close.js": "text/javascript; charset=utf-8",
 }
 MAX_SESSIONS = 1000  # the oldest is dropped beyond this (a flood of logins cannot grow memory)
+# Starts an anonymous visitor's cookie; never a logged-in session's id (token_urlsafe has no ".").
+ANONYMOUS_PREFIX = "a."
 
 
 @dataclass(frozen=True)
@@ -72,6 +81,8 @@ class Pages:
     def __init__(self) -> None:
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
+        # Signs anonymous visitors' CSRF tokens; per process, like the sessions themselves.
+        self._anonymous_key = secrets.token_bytes(32)
         self._env = jinja2.Environment(
             loader=jinja2.PackageLoader("emailsync", "templates"),
             autoescape=True,  # every template is HTML: escape every value
@@ -86,6 +97,8 @@ class Pages:
         sid = _cookie_value(cookie_header or "", SESSION_COOKIE)
         if not sid:
             return None
+        if sid.startswith(ANONYMOUS_PREFIX):
+            return self._anonymous_session(sid)
         with self._lock:
             found = self._sessions.get(sid)
             if found is not None and time.monotonic() - found.created > SESSION_SECONDS:
@@ -94,8 +107,15 @@ class Pages:
             return found
 
     def anonymous(self) -> Session:
-        """A session before login, so the login form has a CSRF token too."""
-        return self._add(Session(secrets.token_urlsafe(32), None))
+        """A session before login, so the login form has a CSRF token too; nothing is stored."""
+        return self._anonymous_session(ANONYMOUS_PREFIX + secrets.token_urlsafe(32))
+
+    def _anonymous_session(self, sid: str) -> Session:
+        # The CSRF token is derived from the cookie's nonce: only a page that could read this
+        # cookie (our own, SameSite=Strict, HttpOnly) shows a token that matches it.
+        digest = hmac.new(self._anonymous_key, sid.encode(), hashlib.sha256).digest()
+        csrf = base64.urlsafe_b64encode(digest).decode().rstrip("=")
+        return Session(sid, None, csrf=csrf)
 
     def login(
         self, principal: Principal, *, token: str, replacing: Session | None = None
@@ -106,7 +126,7 @@ class Pages:
         return self._add(Session(secrets.token_urlsafe(32), principal, token))
 
     def logout(self, session: Session) -> None:
-        """End a session."""
+        """End a session (an anonymous one has nothing to end)."""
         with self._lock:
             self._sessions.pop(session.sid, None)
 

@@ -14,6 +14,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from emailsync.metrics import Metrics
+from emailsync.pages import MAX_SESSIONS
 from emailsync.web import WebServer
 from emailsync.worker import WorkerStatus
 
@@ -387,3 +388,56 @@ def test_a_method_a_path_does_not_take_is_405_with_allow_not_a_5xx(
     finally:
         conn.close()
     assert supervisor.synced == []
+
+
+class Registrar:
+    """Just enough of the self-service registrar for the IT page to render."""
+
+    def branches(self) -> list[dict[str, object]]:
+        return []
+
+    def mailbox_detail(self, address: str) -> dict[str, object] | None:
+        return None
+
+
+@pytest.fixture
+def with_pages() -> Iterator[WebServer]:
+    """A listener whose IT page renders (a stand-in registrar)."""
+    server = WebServer(
+        "127.0.0.1",
+        0,
+        Supervisor(),
+        CollectorRegistry(),
+        TOKEN,
+        registrar=Registrar(),  # type: ignore[arg-type]
+    )
+    server.start()
+    yield server
+    server.stop()
+
+
+def page(server: WebServer, path: str, cookie: str | None = None) -> tuple[int, str]:
+    """GET a page: its status and the session cookie it set ("" when none)."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    try:
+        conn.request("GET", path, headers={"Cookie": cookie} if cookie else {})
+        response = conn.getresponse()
+        response.read()
+        return response.status, (response.getheader("Set-Cookie") or "").split(";")[0]
+    finally:
+        conn.close()
+
+
+def test_anonymous_visitors_never_log_out_a_logged_in_session(with_pages: WebServer) -> None:
+    """Issue 19: every GET /login without a cookie stored a session; at MAX_SESSIONS the oldest,
+    the logged-in ones, were dropped. More than MAX_SESSIONS anonymous visits later, IT's
+    session still opens the IT page."""
+    status, cookie = page(with_pages, f"/login?token={TOKEN}")
+    assert status == 200
+    assert cookie.startswith("emailsync_session=")
+    assert page(with_pages, "/it", cookie)[0] == 200
+    for _ in range(MAX_SESSIONS + 10):
+        status, anonymous = page(with_pages, "/login")
+        assert status == 200
+        assert anonymous.startswith("emailsync_session=")
+    assert page(with_pages, "/it", cookie)[0] == 200
