@@ -5,11 +5,15 @@ request handler here derives from its ``PageRoutes`` and adds everything else.
 
 Its shape is written down in ``config/control-api.yaml`` (OpenAPI 3.1); keep the two in step.
 
-Hostile clients: at most ``MAX_CONNECTIONS`` connections are served at once, each gets one
-request (HTTP/1.0) and ``REQUEST_SECONDS`` in all to send it (a deadline over the whole request,
-not a timeout per read, so a client trickling a byte a second is cut off too). A connection
-beyond the cap is answered ``503`` with ``Retry-After`` at once and closed: a flood of idle
-connections delays ``/healthz`` by at most ``REQUEST_SECONDS``, when the idle ones are dropped.
+Hostile clients: at most ``MAX_CONNECTIONS`` connections are served at once, and one client
+address holds at most half of them, so a single client cannot lock the others out. Each
+connection gets one request (HTTP/1.0) and ``REQUEST_SECONDS`` in all to send it (a deadline
+over the whole request, not a timeout per read, so a client trickling a byte a second is cut
+off too). A connection beyond the caps goes to a small reserve that answers only ``/healthz``
+and ``/readyz`` (anything else: ``503`` with ``Retry-After``); it has ``PROBE_SECONDS`` to send
+its request, and when the reserve is full the oldest connection that has sent nothing yet is
+dropped to make room. Idle connections, however many, never keep a liveness probe from its
+answer (issue 19: a restart of a healthy daemon). Beyond the reserve: ``503`` at once.
 """
 
 from __future__ import annotations
@@ -23,11 +27,12 @@ import re
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 from urllib.parse import parse_qs, unquote
 
 import structlog
@@ -54,6 +59,10 @@ _SCRAPE_LOCK = threading.Lock()  # see _get: one /metrics at a time
 
 REQUEST_SECONDS = 10.0  # headers and body of one request, in all; then the client is dropped
 MAX_CONNECTIONS = 64  # served at once; beyond, 503 at once (a thread each: keep it small)
+# Beyond the caps, this many more connections may ask for /healthz or /readyz only.
+HEALTH_RESERVE_CONNECTIONS = 8
+PROBE_SECONDS = 1.0  # what a reserve connection has to send its request (a probe sends at once)
+HEALTH_PATHS = frozenset({"/healthz", "/readyz"})
 MAX_BODY_BYTES = 64 * 1024
 REFUSED_WARNING_SECONDS = 10.0  # at most one warning about refused connections this often
 REFUSE_SECONDS = 0.5  # what writing a 503 to a connection beyond the cap may take at most
@@ -122,6 +131,7 @@ class WebServer:
         token: str,
         *,
         max_connections: int = MAX_CONNECTIONS,
+        max_connections_per_client: int | None = None,
         request_seconds: float = REQUEST_SECONDS,
         registrar: Registrar | None = None,
         check_agent_token: AgentTokenCheck | None = None,
@@ -132,14 +142,18 @@ class WebServer:
             # Never serve the control API behind an empty or guessable token.
             raise ValueError(f"control token {problem}")
         self.pages = Pages()
-        handler = _handler_class(
-            control,
-            registry,
-            token,
-            request_seconds,
-            SelfService(registrar, check_agent_token, issue_agent_token, self.pages),
+        selfservice = SelfService(registrar, check_agent_token, issue_agent_token, self.pages)
+        handler = _handler_class(control, registry, token, request_seconds, selfservice)
+        probe_handler = _handler_class(
+            control, registry, token, PROBE_SECONDS, selfservice, health_only=True
         )
-        self.httpd = _BoundedHTTPServer((host, port), handler, max_connections)
+        self.httpd = _BoundedHTTPServer(
+            (host, port),
+            handler,
+            probe_handler,
+            max_connections,
+            max_connections_per_client or max(1, max_connections // 2),
+        )
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="http", daemon=True)
         if not is_loopback(host):
             log.warning(
@@ -152,7 +166,8 @@ class WebServer:
 
     @property
     def active_connections(self) -> int:
-        """Connections being served now (at most ``max_connections``)."""
+        """Connections being served now, the health reserve's aside (at most
+        ``max_connections``)."""
         return self.httpd.active
 
     @property
@@ -181,7 +196,8 @@ def is_loopback(host: str) -> bool:
 
 
 class _BoundedHTTPServer(ThreadingHTTPServer):
-    """A thread per connection, but never more than ``max_connections`` at once."""
+    """A thread per connection, never more than ``max_connections`` at once (``per_client``
+    of them from one address), plus the health reserve (see the module's docstring)."""
 
     daemon_threads = True
     block_on_close = False
@@ -194,12 +210,18 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
         self,
         address: tuple[str, int],
         handler: type[BaseHTTPRequestHandler],
+        probe_handler: type[BaseHTTPRequestHandler],
         max_connections: int,
+        per_client: int,
     ) -> None:
-        self._slots = threading.BoundedSemaphore(max_connections)
-        self._count_lock = threading.Lock()
+        self._probe_handler = probe_handler
+        self._lock = threading.Lock()
         self.active = 0
+        self._clients: Counter[str] = Counter()  # main slots held, by client address
+        # The reserve's connections, oldest first: True once its request has arrived.
+        self._reserve: dict[socket.socket, bool] = {}
         self._max_connections = max_connections
+        self._per_client = per_client
         self._refused = 0  # since the last warning
         self._warned_at = float("-inf")
         if ":" in address[0]:
@@ -207,39 +229,95 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
         super().__init__(address, handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
+        client = str(client_address[0])
+        dropped: socket.socket | None = None
+        reserved: bool | None
+        with self._lock:
+            if self.active < self._max_connections and self._clients[client] < self._per_client:
+                self.active += 1
+                self._clients[client] += 1
+                reserved = False
+            else:
+                reserved, dropped = self._take_reserve(request)
+        if dropped is not None:
+            _drop(dropped)
+            self.note_refused(client)
+        if reserved is None:
             _refuse(request)
             self.shutdown_request(request)
-            self._refused += 1
-            now = time.monotonic()
-            if now - self._warned_at >= REFUSED_WARNING_SECONDS:
-                # One line per interval, not per connection: a flood must not flood the journal.
-                log.warning(
-                    "http_connections_refused",
-                    count=self._refused,
-                    max_connections=self._max_connections,
-                    last_client=client_address[0],
-                )
-                self._refused, self._warned_at = 0, now
+            self.note_refused(client)
             return
-        self._count(+1)
         try:
-            super().process_request(request, client_address)
+            threading.Thread(
+                target=self._serve, args=(request, client_address, reserved), daemon=True
+            ).start()
         except BaseException:
-            self._count(-1)
-            self._slots.release()
+            self._release(request, client, reserved)
             raise
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._count(-1)
-            self._slots.release()
+    def _take_reserve(self, request: socket.socket) -> tuple[bool | None, socket.socket | None]:
+        """A reserve slot (True) or none (None), and the idle connection dropped to make room."""
+        dropped = None
+        if len(self._reserve) >= HEALTH_RESERVE_CONNECTIONS:
+            dropped = next((s for s, asked in self._reserve.items() if not asked), None)
+            if dropped is None:
+                return None, None  # every reserve connection is being answered
+            del self._reserve[dropped]
+        self._reserve[request] = False
+        return True, dropped
 
-    def _count(self, change: int) -> None:
-        with self._count_lock:
-            self.active += change
+    def _serve(self, request: socket.socket, client_address: Any, reserved: bool) -> None:
+        """What ``process_request_thread`` does, with the handler of the slot taken."""
+        try:
+            if reserved:
+                self._probe_handler(request, client_address, self)
+            else:
+                self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self._release(request, str(client_address[0]), reserved)
+            self.shutdown_request(request)
+
+    def _release(self, request: socket.socket, client: str, reserved: bool) -> None:
+        with self._lock:
+            if reserved:
+                self._reserve.pop(request, None)  # (gone already when it was dropped)
+                return
+            self.active -= 1
+            self._clients[client] -= 1
+            if self._clients[client] <= 0:
+                del self._clients[client]
+
+    def request_arrived(self, request: socket.socket) -> None:
+        """A reserve connection sent its request: it is answered, never dropped for room."""
+        with self._lock:
+            if request in self._reserve:
+                self._reserve[request] = True
+
+    def note_refused(self, client: str) -> None:
+        """Count a connection turned away; warn at most once per REFUSED_WARNING_SECONDS."""
+        with self._lock:
+            self._refused += 1
+            now = time.monotonic()
+            if now - self._warned_at < REFUSED_WARNING_SECONDS:
+                return
+            # One line per interval, not per connection: a flood must not flood the journal.
+            count, self._refused, self._warned_at = self._refused, 0, now
+        log.warning(
+            "http_connections_refused",
+            count=count,
+            max_connections=self._max_connections,
+            max_connections_per_client=self._per_client,
+            last_client=client,
+        )
+
+
+def _drop(request: socket.socket) -> None:
+    """End a reserve connection that has sent nothing (its own thread then closes it)."""
+    with contextlib.suppress(OSError):
+        request.send(BUSY_RESPONSE, socket.MSG_DONTWAIT)
+        request.shutdown(socket.SHUT_RDWR)
 
 
 def _refuse(request: socket.socket) -> None:
@@ -292,7 +370,10 @@ def _handler_class(
     token: str,
     request_seconds: float,
     selfservice: SelfService,
+    *,
+    health_only: bool = False,
 ) -> type[BaseHTTPRequestHandler]:
+    """The request handler; ``health_only`` for the health reserve's connections."""
     expected = f"Bearer {token}".encode()
     pages = selfservice.pages
 
@@ -345,6 +426,11 @@ def _handler_class(
             self._dispatch("DELETE")
 
         def _dispatch(self, method: str) -> None:
+            if health_only:
+                cast("_BoundedHTTPServer", self.server).request_arrived(self.connection)
+                if method != "GET" or self.path.split("?", 1)[0] not in HEALTH_PATHS:
+                    self._busy()
+                    return
             try:
                 if method != "GET" and not self._read_body():
                     return
@@ -366,6 +452,18 @@ def _handler_class(
                 self._key_unavailable()
             except Exception:
                 self._failed()
+
+        def _busy(self) -> None:
+            # A reserve connection asked for more than health: the same 503 as beyond the cap.
+            cast("_BoundedHTTPServer", self.server).note_refused(str(self.client_address[0]))
+            self.close_connection = True
+            body = b"busy\n"
+            self.send_response(HTTPStatus.SERVICE_UNAVAILABLE)
+            self.send_header("Retry-After", "1")
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
 
         def _read_body(self) -> bool:
             try:

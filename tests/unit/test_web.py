@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from emailsync.metrics import Metrics
 from emailsync.pages import MAX_SESSIONS
-from emailsync.web import WebServer
+from emailsync.web import MAX_CONNECTIONS, WebServer
 from emailsync.worker import WorkerStatus
 
 TOKEN = "s3cret-token-for-the-web-tests"
@@ -317,31 +317,81 @@ def wait_for_connections(server: WebServer, count: int) -> None:
         time.sleep(0.01)
 
 
-def test_connections_beyond_the_cap_get_503_until_idle_ones_reach_the_deadline(
+def call_from(
+    server: WebServer, source: str, path: str, headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
+    """GET ``path`` from the loopback address ``source`` (127.0.0.0/8 is all this machine's)."""
+    conn = http.client.HTTPConnection(
+        "127.0.0.1", server.port, timeout=5, source_address=(source, 0)
+    )
+    try:
+        conn.request("GET", path, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def idle_from(server: WebServer, source: str, count: int) -> list[socket.socket]:
+    """``count`` connections from ``source`` that never send a byte."""
+    return [
+        socket.create_connection(("127.0.0.1", server.port), timeout=5, source_address=(source, 0))
+        for _ in range(count)
+    ]
+
+
+def test_one_client_holding_every_connection_leaves_healthz_and_other_clients_served(
+    served: tuple[WebServer, Supervisor],
+) -> None:
+    """Issue 19: 64 idle connections from one client kept /healthz at 503 (and a liveness probe
+    restarted a healthy daemon). Now that client gets half the slots, health probes have a
+    reserve of their own, and another client still reaches the API."""
+    server, _ = served
+    # The listener accepts in order: every request below comes after all the idle connections.
+    idle = idle_from(server, "127.0.0.1", MAX_CONNECTIONS)
+    try:
+        for path in ("/healthz", "/readyz", "/healthz"):
+            started = time.monotonic()
+            status, _ = call_from(server, "127.0.0.1", path)
+            assert status == (503 if path == "/readyz" else 200)  # (the stand-in is not ready)
+            assert time.monotonic() - started < 1.0
+        assert call_from(server, "127.0.0.2", "/v1/mailboxes", AUTH)[0] == 200
+        assert call_from(server, "127.0.0.1", "/v1/mailboxes", AUTH) == (503, b"busy\n")
+        assert server.active_connections == MAX_CONNECTIONS // 2  # the flooder's share
+    finally:
+        for each in idle:
+            each.close()
+
+
+def test_connections_beyond_the_cap_get_503_but_health_answers_until_idle_ones_are_dropped(
     strict: WebServer,
 ) -> None:
-    """4 idle connections fill the cap: /healthz gets 503 at once, then 200 after the deadline."""
-    idle = [socket.create_connection(("127.0.0.1", strict.port)) for _ in range(3)]
+    """A cap of 4 (2 a client): one client's 2 idle connections leave it no room for an API call
+    but leave room for others; 4 fill the cap for everyone but /healthz; the idle ones are
+    dropped at the request deadline, then the API answers again."""
+    idle = idle_from(strict, "127.0.0.1", 2)
     try:
-        wait_for_connections(strict, 3)
-        assert call(strict, "GET", "/healthz")[0] == 200  # below the cap: served
-        wait_for_connections(strict, 3)  # that call's slot is free again
-        idle.append(socket.create_connection(("127.0.0.1", strict.port)))
-        wait_for_connections(strict, 4)  # the cap is full
+        wait_for_connections(strict, 2)
         started = time.monotonic()
         with structlog.testing.capture_logs() as logs:
-            status, body = call(strict, "GET", "/healthz")
-            assert (status, body) == (503, b"busy\n")
+            assert call_from(strict, "127.0.0.1", "/v1/mailboxes", AUTH) == (503, b"busy\n")
             assert time.monotonic() - started < 1.0  # refused at once, not queued
-            assert call(strict, "GET", "/healthz")[0] == 503
+            assert call_from(strict, "127.0.0.1", "/healthz")[0] == 200
+            assert call_from(strict, "127.0.0.2", "/v1/mailboxes", AUTH)[0] == 200
+            wait_for_connections(strict, 2)  # that call's slot is free again
+            idle += idle_from(strict, "127.0.0.2", 2)
+            wait_for_connections(strict, 4)  # the cap is full
+            assert call_from(strict, "127.0.0.3", "/v1/mailboxes", AUTH)[0] == 503
+            assert call_from(strict, "127.0.0.3", "/healthz")[0] == 200
+            assert time.monotonic() - started < 1.0
             deadline = started + REQUEST_SECONDS + 2.0
-            while call(strict, "GET", "/healthz")[0] != 200:
-                assert time.monotonic() < deadline, "/healthz still refused after the deadline"
+            while call_from(strict, "127.0.0.1", "/v1/mailboxes", AUTH)[0] != 200:
+                assert time.monotonic() < deadline, "still refused after the deadline"
                 time.sleep(0.1)
         # The idle ones were dropped at their deadline, not before.
         assert time.monotonic() - started >= REQUEST_SECONDS - 1.0
         assert all(each.recv(1) == b"" for each in idle)  # closed by the server, no answer
-        # Two refusals or more, one warning: a flood does not flood the log.
+        # Several refusals, one warning: a flood does not flood the log.
         refused = [e for e in logs if e["event"] == "http_connections_refused"]
         assert [(e["count"], e["max_connections"]) for e in refused] == [(1, 4)]
     finally:
