@@ -85,7 +85,7 @@ deb: deb-deps
 
 # Builds the .deb, dpkg -i on this machine (root), --version, check-config on the example,
 # systemd-analyze verify on the installed units, then dpkg --purge and checks nothing is left.
-test-deb: deb-deps
+test-deb: deb-deps setup
 	bash .ci/test-deb
 
 clean:
