@@ -355,6 +355,9 @@ def metrics_reference(alerts_file: Path) -> str:
         "",
         "`GET /metrics` on the `[daemon] listen` address. Label `mailbox` is the address.",
         "",
+        "Off loopback (any `listen` but 127.0.0.0/8, `::1`, `localhost`) it needs",
+        "`Authorization: Bearer <control token>` (Prometheus: `authorization: credentials_file:`).",
+        "",
         "| metric | type | labels | meaning |",
         "|---|---|---|---|",
     ]

@@ -143,7 +143,10 @@ class WebServer:
             raise ValueError(f"control token {problem}")
         self.pages = Pages()
         selfservice = SelfService(registrar, check_agent_token, issue_agent_token, self.pages)
-        handler = _handler_class(control, registry, token, request_seconds, selfservice)
+        metrics_token = metrics_need_token(host)
+        handler = _handler_class(
+            control, registry, token, request_seconds, selfservice, metrics_token=metrics_token
+        )
         probe_handler = _handler_class(
             control, registry, token, PROBE_SECONDS, selfservice, health_only=True
         )
@@ -160,8 +163,8 @@ class WebServer:
                 "listen_not_loopback",
                 host=host,
                 port=self.port,
-                hint="the control API and /metrics are reachable from the network; "
-                "put a TLS proxy in front and firewall the port",
+                hint="the control API (and /metrics, with the token) is reachable from the "
+                "network; put a TLS proxy in front and firewall the port",
             )
 
     @property
@@ -193,6 +196,16 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False  # a host name: it may resolve to anything
+
+
+def metrics_need_token(host: str) -> bool:
+    """True when ``/metrics`` answers only the admin token: on any listener but a loopback one.
+
+    The metrics name every mailbox (the ``mailbox`` label), which ``/`` hides from anonymous
+    visitors; on loopback only this machine's users can ask, as with ``emailsync status``.
+    Prometheus sends the token natively (``authorization: credentials_file:``).
+    """
+    return not is_loopback(host)
 
 
 class _BoundedHTTPServer(ThreadingHTTPServer):
@@ -372,8 +385,10 @@ def _handler_class(
     selfservice: SelfService,
     *,
     health_only: bool = False,
+    metrics_token: bool = False,
 ) -> type[BaseHTTPRequestHandler]:
-    """The request handler; ``health_only`` for the health reserve's connections."""
+    """The request handler; ``health_only`` for the health reserve's connections,
+    ``metrics_token`` when ``/metrics`` needs the admin token."""
     expected = f"Bearer {token}".encode()
     pages = selfservice.pages
 
@@ -525,6 +540,8 @@ def _handler_class(
         def _get(self) -> None:
             path, _, query = self.path.partition("?")
             if path == "/metrics":
+                if metrics_token and self._admin() is None:
+                    return
                 # One scrape at a time, its garbage given back after: at 2,000 mailboxes a
                 # scrape peaks at ~30 MB, and overlapping ones (a client that gave up and
                 # asked again) would stack up (issue 10).

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from emailsync.metrics import Metrics
 from emailsync.pages import MAX_SESSIONS
-from emailsync.web import MAX_CONNECTIONS, WebServer
+from emailsync.web import MAX_CONNECTIONS, WebServer, metrics_need_token
 from emailsync.worker import WorkerStatus
 
 TOKEN = "s3cret-token-for-the-web-tests"
@@ -491,3 +491,44 @@ def test_anonymous_visitors_never_log_out_a_logged_in_session(with_pages: WebSer
         assert status == 200
         assert anonymous.startswith("emailsync_session=")
     assert page(with_pages, "/it", cookie)[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("host", "needed"),
+    [
+        ("127.0.0.1", False),
+        ("127.0.0.2", False),  # all of 127.0.0.0/8 is this machine's
+        ("::1", False),
+        ("[::1]", False),
+        ("localhost", False),
+        ("0.0.0.0", True),  # noqa: S104 -- the case under test
+        ("::", True),
+        ("192.0.2.10", True),
+        ("emailsync.example", True),  # a name may resolve to anything
+    ],
+)
+def test_metrics_need_the_token_unless_the_listener_is_loopback_only(
+    host: str, needed: bool
+) -> None:
+    """Issue 19: /metrics names every mailbox; off loopback only the token holder reads it."""
+    assert metrics_need_token(host) is needed
+
+
+def test_metrics_on_a_wildcard_listener_answer_401_without_the_token() -> None:
+    """A listener on 0.0.0.0 (reached here on loopback) keeps /metrics to the token holder, with
+    the same 401 as /v1; health and readiness stay open for probes."""
+    supervisor = Supervisor()
+    registry = CollectorRegistry()
+    Metrics(registry).init_mailbox("agent@example.com")
+    server = WebServer("0.0.0.0", 0, supervisor, registry, TOKEN)  # noqa: S104 -- the case under test
+    server.start()
+    try:
+        status, body = call(server, "GET", "/metrics")
+        assert (status, body) == (401, b'{"error": "missing or wrong bearer token"}')
+        assert call(server, "GET", "/metrics", {"Authorization": f"Bearer {TOKEN}x"})[0] == 401
+        status, body = call(server, "GET", "/metrics", AUTH)
+        assert status == 200
+        assert b'mailbox="agent@example.com"' in body
+        assert call(server, "GET", "/healthz")[0] == 200
+    finally:
+        server.stop()
