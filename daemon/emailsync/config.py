@@ -40,6 +40,8 @@ CRM_TIMEOUT_SECONDS = 10.0
 CRM_GROUP_CACHE_SECONDS = 60.0
 # Plain http:// is accepted only to these hosts (a CRM on the same machine, the demo's).
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+# How errors and docs (config/crm-api.yaml) name them; a test keeps the two in step.
+PLAIN_HTTP_HOSTS = "plain http:// only to localhost, 127.0.0.1 or [::1]"
 
 SECURITIES = ("ssl", "starttls", "none")
 AUTHS = ("password", "office365")
@@ -726,7 +728,7 @@ def _check_crm_url(value: str) -> str | None:
     if parts.query or parts.fragment:
         return "must not have a query or fragment"
     if parts.scheme == "http" and parts.hostname not in LOOPBACK_HOSTS:
-        return "must be https:// (plain http:// only to localhost)"
+        return f"must be https:// ({PLAIN_HTTP_HOSTS})"
     return None
 
 

@@ -226,3 +226,19 @@ def test_the_crm_api_document_is_valid_openapi_3_1() -> None:
     validate(document)  # raises on any schema violation
     assert document["openapi"].startswith("3.1")
     assert set(document["paths"]) == {"/groups:lookup", "/timeline-events"}
+
+
+def test_the_crm_api_document_and_the_config_error_name_the_same_plain_http_hosts(
+    tmp_path: Path,
+) -> None:
+    """Issue 19: the OpenAPI said requests go over TLS, the config error "only to localhost",
+    and the code took 127.0.0.1 and ::1 as well. Both now name the same three hosts."""
+    for host in ("localhost", "127.0.0.1", "[::1]"):
+        load(tmp_path, f'[crm]\nurl = "http://{host}:8080/api"\nsecret_env = "X"\n')
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, '[crm]\nurl = "http://crm.example.com"\nsecret_env = "X"\n')
+    (problem,) = caught.value.problems
+    wording = "plain http:// only to localhost, 127.0.0.1 or [::1]"
+    assert wording in problem
+    document = (Path(__file__).parents[2] / "config" / "crm-api.yaml").read_text()
+    assert wording in " ".join(document.split())
