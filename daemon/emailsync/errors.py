@@ -27,14 +27,24 @@ class ConnectionLostError(MailboxError):
 
     ``kind`` is the metric label: timeout, refused, tls, bye or protocol.
     ``retry_after`` is a server-suggested back-off in seconds, when the server gave one.
+    ``gone`` is True when the connection cannot be used any more (closed, reset, timed out,
+    or out of step after an answer that could not be read), False for a refusal (NO, BAD) on
+    a connection that still answers; ``imap.translate.connection_gone`` decides it for
+    library errors. Unset, it is True for every kind but protocol.
     """
 
     def __init__(
-        self, message: str, *, kind: str = "protocol", retry_after: float | None = None
+        self,
+        message: str,
+        *,
+        kind: str = "protocol",
+        retry_after: float | None = None,
+        gone: bool | None = None,
     ) -> None:
         super().__init__(message)
         self.kind = kind
         self.retry_after = retry_after
+        self.gone = kind != "protocol" if gone is None else gone
 
 
 class IdentityProviderUnavailableError(ConnectionLostError):

@@ -321,7 +321,7 @@ class Filer:
                 else:
                     self.log.warning("stuck_keyword_not_allowed", uids=sorted(reached))
             except ConnectionLostError as exc:
-                if exc.kind != "protocol":
+                if exc.gone:
                     raise
                 # Still held (in memory) for the life of this process.
                 self.log.warning("stuck_keyword_refused", uids=sorted(reached), error=str(exc))
@@ -357,7 +357,7 @@ class Filer:
         try:
             fetched = fetch(uids)
         except ConnectionLostError as exc:
-            if exc.kind != "protocol":
+            if exc.gone:
                 if len(uids) == 1 and uids[0] in self._suspects:
                     self._fail(uids[0], "fetch_lost", str(exc))
                 else:
@@ -373,11 +373,15 @@ class Filer:
         for uid in uids:
             try:
                 fetched.extend(fetch([uid]))
-            except ConnectionLostError as exc:
-                if exc.kind != "protocol" or _busy(exc):
+            except ConnectionLostError as alone:
+                if alone.gone:
+                    # Lost on its own FETCH: a suspect, counted if that happens again alone.
+                    self._suspects.add(uid)
                     raise
-                self.log.error("message_not_fetched", uid=uid, error=str(exc))  # noqa: TRY400 -- expected, no traceback
-                self._fail(uid, "fetch", str(exc))
+                if _busy(alone):
+                    raise
+                self.log.error("message_not_fetched", uid=uid, error=str(alone))  # noqa: TRY400 -- expected, no traceback
+                self._fail(uid, "fetch", str(alone))
         return fetched
 
     def decide(
@@ -652,14 +656,14 @@ class Filer:
                 moved.extend(group)
                 continue
             except ConnectionLostError as exc:
-                if exc.kind != "protocol":
+                if exc.gone:
                     raise
                 self.log.warning("batch_not_moved", error=str(exc), messages=len(group))
             for decision in group:
                 try:
                     session.file([decision.uid], folder, keyword)
                 except ConnectionLostError as exc:
-                    if exc.kind != "protocol":
+                    if exc.gone:
                         raise
                     self.log.error("message_not_moved", uid=decision.uid, error=str(exc))  # noqa: TRY400 -- expected, no traceback
                     if not _busy(exc):

@@ -27,6 +27,10 @@ Faults, all switchable while connections are open:
   mid-IDLE, mid-MOVE;
 - ``answer_on(pattern, answer)``: answer a matching command in the server's place (e.g.
   ``NO [OVERQUOTA]``) without forwarding it;
+- ``cut_reply_on(pattern)``, ``garble_reply_on(pattern, garbage)``: on the server's side,
+  where its bytes match ``pattern`` (a bytes regex, within one line): forward them up to the
+  end of the match, then close (FIN) the connection, so the client reads a line cut short;
+  or put ``garbage`` in the match's place;
 - ``before_client_command(pattern, callback)``: run ``callback()`` (blocking code, in a
   thread) before a matching client line is forwarded; e.g. APPEND a message with another
   connection in the instant before IDLE reaches the server.
@@ -79,6 +83,17 @@ class Rule:
 
 
 @dataclass
+class ReplyRule:
+    """One fault on the server's bytes, where they match ``pattern``."""
+
+    pattern: re.Pattern[bytes]
+    action: str  # "cut" or "garble"
+    times: int | None = 1  # None: every match
+    garbage: bytes = b""
+    fired: int = 0
+
+
+@dataclass
 class Connection:
     """One client connection through the proxy and what was seen on it."""
 
@@ -94,6 +109,7 @@ class Connection:
     half_closed: bool = False
     reset_budget: int | None = None  # server bytes left before an RST
     server_bytes: int = 0
+    held: bytes = b""  # server bytes after the last LF, held while reply rules look
     client: asyncio.StreamWriter | None = None
     client_reader: asyncio.StreamReader | None = None
     upstream: asyncio.StreamWriter | None = None
@@ -116,6 +132,7 @@ class FaultProxy:
         self.connections: list[Connection] = []
         self.faults: Counter[str] = Counter()
         self._rules: list[Rule] = []
+        self._reply_rules: list[ReplyRule] = []
         self._lock = threading.Lock()
         self._stalled = False
         self._refuse = False
@@ -286,6 +303,19 @@ class FaultProxy:
         """
         self._add(Rule(_compile(pattern), "answer", times, answer=answer))
 
+    def cut_reply_on(self, pattern: bytes, *, times: int | None = 1) -> None:
+        """Forward the server's bytes up to the end of a ``pattern`` match, then close (FIN).
+
+        The client reads a line cut short, as when a server process dies mid-answer: e.g.
+        ``rb"\\* \\d+ FETCH \\(UID 2 "`` cuts the FETCH line of UID 2 in its middle. The
+        match must lie within one line (a lookahead can require more of the line).
+        """
+        self._add_reply(ReplyRule(re.compile(pattern), "cut", times))
+
+    def garble_reply_on(self, pattern: bytes, garbage: bytes, *, times: int | None = 1) -> None:
+        """Send ``garbage`` in place of the server's bytes that match ``pattern`` (one line)."""
+        self._add_reply(ReplyRule(re.compile(pattern), "garble", times, garbage))
+
     def before_client_command(
         self, pattern: str, callback: Callable[[], object], *, times: int | None = 1
     ) -> None:
@@ -304,6 +334,7 @@ class FaultProxy:
         """
         with self._lock:
             self._rules.clear()
+            self._reply_rules.clear()
         self._refuse = False
         self._trickle = None
         self._stalled = False
@@ -321,6 +352,10 @@ class FaultProxy:
     def _add(self, rule: Rule) -> None:
         with self._lock:
             self._rules.append(rule)
+
+    def _add_reply(self, rule: ReplyRule) -> None:
+        with self._lock:
+            self._reply_rules.append(rule)
 
     # -- what was seen --------------------------------------------------------------------
 
@@ -470,10 +505,25 @@ class FaultProxy:
             while not conn.done:
                 data = await reader.read(_CHUNK)
                 if not data:
+                    if conn.held:
+                        writer.write(conn.held)
+                        await writer.drain()
                     return
                 await self._pass_gate(conn)
                 if conn.half_closed:
                     continue
+                cut = False
+                if self._reply_rules or conn.held:
+                    data, cut = self._rewrite(conn, data)
+                    if cut:
+                        writer.write(data)
+                        conn.server_bytes += len(data)
+                        with contextlib.suppress(ConnectionError, OSError):
+                            await writer.drain()
+                        self._close(conn, reset=False, kind="cut_reply")
+                        return
+                    if not data:
+                        continue
                 budget = conn.reset_budget
                 if budget is not None and len(data) >= budget:
                     writer.write(data[:budget])
@@ -498,6 +548,29 @@ class FaultProxy:
                     await writer.drain()
                     await asyncio.sleep(delay)
                     await self._pass_gate(conn)
+
+    def _rewrite(self, conn: Connection, data: bytes) -> tuple[bytes, bool]:
+        """Apply the reply rules to whole lines of ``data``; True when the connection is cut.
+
+        The bytes after the last LF wait in ``conn.held`` for the rest of their line, so that
+        a match never straddles two reads.
+        """
+        data = conn.held + data
+        end = data.rfind(b"\n") + 1
+        data, conn.held = data[:end], data[end:]
+        with self._lock:
+            rules = [r for r in self._reply_rules if r.times is None or r.fired < r.times]
+        for rule in rules:
+            match = rule.pattern.search(data)
+            if match is None:
+                continue
+            rule.fired += 1
+            if rule.action == "cut":
+                conn.held = b""
+                return data[: match.end()], True
+            self._hit(conn, "garble_reply")
+            data = data[: match.start()] + rule.garbage + data[match.end() :]
+        return data, False
 
     def _record(self, conn: Connection, text: str) -> None:
         if _LOGOUT.match(text):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -196,3 +197,36 @@ def test_before_client_command_runs_before_the_line_is_forwarded(
     assert proxy.faults["callback"] == 1
     sock.sendall(b"DONE\r\n")
     sock.close()
+
+
+def test_cut_reply_on_ends_the_connection_in_the_middle_of_a_matching_line(
+    proxy: FaultProxy, user: MailUser
+) -> None:
+    with user.client() as direct:
+        for n in (1, 2, 3):
+            direct.append("INBOX", f"Subject: {n}\r\n\r\nhi\r\n".encode())
+    sock = login(proxy, user)
+    command(sock, b"SELECT INBOX", b"b")
+    proxy.cut_reply_on(rb"\* \d+ FETCH \(UID 2 ")
+    sock.sendall(b"c UID FETCH 1:* (FLAGS)\r\n")
+    got = bytearray()
+    read_to_end(sock, got)  # FIN, not RST: everything sent before the cut arrives
+    sock.close()
+    assert re.search(rb"\* 1 FETCH \(UID 1 [^\r\n]*\)\r\n", got)
+    assert got.endswith(b"* 2 FETCH (UID 2 ")  # the line cut short, no CRLF
+    assert proxy.faults["cut_reply"] == 1
+
+
+def test_garble_reply_on_replaces_the_matching_bytes(proxy: FaultProxy, user: MailUser) -> None:
+    with user.client() as direct:
+        for n in (1, 2):
+            direct.append("INBOX", f"Subject: {n}\r\n\r\nhi\r\n".encode())
+    sock = login(proxy, user)
+    command(sock, b"SELECT INBOX", b"b")
+    proxy.garble_reply_on(rb"\* \d+ FETCH \(UID 2 ", b"%garbage% ")
+    answer = command(sock, b"UID FETCH 1:* (FLAGS)", b"c")
+    sock.close()
+    assert b"* 1 FETCH (UID 1 " in answer
+    assert b"\r\n%garbage% FLAGS" in answer
+    assert b"UID 2 " not in answer
+    assert proxy.faults["garble_reply"] == 1

@@ -213,6 +213,53 @@ def test_a_move_refused_on_every_try_is_retried_with_back_off_then_quarantined(
     assert fault_proxy.logins(user.address) == 1
 
 
+def queue_with_uids(user: MailUser, *messages: bytes) -> list[int]:
+    """Append to Queue; the UIDs the server gave them (RFC 4315 APPENDUID)."""
+    uids = []
+    with user.client() as client:
+        for raw in messages:
+            answer = client.append(f"{ROOT}.Queue", raw)
+            uids.append(int(answer.split(b"]", 1)[0].split()[-1]))
+    return uids
+
+
+def only_stuck_left(user: MailUser, uid: int) -> bool:
+    """True once Queue holds only ``uid``, quarantined with $EmailSyncStuck."""
+    with user.client() as client:
+        client.select_folder(f"{ROOT}.Queue", readonly=True)
+        return client.search(["ALL"]) == client.search(["KEYWORD", "$EmailSyncStuck"]) == [uid]
+
+
+@pytest.mark.parametrize("fault", ["cut", "garble"])
+def test_a_message_whose_fetch_line_breaks_the_connection_is_quarantined_and_the_rest_filed(
+    fault: str, user: MailUser, fault_proxy: FaultProxy, daemons: DaemonFactory
+) -> None:
+    """Issue 19 defect 3: the connection ends in the middle of the 2nd message's FETCH line
+    (or the server sends garbage in its place) every time. Each FETCH of it alone counts an
+    attempt; after ``stuck_after_attempts`` it stays in Queue with $EmailSyncStuck and the
+    messages before and behind it are filed."""
+    settings = {**DAEMON, "fetch_batch": 200, "stuck_after_attempts": 3}
+    daemon = daemons.start([user], groups=GROUPS, proxy=fault_proxy, **settings)
+    wait_until(lambda: idle(daemon, user))
+    messages = [build_message(CLIENT, user.address, f"poison {n}") for n in (1, 2, 3)]
+    # UIDs are given in APPEND order from 1 in a new folder (RFC 3501 §2.3.1.1); checked below.
+    poison = 2
+    # Its FETCH line whenever it carries its header or text (not a bare INTERNALDATE).
+    line = rb"\* \d+ FETCH \(UID %d (?=[^\r\n]*BODY\[)" % poison
+    if fault == "cut":
+        fault_proxy.cut_reply_on(line, times=None)
+    else:
+        fault_proxy.garble_reply_on(line, b"%garbage% ", times=None)
+    assert queue_with_uids(user, *messages) == [1, poison, 3]
+    wait_until(lambda: only_stuck_left(user, poison), 45)
+    assert folder_ids(user, "Received") == Counter(
+        {message_id(messages[0]): 1, message_id(messages[2]): 1}
+    )
+    # Set once the pass that filed the third message ends.
+    wait_until(lambda: daemon.metric("emailsync_messages_stuck", mailbox=user.address) == 1)
+    assert fault_proxy.faults["cut_reply" if fault == "cut" else "garble_reply"] >= 3
+
+
 QUOTA = """
 mail_plugins = $mail_plugins quota
 plugin {

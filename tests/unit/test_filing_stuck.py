@@ -48,6 +48,7 @@ class Queue:
         self.refuse_move: dict[int, str] = {}  # uid → the server's NO text
         self.refuse_fetch: set[int] = set()
         self.lose_connection_on_fetch: set[int] = set()
+        self.lose_connection_alone: set[int] = set()  # in a batch: NO; alone: the line cut
         self.lose_connection_on_move = False
         self.move_attempts: list[int] = []
         self.prefetched: list[list[int]] = []  # header FETCHes sent ahead
@@ -96,7 +97,11 @@ class Queue:
     def _fetch(self, uids: Sequence[int]) -> list[FetchedMessage]:
         if self.lose_connection_on_fetch & set(uids):
             raise ConnectionLostError("fetch: server said BYE", kind="bye")
-        if self.refuse_fetch & set(uids):
+        if len(uids) == 1 and self.lose_connection_alone & set(uids):
+            raise ConnectionLostError(
+                "fetch: command: FETCH => socket error: unterminated line", kind="bye"
+            )
+        if self.refuse_fetch & set(uids) or self.lose_connection_alone & set(uids):
             raise ConnectionLostError("fetch: NO [SERVERBUG] Internal error", kind="protocol")
         return [
             FetchedMessage(uid, self.messages[uid][0], None, len(self.messages[uid][0]))
@@ -271,6 +276,27 @@ def test_a_fetch_that_loses_the_connection_counts_only_when_the_message_is_alone
     assert filer.stuck == 1
     # A suspect's headers are never sent ahead: its FETCH must fail in its own batch.
     assert all(killer not in uids for uids in queue.prefetched)
+
+
+def test_a_message_refused_in_its_batch_that_loses_the_connection_alone_is_quarantined(
+    store: FlakyStore,
+) -> None:
+    """Issue 19 defect 3: retried alone after its batch was refused, its FETCH loses the
+    connection; that makes it a suspect, so its next FETCH alone counts."""
+    queue = Queue()
+    first = queue.add(message("first"))
+    killer = queue.add(message("cut mid-line"))
+    last = queue.add(message("last"))
+    queue.lose_connection_alone = {killer}
+    filer = filer_for(store, stuck_after=2)
+    for _ in range(3):
+        with pytest.raises(ConnectionLostError):
+            filer.run_pass(queue)
+    assert filer.attempts == {killer: 2}
+    filer.run_pass(queue)  # quarantined: the message behind it is filed
+    assert STUCK_KEYWORD in queue.keywords(killer)
+    assert first not in queue.messages
+    assert last not in queue.messages
 
 
 def test_each_batch_sends_the_next_one_s_header_fetch_ahead(store: FlakyStore) -> None:

@@ -5,10 +5,16 @@ from __future__ import annotations
 import ssl
 
 import pytest
-from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginError
+from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginError, ProtocolError
 
 from emailsync.errors import AuthError, ConnectionLostError, FolderMissingError, MailboxError
-from emailsync.imap.translate import backoff_hint, is_transient, response_code, translated
+from emailsync.imap.translate import (
+    backoff_hint,
+    connection_gone,
+    is_transient,
+    response_code,
+    translated,
+)
 
 
 def test_response_code_is_read_from_the_server_text() -> None:
@@ -77,3 +83,40 @@ def test_connection_trouble_is_grouped_by_kind(exc: BaseException, kind: str) ->
     assert isinstance(err, ConnectionLostError)
     assert err.kind == kind
     assert err.__cause__ is exc
+
+
+@pytest.mark.parametrize(
+    ("exc", "kind", "gone"),
+    [
+        # Cut short mid-line by a peer that went away (imaplib's and the lean reader's words).
+        (
+            IMAPClientAbortError(
+                "command: FETCH => socket error: unterminated line: b'* 2 FETCH (UID 2 '"
+            ),
+            "bye",
+            True,
+        ),
+        # Garbage where a response should be: out of step, so gone, counted as protocol.
+        (
+            IMAPClientAbortError("command: FETCH => unexpected response: b'%garbage%'"),
+            "protocol",
+            True,
+        ),
+        (IMAPClientAbortError("unexpected tagged response: b'X9 OK done'"), "protocol", True),
+        (IMAPClientError("command: FETCH => got more than 1000000 bytes"), "protocol", True),
+        (IMAPClientError("fetch failed: [SERVERBUG] Internal error"), "protocol", False),
+        (IMAPClientError("FETCH command error: BAD [b'Error in IMAP command']"), "protocol", False),
+        (ProtocolError("bad FETCH response for message 2"), "protocol", False),
+        (TimeoutError(), "timeout", True),
+        (ConnectionResetError(104, "reset"), "bye", True),
+    ],
+)
+def test_one_table_says_whether_the_connection_is_gone(
+    exc: BaseException, kind: str, gone: bool
+) -> None:
+    """Issue 19 defect 3: a line cut short or garbage is a lost connection, not a refusal;
+    the filer retries a refused message alone on the same connection, a lost one never."""
+    assert connection_gone(exc) is gone
+    err = raised(exc)
+    assert isinstance(err, ConnectionLostError)
+    assert (err.kind, err.gone) == (kind, gone)

@@ -159,7 +159,10 @@ def _readable(sock: socket.socket) -> bool:
 
 def _parse_untagged(line: bytes) -> Any:
     if not line.startswith(b"* "):
-        raise ConnectionLostError(f"idle: unexpected line from the server: {line[:80]!r}")
+        # Out of step: where the server's next answer starts is unknown (translate.py).
+        raise ConnectionLostError(
+            f"idle: unexpected line from the server: {line[:80]!r}", gone=True
+        )
     text = line[2:].rstrip(b"\r\n")
     if text.startswith(_STATUS_WORDS):
         return tuple(text.split(b" ", 1))

@@ -19,10 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import imapclient
 import structlog
-from imapclient.exceptions import (
-    IMAPClientAbortError,
-    IMAPClientError,
-)
+from imapclient.exceptions import IMAPClientError
 from imapclient.imapclient import SocketTimeout
 
 from emailsync.config import FolderSettings, MailboxSettings
@@ -490,7 +487,7 @@ class ImapSession:
                     read_move(self._client._imap, pending.tag)
             except ConnectionLostError as exc:
                 pending.error = exc
-                if _lost(exc):
+                if exc.gone:
                     for rest in self._moves:
                         rest.error = exc
                     self._moves.clear()
@@ -707,12 +704,6 @@ class PendingMove:
             session._read_moves(upto=self)
         if self.error is not None:
             raise self.error
-
-
-def _lost(exc: ConnectionLostError) -> bool:
-    """True when the connection is gone or out of step (not a NO or BAD answer)."""
-    cause = exc.__cause__
-    return isinstance(cause, IMAPClientAbortError) or not isinstance(cause, IMAPClientError)
 
 
 @dataclass

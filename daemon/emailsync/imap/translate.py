@@ -21,6 +21,8 @@ TRANSIENT_RESPONSE_CODES = frozenset({"UNAVAILABLE", "SERVERBUG", "INUSE", "LIMI
 _RESPONSE_CODE_RE = re.compile(r"\[([A-Z][A-Z0-9-]*)")
 # Exchange: "Request is throttled. Suggested Backoff Time: 299961 milliseconds".
 _BACKOFF_RE = re.compile(r"Suggested Backoff Time:\s*(\d+)\s*milliseconds", re.IGNORECASE)
+# imaplib's words when a line exceeds its _MAXLINE (Lib/imaplib.py, IMAP4.readline).
+_OVERLONG_LINE_RE = re.compile(r"got more than \d+ bytes")
 
 
 def response_code(text: str) -> str | None:
@@ -38,6 +40,22 @@ def backoff_hint(text: str) -> float | None:
     """A server-suggested back-off in seconds (Exchange throttling), if the text has one."""
     match = _BACKOFF_RE.search(text)
     return int(match.group(1)) / 1000 if match else None
+
+
+def connection_gone(exc: BaseException) -> bool:
+    """True when a library error means the connection cannot be used any more.
+
+    The one definition of a lost connection for the IMAP package (``ConnectionLostError.gone``):
+    a socket or TLS error, a timeout, and every imaplib *abort* — EOF, BYE, a line cut short
+    ("unterminated line") or an answer that cannot belong to the conversation ("unexpected
+    response"): after those the client no longer knows where the server's next answer starts.
+    imaplib's line-length error leaves the rest of that line unread, so it is out of step too.
+    A NO or BAD answer, a FETCH answer read to its end that did not parse (ProtocolError), or
+    a missing capability leave the connection usable.
+    """
+    if isinstance(exc, (OSError, IMAPClientAbortError)):  # TimeoutError, SSLError: OSErrors
+        return True
+    return isinstance(exc, IMAPClientError) and bool(_OVERLONG_LINE_RE.search(server_text(exc)))
 
 
 def server_text(exc: BaseException) -> str:
@@ -66,14 +84,17 @@ def translated(action: str) -> Iterator[None]:
         raise AuthError(f"{action}: login refused by the server: {text}") from exc
     except IMAPClientAbortError as exc:
         text = server_text(exc)
-        # Gone (BYE, EOF, or a send on a dead socket: imaplib's "socket error: …") or out
-        # of step (an answer the library could not parse).
-        gone = isinstance(exc.__cause__ or exc.__context__, OSError) or any(
-            word in text.upper() for word in ("BYE", "EOF")
+        # Closed by the peer (BYE, EOF, a line cut short, a send on a dead socket: imaplib's
+        # "socket error: …") is counted as bye; out of step (an answer that is no IMAP
+        # response) as protocol. Either way the connection is gone.
+        closed = isinstance(exc.__cause__ or exc.__context__, OSError) or any(
+            word in text.upper() for word in ("BYE", "EOF", "SOCKET ERROR")
         )
-        kind = "bye" if gone else "protocol"
         raise ConnectionLostError(
-            f"{action}: {text}", kind=kind, retry_after=backoff_hint(text)
+            f"{action}: {text}",
+            kind="bye" if closed else "protocol",
+            retry_after=backoff_hint(text),
+            gone=connection_gone(exc),
         ) from exc
     except CapabilityError as exc:
         raise ConnectionLostError(f"{action}: {server_text(exc)}", kind="protocol") from exc
@@ -82,7 +103,10 @@ def translated(action: str) -> Iterator[None]:
         if response_code(text) in ("TRYCREATE", "NONEXISTENT"):
             raise FolderMissingError(f"{action}: {text}") from exc
         raise ConnectionLostError(
-            f"{action}: {text}", kind="protocol", retry_after=backoff_hint(text)
+            f"{action}: {text}",
+            kind="protocol",
+            retry_after=backoff_hint(text),
+            gone=connection_gone(exc),
         ) from exc
     except TimeoutError as exc:
         raise ConnectionLostError(f"{action}: timed out", kind="timeout") from exc
