@@ -481,11 +481,8 @@ def _handler_class(
             self.wfile.write(body)
 
         def _read_body(self) -> bool:
-            try:
-                length = int(self.headers.get("Content-Length") or 0)
-            except ValueError:
-                length = -1
-            if length < 0:
+            length = _content_length(self.headers.get_all("Content-Length") or [])
+            if length is None:
                 self._json(HTTPStatus.BAD_REQUEST, {"error": "bad Content-Length"})
                 return False
             if length > MAX_BODY_BYTES:
@@ -835,6 +832,21 @@ def _handler_class(
             self.wfile.write(body)
 
     return Handler
+
+
+def _content_length(values: list[str]) -> int | None:
+    """The body's length from the Content-Length header(s); 0 without one, None when invalid.
+
+    RFC 9110 §8.6: ``1*DIGIT`` and nothing else (``int()`` would take ``+5``, ``-0``, ``1_0``).
+    RFC 9112 §6.3: several differing values are a framing error, never a choice.
+    """
+    if not values:
+        return 0
+    value = values[0]
+    if len(set(values)) > 1 or not (value.isascii() and value.isdigit()):
+        return None
+    # (A length of 19 digits or more is over any limit: no need to convert all of it.)
+    return int(value) if len(value) <= 18 else 10**18
 
 
 def _include_stuck(query: str) -> bool | None:

@@ -29,8 +29,10 @@ if TYPE_CHECKING:
 
 EMAIL_SYNC_PAGE = "/email-sync/"
 OFFICE365_CALLBACK = "/oauth/office365/callback"
+FAVICON = "/favicon.ico"
+FAVICON_CACHE_SECONDS = 24 * 3600
 PAGE_GET_PATHS = frozenset(
-    {"/login", "/it", OFFICE365_CALLBACK, *(f"/static/{name}" for name in STATIC_FILES)}
+    {"/login", "/it", OFFICE365_CALLBACK, FAVICON, *(f"/static/{name}" for name in STATIC_FILES)}
 )
 PAGE_POST_PATHS = frozenset({"/login", "/logout", "/it/branches", "/it/tokens"})
 PAGE_ACTIONS = ("setup", "sync", "stop", "office365")
@@ -116,6 +118,13 @@ class PageRoutes(BaseHTTPRequestHandler):
     # -- pages --------------------------------------------------------------------------
 
     def _page_get(self, path: str, query: str) -> None:
+        if path == FAVICON:
+            # Browsers ask every origin for it; a 404 is an error in the console of every page
+            # (issue 19). No icon, no error, and asked again at most once a day.
+            self.send_response(HTTPStatus.NO_CONTENT)
+            self.send_header("Cache-Control", f"max-age={FAVICON_CACHE_SECONDS}")
+            self.end_headers()
+            return
         params = {k: v[-1] for k, v in parse_qs(query).items()}
         session = self._session()
         if path.startswith("/static/"):

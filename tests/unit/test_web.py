@@ -532,3 +532,47 @@ def test_metrics_on_a_wildcard_listener_answer_401_without_the_token() -> None:
         assert call(server, "GET", "/healthz")[0] == 200
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("length", ["+0", "-0", "0_0", "0x0", "0 0"])
+def test_content_length_must_be_plain_digits(
+    served: tuple[WebServer, Supervisor], length: str
+) -> None:
+    """Issue 19: int() took `+0`, `-0`, `0_0` as a length. RFC 9110 §8.6: 1*DIGIT only."""
+    server, supervisor = served
+    status, body = call(server, "POST", "/v1/sync", {**AUTH, "Content-Length": length})
+    assert (status, body) == (400, b'{"error": "bad Content-Length"}')
+    assert supervisor.synced == []
+    # The same request with a plain length is served (the refusal was the header's).
+    assert call(server, "POST", "/v1/sync", {**AUTH, "Content-Length": "0"})[0] == 202
+
+
+def test_two_different_content_lengths_are_refused(served: tuple[WebServer, Supervisor]) -> None:
+    """RFC 9112 §6.3: differing Content-Length values are an unrecoverable framing error."""
+    server, supervisor = served
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
+        raw.sendall(
+            b"POST /v1/sync HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + TOKEN.encode()
+            + b"\r\nContent-Length: 0\r\nContent-Length: 2\r\n\r\n{}"
+        )
+        answer = b""
+        while chunk := raw.recv(4096):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.0 400 ")
+    assert supervisor.synced == []
+
+
+def test_favicon_is_answered_without_an_error(served: tuple[WebServer, Supervisor]) -> None:
+    """Issue 19: browsers ask every page's origin for /favicon.ico; a 404 put an error in the
+    console of every page. 204: nothing to show, and nothing logged."""
+    server, _ = served
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    try:
+        conn.request("GET", "/favicon.ico")
+        response = conn.getresponse()
+        assert response.status == 204
+        assert response.read() == b""
+        assert "max-age" in (response.getheader("Cache-Control") or "")
+    finally:
+        conn.close()
