@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
 
 from emailsync.devserver import Dovecot
-from emailsync.imap.session import BODY_FETCH_CAP, ImapSession
+from emailsync.filing import Filer
+from emailsync.imap.auth import make_authenticator
+from emailsync.imap.session import BODY_FETCH_CAP, WHOLE_FETCH_MAX, ImapSession
 from emailsync.message import parse_headers, parse_message, with_body
-from emailsync.model import FetchedMessage, QueuedMessage
+from emailsync.model import BodyPlan, FetchedMessage, QueuedMessage
+from emailsync.store import open_store
 
 from .mailenv import MailUser, new_user, settings_for
 from .test_filing import opened
@@ -123,3 +126,102 @@ def test_a_large_attachment_is_listed_not_downloaded(
     assert abs(attachment.size - len(payload)) < len(payload) // 100
     assert len(base64.b64encode(payload)) > BODY_FETCH_CAP  # the test's point: it is large
     assert whole.attachments[0].size == len(payload)
+
+
+def without_message_id(body: str, *, cte: str, subtype: str = "plain") -> bytes:
+    """A message without Message-ID (its key digests the body) with one text part."""
+    msg = EmailMessage()
+    msg["From"] = "john@clients.example"
+    msg["To"] = "b@example.com"
+    msg["Subject"] = f"no message-id, {len(body)} characters, {cte}"
+    msg["Date"] = "Mon, 23 Nov 2026 10:00:00 +0000"
+    msg.set_content(body, subtype=subtype, charset="utf-8", cte=cte)
+    return msg.as_bytes()
+
+
+LONG_BODIES = {
+    # Each longer than the text fetch cap (BODY_FETCH_CAP) and the whole-message cap
+    # (WHOLE_FETCH_MAX), so both paths cut it, each where its own cap falls.
+    "ascii_7bit": without_message_id("The quick brown fox. " * 60_000, cte="7bit"),
+    "utf8_base64": without_message_id("Grüße aus Köln — 東京 🚀. " * 40_000, cte="base64"),
+    "utf8_quoted_printable": without_message_id(
+        "Grüße aus Köln — 東京. " * 30_000, cte="quoted-printable"
+    ),
+    "html": without_message_id(
+        "<p>Dear John, the <b>lease</b> is attached.</p>\n" * 30_000, cte="7bit", subtype="html"
+    ),
+}
+
+
+def by_both_paths(
+    user: MailUser, session: ImapSession, raw: bytes
+) -> tuple[QueuedMessage, QueuedMessage]:
+    """The message as a pass gets it by its structure (text sections), and whole (no plan)."""
+    with user.client() as client:
+        client.append(session.queue_name, raw)
+    session.select_queue()
+    uid = max(session.queue_uids())
+    (header,) = session.fetch_headers([uid])
+    assert header.plan is not None
+    headers = parse_headers(uid, header.data, size=header.size)
+    sizes = {uid: header.size}
+    (parts,) = session.fetch_full([uid], sizes, {uid: header.plan})
+    (whole,) = session.fetch_full([uid], sizes, {uid: None})  # as when the structure is unread
+    assert whole.plan is None
+    by_parts = with_body(headers, header.plan, parts.sections, header.data)
+    return by_parts, parse_message(uid, whole.data, size=header.size)
+
+
+@pytest.mark.parametrize("raw", [pytest.param(r, id=name) for name, r in LONG_BODIES.items()])
+def test_a_long_body_without_message_id_has_one_key_by_either_fetch_path(
+    mailbox: tuple[MailUser, ImapSession], raw: bytes
+) -> None:
+    """Issue 19 defect 16: the key digests the same normalised, capped text whether the
+    body came by its text sections or in the whole-message fetch."""
+    assert len(raw) > max(BODY_FETCH_CAP, WHOLE_FETCH_MAX)
+    by_parts, whole = by_both_paths(*mailbox, raw)
+    assert by_parts.message_id is None
+    assert by_parts.key == whole.key
+    assert by_parts.key == parse_message(0, raw).key  # and the key of the message itself
+
+
+class WholeMessageSession(ImapSession):
+    """A session that fetches bodies whole, as for a server whose BODYSTRUCTURE is unread."""
+
+    def fetch_full(
+        self,
+        uids: Sequence[int],
+        sizes: dict[int, int] | None = None,
+        plans: Mapping[int, BodyPlan | None] | None = None,
+    ) -> list[FetchedMessage]:
+        return super().fetch_full(uids, sizes, dict.fromkeys(uids))
+
+
+def test_a_long_message_without_message_id_in_two_mailboxes_is_one_event_by_either_path(
+    dovecot: Dovecot, tmp_path: Path
+) -> None:
+    """Issue 19 defect 16: one mailbox's pass fetches the text sections, the other's the
+    whole message; the keys agree, so the group gets one event listing both mailboxes."""
+    first, second = new_user(dovecot), new_user(dovecot)
+    settings = settings_for(tmp_path, [first, second])
+    store = open_store(settings.store_url, settings.daemon.state_dir)
+    store.add_group("Smith", ["john@clients.example"])
+    raw = LONG_BODIES["utf8_base64"].replace(
+        b"To: b@example.com", f"To: {first.address}, {second.address}".encode()
+    )
+    for user, kind in ((first, ImapSession), (second, WholeMessageSession)):
+        mailbox = settings.mailbox(user.address)
+        session = kind.open(
+            mailbox, settings.folders, make_authenticator(mailbox, settings), timeout_seconds=10
+        )
+        try:
+            session.ensure_folders()
+            with user.client() as client:
+                client.append(session.queue_name, raw)
+            filer = Filer(mailbox, store)
+            assert filer.run_pass(session).new_events == (1 if user is first else 0)
+        finally:
+            session.logout()
+    (event,) = store.list_events()
+    assert set(event.mailboxes) == {first.address, second.address}
+    store.close()

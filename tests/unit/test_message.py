@@ -343,6 +343,32 @@ def test_key_without_message_id_ignores_body_white_space() -> None:
     assert message_key(None, "", [], "s", "a  b\nc") == message_key(None, "", [], "s", "a b c")
 
 
+def test_key_without_message_id_reads_the_first_key_body_chars_of_the_collapsed_body() -> None:
+    """Issue 19 defect 16: every fetch path delivers this prefix whole, so the key agrees;
+    a body shorter than it digests as it always did (keys already recorded stay valid)."""
+    cap = message_module.KEY_BODY_CHARS
+    body = "word " * cap
+    assert message_key(None, "", [], "s", body) == message_key(None, "", [], "s", body[: 2 * cap])
+    assert message_key(None, "", [], "s", body[: cap - 1]) != message_key(
+        None, "", [], "s", body[:cap]
+    )
+    assert message_module._key_body("a  b\nc") == "a b c"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "x" * 200_000,
+        " " * 200_000 + "late text",  # white space beyond the collapsed-prefix shortcut
+        ("ab\t \n" * 40_000) + "tail",
+        "ünïcödé " * 20_000,
+    ],
+)
+def test_key_body_is_the_collapsed_text_cut_at_key_body_chars(text: str) -> None:
+    collapsed = " ".join(text.split())
+    assert message_module._key_body(text) == collapsed[: message_module.KEY_BODY_CHARS]
+
+
 def test_key_fields_cannot_bleed_into_each_other() -> None:
     """Moving text from one field to the next gives another key (fields are length-framed)."""
     assert message_key("a@b", "", ["x@example.org"], "s") != message_key(
