@@ -805,9 +805,10 @@ class Supervisor:
             raise RegistrationError(_one_line(str(exc)), status=422) from None
         except (ConnectionLostError, MailboxError) as exc:
             raise RegistrationError(_one_line(str(exc)), status=502) from None
-        blob = self.vault.encrypt(password, address)
         record = RegisteredMailbox(address, branch, "password", username, True, False)
-        registry.put_mailbox(record, blob)
+        # Through the vault: a `keys rotate` running meanwhile must not strand the secret
+        # under the generation it drops.
+        self.vault.store_secret(password, address, lambda blob: registry.put_mailbox(record, blob))
         self._replace_worker(mailbox)
         log.info("mailbox_registered", mailbox=address, branch=branch)
 

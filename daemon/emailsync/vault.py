@@ -10,18 +10,30 @@ Agent tokens are ``es1.<address>.<generation>.<expiry>.<mac>``: an HMAC-SHA256 o
 address, the key generation and the expiry, with a key derived from the vault key (HKDF).
 They are revoked all at once by ``emailsync keys rotate``, which makes a new generation,
 re-encrypts every password and drops the old key.
+
+Rotation, and why no interruption loses a password. The key file holds the current generation
+N and, while a rotation is unfinished, the *pending* one N+1 (``keys`` has N+1, ``current`` is
+still N). ``rotate`` (1) writes the pending key, (2) re-encrypts every secret to N+1 in one
+store transaction, (3) writes ``current = N+1`` with N+1's key alone. N is dropped only in
+(3), after the transaction that left no secret under N has committed. A rotation stopped
+anywhere is resumed by the next ``rotate``, which reuses the pending key (a key that exists is
+never replaced); one rotation at a time (a lock file), a second is refused. New secrets are
+encrypted with the newest key (the pending one while a rotation runs), and ``store_secret``
+re-writes a secret whose generation a rotation moved past between its encryption and its
+write, so a set-up racing a rotation never leaves a secret under a dropped generation.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import fcntl
 import hashlib
 import hmac
 import json
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,11 +50,15 @@ from emailsync.privilege import access_hint
 from emailsync.secret import Secret
 
 KEY_FILE_NAME = "registry.key"
+LOCK_FILE_NAME = "registry.key.lock"  # held by the one rotation that may run
 KEY_CREDENTIAL = "emailsync-registry-key"
 KEY_BYTES = 32  # AES-256
 NONCE_BYTES = 12  # NIST SP 800-38D: 96-bit nonces for GCM
 TOKEN_PREFIX = "es1"  # noqa: S105 -- a format marker, not a secret
 _BLOB_VERSION = b"\x01"
+# store_secret writes again when a rotation passed meanwhile; each retry needs another whole
+# rotation to land inside one set-up's write, so a few are plenty.
+STORE_SECRET_ATTEMPTS = 5
 
 
 @dataclass(frozen=True)
@@ -117,17 +133,35 @@ class Vault:
     # -- secrets ----------------------------------------------------------------------------
 
     def encrypt(self, plaintext: str, address: str) -> bytes:
-        """AES-GCM encrypt a secret for one mailbox: version, generation, nonce, ciphertext."""
-        generation, keys = self._keys()
-        nonce = secrets.token_bytes(NONCE_BYTES)
-        sealed = AESGCM(keys[generation]).encrypt(nonce, plaintext.encode(), address.encode())
-        return _BLOB_VERSION + generation.to_bytes(4, "big") + nonce + sealed
+        """AES-GCM encrypt a secret for one mailbox: version, generation, nonce, ciphertext.
+
+        The newest key is used: while a rotation runs that is the pending one, which outlives
+        the rotation (the current one does not).
+        """
+        _, keys = self._keys()
+        newest = max(keys)
+        return _seal(keys[newest], newest, plaintext, address)
+
+    def store_secret(self, plaintext: str, address: str, put: Callable[[bytes], None]) -> None:
+        """Encrypt a secret and hand it to ``put`` (which commits it to the store).
+
+        Checked after ``put``: when the newest generation is still the one used, any rotation
+        that drops it has yet to write its pending key, so its re-encrypt transaction (which
+        starts after that) sees this row. Otherwise a rotation ran between the encryption and
+        the write and may have missed the row: it is written again under the newer key.
+        """
+        for _ in range(STORE_SECRET_ATTEMPTS):
+            _, keys = self._keys()
+            newest = max(keys)
+            put(_seal(keys[newest], newest, plaintext, address))
+            if max(self._keys()[1]) == newest:
+                return
+        raise ConfigError([f"{address}: the registry key kept rotating; set it up again"])
 
     def decrypt(self, blob: bytes, address: str) -> Secret:
         """The secret in ``blob``; ConfigError (naming the mailbox only) when it cannot be read."""
         _, keys = self._keys()
-        generation = int.from_bytes(blob[1:5], "big")
-        key = keys.get(generation)
+        key = keys.get(_blob_generation(blob))
         if blob[:1] != _BLOB_VERSION or key is None:
             raise ConfigError([f"{address}: stored password is from an unknown key generation"])
         nonce, sealed = blob[5 : 5 + NONCE_BYTES], blob[5 + NONCE_BYTES :]
@@ -140,9 +174,10 @@ class Vault:
         """Make a new key generation, re-encrypt through ``reencrypt``, drop the old keys.
 
         ``reencrypt(convert)`` rewrites every stored blob with ``convert(blob, address)`` in
-        one transaction and returns how many it rewrote. The key file holds old and new keys
-        while that runs, so a crash half-way leaves every blob readable. Agent tokens signed
-        with an old generation stop working. Returns the new generation.
+        one transaction and returns how many it rewrote. An unfinished rotation (a pending key
+        in the file) is resumed with its key, never replaced. The old key is dropped only
+        once ``reencrypt`` has returned. Agent tokens signed with an old generation stop
+        working. Returns the new generation. ConfigError when another rotation is running.
         """
         if self.credential is not None:
             raise ConfigError(
@@ -151,20 +186,44 @@ class Vault:
                     "rotate it by replacing the credential (re-register the mailboxes)"
                 ]
             )
-        current, keys = self._keys()
-        new = current + 1
-        keys[new] = secrets.token_bytes(KEY_BYTES)
-        write_private_file(self.path, _key_file_text(current, keys))
+        self._keys()  # creates the key file (and its directory) on a first use
+        with self._rotation_lock():
+            current, keys = self._keys()
+            new = max(keys)
+            if new == current:
+                new = current + 1
+                keys[new] = secrets.token_bytes(KEY_BYTES)
+                write_private_file(self.path, _key_file_text(current, keys))
 
-        def convert(blob: bytes, address: str) -> bytes:
-            plaintext = self.decrypt(blob, address).reveal()
-            nonce = secrets.token_bytes(NONCE_BYTES)
-            sealed = AESGCM(keys[new]).encrypt(nonce, plaintext.encode(), address.encode())
-            return _BLOB_VERSION + new.to_bytes(4, "big") + nonce + sealed
+            def convert(blob: bytes, address: str) -> bytes:
+                if _blob_generation(blob) == new:
+                    return blob  # re-encrypted by an earlier, interrupted run, or a new set-up
+                plaintext = self.decrypt(blob, address).reveal()
+                return _seal(keys[new], new, plaintext, address)
 
-        reencrypt(convert)
-        write_private_file(self.path, _key_file_text(new, {new: keys[new]}))
-        return new
+            reencrypt(convert)
+            write_private_file(self.path, _key_file_text(new, {new: keys[new]}))
+            return new
+
+    @contextlib.contextmanager
+    def _rotation_lock(self) -> Iterator[None]:
+        """Hold the rotation lock (flock, released when the process dies) or refuse."""
+        path = self.path.with_name(LOCK_FILE_NAME)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            hint = access_hint(path, path.parent)
+            raise ConfigError([f"{path}: cannot open: {exc.strerror}; {hint}"]) from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ConfigError(
+                    [f"{self.path}: a key rotation is already running; let it finish"]
+                ) from None
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
 
     # -- agent tokens -----------------------------------------------------------------------
 
@@ -209,6 +268,16 @@ def _token_mac(key: bytes, address: str, generation: int, expiry: str) -> bytes:
     ).derive(key)
     message = f"{address}\n{generation}\n{expiry}".encode()
     return hmac.new(derived, message, hashlib.sha256).digest()
+
+
+def _seal(key: bytes, generation: int, plaintext: str, address: str) -> bytes:
+    nonce = secrets.token_bytes(NONCE_BYTES)
+    sealed = AESGCM(key).encrypt(nonce, plaintext.encode(), address.encode())
+    return _BLOB_VERSION + generation.to_bytes(4, "big") + nonce + sealed
+
+
+def _blob_generation(blob: bytes) -> int:
+    return int.from_bytes(blob[1:5], "big")
 
 
 def _b64(data: bytes) -> str:

@@ -16,8 +16,12 @@ from urllib.parse import quote
 import pytest
 
 from emailsync.devserver import Dovecot
+from emailsync.store.base import RegisteredMailbox
+from emailsync.store.sqlite import SqliteStore
+from emailsync.supervisor import Supervisor
+from emailsync.vault import Vault
 
-from .conftest import MailUser, new_user
+from .conftest import MailUser, new_user, settings_for
 from .daemonproc import DaemonFactory, RunningDaemon, run_cli, wait_until
 from .test_daemon import imap_pids
 from .test_filing import ROOT, build_message, folder_subjects, queue
@@ -261,6 +265,41 @@ def test_rotating_the_key_revokes_agent_tokens_and_keeps_passwords_readable(
     daemon.stop()
     again = daemons.start([user])
     wait_until(lambda: again.mailboxes()[agent.address]["state"] == "idle")
+
+
+class _RotatingAtFirstWrite(SqliteStore):
+    """A store that runs a whole `keys rotate` just before its first registry write, so a
+    set-up's encryption comes before the rotation and its write after."""
+
+    def __init__(self, path: Path, state_dir: Path) -> None:
+        super().__init__(path)
+        self.state_dir = state_dir
+        self.rotated: list[int] = []
+
+    def put_mailbox(self, mailbox: RegisteredMailbox, secret: bytes | None) -> None:
+        if not self.rotated:
+            self.rotated.append(Vault(self.state_dir).rotate(self.reencrypt_secrets))
+        super().put_mailbox(mailbox, secret)
+
+
+def test_a_set_up_racing_a_key_rotation_stores_a_password_that_decrypts(
+    dovecot: Dovecot, tmp_path: Path
+) -> None:
+    """First Time Setup encrypts the password, a rotation re-encrypts everything and drops the
+    old key, then the set-up writes its row: the password must still decrypt afterwards."""
+    agent = new_user(dovecot)
+    settings = settings_for(tmp_path, [new_user(dovecot)])
+    state_dir = settings.daemon.state_dir
+    store = _RotatingAtFirstWrite(state_dir / "emailsync.db", state_dir)
+    supervisor = Supervisor(settings, store)
+    try:
+        supervisor.setup_mailbox(agent.address, "b0", agent.address, agent.password)
+        assert store.rotated == [2]
+        blob = store.mailbox_secret(agent.address)
+        assert blob is not None
+        assert Vault(state_dir).decrypt(blob, agent.address).reveal() == agent.password
+    finally:
+        store.close()
 
 
 def test_a_reload_leaves_a_registered_mailbox_and_its_connection_alone(

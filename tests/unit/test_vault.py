@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from emailsync.errors import ConfigError
+from emailsync.store.base import RegisteredMailbox
+from emailsync.store.sqlite import SqliteStore
 from emailsync.vault import KEY_CREDENTIAL, Vault
 
 
@@ -98,3 +106,140 @@ def test_a_systemd_credential_is_the_key_and_cannot_be_rotated_here(tmp_path: Pa
     assert again.decrypt(blob, "agent@example.com").reveal() == "secret"
     with pytest.raises(ConfigError, match="systemd credential"):
         vault.rotate(lambda convert: 0)
+
+
+def _registry_with_passwords(state: Path, count: int) -> tuple[SqliteStore, dict[str, str]]:
+    """A real store with ``count`` registered mailboxes whose passwords the vault encrypted."""
+    store = SqliteStore(state / "emailsync.db")
+    vault = Vault(state)
+    passwords = {
+        f"agent{n}@example.com": f"password-{n}-{os.urandom(4).hex()}" for n in range(count)
+    }
+    for address, password in passwords.items():
+        record = RegisteredMailbox(address, "main", "password", address, True, False)
+        store.put_mailbox(record, vault.encrypt(password, address))
+    return store, passwords
+
+
+def _readable(state: Path, store: SqliteStore, passwords: dict[str, str]) -> dict[str, str]:
+    """Every stored password as a fresh vault decrypts it (or the error it gives)."""
+    vault = Vault(state)
+    found: dict[str, str] = {}
+    for address in passwords:
+        blob = store.mailbox_secret(address)
+        assert blob is not None
+        try:
+            found[address] = vault.decrypt(blob, address).reveal()
+        except ConfigError as exc:
+            found[address] = str(exc)
+    return found
+
+
+_KILLED_AFTER_COMMIT = """
+import os, signal, sys
+from pathlib import Path
+from emailsync.store.sqlite import SqliteStore
+from emailsync.vault import Vault
+
+state = Path(sys.argv[1])
+store = SqliteStore(state / "emailsync.db")
+
+def reencrypt(convert):
+    store.reencrypt_secrets(convert)  # committed
+    os.kill(os.getpid(), signal.SIGKILL)  # before the key file's last write
+
+Vault(state).rotate(reencrypt)
+"""
+
+
+def test_a_rotation_killed_after_its_commit_is_resumed_and_every_password_still_decrypts(
+    tmp_path: Path,
+) -> None:
+    """`keys rotate` killed between the re-encrypt commit and the key file's last write leaves
+    both generations; the next rotate finishes that rotation with the same new key."""
+    store, passwords = _registry_with_passwords(tmp_path, 3)
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_AFTER_COMMIT, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    left = json.loads((tmp_path / "registry.key").read_text(encoding="utf-8"))
+    assert (left["current"], sorted(left["keys"])) == (1, ["1", "2"])
+    assert _readable(tmp_path, store, passwords) == passwords  # both keys are still there
+
+    assert Vault(tmp_path).rotate(store.reencrypt_secrets) == 2  # resumed, not generation 3
+    assert _readable(tmp_path, store, passwords) == passwords
+    final = json.loads((tmp_path / "registry.key").read_text(encoding="utf-8"))
+    assert (final["current"], sorted(final["keys"])) == (2, ["2"])
+    assert final["keys"]["2"] == left["keys"]["2"]  # the key the secrets are under, kept
+    assert Vault(tmp_path).rotate(store.reencrypt_secrets) == 3  # and rotation goes on
+    assert _readable(tmp_path, store, passwords) == passwords
+
+
+def test_a_rotation_that_failed_before_its_commit_is_resumed_with_the_same_new_key(
+    tmp_path: Path,
+) -> None:
+    """A re-encrypt that fails (store busy, a crash) changes no secret; the retry reuses the
+    pending key instead of making another."""
+    store, passwords = _registry_with_passwords(tmp_path, 2)
+
+    def failing(convert: Callable[[bytes, str], bytes]) -> int:
+        raise ConfigError(["store unavailable"])
+
+    with pytest.raises(ConfigError, match="store unavailable"):
+        Vault(tmp_path).rotate(failing)
+    pending = json.loads((tmp_path / "registry.key").read_text(encoding="utf-8"))["keys"]["2"]
+    assert Vault(tmp_path).rotate(store.reencrypt_secrets) == 2
+    final = json.loads((tmp_path / "registry.key").read_text(encoding="utf-8"))
+    assert final == {"current": 2, "keys": {"2": pending}}
+    assert _readable(tmp_path, store, passwords) == passwords
+
+
+def test_a_second_rotation_while_one_runs_is_refused_and_changes_no_key(tmp_path: Path) -> None:
+    """Two `keys rotate` at once would both write "generation 2": the second is refused."""
+    store, passwords = _registry_with_passwords(tmp_path, 2)
+    inside, release = threading.Event(), threading.Event()
+    outcome: list[object] = []
+
+    def slow(convert: Callable[[bytes, str], bytes]) -> int:
+        inside.set()
+        release.wait(30)
+        return store.reencrypt_secrets(convert)
+
+    first = threading.Thread(target=lambda: outcome.append(Vault(tmp_path).rotate(slow)))
+    first.start()
+    try:
+        assert inside.wait(30)
+        with pytest.raises(ConfigError, match="already running"):
+            Vault(tmp_path).rotate(store.reencrypt_secrets)
+    finally:
+        release.set()
+        first.join(30)
+    assert outcome == [2]
+    assert _readable(tmp_path, store, passwords) == passwords
+
+
+def test_a_secret_stored_while_a_rotation_runs_is_under_a_key_that_is_kept(
+    tmp_path: Path,
+) -> None:
+    """A set-up encrypts, then a whole rotation runs, then its row is written: the vault sees
+    that its generation went and writes the secret again under the new one."""
+    store, passwords = _registry_with_passwords(tmp_path, 1)
+    vault = Vault(tmp_path)
+    address, password = "late@example.com", "late-password"
+    rotated: list[int] = []
+
+    def put(blob: bytes) -> None:
+        if not rotated:  # the rotation runs between this set-up's encryption and its write
+            rotated.append(Vault(tmp_path).rotate(store.reencrypt_secrets))
+        store.put_mailbox(
+            RegisteredMailbox(address, "main", "password", address, True, False), blob
+        )
+
+    vault.store_secret(password, address, put)
+    assert rotated == [2]
+    passwords[address] = password
+    assert _readable(tmp_path, store, passwords) == passwords
