@@ -9,6 +9,7 @@ from typing import Any
 
 import imapclient
 import pytest
+from imapclient.datetime_util import parse_to_datetime
 from imapclient.response_types import BodyData
 
 from emailsync.config import load_settings
@@ -17,8 +18,9 @@ from emailsync.errors import ConnectionLostError, MailboxError
 from emailsync.filing import Filer
 from emailsync.imap.fetch import read_move, send_move, uid_fetch, uid_move
 from emailsync.imap.session import ImapSession
+from emailsync.imap.structure import plan_body
 from emailsync.imap.translate import translated
-from emailsync.model import FolderRole
+from emailsync.model import FetchedMessage, FolderRole
 from emailsync.store import open_store
 
 from .faultproxy import FaultProxy
@@ -129,8 +131,8 @@ def test_unsolicited_updates_in_the_middle_are_stored_or_skipped(dovecot: Doveco
 
 def fetch_error(
     client: imapclient.IMAPClient, fetch: Callable[[], object]
-) -> tuple[type[MailboxError], str, str] | None:
-    """What ``translated`` makes of a FETCH's failure: error type, kind and text.
+) -> tuple[type[MailboxError], str, bool | None, str] | None:
+    """What ``translated`` makes of a FETCH's failure: error type, kind, gone and text.
 
     The connection's random tag prefix (imaplib) is taken out of the text.
     """
@@ -139,7 +141,7 @@ def fetch_error(
             fetch()
     except MailboxError as exc:
         text = str(exc).replace(client._imap.tagpre.decode(), "TAG")
-        return type(exc), getattr(exc, "kind", ""), text
+        return type(exc), getattr(exc, "kind", ""), getattr(exc, "gone", None), text
     return None
 
 
@@ -155,6 +157,12 @@ def fetch_error(
         pytest.param(lambda p: p.drop_on("UID FETCH"), False, id="EOF"),
         pytest.param(lambda p: p.reset_on("UID FETCH", after_bytes=300), False, id="reset"),
         pytest.param(lambda p: p.stall_on("UID FETCH"), False, id="timeout"),
+        pytest.param(lambda p: p.cut_reply_on(rb"\* \d+ FETCH \(UID 2 "), False, id="cut_mid_line"),
+        pytest.param(
+            lambda p: p.garble_reply_on(rb"\* \d+ FETCH \(UID 2 ", b"%garbage% "),
+            False,
+            id="garbled_line",
+        ),
     ],
 )
 def test_failures_translate_as_imapclient_s_do(
@@ -175,6 +183,7 @@ def test_failures_translate_as_imapclient_s_do(
                 assert uid_fetch(client._imap, uids[:1], [b"FLAGS"])
     assert errors[0] is not None
     assert errors[1] == errors[0]
+    assert errors[0][2] is not alive  # the one definition of a lost connection
 
 
 @pytest.fixture
@@ -192,11 +201,35 @@ def proxied(
         yield session, session.queue_uids()
 
 
+def imapclient_headers(session: ImapSession, uids: list[int]) -> list[FetchedMessage]:
+    """What ``fetch_headers`` must give, read by imapclient's own FETCH and parser."""
+    items = [b"BODY.PEEK[HEADER]", b"INTERNALDATE", b"RFC822.SIZE", b"FLAGS", b"BODYSTRUCTURE"]
+    if session.has("SAVEDATE"):
+        items.append(b"SAVEDATE")
+    response = session.client.fetch(uids, items)
+    return [
+        FetchedMessage(
+            uid=uid,
+            data=data[b"BODY[HEADER]"],
+            internaldate=data[b"INTERNALDATE"],
+            size=data[b"RFC822.SIZE"],
+            flags=tuple(flag.decode() for flag in data[b"FLAGS"]),
+            savedate=parse_to_datetime(data[b"SAVEDATE"], normalise=False)
+            if data.get(b"SAVEDATE")
+            else None,
+            plan=plan_body(data[b"BODYSTRUCTURE"]),
+        )
+        for uid, data in sorted(response.items())
+    ]
+
+
 def test_headers_sent_ahead_are_read_by_the_next_use_and_given_once(
     proxied: tuple[ImapSession, list[int]], fault_proxy: FaultProxy
 ) -> None:
     session, uids = proxied
-    expected = session.fetch_headers(uids[:4])
+    expected = imapclient_headers(session, uids[:4])
+    assert len(expected) == 4
+    assert all(m.plan is not None and m.data.startswith(b"From: ") for m in expected)
     sent = fault_proxy.commands("UID FETCH")
     session.prefetch_headers(uids[:4])
     assert session.queue_uids() == uids  # another command first: it reads the answer ahead
@@ -205,11 +238,14 @@ def test_headers_sent_ahead_are_read_by_the_next_use_and_given_once(
     assert fault_proxy.commands("UID FETCH") == sent + 1  # not asked again
     assert session.fetch_headers(uids[:4]) == expected  # given once: this one asks again
     assert fault_proxy.commands("UID FETCH") == sent + 2
-    # Sent ahead for other UIDs than asked for: dropped, and the asked ones fetched.
+    # Sent ahead for other UIDs than asked for: kept aside, and the asked ones fetched.
     session.prefetch_headers(uids[4:6])
     assert session.fetch_headers(uids[:4]) == expected
     assert fault_proxy.commands("UID FETCH") == sent + 4
-    assert session.fetch_headers(uids[4:6]) == session.fetch_headers(uids[4:6])
+    # The answer sent ahead, read while fetching the others, is given without asking again.
+    ahead = session.fetch_headers(uids[4:6])
+    assert fault_proxy.commands("UID FETCH") == sent + 4
+    assert ahead == imapclient_headers(session, uids[4:6])
 
 
 def test_a_refusal_of_headers_sent_ahead_is_raised_by_fetch_headers_only(
@@ -260,6 +296,7 @@ def test_move_failures_translate_as_imapclient_s_do(
                 assert client.noop()[0]
     assert errors[0] is not None
     assert errors[1] == errors[0]
+    assert errors[0][2] is not alive  # the one definition of a lost connection
 
 
 def with_done_folder(dovecot: Dovecot, messages: int) -> MailUser:
