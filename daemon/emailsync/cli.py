@@ -810,7 +810,10 @@ def cmd_keys_rotate(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def page_base(settings: Settings) -> str:
-    """The pages' base URL on this machine (the listen address; a wildcard means loopback)."""
+    """The pages' base URL: ``[daemon] public_url``, else the listen address on this machine
+    (a wildcard means loopback)."""
+    if settings.daemon.public_url:
+        return settings.daemon.public_url
     host = settings.daemon.listen_host
     if host in ("0.0.0.0", "::", ""):  # noqa: S104 -- a wildcard listener is reached on loopback
         host = "127.0.0.1"

@@ -69,6 +69,9 @@ class DaemonSettings:
     store: str = ""
     listen_host: str = "127.0.0.1"
     listen_port: int = 9387
+    # Where browsers reach the listener (a TLS proxy's https:// URL), without a trailing "/";
+    # empty: links and the OAuth redirect are built from each request's Host header.
+    public_url: str = ""
     control_token: SecretSource | None = None
     log_format: str = "auto"
     log_level: str = "info"
@@ -512,6 +515,7 @@ def _parse_daemon(table: _Table, base_dir: Path) -> DaemonSettings:
         "listen", str, DEFAULT_LISTEN, lambda v: None if _parse_listen(v) else "must be HOST:PORT"
     )
     host, port = _parse_listen(listen) or ("127.0.0.1", 9387)
+    public_url = table.get("public_url", str, "", _check_public_url)
     token_file = table.path_value("control_token_file", base_dir)
     store = table.get("store", str, "", _check_store_url)
     return DaemonSettings(
@@ -519,6 +523,7 @@ def _parse_daemon(table: _Table, base_dir: Path) -> DaemonSettings:
         store=store,
         listen_host=host,
         listen_port=port,
+        public_url=public_url.rstrip("/") if _check_public_url(public_url) is None else "",
         control_token=SecretSource(file=token_file) if token_file else None,
         log_format=table.choice("log_format", LOG_FORMATS, "auto"),
         log_level=table.choice("log_level", ("debug", "info", "warning", "error"), "info"),
@@ -729,6 +734,35 @@ def _check_crm_url(value: str) -> str | None:
         return "must not have a query or fragment"
     if parts.scheme == "http" and parts.hostname not in LOOPBACK_HOSTS:
         return f"must be https:// ({PLAIN_HTTP_HOSTS})"
+    return None
+
+
+def _check_public_url(value: str) -> str | None:
+    # Never echoes the value: a URL with credentials in it would put them in the error.
+    problem = (
+        "must be an absolute https:// URL without query, fragment or credentials "
+        f"({PLAIN_HTTP_HOSTS}), e.g. https://emailsync.example.com"
+    )
+    if value == "":
+        return None
+    try:
+        parts = urllib.parse.urlsplit(value)
+        hostname, _port = parts.hostname, parts.port
+    except ValueError:  # a malformed [IPv6] or port
+        return problem
+    if (
+        parts.scheme not in ("https", "http")
+        or not hostname
+        or parts.username is not None
+        or parts.password is not None
+        or parts.query
+        or parts.fragment
+        or "?" in value
+        or "#" in value
+        or any(c.isspace() or not c.isprintable() for c in value)
+        or (parts.scheme == "http" and hostname not in LOOPBACK_HOSTS)
+    ):
+        return problem
     return None
 
 

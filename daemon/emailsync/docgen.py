@@ -53,6 +53,12 @@ DESCRIPTIONS: dict[tuple[str, str], str] = {
         "`StateDirectory=`), else `/var/lib/emailsync`."
     ),
     ("daemon", "listen"): "`HOST:PORT` of the HTTP listener (/metrics, /healthz, /readyz, /v1).",
+    ("daemon", "public_url"): (
+        "Where browsers reach the listener, e.g. a TLS proxy's `https://emailsync.example.com`: "
+        "agents' links and the Office 365 redirect URI are built from it, never from the "
+        "request's Host header. `https://` (plain `http://` only to localhost, 127.0.0.1 or "
+        "[::1]), no query or fragment. Empty: from the Host header, `http://`."
+    ),
     ("daemon", "control_token_file"): (
         "Bearer token of the `/v1` control API. Unset: generated in `<state_dir>/control-token` "
         "(0600)."

@@ -78,7 +78,11 @@ class Session:
 class Pages:
     """Sessions and templates of the pages; safe to use from every request thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, secure_cookie: bool = False) -> None:
+        # Secure when browsers come over TLS (public_url https://): never sent in clear then.
+        self._cookie_attributes = "HttpOnly; SameSite=Strict" + (
+            "; Secure" if secure_cookie else ""
+        )
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
         # Signs anonymous visitors' CSRF tokens; per process, like the sessions themselves.
@@ -143,14 +147,13 @@ class Pages:
         """True when a form's CSRF token is this session's."""
         return hmac.compare_digest(session.csrf.encode(), given.encode("utf-8", "replace"))
 
-    @staticmethod
-    def cookie(session: Session | None) -> str:
+    def cookie(self, session: Session | None) -> str:
         """The Set-Cookie value for a session (None: delete the cookie)."""
         if session is None:
-            return f"{SESSION_COOKIE}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict"
+            return f"{SESSION_COOKIE}=; Path=/; Max-Age=0; {self._cookie_attributes}"
         return (
             f"{SESSION_COOKIE}={session.sid}; Path=/; Max-Age={SESSION_SECONDS}; "
-            "HttpOnly; SameSite=Strict"
+            f"{self._cookie_attributes}"
         )
 
     @staticmethod

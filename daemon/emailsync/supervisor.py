@@ -498,6 +498,7 @@ class Supervisor:
                 registrar=self,
                 check_agent_token=self.check_agent_token,
                 issue_agent_token=self.issue_agent_token,
+                public_url=daemon.public_url,
             )
         except OSError as exc:
             where = f"{daemon.listen_host}:{daemon.listen_port}"

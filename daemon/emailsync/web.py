@@ -136,16 +136,23 @@ class WebServer:
         registrar: Registrar | None = None,
         check_agent_token: AgentTokenCheck | None = None,
         issue_agent_token: AgentTokenIssue | None = None,
+        public_url: str = "",
     ) -> None:
         problem = weak_token_problem(token)
         if problem is not None:
             # Never serve the control API behind an empty or guessable token.
             raise ValueError(f"control token {problem}")
-        self.pages = Pages()
+        self.pages = Pages(secure_cookie=public_url.startswith("https://"))
         selfservice = SelfService(registrar, check_agent_token, issue_agent_token, self.pages)
         metrics_token = metrics_need_token(host)
         handler = _handler_class(
-            control, registry, token, request_seconds, selfservice, metrics_token=metrics_token
+            control,
+            registry,
+            token,
+            request_seconds,
+            selfservice,
+            metrics_token=metrics_token,
+            public_url=public_url.rstrip("/"),
         )
         probe_handler = _handler_class(
             control, registry, token, PROBE_SECONDS, selfservice, health_only=True
@@ -386,9 +393,11 @@ def _handler_class(
     *,
     health_only: bool = False,
     metrics_token: bool = False,
+    public_url: str = "",
 ) -> type[BaseHTTPRequestHandler]:
     """The request handler; ``health_only`` for the health reserve's connections,
-    ``metrics_token`` when ``/metrics`` needs the admin token."""
+    ``metrics_token`` when ``/metrics`` needs the admin token, ``public_url`` (``[daemon]
+    public_url``, no trailing slash) for links and the OAuth redirect."""
     expected = f"Bearer {token}".encode()
     pages = selfservice.pages
 
@@ -725,9 +734,10 @@ def _handler_class(
             if issue is None:
                 raise RefusedError(HTTPStatus.SERVICE_UNAVAILABLE, "agent tokens are not enabled")
             normalised = mailbox_address(address) or ""  # checked above: never empty
+            token = issue(normalised, days)
             self._json(
                 HTTPStatus.CREATED,
-                {"address": normalised, "token": issue(normalised, days)},
+                {"address": normalised, "token": token, "link": self._login_link(token)},
             )
 
         def _office365_start(self, address: str, branch: str | None) -> str:
@@ -739,16 +749,28 @@ def _handler_class(
                 raise RefusedError(exc.status, str(exc)) from None
 
         def _base_url(self) -> str:
-            """This listener's URL as the browser reached it (for the OAuth redirect URI).
+            """This listener's URL as browsers reach it (links, the OAuth redirect URI).
 
-            From the Host header when it is a plain host[:port] (the identity provider only
-            redirects to a registered URI anyway), else the socket's own address.
+            ``public_url`` when it is set, whatever the request says: behind a TLS proxy the
+            Host header's ``http://`` would break the Office 365 redirect (Entra refuses a
+            non-localhost http:// URI) and send tokens in clear (issue 19). Else the Host
+            header when it is a plain host[:port] (the identity provider only redirects to a
+            registered URI anyway), else the socket's own address.
             """
+            if public_url:
+                return public_url
             host = self.headers.get("Host") or ""
             if not _HOST_HEADER.fullmatch(host):
-                local = self.connection.getsockname()
-                host = f"{local[0]}:{local[1]}"
+                address, port = self.connection.getsockname()[:2]
+                if ":" in address:
+                    # RFC 3986 §3.2.2: an IPv6 literal in brackets (RFC 6874: a zone's % as %25).
+                    address = "[" + address.replace("%", "%25") + "]"
+                host = f"{address}:{port}"
             return f"http://{host}"
+
+        def _login_link(self, token: str) -> str:
+            """The link an agent logs in with (their token in it)."""
+            return f"{self._base_url()}/login?token={token}"
 
         def _json_body(self) -> dict[str, Any]:
             try:

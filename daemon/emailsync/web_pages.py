@@ -112,6 +112,9 @@ class PageRoutes(BaseHTTPRequestHandler):
     def _base_url(self) -> str:
         raise NotImplementedError
 
+    def _login_link(self, token: str) -> str:
+        raise NotImplementedError
+
     def _send(self, status: HTTPStatus, body: bytes, content_type: str) -> None:
         raise NotImplementedError
 
@@ -311,8 +314,7 @@ class PageRoutes(BaseHTTPRequestHandler):
             if address is None or issue is None:
                 session.flash("error", "Not a mailbox address.")
             else:
-                link = f"{self._base_url()}/login?token={issue(address, None)}"
-                session.flash("token_link", link)
+                session.flash("token_link", self._login_link(issue(address, None)))
         self._redirect("/it")
 
     def _session(self) -> Session | None:

@@ -298,9 +298,9 @@ def test_the_lookup_cache_saves_calls_and_zero_turns_it_off(
 # -- signatures ------------------------------------------------------------------------------
 
 
-def post_signed(crm: DevCrm, body: bytes, header: str) -> int:
+def post_signed(crm: DevCrm, body: bytes, header: str, path: str = LOOKUP_PATH) -> int:
     response = requests.post(
-        crm.url + LOOKUP_PATH,
+        crm.url + path,
         data=body,
         headers={"Content-Type": "application/json", signing.HEADER: header},
         timeout=5,
@@ -311,13 +311,39 @@ def post_signed(crm: DevCrm, body: bytes, header: str) -> int:
 def test_the_reference_crm_refuses_forged_and_stale_signatures(crm: DevCrm) -> None:
     body = json.dumps({"addresses": [CLIENT_A]}).encode()
     secret = SECRET.encode()
-    assert post_signed(crm, body, signing.sign(secret, body)) == 200
-    assert post_signed(crm, body, signing.sign(b"not the secret", body)) == 401
-    assert post_signed(crm, body + b" ", signing.sign(secret, body)) == 401  # altered body
-    assert post_signed(crm, body, signing.sign(secret, body, now=time.time() - 301)) == 401
+    path = crm.base_path + LOOKUP_PATH
+
+    def signed(key: bytes, *, now: float | None = None) -> str:
+        return signing.sign(key, "POST", path, body, now=now)
+
+    assert post_signed(crm, body, signed(secret)) == 200
+    assert post_signed(crm, body, signed(b"not the secret")) == 401
+    assert post_signed(crm, body + b" ", signed(secret)) == 401  # altered body
+    assert post_signed(crm, body, signed(secret, now=time.time() - 301)) == 401
     assert post_signed(crm, body, "") == 401
     assert len(crm.refused) == 4
     assert crm.calls[LOOKUP_PATH] == 1  # refused requests never reach the endpoint
+
+
+def test_a_lookup_replayed_to_the_events_endpoint_is_refused_by_its_signature(
+    user: MailUser, tmp_path: Path, crm: DevCrm
+) -> None:
+    """A request the daemon's client sent to /groups:lookup, replayed verbatim (headers, body,
+    inside the window) to /timeline-events, is refused as a signature that does not match."""
+    settings = crm_settings(tmp_path, [user], crm)
+    assert settings.crm is not None
+    store = HttpStore(settings.crm)
+    try:
+        assert store.lookup([CLIENT_A])[CLIENT_A]  # a real signed request, captured by the CRM
+    finally:
+        store.close()
+    captured = next(e for e in crm.exchanges if e.path.endswith(LOOKUP_PATH))
+    assert captured.status == 200
+    header = captured.request_headers[signing.HEADER]
+    replayed = post_signed(crm, captured.request_body, header, EVENTS_PATH)
+    assert replayed == 401
+    assert crm.refused[-1] == "signature does not match"
+    assert crm.calls[EVENTS_PATH] == 0
 
 
 def test_crm_check_says_in_one_line_whether_the_crm_accepts_us(

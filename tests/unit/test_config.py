@@ -1749,3 +1749,72 @@ def test_check_config_exits_78_for_a_path_traversing_address(
     assert code == EXIT_CONFIG
     assert out == ""
     assert err.startswith(f"{path}: mailboxes[1].address: '../x@d' has a local part that is ")
+
+
+# --- [daemon] public_url ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("given", "read"),
+    [
+        ("https://emailsync.example.com", "https://emailsync.example.com"),
+        ("https://emailsync.example.com/sync/", "https://emailsync.example.com/sync"),
+        ("https://emailsync.example.com:8443", "https://emailsync.example.com:8443"),
+        ("http://localhost:9387", "http://localhost:9387"),
+        ("http://127.0.0.1:9387/", "http://127.0.0.1:9387"),
+        ("http://[::1]:9387", "http://[::1]:9387"),
+    ],
+)
+def test_public_url_is_read_without_a_trailing_slash(tmp_path: Path, given: str, read: str) -> None:
+    """Links and the OAuth redirect are built from it: `{public_url}/login?token=…`."""
+    settings = load(tmp_path, f'[daemon]\npublic_url = "{given}"\n' + textwrap.dedent(MINIMAL))
+    assert settings.daemon.public_url == read
+
+
+def test_public_url_defaults_to_none_links_then_come_from_the_host_header(tmp_path: Path) -> None:
+    assert load(tmp_path, MINIMAL).daemon.public_url == ""
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        "emailsync.example.com",  # not absolute
+        "//emailsync.example.com",
+        "http://emailsync.example.com",  # links would carry tokens in clear
+        "http://10.0.0.5:9387",
+        "ftp://emailsync.example.com",
+        "https://",
+        "https://emailsync.example.com/?x=1",
+        "https://emailsync.example.com/#top",
+        "https://user:secret@emailsync.example.com",
+        "https://emailsync.example.com/a b",
+        "https://emailsync.example.com:99999",
+        "https://[::1",
+    ],
+)
+def test_check_config_refuses_a_public_url_that_is_not_https_and_names_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], given: str
+) -> None:
+    """Issue 19: an absolute https:// URL (http:// only to this machine), no query, fragment or
+    credentials; check-config names the file and key and exits 78."""
+    path = write_config(tmp_path, f'[daemon]\npublic_url = "{given}"\n' + textwrap.dedent(MINIMAL))
+    code, out, err = check_config(path, capsys)
+    assert code == EXIT_CONFIG
+    assert out == ""
+    assert f"{path}: daemon.public_url: must be an absolute https:// URL" in err
+    assert "secret" not in err
+
+
+def test_token_issue_links_to_public_url_when_it_is_set(tmp_path: Path) -> None:
+    """`emailsync token issue` prints `page: {public_url}/login?token=…`; without public_url,
+    the listen address (a wildcard read as loopback, IPv6 in brackets)."""
+    from emailsync.cli import page_base  # noqa: PLC0415 -- as check_config above
+
+    daemon = '[daemon]\nlisten = "[::]:9400"\n'
+    with_url = daemon + 'public_url = "https://emailsync.example.com/"\n'
+    assert page_base(load(tmp_path, with_url + textwrap.dedent(MINIMAL))) == (
+        "https://emailsync.example.com"
+    )
+    assert page_base(load(tmp_path, daemon + textwrap.dedent(MINIMAL))) == "http://127.0.0.1:9400"
+    ipv6 = '[daemon]\nlisten = "[::1]:9400"\n'
+    assert page_base(load(tmp_path, ipv6 + textwrap.dedent(MINIMAL))) == "http://[::1]:9400"

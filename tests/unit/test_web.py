@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import html
 import http.client
+import json
 import re
 import select
 import socket
@@ -576,3 +578,159 @@ def test_favicon_is_answered_without_an_error(served: tuple[WebServer, Superviso
         assert "max-age" in (response.getheader("Cache-Control") or "")
     finally:
         conn.close()
+
+
+class SignInRegistrar(Registrar):
+    """The stand-in registrar, recording the redirect URI of each Office 365 sign-in."""
+
+    def __init__(self) -> None:
+        self.redirect_uris: list[str] = []
+
+    def office365_start(self, address: str, branch: str | None, redirect_uri: str) -> str:
+        self.redirect_uris.append(redirect_uri)
+        return "https://login.example/authorize"
+
+
+def linking_server(host: str, public_url: str = "") -> tuple[WebServer, SignInRegistrar]:
+    registrar = SignInRegistrar()
+    server = WebServer(
+        host,
+        0,
+        Supervisor(),
+        CollectorRegistry(),
+        TOKEN,
+        registrar=registrar,  # type: ignore[arg-type]
+        issue_agent_token=lambda address, days: "es1.agent-token",
+        public_url=public_url,
+    )
+    server.start()
+    return server, registrar
+
+
+def post_as(server: WebServer, host: str, path: str, body: str, host_header: str | None) -> bytes:
+    """POST with the admin token and this Host header (None: no Host header at all)."""
+    conn = http.client.HTTPConnection(host, server.port, timeout=5)
+    try:
+        conn.putrequest("POST", path, skip_host=True, skip_accept_encoding=True)
+        if host_header is not None:
+            conn.putheader("Host", host_header)
+        conn.putheader("Authorization", f"Bearer {TOKEN}")
+        conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body.encode())
+        response = conn.getresponse()
+        answer = response.read()
+        assert response.status in (200, 201), (response.status, answer)
+        return answer
+    finally:
+        conn.close()
+
+
+def it_page_token_link(server: WebServer, host_header: str) -> str:
+    """Log in as IT, make an agent's link on the IT page, and read it back from the page."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    conn.request("GET", f"/login?token={TOKEN}", headers={"Host": host_header})
+    response = conn.getresponse()
+    response.read()
+    cookie = (response.getheader("Set-Cookie") or "").split(";")[0]
+    conn.close()
+
+    def get_it() -> str:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+        conn.request("GET", "/it", headers={"Host": host_header, "Cookie": cookie})
+        text = conn.getresponse().read().decode()
+        conn.close()
+        return text
+
+    csrf = re.search(r'name="csrf" value="([^"]+)"', get_it())
+    assert csrf is not None
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    conn.request(
+        "POST",
+        "/it/tokens",
+        body=f"address=agent%40example.com&csrf={csrf.group(1)}",
+        headers={
+            "Host": host_header,
+            "Cookie": cookie,
+            "Content-Type": "application/x-www-form-urlencoded",
+        },
+    )
+    assert conn.getresponse().status == 303
+    conn.close()
+    link = re.search(r'<code id="token-link">([^<]+)</code>', get_it())
+    assert link is not None
+    return html.unescape(link.group(1))
+
+
+def test_links_and_the_redirect_uri_use_public_url_whatever_the_host_header_says() -> None:
+    """Issue 19: behind a TLS proxy, links and the OAuth redirect were http:// + Host. With
+    public_url they are built from it alone: the API's link, the IT page's, the redirect URI."""
+    server, registrar = linking_server("127.0.0.1", "https://emailsync.example.com/sync")
+    try:
+        for host_header in ("attacker.example", f"127.0.0.1:{server.port}", None):
+            answer = post_as(
+                server, "127.0.0.1", "/v1/tokens", '{"address": "agent@example.com"}', host_header
+            )
+            assert json.loads(answer)["link"] == (
+                "https://emailsync.example.com/sync/login?token=es1.agent-token"
+            )
+            post_as(
+                server,
+                "127.0.0.1",
+                "/v1/mailboxes/agent@example.com/office365/start",
+                "",
+                host_header,
+            )
+        assert (
+            registrar.redirect_uris
+            == ["https://emailsync.example.com/sync/oauth/office365/callback"] * 3
+        )
+        assert it_page_token_link(server, "attacker.example") == (
+            "https://emailsync.example.com/sync/login?token=es1.agent-token"
+        )
+    finally:
+        server.stop()
+
+
+def test_without_public_url_links_come_from_the_host_header_with_ipv6_bracketed() -> None:
+    """Without public_url: http:// + the Host header; without a usable Host, the listener's own
+    address, an IPv6 literal in brackets (RFC 3986 §3.2.2), never `http://::1:9387`."""
+    server, registrar = linking_server("::1")
+    try:
+        bracketed = f"http://[::1]:{server.port}"
+        for host_header in (f"[::1]:{server.port}", None, f"::1:{server.port}"):
+            answer = post_as(
+                server, "::1", "/v1/tokens", '{"address": "agent@example.com"}', host_header
+            )
+            assert json.loads(answer)["link"] == f"{bracketed}/login?token=es1.agent-token"
+            post_as(
+                server, "::1", "/v1/mailboxes/agent@example.com/office365/start", "", host_header
+            )
+        assert registrar.redirect_uris == [f"{bracketed}/oauth/office365/callback"] * 3
+    finally:
+        server.stop()
+    server, _ = linking_server("127.0.0.1")
+    try:
+        assert it_page_token_link(server, "emailsync.lan:9387") == (
+            "http://emailsync.lan:9387/login?token=es1.agent-token"
+        )
+    finally:
+        server.stop()
+
+
+def test_the_session_cookie_is_secure_when_public_url_is_https() -> None:
+    """Browsers reach the pages over TLS (public_url https://): the cookie is never sent in
+    clear. Without it (plain http on loopback) a Secure cookie would not be kept at all."""
+    for public_url, secure in (("https://emailsync.example.com", True), ("", False)):
+        server, _ = linking_server("127.0.0.1", public_url)
+        try:
+            for path in (f"/login?token={TOKEN}", "/login"):
+                conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+                conn.request("GET", path)
+                response = conn.getresponse()
+                response.read()
+                conn.close()
+                attributes = (response.getheader("Set-Cookie") or "").split("; ")
+                assert ("Secure" in attributes) is secure, attributes
+                assert "HttpOnly" in attributes
+        finally:
+            server.stop()
