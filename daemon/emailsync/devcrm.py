@@ -270,7 +270,9 @@ def _handler_class(crm: DevCrm) -> type[BaseHTTPRequestHandler]:
             if faults.delay_seconds:
                 time.sleep(faults.delay_seconds)
             try:
-                signing.verify(crm.secret, self.headers.get(signing.HEADER), body)
+                signing.verify(
+                    crm.secret, self.headers.get(signing.HEADER), self.command, self.path, body
+                )
             except signing.SignatureError as exc:
                 crm.refused.append(str(exc))
                 self._answer(401, {"error": f"signature refused: {exc}"}, body)

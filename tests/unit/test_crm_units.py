@@ -28,38 +28,58 @@ NOW = 1_800_000_000.0
 # -- signing ---------------------------------------------------------------------------------
 
 
-def test_a_signature_is_the_hmac_of_time_dot_body() -> None:
-    header = signing.sign(SECRET, BODY, now=NOW)
-    expected = hmac.new(SECRET, b"1800000000." + BODY, hashlib.sha256).hexdigest()
-    assert header == f"t=1800000000,v1={expected}"
-    signing.verify(SECRET, header, BODY, now=NOW)
+PATH = "/crm/v1/groups:lookup"
+
+
+def test_a_v2_signature_is_the_hmac_of_version_time_method_path_and_body() -> None:
+    header = signing.sign(SECRET, "POST", PATH, BODY, now=NOW)
+    signed = b"v2\n1800000000\nPOST\n/crm/v1/groups:lookup\n" + BODY
+    expected = hmac.new(SECRET, signed, hashlib.sha256).hexdigest()
+    assert header == f"t=1800000000,v2={expected}"
+    signing.verify(SECRET, header, "POST", PATH, BODY, now=NOW)
+
+
+def _v1(secret: bytes, body: bytes, now: float) -> str:
+    """A scheme-1 header (time and body only), as emailsync sent before v2."""
+    mac = hmac.new(secret, str(int(now)).encode() + b"." + body, hashlib.sha256).hexdigest()
+    return f"t={int(now)},v1={mac}"
+
+
+GOOD = signing.sign(SECRET, "POST", PATH, BODY, now=NOW)
 
 
 @pytest.mark.parametrize(
-    ("header", "body", "now", "why"),
+    ("header", "target", "body", "why"),
     [
-        (None, BODY, NOW, "no X-EmailSync-Signature"),
-        ("garbage", BODY, NOW, "malformed"),
-        ("t=abc,v1=00", BODY, NOW, "malformed"),
-        ("v1=00", BODY, NOW, "needs t= and v1="),
-        (signing.sign(b"other", BODY, now=NOW), BODY, NOW, "does not match"),
-        (signing.sign(SECRET, BODY, now=NOW), BODY + b" ", NOW, "does not match"),
-        (signing.sign(SECRET, BODY, now=NOW - 301), BODY, NOW, "window"),
-        (signing.sign(SECRET, BODY, now=NOW + 301), BODY, NOW, "window"),
+        (None, ("POST", PATH), BODY, "no X-EmailSync-Signature"),
+        ("garbage", ("POST", PATH), BODY, "malformed"),
+        ("t=abc,v2=00", ("POST", PATH), BODY, "malformed"),
+        ("v2=00", ("POST", PATH), BODY, "needs t= and v2="),
+        (signing.sign(b"other", "POST", PATH, BODY, now=NOW), ("POST", PATH), BODY, "match"),
+        (GOOD, ("POST", PATH), BODY + b" ", "does not match"),  # altered body
+        (GOOD, ("POST", "/crm/v1/timeline-events"), BODY, "does not match"),  # another endpoint
+        (GOOD, ("PUT", PATH), BODY, "does not match"),  # another method
+        (signing.sign(SECRET, "POST", PATH, BODY, now=NOW - 301), ("POST", PATH), BODY, "window"),
+        (signing.sign(SECRET, "POST", PATH, BODY, now=NOW + 301), ("POST", PATH), BODY, "window"),
+        (_v1(SECRET, BODY, NOW), ("POST", PATH), BODY, "v1 .*no longer accepted"),
     ],
 )
-def test_verify_refuses_missing_malformed_forged_altered_and_stale_signatures(
-    header: str | None, body: bytes, now: float, why: str
+def test_verify_refuses_missing_malformed_forged_altered_moved_stale_and_v1_signatures(
+    header: str | None, target: tuple[str, str], body: bytes, why: str
 ) -> None:
+    method, path = target
     with pytest.raises(signing.SignatureError, match=why):
-        signing.verify(SECRET, header, body, now=now)
+        signing.verify(SECRET, header, method, path, body, now=NOW)
 
 
-def test_verify_accepts_the_edges_of_the_window_and_any_of_several_v1_values() -> None:
-    signing.verify(SECRET, signing.sign(SECRET, BODY, now=NOW - 300), BODY, now=NOW)
-    good = signing.sign(SECRET, BODY, now=NOW)
-    rotated = good.replace("v1=", "v1=" + "0" * 64 + ",v1=")
-    signing.verify(SECRET, rotated, BODY, now=NOW)
+def test_verify_accepts_the_edges_of_the_window_and_any_of_several_v2_values() -> None:
+    early = signing.sign(SECRET, "POST", PATH, BODY, now=NOW - 300)
+    signing.verify(SECRET, early, "POST", PATH, BODY, now=NOW)
+    good = signing.sign(SECRET, "POST", PATH, BODY, now=NOW)
+    rotated = good.replace("v2=", "v2=" + "0" * 64 + ",v2=")
+    signing.verify(SECRET, rotated, "POST", PATH, BODY, now=NOW)
+    with_v1 = good + "," + _v1(SECRET, BODY, NOW).split(",")[1]  # an extra v1 is ignored
+    signing.verify(SECRET, with_v1, "POST", PATH, BODY, now=NOW)
 
 
 # -- the lookup cache ------------------------------------------------------------------------

@@ -48,18 +48,21 @@ class CrmClient:
         """
         endpoint = ENDPOINT_NAMES.get(path, path.strip("/"))
         body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-        headers = {
-            "Content-Type": "application/json",
-            "User-Agent": f"emailsync/{__version__}",
-            signing.HEADER: signing.sign(self._secret.reveal().encode("utf-8"), body),
-        }
+        headers = {"Content-Type": "application/json", "User-Agent": f"emailsync/{__version__}"}
         started = time.monotonic()
         try:
             with translated(endpoint):
-                response = self._session().post(
-                    self.settings.url + path,
-                    data=body,
-                    headers=headers,
+                session = self._session()
+                request = session.prepare_request(
+                    requests.Request("POST", self.settings.url + path, data=body, headers=headers)
+                )
+                # Signed over the request-target exactly as it goes on the wire (after
+                # requests' quoting), so the CRM recomputes it from its request line.
+                request.headers[signing.HEADER] = signing.sign(
+                    self._secret.reveal().encode("utf-8"), "POST", request.path_url, body
+                )
+                response = session.send(
+                    request,
                     timeout=self.settings.timeout_seconds,
                     verify=str(self.settings.ca_file) if self.settings.ca_file else True,
                     allow_redirects=False,
