@@ -103,6 +103,7 @@ class Connection:
     logout_at: float | None = None  # when the client sent LOGOUT
     commands: list[str] = field(default_factory=list)  # client lines, LOGIN redacted
     users: list[str] = field(default_factory=list)  # one entry per LOGIN/AUTHENTICATE
+    login_times: list[float] = field(default_factory=list)  # monotonic time of each of them
     faults: list[str] = field(default_factory=list)  # kinds injected on this connection
     trickle_epochs: set[int] = field(default_factory=set)
     stalled: bool = False
@@ -578,10 +579,12 @@ class FaultProxy:
         login = _LOGIN.match(text)
         if login:
             conn.users.append(_unquote(login.group(2)))
+            conn.login_times.append(time.monotonic())
             text = f"{login.group(1)}{login.group(2)} <redacted>"
         auth = _AUTHENTICATE.match(text)
         if auth:
             conn.users.append(_sasl_user(auth.group(2) or ""))
+            conn.login_times.append(time.monotonic())
             text = f"{text.split(auth.group(1))[0]}{auth.group(1)} <redacted>"
         conn.commands.append(text)
 

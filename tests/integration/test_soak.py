@@ -68,6 +68,7 @@ class MailSource:
         self.rate = rate
         self.rng = rng
         self.appended: dict[str, list[str]] = {u.address: [] for u in users}
+        self.subjects: list[str] = []  # of the messages appended, in order
         self._clients: dict[str, imapclient.IMAPClient] = {}
         self._running = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mail-source", daemon=True)
@@ -90,16 +91,18 @@ class MailSource:
         return sum(len(ids) for ids in self.appended.values())
 
     def _run(self) -> None:
-        kinds: list[Callable[[MailUser, int], bytes]] = [
-            lambda u, n: build_message(u.address, CLIENT, f"soak {n} out"),
-            lambda u, n: build_message(CLIENT, u.address, f"soak {n} in"),
-            lambda u, n: build_message("stranger@else.example", u.address, f"soak {n} stray"),
-        ]
+        kinds: dict[str, Callable[[MailUser, str], bytes]] = {
+            "out": lambda u, subject: build_message(u.address, CLIENT, subject),
+            "in": lambda u, subject: build_message(CLIENT, u.address, subject),
+            "stray": lambda u, subject: build_message("stranger@else.example", u.address, subject),
+        }
         n = 0
         while self._running.is_set():
             user = self.rng.choice(self.users)
             n += 1
-            raw = self.rng.choice(kinds)(user, n)
+            kind = self.rng.choice(list(kinds))
+            subject = f"soak {n} {kind}"
+            raw = kinds[kind](user, subject)
             try:
                 self._client(user).append(f"{ROOT}.Queue", raw)
             except (imapclient.exceptions.IMAPClientError, OSError) as exc:
@@ -107,6 +110,7 @@ class MailSource:
                 self._clients.pop(user.address, None)
                 continue
             self.appended[user.address].append(message_id(raw))
+            self.subjects.append(subject)
             time.sleep(self.rng.expovariate(self.rate))
 
     def _client(self, user: MailUser) -> imapclient.IMAPClient:
@@ -117,18 +121,6 @@ class MailSource:
 
 class FaultInjector:
     """Every few seconds, one random fault on one random connection (or a short trickle)."""
-
-    KINDS = (
-        "drop",
-        "stall",
-        "half_close",
-        "reset",
-        "trickle",
-        "reset_mid_fetch",
-        "reset_mid_idle",
-        "reset_mid_move",
-        "reset_mid_login",
-    )
 
     def __init__(self, proxy: FaultProxy, rng: random.Random) -> None:
         self.proxy = proxy
@@ -151,33 +143,54 @@ class FaultInjector:
             time.sleep(self.rng.uniform(*FAULT_EVERY_SECONDS))
             if not self._running.is_set():
                 return
-            self.proxy.clear(resume=False)  # one rule at a time; a stall lasts until noticed
-            kind = self.rng.choice(self.KINDS)
-            self.injected[kind] += 1
-            conns = [c for c in self.proxy.connections if not c.done and c.users]
-            target = self.rng.choice(conns) if conns else None
-            if kind == "drop":
-                self.proxy.drop(target)
-            elif kind == "stall":
-                self.proxy.stall_open(target)
-            elif kind == "half_close":
-                self.proxy.half_close(target)
-            elif kind == "reset":
-                self.proxy.reset_after(self.rng.randint(0, 200), target)
-            elif kind == "trickle":
-                self.proxy.trickle(0.001)
-                time.sleep(1)
-                self.proxy.trickle(None)
-            elif kind == "reset_mid_fetch":
-                self.proxy.reset_on(r"UID FETCH", after_bytes=self.rng.randint(0, 500))
-            elif kind == "reset_mid_idle":
-                self.proxy.reset_on(r"^\S+ IDLE$")
-            elif kind == "reset_mid_move":
-                self.proxy.reset_on(r"UID MOVE")
-            elif kind == "reset_mid_login":
-                self.proxy.reset_on(r"^\S+ LOGIN ", forward=False)
-                if target is not None:
-                    self.proxy.drop(target)  # its reconnect's LOGIN gets the reset
+            self.injected[inject_fault(self.proxy, self.rng)] += 1
+
+
+IMAP_FAULTS = (
+    "drop",
+    "stall",
+    "half_close",
+    "reset",
+    "trickle",
+    "reset_mid_fetch",
+    "reset_mid_idle",
+    "reset_mid_move",
+    "reset_mid_login",
+)
+
+
+def inject_fault(proxy: FaultProxy, rng: random.Random) -> str:
+    """One random IMAP fault on one random logged-in connection of ``proxy``; returns its kind.
+
+    Rules of an earlier fault are cleared first (one at a time; a stall lasts until noticed).
+    """
+    proxy.clear(resume=False)
+    kind = rng.choice(IMAP_FAULTS)
+    conns = [c for c in proxy.connections if not c.done and c.users]
+    target = rng.choice(conns) if conns else None
+    if kind == "drop":
+        proxy.drop(target)
+    elif kind == "stall":
+        proxy.stall_open(target)
+    elif kind == "half_close":
+        proxy.half_close(target)
+    elif kind == "reset":
+        proxy.reset_after(rng.randint(0, 200), target)
+    elif kind == "trickle":
+        proxy.trickle(0.001)
+        time.sleep(1)
+        proxy.trickle(None)
+    elif kind == "reset_mid_fetch":
+        proxy.reset_on(r"UID FETCH", after_bytes=rng.randint(0, 500))
+    elif kind == "reset_mid_idle":
+        proxy.reset_on(r"^\S+ IDLE$")
+    elif kind == "reset_mid_move":
+        proxy.reset_on(r"UID MOVE")
+    elif kind == "reset_mid_login":
+        proxy.reset_on(r"^\S+ LOGIN ", forward=False)
+        if target is not None:
+            proxy.drop(target)  # its reconnect's LOGIN gets the reset
+    return kind
 
 
 def tree_ids(client: imapclient.IMAPClient) -> Counter[str]:
