@@ -589,6 +589,7 @@ class MailboxWorker(threading.Thread):
     def _sync(self, session: WorkerSession, trigger: Trigger) -> None:
         """Run a pass if this trigger files for this mailbox."""
         if not self._files_on(trigger):
+            self.log.debug("pass_waits_for_start_sync", trigger=trigger.value)
             return
         self.report.set_state(State.SYNCING)
         started = self.clock.monotonic()
