@@ -556,10 +556,20 @@ class Filer:
             return None  # gone between the header and body fetches (another client moved it)
         if fetched.plan is not None:
             # Fetched by its structure: the headers were parsed already, only the text is new.
-            body = with_body(decision.message, fetched.plan, fetched.sections, header_block)
+            body = with_body(
+                decision.message,
+                fetched.plan,
+                fetched.sections,
+                header_block,
+                fetched.sections_cut,
+            )
             return replace(decision, message=body)
         message = parse_message(
-            fetched.uid, fetched.data, internaldate=fetched.internaldate, size=fetched.size
+            fetched.uid,
+            fetched.data,
+            internaldate=fetched.internaldate,
+            size=fetched.size,
+            prefix=fetched.prefix,
         )
         if not message.usable:
             return replace(decision, outcome=Outcome.UNPARSEABLE, message=message, groups=())

@@ -33,7 +33,7 @@ import email.utils
 import functools
 import hashlib
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from email.generator import BytesGenerator
@@ -47,14 +47,15 @@ from emailsync.address import ADDRESS_CACHE_SIZE, normalise_address
 from emailsync.htmltext import html_to_text
 from emailsync.model import Attachment, BodyPlan, QueuedMessage, TextSection
 
-# Cap on the body text kept for a timeline event, in bytes of UTF-8 (DESIGN.md §1).
-MAX_BODY_BYTES = 64 * 1024
-# HTML source read for rendering, in characters: far more than can survive MAX_BODY_BYTES of
-# text, but bounds the work a hostile multi-megabyte HTML part can cause.
-MAX_HTML_SOURCE_CHARS = 16 * MAX_BODY_BYTES
+# Cap on the body text kept for a timeline event, in characters (Unicode code points): the
+# CRM contract's body_text maxLength (config/crm-api.yaml); a cut sets body_truncated.
+MAX_BODY_CHARS = 100_000
+# HTML source read for rendering, in characters: far more than can survive MAX_BODY_CHARS of
+# text, but bounds the work a hostile multi-megabyte HTML part can cause. A longer source is
+# rendered from its start, and the body is then flagged truncated.
+MAX_HTML_SOURCE_CHARS = 1024 * 1024
 # Nesting depth of multiparts followed, in levels; real mail rarely exceeds 5.
 MAX_MIME_DEPTH = 32
-TRUNCATION_MARK = "\n[… truncated]"
 # Bumped whenever the key's inputs or their normalisation change, so old and new keys never
 # collide by accident.
 KEY_VERSION = "v1"
@@ -112,9 +113,14 @@ def parse_message(
     *,
     internaldate: datetime | None = None,
     size: int | None = None,
+    prefix: bool = False,
 ) -> QueuedMessage:
-    """Parse a whole message (RFC 5322 header and MIME body); never raises on bad mail."""
-    return _parse_safely(uid, raw, internaldate, size, headers_only=False)
+    """Parse a whole message (RFC 5322 header and MIME body); never raises on bad mail.
+
+    ``prefix``: ``raw`` is only the start of the message (a fetch cap cut it), so a text
+    part that runs to its end may be cut, and the body is flagged truncated.
+    """
+    return _parse_safely(uid, raw, internaldate, size, headers_only=False, prefix=prefix)
 
 
 def parse_headers(
@@ -133,28 +139,40 @@ def parse_headers(
 
 
 def with_body(
-    message: QueuedMessage, plan: BodyPlan, sections: Mapping[str, bytes], header_block: bytes
+    message: QueuedMessage,
+    plan: BodyPlan,
+    sections: Mapping[str, bytes],
+    header_block: bytes,
+    cut: Collection[str] = (),
 ) -> QueuedMessage:
     """A header-parsed message completed from its BODYSTRUCTURE plan and fetched text parts.
 
-    ``sections`` holds each text part's encoded bytes (possibly cut at the fetch cap), and
-    ``header_block`` the header bytes ``message`` was parsed from (its key needs the Date as
-    written when there is no Message-ID). The text is chosen as ``parse_message`` chooses it:
-    the first non-empty text/plain, else text/html rendered, else none. The header fields are
-    not parsed again. Never raises: a part that cannot be decoded gives no text.
+    ``sections`` holds each text part's encoded bytes (possibly cut at the fetch cap; ``cut``
+    names those that were), and ``header_block`` the header bytes ``message`` was parsed
+    from (its key needs the Date as written when there is no Message-ID). The text is chosen
+    as ``parse_message`` chooses it: the first non-empty text/plain, else text/html rendered,
+    else none. The header fields are not parsed again. Never raises: a part that cannot be
+    decoded gives no text.
     """
-    source, shown = "", ""
+    body = _NO_BODY
     # Same boundary as _parse_safely: untrusted bytes meet codecs and the HTML renderer.
     with contextlib.suppress(Exception):
-        source, shown = _chosen_text(plan, sections)
+        body = _chosen_text(plan, sections, cut)
     key = message.key
     if needs_body_for_key(message):
-        key = _body_key(message, header_block, source)
-    return replace(message, key=key, body_text=_cap(shown), attachments=plan.attachments)
+        key = _body_key(message, header_block, body.source)
+    text, capped = _cap(body.text)
+    return replace(
+        message,
+        key=key,
+        body_text=text,
+        body_truncated=capped or body.truncated,
+        attachments=plan.attachments,
+    )
 
 
-def _chosen_text(plan: BodyPlan, sections: Mapping[str, bytes]) -> tuple[str, str]:
-    """The text the key digests and the text shown, as ``_extract_body`` picks them."""
+def _chosen_text(plan: BodyPlan, sections: Mapping[str, bytes], cut: Collection[str]) -> _Body:
+    """The text shown and the text the key digests, as ``_extract_body`` picks them."""
     for wanted in ("text/plain", "text/html"):
         for part in plan.texts:
             if part.content_type != wanted:
@@ -163,9 +181,9 @@ def _chosen_text(plan: BodyPlan, sections: Mapping[str, bytes]) -> tuple[str, st
             if not text.strip():
                 continue
             if wanted == "text/html":
-                return text, html_to_text(text[:MAX_HTML_SOURCE_CHARS])
-            return text, text
-    return "", ""
+                return _html_body(text, (), cut=part.section in cut)
+            return _text_body(text, (), cut=part.section in cut)
+    return _NO_BODY
 
 
 def _body_key(message: QueuedMessage, header_block: bytes, source: str) -> str:
@@ -293,14 +311,40 @@ def decode_encoded_words(text: str) -> str:
 
 @dataclass(frozen=True)
 class _Body:
-    """What the MIME walk found: shown text, the text the key digests, and attachments."""
+    """What the MIME walk found: shown text, the text the key digests, and attachments.
+
+    ``truncated``: ``text`` is not all of the part's text (a fetch cut the part, or an HTML
+    source was rendered only from its start); the MAX_BODY_CHARS cap comes later.
+    """
 
     text: str
     source: str
     attachments: tuple[Attachment, ...]
+    truncated: bool = False
 
 
 _NO_BODY = _Body("", "", ())
+
+
+def _text_body(text: str, attachments: tuple[Attachment, ...], *, cut: bool) -> _Body:
+    """The body of a plain text part; ``cut``: a byte cap cut the part short."""
+    if cut:
+        text = _cut_short(text)
+    return _Body(text, text, attachments, truncated=cut)
+
+
+def _html_body(source: str, attachments: tuple[Attachment, ...], *, cut: bool) -> _Body:
+    """The body of an HTML text part: rendered from at most MAX_HTML_SOURCE_CHARS of source."""
+    if cut:
+        source = _cut_short(source)
+    shown = html_to_text(source[:MAX_HTML_SOURCE_CHARS])
+    return _Body(shown, source, attachments, cut or len(source) > MAX_HTML_SOURCE_CHARS)
+
+
+def _cut_short(text: str) -> str:
+    """The text of a part a byte cap cut, without the partial character the cut may leave
+    (decoded as U+FFFD)."""
+    return text.rstrip("\ufffd")
 
 
 def _parse_safely(
@@ -310,6 +354,7 @@ def _parse_safely(
     size: int | None,
     *,
     headers_only: bool,
+    prefix: bool = False,
 ) -> QueuedMessage:
     """Try compat32, then the strict policy; turn a crash of both into an unusable message.
 
@@ -329,7 +374,9 @@ def _parse_safely(
     failure = "parser error"
     for policy in (_COMPAT32, _DEFAULT):
         try:
-            return _parse(uid, raw, policy, internaldate, total, headers_only=headers_only)
+            return _parse(
+                uid, raw, policy, internaldate, total, headers_only=headers_only, prefix=prefix
+            )
         # Why so broad: this is the boundary where untrusted bytes meet the stdlib parser,
         # whose failure modes on hostile input are not enumerable; the contract is "never
         # raises", and a crash files the message to Failed instead of stalling the Queue.
@@ -346,11 +393,12 @@ def _parse(
     total: int,
     *,
     headers_only: bool,
+    prefix: bool = False,
 ) -> QueuedMessage:
     parsed = BytesParser(policy=policy).parsebytes(raw, headersonly=headers_only)
     fields = [(str(name).lower(), _header_text(str(value))) for name, value in parsed.raw_items()]
     body = None if headers_only else parsed
-    return _message(uid, _HeaderReader(fields), body, internaldate, total)
+    return _message(uid, _HeaderReader(fields), body, internaldate, total, prefix=prefix)
 
 
 def _message(
@@ -359,13 +407,16 @@ def _message(
     parsed: Message | None,
     internaldate: datetime | None,
     total: int,
+    *,
+    prefix: bool = False,
 ) -> QueuedMessage:
     """The QueuedMessage of read header fields and, unless None, the parsed MIME body."""
     addresses = {name: _addresses(headers.all(name)) for name in _ADDRESS_FIELDS}
     message_id = _normalise_message_id(headers.first("message-id"))
     date_text = headers.first("date")
     subject = _collapse(_clean(decode_encoded_words(headers.first("subject"))))
-    body = _NO_BODY if parsed is None else _extract_body(parsed)
+    body = _NO_BODY if parsed is None else _extract_body(parsed, prefix=prefix)
+    body_text, capped = _cap(body.text)
 
     problem: str | None = None
     if not headers.names:
@@ -386,7 +437,8 @@ def _message(
         bcc=addresses["bcc"],
         date=_parse_date(date_text) or _as_utc(internaldate),
         size=total,
-        body_text=_cap(body.text),
+        body_text=body_text,
+        body_truncated=capped or body.truncated,
         attachments=body.attachments,
         problem=problem,
         display_from=headers.display("from"),
@@ -697,12 +749,17 @@ def _normalise_date_text(text: str) -> str:
 # --- MIME body -----------------------------------------------------------------------------
 
 
-def _extract_body(root: Message) -> _Body:
-    """Pick the text body and list the attachments (RFC 2045/2046 structure)."""
-    plain: list[str] = []
-    html: list[str] = []
-    unsplit: list[str] = []
+def _extract_body(root: Message, *, prefix: bool = False) -> _Body:
+    """Pick the text body and list the attachments (RFC 2045/2046 structure).
+
+    ``prefix``: the message was cut at a byte cap, so its last part may be cut: the body is
+    truncated when the text comes from that part.
+    """
+    plain: list[tuple[str, Message]] = []
+    html: list[tuple[str, Message]] = []
+    unsplit: list[tuple[str, Message]] = []
     attachments: list[Attachment] = []
+    part: Message | None = None
     for part in _leaves(root):
         content_type = _content_type(part)
         filename = _filename(part)
@@ -717,23 +774,24 @@ def _extract_body(root: Message) -> _Body:
                 Attachment(filename or "unnamed", content_type, len(_payload_bytes(part)))
             )
         elif content_type == "text/plain":
-            plain.append(_part_text(part))
+            plain.append((_part_text(part), part))
         elif content_type == "text/html":
-            html.append(_part_text(part))
+            html.append((_part_text(part), part))
         elif content_type.startswith("multipart/"):
             # A multipart whose boundary is missing was left as one opaque body
             # (RFC 2046 §5.1.1 defect); its raw text is the only text there is.
-            unsplit.append(_part_text(part))
+            unsplit.append((_part_text(part), part))
+    last = part  # the part a cut of the message's bytes falls in
 
-    for text in plain:
+    for text, leaf in plain:
         if text.strip():
-            return _Body(text, text, tuple(attachments))
-    for source in html:
+            return _text_body(text, tuple(attachments), cut=prefix and leaf is last)
+    for source, leaf in html:
         if source.strip():
-            return _Body(html_to_text(source[:MAX_HTML_SOURCE_CHARS]), source, tuple(attachments))
-    for text in unsplit:
+            return _html_body(source, tuple(attachments), cut=prefix and leaf is last)
+    for text, leaf in unsplit:
         if text.strip():
-            return _Body(text, text, tuple(attachments))
+            return _text_body(text, tuple(attachments), cut=prefix and leaf is last)
     return _Body("", "", tuple(attachments))
 
 
@@ -830,13 +888,15 @@ def _embedded_size(part: Message) -> int:
     return len(_payload_bytes(part))
 
 
-def _cap(text: str) -> str:
-    """``text`` cut to MAX_BODY_BYTES of UTF-8 on a character boundary, the cut marked."""
-    if len(text) <= MAX_BODY_BYTES and text.isascii():
-        return text  # one byte a character, and no lone surrogate for "replace" to change
-    data = text.encode("utf-8", "replace")
-    if len(data) <= MAX_BODY_BYTES:
-        return data.decode("utf-8")
-    room = MAX_BODY_BYTES - len(TRUNCATION_MARK.encode("utf-8"))
-    # errors="ignore" drops only the partial character the byte cut may leave at the end.
-    return data[:room].decode("utf-8", "ignore") + TRUNCATION_MARK
+def _cap(text: str) -> tuple[str, bool]:
+    """``text`` cut to MAX_BODY_CHARS characters, and whether it was cut.
+
+    Lone surrogates (undecodable input kept by ``surrogateescape``) become "?", one
+    character each, so the text is valid UTF-8 for every store and for JSON.
+    """
+    cut = len(text) > MAX_BODY_CHARS
+    if cut:
+        text = text[:MAX_BODY_CHARS]
+    if not text.isascii():
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    return text, cut

@@ -84,7 +84,9 @@ class FetchedMessage:
     """What one IMAP FETCH returned for a message: header block or whole bytes, and metadata.
 
     A body fetched by its structure has ``plan`` set, ``data`` empty and its text parts
-    (each cut at the fetch cap) in ``sections``, by section number.
+    (each cut at the fetch cap) in ``sections``, by section number; ``sections_cut`` names
+    those the cap did cut short. ``prefix`` is True when ``data`` is only the start of the
+    message (fetched up to a byte cap because its structure could not be read).
     """
 
     uid: int
@@ -95,6 +97,8 @@ class FetchedMessage:
     savedate: datetime | None = None  # when it landed in this folder (RFC 8514), if known
     plan: BodyPlan | None = None
     sections: dict[str, bytes] = field(default_factory=dict)
+    sections_cut: frozenset[str] = frozenset()
+    prefix: bool = False
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,8 @@ class QueuedMessage:
 
     Addresses are normalised (see ``emailsync.address``). ``problem`` is set, and the other
     fields may be empty, when the message is unusable; such a message goes to Failed.
+    ``body_truncated`` is True when ``body_text`` is not the whole text: cut at the cap of
+    ``emailsync.message.MAX_BODY_CHARS``, or by a fetch that brought only part of it.
     """
 
     uid: int
@@ -127,6 +133,7 @@ class QueuedMessage:
     date: datetime | None  # the Date header, else INTERNALDATE
     size: int
     body_text: str = ""
+    body_truncated: bool = False
     attachments: tuple[Attachment, ...] = ()
     problem: str | None = None
     # The To/Cc/From lines as written (decoded), for the event; addresses above are for logic.
@@ -187,6 +194,7 @@ class TimelineEvent:
     size: int
     filed_at: datetime
     mailboxes: tuple[str, ...] = field(default=())  # filled in when read back from a store
+    body_truncated: bool = False  # body_text is not the whole text (see QueuedMessage)
 
     @classmethod
     def of(
@@ -213,6 +221,7 @@ class TimelineEvent:
             attachments=message.attachments,
             size=message.size,
             filed_at=filed_at,
+            body_truncated=message.body_truncated,
         )
 
 

@@ -147,6 +147,10 @@ LONG_BODIES = {
     "utf8_quoted_printable": without_message_id(
         "Grüße aus Köln — 東京. " * 30_000, cte="quoted-printable"
     ),
+    # 1.2 MB of quoted-printable for 97,500 characters: both caps cut it before 100,000.
+    "emoji_quoted_printable": without_message_id(
+        ("🚀" * 64 + "\n") * 1_500, cte="quoted-printable"
+    ),
     "html": without_message_id(
         "<p>Dear John, the <b>lease</b> is attached.</p>\n" * 30_000, cte="7bit", subtype="html"
     ),
@@ -168,8 +172,8 @@ def by_both_paths(
     (parts,) = session.fetch_full([uid], sizes, {uid: header.plan})
     (whole,) = session.fetch_full([uid], sizes, {uid: None})  # as when the structure is unread
     assert whole.plan is None
-    by_parts = with_body(headers, header.plan, parts.sections, header.data)
-    return by_parts, parse_message(uid, whole.data, size=header.size)
+    by_parts = with_body(headers, header.plan, parts.sections, header.data, parts.sections_cut)
+    return by_parts, parse_message(uid, whole.data, size=header.size, prefix=whole.prefix)
 
 
 @pytest.mark.parametrize("raw", [pytest.param(r, id=name) for name, r in LONG_BODIES.items()])
@@ -182,7 +186,14 @@ def test_a_long_body_without_message_id_has_one_key_by_either_fetch_path(
     by_parts, whole = by_both_paths(*mailbox, raw)
     assert by_parts.message_id is None
     assert by_parts.key == whole.key
-    assert by_parts.key == parse_message(0, raw).key  # and the key of the message itself
+    itself = parse_message(0, raw)
+    assert by_parts.key == itself.key  # and the key of the message itself
+    # Issue 19 defect 14: either way the text is cut (at 100,000 characters, or where the
+    # fetch's byte cap fell) and flagged so.
+    for got in (by_parts, whole):
+        assert itself.body_text.startswith(got.body_text)
+        assert len(got.body_text) > 50_000
+        assert got.body_truncated
 
 
 class WholeMessageSession(ImapSession):

@@ -13,6 +13,7 @@ import signal
 import ssl
 import time
 from collections.abc import Iterator
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
@@ -228,6 +229,56 @@ def test_the_same_message_in_two_mailboxes_is_one_event_via_both(
     [event] = crm.events()
     assert sorted(event["via"]) == sorted([user.address, second.address])
     assert answered_statuses(crm) == ["created", "exists"]
+    store.close()
+    assert_conforms(crm)
+
+
+def with_body(frm: str, to: str, subject: str, body: str, cte: str) -> bytes:
+    """A message with one text/plain part in UTF-8, in the given transfer encoding."""
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = frm, to, subject
+    msg["Message-ID"] = f"<{secrets.token_hex(8)}@test.example>"
+    msg.set_content(body, charset="utf-8", cte=cte)
+    return msg.as_bytes()
+
+
+def lines_of(unit: str, chars: int) -> str:
+    """``chars`` characters: ``unit`` repeated, every 65th a line end (short lines on the wire)."""
+    return "".join("\n" if i % 65 == 64 else unit[i % len(unit)] for i in range(chars))
+
+
+BODY_CASES = {
+    # name: (body, transfer encoding, body_text expected, body_truncated expected)
+    "148000_chars": (lines_of("The quick brown fox. ", 148_000), "7bit", 100_000, True),
+    "99000_chars": (lines_of("The quick brown fox. ", 99_000), "7bit", 99_000, False),
+    # 100,000 characters exactly, 1 to 4 bytes each in UTF-8: whole, not cut.
+    "100000_multibyte": (lines_of("aü€🚀", 100_000), "base64", 100_000, False),
+    # Two characters over, the last ones 2 and 4 bytes long: cut between characters.
+    "100002_multibyte": ("a" * 99_998 + "é🚀中文", "base64", 100_000, True),
+    # 95,000 emoji in quoted-printable are 1.2 MB: the text FETCH is cut at its byte cap
+    # (BODY_FETCH_CAP), so fewer than 100,000 characters arrive, and that is a cut too.
+    "fetch_cap": (lines_of("🚀", 95_000), "quoted-printable", None, True),
+}
+
+
+@pytest.mark.parametrize("case", list(BODY_CASES))
+def test_a_text_body_reaches_the_crm_up_to_100000_characters_flagged_when_cut(
+    case: str, user: MailUser, tmp_path: Path, crm: DevCrm
+) -> None:
+    """Issue 19 defect 14: the contract's cap is 100,000 characters, and body_truncated says
+    whether the text was cut, by that cap or by the fetch's byte cap."""
+    body, cte, length, truncated = BODY_CASES[case]
+    settings = crm_settings(tmp_path, [user], crm)
+    store = crm_store(settings)
+    make_folders(settings, user.address)
+    queue(user, with_body(CLIENT_A, user.address, case, body, cte))
+    one_pass(settings, store, user.address)
+    [event] = crm.events()
+    text = event["body_text"]
+    assert (len(text), event["body_truncated"]) == (length or len(text), truncated)
+    assert body.startswith(text)  # a prefix, cut between characters
+    if length is None:
+        assert len(text) < 100_000
     store.close()
     assert_conforms(crm)
 

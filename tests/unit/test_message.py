@@ -7,6 +7,7 @@ import random
 import re
 import time
 from datetime import UTC, datetime, timedelta, timezone
+from email.message import EmailMessage
 from email.parser import BytesParser
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,7 @@ import pytest
 
 from emailsync import message as message_module
 from emailsync.message import (
-    MAX_BODY_BYTES,
-    TRUNCATION_MARK,
+    MAX_BODY_CHARS,
     decode_encoded_words,
     message_key,
     needs_body_for_key,
@@ -490,35 +490,61 @@ def test_bad_base64_body_keeps_the_decodable_text() -> None:
     assert msg.usable
 
 
-def test_long_body_is_cut_on_a_character_boundary_and_marked() -> None:
-    """A body over MAX_BODY_BYTES is cut to fit, never mid-character, with the cut marked."""
+def test_long_body_is_cut_at_max_body_chars_characters_and_flagged() -> None:
+    """A body over MAX_BODY_CHARS characters keeps that many (not bytes) and is flagged."""
     raw = simple(
         BASE_HEADERS + "\nContent-Type: text/plain; charset=utf-8",
-        "é€" * 40_000 + "\n",
+        "é€🚀" * 40_000 + "\n",
     )
-    body = parse_message(1, raw).body_text
-    encoded = body.encode("utf-8")
-    assert body.endswith(TRUNCATION_MARK)
-    assert MAX_BODY_BYTES - 3 <= len(encoded) <= MAX_BODY_BYTES
-    assert "\ufffd" not in body
-    assert set(body.removesuffix(TRUNCATION_MARK)) == {"é", "€"}
+    message = parse_message(1, raw)
+    assert message.body_text == ("é€🚀" * 40_000)[:MAX_BODY_CHARS]
+    assert message.body_truncated
 
 
 def test_body_of_exactly_the_limit_is_not_cut() -> None:
-    """The cap is inclusive: MAX_BODY_BYTES bytes are kept whole, unmarked."""
-    text = "a" * MAX_BODY_BYTES
-    body = parse_message(1, simple(BASE_HEADERS, text + "\n")).body_text
-    assert body == text
+    """The cap is inclusive: MAX_BODY_CHARS characters are kept whole, not flagged."""
+    text = "ü" * MAX_BODY_CHARS
+    message = parse_message(
+        1, simple(BASE_HEADERS + "\nContent-Type: text/plain; charset=utf-8", text + "\n")
+    )
+    assert message.body_text == text
+    assert not message.body_truncated
 
 
 def test_long_html_body_is_rendered_and_capped() -> None:
     """A large HTML-only body is rendered and capped like a text one."""
     html = "<p>" + "Viewing booked. " * 20_000 + "</p>"
     raw = simple(BASE_HEADERS + "\nContent-Type: text/html; charset=utf-8", html)
-    body = parse_message(1, raw).body_text
-    assert body.startswith("Viewing booked. Viewing booked.")
-    assert body.endswith(TRUNCATION_MARK)
-    assert len(body.encode("utf-8")) <= MAX_BODY_BYTES
+    message = parse_message(1, raw)
+    assert message.body_text.startswith("Viewing booked. Viewing booked.")
+    assert len(message.body_text) == MAX_BODY_CHARS
+    assert message.body_truncated
+
+
+def test_html_source_over_its_rendering_cap_is_flagged_though_short_when_rendered() -> None:
+    """Only MAX_HTML_SOURCE_CHARS of HTML are rendered: the rest of the text is not shown."""
+    html = "<p>a</p>" + "<!-- padding -->" * 70_000 + "<p>the end</p>"
+    raw = simple(BASE_HEADERS + "\nContent-Type: text/html; charset=utf-8", html)
+    message = parse_message(1, raw)
+    assert "the end" not in message.body_text
+    assert message.body_truncated
+
+
+def test_a_message_cut_by_a_fetch_cap_flags_a_body_in_its_last_part_only() -> None:
+    """Fetched up to a byte cap (``prefix``): the text is cut when it runs to the cut."""
+    text_part = simple(BASE_HEADERS, "Hello, the start of a long text.\n" * 100)
+    message = parse_message(1, text_part[:2000], prefix=True)
+    assert message.body_truncated
+    assert message.body_text.startswith("Hello")
+    assert not parse_message(1, text_part).body_truncated
+    # The text part before an attachment that the cut fell in is whole.
+    mixed = EmailMessage()
+    mixed["From"], mixed["To"], mixed["Subject"] = "a@clients.example", "b@example.com", "x"
+    mixed.set_content("The whole text.")
+    mixed.add_attachment(b"%PDF" * 5000, maintype="application", subtype="pdf", filename="a.pdf")
+    cut = parse_message(1, mixed.as_bytes()[:3000], prefix=True)
+    assert cut.body_text == "The whole text."
+    assert not cut.body_truncated
 
 
 # --- attachments ---------------------------------------------------------------------------

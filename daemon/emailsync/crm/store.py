@@ -16,6 +16,7 @@ from emailsync.config import CrmSettings
 from emailsync.crm.cache import LookupCache
 from emailsync.crm.client import EVENTS_PATH, LOOKUP_PATH, CrmClient
 from emailsync.errors import StoreError, StoreUnavailableError
+from emailsync.message import MAX_BODY_CHARS
 from emailsync.metrics import CrmMetrics
 from emailsync.model import Group, TimelineEvent
 from emailsync.store.base import Recorded
@@ -25,9 +26,6 @@ log = structlog.get_logger(__name__)
 # The document's maxItems per request; a bigger batch goes in several requests.
 MAX_ADDRESSES_PER_LOOKUP = 1000
 MAX_EVENTS_PER_REQUEST = 1000
-# The text body sent with an event is capped: a timeline shows the start of a message, and
-# one forwarded novel must not make a request too large for the CRM.
-BODY_CAP_CHARS = 100_000
 _MAX_AGE = re.compile(r"(?:^|,)\s*(?:s-)?max-age\s*=\s*\"?(\d+)")
 _NO_CACHE = re.compile(r"(?:^|,)\s*(?:no-store|no-cache|private)\b")
 
@@ -238,6 +236,8 @@ def _iso(moment: datetime | None) -> str | None:
 
 
 def _event_json(key: str, event: TimelineEvent, via: list[str]) -> dict[str, Any]:
+    # Capped when the message was parsed (MAX_BODY_CHARS is the document's maxLength); cut
+    # again here only so that no event can break the contract.
     body = event.body_text
     return {
         "key": key,
@@ -251,8 +251,8 @@ def _event_json(key: str, event: TimelineEvent, via: list[str]) -> dict[str, Any
         "to": event.to,
         "cc": event.cc,
         "subject": event.subject,
-        "body_text": body[:BODY_CAP_CHARS],
-        "body_truncated": len(body) > BODY_CAP_CHARS,
+        "body_text": body[:MAX_BODY_CHARS],
+        "body_truncated": event.body_truncated or len(body) > MAX_BODY_CHARS,
         "attachments": [
             {"filename": a.filename, "content_type": a.content_type, "size": a.size}
             for a in event.attachments

@@ -13,7 +13,7 @@ import socket
 import ssl
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -374,7 +374,11 @@ class ImapSession:
             result.extend(self._fetch(chunk, b"BODY.PEEK[]", b"BODY[]"))
         for chunk in _by_bytes(prefix, dict.fromkeys(prefix, BODY_FETCH_CAP)):
             item = b"BODY.PEEK[]<0.%d>" % BODY_FETCH_CAP
-            result.extend(self._fetch(chunk, item, b"BODY[]<0>"))
+            result.extend(
+                # A full cap's worth came: the rest of the message was left on the server.
+                replace(m, prefix=len(m.data) >= BODY_FETCH_CAP)
+                for m in self._fetch(chunk, item, b"BODY[]<0>")
+            )
         return sorted(result, key=lambda m: m.uid)
 
     def _plans(self, uids: Sequence[int]) -> dict[int, BodyPlan | None]:
@@ -404,16 +408,25 @@ class ImapSession:
             response = uid_fetch(self.client._imap, uids, items)
         messages = []
         for uid, data in response.items():
-            if int(uid) not in plans:
+            plan = plans.get(int(uid))
+            if plan is None:
                 continue
+            texts = {s: bytes(data.get(key) or b"") for s, key in keys.items()}
             messages.append(
                 FetchedMessage(
                     uid=int(uid),
                     data=b"",
                     internaldate=None,
                     size=0,
-                    plan=plans[int(uid)],
-                    sections={s: bytes(data.get(key) or b"") for s, key in keys.items()},
+                    plan=plan,
+                    sections=texts,
+                    # A full cap's worth of a part the structure says is longer: cut short.
+                    sections_cut=frozenset(
+                        t.section
+                        for t in plan.texts
+                        if t.size > BODY_FETCH_CAP
+                        and len(texts.get(t.section, b"")) >= BODY_FETCH_CAP
+                    ),
                 )
             )
         return messages
