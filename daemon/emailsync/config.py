@@ -31,6 +31,10 @@ IDLE_RENEW_SECONDS = 23 * 60
 SWEEP_SECONDS = 10 * 60
 POLL_SECONDS = 60
 TIMEOUT_SECONDS = 30.0
+# First Time Setup's login waits this long for each answer: servers hold a refused login
+# (Dovecot's auth_failure_delay, 2 s by default) and the next one from the same address (its
+# auth penalty, Exchange longer), so a short wait reads a typo or its correction as a timeout.
+SETUP_TIMEOUT_SECONDS = 30.0
 FETCH_BATCH = 200
 STUCK_AFTER_ATTEMPTS = 5
 # Connects (TCP, TLS, login) in flight at once across all mailboxes: 2,000 mailboxes starting
@@ -79,6 +83,7 @@ class DaemonSettings:
     sweep_seconds: float = SWEEP_SECONDS
     poll_seconds: float = POLL_SECONDS
     timeout_seconds: float = TIMEOUT_SECONDS
+    setup_timeout_seconds: float = SETUP_TIMEOUT_SECONDS
     fetch_batch: int = FETCH_BATCH
     max_backoff_seconds: float = 300.0
     reauth_retry_seconds: float = 30 * 60.0
@@ -539,6 +544,9 @@ def _parse_daemon(table: _Table, base_dir: Path) -> DaemonSettings:
         sweep_seconds=table.get("sweep_seconds", float, float(SWEEP_SECONDS), _positive),
         poll_seconds=table.get("poll_seconds", float, float(POLL_SECONDS), _positive),
         timeout_seconds=table.get("timeout_seconds", float, TIMEOUT_SECONDS, _positive),
+        setup_timeout_seconds=table.get(
+            "setup_timeout_seconds", float, SETUP_TIMEOUT_SECONDS, _positive
+        ),
         fetch_batch=table.get("fetch_batch", int, FETCH_BATCH, _positive),
         max_backoff_seconds=table.get("max_backoff_seconds", float, 300.0, _positive),
         reauth_retry_seconds=table.get("reauth_retry_seconds", float, 1800.0, _positive),

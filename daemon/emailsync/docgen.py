@@ -77,6 +77,11 @@ DESCRIPTIONS: dict[tuple[str, str], str] = {
     ("daemon", "sweep_seconds"): "Safety pass over every Queue, whatever IDLE said.",
     ("daemon", "poll_seconds"): "Pass interval for servers without IDLE.",
     ("daemon", "timeout_seconds"): "Every socket operation (connect, read) times out after this.",
+    ("daemon", "setup_timeout_seconds"): (
+        "First Time Setup (API, pages) waits this long for each answer of the mail server: "
+        "longer than the server holds a refused login and the next one (Dovecot's failure "
+        "delay and auth penalty, Exchange's). No answer in time: `504`; no server: `502`."
+    ),
     ("daemon", "fetch_batch"): "Messages per FETCH and per store transaction.",
     ("daemon", "max_backoff_seconds"): (
         "Cap of the reconnect back-off (exponential from 1 s, full jitter; a server's suggested "

@@ -102,7 +102,8 @@ class RegistrationError(EmailSyncError):
 
     ``status`` is the HTTP status the listener answers with: 409 for a branch or mailbox of
     the config file (read-only through the API), 422 for a refused login or an unknown
-    branch, 502 when the mail server cannot be reached, 503 when the store keeps no registry.
+    branch, 502 when the mail server cannot be reached, 504 when it did not answer in time,
+    503 when the store keeps no registry.
     The message is one line and never holds a secret.
     """
 

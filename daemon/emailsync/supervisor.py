@@ -94,7 +94,7 @@ GAUGE_SECONDS = 15.0
 TOKEN_CHECK_SECONDS = 300.0
 TOKEN_REFRESH_AHEAD_SECONDS = 900.0  # refresh an access token this long before it expires
 OFFICE365_FLOW_SECONDS = 600.0  # a browser sign-in must come back within 10 minutes
-SETUP_TIMEOUT_SECONDS = 4.0  # First Time Setup logs in while the caller waits: keep it short
+SETUP_LOGOUT_SECONDS = 4.0  # First Time Setup's LOGOUT: the work is done, do not wait long
 RECENT_OUTCOMES_NONE: list[dict[str, str | None]] = []
 # A worker thread that ended without being asked (a bug, not a mailbox error: those are
 # backed off inside the worker) is restarted after 1 s, 2 s, 4 s … 5 min, each jittered down
@@ -791,20 +791,26 @@ class Supervisor:
         )
         secret = Secret(password)
         authenticator = PasswordAuthenticator(mailbox, password=lambda: secret)
+        timeout = self.settings.daemon.setup_timeout_seconds
         try:
             session = ImapSession.open(
                 mailbox,
                 self.settings.folders,
                 authenticator,
-                timeout_seconds=min(self.settings.daemon.timeout_seconds, SETUP_TIMEOUT_SECONDS),
+                timeout_seconds=timeout,
             )
             try:
                 session.ensure_folders()
             finally:
-                session.logout(SETUP_TIMEOUT_SECONDS)
+                session.logout(SETUP_LOGOUT_SECONDS)
         except AuthError as exc:
             raise RegistrationError(_one_line(str(exc)), status=422) from None
-        except (ConnectionLostError, MailboxError) as exc:
+        except ConnectionLostError as exc:
+            if exc.kind == "timeout":  # it may answer later: a gateway timeout, not a refusal
+                what = f"the server did not answer in {timeout:g} s ({_one_line(str(exc))})"
+                raise RegistrationError(what, status=504) from None
+            raise RegistrationError(_one_line(str(exc)), status=502) from None
+        except MailboxError as exc:
             raise RegistrationError(_one_line(str(exc)), status=502) from None
         record = RegisteredMailbox(address, branch, "password", username, True, False)
         # Through the vault: a `keys rotate` running meanwhile must not strand the secret

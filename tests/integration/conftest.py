@@ -54,6 +54,24 @@ def dovecot_nomove() -> Iterator[Dovecot]:
     yield from _start(DovecotOptions(without_capabilities=("MOVE",)))
 
 
+# Production Dovecots answer a refused login after auth_failure_delay (2 s by default) and,
+# through anvil's auth penalty, hold the next login from the same address for a few seconds
+# more; the default fixture turns both off for speed. This one has both, the delay at 6 s.
+SLOW_FAILURES_CONFIG = """auth_failure_delay = 6 secs
+service anvil {
+  unix_listener anvil-auth-penalty {
+    mode = 0666
+  }
+}
+"""
+
+
+@pytest.fixture(scope="session")
+def dovecot_slow_failures() -> Iterator[Dovecot]:
+    """A Dovecot that answers a refused login after 6 s and holds the next one (auth penalty)."""
+    yield from _start(DovecotOptions(extra_config=SLOW_FAILURES_CONFIG))
+
+
 @pytest.fixture
 def user(dovecot: Dovecot) -> MailUser:
     """A fresh mailbox on the default Dovecot."""

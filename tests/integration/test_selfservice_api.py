@@ -7,6 +7,7 @@ import http.client
 import json
 import signal
 import sqlite3
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -22,7 +23,8 @@ from emailsync.supervisor import Supervisor
 from emailsync.vault import Vault
 
 from .conftest import MailUser, new_user, settings_for
-from .daemonproc import DaemonFactory, RunningDaemon, run_cli, wait_until
+from .daemonproc import DaemonFactory, RunningDaemon, new_port, run_cli, wait_until
+from .faultproxy import FaultProxy
 from .test_daemon import imap_pids
 from .test_filing import ROOT, build_message, folder_subjects, queue
 
@@ -265,6 +267,44 @@ def test_rotating_the_key_revokes_agent_tokens_and_keeps_passwords_readable(
     daemon.stop()
     again = daemons.start([user])
     wait_until(lambda: again.mailboxes()[agent.address]["state"] == "idle")
+
+
+def test_a_set_up_outwaits_the_servers_failure_delay_and_takes_the_right_password_after(
+    user: MailUser, dovecot_slow_failures: Dovecot, daemons: DaemonFactory
+) -> None:
+    """A typo is refused after the server's 6 s failure delay: 422 with its words, not a
+    timeout. The right password right after, which the server holds (auth penalty), is 200."""
+    daemon = daemons.start([user])
+    agent = new_user(dovecot_slow_failures)
+    add_branch(daemon, dovecot_slow_failures, "slow")
+    path = f"/v1/mailboxes/{quote(agent.address)}"
+    body = {"branch": "slow", "username": agent.address, "password": agent.password + "x"}
+    started = time.monotonic()
+    status, answer = call(daemon, "PUT", path, body)
+    assert (status, "AUTHENTICATIONFAILED" in answer["error"]) == (422, True), answer
+    assert time.monotonic() - started >= 5  # the refusal came after the server's delay
+    status, answer = call(daemon, "PUT", path, {**body, "password": agent.password})
+    assert status == 200, answer
+
+
+def test_a_set_up_login_without_answer_is_504_naming_the_seconds_and_no_server_is_502(
+    user: MailUser, dovecot: Dovecot, fault_proxy: FaultProxy, daemons: DaemonFactory
+) -> None:
+    daemon = daemons.start([user], setup_timeout_seconds=5)
+    agent = new_user(dovecot)
+    path = f"/v1/mailboxes/{quote(agent.address)}"
+    for name, port in (("silent", fault_proxy.port), ("nowhere", new_port())):
+        branch = {"host": "127.0.0.1", "port": port, "security": "none"}
+        assert call(daemon, "PUT", f"/v1/branches/{name}", branch)[0] == 201
+    body = {"branch": "silent", "username": agent.address, "password": agent.password}
+    fault_proxy.stall_on(r"\bLOGIN\b")  # LOGIN reaches the server; its answer never comes back
+    status, answer = call(daemon, "PUT", path, body)
+    assert status == 504, answer
+    assert "did not answer in 5 s" in answer["error"]
+    status, answer = call(daemon, "PUT", path, {**body, "branch": "nowhere"})
+    assert status == 502, answer
+    assert "refused" in answer["error"]
+    assert registered_rows(daemon) == 0  # nothing stored either time
 
 
 class _RotatingAtFirstWrite(SqliteStore):
