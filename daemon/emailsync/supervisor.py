@@ -769,12 +769,14 @@ class Supervisor:
             log.info("mailbox_restarted", mailbox=address, reason="branch changed")
         return created
 
-    def setup_mailbox(self, address: str, branch: str, username: str, password: str) -> None:
+    def setup_mailbox(
+        self, address: str, branch: str, username: str, password: str, trigger: str = "auto"
+    ) -> None:
         """First Time Setup (Basic): log in, create the folders, store the password, start.
 
         The login comes first: a refused one raises RegistrationError 422 with the server's
         answer in one line, and nothing is stored. A mailbox of the config file is read-only
-        here (409).
+        here (409). ``trigger`` is the agent's choice, stored with the mailbox.
         """
         registry = self._registry()
         if any(m.address == address for m in self.settings.mailboxes):
@@ -788,6 +790,7 @@ class Supervisor:
             auth="password",
             username=username,
             branch=branch,
+            trigger=trigger,
         )
         secret = Secret(password)
         authenticator = PasswordAuthenticator(mailbox, password=lambda: secret)
@@ -812,7 +815,7 @@ class Supervisor:
             raise RegistrationError(_one_line(str(exc)), status=502) from None
         except MailboxError as exc:
             raise RegistrationError(_one_line(str(exc)), status=502) from None
-        record = RegisteredMailbox(address, branch, "password", username, True, False)
+        record = RegisteredMailbox(address, branch, "password", username, True, False, trigger)
         # Through the vault: a `keys rotate` running meanwhile must not strand the secret
         # under the generation it drops.
         self.vault.store_secret(password, address, lambda blob: registry.put_mailbox(record, blob))
@@ -883,12 +886,14 @@ class Supervisor:
         """True when browser sign-in can be offered: ``[office365]`` in delegated mode."""
         return self.settings.office365 is not None and not self.settings.office365.app_only
 
-    def office365_start(self, address: str, branch: str | None, redirect_uri: str) -> str:
+    def office365_start(
+        self, address: str, branch: str | None, redirect_uri: str, trigger: str = "auto"
+    ) -> str:
         """First Time Setup (Office 365): the URL of the provider's sign-in page.
 
         The flow (PKCE verifier, nonce) stays here, keyed by its ``state``, bound to the
-        mailbox, for ``OFFICE365_FLOW_SECONDS``. ``branch`` names the IMAP server; by default
-        Exchange Online's.
+        mailbox (and its ``trigger``), for ``OFFICE365_FLOW_SECONDS``. ``branch`` names the
+        IMAP server; by default Exchange Online's.
         """
         if not self.office365_available():
             raise RegistrationError(
@@ -906,7 +911,12 @@ class Supervisor:
             else ServerSettings(host=OFFICE365_HOST, port=993, security="ssl")
         )
         mailbox = MailboxSettings(
-            address=address, server=server, auth="office365", username=address, branch=branch
+            address=address,
+            server=server,
+            auth="office365",
+            username=address,
+            branch=branch,
+            trigger=trigger,
         )
         authenticator = self.authenticator_factory(mailbox, self.settings)
         if not isinstance(authenticator, Office365Authenticator):
@@ -956,7 +966,13 @@ class Supervisor:
         except ConnectionLostError as exc:
             raise RegistrationError(_one_line(str(exc)), status=502) from None
         record = RegisteredMailbox(
-            mailbox.address, mailbox.branch or "", "office365", mailbox.address, False, False
+            mailbox.address,
+            mailbox.branch or "",
+            "office365",
+            mailbox.address,
+            False,
+            False,
+            mailbox.trigger,
         )
         self._registry().put_mailbox(record, None)
         self._replace_worker(mailbox)
@@ -1024,6 +1040,7 @@ class Supervisor:
                 auth=record.auth,
                 username=record.username,
                 branch=record.branch or None,
+                trigger=record.trigger,
             )
         with self._lock:
             self.registered = loaded

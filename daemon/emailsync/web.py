@@ -38,7 +38,7 @@ from urllib.parse import parse_qs, unquote
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from emailsync.config import SECURITIES, weak_token_problem
+from emailsync.config import SECURITIES, TRIGGERS, weak_token_problem
 from emailsync.errors import KeyUnavailableError, RegistrationError
 from emailsync.pages import Pages, Principal
 from emailsync.web_pages import (
@@ -102,7 +102,9 @@ class Registrar(Protocol):
         self, name: str, host: str, port: int, security: str, ca_file: str | None = None
     ) -> bool: ...
 
-    def setup_mailbox(self, address: str, branch: str, username: str, password: str) -> None: ...
+    def setup_mailbox(
+        self, address: str, branch: str, username: str, password: str, trigger: str = "auto"
+    ) -> None: ...
 
     def forget_mailbox(self, address: str) -> bool: ...
 
@@ -110,7 +112,9 @@ class Registrar(Protocol):
 
     def office365_available(self) -> bool: ...
 
-    def office365_start(self, address: str, branch: str | None, redirect_uri: str) -> str: ...
+    def office365_start(
+        self, address: str, branch: str | None, redirect_uri: str, trigger: str = "auto"
+    ) -> str: ...
 
     def office365_finish(self, params: dict[str, str]) -> str: ...
 
@@ -635,12 +639,16 @@ def _handler_class(
             ):
                 address = self._visible_address(path, principal)
                 data = self._json_body() if self.body.strip() else {}
-                branch = data.get("branch")
-                if set(data) - {"branch"} or not (
-                    branch is None or (isinstance(branch, str) and 0 < len(branch) <= 1024)
+                branch, trigger = data.get("branch"), data.get("trigger", "auto")
+                if (
+                    set(data) - {"branch", "trigger"}
+                    or not (branch is None or (isinstance(branch, str) and 0 < len(branch) <= 1024))
+                    or trigger not in TRIGGERS
                 ):
-                    raise RefusedError(HTTPStatus.BAD_REQUEST, "expected {branch?}")
-                url = self._office365_start(address, branch)
+                    raise RefusedError(
+                        HTTPStatus.BAD_REQUEST, "expected {branch?, trigger? (auto, manual)}"
+                    )
+                url = self._office365_start(address, branch, trigger)
                 self._json(HTTPStatus.OK, {"authorize_url": url})
                 return
             include_stuck = _include_stuck(query)
@@ -701,15 +709,19 @@ def _handler_class(
         def _put_mailbox(self, address: str) -> None:
             data = self._json_body()
             values = [data.get(k) for k in ("branch", "username", "password")]
-            if set(data) != {"branch", "username", "password"} or not all(
-                isinstance(v, str) and v and len(v) <= MAX_FIELD_CHARS for v in values
+            trigger = data.get("trigger", "auto")
+            if (
+                not {"branch", "username", "password"} <= set(data) <= PUT_MAILBOX_FIELDS
+                or not all(isinstance(v, str) and v and len(v) <= MAX_FIELD_CHARS for v in values)
+                or trigger not in TRIGGERS
             ):
                 raise RefusedError(
-                    HTTPStatus.BAD_REQUEST, "expected {branch, username, password} (strings)"
+                    HTTPStatus.BAD_REQUEST,
+                    "expected {branch, username, password} (strings), trigger? (auto, manual)",
                 )
             branch, username, password = (str(v) for v in values)
             try:
-                self._registrar().setup_mailbox(address, branch, username, password)
+                self._registrar().setup_mailbox(address, branch, username, password, trigger)
             except RegistrationError as exc:
                 raise RefusedError(exc.status, str(exc)) from None
             self._json(HTTPStatus.OK, self._detail(address))
@@ -740,10 +752,10 @@ def _handler_class(
                 {"address": normalised, "token": token, "link": self._login_link(token)},
             )
 
-        def _office365_start(self, address: str, branch: str | None) -> str:
+        def _office365_start(self, address: str, branch: str | None, trigger: str = "auto") -> str:
             try:
                 return self._registrar().office365_start(
-                    address, branch, self._base_url() + OFFICE365_CALLBACK
+                    address, branch, self._base_url() + OFFICE365_CALLBACK, trigger
                 )
             except RegistrationError as exc:
                 raise RefusedError(exc.status, str(exc)) from None
@@ -881,6 +893,7 @@ GET_PATHS = frozenset({"/", "/healthz", "/readyz", "/metrics", "/v1/mailboxes", 
 MAILBOX_ACTIONS = ("sync", "stop", "start")
 _HOST_HEADER = re.compile(r"[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
 MAX_FIELD_CHARS = 1024
+PUT_MAILBOX_FIELDS = frozenset({"branch", "username", "password", "trigger"})
 MAX_TOKEN_DAYS = 3660
 MAX_ADDRESS_CHARS = 254  # RFC 5321 §4.5.3.1.3: a path holds at most 256 octets with its <>
 

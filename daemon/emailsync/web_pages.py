@@ -106,7 +106,7 @@ class PageRoutes(BaseHTTPRequestHandler):
     def _registrar(self) -> Registrar:
         raise NotImplementedError
 
-    def _office365_start(self, address: str, branch: str | None) -> str:
+    def _office365_start(self, address: str, branch: str | None, trigger: str = "auto") -> str:
         raise NotImplementedError
 
     def _base_url(self) -> str:
@@ -251,6 +251,8 @@ class PageRoutes(BaseHTTPRequestHandler):
             return
         registrar = self._registrar()
         page = f"{EMAIL_SYNC_PAGE}{quote(address, safe='@')}"
+        # Only the form's two choices; anything else (a hand-made post) is the default.
+        trigger = "manual" if form.get("trigger") == "manual" else "auto"
         if action == "setup":
             try:
                 registrar.setup_mailbox(
@@ -258,6 +260,7 @@ class PageRoutes(BaseHTTPRequestHandler):
                     form.get("branch", ""),
                     form.get("username", "").strip(),
                     form.get("password", ""),
+                    trigger,
                 )
                 session.flash("notice", "Authenticated: your folders are ready.")
             except RegistrationError as exc:
@@ -269,7 +272,7 @@ class PageRoutes(BaseHTTPRequestHandler):
                 session.flash("error", "Email Sync is not running for this mailbox.")
         elif action == "office365":
             try:
-                url = self._office365_start(address, form.get("branch") or None)
+                url = self._office365_start(address, form.get("branch") or None, trigger)
             except RefusedError as exc:
                 session.flash("error", exc.error)
             else:

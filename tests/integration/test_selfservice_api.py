@@ -180,6 +180,56 @@ def test_an_agent_sets_up_syncs_and_stops_their_mailbox_and_the_password_is_gone
     assert call(daemon, "POST", f"{path}/sync", token=token)[0] == 404  # not running
 
 
+def test_an_agent_who_chooses_manual_at_set_up_gets_mail_filed_only_on_start_sync(
+    user: MailUser, dovecot: Dovecot, daemons: DaemonFactory
+) -> None:
+    """Issue 19: a self-registered mailbox was always `trigger = auto`, where the seed's agents
+    file on Start Sync. The choice is the agent's, and it is kept across a restart."""
+    daemon = daemons.start([user], groups={"Smith": ["john@clients.example"]})
+    agent = new_user(dovecot)
+    path = f"/v1/mailboxes/{quote(agent.address)}"
+    add_branch(daemon, dovecot)
+    setup = {"branch": "main", "username": agent.address, "password": agent.password}
+    status, answer = call(daemon, "PUT", path, {**setup, "trigger": "manual"})
+    assert status == 200, answer
+    assert answer["trigger"] == "manual"
+    wait_until(lambda: call(daemon, "GET", path)[1]["state"] == "idle")
+
+    queue(agent, build_message("john@clients.example", agent.address, "Keys ready"))
+    # Positive event: IDLE announced it and the worker counted it instead of filing it.
+    wait_until(lambda: daemon.metric("emailsync_queue_messages", mailbox=agent.address) == 1)
+    assert folder_subjects(agent, "Queue") == {"Keys ready": set()}
+    assert call(daemon, "POST", f"{path}/sync")[0] == 202
+    wait_until(lambda: "Keys ready" in folder_subjects(agent, "Received"))
+
+    daemon.stop()
+    again = daemons.start([user])
+    wait_until(lambda: again.mailboxes().get(agent.address, {}).get("state") == "idle")
+    assert again.mailboxes()[agent.address]["trigger"] == "manual"
+
+
+def test_a_non_ascii_username_or_password_is_a_422_not_a_500(
+    user: MailUser, dovecot: Dovecot, daemons: DaemonFactory
+) -> None:
+    """Found by schemathesis: IMAP LOGIN (imaplib) sends ASCII only, and a username with an
+    accent raised UnicodeEncodeError, a 500. It is a refused login now, and nothing is kept."""
+    daemon = daemons.start([user])
+    agent = new_user(dovecot)
+    add_branch(daemon, dovecot)
+    path = f"/v1/mailboxes/{quote(agent.address)}"
+    for username, password in (("agént", agent.password), (agent.address, "pässword")):
+        status, answer = call(
+            daemon, "PUT", path, {"branch": "main", "username": username, "password": password}
+        )
+        assert status == 422, answer
+        assert "non-ASCII" in answer["error"]
+        assert "pässword" not in answer["error"]
+    assert registered_rows(daemon) == 0
+    # Positive signal: the same call with the right ASCII credentials is accepted.
+    body = {"branch": "main", "username": agent.address, "password": agent.password}
+    assert call(daemon, "PUT", path, body)[0] == 200
+
+
 def test_a_mailbox_of_the_config_file_is_read_only_through_the_api(
     user: MailUser, dovecot: Dovecot, daemons: DaemonFactory
 ) -> None:

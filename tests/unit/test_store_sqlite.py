@@ -18,9 +18,9 @@ import pytest
 from emailsync.errors import ConfigError, StoreError, StoreUnavailableError
 from emailsync.model import Attachment, Direction, TimelineEvent
 from emailsync.store import open_store, read_group_csv
-from emailsync.store.base import Store
+from emailsync.store.base import RegisteredMailbox, Store
 from emailsync.store.postgres import PostgresStore
-from emailsync.store.sqlite import SqliteStore, _statements
+from emailsync.store.sqlite import SqliteStore, _migrations, _statements
 
 BASE_TIME = datetime(2024, 5, 1, 9, 0, tzinfo=UTC)
 SCHEMA_DIR = Path(__file__).parents[2] / "daemon" / "emailsync" / "store" / "schema"
@@ -611,3 +611,36 @@ def test_migration_scripts_split_at_statement_ends_only() -> None:
     ]
     with pytest.raises(StoreError, match="without ';'"):
         list(_statements("CREATE TABLE u (a)"))
+
+
+def test_a_registered_mailbox_keeps_its_trigger_and_older_rows_read_as_auto(
+    tmp_path: Path,
+) -> None:
+    """Issue 19: a self-registered mailbox was always `auto`. Its trigger is stored now; a
+    mailbox registered before the column existed (schema 2) reads as `auto`, as it ran."""
+    path = tmp_path / "emailsync.db"
+    with sqlite3.connect(path) as conn:  # a store at schema 2, with one mailbox in it
+        for version, _name, script in _migrations()[:2]:
+            for statement in _statements(script):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {version}")
+        conn.execute(
+            "INSERT INTO registered_mailboxes (address, branch, auth, username, secret, stopped,"
+            " updated_at) VALUES ('old@example.com', 'main', 'password', 'old', x'00', 0, 'now')"
+        )
+    path.chmod(0o600)
+    store = SqliteStore(path)
+    try:
+        store.put_mailbox(
+            RegisteredMailbox("new@example.com", "main", "password", "new", True, False, "manual"),
+            b"\x01",
+        )
+        triggers = {m.address: m.trigger for m in store.registered_mailboxes()}
+        assert triggers == {"old@example.com": "auto", "new@example.com": "manual"}
+        store.put_mailbox(
+            RegisteredMailbox("new@example.com", "main", "password", "new", True, False, "auto"),
+            b"\x01",
+        )
+        assert {m.trigger for m in store.registered_mailboxes()} == {"auto"}
+    finally:
+        store.close()

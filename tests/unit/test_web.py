@@ -586,7 +586,9 @@ class SignInRegistrar(Registrar):
     def __init__(self) -> None:
         self.redirect_uris: list[str] = []
 
-    def office365_start(self, address: str, branch: str | None, redirect_uri: str) -> str:
+    def office365_start(
+        self, address: str, branch: str | None, redirect_uri: str, trigger: str = "auto"
+    ) -> str:
         self.redirect_uris.append(redirect_uri)
         return "https://login.example/authorize"
 
@@ -734,3 +736,103 @@ def test_the_session_cookie_is_secure_when_public_url_is_https() -> None:
                 assert "HttpOnly" in attributes
         finally:
             server.stop()
+
+
+class SetUpRegistrar(SignInRegistrar):
+    """The stand-in registrar, recording each First Time Setup's trigger."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.triggers: list[str] = []
+
+    def setup_mailbox(
+        self, address: str, branch: str, username: str, password: str, trigger: str = "auto"
+    ) -> None:
+        self.triggers.append(trigger)
+
+    def office365_start(
+        self, address: str, branch: str | None, redirect_uri: str, trigger: str = "auto"
+    ) -> str:
+        self.triggers.append(trigger)
+        return super().office365_start(address, branch, redirect_uri)
+
+    def mailbox_detail(self, address: str) -> dict[str, object] | None:
+        return {"address": address, "trigger": self.triggers[-1]} if self.triggers else None
+
+    def office365_available(self) -> bool:
+        return True
+
+    def branches(self) -> list[dict[str, object]]:
+        return [{"name": "main", "host": "imap.example.com"}]
+
+
+def test_first_time_setup_through_the_api_takes_the_trigger() -> None:
+    """Issue 19: `PUT /v1/mailboxes/{address}` and the Office 365 start take `trigger`
+    (`auto`, the default, or `manual`); anything else is a 400 that starts nothing."""
+    registrar = SetUpRegistrar()
+    server = WebServer(
+        "127.0.0.1",
+        0,
+        Supervisor(),
+        CollectorRegistry(),
+        TOKEN,
+        registrar=registrar,  # type: ignore[arg-type]
+    )
+    server.start()
+    try:
+        path = "/v1/mailboxes/agent@example.com"
+        setup = {"branch": "main", "username": "agent", "password": "pw"}
+        for body, expected in (
+            ({**setup, "trigger": "manual"}, (200, "manual")),
+            (setup, (200, "auto")),
+            ({**setup, "trigger": "auto"}, (200, "auto")),
+            ({**setup, "trigger": "sometimes"}, (400, None)),
+            ({**setup, "trigger": None}, (400, None)),
+        ):
+            status, answer = call(server, "PUT", path, AUTH, json.dumps(body))
+            assert (status, json.loads(answer).get("trigger")) == expected, answer
+        start = path + "/office365/start"
+        assert call(server, "POST", start, AUTH, '{"trigger": "manual"}')[0] == 200
+        assert call(server, "POST", start, AUTH, "")[0] == 200
+        assert call(server, "POST", start, AUTH, '{"trigger": "never"}')[0] == 400
+        assert registrar.triggers == ["manual", "auto", "auto", "manual", "auto"]
+    finally:
+        server.stop()
+
+
+def test_the_email_sync_page_lets_the_agent_choose_the_trigger() -> None:
+    """Both First Time Setup forms offer "as soon as it lands" and "when I click Start Sync";
+    the choice reaches the registrar (a value not offered is read as the default, auto)."""
+    registrar = SetUpRegistrar()
+    server = WebServer(
+        "127.0.0.1",
+        0,
+        Supervisor(),
+        CollectorRegistry(),
+        TOKEN,
+        registrar=registrar,  # type: ignore[arg-type]
+    )
+    server.start()
+    try:
+        _, cookie = page(server, f"/login?token={TOKEN}")
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+        conn.request("GET", "/email-sync/agent@example.com", headers={"Cookie": cookie})
+        setup_page = conn.getresponse().read().decode()
+        conn.close()
+        for form in ("basic", "office365"):
+            section = setup_page[setup_page.index(f'id="{form}"') :]
+            section = section[: section.index("</form>")]
+            assert 'name="trigger" value="auto" checked' in section
+            assert 'name="trigger" value="manual"' in section
+        csrf = re.search(r'name="csrf" value="([^"]+)"', setup_page)
+        assert csrf is not None
+        form_headers = {"Cookie": cookie, "Content-Type": "application/x-www-form-urlencoded"}
+        for action, trigger in (("setup", "manual"), ("office365", "manual"), ("setup", "x")):
+            body = f"csrf={csrf.group(1)}&branch=main&username=a&password=p&trigger={trigger}"
+            status, _ = call(
+                server, "POST", f"/email-sync/agent@example.com/{action}", form_headers, body
+            )
+            assert status in (200, 303)
+        assert registrar.triggers == ["manual", "manual", "auto"]
+    finally:
+        server.stop()

@@ -142,6 +142,14 @@ class PasswordAuthenticator:
                     f"{address}: the server refuses LOGIN on this connection (LOGINDISABLED); "
                     "use security = ssl or starttls"
                 )
+            if not (self._mailbox.username.isascii() and password.reveal().isascii()):
+                # imaplib sends LOGIN's strings as ASCII (RFC 3501 strings are 7-bit unless
+                # the server accepts UTF8=ACCEPT): it would raise UnicodeEncodeError. No
+                # retry can help; a person must change the credentials.
+                raise AuthError(
+                    f"{address}: the username or password holds non-ASCII characters, "
+                    "which IMAP LOGIN cannot send"
+                )
             try:
                 client.login(self._mailbox.username, password.reveal())
             except LoginError as exc:

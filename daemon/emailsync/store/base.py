@@ -109,6 +109,7 @@ class RegisteredMailbox:
     username: str
     has_secret: bool
     stopped: bool
+    trigger: str = "auto"  # auto: file on arrival; manual: only on Start Sync
 
 
 @runtime_checkable

@@ -280,11 +280,20 @@ class SqliteStore:
         with self._transaction("register mailbox") as txn:
             txn.execute(
                 "INSERT INTO registered_mailboxes"
-                " (address, branch, auth, username, secret, stopped, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, 0, ?) ON CONFLICT (address) DO UPDATE SET"
+                " (address, branch, auth, username, secret, stopped, updated_at, trigger)"
+                " VALUES (?, ?, ?, ?, ?, 0, ?, ?) ON CONFLICT (address) DO UPDATE SET"
                 " branch = excluded.branch, auth = excluded.auth, username = excluded.username,"
-                " secret = excluded.secret, stopped = 0, updated_at = excluded.updated_at",
-                (mailbox.address, mailbox.branch, mailbox.auth, mailbox.username, secret, _now()),
+                " secret = excluded.secret, stopped = 0, updated_at = excluded.updated_at,"
+                " trigger = excluded.trigger",
+                (
+                    mailbox.address,
+                    mailbox.branch,
+                    mailbox.auth,
+                    mailbox.username,
+                    secret,
+                    _now(),
+                    mailbox.trigger,
+                ),
             )
         self._scrub()
 
@@ -292,11 +301,13 @@ class SqliteStore:
         """Every registered mailbox, by address (no secrets)."""
         rows = self._query(
             "list mailboxes",
-            "SELECT address, branch, auth, username, secret IS NOT NULL, stopped"
+            "SELECT address, branch, auth, username, secret IS NOT NULL, stopped, trigger"
             " FROM registered_mailboxes ORDER BY address",
             (),
         )
-        return [RegisteredMailbox(a, b, au, u, bool(s), bool(st)) for a, b, au, u, s, st in rows]
+        return [
+            RegisteredMailbox(a, b, au, u, bool(s), bool(st), t) for a, b, au, u, s, st, t in rows
+        ]
 
     def mailbox_secret(self, address: str) -> bytes | None:
         """The encrypted secret of a registered mailbox, or None."""
