@@ -195,8 +195,21 @@ class WebServer:
 
     def stop(self) -> None:
         """Stop serving and close the socket."""
-        self.httpd.shutdown()
+        stopper = threading.Thread(target=self.httpd.shutdown, name="http-stop", daemon=True)
+        stopper.start()
+        # serve_forever sees the stop request only between polls (every 0.5 s): a connection
+        # to ourselves wakes it at once, until it has noticed.
+        host = str(self.httpd.server_address[0])
+        poke = _WILDCARD_TO_LOOPBACK.get(host, host)
+        while stopper.is_alive():
+            with contextlib.suppress(OSError):
+                socket.create_connection((poke, self.port), timeout=0.2).close()
+            stopper.join(0.05)
         self.httpd.server_close()
+
+
+# Where to connect to reach a listener bound to every address.
+_WILDCARD_TO_LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # noqa: S104 -- not a bind
 
 
 def is_loopback(host: str) -> bool:
