@@ -198,14 +198,20 @@ def _body_key(message: QueuedMessage, header_block: bytes, source: str) -> str:
 
 def _section_text(part: TextSection, data: bytes) -> str:
     """A fetched text part's bytes, transfer encoding and charset undone, as ``_part_text``."""
+    return _encoded_text(data, part.encoding, part.charset)
+
+
+def _encoded_text(data: bytes, encoding: str, charset: str) -> str:
+    """A text part's encoded bytes, which may be cut anywhere, as text: the transfer encoding
+    (RFC 2045 §6) and the charset undone, line breaks as LF."""
     try:
-        if part.encoding == "base64":
+        if encoding == "base64":
             data = _lenient_base64(data)
-        elif part.encoding == "quoted-printable":
+        elif encoding == "quoted-printable":
             data = binascii.a2b_qp(data)
     except (binascii.Error, ValueError):
         data = b""
-    text = _decode_charset(data, part.charset)
+    text = _decode_charset(data, charset)
     return _clean(_newlines(text)).rstrip()
 
 
@@ -785,13 +791,16 @@ def _extract_body(root: Message, *, prefix: bool = False) -> _Body:
 
     for text, leaf in plain:
         if text.strip():
-            return _text_body(text, tuple(attachments), cut=prefix and leaf is last)
+            cut = prefix and leaf is last
+            return _text_body(_cut_part_text(leaf) if cut else text, tuple(attachments), cut=cut)
     for source, leaf in html:
         if source.strip():
-            return _html_body(source, tuple(attachments), cut=prefix and leaf is last)
+            cut = prefix and leaf is last
+            return _html_body(_cut_part_text(leaf) if cut else source, tuple(attachments), cut=cut)
     for text, leaf in unsplit:
         if text.strip():
-            return _text_body(text, tuple(attachments), cut=prefix and leaf is last)
+            cut = prefix and leaf is last
+            return _text_body(_cut_part_text(leaf) if cut else text, tuple(attachments), cut=cut)
     return _Body("", "", tuple(attachments))
 
 
@@ -858,13 +867,32 @@ def _payload_bytes(part: Message) -> bytes:
 
 
 def _part_text(part: Message) -> str:
-    try:
-        charset = part.get_content_charset() or ""
-    except _MALFORMED_INPUT_ERRORS:
-        charset = ""
-    text = _decode_charset(_payload_bytes(part), str(charset))
+    text = _decode_charset(_payload_bytes(part), _charset(part))
     # Trailing blank lines are the boundary's or the mailer's padding, not the writer's text.
     return _clean(_newlines(text)).rstrip()
+
+
+def _cut_part_text(part: Message) -> str:
+    """The text of a part a byte cap cut short, decoded as a fetched section is.
+
+    The stdlib gives up on base64 cut one character past a whole group and returns the
+    encoded letters as the "decoded" payload (``email._encoded_words.decode_b``); a cut part
+    is decoded like ``_section_text``, so both fetch paths give the same text and key.
+    """
+    payload = _raw_payload(part)
+    data = payload.encode("utf-8", "surrogateescape") if isinstance(payload, str) else b""
+    try:
+        encoding = str(part.get("content-transfer-encoding", "")).strip().lower()
+    except _MALFORMED_INPUT_ERRORS:
+        encoding = ""
+    return _encoded_text(data, encoding, _charset(part))
+
+
+def _charset(part: Message) -> str:
+    try:
+        return str(part.get_content_charset() or "")
+    except _MALFORMED_INPUT_ERRORS:
+        return ""
 
 
 def _raw_payload(part: Message) -> Any:
