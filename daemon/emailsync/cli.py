@@ -415,6 +415,10 @@ def event_json(event: TimelineEvent) -> dict[str, Any]:
         "group": event.group,
         "direction": event.direction.value,
         "mailboxes": list(event.mailboxes or (event.mailbox,)),
+        "via": [
+            {"mailbox": v.mailbox, "direction": v.direction.value if v.direction else None}
+            for v in event.via
+        ],
         "message_key": event.message_key,
         "message_id": event.message_id,
         "subject": event.subject,
@@ -429,6 +433,7 @@ def event_json(event: TimelineEvent) -> dict[str, Any]:
         "size": event.size,
         "filed_at": event.filed_at.isoformat(),
         "body_text": event.body_text,
+        "body_truncated": event.body_truncated,
     }
 
 
@@ -834,7 +839,9 @@ def cmd_timeline(args: argparse.Namespace, out: TextIO) -> int:
             print(json.dumps(event_json(event), ensure_ascii=False), file=out)
         else:
             when = event.date.strftime("%Y-%m-%d %H:%M") if event.date else "?"
-            mailboxes = ",".join(event.mailboxes or (event.mailbox,))
+            # Each mailbox with the direction seen from it (outbound from the sender's).
+            vias = [f"{v.mailbox} ({v.direction.value if v.direction else '?'})" for v in event.via]
+            mailboxes = ",".join(vias) or event.mailbox
             print(
                 f"{when}\t{event.group}\t{event.direction.value}\t{event.subject!r}"
                 f"\tfrom {event.from_}\tvia {mailboxes}",

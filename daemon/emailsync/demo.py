@@ -304,7 +304,7 @@ def _show_crm_events(reference: DevCrm, out: TextIO) -> None:
     for event in reference.events():
         print(
             f"  {names.get(event['group_id'], event['group_id']):34} {event['direction']:8} "
-            f"{event['subject']!r} via {', '.join(event['via'])}",
+            f"{event['subject']!r} via {', '.join(v['mailbox'] for v in event['via'])}",
             file=out,
         )
     print(

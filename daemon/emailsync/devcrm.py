@@ -42,7 +42,7 @@ CREATE TABLE IF NOT EXISTS events (
     subject TEXT NOT NULL, payload TEXT NOT NULL, created_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS event_via (
     key TEXT NOT NULL REFERENCES events (key), mailbox TEXT NOT NULL,
-    PRIMARY KEY (key, mailbox));
+    direction TEXT, PRIMARY KEY (key, mailbox));
 """
 
 
@@ -104,6 +104,9 @@ class DevCrm:
         self.refused: list[str] = []  # why signatures were refused, in order
         self._db = sqlite3.connect(str(db_path), check_same_thread=False, isolation_level=None)
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(event_via)")}
+        if "direction" not in columns:  # a file from before directions were kept per mailbox
+            self._db.execute("ALTER TABLE event_via ADD COLUMN direction TEXT")
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer((host, port), _handler_class(self))
         self._server.daemon_threads = True
@@ -158,15 +161,18 @@ class DevCrm:
             )
 
     def events(self) -> list[dict[str, Any]]:
-        """Every event as stored, oldest first, with ``via`` (the mailboxes that filed it)."""
+        """Every event as stored, oldest first, with ``via``: each mailbox that filed it and
+        the direction seen from that mailbox, ``[{"mailbox": …, "direction": …}]``."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT key, payload FROM events ORDER BY created_at, rowid"
             ).fetchall()
-            via = self._db.execute("SELECT key, mailbox FROM event_via ORDER BY mailbox").fetchall()
-        by_key: dict[str, list[str]] = {}
-        for key, mailbox in via:
-            by_key.setdefault(key, []).append(mailbox)
+            via = self._db.execute(
+                "SELECT key, mailbox, direction FROM event_via ORDER BY mailbox"
+            ).fetchall()
+        by_key: dict[str, list[dict[str, str | None]]] = {}
+        for key, mailbox, direction in via:
+            by_key.setdefault(key, []).append({"mailbox": mailbox, "direction": direction})
         result = []
         for key, payload in rows:
             event = json.loads(payload)
@@ -232,9 +238,12 @@ class DevCrm:
                 time.time(),
             ),
         )
+        # The request's direction is the one seen from each of its mailboxes (crm-api.yaml).
         self._db.executemany(
-            "INSERT OR IGNORE INTO event_via (key, mailbox) VALUES (?, ?)",
-            [(key, str(m)) for m in event["mailboxes"]],
+            "INSERT INTO event_via (key, mailbox, direction) VALUES (?, ?, ?)"
+            " ON CONFLICT (key, mailbox) DO UPDATE SET direction = excluded.direction"
+            " WHERE event_via.direction IS NULL",
+            [(key, str(m), str(event["direction"])) for m in event["mailboxes"]],
         )
         return {"key": key, "status": "created" if cursor.rowcount == 1 else "exists"}
 

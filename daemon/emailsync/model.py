@@ -172,11 +172,26 @@ class Group:
 
 
 @dataclass(frozen=True)
+class Via:
+    """One mailbox that filed an event, and the direction seen from that mailbox's owner.
+
+    The same message is outbound in its sender's mailbox and inbound in its recipient's.
+    ``direction`` is None for a mailbox that filed the event before emailsync kept the
+    direction per mailbox (the store's schema 4), until it files the message again.
+    """
+
+    mailbox: str
+    direction: Direction | None
+
+
+@dataclass(frozen=True)
 class TimelineEvent:
     """One timeline entry: a message filed against one group.
 
     ``(group, message_key)`` is the idempotency key: recording the same pair twice is a no-op
-    apart from adding ``mailbox`` to the mailboxes that filed it.
+    apart from adding ``mailbox``, with ``direction`` as seen from it, to the mailboxes that
+    filed it (``via``). Read back from a store, ``mailbox`` and ``direction`` are the first
+    filer's; ``via`` has every mailbox with its own direction.
     """
 
     group: str
@@ -195,6 +210,7 @@ class TimelineEvent:
     filed_at: datetime
     mailboxes: tuple[str, ...] = field(default=())  # filled in when read back from a store
     body_truncated: bool = False  # body_text is not the whole text (see QueuedMessage)
+    via: tuple[Via, ...] = ()  # filled in when read back from a store, by mailbox
 
     @classmethod
     def of(

@@ -13,6 +13,8 @@ import signal
 import ssl
 import time
 from collections.abc import Iterator
+from dataclasses import replace
+from datetime import UTC, datetime
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ from emailsync.demo import run_demo
 from emailsync.devcrm import EVENTS_PATH, LOOKUP_PATH, DevCrm, Exchange
 from emailsync.errors import StoreUnavailableError
 from emailsync.filing import Filer
+from emailsync.model import Direction, TimelineEvent
 from emailsync.store import open_store
 from emailsync.store.base import Store
 
@@ -201,7 +204,9 @@ def test_events_are_delivered_once_with_the_crms_groups_and_directions(
         ("g-both", "inbound"),
         ("g-jones", "inbound"),
     ]
-    assert all(e["via"] == [user.address] for e in crm.events())
+    assert all(
+        e["via"] == [{"mailbox": user.address, "direction": e["direction"]}] for e in crm.events()
+    )
     assert folder_subjects(user, "Sent") == {"offer to alice": set()}
     assert folder_subjects(user, "Received") == {"question from bob": set()}
     assert folder_subjects(user, "Failed") == {"spam": {"$EmailSyncNoGroup"}}
@@ -227,8 +232,69 @@ def test_the_same_message_in_two_mailboxes_is_one_event_via_both(
         queue(agent, raw)
         one_pass(settings, store, agent.address)
     [event] = crm.events()
-    assert sorted(event["via"]) == sorted([user.address, second.address])
+    assert sorted(v["mailbox"] for v in event["via"]) == sorted([user.address, second.address])
     assert answered_statuses(crm) == ["created", "exists"]
+    store.close()
+    assert_conforms(crm)
+
+
+def test_one_message_filed_by_its_sender_and_its_recipient_is_one_event_with_each_direction(
+    user: MailUser, tmp_path: Path, crm: DevCrm
+) -> None:
+    """Issue 19 defect 15: the CRM keeps the direction per mailbox in the event's via:
+    outbound via the sender's mailbox, inbound via the recipient's, whichever filed first."""
+    sender, recipient = user, new_user(user.server)
+    crm.link("g-smith", "Smith", [sender.address])  # the recipient's counterpart
+    settings = crm_settings(tmp_path, [sender, recipient], crm)
+    store = crm_store(settings)
+    raw = build_message(sender.address, CLIENT_A, "copied to a colleague", cc=recipient.address)
+    for agent in (recipient, sender):  # the recipient first: the event is created inbound
+        make_folders(settings, agent.address)
+        queue(agent, raw)
+        one_pass(settings, store, agent.address)
+    [event] = crm.events()
+    assert event["group_id"] == "g-smith"
+    assert {v["mailbox"]: v["direction"] for v in event["via"]} == {
+        sender.address: "outbound",
+        recipient.address: "inbound",
+    }
+    assert answered_statuses(crm) == ["created", "exists"]
+    store.close()
+    assert_conforms(crm)
+
+
+def test_one_batch_holding_a_message_seen_both_ways_keeps_each_direction(
+    user: MailUser, tmp_path: Path, crm: DevCrm
+) -> None:
+    """An event's direction is the one seen from each of its mailboxes: the same key seen
+    the other way goes in a request of its own, so the CRM can keep both."""
+    store = crm_store(crm_settings(tmp_path, [user], crm))
+    sent = TimelineEvent(
+        group="g-smith",
+        direction=Direction.OUTBOUND,
+        mailbox="sender@example.com",
+        message_key="ab" * 32,
+        message_id="<m@x>",
+        subject="seen both ways",
+        from_="sender@example.com",
+        to=CLIENT_A,
+        cc="recipient@example.com",
+        date=None,
+        body_text="Hello",
+        attachments=(),
+        size=100,
+        filed_at=datetime.now(UTC),
+    )
+    received = replace(sent, direction=Direction.INBOUND, mailbox="recipient@example.com")
+    copy = replace(sent, mailbox="other.sender@example.com")
+    assert store.record_events_checked([received, sent, copy]).new == 1
+    [event] = crm.events()
+    assert {v["mailbox"]: v["direction"] for v in event["via"]} == {
+        "sender@example.com": "outbound",
+        "other.sender@example.com": "outbound",
+        "recipient@example.com": "inbound",
+    }
+    assert crm.calls[EVENTS_PATH] == 2
     store.close()
     assert_conforms(crm)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import sqlite3
 from collections import Counter
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from emailsync import cli
-from emailsync.config import Settings
+from emailsync.config import Settings, load_settings
 from emailsync.devserver import Dovecot, DovecotOptions, running_dovecot
 from emailsync.errors import StoreUnavailableError, UidValidityChangedError
 from emailsync.filing import Filer, PassResult
@@ -34,6 +35,7 @@ from .mailenv import folder_message_ids
 pytestmark = pytest.mark.dovecot
 
 ROOT = "Rezi-Imported"
+CLIENT = "john@clients.example"
 
 
 def build_message(
@@ -295,6 +297,34 @@ def test_same_message_in_two_mailboxes_gives_one_event_listing_both(
     assert len(events) == 1
     assert set(events[0].mailboxes) == {first.address, second.address}
     store.close()
+
+
+def test_one_message_filed_by_its_sender_and_its_recipient_keeps_each_direction(
+    dovecot: Dovecot, tmp_path: Path
+) -> None:
+    """Issue 19 defect 15: outbound in the sender's mailbox, inbound in the recipient's; one
+    event for the group, via both mailboxes, each with its own direction (store and JSON)."""
+    sender, recipient = new_user(dovecot), new_user(dovecot)
+    config = write_config(tmp_path, [sender, recipient])
+    # The client, and the sending agent (the recipient's counterpart), are the group's.
+    run_cli("--config", str(config), "groups", "add", "Smith", CLIENT, sender.address)
+    raw = build_message(sender.address, CLIENT, "copied to a colleague", cc=recipient.address)
+    expected = {sender.address: "outbound", recipient.address: "inbound"}
+    for agent in (recipient, sender):  # the recipient files first: the event starts inbound
+        run_cli("--config", str(config), "setup", agent.address)
+        queue(agent, raw)
+        assert run_cli("--config", str(config), "sync", agent.address, "--once")[0] == 0
+    code, out = run_cli("--config", str(config), "timeline", "--json")
+    assert code == 0
+    (line,) = out.splitlines()
+    event = json.loads(line)
+    assert sorted(event["mailboxes"]) == sorted(expected)
+    assert {v["mailbox"]: v["direction"] for v in event["via"]} == expected
+    settings = load_settings(config)
+    store = open_store(settings.store_url, settings.daemon.state_dir)
+    (stored,) = store.list_events()
+    store.close()
+    assert {v.mailbox: v.direction.value for v in stored.via if v.direction} == expected
 
 
 def test_refiling_the_same_message_records_no_new_event(user: MailUser, tmp_path: Path) -> None:

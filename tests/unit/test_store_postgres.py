@@ -13,6 +13,7 @@ import pytest
 from emailsync.devpostgres import Postgres
 from emailsync.devserver import free_port
 from emailsync.errors import StoreError, StoreUnavailableError
+from emailsync.model import Direction, Via
 from emailsync.store import open_store
 from emailsync.store.pgtranslate import translate
 from emailsync.store.postgres import PostgresStore, _migrations
@@ -129,3 +130,43 @@ def test_psycopg_errors_translate_by_whether_a_retry_can_help(
     assert isinstance(translated, StoreError)
     assert isinstance(translated, StoreUnavailableError) is unavailable
     assert translated.args[0].startswith("store (postgresql): doing it: ")
+
+
+def test_events_recorded_before_directions_per_mailbox_read_with_what_is_known(
+    pg_url: str,
+) -> None:
+    """Issue 19: as in SQLite, an old event reads the event's direction for the mailbox that
+    filed it first and None for the others; an old cut mark reads as truncated."""
+    with psycopg.connect(pg_url) as conn:  # a database at the schema before, with old rows
+        conn.execute(
+            "CREATE TABLE emailsync_schema ("
+            " version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        for version, _name, script in _migrations()[:-1]:
+            conn.execute(script.encode())
+            conn.execute("INSERT INTO emailsync_schema (version) VALUES (%s)", (version,))
+        (group_id,) = conn.execute(
+            "INSERT INTO groups (name) VALUES ('Smith') RETURNING id"
+        ).fetchone()
+        (event_id,) = conn.execute(
+            "INSERT INTO timeline_events (group_id, message_key, direction, mailbox, message_id,"
+            " subject, from_, to_, cc, date, body_text, size, filed_at) VALUES (%s, 'k1',"
+            " 'inbound', 'agent2@example.com', NULL, 's', 'f', 't', '', NULL, %s, 10, now())"
+            " RETURNING id",
+            (group_id, "Hello\n[… truncated]"),
+        ).fetchone()
+        for mailbox in ("agent1@example.com", "agent2@example.com"):
+            conn.execute(
+                "INSERT INTO event_mailboxes (event_id, mailbox) VALUES (%s, %s)",
+                (event_id, mailbox),
+            )
+    store = PostgresStore(pg_url)
+    try:
+        (event,) = store.list_events()
+        assert event.via == (
+            Via("agent1@example.com", None),
+            Via("agent2@example.com", Direction.INBOUND),
+        )
+        assert event.body_truncated
+    finally:
+        store.close()

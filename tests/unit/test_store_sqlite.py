@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from emailsync.errors import ConfigError, StoreError, StoreUnavailableError
-from emailsync.model import Attachment, Direction, TimelineEvent
+from emailsync.model import Attachment, Direction, TimelineEvent, Via
 from emailsync.store import open_store, read_group_csv
 from emailsync.store.base import RegisteredMailbox, Store
 from emailsync.store.postgres import PostgresStore
@@ -89,6 +89,29 @@ def test_same_message_from_two_mailboxes_is_one_event_listing_both(store: Store)
     assert event.mailboxes == ("agent1@example.com", "agent2@example.com")
 
 
+def test_each_mailbox_keeps_its_own_direction_on_the_one_event(store: Store) -> None:
+    """Issue 19 defect 15: outbound from the sender's mailbox, inbound from the recipient's;
+    the event's own direction stays the first filer's (for readers of the old shape)."""
+    inbound = replace(make_event(mailbox="agent2@example.com"), direction=Direction.INBOUND)
+    assert store.record_events([inbound]) == 1
+    assert store.record_events([make_event(mailbox="Agent1@Example.com")]) == 0
+    assert store.record_events([make_event(mailbox="agent1@example.com")]) == 0  # again
+    (event,) = store.list_events()
+    assert event.direction is Direction.INBOUND
+    assert event.via == (
+        Via("agent1@example.com", Direction.OUTBOUND),
+        Via("agent2@example.com", Direction.INBOUND),
+    )
+    assert event.mailboxes == ("agent1@example.com", "agent2@example.com")
+
+
+def test_body_truncated_round_trips(store: Store) -> None:
+    """Issue 19 defect 14: whether body_text is the whole text is kept with the event."""
+    store.record_events([replace(make_event(), body_truncated=True), make_event(key="k2")])
+    flags = {e.message_key: e.body_truncated for e in store.list_events()}
+    assert flags == {"k1": True, "k2": False}
+
+
 def test_distinct_message_keys_with_the_same_message_id_are_two_events(
     store: Store,
 ) -> None:
@@ -137,7 +160,11 @@ def test_an_event_reads_back_with_every_field(store: Store) -> None:
     )
     store.record_events([event])
     (read,) = store.list_events()
-    assert read == replace(event, mailboxes=("agent1@example.com",))
+    assert read == replace(
+        event,
+        mailboxes=("agent1@example.com",),
+        via=(Via("agent1@example.com", Direction.INBOUND),),
+    )
     assert read.date is not None
     assert read.date.tzinfo is not None
     assert read.date.utcoffset() == timedelta(0)
@@ -642,5 +669,50 @@ def test_a_registered_mailbox_keeps_its_trigger_and_older_rows_read_as_auto(
             b"\x01",
         )
         assert {m.trigger for m in store.registered_mailboxes()} == {"auto"}
+    finally:
+        store.close()
+
+
+def test_events_recorded_before_directions_per_mailbox_read_with_what_is_known(
+    tmp_path: Path,
+) -> None:
+    """Issue 19: an event two mailboxes filed before each one's direction was kept reads the
+    event's direction for the mailbox that filed it first and None for the other, until that
+    one files the message again; a body that ended with the old cut mark reads as truncated."""
+    path = tmp_path / "emailsync.db"
+    with sqlite3.connect(path) as conn:  # a store at the schema before, with old rows
+        for version, _name, script in _migrations()[:-1]:
+            for statement in _statements(script):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {version}")
+        conn.execute("INSERT INTO groups (id, name) VALUES (1, 'Smith')")
+        for number, body in ((1, "Hello\n[… truncated]"), (2, "Hello, all of it")):
+            conn.execute(
+                "INSERT INTO timeline_events (id, group_id, message_key, direction, mailbox,"
+                " message_id, subject, from_, to_, cc, date, body_text, size, filed_at)"
+                " VALUES (?, 1, ?, 'inbound', 'agent2@example.com', NULL, 's', 'f', 't', '',"
+                " NULL, ?, 10, ?)",
+                (number, f"k{number}", body, f"2024-05-01T09:0{number}:00.000000+00:00"),
+            )
+        conn.executemany(
+            "INSERT INTO event_mailboxes (event_id, mailbox) VALUES (?, ?)",
+            [(1, "agent1@example.com"), (1, "agent2@example.com"), (2, "agent2@example.com")],
+        )
+    conn.close()
+    path.chmod(0o600)
+    store = SqliteStore(path)
+    try:
+        second, first = store.list_events()
+        assert first.via == (
+            Via("agent1@example.com", None),
+            Via("agent2@example.com", Direction.INBOUND),
+        )
+        assert (first.body_truncated, second.body_truncated) == (True, False)
+        assert first.body_text == "Hello\n[… truncated]"  # the text is left as it was
+        store.record_events([make_event(key="k1", mailbox="agent1@example.com")])
+        assert store.list_events()[1].via == (
+            Via("agent1@example.com", Direction.OUTBOUND),
+            Via("agent2@example.com", Direction.INBOUND),
+        )
     finally:
         store.close()

@@ -114,17 +114,35 @@ class HttpStore:
         """Deliver the events, batched; the CRM's per-event answers.
 
         Two events with the same key (one message in Queue twice) go as one, with every
-        mailbox that filed it. A retry sends the same keys, so nothing is doubled.
+        mailbox that filed it, when they have the same direction: an event's ``direction`` is
+        the one seen from each of its ``mailboxes`` (the CRM keeps it per mailbox in its
+        via). The same key with the other direction goes in a later request. A retry sends
+        the same keys, so nothing is doubled.
         """
-        merged: dict[str, tuple[TimelineEvent, list[str]]] = {}
+        rounds: list[dict[str, tuple[TimelineEvent, list[str]]]] = []
         for event in events:
             key = idempotency_key(event.group, event.message_key)
-            if key in merged:
-                if event.mailbox not in merged[key][1]:
-                    merged[key][1].append(event.mailbox)
+            for merged in rounds:
+                known = merged.get(key)
+                if known is None:
+                    merged[key] = (event, [event.mailbox])
+                    break
+                if known[0].direction is event.direction:
+                    if event.mailbox not in known[1]:
+                        known[1].append(event.mailbox)
+                    break
             else:
-                merged[key] = (event, [event.mailbox])
-        items = list(merged.items())
+                rounds.append({key: (event, [event.mailbox])})
+        new = 0
+        rejected: dict[tuple[str, str], str] = {}
+        for merged in rounds:
+            recorded = self._deliver(list(merged.items()))
+            new += recorded.new
+            rejected.update(recorded.rejected)
+        return Recorded(new=new, rejected=rejected)
+
+    def _deliver(self, items: list[tuple[str, tuple[TimelineEvent, list[str]]]]) -> Recorded:
+        """POST events with distinct keys, MAX_EVENTS_PER_REQUEST a request."""
         new = 0
         rejected: dict[tuple[str, str], str] = {}
         for start in range(0, len(items), MAX_EVENTS_PER_REQUEST):

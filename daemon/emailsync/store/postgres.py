@@ -30,8 +30,10 @@ from emailsync.store.rows import (
     EventsQuery,
     checked_address,
     checked_group_name,
+    event_links,
     groups_from_rows,
     mailbox_key,
+    via_from_rows,
 )
 
 # Connections per process: one per busy worker would be too many for 20,000 mailboxes;
@@ -68,21 +70,24 @@ _ALL_GROUPS = """
 _INSERT_EVENT = """
     INSERT INTO timeline_events (
         group_id, message_key, direction, mailbox, message_id, subject, from_, to_, cc,
-        date, body_text, attachments, size, filed_at
-    ) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+        date, body_text, attachments, size, filed_at, body_truncated
+    ) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
     ON CONFLICT (group_id, message_key) DO NOTHING
 """
+# A mailbox linked before its direction was kept (schema 4) gets it now.
 _LINK_EVENT_MAILBOX = """
-    INSERT INTO event_mailboxes (event_id, mailbox)
-    SELECT id, %s FROM timeline_events WHERE group_id = %s AND message_key = %s
-    ON CONFLICT (event_id, mailbox) DO NOTHING
+    INSERT INTO event_mailboxes (event_id, mailbox, direction)
+    SELECT id, %s, %s FROM timeline_events WHERE group_id = %s AND message_key = %s
+    ON CONFLICT (event_id, mailbox) DO UPDATE SET direction = excluded.direction
+    WHERE event_mailboxes.direction IS NULL
 """
 _EVENTS = EventsQuery(
     select="""
     SELECT g.name, e.direction, e.mailbox, e.message_key, e.message_id, e.subject, e.from_,
            e.to_, e.cc, e.date, e.body_text, e.attachments, e.size, e.filed_at,
-           ARRAY(SELECT m.mailbox FROM event_mailboxes AS m
-                 WHERE m.event_id = e.id ORDER BY m.mailbox COLLATE "C") AS mailboxes
+           (SELECT coalesce(jsonb_agg(jsonb_build_array(m.mailbox, m.direction)), '[]')
+            FROM event_mailboxes AS m WHERE m.event_id = e.id) AS via,
+           e.body_truncated
     FROM timeline_events AS e JOIN groups AS g ON g.id = e.group_id
 """,
     where_group="g.name = %s",
@@ -225,11 +230,11 @@ class PostgresStore:
         columns = [_event_columns(event) for event in ordered]
         mailbox_links = sorted(
             {
-                (mailbox, event.group, event.message_key)
+                (mailbox, direction, event.group, event.message_key)
                 for event in ordered
-                for mailbox in {mailbox_key(m) for m in (event.mailbox, *event.mailboxes)}
+                for mailbox, direction in event_links(event).items()
             },
-            key=lambda link: (link[1], link[2], link[0]),
+            key=lambda link: (link[2], link[3], link[0], link[1] or ""),
         )
         names = sorted({event.group for event in ordered})
         with self.transaction("record events") as conn:
@@ -248,7 +253,7 @@ class PostgresStore:
             with conn.cursor() as cur:
                 cur.executemany(
                     _LINK_EVENT_MAILBOX,
-                    [(mailbox, ids[group], key) for mailbox, group, key in mailbox_links],
+                    [(mailbox, way, ids[group], key) for mailbox, way, group, key in mailbox_links],
                 )
         return new_events
 
@@ -396,12 +401,14 @@ def _event_columns(event: TimelineEvent) -> tuple[object, ...]:
         Jsonb(attachments),
         event.size,
         _utc(event.filed_at),
+        event.body_truncated,
     )
 
 
 def _event_from_row(row: Sequence[Any]) -> TimelineEvent:
     (name, direction, mailbox, key, message_id, subject, from_, to, cc, date, body) = row[:11]
-    attachments, size, filed_at, mailboxes = row[11:]
+    attachments, size, filed_at, via_rows, body_truncated = row[11:]
+    via = via_from_rows(json.loads(via_rows) if isinstance(via_rows, str) else via_rows)
     if isinstance(attachments, str):
         attachments = json.loads(attachments)
     return TimelineEvent(
@@ -422,5 +429,7 @@ def _event_from_row(row: Sequence[Any]) -> TimelineEvent:
         ),
         size=size,
         filed_at=filed_at.astimezone(UTC),
-        mailboxes=tuple(sorted(mailboxes)),
+        mailboxes=tuple(v.mailbox for v in via),
+        body_truncated=body_truncated,
+        via=via,
     )

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from emailsync.address import normalise_address
-from emailsync.model import Group
+from emailsync.model import Direction, Group, TimelineEvent, Via
 
 
 @dataclass(frozen=True)
@@ -71,3 +71,27 @@ def checked_address(address: str) -> str:
 def mailbox_key(mailbox: str) -> str:
     """A mailbox in the form it is stored and matched: its normalised address if it has one."""
     return normalise_address(mailbox) or mailbox.strip()
+
+
+def event_links(event: TimelineEvent) -> dict[str, str | None]:
+    """Each mailbox that filed ``event``, as stored, and the direction seen from it if known.
+
+    The filer (``mailbox``) sees the event's ``direction``; the mailboxes an event read back
+    carries (``via``, ``mailboxes``) keep theirs, None when the store did not know it.
+    """
+    links: dict[str, str | None] = {}
+    for via in event.via:
+        links[mailbox_key(via.mailbox)] = via.direction.value if via.direction else None
+    for mailbox in event.mailboxes:
+        links.setdefault(mailbox_key(mailbox), None)
+    links[mailbox_key(event.mailbox)] = event.direction.value
+    return links
+
+
+def via_from_rows(rows: Iterable[Sequence[str | None]]) -> tuple[Via, ...]:
+    """``(mailbox, direction or None)`` rows of an event's mailboxes, as Via, by mailbox."""
+    found = [
+        Via(str(mailbox), Direction(direction) if direction else None)
+        for mailbox, direction in rows
+    ]
+    return tuple(sorted(found, key=lambda via: via.mailbox))

@@ -25,8 +25,10 @@ from emailsync.store.rows import (
     EventsQuery,
     checked_address,
     checked_group_name,
+    event_links,
     groups_from_rows,
     mailbox_key,
+    via_from_rows,
 )
 
 # How long a writer waits for another writer (another thread or a CLI process) to commit.
@@ -76,25 +78,27 @@ _ALL_GROUPS = """
 _INSERT_EVENT = """
     INSERT INTO timeline_events (
         group_id, message_key, direction, mailbox, message_id, subject, from_, to_, cc,
-        date, body_text, attachments, size, filed_at
-    ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+        date, body_text, attachments, size, filed_at, body_truncated
+    ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
     ON CONFLICT (group_id, message_key) DO NOTHING
 """
 # The WHERE clause is needed anyway, and also tells SQLite's parser that ON CONFLICT
 # belongs to the INSERT, not to a join (https://sqlite.org/lang_upsert.html, "Parsing
-# Ambiguity").
+# Ambiguity"). A mailbox linked before its direction was kept (schema 4) gets it now.
 _LINK_EVENT_MAILBOX = """
-    INSERT INTO event_mailboxes (event_id, mailbox)
-    SELECT id, ? FROM timeline_events WHERE group_id = ? AND message_key = ?
-    ON CONFLICT (event_id, mailbox) DO NOTHING
+    INSERT INTO event_mailboxes (event_id, mailbox, direction)
+    SELECT id, ?, ? FROM timeline_events WHERE group_id = ? AND message_key = ?
+    ON CONFLICT (event_id, mailbox) DO UPDATE SET direction = excluded.direction
+    WHERE event_mailboxes.direction IS NULL
 """
 # One statement, so the events and their mailboxes come from one consistent snapshot.
 _EVENTS = EventsQuery(
     select="""
     SELECT g.name, e.direction, e.mailbox, e.message_key, e.message_id, e.subject, e.from_,
            e.to_, e.cc, e.date, e.body_text, e.attachments, e.size, e.filed_at,
-           (SELECT json_group_array(m.mailbox) FROM event_mailboxes AS m
-            WHERE m.event_id = e.id) AS mailboxes
+           (SELECT json_group_array(json_array(m.mailbox, m.direction))
+            FROM event_mailboxes AS m WHERE m.event_id = e.id) AS via,
+           e.body_truncated
     FROM timeline_events AS e JOIN groups AS g ON g.id = e.group_id
 """,
     where_group="g.name = ?",
@@ -207,9 +211,9 @@ class SqliteStore:
         # Serialise before taking the write lock, to hold it as briefly as possible.
         columns = [_event_columns(event) for event in events]
         mailbox_links = [
-            (mailbox, event.group, event.message_key)
+            (mailbox, direction, event.group, event.message_key)
             for event in events
-            for mailbox in sorted({mailbox_key(m) for m in (event.mailbox, *event.mailboxes)})
+            for mailbox, direction in sorted(event_links(event).items())
         ]
         names = sorted({event.group for event in events})
         with self._transaction("record events") as conn:
@@ -227,7 +231,7 @@ class SqliteStore:
             new_events = cursor.rowcount
             conn.executemany(
                 _LINK_EVENT_MAILBOX,
-                [(mailbox, ids[group], key) for mailbox, group, key in mailbox_links],
+                [(mailbox, way, ids[group], key) for mailbox, way, group, key in mailbox_links],
             )
         return new_events
 
@@ -599,12 +603,14 @@ def _event_columns(event: TimelineEvent) -> tuple[object, ...]:
         attachments,
         event.size,
         _to_iso(event.filed_at),
+        event.body_truncated,
     )
 
 
 def _event_from_row(row: Sequence[Any]) -> TimelineEvent:
     (name, direction, mailbox, key, message_id, subject, from_, to, cc, date, body) = row[:11]
-    attachments, size, filed_at, mailboxes = row[11:]
+    attachments, size, filed_at, via_json, body_truncated = row[11:]
+    via = via_from_rows(json.loads(via_json))
     return TimelineEvent(
         group=name,
         direction=Direction(direction),
@@ -623,5 +629,7 @@ def _event_from_row(row: Sequence[Any]) -> TimelineEvent:
         ),
         size=size,
         filed_at=_from_iso(filed_at),
-        mailboxes=tuple(sorted(json.loads(mailboxes))),
+        mailboxes=tuple(v.mailbox for v in via),
+        body_truncated=bool(body_truncated),
+        via=via,
     )
