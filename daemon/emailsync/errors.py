@@ -102,14 +102,27 @@ class RegistrationError(EmailSyncError):
 
     ``status`` is the HTTP status the listener answers with: 409 for a branch or mailbox of
     the config file (read-only through the API), 422 for a refused login or an unknown
-    branch, 502 when the mail server cannot be reached, 504 when it did not answer in time,
-    503 when the store keeps no registry.
+    branch, 403 for an agent's username that is not its mailbox's, 429 when the mailbox or
+    client spent its refused logins (``retry_after``), 502 when the mail server cannot be
+    reached, 504 when it did not answer in time, 503 when the store keeps no registry.
     The message is one line and never holds a secret.
     """
 
-    def __init__(self, message: str, *, status: int) -> None:
+    def __init__(self, message: str, *, status: int, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.retry_after = retry_after  # seconds, for 429's Retry-After
+
+
+class TooManyLoginsError(EmailSyncError):
+    """A mailbox or client spent its budget of refused logins (``throttle``); no LOGIN is sent.
+
+    Set-up answers 429 with ``Retry-After: retry_after``; a worker waits as for a refused login.
+    """
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class LeaseLostError(StoreUnavailableError):

@@ -60,6 +60,7 @@ from emailsync.errors import (
     MailboxError,
     RegistrationError,
     StoreError,
+    TooManyLoginsError,
 )
 from emailsync.imap.auth import (
     Authenticator,
@@ -72,6 +73,7 @@ from emailsync.metrics import Metrics
 from emailsync.secret import Secret
 from emailsync.store.base import RegisteredBranch, RegisteredMailbox, Registry, Store
 from emailsync.systemd import Notifier
+from emailsync.throttle import LoginThrottle, ThrottledAuthenticator
 from emailsync.vault import Vault
 from emailsync.web import WebServer
 from emailsync.worker import MailboxWorker, WorkerStatus
@@ -244,6 +246,8 @@ class Supervisor:
         self.web: WebServer | None = None
         self.mailbox_registry: Registry | None = store if isinstance(store, Registry) else None
         self.vault = Vault(settings.daemon.state_dir)
+        # Refused logins per mailbox (set-ups and workers together) and per set-up client.
+        self.throttle = LoginThrottle()
         # Mailboxes registered at run time, by address (the config file's win on a clash).
         self.registered: dict[str, MailboxSettings] = {}
         self._registered_loaded = False
@@ -770,13 +774,25 @@ class Supervisor:
         return created
 
     def setup_mailbox(
-        self, address: str, branch: str, username: str, password: str, trigger: str = "auto"
+        self,
+        address: str,
+        branch: str,
+        username: str,
+        password: str,
+        trigger: str = "auto",
+        *,
+        agent: bool,
+        client: str | None,
     ) -> None:
         """First Time Setup (Basic): log in, create the folders, store the password, start.
 
         The login comes first: a refused one raises RegistrationError 422 with the server's
         answer in one line, and nothing is stored. A mailbox of the config file is read-only
         here (409). ``trigger`` is the agent's choice, stored with the mailbox.
+
+        ``agent``: an agent token asks, which may only log in as the mailbox's own address
+        (or the username IT set for it): 403 otherwise. Refused logins are limited per mailbox
+        and per ``client`` (``throttle``): beyond, 429 with ``retry_after`` and no LOGIN.
         """
         registry = self._registry()
         if any(m.address == address for m in self.settings.mailboxes):
@@ -784,6 +800,15 @@ class Supervisor:
                 f"mailbox {address} is set in the config file; use `emailsync setup`",
                 status=409,
             )
+        if agent:
+            self._check_agent_username(address, username)
+        try:
+            attempt = self.throttle.attempt(address, client)
+        except TooManyLoginsError as exc:
+            log.warning("setup_throttled", mailbox=address, client=client, retry_in=exc.retry_after)
+            raise RegistrationError(
+                f"{exc} (try again in {exc.retry_after} s)", status=429, retry_after=exc.retry_after
+            ) from None
         mailbox = MailboxSettings(
             address=address,
             server=self._branch_server(branch),
@@ -809,18 +834,38 @@ class Supervisor:
         except AuthError as exc:
             raise RegistrationError(_one_line(str(exc)), status=422) from None
         except ConnectionLostError as exc:
+            if exc.kind in ("refused", "tls"):
+                attempt.not_tried()  # no LOGIN reached the server: it costs nothing
             if exc.kind == "timeout":  # it may answer later: a gateway timeout, not a refusal
                 what = f"the server did not answer in {timeout:g} s ({_one_line(str(exc))})"
                 raise RegistrationError(what, status=504) from None
             raise RegistrationError(_one_line(str(exc)), status=502) from None
         except MailboxError as exc:
             raise RegistrationError(_one_line(str(exc)), status=502) from None
+        attempt.succeeded()
         record = RegisteredMailbox(address, branch, "password", username, True, False, trigger)
         # Through the vault: a `keys rotate` running meanwhile must not strand the secret
         # under the generation it drops.
         self.vault.store_secret(password, address, lambda blob: registry.put_mailbox(record, blob))
         self._replace_worker(mailbox)
         log.info("mailbox_registered", mailbox=address, branch=branch)
+
+    def _check_agent_username(self, address: str, username: str) -> None:
+        """An agent logs in as its mailbox's address, or as the username IT set for it.
+
+        Otherwise an agent token would bind its mailbox to any account whose password the
+        agent knows or guesses. The admin token (IT) may set any username.
+        """
+        allowed = {address.casefold()}
+        registered = self._registered_mailboxes().get(address)
+        if registered is not None:
+            allowed.add(registered.username.casefold())
+        if username.strip().casefold() not in allowed:
+            raise RegistrationError(
+                f"an agent's username must be the mailbox's address ({address}) or the one IT "
+                "set for it; IT can set another",
+                status=403,
+            )
 
     def forget_mailbox(self, address: str) -> bool:
         """Stop Email Sync for a registered mailbox: stop its worker, forget it and its secret.
@@ -1097,7 +1142,9 @@ class Supervisor:
                     raise ConfigError([f"{address}: no stored password (Stop Email Sync)"])
                 return self.vault.decrypt(blob, address)
 
-            return PasswordAuthenticator(mailbox, password=read)
+            # Its refused logins and its set-ups' share one budget (the account's lockout).
+            inner = PasswordAuthenticator(mailbox, password=read)
+            return ThrottledAuthenticator(inner, self.throttle, address)
         return self.authenticator_factory(mailbox, self.settings)
 
     # -- internals (the callers hold the lock where it says so) --------------------------------

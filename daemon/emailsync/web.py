@@ -103,7 +103,15 @@ class Registrar(Protocol):
     ) -> bool: ...
 
     def setup_mailbox(
-        self, address: str, branch: str, username: str, password: str, trigger: str = "auto"
+        self,
+        address: str,
+        branch: str,
+        username: str,
+        password: str,
+        trigger: str = "auto",
+        *,
+        agent: bool,
+        client: str | None,
     ) -> None: ...
 
     def forget_mailbox(self, address: str) -> bool: ...
@@ -488,7 +496,8 @@ def _handler_class(
                 else:
                     self._page_post()
             except RefusedError as exc:
-                self._json(exc.status, {"error": exc.error})
+                retry = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+                self._json(exc.status, {"error": exc.error}, retry)
             except KeyUnavailableError:
                 self._key_unavailable()
             except Exception:
@@ -635,7 +644,7 @@ def _handler_class(
             if len(parts) == 3 and parts[:2] == ["v1", "mailboxes"] and method in ("PUT", "DELETE"):
                 address = self._visible_address(path, principal)
                 if method == "PUT":
-                    self._put_mailbox(address)
+                    self._put_mailbox(address, principal)
                     return
                 try:
                     forgotten = self._registrar().forget_mailbox(address)
@@ -719,7 +728,7 @@ def _handler_class(
             branch = {"name": name, "host": host, "port": port, "security": security}
             self._json(HTTPStatus.CREATED if created else HTTPStatus.OK, branch)
 
-        def _put_mailbox(self, address: str) -> None:
+        def _put_mailbox(self, address: str, principal: Principal) -> None:
             data = self._json_body()
             values = [data.get(k) for k in ("branch", "username", "password")]
             trigger = data.get("trigger", "auto")
@@ -734,9 +743,17 @@ def _handler_class(
                 )
             branch, username, password = (str(v) for v in values)
             try:
-                self._registrar().setup_mailbox(address, branch, username, password, trigger)
+                self._registrar().setup_mailbox(
+                    address,
+                    branch,
+                    username,
+                    password,
+                    trigger,
+                    agent=principal != Principal.ADMIN,
+                    client=self.client_address[0],
+                )
             except RegistrationError as exc:
-                raise RefusedError(exc.status, str(exc)) from None
+                raise RefusedError(exc.status, str(exc), retry_after=exc.retry_after) from None
             self._json(HTTPStatus.OK, self._detail(address))
 
         def _issue_token(self) -> None:
@@ -864,17 +881,30 @@ def _handler_class(
 
         # -- answers ----------------------------------------------------------------------
 
-        def _json(self, status: HTTPStatus, payload: dict[str, Any]) -> None:
-            self._send(status, json.dumps(payload).encode(), "application/json")
+        def _json(
+            self,
+            status: HTTPStatus,
+            payload: dict[str, Any],
+            headers: dict[str, str] | None = None,
+        ) -> None:
+            self._send(status, json.dumps(payload).encode(), "application/json", headers)
 
         def _text(self, status: HTTPStatus, text: str) -> None:
             self._send(status, (text + "\n").encode(), "text/plain; charset=utf-8")
 
-        def _send(self, status: HTTPStatus, body: bytes, content_type: str) -> None:
+        def _send(
+            self,
+            status: HTTPStatus,
+            body: bytes,
+            content_type: str,
+            headers: dict[str, str] | None = None,
+        ) -> None:
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Cache-Control", "no-store")
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             self.end_headers()
             self.wfile.write(body)
 

@@ -57,10 +57,13 @@ PAGE_HEADERS = (
 class RefusedError(Exception):
     """An answer decided part-way through a route: status and JSON error."""
 
-    def __init__(self, status: HTTPStatus | int, error: str) -> None:
+    def __init__(
+        self, status: HTTPStatus | int, error: str, *, retry_after: int | None = None
+    ) -> None:
         super().__init__(error)
         self.status = HTTPStatus(status)
         self.error = error
+        self.retry_after = retry_after  # seconds: a Retry-After header (429)
 
 
 def page_allowed_method(path: str) -> str | None:
@@ -261,6 +264,8 @@ class PageRoutes(BaseHTTPRequestHandler):
                     form.get("username", "").strip(),
                     form.get("password", ""),
                     trigger,
+                    agent=principal != Principal.ADMIN,
+                    client=self.client_address[0],
                 )
                 session.flash("notice", "Authenticated: your folders are ready.")
             except RegistrationError as exc:

@@ -3,6 +3,7 @@ Start Sync, Stop Email Sync (secret provably gone), agent tokens and key rotatio
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import signal
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import imapclient
+import imapclient.exceptions
 import pytest
 
 from emailsync.devserver import Dovecot
@@ -357,6 +360,120 @@ def test_a_set_up_login_without_answer_is_504_naming_the_seconds_and_no_server_i
     assert registered_rows(daemon) == 0  # nothing stored either time
 
 
+def put_mailbox(
+    daemon: RunningDaemon, address: str, body: dict[str, str], token: str | None = None
+) -> tuple[int, Any, str | None]:
+    """PUT /v1/mailboxes/{address}: (status, parsed answer, Retry-After header)."""
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{daemon.port}/v1/mailboxes/{quote(address)}",
+        method="PUT",
+        headers={
+            "Authorization": f"Bearer {token or daemon.token}",
+            "Content-Type": "application/json",
+        },
+        data=json.dumps(body).encode(),
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as response:  # noqa: S310 -- loopback
+            return response.status, json.loads(response.read()), None
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null"), exc.headers.get("Retry-After")
+
+
+def test_an_agent_sets_up_with_its_own_address_as_username_while_it_may_set_another(
+    user: MailUser, dovecot: Dovecot, daemons: DaemonFactory
+) -> None:
+    """An agent token could bind its mailbox to any account the agent knows a password of.
+    Now an agent's username is its mailbox's address (or the one IT set for it); the admin
+    token may set any username."""
+    daemon = daemons.start([user])
+    agent, other = new_user(dovecot), new_user(dovecot)
+    add_branch(daemon, dovecot)
+    token = agent_token(daemon, agent.address)
+    foreign = {"branch": "main", "username": other.address, "password": other.password}
+    status, answer, _ = put_mailbox(daemon, agent.address, foreign, token)
+    assert status == 403, answer
+    assert f"username must be the mailbox's address ({agent.address})" in answer["error"]
+    assert registered_rows(daemon) == 0
+    # IT may bind it to another login, and the agent may then keep the one IT set.
+    assert put_mailbox(daemon, agent.address, foreign)[0] == 200
+    assert put_mailbox(daemon, agent.address, foreign, token)[0] == 200
+    own = {"branch": "main", "username": agent.address.upper(), "password": agent.password}
+    assert put_mailbox(daemon, agent.address, own, token)[0] == 200  # case does not matter
+
+
+def test_the_sixth_wrong_set_up_password_is_429_and_the_server_saw_five_logins(
+    user: MailUser, dovecot: Dovecot, fault_proxy: FaultProxy, daemons: DaemonFactory
+) -> None:
+    """Set-up was a password oracle with no limit: refused logins are capped at 5 per mailbox
+    in 15 minutes, for the agent and the admin token alike, before any LOGIN is sent."""
+    daemon = daemons.start([user])
+    agent, elsewhere = new_user(dovecot), new_user(dovecot)
+    branch = {"host": "127.0.0.1", "port": fault_proxy.port, "security": "none"}
+    assert call(daemon, "PUT", "/v1/branches/proxied", branch)[0] == 201
+    token = agent_token(daemon, agent.address)
+    wrong = {"branch": "proxied", "username": agent.address, "password": "guess"}
+    for n in range(5):
+        status, answer, _ = put_mailbox(
+            daemon, agent.address, {**wrong, "password": f"g{n}"}, token
+        )
+        assert status == 422, (n, answer)
+    status, answer, retry_after = put_mailbox(daemon, agent.address, wrong, token)
+    assert status == 429, answer
+    assert retry_after is not None
+    assert 0 < int(retry_after) <= 900
+    assert "5 refused logins" in answer["error"]
+    right = {**wrong, "password": agent.password}
+    assert put_mailbox(daemon, agent.address, right)[0] == 429  # the admin too, on this mailbox
+    assert fault_proxy.logins(agent.address) == 5
+    # Positive signal: another mailbox, through the same proxy, still sets up.
+    other = {"branch": "proxied", "username": elsewhere.address, "password": elsewhere.password}
+    assert put_mailbox(daemon, elsewhere.address, other)[0] == 200
+    assert fault_proxy.logins(agent.address) == 5
+
+
+def old_password_refused(user: MailUser) -> bool:
+    """True once the server refuses ``user``'s password (Dovecot re-reads its file within 1 s)."""
+    client = imapclient.IMAPClient(user.server.host, port=user.server.port, ssl=False, timeout=10)
+    try:
+        client.login(user.address, user.password)
+    except imapclient.exceptions.LoginError:
+        return True
+    finally:
+        with contextlib.suppress(Exception):
+            client.shutdown()
+    return False
+
+
+def test_a_workers_refused_login_and_the_set_ups_share_one_budget(
+    user: MailUser, dovecot: Dovecot, fault_proxy: FaultProxy, daemons: DaemonFactory
+) -> None:
+    """The password changed at the server: the worker's next login is refused, and that counts
+    against the same 5 as set-ups, so the agent's 5th wrong try is a 429, not a 5th LOGIN."""
+    daemon = daemons.start([user])
+    agent = new_user(dovecot)
+    branch = {"host": "127.0.0.1", "port": fault_proxy.port, "security": "none"}
+    assert call(daemon, "PUT", "/v1/branches/proxied", branch)[0] == 201
+    right = {"branch": "proxied", "username": agent.address, "password": agent.password}
+    assert put_mailbox(daemon, agent.address, right)[0] == 200
+    path = f"/v1/mailboxes/{quote(agent.address)}"
+    wait_until(lambda: call(daemon, "GET", path)[1]["state"] == "idle")
+    dovecot.add_user(agent.address, agent.password + "-changed")
+    wait_until(lambda: old_password_refused(agent))
+    fault_proxy.drop()  # the worker reconnects with the stored (now wrong) password
+    wait_until(lambda: call(daemon, "GET", path)[1]["state"] == "needs_reauth")
+    token = agent_token(daemon, agent.address)
+    for n in range(4):
+        status, answer, _ = put_mailbox(
+            daemon, agent.address, {**right, "password": f"g{n}"}, token
+        )
+        assert status == 422, (n, answer)
+    logins = fault_proxy.logins(agent.address)
+    status, answer, retry_after = put_mailbox(daemon, agent.address, right, token)
+    assert (status, retry_after is not None) == (429, True), answer
+    assert fault_proxy.logins(agent.address) == logins
+
+
 class _RotatingAtFirstWrite(SqliteStore):
     """A store that runs a whole `keys rotate` just before its first registry write, so a
     set-up's encryption comes before the rotation and its write after."""
@@ -383,7 +500,9 @@ def test_a_set_up_racing_a_key_rotation_stores_a_password_that_decrypts(
     store = _RotatingAtFirstWrite(state_dir / "emailsync.db", state_dir)
     supervisor = Supervisor(settings, store)
     try:
-        supervisor.setup_mailbox(agent.address, "b0", agent.address, agent.password)
+        supervisor.setup_mailbox(
+            agent.address, "b0", agent.address, agent.password, agent=False, client=None
+        )
         assert store.rotated == [2]
         blob = store.mailbox_secret(agent.address)
         assert blob is not None

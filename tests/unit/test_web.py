@@ -746,7 +746,15 @@ class SetUpRegistrar(SignInRegistrar):
         self.triggers: list[str] = []
 
     def setup_mailbox(
-        self, address: str, branch: str, username: str, password: str, trigger: str = "auto"
+        self,
+        address: str,
+        branch: str,
+        username: str,
+        password: str,
+        trigger: str = "auto",
+        *,
+        agent: bool = True,
+        client: str | None = None,
     ) -> None:
         self.triggers.append(trigger)
 
