@@ -25,7 +25,13 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from emailsync.config import ClusterSettings, Settings
-from emailsync.lease import FencedStore, LeaseKeeper, LeaseTable, default_instance_id
+from emailsync.lease import (
+    FencedStore,
+    LeaseKeeper,
+    LeaseTable,
+    WaitForStop,
+    default_instance_id,
+)
 from emailsync.metrics import ClusterMetrics
 from emailsync.model import Fence
 from emailsync.store.base import Store
@@ -68,8 +74,8 @@ class ClusterDaemon(Protocol):
         """Start the mailbox's worker, writing through ``store``."""
         ...
 
-    def drop_mailboxes(self, addresses: Sequence[str]) -> None:
-        """Stop these mailboxes' workers and wait for them."""
+    def drop_mailboxes(self, addresses: Sequence[str]) -> WaitForStop:
+        """Ask these mailboxes' workers to stop; the answer waits (bounded) for them."""
         ...
 
     def start_sync_local(self, address: str | None, *, include_stuck: bool = False) -> bool:
@@ -120,15 +126,11 @@ class Cluster:
         For workers the supervisor stopped itself (reload, Stop Email Sync then setup): a
         worker in a cluster must never run without its lease's fence.
         """
-        fence = self.keeper.owned().get(address)
-        if fence is None:
-            return False
-        self.acquire_mailbox(address, fence)
-        return True
+        return self.keeper.resume(address)
 
-    def release_mailboxes(self, addresses: Sequence[str]) -> None:
+    def release_mailboxes(self, addresses: Sequence[str]) -> WaitForStop:
         """Stop the workers (the keeper releases or has lost their leases)."""
-        self.daemon.drop_mailboxes(addresses)
+        return self.daemon.drop_mailboxes(addresses)
 
     # -- lifetime ------------------------------------------------------------------------------
 

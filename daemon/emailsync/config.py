@@ -58,7 +58,14 @@ T = TypeVar("T")
 # [cluster]: a dead instance's mailboxes wait up to this long for a new owner; heartbeats
 # come every third of it, so shorter leases cost store round-trips, longer ones failover time.
 LEASE_SECONDS = 30.0
-MIN_LEASE_SECONDS = 3.0
+# A worker asked to stop finishes the batch in flight and logs out within this long: the
+# shutdown budget (SIGTERM must end the process within 10 s), also given to a worker whose
+# lease is handed back before the lease is released.
+WORKER_STOP_SECONDS = 8.0
+# A lease must outlast a worker's stop even when no renewal gets through once it began (the
+# store is unreachable, the daemon is shutting down): renewed every third of it, at least two
+# thirds are left at any time, and those must cover WORKER_STOP_SECONDS.
+MIN_LEASE_SECONDS = WORKER_STOP_SECONDS * 3 / 2
 MAX_LEASE_SECONDS = 3600.0
 _INSTANCE_ID = re.compile(r"[A-Za-z0-9._@:-]{1,100}")
 # Entra ID shows a certificate's SHA-1 thumbprint as 40 hex digits (openssl adds colons).
@@ -578,17 +585,20 @@ def _check_instance_id(value: str) -> str | None:
 def _parse_cluster(table: _Table) -> ClusterSettings:
     return ClusterSettings(
         instance_id=table.get("instance_id", str, "", _check_instance_id),
-        lease_seconds=table.get(
-            "lease_seconds",
-            float,
-            LEASE_SECONDS,
-            lambda v: (
-                None
-                if MIN_LEASE_SECONDS <= v <= MAX_LEASE_SECONDS
-                else f"must be between {MIN_LEASE_SECONDS:g} and {MAX_LEASE_SECONDS:g}"
-            ),
-        ),
+        lease_seconds=table.get("lease_seconds", float, LEASE_SECONDS, _check_lease_seconds),
     )
+
+
+def _check_lease_seconds(value: float) -> str | None:
+    if value < MIN_LEASE_SECONDS:
+        return (
+            f"must be at least {MIN_LEASE_SECONDS:g}: a worker gets up to "
+            f"{WORKER_STOP_SECONDS:g} s to stop (finish its batch, log out), and a shorter lease"
+            " could expire under it, letting another instance connect the same mailbox"
+        )
+    if value > MAX_LEASE_SECONDS:
+        return f"must be at most {MAX_LEASE_SECONDS:g}"
+    return None
 
 
 def _check_folder_name(value: str) -> str | None:

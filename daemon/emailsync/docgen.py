@@ -156,8 +156,9 @@ DESCRIPTIONS: dict[tuple[str, str], str] = {
         "Empty: the hostname plus a random suffix, unique per start."
     ),
     ("cluster", "lease_seconds"): (
-        "How long a lease lasts unrenewed (3-3600 s): a dead instance's mailboxes wait up to "
-        "this long for a new owner. Renewed every third of it."
+        "How long a lease lasts unrenewed (12-3600 s): a dead instance's mailboxes wait up to "
+        "this long for a new owner. Renewed every third of it; at least 12 s, so that the two "
+        "thirds left after a heartbeat cover a worker's stop (up to 8 s)."
     ),
     ("crm", "url"): (
         "Base URL of the CRM's emailsync API (https; plain http only to a loopback host)."

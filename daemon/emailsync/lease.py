@@ -7,21 +7,30 @@ Every instance registers a heartbeat row in ``cluster_instances`` and holds leas
 1. renews its own row and its leases (``expires_at = now() + lease``, the database's clock);
    a lease it did not get back was lost: that mailbox's worker stops at once;
 2. computes its fair share, ceil(mailboxes / live instances);
-3. above it, stops a few workers and releases their leases (re-balancing slowly, so a
-   joining instance never makes the cluster drop everything at once; above the floor while
-   another live instance is below it, one a heartbeat, so shares end within one of each
-   other); below it, claims
+3. above it, stops a few workers and releases their leases once those ended (re-balancing
+   slowly, so a joining instance never makes the cluster drop everything at once; above the
+   floor while another live instance is below it, one a heartbeat, so shares end within one
+   of each other); below it, claims
    free or expired leases with ``SELECT … FOR UPDATE SKIP LOCKED`` (instances claiming at
    the same moment take different rows, none waits) and starts their workers.
+
+The keeper's thread never waits for a worker (issue 19): stops are asked at once and waited
+for on threads of their own, while the handed-back leases go on being renewed.
 
 A claim bumps the lease's ``generation``: the fencing token. Every write a worker makes
 carries it (``FencedStore``) and the store checks it in the same transaction that records
 the events, so an owner that was paused or cut off past its lease, and wakes up still
 believing it owns the mailbox, records nothing; the ``LeaseLostError`` that refuses it makes
-the worker stop before it moves anything (filing records before it moves). The keeper also
-keeps a local deadline per lease (monotonic clock, from the start of the renewal that
-extended it) and stops a worker whose deadline passed even when the store is unreachable.
-Graceful stop: workers first, then the leases are released so others take them at once.
+the worker stop before it moves anything (filing records before it moves), and the filer
+asks once more right before each MOVE goes out (``FencedStore.check_lease``), for an owner
+paused between the two. The keeper also keeps a local deadline per lease (monotonic clock,
+from the start of the renewal that extended it); a watcher thread stops a worker whose
+deadline passed even when the store is unreachable or a heartbeat hangs on it. A renewal
+that gets through only after the deadline passed does not extend it: the worker may have met
+the fence meanwhile and parked, so the lease counts as lost and is claimed anew (a row still
+naming this instance is claimable by it at once) with a fresh worker.
+Graceful stop: workers first (their leases renewed meanwhile), then the leases are released
+so others take them at once.
 """
 
 from __future__ import annotations
@@ -31,13 +40,14 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
 from typing import Protocol
 
 import structlog
 from prometheus_client import CollectorRegistry
 
+from emailsync.config import WORKER_STOP_SECONDS
 from emailsync.errors import LeaseLostError, StoreError
 from emailsync.metrics import ClusterMetrics
 from emailsync.model import Fence, Group, TimelineEvent
@@ -83,10 +93,13 @@ _RENEW = """
     RETURNING mailbox, generation
 """
 # Each instance walks the free rows in its own pseudo-random order, so instances claiming
-# together rarely meet on a row; SKIP LOCKED lets them pass each other when they do.
+# together rarely meet on a row; SKIP LOCKED lets them pass each other when they do. A row
+# still naming this instance is claimable by it at once: the keeper only claims mailboxes it
+# does not run (a lease it lost on its own clock, or held by its previous process), and the
+# new generation fences off whatever the old lease's worker still tries.
 _CLAIMABLE = """
     SELECT mailbox FROM mailbox_leases
-    WHERE mailbox = ANY(%(wanted)s) AND (owner IS NULL OR expires_at <= now())
+    WHERE mailbox = ANY(%(wanted)s) AND (owner IS NULL OR expires_at <= now() OR owner = %(me)s)
     ORDER BY md5(mailbox || %(me)s)
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
@@ -198,13 +211,27 @@ class LeaseHooks(Protocol):
         """Start the mailbox's worker, writing through a store fenced with ``fence``."""
         ...
 
-    def release_mailboxes(self, addresses: Sequence[str]) -> None:
-        """Stop these mailboxes' workers (together) and wait for them to end."""
+    def release_mailboxes(self, addresses: Sequence[str]) -> WaitForStop:
+        """Ask these mailboxes' workers to stop, and return at once.
+
+        The answer waits up to its argument (seconds) for them to end: True when they did.
+        """
         ...
 
 
+# Waits up to this many seconds for workers asked to stop; True when they all ended.
+WaitForStop = Callable[[float], bool]
+
+
 class LeaseKeeper:
-    """Decides which mailboxes this instance runs; one thread, heartbeat every lease / 3."""
+    """Decides which mailboxes this instance runs; one thread, heartbeat every lease / 3.
+
+    It never waits for a worker: stopping one (its lease handed back or lost) is asked at
+    once and waited for on a thread of its own, and a handed-back lease is renewed until its
+    worker has ended and only then released, so no lease of this instance expires while a
+    slow worker logs out (issue 19). A second thread stops workers whose local deadline has
+    passed, even while a heartbeat is stuck on a slow or unreachable store.
+    """
 
     def __init__(
         self,
@@ -222,11 +249,19 @@ class LeaseKeeper:
         self.heartbeat_seconds = lease_seconds / HEARTBEATS_PER_LEASE
         self.log = log.bind(instance=table.instance_id)
         self._lock = threading.Lock()
+        # Starting and stopping workers, in the order the leases came and went (a worker of a
+        # lease lost by one thread is asked to stop before another starts its successor).
+        self._hooks_lock = threading.RLock()
         self._owned: dict[str, Fence] = {}
         self._deadlines: dict[str, float] = {}
+        # Handed back, their workers still stopping: renewed, released once those ended.
+        self._returning: dict[str, Fence] = {}
+        self._returners: list[threading.Thread] = []
         self._registered: frozenset[str] = frozenset()
         self._stop = threading.Event()
+        self._draining = threading.Event()  # stop() under way: renew only, claim nothing
         self._thread: threading.Thread | None = None
+        self._watcher: threading.Thread | None = None
         # The first heartbeat only announces this instance: instances started together then
         # see each other before claiming, instead of the first one taking every mailbox and
         # handing most of them back a few at a time.
@@ -247,29 +282,64 @@ class LeaseKeeper:
     def holds(self, fence: Fence) -> bool:
         """True while ``fence`` is this instance's current lease and its local deadline holds."""
         with self._lock:
+            # The clock is read under the lock: a renewal that extends the deadline after this
+            # answered False then knows it came too late (see _renew).
             current = self._owned.get(fence.mailbox)
             deadline = self._deadlines.get(fence.mailbox, 0.0)
-        return current == fence and time.monotonic() < deadline
+            return current == fence and time.monotonic() < deadline
+
+    def resume(self, address: str) -> bool:
+        """(Re)start a mailbox's worker under the lease held now; False when none is held."""
+        with self._hooks_lock:
+            fence = self.owned().get(address)
+            if fence is None or not self.holds(fence):
+                return False
+            self.hooks.acquire_mailbox(address, fence)
+            return True
+
+    def returned(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for handed-back leases to be released; True: none is left."""
+        deadline = time.monotonic() + timeout
+        for returner in list(self._returners):
+            returner.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            return not self._returning
 
     def start(self) -> None:
-        """Run the heartbeat loop in a daemon thread."""
+        """Run the heartbeat loop and the deadline watcher in daemon threads."""
         self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
+        self._watcher = threading.Thread(target=self._watch, name="lease-deadline", daemon=True)
         self._thread.start()
+        self._watcher.start()
 
     def stop(self) -> None:
-        """Stop heartbeats, stop every owned worker, then release the leases and leave."""
-        self._stop.set()
-        if self._thread is not None:
-            # Bounded: SIGTERM must end the daemon within 10 s; a tick stuck on an unreachable
-            # store claims nothing once stop is set (see _claim).
-            self._thread.join(STOP_JOIN_SECONDS)
-        with self._lock:
-            fences = list(self._owned.values())
-        self.hooks.release_mailboxes([fence.mailbox for fence in fences])
-        with self._lock:
-            self._owned.clear()
-            self._deadlines.clear()
+        """Stop every owned worker while still renewing its lease, then release and leave.
+
+        Bounded by ``WORKER_STOP_SECONDS`` for the workers (SIGTERM must end the daemon
+        within 10 s); the heartbeat goes on meanwhile, so no lease expires under a worker
+        that is still logging out.
+        """
+        self._draining.set()
+        with self._hooks_lock:
+            with self._lock:
+                fences = list(self._owned.values())
+                self._returning.update(self._owned)
+                self._owned.clear()
+                self._deadlines.clear()
+            wait = self.hooks.release_mailboxes([fence.mailbox for fence in fences])
         self.metrics.owned_mailboxes.set(0)
+        deadline = time.monotonic() + WORKER_STOP_SECONDS
+        if not wait(WORKER_STOP_SECONDS):
+            self.log.warning("workers_slow_to_stop", mailboxes=len(fences))
+        self.returned(max(0.0, deadline - time.monotonic()))  # earlier hand-backs
+        self._stop.set()
+        for thread in (self._thread, self._watcher):
+            if thread is not None:
+                # Bounded: a tick stuck on an unreachable store claims nothing (draining).
+                thread.join(STOP_JOIN_SECONDS)
+        with self._lock:
+            fences = list(self._returning.values())
+            self._returning.clear()
         try:
             self.table.release(fences)
             self.table.leave()
@@ -280,8 +350,8 @@ class LeaseKeeper:
             self.log.info("leases_released", leases=len(fences))
 
     def alive(self) -> bool:
-        """The heartbeat thread runs (it never ends before stop())."""
-        return self._thread is not None and self._thread.is_alive()
+        """The heartbeat and watcher threads run (they never end before stop())."""
+        return all(t is not None and t.is_alive() for t in (self._thread, self._watcher))
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -294,8 +364,15 @@ class LeaseKeeper:
                     self.tick()
                 except Exception:  # the top of the keeper loop: log and beat again
                     self.log.exception("lease_tick_failed")
-            self._expire_local()
-            self._stop.wait(min(DEADLINE_CHECK_SECONDS, max(0.0, next_beat - time.monotonic())))
+            self._stop.wait(max(0.0, next_beat - time.monotonic()))
+
+    def _watch(self) -> None:
+        """Stop workers past their local deadline, on time even while a tick is stuck."""
+        while not self._stop.wait(DEADLINE_CHECK_SECONDS):
+            try:
+                self._expire_local()
+            except Exception:  # the top of the watcher loop: log and look again
+                self.log.exception("lease_watch_failed")
 
     def tick(self) -> None:
         """One heartbeat: renew, count instances, then hand back or claim toward the share."""
@@ -306,6 +383,8 @@ class LeaseKeeper:
                 self._registered = frozenset(wanted)
             live, fewest = self.table.heartbeat()
             self._renew()
+            if self._draining.is_set():
+                return  # stop() hands everything back; only the renewals matter now
             if self._announce_pending:
                 self._announce_pending = False
                 self.log.info("cluster_announced", live_instances=live)
@@ -313,6 +392,8 @@ class LeaseKeeper:
             share = math.ceil(len(wanted) / live) if wanted else 0
             floor = len(wanted) // live
             owned = self.owned()
+            with self._lock:
+                returning = set(self._returning)
             unwanted = [f for m, f in owned.items() if m not in set(wanted)]
             by_name = sorted(owned.values(), key=lambda f: f.mailbox)
             if unwanted:
@@ -324,7 +405,8 @@ class LeaseKeeper:
                 # joined late and found little free): one each, until all are within one.
                 self._hand_back(by_name[floor:][:1], reason="rebalance")
             elif len(owned) < share:
-                self._claim([m for m in wanted if m not in owned], share - len(owned))
+                candidates = [m for m in wanted if m not in owned and m not in returning]
+                self._claim(candidates, share - len(owned))
         except StoreError as exc:
             self.log.warning("lease_heartbeat_failed", error=str(exc))
             return
@@ -333,78 +415,132 @@ class LeaseKeeper:
     def _renew(self) -> None:
         with self._lock:
             owned = dict(self._owned)
-        if not owned:
+            returning = list(self._returning)
+        if not owned and not returning:
             return
         started = time.monotonic()
         self._last_renewal = started
-        held = self.table.renew(owned)
+        held = self.table.renew([*owned, *returning])
         deadline = started + self.lease_seconds * (1 - LOCAL_DEADLINE_MARGIN)
         lost: list[Fence] = []
-        for mailbox, fence in owned.items():
-            if held.get(mailbox) == fence.generation:
-                with self._lock:
-                    if self._owned.get(mailbox) == fence:
-                        self._deadlines[mailbox] = deadline
-            else:
-                lost.append(fence)
+        lapsed: list[Fence] = []
+        with self._lock:
+            now = time.monotonic()
+            for mailbox, fence in owned.items():
+                if self._owned.get(mailbox) != fence:
+                    continue  # lost or handed back while the renewal ran
+                if held.get(mailbox) != fence.generation:
+                    lost.append(fence)
+                elif self._deadlines.get(mailbox, 0.0) <= now:
+                    # Renewed, but after the local deadline: the worker may have met the
+                    # fence and parked (a worker never resumes by itself). A lapsed lease is
+                    # never extended: it is lost here and claimed anew (it is still ours).
+                    lapsed.append(fence)
+                else:
+                    self._deadlines[mailbox] = deadline
         self._lose(lost, reason="not_renewed")
+        self._lose(lapsed, reason="renewed_too_late")
 
     def _claim(self, candidates: list[str], limit: int) -> None:
-        if self._stop.is_set():
+        if self._draining.is_set():
             return
         started = time.monotonic()
         fences = self.table.claim(candidates, limit)
         deadline = started + self.lease_seconds * (1 - LOCAL_DEADLINE_MARGIN)
-        if self._stop.is_set():
-            # Stopping while the claim ran: hand them straight back, start nothing.
-            self.table.release(fences)
-            return
-        # Owned (and so renewed) from now on, all of them, before any worker starts.
-        with self._lock:
-            for fence in fences:
-                self._owned[fence.mailbox] = fence
-                self._deadlines[fence.mailbox] = deadline
+        with self._hooks_lock:
+            if self._draining.is_set():
+                # Stopping while the claim ran: hand them straight back, start nothing.
+                self.table.release(fences)
+                return
+            # Owned (and so renewed) from now on, all of them, before any worker starts.
+            with self._lock:
+                for fence in fences:
+                    self._owned[fence.mailbox] = fence
+                    self._deadlines[fence.mailbox] = deadline
         self.metrics.owned_mailboxes.set(len(self.owned()))
         for fence in fences:
-            if not self.holds(fence):
-                continue  # lost while the others started: its worker must not start
-            self.log.info("lease_acquired", mailbox=fence.mailbox, generation=fence.generation)
-            self.hooks.acquire_mailbox(fence.mailbox, fence)
+            with self._hooks_lock:
+                if self._draining.is_set() or not self.holds(fence):
+                    continue  # lost while the others started: its worker must not start
+                self.log.info("lease_acquired", mailbox=fence.mailbox, generation=fence.generation)
+                self.hooks.acquire_mailbox(fence.mailbox, fence)
             # Starting hundreds of workers takes a while on a busy host: keep renewing, or
             # the leases would pass their deadline before the loop ends.
             if time.monotonic() - self._last_renewal >= self.heartbeat_seconds:
                 self._renew()
 
     def _hand_back(self, fences: list[Fence], *, reason: str) -> None:
-        """Stop the workers first, then release: never two IDLE connections for a mailbox."""
-        self.hooks.release_mailboxes([fence.mailbox for fence in fences])
-        for fence in fences:
+        """Stop the workers first, then release: never two IDLE connections for a mailbox.
+
+        The stop is waited for on a thread of its own; the lease is renewed meanwhile.
+        """
+        with self._hooks_lock:
             with self._lock:
-                self._owned.pop(fence.mailbox, None)
-                self._deadlines.pop(fence.mailbox, None)
-            self.log.info("lease_released", mailbox=fence.mailbox, reason=reason)
-        self.metrics.owned_mailboxes.set(len(self.owned()))
-        self.table.release(fences)
+                for fence in fences:
+                    self._owned.pop(fence.mailbox, None)
+                    self._deadlines.pop(fence.mailbox, None)
+                    self._returning[fence.mailbox] = fence
+                owned = len(self._owned)
+            wait = self.hooks.release_mailboxes([fence.mailbox for fence in fences])
+        self.metrics.owned_mailboxes.set(owned)
+        returner = threading.Thread(
+            target=self._release_when_stopped,
+            args=(fences, wait, reason),
+            name="lease-return",
+            daemon=True,
+        )
+        self._returners = [t for t in self._returners if t.is_alive()] + [returner]
+        returner.start()
+
+    def _release_when_stopped(self, fences: list[Fence], wait: WaitForStop, reason: str) -> None:
+        """Wait (bounded) for the workers of handed-back leases to end, then release those."""
+        try:
+            if not wait(WORKER_STOP_SECONDS):
+                # Released all the same, as a removed mailbox's worker would be: it is bound
+                # by its socket timeouts and only ever logs out now.
+                self.log.warning(
+                    "workers_slow_to_stop",
+                    mailboxes=[f.mailbox for f in fences],
+                    waited=WORKER_STOP_SECONDS,
+                )
+            with self._lock:
+                fences = [f for f in fences if self._returning.get(f.mailbox) == f]
+            self.table.release(fences)
+            for fence in fences:
+                self.log.info("lease_released", mailbox=fence.mailbox, reason=reason)
+        except StoreError as exc:
+            # They expire by themselves within lease_seconds.
+            self.log.warning("lease_release_failed", error=str(exc), leases=len(fences))
+        except Exception:  # the top of this thread: a failure must not leave leases stuck
+            self.log.exception("lease_return_failed")
+        finally:
+            with self._lock:
+                for fence in fences:
+                    if self._returning.get(fence.mailbox) == fence:
+                        del self._returning[fence.mailbox]
 
     def _lose(self, fences: Sequence[Fence], *, reason: str) -> None:
-        """Forget leases this instance no longer holds and stop their workers."""
+        """Forget leases this instance no longer holds and have their workers stop (at once)."""
         lost: list[Fence] = []
-        with self._lock:
-            for fence in fences:
-                if self._owned.get(fence.mailbox) == fence:
-                    del self._owned[fence.mailbox]
-                    self._deadlines.pop(fence.mailbox, None)
-                    lost.append(fence)
-            owned = len(self._owned)
-        if not lost:
-            return
+        with self._hooks_lock:
+            with self._lock:
+                for fence in fences:
+                    if self._owned.get(fence.mailbox) == fence:
+                        del self._owned[fence.mailbox]
+                        self._deadlines.pop(fence.mailbox, None)
+                        lost.append(fence)
+                owned = len(self._owned)
+            if not lost:
+                return
+            # Not waited for: the lease is gone already, and the supervisor starts no
+            # successor of a worker before it has ended.
+            self.hooks.release_mailboxes([fence.mailbox for fence in lost])
         self.metrics.owned_mailboxes.set(owned)
         self.metrics.lease_losses.inc(len(lost))
         for fence in lost:
             self.log.warning(
                 "lease_lost", mailbox=fence.mailbox, generation=fence.generation, reason=reason
             )
-        self.hooks.release_mailboxes([fence.mailbox for fence in lost])
 
     def _expire_local(self) -> None:
         """Stop workers whose lease may have expired by now, store reachable or not."""
@@ -433,6 +569,15 @@ class FencedStore:
                 f"lease on {self.fence.mailbox} (generation {self.fence.generation}) expired"
                 " or was lost"
             )
+
+    def check_lease(self) -> None:
+        """Raise ``LeaseLostError`` once the lease is gone (``LeaseBound``; before a move).
+
+        On this instance's own clock, without a round trip: the events were just recorded
+        under the database's check, and the local deadline ends a tenth of the lease before
+        the database lets another instance in.
+        """
+        self._check_local()
 
     def groups_for_addresses(self, addresses: Iterable[str]) -> list[Group]:
         """As ``Store``; refused with ``LeaseLostError`` once the lease is gone."""

@@ -22,7 +22,8 @@ With a shared (PostgreSQL) store, a ``Cluster`` decides which mailboxes this ins
 its lease keeper calls ``run_mailbox`` with a store fenced by the lease (kept in ``_stores``
 and reused by restarts and reloads, so no worker of a cluster runs without its fence) and
 ``drop_mailboxes`` when a lease is handed back or lost, which retires the workers like removed
-mailboxes and waits for them to end before the lease is released.
+mailboxes at once; the keeper waits for them to end (on a thread of its own, renewing
+meanwhile) before it releases the lease.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from prometheus_client import CollectorRegistry
 
 from emailsync.config import (
     OFFICE365_HOST,
+    WORKER_STOP_SECONDS,
     MailboxSettings,
     ServerSettings,
     Settings,
@@ -91,7 +93,7 @@ BUSY_TICK_SECONDS = 0.05
 # of others log in, much longer: a tick starts them (outside the lock) for at most this long
 # and the next tick goes on at once, so the watchdog and /healthz are never kept waiting.
 START_BUDGET_SECONDS = 0.1
-SHUTDOWN_SECONDS = 8.0  # SIGTERM must end the process within 10 s
+SHUTDOWN_SECONDS = WORKER_STOP_SECONDS  # SIGTERM must end the process within 10 s
 GAUGE_SECONDS = 15.0
 TOKEN_CHECK_SECONDS = 300.0
 TOKEN_REFRESH_AHEAD_SECONDS = 900.0  # refresh an access token this long before it expires
@@ -461,11 +463,12 @@ class Supervisor:
         self._wake.set()
         return True
 
-    def drop_mailboxes(self, addresses: Sequence[str]) -> None:
-        """Retire these workers like removed mailboxes, and wait for them to end.
+    def drop_mailboxes(self, addresses: Sequence[str]) -> Callable[[float], bool]:
+        """Retire these workers like removed mailboxes; returns at once.
 
-        The lease keeper releases the leases after this returns: the next owner's worker
-        must not connect while ours still does.
+        The answer waits up to its argument (seconds) for them to end and says whether they
+        did: the lease keeper releases a lease only after that, since the next owner's worker
+        must not connect while ours still does, and meanwhile it keeps renewing its leases.
         """
         with self._lock:
             workers = [self._retire(address) for address in addresses]
@@ -480,10 +483,16 @@ class Supervisor:
         for worker in workers:
             if worker is not None:
                 worker.stop()
-        deadline = time.monotonic() + SHUTDOWN_SECONDS
-        for worker in retiring:
-            worker.join(max(0.0, deadline - time.monotonic()))
         self._wake.set()  # the main loop reaps them and forgets their metric series
+
+        def wait(timeout: float) -> bool:
+            deadline = time.monotonic() + timeout
+            for worker in retiring:
+                worker.join(max(0.0, deadline - time.monotonic()))
+            self._wake.set()
+            return not any(worker.is_alive() for worker in retiring)
+
+        return wait
 
     # -- lifetime -------------------------------------------------------------------------------
 

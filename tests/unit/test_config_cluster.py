@@ -37,15 +37,16 @@ def test_cluster_defaults_without_a_table(tmp_path: Path) -> None:
 
 def test_cluster_keys_are_read(tmp_path: Path) -> None:
     """instance_id and lease_seconds as written."""
-    settings = load(tmp_path, '[cluster]\ninstance_id = "host-a.1"\nlease_seconds = 5\n')
+    settings = load(tmp_path, '[cluster]\ninstance_id = "host-a.1"\nlease_seconds = 12\n')
     assert settings.cluster.instance_id == "host-a.1"
-    assert settings.cluster.lease_seconds == 5.0
+    assert settings.cluster.lease_seconds == 12.0
 
 
 @pytest.mark.parametrize(
     ("extra", "store", "problem"),
     [
-        ("[cluster]\nlease_seconds = 1\n", PG, "cluster.lease_seconds: must be between 3 and 3600"),
+        ("[cluster]\nlease_seconds = 1\n", PG, "cluster.lease_seconds: must be at least 12"),
+        ("[cluster]\nlease_seconds = 3601\n", PG, "cluster.lease_seconds: must be at most 3600"),
         ('[cluster]\ninstance_id = "a b"\n', PG, "cluster.instance_id: must be 1-100 letters"),
         ("[cluster]\nlease_seconds = 10\n", "sqlite:///x.db", "needs daemon.store"),
         ('[cluster]\nowner = "x"\n', PG, "cluster.owner: unknown key"),
@@ -63,3 +64,26 @@ def test_bad_cluster_settings_are_reported(
 def test_default_instance_ids_differ_on_one_host() -> None:
     """Two instances on one host get different ids (hostname + random suffix)."""
     assert default_instance_id() != default_instance_id()
+
+
+def test_a_lease_shorter_than_a_worker_s_stop_is_refused_by_check_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 19 #8: a lease too short for a worker's stop (8 s, which the two thirds of a
+    lease left after a heartbeat must cover) is a config error: check-config exits 78 with
+    one line naming the file, the key and why; 12 s, the least that covers it, passes."""
+    from emailsync.cli import main  # noqa: PLC0415 -- the CLI is what an operator runs
+
+    (tmp_path / "state").mkdir()
+    path = tmp_path / "emailsync.toml"
+    text = BASE.format(state=tmp_path / "state", store=PG)
+    path.write_text(text + "[cluster]\nlease_seconds = 10\n", encoding="utf-8")
+    assert main(["--config", str(path), "check-config", "--skip-secrets"]) == 78
+    out = capsys.readouterr()
+    lines = [line for line in (out.out + out.err).splitlines() if "lease_seconds" in line]
+    assert len(lines) == 1, out
+    assert lines[0].startswith(f"{path}: cluster.lease_seconds: must be at least 12")
+    assert "8 s to stop" in lines[0]
+    assert "another instance connect the same mailbox" in lines[0]
+    path.write_text(text + "[cluster]\nlease_seconds = 12\n", encoding="utf-8")
+    assert main(["--config", str(path), "check-config", "--skip-secrets"]) == 0

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from types import SimpleNamespace
 
+import psycopg
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -38,10 +39,11 @@ class Daemon:
         assert address not in self.running
         self.running[address] = fence
 
-    def release_mailboxes(self, addresses: Sequence[str]) -> None:
+    def release_mailboxes(self, addresses: Sequence[str]) -> Callable[[float], bool]:
         for address in addresses:
             self.running.pop(address)
             self.stopped.append(address)
+        return lambda timeout: True
 
 
 @pytest.fixture
@@ -101,6 +103,7 @@ def test_two_keepers_split_the_mailboxes_fairly_without_a_double_owner(
     second.tick()  # registers b; every lease is held, nothing to claim yet
     assert second_daemon.running == {}
     first.tick()  # share is now 5: hands back 5
+    assert first.returned(10)  # released once their workers ended
     assert not set(first_daemon.running) & set(second_daemon.running)
     second.tick()
     assert len(first_daemon.running) == 5
@@ -198,11 +201,13 @@ def test_a_late_joiner_brings_shares_within_one_of_each_other(store: PostgresSto
     keepers = [keeper(store, name) for name in ("a", "b", "c")]
     for each, _, _ in keepers[:2]:
         each.tick()
-    keepers[0][0].tick()
-    keepers[1][0].tick()
+    for each, _, _ in keepers[:2]:
+        each.tick()
+        assert each.returned(10)
     for _ in range(6):
         for each, _, _ in keepers:
             each.tick()
+            assert each.returned(10)
     counts = sorted(len(daemon.running) for _, daemon, _ in keepers)
     assert counts == [3, 3, 4]
     running = [set(daemon.running) for _, daemon, _ in keepers]
@@ -262,8 +267,8 @@ class SyncRecorder:
     def run_mailbox(self, address: str, store: object) -> bool:
         return False
 
-    def drop_mailboxes(self, addresses: Sequence[str]) -> None:
-        pass
+    def drop_mailboxes(self, addresses: Sequence[str]) -> Callable[[float], bool]:
+        return lambda timeout: True
 
     def start_sync_local(self, address: str | None, *, include_stuck: bool = False) -> bool:
         self.syncs.append((address, include_stuck))
@@ -363,3 +368,44 @@ def test_publishing_prunes_requests_older_than_the_retention(store: PostgresStor
     with store.transaction("test: read requests") as conn:
         rows = conn.execute("SELECT mailbox, sender FROM start_sync_requests").fetchall()
     assert rows == [("agent00@example.com", "p")]
+
+
+def test_a_renewal_that_lands_after_the_local_deadline_does_not_keep_a_parked_worker(
+    store: PostgresStore, pg_url: str
+) -> None:
+    """Issue 19 #1: a renewal held up by the store (here a row lock) past the local deadline
+    goes through in the end. A worker that met the fence meanwhile has parked and never
+    resumes by itself, so the keeper must not simply extend the lease under it: it stops
+    that worker and claims the mailbox anew, and a new worker runs with a new fence."""
+    first, daemon, metrics = keeper(store, "a", lease_seconds=3.0)
+    first.tick()
+    mailbox = MAILBOXES[0]
+    old = daemon.running[mailbox]
+    fenced = FencedStore(store, old, first)
+    time.sleep(1.0)  # the next renewal starts later than the last: its deadline is later too
+    with psycopg.connect(pg_url) as blocker:
+        blocker.execute("SELECT 1 FROM mailbox_leases WHERE owner = 'a' FOR UPDATE")
+        ticking = threading.Thread(target=first.tick)
+        ticking.start()
+        waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+        deadline = time.monotonic() + 10
+        while blocker.execute(waiting).fetchone() != (1,):
+            assert time.monotonic() < deadline, "the renewal never waited on the lock"
+            time.sleep(0.02)
+        while first.holds(old):  # the local deadline passes while the renewal waits
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        with pytest.raises(LeaseLostError):  # the worker meets the fence: it parks
+            fenced.groups_for_addresses(["client@example.org"])
+        blocker.rollback()
+    ticking.join(10)
+    assert not ticking.is_alive()
+    assert not first.holds(old)
+    assert mailbox in daemon.stopped
+    new = daemon.running[mailbox]
+    assert new.generation > old.generation
+    assert first.holds(new)
+    assert FencedStore(store, new, first).groups_for_addresses(["client@example.org"])
+    # Every lease lapsed the same way (all waited on the lock): all restarted, none kept.
+    assert metrics.get_sample_value("emailsync_lease_losses_total") == len(MAILBOXES)
+    assert all(first.holds(fence) for fence in daemon.running.values())

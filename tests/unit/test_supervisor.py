@@ -12,7 +12,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,12 +21,16 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from emailsync import supervisor as supervisor_module
-from emailsync.config import MailboxSettings, Settings, load_settings
+from emailsync.cluster import Cluster
+from emailsync.config import ClusterSettings, MailboxSettings, Settings, load_settings
 from emailsync.devserver import free_port
 from emailsync.imap.auth import Authenticator
-from emailsync.metrics import Metrics
+from emailsync.lease import LeaseKeeper, LeaseTable
+from emailsync.metrics import ClusterMetrics, Metrics
+from emailsync.model import Fence
 from emailsync.store import open_store
 from emailsync.store.base import RegisteredBranch, RegisteredMailbox, Registry, Store
+from emailsync.store.postgres import PostgresStore
 from emailsync.supervisor import ClusterFactory, Supervisor
 from emailsync.systemd import Notifier
 from emailsync.worker import WorkerStatus
@@ -642,8 +646,8 @@ def test_lease_hooks_never_run_two_workers_and_each_worker_writes_through_its_fe
     make_rig: Callable[..., Rig], tmp_path: Path
 ) -> None:
     """The keeper's run_mailbox for a mailbox whose worker is slow to stop starts the new one
-    (with the new fenced store) only once the old one ended; drop_mailboxes returns once the
-    worker ended (the lease is released after it), the mailbox is then ``remote`` with its
+    (with the new fenced store) only once the old one ended; drop_mailboxes' answer waits
+    for the worker to end (the lease is released after it), the mailbox is then ``remote`` with its
     owner, and a Start Sync for it is published with include_stuck."""
     cluster = FakeCluster()
     rig = make_rig(
@@ -661,7 +665,7 @@ def test_lease_hooks_never_run_two_workers_and_each_worker_writes_through_its_fe
         wait_for(lambda: rig.census.running(address, 2))
         assert [w.store for w in rig.workers] == fenced
         assert [(s.state, s.owner) for s in rig.supervisor.statuses()] == [("idle", "here")]
-        rig.supervisor.drop_mailboxes([address])
+        assert rig.supervisor.drop_mailboxes([address])(5.0)  # asked at once, then waited for
         assert all(life.ended is not None for life in rig.census.of(address))
         assert [(s.state, s.owner) for s in rig.supervisor.statuses()] == [("remote", "there")]
         assert rig.supervisor.start_sync(address, include_stuck=True)
@@ -677,3 +681,77 @@ def test_lease_hooks_never_run_two_workers_and_each_worker_writes_through_its_fe
     assert first.ended is not None
     assert second.started >= first.ended
     assert second.ended is not None  # forgotten: its worker stopped too
+
+
+class Joiner:
+    """A second instance's workers, as its lease keeper sees them: when each one started."""
+
+    def __init__(self, mailboxes: list[str]) -> None:
+        self.mailboxes = mailboxes
+        self.started: dict[str, float] = {}
+
+    def wanted_mailboxes(self) -> list[str]:
+        return self.mailboxes
+
+    def acquire_mailbox(self, address: str, fence: Fence) -> None:
+        self.started[address] = time.monotonic()
+
+    def release_mailboxes(self, addresses: Sequence[str]) -> Callable[[float], bool]:
+        for address in addresses:
+            self.started.pop(address, None)
+        return lambda timeout: True
+
+
+def test_a_slow_worker_stop_does_not_freeze_the_lease_keeper(
+    make_rig: Callable[..., Rig], pg_url: str
+) -> None:
+    """Issue 19 #8: an instance hands two of its four leases to a joining one, and those
+    workers need 4 s to stop, longer than the 3 s lease. The keeper keeps renewing meanwhile:
+    none of the instance's leases expires (no loss, the two it keeps stay its own), and the
+    other instance gets each handed-back mailbox only once its old worker has ended."""
+    lease = 3.0
+    store = PostgresStore(pg_url)
+    cluster_registry = CollectorRegistry()
+    made: list[Cluster] = []
+
+    def cluster_factory(supervisor: Supervisor) -> Cluster:
+        settings = ClusterSettings(instance_id="here", lease_seconds=lease)
+        made.append(Cluster(store, supervisor, settings, cluster_registry))
+        return made[0]
+
+    rig = make_rig(
+        4,
+        stop_seconds=lambda address, generation: 4.0 if generation == 1 else 0.0,
+        cluster_factory=cluster_factory,
+    )
+    joiner = Joiner(rig.addresses)
+    other = LeaseKeeper(
+        LeaseTable(store, "there", lease),
+        joiner,
+        ClusterMetrics(CollectorRegistry()),
+        lease_seconds=lease,
+        announce_first=False,
+    )
+    ended_before_taken: list[bool] = []
+
+    def driver() -> None:
+        wait_for(lambda: all_running(rig, 1), timeout=20)
+        other.tick()  # "there" is live: "here"'s share drops to 2
+        wait_for(lambda: len(made[0].keeper.owned()) == 2)
+        kept = set(made[0].keeper.owned())
+        while len(joiner.started) < 2:
+            other.tick()
+            time.sleep(0.2)
+        for address, started in joiner.started.items():
+            [life] = rig.census.of(address)
+            ended_before_taken.append(life.ended is not None and life.ended <= started)
+        assert set(joiner.started) == set(rig.addresses) - kept
+        assert set(made[0].keeper.owned()) == kept
+        assert all(made[0].keeper.holds(fence) for fence in made[0].keeper.owned().values())
+
+    try:
+        rig.run(driver, timeout=60)
+        assert ended_before_taken == [True, True]
+        assert cluster_registry.get_sample_value("emailsync_lease_losses_total") == 0
+    finally:
+        store.close()
