@@ -20,6 +20,7 @@ import errno
 import hashlib
 import html
 import json
+import os
 import secrets
 import ssl
 import threading
@@ -39,7 +40,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-HOST = "127.0.0.1"
+# A loopback address of this process's own (all of 127.0.0.0/8 reaches this machine), so two
+# test runs, or two pytest-xdist workers, each have their own port 443.
+HOST = f"127.{os.getpid() >> 16 & 0xFF}.{os.getpid() >> 8 & 0xFF}.{max(2, os.getpid() & 0xFF)}"
 # Like Entra ID, the provider listens on the HTTPS default port: MSAL rebuilds some URLs
 # from the host name alone (authority aliases, user-realm discovery). The flows tested here
 # also work on another port with MSAL 1.39 and instance_discovery=False (``port=``).
@@ -141,7 +144,7 @@ class _State:
 
 
 class IdentityProvider:
-    """An OAuth2/OpenID provider for one tenant on https://127.0.0.1 (port 443)."""
+    """An OAuth2/OpenID provider for one tenant on https://HOST (port 443)."""
 
     def __init__(
         self,

@@ -165,7 +165,7 @@ def oauth_ca_file(oauth_ca: trustme.CA) -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def identity_provider_server(oauth_ca: trustme.CA) -> Iterator[IdentityProvider]:
-    """The identity provider, listening on https://127.0.0.1 for the whole session."""
+    """The identity provider, listening on https://HOST:443 for the whole session."""
     with IdentityProvider(oauth_ca) as idp:
         yield idp
 

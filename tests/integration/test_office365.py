@@ -37,7 +37,7 @@ from emailsync.imap.auth import (
 )
 
 from .conftest import MailUser, new_user, settings_for
-from .idp import DEVICE_GRANT, IdentityProvider
+from .idp import DEVICE_GRANT, HOST, IdentityProvider
 from .oauth_fixtures import (
     OAuthClients,
     new_app_certificate,
@@ -140,7 +140,7 @@ def test_device_code_login_persists_a_private_token_cache_and_xoauth2_login_work
 
     shown = sign_in(auth, idp, approve_after_seconds=1.5)
 
-    assert "https://127.0.0.1/devicelogin" in shown[0]
+    assert f"https://{HOST}/devicelogin" in shown[0]
     assert idp.token_requests(DEVICE_GRANT)[0].status == 400  # authorization_pending first
     assert auth.cache_path is not None
     assert stat.S_IMODE(auth.cache_path.stat().st_mode) == 0o600

@@ -1,6 +1,6 @@
 """Two writers of one Office 365 token cache (the daemon and `auth login`) never lose a rotation.
 
-Uses the local identity provider on 127.0.0.1:443: run under `flock /tmp/emailsync-443.lock`.
+Uses the local identity provider on port 443 of a loopback address of the test process's own.
 The provider rotates the refresh token on every use and refuses the old one, as Entra ID may.
 """
 
