@@ -103,10 +103,15 @@ class TimedSession:
         return self._session.uidvalidity
 
     def file_later(
-        self, uids: Sequence[int], role: FolderRole, keyword: str | None = None
+        self,
+        uids: Sequence[int],
+        role: FolderRole,
+        keyword: str | None = None,
+        *,
+        confirm: Callable[[], None] | None = None,
     ) -> PendingFiling:
         """Send a MOVE (timed); the wait for its answer is timed too."""
-        pending = self._file_later(uids, role, keyword)
+        pending = self._file_later(uids, role, keyword, confirm=confirm)
         pending.wait = self._clock.wrap("imap", pending.wait)  # type: ignore[method-assign]
         return pending
 

@@ -47,7 +47,7 @@ from emailsync.model import (
     QueuedMessage,
     TimelineEvent,
 )
-from emailsync.store.base import Recorded, Store
+from emailsync.store.base import LeaseBound, Recorded, Store
 
 log = structlog.get_logger(__name__)
 
@@ -83,10 +83,22 @@ class QueueSession(Protocol):
         plans: Mapping[int, BodyPlan | None] | None = None,
     ) -> list[FetchedMessage]: ...
 
-    def file(self, uids: Sequence[int], role: FolderRole, keyword: str | None = None) -> None: ...
+    def file(
+        self,
+        uids: Sequence[int],
+        role: FolderRole,
+        keyword: str | None = None,
+        *,
+        confirm: Callable[[], None] | None = None,
+    ) -> None: ...
 
     def file_later(
-        self, uids: Sequence[int], role: FolderRole, keyword: str | None = None
+        self,
+        uids: Sequence[int],
+        role: FolderRole,
+        keyword: str | None = None,
+        *,
+        confirm: Callable[[], None] | None = None,
     ) -> PendingFiling: ...
 
 
@@ -186,6 +198,9 @@ class Filer:
         self._failed_this_pass: set[int] = set()
         self._counting = True
         self._release = threading.Event()
+        # A cluster's worker moves nothing once its lease is gone: checked by the session as
+        # the last thing before each MOVE goes out, after everything it may wait on.
+        self._confirm = store.check_lease if isinstance(store, LeaseBound) else None
 
     @property
     def stuck(self) -> int:
@@ -519,7 +534,10 @@ class Filer:
             (
                 group,
                 session.file_later(
-                    [d.uid for d in group], OUTCOME_FOLDER[outcome], OUTCOME_KEYWORD.get(outcome)
+                    [d.uid for d in group],
+                    OUTCOME_FOLDER[outcome],
+                    OUTCOME_KEYWORD.get(outcome),
+                    confirm=self._confirm,
                 ),
             )
             for outcome, group in by_outcome.items()
@@ -671,7 +689,7 @@ class Filer:
                 self.log.warning("batch_not_moved", error=str(exc), messages=len(group))
             for decision in group:
                 try:
-                    session.file([decision.uid], folder, keyword)
+                    session.file([decision.uid], folder, keyword, confirm=self._confirm)
                 except ConnectionLostError as exc:
                     if exc.gone:
                         raise

@@ -307,11 +307,27 @@ class FakeSession:
         return self.fetch_headers(uids)
 
     def file_later(
-        self, uids: Sequence[int], role: FolderRole, keyword: str | None = None
+        self,
+        uids: Sequence[int],
+        role: FolderRole,
+        keyword: str | None = None,
+        *,
+        confirm: Callable[[], None] | None = None,
     ) -> FiledNow:
+        if confirm is not None:
+            confirm()
         return FiledNow(self, uids, role, keyword)
 
-    def file(self, uids: Sequence[int], role: FolderRole, keyword: str | None = None) -> None:
+    def file(
+        self,
+        uids: Sequence[int],
+        role: FolderRole,
+        keyword: str | None = None,
+        *,
+        confirm: Callable[[], None] | None = None,
+    ) -> None:
+        if confirm is not None:
+            confirm()
         self._command("move")
         for uid in uids:
             if uid in self.server.queue:

@@ -7,7 +7,7 @@ real server's refusals are tested in tests/integration/test_filing.py.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -110,11 +110,27 @@ class Queue:
         ]
 
     def file_later(
-        self, uids: Sequence[int], role: FolderRole, keyword: str | None = None
+        self,
+        uids: Sequence[int],
+        role: FolderRole,
+        keyword: str | None = None,
+        *,
+        confirm: Callable[[], None] | None = None,
     ) -> FiledNow:
+        if confirm is not None:
+            confirm()
         return FiledNow(self, uids, role, keyword)
 
-    def file(self, uids: Sequence[int], role: FolderRole, keyword: str | None = None) -> None:
+    def file(
+        self,
+        uids: Sequence[int],
+        role: FolderRole,
+        keyword: str | None = None,
+        *,
+        confirm: Callable[[], None] | None = None,
+    ) -> None:
+        if confirm is not None:
+            confirm()
         self.move_attempts.extend(uids)
         if self.lose_connection_on_move:
             raise ConnectionLostError("file: connection reset", kind="bye")

@@ -451,7 +451,12 @@ class ImapSession:
     # -- filing --------------------------------------------------------------------------------
 
     def file_later(
-        self, uids: Sequence[int], role: FolderRole, keyword: str | None = None
+        self,
+        uids: Sequence[int],
+        role: FolderRole,
+        keyword: str | None = None,
+        *,
+        confirm: Callable[[], None] | None = None,
     ) -> PendingMove:
         """Send the MOVE of ``file`` and return without its answer; ``wait()`` reads it.
 
@@ -462,17 +467,21 @@ class ImapSession:
         ``imap.fetch.send_move``). Never raises: ``wait()`` raises what ``file`` would.
         Tagging with a keyword, or a server without MOVE (COPY, STORE, EXPUNGE, each
         answered before the next), is done at once, its error kept for ``wait()``.
+        ``confirm()`` runs last before anything is sent (a cluster's lease check); what it
+        raises is raised here, and nothing is sent.
         """
         pending = PendingMove(self, role)
         if not uids:
             return pending
         try:
             if (keyword and self.keywords_allowed) or not self.has("MOVE"):
-                self.file(uids, role, keyword)
+                self.file(uids, role, keyword, confirm=confirm)
                 return pending
             if self._sent is not None:
                 self._read_ahead()  # a FETCH answer is never left behind a MOVE
             dest = (self.tree or self.resolve_tree()).name(role)
+            if confirm is not None:
+                confirm()  # after the read above, which can wait on a slow server
             with translated(f"file to {role.value}"):
                 folder = self._client._normalise_folder(dest)
                 pending.tag = send_move(
@@ -509,13 +518,26 @@ class ImapSession:
             if pending is upto:
                 return
 
-    def file(self, uids: Sequence[int], role: FolderRole, keyword: str | None = None) -> None:
-        """Move messages from the (selected) Queue to a folder of the tree, optionally tagged."""
+    def file(
+        self,
+        uids: Sequence[int],
+        role: FolderRole,
+        keyword: str | None = None,
+        *,
+        confirm: Callable[[], None] | None = None,
+    ) -> None:
+        """Move messages from the (selected) Queue to a folder of the tree, optionally tagged.
+
+        ``confirm()`` runs once the answers still pending were read, before anything is sent.
+        """
         if not uids:
             return
         tree = self.tree or self.resolve_tree()
         dest = tree.name(role)
         with translated(f"file to {role.value}"):
+            self.client  # noqa: B018 -- reads the answers still pending (a slow server's)
+            if confirm is not None:
+                confirm()
             if keyword and self.keywords_allowed:
                 self.client.add_flags(list(uids), [keyword], silent=True)
             self._move(list(uids), tree.queue, dest, self.uidvalidity)

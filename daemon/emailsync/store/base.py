@@ -147,3 +147,16 @@ class Registry(Protocol):
     def reencrypt_secrets(self, convert: Callable[[bytes, str], bytes]) -> int:
         """Rewrite every secret with ``convert(blob, address)`` in one transaction."""
         ...
+
+
+@runtime_checkable
+class LeaseBound(Protocol):
+    """A store that writes for one mailbox only while this instance holds its lease.
+
+    A cluster's worker gets one (``emailsync.lease.FencedStore``); the filer asks it right
+    before any message moves, since the lease can be lost after the events were recorded.
+    """
+
+    def check_lease(self) -> None:
+        """Raise ``LeaseLostError`` unless this instance still holds the mailbox's lease."""
+        ...
