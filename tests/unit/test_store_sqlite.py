@@ -25,6 +25,9 @@ from emailsync.store.sqlite import SqliteStore, _migrations, _statements
 BASE_TIME = datetime(2024, 5, 1, 9, 0, tzinfo=UTC)
 SCHEMA_DIR = Path(__file__).parents[2] / "daemon" / "emailsync" / "store" / "schema"
 
+# The migration that added per-mailbox directions and body_truncated (004_event_details).
+EVENT_DETAILS_VERSION = 4
+
 
 def make_event(
     group: str = "Smith",
@@ -681,7 +684,9 @@ def test_events_recorded_before_directions_per_mailbox_read_with_what_is_known(
     one files the message again; a body that ended with the old cut mark reads as truncated."""
     path = tmp_path / "emailsync.db"
     with sqlite3.connect(path) as conn:  # a store at the schema before, with old rows
-        for version, _name, script in _migrations()[:-1]:
+        for version, _name, script in _migrations():
+            if version >= EVENT_DETAILS_VERSION:
+                break
             for statement in _statements(script):
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {version}")
