@@ -10,6 +10,12 @@ instance's listening connection is down reaches nobody, so on every (re)connect 
 first ``LISTEN``s, then reads the requests above the last id it has seen and acts on those
 for the mailboxes it owns. No broker beside the database. (Run-time registry changes are
 not published: a cluster's store keeps no registry, see ``Supervisor.run``.)
+
+A request also marks the lease rows of its mailboxes as owed a Start Sync (with its
+``include_stuck``; schema_pg/005), and the owner that hands it to its worker clears the
+mark: one published while the mailbox passes between owners (handed back, its owner dead or
+paused past its lease) is run by whoever claims the lease next (``emailsync.lease``).
+The listener survives any error: it logs, waits, and listens again.
 """
 
 from __future__ import annotations
@@ -25,16 +31,19 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from emailsync.config import ClusterSettings, Settings
+from emailsync.errors import StoreError
 from emailsync.lease import (
     FencedStore,
     LeaseKeeper,
     LeaseTable,
+    OwedStartSync,
     WaitForStop,
     default_instance_id,
 )
 from emailsync.metrics import ClusterMetrics
 from emailsync.model import Fence
 from emailsync.store.base import Store
+from emailsync.store.failedindex import LINKS_CHANNEL
 from emailsync.store.postgres import PostgresStore
 
 log = structlog.get_logger(__name__)
@@ -55,6 +64,13 @@ _PRUNE_REQUESTS = "DELETE FROM start_sync_requests WHERE requested_at < now() - 
 _INSERT_REQUEST = """
     INSERT INTO start_sync_requests (mailbox, include_stuck, sender) VALUES (%s, %s, %s)
     RETURNING id
+"""
+# Every lease row the request is for owes it, except those the sender handed it to itself.
+_OWE = """
+    UPDATE mailbox_leases
+    SET owed_request = %(request)s, owed_include_stuck = owed_include_stuck OR %(stuck)s
+    WHERE (%(mailbox)s::text IS NULL OR mailbox = %(mailbox)s)
+      AND NOT (mailbox = ANY(%(delivered)s) AND owner = %(me)s AND expires_at > now())
 """
 _LAST_REQUEST = "SELECT coalesce(max(id), 0) FROM start_sync_requests"
 _REQUESTS_AFTER = """
@@ -80,6 +96,10 @@ class ClusterDaemon(Protocol):
 
     def start_sync_local(self, address: str | None, *, include_stuck: bool = False) -> bool:
         """Start Sync for a mailbox whose worker runs here (or all local ones)."""
+        ...
+
+    def links_notified(self) -> None:
+        """Another instance logged a group-link change: look for Failed mail it made due."""
         ...
 
 
@@ -116,9 +136,18 @@ class Cluster:
         """Every enabled mailbox of the config: the cluster shares them all."""
         return [m.address for m in self.daemon.settings.mailboxes if m.enabled]
 
-    def acquire_mailbox(self, address: str, fence: Fence) -> None:
-        """Start the worker with a store that carries the lease's fencing token."""
+    def acquire_mailbox(self, address: str, fence: Fence, owed: OwedStartSync | None) -> None:
+        """Start the worker with a store that carries the lease's fencing token; hand it the
+        Start Sync its lease owes (published while the mailbox had no serving owner)."""
         self.daemon.run_mailbox(address, FencedStore(self.store, fence, self.keeper))
+        if owed is not None:
+            self.log.info(
+                "start_sync_owed",
+                mailbox=address,
+                include_stuck=owed.include_stuck,
+                request=owed.request,
+            )
+            self.daemon.start_sync_local(address, include_stuck=owed.include_stuck)
 
     def resume(self, address: str) -> bool:
         """(Re)start a mailbox's worker if this instance holds its lease; True if it does.
@@ -149,8 +178,13 @@ class Cluster:
             self._listener.join(LISTEN_POLL_SECONDS * 2)
 
     def healthy(self) -> bool:
-        """The keeper's heartbeat thread runs."""
-        return self.keeper.alive()
+        """The keeper's threads and the Start Sync listener run."""
+        listening = self._listener is None or self._listener.is_alive()
+        return self.keeper.alive() and listening
+
+    def running(self) -> set[str]:
+        """The mailboxes whose lease this instance holds (its workers may serve them)."""
+        return set(self.keeper.owned())
 
     def ready(self) -> bool:
         """The keeper completed a heartbeat (it knows which mailboxes are its own)."""
@@ -167,13 +201,26 @@ class Cluster:
 
         ``include_stuck``: the pass first releases the messages quarantined in Queue. The
         request is a row (read by listeners that were reconnecting) and a notification, in
-        one transaction; requests older than ``REQUEST_RETENTION`` are pruned there too.
+        one transaction; requests older than ``REQUEST_RETENTION`` are pruned there too. The
+        lease rows it is for owe it until a worker has it, but for this instance's own when
+        it is for all: the caller ran it on its own workers already (``Supervisor.start_sync``).
         """
+        delivered = self.running() if address is None else set()
         with self.store.transaction("publish start sync") as conn:
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (PUBLISH_LOCK_KEY,))
             conn.execute(_PRUNE_REQUESTS, (REQUEST_RETENTION,))
             row = conn.execute(_INSERT_REQUEST, (address, include_stuck, self.instance_id))
             (request,) = row.fetchone() or (None,)
+            conn.execute(
+                _OWE,
+                {
+                    "request": request,
+                    "stuck": include_stuck,
+                    "mailbox": address,
+                    "delivered": sorted(delivered),
+                    "me": self.instance_id,
+                },
+            )
             payload = json.dumps(
                 {
                     "id": request,
@@ -194,15 +241,27 @@ class Cluster:
                     # LISTEN first, then read: a request committed in between is both read and
                     # notified (the notification is then skipped by its id), none is neither.
                     conn.execute(f"LISTEN {SYNC_CHANNEL}")  # a constant identifier
+                    # Link changes (issue 22): their due marks are the truth; this only wakes.
+                    conn.execute(f"LISTEN {LINKS_CHANNEL}")
+                    self.daemon.links_notified()  # what a lost connection may have missed
                     missed = self._catch_up(conn)
                     self.listening.set()
                     self.log.info("start_sync_listening", missed=missed)
                     while not self._stop.is_set():
                         for notify in conn.notifies(timeout=LISTEN_POLL_SECONDS):
-                            self._on_notify(notify.payload)
+                            if notify.channel == LINKS_CHANNEL:
+                                self.daemon.links_notified()
+                            else:
+                                self._on_notify(notify.payload)
             except psycopg.Error as exc:
                 self.listening.clear()
                 self.log.warning("start_sync_listener_lost", error=type(exc).__name__)
+                self._stop.wait(LISTEN_RETRY_SECONDS)
+            except Exception as exc:  # the top of the listener loop: log, wait, listen again
+                # A request that failed is not read again (its id was passed), but its lease
+                # rows still owe it: the next owner runs it.
+                self.listening.clear()
+                self.log.exception("start_sync_listener_failed", error=repr(exc))
                 self._stop.wait(LISTEN_RETRY_SECONDS)
 
     def _catch_up(self, conn: psycopg.Connection[Any]) -> int:
@@ -218,7 +277,9 @@ class Cluster:
         rows = conn.execute(_REQUESTS_AFTER, (self._last_request,)).fetchall()
         for request, address, include_stuck, sender in rows:
             self._last_request = max(self._last_request, int(request))
-            self._act(address, include_stuck=include_stuck, sender=sender, missed=True)
+            self._act(
+                address, include_stuck=include_stuck, sender=sender, missed=True, request=request
+            )
         return len(rows)
 
     def _on_notify(self, payload: str) -> None:
@@ -243,20 +304,39 @@ class Cluster:
             include_stuck=message.get("include_stuck") is True,
             sender=sender if isinstance(sender, str) else None,
             missed=False,
+            request=request if isinstance(request, int) else None,
         )
 
     def _act(
-        self, address: str | None, *, include_stuck: bool, sender: str | None, missed: bool
+        self,
+        address: str | None,
+        *,
+        include_stuck: bool,
+        sender: str | None,
+        missed: bool,
+        request: int | None,
     ) -> None:
-        """Run a request's pass here if it is another instance's, for a mailbox we own (or all)."""
+        """Run a request's pass here if it is another instance's, for a mailbox we own (or all).
+
+        Once the workers have it, the leases no longer owe it (``settle``); a mailbox this
+        instance does not run keeps its mark for the owner, or the next one.
+        """
         if sender == self.instance_id:
             return  # the sender ran it locally where it could
-        if address is None or address in self.keeper.owned():
-            self.log.info(
-                "start_sync_received",
-                mailbox=address,
-                sender=sender,
-                include_stuck=include_stuck,
-                missed=missed,
-            )
-            self.daemon.start_sync_local(address, include_stuck=include_stuck)
+        owned = self.running()
+        if address is not None and address not in owned:
+            return
+        mine = sorted(owned) if address is None else [address]
+        self.log.info(
+            "start_sync_received",
+            mailbox=address,
+            sender=sender,
+            include_stuck=include_stuck,
+            missed=missed,
+        )
+        if self.daemon.start_sync_local(address, include_stuck=include_stuck) and request and mine:
+            try:
+                self.table.settle(mine, request)
+            except StoreError as exc:
+                # Left owed: the next owner runs one Start Sync pass more, nothing worse.
+                self.log.warning("start_sync_not_settled", mailbox=address, error=str(exc))

@@ -41,8 +41,9 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import structlog
 from prometheus_client import CollectorRegistry
@@ -104,12 +105,18 @@ _CLAIMABLE = """
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 """
+# The Start Sync a lease row owes (schema_pg/005) comes back with the claim; the claimer
+# clears it once the new worker has it (_SETTLE), so a claim that starts no worker keeps it.
 _CLAIM = """
     UPDATE mailbox_leases
     SET owner = %(me)s, generation = generation + 1, expires_at = now() + %(lease)s,
         acquired_at = now()
     WHERE mailbox = ANY(%(mailboxes)s)
-    RETURNING mailbox, generation
+    RETURNING mailbox, generation, owed_request, owed_include_stuck
+"""
+_SETTLE = """
+    UPDATE mailbox_leases SET owed_request = NULL, owed_include_stuck = false
+    WHERE mailbox = ANY(%(mailboxes)s) AND owner = %(me)s AND owed_request <= %(request)s
 """
 _RELEASE = """
     UPDATE mailbox_leases SET owner = NULL, expires_at = '-infinity'
@@ -120,6 +127,26 @@ _OWNERS = """
     SELECT mailbox, CASE WHEN expires_at > now() THEN owner END
     FROM mailbox_leases WHERE mailbox = ANY(%s)
 """
+
+
+@dataclass(frozen=True)
+class OwedStartSync:
+    """A Start Sync published for a mailbox and not yet handed to a worker of it.
+
+    It waits on the mailbox's lease row (``owed_request``: the latest such request's id), so
+    the instance that claims the lease next runs it, with ``include_stuck`` if any of them
+    asked for it.
+    """
+
+    request: int
+    include_stuck: bool
+
+
+class Claimed(NamedTuple):
+    """A lease just claimed, and the Start Sync its row owes (None: nothing)."""
+
+    fence: Fence
+    owed: OwedStartSync | None
 
 
 def default_instance_id() -> str:
@@ -161,8 +188,9 @@ class LeaseTable:
             ).fetchall()
         return {mailbox: int(generation) for mailbox, generation in rows}
 
-    def claim(self, candidates: Iterable[str], limit: int) -> list[Fence]:
-        """Take up to ``limit`` free or expired leases among ``candidates``; new fences."""
+    def claim(self, candidates: Iterable[str], limit: int) -> list[Claimed]:
+        """Take up to ``limit`` free or expired leases among ``candidates``; new fences, each
+        with the Start Sync its row owes."""
         wanted = sorted(candidates)
         if limit <= 0 or not wanted:
             return []
@@ -178,7 +206,21 @@ class LeaseTable:
             rows = conn.execute(
                 _CLAIM, {"me": self.instance_id, "lease": self.lease, "mailboxes": free}
             ).fetchall()
-        return [Fence(mailbox, self.instance_id, int(generation)) for mailbox, generation in rows]
+        return [
+            Claimed(
+                Fence(mailbox, self.instance_id, int(generation)),
+                None if request is None else OwedStartSync(int(request), bool(include_stuck)),
+            )
+            for mailbox, generation, request, include_stuck in rows
+        ]
+
+    def settle(self, mailboxes: Iterable[str], request: int) -> None:
+        """Clear what these leases (still ours) owe up to Start Sync ``request``: delivered."""
+        wanted = sorted(mailboxes)
+        if not wanted:
+            return
+        with self.store.transaction("settle start sync") as conn:
+            conn.execute(_SETTLE, {"mailboxes": wanted, "me": self.instance_id, "request": request})
 
     def release(self, fences: Iterable[Fence]) -> None:
         """Hand leases back (only those still ours with that generation)."""
@@ -207,8 +249,9 @@ class LeaseHooks(Protocol):
         """Addresses this cluster serves (enabled, not stopped), the same on every instance."""
         ...
 
-    def acquire_mailbox(self, address: str, fence: Fence) -> None:
-        """Start the mailbox's worker, writing through a store fenced with ``fence``."""
+    def acquire_mailbox(self, address: str, fence: Fence, owed: OwedStartSync | None) -> None:
+        """Start the mailbox's worker, writing through a store fenced with ``fence``, and hand
+        it the Start Sync the lease owes, if any."""
         ...
 
     def release_mailboxes(self, addresses: Sequence[str]) -> WaitForStop:
@@ -294,7 +337,7 @@ class LeaseKeeper:
             fence = self.owned().get(address)
             if fence is None or not self.holds(fence):
                 return False
-            self.hooks.acquire_mailbox(address, fence)
+            self.hooks.acquire_mailbox(address, fence, None)
             return True
 
     def returned(self, timeout: float) -> bool:
@@ -445,7 +488,9 @@ class LeaseKeeper:
         if self._draining.is_set():
             return
         started = time.monotonic()
-        fences = self.table.claim(candidates, limit)
+        claimed = self.table.claim(candidates, limit)
+        fences = [each.fence for each in claimed]
+        owed = {each.fence.mailbox: each.owed for each in claimed if each.owed is not None}
         deadline = started + self.lease_seconds * (1 - LOCAL_DEADLINE_MARGIN)
         with self._hooks_lock:
             if self._draining.is_set():
@@ -463,11 +508,22 @@ class LeaseKeeper:
                 if self._draining.is_set() or not self.holds(fence):
                     continue  # lost while the others started: its worker must not start
                 self.log.info("lease_acquired", mailbox=fence.mailbox, generation=fence.generation)
-                self.hooks.acquire_mailbox(fence.mailbox, fence)
+                self.hooks.acquire_mailbox(fence.mailbox, fence, owed.get(fence.mailbox))
+            delivered = owed.get(fence.mailbox)
+            if delivered is not None:
+                self._settle(fence.mailbox, delivered)
             # Starting hundreds of workers takes a while on a busy host: keep renewing, or
             # the leases would pass their deadline before the loop ends.
             if time.monotonic() - self._last_renewal >= self.heartbeat_seconds:
                 self._renew()
+
+    def _settle(self, mailbox: str, owed: OwedStartSync) -> None:
+        """The new worker has the owed Start Sync: clear it from the lease row."""
+        try:
+            self.table.settle([mailbox], owed.request)
+        except StoreError as exc:
+            # Left owed: the next owner runs one Start Sync pass more, nothing worse.
+            self.log.warning("start_sync_not_settled", mailbox=mailbox, error=str(exc))
 
     def _hand_back(self, fences: list[Fence], *, reason: str) -> None:
         """Stop the workers first, then release: never two IDLE connections for a mailbox.

@@ -18,6 +18,7 @@ import pytest
 
 from emailsync.devpostgres import Postgres
 from emailsync.devserver import Dovecot
+from emailsync.model import STUCK_KEYWORD
 from emailsync.store.postgres import PostgresStore
 
 from .conftest import MailUser, new_user, write_config
@@ -409,6 +410,47 @@ def test_a_start_sync_published_while_the_owner_s_listener_reconnects_is_not_los
             None,
             0,
         )
+    finally:
+        cluster.stop_all()
+
+
+def test_a_start_sync_with_include_stuck_sent_while_the_mailbox_changes_hands_is_not_lost(
+    tmp_path: Path, dovecot: Dovecot, pg_url: str
+) -> None:
+    """Issue 19 #17: the owner of a manual mailbox is killed (-9); before its lease expires,
+    Start Sync with include_stuck reaches the other instance, which does not run the mailbox
+    yet (nobody can act on it then). Once it has taken the mailbox over it runs that request,
+    include_stuck and all: the quarantined message waiting in Queue is filed, once."""
+    users = [new_user(dovecot, prefix="hand") for _ in range(2)]
+    cluster = Cluster(tmp_path, users, pg_url)
+    result = run_cli(cluster.config("setup"), "groups", "add", "Smith", CLIENT)
+    assert result.returncode == 0, result.stderr
+    manual = 'trigger = "manual"'
+    try:
+        cluster.start("a", manual)
+        survivor = cluster.start("b", manual)
+        wait_until(lambda: balanced(cluster, ["a", "b"], 2), timeout=30, interval=0.5)
+        [mailbox] = cluster.owned("a")
+        user = next(u for u in users if u.address == mailbox)
+        idle = {"mailbox": mailbox, "state": "idle"}
+        wait_until(lambda: cluster.daemons["a"].metric("emailsync_mailbox_state", **idle) == 1)
+        queue(user, build_message(CLIENT, mailbox, "stuck in transit"))
+        with user.client() as client:
+            client.select_folder(f"{ROOT}.Queue")
+            client.add_flags(client.search(["ALL"]), [STUCK_KEYWORD])
+        victim = cluster.daemons["a"]
+        victim.process.kill()
+        victim.process.wait(5)
+        status, _ = survivor.post(f"/v1/mailboxes/{mailbox}/sync?include_stuck=true")
+        assert status == 202
+        assert cluster.owners("b")[mailbox] == "a"  # still the dead one's: the request waits
+        wait_until(
+            lambda: "stuck in transit" in folder_subjects(user, "Received"),
+            timeout=LEASE_SECONDS + 15,
+            interval=0.5,
+        )
+        assert events_by_subject(pg_url)["stuck in transit"] == 1
+        assert '"start_sync_owed"' in survivor.log()
     finally:
         cluster.stop_all()
 

@@ -11,12 +11,13 @@ from types import SimpleNamespace
 
 import psycopg
 import pytest
+import structlog
 from prometheus_client import CollectorRegistry
 
 from emailsync.cluster import Cluster
 from emailsync.config import ClusterSettings
 from emailsync.errors import LeaseLostError
-from emailsync.lease import FencedStore, LeaseKeeper, LeaseTable
+from emailsync.lease import FencedStore, LeaseKeeper, LeaseTable, OwedStartSync
 from emailsync.metrics import ClusterMetrics
 from emailsync.model import Direction, Fence, TimelineEvent
 from emailsync.store.postgres import PostgresStore
@@ -35,7 +36,7 @@ class Daemon:
     def wanted_mailboxes(self) -> list[str]:
         return self.mailboxes
 
-    def acquire_mailbox(self, address: str, fence: Fence) -> None:
+    def acquire_mailbox(self, address: str, fence: Fence, owed: OwedStartSync | None) -> None:
         assert address not in self.running
         self.running[address] = fence
 
@@ -234,9 +235,9 @@ def test_keepers_started_together_announce_first_and_share_without_handing_back(
 class SlowDaemon(Daemon):
     """Starting a worker takes 0.2 s, as on a busy host with hundreds of them."""
 
-    def acquire_mailbox(self, address: str, fence: Fence) -> None:
+    def acquire_mailbox(self, address: str, fence: Fence, owed: OwedStartSync | None) -> None:
         time.sleep(0.2)
-        super().acquire_mailbox(address, fence)
+        super().acquire_mailbox(address, fence, owed)
 
 
 def test_leases_are_renewed_while_many_workers_start(store: PostgresStore) -> None:
@@ -269,6 +270,9 @@ class SyncRecorder:
 
     def drop_mailboxes(self, addresses: Sequence[str]) -> Callable[[float], bool]:
         return lambda timeout: True
+
+    def links_notified(self) -> None:
+        """No Failed mail here to re-file."""
 
     def start_sync_local(self, address: str | None, *, include_stuck: bool = False) -> bool:
         self.syncs.append((address, include_stuck))
@@ -343,8 +347,11 @@ def test_a_start_sync_published_while_a_listener_is_cut_off_is_read_when_it_is_b
         daemons[1].received.clear()
         clusters[0].publish_sync(None, include_stuck=True)
         assert daemons[1].received.wait(10)
-        time.sleep(0.5)
-        assert daemons[1].syncs == [(None, True), (None, False), (None, True)]
+        # One more: once it is in, a duplicate of the one before would have come before it.
+        daemons[1].received.clear()
+        clusters[0].publish_sync(None)
+        assert daemons[1].received.wait(10)
+        assert daemons[1].syncs == [(None, True), (None, False), (None, True), (None, False)]
         assert daemons[0].syncs == []  # the sender acts locally, never on its own requests
     finally:
         for cluster in clusters:
@@ -409,3 +416,149 @@ def test_a_renewal_that_lands_after_the_local_deadline_does_not_keep_a_parked_wo
     # Every lease lapsed the same way (all waited on the lock): all restarted, none kept.
     assert metrics.get_sample_value("emailsync_lease_losses_total") == len(MAILBOXES)
     assert all(first.holds(fence) for fence in daemon.running.values())
+
+
+class FailsOnce(SyncRecorder):
+    """A daemon whose first Start Sync raises, as a bug in it would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = threading.Event()
+
+    def start_sync_local(self, address: str | None, *, include_stuck: bool = False) -> bool:
+        if not self.failed.is_set():
+            self.failed.set()
+            raise RuntimeError("a bug in the daemon")
+        return super().start_sync_local(address, include_stuck=include_stuck)
+
+
+def test_the_start_sync_listener_survives_an_error_that_is_not_psycopg_s(
+    store: PostgresStore,
+) -> None:
+    """Issue 19 #17: an exception other than psycopg's (here the daemon's Start Sync raises)
+    does not end the listener thread for good: it is logged, the listener listens again, and
+    the next request is acted on; the instance stays healthy."""
+    failing = FailsOnce()
+    daemons: list[SyncRecorder] = [SyncRecorder(), failing]
+    clusters = [
+        Cluster(store, d, ClusterSettings(instance_id=name), CollectorRegistry())  # type: ignore[arg-type]
+        for d, name in zip(daemons, ("sender", "receiver"), strict=True)
+    ]
+    for cluster in clusters:
+        cluster.start()
+    try:
+        assert all(c.listening.wait(10) for c in clusters)
+        with structlog.testing.capture_logs() as logs:
+            clusters[0].publish_sync(None, include_stuck=True)
+            assert failing.failed.wait(10)
+            clusters[0].publish_sync(None)
+            assert daemons[1].received.wait(15)
+        assert daemons[1].syncs == [(None, False)]
+        assert any(e["event"] == "start_sync_listener_failed" for e in logs)
+        assert clusters[1].healthy()
+    finally:
+        for cluster in clusters:
+            cluster.stop()
+
+
+class Owner:
+    """A daemon for ``Cluster`` with mailboxes: the workers it runs, the Start Syncs they get."""
+
+    def __init__(self, mailboxes: Sequence[str]) -> None:
+        self.settings = SimpleNamespace(
+            mailboxes=[SimpleNamespace(address=m, enabled=True) for m in mailboxes]
+        )
+        self.running: set[str] = set()
+        self.syncs: list[tuple[str | None, bool]] = []
+        self.received = threading.Event()
+
+    def run_mailbox(self, address: str, store: object) -> bool:
+        self.running.add(address)
+        return True
+
+    def drop_mailboxes(self, addresses: Sequence[str]) -> Callable[[float], bool]:
+        self.running -= set(addresses)
+        return lambda timeout: True
+
+    def links_notified(self) -> None:
+        """No Failed mail here to re-file."""
+
+    def start_sync_local(self, address: str | None, *, include_stuck: bool = False) -> bool:
+        if address is not None and address not in self.running:
+            return False
+        self.syncs.append((address, include_stuck))
+        self.received.set()
+        return True
+
+
+def member(store: PostgresStore, name: str, daemon: Owner) -> Cluster:
+    settings = ClusterSettings(instance_id=name, lease_seconds=1.5)
+    return Cluster(store, daemon, settings, CollectorRegistry())  # type: ignore[arg-type]
+
+
+def owed(store: PostgresStore, mailbox: str) -> tuple[object, bool]:
+    with store.transaction("test: read what a lease owes") as conn:
+        row = conn.execute(
+            "SELECT owed_request, owed_include_stuck FROM mailbox_leases WHERE mailbox = %s",
+            (mailbox,),
+        ).fetchone()
+    assert row is not None
+    return row[0], row[1]
+
+
+def claim_when_free(cluster: Cluster, daemon: Owner, mailbox: str) -> None:
+    """Heartbeats of ``cluster`` until it runs ``mailbox`` (once the old lease expired)."""
+    deadline = time.monotonic() + 15
+    while mailbox not in daemon.running:
+        assert time.monotonic() < deadline, "the lease never came free"
+        cluster.keeper.tick()
+        time.sleep(0.1)
+
+
+def test_a_start_sync_published_while_a_mailbox_passes_between_owners_reaches_the_next_one(
+    store: PostgresStore,
+) -> None:
+    """Issue 19 #17: a mailbox's owner is gone (dead, its lease not expired yet) when a Start
+    Sync with include_stuck for it reaches another instance: nobody can run it then. The
+    instance that claims the lease next runs it, include_stuck and all, and the lease no
+    longer owes it."""
+    mailbox = MAILBOXES[0]
+    gone, heir = Owner([mailbox]), Owner([mailbox])
+    dead, next_owner = member(store, "dead", gone), member(store, "heir", heir)
+    sender = member(store, "sender", Owner([mailbox]))
+    dead.keeper.tick()  # announces
+    dead.keeper.tick()  # claims
+    assert gone.running == {mailbox}
+    sender.publish_sync(mailbox, include_stuck=True)  # "dead" no longer listens
+    claim_when_free(next_owner, heir, mailbox)
+    assert heir.syncs == [(mailbox, True)]
+    assert gone.syncs == []
+    assert owed(store, mailbox) == (None, False)
+
+
+def test_a_start_sync_its_owner_ran_is_not_run_again_by_the_next_owner(
+    store: PostgresStore,
+) -> None:
+    """The owner hands the request to its worker and the lease stops owing it: when the
+    mailbox later moves (a graceful stop), the next owner starts it without a Start Sync."""
+    mailbox = MAILBOXES[0]
+    first, heir = Owner([mailbox]), Owner([mailbox])
+    owner, next_owner = member(store, "owner", first), member(store, "heir", heir)
+    sender = member(store, "sender", Owner([mailbox]))
+    owner.start()
+    try:
+        assert owner.listening.wait(10)
+        deadline = time.monotonic() + 15
+        while mailbox not in first.running:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        sender.publish_sync(mailbox, include_stuck=True)
+        assert first.received.wait(10)
+        while owed(store, mailbox) != (None, False):  # settled once the worker had it
+            assert time.monotonic() < deadline + 10
+            time.sleep(0.05)
+    finally:
+        owner.stop()
+    assert first.syncs == [(mailbox, True)]
+    claim_when_free(next_owner, heir, mailbox)
+    assert heir.syncs == []
