@@ -25,7 +25,7 @@ from emailsync.cluster import Cluster
 from emailsync.config import ClusterSettings, MailboxSettings, Settings, load_settings
 from emailsync.devserver import free_port
 from emailsync.imap.auth import Authenticator
-from emailsync.lease import LeaseKeeper, LeaseTable
+from emailsync.lease import LeaseKeeper, LeaseTable, OwedStartSync
 from emailsync.metrics import ClusterMetrics, Metrics
 from emailsync.model import Fence
 from emailsync.store import open_store
@@ -334,6 +334,14 @@ def wait_for(condition: Callable[[], object], timeout: float = 10.0) -> None:
         time.sleep(0.02)
 
 
+def tick_passed(rig: Rig) -> None:
+    """Wait until no worker is retiring, then for the end of the tick that reaped the last
+    (or a later one): a worker that tick would start is made (by the factory) before it ends."""
+    wait_for(lambda: not rig.supervisor._retiring)
+    since = time.monotonic()
+    wait_for(lambda: rig.supervisor._last_tick > since)
+
+
 def all_running(rig: Rig, generation: int) -> bool:
     return all(rig.census.running(a, generation) for a in rig.addresses)
 
@@ -380,7 +388,10 @@ def test_a_slow_to_stop_worker_never_runs_beside_its_replacement_nor_overwrites_
         rig.change_daemon_section()
         rig.supervisor.request_reload()
         wait_for(lambda: len(rig.census.of(address)) == 2 and rig.census.running(address, 2))
-        time.sleep(0.3)  # the old worker's late writes, if any, come now
+        # The old worker has ended (its late ``stopped`` is written before that) and the
+        # replacement has written its ``idle``: any overwrite would show now.
+        wait_for(lambda: rig.census.of(address)[0].ended is not None)
+        wait_for(lambda: rig.workers[1].state == "idle")
         assert rig.state(address, "idle") == 1
         assert rig.state(address, "stopped") == 0
         assert [s.state for s in rig.supervisor.statuses()] == ["idle"]
@@ -432,7 +443,8 @@ def test_a_crashing_worker_is_restarted_with_growing_delays(
 
     def driver() -> None:
         wait_for(lambda: len(rig.census.of(crashing)) >= 5, timeout=10)
-        time.sleep(0.2)  # a tick has seen the fifth one dead; its restart is > 0.8 s away
+        # A tick has seen the fifth one dead (its restart is > 0.8 s away).
+        wait_for(lambda: crashing in rig.supervisor._restarting)
         healthy.append(rig.supervisor.healthy())
 
     with structlog.testing.capture_logs() as logs:
@@ -513,7 +525,8 @@ def test_stop_email_sync_during_a_restart_leaves_the_mailbox_stopped_without_a_r
         rig.supervisor.request_reload()
         wait_for(lambda: rig.census.running(other, 2), timeout=10)  # the reload is under way
         assert rig.supervisor.stop_mailbox(stopped)
-        time.sleep(0.5)  # ticks go by with nothing left to start for it
+        wait_for(lambda: all(life.ended is not None for life in rig.census.of(stopped)))
+        tick_passed(rig)  # a replacement would have been made by now
         assert rig.census.running(other, 2)
 
     rig.run(driver)
@@ -551,7 +564,8 @@ def test_a_worker_being_started_when_stop_email_sync_arrives_is_stopped_at_once(
         assert rig.supervisor.stop_mailbox(address)
         wait_for(lambda: len(rig.census.of(address)) == 1)
         wait_for(lambda: rig.census.of(address)[0].ended is not None)
-        time.sleep(0.3)  # ticks go by: nothing starts it again
+        tick_passed(rig)  # a new one would have been made by now
+        assert len(rig.workers) == 1
         assert [s.state for s in rig.supervisor.statuses()] == ["stopped"]
         assert rig.state(address, "stopped") == 1
 
@@ -693,7 +707,7 @@ class Joiner:
     def wanted_mailboxes(self) -> list[str]:
         return self.mailboxes
 
-    def acquire_mailbox(self, address: str, fence: Fence) -> None:
+    def acquire_mailbox(self, address: str, fence: Fence, owed: OwedStartSync | None) -> None:
         self.started[address] = time.monotonic()
 
     def release_mailboxes(self, addresses: Sequence[str]) -> Callable[[float], bool]:
