@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import getpass
 import json
 import os
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
@@ -18,7 +19,9 @@ import structlog
 
 from emailsync import __version__
 from emailsync.address import mailbox_address_problem, normalise_address
+from emailsync.agenttoken import open_agent_tokens, token_json
 from emailsync.config import (
+    MAX_AGENT_TOKEN_DAYS,
     Settings,
     check_secrets,
     default_config_path,
@@ -212,9 +215,21 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="DAYS",
-        help="valid for this many days (default: until `emailsync keys rotate`)",
+        help="valid for this many days, 1-3660 (default: [daemon] agent_token_days, 90)",
     )
     p.set_defaults(handler=cmd_token_issue)
+    p = token_sub.add_parser(
+        "list", help="every token issued: mailbox, who and when, expiry, last use, state"
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(handler=cmd_token_list)
+    p = token_sub.add_parser(
+        "revoke", help="revoke one token by its id, or every token of a mailbox by its address"
+    )
+    p.add_argument(
+        "which", metavar="ID|ADDRESS", help="a token id (see `token list`) or an address"
+    )
+    p.set_defaults(handler=cmd_token_revoke)
 
     keys = sub.add_parser("keys", help="the registry key (stored passwords, agent tokens)")
     keys_sub = keys.add_subparsers(title="keys commands", metavar="COMMAND")
@@ -311,7 +326,15 @@ EXAMPLES: dict[str, str] = {
     "auth status": "emailsync auth status --json",
     "token": "emailsync token issue agent1@example.com",
     "token issue": (
-        "emailsync token issue agent1@example.com --expires 90   # prints the token and page link"
+        "emailsync token issue agent1@example.com --expires 30   # prints the token and page link"
+    ),
+    "token list": (
+        "emailsync token list\n"
+        "  emailsync token list --json | jq -r 'select(.state == \"active\") | .id'"
+    ),
+    "token revoke": (
+        "emailsync token revoke 3f9c2a7be1d04c55         # one link (its id from `token list`)\n"
+        "  emailsync token revoke agent1@example.com    # every link of the mailbox"
     ),
     "keys": "emailsync keys rotate",
     "keys rotate": "emailsync keys rotate   # every agent token stops working",
@@ -785,6 +808,17 @@ def cmd_groups_list(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def _operator() -> str:
+    """Who runs this command, for a token's ``issued_by``: the sudo caller, else the login."""
+    name = os.environ.get("SUDO_USER")
+    if not name:
+        try:
+            name = getpass.getuser()
+        except OSError:  # no name for this uid (a container): its number says who
+            name = str(os.getuid())
+    return name
+
+
 def cmd_token_issue(args: argparse.Namespace, out: TextIO) -> int:
     """Print an agent token for one mailbox and the page link that carries it."""
     settings = load(args)
@@ -792,13 +826,63 @@ def cmd_token_issue(args: argparse.Namespace, out: TextIO) -> int:
     if address is None or mailbox_address_problem(address) is not None:
         print(f"emailsync: {args.address!r} is not a mailbox address", file=sys.stderr)
         return EXIT_USAGE
-    if args.expires is not None and args.expires < 1:
-        print("emailsync: --expires takes a number of days, 1 or more", file=sys.stderr)
+    if args.expires is not None and not 1 <= args.expires <= MAX_AGENT_TOKEN_DAYS:
+        print(
+            f"emailsync: --expires takes a number of days, 1 to {MAX_AGENT_TOKEN_DAYS}",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
-    expires = datetime.now(UTC) + timedelta(days=args.expires) if args.expires else None
-    token = Vault(settings.daemon.state_dir).issue_token(address, expires)
+    with open_agent_tokens(settings) as tokens:
+        token, issued = tokens.issue(address, args.expires, f"cli:{_operator()}")
     print(token, file=out)
     print(f"page: {page_base(settings)}/login?token={token}", file=out)
+    expires = issued.expires_at.isoformat() if issued.expires_at else "never"
+    print(f"id: {issued.id}  expires: {expires}", file=out)
+    return EXIT_OK
+
+
+def cmd_token_list(args: argparse.Namespace, out: TextIO) -> int:
+    """Every agent token issued: mailbox, who issued it and when, expiry, last use, state."""
+    settings = load(args)
+    with open_agent_tokens(settings) as tokens:
+        issued = tokens.issued()
+    now = datetime.now(UTC)
+    for token in issued:
+        row = token_json(token, now)
+        if args.json:
+            print(json.dumps(row), file=out)
+            continue
+        print(
+            "\t".join(
+                [
+                    token.id,
+                    token.address,
+                    row["state"],
+                    f"issued {row['issued_at'] or 'before ids'} by {token.issued_by}",
+                    f"expires {row['expires_at'] or 'never'}",
+                    f"last used {row['last_used_at'] or 'never'}",
+                ]
+            ),
+            file=out,
+        )
+    return EXIT_OK
+
+
+def cmd_token_revoke(args: argparse.Namespace, out: TextIO) -> int:
+    """Revoke one token by id, or every token of a mailbox by address (the daemon sees it at
+    once: it checks the state database on every use)."""
+    settings = load(args)
+    with open_agent_tokens(settings) as tokens:
+        try:
+            revoked = tokens.revoke(args.which)
+        except ValueError as exc:
+            print(f"emailsync: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    if not revoked:
+        print(f"emailsync: no such token: {args.which}", file=sys.stderr)
+        return EXIT_RUNTIME
+    for token in revoked:
+        print(f"revoked {token.id} ({token.address})", file=out)
     return EXIT_OK
 
 
@@ -810,6 +894,9 @@ def cmd_keys_rotate(args: argparse.Namespace, out: TextIO) -> int:
             print("emailsync: this store keeps no registry", file=sys.stderr)
             return EXIT_USAGE
         generation = Vault(settings.daemon.state_dir).rotate(store.reencrypt_secrets)
+    # Their signatures fail already; the list says so too.
+    with open_agent_tokens(settings) as tokens:
+        tokens.rotated()
     print(f"registry key rotated to generation {generation}; agent tokens revoked", file=out)
     return EXIT_OK
 

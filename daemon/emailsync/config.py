@@ -40,6 +40,10 @@ STUCK_AFTER_ATTEMPTS = 5
 # Connects (TCP, TLS, login) in flight at once across all mailboxes: 2,000 mailboxes starting
 # together must not make 2,000 handshakes compete for the CPU and the server (issue 10).
 CONNECT_CONCURRENCY = 32
+# Agents' links (tokens) expire after this many days unless issued with their own; 0, set on
+# purpose, issues links that never expire (issue 19: links must not live for ever by default).
+AGENT_TOKEN_DAYS = 90
+MAX_AGENT_TOKEN_DAYS = 3660
 CRM_TIMEOUT_SECONDS = 10.0
 CRM_GROUP_CACHE_SECONDS = 60.0
 # Plain http:// is accepted only to these hosts (a CRM on the same machine, the demo's).
@@ -96,6 +100,7 @@ class DaemonSettings:
     reauth_retry_seconds: float = 30 * 60.0
     stuck_after_attempts: int = STUCK_AFTER_ATTEMPTS
     connect_concurrency: int = CONNECT_CONCURRENCY
+    agent_token_days: int = AGENT_TOKEN_DAYS  # 0: no expiry
 
 
 @dataclass(frozen=True)
@@ -561,7 +566,16 @@ def _parse_daemon(table: _Table, base_dir: Path) -> DaemonSettings:
             "stuck_after_attempts", int, STUCK_AFTER_ATTEMPTS, _positive
         ),
         connect_concurrency=table.get("connect_concurrency", int, CONNECT_CONCURRENCY, _positive),
+        agent_token_days=table.get(
+            "agent_token_days", int, AGENT_TOKEN_DAYS, _check_agent_token_days
+        ),
     )
+
+
+def _check_agent_token_days(value: int) -> str | None:
+    if 0 <= value <= MAX_AGENT_TOKEN_DAYS:
+        return None
+    return f"must be 1 to {MAX_AGENT_TOKEN_DAYS} days, or 0 for links that never expire"
 
 
 def _check_store_url(value: str) -> str | None:

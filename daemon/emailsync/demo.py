@@ -17,6 +17,7 @@ from email.utils import format_datetime, make_msgid
 from pathlib import Path
 from typing import TextIO
 
+from emailsync.agenttoken import open_agent_tokens
 from emailsync.config import Settings, load_settings
 from emailsync.control import ControlClient
 from emailsync.devcrm import DevCrm
@@ -28,7 +29,6 @@ from emailsync.logs import configure_logging
 from emailsync.model import FolderRole
 from emailsync.store import open_store
 from emailsync.store.base import RegisteredBranch, Registry, Store
-from emailsync.vault import Vault
 
 AGENTS = ("agent1@example.com", "agent2@example.com")
 # Not in the config: the self-service pages set it up (First Time Setup, Basic).
@@ -270,7 +270,9 @@ def _print_self_service(
     settings: Settings, url: str, admin_token: str, password: str, out: TextIO
 ) -> None:
     """The self-service links: the agent's Email Sync page and the IT overview."""
-    link = f"{url}/login?token={Vault(settings.daemon.state_dir).issue_token(SELF_SERVICE_AGENT)}"
+    with open_agent_tokens(settings) as tokens:
+        token, _ = tokens.issue(SELF_SERVICE_AGENT, None, "demo")
+    link = f"{url}/login?token={token}"
     print(
         f"\nSelf-service: {SELF_SERVICE_AGENT}'s Email Sync page (the link is their login):\n"
         f"  {link}\n"

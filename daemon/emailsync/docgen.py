@@ -100,6 +100,11 @@ DESCRIPTIONS: dict[tuple[str, str], str] = {
         "Connects (TCP, TLS, login) in flight at once across all mailboxes; the others wait "
         "their turn, so a start with thousands of mailboxes does not overload CPU or server."
     ),
+    ("daemon", "agent_token_days"): (
+        "Agents' links (tokens) issued without an expiry of their own (`token issue` without "
+        "`--expires`, `POST /v1/tokens` without `expires_days`, the IT page) expire after this "
+        "many days, 1 to 3660; `0`, set on purpose, issues links that never expire."
+    ),
     ("folders", "root"): "The root folder, in the personal namespace (e.g. `INBOX.` on Courier).",
     ("folders", "queue"): "Agents drop mail here; emailsync files it.",
     ("folders", "sent"): "Outbound mail linked to a group goes here.",

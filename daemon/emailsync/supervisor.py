@@ -35,7 +35,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Container, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Protocol
@@ -44,6 +44,7 @@ import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
 from prometheus_client import CollectorRegistry
 
+from emailsync.agenttoken import AgentTokens, ledger_for
 from emailsync.config import (
     OFFICE365_HOST,
     WORKER_STOP_SECONDS,
@@ -73,7 +74,13 @@ from emailsync.imap.auth import (
 from emailsync.imap.session import ImapSession
 from emailsync.metrics import Metrics
 from emailsync.secret import Secret
-from emailsync.store.base import RegisteredBranch, RegisteredMailbox, Registry, Store
+from emailsync.store.base import (
+    IssuedToken,
+    RegisteredBranch,
+    RegisteredMailbox,
+    Registry,
+    Store,
+)
 from emailsync.systemd import Notifier
 from emailsync.throttle import LoginThrottle, ThrottledAuthenticator
 from emailsync.vault import Vault
@@ -248,6 +255,9 @@ class Supervisor:
         self.web: WebServer | None = None
         self.mailbox_registry: Registry | None = store if isinstance(store, Registry) else None
         self.vault = Vault(settings.daemon.state_dir)
+        self._tokens: AgentTokens | None = None  # see _agent_tokens
+        self._tokens_lock = threading.Lock()
+        self._close_ledger: Callable[[], None] = lambda: None
         # Refused logins per mailbox (set-ups and workers together) and per set-up client.
         self.throttle = LoginThrottle()
         # Mailboxes registered at run time, by address (the config file's win on a clash).
@@ -407,23 +417,62 @@ class Supervisor:
         return True
 
     def check_agent_token(self, token: str) -> str | None:
-        """The mailbox an agent token is for, or None (invalid, expired, revoked).
+        """The mailbox an agent token is for, or None (invalid, expired, unknown, revoked).
 
-        Raises KeyUnavailableError when the registry key cannot be read: that is this
-        server's fault, and must not pass for a bad token.
+        Raises KeyUnavailableError when the registry key or the state database cannot be
+        read: that is this server's fault, and must not pass for a bad token.
         """
         try:
-            granted = self.vault.check_token(token)
+            granted = self._agent_tokens().check(token)
         except ConfigError as exc:
             log.error("agent_token_unchecked", problems=exc.problems)  # noqa: TRY400 -- no traceback needed
             raise KeyUnavailableError("; ".join(exc.problems)) from None
+        except StoreError as exc:
+            log.error("agent_token_unchecked", problems=[str(exc)])  # noqa: TRY400 -- no traceback needed
+            raise KeyUnavailableError(str(exc)) from None
         return granted.address if granted is not None else None
 
-    def issue_agent_token(self, address: str, days: int | None) -> str:
-        """A token for one mailbox's set-up, Start Sync, Stop and status."""
-        expires = datetime.now(UTC) + timedelta(days=days) if days else None
-        log.info("agent_token_issued", mailbox=address, expires=expires and expires.isoformat())
-        return self.vault.issue_token(address, expires)
+    def issue_agent_token(
+        self, address: str, days: int | None, issued_by: str
+    ) -> tuple[str, IssuedToken]:
+        """A token for one mailbox's set-up, Start Sync, Stop and status, and its record.
+
+        ``days`` None: ``[daemon] agent_token_days`` (read at each issue: a reload applies).
+        """
+        if days is None:
+            days = self.settings.daemon.agent_token_days
+        token, issued = self._agent_tokens().issue(address, days, issued_by)
+        expires = issued.expires_at and issued.expires_at.isoformat()
+        log.info(
+            "agent_token_issued",
+            mailbox=address,
+            token_id=issued.id,
+            issued_by=issued_by,
+            expires=expires,
+        )
+        return token, issued
+
+    def agent_tokens_issued(self) -> list[IssuedToken]:
+        """Every agent token issued (the state database's list), newest first."""
+        return self._agent_tokens().issued()
+
+    def revoke_agent_tokens(self, which: str) -> list[IssuedToken]:
+        """Revoke a token by id, or every token of a mailbox by address; the tokens concerned.
+
+        ``ValueError`` when ``which`` is neither.
+        """
+        return self._agent_tokens().revoke(which)
+
+    def _agent_tokens(self) -> AgentTokens:
+        """The tokens, opened on first use (a store without a tokens table, the CRM's, gets
+        the SQLite file of state_dir, which is then opened only when tokens are used)."""
+        with self._tokens_lock:  # not self._lock: this may open a file
+            if self._tokens is None:
+                ledger, self._close_ledger = ledger_for(self.store, self.settings.daemon.state_dir)
+                self._tokens = AgentTokens(
+                    self.vault, ledger, default_days=self.settings.daemon.agent_token_days
+                )
+            return self._tokens
 
     def healthy(self) -> bool:
         """The main loop ticked recently and every running worker thread is alive."""
@@ -511,6 +560,8 @@ class Supervisor:
                 registrar=self,
                 check_agent_token=self.check_agent_token,
                 issue_agent_token=self.issue_agent_token,
+                list_agent_tokens=self.agent_tokens_issued,
+                revoke_agent_tokens=self.revoke_agent_tokens,
                 public_url=daemon.public_url,
             )
         except OSError as exc:
@@ -617,6 +668,7 @@ class Supervisor:
             log.warning("workers_still_stopping", count=left, waited=SHUTDOWN_SECONDS)
         if self.web is not None:
             self.web.stop()
+        self._close_ledger()
         log.info("stopped")
 
     def request_stop(self) -> None:

@@ -6,9 +6,12 @@ to another row). The key comes from a systemd credential (``emailsync-registry-k
 random bytes, base64) or else from ``<state_dir>/registry.key``, created 0600 atomically on
 first use. Each key has a *generation*; ciphertexts and agent tokens carry it.
 
-Agent tokens are ``es1.<address>.<generation>.<expiry>.<mac>``: an HMAC-SHA256 over the
-address, the key generation and the expiry, with a key derived from the vault key (HKDF).
-They are revoked all at once by ``emailsync keys rotate``, which makes a new generation,
+Agent tokens are ``es2.<id>.<address>.<generation>.<expiry>.<mac>``: an HMAC-SHA256 over the
+format, the token's random id, the address, the key generation and the expiry, with a key
+derived from the vault key (HKDF). The id names the token's row in the state database, which
+revokes it on its own (``emailsync.agenttoken``; the vault checks only the signature and the
+expiry). Tokens issued before ids, ``es1.<address>.<generation>.<expiry>.<mac>``, are still
+checked. ``emailsync keys rotate`` revokes every token at once: it makes a new generation,
 re-encrypts every password and drops the old key.
 
 Rotation, and why no interruption loses a password. The key file holds the current generation
@@ -32,6 +35,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -54,8 +58,11 @@ LOCK_FILE_NAME = "registry.key.lock"  # held by the one rotation that may run
 KEY_CREDENTIAL = "emailsync-registry-key"
 KEY_BYTES = 32  # AES-256
 NONCE_BYTES = 12  # NIST SP 800-38D: 96-bit nonces for GCM
-TOKEN_PREFIX = "es1"  # noqa: S105 -- a format marker, not a secret
+TOKEN_PREFIX = "es2"  # noqa: S105 -- a format marker, not a secret
+LEGACY_TOKEN_PREFIX = "es1"  # noqa: S105 -- tokens issued before ids: no row to revoke one by
 _BLOB_VERSION = b"\x01"
+# A token's id: what agenttoken makes (hex) or names a mailbox's es1 row with; never a "."
+TOKEN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # store_secret writes again when a rotation passed meanwhile; each retry needs another whole
 # rotation to land inside one set-up's write, so a few are plenty.
 STORE_SECRET_ATTEMPTS = 5
@@ -63,10 +70,14 @@ STORE_SECRET_ATTEMPTS = 5
 
 @dataclass(frozen=True)
 class AgentToken:
-    """What a valid agent token grants: one mailbox, until ``expires`` (None: no expiry)."""
+    """What a valid agent token grants: one mailbox, until ``expires`` (None: no expiry).
+
+    ``token_id`` names the token's row in the state database; None for an es1 token.
+    """
 
     address: str
     expires: datetime | None
+    token_id: str | None = None
 
 
 class Vault:
@@ -227,20 +238,33 @@ class Vault:
 
     # -- agent tokens -----------------------------------------------------------------------
 
-    def issue_token(self, address: str, expires: datetime | None = None) -> str:
-        """A signed token for one mailbox (its set-up, Start Sync, Stop and status)."""
+    def issue_token(self, address: str, expires: datetime | None, *, token_id: str) -> str:
+        """A signed token for one mailbox (its set-up, Start Sync, Stop and status).
+
+        ``token_id`` is the id of the token's row in the state database (``agenttoken``).
+        """
+        if not TOKEN_ID.fullmatch(token_id):
+            raise ValueError("a token id is letters, digits, '-' and '_'")
         generation, keys = self._keys()
         encoded = _b64(address.encode())
         expiry = str(int(expires.timestamp())) if expires is not None else "0"
-        mac = _b64(_token_mac(keys[generation], address, generation, expiry))
-        return f"{TOKEN_PREFIX}.{encoded}.{generation}.{expiry}.{mac}"
+        mac = _b64(_token_mac_v2(keys[generation], token_id, address, generation, expiry))
+        return f"{TOKEN_PREFIX}.{token_id}.{encoded}.{generation}.{expiry}.{mac}"
 
     def check_token(self, token: str, *, now: datetime | None = None) -> AgentToken | None:
-        """What ``token`` grants, or None when it is not a valid, current, unexpired token."""
+        """What ``token`` grants, or None when it is not a valid, current, unexpired token.
+
+        The signature and expiry only: whether its id was revoked is the state database's
+        to say (``agenttoken.AgentTokens.check``).
+        """
         parts = token.split(".")
-        if len(parts) != 5 or parts[0] != TOKEN_PREFIX:
+        token_id: str | None = None
+        if len(parts) == 6 and parts[0] == TOKEN_PREFIX and TOKEN_ID.fullmatch(parts[1]):
+            _, token_id, encoded, generation_text, expiry, mac = parts
+        elif len(parts) == 5 and parts[0] == LEGACY_TOKEN_PREFIX:
+            _, encoded, generation_text, expiry, mac = parts
+        else:
             return None
-        _, encoded, generation_text, expiry, mac = parts
         if not generation_text.isdigit() or not expiry.isdigit():
             return None
         try:
@@ -251,7 +275,10 @@ class Vault:
         generation = int(generation_text)
         if generation != current:
             return None  # rotation revokes every token
-        expected = _b64(_token_mac(keys[generation], address, generation, expiry))
+        if token_id is None:
+            expected = _b64(_token_mac(keys[generation], address, generation, expiry))
+        else:
+            expected = _b64(_token_mac_v2(keys[generation], token_id, address, generation, expiry))
         if not hmac.compare_digest(expected.encode(), mac.encode()):
             return None
         when = datetime.fromtimestamp(int(expiry), UTC) if expiry != "0" else None
@@ -259,7 +286,7 @@ class Vault:
             return None
         if normalise_address(address) != address or mailbox_address_problem(address) is not None:
             return None
-        return AgentToken(address, when)
+        return AgentToken(address, when, token_id)
 
 
 def _token_mac(key: bytes, address: str, generation: int, expiry: str) -> bytes:
@@ -267,6 +294,15 @@ def _token_mac(key: bytes, address: str, generation: int, expiry: str) -> bytes:
         algorithm=hashes.SHA256(), length=32, salt=None, info=b"emailsync agent token"
     ).derive(key)
     message = f"{address}\n{generation}\n{expiry}".encode()
+    return hmac.new(derived, message, hashlib.sha256).digest()
+
+
+def _token_mac_v2(key: bytes, token_id: str, address: str, generation: int, expiry: str) -> bytes:
+    # Its own HKDF info: no es1 MAC is ever a valid es2 MAC, whatever the fields hold.
+    derived = HKDF(
+        algorithm=hashes.SHA256(), length=32, salt=None, info=b"emailsync agent token es2"
+    ).derive(key)
+    message = f"{TOKEN_PREFIX}\n{token_id}\n{address}\n{generation}\n{expiry}".encode()
     return hmac.new(derived, message, hashlib.sha256).digest()
 
 

@@ -30,18 +30,22 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 from urllib.parse import parse_qs, unquote
 
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from emailsync.agenttoken import token_json
 from emailsync.config import SECURITIES, TRIGGERS, weak_token_problem
 from emailsync.errors import KeyUnavailableError, RegistrationError
 from emailsync.pages import Pages, Principal
+from emailsync.store.base import IssuedToken
 from emailsync.web_pages import (
+    AGENT_TOKEN_PREFIXES,
     BRANCH_NAME,
     HOST_NAME,
     OFFICE365_CALLBACK,
@@ -55,6 +59,7 @@ from emailsync.web_pages import (
 from emailsync.worker import WorkerStatus, trim_malloc
 
 log = structlog.get_logger(__name__)
+_T = TypeVar("_T")
 _SCRAPE_LOCK = threading.Lock()  # see _get: one /metrics at a time
 
 REQUEST_SECONDS = 10.0  # headers and body of one request, in all; then the client is dropped
@@ -68,8 +73,8 @@ REFUSED_WARNING_SECONDS = 10.0  # at most one warning about refused connections 
 REFUSE_SECONDS = 0.5  # what writing a 503 to a connection beyond the cap may take at most
 NO_SUCH_MAILBOX = {"error": "no such mailbox"}
 KEY_UNAVAILABLE = (
-    "This server cannot check sign-in links right now: it cannot read its registry key. "
-    "Please tell IT (the daemon's log says which file and why)."
+    "This server cannot check sign-in links right now: it cannot read its registry key or "
+    "its state database. Please tell IT (the daemon's log says which and why)."
 )
 BUSY_RESPONSE = (
     b"HTTP/1.0 503 Service Unavailable\r\nRetry-After: 1\r\nConnection: close\r\n"
@@ -128,7 +133,11 @@ class Registrar(Protocol):
 
 
 AgentTokenCheck = Callable[[str], "str | None"]
-AgentTokenIssue = Callable[[str, "int | None"], str]
+# (address, days or None for the default, issued_by) → the token and its record
+AgentTokenIssue = Callable[[str, "int | None", str], "tuple[str, IssuedToken]"]
+AgentTokenList = Callable[[], "list[IssuedToken]"]
+# a token id or a mailbox address → the tokens revoked; ValueError when it is neither
+AgentTokenRevoke = Callable[[str], "list[IssuedToken]"]
 
 
 class WebServer:
@@ -148,6 +157,8 @@ class WebServer:
         registrar: Registrar | None = None,
         check_agent_token: AgentTokenCheck | None = None,
         issue_agent_token: AgentTokenIssue | None = None,
+        list_agent_tokens: AgentTokenList | None = None,
+        revoke_agent_tokens: AgentTokenRevoke | None = None,
         public_url: str = "",
     ) -> None:
         problem = weak_token_problem(token)
@@ -155,7 +166,14 @@ class WebServer:
             # Never serve the control API behind an empty or guessable token.
             raise ValueError(f"control token {problem}")
         self.pages = Pages(secure_cookie=public_url.startswith("https://"))
-        selfservice = SelfService(registrar, check_agent_token, issue_agent_token, self.pages)
+        selfservice = SelfService(
+            registrar,
+            check_agent_token,
+            issue_agent_token,
+            self.pages,
+            list_agent_tokens,
+            revoke_agent_tokens,
+        )
         metrics_token = metrics_need_token(host)
         handler = _handler_class(
             control,
@@ -404,6 +422,8 @@ class SelfService:
     check_agent_token: AgentTokenCheck | None
     issue_agent_token: AgentTokenIssue | None
     pages: Pages
+    list_agent_tokens: AgentTokenList | None = None
+    revoke_agent_tokens: AgentTokenRevoke | None = None
 
 
 FORBIDDEN_FOR_AGENT = "this token is for one mailbox only"
@@ -612,6 +632,11 @@ def _handler_class(
             elif path == "/v1/branches":
                 if self._admin() is not None:
                     self._json(HTTPStatus.OK, {"branches": self._registrar().branches()})
+            elif path == "/v1/tokens":
+                if self._admin() is not None:
+                    now = datetime.now(UTC)
+                    issued = self._token_admin(selfservice.list_agent_tokens)()
+                    self._json(HTTPStatus.OK, {"tokens": [token_json(t, now) for t in issued]})
             elif path.startswith("/v1/mailboxes/"):
                 principal = self._authorised()
                 if principal is not None:
@@ -640,6 +665,10 @@ def _handler_class(
             if method == "POST" and parts == ["v1", "tokens"]:
                 self._require_admin(principal)
                 self._issue_token()
+                return
+            if method == "DELETE" and len(parts) == 3 and parts[:2] == ["v1", "tokens"]:
+                self._require_admin(principal)
+                self._revoke_tokens(parts[2])
                 return
             if len(parts) == 3 and parts[:2] == ["v1", "mailboxes"] and method in ("PUT", "DELETE"):
                 address = self._visible_address(path, principal)
@@ -776,11 +805,35 @@ def _handler_class(
             if issue is None:
                 raise RefusedError(HTTPStatus.SERVICE_UNAVAILABLE, "agent tokens are not enabled")
             normalised = mailbox_address(address) or ""  # checked above: never empty
-            token = issue(normalised, days)
+            token, issued = issue(normalised, days, "api")
+            expires = issued.expires_at
             self._json(
                 HTTPStatus.CREATED,
-                {"address": normalised, "token": token, "link": self._login_link(token)},
+                {
+                    "address": normalised,
+                    "token": token,
+                    "link": self._login_link(token),
+                    "id": issued.id,
+                    "expires_at": expires.isoformat() if expires is not None else None,
+                },
             )
+
+        def _revoke_tokens(self, which: str) -> None:
+            """``DELETE /v1/tokens/{id}``: one token, or (an address) every token of a mailbox."""
+            revoke = self._token_admin(selfservice.revoke_agent_tokens)
+            try:
+                revoked = revoke(which)
+            except ValueError:
+                revoked = []  # neither an id nor an address: no such token either
+            if not revoked:
+                raise RefusedError(HTTPStatus.NOT_FOUND, "no such token")
+            now = datetime.now(UTC)
+            self._json(HTTPStatus.OK, {"revoked": [token_json(t, now) for t in revoked]})
+
+        def _token_admin(self, call: _T | None) -> _T:
+            if call is None:
+                raise RefusedError(HTTPStatus.SERVICE_UNAVAILABLE, "agent tokens are not enabled")
+            return call
 
         def _office365_start(self, address: str, branch: str | None, trigger: str = "auto") -> str:
             try:
@@ -850,8 +903,9 @@ def _handler_class(
             if hmac.compare_digest(given.encode("utf-8", "replace"), expected):
                 return Principal.ADMIN
             check = selfservice.check_agent_token
-            if check is not None and given.startswith("Bearer es1."):
-                address = check(given.removeprefix("Bearer "))
+            bearer = given.removeprefix("Bearer ")
+            if check is not None and bearer != given and bearer.startswith(AGENT_TOKEN_PREFIXES):
+                address = check(bearer)
                 if address is not None:
                     return Principal(address)
             return None
@@ -946,8 +1000,12 @@ def _allowed_method(path: str) -> str | None:
     if path in GET_PATHS:
         return "GET"
     parts = path.strip("/").split("/")
-    if parts in (["v1", "sync"], ["v1", "tokens"]):
+    if parts == ["v1", "sync"]:
         return "POST"
+    if parts == ["v1", "tokens"]:
+        return "GET, POST"
+    if len(parts) == 3 and parts[:2] == ["v1", "tokens"] and parts[2]:
+        return "DELETE"
     if len(parts) == 3 and parts[:2] == ["v1", "branches"] and parts[2]:
         return "PUT"
     if len(parts) == 3 and parts[:2] == ["v1", "mailboxes"] and parts[2]:

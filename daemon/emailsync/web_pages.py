@@ -13,15 +13,17 @@ import hmac
 import html
 import re
 from collections import Counter
+from datetime import UTC, datetime
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, quote, unquote
 
 from emailsync.address import mailbox_address_problem, normalise_address
-from emailsync.config import SECURITIES
+from emailsync.config import MAX_AGENT_TOKEN_DAYS, SECURITIES
 from emailsync.errors import RegistrationError
 from emailsync.pages import STATIC_FILES, Pages, Principal, Session
+from emailsync.vault import LEGACY_TOKEN_PREFIX, TOKEN_PREFIX
 from emailsync.worker import WorkerStatus
 
 if TYPE_CHECKING:
@@ -34,7 +36,11 @@ FAVICON_CACHE_SECONDS = 24 * 3600
 PAGE_GET_PATHS = frozenset(
     {"/login", "/it", OFFICE365_CALLBACK, FAVICON, *(f"/static/{name}" for name in STATIC_FILES)}
 )
-PAGE_POST_PATHS = frozenset({"/login", "/logout", "/it/branches", "/it/tokens"})
+PAGE_POST_PATHS = frozenset(
+    {"/login", "/logout", "/it/branches", "/it/tokens", "/it/tokens/revoke"}
+)
+# What an agent token starts with (es1: issued before tokens had ids, still accepted).
+AGENT_TOKEN_PREFIXES = (f"{TOKEN_PREFIX}.", f"{LEGACY_TOKEN_PREFIX}.")
 PAGE_ACTIONS = ("setup", "sync", "stop", "office365")
 BRANCH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 # A DNS name or an IPv4 address; no URL, no spaces, no path.
@@ -184,6 +190,10 @@ class PageRoutes(BaseHTTPRequestHandler):
                 return
             registrar = self._registrar()
             details = [registrar.mailbox_detail(s.address) for s in self._control.statuses()]
+            listing = self._selfservice.list_agent_tokens
+            now = datetime.now(UTC)
+            # Links that still work; the revoked and expired ones are in `token list`.
+            tokens = [t for t in (listing() if listing else []) if t.state(now) == "active"]
             self._html(
                 HTTPStatus.OK,
                 self._pages.render(
@@ -193,6 +203,8 @@ class PageRoutes(BaseHTTPRequestHandler):
                     mailboxes=[d for d in details if d is not None],
                     securities=SECURITIES,
                     token_link=session.pop_flash("token_link"),
+                    tokens=tokens,
+                    max_token_days=MAX_AGENT_TOKEN_DAYS,
                 ),
             )
             return
@@ -319,17 +331,34 @@ class PageRoutes(BaseHTTPRequestHandler):
         elif path == "/it/tokens":
             address = mailbox_address(form.get("address", "").strip())
             issue = self._selfservice.issue_agent_token
+            days_text = form.get("days", "").strip()
+            days = int(days_text) if days_text.isdigit() else None  # empty: the default
             if address is None or issue is None:
                 session.flash("error", "Not a mailbox address.")
+            elif days_text and (days is None or not 1 <= days <= MAX_AGENT_TOKEN_DAYS):
+                session.flash("error", f"Valid for: 1 to {MAX_AGENT_TOKEN_DAYS} days.")
             else:
-                session.flash("token_link", self._login_link(issue(address, None)))
+                token, _ = issue(address, days, "page")
+                session.flash("token_link", self._login_link(token))
+        elif path == "/it/tokens/revoke":
+            revoke = self._selfservice.revoke_agent_tokens
+            token_id = form.get("id", "")
+            try:
+                revoked = revoke(token_id) if revoke is not None and "@" not in token_id else []
+            except ValueError:
+                revoked = []
+            if revoked:
+                session.flash("notice", f"Link revoked: {revoked[0].address} ({token_id}).")
+            else:
+                session.flash("error", "No such link.")
         self._redirect("/it")
 
     def _session(self) -> Session | None:
         """The request's session, while the token it was opened with is still valid.
 
-        An agent's session ends with its token: ``emailsync keys rotate`` (or the
-        token's expiry) logs the agent out at once, not after ``SESSION_SECONDS``.
+        An agent's session ends with its token: its revocation (``emailsync token revoke``,
+        ``DELETE /v1/tokens/{id}``, the IT page), ``emailsync keys rotate`` or its expiry logs
+        the agent out at once, not after ``SESSION_SECONDS``.
         """
         session = self._pages.session(self.headers.get("Cookie"))
         if (
@@ -345,7 +374,8 @@ class PageRoutes(BaseHTTPRequestHandler):
         if hmac.compare_digest(given.encode("utf-8", "replace"), self._token.encode()):
             return Principal.ADMIN
         check = self._selfservice.check_agent_token
-        address = check(given) if check is not None and given.startswith("es1.") else None
+        agent = given.startswith(AGENT_TOKEN_PREFIXES)
+        address = check(given) if check is not None and agent else None
         return Principal(address) if address is not None else None
 
     def _html(self, status: HTTPStatus, text: str, *, cookie: str | None = None) -> None:

@@ -150,7 +150,7 @@ def test_a_link_the_server_cannot_check_is_a_server_fault_not_expired(
     daemon = daemons.start([user])
     issued = run_cli(daemon.config, "token", "issue", user.address)
     assert issued.returncode == 0, issued.stderr
-    token = next(word for word in issued.stdout.split() if word.startswith("es1."))
+    token = next(word for word in issued.stdout.split() if word.startswith("es2."))
     key = daemon.workdir / "state" / "registry.key"
     key.write_text("{ not json")  # damaged: the daemon cannot check any link
 

@@ -92,7 +92,7 @@ def test_it_adds_a_branch_and_an_agent_sets_up_syncs_and_stops_in_the_browser(
     page.fill("#issue-token input[name=address]", agent.address)
     page.click("#issue-token button")
     link = page.inner_text("#token-link")
-    assert link.startswith(f"{base}/login?token=es1.")
+    assert link.startswith(f"{base}/login?token=es2.")
 
     # The agent opens their link: First Time Setup, then a wrong password.
     agent_context = browser.new_context()  # type: ignore[attr-defined]
@@ -173,6 +173,13 @@ def test_it_adds_a_branch_and_an_agent_sets_up_syncs_and_stops_in_the_browser(
     shot(page, "agent-first-time-setup")
     # The pages keep to their own Content-Security-Policy (no inline script or style).
     assert not [e for e in console_errors if "Content Security Policy" in e], console_errors
+    # IT revokes the agent's link with its button: the agent's session ends at once.
+    it_page.goto(f"{base}/it")
+    it_page.click(f"#tokens tr:has-text('{agent.address}') button")
+    assert "Link revoked" in it_page.inner_text(".notice")
+    assert agent.address not in it_page.inner_text("#tokens")
+    page.goto(my_page)
+    page.wait_for_url(f"{base}/login")
     # IT can stop a mailbox of the config file from its page too (it stays, stopped).
     it_page.goto(f"{base}/email-sync/{quote(user.address, safe='@')}")
     it_page.click("#stop-sync")

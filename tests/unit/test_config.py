@@ -1818,3 +1818,32 @@ def test_token_issue_links_to_public_url_when_it_is_set(tmp_path: Path) -> None:
     assert page_base(load(tmp_path, daemon + textwrap.dedent(MINIMAL))) == "http://127.0.0.1:9400"
     ipv6 = '[daemon]\nlisten = "[::1]:9400"\n'
     assert page_base(load(tmp_path, ipv6 + textwrap.dedent(MINIMAL))) == "http://[::1]:9400"
+
+
+@pytest.mark.parametrize(
+    ("given", "problem"),
+    [
+        ("-1", "must be 1 to 3660 days, or 0 for links that never expire"),
+        ("3661", "must be 1 to 3660 days, or 0 for links that never expire"),
+        ('"90"', "must be an integer, not a string"),
+        ("true", "must be an integer, not a boolean"),
+    ],
+)
+def test_check_config_refuses_an_agent_token_days_out_of_range_and_names_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], given: str, problem: str
+) -> None:
+    """Issue 19: agents' links expire after agent_token_days (default 90); 0 only on purpose."""
+    path = write_config(
+        tmp_path, f"[daemon]\nagent_token_days = {given}\n" + textwrap.dedent(MINIMAL)
+    )
+    code, _, err = check_config(path, capsys)
+    assert code == EXIT_CONFIG
+    assert f"{path}: daemon.agent_token_days: {problem}" in err
+
+
+def test_agent_links_expire_after_90_days_unless_the_config_says_otherwise(
+    tmp_path: Path,
+) -> None:
+    assert load(tmp_path, textwrap.dedent(MINIMAL)).daemon.agent_token_days == 90
+    never = "[daemon]\nagent_token_days = 0\n" + textwrap.dedent(MINIMAL)
+    assert load(tmp_path, never).daemon.agent_token_days == 0

@@ -49,26 +49,27 @@ def test_the_key_file_is_private_and_made_once(tmp_path: Path) -> None:
 def test_an_agent_token_grants_its_mailbox_until_it_expires(tmp_path: Path) -> None:
     vault = Vault(tmp_path)
     expires = datetime.now(UTC) + timedelta(days=1)
-    token = vault.issue_token("agent@example.com", expires)
+    token = vault.issue_token("agent@example.com", expires, token_id="a1")
     granted = vault.check_token(token)
     assert granted is not None
     assert granted.address == "agent@example.com"
     assert vault.check_token(token, now=expires + timedelta(seconds=1)) is None
-    forever = vault.issue_token("agent@example.com")
+    forever = vault.issue_token("agent@example.com", None, token_id="a2")
     assert vault.check_token(forever, now=datetime(2100, 1, 1, tzinfo=UTC)) is not None
 
 
 def test_a_tampered_token_grants_nothing(tmp_path: Path) -> None:
     vault = Vault(tmp_path)
-    token = vault.issue_token("agent@example.com")
-    prefix, address, generation, expiry, mac = token.split(".")
+    token = vault.issue_token("agent@example.com", None, token_id="a1")
+    prefix, token_id, address, generation, expiry, mac = token.split(".")
     other = base64.urlsafe_b64encode(b"boss@example.com").decode().rstrip("=")
     for forged in (
-        f"{prefix}.{other}.{generation}.{expiry}.{mac}",  # another mailbox
-        f"{prefix}.{address}.{generation}.9999999999.{mac}",  # a longer life
-        f"{prefix}.{address}.{generation}.{expiry}.{mac[:-2]}AA",
+        f"{prefix}.{token_id}.{other}.{generation}.{expiry}.{mac}",  # another mailbox
+        f"{prefix}.{token_id}.{address}.{generation}.9999999999.{mac}",  # a longer life
+        f"{prefix}.{token_id}.{address}.{generation}.{expiry}.{mac[:-2]}AA",
         token + "x",
         "es1....",
+        "es2.....",
         "",
     ):
         assert vault.check_token(forged) is None, forged
@@ -77,7 +78,7 @@ def test_a_tampered_token_grants_nothing(tmp_path: Path) -> None:
 
 def test_rotating_the_key_revokes_tokens_and_re_encrypts_secrets(tmp_path: Path) -> None:
     vault = Vault(tmp_path)
-    token = vault.issue_token("agent@example.com")
+    token = vault.issue_token("agent@example.com", None, token_id="a1")
     blobs = {"agent@example.com": vault.encrypt("secret", "agent@example.com")}
 
     def reencrypt(convert: object) -> int:
@@ -92,7 +93,7 @@ def test_rotating_the_key_revokes_tokens_and_re_encrypts_secrets(tmp_path: Path)
     assert vault.decrypt(blobs["agent@example.com"], "agent@example.com").reveal() == "secret"
     with pytest.raises(ConfigError, match="unknown key generation"):
         vault.decrypt(old, "agent@example.com")  # the old key is gone
-    assert vault.check_token(vault.issue_token("agent@example.com")) is not None
+    assert vault.check_token(vault.issue_token("agent@example.com", None, token_id="a2"))
 
 
 def test_a_systemd_credential_is_the_key_and_cannot_be_rotated_here(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from emailsync.metrics import Metrics
 from emailsync.pages import MAX_SESSIONS
+from emailsync.store.base import IssuedToken
 from emailsync.web import MAX_CONNECTIONS, WebServer, metrics_need_token
 from emailsync.worker import WorkerStatus
 
@@ -416,7 +417,8 @@ def test_connections_beyond_the_cap_get_503_but_health_answers_until_idle_ones_a
         ("POST", "/v1/mailboxes/agent@example.com", "GET, PUT, DELETE"),
         ("PATCH", "/v1/mailboxes/agent@example.com", "GET, PUT, DELETE"),
         ("GET", "/v1/branches/main", "PUT"),
-        ("GET", "/v1/tokens", "POST"),
+        ("PUT", "/v1/tokens", "GET, POST"),
+        ("GET", "/v1/tokens/0123456789abcdef", "DELETE"),
         ("GET", "/v1/mailboxes/agent@example.com/office365/start", "POST"),
         ("PUT", "/login", "GET, POST"),
         ("POST", "/it", "GET"),
@@ -602,7 +604,10 @@ def linking_server(host: str, public_url: str = "") -> tuple[WebServer, SignInRe
         CollectorRegistry(),
         TOKEN,
         registrar=registrar,  # type: ignore[arg-type]
-        issue_agent_token=lambda address, days: "es1.agent-token",
+        issue_agent_token=lambda address, days, issued_by: (
+            "es1.agent-token",
+            IssuedToken("0123456789abcdef", address, None, issued_by, None),
+        ),
         public_url=public_url,
     )
     server.start()

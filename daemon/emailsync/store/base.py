@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Protocol, runtime_checkable
 
 from prometheus_client import CollectorRegistry
@@ -22,6 +23,69 @@ class Recorded:
 
     new: int = 0
     rejected: Mapping[tuple[str, str], str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    """One agent token as the state database records it: never the token itself.
+
+    ``issued_at`` is None for the row standing for a mailbox's es1 tokens (issued before
+    tokens had ids, see ``emailsync.agenttoken``); ``expires_at`` None: no expiry.
+    """
+
+    id: str
+    address: str
+    issued_at: datetime | None
+    issued_by: str  # cli:USER, api, page, or es1
+    expires_at: datetime | None
+    last_used_at: datetime | None = None
+    revoked_at: datetime | None = None
+
+    def state(self, now: datetime) -> str:
+        """``revoked``, ``expired`` or ``active``."""
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and self.expires_at <= now:
+            return "expired"
+        return "active"
+
+
+@runtime_checkable
+class TokenLedger(Protocol):
+    """The agent tokens issued, in the state database (SQLite, or PostgreSQL for a cluster).
+
+    Every method is one statement or one transaction, safe from any thread.
+    """
+
+    def record_token(self, token: IssuedToken) -> None:
+        """Record a token; an id recorded before keeps its first row."""
+        ...
+
+    def issued_token(self, token_id: str) -> IssuedToken | None:
+        """The token with this id, or None."""
+        ...
+
+    def issued_tokens(self) -> list[IssuedToken]:
+        """Every token recorded, newest first (the es1 rows last)."""
+        ...
+
+    def revoke_tokens(
+        self, at: datetime, *, token_id: str | None = None, address: str | None = None
+    ) -> list[IssuedToken]:
+        """Revoke the token with this id, or every token of this (normalised) address.
+
+        Returns the tokens named, as they are now; one revoked before keeps its first
+        ``revoked_at``. ``ValueError`` unless exactly one of ``token_id``, ``address``.
+        """
+        ...
+
+    def revoke_all_tokens(self, at: datetime) -> int:
+        """Revoke every token not revoked yet (``keys rotate``); how many."""
+        ...
+
+    def token_used(self, token_id: str, at: datetime) -> None:
+        """Record the token's last use."""
+        ...
 
 
 class Store(Protocol):

@@ -24,15 +24,17 @@ from psycopg.types.json import Jsonb
 
 from emailsync.errors import LeaseLostError, StoreError
 from emailsync.model import Attachment, Direction, Fence, Group, TimelineEvent
-from emailsync.store.base import Recorded
+from emailsync.store.base import IssuedToken, Recorded
 from emailsync.store.pgtranslate import translated
 from emailsync.store.rows import (
     EventsQuery,
+    TokenSql,
     checked_address,
     checked_group_name,
     event_links,
     groups_from_rows,
     mailbox_key,
+    newest_first,
     via_from_rows,
 )
 
@@ -97,6 +99,7 @@ _EVENTS = EventsQuery(
     order_and_limit=" ORDER BY e.filed_at DESC, e.id DESC LIMIT %s",
     no_limit=None,  # LIMIT NULL means no limit in PostgreSQL
 )
+_TOKEN_SQL = TokenSql.for_engine("%s")
 # The fence holds while the lease row names us with this generation and has not expired.
 # FOR SHARE keeps a claimer (FOR UPDATE SKIP LOCKED) off the row until we commit.
 _CHECK_FENCE = """
@@ -290,6 +293,61 @@ class PostgresStore:
             rows = conn.execute(sql, params).fetchall()
         return [_event_from_row(row) for row in rows]
 
+    # -- agent tokens (the TokenLedger protocol) ------------------------------------------
+    # Here, not in a file of each instance: a token revoked on one host must stop working on
+    # every instance of the cluster at once, and tokens issued anywhere are listed together.
+
+    def record_token(self, token: IssuedToken) -> None:
+        """Record a token; an id recorded before keeps its first row."""
+        with self.transaction("record agent token") as conn:
+            conn.execute(
+                _TOKEN_SQL.insert,
+                (
+                    token.id,
+                    token.address,
+                    token.issued_at,
+                    token.issued_by,
+                    token.expires_at,
+                    token.last_used_at,
+                    token.revoked_at,
+                ),
+            )
+
+    def issued_token(self, token_id: str) -> IssuedToken | None:
+        """The token with this id, or None."""
+        with self.transaction("read agent token") as conn:
+            row = conn.execute(_TOKEN_SQL.by_id, (token_id,)).fetchone()
+        return None if row is None else _token_from_row(row)
+
+    def issued_tokens(self) -> list[IssuedToken]:
+        """Every token recorded, newest first (the es1 rows last)."""
+        with self.transaction("list agent tokens") as conn:
+            rows = conn.execute(_TOKEN_SQL.every).fetchall()
+        return newest_first(_token_from_row(row) for row in rows)
+
+    def revoke_tokens(
+        self, at: datetime, *, token_id: str | None = None, address: str | None = None
+    ) -> list[IssuedToken]:
+        """Revoke the token with this id, or every token of this address; the tokens named."""
+        by_id, value = TokenSql.revocation(token_id, address)
+        with self.transaction("revoke agent tokens") as conn:
+            revoke = _TOKEN_SQL.revoke_id if by_id else _TOKEN_SQL.revoke_address
+            conn.execute(revoke, (at, value))
+            select = _TOKEN_SQL.by_id if by_id else _TOKEN_SQL.by_address
+            rows = conn.execute(select, (value,)).fetchall()
+        return newest_first(_token_from_row(row) for row in rows)
+
+    def revoke_all_tokens(self, at: datetime) -> int:
+        """Revoke every token not revoked yet; how many."""
+        with self.transaction("revoke agent tokens") as conn:
+            cursor = conn.execute(_TOKEN_SQL.revoke_all, (at,))
+        return cursor.rowcount
+
+    def token_used(self, token_id: str, at: datetime) -> None:
+        """Record the token's last use."""
+        with self.transaction("record agent token use") as conn:
+            conn.execute(_TOKEN_SQL.used, (at, token_id))
+
     # -- connections ----------------------------------------------------------------------
 
     def register_metrics(self, registry: CollectorRegistry) -> None:
@@ -374,6 +432,14 @@ def _migrations() -> tuple[tuple[int, str, str], ...]:
     if versions != list(range(1, len(found) + 1)):
         raise StoreError(f"store: migrations must be numbered 1, 2, 3... found {versions}")
     return tuple(found)
+
+
+def _token_from_row(row: Sequence[Any]) -> IssuedToken:
+    token_id, address, issued_at, issued_by, *times = row
+    issued, expires, used, revoked = (
+        None if t is None else t.astimezone(UTC) for t in (issued_at, *times)
+    )
+    return IssuedToken(token_id, address, issued, issued_by, expires, used, revoked)
 
 
 def _utc(moment: datetime) -> datetime:

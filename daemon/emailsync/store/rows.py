@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from emailsync.address import normalise_address
 from emailsync.model import Direction, Group, TimelineEvent, Via
+from emailsync.store.base import IssuedToken
 
 
 @dataclass(frozen=True)
@@ -95,3 +96,60 @@ def via_from_rows(rows: Iterable[Sequence[str | None]]) -> tuple[Via, ...]:
         for mailbox, direction in rows
     ]
     return tuple(sorted(found, key=lambda via: via.mailbox))
+
+
+@dataclass(frozen=True)
+class TokenSql:
+    """The agent_tokens statements (``TokenLedger``), written once for both engines.
+
+    Rows come in ``IssuedToken``'s field order; ``for_engine`` puts in an engine's
+    placeholder (SQLite ``?``, psycopg ``%s``).
+    """
+
+    insert: str = (
+        "INSERT INTO agent_tokens"
+        " (id, address, issued_at, issued_by, expires_at, last_used_at, revoked_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING"
+    )
+    every: str = (
+        "SELECT id, address, issued_at, issued_by, expires_at, last_used_at, revoked_at"
+        " FROM agent_tokens"
+    )
+    by_id: str = (
+        "SELECT id, address, issued_at, issued_by, expires_at, last_used_at, revoked_at"
+        " FROM agent_tokens WHERE id = ?"
+    )
+    by_address: str = (
+        "SELECT id, address, issued_at, issued_by, expires_at, last_used_at, revoked_at"
+        " FROM agent_tokens WHERE address = ?"
+    )
+    revoke_id: str = "UPDATE agent_tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL"
+    revoke_address: str = (
+        "UPDATE agent_tokens SET revoked_at = ? WHERE address = ? AND revoked_at IS NULL"
+    )
+    revoke_all: str = "UPDATE agent_tokens SET revoked_at = ? WHERE revoked_at IS NULL"
+    used: str = "UPDATE agent_tokens SET last_used_at = ? WHERE id = ?"
+
+    @classmethod
+    def for_engine(cls, placeholder: str) -> TokenSql:
+        """The statements with ``placeholder`` for each ``?``."""
+        return cls(**{name: text.replace("?", placeholder) for name, text in vars(cls()).items()})
+
+    @staticmethod
+    def revocation(token_id: str | None, address: str | None) -> tuple[bool, str]:
+        """(by id?, the id or address) of a revocation; ``ValueError`` unless exactly one."""
+        if (token_id is None) == (address is None):
+            raise ValueError("revoke one token id or one address")
+        return (True, token_id) if token_id is not None else (False, address or "")
+
+
+def newest_first(tokens: Iterable[IssuedToken]) -> list[IssuedToken]:
+    """Tokens newest issued first; the rows of es1 tokens (no issue time) last, by address."""
+    return sorted(
+        tokens,
+        key=lambda t: (
+            t.issued_at is None,
+            -t.issued_at.timestamp() if t.issued_at is not None else 0.0,
+            t.address,
+        ),
+    )

@@ -20,14 +20,16 @@ from prometheus_client import CollectorRegistry
 from emailsync.errors import StoreError, StoreUnavailableError
 from emailsync.model import Attachment, Direction, Group, TimelineEvent
 from emailsync.privilege import access_hint
-from emailsync.store.base import Recorded, RegisteredBranch, RegisteredMailbox
+from emailsync.store.base import IssuedToken, Recorded, RegisteredBranch, RegisteredMailbox
 from emailsync.store.rows import (
     EventsQuery,
+    TokenSql,
     checked_address,
     checked_group_name,
     event_links,
     groups_from_rows,
     mailbox_key,
+    newest_first,
     via_from_rows,
 )
 
@@ -91,6 +93,7 @@ _LINK_EVENT_MAILBOX = """
     ON CONFLICT (event_id, mailbox) DO UPDATE SET direction = excluded.direction
     WHERE event_mailboxes.direction IS NULL
 """
+_TOKEN_SQL = TokenSql.for_engine("?")
 # One statement, so the events and their mailboxes come from one consistent snapshot.
 _EVENTS = EventsQuery(
     select="""
@@ -357,6 +360,56 @@ class SqliteStore:
         with _translated(self.path, "checkpoint"):
             self._connection().execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
+    # -- agent tokens (the TokenLedger protocol) ------------------------------------------
+
+    def record_token(self, token: IssuedToken) -> None:
+        """Record a token; an id recorded before keeps its first row."""
+        with self._transaction("record agent token") as txn:
+            txn.execute(
+                _TOKEN_SQL.insert,
+                (
+                    token.id,
+                    token.address,
+                    _iso_or_none(token.issued_at),
+                    token.issued_by,
+                    _iso_or_none(token.expires_at),
+                    _iso_or_none(token.last_used_at),
+                    _iso_or_none(token.revoked_at),
+                ),
+            )
+
+    def issued_token(self, token_id: str) -> IssuedToken | None:
+        """The token with this id, or None."""
+        rows = self._query("read agent token", _TOKEN_SQL.by_id, (token_id,))
+        return _token_from_row(rows[0]) if rows else None
+
+    def issued_tokens(self) -> list[IssuedToken]:
+        """Every token recorded, newest first (the es1 rows last)."""
+        rows = self._query("list agent tokens", _TOKEN_SQL.every, ())
+        return newest_first(_token_from_row(row) for row in rows)
+
+    def revoke_tokens(
+        self, at: datetime, *, token_id: str | None = None, address: str | None = None
+    ) -> list[IssuedToken]:
+        """Revoke the token with this id, or every token of this address; the tokens named."""
+        by_id, value = TokenSql.revocation(token_id, address)
+        with self._transaction("revoke agent tokens") as txn:
+            revoke = _TOKEN_SQL.revoke_id if by_id else _TOKEN_SQL.revoke_address
+            txn.execute(revoke, (_to_iso(at), value))
+            select = _TOKEN_SQL.by_id if by_id else _TOKEN_SQL.by_address
+            rows = txn.execute(select, (value,)).fetchall()
+        return newest_first(_token_from_row(row) for row in rows)
+
+    def revoke_all_tokens(self, at: datetime) -> int:
+        """Revoke every token not revoked yet; how many."""
+        with self._transaction("revoke agent tokens") as txn:
+            return int(txn.execute(_TOKEN_SQL.revoke_all, (_to_iso(at),)).rowcount)
+
+    def token_used(self, token_id: str, at: datetime) -> None:
+        """Record the token's last use."""
+        with self._transaction("record agent token use") as txn:
+            txn.execute(_TOKEN_SQL.used, (_to_iso(at), token_id))
+
     # -- connections ----------------------------------------------------------------------
 
     def register_metrics(self, registry: CollectorRegistry) -> None:
@@ -576,6 +629,18 @@ def _to_iso(moment: datetime) -> str:
 def _from_iso(text: str) -> datetime:
     moment = datetime.fromisoformat(text)
     return moment if moment.utcoffset() is not None else moment.replace(tzinfo=UTC)
+
+
+def _iso_or_none(moment: datetime | None) -> str | None:
+    return None if moment is None else _to_iso(moment)
+
+
+def _token_from_row(row: Sequence[Any]) -> IssuedToken:
+    token_id, address, issued_at, issued_by, *times = row
+    issued, expires, used, revoked = (
+        None if t is None else _from_iso(t) for t in (issued_at, *times)
+    )
+    return IssuedToken(token_id, address, issued, issued_by, expires, used, revoked)
 
 
 def _event_columns(event: TimelineEvent) -> tuple[object, ...]:
