@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
@@ -25,6 +26,7 @@ from psycopg.types.json import Jsonb
 from emailsync.errors import LeaseLostError, StoreError
 from emailsync.model import Attachment, Direction, Fence, Group, TimelineEvent
 from emailsync.store.base import IssuedToken, Recorded
+from emailsync.store.failedindex import LINK_CHANGE, record_link_changes
 from emailsync.store.pgtranslate import translated
 from emailsync.store.rows import (
     EventsQuery,
@@ -177,6 +179,8 @@ class PostgresStore:
             ids = dict(conn.execute(_GROUP_IDS_BY_NAME, ([name],)).fetchall())
             with conn.cursor() as cur:
                 cur.executemany(_INSERT_LINK, [(ids[name], address) for address in normalised])
+            # Their mail in Failed comes back (issue 22): logged with the link, one commit.
+            record_link_changes(conn, normalised, LINK_CHANGE, marker="%s", now=time.time())
             rows = conn.execute(
                 "SELECT address FROM group_addresses WHERE group_id = %s"
                 ' ORDER BY address COLLATE "C"',
@@ -207,6 +211,9 @@ class PostgresStore:
             for name, address in unique_links:
                 cursor = conn.execute(_INSERT_LINK, (ids[name], address))
                 new_links += max(cursor.rowcount, 0)
+            record_link_changes(
+                conn, [a for _, a in unique_links], LINK_CHANGE, marker="%s", now=time.time()
+            )
             return new_links
 
     def list_groups(self) -> list[Group]:
@@ -356,6 +363,13 @@ class PostgresStore:
     def close(self) -> None:
         """Close the pool; later calls raise ``StoreError``."""
         self.pool.close()
+
+    # For the SQL written once for both engines (emailsync.store.failedindex.SqlEngine).
+    param_marker = "%s"
+
+    def reading(self, doing: str) -> AbstractContextManager[psycopg.Connection[Any]]:
+        """A pooled connection for reads (a transaction, like every call here)."""
+        return self.transaction(doing)
 
     @contextmanager
     def transaction(self, doing: str) -> Iterator[psycopg.Connection[Any]]:

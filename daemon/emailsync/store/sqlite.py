@@ -7,9 +7,10 @@ import json
 import os
 import sqlite3
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
@@ -21,6 +22,7 @@ from emailsync.errors import StoreError, StoreUnavailableError
 from emailsync.model import Attachment, Direction, Group, TimelineEvent
 from emailsync.privilege import access_hint
 from emailsync.store.base import IssuedToken, Recorded, RegisteredBranch, RegisteredMailbox
+from emailsync.store.failedindex import LINK_CHANGE, record_link_changes
 from emailsync.store.rows import (
     EventsQuery,
     TokenSql,
@@ -168,6 +170,8 @@ class SqliteStore:
                 "SELECT id FROM groups WHERE name = ?", (group_name,)
             ).fetchone()
             conn.executemany(_INSERT_LINK, [(group_id, address) for address in links])
+            # Their mail in Failed comes back (issue 22): logged with the link, one commit.
+            record_link_changes(conn, links, LINK_CHANGE, marker="?", now=time.time())
             rows = conn.execute(
                 "SELECT address FROM group_addresses WHERE group_id = ? ORDER BY address",
                 (group_id,),
@@ -194,7 +198,11 @@ class SqliteStore:
             ids = dict(conn.execute(_GROUP_IDS_BY_NAME, (json.dumps(names),)).fetchall())
             # rowcount sums sqlite3_changes() over the batch; a link that existed adds 0.
             cursor = conn.executemany(_INSERT_LINK, [(ids[name], addr) for name, addr in links])
-            return cursor.rowcount
+            new_links = cursor.rowcount
+            record_link_changes(
+                conn, [addr for _, addr in links], LINK_CHANGE, marker="?", now=time.time()
+            )
+            return new_links
 
     def list_groups(self) -> list[Group]:
         """Every group with all its addresses, ordered by name."""
@@ -411,6 +419,20 @@ class SqliteStore:
             txn.execute(_TOKEN_SQL.used, (_to_iso(at), token_id))
 
     # -- connections ----------------------------------------------------------------------
+
+    # For the SQL written once for both engines (emailsync.store.failedindex.SqlEngine).
+    param_marker = "?"
+
+    def transaction(self, doing: str) -> AbstractContextManager[sqlite3.Connection]:
+        """A write transaction (``BEGIN IMMEDIATE``), committed when the block ends."""
+        return self._transaction(doing)
+
+    @contextmanager
+    def reading(self, doing: str) -> Iterator[sqlite3.Connection]:
+        """This thread's connection for reads; each statement is one consistent snapshot."""
+        conn = self._connection()
+        with _translated(self.path, doing):
+            yield conn
 
     def register_metrics(self, registry: CollectorRegistry) -> None:
         """The built-in store has no metrics of its own."""
