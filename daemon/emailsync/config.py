@@ -46,6 +46,15 @@ AGENT_TOKEN_DAYS = 90
 MAX_AGENT_TOKEN_DAYS = 3660
 CRM_TIMEOUT_SECONDS = 10.0
 CRM_GROUP_CACHE_SECONDS = 60.0
+# A CRM's signed POST /v1/groups:changed is refused when its time is this far from ours.
+CRM_CHANGED_WINDOW_SECONDS = 300.0
+# Failed mail comes back by itself (issue 22): a re-file pass takes at most this many
+# messages before the mailbox goes back to its Queue; the periodic re-check of Failed mail
+# (for CRMs that cannot call back) starts a walk of the index this often (0: never) and
+# looks up at most this many addresses a minute.
+REFILE_PER_PASS = 500
+REFILE_CHECK_SECONDS = 24 * 3600.0
+REFILE_CHECK_PER_MINUTE = 1000
 # Plain http:// is accepted only to these hosts (a CRM on the same machine, the demo's).
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 # How errors and docs (config/crm-api.yaml) name them; a test keeps the two in step.
@@ -96,6 +105,9 @@ class DaemonSettings:
     timeout_seconds: float = TIMEOUT_SECONDS
     setup_timeout_seconds: float = SETUP_TIMEOUT_SECONDS
     fetch_batch: int = FETCH_BATCH
+    refile_per_pass: int = REFILE_PER_PASS
+    refile_check_seconds: float = REFILE_CHECK_SECONDS  # 0: no periodic re-check
+    refile_check_per_minute: int = REFILE_CHECK_PER_MINUTE
     max_backoff_seconds: float = 300.0
     reauth_retry_seconds: float = 30 * 60.0
     stuck_after_attempts: int = STUCK_AFTER_ATTEMPTS
@@ -170,6 +182,7 @@ class CrmSettings:
     timeout_seconds: float = CRM_TIMEOUT_SECONDS
     group_cache_seconds: float = CRM_GROUP_CACHE_SECONDS
     ca_file: Path | None = None
+    changed_window_seconds: float = CRM_CHANGED_WINDOW_SECONDS  # POST /v1/groups:changed
 
 
 @dataclass(frozen=True)
@@ -560,6 +573,16 @@ def _parse_daemon(table: _Table, base_dir: Path) -> DaemonSettings:
             "setup_timeout_seconds", float, SETUP_TIMEOUT_SECONDS, _positive
         ),
         fetch_batch=table.get("fetch_batch", int, FETCH_BATCH, _positive),
+        refile_per_pass=table.get("refile_per_pass", int, REFILE_PER_PASS, _positive),
+        refile_check_seconds=table.get(
+            "refile_check_seconds",
+            float,
+            REFILE_CHECK_SECONDS,
+            lambda v: None if v >= 0 else "must be 0 (no periodic re-check) or more",
+        ),
+        refile_check_per_minute=table.get(
+            "refile_check_per_minute", int, REFILE_CHECK_PER_MINUTE, _positive
+        ),
         max_backoff_seconds=table.get("max_backoff_seconds", float, 300.0, _positive),
         reauth_retry_seconds=table.get("reauth_retry_seconds", float, 1800.0, _positive),
         stuck_after_attempts=table.get(
@@ -745,6 +768,9 @@ def _parse_crm(table: _Table, base_dir: Path) -> CrmSettings | None:
     ca_file = table.path_value("ca_file", base_dir)
     if ca_file is not None and not ca_file.is_file():
         table.problem("ca_file", f"{ca_file} is not a readable file")
+    window = table.get(
+        "changed_window_seconds", float, CRM_CHANGED_WINDOW_SECONDS, _check_changed_window
+    )
     if not url or secret is None:
         return None
     return CrmSettings(
@@ -753,7 +779,13 @@ def _parse_crm(table: _Table, base_dir: Path) -> CrmSettings | None:
         timeout_seconds=timeout,
         group_cache_seconds=cache,
         ca_file=ca_file,
+        changed_window_seconds=window,
     )
+
+
+def _check_changed_window(value: float) -> str | None:
+    # Every call inside the window is remembered to refuse its replay: an hour bounds that.
+    return None if 0 < value <= 3600 else "must be more than 0 and at most 3600"
 
 
 def _check_crm_url(value: str) -> str | None:

@@ -3,7 +3,9 @@
 It is a real server (stdlib ``http.server``, one thread per connection, keep-alive) with its
 own SQLite file. It verifies every request's signature (forged or stale ones get 401), stores
 groups and idempotent timeline events, and can be told to misbehave (``Faults``) so tests can
-show what the daemon does when a CRM fails. It is not a production CRM.
+show what the daemon does when a CRM fails. Given emailsync's ``POST /v1/groups:changed``
+URL (``changed_url``), it calls it, signed, whenever it links addresses, as a CRM should.
+It is not a production CRM.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ import ssl
 import sys
 import threading
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -116,6 +121,8 @@ class DevCrm:
             self._server.socket = ssl_context.wrap_socket(self._server.socket, server_side=True)
             self.scheme = "https"
         self._thread: threading.Thread | None = None
+        # emailsync's POST /v1/groups:changed, called after each link (None: not called).
+        self.changed_url: str | None = None
 
     @property
     def url(self) -> str:
@@ -148,7 +155,12 @@ class DevCrm:
     # -- data -----------------------------------------------------------------------------------
 
     def link(self, group_id: str, name: str, addresses: Iterable[str]) -> None:
-        """Create or rename a group and link addresses to it."""
+        """Create or rename a group and link addresses to it; tell emailsync when asked to.
+
+        emailsync is told after the commit (its re-file looks the groups up at once), and a
+        failed call is only printed: a CRM's link never depends on emailsync being up.
+        """
+        addresses = [a.strip().lower() for a in addresses]
         with self._lock, self._transaction():
             self._db.execute(
                 "INSERT INTO groups (id, name) VALUES (?, ?)"
@@ -157,8 +169,34 @@ class DevCrm:
             )
             self._db.executemany(
                 "INSERT OR IGNORE INTO group_addresses (group_id, address) VALUES (?, ?)",
-                [(group_id, a.strip().lower()) for a in addresses],
+                [(group_id, a) for a in addresses],
             )
+        if self.changed_url is not None and addresses:
+            status = self.groups_changed(addresses)
+            if status != HTTPStatus.ACCEPTED:
+                print(f"devcrm: POST {self.changed_url} answered {status}", file=sys.stderr)
+
+    def groups_changed(self, addresses: Iterable[str], *, now: float | None = None) -> int:
+        """POST the addresses to emailsync's ``changed_url``, signed; the HTTP status.
+
+        ``now`` signs with another time (tests: a stale call). 0: no answer at all.
+        """
+        if self.changed_url is None:
+            raise ValueError("no changed_url: emailsync's POST /v1/groups:changed URL")
+        body = json.dumps({"addresses": list(addresses)}).encode()
+        request = urllib.request.Request(  # noqa: S310 -- the URL a test or an operator gave
+            self.changed_url, data=body, method="POST"
+        )
+        path = urllib.parse.urlsplit(self.changed_url).path
+        request.add_header("Content-Type", "application/json")
+        request.add_header(signing.HEADER, signing.sign(self.secret, "POST", path, body, now=now))
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:  # noqa: S310 -- as above
+                return int(answer.status)
+        except urllib.error.HTTPError as exc:
+            return int(exc.code)
+        except OSError:
+            return 0
 
     def events(self) -> list[dict[str, Any]]:
         """Every event as stored, oldest first, with ``via``: each mailbox that filed it and
@@ -368,9 +406,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--groups-csv", type=Path, help="link group,address rows (the group name is its id)"
     )
+    parser.add_argument(
+        "--changed-url",
+        help="emailsync's POST /v1/groups:changed URL, called after each link",
+    )
     args = parser.parse_args(argv)
     secret = args.secret_file.read_text(encoding="utf-8").rstrip("\r\n").encode()
     crm = DevCrm(secret, args.db, port=args.port)
+    crm.changed_url = args.changed_url
     for group_id, name, addresses in args.link:
         crm.link(group_id, name, addresses.split(","))
     if args.groups_csv is not None:

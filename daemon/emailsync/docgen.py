@@ -83,6 +83,18 @@ DESCRIPTIONS: dict[tuple[str, str], str] = {
         "delay and auth penalty, Exchange's). No answer in time: `504`; no server: `502`."
     ),
     ("daemon", "fetch_batch"): "Messages per FETCH and per store transaction.",
+    ("daemon", "refile_per_pass"): (
+        "Failed mail whose group appeared is re-filed by its mailbox's connection, between "
+        "IDLEs, at most this many messages a pass; the Queue gets its look between passes."
+    ),
+    ("daemon", "refile_check_seconds"): (
+        "How often the periodic re-check looks up every address of Failed-for-no-group mail "
+        "(for CRMs that cannot call `POST /v1/groups:changed`); `0`: never."
+    ),
+    ("daemon", "refile_check_per_minute"): (
+        "Addresses the periodic re-check looks up a minute at most (batched, through the "
+        "lookup cache); a walk of the index spreads over as many minutes as it needs."
+    ),
     ("daemon", "max_backoff_seconds"): (
         "Cap of the reconnect back-off (exponential from 1 s, full jitter; a server's suggested "
         "back-off wins; starts again from 1 s only after a pass completes)."
@@ -177,6 +189,10 @@ DESCRIPTIONS: dict[tuple[str, str], str] = {
         "`Cache-Control: max-age` from the CRM wins."
     ),
     ("crm", "ca_file"): "PEM CA for the CRM's certificate (system CAs otherwise).",
+    ("crm", "changed_window_seconds"): (
+        "A CRM's signed `POST /v1/groups:changed` is refused when its signed time is further "
+        "than this from emailsync's clock; inside it, a replayed call is refused too."
+    ),
 }
 
 # Defaults computed from other values (shown as "—"; the description says what they are).

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import structlog
 
@@ -48,6 +48,7 @@ from emailsync.model import (
     TimelineEvent,
 )
 from emailsync.store.base import LeaseBound, Recorded, Store
+from emailsync.store.failedindex import UNKNOWN_UID, FailedEntry, FailedIndex
 
 log = structlog.get_logger(__name__)
 
@@ -102,6 +103,15 @@ class QueueSession(Protocol):
     ) -> PendingFiling: ...
 
 
+@runtime_checkable
+class FailedCopies(Protocol):
+    """A session that can say where in Failed the messages it filed there went (COPYUID)."""
+
+    def copied_to_failed(self, uids: Sequence[int]) -> dict[int, tuple[int, int]]:
+        """Of these Queue UIDs filed to Failed, each copy's (UIDVALIDITY, UID) there."""
+        ...
+
+
 class PendingFiling(Protocol):
     """A move started by ``QueueSession.file_later``; never raises until waited for."""
 
@@ -120,6 +130,8 @@ class Decision:
     classification: Classification | None = None
     groups: tuple[str, ...] = ()
     queued_at: datetime | None = None  # when it landed in Queue (for filing latency)
+    # The newest link change (emailsync.store.failedindex) before its groups were looked up.
+    links_seen: int = 0
 
     @property
     def destination(self) -> FolderRole:
@@ -172,9 +184,18 @@ class Filer:
         on_recorded: RecordedCallback | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         stuck_after: int = STUCK_AFTER_ATTEMPTS,
+        index: FailedIndex | None = None,
     ) -> None:
         self.mailbox = mailbox
         self.store = store
+        # Messages filed to Failed for want of a group are indexed here (issue 22), so that
+        # a link change brings them back (emailsync.refiling).
+        self.index = index
+        # Set when indexing found a message due at once (a link change overtook its
+        # lookup), or could not be written: the worker runs a re-file after the pass…
+        self.refile_owed = False
+        # …which scans Failed when the index lost messages (emailsync.refiling).
+        self.index_lost = False
         self.batch_size = batch_size
         self.on_filed = on_filed
         self.on_recorded = on_recorded
@@ -415,6 +436,8 @@ class Filer:
             m.uid: classify(m, owner) for m in messages if m.usable
         }
         addresses = {a for c in classified.values() for a in c.counterparts}
+        # Before the lookup: a link change after it shows in the index (FailedIndex.add).
+        seen = self.index.watermark() if self.index is not None and addresses else 0
         groups = self.store.groups_for_addresses(sorted(addresses)) if addresses else []
         by_address = _groups_by_address(groups)
         decisions = []
@@ -445,6 +468,7 @@ class Filer:
                     classification,
                     linked,
                     queued_at=landed.get(message.uid),
+                    links_seen=seen,
                 )
             )
         return decisions
@@ -516,8 +540,7 @@ class Filer:
             decisions = [
                 filled
                 for d in decisions
-                if (filled := self._with_body(d, full.get(d.uid), blocks.get(d.uid, b"")))
-                is not None
+                if (filled := fill_body(d, full.get(d.uid), blocks.get(d.uid, b""))) is not None
             ]
             del full, blocks  # bodies live only as long as their batch
         if dry_run:
@@ -565,35 +588,8 @@ class Filer:
         if pass_.progress is not None:
             pass_.progress(in_flight.done, in_flight.total)
 
-    def _with_body(
-        self, decision: Decision, fetched: FetchedMessage | None, header_block: bytes
-    ) -> Decision | None:
-        if not decision.groups:
-            return decision
-        if fetched is None:
-            return None  # gone between the header and body fetches (another client moved it)
-        if fetched.plan is not None:
-            # Fetched by its structure: the headers were parsed already, only the text is new.
-            body = with_body(
-                decision.message,
-                fetched.plan,
-                fetched.sections,
-                header_block,
-                fetched.sections_cut,
-            )
-            return replace(decision, message=body)
-        message = parse_message(
-            fetched.uid,
-            fetched.data,
-            internaldate=fetched.internaldate,
-            size=fetched.size,
-            prefix=fetched.prefix,
-        )
-        if not message.usable:
-            return replace(decision, outcome=Outcome.UNPARSEABLE, message=message, groups=())
-        return replace(decision, message=message)
-
-    def _events(self, decision: Decision) -> list[TimelineEvent]:
+    def events(self, decision: Decision) -> list[TimelineEvent]:
+        """The timeline events a decision records: one per linked group (none for Failed)."""
         if decision.outcome not in (Outcome.SENT, Outcome.RECEIVED):
             return []
         assert decision.classification is not None  # noqa: S101 -- linked implies classified
@@ -613,7 +609,7 @@ class Filer:
         its own, so that one bad event cannot hold up the queue; a message whose events cannot
         be recorded stays in Queue (logged) and the others go on.
         """
-        events = [event for d in decisions for event in self._events(d)]
+        events = [event for d in decisions for event in self.events(d)]
         if not events:
             return list(decisions), 0
         try:
@@ -625,7 +621,7 @@ class Filer:
         kept: list[Decision] = []
         new_events = 0
         for decision in decisions:
-            own = self._events(decision)
+            own = self.events(decision)
             try:
                 recorded = self.store.record_events_checked(own) if own else Recorded()
                 decision = self._after_recording([decision], recorded)[0][0]  # noqa: PLW2901 -- a rejection replaces it
@@ -699,7 +695,44 @@ class Filer:
                     continue
                 moved.append(decision)
         self._log_filed(moved)
+        self._index_failed(session, moved)
         return moved
+
+    def _index_failed(self, session: QueueSession, decisions: Sequence[Decision]) -> None:
+        """Index the messages just filed to Failed for want of a group (issue 22).
+
+        Their UIDs in Failed come from the MOVEs' COPYUID; without one a message is indexed
+        with UNKNOWN_UID and found by a scan of Failed when it is due. An index that cannot
+        be written costs the message nothing but coming back by itself: the worker then has
+        Failed scanned (``refile_owed``) once the store answers.
+        """
+        failed = [d for d in decisions if d.outcome is Outcome.NO_GROUP and d.classification]
+        if self.index is None or not failed:
+            return
+        copies = (
+            session.copied_to_failed([d.uid for d in failed])
+            if isinstance(session, FailedCopies)
+            else {}
+        )
+        entries = [
+            FailedEntry(
+                *copies.get(d.uid, (UNKNOWN_UID, UNKNOWN_UID)),
+                d.message.key,
+                d.classification.counterparts,
+            )
+            for d in failed
+            if d.classification is not None
+        ]
+        try:
+            due = self.index.add(
+                self.mailbox.address, entries, seen=min(d.links_seen for d in failed)
+            )
+        except StoreError as exc:
+            self.log.warning("failed_not_indexed", messages=len(entries), error=str(exc))
+            self.refile_owed = self.index_lost = True
+            return
+        if due:
+            self.refile_owed = True
 
     def _log_filed(self, decisions: Sequence[Decision]) -> None:
         """One line per destination for linked mail, one per message for Failed.
@@ -750,6 +783,40 @@ class _Pass:
     on_batch: BatchCallback | None
     in_flight: _InFlight = field(default_factory=lambda: _InFlight(()))
     ahead: tuple[int, ...] = ()  # the UIDs whose header FETCH was sent ahead
+
+
+def fill_body(
+    decision: Decision, fetched: FetchedMessage | None, header_block: bytes
+) -> Decision | None:
+    """A linked decision with its message's text from a body fetch; None if it was gone.
+
+    A message whose whole-message fetch cannot be parsed becomes UNPARSEABLE (no groups).
+    Decisions without groups come back as they are.
+    """
+    if not decision.groups:
+        return decision
+    if fetched is None:
+        return None  # gone between the header and body fetches (another client moved it)
+    if fetched.plan is not None:
+        # Fetched by its structure: the headers were parsed already, only the text is new.
+        body = with_body(
+            decision.message,
+            fetched.plan,
+            fetched.sections,
+            header_block,
+            fetched.sections_cut,
+        )
+        return replace(decision, message=body)
+    message = parse_message(
+        fetched.uid,
+        fetched.data,
+        internaldate=fetched.internaldate,
+        size=fetched.size,
+        prefix=fetched.prefix,
+    )
+    if not message.usable:
+        return replace(decision, outcome=Outcome.UNPARSEABLE, message=message, groups=())
+    return replace(decision, message=message)
 
 
 def landed_at(savedate: datetime | None, first_seen: datetime) -> datetime:

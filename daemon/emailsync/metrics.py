@@ -33,6 +33,13 @@ _FAMILIES: tuple[tuple[str, str, str, str | None], ...] = (
     ("messages_received", "counter", "Inbound messages filed to Received with events.", None),
     ("messages_failed", "counter", "Messages filed to Failed, by reason.", "reason"),
     ("timeline_events", "counter", "Timeline events recorded (new ones, not de-duplicated).", None),
+    (
+        "refiled",
+        "counter",
+        "Messages filed from Failed to Sent or Received once their group appeared (they count"
+        " in messages_synced/messages_received too).",
+        None,
+    ),
     ("sync_passes", "counter", "Sync passes run, by what triggered them.", "trigger"),
     ("sync_pass_seconds", "histogram", "Duration of a sync pass.", None),
     ("filing_latency_seconds", "", "", None),  # unlabelled: a plain Histogram
@@ -82,6 +89,7 @@ class MailboxSeries:
         "extra",
         "failed",
         "last_sync",
+        "later",
         "oldest_age",
         "pass_buckets",
         "pass_created",
@@ -103,6 +111,7 @@ class MailboxSeries:
         self.received: float = 0
         self.failed: list[float] = [0] * len(FAIL_REASONS)
         self.timeline: float = 0
+        self.later: float = 0  # re-filed from Failed (emailsync_refiled_total)
         self.passes: list[float] = [0] * len(TRIGGERS)
         self.pass_buckets: list[int] | None = None  # per bucket, not cumulative
         self.pass_sum = 0.0
@@ -132,6 +141,11 @@ class MailboxSeries:
         """Count timeline events the store took as new."""
         with self._lock:
             self.timeline += count
+
+    def refiled(self, count: float) -> None:
+        """Count messages filed from Failed once their group appeared."""
+        with self._lock:
+            self.later += count
 
     def pass_done(self, trigger: str, seconds: float, now: float) -> None:
         """Count a completed pass, observe its duration and set the last-sync time."""
@@ -339,6 +353,7 @@ def _samples(  # noqa: PLR0917 -- a private helper of collect(), called in one p
             "messages_synced": s.synced,
             "messages_received": s.received,
             "timeline_events": s.timeline,
+            "refiled": s.later,
             "auth_failures": s.auth_failures,
             "queue_messages": s.queue,
             "messages_stuck": s.stuck,

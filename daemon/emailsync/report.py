@@ -60,7 +60,7 @@ class WorkerReport:
         self._lock = threading.Lock()
         self._status = WorkerStatus(address, State.CONNECTING.value, trigger)
         self._oldest_queued: datetime | None = None
-        self._recent: deque[dict[str, str | None]] = deque(maxlen=RECENT_OUTCOMES)
+        self._recent: deque[dict[str, str | bool | None]] = deque(maxlen=RECENT_OUTCOMES)
         self.series = metrics.init_mailbox(address)
         self.series.set_state(State.CONNECTING.value)
 
@@ -110,8 +110,17 @@ class WorkerReport:
         """Count timeline events the store took as new (de-duplicated ones are not)."""
         self.series.timeline_events(new_events)
 
-    def filed(self, decisions: Sequence[Decision]) -> None:
-        """Count filed messages by outcome and their latency."""
+    def refiled(self, decisions: Sequence[Decision], trigger: str) -> None:
+        """Count messages filed from Failed once their group appeared, shown as filed later.
+
+        ``trigger`` (link_change, periodic, scan) is for the log, which names it already.
+        """
+        del trigger
+        self.series.refiled(len(decisions))
+        self.filed(decisions, later=True)
+
+    def filed(self, decisions: Sequence[Decision], *, later: bool = False) -> None:
+        """Count filed messages by outcome and their latency (``later``: from Failed)."""
         now = datetime.fromtimestamp(self.clock.time(), UTC)
         for decision in decisions:
             self.series.filed(decision.outcome.value)
@@ -132,11 +141,13 @@ class WorkerReport:
                         "subject": decision.message.subject,
                         "reason": decision.message.problem
                         or ("no group for its addresses" if key == "no_group" else None),
+                        "filed_later": later,
                     }
                 )
 
-    def recent(self) -> list[dict[str, str | None]]:
-        """The latest filed or failed messages, newest first: time, outcome, subject, reason."""
+    def recent(self) -> list[dict[str, str | bool | None]]:
+        """The latest filed or failed messages, newest first: time, outcome, subject, reason,
+        and whether it was filed later (from Failed, once its group appeared)."""
         with self._lock:
             return [dict(entry) for entry in self._recent]
 

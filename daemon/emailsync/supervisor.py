@@ -36,6 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Container, Sequence
 from datetime import UTC, datetime
+from http import HTTPStatus
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Protocol
@@ -54,6 +55,7 @@ from emailsync.config import (
     load_settings,
 )
 from emailsync.control import control_token, stopped_marker
+from emailsync.crm.callback import Answer
 from emailsync.errors import (
     AuthError,
     ConfigError,
@@ -72,6 +74,7 @@ from emailsync.imap.auth import (
     make_authenticator,
 )
 from emailsync.imap.session import ImapSession
+from emailsync.linkwatch import LinkChanges
 from emailsync.metrics import Metrics
 from emailsync.secret import Secret
 from emailsync.store.base import (
@@ -81,6 +84,7 @@ from emailsync.store.base import (
     Registry,
     Store,
 )
+from emailsync.store.failedindex import failed_index
 from emailsync.systemd import Notifier
 from emailsync.throttle import LoginThrottle, ThrottledAuthenticator
 from emailsync.vault import Vault
@@ -269,6 +273,20 @@ class Supervisor:
             self.metrics.client_secret_expiry.set(expiry.timestamp())
         # With a shared store, leases decide which mailboxes this instance runs (cluster.py).
         self.cluster = cluster_factory(self) if cluster_factory is not None else None
+        # Failed mail comes back by itself when its group appears (issue 22, linkwatch.py).
+        index = failed_index(store)
+        self.links = (
+            LinkChanges(
+                settings,
+                store,
+                index,
+                self._refile_local,
+                lambda: list(self.workers),
+                shared=self.cluster is not None,
+            )
+            if index is not None
+            else None
+        )
 
     # -- Control (for the HTTP listener) ----------------------------------------------------
 
@@ -582,6 +600,8 @@ class Supervisor:
                     self._start_or_mark(mailbox, mailbox.address in marked)
             for mailbox in self._registered_mailboxes().values():
                 self._start_registered(mailbox)
+        if self.links is not None:
+            self.links.start()
         self._schedule_jobs()
         self.scheduler.start()
         try:
@@ -651,6 +671,8 @@ class Supervisor:
         log.info("stopping")
         with contextlib.suppress(Exception):
             self.scheduler.shutdown(wait=False)
+        if self.links is not None:
+            self.links.stop()
         if self.cluster is not None:
             self.cluster.stop()  # its workers first, then the leases go back at once
         with self._lock:
@@ -1373,15 +1395,39 @@ class Supervisor:
 
     def _schedule_jobs(self) -> None:
         daemon = self.settings.daemon
-        jobs = (
+        jobs: tuple[tuple[Callable[[], object], float, str], ...] = (
             (self._sweep, daemon.sweep_seconds, "sweep"),
             (self._refresh_gauges, GAUGE_SECONDS, "gauges"),
             (self._refresh_tokens, TOKEN_CHECK_SECONDS, "tokens"),
         )
+        if self.links is not None and daemon.refile_check_seconds > 0:
+            jobs += ((self.links.check.tick, self.links.check.tick_seconds, "refile_check"),)
         for job, seconds, name in jobs:
             self.scheduler.add_job(
                 job, "interval", seconds=seconds, id=name, max_instances=1, coalesce=True
             )
+
+    # -- Failed mail coming back (issue 22) -------------------------------------------------
+
+    def _refile_local(self, address: str) -> bool:
+        """Ask the mailbox's worker, if it runs here, for a re-file pass; False if none runs."""
+        with self._lock:
+            worker = self.workers.get(address)
+        if worker is None:
+            return False
+        worker.request_pass("refile")
+        return True
+
+    def groups_changed_call(self, header: str | None, path: str, body: bytes) -> Answer:
+        """A CRM's ``POST /v1/groups:changed`` (emailsync.crm.callback): checked, marked, 202."""
+        if self.links is None:
+            return HTTPStatus.NOT_FOUND, {"error": "no state database keeps Failed mail"}, {}
+        return self.links.call(header, path, body)
+
+    def links_notified(self) -> None:
+        """Another instance logged a link change (NOTIFY): look for mail it made due."""
+        if self.links is not None:
+            self.links.watch.poke()
 
     def _for_each_worker(self, job: str, call: Callable[[Worker], object]) -> None:
         """Run a scheduler job's step for every running worker; one failing skips no other."""

@@ -17,13 +17,18 @@ from emailsync.clock import Clock, SystemClock
 
 
 class Trigger(enum.Enum):
-    """Why a sync pass runs; the value is the ``sync_passes_total`` trigger label."""
+    """Why a sync pass runs; the value is the ``sync_passes_total`` trigger label.
+
+    REFILE is no Queue pass: it asks for a re-file pass over Failed (emailsync.refiling)
+    and is never counted as a sync pass.
+    """
 
     IDLE = "idle"
     START_SYNC = "start_sync"
     POLL = "poll"
     SWEEP = "sweep"
     STARTUP = "startup"
+    REFILE = "refile"
 
 
 class Wakeup:

@@ -41,6 +41,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from emailsync.agenttoken import token_json
 from emailsync.config import SECURITIES, TRIGGERS, weak_token_problem
+from emailsync.crm import signing
+from emailsync.crm.callback import GROUPS_CHANGED_PATH, GroupsChangedHandler
 from emailsync.errors import KeyUnavailableError, RegistrationError
 from emailsync.pages import Pages, Principal
 from emailsync.store.base import IssuedToken
@@ -653,6 +655,9 @@ def _handler_class(
         # -- the /v1 API beyond GET ---------------------------------------------------------
 
         def _api(self, method: str) -> None:
+            if self.path.split("?", 1)[0] == GROUPS_CHANGED_PATH:
+                self._groups_changed()  # the CRM's call: signed, no bearer token
+                return
             principal = self._authorised()
             if principal is None:
                 return
@@ -728,6 +733,19 @@ def _handler_class(
                     self._json(HTTPStatus.NOT_FOUND, NO_SUCH_MAILBOX)
                 return
             self._json(HTTPStatus.NOT_FOUND, {"error": "not found"})
+
+        def _groups_changed(self) -> None:
+            """``POST /v1/groups:changed``: a CRM says whose links changed (crm/callback.py)."""
+            header = self.headers.get(signing.HEADER)
+            if not header:  # unsigned: refused alike whether a CRM is configured or not
+                raise RefusedError(
+                    HTTPStatus.UNAUTHORIZED, f"signature refused: no {signing.HEADER}"
+                )
+            if not isinstance(control, GroupsChangedHandler):
+                raise RefusedError(HTTPStatus.NOT_FOUND, "not found")
+            # Signed over the request-target as it arrived, as the CRM sent it.
+            status, answer, headers = control.groups_changed_call(header, self.path, self.body)
+            self._json(status, answer, headers or None)
 
         def _put_branch(self, name: str) -> None:
             if not BRANCH_NAME.fullmatch(name):
@@ -999,6 +1017,8 @@ def _allowed_method(path: str) -> str | None:
     """The methods a known path answers (the Allow header), or None for a path we do not serve."""
     if path in GET_PATHS:
         return "GET"
+    if path == GROUPS_CHANGED_PATH:
+        return "POST"
     parts = path.strip("/").split("/")
     if parts == ["v1", "sync"]:
         return "POST"

@@ -38,6 +38,12 @@ straight to IDLE (issue 10); every other trigger gets a real pass.
 
 ``trigger = "manual"`` mailboxes keep IDLE for queue depth but file only on Start Sync.
 A server without IDLE is polled every ``poll_seconds``.
+
+Failed mail whose group appeared is re-filed on the same connection, between IDLEs
+(``emailsync.refiling``): after every login (the index says what is due; nothing due costs no
+command), on a ``REFILE`` trigger (a link change, from the supervisor), and when indexing
+found a message due at once. A re-file pass takes at most ``refile_per_pass`` messages, then
+the Queue gets its look before the next one.
 """
 
 from __future__ import annotations
@@ -68,8 +74,10 @@ from emailsync.imap.auth import Authenticator
 from emailsync.imap.idle import IdleUpdate, WakeSource
 from emailsync.imap.session import ImapSession
 from emailsync.metrics import Metrics
+from emailsync.refiling import FailedSession, Refiler
 from emailsync.report import State, WorkerReport, WorkerStatus
 from emailsync.store.base import Store
+from emailsync.store.failedindex import failed_index
 from emailsync.wakeup import Trigger, Wakeup
 
 __all__ = [
@@ -99,7 +107,7 @@ PARK_WAIT_SECONDS = 3600.0
 _LABEL_ORDER = (Trigger.START_SYNC, Trigger.STARTUP, Trigger.IDLE, Trigger.SWEEP, Trigger.POLL)
 
 
-class WorkerSession(QueueSession, Protocol):
+class WorkerSession(QueueSession, FailedSession, Protocol):
     """What the worker needs of a logged-in connection (``ImapSession`` in the daemon)."""
 
     exists: int
@@ -249,6 +257,7 @@ class MailboxWorker(threading.Thread):
         self.clock: Clock = clock or SystemClock()
         self.log = log.bind(mailbox=mailbox.address)
         self.report = WorkerReport(mailbox.address, mailbox.trigger, metrics, self.clock)
+        index = failed_index(store)
         self.filer = Filer(
             mailbox,
             store,
@@ -256,7 +265,20 @@ class MailboxWorker(threading.Thread):
             on_filed=self.report.filed,
             on_recorded=self.report.recorded,
             stuck_after=settings.daemon.stuck_after_attempts,
+            index=index,
         )
+        self.refiler = (
+            Refiler(
+                self.filer,
+                index,
+                per_pass=settings.daemon.refile_per_pass,
+                on_refiled=self.report.refiled,
+            )
+            if index is not None
+            else None
+        )
+        # A re-file pass is owed (a link change, a login, mail indexed as due at once).
+        self._refile_wanted = False
         self.first_attempt_done = threading.Event()
         self._connect: SessionFactory = connect or ImapSession.open
         self._wakeup = Wakeup(self.clock)
@@ -292,7 +314,7 @@ class MailboxWorker(threading.Thread):
         """A copy of the current status, safe to serialise from any thread."""
         return self.report.snapshot()
 
-    def recent_outcomes(self) -> list[dict[str, str | None]]:
+    def recent_outcomes(self) -> list[dict[str, str | bool | None]]:
         """The latest filed or failed messages, newest first (for the Email Sync page)."""
         return self.report.recent()
 
@@ -483,16 +505,21 @@ class MailboxWorker(threading.Thread):
     def _serve(self, session: WorkerSession) -> None:
         """Pass, IDLE, pass… until stop() or the access token needs a new login."""
         self._owed.add(Trigger.STARTUP)
+        # Every login looks at the index: a re-file a crash or a missed wake-up left owed.
+        self._refile_wanted = self.refiler is not None
         use_idle = session.has("IDLE")
         reconnect_at = self._token_reconnect_at()
+        self._take_refile()
         skipped = self._skip_empty_startup_pass(session)
         while not self._stopping():
             uids: list[int] = []
-            if skipped:
-                skipped = False
-            else:
-                if self._owed:
-                    self._pass(session)
+            self._take_refile()
+            fresh, skipped = skipped, False  # fresh: Queue is known empty and selected
+            if not fresh and self._owed:
+                self._pass(session)
+            if self._refile(session):
+                fresh = False  # Failed is selected now
+            if not fresh:
                 # Re-select: EXISTS is then exact (the pass's own MOVEs expunged messages), and
                 # mail that landed after the pass's last search shows up here instead of
                 # waiting for the next sweep, since IDLE will not announce it again.
@@ -510,6 +537,8 @@ class MailboxWorker(threading.Thread):
             if self._unseen_waiting(uids):
                 self._owed.add(Trigger.IDLE)  # landed after the pass's last search: file it now
                 continue
+            if self._refile_wanted:
+                continue  # more due than one re-file pass takes, or indexed as due meanwhile
             self.report.set_state(State.IDLE)
             waited = (
                 self._idle(session, reconnect_at) if use_idle else self._poll(session, reconnect_at)
@@ -558,6 +587,40 @@ class MailboxWorker(threading.Thread):
                 continue
             self._owed.clear()
             return
+
+    def _take_refile(self) -> None:
+        """A REFILE trigger asks for a re-file pass, not a Queue pass: take it out of the owed."""
+        if Trigger.REFILE in self._owed:
+            self._owed.discard(Trigger.REFILE)
+            self._refile_wanted = self.refiler is not None
+        if self.filer.refile_owed:
+            self.filer.refile_owed = False
+            self._refile_wanted = self.refiler is not None
+
+    def _refile(self, session: WorkerSession) -> bool:
+        """A re-file pass over Failed if one is owed; True when it selected Failed.
+
+        A store outage waits with back-off on the same session, as a Queue pass does; a pass
+        that left due messages (``refile_per_pass``) is owed again after the Queue's look.
+        """
+        if self.refiler is None or not self._refile_wanted:
+            return False
+        selected = False
+        while not self._stopping():
+            try:
+                result = self.refiler.run(session, stopping=self._stopping)
+            except LeaseLostError:
+                raise
+            except StoreUnavailableError as exc:
+                selected = True  # it may have selected Failed before the store failed
+                delay = self._backoff.next_delay(exc.retry_after)
+                self.report.set_state(State.BACKOFF, error=str(exc))
+                self.log.warning("store_unavailable", error=str(exc), retry_in=round(delay, 2))
+                self._pause(delay)
+                continue
+            self._refile_wanted = result.more
+            return selected or result.trigger is not None
+        return selected
 
     def _unseen_waiting(self, uids: Sequence[int]) -> bool:
         """True when an auto mailbox's Queue holds a message the last pass did not try.

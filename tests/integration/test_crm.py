@@ -105,15 +105,17 @@ def start_daemon(
     launched: list[RunningDaemon],
     *,
     run: str = "run",
+    daemon_keys: dict[str, object] | None = None,
     **keys: object,
 ) -> RunningDaemon:
+    """A daemon filing to ``crm``; ``keys`` go to its [crm] table, ``daemon_keys`` to [daemon]."""
     port = new_port()
     token = secrets.token_urlsafe(24)  # the daemon refuses tokens under 22 characters
     token_file = tmp_path / "control-token"
     token_file.write_text(token + "\n")
-    extra = daemon_config_extra(port, token_file, max_backoff_seconds=1) + crm_table(
-        tmp_path, crm, **keys
-    )
+    extra = daemon_config_extra(
+        port, token_file, max_backoff_seconds=1, **(daemon_keys or {})
+    ) + crm_table(tmp_path, crm, **keys)
     config = write_config(tmp_path, users, extra=extra)
     workdir = tmp_path / run  # its own log and notify socket
     workdir.mkdir()

@@ -50,6 +50,12 @@ class LabelChildMetrics:
             "Timeline events recorded (new ones, not de-duplicated).",
             ["mailbox"],
         )
+        self.refiled = counter(
+            "refiled",
+            "Messages filed from Failed to Sent or Received once their group appeared (they"
+            " count in messages_synced/messages_received too).",
+            ["mailbox"],
+        )
         self.sync_passes = counter(
             "sync_passes", "Sync passes run, by what triggered them.", ["mailbox", "trigger"]
         )
@@ -108,6 +114,7 @@ class LabelChildMetrics:
         for reason in FAIL_REASONS:
             self.messages_failed.labels(mailbox=mailbox, reason=reason)
         self.timeline_events.labels(mailbox=mailbox)
+        self.refiled.labels(mailbox=mailbox)
         for trigger in TRIGGERS:
             self.sync_passes.labels(mailbox=mailbox, trigger=trigger)
         for kind in CONNECTION_ERROR_KINDS:
@@ -126,6 +133,7 @@ class LabelChildMetrics:
             self.messages_synced,
             self.messages_received,
             self.timeline_events,
+            self.refiled,
             self.sync_pass_seconds,
             self.queue_messages,
             self.queue_oldest_age,
@@ -198,12 +206,14 @@ class Pair:
 
     def other(self, mailbox: str) -> None:
         self.old.timeline_events.labels(mailbox=mailbox).inc(3)
+        self.old.refiled.labels(mailbox=mailbox).inc(2)
         self.old.connection_errors.labels(mailbox=mailbox, kind="timeout").inc()
         self.old.connection_errors.labels(mailbox=mailbox, kind="bye").inc()
         self.old.auth_failures.labels(mailbox=mailbox).inc()
         self.old.token_expiry.labels(mailbox=mailbox).set(1_900_000_000.5)
         series = self.series[mailbox]
         series.timeline_events(3)
+        series.refiled(2)
         series.connection_error("timeout")
         series.connection_error("bye")
         series.auth_failure()

@@ -6,6 +6,7 @@ import select
 import threading
 import time
 
+from emailsync.metrics import TRIGGERS
 from emailsync.wakeup import Trigger, Wakeup
 
 
@@ -74,5 +75,8 @@ def test_posting_after_close_is_harmless() -> None:
 
 
 def test_trigger_values_are_the_metric_labels() -> None:
-    assert {t.value for t in Trigger} == {"idle", "start_sync", "poll", "sweep", "startup"}
+    """Every trigger of a Queue pass is a sync_passes label; REFILE asks for no Queue pass."""
+    passes = {t.value for t in Trigger if t is not Trigger.REFILE}
+    assert passes == set(TRIGGERS) == {"idle", "start_sync", "poll", "sweep", "startup"}
     assert Trigger("start_sync") is Trigger.START_SYNC
+    assert Trigger("refile") is Trigger.REFILE

@@ -63,6 +63,12 @@ class LookupCache:
             while len(self._entries) > self.max_entries:
                 del self._entries[next(iter(self._entries))]
 
+    def forget(self, addresses: Iterable[str]) -> None:
+        """Forget these addresses' answers (the CRM said their links changed)."""
+        with self._lock:
+            for address in addresses:
+                self._entries.pop(address, None)
+
     def clear(self) -> None:
         """Forget every entry."""
         with self._lock:

@@ -6,6 +6,7 @@ import re
 import threading
 from collections.abc import Iterable, Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -20,6 +21,7 @@ from emailsync.message import MAX_BODY_CHARS
 from emailsync.metrics import CrmMetrics
 from emailsync.model import Group, TimelineEvent
 from emailsync.store.base import Recorded
+from emailsync.store.sqlite import SqliteStore
 
 log = structlog.get_logger(__name__)
 
@@ -51,12 +53,36 @@ class HttpStore:
     already there, or rejected), so filing moves nothing the CRM has not accepted.
     """
 
-    def __init__(self, settings: CrmSettings, *, client: CrmClient | None = None) -> None:
+    def __init__(
+        self,
+        settings: CrmSettings,
+        *,
+        client: CrmClient | None = None,
+        state_path: Path | None = None,
+    ) -> None:
         self.settings = settings
         self.client = client or CrmClient(settings, settings.secret.read())
         self.cache = LookupCache(settings.group_cache_seconds)
         self.metrics: CrmMetrics | None = None
         self._closed = threading.Event()
+        # emailsync's own data beside the CRM's (the Failed-for-no-group index, issue 22):
+        # the built-in SQLite file, opened when first needed.
+        self._state_path = state_path
+        self._state: SqliteStore | None = None
+        self._state_lock = threading.Lock()
+
+    def state(self) -> SqliteStore | None:
+        """The state database (opened on first use); None when this store was given none."""
+        if self._state_path is None:
+            return None
+        with self._state_lock:
+            if self._state is None:
+                self._state = SqliteStore(self._state_path)
+            return self._state
+
+    def links_changed(self, addresses: Iterable[str]) -> None:
+        """The CRM said these addresses' links changed: ask it again on the next lookup."""
+        self.cache.forget(a for a in (normalise_address(x) for x in addresses) if a)
 
     def register_metrics(self, registry: CollectorRegistry) -> None:
         """Register the CRM metrics on the daemon's registry and start the start-up probe.
@@ -177,9 +203,13 @@ class HttpStore:
         raise StoreError(OWNED_BY_CRM)
 
     def close(self) -> None:
-        """Stop the probe and close the HTTP connections."""
+        """Stop the probe, close the HTTP connections and the state database."""
         self._closed.set()
         self.client.close()
+        with self._state_lock:
+            state, self._state = self._state, None
+        if state is not None:
+            state.close()
 
     # -- helpers --------------------------------------------------------------------------------
 

@@ -115,6 +115,11 @@ class ImapSession:
         self._sent: _HeaderFetch | None = None  # a header FETCH sent, its answer unread
         self._read: _HeaderFetch | None = None  # its answer, read, for fetch_headers
         self._moves: deque[PendingMove] = deque()  # MOVEs sent, answers unread, oldest first
+        # Queue UIDs moved to Failed, and their copies' (UIDVALIDITY, UID) there from the
+        # MOVE answers' COPYUID (RFC 4315 §3), for the Failed-for-no-group index (issue 22).
+        self._to_failed: set[int] = set()
+        self._copies: dict[int, tuple[int, int]] = {}
+        self._failed_uidvalidity: int | None = None  # Failed's, while it is selected
         self._capabilities: frozenset[str] | None = None
         self.mailbox = mailbox
         self.folders = folders
@@ -244,6 +249,9 @@ class ImapSession:
         with translated("select queue"):
             info = self.client.select_folder(tree.queue)
         self._read = None  # an answer read ahead belongs to the pass before
+        self._to_failed.clear()  # copies not asked for by now never will be
+        self._copies.clear()
+        self._failed_uidvalidity = None
         uidvalidity = int(info.get(b"UIDVALIDITY", 0))
         changed = self.uidvalidity is not None and uidvalidity != self.uidvalidity
         self.uidvalidity = uidvalidity
@@ -252,6 +260,29 @@ class ImapSession:
         if changed:
             raise UidValidityChangedError(f"Queue UIDVALIDITY changed to {uidvalidity}")
         return self.exists
+
+    def select_failed(self) -> tuple[int, int]:
+        """SELECT Failed, leaving Queue (select it again after); its UIDVALIDITY and count.
+
+        ``fetch_headers``, ``fetch_full``, ``keyword_uids`` and ``set_keyword`` then work on
+        Failed, and ``refile`` moves from it.
+        """
+        tree = self.tree or self.resolve_tree()
+        with translated("select failed"):
+            info = self.client.select_folder(tree.name(FolderRole.FAILED))
+        self._read = None
+        self.keywords_allowed = b"\\*" in tuple(info.get(b"PERMANENTFLAGS", ()))
+        uidvalidity = int(info.get(b"UIDVALIDITY", 0))
+        self._failed_uidvalidity = uidvalidity
+        return uidvalidity, int(info.get(b"EXISTS", 0))
+
+    def copied_to_failed(self, uids: Sequence[int]) -> dict[int, tuple[int, int]]:
+        """Of these Queue UIDs filed to Failed, each copy's (UIDVALIDITY, UID) the server gave.
+
+        From the MOVE answers' COPYUID (RFC 4315, UIDPLUS); a UID the server named no copy
+        for is left out. Each is given once.
+        """
+        return {uid: copy for uid in uids if (copy := self._copies.pop(uid, None)) is not None}
 
     def queue_uids(self) -> list[int]:
         """The UIDs in the (selected) Queue, oldest first."""
@@ -482,6 +513,8 @@ class ImapSession:
             dest = (self.tree or self.resolve_tree()).name(role)
             if confirm is not None:
                 confirm()  # after the read above, which can wait on a slow server
+            if role is FolderRole.FAILED:
+                self._to_failed.update(uids)
             with translated(f"file to {role.value}"):
                 folder = self._client._normalise_folder(dest)
                 pending.tag = send_move(
@@ -507,6 +540,7 @@ class ImapSession:
             try:
                 with translated(f"file to {pending.role.value}"):
                     read_move(self._client._imap, pending.tag)
+                self._note_copies()
             except ConnectionLostError as exc:
                 pending.error = exc
                 if exc.gone:
@@ -534,6 +568,8 @@ class ImapSession:
             return
         tree = self.tree or self.resolve_tree()
         dest = tree.name(role)
+        if role is FolderRole.FAILED:
+            self._to_failed.update(uids)
         with translated(f"file to {role.value}"):
             self.client  # noqa: B018 -- reads the answers still pending (a slow server's)
             if confirm is not None:
@@ -575,12 +611,55 @@ class ImapSession:
                     progress(start + len(chunk), len(uids))
         return len(uids)
 
+    def refile(
+        self,
+        uids: Sequence[int],
+        role: FolderRole,
+        keyword: str,
+        *,
+        confirm: Callable[[], None] | None = None,
+    ) -> None:
+        """Move messages from the (selected) Failed to a folder, taking ``keyword`` off first.
+
+        ``select_failed`` must have been called. ``confirm()`` (a cluster's lease check)
+        runs last before anything is sent. A crash between the two commands leaves the
+        message in Failed without the keyword, still indexed: the next re-file moves it.
+        """
+        if not uids:
+            return
+        tree = self.tree or self.resolve_tree()
+        with translated(f"refile to {role.value}"):
+            self.client  # noqa: B018 -- reads any answer still pending
+            if confirm is not None:
+                confirm()
+            if self.keywords_allowed:
+                self.client.remove_flags(list(uids), [keyword], silent=True)
+            self._move(
+                list(uids), tree.name(FolderRole.FAILED), tree.name(role), self._failed_uidvalidity
+            )
+
+    def _note_copies(self) -> None:
+        """Keep the COPYUIDs (RFC 4315 §3) of a MOVE answer just read, for moves to Failed.
+
+        imaplib keeps every response code it reads until someone takes it: taken here, so
+        a long-lived connection does not pile up one per MOVE.
+        """
+        codes = self._client._imap.untagged_responses.pop("COPYUID", None)
+        if not codes or not self._to_failed:
+            return
+        for code in codes:
+            for source, copy in _copyuid(code):
+                if source in self._to_failed:
+                    self._to_failed.discard(source)
+                    self._copies[source] = copy
+
     def _move(self, uids: list[int], source: str, dest: str, uidvalidity: int | None) -> None:
         if self.has("MOVE"):  # RFC 6851, its answer read by the lean reader (imap/fetch.py)
             folder = self.client._normalise_folder(dest)
             uid_move(
                 self.client._imap, uids, folder if isinstance(folder, bytes) else folder.encode()
             )
+            self._note_copies()
         else:
             self._copy_then_expunge(uids, source, dest, uidvalidity)
 
@@ -812,6 +891,38 @@ def _by_bytes(uids: Sequence[int], sizes: dict[int, int]) -> list[list[int]]:
     if chunk:
         chunks.append(chunk)
     return chunks
+
+
+def _copyuid(code: object) -> list[tuple[int, tuple[int, int]]]:
+    """``COPYUID uidvalidity source-set dest-set`` as (source UID, (uidvalidity, dest UID)).
+
+    The two sets list the UIDs in the same order (RFC 4315 §3); a range ``a:b`` is taken
+    in the order written. Anything unreadable gives nothing (the index then finds the
+    message by a scan).
+    """
+    text = code.decode("ascii", "replace") if isinstance(code, bytes) else str(code)
+    parts = text.split()
+    if len(parts) != 3 or not parts[0].isdigit():
+        return []
+    try:
+        sources, copies = _uid_list(parts[1]), _uid_list(parts[2])
+    except ValueError:
+        return []
+    if len(sources) != len(copies):
+        return []
+    validity = int(parts[0])
+    return [(source, (validity, copy)) for source, copy in zip(sources, copies, strict=True)]
+
+
+def _uid_list(text: str) -> list[int]:
+    """An RFC 3501 §9 uid-set of a COPYUID, expanded in the order written."""
+    uids: list[int] = []
+    for part in text.split(","):
+        first, _, last = part.partition(":")
+        start, end = int(first), int(last or first)
+        step = 1 if end >= start else -1
+        uids.extend(range(start, end + step, step))
+    return uids
 
 
 def _savedate(value: object) -> datetime | None:

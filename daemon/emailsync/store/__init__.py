@@ -32,7 +32,8 @@ def open_store(url: str, state_dir: Path, crm: CrmSettings | None = None) -> Sto
     if crm is not None:
         from emailsync.crm.store import HttpStore  # noqa: PLC0415 -- crm.store imports store.base
 
-        return HttpStore(crm)
+        # Groups and events live in the CRM; emailsync's own state in the SQLite file.
+        return HttpStore(crm, state_path=_sqlite_path(url, state_dir))
     if urlsplit(url.strip()).scheme.lower() in POSTGRES_SCHEMES:
         # Imported here: psycopg is only loaded by instances that use it.
         from emailsync.store.postgres import PostgresStore  # noqa: PLC0415
