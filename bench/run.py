@@ -13,6 +13,8 @@
    (``backlog.py``); N mailboxes' RSS, start → all IDLE and CPU at rest against bare
    imapclient threads (``mailboxes.py``); peak RSS of ``sync`` for a small and a large
    backlog, and for a small and a ~50 MB message (``footprint.py``).
+5. Issue 22 (README section 7): link change → filed, for 1 and for N Failed messages over
+   M mailboxes, against the same messages filed from Queue (``refile.py``).
 
 Prints a table; ``--json FILE`` also writes the figures. Exits 1 when anything failed (a
 message not filed, a wrong folder count, the daemon not stopping cleanly), never on timings.
@@ -46,6 +48,8 @@ from mailboxes import (
     inotify_instances,
     make_users,
 )
+from refile import RefileResult, run_refile
+from refile import table as refile_table
 from testbed import Testbed
 from throughput import PHASES, ThroughputResult, Trial, run_throughput
 
@@ -69,6 +73,9 @@ DEFAULT_BIG_ATTACHMENT = 37 * 1024 * 1024  # ~50 MB once base64-encoded
 SMOKE_BIG_ATTACHMENT = 2 * 1024 * 1024
 SMOKE_REST_SECONDS = 1.0
 SMALL_ATTACHMENT = 16 * 1024
+# Issue 22: Failed messages re-filed after one link change, over this many mailboxes.
+DEFAULT_REFILE = (100, 1000)
+SMOKE_REFILE = (5, 20)
 MB = 1024 * 1024
 
 
@@ -85,7 +92,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         started = time.monotonic()
         try:
             report = _run(
-                messages, latency_messages, args.crm_messages or messages, _issue10_sizes(args)
+                messages,
+                latency_messages,
+                args.crm_messages or messages,
+                _issue10_sizes(args),
+                None if args.no_refile else (SMOKE_REFILE if args.smoke else DEFAULT_REFILE),
             )
         except Exception:
             traceback.print_exc()
@@ -142,6 +153,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-issue10", action="store_true", help="only parts 1 and 2 (throughput, latency)"
     )
+    parser.add_argument(
+        "--no-refile", action="store_true", help="skip part 5 (link change → filed, issue 22)"
+    )
     return parser
 
 
@@ -170,7 +184,11 @@ def _positive(text: str) -> int:
 
 
 def _run(
-    messages: int, latency_messages: int, crm_messages: int, sizes: dict[str, Any] | None
+    messages: int,
+    latency_messages: int,
+    crm_messages: int,
+    sizes: dict[str, Any] | None,
+    refile: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     directory = Directory.build(random.Random(SEED))  # noqa: S311 -- test data, not cryptography
     with Testbed(directory) as testbed:
@@ -178,6 +196,9 @@ def _run(
         latency = run_latency(testbed, latency_messages, SEED + 100, testbed.workdir)
         crm = run_crm_throughput(testbed, crm_messages, REPEATS, SEED + 200)
         issue10 = _run_issue10(testbed, sizes) if sizes else None
+        refiled: list[RefileResult] = (
+            [run_refile(testbed, refile[0], 1), run_refile(testbed, *refile)] if refile else []
+        )
     report = {
         "messages": messages,
         "repeats": REPEATS,
@@ -190,6 +211,12 @@ def _run(
     if issue10 is not None:
         report["issue10"] = issue10
         report["problems"] += issue10.pop("problems")
+    if refiled:
+        report["refile"] = [
+            {k: v for k, v in r.__dict__.items() if k != "problems"} for r in refiled
+        ]
+        report["refile_table"] = refile_table(refiled)
+        report["problems"] += [p for r in refiled for p in r.problems]
     return report
 
 
@@ -417,6 +444,8 @@ def _table(report: dict[str, Any]) -> str:
     ]
     if "issue10" in report:
         lines += _issue10_table(report)
+    if "refile_table" in report:
+        lines += ["", report.pop("refile_table")]
     return "\n".join(lines)
 
 
