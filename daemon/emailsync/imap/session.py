@@ -261,6 +261,16 @@ class ImapSession:
             raise UidValidityChangedError(f"Queue UIDVALIDITY changed to {uidvalidity}")
         return self.exists
 
+    def failed_status(self) -> tuple[int, int]:
+        """Failed's UIDVALIDITY and message count by STATUS (RFC 3501 §6.3.10): Queue stays
+        selected, so a mailbox whose Failed is empty needs no SELECT to be indexed."""
+        tree = self.tree or self.resolve_tree()
+        with translated("status failed"):
+            info = self.client.folder_status(
+                tree.name(FolderRole.FAILED), ["UIDVALIDITY", "MESSAGES"]
+            )
+        return int(info.get(b"UIDVALIDITY", 0)), int(info.get(b"MESSAGES", 0))
+
     def select_failed(self) -> tuple[int, int]:
         """SELECT Failed, leaving Queue (select it again after); its UIDVALIDITY and count.
 
