@@ -171,6 +171,16 @@ RecordedCallback = Callable[[int], None]
 BatchCallback = Callable[[Sequence[Decision]], None]
 
 
+def store_rejection(decision: Decision, recorded: Recorded) -> str | None:
+    """Why the store refused any of this decision's events (its reasons, once each), or None."""
+    reasons = [
+        reason
+        for group in decision.groups
+        if (reason := recorded.rejected.get((group, decision.message.key))) is not None
+    ]
+    return "rejected by the store: " + "; ".join(dict.fromkeys(reasons)) if reasons else None
+
+
 class Filer:
     """Runs sync passes for one mailbox against a store."""
 
@@ -647,13 +657,8 @@ class Filer:
             return list(decisions), recorded.new
         result: list[Decision] = []
         for decision in decisions:
-            reasons = [
-                reason
-                for group in decision.groups
-                if (reason := recorded.rejected.get((group, decision.message.key))) is not None
-            ]
-            if reasons:
-                problem = "rejected by the store: " + "; ".join(dict.fromkeys(reasons))
+            problem = store_rejection(decision, recorded)
+            if problem is not None:
                 self.log.warning("event_rejected", uid=decision.uid, reason=problem)
                 decision = replace(  # noqa: PLW2901 -- the rejected decision replaces it
                     decision,

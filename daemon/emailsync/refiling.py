@@ -32,7 +32,7 @@ from typing import Protocol
 import structlog
 
 from emailsync.errors import ConnectionLostError, StoreError, StoreUnavailableError
-from emailsync.filing import Decision, Filer, fill_body
+from emailsync.filing import Decision, Filer, fill_body, store_rejection
 from emailsync.message import parse_headers
 from emailsync.model import (
     OUTCOME_FOLDER,
@@ -293,13 +293,8 @@ class Refiler:
             self.filer.on_recorded(recorded.new)
         filed: list[Decision] = []
         for decision in ready:
-            reasons = [
-                reason
-                for group in decision.groups
-                if (reason := recorded.rejected.get((group, decision.message.key))) is not None
-            ]
-            if reasons:
-                problem = "rejected by the store: " + "; ".join(dict.fromkeys(reasons))
+            problem = store_rejection(decision, recorded)
+            if problem is not None:
                 self.log.warning("event_rejected", uid=decision.uid, reason=problem)
                 ruled_out.append(_rejected(decision, problem))
             else:

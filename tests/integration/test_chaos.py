@@ -148,14 +148,12 @@ class ChaosCluster:
             instance.proxy.stop()
 
 
-class Chaos:
-    """Every few seconds one disruption, chosen at random; counts what it did."""
+class Disruptor:
+    """Every few seconds one disruption, chosen at random from ``ACTIONS``; counts what it did."""
 
-    ACTIONS = ("kill", "pause", "database", "imap", "imap")
+    ACTIONS: tuple[str, ...] = ()
 
-    def __init__(self, cluster: ChaosCluster, postgres: Postgres, rng: random.Random) -> None:
-        self.cluster = cluster
-        self.postgres = postgres
+    def __init__(self, rng: random.Random) -> None:
         self.rng = rng
         self.done: Counter[str] = Counter()
         self.errors: list[str] = []
@@ -167,10 +165,10 @@ class Chaos:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop choosing disruptions (the one under way finishes) and undo lasting ones."""
         self._running.clear()
         self._thread.join(60)
-        for instance in self.cluster.instances.values():
-            instance.proxy.clear()
+        self._calm()
 
     def _run(self) -> None:
         while self._running.is_set():
@@ -182,6 +180,27 @@ class Chaos:
                 self._act(action)
             except Exception as exc:  # reported, and the test fails at the end
                 self.errors.append(f"{action}: {exc!r}")
+
+    def _act(self, action: str) -> None:
+        raise NotImplementedError
+
+    def _calm(self) -> None:
+        raise NotImplementedError
+
+
+class Chaos(Disruptor):
+    """The cluster's disruptions: kill -9, SIGSTOP past the lease, PostgreSQL restarts, IMAP."""
+
+    ACTIONS = ("kill", "pause", "database", "imap", "imap")
+
+    def __init__(self, cluster: ChaosCluster, postgres: Postgres, rng: random.Random) -> None:
+        super().__init__(rng)
+        self.cluster = cluster
+        self.postgres = postgres
+
+    def _calm(self) -> None:
+        for instance in self.cluster.instances.values():
+            instance.proxy.clear()
 
     def _act(self, action: str) -> None:
         running = self.cluster.running()
@@ -416,8 +435,8 @@ def all_idle_once(cluster: ChaosCluster, users: list[MailUser]) -> bool:
     return all(idle[u.address] == 1 for u in users)
 
 
-class CrmChaos:
-    """Every few seconds: a CRM 503 burst, commit-then-drop answers, kill -9, or an IMAP fault."""
+class CrmChaos(Disruptor):
+    """CRM 503 bursts, commit-then-drop answers, kill -9 of the daemon, IMAP faults."""
 
     ACTIONS = ("crm_503", "crm_drop", "kill", "imap", "imap")
 
@@ -425,37 +444,16 @@ class CrmChaos:
         self, crm: DevCrm, proxy: FaultProxy, restart: Callable[[], RunningDaemon],
         daemon: RunningDaemon, rng: random.Random,
     ) -> None:  # fmt: skip
+        super().__init__(rng)
         self.crm = crm
         self.proxy = proxy
         self.restart = restart
         self.daemon = daemon
-        self.rng = rng
-        self.done: Counter[str] = Counter()
-        self.errors: list[str] = []
-        self._running = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="crm-chaos", daemon=True)
 
-    def start(self) -> None:
-        self._running.set()
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._running.clear()
-        self._thread.join(60)
+    def _calm(self) -> None:
         self.proxy.clear()
         self.crm.faults.status = None
         self.crm.faults.drop_after_commit = 0
-
-    def _run(self) -> None:
-        while self._running.is_set():
-            time.sleep(self.rng.uniform(*CHAOS_EVERY_SECONDS))
-            if not self._running.is_set():
-                return
-            action = self.rng.choice(self.ACTIONS)
-            try:
-                self._act(action)
-            except Exception as exc:  # reported, and the test fails at the end
-                self.errors.append(f"{action}: {exc!r}")
 
     def _act(self, action: str) -> None:
         if action == "crm_503":
