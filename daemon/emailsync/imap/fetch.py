@@ -13,6 +13,13 @@ Errors are raised as imapclient's (``IMAPClientError``, ``IMAPClientAbortError``
 in ``imap/translate.py`` exactly as before. Untagged responses other than FETCH are
 stored in imaplib's ``untagged_responses`` as imaplib would; a FETCH without a UID, or
 for a UID not asked for, is dropped as imapclient drops it.
+
+Library internals used here (no API promises them; pyproject.toml pins imapclient and
+tests/unit/test_library_internals.py checks each): imaplib.IMAP4's ``_new_tag``,
+``_check_bye``, ``_append_untagged``, ``tagged_commands``, ``untagged_responses``,
+``state``, ``readline``/``read``/``send`` and its tagged-line pattern, plus copies of
+imaplib's module regexes (``Untagged_response``, ``Untagged_status``, ``Literal``,
+``Response_code``); reached through imapclient's ``IMAPClient._imap``.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ IDLE), ``IMAPClient.idle()`` reads the first line and the second stays in that b
 socket itself is then silent and ``idle_check()``, which polls the socket first, never sees
 it (imapclient#519, chatmail/core#4926). So before polling the socket this module looks at
 what the reader already holds, and reads complete lines from there.
+
+That reaches into imaplib (``IMAPClient._imap.file.peek()``, ``_imap._get_line()``): pinned
+in pyproject.toml and checked by tests/unit/test_library_internals.py.
 """
 
 from __future__ import annotations

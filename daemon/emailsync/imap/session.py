@@ -2,6 +2,11 @@
 
 Every imapclient call goes through ``_translated`` so that callers only ever see the
 exceptions of ``emailsync.errors``, grouped by what they do about them.
+
+Library internals used here (pinned in pyproject.toml, checked by
+tests/unit/test_library_internals.py): ``IMAPClient._imap`` (the imaplib connection the
+lean reader of imap/fetch.py talks through; its ``untagged_responses`` for COPYUID and
+its ``file`` reader, replaced after login) and ``IMAPClient._normalise_folder``.
 """
 
 from __future__ import annotations
