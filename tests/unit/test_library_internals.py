@@ -61,24 +61,19 @@ def parameters(function: Callable[..., object]) -> list[str]:
     return list(inspect.signature(function).parameters)
 
 
-@pytest.mark.parametrize(("name", "expected"), IMAPLIB_METHODS.items())
-def test_imaplib_methods_emailsync_calls_keep_their_parameters(
-    name: str, expected: list[str]
+@pytest.mark.parametrize(
+    ("owner", "name", "expected"),
+    [(imaplib.IMAP4, name, expected) for name, expected in IMAPLIB_METHODS.items()]
+    + [(imapclient.IMAPClient, name, expected) for name, expected in IMAPCLIENT_METHODS.items()],
+)
+def test_library_methods_emailsync_calls_keep_their_parameters(
+    owner: type, name: str, expected: list[str]
 ) -> None:
-    """imaplib.IMAP4's methods called by the lean reader take the arguments it passes."""
-    method = getattr(imaplib.IMAP4, name, None)
-    assert callable(method), changed(f"imaplib.IMAP4.{name}")
-    assert parameters(method) == expected, changed(f"imaplib.IMAP4.{name}'s signature")
-
-
-@pytest.mark.parametrize(("name", "expected"), IMAPCLIENT_METHODS.items())
-def test_imapclient_methods_emailsync_calls_keep_their_parameters(
-    name: str, expected: list[str]
-) -> None:
-    """imapclient.IMAPClient's private methods called by the session take its arguments."""
-    method = getattr(imapclient.IMAPClient, name, None)
-    assert callable(method), changed(f"imapclient.IMAPClient.{name}")
-    assert parameters(method) == expected, changed(f"imapclient.IMAPClient.{name}'s signature")
+    """The methods called on imaplib's and imapclient's objects take the arguments passed."""
+    where = f"{owner.__module__}.{owner.__qualname__}.{name}"
+    method = getattr(owner, name, None)
+    assert callable(method), changed(where)
+    assert parameters(method) == expected, changed(f"{where}'s signature")
 
 
 def test_imapclient_helpers_from_its_modules_are_there() -> None:
