@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import csv
 import random
-import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from testbed import OWNER_ALIAS, Testbed
 from throughput import Trial, _emailsync_trial
 
 from emailsync.config import CrmSettings
-from emailsync.devserver import free_port
+from emailsync.devnet import free_port, stop_process, wait_for_port
 from emailsync.secret import SecretSource
 
 START_TIMEOUT_SECONDS = 15.0
@@ -108,14 +106,11 @@ class ReferenceCrm:
         )
 
     def __enter__(self) -> ReferenceCrm:
-        deadline = time.monotonic() + START_TIMEOUT_SECONDS
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                break
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return self
-            time.sleep(0.05)
+        process = self.process
+        if wait_for_port(
+            "127.0.0.1", self.port, START_TIMEOUT_SECONDS, alive=lambda: process.poll() is None
+        ):
+            return self
         self.close()
         raise RuntimeError("the reference CRM did not start")
 
@@ -124,13 +119,7 @@ class ReferenceCrm:
 
     def close(self) -> None:
         """Stop the CRM process."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        stop_process(self.process, 10)
         self.log.close()
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,6 +12,8 @@ from pathlib import Path
 from types import TracebackType
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from emailsync.devnet import stop_process
 
 READY_TIMEOUT_SECONDS = 30.0
 # DESIGN.md §2: on SIGTERM the daemon exits within 10 s; allow a little more before SIGKILL.
@@ -83,14 +84,7 @@ class DaemonProcess:
         """SIGTERM and wait (SIGKILL after STOP_TIMEOUT_SECONDS); returns the exit code."""
         if self.returncode is not None:
             return self.returncode
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(STOP_TIMEOUT_SECONDS)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        self.returncode = int(self.process.returncode)
+        self.returncode = stop_process(self.process, STOP_TIMEOUT_SECONDS)
         return self.returncode
 
     def log_tail(self, lines: int = 40) -> str:

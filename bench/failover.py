@@ -21,8 +21,9 @@ from pathlib import Path
 
 from daemonproc import DaemonProcess
 
+from emailsync.devnet import free_port
 from emailsync.devpostgres import Postgres
-from emailsync.devserver import Dovecot, free_port
+from emailsync.devserver import Dovecot
 
 PASSWORD = "bench-password"  # a throwaway Dovecot's users; nothing secret
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from daemonproc import DaemonProcess
 from testbed import Testbed
 
-from emailsync.devserver import free_port
+from emailsync.devnet import free_port
 
 START_TIMEOUT_SECONDS = 600.0
 SETTLE_TIMEOUT_SECONDS = 300.0

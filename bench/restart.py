@@ -35,7 +35,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from emailsync.devserver import Dovecot, free_port
+from emailsync.devnet import free_port, stop_process
+from emailsync.devserver import Dovecot
 
 PROBE_SECONDS = 0.2
 PROBE_TIMEOUT_SECONDS = 30.0
@@ -175,14 +176,9 @@ class Daemon:
     def stop(self) -> tuple[float, int]:
         """SIGTERM; returns (seconds until it exited, exit code)."""
         started = time.monotonic()
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(STOP_TIMEOUT_SECONDS)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(5)
+        code = stop_process(self.process, STOP_TIMEOUT_SECONDS)
         self._log.close()
-        return time.monotonic() - started, int(self.process.returncode)
+        return time.monotonic() - started, code
 
 
 def write_config(workdir: Path, users: list[tuple[str, str]], port: int, server_port: int) -> Path:

@@ -21,7 +21,7 @@ from daemonproc import DaemonProcess
 from mailboxes import _config, inotify_instances, make_users
 from testbed import Testbed
 
-from emailsync.devserver import free_port
+from emailsync.devnet import free_port
 
 FRAMES = 1
 _WRAPPER = textwrap.dedent(

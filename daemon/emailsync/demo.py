@@ -6,7 +6,6 @@ import contextlib
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,8 @@ from emailsync.agenttoken import open_agent_tokens
 from emailsync.config import Settings, load_settings
 from emailsync.control import ControlClient
 from emailsync.devcrm import DevCrm
-from emailsync.devserver import Dovecot, free_port
+from emailsync.devnet import free_port, port_open
+from emailsync.devserver import Dovecot
 from emailsync.errors import ControlError
 from emailsync.imap.auth import make_authenticator
 from emailsync.imap.session import ImapSession
@@ -132,10 +132,7 @@ allow_insecure = true
 
 def _listen_port() -> int:
     """9387 (the default) when free, else any free port."""
-    with socket.socket() as sock:
-        if sock.connect_ex(("127.0.0.1", 9387)) != 0:
-            return 9387
-    return free_port()
+    return free_port() if port_open("127.0.0.1", 9387) else 9387
 
 
 def run_demo(base: Path, *, once: bool, out: TextIO, crm: bool = False) -> int:

@@ -23,7 +23,7 @@ from types import TracebackType
 
 import psycopg
 
-from emailsync.devserver import free_port
+from emailsync.devnet import free_port
 
 START_TIMEOUT_SECONDS = 30.0
 STOP_TIMEOUT_SECONDS = 15.0

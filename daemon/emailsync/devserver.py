@@ -12,14 +12,14 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+
+from emailsync.devnet import free_port, stop_process, wait_for_port
 
 MAIL_UID = 65534  # "nobody": Dovecot refuses to run mail processes as root
 START_TIMEOUT_SECONDS = 15.0
@@ -91,13 +91,6 @@ class DovecotOptions:
     passdb: str = field(default="")  # replaces the passwd-file passdb when set
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class Dovecot:
     """One Dovecot instance in ``base_dir``; ``start()``, ``add_user()``, ``stop()``."""
 
@@ -155,12 +148,7 @@ class Dovecot:
         process, self._process = self._process, None
         if process is None or process.poll() is not None:
             return
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
+        stop_process(process, 10)
         # Client processes (imap) outlive the master; a real restart drops their connections,
         # so end everything in the instance's process group.
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -169,9 +157,7 @@ class Dovecot:
     def restart(self) -> None:
         """Stop and start again on the same ports, keeping users and mail."""
         self.stop()
-        deadline = time.monotonic() + START_TIMEOUT_SECONDS
-        while _port_open(self.host, self.port) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for_port(self.host, self.port, START_TIMEOUT_SECONDS, open_=False)
         self._spawn(shutil.which("dovecot") or "/usr/sbin/dovecot")
 
     def _spawn(self, binary: str) -> None:
@@ -235,13 +221,15 @@ class Dovecot:
         self.passwd_path.chmod(0o755)
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_SECONDS
-        while time.monotonic() < deadline:
-            if self._process is not None and self._process.poll() is not None:
-                raise DovecotStartError(f"dovecot exited at start:\n{self.log_tail()}")
-            if _port_open(self.host, self.port):
-                return
-            time.sleep(0.05)
+        process = self._process
+
+        def alive() -> bool:
+            return process is None or process.poll() is None
+
+        if wait_for_port(self.host, self.port, START_TIMEOUT_SECONDS, alive=alive):
+            return
+        if not alive():
+            raise DovecotStartError(f"dovecot exited at start:\n{self.log_tail()}")
         self.stop()
         raise DovecotStartError(
             f"dovecot did not listen within {START_TIMEOUT_SECONDS} s:\n{self.log_tail()}"
@@ -314,12 +302,6 @@ namespace inbox {{
 }}
 {opts.extra_config}
 """
-
-
-def _port_open(host: str, port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex((host, port)) == 0
 
 
 def _raise_inotify_limit() -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from emailsync.devserver import free_port
+from emailsync.devnet import free_port, stop_process
 
 from .faultproxy import FaultProxy
 from .mailenv import MailUser, write_config
@@ -197,16 +197,10 @@ class RunningDaemon:
 
     def stop(self, timeout: float = 15.0) -> int:
         """SIGTERM and wait; returns the exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        code = stop_process(self.process, timeout)
         self._log.close()
         self.notify.close()
-        return int(self.process.returncode)
+        return code
 
 
 def daemon_config_extra(port: int, token_file: Path, **overrides: object) -> str:

@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from emailsync.devserver import Dovecot, DovecotOptions, free_port
+from emailsync.devnet import free_port
+from emailsync.devserver import Dovecot, DovecotOptions
 
 from .daemonproc import run_cli, wait_until
 from .faultproxy import FaultProxy

@@ -27,7 +27,8 @@ from typing import Any
 import pytest
 
 from emailsync.devcrm import DevCrm
-from emailsync.devserver import Dovecot, free_port
+from emailsync.devnet import free_port
+from emailsync.devserver import Dovecot
 
 from .conftest import MailUser, new_user, write_config
 from .daemonproc import RunningDaemon, daemon_config_extra, wait_until

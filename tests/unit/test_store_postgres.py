@@ -10,8 +10,8 @@ import psycopg
 import psycopg_pool
 import pytest
 
+from emailsync.devnet import free_port
 from emailsync.devpostgres import Postgres
-from emailsync.devserver import free_port
 from emailsync.errors import StoreError, StoreUnavailableError
 from emailsync.model import Direction, Via
 from emailsync.store import open_store

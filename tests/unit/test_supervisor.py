@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry
 from emailsync import supervisor as supervisor_module
 from emailsync.cluster import Cluster
 from emailsync.config import ClusterSettings, MailboxSettings, Settings, load_settings
-from emailsync.devserver import free_port
+from emailsync.devnet import free_port
 from emailsync.imap.auth import Authenticator
 from emailsync.lease import LeaseKeeper, LeaseTable, OwedStartSync
 from emailsync.metrics import ClusterMetrics, Metrics
