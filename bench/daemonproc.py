@@ -9,7 +9,6 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from types import TracebackType
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -46,12 +45,7 @@ class DaemonProcess:
     def __enter__(self) -> DaemonProcess:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     def wait_ready(self) -> None:
