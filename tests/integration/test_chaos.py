@@ -16,9 +16,10 @@ end, with the chaos off and every instance running, every Queue must drain and:
   could act (a SIGSTOPped instance's connection stays open on the server until it wakes: that
   time is reported, not held against it);
 - LOGINs per mailbox within the back-off budget: one, plus one per fault the proxies put on
-  its connections, plus two per instance kill, pause or database restart (a handover away and
-  back), so a retry storm fails;
-- each instance that ran throughout: RSS at the end within 15 % of its RSS after warm-up.
+  its connections, plus one per instance kill, pause or database restart, so a retry storm
+  fails (a 10-minute run measured 0.3 LOGINs a mailbox per disruption);
+- RSS of the instance that is never killed (only paused) and of any other that ran
+  throughout: at the end within 15 % of its RSS after warm-up.
 
 The CRM run (``test_crm_chaos_delivers_each_event_exactly_once``) does the same with one
 instance and the reference CRM as the timeline (a CRM-connected daemon cannot yet share a
@@ -62,6 +63,7 @@ MAILBOXES = int(os.environ.get("EMAILSYNC_CHAOS_MAILBOXES", "24"))
 RATE = float(os.environ.get("EMAILSYNC_CHAOS_RATE", "4"))
 SEED = int(os.environ.get("EMAILSYNC_CHAOS_SEED", "19"))
 INSTANCES = ("a", "b", "c")
+STEADY_INSTANCE = "a"  # paused at times, never killed: its RSS is compared start to end
 LEASE_SECONDS = 12  # the shortest lease a worker's 8 s stop budget allows
 CHAOS_EVERY_SECONDS = (2.0, 6.0)
 SWEEP_SECONDS = 20.0
@@ -205,7 +207,9 @@ class Chaos(Disruptor):
     def _act(self, action: str) -> None:
         running = self.cluster.running()
         if action in ("kill", "pause") and len(running) >= 2:
-            victim = self.rng.choice(running)
+            # One instance is never killed, so its RSS is measured over the whole run.
+            victims = [i for i in running if action == "pause" or i.name != STEADY_INSTANCE]
+            victim = self.rng.choice(victims)
             assert victim.daemon is not None
             if action == "kill":
                 victim.daemon.expected_exit = -9
@@ -373,7 +377,7 @@ def test_cluster_chaos_files_everything_once(
         for user in users:
             seen = len(login_sequence(cluster, user.address))
             faulted = sum(i.proxy.faulted(user.address) for i in cluster.instances.values())
-            budget = 1 + faulted + 2 * disruptions
+            budget = 1 + faulted + disruptions
             logins.append(seen)
             if seen > budget:
                 over_budget[user.address] = (seen, budget)
@@ -418,6 +422,7 @@ def test_cluster_chaos_files_everything_once(
         assert not extra_events, extra_events[:5]
         assert acting_double <= DOUBLE_SESSION_LIMIT_SECONDS, worst
         assert not over_budget, f"LOGINs (seen, budget) per mailbox: {over_budget}"
+        assert STEADY_INSTANCE in steady
         for name, (before, after) in steady.items():
             assert after <= before * (1 + RSS_TOLERANCE), (name, before, after)
     finally:
