@@ -64,6 +64,8 @@ SECURITIES = ("ssl", "starttls", "none")
 AUTHS = ("password", "office365")
 TRIGGERS = ("auto", "manual")
 LOG_FORMATS = ("auto", "json", "console", "journal")
+# [daemon] metrics_detail: emailsync.metrics' series a mailbox (summary: at most 12).
+METRICS_DETAIL = ("summary", "mailbox")
 
 T = TypeVar("T")
 
@@ -98,6 +100,7 @@ class DaemonSettings:
     public_url: str = ""
     control_token: SecretSource | None = None
     log_format: str = "auto"
+    metrics_detail: str = "summary"
     log_level: str = "info"
     idle_renew_seconds: float = IDLE_RENEW_SECONDS
     sweep_seconds: float = SWEEP_SECONDS
@@ -556,6 +559,7 @@ def _parse_daemon(table: _Table, base_dir: Path) -> DaemonSettings:
         public_url=public_url.rstrip("/") if _check_public_url(public_url) is None else "",
         control_token=SecretSource(file=token_file) if token_file else None,
         log_format=table.choice("log_format", LOG_FORMATS, "auto"),
+        metrics_detail=table.choice("metrics_detail", METRICS_DETAIL, "summary"),
         log_level=table.choice("log_level", ("debug", "info", "warning", "error"), "info"),
         idle_renew_seconds=table.get(
             "idle_renew_seconds",

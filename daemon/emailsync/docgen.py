@@ -70,6 +70,12 @@ DESCRIPTIONS: dict[tuple[str, str], str] = {
         "`auto`: the journal under systemd, console on a TTY, else JSON lines."
     ),
     ("daemon", "log_level"): "Lowest level logged.",
+    ("daemon", "metrics_detail"): (
+        "`summary`: at most 12 series a mailbox; the pass histogram, sync passes by trigger and "
+        "connection errors by kind summed over mailboxes, Failed reasons folded, the state "
+        "gauge for the current state only. `mailbox`: all of them per mailbox (~60 series a "
+        "mailbox: 120,000 at 2,000 mailboxes)."
+    ),
     ("daemon", "idle_renew_seconds"): (
         "Re-issue IDLE after this long; must be under 1740 (RFC 2177: servers may drop an "
         "IDLE client after 30 minutes)."
@@ -387,6 +393,12 @@ def metrics_reference(alerts_file: Path) -> str:
         GENERATED,
         "",
         "`GET /metrics` on the `[daemon] listen` address. Label `mailbox` is the address.",
+        "",
+        'The labels below are the default `[daemon] metrics_detail = "summary"`: at most 12',
+        "series a mailbox, `mailbox_state` for the current state only, no `_created` series for",
+        'the per-mailbox counters. `metrics_detail = "mailbox"` adds `mailbox` to',
+        "`sync_passes`, `sync_pass_seconds` and `connection_errors`, `reason` to",
+        "`messages_failed`, and a 0 for each other state.",
         "",
         "Off loopback (any `listen` but 127.0.0.0/8, `::1`, `localhost`) it needs",
         "`Authorization: Bearer <control token>` (Prometheus: `authorization: credentials_file:`).",

@@ -14,6 +14,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.utils import floatToGoString
 
 from emailsync import __version__
+from emailsync.config import METRICS_DETAIL
 
 STATES = ("connecting", "idle", "syncing", "backoff", "needs_reauth", "stopped")
 TRIGGERS = ("idle", "start_sync", "poll", "sweep", "startup")
@@ -22,6 +23,12 @@ FAIL_REASONS = ("no_group", "unparseable", "rejected")
 # Filing happens within a second of arrival when IDLE works; minutes when it falls back.
 LATENCY_BUCKETS_SECONDS = (0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30, 60, 300, 900, 3600)
 PASS_BUCKETS_SECONDS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+# ``[daemon] metrics_detail``: "summary" (the default) keeps a mailbox to at most 12 series;
+# "mailbox" is the full detail, ~60 series a mailbox (issue 23: 120,000 series and 10 MB a
+# scrape at 2,000 mailboxes).
+# In "summary", these families are summed over mailboxes (no ``mailbox`` label): a histogram
+# or a breakdown per mailbox multiplies its series by the number of mailboxes.
+_AGGREGATED = frozenset({"sync_passes", "sync_pass_seconds", "connection_errors"})
 
 
 # The per-mailbox families, in the order they are exposed: (name, type, help, extra label).
@@ -31,7 +38,12 @@ PASS_BUCKETS_SECONDS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 _FAMILIES: tuple[tuple[str, str, str, str | None], ...] = (
     ("messages_synced", "counter", "Outbound messages filed to Sent with events.", None),
     ("messages_received", "counter", "Inbound messages filed to Received with events.", None),
-    ("messages_failed", "counter", "Messages filed to Failed, by reason.", "reason"),
+    (
+        "messages_failed",
+        "counter",
+        "Messages filed to Failed (by reason with metrics_detail mailbox).",
+        "reason",
+    ),
     ("timeline_events", "counter", "Timeline events recorded (new ones, not de-duplicated).", None),
     (
         "refiled",
@@ -219,10 +231,18 @@ class Metrics:
     collector); the unlabelled ones are plain prometheus_client metrics it yields in place.
     """
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, detail: str = "summary") -> None:
+        if detail not in METRICS_DETAIL:
+            raise ValueError(f"metrics detail must be one of {METRICS_DETAIL}, not {detail!r}")
         self.registry = registry
+        self.detail = detail
         self._lock = threading.Lock()
         self._mailboxes: dict[str, MailboxSeries] = {}
+        # The aggregated families' counts of forgotten mailboxes: a sum over mailboxes must not
+        # go down when one is removed (Prometheus would read a counter reset).
+        self._retired = MailboxSeries(self._lock, time.time())
+        self._retired.pass_buckets = [0] * len(_PASS_BOUNDS)
+        self._retired.pass_created = self._retired.created
         ns = "emailsync"
         self.filing_latency_seconds = Histogram(
             "filing_latency_seconds",
@@ -274,7 +294,9 @@ class Metrics:
     def forget_mailbox(self, mailbox: str) -> None:
         """Remove a mailbox's series (it was taken out of the config)."""
         with self._lock:
-            self._mailboxes.pop(mailbox, None)
+            gone = self._mailboxes.pop(mailbox, None)
+            if gone is not None:
+                _retire(self._retired, gone)
 
     def reference(self) -> list[tuple[str, str, tuple[str, ...], str]]:
         """Every metric in exposition order: name, type, label names, help (for docgen)."""
@@ -287,9 +309,17 @@ class Metrics:
                     (plain._name, plain._type, tuple(plain._labelnames), plain._documentation)
                 )
             else:
-                labels = ("mailbox",) if label is None else ("mailbox", label)
-                rows.append((f"emailsync_{name}", kind, labels, documentation))
+                rows.append(
+                    (f"emailsync_{name}", kind, self._labelnames(name, label), documentation)
+                )
         return rows
+
+    def _labelnames(self, name: str, label: str | None) -> tuple[str, ...]:
+        if self.detail == "summary" and name in _AGGREGATED:
+            return () if label is None else (label,)
+        if label is None or (self.detail == "summary" and name == "messages_failed"):
+            return ("mailbox",)
+        return ("mailbox", label)
 
     def describe(self) -> list[Metric]:
         """The families, without samples (the registry checks names with these)."""
@@ -311,14 +341,22 @@ class Metrics:
         with self._lock:
             rows = list(self._mailboxes.items())
         snapshot = [(address, {"mailbox": address}, series.copy()) for address, series in rows]
+        summary = self.detail == "summary"
+        total = _total([series for _, _, series in snapshot], self._retired) if summary else None
         for name, kind, documentation, label in _FAMILIES:
             plain = self._plain.get(name)
             if plain is not None:
                 yield from plain.collect()
                 continue
             family = Metric(f"emailsync_{name}", documentation, kind)
-            for address, one, series in snapshot:
-                _samples(family, name, label, address, one, series)
+            if total is not None and name in _AGGREGATED:
+                _aggregate_samples(family, name, label, total)
+            elif summary:
+                for address, one, series in snapshot:
+                    _summary_samples(family, name, address, one, series)
+            else:
+                for address, one, series in snapshot:
+                    _samples(family, name, label, address, one, series)
             yield family
 
 
@@ -381,6 +419,91 @@ def _samples(  # noqa: PLR0917 -- a private helper of collect(), called in one p
     for (extra_family, value_label), (value, created) in (s.extra or {}).items():
         if extra_family == name:
             _add(family, {"mailbox": address, label: value_label}, value, created)
+
+
+def _summary_samples(
+    family: Metric, name: str, address: str, one: dict[str, str], s: MailboxSeries
+) -> None:
+    """One mailbox's samples of a per-mailbox family at the "summary" detail.
+
+    No ``_created`` series (they would double the counters' series; Prometheus reads a
+    counter's start from its first sample), the Failed reasons folded into one series and the
+    state gauge only for the current state (``sum by (state)`` and ``state="x"`` read the same).
+    """
+    full = family.name
+    if name == "mailbox_state":
+        if s.state is not None and s.state >= 0:
+            family.add_sample(full, {"mailbox": address, "state": STATES[s.state]}, 1.0)
+        return
+    if name == "messages_failed":
+        extra = sum(v for (f, _), (v, _) in (s.extra or {}).items() if f == name)
+        family.add_sample(f"{full}_total", one, float(sum(s.failed) + extra))
+        return
+    value = {
+        "messages_synced": s.synced,
+        "messages_received": s.received,
+        "timeline_events": s.timeline,
+        "refiled": s.later,
+        "auth_failures": s.auth_failures,
+        "queue_messages": s.queue,
+        "messages_stuck": s.stuck,
+        "queue_oldest_message_age_seconds": s.oldest_age,
+        "last_sync_timestamp_seconds": s.last_sync,
+        "token_expiry_timestamp_seconds": s.token_expiry,
+    }[name]
+    if value is not None:
+        family.add_sample(f"{full}_total" if family.type == "counter" else full, one, float(value))
+
+
+def _retire(into: MailboxSeries, gone: MailboxSeries) -> None:
+    """Add a forgotten mailbox's counts of the aggregated families to ``into`` (under the lock)."""
+    for index, value in enumerate(gone.passes):
+        into.passes[index] += value
+    for index, value in enumerate(gone.connection_errors):
+        into.connection_errors[index] += value
+    if gone.pass_buckets is not None and into.pass_buckets is not None:
+        for index, count in enumerate(gone.pass_buckets):
+            into.pass_buckets[index] += count
+        into.pass_sum += gone.pass_sum
+    for (family, label), (value, created) in (gone.extra or {}).items():
+        if family in _AGGREGATED:
+            if into.extra is None:
+                into.extra = {}
+            into.extra.setdefault((family, label), [0, created])[0] += value
+
+
+def _total(records: list[MailboxSeries], retired: MailboxSeries) -> MailboxSeries:
+    """The aggregated families summed over the (copied) records and the retired counts."""
+    total = retired.copy()
+    for record in records:
+        _retire(total, record)
+    return total
+
+
+def _aggregate_samples(family: Metric, name: str, label: str | None, s: MailboxSeries) -> None:
+    """An aggregated family's samples (no ``mailbox`` label) from the summed record."""
+    full = family.name
+    if name == "sync_pass_seconds":
+        acc = 0.0
+        for le, count in zip(_PASS_LE, s.pass_buckets or [], strict=True):
+            acc += count
+            family.add_sample(f"{full}_bucket", {"le": le}, acc)
+        family.add_sample(f"{full}_count", {}, acc)
+        family.add_sample(f"{full}_sum", {}, s.pass_sum)
+        if _use_created():
+            family.add_sample(f"{full}_created", {}, s.pass_created)
+        return
+    label = label or ""  # sync_passes and connection_errors have one
+    known, values = (
+        (TRIGGERS, s.passes)
+        if name == "sync_passes"
+        else (CONNECTION_ERROR_KINDS, s.connection_errors)
+    )
+    for value_label, value in zip(known, values, strict=True):
+        _add(family, {label: value_label}, value, s.created)
+    for (extra_family, value_label), (value, created) in (s.extra or {}).items():
+        if extra_family == name:
+            _add(family, {label: value_label}, value, created)
 
 
 def _add(family: Metric, labels: dict[str, str], value: float, created: float) -> None:

@@ -229,7 +229,7 @@ class Supervisor:
         self.settings = settings
         self.store = store
         self.registry = registry or CollectorRegistry()
-        self.metrics = Metrics(self.registry)
+        self.metrics = Metrics(self.registry, settings.daemon.metrics_detail)
         store.register_metrics(self.registry)
         self.authenticator_factory = authenticator_factory
         self.notifier = notifier or Notifier()
@@ -725,6 +725,9 @@ class Supervisor:
         if new.crm != old.crm:
             # The store (the CRM connector) is opened once at start, with its secret.
             log.warning("crm_change_needs_restart", action="systemctl restart emailsync")
+        if new.daemon.metrics_detail != old.daemon.metrics_detail:
+            # The metrics' families are registered once at start, at one detail.
+            log.warning("metrics_detail_change_needs_restart", action="systemctl restart emailsync")
         if new.cluster != old.cluster:
             # The lease keeper is made once at start, with its instance id and lease length.
             log.warning("cluster_change_needs_restart", action="systemctl restart emailsync")

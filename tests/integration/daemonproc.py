@@ -204,7 +204,11 @@ class RunningDaemon:
 
 
 def daemon_config_extra(port: int, token_file: Path, **overrides: object) -> str:
-    """[daemon] keys for a test daemon: its port and token; polls and sweeps far away."""
+    """[daemon] keys for a test daemon: its port and token; polls and sweeps far away.
+
+    The metrics at full detail: tests watch one mailbox's passes by trigger and its connection
+    errors by kind. test_prometheus scrapes the default ("summary").
+    """
     values: dict[str, object] = {
         "listen": f"127.0.0.1:{port}",
         "control_token_file": str(token_file),
@@ -212,6 +216,7 @@ def daemon_config_extra(port: int, token_file: Path, **overrides: object) -> str
         "poll_seconds": 3600,
         "log_format": "json",
         "log_level": "debug",
+        "metrics_detail": "mailbox",
     }
     values.update(overrides)
     return "\n".join(f"{k} = {json.dumps(v)}" for k, v in values.items())

@@ -453,7 +453,7 @@ def rig(
         config.mailboxes[0],
         config,
         store,  # type: ignore[arg-type]
-        Metrics(registry),
+        Metrics(registry, detail="mailbox"),  # passes by trigger per mailbox
         auth,  # type: ignore[arg-type]
         rng=random.Random(seed),
         clock=worker_clock or clock,

@@ -280,6 +280,20 @@ def test_mailbox_lookup_of_an_unconfigured_address_is_a_config_error(tmp_path: P
 # --- defaults --------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("detail", ["summary", "mailbox"])
+def test_metrics_detail_takes_summary_or_mailbox(tmp_path: Path, detail: str) -> None:
+    settings = load(tmp_path, MINIMAL + f'\n[daemon]\nmetrics_detail = "{detail}"\n')
+    assert settings.daemon.metrics_detail == detail
+
+
+def test_an_unknown_metrics_detail_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, MINIMAL + '\n[daemon]\nmetrics_detail = "all"\n')
+    assert caught.value.problems[0].endswith(
+        "daemon.metrics_detail: must be one of summary, mailbox, not 'all'"
+    )
+
+
 def test_minimal_config_gets_the_documented_defaults(tmp_path: Path) -> None:
     """Without [daemon] and [folders] tables the documented defaults apply."""
     settings = load(tmp_path, MINIMAL)
@@ -287,6 +301,7 @@ def test_minimal_config_gets_the_documented_defaults(tmp_path: Path) -> None:
     assert settings.daemon == DaemonSettings()
     assert settings.daemon.state_dir == Path("/var/lib/emailsync")
     assert settings.daemon.log_format == "auto"
+    assert settings.daemon.metrics_detail == "summary"
     assert (settings.daemon.listen_host, settings.daemon.listen_port) == ("127.0.0.1", 9387)
     assert settings.daemon.control_token is None
     assert settings.daemon.idle_renew_seconds == 23 * 60

@@ -1,4 +1,5 @@
-"""The per-mailbox metrics collector exposes exactly what one label child per series did."""
+"""The per-mailbox metrics collector: at ``metrics_detail = "mailbox"`` exactly what one label
+child per series did; at the default "summary" at most 12 series a mailbox."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from emailsync import __version__
@@ -43,7 +45,9 @@ class LabelChildMetrics:
             "messages_received", "Inbound messages filed to Received with events.", ["mailbox"]
         )
         self.messages_failed = counter(
-            "messages_failed", "Messages filed to Failed, by reason.", ["mailbox", "reason"]
+            "messages_failed",
+            "Messages filed to Failed (by reason with metrics_detail mailbox).",
+            ["mailbox", "reason"],
         )
         self.timeline_events = counter(
             "timeline_events",
@@ -229,7 +233,11 @@ class Pair:
 def pair() -> Pair:
     old_registry, new_registry = CollectorRegistry(), CollectorRegistry()
     return Pair(
-        LabelChildMetrics(old_registry), Metrics(new_registry), old_registry, new_registry, {}
+        LabelChildMetrics(old_registry),
+        Metrics(new_registry, detail="mailbox"),
+        old_registry,
+        new_registry,
+        {},
     )
 
 
@@ -292,7 +300,7 @@ def test_three_mailboxes_through_their_lives_expose_the_same_text() -> None:
 
 def test_get_sample_value_sees_the_collector() -> None:
     registry = CollectorRegistry()
-    metrics = Metrics(registry)
+    metrics = Metrics(registry, detail="mailbox")
     series = metrics.init_mailbox("a@example.com")
     series.pass_done("sweep", 0.2, 1_700_000_000.0)
     labels = {"mailbox": "a@example.com", "trigger": "sweep"}
@@ -327,3 +335,88 @@ def test_a_collector_is_a_fraction_of_the_label_children() -> None:
     old = cost(LabelChildMetrics, "init_mailbox")
     new = cost(Metrics, "init_mailbox")
     assert new < old / 5, (old, new)
+
+
+# -- the default detail: "summary" ---------------------------------------------------------------
+
+
+def series_by_mailbox(registry: CollectorRegistry) -> dict[str, int]:
+    """Series (samples) per value of the ``mailbox`` label, and "" for those without it."""
+    counts: dict[str, int] = {}
+    for family in registry.collect():
+        for sample in family.samples:
+            key = sample.labels.get("mailbox", "")
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def busy_mailbox(metrics: Metrics, address: str) -> MailboxSeries:
+    """A mailbox that has done everything a worker reports, Office 365 token included."""
+    series = metrics.init_mailbox(address)
+    metrics.set_state(address, "connecting")
+    metrics.set_state(address, "idle")
+    for outcome in ("sent", "received", *FAIL_REASONS, "some_new_reason"):
+        series.filed(outcome)
+    for trigger in (*TRIGGERS, "some_new_trigger"):
+        series.pass_done(trigger, 0.2, 1_700_000_000.0)
+    for kind in (*CONNECTION_ERROR_KINDS, "some_new_kind"):
+        series.connection_error(kind)
+    series.timeline_events(3)
+    series.refiled(1)
+    series.auth_failure()
+    series.set_queue(2)
+    series.set_stuck(1)
+    series.set_oldest_age(30)
+    series.set_token_expiry(1_900_000_000)
+    return series
+
+
+def test_the_default_keeps_a_mailbox_to_at_most_12_series() -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    for n in range(3):
+        busy_mailbox(metrics, f"m{n}@example.com")
+    counts = series_by_mailbox(registry)
+    for n in range(3):
+        assert counts[f"m{n}@example.com"] <= 12, counts
+    # The instance's own series do not grow with the mailboxes.
+    alone = CollectorRegistry()
+    busy_mailbox(Metrics(alone), "m0@example.com")
+    assert counts[""] == series_by_mailbox(alone)[""]
+
+
+def test_the_mailbox_detail_keeps_every_breakdown_per_mailbox() -> None:
+    registry = CollectorRegistry()
+    busy_mailbox(Metrics(registry, detail="mailbox"), "m0@example.com")
+    assert series_by_mailbox(registry)["m0@example.com"] > 50
+    labels = {"mailbox": "m0@example.com", "kind": "tls"}
+    assert registry.get_sample_value("emailsync_connection_errors_total", labels) == 1
+
+
+def test_the_summary_sums_breakdowns_over_mailboxes_and_keeps_them_when_one_goes() -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    busy_mailbox(metrics, "a@example.com")
+    busy_mailbox(metrics, "b@example.com")
+    value = registry.get_sample_value
+    assert value("emailsync_connection_errors_total", {"kind": "tls"}) == 2
+    assert value("emailsync_connection_errors_total", {"kind": "some_new_kind"}) == 2
+    assert value("emailsync_sync_passes_total", {"trigger": "idle"}) == 2
+    assert value("emailsync_sync_pass_seconds_bucket", {"le": "0.25"}) == 2 * (len(TRIGGERS) + 1)
+    assert value("emailsync_messages_failed_total", {"mailbox": "a@example.com"}) == 4
+    assert value("emailsync_mailbox_state", {"mailbox": "a@example.com", "state": "idle"}) == 1
+    assert (
+        value("emailsync_mailbox_state", {"mailbox": "a@example.com", "state": "connecting"})
+        is None
+    )
+    metrics.forget_mailbox("a@example.com")
+    busy_mailbox(metrics, "a@example.com")  # back after a reload: its record starts at 0
+    # A counter summed over mailboxes never goes down (Prometheus would read a reset).
+    assert value("emailsync_connection_errors_total", {"kind": "tls"}) == 3
+    assert value("emailsync_sync_pass_seconds_count", {}) == 3 * (len(TRIGGERS) + 1)
+    assert value("emailsync_messages_failed_total", {"mailbox": "a@example.com"}) == 4
+
+
+def test_an_unknown_detail_is_refused() -> None:
+    with pytest.raises(ValueError, match="metrics detail"):
+        Metrics(CollectorRegistry(), detail="everything")
