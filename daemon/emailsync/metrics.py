@@ -387,18 +387,7 @@ def _samples(  # noqa: PLR0917 -- a private helper of collect(), called in one p
             family.add_sample(f"{full}_created", one, s.pass_created)
         return
     if label is None:
-        value = {
-            "messages_synced": s.synced,
-            "messages_received": s.received,
-            "timeline_events": s.timeline,
-            "refiled": s.later,
-            "auth_failures": s.auth_failures,
-            "queue_messages": s.queue,
-            "messages_stuck": s.stuck,
-            "queue_oldest_message_age_seconds": s.oldest_age,
-            "last_sync_timestamp_seconds": s.last_sync,
-            "token_expiry_timestamp_seconds": s.token_expiry,
-        }[name]
+        value = _scalar(name, s)
         if value is not None:
             _add(family, one, value, s.created)
         return
@@ -439,7 +428,14 @@ def _summary_samples(
         extra = sum(v for (f, _), (v, _) in (s.extra or {}).items() if f == name)
         family.add_sample(f"{full}_total", one, float(sum(s.failed) + extra))
         return
-    value = {
+    value = _scalar(name, s)
+    if value is not None:
+        family.add_sample(f"{full}_total" if family.type == "counter" else full, one, float(value))
+
+
+def _scalar(name: str, s: MailboxSeries) -> float | None:
+    """The value of one of a mailbox's unlabelled families (None: not known yet)."""
+    return {
         "messages_synced": s.synced,
         "messages_received": s.received,
         "timeline_events": s.timeline,
@@ -451,8 +447,6 @@ def _summary_samples(
         "last_sync_timestamp_seconds": s.last_sync,
         "token_expiry_timestamp_seconds": s.token_expiry,
     }[name]
-    if value is not None:
-        family.add_sample(f"{full}_total" if family.type == "counter" else full, one, float(value))
 
 
 def _retire(into: MailboxSeries, gone: MailboxSeries) -> None:
