@@ -94,7 +94,10 @@ def test_failed_mail_is_filed_once_its_address_is_linked_by_groups_add(
         "received",
         True,
     )
-    [refiled] = [e for e in log_events(daemon, "messages_refiled") if e["count"]]
+    # The pass logs its count just after its MOVE: the message can be seen first.
+    [refiled] = wait_until(
+        lambda: [e for e in log_events(daemon, "messages_refiled") if e["count"]]
+    )
     assert refiled["trigger"] == "link_change"
     # Linking it again is a change too, but nothing of it is left in Failed: no new event.
     link(daemon, "Smith", CLIENT)

@@ -71,6 +71,15 @@ def test_in_a_three_instance_cluster_the_owners_refile_their_own_mailboxes(
     assert sorted(event.mailboxes) == sorted(a.address for a in agents)
     # Each instance re-filed exactly the mailboxes it owns, each once.
     refiled: Counter[str] = Counter()
+
+    def logged_count() -> int:  # each pass logs its count just after its MOVEs
+        return sum(
+            e["count"]
+            for name in names
+            for e in log_events(cluster.daemons[name], "messages_refiled")
+        )
+
+    wait_until(lambda: logged_count() >= len(agents))
     for name in names:
         daemon = cluster.daemons[name]
         done = [e for e in log_events(daemon, "messages_refiled") if e["count"]]

@@ -148,7 +148,10 @@ def test_without_a_call_the_periodic_check_files_the_mail_of_addresses_linked_si
     wait_until(lambda: failed_for_no_group(user, "found by the check"))
     crm.link("g-late", "Late", [LATE])  # no changed_url: emailsync is not told
     wait_until(lambda: "found by the check" in folder_subjects(user, "Received"), 20)
-    [refiled] = [e for e in log_events(daemon, "messages_refiled") if e["count"]]
+    # The pass logs its count just after its MOVE: the message can be seen first.
+    [refiled] = wait_until(
+        lambda: [e for e in log_events(daemon, "messages_refiled") if e["count"]]
+    )
     assert refiled["trigger"] == "periodic"
     assert log_events(daemon, "refile_check_done")
     assert daemon.stop() == 0
