@@ -195,7 +195,15 @@ def _rss_bytes(pid: int) -> int:
     return 0
 
 
-def _config(home: Path, imap_port: int, listen_port: int, users: list[tuple[str, str]]) -> str:
+def bench_config(
+    home: Path,
+    imap_port: int,
+    listen_port: int,
+    users: list[tuple[str, str]],
+    daemon_keys: str = "",
+) -> str:
+    """A daemon config for ``users`` on the bench's Dovecot (passwords in 0600 files in
+    ``home``), with ``daemon_keys`` (TOML lines) added to its [daemon] table."""
     mailboxes = []
     for n, (address, password) in enumerate(users):
         secret = home / f"password{n}"
@@ -206,11 +214,10 @@ def _config(home: Path, imap_port: int, listen_port: int, users: list[tuple[str,
         )
     return f"""[daemon]
 state_dir = "{home / "state"}"
-store = "sqlite:///{home / "state" / "emailsync.db"}"
 listen = "127.0.0.1:{listen_port}"
 log_format = "json"
-log_level = "warning"
 timeout_seconds = 60
+{daemon_keys}
 
 [branches.bench]
 host = "127.0.0.1"
@@ -219,6 +226,11 @@ security = "none"
 allow_insecure = true
 
 {chr(10).join(mailboxes)}"""
+
+
+def _config(home: Path, imap_port: int, listen_port: int, users: list[tuple[str, str]]) -> str:
+    store = f'store = "sqlite:///{home / "state" / "emailsync.db"}"'
+    return bench_config(home, imap_port, listen_port, users, f'{store}\nlog_level = "warning"')
 
 
 def main(argv: list[str] | None = None) -> int:

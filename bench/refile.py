@@ -32,7 +32,7 @@ from pathlib import Path
 import imapclient
 from corpus import Directory
 from daemonproc import DaemonProcess
-from mailboxes import inotify_instances, make_users, settle
+from mailboxes import bench_config, inotify_instances, make_users, settle
 from testbed import Testbed
 
 from emailsync.devnet import free_port
@@ -138,29 +138,8 @@ def run_refile(testbed: Testbed, mailboxes: int, messages: int) -> RefileResult:
 
 
 def _config(home: Path, imap_port: int, listen_port: int, users: list[tuple[str, str]]) -> str:
-    mailboxes = []
-    for n, (address, password) in enumerate(users):
-        secret = home / f"password{n}"
-        secret.write_text(password + "\n", encoding="utf-8")
-        secret.chmod(0o600)
-        mailboxes.append(
-            f'[[mailboxes]]\naddress = "{address}"\nbranch = "bench"\npassword_file = "{secret}"\n'
-        )
-    return f"""[daemon]
-state_dir = "{home / "state"}"
-listen = "127.0.0.1:{listen_port}"
-log_format = "json"
-log_level = "info"
-timeout_seconds = 60
-sweep_seconds = 3600
-
-[branches.bench]
-host = "127.0.0.1"
-port = {imap_port}
-security = "none"
-allow_insecure = true
-
-{chr(10).join(mailboxes)}"""
+    keys = 'log_level = "info"\nsweep_seconds = 3600'
+    return bench_config(home, imap_port, listen_port, users, keys)
 
 
 def _message(frm: str, to: str, subject: str) -> bytes:
