@@ -24,6 +24,9 @@ never replaced); one rotation at a time (a lock file), a second is refused. New 
 encrypted with the newest key (the pending one while a rotation runs), and ``store_secret``
 re-writes a secret whose generation a rotation moved past between its encryption and its
 write, so a set-up racing a rotation never leaves a secret under a dropped generation.
+
+Every instance sharing a state database must hold the same key: ``emailsync.keycheck`` seals
+a constant there, and a vault whose key does not open it stores no secret (``guard``).
 """
 
 from __future__ import annotations
@@ -93,6 +96,10 @@ class Vault:
         directory = credentials_dir or (Path(env_dir) if env_dir else None)
         credential = directory / KEY_CREDENTIAL if directory is not None else None
         self.credential = credential if credential is not None and credential.exists() else None
+        # Called before a secret is encrypted for the store, and again after store_secret's
+        # write: raises when this key may not write secrets (emailsync.keycheck: the state
+        # database was set up with another key). None: no check.
+        self.guard: Callable[[], None] | None = None
 
     # -- keys -------------------------------------------------------------------------------
 
@@ -141,6 +148,18 @@ class Vault:
         """The current key generation."""
         return self._keys()[0]
 
+    @property
+    def generations(self) -> list[int]:
+        """Every generation this vault holds: the current one, then a pending one if any."""
+        current, keys = self._keys()
+        return [current, *sorted(g for g in keys if g != current)]
+
+    def describe(self) -> str:
+        """Where the key comes from, for messages (never the key)."""
+        if self.credential is not None:
+            return f"the systemd credential {KEY_CREDENTIAL} ({self.credential})"
+        return f"the file {self.path}"
+
     # -- secrets ----------------------------------------------------------------------------
 
     def encrypt(self, plaintext: str, address: str) -> bytes:
@@ -149,6 +168,8 @@ class Vault:
         The newest key is used: while a rotation runs that is the pending one, which outlives
         the rotation (the current one does not).
         """
+        if self.guard is not None:
+            self.guard()
         _, keys = self._keys()
         newest = max(keys)
         return _seal(keys[newest], newest, plaintext, address)
@@ -162,9 +183,13 @@ class Vault:
         the write and may have missed the row: it is written again under the newer key.
         """
         for _ in range(STORE_SECRET_ATTEMPTS):
+            if self.guard is not None:
+                self.guard()
             _, keys = self._keys()
             newest = max(keys)
             put(_seal(keys[newest], newest, plaintext, address))
+            if self.guard is not None:
+                self.guard()  # another instance rotated the key meanwhile: say so
             if max(self._keys()[1]) == newest:
                 return
         raise ConfigError([f"{address}: the registry key kept rotating; set it up again"])
@@ -172,7 +197,7 @@ class Vault:
     def decrypt(self, blob: bytes, address: str) -> Secret:
         """The secret in ``blob``; ConfigError (naming the mailbox only) when it cannot be read."""
         _, keys = self._keys()
-        key = keys.get(_blob_generation(blob))
+        key = keys.get(blob_generation(blob))
         if blob[:1] != _BLOB_VERSION or key is None:
             raise ConfigError([f"{address}: stored password is from an unknown key generation"])
         nonce, sealed = blob[5 : 5 + NONCE_BYTES], blob[5 + NONCE_BYTES :]
@@ -207,7 +232,7 @@ class Vault:
                 write_private_file(self.path, _key_file_text(current, keys))
 
             def convert(blob: bytes, address: str) -> bytes:
-                if _blob_generation(blob) == new:
+                if blob_generation(blob) == new:
                     return blob  # re-encrypted by an earlier, interrupted run, or a new set-up
                 plaintext = self.decrypt(blob, address).reveal()
                 return _seal(keys[new], new, plaintext, address)
@@ -312,7 +337,7 @@ def _seal(key: bytes, generation: int, plaintext: str, address: str) -> bytes:
     return _BLOB_VERSION + generation.to_bytes(4, "big") + nonce + sealed
 
 
-def _blob_generation(blob: bytes) -> int:
+def blob_generation(blob: bytes) -> int:
     return int.from_bytes(blob[1:5], "big")
 
 
