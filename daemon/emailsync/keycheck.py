@@ -28,7 +28,7 @@ from collections.abc import Callable
 import structlog
 
 from emailsync.errors import ConfigError, KeyUnavailableError
-from emailsync.store.failedindex import SqlEngine
+from emailsync.store.sqlcore import SqlEngine
 from emailsync.vault import Vault, blob_generation
 
 log = structlog.get_logger(__name__)

@@ -110,46 +110,6 @@ def test_an_es1_token_still_checks_without_an_id(tmp_path: Path) -> None:
     assert (granted.address, granted.token_id) == (AGENT, None)
 
 
-# -- the ledger (both databases) -------------------------------------------------------------
-
-
-def test_the_ledger_lists_revokes_by_id_or_address_and_records_the_last_use(
-    ledger: TokenLedger,
-) -> None:
-    def row(token_id: str, address: str, hours: int) -> IssuedToken:
-        return IssuedToken(
-            token_id, address, T0 + timedelta(hours=hours), "cli:root", T0 + timedelta(days=90)
-        )
-
-    for each in (row("a1", AGENT, 0), row("a2", AGENT, 1), row("b1", OTHER, 2)):
-        ledger.record_token(each)
-    ledger.record_token(row("a1", OTHER, 5))  # an id is recorded once: the first one stays
-    assert [t.id for t in ledger.issued_tokens()] == ["b1", "a2", "a1"]  # newest first
-    assert ledger.issued_token("a1") == row("a1", AGENT, 0)
-    assert ledger.issued_token("zz") is None
-
-    ledger.token_used("a2", T0 + timedelta(hours=3))
-    assert ledger.issued_token("a2") == IssuedToken(
-        "a2",
-        AGENT,
-        T0 + timedelta(hours=1),
-        "cli:root",
-        T0 + timedelta(days=90),
-        last_used_at=T0 + timedelta(hours=3),
-    )
-    revoked = ledger.revoke_tokens(T0 + timedelta(hours=4), token_id="a1")
-    assert [(t.id, t.revoked_at) for t in revoked] == [("a1", T0 + timedelta(hours=4))]
-    # Revoking again keeps the first revocation's time; by address: every token of it.
-    by_address = ledger.revoke_tokens(T0 + timedelta(hours=6), address=AGENT)
-    assert {t.id: t.revoked_at for t in by_address} == {
-        "a1": T0 + timedelta(hours=4),
-        "a2": T0 + timedelta(hours=6),
-    }
-    assert ledger.issued_token("b1") == row("b1", OTHER, 2)  # the other mailbox's untouched
-    assert ledger.revoke_tokens(T0, token_id="nope") == []
-    assert ledger.revoke_all_tokens(T0 + timedelta(hours=7)) == 1  # b1, the only one left
-
-
 # -- issuing, checking, revoking -------------------------------------------------------------
 
 

@@ -1,25 +1,19 @@
-"""The Store protocol against SqliteStore and PostgresStore (same semantics), open_store, CSV."""
+"""SqliteStore beyond the shared contract (test_store_contract.py): the file, its schema
+migrations, WAL and locks, open_store, the group CSV."""
 
 from __future__ import annotations
 
-import random
 import sqlite3
 import stat
-import threading
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import replace
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from emailsync.errors import ConfigError, StoreError, StoreUnavailableError
-from emailsync.model import Attachment, Direction, TimelineEvent, Via
+from emailsync.model import Direction, TimelineEvent, Via
 from emailsync.store import open_store, read_group_csv
-from emailsync.store.base import RegisteredMailbox, Store
-from emailsync.store.postgres import PostgresStore
+from emailsync.store.base import RegisteredMailbox
 from emailsync.store.sqlite import SqliteStore, _migrations, _statements
 
 BASE_TIME = datetime(2024, 5, 1, 9, 0, tzinfo=UTC)
@@ -54,323 +48,6 @@ def make_event(
         size=1234,
         filed_at=BASE_TIME + timedelta(minutes=minutes),
     )
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    """A fresh store of each kind with the groups Smith and Jones.
-
-    Every test taking this fixture runs against both, so both keep the same semantics.
-    """
-    opened: Store
-    if request.param == "sqlite":
-        opened = SqliteStore(tmp_path / "state" / "emailsync.db")
-    else:
-        opened = PostgresStore(request.getfixturevalue("pg_url"))
-    opened.add_group("Smith", ["client@example.org"])
-    opened.add_group("Jones", ["jones@example.net"])
-    yield opened
-    opened.close()
-
-
-# -- idempotency -----------------------------------------------------------------------------
-
-
-def test_recording_the_same_event_twice_creates_it_once(store: Store) -> None:
-    """The second recording of (group, message key) is a no-op and reports 0 new."""
-    assert store.record_events([make_event()]) == 1
-    assert store.record_events([make_event()]) == 0
-    assert len(store.list_events()) == 1
-
-
-def test_same_message_from_two_mailboxes_is_one_event_listing_both(store: Store) -> None:
-    """The same message queued by two agents gives one event naming both mailboxes."""
-    assert store.record_events([make_event(mailbox="agent1@example.com")]) == 1
-    assert store.record_events([make_event(mailbox="Agent2@Example.com")]) == 0
-    (event,) = store.list_events()
-    assert event.mailbox == "agent1@example.com"
-    assert event.mailboxes == ("agent1@example.com", "agent2@example.com")
-
-
-def test_each_mailbox_keeps_its_own_direction_on_the_one_event(store: Store) -> None:
-    """Issue 19 defect 15: outbound from the sender's mailbox, inbound from the recipient's;
-    the event's own direction stays the first filer's (for readers of the old shape)."""
-    inbound = replace(make_event(mailbox="agent2@example.com"), direction=Direction.INBOUND)
-    assert store.record_events([inbound]) == 1
-    assert store.record_events([make_event(mailbox="Agent1@Example.com")]) == 0
-    assert store.record_events([make_event(mailbox="agent1@example.com")]) == 0  # again
-    (event,) = store.list_events()
-    assert event.direction is Direction.INBOUND
-    assert event.via == (
-        Via("agent1@example.com", Direction.OUTBOUND),
-        Via("agent2@example.com", Direction.INBOUND),
-    )
-    assert event.mailboxes == ("agent1@example.com", "agent2@example.com")
-
-
-def test_body_truncated_round_trips(store: Store) -> None:
-    """Issue 19 defect 14: whether body_text is the whole text is kept with the event."""
-    store.record_events([replace(make_event(), body_truncated=True), make_event(key="k2")])
-    flags = {e.message_key: e.body_truncated for e in store.list_events()}
-    assert flags == {"k1": True, "k2": False}
-
-
-def test_distinct_message_keys_with_the_same_message_id_are_two_events(
-    store: Store,
-) -> None:
-    """A reused Message-ID does not merge different messages (DESIGN.md §1)."""
-    events = [make_event(key="k1"), make_event(key="k2", minutes=1)]
-    assert store.record_events(events) == 2
-    assert [e.message_key for e in store.list_events()] == ["k2", "k1"]
-
-
-def test_same_message_key_in_two_groups_is_one_event_per_group(store: Store) -> None:
-    """The idempotency key includes the group."""
-    assert store.record_events([make_event("Smith"), make_event("Jones")]) == 2
-
-
-def test_duplicates_inside_one_batch_count_once(store: Store) -> None:
-    """A batch repeating an event from another mailbox records it once, with both mailboxes."""
-    batch = [make_event(), make_event(mailbox="agent2@example.com")]
-    assert store.record_events(batch) == 1
-    (event,) = store.list_events()
-    assert event.mailboxes == ("agent1@example.com", "agent2@example.com")
-
-
-def test_recording_no_events_returns_zero(store: Store) -> None:
-    """An empty batch is fine and records nothing."""
-    assert store.record_events([]) == 0
-
-
-def test_an_event_reads_back_with_every_field(store: Store) -> None:
-    """Fields round-trip; datetimes come back timezone-aware in UTC."""
-    paris = timezone(timedelta(hours=2))
-    event = TimelineEvent(
-        group="Smith",
-        direction=Direction.INBOUND,
-        mailbox="agent1@example.com",
-        message_key="abc",
-        message_id=None,
-        subject="Viewing — Tuesday",
-        from_="Client <client@example.org>",
-        to="agent1@example.com",
-        cc="boss@example.com",
-        date=datetime(2024, 5, 1, 11, 30, tzinfo=paris),
-        body_text="Bonjour\nLine two",
-        attachments=(Attachment("plan.pdf", "application/pdf", 5000), Attachment("é.txt", "", 0)),
-        size=7777,
-        filed_at=datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC),
-    )
-    store.record_events([event])
-    (read,) = store.list_events()
-    assert read == replace(
-        event,
-        mailboxes=("agent1@example.com",),
-        via=(Via("agent1@example.com", Direction.INBOUND),),
-    )
-    assert read.date is not None
-    assert read.date.tzinfo is not None
-    assert read.date.utcoffset() == timedelta(0)
-    assert read.date == datetime(2024, 5, 1, 9, 30, tzinfo=UTC)
-
-
-def test_naive_datetimes_are_taken_as_utc(store: Store) -> None:
-    """A datetime without a zone is stored as UTC and read back aware."""
-    event = replace(
-        make_event(), date=datetime(2024, 1, 2, 3, 4), filed_at=datetime(2024, 1, 2, 3, 5)
-    )
-    store.record_events([event])
-    (read,) = store.list_events()
-    assert read.date == datetime(2024, 1, 2, 3, 4, tzinfo=UTC)
-    assert read.filed_at == datetime(2024, 1, 2, 3, 5, tzinfo=UTC)
-
-
-def test_events_for_an_unknown_group_raise_and_record_nothing(store: Store) -> None:
-    """The whole batch is refused when one event names a group that does not exist."""
-    with pytest.raises(StoreError, match="Nobody"):
-        store.record_events([make_event("Smith"), make_event("Nobody")])
-    assert store.list_events() == []
-
-
-def test_a_failure_mid_batch_rolls_back_the_whole_batch(store: Store) -> None:
-    """Nothing of a failed batch is kept, and the store keeps working afterwards."""
-    batch = [make_event(key=f"k{i}", minutes=i) for i in range(999)]
-    batch.append(make_event(key="last", mailbox="boom@example.com"))
-    with boom_trigger(store), pytest.raises(StoreError, match="boom"):
-        store.record_events(batch)
-    assert store.list_events() == []
-    assert store.record_events(batch) == 1000
-
-
-@contextmanager
-def boom_trigger(store: Store) -> Iterator[None]:
-    """A trigger, installed behind the store's back, that fails linking boom@example.com."""
-    if isinstance(store, SqliteStore):
-        saboteur = sqlite3.connect(store.path, isolation_level=None)
-        saboteur.execute(
-            "CREATE TRIGGER boom BEFORE INSERT ON event_mailboxes"
-            " WHEN NEW.mailbox = 'boom@example.com' BEGIN SELECT RAISE(ABORT, 'boom'); END"
-        )
-        try:
-            yield
-        finally:
-            saboteur.execute("DROP TRIGGER boom")
-            saboteur.close()
-        return
-    assert isinstance(store, PostgresStore)
-    with store.transaction("install trigger") as conn:
-        conn.execute(
-            "CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
-            " IF NEW.mailbox = 'boom@example.com' THEN RAISE EXCEPTION 'boom'; END IF;"
-            " RETURN NEW; END $$"
-        )
-        conn.execute(
-            "CREATE TRIGGER boom BEFORE INSERT ON event_mailboxes"
-            " FOR EACH ROW EXECUTE FUNCTION boom()"
-        )
-    try:
-        yield
-    finally:
-        with store.transaction("drop trigger") as conn:
-            conn.execute("DROP TRIGGER boom ON event_mailboxes")
-            conn.execute("DROP FUNCTION boom()")
-
-
-def test_a_batch_of_a_thousand_events_is_recorded(store: Store) -> None:
-    """A large batch records every event and reports each as new, once."""
-    batch = [make_event(key=f"k{i:04d}", minutes=i) for i in range(1000)]
-    assert store.record_events(batch) == 1000
-    assert store.record_events(batch) == 0
-    assert len(store.list_events()) == 1000
-
-
-# -- groups ------------------------------------------------------------------------------------
-
-
-def test_groups_for_addresses_returns_each_group_once_by_name_with_all_addresses(
-    store: Store,
-) -> None:
-    """Groups matched through several addresses appear once, carrying every address."""
-    store.add_group("Adams", ["shared@example.com", "adams@example.com"])
-    store.add_group("Smith", ["shared@example.com"])
-    groups = store.groups_for_addresses(
-        ["shared@example.com", "client@example.org", "nobody@example.com"]
-    )
-    assert [g.name for g in groups] == ["Adams", "Smith"]
-    assert groups[0].addresses == ("adams@example.com", "shared@example.com")
-    assert groups[1].addresses == ("client@example.org", "shared@example.com")
-
-
-def test_groups_for_addresses_ignores_case(store: Store) -> None:
-    """Addresses added and looked up in any case find the same group."""
-    store.add_group("Brown", ["Mixed.Case@Example.COM"])
-    (group,) = store.groups_for_addresses(["MIXED.case@example.com"])
-    assert group.name == "Brown"
-    assert group.addresses == ("mixed.case@example.com",)
-
-
-def test_groups_for_addresses_without_a_match_is_empty(store: Store) -> None:
-    """No match and no addresses both give no groups."""
-    assert store.groups_for_addresses(["stranger@example.com"]) == []
-    assert store.groups_for_addresses([]) == []
-
-
-def test_add_group_normalises_addresses(store: Store) -> None:
-    """Display forms, case and IDN domains are stored in the normalised form."""
-    group = store.add_group("Müller", ['"Hans" <Hans@Bücher.example>', "  X@Y.example "])
-    assert group.addresses == ("hans@xn--bcher-kva.example", "x@y.example")
-    assert store.groups_for_addresses(["hans@xn--bcher-kva.example"])[0].name == "Müller"
-
-
-def test_add_group_extends_an_existing_group(store: Store) -> None:
-    """Adding to an existing group keeps its addresses and adds the new ones once."""
-    group = store.add_group("Smith", ["second@example.org", "client@example.org"])
-    assert group.addresses == ("client@example.org", "second@example.org")
-    assert [g.name for g in store.list_groups()] == ["Jones", "Smith"]
-
-
-def test_add_group_rejects_an_invalid_address_naming_it_and_writes_nothing(
-    store: Store,
-) -> None:
-    """One bad address refuses the whole call, before the group is created."""
-    with pytest.raises(ValueError, match="not-an-address"):
-        store.add_group("New", ["ok@example.com", "not-an-address"])
-    assert [g.name for g in store.list_groups()] == ["Jones", "Smith"]
-
-
-def test_add_group_rejects_an_empty_name(store: Store) -> None:
-    """A blank group name is a ValueError."""
-    with pytest.raises(ValueError, match="empty group name"):
-        store.add_group("   ", ["ok@example.com"])
-
-
-def test_list_groups_includes_groups_without_addresses_in_name_order(
-    store: Store,
-) -> None:
-    """A group created with no addresses is listed, with none."""
-    store.add_group("Empty", [])
-    groups = store.list_groups()
-    assert [(g.name, g.addresses) for g in groups] == [
-        ("Empty", ()),
-        ("Jones", ("jones@example.net",)),
-        ("Smith", ("client@example.org",)),
-    ]
-
-
-def test_import_groups_counts_new_links_only(store: Store) -> None:
-    """Rows already linked, or repeated, are not counted; new groups are created."""
-    rows = [
-        ("Smith", "client@example.org"),  # already linked
-        ("Smith", "other@example.org"),
-        ("Taylor", "taylor@example.com"),
-        ("Taylor", "TAYLOR@example.com"),  # the same link again
-    ]
-    assert store.import_groups(rows) == 2
-    assert store.import_groups(rows) == 0
-    assert [g.name for g in store.groups_for_addresses(["taylor@example.com"])] == ["Taylor"]
-
-
-def test_import_groups_rejects_a_bad_row_and_writes_nothing(store: Store) -> None:
-    """The error names the row; the valid rows before it are not written either."""
-    with pytest.raises(ValueError, match=r"row 2: not an email address: 'bad'"):
-        store.import_groups([("Taylor", "taylor@example.com"), ("Taylor", "bad")])
-    assert store.groups_for_addresses(["taylor@example.com"]) == []
-
-
-# -- listing events --------------------------------------------------------------------------
-
-
-def test_list_events_filters_by_group_and_mailbox_newest_first(store: Store) -> None:
-    """Filters combine; a mailbox matches events it filed second too; limit caps."""
-    store.record_events(
-        [
-            make_event("Smith", "a", mailbox="agent1@example.com", minutes=1),
-            make_event("Jones", "b", mailbox="agent1@example.com", minutes=2),
-            make_event("Smith", "c", mailbox="agent2@example.com", minutes=3),
-        ]
-    )
-    store.record_events([make_event("Smith", "a", mailbox="agent2@example.com")])
-
-    def keys(
-        group: str | None = None, mailbox: str | None = None, limit: int | None = None
-    ) -> list[str]:
-        events = store.list_events(group=group, mailbox=mailbox, limit=limit)
-        return [event.message_key for event in events]
-
-    assert keys() == ["c", "b", "a"]
-    assert keys(group="Smith") == ["c", "a"]
-    assert keys(mailbox="agent2@example.com") == ["c", "a"]
-    assert keys(mailbox="AGENT1@example.com") == ["b", "a"]
-    assert keys(group="Jones", mailbox="agent2@example.com") == []
-    assert keys(limit=2) == ["c", "b"]
-    assert keys(group="Smith", limit=1) == ["c"]
-    assert keys(group="Unknown") == []
-
-
-def test_list_events_rejects_a_negative_limit(store: Store) -> None:
-    """A negative limit is a caller's mistake, not 'no limit'."""
-    with pytest.raises(ValueError, match="limit"):
-        store.list_events(limit=-1)
 
 
 # -- schema --------------------------------------------------------------------------------
@@ -418,38 +95,6 @@ def test_a_database_from_a_newer_emailsync_is_refused(tmp_path: Path) -> None:
 
 
 # -- concurrency and failures -------------------------------------------------------------------
-
-
-def test_concurrent_threads_recording_overlapping_events_give_exact_counts(
-    store: Store,
-) -> None:
-    """8 mailbox threads record the same 200 events in different orders: 200 new in total."""
-    mailboxes = [f"agent{i}@example.com" for i in range(8)]
-    keys = [f"k{i:03d}" for i in range(200)]
-    start = threading.Barrier(len(mailboxes))
-
-    def worker(index: int) -> int:
-        order = keys[:]
-        # A seeded shuffle, for a reproducible order per thread; nothing secret.
-        random.Random(index).shuffle(order)
-        start.wait()
-        new = 0
-        for offset in range(0, len(order), 10):
-            assert store.groups_for_addresses(["client@example.org"])
-            batch = [
-                make_event("Smith" if int(key[1:]) % 2 else "Jones", key, mailbox=mailboxes[index])
-                for key in order[offset : offset + 10]
-            ]
-            new += store.record_events(batch)
-        return new
-
-    with ThreadPoolExecutor(max_workers=len(mailboxes)) as pool:
-        results = list(pool.map(worker, range(len(mailboxes))))
-
-    assert sum(results) == len(keys)
-    events = store.list_events()
-    assert len(events) == len(keys)
-    assert all(event.mailboxes == tuple(sorted(mailboxes)) for event in events)
 
 
 def test_writing_while_another_process_holds_the_write_lock_is_unavailable(
@@ -619,13 +264,6 @@ def test_read_group_csv_rejects_text_that_is_not_utf8(tmp_path: Path) -> None:
     """A Latin-1 export is a clear ValueError, not a UnicodeDecodeError deep inside."""
     with pytest.raises(ValueError, match="not UTF-8"):
         read_group_csv(write_csv(tmp_path, "group,address\nMüller,m@example.com\n", "latin-1"))
-
-
-def test_imported_csv_rows_link_groups(store: Store, tmp_path: Path) -> None:
-    """read_group_csv feeds import_groups directly."""
-    rows = read_group_csv(write_csv(tmp_path, "group,address\nTaylor,t@example.com\n"))
-    assert store.import_groups(rows) == 1
-    assert store.groups_for_addresses(["t@example.com"])[0].name == "Taylor"
 
 
 def test_migration_scripts_split_at_statement_ends_only() -> None:

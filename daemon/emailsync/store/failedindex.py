@@ -15,7 +15,8 @@ A message indexed right after a lookup that a link change overtook would miss th
 ``add`` takes the id of the newest change seen before the lookup (``watermark``) and marks
 the rows of addresses changed since due at once.
 
-The SQL is written once, with ``?`` markers, for SQLite and PostgreSQL (``SqlEngine``).
+The SQL is written once, with ``?`` markers, for SQLite and PostgreSQL (``SqlEngine`` and
+``Dialect``, ``emailsync.store.sqlcore``).
 In PostgreSQL, writers of link changes hold an advisory lock, so change ids commit in order,
 and ``NOTIFY emailsync_links`` wakes the other instances (``emailsync.cluster``).
 """
@@ -26,11 +27,11 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Collection, Iterable, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from emailsync.store.rows import mailbox_key
+from emailsync.store.sqlcore import POSTGRESQL, SQLITE, SqlEngine, many
 
 # A message filed to Failed whose copy's UID is not known (no COPYUID): found by a scan.
 UNKNOWN_UID = 0
@@ -51,21 +52,6 @@ _ADDRESSES_OF_MAILBOXES = (
 )
 # Values per IN (…) list: far below SQLite's 32,766 and PostgreSQL's 65,535 parameters.
 CHUNK = 500
-
-
-@runtime_checkable
-class SqlEngine(Protocol):
-    """A SQL store the index can live in: SqliteStore or PostgresStore."""
-
-    param_marker: str  # "?" (sqlite3) or "%s" (psycopg)
-
-    def transaction(self, doing: str) -> AbstractContextManager[Any]:
-        """A connection in a write transaction, committed when the block ends."""
-        ...
-
-    def reading(self, doing: str) -> AbstractContextManager[Any]:
-        """A connection for reads (one consistent statement each)."""
-        ...
 
 
 @dataclass(frozen=True)
@@ -144,7 +130,7 @@ class FailedIndex:
                         (seen, *chunk),
                     ).fetchall()
                 )
-            _many(
+            many(
                 conn,
                 self._sql(
                     "INSERT INTO failed_index"
@@ -400,18 +386,6 @@ def _chunks(values: Sequence[Any]) -> list[Sequence[Any]]:
 
 
 def _sql(text: str, marker: str, listed: int = 0) -> str:
-    """A statement written with ``?`` in ``marker``s; ``(?…)`` becomes ``listed`` markers.
-
-    Only markers are ever put into the text: every value is a bound parameter.
-    """
-    text = text.replace("(?…)", "(" + ", ".join("?" * listed) + ")")
-    return text if marker == "?" else text.replace("?", marker)
-
-
-def _many(conn: Any, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-    """executemany on a cursor: sqlite3 and psycopg connections both give one."""
-    cursor = conn.cursor()
-    try:
-        cursor.executemany(sql, rows)
-    finally:
-        cursor.close()
+    """A statement written with ``?`` in ``marker``s; ``(?…)`` becomes ``listed`` markers
+    (``emailsync.store.sqlcore.Dialect.sql``)."""
+    return (SQLITE if marker == "?" else POSTGRESQL).sql(text, listed)

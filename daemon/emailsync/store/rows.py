@@ -1,46 +1,12 @@
-"""What the SQL stores share: checking names and addresses, folding rows, the events query."""
+"""What the SQL stores share: checking names and addresses, folding rows into values."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 from emailsync.address import normalise_address
 from emailsync.model import Direction, Group, TimelineEvent, Via
 from emailsync.store.base import IssuedToken
-
-
-@dataclass(frozen=True)
-class EventsQuery:
-    """The fragments of one engine's "list events" statement (its own placeholders).
-
-    ``build`` joins only these constant fragments; every value is a bound parameter.
-    """
-
-    select: str
-    where_group: str
-    where_mailbox: str
-    order_and_limit: str  # ends in the LIMIT placeholder
-    no_limit: object  # the LIMIT value meaning "no limit" (SQLite: -1, PostgreSQL: NULL)
-
-    def build(
-        self, *, group: str | None, mailbox: str | None, limit: int | None
-    ) -> tuple[str, list[object]]:
-        """The statement and its parameters: newest filed first, optionally one group's or
-        one mailbox's events, at most ``limit`` of them."""
-        if limit is not None and limit < 0:
-            raise ValueError(f"limit must not be negative, got {limit}")
-        conditions: list[str] = []
-        params: list[object] = []
-        if group is not None:
-            conditions.append(self.where_group)
-            params.append(group)
-        if mailbox is not None:
-            conditions.append(self.where_mailbox)
-            params.append(mailbox_key(mailbox))
-        params.append(self.no_limit if limit is None else limit)
-        where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
-        return self.select + where + self.order_and_limit, params
 
 
 def groups_from_rows(rows: Iterable[tuple[str, str | None]]) -> list[Group]:
@@ -96,51 +62,6 @@ def via_from_rows(rows: Iterable[Sequence[str | None]]) -> tuple[Via, ...]:
         for mailbox, direction in rows
     ]
     return tuple(sorted(found, key=lambda via: via.mailbox))
-
-
-@dataclass(frozen=True)
-class TokenSql:
-    """The agent_tokens statements (``TokenLedger``), written once for both engines.
-
-    Rows come in ``IssuedToken``'s field order; ``for_engine`` puts in an engine's
-    placeholder (SQLite ``?``, psycopg ``%s``).
-    """
-
-    insert: str = (
-        "INSERT INTO agent_tokens"
-        " (id, address, issued_at, issued_by, expires_at, last_used_at, revoked_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING"
-    )
-    every: str = (
-        "SELECT id, address, issued_at, issued_by, expires_at, last_used_at, revoked_at"
-        " FROM agent_tokens"
-    )
-    by_id: str = (
-        "SELECT id, address, issued_at, issued_by, expires_at, last_used_at, revoked_at"
-        " FROM agent_tokens WHERE id = ?"
-    )
-    by_address: str = (
-        "SELECT id, address, issued_at, issued_by, expires_at, last_used_at, revoked_at"
-        " FROM agent_tokens WHERE address = ?"
-    )
-    revoke_id: str = "UPDATE agent_tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL"
-    revoke_address: str = (
-        "UPDATE agent_tokens SET revoked_at = ? WHERE address = ? AND revoked_at IS NULL"
-    )
-    revoke_all: str = "UPDATE agent_tokens SET revoked_at = ? WHERE revoked_at IS NULL"
-    used: str = "UPDATE agent_tokens SET last_used_at = ? WHERE id = ?"
-
-    @classmethod
-    def for_engine(cls, placeholder: str) -> TokenSql:
-        """The statements with ``placeholder`` for each ``?``."""
-        return cls(**{name: text.replace("?", placeholder) for name, text in vars(cls()).items()})
-
-    @staticmethod
-    def revocation(token_id: str | None, address: str | None) -> tuple[bool, str]:
-        """(by id?, the id or address) of a revocation; ``ValueError`` unless exactly one."""
-        if (token_id is None) == (address is None):
-            raise ValueError("revoke one token id or one address")
-        return (True, token_id) if token_id is not None else (False, address or "")
 
 
 def newest_first(tokens: Iterable[IssuedToken]) -> list[IssuedToken]:

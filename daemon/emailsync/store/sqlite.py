@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sqlite3
 import threading
-import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -19,21 +17,12 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from emailsync.errors import StoreError, StoreUnavailableError
-from emailsync.model import Attachment, Direction, Group, TimelineEvent
+from emailsync.model import Group, TimelineEvent
 from emailsync.privilege import access_hint
 from emailsync.store.base import IssuedToken, Recorded, RegisteredBranch, RegisteredMailbox
-from emailsync.store.failedindex import LINK_CHANGE, record_link_changes
-from emailsync.store.rows import (
-    EventsQuery,
-    TokenSql,
-    checked_address,
-    checked_group_name,
-    event_links,
-    groups_from_rows,
-    mailbox_key,
-    newest_first,
-    via_from_rows,
-)
+from emailsync.store.sqlcore import to_iso as _to_iso
+from emailsync.store.timeline_sql import SqlTimeline
+from emailsync.store.tokens_sql import SqlTokens
 
 # How long a writer waits for another writer (another thread or a CLI process) to commit.
 BUSY_TIMEOUT_SECONDS = 5.0
@@ -57,63 +46,6 @@ _UNAVAILABLE_CODES = frozenset(
 # Extended result codes carry the primary code in their low byte.
 _PRIMARY_CODE_MASK = 0xFF
 
-_GROUP_IDS_BY_NAME = "SELECT name, id FROM groups WHERE name IN (SELECT value FROM json_each(?))"
-_INSERT_GROUP = "INSERT INTO groups (name) VALUES (?) ON CONFLICT (name) DO NOTHING"
-_INSERT_LINK = (
-    "INSERT INTO group_addresses (group_id, address) VALUES (?, ?)"
-    " ON CONFLICT (group_id, address) DO NOTHING"
-)
-_GROUPS_FOR_ADDRESSES = """
-    WITH matched AS (
-        SELECT DISTINCT group_id FROM group_addresses
-        WHERE address IN (SELECT value FROM json_each(?))
-    )
-    SELECT g.name, a.address
-    FROM matched
-    JOIN groups AS g ON g.id = matched.group_id
-    JOIN group_addresses AS a ON a.group_id = g.id
-    ORDER BY g.name, a.address
-"""
-_ALL_GROUPS = """
-    SELECT g.name, a.address
-    FROM groups AS g LEFT JOIN group_addresses AS a ON a.group_id = g.id
-    ORDER BY g.name, a.address
-"""
-_INSERT_EVENT = """
-    INSERT INTO timeline_events (
-        group_id, message_key, direction, mailbox, message_id, subject, from_, to_, cc,
-        date, body_text, attachments, size, filed_at, body_truncated
-    ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-    ON CONFLICT (group_id, message_key) DO NOTHING
-"""
-# The WHERE clause is needed anyway, and also tells SQLite's parser that ON CONFLICT
-# belongs to the INSERT, not to a join (https://sqlite.org/lang_upsert.html, "Parsing
-# Ambiguity"). A mailbox linked before its direction was kept (schema 4) gets it now.
-_LINK_EVENT_MAILBOX = """
-    INSERT INTO event_mailboxes (event_id, mailbox, direction)
-    SELECT id, ?, ? FROM timeline_events WHERE group_id = ? AND message_key = ?
-    ON CONFLICT (event_id, mailbox) DO UPDATE SET direction = excluded.direction
-    WHERE event_mailboxes.direction IS NULL
-"""
-_TOKEN_SQL = TokenSql.for_engine("?")
-# One statement, so the events and their mailboxes come from one consistent snapshot.
-_EVENTS = EventsQuery(
-    select="""
-    SELECT g.name, e.direction, e.mailbox, e.message_key, e.message_id, e.subject, e.from_,
-           e.to_, e.cc, e.date, e.body_text, e.attachments, e.size, e.filed_at,
-           (SELECT json_group_array(json_array(m.mailbox, m.direction))
-            FROM event_mailboxes AS m WHERE m.event_id = e.id) AS via,
-           e.body_truncated
-    FROM timeline_events AS e JOIN groups AS g ON g.id = e.group_id
-""",
-    where_group="g.name = ?",
-    where_mailbox=(
-        "EXISTS (SELECT 1 FROM event_mailboxes AS f WHERE f.event_id = e.id AND f.mailbox = ?)"
-    ),
-    order_and_limit=" ORDER BY e.filed_at DESC, e.id DESC LIMIT ?",
-    no_limit=-1,  # a negative LIMIT means no limit in SQLite
-)
-
 
 class SqliteStore:
     """The timeline store in one SQLite file, shared by every mailbox worker thread.
@@ -135,6 +67,8 @@ class SqliteStore:
         self._holders: weakref.WeakSet[_ConnectionHolder] = weakref.WeakSet()
         self._holders_lock = threading.Lock()
         self._closed = False
+        self._timeline = SqlTimeline(self)
+        self._tokens = SqlTokens(self)
         _create_private_file(path)
         try:
             self._migrate()
@@ -142,7 +76,7 @@ class SqliteStore:
             self.close()
             raise
 
-    # -- groups -------------------------------------------------------------------------
+    # -- groups and timeline (the SQL shared with PostgresStore) --------------------------
 
     def groups_for_addresses(self, addresses: Iterable[str]) -> list[Group]:
         """Groups linked to any of the (normalised) addresses, each once, ordered by name.
@@ -150,11 +84,7 @@ class SqliteStore:
         Each ``Group.addresses`` holds all addresses of the group, not only the matched ones.
         Addresses are compared case-insensitively.
         """
-        wanted = sorted({address.strip().lower() for address in addresses})
-        if not wanted:
-            return []
-        rows = self._query("look up groups", _GROUPS_FOR_ADDRESSES, (json.dumps(wanted),))
-        return groups_from_rows(rows)
+        return self._timeline.groups_for_addresses(addresses)
 
     def add_group(self, name: str, addresses: Iterable[str]) -> Group:
         """Create the group, or extend it, with the addresses; return it with all addresses.
@@ -162,53 +92,19 @@ class SqliteStore:
         Addresses are normalised; raises ``ValueError`` naming the first invalid name or
         address, before anything is written.
         """
-        group_name = checked_group_name(name)
-        links = sorted({checked_address(address) for address in addresses})
-        with self._transaction("add group") as conn:
-            conn.execute(_INSERT_GROUP, (group_name,))
-            (group_id,) = conn.execute(
-                "SELECT id FROM groups WHERE name = ?", (group_name,)
-            ).fetchone()
-            conn.executemany(_INSERT_LINK, [(group_id, address) for address in links])
-            # Their mail in Failed comes back (issue 22): logged with the link, one commit.
-            record_link_changes(conn, links, LINK_CHANGE, marker="?", now=time.time())
-            rows = conn.execute(
-                "SELECT address FROM group_addresses WHERE group_id = ? ORDER BY address",
-                (group_id,),
-            ).fetchall()
-        return Group(name=group_name, addresses=tuple(address for (address,) in rows))
+        return self._timeline.add_group(name, addresses)
 
     def import_groups(self, rows: Iterable[tuple[str, str]]) -> int:
         """Link ``(group, address)`` rows, creating groups as needed; return new links.
 
         Raises ``ValueError`` naming the first invalid row (counting from 1); nothing is
-        written then. Rows already linked are not counted.
+        written then. Rows already linked, or repeated, are not counted.
         """
-        links: list[tuple[str, str]] = []
-        for number, (name, address) in enumerate(rows, start=1):
-            try:
-                links.append((checked_group_name(name), checked_address(address)))
-            except ValueError as exc:
-                raise ValueError(f"row {number}: {exc}") from exc
-        if not links:
-            return 0
-        names = sorted({name for name, _ in links})
-        with self._transaction("import groups") as conn:
-            conn.executemany(_INSERT_GROUP, [(name,) for name in names])
-            ids = dict(conn.execute(_GROUP_IDS_BY_NAME, (json.dumps(names),)).fetchall())
-            # rowcount sums sqlite3_changes() over the batch; a link that existed adds 0.
-            cursor = conn.executemany(_INSERT_LINK, [(ids[name], addr) for name, addr in links])
-            new_links = cursor.rowcount
-            record_link_changes(
-                conn, [addr for _, addr in links], LINK_CHANGE, marker="?", now=time.time()
-            )
-            return new_links
+        return self._timeline.import_groups(rows)
 
     def list_groups(self) -> list[Group]:
         """Every group with all its addresses, ordered by name."""
-        return groups_from_rows(self._query("list groups", _ALL_GROUPS, ()))
-
-    # -- timeline -----------------------------------------------------------------------
+        return self._timeline.list_groups()
 
     def record_events(self, events: Sequence[TimelineEvent]) -> int:
         """Record events in one transaction; return how many were new.
@@ -217,34 +113,7 @@ class SqliteStore:
         ``mailbox`` (and any ``mailboxes``) to the stored event and creates no new event.
         Every group must exist; otherwise ``StoreError`` and nothing is recorded.
         """
-        if not events:
-            return 0
-        # Serialise before taking the write lock, to hold it as briefly as possible.
-        columns = [_event_columns(event) for event in events]
-        mailbox_links = [
-            (mailbox, direction, event.group, event.message_key)
-            for event in events
-            for mailbox, direction in sorted(event_links(event).items())
-        ]
-        names = sorted({event.group for event in events})
-        with self._transaction("record events") as conn:
-            ids: dict[str, int] = dict(
-                conn.execute(_GROUP_IDS_BY_NAME, (json.dumps(names),)).fetchall()
-            )
-            missing = [name for name in names if name not in ids]
-            if missing:
-                raise StoreError(f"store: cannot record events for unknown group(s) {missing}")
-            cursor = conn.executemany(
-                _INSERT_EVENT,
-                [(ids[event.group], *row) for event, row in zip(events, columns, strict=True)],
-            )
-            # sqlite3_changes() counts only rows this INSERT added, not conflicts skipped.
-            new_events = cursor.rowcount
-            conn.executemany(
-                _LINK_EVENT_MAILBOX,
-                [(mailbox, way, ids[group], key) for mailbox, way, group, key in mailbox_links],
-            )
-        return new_events
+        return self._timeline.record_events(events)
 
     def record_events_checked(self, events: Sequence[TimelineEvent]) -> Recorded:
         """``record_events``; the built-in store never refuses an event."""
@@ -258,8 +127,7 @@ class SqliteStore:
         ``group`` keeps one group's events, ``mailbox`` the events that mailbox filed (first
         or later); ``limit`` caps how many are returned.
         """
-        sql, params = _EVENTS.build(group=group, mailbox=mailbox, limit=limit)
-        return [_event_from_row(row) for row in self._query("list events", sql, params)]
+        return self._timeline.list_events(group=group, mailbox=mailbox, limit=limit)
 
     # -- registry (branches and mailboxes registered at run time) ---------------------------
 
@@ -368,55 +236,33 @@ class SqliteStore:
         with _translated(self.path, "checkpoint"):
             self._connection().execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
-    # -- agent tokens (the TokenLedger protocol) ------------------------------------------
+    # -- agent tokens (the TokenLedger protocol, SQL shared with PostgresStore) -------------
 
     def record_token(self, token: IssuedToken) -> None:
         """Record a token; an id recorded before keeps its first row."""
-        with self._transaction("record agent token") as txn:
-            txn.execute(
-                _TOKEN_SQL.insert,
-                (
-                    token.id,
-                    token.address,
-                    _iso_or_none(token.issued_at),
-                    token.issued_by,
-                    _iso_or_none(token.expires_at),
-                    _iso_or_none(token.last_used_at),
-                    _iso_or_none(token.revoked_at),
-                ),
-            )
+        self._tokens.record_token(token)
 
     def issued_token(self, token_id: str) -> IssuedToken | None:
         """The token with this id, or None."""
-        rows = self._query("read agent token", _TOKEN_SQL.by_id, (token_id,))
-        return _token_from_row(rows[0]) if rows else None
+        return self._tokens.issued_token(token_id)
 
     def issued_tokens(self) -> list[IssuedToken]:
         """Every token recorded, newest first (the es1 rows last)."""
-        rows = self._query("list agent tokens", _TOKEN_SQL.every, ())
-        return newest_first(_token_from_row(row) for row in rows)
+        return self._tokens.issued_tokens()
 
     def revoke_tokens(
         self, at: datetime, *, token_id: str | None = None, address: str | None = None
     ) -> list[IssuedToken]:
         """Revoke the token with this id, or every token of this address; the tokens named."""
-        by_id, value = TokenSql.revocation(token_id, address)
-        with self._transaction("revoke agent tokens") as txn:
-            revoke = _TOKEN_SQL.revoke_id if by_id else _TOKEN_SQL.revoke_address
-            txn.execute(revoke, (_to_iso(at), value))
-            select = _TOKEN_SQL.by_id if by_id else _TOKEN_SQL.by_address
-            rows = txn.execute(select, (value,)).fetchall()
-        return newest_first(_token_from_row(row) for row in rows)
+        return self._tokens.revoke_tokens(at, token_id=token_id, address=address)
 
     def revoke_all_tokens(self, at: datetime) -> int:
         """Revoke every token not revoked yet; how many."""
-        with self._transaction("revoke agent tokens") as txn:
-            return int(txn.execute(_TOKEN_SQL.revoke_all, (_to_iso(at),)).rowcount)
+        return self._tokens.revoke_all_tokens(at)
 
     def token_used(self, token_id: str, at: datetime) -> None:
         """Record the token's last use."""
-        with self._transaction("record agent token use") as txn:
-            txn.execute(_TOKEN_SQL.used, (_to_iso(at), token_id))
+        self._tokens.token_used(token_id, at)
 
     # -- connections ----------------------------------------------------------------------
 
@@ -637,86 +483,3 @@ def _has_code(sql: str) -> bool:
 
 def _now() -> str:
     return _to_iso(datetime.now(UTC))
-
-
-def _to_iso(moment: datetime) -> str:
-    """ISO 8601 in UTC with microseconds, so text order is time order (naive means UTC)."""
-    if moment.tzinfo is UTC:
-        return moment.isoformat(timespec="microseconds")  # already UTC: no conversion
-    if moment.utcoffset() is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).isoformat(timespec="microseconds")
-
-
-def _from_iso(text: str) -> datetime:
-    moment = datetime.fromisoformat(text)
-    return moment if moment.utcoffset() is not None else moment.replace(tzinfo=UTC)
-
-
-def _iso_or_none(moment: datetime | None) -> str | None:
-    return None if moment is None else _to_iso(moment)
-
-
-def _token_from_row(row: Sequence[Any]) -> IssuedToken:
-    token_id, address, issued_at, issued_by, *times = row
-    issued, expires, used, revoked = (
-        None if t is None else _from_iso(t) for t in (issued_at, *times)
-    )
-    return IssuedToken(token_id, address, issued, issued_by, expires, used, revoked)
-
-
-def _event_columns(event: TimelineEvent) -> tuple[object, ...]:
-    """The event's columns after ``group_id``, in ``_INSERT_EVENT`` order."""
-    attachments = "[]"  # most mail has none: skip json.dumps, a tenth of a batch's recording
-    if event.attachments:
-        attachments = json.dumps(
-            [
-                {"filename": a.filename, "content_type": a.content_type, "size": a.size}
-                for a in event.attachments
-            ],
-            ensure_ascii=False,
-        )
-    return (
-        event.message_key,
-        event.direction.value,
-        mailbox_key(event.mailbox),
-        event.message_id,
-        event.subject,
-        event.from_,
-        event.to,
-        event.cc,
-        None if event.date is None else _to_iso(event.date),
-        event.body_text,
-        attachments,
-        event.size,
-        _to_iso(event.filed_at),
-        event.body_truncated,
-    )
-
-
-def _event_from_row(row: Sequence[Any]) -> TimelineEvent:
-    (name, direction, mailbox, key, message_id, subject, from_, to, cc, date, body) = row[:11]
-    attachments, size, filed_at, via_json, body_truncated = row[11:]
-    via = via_from_rows(json.loads(via_json))
-    return TimelineEvent(
-        group=name,
-        direction=Direction(direction),
-        mailbox=mailbox,
-        message_key=key,
-        message_id=message_id,
-        subject=subject,
-        from_=from_,
-        to=to,
-        cc=cc,
-        date=None if date is None else _from_iso(date),
-        body_text=body,
-        attachments=tuple(
-            Attachment(filename=a["filename"], content_type=a["content_type"], size=a["size"])
-            for a in json.loads(attachments)
-        ),
-        size=size,
-        filed_at=_from_iso(filed_at),
-        mailboxes=tuple(v.mailbox for v in via),
-        body_truncated=bool(body_truncated),
-        via=via,
-    )
