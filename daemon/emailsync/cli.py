@@ -47,7 +47,7 @@ from emailsync.logs import configure_logging
 from emailsync.model import OUTCOME_KEYWORD, FolderRole, Outcome, TimelineEvent
 from emailsync.privilege import ActingUser, act_as_state_owner
 from emailsync.progress import progress
-from emailsync.store import check_store_url, open_store
+from emailsync.store import check_store_url, open_state, open_store, open_timeline
 from emailsync.store.base import Registry, Store
 from emailsync.store.csvimport import read_group_csv
 from emailsync.vault import Vault
@@ -483,21 +483,35 @@ def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
     # needs_reauth (its login fails), is alerted on, and the others run.
     for problem in mailbox_secret_problems(settings):
         log.error("mailbox_secret_unreadable", problem=problem)
-    with store_for(settings) as store:
-        return Supervisor(settings, store, cluster_factory=cluster_factory(settings, store)).run()
+    with contextlib.ExitStack() as stack:
+        state = open_state(settings.state_url, settings.daemon.state_dir)
+        stack.callback(state.close)
+        timeline = open_timeline(state, settings.crm)
+        if timeline is not state:
+            stack.callback(timeline.close)
+        return Supervisor(
+            settings,
+            timeline,
+            state=state,
+            cluster_factory=cluster_factory(settings, state, timeline),
+        ).run()
 
 
-def cluster_factory(settings: Settings, store: Store) -> ClusterFactory | None:
-    """With a shared PostgreSQL store, instances share the mailboxes by leases (cluster.py)."""
+def cluster_factory(settings: Settings, state: Store, timeline: Store) -> ClusterFactory | None:
+    """With a shared PostgreSQL state, instances share the mailboxes by leases (cluster.py).
+
+    The workers' timeline is ``timeline`` (the state's own tables, or the CRM), fenced by the
+    leases in ``state``.
+    """
     # Imported here: only a daemon with a PostgreSQL store loads psycopg and the cluster.
     from emailsync.cluster import Cluster  # noqa: PLC0415
     from emailsync.store.postgres import PostgresStore  # noqa: PLC0415
 
-    if not isinstance(store, PostgresStore):
+    if not isinstance(state, PostgresStore):
         return None
 
     def make(supervisor: Supervisor) -> Cluster:
-        return Cluster(store, supervisor, settings.cluster, supervisor.registry)
+        return Cluster(state, supervisor, settings.cluster, supervisor.registry, timeline=timeline)
 
     return make
 

@@ -112,8 +112,12 @@ class Cluster:
         daemon: ClusterDaemon,
         settings: ClusterSettings,
         registry: CollectorRegistry,
+        *,
+        timeline: Store | None = None,
     ) -> None:
         self.store = store
+        # Where the workers' groups come from and events go: the state's own tables or a CRM.
+        self.timeline: Store = timeline if timeline is not None else store
         self.daemon = daemon
         self.instance_id = settings.instance_id or default_instance_id()
         self.table = LeaseTable(store, self.instance_id, settings.lease_seconds)
@@ -139,7 +143,7 @@ class Cluster:
     def acquire_mailbox(self, address: str, fence: Fence, owed: OwedStartSync | None) -> None:
         """Start the worker with a store that carries the lease's fencing token; hand it the
         Start Sync its lease owes (published while the mailbox had no serving owner)."""
-        self.daemon.run_mailbox(address, FencedStore(self.store, fence, self.keeper))
+        self.daemon.run_mailbox(address, FencedStore(self.timeline, self.store, fence, self.keeper))
         if owed is not None:
             self.log.info(
                 "start_sync_owed",

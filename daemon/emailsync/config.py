@@ -92,7 +92,9 @@ class DaemonSettings:
     """The ``[daemon]`` table."""
 
     state_dir: Path = DEFAULT_STATE_DIR
-    store: str = ""
+    # The state database's URL (``[daemon] state``; ``store`` is its old name). Empty: the
+    # built-in SQLite file in state_dir.
+    state: str = ""
     listen_host: str = "127.0.0.1"
     listen_port: int = 9387
     # Where browsers reach the listener (a TLS proxy's https:// URL), without a trailing "/";
@@ -243,10 +245,20 @@ class Settings:
         raise ConfigError([f"{self.path}: no mailbox {address!r} in mailboxes"])
 
     @property
-    def store_url(self) -> str:
-        """The store URL; the built-in SQLite file in state_dir by default."""
+    def state_url(self) -> str:
+        """The state database's URL; the built-in SQLite file in state_dir by default."""
         database = (self.daemon.state_dir / "emailsync.db").absolute()
-        return self.daemon.store or f"sqlite://{database}"
+        return self.daemon.state or f"sqlite://{database}"
+
+    @property
+    def store_url(self) -> str:
+        """``state_url`` by its old name: the state database also holds the built-in timeline."""
+        return self.state_url
+
+    @property
+    def shared_state(self) -> bool:
+        """True when the state database is PostgreSQL, which several instances share."""
+        return self.daemon.state.split(":", 1)[0] in ("postgresql", "postgres")
 
 
 def default_config_path() -> Path:
@@ -286,19 +298,17 @@ def parse_settings(data: Mapping[str, Any], path: Path) -> Settings:
     cluster = ClusterSettings()
     if cluster_table is not None:
         cluster = _parse_cluster(cluster_table)
-        if daemon.store.split(":", 1)[0] not in ("postgresql", "postgres"):
+        if daemon.state.split(":", 1)[0] not in ("postgresql", "postgres"):
             cluster_table.problem(
                 "instance_id" if cluster_table.has("instance_id") else "lease_seconds",
-                '[cluster] needs daemon.store = "postgresql://…" (instances share through it)',
+                '[cluster] needs daemon.state = "postgresql://…" (instances share through it)',
             )
     o365_table = top.optional_table("office365")
     office365 = _parse_office365(o365_table, base_dir) if o365_table is not None else None
     crm_table = top.optional_table("crm")
+    # The timeline (where groups come from and events go) is the state database's built-in
+    # tables, or the CRM: either combines with either state database (issue 20).
     crm = _parse_crm(crm_table, base_dir) if crm_table is not None else None
-    if crm is not None and daemon.store:
-        problems.append(
-            f"{path}: daemon.store: give either daemon.store or a [crm] table, not both"
-        )
     mailboxes: list[MailboxSettings] = []
     seen: set[str] = set()
     for entry in top.array_of_tables("mailboxes"):
@@ -550,10 +560,14 @@ def _parse_daemon(table: _Table, base_dir: Path) -> DaemonSettings:
     host, port = _parse_listen(listen) or ("127.0.0.1", 9387)
     public_url = table.get("public_url", str, "", _check_public_url)
     token_file = table.path_value("control_token_file", base_dir)
-    store = table.get("store", str, "", _check_store_url)
+    state = table.get("state", str, "", _check_state_url)
+    # ``store`` is the key's old name (before the state/timeline split): still understood.
+    old = table.get("store", str, "", _check_state_url)
+    if old and state:
+        table.problem("store", "is the old name of daemon.state: give daemon.state only")
     return DaemonSettings(
         state_dir=state_dir,
-        store=store,
+        state=state or old,
         listen_host=host,
         listen_port=port,
         public_url=public_url.rstrip("/") if _check_public_url(public_url) is None else "",
@@ -605,16 +619,12 @@ def _check_agent_token_days(value: int) -> str | None:
     return f"must be 1 to {MAX_AGENT_TOKEN_DAYS} days, or 0 for links that never expire"
 
 
-def _check_store_url(value: str) -> str | None:
-    if value == "" or value.split(":", 1)[0] in (
-        "sqlite",
-        "postgresql",
-        "postgres",
-        "https",
-        "http",
-    ):
+def _check_state_url(value: str) -> str | None:
+    if value == "" or value.split(":", 1)[0] in ("sqlite", "postgresql", "postgres"):
         return None
-    return "must be a sqlite:///…, postgresql://… or https://… URL"
+    if value.split(":", 1)[0] in ("https", "http"):
+        return "is emailsync's own database (sqlite:/// or postgresql://); a CRM goes in [crm] url"
+    return "must be a sqlite:///… or postgresql://… URL"
 
 
 def _check_instance_id(value: str) -> str | None:

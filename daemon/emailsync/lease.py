@@ -52,7 +52,7 @@ from emailsync.config import WORKER_STOP_SECONDS
 from emailsync.errors import LeaseLostError, StoreError
 from emailsync.metrics import ClusterMetrics
 from emailsync.model import Fence, Group, TimelineEvent
-from emailsync.store.base import Recorded
+from emailsync.store.base import Recorded, Store
 from emailsync.store.postgres import PostgresStore
 
 log = structlog.get_logger(__name__)
@@ -607,15 +607,23 @@ class LeaseKeeper:
 
 
 class FencedStore:
-    """The store as one leased mailbox's worker sees it: every write carries the fence.
+    """The timeline as one leased mailbox's worker sees it: nothing happens without the lease.
 
-    Reads before filing check the lease too (locally, then in the database), so a worker
-    that woke up without its lease fails its pass with ``LeaseLostError`` before it decides
-    to move anything, including messages that would go to Failed without an event.
+    ``timeline`` is the state database's own tables (``state`` itself) or a CRM. Reads before
+    filing check the lease too (locally, then in the database), so a worker that woke up
+    without its lease fails its pass with ``LeaseLostError`` before it decides to move
+    anything, including messages that would go to Failed without an event. Built-in events
+    are recorded with the fence checked in their transaction; a CRM's are delivered only after
+    the database said the generation is still this instance's. ``check_lease`` (right before
+    the MOVEs) asks the database again: a paused instance woken after its lease moved
+    delivers nothing and moves nothing (issue 20).
     """
 
-    def __init__(self, store: PostgresStore, fence: Fence, keeper: LeaseKeeper) -> None:
-        self.store = store
+    def __init__(
+        self, timeline: Store, state: PostgresStore, fence: Fence, keeper: LeaseKeeper
+    ) -> None:
+        self.timeline = timeline
+        self.store = state
         self.fence = fence
         self.keeper = keeper
 
@@ -629,45 +637,50 @@ class FencedStore:
     def check_lease(self) -> None:
         """Raise ``LeaseLostError`` once the lease is gone (``LeaseBound``; before a move).
 
-        On this instance's own clock, without a round trip: the events were just recorded
-        under the database's check, and the local deadline ends a tenth of the lease before
-        the database lets another instance in.
+        On this instance's own clock first, then in the database: one round trip a batch.
         """
         self._check_local()
+        self.store.check_fence(self.fence)
 
     def groups_for_addresses(self, addresses: Iterable[str]) -> list[Group]:
         """As ``Store``; refused with ``LeaseLostError`` once the lease is gone."""
         self._check_local()
         self.store.check_fence(self.fence)
-        return self.store.groups_for_addresses(addresses)
+        return self.timeline.groups_for_addresses(addresses)
 
     def record_events(self, events: Sequence[TimelineEvent]) -> int:
-        """As ``Store``, with the fence checked in the recording transaction."""
+        """As ``Store``, with the fence checked in the recording transaction or before."""
         self._check_local()
-        return self.store.record_events(events, fence=self.fence)
+        if self.timeline is self.store:
+            return self.store.record_events(events, fence=self.fence)
+        self.store.check_fence(self.fence)
+        return self.timeline.record_events(events)
 
     def record_events_checked(self, events: Sequence[TimelineEvent]) -> Recorded:
-        """As ``Store``, with the fence checked in the recording transaction."""
+        """As ``Store``, with the fence checked in the recording transaction or before."""
         self._check_local()
-        return self.store.record_events_checked(events, fence=self.fence)
+        if self.timeline is self.store:
+            return self.store.record_events_checked(events, fence=self.fence)
+        self.store.check_fence(self.fence)
+        return self.timeline.record_events_checked(events)
 
     def add_group(self, name: str, addresses: Iterable[str]) -> Group:
         """As ``Store``."""
-        return self.store.add_group(name, addresses)
+        return self.timeline.add_group(name, addresses)
 
     def import_groups(self, rows: Iterable[tuple[str, str]]) -> int:
         """As ``Store``."""
-        return self.store.import_groups(rows)
+        return self.timeline.import_groups(rows)
 
     def list_groups(self) -> list[Group]:
         """As ``Store``."""
-        return self.store.list_groups()
+        return self.timeline.list_groups()
 
     def list_events(
         self, *, group: str | None = None, mailbox: str | None = None, limit: int | None = None
     ) -> list[TimelineEvent]:
         """As ``Store``."""
-        return self.store.list_events(group=group, mailbox=mailbox, limit=limit)
+        return self.timeline.list_events(group=group, mailbox=mailbox, limit=limit)
 
     def register_metrics(self, registry: CollectorRegistry) -> None:
         """Nothing: the shared store's metrics are registered once, by the supervisor."""

@@ -212,6 +212,13 @@ class _PendingSignIn:
     expires_at: float  # time.monotonic()
 
 
+def state_of(store: object) -> object:
+    """The state database behind a timeline: itself, or the one a CRM's store keeps its in."""
+    state = getattr(store, "state", None)  # an HttpStore
+    opened = state() if callable(state) else None
+    return opened if opened is not None else store
+
+
 class Supervisor:
     """Owns the workers, the HTTP listener and the scheduler; runs in the main thread."""
 
@@ -225,9 +232,13 @@ class Supervisor:
         notifier: Notifier | None = None,
         worker_factory: WorkerFactory = MailboxWorker,
         cluster_factory: ClusterFactory | None = None,
+        state: object | None = None,
     ) -> None:
         self.settings = settings
+        # The timeline (groups, events: the state database's tables, or the CRM) and the state
+        # database (emailsync's own data); the same object unless a [crm] is the timeline.
         self.store = store
+        self.state: object = state if state is not None else state_of(store)
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry, settings.daemon.metrics_detail)
         store.register_metrics(self.registry)
@@ -257,7 +268,9 @@ class Supervisor:
         self._last_watchdog = 0.0
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self.web: WebServer | None = None
-        self.mailbox_registry: Registry | None = store if isinstance(store, Registry) else None
+        self.mailbox_registry: Registry | None = (
+            self.state if isinstance(self.state, Registry) else None
+        )
         self.vault = Vault(settings.daemon.state_dir)
         self._tokens: AgentTokens | None = None  # see _agent_tokens
         self._tokens_lock = threading.Lock()
@@ -274,7 +287,7 @@ class Supervisor:
         # With a shared store, leases decide which mailboxes this instance runs (cluster.py).
         self.cluster = cluster_factory(self) if cluster_factory is not None else None
         # Failed mail comes back by itself when its group appears (issue 22, linkwatch.py).
-        index = failed_index(store)
+        index = failed_index(self.state)
         self.links = (
             LinkChanges(
                 settings,
@@ -486,7 +499,7 @@ class Supervisor:
         the SQLite file of state_dir, which is then opened only when tokens are used)."""
         with self._tokens_lock:  # not self._lock: this may open a file
             if self._tokens is None:
-                ledger, self._close_ledger = ledger_for(self.store, self.settings.daemon.state_dir)
+                ledger, self._close_ledger = ledger_for(self.state, self.settings.daemon.state_dir)
                 self._tokens = AgentTokens(
                     self.vault, ledger, default_days=self.settings.daemon.agent_token_days
                 )

@@ -172,7 +172,7 @@ def test_full_config_with_every_documented_key_loads_to_the_expected_values(
         path=path,
         daemon=DaemonSettings(
             state_dir=tmp_path / "state",
-            store="postgresql://emailsync@db.example.com/emailsync",
+            state="postgresql://emailsync@db.example.com/emailsync",
             listen_host="::1",
             listen_port=9400,
             control_token=SecretSource(file=tmp_path / "control-token"),
@@ -839,7 +839,7 @@ def test_mailbox_address_of_the_wrong_type_also_needs_no_other_report(tmp_path: 
         (
             '[daemon]\nstore = "mysql://db"\n',
             "daemon.store",
-            "must be a sqlite:///…, postgresql://… or https://… URL",
+            "must be a sqlite:///… or postgresql://… URL",
         ),
         ('[daemon]\nstate_dir = ""\n', "daemon.state_dir", "must not be empty"),
         ("[daemon]\nsweep_seconds = 0\n", "daemon.sweep_seconds", "must be greater than 0"),
@@ -1445,7 +1445,7 @@ def test_check_config_of_a_good_config_exits_0_with_an_ok_line(
 @pytest.mark.parametrize(
     ("url", "why"),
     [
-        ("https://db.example.com/emailsync", "unsupported store URL scheme 'https'"),
+        ("https://db.example.com/emailsync", "a CRM goes in [crm] url"),
         ("sqlite://db.example.com/x.db", "names a host"),
         ("sqlite:///x.db?mode=ro", "has a query or fragment"),
     ],
@@ -1862,3 +1862,38 @@ def test_agent_links_expire_after_90_days_unless_the_config_says_otherwise(
     assert load(tmp_path, textwrap.dedent(MINIMAL)).daemon.agent_token_days == 90
     never = "[daemon]\nagent_token_days = 0\n" + textwrap.dedent(MINIMAL)
     assert load(tmp_path, never).daemon.agent_token_days == 0
+
+
+@pytest.mark.parametrize("key", ["state", "store"])
+def test_the_state_database_is_named_by_state_or_by_its_old_name_store(
+    tmp_path: Path, key: str
+) -> None:
+    """A config that named the database ``store`` (before issue 20) still loads the same."""
+    path = tmp_path / "emailsync.toml"
+    path.write_text(f'[daemon]\n{key} = "postgresql://emailsync@db/emailsync"\n')
+
+    settings = load_settings(path)
+
+    assert settings.state_url == "postgresql://emailsync@db/emailsync"
+    assert settings.shared_state
+
+
+def test_state_and_its_old_name_together_are_refused_naming_the_old_key(tmp_path: Path) -> None:
+    """Two URLs for one database: the old key is named, with what to do."""
+    problems = problems_of(
+        tmp_path, '[daemon]\nstate = "sqlite:///a.db"\nstore = "sqlite:///b.db"\n'
+    )
+
+    assert problems == [
+        f"{tmp_path / 'emailsync.toml'}: daemon.store: is the old name of daemon.state:"
+        " give daemon.state only"
+    ]
+
+
+def test_a_crm_url_given_as_the_state_database_says_where_it_belongs(tmp_path: Path) -> None:
+    """``state = "https://crm…"`` is a mix-up of the two choices: the message says so."""
+    problems = problems_of(tmp_path, '[daemon]\nstate = "https://crm.example/v1"\n')
+
+    assert len(problems) == 1
+    assert "daemon.state: " in problems[0]
+    assert "a CRM goes in [crm] url" in problems[0]

@@ -48,7 +48,7 @@ def test_cluster_keys_are_read(tmp_path: Path) -> None:
         ("[cluster]\nlease_seconds = 1\n", PG, "cluster.lease_seconds: must be at least 12"),
         ("[cluster]\nlease_seconds = 3601\n", PG, "cluster.lease_seconds: must be at most 3600"),
         ('[cluster]\ninstance_id = "a b"\n', PG, "cluster.instance_id: must be 1-100 letters"),
-        ("[cluster]\nlease_seconds = 10\n", "sqlite:///x.db", "needs daemon.store"),
+        ("[cluster]\nlease_seconds = 10\n", "sqlite:///x.db", "needs daemon.state"),
         ('[cluster]\nowner = "x"\n', PG, "cluster.owner: unknown key"),
     ],
 )

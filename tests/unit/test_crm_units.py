@@ -215,11 +215,6 @@ def test_a_crm_table_is_parsed_with_defaults(tmp_path: Path) -> None:
             '[crm]\nurl = "https://c.example"\nsecret_env = "X"\nport = 1\n',
             "crm.port: unknown key",
         ),
-        (
-            '[daemon]\nstore = "sqlite:///tmp/x.db"\n'
-            '[crm]\nurl = "https://c.example"\nsecret_env = "X"\n',
-            "daemon.store: give either daemon.store or a [crm] table",
-        ),
     ],
 )
 def test_crm_config_problems_name_the_file_and_key(

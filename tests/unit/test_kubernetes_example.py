@@ -71,7 +71,7 @@ def test_the_configmap_holds_a_valid_cluster_config_without_secrets(
     path = tmp_path / config_name
     path.write_text(text, encoding="utf-8")
     settings = load_settings(path)
-    store = urlsplit(settings.daemon.store)
+    store = urlsplit(settings.daemon.state)
     assert store.scheme == "postgresql"
     assert store.password is None
     secret = objects["Secret"]

@@ -139,7 +139,7 @@ def test_a_stale_owner_records_nothing(store: PostgresStore) -> None:
     first.tick()
     mailbox = MAILBOXES[0]
     stale = first_daemon.running[mailbox]
-    fenced = FencedStore(store, stale, first)
+    fenced = FencedStore(store, store, stale, first)
     assert fenced.record_events([event(mailbox, "before")]) == 1  # the owner may write
     time.sleep(1.6)
     second.tick()
@@ -152,7 +152,7 @@ def test_a_stale_owner_records_nothing(store: PostgresStore) -> None:
     with pytest.raises(LeaseLostError):
         store.record_events([event(mailbox, "after")], fence=stale)
     assert [e.message_key for e in store.list_events()] == ["before"]
-    current = FencedStore(store, second_daemon.running[mailbox], second)
+    current = FencedStore(store, store, second_daemon.running[mailbox], second)
     assert current.record_events([event(mailbox, "after")]) == 1
 
 
@@ -388,7 +388,7 @@ def test_a_renewal_that_lands_after_the_local_deadline_does_not_keep_a_parked_wo
     first.tick()
     mailbox = MAILBOXES[0]
     old = daemon.running[mailbox]
-    fenced = FencedStore(store, old, first)
+    fenced = FencedStore(store, store, old, first)
     time.sleep(1.0)  # the next renewal starts later than the last: its deadline is later too
     with psycopg.connect(pg_url) as blocker:
         blocker.execute("SELECT 1 FROM mailbox_leases WHERE owner = 'a' FOR UPDATE")
@@ -412,7 +412,7 @@ def test_a_renewal_that_lands_after_the_local_deadline_does_not_keep_a_parked_wo
     new = daemon.running[mailbox]
     assert new.generation > old.generation
     assert first.holds(new)
-    assert FencedStore(store, new, first).groups_for_addresses(["client@example.org"])
+    assert FencedStore(store, store, new, first).groups_for_addresses(["client@example.org"])
     # Every lease lapsed the same way (all waited on the lock): all restarted, none kept.
     assert metrics.get_sample_value("emailsync_lease_losses_total") == len(MAILBOXES)
     assert all(first.holds(fence) for fence in daemon.running.values())

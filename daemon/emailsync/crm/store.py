@@ -7,7 +7,7 @@ import threading
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from prometheus_client import CollectorRegistry
@@ -22,6 +22,9 @@ from emailsync.metrics import CrmMetrics
 from emailsync.model import Group, TimelineEvent
 from emailsync.store.base import Recorded
 from emailsync.store.sqlite import SqliteStore
+
+if TYPE_CHECKING:
+    from emailsync.store import StateStore
 
 log = structlog.get_logger(__name__)
 
@@ -59,6 +62,8 @@ class HttpStore:
         *,
         client: CrmClient | None = None,
         state_path: Path | None = None,
+        state: StateStore | None = None,
+        owns_state: bool = False,
     ) -> None:
         self.settings = settings
         self.client = client or CrmClient(settings, settings.secret.read())
@@ -66,13 +71,18 @@ class HttpStore:
         self.metrics: CrmMetrics | None = None
         self._closed = threading.Event()
         # emailsync's own data beside the CRM's (the Failed-for-no-group index, issue 22):
-        # the built-in SQLite file, opened when first needed.
+        # the state database the daemon opened (``state``: its owner closes it), or the
+        # built-in SQLite file at ``state_path``, opened when first needed and closed here.
         self._state_path = state_path
-        self._state: SqliteStore | None = None
+        self._given_state = state
+        self._owns_state = owns_state
+        self._state: StateStore | None = None
         self._state_lock = threading.Lock()
 
-    def state(self) -> SqliteStore | None:
+    def state(self) -> StateStore | None:
         """The state database (opened on first use); None when this store was given none."""
+        if self._given_state is not None:
+            return self._given_state
         if self._state_path is None:
             return None
         with self._state_lock:
@@ -210,6 +220,8 @@ class HttpStore:
             state, self._state = self._state, None
         if state is not None:
             state.close()
+        if self._owns_state and self._given_state is not None:
+            self._given_state.close()
 
     # -- helpers --------------------------------------------------------------------------------
 
