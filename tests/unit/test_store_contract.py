@@ -31,7 +31,14 @@ from emailsync.devpostgres import Postgres
 from emailsync.errors import StoreError
 from emailsync.model import Attachment, Direction, TimelineEvent, Via
 from emailsync.store import read_group_csv
-from emailsync.store.base import IssuedToken, Store, TokenLedger
+from emailsync.store.base import (
+    IssuedToken,
+    RegisteredBranch,
+    RegisteredMailbox,
+    Registry,
+    Store,
+    TokenLedger,
+)
 from emailsync.store.failedindex import failed_index
 from emailsync.store.postgres import PostgresStore
 from emailsync.store.sqlite import SqliteStore
@@ -647,3 +654,126 @@ def test_imported_csv_rows_link_groups(store: Store, tmp_path: Path) -> None:
     path.write_text("group,address\nTaylor,t@example.com\n", encoding="utf-8")
     assert store.import_groups(read_group_csv(path)) == 1
     assert store.groups_for_addresses(["t@example.com"])[0].name == "Taylor"
+
+
+# -- the registry (Registry): branches, mailboxes, secrets, stops, the per-mailbox lock -------
+
+
+@pytest.fixture
+def registry(empty: SqliteStore | PostgresStore) -> Registry:
+    """The registry of each kind of state database."""
+    assert isinstance(empty, Registry)
+    return empty
+
+
+def mailbox(address: str = AGENT, **changes: object) -> RegisteredMailbox:
+    """A registered password mailbox on branch london (``changes`` replace fields)."""
+    return replace(
+        RegisteredMailbox(address, "london", "password", address, True, False), **changes
+    )
+
+
+def stored_secrets(engine: SqliteStore | PostgresStore) -> list[bytes]:
+    """Every secret the registry table holds, read past the Registry methods."""
+    with engine.reading("test: raw secrets") as conn:
+        rows = conn.execute("SELECT secret FROM registered_mailboxes").fetchall()
+    return [bytes(row[0]) for row in rows if row[0] is not None]
+
+
+def test_a_branch_is_new_once_then_replaced_and_listed_by_name(registry: Registry) -> None:
+    assert registry.put_branch(RegisteredBranch("paris", "imap.fr", 993, "ssl")) is True
+    assert registry.put_branch(RegisteredBranch("London", "imap.uk", 143, "starttls", "/ca.pem"))
+    assert registry.put_branch(RegisteredBranch("paris", "imap2.fr", 143, "none")) is False
+    assert registry.registered_branches() == [
+        RegisteredBranch("London", "imap.uk", 143, "starttls", "/ca.pem"),
+        RegisteredBranch("paris", "imap2.fr", 143, "none", None),
+    ]
+
+
+def test_a_mailbox_round_trips_without_its_secret_and_the_secret_apart(
+    registry: Registry,
+) -> None:
+    registry.put_mailbox(mailbox(trigger="manual"), b"sealed-1")
+    registry.put_mailbox(mailbox(OTHER, auth="office365", has_secret=False, branch=""), None)
+    assert registry.registered_mailboxes() == [
+        mailbox(trigger="manual"),
+        mailbox(OTHER, auth="office365", has_secret=False, branch=""),
+    ]
+    assert registry.registered_mailbox(AGENT) == mailbox(trigger="manual")
+    assert registry.registered_mailbox("nobody@example.com") is None
+    assert registry.mailbox_secret(AGENT) == b"sealed-1"
+    assert registry.mailbox_secret(OTHER) is None
+    assert registry.mailbox_secret("nobody@example.com") is None
+    # Set up again: the row and the secret are replaced.
+    registry.put_mailbox(mailbox(username="a.gent", branch="paris"), b"sealed-2")
+    assert registry.registered_mailbox(AGENT) == mailbox(username="a.gent", branch="paris")
+    assert registry.mailbox_secret(AGENT) == b"sealed-2"
+
+
+def test_forgetting_a_mailbox_takes_its_secret_out_of_the_table(
+    empty: SqliteStore | PostgresStore,
+) -> None:
+    empty.put_mailbox(mailbox(), b"sealed-agent")
+    empty.put_mailbox(mailbox(OTHER), b"sealed-other")
+    assert empty.remove_mailbox(AGENT) is True
+    assert empty.remove_mailbox(AGENT) is False
+    assert empty.registered_mailbox(AGENT) is None
+    assert empty.mailbox_secret(AGENT) is None
+    assert stored_secrets(empty) == [b"sealed-other"]
+
+
+def test_reencrypting_rewrites_every_secret_in_one_go(registry: Registry) -> None:
+    registry.put_mailbox(mailbox(), b"a")
+    registry.put_mailbox(mailbox(OTHER), b"b")
+    registry.put_mailbox(mailbox("o365@example.com", auth="office365", has_secret=False), None)
+    assert registry.reencrypt_secrets(lambda blob, address: blob + address.encode()) == 2
+    assert registry.mailbox_secret(AGENT) == b"a" + AGENT.encode()
+    assert registry.mailbox_secret(OTHER) == b"b" + OTHER.encode()
+    assert registry.mailbox_secret("o365@example.com") is None
+
+
+def test_a_stop_holds_until_cleared_and_is_recorded_once(registry: Registry) -> None:
+    assert registry.stopped_mailboxes() == set()
+    registry.record_stop(AGENT)
+    registry.record_stop(AGENT)
+    registry.record_stop(OTHER)
+    assert registry.stopped_mailboxes() == {AGENT, OTHER}
+    assert registry.is_stopped(AGENT)
+    assert registry.clear_stop(AGENT) is True
+    assert registry.clear_stop(AGENT) is False
+    assert not registry.is_stopped(AGENT)
+    assert registry.stopped_mailboxes() == {OTHER}
+
+
+def test_the_mailbox_lock_serialises_one_mailbox_and_leaves_others_free(
+    registry: Registry,
+) -> None:
+    """A second holder of one address waits for the first; another address does not, and
+    the holder's own statements run while it holds the lock."""
+    held, release = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def first() -> None:
+        with registry.mailbox_lock(AGENT):
+            order.append("first in")
+            held.set()
+            registry.put_mailbox(mailbox(), b"x")  # a statement of the locked operation
+            release.wait(10)
+            order.append("first out")
+
+    def second() -> None:
+        with registry.mailbox_lock(AGENT):
+            order.append("second in")
+
+    with ThreadPoolExecutor(2) as pool:
+        one = pool.submit(first)
+        assert held.wait(10)
+        two = pool.submit(second)
+        with registry.mailbox_lock(OTHER):
+            order.append("other")
+        two_done_early = two.done()
+        release.set()
+        one.result(10)
+        two.result(10)
+    assert not two_done_early
+    assert order == ["first in", "other", "first out", "second in"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,8 +16,10 @@ from emailsync.devpostgres import Postgres
 from emailsync.errors import StoreError, StoreUnavailableError
 from emailsync.model import Direction, Via
 from emailsync.store import open_store
+from emailsync.store.base import RegisteredBranch, RegisteredMailbox
 from emailsync.store.pgtranslate import translate
 from emailsync.store.postgres import PostgresStore, _migrations
+from emailsync.store.registry_sql import REGISTRY_CHANNEL
 
 # The migration that added per-mailbox directions and body_truncated (004_event_details).
 EVENT_DETAILS_VERSION = 4
@@ -173,5 +176,49 @@ def test_events_recorded_before_directions_per_mailbox_read_with_what_is_known(
             Via("agent2@example.com", Direction.INBOUND),
         )
         assert event.body_truncated
+    finally:
+        store.close()
+
+
+def test_the_mailbox_lock_holds_across_instances_sharing_the_database(pg_url: str) -> None:
+    """Two instances' stores: the second waits for the first's row lock (set-up, forget and
+    a sign-in's finish of one mailbox never interleave anywhere in the cluster)."""
+    one, two = PostgresStore(pg_url), PostgresStore(pg_url)
+    try:
+        entered = threading.Event()
+
+        def wait_for_lock() -> None:
+            with two.mailbox_lock("agent@example.com"):
+                entered.set()
+
+        with one.mailbox_lock("agent@example.com"):
+            waiter = threading.Thread(target=wait_for_lock)
+            waiter.start()
+            assert not entered.wait(0.5)
+        assert entered.wait(5)
+        waiter.join(5)
+    finally:
+        one.close()
+        two.close()
+
+
+def test_every_registry_change_notifies_the_registry_channel_with_its_address(
+    pg_url: str,
+) -> None:
+    """In the change's transaction: a listener sees one notification per change, the address
+    as payload (empty for a branch: every mailbox may have changed)."""
+    store = PostgresStore(pg_url)
+    try:
+        with psycopg.connect(pg_url, autocommit=True) as listener:
+            listener.execute(f"LISTEN {REGISTRY_CHANNEL}")
+            mailbox = RegisteredMailbox("a@example.com", "b", "password", "a", True, False)
+            store.put_branch(RegisteredBranch("b", "imap.example.com", 993, "ssl"))
+            store.put_mailbox(mailbox, b"sealed")
+            store.remove_mailbox("a@example.com")
+            store.record_stop("c@example.com")
+            store.clear_stop("c@example.com")
+            store.registered_mailboxes()  # reads notify nothing
+            payloads = [n.payload for n in listener.notifies(timeout=1.0)]
+        assert payloads == ["", "a@example.com", "a@example.com", "c@example.com", "c@example.com"]
     finally:
         store.close()

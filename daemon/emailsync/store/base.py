@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol, runtime_checkable
@@ -181,7 +182,8 @@ class Registry(Protocol):
     """Branches and mailboxes registered at run time, beside the read-only TOML ones.
 
     Secrets are opaque blobs here (encrypted by ``emailsync.vault``); erasing one must leave
-    no copy of it in the store's files.
+    no copy of it in the store's tables (SQLite: nor in its files; PostgreSQL: VACUUM reuses
+    the dead row's space). Stop Email Sync of the config file's mailboxes lives here too.
     """
 
     def put_branch(self, branch: RegisteredBranch) -> bool:
@@ -210,6 +212,32 @@ class Registry(Protocol):
 
     def reencrypt_secrets(self, convert: Callable[[bytes, str], bytes]) -> int:
         """Rewrite every secret with ``convert(blob, address)`` in one transaction."""
+        ...
+
+    def registered_mailbox(self, address: str) -> RegisteredMailbox | None:
+        """One registered mailbox (no secret), or None."""
+        ...
+
+    def record_stop(self, address: str) -> None:
+        """Stop Email Sync for a mailbox of the config file: stopped on every instance and
+        across restarts until ``clear_stop``; a stop recorded before keeps its first time."""
+        ...
+
+    def clear_stop(self, address: str) -> bool:
+        """The mailbox may run again (First Time Setup); False when it was not stopped."""
+        ...
+
+    def stopped_mailboxes(self) -> set[str]:
+        """Every mailbox Stop Email Sync holds stopped."""
+        ...
+
+    def is_stopped(self, address: str) -> bool:
+        """Whether Stop Email Sync holds this mailbox stopped."""
+        ...
+
+    def mailbox_lock(self, address: str) -> AbstractContextManager[None]:
+        """Hold the mailbox's lock for the block: set-up, forget and a sign-in's finish of
+        one mailbox never interleave (across a cluster's instances where the state is shared)."""
         ...
 
 

@@ -10,7 +10,7 @@ same transaction (``emailsync.lease``).
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime
 from importlib import resources
@@ -22,8 +22,9 @@ from prometheus_client import CollectorRegistry
 
 from emailsync.errors import StoreError
 from emailsync.model import Fence, Group, TimelineEvent
-from emailsync.store.base import IssuedToken, Recorded
+from emailsync.store.base import IssuedToken, Recorded, RegisteredBranch, RegisteredMailbox
 from emailsync.store.pgtranslate import translated
+from emailsync.store.registry_sql import SqlRegistry
 from emailsync.store.timeline_sql import SqlTimeline
 from emailsync.store.tokens_sql import SqlTokens
 
@@ -57,6 +58,7 @@ class PostgresStore:
         self._timeout = connect_timeout_seconds
         self._timeline = SqlTimeline(self)
         self._tokens = SqlTokens(self)
+        self._registry = SqlRegistry(self)
         self.pool = psycopg_pool.ConnectionPool(
             url,
             min_size=1,
@@ -140,6 +142,65 @@ class PostgresStore:
         """
         return self._timeline.list_events(group=group, mailbox=mailbox, limit=limit)
 
+    # -- registry (branches and mailboxes registered at run time; SQL shared, registry_sql) --
+    # Here, a cluster's instances share them: set up through one, run by the lease's owner.
+
+    def put_branch(self, branch: RegisteredBranch) -> bool:
+        """Create or replace a branch; True when it is new."""
+        return self._registry.put_branch(branch)
+
+    def registered_branches(self) -> list[RegisteredBranch]:
+        """Every registered branch, by name."""
+        return self._registry.registered_branches()
+
+    def put_mailbox(self, mailbox: RegisteredMailbox, secret: bytes | None) -> None:
+        """Create or replace a mailbox with its encrypted secret; it is not stopped after."""
+        self._registry.put_mailbox(mailbox, secret)
+
+    def registered_mailboxes(self) -> list[RegisteredMailbox]:
+        """Every registered mailbox, by address (no secrets)."""
+        return self._registry.registered_mailboxes()
+
+    def registered_mailbox(self, address: str) -> RegisteredMailbox | None:
+        """One registered mailbox (no secret), or None."""
+        return self._registry.registered_mailbox(address)
+
+    def mailbox_secret(self, address: str) -> bytes | None:
+        """The encrypted secret of a registered mailbox, or None."""
+        return self._registry.mailbox_secret(address)
+
+    def remove_mailbox(self, address: str) -> bool:
+        """Forget a registered mailbox and its secret; False when not registered.
+
+        No query sees the secret afterwards; its dead tuple's bytes stay in the table's file
+        until (auto)VACUUM reuses the space (``emailsync.store.registry_sql``).
+        """
+        return self._registry.remove_mailbox(address)
+
+    def reencrypt_secrets(self, convert: Callable[[bytes, str], bytes]) -> int:
+        """Rewrite every secret with ``convert(blob, address)`` in one transaction."""
+        return self._registry.reencrypt_secrets(convert)
+
+    def record_stop(self, address: str) -> None:
+        """Stop Email Sync for a mailbox of the config file, until ``clear_stop``."""
+        self._registry.record_stop(address)
+
+    def clear_stop(self, address: str) -> bool:
+        """The mailbox may run again; False when it was not stopped."""
+        return self._registry.clear_stop(address)
+
+    def stopped_mailboxes(self) -> set[str]:
+        """Every mailbox Stop Email Sync holds stopped."""
+        return self._registry.stopped_mailboxes()
+
+    def is_stopped(self, address: str) -> bool:
+        """Whether Stop Email Sync holds this mailbox stopped."""
+        return self._registry.is_stopped(address)
+
+    def mailbox_lock(self, address: str) -> AbstractContextManager[None]:
+        """Hold the mailbox's ``mailbox_locks`` row for the block, across the cluster."""
+        return self._registry.mailbox_lock(address)
+
     # -- agent tokens (the TokenLedger protocol, SQL shared with SqliteStore) ---------------
     # Here, not in a file of each instance: a token revoked on one host must stop working on
     # every instance of the cluster at once, and tokens issued anywhere are listed together.
@@ -193,6 +254,25 @@ class PostgresStore:
         psycopg errors inside the block are translated (``emailsync.store.pgtranslate``).
         """
         with translated(doing), self.pool.connection() as conn, conn.transaction():
+            yield conn
+
+    @contextmanager
+    def own_transaction(self, doing: str) -> Iterator[psycopg.Connection[Any]]:
+        """A new connection outside the pool, in a transaction, closed when the block ends.
+
+        For a lock held while the block runs statements of its own: a pooled connection held
+        that long could leave none for them.
+        """
+        with (
+            translated(doing),
+            psycopg.connect(
+                self._url,
+                connect_timeout=max(1, round(self._timeout)),
+                options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
+                application_name="emailsync-lock",
+            ) as conn,
+            conn.transaction(),
+        ):
             yield conn
 
     def listen_connection(self, application_name: str = "") -> psycopg.Connection[Any]:

@@ -9,7 +9,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from emailsync.errors import StoreError, StoreUnavailableError
 from emailsync.model import Group, TimelineEvent
 from emailsync.privilege import access_hint
 from emailsync.store.base import IssuedToken, Recorded, RegisteredBranch, RegisteredMailbox
-from emailsync.store.sqlcore import to_iso as _to_iso
+from emailsync.store.registry_sql import SqlRegistry
 from emailsync.store.timeline_sql import SqlTimeline
 from emailsync.store.tokens_sql import SqlTokens
 
@@ -69,6 +69,7 @@ class SqliteStore:
         self._closed = False
         self._timeline = SqlTimeline(self)
         self._tokens = SqlTokens(self)
+        self._registry = SqlRegistry(self, scrub=self._scrub)
         _create_private_file(path)
         try:
             self._migrate()
@@ -129,75 +130,31 @@ class SqliteStore:
         """
         return self._timeline.list_events(group=group, mailbox=mailbox, limit=limit)
 
-    # -- registry (branches and mailboxes registered at run time) ---------------------------
+    # -- registry (branches and mailboxes registered at run time; SQL shared, registry_sql) --
 
     def put_branch(self, branch: RegisteredBranch) -> bool:
         """Create or replace a branch; True when it is new."""
-        with self._transaction("register branch") as txn:
-            new = (
-                txn.execute(
-                    "SELECT 1 FROM registered_branches WHERE name = ?", (branch.name,)
-                ).fetchone()
-                is None
-            )
-            txn.execute(
-                "INSERT INTO registered_branches (name, host, port, security, ca_file, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET host = excluded.host,"
-                " port = excluded.port, security = excluded.security,"
-                " ca_file = excluded.ca_file, updated_at = excluded.updated_at",
-                (branch.name, branch.host, branch.port, branch.security, branch.ca_file, _now()),
-            )
-        return new
+        return self._registry.put_branch(branch)
 
     def registered_branches(self) -> list[RegisteredBranch]:
         """Every registered branch, by name."""
-        rows = self._query(
-            "list branches",
-            "SELECT name, host, port, security, ca_file FROM registered_branches ORDER BY name",
-            (),
-        )
-        return [RegisteredBranch(*row) for row in rows]
+        return self._registry.registered_branches()
 
     def put_mailbox(self, mailbox: RegisteredMailbox, secret: bytes | None) -> None:
         """Create or replace a mailbox with its encrypted secret; it is not stopped after."""
-        with self._transaction("register mailbox") as txn:
-            txn.execute(
-                "INSERT INTO registered_mailboxes"
-                " (address, branch, auth, username, secret, stopped, updated_at, trigger)"
-                " VALUES (?, ?, ?, ?, ?, 0, ?, ?) ON CONFLICT (address) DO UPDATE SET"
-                " branch = excluded.branch, auth = excluded.auth, username = excluded.username,"
-                " secret = excluded.secret, stopped = 0, updated_at = excluded.updated_at,"
-                " trigger = excluded.trigger",
-                (
-                    mailbox.address,
-                    mailbox.branch,
-                    mailbox.auth,
-                    mailbox.username,
-                    secret,
-                    _now(),
-                    mailbox.trigger,
-                ),
-            )
-        self._scrub()
+        self._registry.put_mailbox(mailbox, secret)
 
     def registered_mailboxes(self) -> list[RegisteredMailbox]:
         """Every registered mailbox, by address (no secrets)."""
-        rows = self._query(
-            "list mailboxes",
-            "SELECT address, branch, auth, username, secret IS NOT NULL, stopped, trigger"
-            " FROM registered_mailboxes ORDER BY address",
-            (),
-        )
-        return [
-            RegisteredMailbox(a, b, au, u, bool(s), bool(st), t) for a, b, au, u, s, st, t in rows
-        ]
+        return self._registry.registered_mailboxes()
+
+    def registered_mailbox(self, address: str) -> RegisteredMailbox | None:
+        """One registered mailbox (no secret), or None."""
+        return self._registry.registered_mailbox(address)
 
     def mailbox_secret(self, address: str) -> bytes | None:
         """The encrypted secret of a registered mailbox, or None."""
-        rows = self._query(
-            "read secret", "SELECT secret FROM registered_mailboxes WHERE address = ?", (address,)
-        )
-        return bytes(rows[0][0]) if rows and rows[0][0] is not None else None
+        return self._registry.mailbox_secret(address)
 
     def remove_mailbox(self, address: str) -> bool:
         """Forget a registered mailbox and its secret for good; False when not registered.
@@ -205,26 +162,32 @@ class SqliteStore:
         The row goes (secure_delete zeroes it in the file) and the WAL is checkpointed and
         truncated, so no copy of the ciphertext is left on disk.
         """
-        with self._transaction("remove mailbox") as txn:
-            changed = txn.execute(
-                "DELETE FROM registered_mailboxes WHERE address = ?", (address,)
-            ).rowcount
-        self._scrub()
-        return bool(changed)
+        return self._registry.remove_mailbox(address)
 
     def reencrypt_secrets(self, convert: Callable[[bytes, str], bytes]) -> int:
         """Rewrite every secret with ``convert(blob, address)`` in one transaction."""
-        with self._transaction("re-encrypt secrets") as txn:
-            rows = txn.execute(
-                "SELECT address, secret FROM registered_mailboxes WHERE secret IS NOT NULL"
-            ).fetchall()
-            for address, blob in rows:
-                txn.execute(
-                    "UPDATE registered_mailboxes SET secret = ? WHERE address = ?",
-                    (convert(bytes(blob), address), address),
-                )
-        self._scrub()
-        return len(rows)
+        return self._registry.reencrypt_secrets(convert)
+
+    def record_stop(self, address: str) -> None:
+        """Stop Email Sync for a mailbox of the config file, until ``clear_stop``."""
+        self._registry.record_stop(address)
+
+    def clear_stop(self, address: str) -> bool:
+        """The mailbox may run again; False when it was not stopped."""
+        return self._registry.clear_stop(address)
+
+    def stopped_mailboxes(self) -> set[str]:
+        """Every mailbox Stop Email Sync holds stopped."""
+        return self._registry.stopped_mailboxes()
+
+    def is_stopped(self, address: str) -> bool:
+        """Whether Stop Email Sync holds this mailbox stopped."""
+        return self._registry.is_stopped(address)
+
+    def mailbox_lock(self, address: str) -> AbstractContextManager[None]:
+        """Hold the mailbox's lock (in this process: one daemon owns the file, see
+        ``SqlRegistry.mailbox_lock``)."""
+        return self._registry.mailbox_lock(address)
 
     def _scrub(self) -> None:
         """Move the WAL into the file and truncate it, so a replaced secret's old pages go.
@@ -479,7 +442,3 @@ def _statements(script: str) -> Iterator[str]:
 def _has_code(sql: str) -> bool:
     """True when ``sql`` holds anything besides whitespace and ``--`` comments."""
     return any(line.strip() and not line.strip().startswith("--") for line in sql.splitlines())
-
-
-def _now() -> str:
-    return _to_iso(datetime.now(UTC))
