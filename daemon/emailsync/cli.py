@@ -43,6 +43,7 @@ from emailsync.errors import (
 from emailsync.filing import Decision, Filer, PassResult
 from emailsync.imap.auth import Office365Authenticator, make_authenticator
 from emailsync.imap.session import ImapSession
+from emailsync.keycheck import check_state_database, ensure_key_check, rotate_key_check
 from emailsync.logs import configure_logging
 from emailsync.model import OUTCOME_KEYWORD, FolderRole, Outcome, TimelineEvent
 from emailsync.privilege import ActingUser, act_as_state_owner
@@ -571,6 +572,8 @@ def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
     except ConfigError as exc:
         # The same parser open_store uses: check-config accepts exactly what run accepts.
         problems.extend(f"{settings.path}: daemon.{p}" for p in exc.problems)
+    if not args.skip_secrets:
+        problems += state_key_problems(settings)
     if problems and args.acting_as is not None:
         problems.append(_acting_note(args.acting_as))
     if problems:
@@ -581,6 +584,16 @@ def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
     noun = "mailbox" if count == 1 else "mailboxes"
     print(f"{path}: ok ({count} {noun}, {enabled} enabled{store})", file=out)
     return EXIT_OK
+
+
+def state_key_problems(settings: Settings) -> list[str]:
+    """Whether this instance's registry key opens the state database's key check (keycheck);
+    a database that cannot be opened is only noted."""
+    vault = Vault(settings.daemon.state_dir)
+    problems, notes = check_state_database(settings.state_url, settings.daemon.state_dir, vault)
+    for note in notes:
+        print(f"emailsync: note: {note}", file=sys.stderr)
+    return problems
 
 
 def _service_access_problems(settings: Settings, acting_as: ActingUser | None) -> list[str]:
@@ -609,6 +622,7 @@ def _check_config_json(args: argparse.Namespace, out: TextIO) -> int:
         settings = read_settings(args)
         problems = _service_access_problems(settings, args.acting_as)
         problems += [] if args.skip_secrets else check_secrets(settings)
+        problems += [] if args.skip_secrets else state_key_problems(settings)
         if args.acting_as is not None:
             report["checked_as"] = args.acting_as.name
         report["mailboxes"] = len(settings.mailboxes)
@@ -907,7 +921,15 @@ def cmd_keys_rotate(args: argparse.Namespace, out: TextIO) -> int:
         if not isinstance(store, Registry):
             print("emailsync: this store keeps no registry", file=sys.stderr)
             return EXIT_USAGE
-        generation = Vault(settings.daemon.state_dir).rotate(store.reencrypt_secrets)
+        registry: Registry = store
+        vault = Vault(settings.daemon.state_dir)
+        ensure_key_check(store, vault)  # rotating with another instance's key strands secrets
+
+        def reencrypt(convert: Callable[[bytes, str], bytes]) -> int:
+            rotate_key_check(store, convert)  # first: old-key instances stop writing secrets
+            return registry.reencrypt_secrets(convert)
+
+        generation = vault.rotate(reencrypt)
     # Their signatures fail already; the list says so too.
     with open_agent_tokens(settings) as tokens:
         tokens.rotated()

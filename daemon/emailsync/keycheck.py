@@ -24,11 +24,14 @@ The message never shows key material: generations and where the key came from on
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import structlog
 
-from emailsync.errors import ConfigError, KeyUnavailableError
-from emailsync.store.sqlcore import SqlEngine
+from emailsync.errors import ConfigError, KeyUnavailableError, StoreError
+from emailsync.store import POSTGRES_SCHEMES, _sqlite_path, open_state
+from emailsync.store.sqlcore import SqlEngine, dialect_of
 from emailsync.vault import Vault, blob_generation
 
 log = structlog.get_logger(__name__)
@@ -38,6 +41,12 @@ KEY_CHECK = "key_check"  # the row's name in state_meta
 CHECK_PLAINTEXT = "emailsync registry key check"
 CHECK_LABEL = "state_meta:key_check"
 
+_REMEDY = (
+    "every instance must hold the same key, or the secrets it writes are unreadable to the "
+    "others: copy the key from an instance that works (its <state_dir>/registry.key, or its "
+    "credential), also after a `keys rotate` on another instance; if that key is lost for "
+    "good, see the README, 'Registry key'"
+)
 _READ = "SELECT value FROM state_meta WHERE name = ?"
 _INSERT = "INSERT INTO state_meta (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING"
 _UPDATE = "UPDATE state_meta SET value = ? WHERE name = ?"
@@ -87,7 +96,41 @@ def key_check_problem(store: object, vault: Vault) -> str | None:
     if engine is None:
         return None
     blob = _read(engine)
-    return _mismatch(blob, vault) if blob is not None else None
+    if blob is None:
+        return None
+    if vault.credential is None and not vault.path.exists():  # not made here: reading only
+        return (
+            f"this instance has no registry key yet ({vault.describe()}): its first start "
+            "would make a new one, which does not match the one this state database was set "
+            f"up with (generation {blob_generation(blob)}); {_REMEDY}"
+        )
+    return _mismatch(blob, vault)
+
+
+def check_state_database(url: str, state_dir: Path, vault: Vault) -> tuple[list[str], list[str]]:
+    """``check-config``'s key check of the state database ``url`` names: (problems, notes).
+
+    Creates nothing: a SQLite file that does not exist yet is set up by the first start, and
+    a key file is not made. A database that cannot be opened is a note, not a problem of the
+    config (``run`` says so itself).
+    """
+    if urlsplit(url.strip()).scheme.lower() not in POSTGRES_SCHEMES:
+        try:
+            if not _sqlite_path(url, state_dir).exists():
+                return [], []
+        except ConfigError:
+            return [], []  # an unusable URL: check-config reports it on its own
+    try:
+        store = open_state(url, state_dir)
+    except StoreError as exc:
+        return [], [f"the registry key was not checked against the state database: {exc}"]
+    try:
+        problem = key_check_problem(store, vault)
+    except StoreError as exc:
+        return [], [f"the registry key was not checked against the state database: {exc}"]
+    finally:
+        store.close()
+    return ([problem] if problem is not None else []), []
 
 
 def rotate_key_check(store: object, convert: Callable[[bytes, str], bytes]) -> None:
@@ -148,11 +191,7 @@ def _message(vault: Vault, database_generation: int) -> str:
         held += f", and {generations[1]} of an unfinished rotation"
     return (
         f"the registry key ({held}, from {vault.describe()}) does not match the one this "
-        f"state database was set up with (generation {database_generation}): every instance "
-        "must hold the same key, or its secrets are unreadable to the others; copy the key "
-        "from an instance that works (its <state_dir>/registry.key, or its credential), and "
-        "after a `keys rotate` elsewhere copy the rotated one. If that key is lost for good, "
-        "see README, 'Registry key'"
+        f"state database was set up with (generation {database_generation}); {_REMEDY}"
     )
 
 
@@ -163,4 +202,15 @@ def _read(engine: SqlEngine) -> bytes | None:
 
 
 def _sql(engine: SqlEngine, text: str) -> str:
-    return text if engine.param_marker == "?" else text.replace("?", engine.param_marker)
+    return dialect_of(engine).sql(text)
+
+
+def bind_key_check(store: object, vault: Vault) -> None:
+    """At daemon start: ``ensure_key_check``, then ``vault`` checks again before each secret.
+
+    ``ConfigError`` (exit 78) when this instance's key does not open the state database's
+    check; afterwards ``vault.guard`` refuses secrets once it no longer does (a rotation on
+    another instance).
+    """
+    ensure_key_check(store, vault)
+    vault.guard = key_check_guard(store, vault)

@@ -74,6 +74,7 @@ from emailsync.imap.auth import (
     make_authenticator,
 )
 from emailsync.imap.session import ImapSession
+from emailsync.keycheck import bind_key_check
 from emailsync.linkwatch import LinkChanges
 from emailsync.metrics import Metrics
 from emailsync.secret import Secret
@@ -272,6 +273,7 @@ class Supervisor:
             self.state if isinstance(self.state, Registry) else None
         )
         self.vault = Vault(settings.daemon.state_dir)
+        bind_key_check(self.state, self.vault)  # exit 78 if another instance's key set it up
         self._tokens: AgentTokens | None = None  # see _agent_tokens
         self._tokens_lock = threading.Lock()
         self._close_ledger: Callable[[], None] = lambda: None
