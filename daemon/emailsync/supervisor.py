@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import random
 import signal
 import threading
@@ -86,6 +87,7 @@ from emailsync.store.base import (
     Store,
 )
 from emailsync.store.failedindex import failed_index
+from emailsync.store.tokencache_sql import token_caches_for
 from emailsync.systemd import Notifier
 from emailsync.throttle import LoginThrottle, ThrottledAuthenticator
 from emailsync.vault import Vault
@@ -274,6 +276,13 @@ class Supervisor:
         )
         self.vault = Vault(settings.daemon.state_dir)
         bind_key_check(self.state, self.vault)  # exit 78 if another instance's key set it up
+        # Delegated Office 365 token caches: the shared state's rows in a cluster (the instance
+        # that finished a sign-in is seldom the one running the mailbox), else state_dir files.
+        self.token_caches = token_caches_for(self.state, self.vault, settings.daemon.state_dir)
+        if authenticator_factory is make_authenticator:
+            self.authenticator_factory = functools.partial(
+                make_authenticator, token_caches=self.token_caches
+            )
         self._tokens: AgentTokens | None = None  # see _agent_tokens
         self._tokens_lock = threading.Lock()
         self._close_ledger: Callable[[], None] = lambda: None

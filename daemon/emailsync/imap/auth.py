@@ -1,12 +1,14 @@
 """How a mailbox logs in to IMAP: a password, or an Office 365 OAuth2 token (XOAUTH2) via MSAL.
 
-Office 365 has two modes. Delegated: an agent signs in once with MSAL's device-code flow
-(``emailsync auth login ADDRESS``); MSAL's token cache, with the refresh token, is kept per
-mailbox in ``state_dir/tokens/<address>.json`` and rewritten whenever MSAL changes it, so a
-rotated refresh token is never lost. The daemon and ``auth login`` are separate processes: each
-read-modify-write of the cache (read the file, let MSAL refresh, write it back) holds an
-``flock`` on ``<cache>.lock`` beside it, so neither redeems a refresh token the other has
-already rotated away, nor writes an older cache over a newer one.
+Office 365 has two modes. Delegated: an agent signs in once, in the browser (the self-service
+pages) or with MSAL's device-code flow (``emailsync auth login ADDRESS``); MSAL's token cache,
+with the refresh token, is kept per mailbox in a ``TokenCacheStore`` and rewritten whenever
+MSAL changes it, so a rotated refresh token is never lost: ``state_dir/tokens/<address>.json``
+(SQLite state, one host) or a row of the shared state database (PostgreSQL: any instance may
+finish the sign-in, another runs the mailbox). Each read-modify-write of the cache (read it,
+let MSAL refresh, write it back) holds the store's lock (an ``flock``, or ``SELECT … FOR
+UPDATE``), so no writer redeems a refresh token another has already rotated away, nor writes
+an older cache over a newer one (``emailsync.imap.tokencache``).
 
 App-only: the app's client secret, or a certificate whose private key signs an RFC 7523 JWT
 client assertion, buys tokens for any mailbox the tenant lets it open; nothing is written to
@@ -23,12 +25,9 @@ a repr or ``status()``.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import imaplib
 import json
 import logging
-import os
-import tempfile
 import threading
 import time
 import warnings
@@ -36,7 +35,6 @@ from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TypedDict
-from urllib.parse import quote
 
 import imapclient
 import msal
@@ -51,12 +49,38 @@ from emailsync.errors import (
     ConfigError,
     ConnectionLostError,
     IdentityProviderUnavailableError,
+    KeyUnavailableError,
     MailboxError,
+    StoreError,
+)
+from emailsync.imap.tokencache import (
+    TOKEN_DIR_MODE,
+    TOKEN_FILE_MODE,
+    CacheSlot,
+    FileTokenCaches,
+    TokenCacheStore,
+    token_cache_lock_path,
+    token_cache_path,
+    write_private_file,
 )
 from emailsync.imap.translate import is_transient, server_text, translated
 from emailsync.secret import Secret
 
 log = structlog.get_logger(__name__)
+
+# The token cache's file helpers lived here before the cache had a module of its own.
+__all__ = [
+    "TOKEN_DIR_MODE",
+    "TOKEN_FILE_MODE",
+    "Authenticator",
+    "Office365Authenticator",
+    "PasswordAuthenticator",
+    "identity_provider_session",
+    "make_authenticator",
+    "token_cache_lock_path",
+    "token_cache_path",
+    "write_private_file",
+]
 
 # Delegated access to IMAP (Exchange Online's permission name). MSAL adds openid, profile and
 # offline_access itself and refuses them as input ("reserved scopes").
@@ -68,8 +92,6 @@ APP_ONLY_SCOPES = ("https://outlook.office365.com/.default",)
 MSAL_EXPIRY_MARGIN_SECONDS = 300
 # Entra ID refresh tokens lapse after 90 days unused; redeem one at least this often.
 REFRESH_TOKEN_KEEPALIVE_SECONDS = 7 * 24 * 3600
-TOKEN_DIR_MODE = 0o700
-TOKEN_FILE_MODE = 0o600
 # Longest a device-code sign-in waits for the person (Entra ID's codes live 15 minutes).
 DEVICE_CODE_TIMEOUT_SECONDS = 15 * 60
 ERROR_TEXT_CHARS = 300
@@ -193,6 +215,7 @@ class Office365Authenticator:
         *,
         state_dir: Path,
         http_session: requests.Session,
+        token_caches: TokenCacheStore | None = None,
     ) -> None:
         self._mailbox = mailbox
         self._office365 = office365
@@ -200,10 +223,15 @@ class Office365Authenticator:
         self._app_only = office365.app_only
         self._scopes = list(APP_ONLY_SCOPES if self._app_only else DELEGATED_SCOPES)
         self._cache = msal.SerializableTokenCache()
-        self.cache_path: Path | None = (
-            None if self._app_only else token_cache_path(state_dir, mailbox.address)
+        # Where the delegated cache lives (None: app-only, nothing is kept); files by default.
+        self._caches: TokenCacheStore | None = (
+            None if self._app_only else token_caches or FileTokenCaches(state_dir)
         )
-        self._cache_stamp: tuple[int, int, int] | None = None
+        self.cache_path: Path | None = (
+            None if self._caches is None else self._caches.path(mailbox.address)
+        )
+        self._cache_stamp: object | None = None
+        self._slot: CacheSlot | None = None  # while the cache's lock is held
         self._app: Any = None  # built on first use: creating it fetches OpenID discovery
         self._lock = threading.RLock()
         self._last_error: str | None = None
@@ -254,14 +282,13 @@ class Office365Authenticator:
         return datetime.fromtimestamp(max(expiries), tz=UTC) if expiries else None
 
     def forget(self) -> None:
-        """Delete the token cache file and every cached token and account in memory."""
-        with self._lock, self._cache_file_lock():
+        """Delete the stored token cache and every cached token and account in memory."""
+        with self._lock:
             self._cache.deserialize(None)
             self._cache_stamp = None
             self._app = None  # also drops MSAL's memory of recent HTTP answers
-            if self.cache_path is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    self.cache_path.unlink()
+            if self._caches is not None:
+                self._caches.forget(self._mailbox.address)
         self._log.info("tokens_forgotten")
 
     # -- Office 365 specifics ------------------------------------------------------------------
@@ -314,7 +341,7 @@ class Office365Authenticator:
         with self._provider_errors():
             result = app.acquire_token_by_device_flow(flow)
         # The person may take minutes: the file lock is held only to write the result.
-        with self._lock, self._cache_file_lock():
+        with self._lock, self._cache_held():
             try:
                 if "error" in result:
                     raise self._refused(result, "device-code sign-in")
@@ -357,7 +384,7 @@ class Office365Authenticator:
         kept then). Returns the signed-in account's user name.
         """
         address = self._mailbox.address
-        with self._lock, self._cache_file_lock():
+        with self._lock, self._cache_held():
             self._reload_cache()
             app = self._application()
             try:
@@ -407,7 +434,9 @@ class Office365Authenticator:
                 access_token_expires=expiry.isoformat() if expiry else None,
                 refresh_token_age_seconds=age,
                 client_secret_expires=secret_expires.isoformat() if secret_expires else None,
-                token_cache=str(self.cache_path) if self.cache_path else None,
+                token_cache=(
+                    self._caches.where(self._mailbox.address) if self._caches is not None else None
+                ),
                 last_error=self._last_error,
             )
 
@@ -473,7 +502,7 @@ class Office365Authenticator:
         )
 
     def _acquire(self, *, force_refresh: bool) -> str:
-        with self._lock, self._cache_file_lock():
+        with self._lock, self._cache_held():
             self._reload_cache()
             app = self._application()
             try:
@@ -602,71 +631,74 @@ class Office365Authenticator:
         self._log.debug("logged_in", method="XOAUTH2")
         return None
 
-    # -- the token cache file ------------------------------------------------------------------
+    # -- the token cache ------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _cache_file_lock(self) -> Iterator[None]:
-        """Hold an exclusive ``flock`` on ``<cache>.lock`` (other processes, other instances).
+    def _cache_held(self) -> Iterator[None]:
+        """Hold the cache's lock (``TokenCacheStore.locked``), with the stored cache loaded.
 
-        A separate lock file, because the cache itself is replaced by rename on every write
-        (a lock on the old inode would not exclude a writer of the new one). The lock file is
-        never deleted, for the same reason.
+        ``_persist_cache`` inside writes through the held lock. Nothing is held for app-only.
         """
-        if self.cache_path is None:
+        if self._caches is None:
             yield
             return
-        lock_path = token_cache_lock_path(self.cache_path)
-        lock_path.parent.mkdir(mode=TOKEN_DIR_MODE, parents=True, exist_ok=True)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, TOKEN_FILE_MODE)
-        try:
-            # Blocks while another process refreshes: bounded by the HTTP session's timeouts.
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)  # closing the descriptor releases the lock
+        with self._caches.locked(self._mailbox.address) as slot:
+            self._slot = slot
+            try:
+                self._reload_cache()
+                yield
+            finally:
+                self._slot = None
 
     def _reload_cache(self) -> None:
-        """Read the cache file if another process (``emailsync auth login``) changed it."""
-        path = self.cache_path
-        if path is None:
+        """Read the stored cache if another writer (``auth login``, an instance) changed it."""
+        if self._caches is None:
             return
         try:
-            info = path.stat()
-        except FileNotFoundError:
-            if self._cache_stamp is not None:  # deleted under us: emailsync stop
+            stored = (
+                self._slot.read()
+                if self._slot is not None
+                else self._caches.read(self._mailbox.address)
+            )
+        except (OSError, ValueError, ConfigError) as exc:
+            raise self._unreadable(exc) from exc
+        if stored is None:
+            if self._cache_stamp is not None:  # deleted under us: Stop Email Sync
                 self._cache.deserialize(None)
                 self._cache_stamp = None
             return
-        stamp = (info.st_ino, info.st_mtime_ns, info.st_size)
-        if stamp == self._cache_stamp:
+        if stored.stamp == self._cache_stamp:
             return
-        if info.st_mode & 0o077:
-            path.chmod(TOKEN_FILE_MODE)
-            self._log.warning("token_cache_mode_fixed", path=str(path))
         try:
-            self._cache.deserialize(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise self._record(
-                AuthError(
-                    f"{self._mailbox.address}: token cache {path} is unreadable "
-                    f"({type(exc).__name__}); run `emailsync auth login {self._mailbox.address}`"
-                )
-            ) from exc
-        self._cache_stamp = stamp
+            self._cache.deserialize(stored.text)
+        except ValueError as exc:
+            raise self._unreadable(exc) from exc
+        self._cache_stamp = stored.stamp
+
+    def _unreadable(self, exc: Exception) -> AuthError:
+        where = self._caches.where(self._mailbox.address) if self._caches else "none"
+        return self._record(
+            AuthError(
+                f"{self._mailbox.address}: token cache {where} is unreadable "
+                f"({type(exc).__name__}); run `emailsync auth login {self._mailbox.address}`"
+            )
+        )
 
     def _persist_cache(self) -> None:
-        path = self.cache_path
-        if path is None or not self._cache.has_state_changed:
+        slot = self._slot
+        if slot is None or not self._cache.has_state_changed:
             return
+        where = self._caches.where(self._mailbox.address) if self._caches else "none"
         try:
-            write_private_file(path, self._cache.serialize())
-            info = path.stat()
+            self._cache_stamp = slot.write(self._cache.serialize())
         except OSError as exc:
             # The tokens still work from memory; a lost rotation costs a sign-in at worst.
-            self._last_error = f"{self._mailbox.address}: cannot write {path}: {exc.strerror}"
-            self._log.error("token_cache_write_failed", path=str(path), error=exc.strerror)
+            self._last_error = f"{self._mailbox.address}: cannot write {where}: {exc.strerror}"
+            self._log.error("token_cache_write_failed", path=where, error=exc.strerror)
             return
-        self._cache_stamp = (info.st_ino, info.st_mtime_ns, info.st_size)
+        except (StoreError, KeyUnavailableError) as exc:
+            self._last_error = f"{self._mailbox.address}: cannot write {where}: {exc}"
+            self._log.error("token_cache_write_failed", path=where, error=str(exc))
 
     def _cached(self, credential_type: str) -> list[dict[str, Any]]:
         query: dict[str, str | None] = {"client_id": self._office365.client_id}
@@ -724,9 +756,17 @@ class _XOAuth2:
 
 
 def make_authenticator(
-    mailbox: MailboxSettings, settings: Settings, *, http_session: requests.Session | None = None
+    mailbox: MailboxSettings,
+    settings: Settings,
+    *,
+    http_session: requests.Session | None = None,
+    token_caches: TokenCacheStore | None = None,
 ) -> Authenticator:
-    """The authenticator a mailbox's settings ask for (raises ConfigError when incomplete)."""
+    """The authenticator a mailbox's settings ask for (raises ConfigError when incomplete).
+
+    ``token_caches``: where delegated Office 365 token caches live; files in ``state_dir``
+    by default (``emailsync.store.tokencache_sql.token_caches_for`` picks the state's).
+    """
     if mailbox.auth != "office365":
         return PasswordAuthenticator(mailbox)
     if settings.office365 is None:
@@ -735,7 +775,11 @@ def make_authenticator(
         settings.office365, timeout_seconds=settings.daemon.timeout_seconds
     )
     return Office365Authenticator(
-        mailbox, settings.office365, state_dir=settings.daemon.state_dir, http_session=session
+        mailbox,
+        settings.office365,
+        state_dir=settings.daemon.state_dir,
+        http_session=session,
+        token_caches=token_caches,
     )
 
 
@@ -781,41 +825,6 @@ def identity_provider_session(
     session.mount("https://", adapter)
     session.mount("http://", adapter)
     return session
-
-
-def token_cache_path(state_dir: Path, address: str) -> Path:
-    """Where a mailbox's MSAL token cache lives: ``state_dir/tokens/<address>.json``."""
-    # A local part may legally hold "/" and other oddities: percent-encode all but the usual.
-    return state_dir / "tokens" / f"{quote(address, safe='@.+-_')}.json"
-
-
-def token_cache_lock_path(cache_path: Path) -> Path:
-    """The lock file beside a token cache: ``<address>.json.lock``."""
-    return cache_path.with_name(cache_path.name + ".lock")
-
-
-def write_private_file(path: Path, text: str) -> None:
-    """Replace ``path`` atomically with ``text``: mode 0600 in a 0700 directory, fsynced."""
-    directory = path.parent
-    directory.mkdir(mode=TOKEN_DIR_MODE, parents=True, exist_ok=True)
-    directory.chmod(TOKEN_DIR_MODE)  # mkdir's mode is masked by umask and skipped if it exists
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as tmp:
-            os.fchmod(tmp.fileno(), TOKEN_FILE_MODE)
-            tmp.write(text)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
 
 
 def _login_failure(

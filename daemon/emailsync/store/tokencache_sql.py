@@ -1,0 +1,126 @@
+"""Office 365 token caches in the state database (``token_caches``), written once for both.
+
+In a cluster the instance that finished a browser sign-in is seldom the one whose lease runs
+the mailbox, and a lease moves: the cache (with the refresh token) is a row of the shared
+state, AES-GCM encrypted by the vault with ``token_caches:<address>`` as associated data (a
+blob cannot be moved to another mailbox's row). A refresh reads the row ``FOR UPDATE`` and
+writes it back in the same transaction, so writers on every instance take turns, as the
+``flock`` of ``FileTokenCaches`` makes them on one host. A mailbox with no row yet has nothing
+to lock: its first writers are sign-ins, which hold no refresh token to lose.
+
+``token_caches_for`` picks the store: this one for a PostgreSQL state, files in ``state_dir``
+for SQLite (one host; existing deployments keep their files). On SQLite the statements work
+too (the transaction is ``BEGIN IMMEDIATE``, which locks the whole file meanwhile): the
+contract tests run them on both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from emailsync.imap.tokencache import FileTokenCaches, StoredCache, TokenCacheStore
+from emailsync.store.sqlcore import SqlEngine, dialect_of
+from emailsync.vault import Vault
+
+SELECT = "SELECT cache FROM token_caches WHERE address = ?"
+UPSERT = (
+    "INSERT INTO token_caches (address, cache, updated_at) VALUES (?, ?, ?)"
+    " ON CONFLICT (address) DO UPDATE SET cache = excluded.cache, updated_at = excluded.updated_at"
+)
+DELETE = "DELETE FROM token_caches WHERE address = ?"
+EVERY = "SELECT address, cache FROM token_caches"
+REWRITE = "UPDATE token_caches SET cache = ? WHERE address = ?"
+
+
+def cache_label(address: str) -> str:
+    """The associated data a cache is sealed with: its row."""
+    return f"token_caches:{address}"
+
+
+class SqlTokenCaches:
+    """``TokenCacheStore`` on a SQL engine: one vault-encrypted row per mailbox."""
+
+    def __init__(self, engine: SqlEngine, vault: Vault) -> None:
+        self.engine = engine
+        self.vault = vault
+        self.dialect = dialect_of(engine)
+        # SQLite has no row locks: its write transaction holds the database's lock already.
+        self._locked_select = SELECT + (" FOR UPDATE" if self.dialect.postgres else "")
+
+    def path(self, address: str) -> Path | None:
+        """Not a file."""
+        return None
+
+    def where(self, address: str) -> str:
+        """Where the cache is, for messages (never its content)."""
+        return f"in the state database ({self.dialect.name})"
+
+    @contextlib.contextmanager
+    def locked(self, address: str) -> Iterator[_SqlSlot]:
+        """A transaction holding the row's lock (when there is a row) until the block ends."""
+        with self.engine.transaction("lock the token cache") as conn:
+            row = conn.execute(self.dialect.sql(self._locked_select), (address,)).fetchone()
+            yield _SqlSlot(self, conn, address, None if row is None else bytes(row[0]))
+
+    def read(self, address: str) -> StoredCache | None:
+        """The cache as committed now, without the lock."""
+        with self.engine.reading("read the token cache") as conn:
+            row = conn.execute(self.dialect.sql(SELECT), (address,)).fetchone()
+        return None if row is None else self._open(address, bytes(row[0]))
+
+    def forget(self, address: str) -> None:
+        """Delete the mailbox's row; it waits for a refresh holding the lock to finish."""
+        with self.engine.transaction("forget the token cache") as conn:
+            conn.execute(self.dialect.sql(DELETE), (address,))
+
+    def reencrypt(self, convert: Callable[[bytes, str], bytes]) -> int:
+        """Rewrite every cache with a key rotation's ``convert`` in one transaction; how many."""
+        with self.engine.transaction("re-encrypt token caches") as conn:
+            rows = conn.execute(self.dialect.sql(EVERY + self._for_update())).fetchall()
+            for address, blob in rows:
+                conn.execute(
+                    self.dialect.sql(REWRITE), (convert(bytes(blob), cache_label(address)), address)
+                )
+        return len(rows)
+
+    def _for_update(self) -> str:
+        return " FOR UPDATE" if self.dialect.postgres else ""
+
+    def _open(self, address: str, blob: bytes) -> StoredCache:
+        # The stamp is the ciphertext itself: a fresh nonce on every write.
+        text = self.vault.decrypt(blob, cache_label(address)).reveal()
+        return StoredCache(text, blob)
+
+    def _write(self, conn: Any, address: str, text: str) -> bytes:
+        blob = self.vault.encrypt(text, cache_label(address))
+        conn.execute(self.dialect.sql(UPSERT), (address, blob, time.time()))
+        return blob
+
+
+class _SqlSlot:
+    """The row while ``SqlTokenCaches.locked`` holds it."""
+
+    def __init__(self, caches: SqlTokenCaches, conn: Any, address: str, blob: bytes | None) -> None:
+        self._caches = caches
+        self._conn = conn
+        self._address = address
+        self._blob = blob
+
+    def read(self) -> StoredCache | None:
+        return None if self._blob is None else self._caches._open(self._address, self._blob)
+
+    def write(self, text: str) -> object:
+        self._blob = self._caches._write(self._conn, self._address, text)
+        return self._blob
+
+
+def token_caches_for(state: object, vault: Vault, state_dir: Path) -> TokenCacheStore:
+    """Where a daemon keeps delegated token caches: the state database when it is shared
+    (PostgreSQL), else files in ``state_dir`` (SQLite, one host; a CRM's local state)."""
+    if isinstance(state, SqlEngine) and dialect_of(state).postgres:
+        return SqlTokenCaches(state, vault)
+    return FileTokenCaches(state_dir)
