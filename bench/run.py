@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/run.py [--smoke] [--messages N] [--latency-messages N] [--json FILE]
                                   [--backlog N] [--mailboxes N] [--big-mailboxes N]
+                                  [--state sqlite|postgresql] [--backlog-only]
 
 1. Pass throughput: ``Filer.run_pass`` versus a bare imapclient loop doing the same IMAP work
    (see ``throughput.py``); median of REPEATS fresh Queues each.
@@ -15,6 +16,10 @@
    backlog, and for a small and a ~50 MB message (``footprint.py``).
 5. Issue 22 (README section 7): link change → filed, for 1 and for N Failed messages over
    M mailboxes, against the same messages filed from Queue (``refile.py``).
+
+``--state postgresql`` gives the bench mailboxes (parts 1, 3's emailsync side, 4's backlog)
+a database each in a throwaway PostgreSQL cluster instead of a SQLite file;
+``--backlog-only`` runs just the backlog row (part 4's first two lines).
 
 Prints a table; ``--json FILE`` also writes the figures. Exits 1 when anything failed (a
 message not filed, a wrong folder count, the daemon not stopping cleanly), never on timings.
@@ -82,6 +87,8 @@ MB = 1024 * 1024
 def main(argv: Sequence[str] | None = None) -> int:
     """Run both benchmarks, print the table, write JSON if asked; 0 when nothing failed."""
     args = _parser().parse_args(argv)
+    if args.backlog_only:
+        return _backlog_only(args)
     messages = args.messages or (SMOKE_MESSAGES if args.smoke else DEFAULT_MESSAGES)
     latency_messages = args.latency_messages or (
         SMOKE_LATENCY_MESSAGES if args.smoke else DEFAULT_LATENCY_MESSAGES
@@ -97,6 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.crm_messages or messages,
                 _issue10_sizes(args),
                 None if args.no_refile else (SMOKE_REFILE if args.smoke else DEFAULT_REFILE),
+                state=args.state,
             )
         except Exception:
             traceback.print_exc()
@@ -156,7 +164,42 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-refile", action="store_true", help="skip part 5 (link change → filed, issue 22)"
     )
+    parser.add_argument(
+        "--state",
+        choices=("sqlite", "postgresql"),
+        default="sqlite",
+        help="the bench mailboxes' state database (postgresql: a throwaway cluster)",
+    )
+    parser.add_argument(
+        "--backlog-only", action="store_true", help="only the backlog row (issue 10)"
+    )
     return parser
+
+
+def _backlog_only(args: argparse.Namespace) -> int:
+    """The backlog row alone, against the state database ``--state`` names."""
+    count = args.backlog or (SMOKE_BACKLOG if args.smoke else DEFAULT_BACKLOG)
+    repeats = 1 if args.smoke else REPEATS
+    directory = Directory.build(random.Random(SEED))  # noqa: S311 -- test data, not cryptography
+    with Path(os.devnull).open("w", encoding="utf-8") as sink:
+        configure_logging("json", "info", stream=sink)
+        with Testbed(directory, state=args.state) as testbed:
+            trials = run_backlog(testbed, count, repeats, SEED + 250)
+    figures = _backlog_figures(trials)
+    rates = figures["rates"]
+    print(
+        f"backlog {count} linked msgs, {args.state} state, {repeats} trials: emailsync"
+        f" {rates['emailsync']['median']:.0f} msg/s"
+        f" ({rates['emailsync']['min']:.0f}-{rates['emailsync']['max']:.0f}),"
+        f" raw MOVE {rates['raw_move']['median']:.0f},"
+        f" vs raw MOVE {figures['vs_raw_move']['median']:.2f}"
+    )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
+    for problem in trials.problems:
+        print(f"FAILED: {problem}", file=sys.stderr)
+    return 1 if trials.problems else 0
 
 
 def _issue10_sizes(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -189,9 +232,11 @@ def _run(
     crm_messages: int,
     sizes: dict[str, Any] | None,
     refile: tuple[int, int] | None = None,
+    *,
+    state: str = "sqlite",
 ) -> dict[str, Any]:
     directory = Directory.build(random.Random(SEED))  # noqa: S311 -- test data, not cryptography
-    with Testbed(directory) as testbed:
+    with Testbed(directory, state=state) as testbed:
         throughput = run_throughput(testbed, messages, REPEATS, SEED)
         latency = run_latency(testbed, latency_messages, SEED + 100, testbed.workdir)
         crm = run_crm_throughput(testbed, crm_messages, REPEATS, SEED + 200)

@@ -1,8 +1,10 @@
 """What a benchmark runs against: one throwaway Dovecot, fresh mailboxes, their configs and stores.
 
 Each ``BenchMailbox`` is a new Dovecot user with the folder tree created and subscribed by
-emailsync itself, a config file written the way an operator would, and a SQLite store holding
-the run's groups. Everything lives in one temporary directory that ``close()`` removes.
+emailsync itself, a config file written the way an operator would, and a state database
+holding the run's groups: a SQLite file, or (``state="postgresql"``) a fresh database in a
+throwaway PostgreSQL cluster (``emailsync.devpostgres``). Everything lives in one temporary
+directory that ``close()`` removes.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import imapclient
 from corpus import BenchMessage, Directory
 
 from emailsync.config import Settings, load_settings
+from emailsync.devpostgres import Postgres
 from emailsync.devserver import Dovecot
 from emailsync.imap.auth import make_authenticator
 from emailsync.imap.folders import FolderTree
@@ -64,22 +67,28 @@ class BenchMailbox:
 class Testbed:
     """One Dovecot on 127.0.0.1 and a scratch directory; a context manager."""
 
-    def __init__(self, directory: Directory) -> None:
+    def __init__(self, directory: Directory, state: str = "sqlite") -> None:
         self.directory = directory
         self.workdir = Path(tempfile.mkdtemp(prefix="emailsync-bench-"))
         self.server = Dovecot()
+        # The mailboxes' state database: "sqlite" (a file each) or "postgresql".
+        self.postgres = Postgres() if state == "postgresql" else None
         self._count = 0
 
     def __enter__(self) -> Testbed:
         self.server.start()
+        if self.postgres is not None:
+            self.postgres.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:
-        """Stop Dovecot and remove every file of the run."""
+        """Stop Dovecot (and PostgreSQL) and remove every file of the run."""
         self.server.close()
+        if self.postgres is not None:
+            self.postgres.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def new_mailbox(self, daemon_extra: str = "") -> BenchMailbox:
@@ -92,8 +101,11 @@ class Testbed:
         self.server.add_user(address, password)
         (home / "password").write_text(password + "\n", encoding="utf-8")
         config_path = home / "emailsync.toml"
+        state = f"sqlite://{home / 'state' / 'emailsync.db'}"
+        if self.postgres is not None:
+            state = self.postgres.create_database("bench")
         config_path.write_text(
-            _config(home, address, self.server.port, daemon_extra), encoding="utf-8"
+            _config(home, address, self.server.port, daemon_extra, state), encoding="utf-8"
         )
         settings = load_settings(config_path)
         store = open_store(settings.store_url, settings.daemon.state_dir)
@@ -124,10 +136,10 @@ def open_session(config_path: Path) -> ImapSession:
     return session
 
 
-def _config(home: Path, address: str, port: int, daemon_extra: str) -> str:
+def _config(home: Path, address: str, port: int, daemon_extra: str, state: str) -> str:
     return f"""[daemon]
 state_dir = "{home / "state"}"
-store = "sqlite:///{home / "state" / "emailsync.db"}"
+store = "{state}"
 timeout_seconds = 30
 {daemon_extra}
 
