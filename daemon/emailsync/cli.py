@@ -43,7 +43,12 @@ from emailsync.errors import (
 from emailsync.filing import Decision, Filer, PassResult
 from emailsync.imap.auth import Office365Authenticator, make_authenticator
 from emailsync.imap.session import ImapSession
-from emailsync.keycheck import check_state_database, ensure_key_check, rotate_key_check
+from emailsync.keycheck import (
+    adopt_key_check,
+    check_state_database,
+    ensure_key_check,
+    rotate_key_check,
+)
 from emailsync.logs import configure_logging
 from emailsync.model import OUTCOME_KEYWORD, FolderRole, Outcome, TimelineEvent
 from emailsync.privilege import ActingUser, act_as_state_owner
@@ -238,6 +243,16 @@ def build_parser() -> argparse.ArgumentParser:
         "rotate", help="new key: re-encrypt stored passwords, revoke every agent token"
     )
     p.set_defaults(handler=cmd_keys_rotate)
+    p = keys_sub.add_parser(
+        "adopt",
+        help="make this instance's key the one the state database checks (the old one is lost)",
+    )
+    p.add_argument(
+        "--yes",
+        action="store_true",
+        help="confirm: passwords stored under the old key must be set up again",
+    )
+    p.set_defaults(handler=cmd_keys_adopt)
 
     crm = sub.add_parser("crm", help="the configured CRM connector")
     crm_sub = crm.add_subparsers(title="crm commands", metavar="COMMAND")
@@ -339,6 +354,7 @@ EXAMPLES: dict[str, str] = {
     ),
     "keys": "emailsync keys rotate",
     "keys rotate": "emailsync keys rotate   # every agent token stops working",
+    "keys adopt": "emailsync keys adopt --yes   # after the old key was lost for good",
     "timeline": "emailsync timeline --group Smiths --limit 20\n  emailsync timeline --json",
     "doctor": "emailsync doctor agent1@example.com\n  emailsync doctor --json agent1@example.com",
     "demo": (
@@ -934,6 +950,34 @@ def cmd_keys_rotate(args: argparse.Namespace, out: TextIO) -> int:
     with open_agent_tokens(settings) as tokens:
         tokens.rotated()
     print(f"registry key rotated to generation {generation}; agent tokens revoked", file=out)
+    return EXIT_OK
+
+
+def cmd_keys_adopt(args: argparse.Namespace, out: TextIO) -> int:
+    """Make this instance's registry key the one the state database checks (keycheck)."""
+    settings = load(args)
+    vault = Vault(settings.daemon.state_dir)
+    if not args.yes:
+        print(
+            "emailsync keys adopt: the state database will check for this instance's key "
+            f"({vault.describe()}); secrets stored under the old key stay unreadable (set "
+            "those mailboxes up again) and every other instance must get this key. Give --yes",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    state = open_state(settings.state_url, settings.daemon.state_dir)
+    try:
+        adopted = adopt_key_check(state, vault)
+    finally:
+        state.close()
+    if not adopted:
+        print("the state database already checks for this instance's key: nothing to do", file=out)
+        return EXIT_OK
+    print(
+        f"the state database now checks for this instance's key (generation {vault.generation}, "
+        f"from {vault.describe()}); give every other instance this key",
+        file=out,
+    )
     return EXIT_OK
 
 

@@ -45,11 +45,16 @@ _REMEDY = (
     "every instance must hold the same key, or the secrets it writes are unreadable to the "
     "others: copy the key from an instance that works (its <state_dir>/registry.key, or its "
     "credential), also after a `keys rotate` on another instance; if that key is lost for "
-    "good, see the README, 'Registry key'"
+    "good, or a replaced credential is the one to keep, `emailsync keys adopt --yes` makes "
+    "this key the database's (what the old key encrypted must be set up again)"
 )
 _READ = "SELECT value FROM state_meta WHERE name = ?"
 _INSERT = "INSERT INTO state_meta (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING"
 _UPDATE = "UPDATE state_meta SET value = ? WHERE name = ?"
+_ADOPT = (
+    "INSERT INTO state_meta (name, value) VALUES (?, ?)"
+    " ON CONFLICT (name) DO UPDATE SET value = excluded.value"
+)
 
 
 def state_engine(store: object) -> SqlEngine | None:
@@ -214,3 +219,23 @@ def bind_key_check(store: object, vault: Vault) -> None:
     """
     ensure_key_check(store, vault)
     vault.guard = key_check_guard(store, vault)
+
+
+def adopt_key_check(store: object, vault: Vault) -> bool:
+    """Seal the key check under ``vault``'s key, replacing any (``emailsync keys adopt``).
+
+    For when the key the database was set up with is lost for good, or a systemd credential
+    was replaced: secrets stored under the old key stay unreadable (their mailboxes are set
+    up again), and every other instance must be given this key. False when the key already
+    opens the check (nothing written).
+    """
+    engine = state_engine(store)
+    if engine is None:
+        return False
+    blob = _read(engine)
+    if blob is not None and _mismatch(blob, vault) is None:
+        return False
+    sealed = vault.encrypt(CHECK_PLAINTEXT, CHECK_LABEL)
+    with engine.transaction("adopt the key check") as conn:
+        conn.execute(_sql(engine, _ADOPT), (KEY_CHECK, sealed))
+    return True

@@ -219,7 +219,8 @@ class Vault:
             raise ConfigError(
                 [
                     f"the registry key is the systemd credential {self.credential}: "
-                    "rotate it by replacing the credential (re-register the mailboxes)"
+                    "rotate it by replacing the credential on every instance, then `emailsync "
+                    "keys adopt --yes` once (and re-register the mailboxes)"
                 ]
             )
         self._keys()  # creates the key file (and its directory) on a first use

@@ -7,6 +7,7 @@ a real SQLite file, or a throwaway PostgreSQL database shared the way a cluster 
 from __future__ import annotations
 
 import base64
+import secrets
 import shutil
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -14,10 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from emailsync.cli import EXIT_CONFIG, EXIT_USAGE, main
 from emailsync.config import CrmSettings
 from emailsync.errors import ConfigError, KeyUnavailableError
 from emailsync.keycheck import (
     KEY_CHECK,
+    adopt_key_check,
     ensure_key_check,
     key_check_guard,
     key_check_problem,
@@ -25,7 +28,7 @@ from emailsync.keycheck import (
     state_engine,
 )
 from emailsync.secret import SecretSource
-from emailsync.store import open_store
+from emailsync.store import DEFAULT_DB_NAME, open_store
 from emailsync.store.base import RegisteredMailbox
 from emailsync.store.failedindex import SqlEngine
 from emailsync.store.postgres import PostgresStore
@@ -257,3 +260,63 @@ def test_a_crm_store_checks_its_local_state_database(tmp_path: Path) -> None:
     finally:
         store.close()
     assert state_engine(object()) is None
+
+
+def test_a_replaced_credential_is_adopted_with_keys_adopt_and_the_old_one_then_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The documented way to replace a credential (or recover from a lost key): the daemon
+    refuses the new key until `keys adopt --yes` makes it the database's."""
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    credential = credentials / KEY_CREDENTIAL
+    old, new = (base64.b64encode(secrets.token_bytes(32)).decode() for _ in range(2))
+    credential.write_text(old + "\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+    state_dir = tmp_path / "state"
+    config = tmp_path / "emailsync.toml"
+    config.write_text(f'[daemon]\nstate_dir = "{state_dir}"\n')
+    store = SqliteStore(state_dir / DEFAULT_DB_NAME)
+    try:
+        ensure_key_check(store, Vault(state_dir))  # the daemon's first start
+    finally:
+        store.close()
+
+    def cli(*args: str) -> tuple[int, str, str]:
+        code = main(["--config", str(config), *args])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    assert cli("check-config")[0] == 0
+    credential.write_text(new + "\n")
+    code, _, err = cli("check-config")
+    assert code == EXIT_CONFIG
+    assert MISMATCH in err
+    assert "keys adopt --yes" in err
+    assert old not in err
+    assert new not in err
+
+    code, _, err = cli("keys", "adopt")
+    assert code == EXIT_USAGE
+    assert "--yes" in err
+    assert cli("check-config")[0] == EXIT_CONFIG  # nothing was adopted
+
+    code, out, _ = cli("keys", "adopt", "--yes")
+    assert code == 0
+    assert "now checks for this instance's key" in out
+    assert new not in out
+    assert cli("check-config")[0] == 0
+    assert "nothing to do" in cli("keys", "adopt", "--yes")[1]
+
+    credential.write_text(old + "\n")  # an instance still holding the old credential
+    assert cli("check-config")[0] == EXIT_CONFIG
+
+
+def test_adopt_writes_a_check_a_fresh_database_lacks(engine: SqlEngine, tmp_path: Path) -> None:
+    vault = instance(tmp_path, "a")
+    assert adopt_key_check(engine, vault)
+    assert check_row(engine) is not None
+    ensure_key_check(engine, vault)
+    assert not adopt_key_check(engine, vault)
+    with pytest.raises(ConfigError, match=MISMATCH):
+        ensure_key_check(engine, instance(tmp_path, "b"))
