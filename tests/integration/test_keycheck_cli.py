@@ -10,12 +10,21 @@ import base64
 import json
 import secrets
 import shutil
+import sqlite3
 from pathlib import Path
+from urllib.parse import quote
 
+import pytest
+
+from emailsync.devserver import Dovecot
+from emailsync.store import DEFAULT_DB_NAME
 from emailsync.vault import KEY_FILE_NAME
+from emailsync.web import KEY_UNAVAILABLE
 
-from .daemonproc import RunningDaemon, daemon_config_extra, new_port, run_cli
+from .conftest import MailUser, new_user
+from .daemonproc import DaemonFactory, RunningDaemon, daemon_config_extra, new_port, run_cli
 from .mailenv import write_config
+from .test_selfservice_api import call
 
 EXIT_CONFIG = 78
 MISMATCH = "does not match the one this state database was set up with"
@@ -97,3 +106,45 @@ def test_keys_rotate_on_one_instance_refuses_the_others_until_they_get_the_new_k
 
     shutil.copy(tmp_path / "a" / "state" / KEY_FILE_NAME, tmp_path / "b" / "state")
     assert run_cli(second, "check-config").returncode == 0
+
+
+@pytest.mark.dovecot
+def test_a_running_instance_whose_key_was_rotated_elsewhere_stores_no_password(
+    user: MailUser, dovecot: Dovecot, daemons: DaemonFactory, tmp_path: Path
+) -> None:
+    """Instance a runs; b (same database, a's key) rotates the key. a's set-ups answer 500
+    "tell IT" and store nothing; a restarted a exits 78 until it gets the rotated key."""
+    daemon = daemons.start([user])
+    state_a = tmp_path / "state"
+    shared = f"sqlite:///{state_a / DEFAULT_DB_NAME}"
+    second, _, _ = instance(tmp_path, "b", shared)
+    (tmp_path / "b" / "state").mkdir()
+    shutil.copy(state_a / KEY_FILE_NAME, tmp_path / "b" / "state")
+    agent = new_user(dovecot)
+    body = {"host": dovecot.host, "port": dovecot.port, "security": "none"}
+    assert call(daemon, "PUT", "/v1/branches/main", body)[0] == 201
+
+    rotated = run_cli(second, "keys", "rotate")
+    assert rotated.returncode == 0, rotated.stderr
+
+    setup = {"branch": "main", "username": agent.address, "password": agent.password}
+    status, answer = call(daemon, "PUT", f"/v1/mailboxes/{quote(agent.address)}", setup)
+    assert status == 500, answer
+    assert answer["error"] == KEY_UNAVAILABLE  # "Please tell IT"
+    assert agent.password not in daemon.log()
+    assert "registry_key_mismatch" in daemon.log()
+    assert MISMATCH in daemon.log()
+    with sqlite3.connect(state_a / DEFAULT_DB_NAME) as conn:
+        rows = conn.execute("SELECT count(*) FROM registered_mailboxes").fetchone()[0]
+    assert rows == 0
+
+    assert daemon.stop() == 0
+    refused = daemons.start([user], ready=False)
+    refused.expected_exit = EXIT_CONFIG
+    assert refused.process.wait(timeout=30) == EXIT_CONFIG
+    assert MISMATCH in refused.log()
+
+    shutil.copy(tmp_path / "b" / "state" / KEY_FILE_NAME, state_a)  # the rotated key
+    again = daemons.start([user])
+    status, answer = call(again, "PUT", f"/v1/mailboxes/{quote(agent.address)}", setup)
+    assert status == 200, answer
