@@ -1,14 +1,22 @@
 """The self-service pages: sessions, CSRF tokens and the Jinja2 templates they render.
 
 A visitor logs in with a token (the admin's control token, or an agent's mailbox token from
-``emailsync token issue``); the session lives in memory, behind an HttpOnly, SameSite=Strict
-cookie, and ends with the daemon. Every form carries the session's CSRF token, compared in
-constant time; a form without it is refused.
+``emailsync token issue``); the session is kept server-side, behind an HttpOnly,
+SameSite=Strict cookie, for ``SESSION_SECONDS``. Every form carries the session's CSRF token,
+compared in constant time; a form without it is refused.
+
+Where sessions are kept is a ``SessionStore``: the daemon's is the state database
+(``emailsync.store.sessions_sql.SqlSessions``: a session made on one instance of a cluster
+works on every other and after a restart, a logout ends it everywhere); ``MemorySessions``,
+the default, serves a ``Pages`` built alone (unit tests). Neither is cached in front of: each
+request reads its session, so nothing an instance remembers can outlive a logout elsewhere.
 
 A visitor who has not logged in yet stores nothing: their cookie holds a random nonce and the
-login form's CSRF token is an HMAC of it under a key of this process (a signed double-submit
-token). Only logins take one of the ``MAX_SESSIONS`` slots, so a flood of anonymous visits
-cannot push a logged-in admin or agent out (issue 19).
+login form's CSRF token is an HMAC of it under the anonymous key (a signed double-submit
+token). The daemon derives that key from the registry key, so every instance sharing the
+state accepts the login form another served; a ``Pages`` built alone draws one of its own.
+Only logins take one of the ``MAX_SESSIONS`` slots, so a flood of anonymous visits cannot push
+a logged-in admin or agent out (issue 19).
 """
 
 from __future__ import annotations
@@ -19,12 +27,15 @@ import hmac
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from importlib import resources
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 from urllib.parse import quote
 
 import jinja2
+
+from emailsync.store.sessions_sql import SessionRow
 
 SESSION_COOKIE = "emailsync_session"
 SESSION_SECONDS = 8 * 3600  # a working day; then log in again with the link
@@ -63,30 +74,107 @@ class Session:
     principal: Principal | None
     token: str = field(default="", repr=False)  # what it logged in with, checked each request
     csrf: str = field(default_factory=lambda: secrets.token_urlsafe(32))
-    created: float = field(default_factory=time.monotonic)
+    created: float = field(default_factory=time.time)  # Unix seconds: instances share it
     messages: dict[str, str] = field(default_factory=dict)
+    # Writes the messages back to the session's store (None: an anonymous visitor's).
+    saved: Callable[[Session], None] | None = field(default=None, repr=False, compare=False)
 
     def flash(self, kind: str, text: str) -> None:
         """Show ``text`` on the next page (``notice``, ``error``, ``token_link``)."""
         self.messages[kind] = text
+        if self.saved is not None:
+            self.saved(self)
 
     def pop_flash(self, kind: str) -> str | None:
         """The message of this kind, once."""
-        return self.messages.pop(kind, None)
+        text = self.messages.pop(kind, None)
+        if text is not None and self.saved is not None:
+            self.saved(self)
+        return text
+
+
+class SessionStore(Protocol):
+    """Where logged-in sessions are kept, by the cookie's session id."""
+
+    def load(self, sid: str, now: float | None = None) -> SessionRow | None:
+        """The live session, or None; an expired one is deleted."""
+        ...
+
+    def insert(self, session: SessionRow, now: float | None = None) -> None:
+        """Keep a new session: expired ones go, and the oldest beyond the cap."""
+        ...
+
+    def delete(self, sid: str) -> None:
+        """End a session."""
+        ...
+
+    def save_messages(self, sid: str, messages: dict[str, str]) -> None:
+        """Write a session's one-shot messages back."""
+        ...
+
+
+class MemorySessions:
+    """Sessions in this process's memory, for a ``Pages`` without a state database."""
+
+    def __init__(self, *, max_sessions: int) -> None:
+        self.max_sessions = max_sessions
+        self._rows: dict[str, SessionRow] = {}
+        self._lock = threading.Lock()
+
+    def load(self, sid: str, now: float | None = None) -> SessionRow | None:
+        """A copy of the live session, or None."""
+        now = time.time() if now is None else now
+        with self._lock:
+            found = self._rows.get(sid)
+            if found is not None and found.expires_at <= now:
+                del self._rows[sid]
+                return None
+            return None if found is None else replace(found, messages=dict(found.messages))
+
+    def insert(self, session: SessionRow, now: float | None = None) -> None:
+        """Keep a copy; the oldest go beyond ``max_sessions``."""
+        now = time.time() if now is None else now
+        with self._lock:
+            for sid in [s for s, row in self._rows.items() if row.expires_at <= now]:
+                del self._rows[sid]
+            while len(self._rows) >= self.max_sessions:
+                oldest = min(self._rows.values(), key=lambda row: row.created_at)
+                del self._rows[oldest.sid]
+            self._rows[session.sid] = replace(session, messages=dict(session.messages))
+
+    def delete(self, sid: str) -> None:
+        """Forget the session."""
+        with self._lock:
+            self._rows.pop(sid, None)
+
+    def save_messages(self, sid: str, messages: dict[str, str]) -> None:
+        """Replace the session's messages, if it still exists."""
+        with self._lock:
+            found = self._rows.get(sid)
+            if found is not None:
+                found.messages = dict(messages)
 
 
 class Pages:
     """Sessions and templates of the pages; safe to use from every request thread."""
 
-    def __init__(self, *, secure_cookie: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        secure_cookie: bool = False,
+        sessions: SessionStore | None = None,
+        anonymous_key: Callable[[], bytes] | None = None,
+    ) -> None:
+        """``sessions``: where logins are kept (memory by default); ``anonymous_key``: the key
+        of anonymous visitors' CSRF tokens, asked for at each use (every instance must give the
+        same; by default one of this process's)."""
         # Secure when browsers come over TLS (public_url https://): never sent in clear then.
         self._cookie_attributes = "HttpOnly; SameSite=Strict" + (
             "; Secure" if secure_cookie else ""
         )
-        self._sessions: dict[str, Session] = {}
-        self._lock = threading.Lock()
-        # Signs anonymous visitors' CSRF tokens; per process, like the sessions themselves.
-        self._anonymous_key = secrets.token_bytes(32)
+        self.sessions: SessionStore = sessions or MemorySessions(max_sessions=MAX_SESSIONS)
+        own_key = secrets.token_bytes(32)
+        self._anonymous_key = anonymous_key or (lambda: own_key)
         self._env = jinja2.Environment(
             loader=jinja2.PackageLoader("emailsync", "templates"),
             autoescape=True,  # every template is HTML: escape every value
@@ -103,12 +191,13 @@ class Pages:
             return None
         if sid.startswith(ANONYMOUS_PREFIX):
             return self._anonymous_session(sid)
-        with self._lock:
-            found = self._sessions.get(sid)
-            if found is not None and time.monotonic() - found.created > SESSION_SECONDS:
-                del self._sessions[sid]
-                return None
-            return found
+        row = self.sessions.load(sid)
+        if row is None:
+            return None
+        principal = Principal(row.principal)
+        return Session(
+            row.sid, principal, row.token, row.csrf, row.created_at, row.messages, self._save
+        )
 
     def anonymous(self) -> Session:
         """A session before login, so the login form has a CSRF token too; nothing is stored."""
@@ -117,7 +206,7 @@ class Pages:
     def _anonymous_session(self, sid: str) -> Session:
         # The CSRF token is derived from the cookie's nonce: only a page that could read this
         # cookie (our own, SameSite=Strict, HttpOnly) shows a token that matches it.
-        digest = hmac.new(self._anonymous_key, sid.encode(), hashlib.sha256).digest()
+        digest = hmac.new(self._anonymous_key(), sid.encode(), hashlib.sha256).digest()
         csrf = base64.urlsafe_b64encode(digest).decode().rstrip("=")
         return Session(sid, None, csrf=csrf)
 
@@ -127,20 +216,27 @@ class Pages:
         """A new session for ``principal``, who gave ``token`` (a new id: no fixation)."""
         if replacing is not None:
             self.logout(replacing)
-        return self._add(Session(secrets.token_urlsafe(32), principal, token))
+        session = Session(secrets.token_urlsafe(32), principal, token, saved=self._save)
+        self.sessions.insert(
+            SessionRow(
+                session.sid,
+                principal.address,
+                token,
+                session.csrf,
+                dict(session.messages),
+                session.created,
+                session.created + SESSION_SECONDS,
+            )
+        )
+        return session
 
     def logout(self, session: Session) -> None:
-        """End a session (an anonymous one has nothing to end)."""
-        with self._lock:
-            self._sessions.pop(session.sid, None)
+        """End a session, on every instance (an anonymous one has nothing to end)."""
+        if session.principal is not None:
+            self.sessions.delete(session.sid)
 
-    def _add(self, session: Session) -> Session:
-        with self._lock:
-            while len(self._sessions) >= MAX_SESSIONS:
-                oldest = min(self._sessions.values(), key=lambda s: s.created)
-                del self._sessions[oldest.sid]
-            self._sessions[session.sid] = session
-        return session
+    def _save(self, session: Session) -> None:
+        self.sessions.save_messages(session.sid, dict(session.messages))
 
     @staticmethod
     def csrf_ok(session: Session, given: str) -> bool:

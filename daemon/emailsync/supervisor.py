@@ -78,6 +78,7 @@ from emailsync.imap.session import ImapSession
 from emailsync.keycheck import bind_key_check
 from emailsync.linkwatch import LinkChanges
 from emailsync.metrics import Metrics
+from emailsync.pages import MAX_SESSIONS
 from emailsync.secret import Secret
 from emailsync.store.base import (
     IssuedToken,
@@ -87,6 +88,8 @@ from emailsync.store.base import (
     Store,
 )
 from emailsync.store.failedindex import failed_index
+from emailsync.store.sessions_sql import SqlSessions
+from emailsync.store.sqlcore import SqlEngine
 from emailsync.store.tokencache_sql import token_caches_for
 from emailsync.systemd import Notifier
 from emailsync.throttle import LoginThrottle, ThrottledAuthenticator
@@ -112,6 +115,8 @@ GAUGE_SECONDS = 15.0
 TOKEN_CHECK_SECONDS = 300.0
 TOKEN_REFRESH_AHEAD_SECONDS = 900.0  # refresh an access token this long before it expires
 OFFICE365_FLOW_SECONDS = 600.0  # a browser sign-in must come back within 10 minutes
+# HKDF info of the anonymous visitors' CSRF key (its own label: no other use of the vault key).
+ANONYMOUS_CSRF_INFO = b"emailsync pages anonymous csrf"
 SETUP_LOGOUT_SECONDS = 4.0  # First Time Setup's LOGOUT: the work is done, do not wait long
 RECENT_OUTCOMES_NONE: list[dict[str, str | None]] = []
 # A worker thread that ended without being asked (a bug, not a mailbox error: those are
@@ -283,6 +288,13 @@ class Supervisor:
             self.authenticator_factory = functools.partial(
                 make_authenticator, token_caches=self.token_caches
             )
+        # The pages' logins: rows of the state database, so every instance and the next start
+        # honour them (None: in memory, when there is no SQL state).
+        self.page_sessions: SqlSessions | None = (
+            SqlSessions(self.state, self.vault, max_sessions=MAX_SESSIONS)
+            if isinstance(self.state, SqlEngine)
+            else None
+        )
         self._tokens: AgentTokens | None = None  # see _agent_tokens
         self._tokens_lock = threading.Lock()
         self._close_ledger: Callable[[], None] = lambda: None
@@ -605,6 +617,8 @@ class Supervisor:
                 list_agent_tokens=self.agent_tokens_issued,
                 revoke_agent_tokens=self.revoke_agent_tokens,
                 public_url=daemon.public_url,
+                sessions=self.page_sessions,
+                anonymous_key=self.anonymous_key,
             )
         except OSError as exc:
             where = f"{daemon.listen_host}:{daemon.listen_port}"
@@ -1036,6 +1050,11 @@ class Supervisor:
             "set_up": True,
             "recent": recent,
         }
+
+    def anonymous_key(self) -> bytes:
+        """The key of the login form's CSRF token: every instance with this registry key derives
+        the same, so a form one served is accepted by another."""
+        return self.vault.derived_key(ANONYMOUS_CSRF_INFO)
 
     def office365_available(self) -> bool:
         """True when browser sign-in can be offered: ``[office365]`` in delegated mode."""

@@ -154,6 +154,17 @@ class Vault:
         current, keys = self._keys()
         return [current, *sorted(g for g in keys if g != current)]
 
+    def derived_key(self, info: bytes) -> bytes:
+        """A 32-byte key for one purpose (HKDF ``info``) from the current generation's key.
+
+        Every instance holding this key derives the same one (the pages' anonymous CSRF key);
+        a rotation changes it.
+        """
+        current, keys = self._keys()
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(
+            keys[current]
+        )
+
     def describe(self) -> str:
         """Where the key comes from, for messages (never the key)."""
         if self.credential is not None:

@@ -44,7 +44,7 @@ from emailsync.config import SECURITIES, TRIGGERS, weak_token_problem
 from emailsync.crm import signing
 from emailsync.crm.callback import GROUPS_CHANGED_PATH, GroupsChangedHandler
 from emailsync.errors import KeyUnavailableError, RegistrationError
-from emailsync.pages import Pages, Principal
+from emailsync.pages import Pages, Principal, SessionStore
 from emailsync.store.base import IssuedToken
 from emailsync.web_pages import (
     AGENT_TOKEN_PREFIXES,
@@ -162,12 +162,18 @@ class WebServer:
         list_agent_tokens: AgentTokenList | None = None,
         revoke_agent_tokens: AgentTokenRevoke | None = None,
         public_url: str = "",
+        sessions: SessionStore | None = None,
+        anonymous_key: Callable[[], bytes] | None = None,
     ) -> None:
         problem = weak_token_problem(token)
         if problem is not None:
             # Never serve the control API behind an empty or guessable token.
             raise ValueError(f"control token {problem}")
-        self.pages = Pages(secure_cookie=public_url.startswith("https://"))
+        self.pages = Pages(
+            secure_cookie=public_url.startswith("https://"),
+            sessions=sessions,
+            anonymous_key=anonymous_key,
+        )
         selfservice = SelfService(
             registrar,
             check_agent_token,

@@ -16,9 +16,12 @@ from pathlib import Path
 import pytest
 
 from emailsync.errors import ConfigError
+from emailsync.pages import MAX_SESSIONS, SESSION_SECONDS, Pages, Principal
 from emailsync.store.postgres import PostgresStore
+from emailsync.store.sessions_sql import SessionRow, SqlSessions, row_id
 from emailsync.store.sqlite import SqliteStore
 from emailsync.store.tokencache_sql import SqlTokenCaches, cache_label
+from emailsync.supervisor import ANONYMOUS_CSRF_INFO
 from emailsync.vault import Vault
 
 from .test_store_contract import open_kind
@@ -171,3 +174,139 @@ def test_a_key_rotation_re_encrypts_every_token_cache(
     stored = caches.read(OTHER)
     assert stored is not None
     assert stored.text == f'{{"who": "{OTHER}"}}'
+
+
+# -- page sessions --------------------------------------------------------------------------
+
+
+def another_instance(engine: SqliteStore | PostgresStore) -> SqliteStore | PostgresStore:
+    """The same database opened again, as another instance (or the next start) opens it."""
+    if isinstance(engine, SqliteStore):
+        return SqliteStore(engine.path)
+    return PostgresStore(engine._url)
+
+
+@pytest.fixture
+def second(engine: SqliteStore | PostgresStore) -> Iterator[SqliteStore | PostgresStore]:
+    """The test's database opened by a second instance."""
+    opened = another_instance(engine)
+    yield opened
+    opened.close()
+
+
+def session_row(sid: str, *, created: float, principal: str | None = AGENT) -> SessionRow:
+    return SessionRow(
+        sid, principal, f"token-of-{sid}", f"csrf-{sid}", {}, created, created + SESSION_SECONDS
+    )
+
+
+def test_a_session_stored_by_one_instance_is_read_by_another_and_keeps_no_cookie_id(
+    engine: SqliteStore | PostgresStore, second: SqliteStore | PostgresStore, vault: Vault
+) -> None:
+    """The row's id is the cookie id's SHA-256 and the token is sealed; another reads both."""
+    now = time.time()
+    SqlSessions(engine, vault, max_sessions=10).insert(
+        session_row("cookie-id", created=now, principal=None)
+    )
+    found = SqlSessions(second, vault, max_sessions=10).load("cookie-id")
+    assert found == session_row("cookie-id", created=now, principal=None)
+    ((rid, blob),) = raw(engine, "SELECT id, token FROM page_sessions")
+    assert rid == row_id("cookie-id") != "cookie-id"
+    assert b"token-of-cookie-id" not in bytes(blob)  # type: ignore[arg-type]
+    assert SqlSessions(second, vault, max_sessions=10).load("another-id") is None
+
+
+def test_messages_are_written_back_and_a_deleted_session_is_gone_everywhere(
+    engine: SqliteStore | PostgresStore, second: SqliteStore | PostgresStore, vault: Vault
+) -> None:
+    """A flash written by one instance shows on another; a logout on one ends it on both."""
+    one, other = (SqlSessions(e, vault, max_sessions=10) for e in (engine, second))
+    one.insert(session_row("s1", created=time.time()))
+    one.save_messages("s1", {"notice": "Sync started."})
+    found = other.load("s1")
+    assert found is not None
+    assert found.messages == {"notice": "Sync started."}
+    other.delete("s1")
+    assert one.load("s1") is None
+
+
+def test_an_expired_session_is_refused_and_deleted_and_logins_sweep_expired_rows(
+    engine: SqliteStore | PostgresStore, vault: Vault
+) -> None:
+    """Past its expiry a session is None and its row goes; a new login deletes the others."""
+    sessions = SqlSessions(engine, vault, max_sessions=10)
+    now = time.time()
+    sessions.insert(session_row("old", created=now - SESSION_SECONDS - 1), now=now - 2)
+    sessions.insert(session_row("older", created=now - SESSION_SECONDS - 2), now=now - 2)
+    assert sessions.load("old", now=now) is None
+    assert len(raw(engine, "SELECT id FROM page_sessions")) == 1
+    sessions.insert(session_row("new", created=now), now=now)
+    assert raw(engine, "SELECT id FROM page_sessions") == [(row_id("new"),)]
+
+
+def test_beyond_the_cap_the_oldest_sessions_are_dropped(
+    engine: SqliteStore | PostgresStore, vault: Vault
+) -> None:
+    """A flood of logins cannot grow the table: the oldest go first."""
+    cap = 3
+    sessions = SqlSessions(engine, vault, max_sessions=cap)
+    now = time.time()
+    for n in range(cap + 2):
+        sessions.insert(session_row(f"s{n}", created=now + n), now=now)
+    kept = [sid for sid in (f"s{n}" for n in range(cap + 2)) if sessions.load(sid) is not None]
+    assert kept == [f"s{n}" for n in range(2, cap + 2)]
+
+
+def test_a_session_sealed_under_another_key_is_treated_as_logged_out(
+    engine: SqliteStore | PostgresStore, vault: Vault, tmp_path: Path
+) -> None:
+    """A row this instance's key cannot open (a rotation) is deleted, not an error."""
+    SqlSessions(engine, vault, max_sessions=10).insert(session_row("s1", created=time.time()))
+    stranger_dir = tmp_path / "stranger"
+    stranger_dir.mkdir()
+    stranger = SqlSessions(engine, Vault(stranger_dir), max_sessions=10)
+    assert stranger.load("s1") is None
+    assert raw(engine, "SELECT id FROM page_sessions") == []
+
+
+def pages_of(engine: SqliteStore | PostgresStore, vault: Vault) -> Pages:
+    """The pages of an instance on ``engine``, as the daemon builds them."""
+    return Pages(
+        sessions=SqlSessions(engine, vault, max_sessions=MAX_SESSIONS),
+        anonymous_key=lambda: vault.derived_key(ANONYMOUS_CSRF_INFO),
+    )
+
+
+def test_pages_on_two_instances_share_logins_messages_logouts_and_the_login_form(
+    engine: SqliteStore | PostgresStore, second: SqliteStore | PostgresStore, vault: Vault
+) -> None:
+    """A login on A is a session on B and after A's restart; B's flash shows on A; B's logout
+    ends it on A; the login form A served (anonymous CSRF) is accepted by B."""
+    a, b = pages_of(engine, vault), pages_of(second, vault)
+    session = a.login(Principal(AGENT), token="agent-token")
+    cookie = a.cookie(session).split(";")[0]
+    on_b = b.session(cookie)
+    assert on_b is not None
+    assert (on_b.principal, on_b.token) == (Principal(AGENT), "agent-token")
+    assert on_b.csrf == session.csrf
+    on_b.flash("notice", "Sync started.")
+    restarted_engine = another_instance(engine)
+    try:
+        restarted = pages_of(restarted_engine, vault)
+        on_a = restarted.session(cookie)
+        assert on_a is not None
+        assert on_a.messages == {"notice": "Sync started."}
+        assert restarted.render("expired.html", on_a)  # rendering pops the notice ...
+        again = a.session(cookie)
+        assert again is not None
+        assert again.pop_flash("notice") is None  # ... once, for every instance
+        b.logout(on_b)
+        assert a.session(cookie) is None
+        assert restarted.session(cookie) is None
+    finally:
+        restarted_engine.close()
+    anonymous = a.anonymous()
+    form_cookie = a.cookie(anonymous).split(";")[0]
+    on_b_anonymous = b.session(form_cookie)
+    assert on_b_anonymous is not None
+    assert Pages.csrf_ok(on_b_anonymous, anonymous.csrf)
