@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from emailsync.config import load_settings
+from emailsync.vault import KEY_CREDENTIAL
 
 KUBE_DIR = Path(__file__).parents[2] / "config" / "kubernetes"
 
@@ -112,3 +113,16 @@ def test_shutdown_grace_covers_the_daemons_ten_second_stop(
 ) -> None:
     """SIGTERM ends the daemon within 10 s; Kubernetes must not SIGKILL it before."""
     assert objects["Deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > 10
+
+
+def test_every_replica_holds_the_one_registry_key_from_the_secret(
+    objects: dict[str, dict[str, Any]], container: dict[str, Any]
+) -> None:
+    """A key made in each pod's emptyDir would differ per replica (and per restart), and the
+    state database's key check refuses all but the first: the key is a credential from the
+    Secret, the same file in every pod."""
+    env = {e["name"]: e for e in container["env"]}
+    directory = env["CREDENTIALS_DIRECTORY"]["value"]
+    volume = mounts(container, objects)[directory]
+    assert volume["secret"]["secretName"] == objects["Secret"]["metadata"]["name"]
+    assert KEY_CREDENTIAL in objects["Secret"]["stringData"]
