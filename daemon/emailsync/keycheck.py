@@ -131,6 +131,8 @@ def check_state_database(url: str, state_dir: Path, vault: Vault) -> tuple[list[
         return [], [f"the registry key was not checked against the state database: {exc}"]
     try:
         problem = key_check_problem(store, vault)
+    except ConfigError as exc:  # the key file itself is unreadable or damaged
+        return list(exc.problems), []
     except StoreError as exc:
         return [], [f"the registry key was not checked against the state database: {exc}"]
     finally:

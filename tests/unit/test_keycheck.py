@@ -320,3 +320,24 @@ def test_adopt_writes_a_check_a_fresh_database_lacks(engine: SqlEngine, tmp_path
     assert not adopt_key_check(engine, vault)
     with pytest.raises(ConfigError, match=MISMATCH):
         ensure_key_check(engine, instance(tmp_path, "b"))
+
+
+def test_check_config_lists_an_unreadable_key_file_among_its_problems(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """check-config names every problem: a damaged key file is one line, not an abort."""
+    state_dir = tmp_path / "state"
+    store = SqliteStore(state_dir / DEFAULT_DB_NAME)
+    try:
+        ensure_key_check(store, Vault(state_dir))
+    finally:
+        store.close()
+    (state_dir / KEY_FILE_NAME).write_text("{not json")
+    config = tmp_path / "emailsync.toml"
+    token = tmp_path / "token"
+    token.write_text("short\n")
+    config.write_text(f'[daemon]\nstate_dir = "{state_dir}"\ncontrol_token_file = "{token}"\n')
+    assert main(["--config", str(config), "check-config"]) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "unreadable registry key file" in err
+    assert "control_token_file" in err  # the other problem is listed too
