@@ -341,3 +341,22 @@ def test_check_config_lists_an_unreadable_key_file_among_its_problems(
     err = capsys.readouterr().err
     assert "unreadable registry key file" in err
     assert "control_token_file" in err  # the other problem is listed too
+
+
+def test_instances_with_different_keys_starting_together_one_wins_the_others_are_refused(
+    engine: SqlEngine, tmp_path: Path
+) -> None:
+    vaults = [instance(tmp_path, name) for name in "abcd"]
+
+    def start(vault: Vault) -> bool:
+        try:
+            ensure_key_check(engine, vault)
+        except ConfigError:
+            return False
+        return True
+
+    with ThreadPoolExecutor(max_workers=len(vaults)) as pool:
+        started = list(pool.map(start, vaults))
+    assert started.count(True) == 1
+    (winner,) = [v for v, ok in zip(vaults, started, strict=True) if ok]
+    ensure_key_check(engine, winner)
