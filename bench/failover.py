@@ -21,7 +21,7 @@ from pathlib import Path
 
 from daemonproc import DaemonProcess
 
-from emailsync.devnet import free_port
+from emailsync.devnet import free_port, share_registry_key
 from emailsync.devpostgres import Postgres
 from emailsync.devserver import Dovecot
 
@@ -42,6 +42,7 @@ def write_config(
     workdir = home / name
     workdir.mkdir()
     (workdir / "control-token").write_text(secrets.token_urlsafe(16) + "\n")
+    share_registry_key(home / "registry-key", workdir / "state")
     lines = [
         "[daemon]",
         f'state_dir = "{workdir / "state"}"',

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 # A probe to loopback answers at once; the bound keeps a wedged stack from hanging a wait.
 PROBE_TIMEOUT_SECONDS = 0.5
@@ -65,3 +66,20 @@ def stop_process(process: subprocess.Popen[bytes], timeout: float) -> int:
             process.kill()
             process.wait(KILL_WAIT_SECONDS)
     return int(process.returncode)
+
+
+def share_registry_key(shared_dir: Path, state_dir: Path) -> None:
+    """Give a throwaway instance the registry key of its cluster (``shared_dir``).
+
+    Every instance sharing a state database must hold the same key: the database's key check
+    refuses any other (``emailsync.keycheck``). The key is made in ``shared_dir`` on first use
+    and copied, 0600, into ``state_dir``, as an operator copies it to each host.
+    """
+    from emailsync.vault import KEY_FILE_NAME, Vault  # noqa: PLC0415 -- dev helper only
+
+    if not (shared_dir / KEY_FILE_NAME).exists():
+        Vault(shared_dir).generation  # noqa: B018 -- reading it creates the key file
+    state_dir.mkdir(parents=True, exist_ok=True)
+    copy = state_dir / KEY_FILE_NAME
+    copy.write_bytes((shared_dir / KEY_FILE_NAME).read_bytes())
+    copy.chmod(0o600)

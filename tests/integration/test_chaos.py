@@ -47,6 +47,7 @@ from typing import Any
 import pytest
 
 from emailsync.devcrm import DevCrm
+from emailsync.devnet import share_registry_key
 from emailsync.devpostgres import Postgres
 from emailsync.devserver import Dovecot
 from emailsync.store.postgres import PostgresStore
@@ -106,6 +107,7 @@ class ChaosCluster:
             proxy = FaultProxy(dovecot.port).start()
             token = secrets.token_urlsafe(16)
             (workdir / "control-token").write_text(token + "\n")
+            share_registry_key(tmp_path / "registry-key", workdir / "state")
             self.instances[name] = Instance(name, proxy, workdir, new_port(), token)
 
     def config(self, instance: Instance) -> Path:

@@ -16,11 +16,11 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from emailsync.devnet import share_registry_key
 from emailsync.devpostgres import Postgres
 from emailsync.devserver import Dovecot
 from emailsync.model import STUCK_KEYWORD
 from emailsync.store.postgres import PostgresStore
-from emailsync.vault import KEY_FILE_NAME, Vault
 
 from .conftest import MailUser, new_user, write_config
 from .daemonproc import RunningDaemon, daemon_config_extra, new_port, run_cli, wait_until
@@ -60,7 +60,7 @@ class Cluster:
         if name not in self.ports:
             self.ports[name] = new_port()
             (workdir / "control-token").write_text(secrets.token_urlsafe(16) + "\n")
-            self.share_registry_key(workdir / "state")
+            share_registry_key(self.tmp_path / "registry-key", workdir / "state")
         extra = daemon_config_extra(
             self.ports[name], workdir / "control-token", store=self.pg_url, **daemon
         ) + (f'\n\n[cluster]\ninstance_id = "{name}"\nlease_seconds = {LEASE_SECONDS}\n')
@@ -69,17 +69,6 @@ class Cluster:
         return write_config(
             workdir, self.users, extra=extra, mailbox_extra=mailbox_extra, ports=ports
         )
-
-    def share_registry_key(self, state_dir: Path) -> None:
-        """Give an instance the cluster's registry key: every instance must hold the same one
-        (the state database's key check refuses any other, issue 20)."""
-        shared = self.tmp_path / "registry-key"
-        if not shared.exists():
-            assert Vault(shared).generation == 1  # creates shared/registry.key
-        state_dir.mkdir(parents=True, exist_ok=True)
-        copy = state_dir / KEY_FILE_NAME
-        copy.write_bytes((shared / KEY_FILE_NAME).read_bytes())
-        copy.chmod(0o600)
 
     def start(
         self,
