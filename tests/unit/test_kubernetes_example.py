@@ -86,6 +86,10 @@ def test_the_configmap_holds_a_valid_cluster_config_without_secrets(
         assert volume["secret"]["secretName"] == secret["metadata"]["name"]
         assert file.name in secret_keys
     assert "emptyDir" in by_path[str(settings.daemon.state_dir)]
+    # The production shape: the CRM's secret is a credential of the same Secret.
+    assert settings.crm is not None
+    assert settings.crm.secret.credential in secret_keys
+    assert settings.daemon.public_url.startswith("https://")
     (env,) = [e for e in container["env"] if e["name"] == "PGPASSWORD"]
     ref = env["valueFrom"]["secretKeyRef"]
     assert ref["name"] == secret["metadata"]["name"]
