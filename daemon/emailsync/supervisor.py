@@ -70,7 +70,6 @@ from emailsync.errors import (
 )
 from emailsync.imap.auth import (
     Authenticator,
-    Office365Authenticator,
     PasswordAuthenticator,
     make_authenticator,
 )
@@ -80,6 +79,7 @@ from emailsync.linkwatch import LinkChanges
 from emailsync.metrics import Metrics
 from emailsync.pages import MAX_SESSIONS
 from emailsync.secret import Secret
+from emailsync.signins import MAX_FLOWS, MemorySignInFlows, SignIns
 from emailsync.store.base import (
     IssuedToken,
     RegisteredBranch,
@@ -89,6 +89,7 @@ from emailsync.store.base import (
 )
 from emailsync.store.failedindex import failed_index
 from emailsync.store.sessions_sql import SqlSessions
+from emailsync.store.signins_sql import SqlSignInFlows
 from emailsync.store.sqlcore import SqlEngine
 from emailsync.store.tokencache_sql import token_caches_for
 from emailsync.systemd import Notifier
@@ -114,7 +115,6 @@ SHUTDOWN_SECONDS = WORKER_STOP_SECONDS  # SIGTERM must end the process within 10
 GAUGE_SECONDS = 15.0
 TOKEN_CHECK_SECONDS = 300.0
 TOKEN_REFRESH_AHEAD_SECONDS = 900.0  # refresh an access token this long before it expires
-OFFICE365_FLOW_SECONDS = 600.0  # a browser sign-in must come back within 10 minutes
 # HKDF info of the anonymous visitors' CSRF key (its own label: no other use of the vault key).
 ANONYMOUS_CSRF_INFO = b"emailsync pages anonymous csrf"
 SETUP_LOGOUT_SECONDS = 4.0  # First Time Setup's LOGOUT: the work is done, do not wait long
@@ -211,15 +211,6 @@ class _Restart:
     status: WorkerStatus
 
 
-@dataclasses.dataclass(frozen=True)
-class _PendingSignIn:
-    """An Office 365 browser sign-in under way: the mailbox, MSAL's flow, its deadline."""
-
-    mailbox: MailboxSettings
-    flow: dict[str, Any]
-    expires_at: float  # time.monotonic()
-
-
 def state_of(store: object) -> object:
     """The state database behind a timeline: itself, or the one a CRM's store keeps its in."""
     state = getattr(store, "state", None)  # an HttpStore
@@ -303,7 +294,17 @@ class Supervisor:
         # Mailboxes registered at run time, by address (the config file's win on a clash).
         self.registered: dict[str, MailboxSettings] = {}
         self._registered_loaded = False
-        self._flows: dict[str, _PendingSignIn] = {}  # Office 365 sign-ins by OAuth state
+        # Office 365 browser sign-ins (signins.py): the pending flows in the state database, so
+        # that the provider's redirect may come back to any instance.
+        self.signins = SignIns(
+            lambda: self.settings,
+            lambda mailbox: self.authenticator_factory(mailbox, self.settings),
+            self._branch_server,
+            self._register_office365,
+            SqlSignInFlows(self.state, self.vault, max_flows=MAX_FLOWS)
+            if isinstance(self.state, SqlEngine)
+            else MemorySignInFlows(),
+        )
         expiry = credential_expiry(settings)
         if expiry is not None:
             self.metrics.client_secret_expiry.set(expiry.timestamp())
@@ -1056,89 +1057,24 @@ class Supervisor:
         the same, so a form one served is accepted by another."""
         return self.vault.derived_key(ANONYMOUS_CSRF_INFO)
 
+    # -- Office 365 browser sign-ins (signins.py; these delegate, for the web layer) ------------
+
     def office365_available(self) -> bool:
         """True when browser sign-in can be offered: ``[office365]`` in delegated mode."""
-        return self.settings.office365 is not None and not self.settings.office365.app_only
+        return self.signins.available()
 
     def office365_start(
         self, address: str, branch: str | None, redirect_uri: str, trigger: str = "auto"
     ) -> str:
-        """First Time Setup (Office 365): the URL of the provider's sign-in page.
-
-        The flow (PKCE verifier, nonce) stays here, keyed by its ``state``, bound to the
-        mailbox (and its ``trigger``), for ``OFFICE365_FLOW_SECONDS``. ``branch`` names the
-        IMAP server; by default Exchange Online's.
-        """
-        if not self.office365_available():
-            raise RegistrationError(
-                "Office 365 sign-in is not set up here ([office365] in delegated mode)",
-                status=409,
-            )
-        if any(m.address == address for m in self.settings.mailboxes):
-            raise RegistrationError(
-                f"mailbox {address} is set in the config file; use `emailsync auth login`",
-                status=409,
-            )
-        server = (
-            self._branch_server(branch)
-            if branch
-            else ServerSettings(host=OFFICE365_HOST, port=993, security="ssl")
-        )
-        mailbox = MailboxSettings(
-            address=address,
-            server=server,
-            auth="office365",
-            username=address,
-            branch=branch,
-            trigger=trigger,
-        )
-        authenticator = self.authenticator_factory(mailbox, self.settings)
-        if not isinstance(authenticator, Office365Authenticator):
-            raise RegistrationError("Office 365 sign-in is not available", status=409)
-        try:
-            flow = authenticator.start_auth_code_flow(redirect_uri)
-        except (AuthError, ConfigError) as exc:
-            raise RegistrationError(_one_line(str(exc)), status=409) from None
-        except ConnectionLostError as exc:
-            raise RegistrationError(_one_line(str(exc)), status=502) from None
-        now = time.monotonic()
-        with self._lock:
-            for state in [s for s, f in self._flows.items() if f.expires_at <= now]:
-                del self._flows[state]
-            self._flows[str(flow["state"])] = _PendingSignIn(
-                mailbox, flow, now + OFFICE365_FLOW_SECONDS
-            )
-        log.info("office365_sign_in_started", mailbox=address)
-        return str(flow["auth_uri"])
+        """First Time Setup (Office 365): the provider's sign-in page (``SignIns.start``)."""
+        return self.signins.start(address, branch, redirect_uri, trigger)
 
     def office365_finish(self, params: dict[str, str]) -> str:
-        """The provider's callback: redeem the code, check the account, store, start.
+        """The provider's callback, on any instance (``SignIns.finish``): the mailbox address."""
+        return self.signins.finish(params)
 
-        Returns the mailbox address. RegistrationError 400 for an unknown or expired state,
-        422 when the provider refused or another account signed in (nothing is kept).
-        """
-        with self._lock:
-            pending = self._flows.pop(params.get("state", ""), None)
-        if pending is None or pending.expires_at <= time.monotonic():
-            raise RegistrationError(
-                "this sign-in expired or was already used; click Start Authentication again",
-                status=400,
-            )
-        mailbox = pending.mailbox
-        if "error" in params:
-            reason = params.get("error_description") or params["error"]
-            raise RegistrationError(_one_line(f"Microsoft refused: {reason}")[:300], status=422)
-        authenticator = self.authenticator_factory(mailbox, self.settings)
-        if not isinstance(authenticator, Office365Authenticator):
-            raise RegistrationError("Office 365 sign-in is not available", status=409)
-        try:
-            authenticator.finish_auth_code_flow(
-                pending.flow, params, allowed=mailbox.owner_addresses
-            )
-        except AuthError as exc:
-            raise RegistrationError(_one_line(str(exc)), status=422) from None
-        except ConnectionLostError as exc:
-            raise RegistrationError(_one_line(str(exc)), status=502) from None
+    def _register_office365(self, mailbox: MailboxSettings) -> None:
+        """A finished sign-in: the mailbox into the registry (its tokens are cached), started."""
         record = RegisteredMailbox(
             mailbox.address,
             mailbox.branch or "",
@@ -1150,8 +1086,6 @@ class Supervisor:
         )
         self._registry().put_mailbox(record, None)
         self._replace_worker(mailbox)
-        log.info("mailbox_registered", mailbox=mailbox.address, auth="office365")
-        return mailbox.address
 
     def _has_secret(self, address: str) -> bool:
         registry = self.mailbox_registry

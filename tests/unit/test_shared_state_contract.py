@@ -17,8 +17,10 @@ import pytest
 
 from emailsync.errors import ConfigError
 from emailsync.pages import MAX_SESSIONS, SESSION_SECONDS, Pages, Principal
+from emailsync.signins import FLOW_SECONDS
 from emailsync.store.postgres import PostgresStore
 from emailsync.store.sessions_sql import SessionRow, SqlSessions, row_id
+from emailsync.store.signins_sql import SqlSignInFlows
 from emailsync.store.sqlite import SqliteStore
 from emailsync.store.tokencache_sql import SqlTokenCaches, cache_label
 from emailsync.supervisor import ANONYMOUS_CSRF_INFO
@@ -310,3 +312,105 @@ def test_pages_on_two_instances_share_logins_messages_logouts_and_the_login_form
     on_b_anonymous = b.session(form_cookie)
     assert on_b_anonymous is not None
     assert Pages.csrf_ok(on_b_anonymous, anonymous.csrf)
+
+
+# -- Office 365 sign-ins under way ----------------------------------------------------------
+
+
+def msal_flow(state: str) -> dict[str, object]:
+    """What MSAL's initiate_auth_code_flow keeps: the PKCE verifier and the nonce above all."""
+    return {
+        "state": state,
+        "redirect_uri": "http://127.0.0.1:9387/oauth/office365/callback",
+        "scope": ["https://outlook.office.com/IMAP.AccessAsUser.All", "offline_access"],
+        "auth_uri": f"https://login.example/authorize?state={state}",
+        "code_verifier": f"verifier-{state}",
+        "nonce": f"nonce-{state}",
+        "claims_challenge": None,
+    }
+
+
+def test_a_sign_in_kept_by_one_instance_is_taken_once_by_another_and_stored_sealed(
+    engine: SqliteStore | PostgresStore, second: SqliteStore | PostgresStore, vault: Vault
+) -> None:
+    """B takes what A kept (the whole flow back); a second take, on either, finds nothing."""
+    now = time.time()
+    a, b = (SqlSignInFlows(e, vault, max_flows=10) for e in (engine, second))
+    payload = {"flow": msal_flow("st1"), "branch": None, "trigger": "manual"}
+    a.put("st1", AGENT, payload, now + FLOW_SECONDS, now)
+    ((blob,),) = raw(engine, "SELECT flow FROM signin_flows WHERE state = ?", "st1")
+    assert b"verifier-st1" not in bytes(blob)  # type: ignore[arg-type]
+    assert b.take("st1", now) == (AGENT, payload)
+    assert b.take("st1", now) is None
+    assert a.take("st1", now) is None
+    assert a.take("", now) is None
+
+
+def test_of_two_callbacks_taking_one_sign_in_at_once_exactly_one_gets_it(
+    engine: SqliteStore | PostgresStore, second: SqliteStore | PostgresStore, vault: Vault
+) -> None:
+    """A replayed (or double-clicked) callback racing the first on another instance loses."""
+    now = time.time()
+    flows = [SqlSignInFlows(e, vault, max_flows=100) for e in (engine, second)]
+    states = [f"race{n}" for n in range(20)]
+    for state in states:
+        flows[0].put(state, AGENT, {"flow": msal_flow(state)}, now + FLOW_SECONDS, now)
+    won: list[str] = []
+    lock = threading.Lock()
+
+    def take_all(mine: SqlSignInFlows) -> None:
+        for state in states:
+            if mine.take(state, now) is not None:
+                with lock:
+                    won.append(state)
+
+    threads = [threading.Thread(target=take_all, args=(f,)) for f in flows]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(won) == sorted(states)
+
+
+def test_an_expired_sign_in_is_refused_and_starting_another_sweeps_expired_ones(
+    engine: SqliteStore | PostgresStore, vault: Vault
+) -> None:
+    """Past FLOW_SECONDS the flow is refused (and gone); a new start deletes the expired."""
+    flows = SqlSignInFlows(engine, vault, max_flows=10)
+    started = time.time() - FLOW_SECONDS - 1
+    flows.put("late", AGENT, {"flow": msal_flow("late")}, started + FLOW_SECONDS, started)
+    flows.put("later", AGENT, {"flow": msal_flow("later")}, started + FLOW_SECONDS, started)
+    now = time.time()
+    assert flows.take("late", now) is None
+    assert raw(engine, "SELECT state FROM signin_flows") == [("later",)]
+    flows.put("fresh", AGENT, {"flow": msal_flow("fresh")}, now + FLOW_SECONDS, now)
+    assert raw(engine, "SELECT state FROM signin_flows") == [("fresh",)]
+
+
+def test_beyond_the_cap_the_sign_ins_closest_to_expiry_are_dropped(
+    engine: SqliteStore | PostgresStore, vault: Vault
+) -> None:
+    """Starting sign-ins in a loop cannot grow the table past its cap."""
+    cap = 3
+    flows = SqlSignInFlows(engine, vault, max_flows=cap)
+    now = time.time()
+    for n in range(cap + 2):
+        flows.put(f"s{n}", AGENT, {"n": n}, now + FLOW_SECONDS + n, now)
+    assert sorted(r[0] for r in raw(engine, "SELECT state FROM signin_flows")) == [
+        f"s{n}" for n in range(2, cap + 2)
+    ]
+
+
+def test_a_sign_in_moved_to_another_state_does_not_open(
+    engine: SqliteStore | PostgresStore, vault: Vault
+) -> None:
+    """The state is the associated data: a flow copied under another state is refused."""
+    flows = SqlSignInFlows(engine, vault, max_flows=10)
+    now = time.time()
+    flows.put("st1", AGENT, {"flow": msal_flow("st1")}, now + FLOW_SECONDS, now)
+    with engine.transaction("test") as conn:
+        conn.execute(
+            "UPDATE signin_flows SET state = ? WHERE state = ?".replace("?", engine.param_marker),
+            ("st2", "st1"),
+        )
+    assert flows.take("st2", now) is None
