@@ -43,12 +43,7 @@ from emailsync.errors import (
 from emailsync.filing import Decision, Filer, PassResult
 from emailsync.imap.auth import Office365Authenticator, make_authenticator
 from emailsync.imap.session import ImapSession
-from emailsync.keycheck import (
-    adopt_key_check,
-    check_state_database,
-    ensure_key_check,
-    rotate_key_check,
-)
+from emailsync.keycheck import adopt_key_check, check_state_database, rotate_registry_key
 from emailsync.logs import configure_logging
 from emailsync.model import OUTCOME_KEYWORD, FolderRole, Outcome, TimelineEvent
 from emailsync.privilege import ActingUser, act_as_state_owner
@@ -937,15 +932,7 @@ def cmd_keys_rotate(args: argparse.Namespace, out: TextIO) -> int:
         if not isinstance(store, Registry):
             print("emailsync: this store keeps no registry", file=sys.stderr)
             return EXIT_USAGE
-        registry: Registry = store
-        vault = Vault(settings.daemon.state_dir)
-        ensure_key_check(store, vault)  # rotating with another instance's key strands secrets
-
-        def reencrypt(convert: Callable[[bytes, str], bytes]) -> int:
-            rotate_key_check(store, convert)  # first: old-key instances stop writing secrets
-            return registry.reencrypt_secrets(convert)
-
-        generation = vault.rotate(reencrypt)
+        generation = rotate_registry_key(store, Vault(settings.daemon.state_dir))
     # Their signatures fail already; the list says so too.
     with open_agent_tokens(settings) as tokens:
         tokens.rotated()

@@ -31,6 +31,7 @@ import structlog
 
 from emailsync.errors import ConfigError, KeyUnavailableError, StoreError
 from emailsync.store import POSTGRES_SCHEMES, _sqlite_path, open_state
+from emailsync.store.base import Registry
 from emailsync.store.sqlcore import SqlEngine, dialect_of
 from emailsync.vault import Vault, blob_generation
 
@@ -241,3 +242,20 @@ def adopt_key_check(store: object, vault: Vault) -> bool:
     with engine.transaction("adopt the key check") as conn:
         conn.execute(_sql(engine, _ADOPT), (KEY_CHECK, sealed))
     return True
+
+
+def rotate_registry_key(registry: Registry, vault: Vault) -> int:
+    """``emailsync keys rotate`` on one instance of a state database; the new generation.
+
+    Refused (``ConfigError``) when this instance's key does not open the check: rotating
+    with it would strand the others' secrets. Inside ``Vault.rotate``, once the pending key
+    is written: the check is re-sealed under it (instances holding only the old key fail it
+    from then on), then every secret is re-encrypted in the registry's one transaction.
+    """
+    ensure_key_check(registry, vault)
+
+    def reencrypt(convert: Callable[[bytes, str], bytes]) -> int:
+        rotate_key_check(registry, convert)
+        return registry.reencrypt_secrets(convert)
+
+    return vault.rotate(reencrypt)

@@ -20,6 +20,7 @@ import imapclient.exceptions
 import pytest
 
 from emailsync.devserver import Dovecot
+from emailsync.keycheck import rotate_registry_key
 from emailsync.store.base import RegisteredMailbox
 from emailsync.store.sqlite import SqliteStore
 from emailsync.supervisor import Supervisor
@@ -485,7 +486,7 @@ class _RotatingAtFirstWrite(SqliteStore):
 
     def put_mailbox(self, mailbox: RegisteredMailbox, secret: bytes | None) -> None:
         if not self.rotated:
-            self.rotated.append(Vault(self.state_dir).rotate(self.reencrypt_secrets))
+            self.rotated.append(rotate_registry_key(self, Vault(self.state_dir)))  # keys rotate
         super().put_mailbox(mailbox, secret)
 
 
