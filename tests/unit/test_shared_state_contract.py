@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from emailsync.errors import ConfigError
+from emailsync.errors import ConfigError, KeyUnavailableError
 from emailsync.pages import MAX_SESSIONS, SESSION_SECONDS, Pages, Principal
 from emailsync.signins import FLOW_SECONDS
 from emailsync.store.postgres import PostgresStore
 from emailsync.store.sessions_sql import SessionRow, SqlSessions, row_id
 from emailsync.store.signins_sql import SqlSignInFlows
 from emailsync.store.sqlite import SqliteStore
-from emailsync.store.tokencache_sql import SqlTokenCaches, cache_label
+from emailsync.store.tokencache_sql import SqlTokenCaches, reseal_shared_state
 from emailsync.supervisor import ANONYMOUS_CSRF_INFO
 from emailsync.vault import Vault
 
@@ -155,27 +155,6 @@ def test_a_second_writer_waits_for_the_first_and_reads_what_it_wrote(
     stored = first.read(AGENT)
     assert stored is not None
     assert stored.text == '{"n": 2}'
-
-
-def test_a_key_rotation_re_encrypts_every_token_cache(
-    engine: SqliteStore | PostgresStore, vault: Vault
-) -> None:
-    """``reencrypt`` rewrites each row with the rotation's convert, under the same label."""
-    caches = SqlTokenCaches(engine, vault)
-    for address in (AGENT, OTHER):
-        with caches.locked(address) as slot:
-            slot.write(f'{{"who": "{address}"}}')
-    labels: list[str] = []
-
-    def convert(blob: bytes, label: str) -> bytes:
-        labels.append(label)
-        return vault.encrypt(vault.decrypt(blob, label).reveal(), label)
-
-    assert caches.reencrypt(convert) == 2
-    assert sorted(labels) == [cache_label(AGENT), cache_label(OTHER)]
-    stored = caches.read(OTHER)
-    assert stored is not None
-    assert stored.text == f'{{"who": "{OTHER}"}}'
 
 
 # -- page sessions --------------------------------------------------------------------------
@@ -414,3 +393,41 @@ def test_a_sign_in_moved_to_another_state_does_not_open(
             ("st2", "st1"),
         )
     assert flows.take("st2", now) is None
+
+
+# -- key rotation and the key check ---------------------------------------------------------
+
+
+def test_a_key_rotation_re_seals_token_caches_sessions_and_sign_ins_under_the_new_key(
+    engine: SqliteStore | PostgresStore, vault: Vault
+) -> None:
+    """After ``keys rotate`` (the old generation dropped) every sealed row still opens."""
+    now = time.time()
+    caches = SqlTokenCaches(engine, vault)
+    with caches.locked(AGENT) as slot:
+        slot.write('{"RefreshToken": {}}')
+    sessions = SqlSessions(engine, vault, max_sessions=10)
+    sessions.insert(session_row("s1", created=now))
+    flows = SqlSignInFlows(engine, vault, max_flows=10)
+    flows.put("st1", AGENT, {"flow": msal_flow("st1")}, now + FLOW_SECONDS, now)
+    old = vault.generation
+    assert vault.rotate(lambda convert: reseal_shared_state(engine, convert)) == old + 1
+    assert vault.generations == [old + 1]
+    stored = caches.read(AGENT)
+    assert stored is not None
+    assert stored.text == '{"RefreshToken": {}}'
+    assert sessions.load("s1") == session_row("s1", created=now)
+    assert flows.take("st1", now) == (AGENT, {"flow": msal_flow("st1")})
+
+
+def test_an_instance_whose_key_fails_the_check_redeems_no_refresh_token(
+    engine: SqliteStore | PostgresStore, vault: Vault
+) -> None:
+    """The key check comes before the cache's lock: nothing is read to refresh with."""
+
+    def refused() -> None:
+        raise KeyUnavailableError("the registry key does not match")
+
+    vault.guard = refused
+    with pytest.raises(KeyUnavailableError), SqlTokenCaches(engine, vault).locked(AGENT):
+        pytest.fail("the cache was handed out")

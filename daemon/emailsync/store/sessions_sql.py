@@ -134,9 +134,3 @@ class SqlSessions:
         """Write a session's one-shot messages back (a page on any instance shows them)."""
         with self.engine.transaction("write page messages") as conn:
             conn.execute(self.dialect.sql(MESSAGES), (json.dumps(messages), row_id(sid)))
-
-    def clear(self) -> int:
-        """End every session (a key rotation: their tokens were sealed with the old key)."""
-        with self.engine.transaction("end every page session") as conn:
-            cursor = conn.execute(self.dialect.sql("DELETE FROM page_sessions"))
-            return max(int(cursor.rowcount), 0)

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from emailsync.imap.tokencache import FileTokenCaches, StoredCache, TokenCacheStore
+from emailsync.store.sessions_sql import token_label as session_label
+from emailsync.store.signins_sql import flow_label
 from emailsync.store.sqlcore import SqlEngine, dialect_of
 from emailsync.vault import Vault
 
@@ -32,8 +34,6 @@ UPSERT = (
     " ON CONFLICT (address) DO UPDATE SET cache = excluded.cache, updated_at = excluded.updated_at"
 )
 DELETE = "DELETE FROM token_caches WHERE address = ?"
-EVERY = "SELECT address, cache FROM token_caches"
-REWRITE = "UPDATE token_caches SET cache = ? WHERE address = ?"
 
 
 def cache_label(address: str) -> str:
@@ -61,7 +61,14 @@ class SqlTokenCaches:
 
     @contextlib.contextmanager
     def locked(self, address: str) -> Iterator[_SqlSlot]:
-        """A transaction holding the row's lock (when there is a row) until the block ends."""
+        """A transaction holding the row's lock (when there is a row) until the block ends.
+
+        The vault's key check comes first (``KeyUnavailableError``): an instance whose key no
+        longer matches the state database's (another rotated it) could not write the cache
+        back, so it must not redeem a refresh token the provider then rotates away.
+        """
+        if self.vault.guard is not None:
+            self.vault.guard()
         with self.engine.transaction("lock the token cache") as conn:
             row = conn.execute(self.dialect.sql(self._locked_select), (address,)).fetchone()
             yield _SqlSlot(self, conn, address, None if row is None else bytes(row[0]))
@@ -76,19 +83,6 @@ class SqlTokenCaches:
         """Delete the mailbox's row; it waits for a refresh holding the lock to finish."""
         with self.engine.transaction("forget the token cache") as conn:
             conn.execute(self.dialect.sql(DELETE), (address,))
-
-    def reencrypt(self, convert: Callable[[bytes, str], bytes]) -> int:
-        """Rewrite every cache with a key rotation's ``convert`` in one transaction; how many."""
-        with self.engine.transaction("re-encrypt token caches") as conn:
-            rows = conn.execute(self.dialect.sql(EVERY + self._for_update())).fetchall()
-            for address, blob in rows:
-                conn.execute(
-                    self.dialect.sql(REWRITE), (convert(bytes(blob), cache_label(address)), address)
-                )
-        return len(rows)
-
-    def _for_update(self) -> str:
-        return " FOR UPDATE" if self.dialect.postgres else ""
 
     def _open(self, address: str, blob: bytes) -> StoredCache:
         # The stamp is the ciphertext itself: a fresh nonce on every write.
@@ -116,6 +110,29 @@ class _SqlSlot:
     def write(self, text: str) -> object:
         self._blob = self._caches._write(self._conn, self._address, text)
         return self._blob
+
+
+def reseal_shared_state(engine: SqlEngine, convert: Callable[[bytes, str], bytes]) -> int:
+    """``emailsync keys rotate``: re-encrypt what the shared-state tables seal, in one
+    transaction; how many rows. Token caches (refresh tokens: losing one costs a sign-in),
+    page sessions and pending sign-ins, each under its own row's label. ``convert`` leaves a
+    blob already under the new generation as it is, so an interrupted rotation resumes."""
+    sql = dialect_of(engine).sql
+    lock = " FOR UPDATE" if dialect_of(engine).postgres else ""
+    tables = (
+        ("token_caches", "address", "cache", cache_label),
+        ("page_sessions", "id", "token", session_label),
+        ("signin_flows", "state", "flow", flow_label),
+    )
+    done = 0
+    with engine.transaction("re-encrypt the shared state") as conn:
+        for table, key, column, label in tables:
+            select = f"SELECT {key}, {column} FROM {table}{lock}"  # noqa: S608 -- names above
+            update = f"UPDATE {table} SET {column} = ? WHERE {key} = ?"  # noqa: S608 -- names above
+            for row_key, blob in conn.execute(sql(select)).fetchall():
+                conn.execute(sql(update), (convert(bytes(blob), label(row_key)), row_key))
+                done += 1
+    return done
 
 
 def token_caches_for(state: object, vault: Vault, state_dir: Path) -> TokenCacheStore:
