@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 
 from emailsync.errors import ConfigError, StoreError, StoreUnavailableError
-from emailsync.model import Direction, TimelineEvent, Via
+from emailsync.model import Direction, Fence, TimelineEvent, Via
 from emailsync.store import open_store, read_group_csv
 from emailsync.store.base import RegisteredMailbox
 from emailsync.store.sqlite import SqliteStore, _migrations, _statements
+from emailsync.store.timeline_sql import SqlTimeline
 
 BASE_TIME = datetime(2024, 5, 1, 9, 0, tzinfo=UTC)
 SCHEMA_DIR = Path(__file__).parents[2] / "daemon" / "emailsync" / "store" / "schema"
@@ -169,6 +170,21 @@ def test_the_database_file_and_its_new_directory_are_private(tmp_path: Path) -> 
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
         wal = path.with_name(path.name + "-wal")
         assert stat.S_IMODE(wal.stat().st_mode) == 0o600
+    finally:
+        store.close()
+
+
+def test_a_lease_fence_needs_postgresql(tmp_path: Path) -> None:
+    """The shared timeline SQL checks a fence in PostgreSQL only: SQLite has no leases, so a
+    fence there is a StoreError, never a silent write."""
+    store = SqliteStore(tmp_path / "emailsync.db")
+    try:
+        timeline = SqlTimeline(store)
+        fence = Fence("agent1@example.com", "instance-a", 1)
+        with pytest.raises(StoreError, match="PostgreSQL"):
+            timeline.record_events([], fence=fence)
+        with pytest.raises(StoreError, match="PostgreSQL"):
+            timeline.check_fence(fence)
     finally:
         store.close()
 

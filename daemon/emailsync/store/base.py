@@ -102,6 +102,8 @@ class Store(Protocol):
         """Groups linked to any of the (normalised) addresses, each once, ordered by name.
 
         Each ``Group.addresses`` holds all addresses of the group, not only the matched ones.
+        Names and addresses are in code-point order (the built-in tables: the same in SQLite
+        and PostgreSQL, whatever the database's collation).
         """
         ...
 
@@ -135,13 +137,17 @@ class Store(Protocol):
         ...
 
     def list_groups(self) -> list[Group]:
-        """Every group with all its addresses, ordered by name."""
+        """Every group with all its addresses, ordered by name (code-point order)."""
         ...
 
     def list_events(
         self, *, group: str | None = None, mailbox: str | None = None, limit: int | None = None
     ) -> list[TimelineEvent]:
-        """Recorded events, newest filed first, with ``mailboxes`` filled in."""
+        """Recorded events, newest filed first, with ``mailboxes`` filled in.
+
+        Events filed at the same moment: the one recorded later first (the built-in tables
+        record a batch in ``(group, message_key)`` order).
+        """
         ...
 
     def register_metrics(self, registry: CollectorRegistry) -> None:
