@@ -29,7 +29,7 @@ from emailsync.config import (
     mailbox_secret_problems,
     shared_secret_problems,
 )
-from emailsync.control import ControlClient, stopped_marker
+from emailsync.control import ControlClient, take_legacy_stop
 from emailsync.errors import (
     AuthError,
     ConfigError,
@@ -657,9 +657,7 @@ def cmd_setup(args: argparse.Namespace, out: TextIO) -> int:
         state = "created" if name in created else "exists"
         print(f"{name}\t{state}, subscribed", file=out)
     address = settings.mailbox(args.address).address
-    marker = stopped_marker(settings, address)
-    if marker.exists():
-        marker.unlink()
+    if _clear_stop(settings, address):
         with contextlib.suppress(ControlError):
             ControlClient(settings).start(address)
         print(f"{address}: sync started again", file=out)
@@ -1074,11 +1072,30 @@ def cmd_auth_login(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def _clear_stop(settings: Settings, address: str) -> bool:
+    """Lift Stop Email Sync of a mailbox (a row of the state database, or an older version's
+    marker file); True when it was stopped."""
+    legacy = take_legacy_stop(settings, address, remove=True)
+    with contextlib.closing(open_state(settings.state_url, settings.daemon.state_dir)) as state:
+        return state.clear_stop(address) or legacy
+
+
+def _is_stopped(settings: Settings, address: str) -> bool:
+    """Whether Stop Email Sync holds the mailbox stopped (unknown when the state is down)."""
+    if take_legacy_stop(settings, address, remove=False):
+        return True
+    try:
+        with contextlib.closing(open_state(settings.state_url, settings.daemon.state_dir)) as state:
+            return state.is_stopped(address)
+    except StoreError:
+        return False
+
+
 def _poke_daemon(
     settings: Settings, address: str, out: TextIO, *, include_stuck: bool = False
 ) -> None:
     """Ask a running daemon to retry a mailbox now (it may be waiting in needs_reauth)."""
-    if stopped_marker(settings, address).exists():
+    if _is_stopped(settings, address):
         print(f"{address}: sync is stopped; run `emailsync setup {address}` to start it", file=out)
         return
     with contextlib.suppress(ControlError):

@@ -8,8 +8,15 @@ instance without the mailbox's worker is written to ``start_sync_requests``
 runs the pass. The row is the truth, the notification only a wake-up: one sent while an
 instance's listening connection is down reaches nobody, so on every (re)connect the listener
 first ``LISTEN``s, then reads the requests above the last id it has seen and acts on those
-for the mailboxes it owns. No broker beside the database. (Run-time registry changes are
-not published: a cluster's store keeps no registry, see ``Supervisor.run``.)
+for the mailboxes it owns. No broker beside the database.
+
+Mailboxes registered at run time share the leases with the config file's (``wanted_mailboxes``:
+the daemon reads the registry and the stops afresh at every heartbeat). A registry change
+(set-up, forget, Stop Email Sync, a branch) is a row and a ``NOTIFY`` on
+``emailsync_registry`` in one transaction (``emailsync.store.registry_sql``); every
+instance's listener hands the address to the daemon, which re-reads that mailbox's rows and
+acts: the lease's owner (re)starts its worker, or ends it within a notification's delay. On
+every (re)connect the daemon re-reads everything.
 
 A request also marks the lease rows of its mailboxes as owed a Start Sync (with its
 ``include_stuck``; schema_pg/005), and the owner that hands it to its worker clears the
@@ -45,6 +52,7 @@ from emailsync.model import Fence
 from emailsync.store.base import Store
 from emailsync.store.failedindex import LINKS_CHANNEL
 from emailsync.store.postgres import PostgresStore
+from emailsync.store.registry_sql import REGISTRY_CHANNEL
 
 log = structlog.get_logger(__name__)
 
@@ -102,6 +110,15 @@ class ClusterDaemon(Protocol):
         """Another instance logged a group-link change: look for Failed mail it made due."""
         ...
 
+    def wanted_mailboxes(self) -> list[str]:
+        """Every mailbox the cluster shares: the config file's enabled ones not stopped and
+        the registered ones that can log in (read afresh)."""
+        ...
+
+    def registry_notified(self, address: str | None) -> None:
+        """A registry row of ``address`` changed (None: anything may have, re-read all)."""
+        ...
+
 
 class Cluster:
     """Leases and cross-instance Start Sync for one daemon sharing a PostgreSQL store."""
@@ -131,14 +148,18 @@ class Cluster:
         # The highest Start Sync request id this instance has acted on or skipped (None until
         # the listener first connects: requests older than this instance are not its own).
         self._last_request: int | None = None
+        # The mailboxes the last heartbeat shared (for owners(), without reading them again).
+        self._wanted: list[str] = [m.address for m in daemon.settings.mailboxes if m.enabled]
         # How the listening connection shows in pg_stat_activity.
         self.listen_application_name = f"emailsync-listen {self.instance_id}"
 
     # -- LeaseHooks ----------------------------------------------------------------------------
 
     def wanted_mailboxes(self) -> list[str]:
-        """Every enabled mailbox of the config: the cluster shares them all."""
-        return [m.address for m in self.daemon.settings.mailboxes if m.enabled]
+        """Every mailbox the cluster shares (config and registry; stopped ones are not)."""
+        wanted = self.daemon.wanted_mailboxes()
+        self._wanted = list(wanted)
+        return wanted
 
     def acquire_mailbox(self, address: str, fence: Fence, owed: OwedStartSync | None) -> None:
         """Start the worker with a store that carries the lease's fencing token; hand it the
@@ -196,7 +217,7 @@ class Cluster:
 
     def owners(self) -> dict[str, str | None]:
         """The instance holding each configured mailbox (None: nobody right now)."""
-        return self.table.owners(self.wanted_mailboxes())
+        return self.table.owners(self._wanted)
 
     # -- Start Sync across instances -----------------------------------------------------------
 
@@ -247,7 +268,10 @@ class Cluster:
                     conn.execute(f"LISTEN {SYNC_CHANNEL}")  # a constant identifier
                     # Link changes (issue 22): their due marks are the truth; this only wakes.
                     conn.execute(f"LISTEN {LINKS_CHANNEL}")
+                    # Registry changes (set-up, forget, stops): the rows are the truth.
+                    conn.execute(f"LISTEN {REGISTRY_CHANNEL}")
                     self.daemon.links_notified()  # what a lost connection may have missed
+                    self._on_registry(None)  # re-read everything
                     missed = self._catch_up(conn)
                     self.listening.set()
                     self.log.info("start_sync_listening", missed=missed)
@@ -255,6 +279,8 @@ class Cluster:
                         for notify in conn.notifies(timeout=LISTEN_POLL_SECONDS):
                             if notify.channel == LINKS_CHANNEL:
                                 self.daemon.links_notified()
+                            elif notify.channel == REGISTRY_CHANNEL:
+                                self._on_registry(notify.payload)
                             else:
                                 self._on_notify(notify.payload)
             except psycopg.Error as exc:
@@ -267,6 +293,14 @@ class Cluster:
                 self.listening.clear()
                 self.log.exception("start_sync_listener_failed", error=repr(exc))
                 self._stop.wait(LISTEN_RETRY_SECONDS)
+
+    def _on_registry(self, address: str | None) -> None:
+        """A registry row changed: the daemon re-reads it; a failure waits for the next
+        heartbeat's read (the listener goes on)."""
+        try:
+            self.daemon.registry_notified(address)
+        except StoreError as exc:
+            self.log.warning("registry_change_unread", mailbox=address, error=str(exc))
 
     def _catch_up(self, conn: psycopg.Connection[Any]) -> int:
         """Act on the requests published since the last one seen; return how many there were.

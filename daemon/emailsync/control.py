@@ -69,7 +69,7 @@ def _refuse_weak(token: str, where: str) -> None:
 
 
 def stopped_marker(settings: Settings, address: str) -> Path:
-    """The file that marks a mailbox stopped (Stop Email Sync) until ``setup`` runs again.
+    """The file by which an older version marked a mailbox stopped (``take_legacy_stop``).
 
     Named by a SHA-256 of the address, never by the address itself: an RFC 5321 local part
     may hold ``/`` (and a quoted one ``../``), and a path built from it could leave
@@ -83,6 +83,19 @@ def stopped_marker(settings: Settings, address: str) -> Path:
         if legacy.is_file() and not marker.exists():
             legacy.rename(marker)
     return marker
+
+
+def take_legacy_stop(settings: Settings, address: str, *, remove: bool) -> bool:
+    """Whether a stop marker file of an older version holds the mailbox stopped.
+
+    Stop Email Sync is a row of the state database now (``mailbox_stops``), seen by every
+    instance; a marker found at start is recorded there once, then ``remove`` deletes it.
+    """
+    marker = stopped_marker(settings, address)
+    found = marker.is_file()
+    if remove:
+        marker.unlink(missing_ok=True)
+    return found
 
 
 def _is_plain_file_name(name: str) -> bool:

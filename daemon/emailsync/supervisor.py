@@ -38,7 +38,6 @@ import time
 from collections.abc import Callable, Container, Sequence
 from datetime import UTC, datetime
 from http import HTTPStatus
-from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -48,41 +47,34 @@ from prometheus_client import CollectorRegistry
 
 from emailsync.agenttoken import AgentTokens, ledger_for
 from emailsync.config import (
-    OFFICE365_HOST,
     WORKER_STOP_SECONDS,
     MailboxSettings,
     ServerSettings,
     Settings,
     load_settings,
 )
-from emailsync.control import control_token, stopped_marker
+from emailsync.control import control_token
 from emailsync.crm.callback import Answer
 from emailsync.errors import (
-    AuthError,
     ConfigError,
-    ConnectionLostError,
     ControlError,
     KeyUnavailableError,
-    MailboxError,
-    RegistrationError,
     StoreError,
-    TooManyLoginsError,
 )
 from emailsync.imap.auth import (
     Authenticator,
     PasswordAuthenticator,
     make_authenticator,
 )
-from emailsync.imap.session import ImapSession
 from emailsync.keycheck import bind_key_check
 from emailsync.linkwatch import LinkChanges
 from emailsync.metrics import Metrics
 from emailsync.pages import MAX_SESSIONS
+from emailsync.registrar import MailboxRegistrar
 from emailsync.secret import Secret
 from emailsync.signins import MAX_FLOWS, MemorySignInFlows, SignIns
 from emailsync.store.base import (
     IssuedToken,
-    RegisteredBranch,
     RegisteredMailbox,
     Registry,
     Store,
@@ -291,9 +283,14 @@ class Supervisor:
         self._close_ledger: Callable[[], None] = lambda: None
         # Refused logins per mailbox (set-ups and workers together) and per set-up client.
         self.throttle = LoginThrottle()
-        # Mailboxes registered at run time, by address (the config file's win on a clash).
-        self.registered: dict[str, MailboxSettings] = {}
-        self._registered_loaded = False
+        # Branches and mailboxes registered at run time, Stop Email Sync (registrar.py).
+        self.registrar = MailboxRegistrar(
+            self,
+            self.mailbox_registry,
+            self.vault,
+            self.throttle,
+            self.authenticator_factory,
+        )
         # Office 365 browser sign-ins (signins.py): the pending flows in the state database, so
         # that the provider's redirect may come back to any instance.
         self.signins = SignIns(
@@ -304,6 +301,7 @@ class Supervisor:
             SqlSignInFlows(self.state, self.vault, max_flows=MAX_FLOWS)
             if isinstance(self.state, SqlEngine)
             else MemorySignInFlows(),
+            mailbox_lock=self.registrar.locked,
         )
         expiry = credential_expiry(settings)
         if expiry is not None:
@@ -352,10 +350,14 @@ class Supervisor:
         local = {s.address for s in listed}
         # Copies: the restarting and stopped statuses are the supervisor's own objects.
         named = [dataclasses.replace(s, owner=cluster.instance_id) for s in listed]
+        stopped = self.registrar.stopped()
+        shared = [*(m for m in self.settings.mailboxes if m.enabled), *self.registrar.runnable()]
         named += [
-            WorkerStatus(m.address, "remote", m.trigger, owner=owners.get(m.address))
-            for m in self.settings.mailboxes
-            if m.enabled and m.address not in local
+            WorkerStatus(m.address, "stopped", m.trigger)
+            if m.address in stopped
+            else WorkerStatus(m.address, "remote", m.trigger, owner=owners.get(m.address))
+            for m in shared
+            if m.address not in local
         ]
         return sorted(named, key=lambda s: s.address)
 
@@ -420,39 +422,54 @@ class Supervisor:
         A registered mailbox is forgotten with its credentials (``forget_mailbox``).
         """
         address = address.lower()
-        if address in self._registered_mailboxes():
+        if address in self.registrar.registered_mailboxes():
             return self.forget_mailbox(address)
         mailbox = next((m for m in self.settings.mailboxes if m.address == address), None)
         if mailbox is None:
             return False
-        marker = stopped_marker(self.settings, address)
-        marker.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        marker.touch()
+        # A row of the state database: it holds on every instance (the lease's owner ends its
+        # worker on the notification) and across restarts.
+        self.registrar.record_stop(address)
+        self._stop_local(mailbox, forget_tokens=True)
+        return True
+
+    def _stop_local(self, mailbox: MailboxSettings, *, forget_tokens: bool) -> None:
+        """End a stopped config file's mailbox's worker here (waiting for its LOGOUT when
+        ``forget_tokens``: a person asked) and show it stopped."""
+        address = mailbox.address
         with self._lock:
             worker = self._retire(address)
             retiring = self._retiring.get(address)
         if worker is not None:
             worker.stop()
-            worker.authenticator.forget()
-        else:
-            self.authenticator_factory(mailbox, self.settings).forget()
-        if retiring is not None:
+        if forget_tokens:
+            if worker is not None:
+                worker.authenticator.forget()
+            else:
+                self.authenticator_factory(mailbox, self.settings).forget()
+        if retiring is not None and forget_tokens:
             # The caller (the CLI) waits for the LOGOUT; the main loop does not.
             retiring.worker.join(max(0.0, retiring.since + SHUTDOWN_SECONDS - time.monotonic()))
         self._mark_stopped(mailbox)
-        log.info("mailbox_stopped", mailbox=address)
-        return True
+        if forget_tokens:
+            log.info("mailbox_stopped", mailbox=address)
 
     def start_mailbox(self, address: str) -> bool:
         """Start a stopped mailbox again (``emailsync setup`` calls this)."""
         address = address.lower()
-        registered = self._registered_mailboxes().get(address)
+        registered = self.registrar.registered_mailboxes().get(address)
         if registered is not None:
-            return self._start_registered(registered)
+            return self.registrar.start_registered(registered)
         mailbox = next((m for m in self.settings.mailboxes if m.address == address), None)
         if mailbox is None or not mailbox.enabled:
             return False
-        stopped_marker(self.settings, address).unlink(missing_ok=True)
+        self.registrar.clear_stop(address)
+        self.resume_configured(mailbox)
+        return True
+
+    def resume_configured(self, mailbox: MailboxSettings) -> None:
+        """Start a config file's mailbox that was stopped (in a cluster: under its lease)."""
+        address = mailbox.address
         if self.cluster is not None:
             # Only under its lease; another instance may be the owner (then it runs there).
             with self._lock:
@@ -462,14 +479,17 @@ class Supervisor:
                 with self._lock:
                     self._stopped.pop(address, None)
                 self.cluster.resume(address)
-            return True
+            return
         with self._lock:
             self._restarting.pop(address, None)  # an operator's start does not wait
             if address not in self.workers and address not in self._starting:
                 self._stopped.pop(address, None)
                 self._pending[address] = mailbox
         self._wake.set()
-        return True
+
+    def stop_configured(self, mailbox: MailboxSettings) -> None:
+        """Stop Email Sync of a config file's mailbox recorded by another instance."""
+        self._stop_local(mailbox, forget_tokens=False)
 
     def check_agent_token(self, token: str) -> str | None:
         """The mailbox an agent token is for, or None (invalid, expired, unknown, revoked).
@@ -553,15 +573,17 @@ class Supervisor:
         A worker of it that still runs is retired first: the new one starts on a later tick,
         once that one has ended.
         """
-        mailbox = next((m for m in self.settings.mailboxes if m.address == address), None)
+        configured = next((m for m in self.settings.mailboxes if m.address == address), None)
+        mailbox = configured or self.registrar.registered.get(address)
         if mailbox is None or not mailbox.enabled:
             return False
+        # Stop Email Sync holds on every instance (a row): a lease claimed just before it
+        # shows the mailbox stopped, and the keeper hands the lease back.
+        stopped = self.registrar.is_stopped(address) if configured else False
         with self._lock:
-            # A lease claimed here runs its worker: Stop Email Sync's marker is per instance
-            # and does not hold a mailbox back from the cluster (README, Several instances).
             worker = self._retire(address)
             self._stores[address] = store
-            self._start_or_mark(mailbox, marked_stopped=False)
+            self._start_or_mark(mailbox, marked_stopped=stopped)
         if worker is not None:
             worker.stop()
         self._wake.set()
@@ -629,16 +651,15 @@ class Supervisor:
         self.web.start()
         log.info("listening", address=f"{daemon.listen_host}:{self.web.port}")
         if self.cluster is not None:
-            # The lease keeper decides which mailboxes run here (the registry of run-time
-            # mailboxes lives only in the built-in SQLite store, never in a cluster's).
+            # The lease keeper decides which mailboxes run here, registered ones included.
+            self.registrar.load()
             self.cluster.start()
         else:
-            marked = self._marked_stopped(self.settings)
+            self.registrar.load()  # queues the registered mailboxes that can log in
+            marked = self.registrar.stopped()
             with self._lock:
                 for mailbox in self.settings.mailboxes:
                     self._start_or_mark(mailbox, mailbox.address in marked)
-            for mailbox in self._registered_mailboxes().values():
-                self._start_registered(mailbox)
         if self.links is not None:
             self.links.start()
         self._schedule_jobs()
@@ -796,8 +817,8 @@ class Supervisor:
         """
         old_by_address = {m.address: m for m in old.mailboxes}
         new_by_address = {m.address: m for m in new.mailboxes}
-        marked = self._marked_stopped(new)
         self.settings = new
+        marked = self.registrar.stopped()
         retired: list[Worker | None] = []
         events: list[tuple[str, str]] = []
         with self._lock:
@@ -827,7 +848,7 @@ class Supervisor:
                     self._start_or_mark(mailbox, address in marked)
                     events.append(("mailbox_added", address))
             if everything_changed and not cluster:
-                for address, mailbox in self.registered.items():
+                for address, mailbox in self.registrar.registered.items():
                     if address in self.workers or address in self._pending:
                         retired.append(self._retire(address))
                         self._pending[address] = mailbox
@@ -852,51 +873,17 @@ class Supervisor:
         log.info("reloaded", seconds=round(took, 2), still_stopping=waiting)
         self.notifier.ready(self.summary())
 
-    # -- the registry (self-service) -------------------------------------------------------------
+    # -- the registry (self-service: registrar.py; these delegate, for the web layer) -----------
 
     def branches(self) -> list[dict[str, Any]]:
         """Every branch: the config file's (read-only) and the registered ones, by name."""
-        found: dict[str, dict[str, Any]] = {}
-        for branch in self._registry_or_none_branches():
-            found[branch.name] = {
-                "name": branch.name,
-                "host": branch.host,
-                "port": branch.port,
-                "security": branch.security,
-                "source": "registry",
-            }
-        for name, server in self.settings.branches.items():
-            found[name] = {
-                "name": name,
-                "host": server.host,
-                "port": server.port,
-                "security": server.security,
-                "source": "config",
-            }
-        return [found[name] for name in sorted(found)]
+        return self.registrar.branches()
 
     def put_branch(
         self, name: str, host: str, port: int, security: str, ca_file: str | None = None
     ) -> bool:
-        """Register (or change) a branch's IMAP server; True when new.
-
-        Mailboxes registered on it are restarted with the new server. A branch of the config
-        file is read-only here (RegistrationError 409).
-        """
-        registry = self._registry()
-        if name in self.settings.branches:
-            raise RegistrationError(
-                f"branch {name!r} is set in the config file; change it there", status=409
-            )
-        created = registry.put_branch(RegisteredBranch(name, host, port, security, ca_file))
-        log.info("branch_registered", branch=name, host=host, port=port, security=security)
-        with self._lock:
-            self._registered_loaded = False
-        changed = [m for m in self._registered_mailboxes().values() if m.branch == name]
-        restarted = [m.address for m in changed if self._replace_worker(m, only_running=True)]
-        for address in restarted:
-            log.info("mailbox_restarted", mailbox=address, reason="branch changed")
-        return created
+        """Register (or change) a branch's IMAP server; True when new (``MailboxRegistrar``)."""
+        return self.registrar.put_branch(name, host, port, security, ca_file)
 
     def setup_mailbox(
         self,
@@ -909,148 +896,94 @@ class Supervisor:
         agent: bool,
         client: str | None,
     ) -> None:
-        """First Time Setup (Basic): log in, create the folders, store the password, start.
-
-        The login comes first: a refused one raises RegistrationError 422 with the server's
-        answer in one line, and nothing is stored. A mailbox of the config file is read-only
-        here (409). ``trigger`` is the agent's choice, stored with the mailbox.
-
-        ``agent``: an agent token asks, which may only log in as the mailbox's own address
-        (or the username IT set for it): 403 otherwise. Refused logins are limited per mailbox
-        and per ``client`` (``throttle``): beyond, 429 with ``retry_after`` and no LOGIN.
-        """
-        registry = self._registry()
-        if any(m.address == address for m in self.settings.mailboxes):
-            raise RegistrationError(
-                f"mailbox {address} is set in the config file; use `emailsync setup`",
-                status=409,
-            )
-        if agent:
-            self._check_agent_username(address, username)
-        try:
-            attempt = self.throttle.attempt(address, client)
-        except TooManyLoginsError as exc:
-            log.warning("setup_throttled", mailbox=address, client=client, retry_in=exc.retry_after)
-            raise RegistrationError(
-                f"{exc} (try again in {exc.retry_after} s)", status=429, retry_after=exc.retry_after
-            ) from None
-        mailbox = MailboxSettings(
-            address=address,
-            server=self._branch_server(branch),
-            auth="password",
-            username=username,
-            branch=branch,
-            trigger=trigger,
+        """First Time Setup (Basic): log in, create the folders, store the password, start."""
+        self.registrar.setup_mailbox(
+            address, branch, username, password, trigger, agent=agent, client=client
         )
-        secret = Secret(password)
-        authenticator = PasswordAuthenticator(mailbox, password=lambda: secret)
-        timeout = self.settings.daemon.setup_timeout_seconds
-        try:
-            session = ImapSession.open(
-                mailbox,
-                self.settings.folders,
-                authenticator,
-                timeout_seconds=timeout,
-            )
-            try:
-                session.ensure_folders()
-            finally:
-                session.logout(SETUP_LOGOUT_SECONDS)
-        except AuthError as exc:
-            raise RegistrationError(_one_line(str(exc)), status=422) from None
-        except ConnectionLostError as exc:
-            if exc.kind in ("refused", "tls"):
-                attempt.not_tried()  # no LOGIN reached the server: it costs nothing
-            if exc.kind == "timeout":  # it may answer later: a gateway timeout, not a refusal
-                what = f"the server did not answer in {timeout:g} s ({_one_line(str(exc))})"
-                raise RegistrationError(what, status=504) from None
-            raise RegistrationError(_one_line(str(exc)), status=502) from None
-        except MailboxError as exc:
-            raise RegistrationError(_one_line(str(exc)), status=502) from None
-        attempt.succeeded()
-        record = RegisteredMailbox(address, branch, "password", username, True, False, trigger)
-        # Through the vault: a `keys rotate` running meanwhile must not strand the secret
-        # under the generation it drops.
-        self.vault.store_secret(password, address, lambda blob: registry.put_mailbox(record, blob))
-        self._replace_worker(mailbox)
-        log.info("mailbox_registered", mailbox=address, branch=branch)
-
-    def _check_agent_username(self, address: str, username: str) -> None:
-        """An agent logs in as its mailbox's address, or as the username IT set for it.
-
-        Otherwise an agent token would bind its mailbox to any account whose password the
-        agent knows or guesses. The admin token (IT) may set any username.
-        """
-        allowed = {address.casefold()}
-        registered = self._registered_mailboxes().get(address)
-        if registered is not None:
-            allowed.add(registered.username.casefold())
-        if username.strip().casefold() not in allowed:
-            raise RegistrationError(
-                f"an agent's username must be the mailbox's address ({address}) or the one IT "
-                "set for it; IT can set another",
-                status=403,
-            )
 
     def forget_mailbox(self, address: str) -> bool:
-        """Stop Email Sync for a registered mailbox: stop its worker, forget it and its secret.
-
-        The password (or the Office 365 tokens) is erased; the folders on the server and the
-        timeline history stay, and First Time Setup registers it again. False when it is not
-        registered; a mailbox of the config file is read-only here (RegistrationError 409:
-        ``stop_mailbox`` stops it).
-        """
-        mailbox = self._registered_mailboxes().get(address)
-        if mailbox is None:
-            if any(m.address == address for m in self.settings.mailboxes):
-                raise RegistrationError(
-                    f"mailbox {address} is set in the config file; stop it with POST …/stop",
-                    status=409,
-                )
-            return False
-        with self._lock:
-            worker = self._retire(address)
-            retiring = self._retiring.get(address)
-            self.registered.pop(address, None)
-            self._stopped.pop(address, None)
-            self._restarts.pop(address, None)
-            self._sync_on_start.discard(address)
-            self._release_on_start.discard(address)
-        if worker is not None:
-            worker.stop()
-        if retiring is not None:
-            # The caller (the API, a page) waits for the LOGOUT; the main loop does not.
-            retiring.worker.join(max(0.0, retiring.since + SHUTDOWN_SECONDS - time.monotonic()))
-        self._registry().remove_mailbox(address)
-        if mailbox.auth == "office365":
-            with contextlib.suppress(ConfigError):
-                self.authenticator_factory(mailbox, self.settings).forget()
-        with self._lock:
-            self._forget_if_gone(address)  # else the reaper does once the worker has ended
-        log.info("mailbox_stopped", mailbox=address, credentials="erased")
-        return True
+        """Stop Email Sync for a registered mailbox: its worker ends, it and its secret go."""
+        return self.registrar.forget_mailbox(address)
 
     def mailbox_detail(self, address: str) -> dict[str, Any] | None:
         """Status, source, branch and the latest filed/failed messages of one mailbox."""
-        registered = self._registered_mailboxes().get(address)
-        configured = next((m for m in self.settings.mailboxes if m.address == address), None)
-        mailbox = configured or registered
-        if mailbox is None:
-            return None
+        return self.registrar.mailbox_detail(address)
+
+    # -- the worker lifecycle the registrar asks for (registrar.Workers) ----------------------
+
+    def replace_worker(self, mailbox: MailboxSettings) -> bool:
+        """(Re)start a registered mailbox's worker with these settings, without a reload.
+
+        In a cluster only under its lease, where it is held (the keeper starts it elsewhere).
+        """
+        if self.cluster is not None:
+            return self.cluster.resume(mailbox.address)
+        return self._replace_worker_here(mailbox)
+
+    def queue_worker(self, mailbox: MailboxSettings) -> bool:
+        """Start a registered mailbox's worker unless one runs or is starting."""
+        if self.cluster is not None:
+            with self._lock:
+                if mailbox.address in self.workers or mailbox.address in self._starting:
+                    return True
+                self._stopped.pop(mailbox.address, None)
+            return self.cluster.resume(mailbox.address)
+        with self._lock:
+            self._restarting.pop(mailbox.address, None)
+            if mailbox.address not in self.workers and mailbox.address not in self._starting:
+                self._stopped.pop(mailbox.address, None)
+                self._pending[mailbox.address] = mailbox
+        self._wake.set()
+        return True
+
+    def end_worker(self, address: str, *, forget: bool, wait: bool) -> None:
+        """Stop a mailbox's worker; ``forget``: the mailbox is gone (status and metrics go once
+        the worker has ended); ``wait``: until its LOGOUT (bounded by SHUTDOWN_SECONDS)."""
+        with self._lock:
+            worker = self._retire(address)
+            retiring = self._retiring.get(address)
+            if forget:
+                self._stopped.pop(address, None)
+                self._restarts.pop(address, None)
+                self._sync_on_start.discard(address)
+                self._release_on_start.discard(address)
+        if worker is not None:
+            worker.stop()
+        if wait and retiring is not None:
+            # The caller (the API, a page) waits for the LOGOUT; the main loop does not.
+            retiring.worker.join(max(0.0, retiring.since + SHUTDOWN_SECONDS - time.monotonic()))
+        if forget:
+            with self._lock:
+                self._forget_if_gone(address)  # else the reaper does once the worker has ended
+        self._wake.set()
+
+    def mark_stopped(self, mailbox: MailboxSettings) -> None:
+        """Show a mailbox stopped (no worker)."""
+        self._mark_stopped(mailbox)
+
+    def status_of(self, address: str) -> WorkerStatus | None:
+        """The mailbox's status as ``statuses`` lists it, or None."""
+        return next((s for s in self.statuses() if s.address == address), None)
+
+    def recent_outcomes(self, address: str) -> list[dict[str, str | None]]:
+        """The latest filed and failed messages of the mailbox's worker, if it runs here."""
         with self._lock:
             worker = self.workers.get(address)
-        status = next((s for s in self.statuses() if s.address == address), None)
-        if status is None:
-            return None
-        recent = getattr(worker, "recent_outcomes", lambda: RECENT_OUTCOMES_NONE)()
-        return {
-            **dataclasses.asdict(status),
-            "source": "config" if configured else "registry",
-            "branch": mailbox.branch,
-            "auth": mailbox.auth,
-            "set_up": True,
-            "recent": recent,
-        }
+        recent: list[dict[str, str | None]] = getattr(
+            worker, "recent_outcomes", lambda: RECENT_OUTCOMES_NONE
+        )()
+        return recent
+
+    def wanted_mailboxes(self) -> list[str]:
+        """The mailboxes a cluster shares (the lease keeper's heartbeat reads them afresh)."""
+        return self.registrar.wanted()
+
+    def registry_notified(self, address: str | None) -> None:
+        """A registry row changed on some instance (None: the listener reconnected)."""
+        if address is None:
+            self.registrar.refresh_all()
+        else:
+            self.registrar.refresh(address)
 
     def anonymous_key(self) -> bytes:
         """The key of the login form's CSRF token: every instance with this registry key derives
@@ -1087,100 +1020,25 @@ class Supervisor:
         self._registry().put_mailbox(record, None)
         self._replace_worker(mailbox)
 
-    def _has_secret(self, address: str) -> bool:
-        registry = self.mailbox_registry
-        return registry is not None and registry.mailbox_secret(address) is not None
-
     def _registry(self) -> Registry:
-        if self.mailbox_registry is None:
-            raise RegistrationError(
-                "this store keeps no registry of mailboxes (use the built-in SQLite store)",
-                status=503,
-            )
-        return self.mailbox_registry
-
-    def _registry_or_none_branches(self) -> list[RegisteredBranch]:
-        return (
-            self.mailbox_registry.registered_branches() if self.mailbox_registry is not None else []
-        )
+        return self.registrar.require_registry()
 
     def _branch_server(self, name: str) -> ServerSettings:
-        if name in self.settings.branches:
-            return self.settings.branches[name]
-        for branch in self._registry_or_none_branches():
-            if branch.name == name:
-                return ServerSettings(
-                    host=branch.host,
-                    port=branch.port,
-                    security=branch.security,
-                    ca_file=Path(branch.ca_file) if branch.ca_file else None,
-                    allow_insecure=branch.security == "none",
-                )
-        raise RegistrationError(f"no branch {name!r}; IT adds it first", status=422)
+        return self.registrar.branch_server(name)
 
-    def _registered_mailboxes(self) -> dict[str, MailboxSettings]:
-        """The registry's mailboxes as settings (read once; again after a branch change).
-
-        The store is read outside the lock (the lock guards bookkeeping only).
-        """
-        if self.mailbox_registry is None:
-            return {}
-        with self._lock:
-            if self._registered_loaded:
-                return dict(self.registered)
-        configured = {m.address for m in self.settings.mailboxes}
-        loaded: dict[str, MailboxSettings] = {}
-        for record in self.mailbox_registry.registered_mailboxes():
-            if record.address in configured:
-                continue  # the config file's wins
-            try:
-                server = (
-                    self._branch_server(record.branch)
-                    if record.branch
-                    else ServerSettings(host=OFFICE365_HOST, port=993, security="ssl")
-                )
-            except RegistrationError:
-                log.warning("mailbox_branch_missing", mailbox=record.address)
-                continue
-            loaded[record.address] = MailboxSettings(
-                address=record.address,
-                server=server,
-                auth=record.auth,
-                username=record.username,
-                branch=record.branch or None,
-                trigger=record.trigger,
-            )
-        with self._lock:
-            self.registered = loaded
-            self._registered_loaded = True
-        return dict(loaded)
-
-    def _start_registered(self, mailbox: MailboxSettings) -> bool:
-        """Queue a registered mailbox that has its credentials; else show it stopped."""
-        if mailbox.auth == "password" and not self._has_secret(mailbox.address):
-            self._mark_stopped(mailbox)
-            return False
-        with self._lock:
-            self._restarting.pop(mailbox.address, None)
-            if mailbox.address not in self.workers and mailbox.address not in self._starting:
-                self._stopped.pop(mailbox.address, None)
-                self._pending[mailbox.address] = mailbox
-        self._wake.set()
+    def _replace_worker(self, mailbox: MailboxSettings) -> bool:
+        """After a registry row of ``mailbox`` was written here: act on it (registrar)."""
+        self.registrar.refresh(mailbox.address)
         return True
 
-    def _replace_worker(self, mailbox: MailboxSettings, *, only_running: bool = False) -> bool:
-        """(Re)start a registered mailbox's worker with these settings, without a reload.
+    def _replace_worker_here(self, mailbox: MailboxSettings) -> bool:
+        """(Re)start a registered mailbox's worker in this process, without a reload.
 
         The old worker (if any) is retired and the new one queued: the main loop starts it
-        once the old thread has ended. ``only_running``: leave a mailbox alone that has no
-        worker (stopped). True when a worker was queued.
+        once the old thread has ended.
         """
         address = mailbox.address
         with self._lock:
-            self.registered[address] = mailbox
-            running = address in self.workers or address in self._pending
-            if only_running and not running:
-                return False
             old = self._retire(address)
             self._stopped.pop(address, None)
             self._pending[address] = mailbox
@@ -1194,7 +1052,7 @@ class Supervisor:
         if (
             registry is not None
             and mailbox.auth == "password"
-            and mailbox.address in self.registered
+            and mailbox.address in self.registrar.registered
             and mailbox.password is None
         ):
             address = mailbox.address
@@ -1211,12 +1069,6 @@ class Supervisor:
         return self.authenticator_factory(mailbox, self.settings)
 
     # -- internals (the callers hold the lock where it says so) --------------------------------
-
-    def _marked_stopped(self, settings: Settings) -> set[str]:
-        """The mailboxes Stop Email Sync has marked (looked up before taking the lock)."""
-        return {
-            m.address for m in settings.mailboxes if stopped_marker(settings, m.address).exists()
-        }
 
     def _start_or_mark(self, mailbox: MailboxSettings, marked_stopped: bool) -> None:
         """Queue a mailbox's worker to start, or mark it stopped; under the lock."""

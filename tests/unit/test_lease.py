@@ -274,6 +274,12 @@ class SyncRecorder:
     def links_notified(self) -> None:
         """No Failed mail here to re-file."""
 
+    def wanted_mailboxes(self) -> list[str]:
+        return [m.address for m in self.settings.mailboxes if m.enabled]
+
+    def registry_notified(self, address: str | None) -> None:
+        """No registry here."""
+
     def start_sync_local(self, address: str | None, *, include_stuck: bool = False) -> bool:
         self.syncs.append((address, include_stuck))
         self.received.set()
@@ -482,6 +488,12 @@ class Owner:
 
     def links_notified(self) -> None:
         """No Failed mail here to re-file."""
+
+    def wanted_mailboxes(self) -> list[str]:
+        return [m.address for m in self.settings.mailboxes if m.enabled]
+
+    def registry_notified(self, address: str | None) -> None:
+        """No registry here."""
 
     def start_sync_local(self, address: str | None, *, include_stuck: bool = False) -> bool:
         if address is not None and address not in self.running:

@@ -181,6 +181,9 @@ class RegisteredMailbox:
     has_secret: bool
     stopped: bool
     trigger: str = "auto"  # auto: file on arrival; manual: only on Start Sync
+    # When it was last set up (ISO text): a new set-up is a new value, also with the same
+    # settings. Not part of equality.
+    updated_at: str = field(default="", compare=False)
 
 
 @runtime_checkable

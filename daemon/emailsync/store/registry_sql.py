@@ -50,7 +50,7 @@ _PUT_MAILBOX = (
     " trigger = excluded.trigger"
 )
 _MAILBOX_COLUMNS = (
-    "SELECT address, branch, auth, username, secret IS NOT NULL, stopped, trigger"
+    "SELECT address, branch, auth, username, secret IS NOT NULL, stopped, trigger, updated_at"
     " FROM registered_mailboxes"
 )
 _MAILBOXES = _MAILBOX_COLUMNS + " ORDER BY address {C}"
@@ -235,9 +235,9 @@ def _holding(lock: threading.Lock) -> Iterator[None]:
 
 
 def _mailbox(row: Sequence[Any]) -> RegisteredMailbox:
-    address, branch, auth, username, has_secret, stopped, trigger = row
+    address, branch, auth, username, has_secret, stopped, trigger, updated_at = row
     return RegisteredMailbox(
-        address, branch, auth, username, bool(has_secret), bool(stopped), trigger
+        address, branch, auth, username, bool(has_secret), bool(stopped), trigger, updated_at
     )
 
 
