@@ -1,8 +1,13 @@
 """Backlog throughput (issue 10): a Queue of all-linked 5 KB mail, filed until empty.
 
-Three contenders on identical Queues, seeded fresh per trial, in the same run:
+Four contenders on identical Queues, seeded fresh per trial, in the same run:
 
 * **raw MOVE**: ``UID MOVE 1:*`` of the whole Queue to Sent, the server's own limit;
+* **server floor** (issue 23): the IMAP work a filer that puts each message's text on the
+  timeline must ask for, per batch of FLOOR_BATCH: the header + ``BODYSTRUCTURE`` FETCH
+  (the items emailsync asks for), the capped text-part FETCH (``BODY.PEEK[1]<0.cap>``) and
+  one ``UID MOVE``, sent one command after another through plain imaplib, nothing parsed
+  or recorded: what the server must do, with the client doing as little as it can;
 * **plain script**: what a competent 60-line imapclient script does: header FETCH per 200,
   stdlib ``email`` parse of From/To/Cc, a batched UID MOVE per destination, no store;
 * **emailsync**: ``Filer.run_pass`` with a real ``ImapSession`` and ``SqliteStore`` (what
@@ -30,13 +35,16 @@ from corpus import Directory
 from testbed import OWNER_ALIAS, BenchMailbox, Testbed, folder_counts
 
 from emailsync.filing import FETCH_BATCH, Decision, Filer
+from emailsync.imap.fetch import uid_set
 from emailsync.imap.folders import FolderTree
+from emailsync.imap.session import BODY_FETCH_CAP
 from emailsync.model import FolderRole, Outcome
 from emailsync.store import open_store
 
 BODY_BYTES = 4400  # with ~600 bytes of header: about 5 KB a message
 CC_SHARE = 0.3
 SEED_CHUNK = 500  # messages per MULTIAPPEND
+FLOOR_BATCH = 500  # messages per command of the server floor (issue 23)
 _WORDS = ("tenancy", "deposit", "inventory", "offer", "survey", "keys", "completion", "rent")
 
 
@@ -55,6 +63,7 @@ class BacklogTrials:
 
     messages: int
     raw_move: list[float] = field(default_factory=list)
+    floor: list[float] = field(default_factory=list)
     plain: list[float] = field(default_factory=list)
     emailsync: list[float] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
@@ -126,6 +135,36 @@ def raw_move(client: imapclient.IMAPClient, tree: FolderTree) -> None:
     client.move("1:*", tree.name(FolderRole.SENT))
 
 
+def server_floor(client: imapclient.IMAPClient, tree: FolderTree) -> None:
+    """The server's share of a backlog pass, with the client doing as little as it can.
+
+    Per batch of FLOOR_BATCH UIDs, one after another through plain imaplib (answers read
+    by imaplib, nothing parsed or recorded): the header FETCH emailsync sends (with the
+    BODYSTRUCTURE, and SAVEDATE where the server has it), the FETCH of the text part each
+    of these single-part messages has (section 1, cut at BODY_FETCH_CAP) and one MOVE.
+    """
+    imap = client._imap  # noqa: SLF001 -- plain imaplib on purpose: nothing parsed
+    client.select_folder(tree.queue)
+    header_items = [b"BODY.PEEK[HEADER]", b"INTERNALDATE", b"RFC822.SIZE", b"FLAGS"]
+    header_items.append(b"BODYSTRUCTURE")
+    if client.has_capability("SAVEDATE"):
+        header_items.append(b"SAVEDATE")
+    headers = "(" + b" ".join(header_items).decode() + ")"
+    text = f"(BODY.PEEK[1]<0.{BODY_FETCH_CAP}>)"
+    folder = client._normalise_folder(tree.name(FolderRole.SENT))  # noqa: SLF001
+    typ, data = imap.uid("SEARCH", "ALL")
+    uids = [int(u) for u in data[0].split()] if typ == "OK" and data[0] else []
+    for start in range(0, len(uids), FLOOR_BATCH):
+        chunk = uid_set(uids[start : start + FLOOR_BATCH]).decode()
+        for command, args in (("FETCH", (chunk, headers)), ("FETCH", (chunk, text))):
+            if imap.uid(command, *args)[0] != "OK":
+                raise RuntimeError(f"server floor: {command} refused")
+            imap.untagged_responses.clear()  # read, not kept: nothing is parsed
+        if imap.uid("MOVE", chunk, folder)[0] != "OK":
+            raise RuntimeError("server floor: MOVE refused")
+        imap.untagged_responses.clear()
+
+
 def plain_script(client: imapclient.IMAPClient, tree: FolderTree, owner: str) -> None:
     """What a plain imapclient script does: FETCH headers, parse, batched MOVE; no store."""
     parser = email.parser.BytesHeaderParser(policy=email.policy.compat32)
@@ -177,6 +216,9 @@ def run_backlog(testbed: Testbed, count: int, repeats: int, seed_value: int) -> 
         rng = random.Random(seed_value + trial)  # noqa: S311 -- test data, not cryptography
         messages = make_backlog(count, testbed.directory, rng)
         trials.raw_move.append(_timed_client(testbed, messages, raw_move))
+        floor_mailbox = testbed.new_mailbox()
+        trials.floor.append(_timed_client(testbed, messages, server_floor, floor_mailbox))
+        trials.problems.extend(_check_floor(floor_mailbox, len(messages)))
         trials.plain.append(
             _timed_client(testbed, messages, lambda c, t: plain_script(c, t, OWNER_ALIAS))
         )
@@ -188,8 +230,13 @@ def run_backlog(testbed: Testbed, count: int, repeats: int, seed_value: int) -> 
     return trials
 
 
-def _timed_client(testbed: Testbed, messages: Sequence[BacklogMessage], work: object) -> float:
-    mailbox = testbed.new_mailbox()
+def _timed_client(
+    testbed: Testbed,
+    messages: Sequence[BacklogMessage],
+    work: object,
+    mailbox: BenchMailbox | None = None,
+) -> float:
+    mailbox = mailbox or testbed.new_mailbox()
     seed(mailbox, messages)
     client = mailbox.client()
     try:
@@ -198,6 +245,18 @@ def _timed_client(testbed: Testbed, messages: Sequence[BacklogMessage], work: ob
         return time.perf_counter() - started
     finally:
         client.logout()
+
+
+def _check_floor(mailbox: BenchMailbox, count: int) -> list[str]:
+    """The server floor did the whole backlog's work: everything moved."""
+    client = mailbox.client()
+    try:
+        counts = folder_counts(client, mailbox.tree)
+    finally:
+        client.logout()
+    if counts[FolderRole.QUEUE] or counts[FolderRole.SENT] != count:
+        return [f"server floor: {counts[FolderRole.SENT]} of {count} moved"]
+    return []
 
 
 def _check(
