@@ -38,7 +38,7 @@ import structlog
 from emailsync.address import mailbox_address_problem, normalise_address
 from emailsync.config import Settings
 from emailsync.errors import StoreError
-from emailsync.store import DEFAULT_DB_NAME, open_store
+from emailsync.store import DEFAULT_DB_NAME, open_state
 from emailsync.store.base import IssuedToken, TokenLedger
 from emailsync.store.sqlite import SqliteStore
 from emailsync.vault import TOKEN_ID, AgentToken, Vault
@@ -184,16 +184,13 @@ def token_json(token: IssuedToken, now: datetime) -> dict[str, Any]:
 def open_agent_tokens(settings: Settings) -> Iterator[AgentTokens]:
     """The agent tokens of the configured state database, for a ``with`` block (the CLI).
 
-    With a ``[crm]`` the store is the CRM: it is not contacted, the tokens live in
-    state_dir's SQLite file (``ledger_for``).
+    With a ``[crm]`` too: the tokens are emailsync's state, never the CRM's (which is not
+    contacted), so they live in the state database whichever timeline is configured.
     """
     with contextlib.ExitStack() as stack:
-        store: object = None
-        if settings.crm is None:
-            opened = open_store(settings.store_url, settings.daemon.state_dir)
-            stack.callback(opened.close)
-            store = opened
-        ledger, close = ledger_for(store, settings.daemon.state_dir)
+        opened = open_state(settings.state_url, settings.daemon.state_dir)
+        stack.callback(opened.close)
+        ledger, close = ledger_for(opened, settings.daemon.state_dir)
         stack.callback(close)
         yield AgentTokens(
             Vault(settings.daemon.state_dir),

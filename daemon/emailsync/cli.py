@@ -49,7 +49,7 @@ from emailsync.model import OUTCOME_KEYWORD, FolderRole, Outcome, TimelineEvent
 from emailsync.privilege import ActingUser, act_as_state_owner
 from emailsync.progress import progress
 from emailsync.store import check_store_url, open_state, open_store, open_timeline
-from emailsync.store.base import Registry, Store
+from emailsync.store.base import Store
 from emailsync.store.csvimport import read_group_csv
 from emailsync.vault import Vault
 
@@ -926,11 +926,12 @@ def cmd_token_revoke(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_keys_rotate(args: argparse.Namespace, out: TextIO) -> int:
     """Rotate the registry key: re-encrypt stored passwords; agent tokens stop working."""
     settings = load(args)
-    with store_for(settings) as store:
-        if not isinstance(store, Registry):
-            print("emailsync: this store keeps no registry", file=sys.stderr)
-            return EXIT_USAGE
-        generation = rotate_registry_key(store, Vault(settings.daemon.state_dir))
+    # The registry is emailsync's state: in the state database whichever timeline is set.
+    state = open_state(settings.state_url, settings.daemon.state_dir)
+    try:
+        generation = rotate_registry_key(state, Vault(settings.daemon.state_dir))
+    finally:
+        state.close()
     # Their signatures fail already; the list says so too.
     with open_agent_tokens(settings) as tokens:
         tokens.rotated()

@@ -228,3 +228,30 @@ def test_a_listed_token_says_whether_it_is_active_expired_or_revoked() -> None:
     assert token.state(T0) == "active"
     assert token.state(T0 + timedelta(days=1)) == "expired"
     assert IssuedToken("a1", AGENT, T0, "api", None, revoked_at=T0).state(T0) == "revoked"
+
+
+def test_with_a_crm_the_cli_keeps_tokens_in_the_configured_state_database(
+    tmp_path: Path,
+) -> None:
+    """Tokens are emailsync's state: with a [crm] timeline they still go to ``[daemon]
+    state`` (here a SQLite file outside state_dir), where the daemon checks them."""
+    from emailsync.agenttoken import open_agent_tokens  # noqa: PLC0415
+    from emailsync.config import load_settings  # noqa: PLC0415
+
+    database = tmp_path / "shared" / "state.db"
+    database.parent.mkdir()
+    (tmp_path / "crm-secret").write_text("s3cret-shared-with-the-crm\n")
+    config = tmp_path / "emailsync.toml"
+    config.write_text(
+        f'[daemon]\nstate_dir = "{tmp_path / "state"}"\nstate = "sqlite://{database}"\n'
+        '[crm]\nurl = "https://crm.example/v1"\nsecret_file = "crm-secret"\n'
+    )
+    with open_agent_tokens(load_settings(config)) as tokens:
+        tokens.issue("agent@example.com", None, "api")
+
+    state = SqliteStore(database)
+    try:
+        assert [t.address for t in state.issued_tokens()] == ["agent@example.com"]
+    finally:
+        state.close()
+    assert not (tmp_path / "state" / "emailsync.db").exists()
