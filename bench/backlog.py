@@ -143,7 +143,7 @@ def server_floor(client: imapclient.IMAPClient, tree: FolderTree) -> None:
     BODYSTRUCTURE, and SAVEDATE where the server has it), the FETCH of the text part each
     of these single-part messages has (section 1, cut at BODY_FETCH_CAP) and one MOVE.
     """
-    imap = client._imap  # noqa: SLF001 -- plain imaplib on purpose: nothing parsed
+    imap = client._imap
     client.select_folder(tree.queue)
     header_items = [b"BODY.PEEK[HEADER]", b"INTERNALDATE", b"RFC822.SIZE", b"FLAGS"]
     header_items.append(b"BODYSTRUCTURE")
@@ -151,7 +151,7 @@ def server_floor(client: imapclient.IMAPClient, tree: FolderTree) -> None:
         header_items.append(b"SAVEDATE")
     headers = "(" + b" ".join(header_items).decode() + ")"
     text = f"(BODY.PEEK[1]<0.{BODY_FETCH_CAP}>)"
-    folder = client._normalise_folder(tree.name(FolderRole.SENT))  # noqa: SLF001
+    folder = client._normalise_folder(tree.name(FolderRole.SENT))
     typ, data = imap.uid("SEARCH", "ALL")
     uids = [int(u) for u in data[0].split()] if typ == "OK" and data[0] else []
     for start in range(0, len(uids), FLOOR_BATCH):
