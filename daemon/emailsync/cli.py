@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
+from urllib.parse import urlsplit
 
 import structlog
 
@@ -22,6 +23,7 @@ from emailsync.address import mailbox_address_problem, normalise_address
 from emailsync.agenttoken import open_agent_tokens, token_json
 from emailsync.config import (
     MAX_AGENT_TOKEN_DAYS,
+    MailboxSettings,
     Settings,
     check_secrets,
     default_config_path,
@@ -41,16 +43,24 @@ from emailsync.errors import (
     StoreUnavailableError,
 )
 from emailsync.filing import Decision, Filer, PassResult
-from emailsync.imap.auth import Office365Authenticator, make_authenticator
+from emailsync.imap.auth import Authenticator, Office365Authenticator, make_authenticator
 from emailsync.imap.session import ImapSession
+from emailsync.imap.tokencache import TokenCacheStore
 from emailsync.keycheck import adopt_key_check, check_state_database, rotate_registry_key
 from emailsync.logs import configure_logging
 from emailsync.model import OUTCOME_KEYWORD, FolderRole, Outcome, TimelineEvent
 from emailsync.privilege import ActingUser, act_as_state_owner
 from emailsync.progress import progress
-from emailsync.store import check_store_url, open_state, open_store, open_timeline
+from emailsync.store import (
+    POSTGRES_SCHEMES,
+    check_store_url,
+    open_state,
+    open_store,
+    open_timeline,
+)
 from emailsync.store.base import Store
 from emailsync.store.csvimport import read_group_csv
+from emailsync.store.tokencache_sql import token_caches_for
 from emailsync.vault import Vault
 
 if TYPE_CHECKING:
@@ -432,16 +442,37 @@ def store_for(settings: Settings) -> Iterator[Store]:
 def session_for(settings: Settings, address: str) -> Iterator[ImapSession]:
     """A logged-in session to one configured mailbox, logged out at the end."""
     mailbox = settings.mailbox(address)
-    session = ImapSession.open(
-        mailbox,
-        settings.folders,
-        make_authenticator(mailbox, settings),
-        timeout_seconds=settings.daemon.timeout_seconds,
-    )
-    try:
-        yield session
-    finally:
-        session.logout()
+    with token_caches_of(settings, mailbox) as caches:
+        session = ImapSession.open(
+            mailbox,
+            settings.folders,
+            make_authenticator(mailbox, settings, token_caches=caches),
+            timeout_seconds=settings.daemon.timeout_seconds,
+        )
+        try:
+            yield session
+        finally:
+            session.logout()
+
+
+@contextlib.contextmanager
+def token_caches_of(
+    settings: Settings, mailbox: MailboxSettings | None = None
+) -> Iterator[TokenCacheStore | None]:
+    """Where the daemon keeps delegated Office 365 token caches, open for a ``with`` block.
+
+    The state database's when it is PostgreSQL (``token_caches_for``: the daemons of a
+    cluster read the cache `auth login` writes there); None (files in ``state_dir``, what
+    ``make_authenticator`` uses by default) otherwise, and for a mailbox that is not
+    Office 365 (nothing is opened then).
+    """
+    shared = urlsplit(settings.state_url.strip()).scheme.lower() in POSTGRES_SCHEMES
+    if not shared or (mailbox is not None and mailbox.auth != "office365"):
+        yield None
+        return
+    state_dir = settings.daemon.state_dir
+    with contextlib.closing(open_state(settings.state_url, state_dir)) as state:
+        yield token_caches_for(state, Vault(state_dir), state_dir)
 
 
 def event_json(event: TimelineEvent) -> dict[str, Any]:
@@ -1051,7 +1082,15 @@ def cmd_auth_login(args: argparse.Namespace, out: TextIO) -> int:
     """Device-code sign-in; then a running daemon is told to retry the mailbox at once."""
     settings = load(args)
     mailbox = settings.mailbox(args.address)
-    authenticator = make_authenticator(mailbox, settings)
+    with token_caches_of(settings, mailbox) as caches:
+        code = _auth_login(mailbox, make_authenticator(mailbox, settings, token_caches=caches), out)
+    if code == EXIT_OK:
+        _poke_daemon(settings, mailbox.address, out)
+    return code
+
+
+def _auth_login(mailbox: MailboxSettings, authenticator: Authenticator, out: TextIO) -> int:
+    """``auth login``'s sign-in (device code) or app-only check; its exit code."""
     if not isinstance(authenticator, Office365Authenticator):
         print(
             f"emailsync: {mailbox.address} signs in with a password, not Office 365",
@@ -1069,7 +1108,6 @@ def cmd_auth_login(args: argparse.Namespace, out: TextIO) -> int:
             f"access token valid until {status['access_token_expires']}",
             file=out,
         )
-    _poke_daemon(settings, mailbox.address, out)
     return EXIT_OK
 
 
@@ -1111,9 +1149,10 @@ def cmd_auth_status(args: argparse.Namespace, out: TextIO) -> int:
     if not mailboxes:
         print("no Office 365 mailboxes in the config", file=out)
     for mailbox in mailboxes:
-        authenticator = make_authenticator(mailbox, settings)
-        assert isinstance(authenticator, Office365Authenticator)  # noqa: S101 -- auth = office365
-        status = authenticator.status()
+        with token_caches_of(settings, mailbox) as caches:
+            authenticator = make_authenticator(mailbox, settings, token_caches=caches)
+            assert isinstance(authenticator, Office365Authenticator)  # noqa: S101 -- auth = office365
+            status = authenticator.status()
         if args.json:
             print(json.dumps(dict(status)), file=out)
             continue

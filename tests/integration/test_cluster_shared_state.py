@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -23,9 +25,10 @@ import psycopg
 import pytest
 import requests
 
+from emailsync.devnet import share_registry_key
 from emailsync.devserver import Dovecot
 
-from .daemonproc import RunningDaemon, wait_until
+from .daemonproc import RunningDaemon, run_cli, wait_until
 from .faultproxy import FaultProxy
 from .idp import IdentityProvider
 from .mailenv import MailUser, new_user
@@ -299,3 +302,71 @@ def test_an_office_365_sign_in_started_on_one_instance_completes_on_another_once
         assert token_cache_rows(pg_url, address) == []
     finally:
         cluster.stop_all()
+
+
+def test_auth_login_with_a_postgresql_state_writes_the_cache_every_instance_reads(  # noqa: PLR0917 -- fixtures
+    tmp_path: Path,
+    pg_url: str,
+    idp: IdentityProvider,
+    oauth_clients: OAuthClients,
+    oauth2_dovecot: Dovecot,
+    oauth_ca_file: Path,
+) -> None:
+    """`emailsync auth login` on any host of a cluster signs in into the state database (no
+    file in its state_dir), and `auth status` on another host's config sees the sign-in."""
+    address = f"o365-{secrets.token_hex(4)}@example.com"
+    idp.add_user(address, "unused")
+    table = office365_table(idp, oauth_clients, oauth_ca_file)
+    configs = []
+    for host in ("one", "two"):
+        (tmp_path / host).mkdir()
+        config = tmp_path / host / "emailsync.toml"
+        config.write_text(
+            f'[daemon]\nstate_dir = "{tmp_path / host / "state"}"\nstate = "{pg_url}"\n'
+            f"timeout_seconds = 10\n\n{table}\n"
+            f'[branches.o]\nhost = "127.0.0.1"\nport = {oauth2_dovecot.port}\n'
+            'security = "none"\nallow_insecure = true\n\n'
+            f'[[mailboxes]]\naddress = "{address}"\nbranch = "o"\nauth = "office365"\n'
+        )
+        configs.append(config)
+    # Both hosts hold the cluster's registry key (the vault seals the cache with it).
+    for host in ("one", "two"):
+        share_registry_key(tmp_path / "registry-key", tmp_path / host / "state")
+    login = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "emailsync.cli",
+            "--config",
+            str(configs[0]),
+            "auth",
+            "login",
+            address,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert login.stdout is not None
+        shown = ""
+        while "enter the code" not in shown:
+            line = login.stdout.readline()
+            assert line, f"auth login ended without a code: {shown}"
+            shown += line
+        code = re.search(r"enter the code (\S+)", shown)
+        assert code is not None
+        idp.approve(code.group(1), address)
+        rest, _ = login.communicate(timeout=60)
+    finally:
+        if login.poll() is None:
+            login.kill()
+            login.wait()
+    assert login.returncode == 0, shown + rest
+    assert len(token_cache_rows(pg_url, address)) == 1
+    assert not (tmp_path / "one" / "state" / "tokens").exists()
+    status = run_cli(configs[1], "auth", "status", "--json")
+    assert status.returncode == 0, status.stderr
+    (line,) = status.stdout.splitlines()
+    assert json.loads(line)["signed_in"] is True
+    assert json.loads(line)["token_cache"] == "in the state database (postgresql)"
