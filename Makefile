@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: all setup system-deps demo demo-crm test lint typecheck unit integration bench bench-full profile soak chaos \
-	clean dist test-dist deb test-deb deb-deps
+	clean dist test-dist deb test-deb deb-deps image image-deps test-image
 
 all: test
 
@@ -98,6 +98,23 @@ deb: deb-deps
 # systemd-analyze verify on the installed units, then dpkg --purge and checks nothing is left.
 test-deb: deb-deps setup
 	bash .ci/test-deb
+
+# Tools `make image` needs (mmdebstrap, buildah, podman, runc); not needed by `make test`.
+image-deps:
+	@bash .ci/image-deps
+
+# The OCI image config/kubernetes/ runs, localhost/emailsync:<version>, with no registry: a
+# minimal Debian root (mmdebstrap, this machine's suite and mirror) with the .deb installed,
+# committed by buildah to containers-storage and build/image/emailsync_<version>.oci.tar. Runs
+# as uid 10001 (emailsync). Reuses the .deb when it is newer than the sources, and the root
+# and the image while the .deb is unchanged. podman here: .ci/podman (runc, cgroupfs, ulimits).
+image: deb-deps image-deps
+	bash .ci/build-image
+
+# Builds (or reuses) the image and files the demo's mail with it: the daemon in the container
+# as uid 10001 with a read-only root, the demo's Dovecot outside (.ci/image_demo.py).
+test-image: deb-deps image-deps setup
+	bash .ci/test-image
 
 clean:
 	rm -rf $(VENV) .demo .mypy_cache .ruff_cache .pytest_cache build dist *.egg-info test-artifacts
