@@ -472,7 +472,11 @@ def token_caches_of(
         return
     state_dir = settings.daemon.state_dir
     with contextlib.closing(open_state(settings.state_url, state_dir)) as state:
-        yield token_caches_for(state, Vault(state_dir), state_dir)
+        caches = token_caches_for(state, Vault(state_dir), state_dir)
+        try:
+            yield caches
+        finally:
+            caches.close()
 
 
 def event_json(event: TimelineEvent) -> dict[str, Any]:

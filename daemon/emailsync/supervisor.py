@@ -751,6 +751,7 @@ class Supervisor:
         if self.web is not None:
             self.web.stop()
         self._close_ledger()
+        self.token_caches.close()
         log.info("stopped")
 
     def request_stop(self) -> None:

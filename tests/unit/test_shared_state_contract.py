@@ -15,14 +15,16 @@ from pathlib import Path
 
 import pytest
 
+from emailsync.devpostgres import Postgres
 from emailsync.errors import ConfigError, KeyUnavailableError
+from emailsync.imap.tokencache import FileTokenCaches
 from emailsync.pages import MAX_SESSIONS, SESSION_SECONDS, Pages, Principal
 from emailsync.signins import FLOW_SECONDS
 from emailsync.store.postgres import PostgresStore
 from emailsync.store.sessions_sql import SessionRow, SqlSessions, row_id
 from emailsync.store.signins_sql import SqlSignInFlows
 from emailsync.store.sqlite import SqliteStore
-from emailsync.store.tokencache_sql import SqlTokenCaches, reseal_shared_state
+from emailsync.store.tokencache_sql import SqlTokenCaches, reseal_shared_state, token_caches_for
 from emailsync.supervisor import ANONYMOUS_CSRF_INFO
 from emailsync.vault import Vault
 
@@ -431,3 +433,30 @@ def test_an_instance_whose_key_fails_the_check_redeems_no_refresh_token(
     vault.guard = refused
     with pytest.raises(KeyUnavailableError), SqlTokenCaches(engine, vault).locked(AGENT):
         pytest.fail("the cache was handed out")
+
+
+def test_a_refresh_holding_its_row_lock_never_keeps_the_state_s_pool_waiting(
+    postgres: Postgres, vault: Vault, tmp_path: Path
+) -> None:
+    """PostgreSQL: the locking transaction runs on the caches' own connections, so the state's
+    pool (leases, filing) is free while a refresh waits for the provider. Here the state has
+    a single connection: it is still served while the lock is held."""
+    state = PostgresStore(postgres.create_database(), max_connections=1)
+    caches = token_caches_for(state, vault, tmp_path)
+    assert isinstance(caches, SqlTokenCaches)
+    try:
+        with caches.locked(AGENT) as slot:
+            with state.transaction("renew leases") as conn:
+                assert conn.execute("SELECT 1").fetchone() == (1,)
+            slot.write("{}")
+        stored = caches.read(AGENT)
+        assert stored is not None
+        assert stored.text == "{}"
+    finally:
+        caches.close()
+        state.close()
+    sqlite = SqliteStore(tmp_path / "s.db")
+    try:
+        assert isinstance(token_caches_for(sqlite, vault, tmp_path), FileTokenCaches)
+    finally:
+        sqlite.close()

@@ -79,6 +79,10 @@ class TokenCacheStore(Protocol):
         """The cache file, or None when it is not a file."""
         ...
 
+    def close(self) -> None:
+        """Let go of what the store holds open (a daemon's shutdown)."""
+        ...
+
 
 class FileTokenCaches:
     """Token caches as files under ``state_dir/tokens`` with an ``flock`` beside each."""
@@ -121,6 +125,9 @@ class FileTokenCaches:
         """Delete the file under its lock (the lock file stays: see ``locked``)."""
         with self.locked(address), contextlib.suppress(FileNotFoundError):
             self.path(address).unlink()
+
+    def close(self) -> None:
+        """Nothing is held open between uses."""
 
 
 class _FileSlot:

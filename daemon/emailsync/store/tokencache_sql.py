@@ -8,6 +8,12 @@ writes it back in the same transaction, so writers on every instance take turns,
 ``flock`` of ``FileTokenCaches`` makes them on one host. A mailbox with no row yet has nothing
 to lock: its first writers are sign-ins, which hold no refresh token to lose.
 
+A refresh holds the row's lock across the provider's HTTP answer (seconds when it is slow), so
+in PostgreSQL the locking transactions run on a few connections of their own
+(``TOKEN_CACHE_CONNECTIONS``, opened at first use), never on the state's pool, which the lease
+renewals and the filing share: refreshes of many mailboxes at once (after an outage) queue
+among themselves and never make a lease renewal wait.
+
 ``token_caches_for`` picks the store: this one for a PostgreSQL state, files in ``state_dir``
 for SQLite (one host; existing deployments keep their files). On SQLite the statements work
 too (the transaction is ``BEGIN IMMEDIATE``, which locks the whole file meanwhile): the
@@ -17,11 +23,13 @@ contract tests run them on both.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from emailsync.errors import StoreError
 from emailsync.imap.tokencache import FileTokenCaches, StoredCache, TokenCacheStore
 from emailsync.store.sessions_sql import token_label as session_label
 from emailsync.store.signins_sql import flow_label
@@ -34,6 +42,8 @@ UPSERT = (
     " ON CONFLICT (address) DO UPDATE SET cache = excluded.cache, updated_at = excluded.updated_at"
 )
 DELETE = "DELETE FROM token_caches WHERE address = ?"
+# The PostgreSQL connections of the refreshes' row locks (apart from the state's pool).
+TOKEN_CACHE_CONNECTIONS = 4
 
 
 def cache_label(address: str) -> str:
@@ -44,8 +54,12 @@ def cache_label(address: str) -> str:
 class SqlTokenCaches:
     """``TokenCacheStore`` on a SQL engine: one vault-encrypted row per mailbox."""
 
-    def __init__(self, engine: SqlEngine, vault: Vault) -> None:
+    def __init__(
+        self, engine: SqlEngine, vault: Vault, *, locking: SqlEngine | None = None
+    ) -> None:
+        """``locking``: where the read-modify-write transactions run (default ``engine``)."""
         self.engine = engine
+        self.locking = locking or engine
         self.vault = vault
         self.dialect = dialect_of(engine)
         # SQLite has no row locks: its write transaction holds the database's lock already.
@@ -69,7 +83,7 @@ class SqlTokenCaches:
         """
         if self.vault.guard is not None:
             self.vault.guard()
-        with self.engine.transaction("lock the token cache") as conn:
+        with self.locking.transaction("lock the token cache") as conn:
             row = conn.execute(self.dialect.sql(self._locked_select), (address,)).fetchone()
             yield _SqlSlot(self, conn, address, None if row is None else bytes(row[0]))
 
@@ -83,6 +97,13 @@ class SqlTokenCaches:
         """Delete the mailbox's row; it waits for a refresh holding the lock to finish."""
         with self.engine.transaction("forget the token cache") as conn:
             conn.execute(self.dialect.sql(DELETE), (address,))
+
+    def close(self) -> None:
+        """Close the locking connections when they are the caches' own."""
+        if self.locking is not self.engine:
+            close = getattr(self.locking, "close", None)
+            if callable(close):
+                close()
 
     def _open(self, address: str, blob: bytes) -> StoredCache:
         # The stamp is the ciphertext itself: a fresh nonce on every write.
@@ -139,5 +160,48 @@ def token_caches_for(state: object, vault: Vault, state_dir: Path) -> TokenCache
     """Where a daemon keeps delegated token caches: the state database when it is shared
     (PostgreSQL), else files in ``state_dir`` (SQLite, one host; a CRM's local state)."""
     if isinstance(state, SqlEngine) and dialect_of(state).postgres:
-        return SqlTokenCaches(state, vault)
+        pool = getattr(state, "pool", None)
+        url = getattr(pool, "conninfo", None)
+        own = _OwnConnections(url, TOKEN_CACHE_CONNECTIONS) if isinstance(url, str) else None
+        return SqlTokenCaches(state, vault, locking=own)
     return FileTokenCaches(state_dir)
+
+
+class _OwnConnections:
+    """A small PostgreSQL pool of the token caches' own, opened at first use (see the module)."""
+
+    param_marker = "%s"
+
+    def __init__(self, url: str, size: int) -> None:
+        self._url = url
+        self._size = size
+        self._store: Any = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def transaction(self, doing: str) -> contextlib.AbstractContextManager[Any]:
+        """A transaction on one of the own connections."""
+        return self._opened().transaction(doing)  # type: ignore[no-any-return]
+
+    def reading(self, doing: str) -> contextlib.AbstractContextManager[Any]:
+        """A read on one of the own connections."""
+        return self._opened().reading(doing)  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        """Close the pool if it was opened; later uses raise ``StoreError``."""
+        with self._lock:
+            self._closed = True
+            store, self._store = self._store, None
+        if store is not None:
+            store.close()
+
+    def _opened(self) -> Any:
+        with self._lock:
+            if self._closed:
+                raise StoreError("token caches: already closed")
+            if self._store is None:
+                # Imported here: psycopg is loaded only for a PostgreSQL state.
+                from emailsync.store.postgres import PostgresStore  # noqa: PLC0415
+
+                self._store = PostgresStore(self._url, max_connections=self._size)
+            return self._store
