@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -52,7 +53,7 @@ def vault(tmp_path: Path) -> Vault:
     return Vault(directory)
 
 
-def raw(engine: SqliteStore | PostgresStore, sql: str, *params: object) -> list[tuple[object, ...]]:
+def raw(engine: SqliteStore | PostgresStore, sql: str, *params: object) -> list[tuple[Any, ...]]:
     """Rows of a statement in ``?`` spelling, as stored."""
     marker = engine.param_marker
     with engine.reading("test") as conn:
@@ -77,7 +78,7 @@ def test_a_token_cache_is_written_under_its_lock_read_back_and_stored_encrypted(
     assert stored.text == '{"RefreshToken": {"rt": {"secret": "refresh-one"}}}'
     assert stored.stamp == first
     ((blob,),) = raw(engine, "SELECT cache FROM token_caches WHERE address = ?", AGENT)
-    assert b"refresh-one" not in bytes(blob)  # type: ignore[arg-type]
+    assert b"refresh-one" not in bytes(blob)
     with caches.locked(AGENT) as slot:
         second = slot.write('{"RefreshToken": {}}')
     assert second != first
@@ -195,7 +196,7 @@ def test_a_session_stored_by_one_instance_is_read_by_another_and_keeps_no_cookie
     assert found == session_row("cookie-id", created=now, principal=None)
     ((rid, blob),) = raw(engine, "SELECT id, token FROM page_sessions")
     assert rid == row_id("cookie-id") != "cookie-id"
-    assert b"token-of-cookie-id" not in bytes(blob)  # type: ignore[arg-type]
+    assert b"token-of-cookie-id" not in bytes(blob)
     assert SqlSessions(second, vault, max_sessions=10).load("another-id") is None
 
 
@@ -320,7 +321,7 @@ def test_a_sign_in_kept_by_one_instance_is_taken_once_by_another_and_stored_seal
     payload = {"flow": msal_flow("st1"), "branch": None, "trigger": "manual"}
     a.put("st1", AGENT, payload, now + FLOW_SECONDS, now)
     ((blob,),) = raw(engine, "SELECT flow FROM signin_flows WHERE state = ?", "st1")
-    assert b"verifier-st1" not in bytes(blob)  # type: ignore[arg-type]
+    assert b"verifier-st1" not in bytes(blob)
     assert b.take("st1", now) == (AGENT, payload)
     assert b.take("st1", now) is None
     assert a.take("st1", now) is None
