@@ -25,6 +25,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -52,6 +53,7 @@ PODMAN_TIMEOUT_SECONDS = 60.0
 FILED_TIMEOUT_SECONDS = 60.0  # the first pass: two mailboxes of five messages
 LIVE_TIMEOUT_SECONDS = 30.0  # one message over IDLE
 STOP_TIMEOUT_SECONDS = 20  # the daemon stops within 10 s of SIGTERM
+CONTAINER_TIMEOUT_SECONDS = 240  # podman kills the container after this, whatever happens here
 
 
 def fail(message: str) -> NoReturn:
@@ -177,6 +179,8 @@ def main() -> int:
     image = sys.argv[1]
     started = time.monotonic()
     configure_logging("console", "warning")  # this side's IMAP sessions: problems only
+    # .ci/test-image's `timeout` sends SIGTERM: clean up (finally) rather than die at once.
+    signal.signal(signal.SIGTERM, lambda *_: fail("stopped by SIGTERM (timeout)"))
     config = json.loads(podman("image", "inspect", "--format", "{{json .Config}}", image))
     user = str(config.get("User", ""))
     if not re.fullmatch(r"\d+:\d+", user):
@@ -196,6 +200,7 @@ def main() -> int:
             "run", "--detach", "--name", container, "--network", "host",
             "--read-only", "--read-only-tmpfs=false", "--cap-drop", "ALL",
             "--security-opt", "no-new-privileges",
+            "--timeout", str(CONTAINER_TIMEOUT_SECONDS),
             "--volume", f"{base}:/etc/emailsync:ro",
             "--volume", f"{state}:/etc/emailsync/{state.relative_to(base)}:rw",
             image,
