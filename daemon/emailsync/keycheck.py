@@ -33,6 +33,7 @@ from emailsync.errors import ConfigError, KeyUnavailableError, StoreError
 from emailsync.store import POSTGRES_SCHEMES, _sqlite_path, open_state
 from emailsync.store.base import Registry
 from emailsync.store.sqlcore import SqlEngine, dialect_of
+from emailsync.store.tokencache_sql import reseal_shared_state
 from emailsync.vault import Vault, blob_generation
 
 log = structlog.get_logger(__name__)
@@ -256,6 +257,9 @@ def rotate_registry_key(registry: Registry, vault: Vault) -> int:
 
     def reencrypt(convert: Callable[[bytes, str], bytes]) -> int:
         rotate_key_check(registry, convert)
+        engine = state_engine(registry)
+        if engine is not None:  # token caches, page sessions, sign-ins under way (issue 20)
+            reseal_shared_state(engine, convert)
         return registry.reencrypt_secrets(convert)
 
     return vault.rotate(reencrypt)

@@ -19,13 +19,14 @@ import pytest
 from emailsync.devpostgres import Postgres
 from emailsync.errors import ConfigError, KeyUnavailableError
 from emailsync.imap.tokencache import FileTokenCaches
+from emailsync.keycheck import rotate_registry_key
 from emailsync.pages import MAX_SESSIONS, SESSION_SECONDS, Pages, Principal
 from emailsync.signins import FLOW_SECONDS
 from emailsync.store.postgres import PostgresStore
 from emailsync.store.sessions_sql import SessionRow, SqlSessions, row_id
 from emailsync.store.signins_sql import SqlSignInFlows
 from emailsync.store.sqlite import SqliteStore
-from emailsync.store.tokencache_sql import SqlTokenCaches, reseal_shared_state, token_caches_for
+from emailsync.store.tokencache_sql import SqlTokenCaches, token_caches_for
 from emailsync.supervisor import ANONYMOUS_CSRF_INFO
 from emailsync.vault import Vault
 
@@ -401,7 +402,7 @@ def test_a_sign_in_moved_to_another_state_does_not_open(
 # -- key rotation and the key check ---------------------------------------------------------
 
 
-def test_a_key_rotation_re_seals_token_caches_sessions_and_sign_ins_under_the_new_key(
+def test_keys_rotate_re_seals_token_caches_sessions_and_sign_ins_under_the_new_key(
     engine: SqliteStore | PostgresStore, vault: Vault
 ) -> None:
     """After ``keys rotate`` (the old generation dropped) every sealed row still opens."""
@@ -414,7 +415,7 @@ def test_a_key_rotation_re_seals_token_caches_sessions_and_sign_ins_under_the_ne
     flows = SqlSignInFlows(engine, vault, max_flows=10)
     flows.put("st1", AGENT, {"flow": msal_flow("st1")}, now + FLOW_SECONDS, now)
     old = vault.generation
-    assert vault.rotate(lambda convert: reseal_shared_state(engine, convert)) == old + 1
+    assert rotate_registry_key(engine, vault) == old + 1  # emailsync keys rotate
     assert vault.generations == [old + 1]
     stored = caches.read(AGENT)
     assert stored is not None
