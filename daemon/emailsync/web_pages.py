@@ -138,7 +138,6 @@ class PageRoutes(BaseHTTPRequestHandler):
             self.end_headers()
             return
         params = {k: v[-1] for k, v in parse_qs(query).items()}
-        session = self._session()
         if path.startswith("/static/"):
             body, content_type = self._pages.static(path.removeprefix("/static/"))
             self._send(HTTPStatus.OK, body, content_type)
@@ -159,6 +158,8 @@ class PageRoutes(BaseHTTPRequestHandler):
                 self._pages.render("signed_in.html", None, address=signed_in, error=None),
             )
             return
+        # Read from the state database: after the static files and the callback, which need none.
+        session = self._session()
         if path == "/login":
             given = params.get("token", "")
             principal = self._principal_for(given) if given else None
