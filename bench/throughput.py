@@ -89,6 +89,7 @@ class TimedSession:
         self.queue_uids = clock.wrap("imap", session.queue_uids)
         self.fetch_headers = clock.wrap("imap", session.fetch_headers)
         self.prefetch_headers = clock.wrap("imap", session.prefetch_headers)
+        self.prefetch_full = clock.wrap("imap", session.prefetch_full)
         self._fetch_full = clock.wrap("imap", session.fetch_full)
         self.file = clock.wrap("imap", session.file)
         self._file_later = clock.wrap("imap", session.file_later)

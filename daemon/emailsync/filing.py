@@ -112,6 +112,20 @@ class FailedCopies(Protocol):
         ...
 
 
+@runtime_checkable
+class SendsAhead(Protocol):
+    """A session that can send a batch's body FETCHes before they are read (imap/pipeline.py)."""
+
+    def prefetch_full(
+        self,
+        uids: Sequence[int],
+        sizes: dict[int, int] | None = None,
+        plans: Mapping[int, BodyPlan | None] | None = None,
+    ) -> None:
+        """Send what ``fetch_full(uids, …)`` reads, now; never raises."""
+        ...
+
+
 class PendingFiling(Protocol):
     """A move started by ``QueueSession.file_later``; never raises until waited for."""
 
@@ -306,12 +320,15 @@ class Filer:
                     attempted.update(chunk)
                     following = chunks[index + 1] if index + 1 < len(chunks) else []
                     self._file_batch(pass_, chunk, following=following)
-                    pass_.in_flight.done, pass_.in_flight.total = len(attempted), total
+                    if pass_.filled is not None:
+                        pass_.filled.done, pass_.filled.total = len(attempted), total
                 self._finish(pass_)  # before searching again: the moves are answered
                 if dry_run:
                     break
         except BaseException:
-            # The batch in flight was recorded and its MOVEs sent: count what moved.
+            # The batch in flight was recorded and its MOVEs sent: count what moved. The one
+            # whose texts were read is not recorded yet: it stays in Queue for the next pass.
+            pass_.filled = None
             with contextlib.suppress(Exception):
                 self._finish(pass_)
             raise
@@ -484,16 +501,20 @@ class Filer:
         return decisions
 
     def _file_batch(self, pass_: _Pass, uids: Sequence[int], *, following: Sequence[int]) -> None:
-        """Decide a batch, finish the one before, then record this one and send its MOVEs.
+        """Decide a batch and fetch its texts; record the one before and send its MOVEs.
 
-        The pipeline (issue 10): the server moves batch n-1 while this process parses and
-        decides n, and builds n+1's headers while n's texts are parsed and its events
-        recorded; nothing is sent behind a MOVE before its answer is read (``_finish``).
-        When n's headers were not sent ahead, fetching them would read n-1's MOVE answers
-        first, so n-1 is finished before.
+        The pipeline (issues 10 and 23), for batch n: its headers (sent ahead) are read,
+        parsed and decided while the server moves n-2; n's text FETCH and n+1's header
+        FETCH go out, and n-1 is recorded and its MOVEs sent behind them, so the server
+        builds n's texts while n-1 is recorded and n+1's headers while n's texts are
+        parsed. Each answer line finds its command by UID (imap/pipeline.py), so nothing
+        waits for a MOVE's answer before sending. A batch with a suspect (its FETCH lost
+        the connection before) goes alone on a quiet connection: if it loses it again,
+        that happens in its own FETCH, where it is counted.
         """
         session = pass_.session
-        if pass_.ahead != tuple(uids):
+        quiet = bool(self._suspects.intersection(uids))
+        if quiet:
             self._finish(pass_)
         headers = self._fetch_each(session.fetch_headers, uids)
         parsed = [
@@ -504,48 +525,26 @@ class Filer:
             f.uid: landed_at(f.savedate, self.first_seen.setdefault(f.uid, now)) for f in headers
         }
         decisions = self.decide(parsed, queued_at)
-        self._finish(pass_)
         pass_.ahead = ()
-
-        def send_ahead() -> None:
-            # Sent once n's texts are read, so that the server builds them while n is
-            # recorded. A suspect is never sent ahead: if its FETCH kills the connection,
-            # that must happen in its own fetch_headers, where it is counted.
-            if following and not self._suspects.intersection(following):
-                session.prefetch_headers(following)
-                pass_.ahead = tuple(following)
-
-        pass_.in_flight = self._complete(
-            session, uids, decisions, headers, dry_run=pass_.dry_run, send_ahead=send_ahead
-        )
-
-    def _complete(
-        self,
-        session: QueueSession,
-        uids: Sequence[int],
-        decisions: list[Decision],
-        headers: Sequence[FetchedMessage],
-        *,
-        dry_run: bool,
-        send_ahead: Callable[[], None],
-    ) -> _InFlight:
-        """Fetch the linked messages' texts, ``send_ahead``, record the events, send the MOVEs."""
         # Only linked messages need their bodies: a no-group message with a 20 MB attachment
         # goes to Failed without being downloaded.
-        linked = [d for d in decisions if d.groups]
-        if not linked or dry_run:
-            send_ahead()
-        else:
-            sizes = {f.uid: f.size for f in headers}
-            # The header FETCH carried each message's BODYSTRUCTURE: its plan saves a round trip.
-            plans = {f.uid: f.plan for f in headers}
+        linked = [d.uid for d in decisions if d.groups] if not pass_.dry_run else []
+        sizes = {f.uid: f.size for f in headers}
+        # The header FETCH carried each message's BODYSTRUCTURE: its plan saves a round trip.
+        plans = {f.uid: f.plan for f in headers}
+        if linked and not quiet and isinstance(session, SendsAhead):
+            session.prefetch_full(linked, sizes, plans)
+        if following and not quiet and not self._suspects.intersection(following):
+            session.prefetch_headers(following)
+            pass_.ahead = tuple(following)
+        self._send_moves(pass_)
+        if linked:
             full = {
                 f.uid: f
                 for f in self._fetch_each(
-                    lambda chunk: session.fetch_full(chunk, sizes, plans), [d.uid for d in linked]
+                    lambda chunk: session.fetch_full(chunk, sizes, plans), linked
                 )
             }
-            send_ahead()
             blocks = {f.uid: f.data for f in headers}
             decisions = [
                 filled
@@ -553,8 +552,21 @@ class Filer:
                 if (filled := fill_body(d, full.get(d.uid), blocks.get(d.uid, b""))) is not None
             ]
             del full, blocks  # bodies live only as long as their batch
+        pass_.filled = _Filled(uids, decisions)
+
+    def _send_moves(self, pass_: _Pass) -> None:
+        """Count the batch whose MOVEs are in flight; record the filled one, send its MOVEs."""
+        filled, pass_.filled = pass_.filled, None
+        if filled is None:
+            return
+        self._count_moved(pass_)
+        pass_.in_flight = self._complete(pass_.session, filled, dry_run=pass_.dry_run)
+
+    def _complete(self, session: QueueSession, filled: _Filled, *, dry_run: bool) -> _InFlight:
+        """Record a batch's events and send its MOVEs (nothing of it in a dry run)."""
+        uids, decisions = filled.uids, filled.decisions
         if dry_run:
-            return _InFlight(uids, unmoved=decisions)
+            return _InFlight(uids, unmoved=decisions, done=filled.done, total=filled.total)
         recorded, new_events = self._record(decisions)
         if self.on_recorded is not None:
             # Counted once the store has them, not after the MOVE: a MOVE whose answer is
@@ -575,9 +587,16 @@ class Filer:
             )
             for outcome, group in by_outcome.items()
         ]
-        return _InFlight(uids, moves=moves, new_events=new_events)
+        return _InFlight(
+            uids, moves=moves, new_events=new_events, done=filled.done, total=filled.total
+        )
 
     def _finish(self, pass_: _Pass) -> None:
+        """Record the filled batch, send its MOVEs and read them: nothing is left in flight."""
+        self._send_moves(pass_)
+        self._count_moved(pass_)
+
+    def _count_moved(self, pass_: _Pass) -> None:
         """Read the MOVE answers of the batch in flight, count it and tell the callbacks."""
         in_flight, pass_.in_flight = pass_.in_flight, _InFlight(())
         if not in_flight.uids:
@@ -778,6 +797,16 @@ class _InFlight:
 
 
 @dataclass
+class _Filled:
+    """A batch decided and its texts read: recorded and moved once the next is under way."""
+
+    uids: Sequence[int]
+    decisions: list[Decision]
+    done: int = 0
+    total: int = 0
+
+
+@dataclass
 class _Pass:
     """One run_pass's session, result and callbacks, and the batch it has in flight."""
 
@@ -787,6 +816,7 @@ class _Pass:
     progress: Callable[[int, int], None] | None
     on_batch: BatchCallback | None
     in_flight: _InFlight = field(default_factory=lambda: _InFlight(()))
+    filled: _Filled | None = None  # the batch whose events are recorded next
     ahead: tuple[int, ...] = ()  # the UIDs whose header FETCH was sent ahead
 
 

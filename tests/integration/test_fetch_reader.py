@@ -342,8 +342,9 @@ def test_a_pass_asks_one_header_and_one_text_fetch_per_batch_of_linked_mail(
     assert fault_proxy.commands("UID FETCH") - before == 6
     assert fault_proxy.commands(r"UID FETCH \S+ \(BODYSTRUCTURE\)") == 0
     assert fault_proxy.commands(r"UID FETCH \S+ \(BODY\.PEEK\[HEADER\].*BODYSTRUCTURE") == 3
-    # The next batch's headers are asked for once this batch's text parts are read, before
-    # its MOVEs: the server builds them while the texts are parsed and the events recorded.
+    # Once a batch is decided, its texts and the next batch's headers are asked for, then
+    # the batch before is recorded and its MOVE sent behind them (issue 23): the server
+    # builds the texts while that batch is recorded, and moves it while the next is decided.
     (connection,) = [c for c in fault_proxy.connections if c.logins]
     kinds = [
         "headers" if "BODY.PEEK[HEADER]" in line else "text" if "FETCH" in line else "move"
@@ -351,15 +352,15 @@ def test_a_pass_asks_one_header_and_one_text_fetch_per_batch_of_linked_mail(
         if line.startswith(("UID FETCH", "UID MOVE"))
     ]
     assert kinds == [
-        "headers",
-        "text",
-        "headers",
-        "move",
-        "text",
-        "headers",
-        "move",
-        "text",
-        "move",
+        "headers",  # 1
+        "text",  # 1
+        "headers",  # 2
+        "text",  # 2
+        "headers",  # 3
+        "move",  # 1
+        "text",  # 3
+        "move",  # 2
+        "move",  # 3
     ]
 
 
@@ -450,3 +451,39 @@ def test_a_pass_of_many_batches_files_every_message_with_moves_in_flight(
             for role in (FolderRole.RECEIVED, FolderRole.FAILED)
         }
     assert counts == {FolderRole.RECEIVED: 500, FolderRole.FAILED: 500}
+
+
+def test_fetches_behind_unanswered_moves_on_dovecot_get_exactly_their_own_answers(
+    dovecot: Dovecot, tmp_path: Path
+) -> None:
+    """Issue 23: FETCHes sent behind MOVEs in flight, read in any order, lose nothing.
+
+    Dovecot runs them side by side: the FETCH lines, the MOVEs' EXPUNGEs and the tagged
+    answers come interleaved. Each answer must be what imapclient alone reads, and the
+    Queue must end as the MOVEs left it.
+    """
+    user = new_user(dovecot)
+    config = write_config(tmp_path, [user])
+    with opened(load_settings(config), user.address) as session:
+        with user.client() as client:
+            for number in range(240):
+                client.append(session.queue_name, message(number))
+        session.select_queue()
+        session.select_queue()  # \Recent (RFC 3501 §2.3.2) went with the first SELECT
+        uids = session.queue_uids()
+        headers = imapclient_headers(session, uids[80:])
+        plans = {m.uid: m.plan for m in headers}
+        texts = session.fetch_full(uids[80:160], plans=plans)
+        first = session.file_later(uids[:40], FolderRole.SENT)
+        second = session.file_later(uids[40:80], FolderRole.RECEIVED)
+        session.prefetch_full(uids[80:160], plans=plans)
+        session.prefetch_headers(uids[160:])
+        assert session.busy
+        third = session.file_later(uids[200:], FolderRole.FAILED)  # read last of all
+        assert session.fetch_full(uids[80:160], plans=plans) == texts
+        assert session.fetch_headers(uids[160:]) == [m for m in headers if m.uid in uids[160:]]
+        for pending in (second, first, third):
+            pending.wait()
+        assert not session.busy
+        assert session.queue_uids() == uids[80:200]
+        assert len(session.copied_to_failed(uids[200:])) == 40  # each MOVE's COPYUID kept

@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 import imaplib
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -106,9 +106,11 @@ def uid_move(imap: imaplib.IMAP4, uids: Sequence[int], folder: bytes) -> None:
 def send_move(imap: imaplib.IMAP4, uids: Sequence[int], folder: bytes) -> bytes:
     """Send ``UID MOVE uids folder`` (``uids`` not empty) without reading; returns its tag.
 
-    Its answer is read later with ``read_move``. Nothing but other MOVEs may be sent
-    behind it before then: Dovecot runs pipelined commands side by side, so the untagged
-    FETCH lines of a FETCH sent behind a MOVE can come before the MOVE's tagged answer.
+    Its answer is read later with ``read_move``, which drops any FETCH lines on its way:
+    Dovecot runs pipelined commands side by side, so the untagged FETCH lines of a FETCH
+    sent behind a MOVE can come before the MOVE's tagged answer. Only
+    ``imap.pipeline.CommandPipeline`` (which routes each line by its UID) sends a FETCH
+    behind an unanswered MOVE.
     """
     return _send(imap, b"UID MOVE " + uid_set(uids) + b" " + folder, "MOVE")
 
@@ -160,46 +162,74 @@ def _read_until_tagged(
     ``name`` and ``refused`` word the errors as imaplib (``command: {name} => …``) and
     imapclient (``{refused}: …`` for a NO) word them.
 
-    Each FETCH comes back as its sequence number and segments: the text after ``FETCH``
-    and, for each ``{n}`` literal, the literal then the text after it (the ``{n}`` markers
-    are cut off the texts). Every read goes through the connection's file, so with its
-    socket timeout.
+    Each FETCH comes back as its sequence number and segments (see ``read_until``).
+    """
+    fetches: list[tuple[int, list[bytes]]] = []
+    try:
+        answer = read_until(imap, tag, lambda seq, segments: fetches.append((seq, segments)))
+    except IMAPClientError as exc:
+        raise reworded(exc, name) from exc
+    check_answer(answer, name, refused)
+    return fetches
+
+
+FetchSink = Callable[[int, list[bytes]], None]
+
+
+def read_until(imap: imaplib.IMAP4, tag: bytes, on_fetch: FetchSink) -> tuple[str, list[bytes]]:
+    """Read responses up to the tagged answer of ``tag``; returns its type and text.
+
+    Each untagged FETCH goes to ``on_fetch(seq, segments)``: the text after ``FETCH`` and,
+    for each ``{n}`` literal, the literal then the text after it (the ``{n}`` markers are
+    cut off the texts). Other untagged responses are stored as imaplib stores them; the
+    tagged answers of other commands are kept in imaplib's ``tagged_commands``, where a
+    later ``read_until`` of theirs (or imaplib) finds them. Every read goes through the
+    connection's file, so with its socket timeout. A lost connection raises
+    IMAPClientAbortError, a line longer than imaplib's _MAXLINE IMAPClientError, both
+    without the ``command: …`` prefix (``reworded`` adds it).
     """
     tagged: dict[bytes, Any] = imap.tagged_commands
-    fetches: list[tuple[int, list[bytes]]] = []
     result = tagged.get(tag)  # set when another command's reader read this answer already
-    try:
-        while result is None:
-            line = _line(imap)
-            if line[:2] == b"* ":
-                match = _FETCH_LINE.match(line)
-                if match is not None:
-                    fetches.append((int(match[1]), _segments(imap, match[2])))
-                else:
-                    _store_untagged(imap, line)
-                    imap._check_bye()
-                continue
-            if line[:1] == b"+":
-                continue  # a continuation request is not ours to answer; imaplib ignores it too
-            line_tag, answer = _tagged(imap, line)
-            if line_tag == tag:
-                result = answer
+    while result is None:
+        line = _line(imap)
+        if line[:2] == b"* ":
+            match = _FETCH_LINE.match(line)
+            if match is not None:
+                on_fetch(int(match[1]), _segments(imap, match[2]))
+            elif line[-8:] == b" EXPUNGE" and line[2:-8].isdigit():
+                imap._append_untagged("EXPUNGE", line[2:-8])  # a MOVE's, one per message
             else:
-                tagged[line_tag] = answer  # another command's: kept, as imaplib does
-    except IMAPClientAbortError as exc:
-        raise IMAPClientAbortError(f"command: {name} => {exc}") from exc
-    except IMAPClientError as exc:  # a line longer than imaplib's _MAXLINE
-        raise IMAPClientError(f"command: {name} => {exc}") from exc
+                _store_untagged(imap, line)
+                imap._check_bye()
+            continue
+        if line[:1] == b"+":
+            continue  # a continuation request is not ours to answer; imaplib ignores it too
+        line_tag, answer = _tagged(imap, line)
+        if line_tag == tag:
+            result = answer
+        else:
+            tagged[line_tag] = answer  # another command's: kept, as imaplib does
     # Forgotten only once answered: after a timeout imaplib may still read the late answer.
     del tagged[tag]
     imap._check_bye()
-    typ, data = result
+    return result  # type: ignore[no-any-return]
+
+
+def reworded(exc: IMAPClientError, name: str) -> IMAPClientError:
+    """A read error as imaplib words it for command ``name`` (``command: NAME => …``)."""
+    if isinstance(exc, IMAPClientAbortError):
+        return IMAPClientAbortError(f"command: {name} => {exc}")
+    return IMAPClientError(f"command: {name} => {exc}")
+
+
+def check_answer(answer: tuple[str, list[bytes]], name: str, refused: str) -> None:
+    """Raise for a tagged answer other than OK, as imaplib (BAD) and imapclient (NO) do."""
+    typ, data = answer
     if typ == "BAD":
         raise IMAPClientError(f"{name} command error: {typ} {data}")
     if typ != "OK":
         text = data[0].decode("utf-8", "replace") if data[0] is not None else ""
         raise IMAPClientError(f"{refused}: {text}")
-    return fetches
 
 
 def _tagged(imap: imaplib.IMAP4, line: bytes) -> tuple[bytes, tuple[str, list[bytes]]]:

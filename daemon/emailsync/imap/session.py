@@ -16,7 +16,6 @@ import functools
 import os
 import socket
 import ssl
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -29,23 +28,14 @@ from imapclient.imapclient import SocketTimeout
 
 from emailsync.config import FolderSettings, MailboxSettings
 from emailsync.errors import (
-    ConnectionLostError,
     MailboxError,
     UidValidityChangedError,
 )
 from emailsync.imap import idle
-from emailsync.imap.fetch import (
-    FetchData,
-    internaldate,
-    read_fetch,
-    read_move,
-    send_fetch,
-    send_move,
-    uid_fetch,
-    uid_move,
-)
+from emailsync.imap.fetch import FetchData, internaldate
 from emailsync.imap.folders import FolderTree
 from emailsync.imap.idle import IdleUpdate, WakeSource
+from emailsync.imap.pipeline import Command, CommandPipeline
 from emailsync.imap.structure import plan_body
 from emailsync.imap.translate import server_text, translated
 from emailsync.message import MAX_HTML_SOURCE_CHARS
@@ -117,9 +107,10 @@ class ImapSession:
         self, client: imapclient.IMAPClient, mailbox: MailboxSettings, folders: FolderSettings
     ) -> None:
         self._client = client
-        self._sent: _HeaderFetch | None = None  # a header FETCH sent, its answer unread
-        self._read: _HeaderFetch | None = None  # its answer, read, for fetch_headers
-        self._moves: deque[PendingMove] = deque()  # MOVEs sent, answers unread, oldest first
+        # The UID FETCHes and MOVEs in flight, and what may be sent behind what.
+        self._pipeline = CommandPipeline(client._imap)
+        self._headers_ahead: tuple[tuple[int, ...], Command] | None = None  # prefetch_headers
+        self._full_ahead: _FullFetch | None = None  # prefetch_full's FETCHes
         # Queue UIDs moved to Failed, and their copies' (UIDVALIDITY, UID) there from the
         # MOVE answers' COPYUID (RFC 4315 §3), for the Failed-for-no-group index (issue 22).
         self._to_failed: set[int] = set()
@@ -172,11 +163,31 @@ class ImapSession:
 
     @property
     def client(self) -> imapclient.IMAPClient:
-        """The connection; answers to commands sent ahead (a header FETCH, MOVEs) read first."""
-        if self._sent is not None:
-            self._read_ahead()
-        if self._moves:
-            self._read_moves()
+        """The connection, for commands of one's own (doctor, demo, tests); reads nothing.
+
+        imapclient reads only its own answers, so with commands in flight (``busy``) it
+        would read theirs: refused then (RuntimeError, a bug in the caller); ``settle()``
+        reads them first.
+        """
+        if self._pipeline.busy:
+            raise RuntimeError("IMAP commands in flight: settle() the session first")
+        return self._client
+
+    @property
+    def busy(self) -> bool:
+        """True while commands sent ahead (FETCHes, MOVEs) have answers unread; reads nothing."""
+        return self._pipeline.busy
+
+    def settle(self) -> imapclient.IMAPClient:
+        """Read the answers of every command in flight, each kept for whoever waits for it.
+
+        Returns the connection, ready for any command (see imap/pipeline.py: nothing but
+        UID FETCHes and MOVEs goes out behind an unanswered command). Reads the network
+        only when ``busy``; never raises: a read error is kept by the commands it failed.
+        """
+        if self._pipeline.busy:
+            self._pipeline.settle()
+            self._note_copies()
         return self._client
 
     @property
@@ -192,7 +203,7 @@ class ImapSession:
         if self._capabilities is None:
             with translated("capability"):
                 self._capabilities = frozenset(
-                    c.decode("ascii", "replace").upper() for c in self.client.capabilities()
+                    c.decode("ascii", "replace").upper() for c in self.settle().capabilities()
                 )
         return self._capabilities
 
@@ -207,11 +218,11 @@ class ImapSession:
         with translated("namespace"):
             prefix, delimiter = "", None
             if self.has("NAMESPACE"):
-                personal = self.client.namespace().personal
+                personal = self.settle().namespace().personal
                 if personal:
                     prefix, delimiter = personal[0][0] or "", personal[0][1]
             if delimiter is None:
-                listing = self.client.list_folders(pattern="")  # RFC 3501 §6.3.8: the delimiter
+                listing = self.settle().list_folders(pattern="")  # RFC 3501 §6.3.8: the delimiter
                 delimiter = listing[0][1] if listing else "/"
         delim = delimiter.decode() if isinstance(delimiter, bytes) else str(delimiter or "/")
         self.tree = FolderTree.build(self.folders, prefix=_str(prefix), delimiter=delim)
@@ -223,15 +234,15 @@ class ImapSession:
         created: list[str] = []
         with translated("ensure folders"):
             existing = {
-                _str(name) for _, _, name in self.client.list_folders(pattern=f"{tree.root}*")
+                _str(name) for _, _, name in self.settle().list_folders(pattern=f"{tree.root}*")
             }
             subscribed = {
-                _str(name) for _, _, name in self.client.list_sub_folders(pattern=f"{tree.root}*")
+                _str(name) for _, _, name in self.settle().list_sub_folders(pattern=f"{tree.root}*")
             }
             for name in tree.all_names():
                 if name not in existing:
                     try:
-                        self.client.create_folder(name)
+                        self.settle().create_folder(name)
                         created.append(name)
                     except IMAPClientError as exc:
                         # Another connection may have created it a moment ago.
@@ -241,7 +252,7 @@ class ImapSession:
                         ):
                             raise
                 if name not in subscribed:
-                    self.client.subscribe_folder(name)
+                    self.settle().subscribe_folder(name)
         if created:
             self.log.info("folders_created", folders=created)
         return created
@@ -252,8 +263,8 @@ class ImapSession:
         """SELECT the Queue; returns its message count. Detects a UIDVALIDITY change."""
         tree = self.tree or self.resolve_tree()
         with translated("select queue"):
-            info = self.client.select_folder(tree.queue)
-        self._read = None  # an answer read ahead belongs to the pass before
+            info = self.settle().select_folder(tree.queue)
+        self._forget_ahead()  # answers sent ahead for belong to the pass before
         self._to_failed.clear()  # copies not asked for by now never will be
         self._copies.clear()
         self._failed_uidvalidity = None
@@ -271,7 +282,7 @@ class ImapSession:
         selected, so a mailbox whose Failed is empty needs no SELECT to be indexed."""
         tree = self.tree or self.resolve_tree()
         with translated("status failed"):
-            info = self.client.folder_status(
+            info = self.settle().folder_status(
                 tree.name(FolderRole.FAILED), ["UIDVALIDITY", "MESSAGES"]
             )
         return int(info.get(b"UIDVALIDITY", 0)), int(info.get(b"MESSAGES", 0))
@@ -284,8 +295,8 @@ class ImapSession:
         """
         tree = self.tree or self.resolve_tree()
         with translated("select failed"):
-            info = self.client.select_folder(tree.name(FolderRole.FAILED))
-        self._read = None
+            info = self.settle().select_folder(tree.name(FolderRole.FAILED))
+        self._forget_ahead()
         self.keywords_allowed = b"\\*" in tuple(info.get(b"PERMANENTFLAGS", ()))
         uidvalidity = int(info.get(b"UIDVALIDITY", 0))
         self._failed_uidvalidity = uidvalidity
@@ -302,12 +313,12 @@ class ImapSession:
     def queue_uids(self) -> list[int]:
         """The UIDs in the (selected) Queue, oldest first."""
         with translated("search queue"):
-            return sorted(int(uid) for uid in self.client.search(["ALL"]))
+            return sorted(int(uid) for uid in self.settle().search(["ALL"]))
 
     def keyword_uids(self, keyword: str) -> list[int]:
         """The UIDs in the (selected) Queue that carry a keyword (RFC 3501 §6.4.4 KEYWORD)."""
         with translated("search queue"):
-            return sorted(int(uid) for uid in self.client.search(["KEYWORD", keyword]))
+            return sorted(int(uid) for uid in self.settle().search(["KEYWORD", keyword]))
 
     def set_keyword(self, uids: Sequence[int], keyword: str, *, on: bool) -> bool:
         """STORE +FLAGS (``on``) or -FLAGS a keyword on messages of the (selected) Queue.
@@ -321,9 +332,9 @@ class ImapSession:
             return False
         with translated("store keyword"):
             if on:
-                self.client.add_flags(list(uids), [keyword], silent=True)
+                self.settle().add_flags(list(uids), [keyword], silent=True)
             else:
-                self.client.remove_flags(list(uids), [keyword], silent=True)
+                self.settle().remove_flags(list(uids), [keyword], silent=True)
         return True
 
     def release_stuck(self) -> int:
@@ -340,43 +351,35 @@ class ImapSession:
         batch): each message's ``plan`` is read from it, None where it is unreadable, and
         ``fetch_full`` takes these plans instead of asking for the structures again.
         """
-        if self._sent is not None and self._sent.uids == tuple(uids):
-            self._read_ahead()
-        ahead, self._read = self._read, None
-        if ahead is None or ahead.uids != tuple(uids) or not uids:
+        ahead = self._headers_ahead
+        if ahead is None or ahead[0] != tuple(uids) or not uids:
             return self._fetch(uids, b"BODY.PEEK[HEADER]", b"BODY[HEADER]", structure=True)
+        self._headers_ahead = None  # given once
         with translated("fetch"):
-            if ahead.error is not None:
-                raise ahead.error
-        return _messages(ahead.response, b"BODY[HEADER]", structure=True)
+            response = self._pipeline.fetched(ahead[1])
+        return _messages(response, b"BODY[HEADER]", structure=True)
 
     def prefetch_headers(self, uids: Sequence[int]) -> None:
         """Send the header FETCH of ``uids`` now; ``fetch_headers(uids)`` reads its answer.
 
         The server builds the next batch's answer while this process works on the batch
         before (issue 10; RFC 3501 §5.5 lets a client send a command before the previous
-        one's answer is read). Whatever uses the connection first reads that answer and
-        keeps it for ``fetch_headers``; an answer of other UIDs is dropped. Never raises:
-        a FETCH that cannot be sent is sent again, and fails, in ``fetch_headers``.
+        one's answer is read), behind any FETCHes and MOVEs in flight (imap/pipeline.py).
+        The answer is kept for ``fetch_headers`` until another is sent ahead or a folder
+        is selected. Never raises: a FETCH that cannot be sent is sent again, and fails,
+        in ``fetch_headers``.
         """
         if not uids:
             return
-        client = self.client  # reads an answer still pending first
-        self._read = None
+        self._headers_ahead = None
         with contextlib.suppress(MailboxError), translated("fetch"):
             items = self._items(b"BODY.PEEK[HEADER]", structure=True)
-            self._sent = _HeaderFetch(tuple(uids), send_fetch(client._imap, uids, items))
+            self._headers_ahead = (tuple(uids), self._pipeline.fetch(uids, items))
 
-    def _read_ahead(self) -> None:
-        """Read the answer of the header FETCH sent ahead, keeping it (or its error)."""
-        sent, self._sent = self._sent, None
-        if sent is None:
-            return
-        try:
-            sent.response = read_fetch(self._client._imap, sent.tag, sent.uids)
-        except Exception as exc:  # kept: fetch_headers raises it, translated
-            sent.error = exc
-        self._read = sent
+    def _forget_ahead(self) -> None:
+        """Drop what was sent ahead (its answers are read, by the pipeline, and dropped)."""
+        self._headers_ahead = None
+        self._full_ahead = None
 
     def fetch_full(
         self,
@@ -392,38 +395,93 @@ class ImapSession:
         read is fetched whole when it is at most WHOLE_FETCH_MAX bytes (by its RFC822.SIZE),
         else its first BODY_FETCH_CAP bytes, and the stdlib parser reads what came.
         ``plans`` are the ones ``fetch_headers`` read already: only messages without one
-        have their structure fetched here.
+        have their structure fetched here. The FETCHes ``prefetch_full`` sent for the same
+        UIDs are read instead of asking again.
         """
+        ahead, self._full_ahead = self._full_ahead, None
+        if ahead is None or ahead.uids != tuple(uids):
+            ahead = self._send_full(uids, sizes, plans)
+        return self._read_full(ahead)
+
+    def prefetch_full(
+        self,
+        uids: Sequence[int],
+        sizes: dict[int, int] | None = None,
+        plans: Mapping[int, BodyPlan | None] | None = None,
+    ) -> None:
+        """Send the FETCHes of ``fetch_full`` now; ``fetch_full(uids)`` reads their answers.
+
+        The server builds them while this process works on something else (issue 23: the
+        batch before is recorded and moved meanwhile), behind the FETCHes and MOVEs in
+        flight. Never raises: what fails here is sent again, and fails, in ``fetch_full``.
+        """
+        self._full_ahead = None
+        if uids:
+            with contextlib.suppress(MailboxError):
+                self._full_ahead = self._send_full(uids, sizes, plans)
+
+    def _send_full(
+        self,
+        uids: Sequence[int],
+        sizes: dict[int, int] | None,
+        plans: Mapping[int, BodyPlan | None] | None,
+    ) -> _FullFetch:
+        """Send the FETCHes ``fetch_full`` reads (see there); the structures are read here."""
         sizes = sizes or {}
         known = plans or {}
-        plans = {uid: known[uid] for uid in uids if uid in known}
-        plans.update(self._plans([uid for uid in uids if uid not in known]))
-        result: list[FetchedMessage] = []
+        found = {uid: known[uid] for uid in uids if uid in known}
+        found.update(self._plans([uid for uid in uids if uid not in known]))
+        sent = _FullFetch(tuple(uids), found)
         by_sections: dict[tuple[str, ...], list[int]] = {}
         whole: list[int] = []
         prefix: list[int] = []
         for uid in uids:
-            if uid not in plans:
+            if uid not in found:
                 continue  # expunged by someone else meanwhile
-            plan = plans[uid]
+            plan = found[uid]
             if plan is not None:
                 by_sections.setdefault(tuple(t.section for t in plan.texts), []).append(uid)
             elif sizes.get(uid, 0) <= WHOLE_FETCH_MAX:
                 whole.append(uid)
             else:
                 prefix.append(uid)
-        for sections, group in by_sections.items():
-            cost = {uid: _text_bytes(plans[uid]) for uid in group}
-            for chunk in _by_bytes(group, cost):
-                result.extend(self._fetch_sections(chunk, sections, plans))
-        for chunk in _by_bytes(whole, sizes):
-            result.extend(self._fetch(chunk, b"BODY.PEEK[]", b"BODY[]"))
-        for chunk in _by_bytes(prefix, dict.fromkeys(prefix, BODY_FETCH_CAP)):
-            item = b"BODY.PEEK[]<0.%d>" % BODY_FETCH_CAP
+        with translated("fetch text"):
+            for sections, group in by_sections.items():
+                if not sections:  # no text part at all: the structure says all an event needs
+                    sent.textless.extend(group)
+                    continue
+                items = [b"BODY.PEEK[%s]<0.%d>" % (s.encode(), BODY_FETCH_CAP) for s in sections]
+                cost = {uid: _text_bytes(found[uid]) for uid in group}
+                for chunk in _by_bytes(group, cost):
+                    sent.texts.append((sections, self._pipeline.fetch(chunk, items)))
+        with translated("fetch"):
+            for chunk in _by_bytes(whole, sizes):
+                items = self._items(b"BODY.PEEK[]", structure=False)
+                sent.whole.append(self._pipeline.fetch(chunk, items))
+            for chunk in _by_bytes(prefix, dict.fromkeys(prefix, BODY_FETCH_CAP)):
+                items = self._items(b"BODY.PEEK[]<0.%d>" % BODY_FETCH_CAP, structure=False)
+                sent.prefix.append(self._pipeline.fetch(chunk, items))
+        return sent
+
+    def _read_full(self, sent: _FullFetch) -> list[FetchedMessage]:
+        """The answers to the FETCHes of ``_send_full``, as ``fetch_full`` gives them."""
+        plans = sent.plans
+        result = [FetchedMessage(uid, b"", None, 0, plan=plans[uid]) for uid in sent.textless]
+        for sections, command in sent.texts:
+            with translated("fetch text"):
+                response = self._pipeline.fetched(command)
+            result.extend(_text_messages(response, sections, plans))
+        for command in sent.whole:
+            with translated("fetch"):
+                response = self._pipeline.fetched(command)
+            result.extend(_messages(response, b"BODY[]", structure=False))
+        for command in sent.prefix:
+            with translated("fetch"):
+                response = self._pipeline.fetched(command)
             result.extend(
                 # A full cap's worth came: the rest of the message was left on the server.
                 replace(m, prefix=len(m.data) >= BODY_FETCH_CAP)
-                for m in self._fetch(chunk, item, b"BODY[]<0>")
+                for m in _messages(response, b"BODY[]<0>", structure=False)
             )
         return sorted(result, key=lambda m: m.uid)
 
@@ -432,50 +490,13 @@ class ImapSession:
         if not uids:
             return {}
         with translated("fetch structure"):
-            response = uid_fetch(self.client._imap, uids, [b"BODYSTRUCTURE"])
+            pipeline = self._pipeline
+            response = pipeline.fetched(pipeline.fetch(uids, [b"BODYSTRUCTURE"]))
         return {
             int(uid): plan_body(data.get(b"BODYSTRUCTURE"))
             for uid, data in response.items()
             if b"BODYSTRUCTURE" in data
         }
-
-    def _fetch_sections(
-        self,
-        uids: Sequence[int],
-        sections: tuple[str, ...],
-        plans: dict[int, BodyPlan | None],
-    ) -> list[FetchedMessage]:
-        """The same text parts of several messages, each cut at BODY_FETCH_CAP, in one FETCH."""
-        if not sections:  # no text part at all: the structure says all an event needs
-            return [FetchedMessage(uid, b"", None, 0, plan=plans[uid]) for uid in uids]
-        items = [b"BODY.PEEK[%s]<0.%d>" % (s.encode(), BODY_FETCH_CAP) for s in sections]
-        keys = {s: b"BODY[%s]<0>" % s.encode() for s in sections}
-        with translated("fetch text"):
-            response = uid_fetch(self.client._imap, uids, items)
-        messages = []
-        for uid, data in response.items():
-            plan = plans.get(int(uid))
-            if plan is None:
-                continue
-            texts = {s: bytes(data.get(key) or b"") for s, key in keys.items()}
-            messages.append(
-                FetchedMessage(
-                    uid=int(uid),
-                    data=b"",
-                    internaldate=None,
-                    size=0,
-                    plan=plan,
-                    sections=texts,
-                    # A full cap's worth of a part the structure says is longer: cut short.
-                    sections_cut=frozenset(
-                        t.section
-                        for t in plan.texts
-                        if t.size > BODY_FETCH_CAP
-                        and len(texts.get(t.section, b"")) >= BODY_FETCH_CAP
-                    ),
-                )
-            )
-        return messages
 
     def _fetch(
         self, uids: Sequence[int], item: bytes, key: bytes, *, structure: bool = False
@@ -483,7 +504,9 @@ class ImapSession:
         if not uids:
             return []
         with translated("fetch"):
-            response = uid_fetch(self.client._imap, uids, self._items(item, structure=structure))
+            pipeline = self._pipeline
+            items = self._items(item, structure=structure)
+            response = pipeline.fetched(pipeline.fetch(uids, items))
         return _messages(response, key, structure=structure)
 
     def _items(self, item: bytes, *, structure: bool) -> list[bytes]:
@@ -507,10 +530,10 @@ class ImapSession:
         """Send the MOVE of ``file`` and return without its answer; ``wait()`` reads it.
 
         The server moves the messages while this process works on the next batch (issue
-        10: waiting for MOVE answers was 29 % of a backlog pass). Answers are read in the
-        order the MOVEs went out, by ``wait()`` or by the next use of the connection, so
-        nothing else is ever sent behind a MOVE whose answer is unread (see
-        ``imap.fetch.send_move``). Never raises: ``wait()`` raises what ``file`` would.
+        10: waiting for MOVE answers was 29 % of a backlog pass); the next batches' FETCHes
+        may go out behind it (issue 23: the pipeline routes each answer line by its UID,
+        imap/pipeline.py). Its answer is read by ``wait()``, or on the way by any read of
+        the connection, and kept. Never raises: ``wait()`` raises what ``file`` would.
         Tagging with a keyword, or a server without MOVE (COPY, STORE, EXPUNGE, each
         answered before the next), is done at once, its error kept for ``wait()``.
         ``confirm()`` runs last before anything is sent (a cluster's lease check); what it
@@ -523,49 +546,21 @@ class ImapSession:
             if (keyword and self.keywords_allowed) or not self.has("MOVE"):
                 self.file(uids, role, keyword, confirm=confirm)
                 return pending
-            if self._sent is not None:
-                self._read_ahead()  # a FETCH answer is never left behind a MOVE
             dest = (self.tree or self.resolve_tree()).name(role)
+            with translated(f"file to {role.value}"):
+                folder = self._client._normalise_folder(dest)
+                self._pipeline.make_way(uids)  # the rule's waits, if any: before the check
             if confirm is not None:
-                confirm()  # after the read above, which can wait on a slow server
+                confirm()  # after anything that can wait on a slow server
             if role is FolderRole.FAILED:
                 self._to_failed.update(uids)
             with translated(f"file to {role.value}"):
-                folder = self._client._normalise_folder(dest)
-                pending.tag = send_move(
-                    self._client._imap,
-                    uids,
-                    folder if isinstance(folder, bytes) else folder.encode(),
+                pending.command = self._pipeline.move(
+                    uids, folder if isinstance(folder, bytes) else folder.encode()
                 )
         except MailboxError as exc:
             pending.error = exc
-            return pending
-        self._moves.append(pending)
         return pending
-
-    def _read_moves(self, upto: PendingMove | None = None) -> None:
-        """Read the answers of the MOVEs sent ahead, oldest first, up to ``upto`` (or all).
-
-        Each answer (or its error) is kept in its PendingMove. A connection lost on one
-        leaves the rest unanswerable: they get the same error.
-        """
-        while self._moves:
-            pending = self._moves.popleft()
-            assert pending.tag is not None  # noqa: S101 -- queued only once sent
-            try:
-                with translated(f"file to {pending.role.value}"):
-                    read_move(self._client._imap, pending.tag)
-                self._note_copies()
-            except ConnectionLostError as exc:
-                pending.error = exc
-                if exc.gone:
-                    for rest in self._moves:
-                        rest.error = exc
-                    self._moves.clear()
-            except MailboxError as exc:
-                pending.error = exc
-            if pending is upto:
-                return
 
     def file(
         self,
@@ -586,11 +581,11 @@ class ImapSession:
         if role is FolderRole.FAILED:
             self._to_failed.update(uids)
         with translated(f"file to {role.value}"):
-            self.client  # noqa: B018 -- reads the answers still pending (a slow server's)
+            self.settle()  # reads the answers still pending (a slow server's)
             if confirm is not None:
                 confirm()
             if keyword and self.keywords_allowed:
-                self.client.add_flags(list(uids), [keyword], silent=True)
+                self.settle().add_flags(list(uids), [keyword], silent=True)
             self._move(list(uids), tree.queue, dest, self.uidvalidity)
 
     def requeue(
@@ -609,8 +604,8 @@ class ImapSession:
         tree = self.tree or self.resolve_tree()
         source = tree.name(role)
         with translated(f"requeue {role.value}"):
-            info = self.client.select_folder(source)
-            uids = sorted(int(u) for u in self.client.search(["ALL"]))
+            info = self.settle().select_folder(source)
+            uids = sorted(int(u) for u in self.settle().search(["ALL"]))
             if not uids:
                 return 0
             keywords_allowed = b"\\*" in tuple(info.get(b"PERMANENTFLAGS", ()))
@@ -620,7 +615,7 @@ class ImapSession:
             for start in range(0, len(uids), step):
                 chunk = uids[start : start + step]
                 if keywords_allowed:
-                    self.client.remove_flags(chunk, list(keywords), silent=True)
+                    self.settle().remove_flags(chunk, list(keywords), silent=True)
                 self._move(chunk, source, tree.queue, uidvalidity)
                 if progress is not None:
                     progress(start + len(chunk), len(uids))
@@ -644,11 +639,11 @@ class ImapSession:
             return
         tree = self.tree or self.resolve_tree()
         with translated(f"refile to {role.value}"):
-            self.client  # noqa: B018 -- reads any answer still pending
+            self.settle()  # reads any answer still pending
             if confirm is not None:
                 confirm()
             if self.keywords_allowed:
-                self.client.remove_flags(list(uids), [keyword], silent=True)
+                self.settle().remove_flags(list(uids), [keyword], silent=True)
             self._move(
                 list(uids), tree.name(FolderRole.FAILED), tree.name(role), self._failed_uidvalidity
             )
@@ -669,11 +664,10 @@ class ImapSession:
                     self._copies[source] = copy
 
     def _move(self, uids: list[int], source: str, dest: str, uidvalidity: int | None) -> None:
-        if self.has("MOVE"):  # RFC 6851, its answer read by the lean reader (imap/fetch.py)
-            folder = self.client._normalise_folder(dest)
-            uid_move(
-                self.client._imap, uids, folder if isinstance(folder, bytes) else folder.encode()
-            )
+        if self.has("MOVE"):  # RFC 6851, its answer read by the lean reader (imap/pipeline.py)
+            folder = self._client._normalise_folder(dest)
+            folder = folder if isinstance(folder, bytes) else folder.encode()
+            self._pipeline.moved(self._pipeline.move(uids, folder))
             self._note_copies()
         else:
             self._copy_then_expunge(uids, source, dest, uidvalidity)
@@ -691,23 +685,23 @@ class ImapSession:
         """
         if not self.keywords_allowed:
             # Without keywords there is nothing to recognise an earlier copy by.
-            self.client.copy(uids, dest)
+            self.settle().copy(uids, dest)
             self._delete_and_expunge(uids)
             return
-        flags = self.client.get_flags(uids)
+        flags = self.settle().get_flags(uids)
         interrupted = [uid for uid in uids if FILING_KEYWORD.encode() in flags.get(uid, ())]
         already_copied = self._copies_in(dest, interrupted) if interrupted else set()
         self._reselect(source, uidvalidity)
         to_copy = [uid for uid in uids if uid not in already_copied]
         if to_copy:
-            self.client.add_flags(to_copy, [FILING_KEYWORD], silent=True)
-            self.client.copy(to_copy, dest)
+            self.settle().add_flags(to_copy, [FILING_KEYWORD], silent=True)
+            self.settle().copy(to_copy, dest)
         self._delete_and_expunge(uids)
         # Take the keyword off the copies; a crash before this only leaves a harmless keyword.
-        self.client.select_folder(dest)
-        pending = self.client.search(["KEYWORD", FILING_KEYWORD])
+        self.settle().select_folder(dest)
+        pending = self.settle().search(["KEYWORD", FILING_KEYWORD])
         if pending:
-            self.client.remove_flags(pending, [FILING_KEYWORD], silent=True)
+            self.settle().remove_flags(pending, [FILING_KEYWORD], silent=True)
         # The caller goes on with more UIDs of the source: they must still name the same mail.
         self._reselect(source, uidvalidity)
 
@@ -719,7 +713,7 @@ class ImapSession:
         one, and the UIDs read before would name other messages; UID EXPUNGE (RFC 4315) of them
         would destroy mail that was never copied.
         """
-        info = self.client.select_folder(folder)
+        info = self.settle().select_folder(folder)
         current = int(info.get(b"UIDVALIDITY", 0))
         if uidvalidity is not None and current != uidvalidity:
             self.log.warning(
@@ -739,36 +733,36 @@ class ImapSession:
                 int(data.get(b"RFC822.SIZE", 0)),
             )
 
-        sources = {uid: identity(d) for uid, d in self.client.fetch(uids, wanted_items).items()}
-        self.client.select_folder(dest, readonly=True)
-        pending = self.client.search(["KEYWORD", FILING_KEYWORD])
+        sources = {uid: identity(d) for uid, d in self.settle().fetch(uids, wanted_items).items()}
+        self.settle().select_folder(dest, readonly=True)
+        pending = self.settle().search(["KEYWORD", FILING_KEYWORD])
         copies = (
-            {identity(d) for d in self.client.fetch(pending, wanted_items).values()}
+            {identity(d) for d in self.settle().fetch(pending, wanted_items).values()}
             if pending
             else set()
         )
         return {uid for uid, ident in sources.items() if ident in copies}
 
     def _delete_and_expunge(self, uids: list[int]) -> None:
-        self.client.add_flags(uids, [imapclient.DELETED], silent=True)
+        self.settle().add_flags(uids, [imapclient.DELETED], silent=True)
         if self.has("UIDPLUS"):
-            self.client.uid_expunge(uids)  # RFC 4315: only these messages
+            self.settle().uid_expunge(uids)  # RFC 4315: only these messages
         else:
-            self.client.expunge()
+            self.settle().expunge()
 
     # -- IDLE (RFC 2177) ------------------------------------------------------------------------
 
     def idle_begin(self) -> None:
         """Enter IDLE on the selected Queue."""
-        idle.begin(self.client)
+        idle.begin(self.settle())
 
     def idle_wait(self, timeout_seconds: float, wake: WakeSource) -> IdleUpdate:
         """Wait in IDLE for the server, a wake-up on ``wake`` or the timeout (see imap/idle.py)."""
-        return self._count(idle.wait(self.client, timeout_seconds, wake, self.exists))
+        return self._count(idle.wait(self.settle(), timeout_seconds, wake, self.exists))
 
     def idle_end(self) -> IdleUpdate:
         """Leave IDLE (DONE); a server that does not answer within the timeout is dead."""
-        return self._count(idle.end(self.client, self.exists))
+        return self._count(idle.end(self.settle(), self.exists))
 
     def _count(self, update: IdleUpdate) -> IdleUpdate:
         self.exists = update.exists
@@ -784,7 +778,7 @@ class ImapSession:
             return None
         with translated("fetch oldest"):
             items = [b"INTERNALDATE", *([b"SAVEDATE"] if self.has("SAVEDATE") else [])]
-            response = self.client.fetch([min(uids)], items)
+            response = self.settle().fetch([min(uids)], items)
         for data in response.values():
             saved = _savedate(data.get(b"SAVEDATE"))
             internal = data.get(b"INTERNALDATE")
@@ -800,7 +794,7 @@ class ImapSession:
         again in the next IDLE, so the caller must act on ``new_mail``.
         """
         with translated("noop"):
-            _, responses = self.client.noop()
+            _, responses = self.settle().noop()
         return self._count(idle.mailbox_updates(responses, self.exists))
 
     def logout(self, timeout_seconds: float | None = None) -> None:
@@ -823,26 +817,66 @@ class PendingMove:
     def __init__(self, session: ImapSession, role: FolderRole) -> None:
         self._session = session
         self.role = role
-        self.tag: bytes | None = None  # None: nothing in flight (done at once, or not sent)
+        self.command: Command | None = None  # None: nothing in flight (done at once, not sent)
         self.error: MailboxError | None = None
 
     def wait(self) -> None:
         """Return once the messages moved; raises what ``ImapSession.file`` would have."""
-        session = self._session
-        if self in session._moves:
-            session._read_moves(upto=self)
+        command, self.command = self.command, None
+        if command is not None:
+            session = self._session
+            try:
+                with translated(f"file to {self.role.value}"):
+                    session._pipeline.moved(command)
+            except MailboxError as exc:
+                self.error = exc
+            session._note_copies()
         if self.error is not None:
             raise self.error
 
 
 @dataclass
-class _HeaderFetch:
-    """A header FETCH sent ahead (``ImapSession.prefetch_headers``) and, once read, its answer."""
+class _FullFetch:
+    """The FETCHes ``fetch_full`` reads, sent (maybe ahead, ``prefetch_full``)."""
 
     uids: tuple[int, ...]
-    tag: bytes
-    response: dict[int, FetchData] = field(default_factory=dict)
-    error: Exception | None = None
+    plans: dict[int, BodyPlan | None]
+    textless: list[int] = field(default_factory=list)  # nothing to fetch: the plan says all
+    texts: list[tuple[tuple[str, ...], Command]] = field(default_factory=list)
+    whole: list[Command] = field(default_factory=list)
+    prefix: list[Command] = field(default_factory=list)
+
+
+def _text_messages(
+    response: dict[int, FetchData],
+    sections: tuple[str, ...],
+    plans: Mapping[int, BodyPlan | None],
+) -> list[FetchedMessage]:
+    """The messages of a FETCH of text parts (each cut at BODY_FETCH_CAP), with their plans."""
+    keys = {s: b"BODY[%s]<0>" % s.encode() for s in sections}
+    messages = []
+    for uid, data in response.items():
+        plan = plans.get(int(uid))
+        if plan is None:
+            continue
+        texts = {s: bytes(data.get(key) or b"") for s, key in keys.items()}
+        messages.append(
+            FetchedMessage(
+                uid=int(uid),
+                data=b"",
+                internaldate=None,
+                size=0,
+                plan=plan,
+                sections=texts,
+                # A full cap's worth of a part the structure says is longer: cut short.
+                sections_cut=frozenset(
+                    t.section
+                    for t in plan.texts
+                    if t.size > BODY_FETCH_CAP and len(texts.get(t.section, b"")) >= BODY_FETCH_CAP
+                ),
+            )
+        )
+    return messages
 
 
 def _messages(
