@@ -22,6 +22,7 @@ from emailsync.metrics import (
     MailboxSeries,
     Metrics,
 )
+from emailsync.metrics import exposition as scrape_text
 
 # -- the reference: the implementation before the collector (one label child per series) --------
 
@@ -252,6 +253,15 @@ def exposition(registry: CollectorRegistry) -> bytes:
 def assert_same(p: Pair) -> None:
     old, new = exposition(p.old_registry), exposition(p.new_registry)
     assert new.decode().splitlines() == old.decode().splitlines()
+    assert_scrape_is_generate_latest(p.new_registry)
+
+
+def assert_scrape_is_generate_latest(registry: CollectorRegistry) -> None:
+    """What /metrics answers (cached text per mailbox) is prometheus_client's text exactly."""
+    assert scrape_text(registry).decode().splitlines() == (
+        generate_latest(registry).decode().splitlines()
+    )
+    assert scrape_text(registry) == generate_latest(registry)
 
 
 def scenario(p: Pair, steps: list[Callable[[Pair], None]]) -> None:
@@ -420,3 +430,73 @@ def test_the_summary_sums_breakdowns_over_mailboxes_and_keeps_them_when_one_goes
 def test_an_unknown_detail_is_refused() -> None:
     with pytest.raises(ValueError, match="metrics detail"):
         Metrics(CollectorRegistry(), detail="everything")
+
+
+# -- the scrape's text cache (issue 23: a scrape re-writes only the mailboxes that changed) ------
+
+
+def test_the_scrape_text_follows_every_change_at_the_default_detail() -> None:
+    """Each kind of change between two scrapes shows in the next one, as generate_latest has it."""
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    odd = 'we"ird\\name@example.com'  # a label value the text format must escape
+
+    def auth_failure_of_b() -> None:
+        metrics._mailboxes["b@example.com"].auth_failure()
+
+    steps: list[Callable[[], object]] = [
+        lambda: busy_mailbox(metrics, "a@example.com"),
+        lambda: busy_mailbox(metrics, odd),
+        lambda: metrics.set_state("a@example.com", "backoff"),
+        lambda: metrics.init_mailbox("b@example.com"),
+        lambda: metrics.set_state("b@example.com", "no_such_state"),
+        lambda: metrics.init_mailbox("a@example.com"),  # again: its queue gauges back to 0
+        lambda: metrics._mailboxes[odd].set_queue(9),
+        lambda: metrics._mailboxes[odd].set_oldest_age(12.5),
+        lambda: metrics._mailboxes[odd].set_stuck(3),
+        lambda: metrics._mailboxes[odd].set_token_expiry(1_900_000_001),
+        lambda: metrics._mailboxes["b@example.com"].filed("rejected"),
+        lambda: metrics._mailboxes["b@example.com"].filed("some_new_reason"),
+        lambda: metrics._mailboxes["b@example.com"].pass_done("idle", 3.0, 1_700_000_001.0),
+        lambda: metrics._mailboxes["b@example.com"].connection_error("tls"),
+        auth_failure_of_b,
+        lambda: metrics._mailboxes["b@example.com"].timeline_events(4),
+        lambda: metrics._mailboxes["b@example.com"].refiled(1),
+        lambda: metrics.filing_latency_seconds.observe(2),
+        lambda: metrics.forget_mailbox("a@example.com"),
+        lambda: metrics.init_mailbox("a@example.com"),
+    ]
+    assert_scrape_is_generate_latest(registry)
+    for step in steps:
+        step()
+        assert_scrape_is_generate_latest(registry)
+
+
+def test_a_scrape_writes_again_only_the_mailboxes_that_changed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    for n in range(20):
+        busy_mailbox(metrics, f"m{n}@example.com")
+    written: list[str] = []
+    original = Metrics._mailbox_text
+
+    def counting(self: Metrics, address: str, series: MailboxSeries) -> object:
+        written.append(address)
+        return original(self, address, series)
+
+    monkeypatch.setattr(Metrics, "_mailbox_text", counting)
+    scrape_text(registry)
+    assert len(written) == 20
+    written.clear()
+    # The same values again (the gauges job, IDLE wake-ups) are no change.
+    metrics._mailboxes["m3@example.com"].set_queue(2)
+    metrics.set_state("m3@example.com", "idle")
+    scrape_text(registry)
+    assert written == []
+    metrics._mailboxes["m3@example.com"].set_queue(5)
+    metrics._mailboxes["m7@example.com"].pass_done("sweep", 0.1, 1_700_000_002.0)
+    scrape_text(registry)
+    assert sorted(written) == ["m3@example.com", "m7@example.com"]
+    assert_scrape_is_generate_latest(registry)
