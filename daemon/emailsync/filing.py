@@ -53,6 +53,9 @@ from emailsync.store.failedindex import UNKNOWN_UID, FailedEntry, FailedIndex
 log = structlog.get_logger(__name__)
 
 FETCH_BATCH = 200  # messages per header FETCH and per store transaction
+# Batches whose header FETCH is sent ahead (issue 23): with two, the server has the next
+# batch's headers ready and builds the one after while this process decides a batch.
+HEADERS_AHEAD = 2
 SAVEDATE_RESOLUTION = timedelta(seconds=1)  # RFC 8514 SAVEDATE is a date-time to the second
 # RFC 5530 codes that say the server or the folder is busy, not that this message is at fault:
 # a refusal carrying one counts no attempt. (SERVERBUG does count: a bug one message
@@ -318,7 +321,7 @@ class Filer:
                         self._finish(pass_)
                         return result
                     attempted.update(chunk)
-                    following = chunks[index + 1] if index + 1 < len(chunks) else []
+                    following = chunks[index + 1 : index + 1 + HEADERS_AHEAD]
                     self._file_batch(pass_, chunk, following=following)
                     if pass_.filled is not None:
                         pass_.filled.done, pass_.filled.total = len(attempted), total
@@ -500,23 +503,28 @@ class Filer:
             )
         return decisions
 
-    def _file_batch(self, pass_: _Pass, uids: Sequence[int], *, following: Sequence[int]) -> None:
+    def _file_batch(
+        self, pass_: _Pass, uids: Sequence[int], *, following: Sequence[Sequence[int]]
+    ) -> None:
         """Decide a batch and fetch its texts; record the one before and send its MOVEs.
 
         The pipeline (issues 10 and 23), for batch n: its headers (sent ahead) are read,
-        parsed and decided while the server moves n-2; n's text FETCH and n+1's header
-        FETCH go out, and n-1 is recorded and its MOVEs sent behind them, so the server
-        builds n's texts while n-1 is recorded and n+1's headers while n's texts are
-        parsed. Each answer line finds its command by UID (imap/pipeline.py), so nothing
-        waits for a MOVE's answer before sending. A batch with a suspect (its FETCH lost
-        the connection before) goes alone on a quiet connection: if it loses it again,
-        that happens in its own FETCH, where it is counted.
+        parsed and decided while the server moves n-2; n's text FETCH and the header FETCH
+        of the batches ``following`` not sent ahead yet go out, and n-1 is recorded and
+        its MOVEs sent behind them, so the server builds n's texts while n-1 is recorded,
+        and moves n-1 and builds later headers while n's texts are parsed and n+1 decided.
+        Each answer line finds its command by UID (imap/pipeline.py), so nothing waits for
+        a MOVE's answer before sending; n-2's MOVE answers, read on the way by then, are
+        counted last. A batch with a suspect (its FETCH lost the connection before) goes
+        alone on a quiet connection: if it loses it again, that happens in its own FETCH,
+        where it is counted.
         """
         session = pass_.session
         quiet = bool(self._suspects.intersection(uids))
         if quiet:
             self._finish(pass_)
         headers = self._fetch_each(session.fetch_headers, uids)
+        pass_.ahead.discard(tuple(uids))
         parsed = [
             parse_headers(f.uid, f.data, internaldate=f.internaldate, size=f.size) for f in headers
         ]
@@ -525,7 +533,6 @@ class Filer:
             f.uid: landed_at(f.savedate, self.first_seen.setdefault(f.uid, now)) for f in headers
         }
         decisions = self.decide(parsed, queued_at)
-        pass_.ahead = ()
         # Only linked messages need their bodies: a no-group message with a 20 MB attachment
         # goes to Failed without being downloaded.
         linked = [d.uid for d in decisions if d.groups] if not pass_.dry_run else []
@@ -534,9 +541,12 @@ class Filer:
         plans = {f.uid: f.plan for f in headers}
         if linked and not quiet and isinstance(session, SendsAhead):
             session.prefetch_full(linked, sizes, plans)
-        if following and not quiet and not self._suspects.intersection(following):
-            session.prefetch_headers(following)
-            pass_.ahead = tuple(following)
+        for batch in following if not quiet else ():
+            if self._suspects.intersection(batch):
+                break  # a suspect is never sent ahead, nor anything behind it
+            if tuple(batch) not in pass_.ahead:
+                session.prefetch_headers(batch)
+                pass_.ahead.add(tuple(batch))
         self._send_moves(pass_)
         if linked:
             full = {
@@ -553,14 +563,13 @@ class Filer:
             ]
             del full, blocks  # bodies live only as long as their batch
         pass_.filled = _Filled(uids, decisions)
+        self._count_moved(pass_, keep=1)  # n-2's, read on the way by now; n-1's stay in flight
 
     def _send_moves(self, pass_: _Pass) -> None:
-        """Count the batch whose MOVEs are in flight; record the filled one, send its MOVEs."""
+        """Record the filled batch and send its MOVEs."""
         filled, pass_.filled = pass_.filled, None
-        if filled is None:
-            return
-        self._count_moved(pass_)
-        pass_.in_flight = self._complete(pass_.session, filled, dry_run=pass_.dry_run)
+        if filled is not None:
+            pass_.moving.append(self._complete(pass_.session, filled, dry_run=pass_.dry_run))
 
     def _complete(self, session: QueueSession, filled: _Filled, *, dry_run: bool) -> _InFlight:
         """Record a batch's events and send its MOVEs (nothing of it in a dry run)."""
@@ -594,11 +603,15 @@ class Filer:
     def _finish(self, pass_: _Pass) -> None:
         """Record the filled batch, send its MOVEs and read them: nothing is left in flight."""
         self._send_moves(pass_)
-        self._count_moved(pass_)
+        self._count_moved(pass_, keep=0)
 
-    def _count_moved(self, pass_: _Pass) -> None:
-        """Read the MOVE answers of the batch in flight, count it and tell the callbacks."""
-        in_flight, pass_.in_flight = pass_.in_flight, _InFlight(())
+    def _count_moved(self, pass_: _Pass, *, keep: int) -> None:
+        """Read the MOVE answers of the batches in flight but the ``keep`` newest; count them."""
+        while len(pass_.moving) > keep:
+            self._count_batch(pass_, pass_.moving.pop(0))
+
+    def _count_batch(self, pass_: _Pass, in_flight: _InFlight) -> None:
+        """Read a batch's MOVE answers, count it and tell the callbacks."""
         if not in_flight.uids:
             return
         decisions = list(in_flight.unmoved)
@@ -815,9 +828,9 @@ class _Pass:
     dry_run: bool
     progress: Callable[[int, int], None] | None
     on_batch: BatchCallback | None
-    in_flight: _InFlight = field(default_factory=lambda: _InFlight(()))
+    moving: list[_InFlight] = field(default_factory=list)  # MOVEs sent, oldest first
     filled: _Filled | None = None  # the batch whose events are recorded next
-    ahead: tuple[int, ...] = ()  # the UIDs whose header FETCH was sent ahead
+    ahead: set[tuple[int, ...]] = field(default_factory=set)  # batches whose headers were sent
 
 
 def fill_body(

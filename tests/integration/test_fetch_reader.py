@@ -342,9 +342,10 @@ def test_a_pass_asks_one_header_and_one_text_fetch_per_batch_of_linked_mail(
     assert fault_proxy.commands("UID FETCH") - before == 6
     assert fault_proxy.commands(r"UID FETCH \S+ \(BODYSTRUCTURE\)") == 0
     assert fault_proxy.commands(r"UID FETCH \S+ \(BODY\.PEEK\[HEADER\].*BODYSTRUCTURE") == 3
-    # Once a batch is decided, its texts and the next batch's headers are asked for, then
-    # the batch before is recorded and its MOVE sent behind them (issue 23): the server
-    # builds the texts while that batch is recorded, and moves it while the next is decided.
+    # Once a batch is decided, its texts and the headers of the next two batches (those not
+    # asked for yet) are asked for, then the batch before is recorded and its MOVE sent
+    # behind them (issue 23): the server builds the texts while that batch is recorded, and
+    # moves it while the next one is decided.
     (connection,) = [c for c in fault_proxy.connections if c.logins]
     kinds = [
         "headers" if "BODY.PEEK[HEADER]" in line else "text" if "FETCH" in line else "move"
@@ -355,8 +356,8 @@ def test_a_pass_asks_one_header_and_one_text_fetch_per_batch_of_linked_mail(
         "headers",  # 1
         "text",  # 1
         "headers",  # 2
-        "text",  # 2
         "headers",  # 3
+        "text",  # 2
         "move",  # 1
         "text",  # 3
         "move",  # 2

@@ -65,6 +65,8 @@ WHOLE_FETCH_MAX = BODY_FETCH_CAP
 # are 16 MB (issue 10). A smaller one only means more recv() calls per big response (lines
 # longer than it are still read whole, and large literal reads bypass it).
 READ_BUFFER_BYTES = 1024
+# Header FETCHes sent ahead (prefetch_headers) whose answers are kept until asked for.
+HEADERS_KEPT = 4
 
 
 def _enable_keepalive(sock: socket.socket) -> None:
@@ -109,7 +111,7 @@ class ImapSession:
         self._client = client
         # The UID FETCHes and MOVEs in flight, and what may be sent behind what.
         self._pipeline = CommandPipeline(client._imap)
-        self._headers_ahead: tuple[tuple[int, ...], Command] | None = None  # prefetch_headers
+        self._headers_ahead: dict[tuple[int, ...], Command] = {}  # prefetch_headers, by UIDs
         self._full_ahead: _FullFetch | None = None  # prefetch_full's FETCHes
         # Queue UIDs moved to Failed, and their copies' (UIDVALIDITY, UID) there from the
         # MOVE answers' COPYUID (RFC 4315 §3), for the Failed-for-no-group index (issue 22).
@@ -351,12 +353,11 @@ class ImapSession:
         batch): each message's ``plan`` is read from it, None where it is unreadable, and
         ``fetch_full`` takes these plans instead of asking for the structures again.
         """
-        ahead = self._headers_ahead
-        if ahead is None or ahead[0] != tuple(uids) or not uids:
+        ahead = self._headers_ahead.pop(tuple(uids), None)  # given once
+        if ahead is None or not uids:
             return self._fetch(uids, b"BODY.PEEK[HEADER]", b"BODY[HEADER]", structure=True)
-        self._headers_ahead = None  # given once
         with translated("fetch"):
-            response = self._pipeline.fetched(ahead[1])
+            response = self._pipeline.fetched(ahead)
         return _messages(response, b"BODY[HEADER]", structure=True)
 
     def prefetch_headers(self, uids: Sequence[int]) -> None:
@@ -365,20 +366,23 @@ class ImapSession:
         The server builds the next batch's answer while this process works on the batch
         before (issue 10; RFC 3501 §5.5 lets a client send a command before the previous
         one's answer is read), behind any FETCHes and MOVEs in flight (imap/pipeline.py).
-        The answer is kept for ``fetch_headers`` until another is sent ahead or a folder
-        is selected. Never raises: a FETCH that cannot be sent is sent again, and fails,
-        in ``fetch_headers``.
+        The answer is kept for ``fetch_headers`` until a folder is selected (at most
+        HEADERS_KEPT batches: the oldest goes first). Never raises: a FETCH that cannot be
+        sent is sent again, and fails, in ``fetch_headers``.
         """
         if not uids:
             return
-        self._headers_ahead = None
+        ahead = self._headers_ahead
+        ahead.pop(tuple(uids), None)
+        while len(ahead) >= HEADERS_KEPT:
+            del ahead[next(iter(ahead))]
         with contextlib.suppress(MailboxError), translated("fetch"):
             items = self._items(b"BODY.PEEK[HEADER]", structure=True)
-            self._headers_ahead = (tuple(uids), self._pipeline.fetch(uids, items))
+            ahead[tuple(uids)] = self._pipeline.fetch(uids, items)
 
     def _forget_ahead(self) -> None:
         """Drop what was sent ahead (its answers are read, by the pipeline, and dropped)."""
-        self._headers_ahead = None
+        self._headers_ahead.clear()
         self._full_ahead = None
 
     def fetch_full(
