@@ -30,8 +30,11 @@ def main() -> None:
         mailbox = testbed.new_mailbox()
         seed(mailbox, make_backlog(count, directory, random.Random(2)))  # noqa: S311
         time.sleep(0.5)
-        seconds, _, events = emailsync_pass(mailbox)
-        print(f"{count} messages in {seconds:.2f} s: {count / seconds:.0f} msg/s, {events} events")
+        seconds, _, events, cpu = emailsync_pass(mailbox)
+        print(
+            f"{count} messages in {seconds:.2f} s: {count / seconds:.0f} msg/s, {events} events,"
+            f" {1e6 * cpu / count:.0f} us of CPU a message"
+        )
 
 
 if __name__ == "__main__":

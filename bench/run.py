@@ -196,7 +196,8 @@ def _backlog_only(args: argparse.Namespace) -> int:
         f" vs raw MOVE {figures['vs_raw_move']['median']:.2f}"
         f" ({figures['vs_raw_move']['min']:.2f}-{figures['vs_raw_move']['max']:.2f}),"
         f" vs the floor {figures['vs_floor']['median']:.2f}"
-        f" ({figures['vs_floor']['min']:.2f}-{figures['vs_floor']['max']:.2f})"
+        f" ({figures['vs_floor']['min']:.2f}-{figures['vs_floor']['max']:.2f});"
+        f" CPU {figures['cpu_us_per_message']['median']:.0f} us a message"
     )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -346,6 +347,7 @@ def _backlog_figures(trials: BacklogTrials) -> dict[str, Any]:
         "vs_raw_move": _spread(ratios_raw),
         "vs_plain": _spread(ratios_plain),
         "vs_floor": _spread(ratios_floor),
+        "cpu_us_per_message": _spread([1e6 * c / n for c in trials.emailsync_cpu]),
     }
 
 
