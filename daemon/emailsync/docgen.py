@@ -121,8 +121,10 @@ DESCRIPTIONS: dict[tuple[str, str], str] = {
         "`start-sync --include-stuck`)."
     ),
     ("daemon", "connect_concurrency"): (
-        "Connects (TCP, TLS, login) in flight at once across all mailboxes; the others wait "
-        "their turn, so a start with thousands of mailboxes does not overload CPU or server."
+        "Connects (TCP, TLS, login) in flight at once across all mailboxes at first; the "
+        "others wait their turn, so a start or reload with thousands of mailboxes does not "
+        "overload CPU or server. The limit then adapts between a quarter and four times this: "
+        "up while logins stay fast, down when they slow or time out."
     ),
     ("daemon", "agent_token_days"): (
         "Agents' links (tokens) issued without an expiry of their own (`token issue` without "

@@ -61,6 +61,7 @@ import structlog
 from emailsync.backoff import Backoff, full_jitter_backoff
 from emailsync.clock import Clock, SystemClock
 from emailsync.config import FolderSettings, MailboxSettings, Settings
+from emailsync.connectgate import ConnectGate, Turn, connect_gate
 from emailsync.errors import (
     AuthError,
     ConnectionLostError,
@@ -184,10 +185,11 @@ WORKER_STACK_BYTES = 512 * 1024
 # keeps its own free memory; 2 cut the RSS of 300 idle mailboxes from 118 to 102 MB (bench).
 MALLOC_ARENAS = 2
 _M_ARENA_MAX = -8  # mallopt(3) parameter number, from glibc's <malloc.h>
-# How often a worker waiting for a connect slot checks whether it was stopped.
-SLOT_POLL_SECONDS = 0.2
-_gates: dict[int, threading.BoundedSemaphore] = {}
-_gates_lock = threading.Lock()
+# A worker waiting for its turn to connect is woken by stop() at once; this is the longest it
+# waits before looking for itself (a safety net, not the way a stop arrives).
+TURN_CHECK_SECONDS = 5.0
+# A connect that fails so says the server or the host struggles: the gate lowers its limit.
+OVERLOAD_KINDS = frozenset({"timeout", "bye"})
 
 
 def limit_malloc_arenas(count: int = MALLOC_ARENAS) -> bool:
@@ -212,19 +214,6 @@ def trim_malloc() -> bool:
         return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
     except (OSError, AttributeError):
         return False
-
-
-def connect_gate(limit: int) -> threading.BoundedSemaphore:
-    """The process-wide semaphore that bounds connects in flight to ``limit`` (issue 10).
-
-    One per distinct limit, shared by every worker of the process: at start, 2,000 mailboxes
-    take turns instead of 2,000 TLS handshakes and logins competing at once.
-    """
-    with _gates_lock:
-        gate = _gates.get(limit)
-        if gate is None:
-            gate = _gates[limit] = threading.BoundedSemaphore(limit)
-        return gate
 
 
 class MailboxWorker(threading.Thread):
@@ -290,6 +279,8 @@ class MailboxWorker(threading.Thread):
         self._reauth_shortcut = True
         self._expired_reconnect_at: float | None = None
         self._token_reconnected_at: float | None = None
+        # The turn this worker waits for in the connect gate, so stop() can take it back.
+        self._turn: tuple[ConnectGate, Turn] | None = None
 
     @property
     def state(self) -> State:
@@ -309,6 +300,9 @@ class MailboxWorker(threading.Thread):
     def stop(self) -> None:
         """Ask the worker to finish the batch in flight, LOG OUT and end."""
         self._wakeup.stop()
+        waiting = self._turn
+        if waiting is not None:
+            waiting[0].cancel(waiting[1])  # a turn not granted yet: leave the queue now
 
     def snapshot(self) -> WorkerStatus:
         """A copy of the current status, safe to serialise from any thread."""
@@ -354,14 +348,15 @@ class MailboxWorker(threading.Thread):
         """One connection: log in, serve until it ends, then wait as the way it ended asks."""
         self.report.set_state(State.CONNECTING)
         gate = connect_gate(self.daemon_settings.connect_concurrency)
-        if not self._take_slot(gate):
+        turn = self._take_turn(gate)
+        if turn is None:
             return  # stopped while waiting for a turn to connect
         # This login serves every trigger asked for so far, Start Syncs included.
         self._owed |= self._wakeup.consume()
         polite = False
         wait: Callable[[], None] | None = None
         try:
-            session = self._open(gate)
+            session = self._open(gate, turn)
             self.first_attempt_done.set()
             self._serve(session)
             polite = True  # stop, or a new login for a fresh token
@@ -471,18 +466,31 @@ class MailboxWorker(threading.Thread):
             self._wakeup.wait(remaining)
         return shortened
 
-    def _take_slot(self, gate: threading.BoundedSemaphore) -> bool:
-        """Wait for a turn to connect (``connect_concurrency``); False when stopped meanwhile."""
-        while not gate.acquire(timeout=SLOT_POLL_SECONDS):
-            if self._stopping():
-                return False
+    def _take_turn(self, gate: ConnectGate) -> Turn | None:
+        """Wait for a turn to connect (``emailsync.connectgate``); None when stopped meanwhile."""
+        turn = gate.enter()
+        self._turn = (gate, turn)
+        try:
+            if self._stopping():  # stop() came before it could see the turn
+                gate.cancel(turn)
+            while not turn.wait(TURN_CHECK_SECONDS):
+                if turn.cancelled:
+                    return None
+                if self._stopping():
+                    gate.cancel(turn)
+        finally:
+            self._turn = None
         if self._stopping():
-            gate.release()
-            return False
-        return True
+            gate.done(turn, ok=False)
+            return None
+        return turn
 
-    def _open(self, gate: threading.BoundedSemaphore) -> WorkerSession:
-        """Connect and log in (holding a connect slot, given back here), then ready Queue."""
+    def _open(self, gate: ConnectGate, turn: Turn) -> WorkerSession:
+        """Connect and log in (holding a connect turn, given back here), then ready Queue.
+
+        The gate learns how the login went: its time, or a failure that says the server or
+        host is overloaded (a timeout, BYE), which lowers the connects allowed at once.
+        """
         try:
             session = self._connect(
                 self.mailbox,
@@ -490,8 +498,13 @@ class MailboxWorker(threading.Thread):
                 self.authenticator,
                 timeout_seconds=self.daemon_settings.timeout_seconds,
             )
-        finally:
-            gate.release()
+        except ConnectionLostError as exc:
+            gate.done(turn, ok=False, overloaded=exc.kind in OVERLOAD_KINDS)
+            raise
+        except BaseException:
+            gate.done(turn, ok=False)
+            raise
+        gate.done(turn, ok=True)
         self._session = session
         self._reauth_shortcut = True
         self.report.token_expiry(self.authenticator.token_expiry())

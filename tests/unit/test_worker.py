@@ -15,6 +15,7 @@ import pytest
 import structlog
 
 from emailsync.clock import SystemClock
+from emailsync.connectgate import connect_gate
 from emailsync.errors import ConnectionLostError
 from emailsync.report import State
 from emailsync.wakeup import Trigger
@@ -330,6 +331,32 @@ def test_stop_ends_a_worker_thread_in_idle_quickly(tmp_path: Path) -> None:
     r.worker.join(2)
     assert not r.worker.is_alive()
     assert r.server.sessions[-1].logged_out
+    assert r.worker.snapshot().state == "stopped"
+
+
+def test_a_worker_waiting_for_its_turn_to_connect_leaves_the_queue_on_stop(
+    tmp_path: Path,
+) -> None:
+    """A stopped worker that waits for a connect turn (all taken) ends at once, never logs in,
+    and takes no turn when they are given back (issue 23: no polling for the stop)."""
+    r = rig(tmp_path, worker_clock=SystemClock(), connect_concurrency=1)
+    gate = connect_gate(1)
+    held = []
+    while (turn := gate.enter()).wait(0):  # take every turn the gate has
+        held.append(turn)
+    gate.cancel(turn)
+    r.worker.start()
+    deadline = time.monotonic() + 5
+    while r.worker._turn is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert r.worker._turn is not None  # waiting in the gate
+    r.worker.stop()
+    r.worker.join(2)
+    assert not r.worker.is_alive()
+    for turn in held:
+        gate.done(turn, ok=False)
+    assert gate.in_flight == 0
+    assert r.server.logins == []
     assert r.worker.snapshot().state == "stopped"
 
 
