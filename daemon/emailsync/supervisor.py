@@ -118,6 +118,11 @@ RECENT_OUTCOMES_NONE: list[dict[str, str | None]] = []
 RESTART_START_SECONDS = 1.0
 RESTART_MAX_SECONDS = 300.0
 RESTART_RESET_SECONDS = 600.0
+# Looking for dead worker threads costs ~1 µs a worker; on every tick it was most of what an
+# idle daemon of 2,000 mailboxes spent (issue 23). So the look comes at most once per this
+# many seconds a worker (every tick for a few workers, every 5 s for 2,000: ~0.05 % of a
+# core); restarts back off 1 s or more anyway, and /healthz looks at every thread itself.
+DEAD_SCAN_SECONDS_PER_WORKER = 0.0025
 
 AuthenticatorFactory = Callable[[MailboxSettings, Settings], Authenticator]
 ClusterFactory = Callable[["Supervisor"], "Cluster"]
@@ -257,6 +262,7 @@ class Supervisor:
         self._ready_sent = False
         self._last_tick = time.monotonic()
         self._last_watchdog = 0.0
+        self._next_dead_scan = 0.0  # monotonic; see _restart_dead_workers
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self.web: WebServer | None = None
         self.mailbox_registry: Registry | None = (
@@ -1191,8 +1197,11 @@ class Supervisor:
         """Workers that ended unasked are restarted after a growing back-off, not at once."""
         now = time.monotonic()
         died: list[tuple[Worker, int, float]] = []
+        scan = now >= self._next_dead_scan
+        if scan:
+            self._next_dead_scan = now + DEAD_SCAN_SECONDS_PER_WORKER * len(self.workers)
         with self._lock:
-            for address, worker in list(self.workers.items()):
+            for address, worker in list(self.workers.items()) if scan else []:
                 if worker.is_alive():
                     continue
                 del self.workers[address]

@@ -528,6 +528,8 @@ class MailboxWorker(threading.Thread):
             uids: list[int] = []
             self._take_refile()
             fresh, skipped = skipped, False  # fresh: Queue is known empty and selected
+            if not fresh and self._owed == {Trigger.SWEEP}:
+                fresh = self._skip_empty_sweep(session)
             if not fresh and self._owed:
                 self._pass(session)
             if self._refile(session):
@@ -580,6 +582,24 @@ class MailboxWorker(threading.Thread):
             self.report.pass_done(Trigger.STARTUP.value, 0.0)
         self.report.oldest_queued(None)
         self.log.debug("startup_pass_skipped", queue=0)
+        return True
+
+    def _skip_empty_sweep(self, session: WorkerSession) -> bool:
+        """Serve a sweep with one SELECT when it says Queue is empty (issue 23); True if so.
+
+        The sweep looks for mail IDLE did not announce; the SELECT's EXISTS (RFC 3501
+        §7.3.1) answers that for an empty Queue, where a pass and the re-SELECT and SEARCHes
+        after it would find nothing: at 2,000 mailboxes, ~5 commands each every sweep_seconds.
+        A Queue with anything in it (quarantined messages too) gets a real pass.
+        """
+        if self.filer.release_requested or session.select_queue() != 0:
+            return False
+        self._owed.clear()
+        if self._files_on(Trigger.SWEEP):
+            self.report.stuck(0)
+            self.report.pass_done(Trigger.SWEEP.value, 0.0)
+        self.report.queue_depth(0)
+        self.report.oldest_queued(None)
         return True
 
     def _pass(self, session: WorkerSession) -> None:

@@ -408,6 +408,9 @@ class Rig:
     worker: MailboxWorker
     delays: list[tuple[float, float]]  # (when, seconds) of every back-off the worker drew
     passes: list[tuple[float, float | None]]  # (started, completed or None) of every pass
+    # When each pass served without the filer was counted done (an empty Queue's startup
+    # pass or sweep, answered by the SELECT alone).
+    counted: list[float]
 
     def run_until(self, seconds: float) -> None:
         """Run the worker on this thread until it is stopped at ``seconds`` (virtual)."""
@@ -481,4 +484,15 @@ def rig(
         return result
 
     worker.filer.run_pass = recorded_pass  # type: ignore[method-assign]
-    return Rig(clock, server, store, auth, registry, worker, delays, passes)
+    counted: list[float] = []
+    filer_passes = [0]  # the filer's passes when the last pass was counted
+    pass_done = worker.report.pass_done
+
+    def recorded_pass_done(trigger: str, seconds: float) -> None:
+        if len(passes) == filer_passes[0]:  # no filer pass since the last count
+            counted.append(clock.now)
+        filer_passes[0] = len(passes)
+        pass_done(trigger, seconds)
+
+    worker.report.pass_done = recorded_pass_done  # type: ignore[method-assign]
+    return Rig(clock, server, store, auth, registry, worker, delays, passes, counted)

@@ -400,6 +400,36 @@ def test_an_empty_queue_goes_from_select_to_idle_and_still_files_what_lands(
     assert r.server.queue == []
 
 
+# -- issue 23: a sweep of an empty Queue is one SELECT ------------------------------------------
+
+
+def test_a_sweep_of_an_empty_queue_is_one_select_and_counts_as_a_sweep_pass(
+    tmp_path: Path,
+) -> None:
+    """At rest every mailbox gets a sweep every sweep_seconds: on an empty Queue the SELECT
+    that says EXISTS 0 is all it asks (no pass, no SEARCH), and it counts as a sweep pass."""
+    r = rig(tmp_path)
+    r.clock.at(5, lambda: r.worker.request_pass("sweep"))
+    r.run_until(10)
+    session = r.server.sessions[0]
+    after_first_idle = session.commands[session.commands.index("idle") + 1 :]
+    assert "search" not in after_first_idle, session.commands
+    assert after_first_idle.count("select") == 1, session.commands
+    assert r.passes_total("sweep") == 1
+    assert r.passes == []  # the filer never ran
+
+
+def test_a_sweep_finds_what_idle_did_not_announce(tmp_path: Path) -> None:
+    """Mail the server never announced (it landed unseen) is there on the sweep's SELECT: the
+    sweep then runs a real pass and files it."""
+    r = rig(tmp_path)
+    r.clock.at(4, lambda: r.server.queue.append(1))  # in Queue, no EXISTS sent
+    r.clock.at(5, lambda: r.worker.request_pass("sweep"))
+    r.run_until(10)
+    assert r.server.filed == [1]
+    assert r.passes_total("sweep") == 1
+
+
 def test_a_manual_mailbox_skips_too_and_counts_no_startup_pass(tmp_path: Path) -> None:
     r = rig(tmp_path, trigger="manual")
     r.run_until(10)

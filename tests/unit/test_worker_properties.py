@@ -108,7 +108,8 @@ def test_every_trigger_is_served_within_the_backoff_budget(
     r.run_until(RUN_SECONDS)
 
     assert_one_login_per_backoff_slot(r)
-    completed = [started for started, done in r.passes if done is not None]
+    # A pass of the filer, or one counted without it (a sweep of an empty Queue: issue 23).
+    completed = sorted([started for started, done in r.passes if done is not None] + r.counted)
     for when in posted:
         served_by = [started for started in completed if started >= when]
         assert served_by, (when, r.passes[-3:])
