@@ -32,7 +32,7 @@ from emailsync.errors import (
     StoreUnavailableError,
 )
 from emailsync.imap.translate import response_code
-from emailsync.message import parse_headers, parse_message, with_body
+from emailsync.message import evolved, parse_headers, parse_message, with_body
 from emailsync.model import (
     OUTCOME_FOLDER,
     OUTCOME_KEYWORD,
@@ -52,7 +52,7 @@ from emailsync.store.failedindex import UNKNOWN_UID, FailedEntry, FailedIndex
 
 log = structlog.get_logger(__name__)
 
-FETCH_BATCH = 200  # messages per header FETCH and per store transaction
+FETCH_BATCH = 500  # messages per header FETCH and per store transaction
 # Batches whose header FETCH is sent ahead (issue 23): with two, the server has the next
 # batch's headers ready and builds the one after while this process decides a batch.
 HEADERS_AHEAD = 2
@@ -854,7 +854,7 @@ def fill_body(
             header_block,
             fetched.sections_cut,
         )
-        return replace(decision, message=body)
+        return evolved(decision, message=body)
     message = parse_message(
         fetched.uid,
         fetched.data,
@@ -864,7 +864,7 @@ def fill_body(
     )
     if not message.usable:
         return replace(decision, outcome=Outcome.UNPARSEABLE, message=message, groups=())
-    return replace(decision, message=message)
+    return evolved(decision, message=message)
 
 
 def landed_at(savedate: datetime | None, first_seen: datetime) -> datetime:

@@ -13,7 +13,7 @@ from .mailenv import MailUser, write_config
 
 pytestmark = pytest.mark.dovecot
 
-COUNT = 320  # above the 300 at which progress starts; two batches of fetch_batch = 200
+COUNT = 320  # above the 300 at which progress starts
 
 
 def message(n: int) -> bytes:

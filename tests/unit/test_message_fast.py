@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import email.policy
 import random
 import re
@@ -13,11 +14,12 @@ from datetime import UTC, datetime
 from email.parser import BytesParser
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from emailsync import message as message_module
-from emailsync.message import parse_headers
+from emailsync.message import evolved, parse_headers
 from emailsync.model import QueuedMessage
 
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -291,3 +293,18 @@ def test_canonical_dates_read_as_email_utils_reads_them(text: str) -> None:
     fast = message_module._parse_date.__wrapped__(text)
     stdlib = message_module._stdlib_date(text)
     assert (fast and fast.isoformat()) == (stdlib and stdlib.isoformat())
+
+
+def test_evolved_copies_as_dataclasses_replace_does() -> None:
+    """``evolved`` (the hot path's replace) gives what ``dataclasses.replace`` gives."""
+    message = parse_headers(7, b"From: a@b.example\r\nTo: c@d.example\r\nSubject: hi\r\n\r\n")
+    changes: dict[str, object] = {"body_text": "text", "key": "k", "attachments": ()}
+    copy = evolved(message, **changes)
+    assert copy == dataclasses.replace(message, **changes)  # type: ignore[arg-type]
+    assert type(copy) is QueuedMessage
+    assert copy is not message
+    assert message.body_text == ""  # the original untouched
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        copy.body_text = "changed"  # type: ignore[misc]
+    with pytest.raises(TypeError, match="no such fields"):
+        evolved(message, body="misspelt")
