@@ -531,6 +531,13 @@ class MailboxRegistrar:
         with self._lock:
             return dict(self.registered)
 
+    def is_registered(self, address: str) -> bool:
+        """Whether the registry has the mailbox (its row, read now: another instance may have
+        set it up a moment ago)."""
+        if self._configured(address) is not None or self.registry is None:
+            return False
+        return self.registry.registered_mailbox(address) is not None
+
     def start_registered(self, mailbox: MailboxSettings) -> bool:
         """Start a registered mailbox that has its credentials; else show it stopped."""
         if mailbox.auth == "password" and not self.has_secret(mailbox.address):

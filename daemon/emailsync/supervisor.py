@@ -428,7 +428,7 @@ class Supervisor:
         A registered mailbox is forgotten with its credentials (``forget_mailbox``).
         """
         address = address.lower()
-        if address in self.registrar.registered_mailboxes():
+        if self.registrar.is_registered(address):
             return self.forget_mailbox(address)
         mailbox = next((m for m in self.settings.mailboxes if m.address == address), None)
         if mailbox is None:
@@ -819,8 +819,8 @@ class Supervisor:
 
         Restarting retires the worker; the main loop starts the replacement once it has ended.
         With ``everything_changed`` every mailbox counts as changed. In a ``cluster`` only the
-        mailboxes running here restart, each only with its lease's fenced store, and added
-        ones (and registered ones, which a cluster has not) are left to the lease keeper.
+        mailboxes running here restart (registered ones too), each only with its lease's fenced
+        store, and added ones are left to the lease keeper.
         """
         old_by_address = {m.address: m for m in old.mailboxes}
         new_by_address = {m.address: m for m in new.mailboxes}
@@ -854,7 +854,7 @@ class Supervisor:
                 if address not in old_by_address and not cluster:
                     self._start_or_mark(mailbox, address in marked)
                     events.append(("mailbox_added", address))
-            if everything_changed and not cluster:
+            if everything_changed:  # a registered worker keeps its fenced store (_stores)
                 for address, mailbox in self.registrar.registered.items():
                     if address in self.workers or address in self._pending:
                         retired.append(self._retire(address))
@@ -924,6 +924,8 @@ class Supervisor:
         In a cluster only under its lease, where it is held (the keeper starts it elsewhere).
         """
         if self.cluster is not None:
+            with self._lock:
+                self._stopped.pop(mailbox.address, None)  # runs here or on another instance
             return self.cluster.resume(mailbox.address)
         return self._replace_worker_here(mailbox)
 
