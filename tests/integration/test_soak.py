@@ -42,6 +42,9 @@ pytestmark = pytest.mark.dovecot
 SECONDS = float(os.environ.get("EMAILSYNC_SOAK_SECONDS", "60"))
 MAILBOXES = int(os.environ.get("EMAILSYNC_SOAK_MAILBOXES", "20"))
 MESSAGES_PER_SECOND = float(os.environ.get("EMAILSYNC_SOAK_RATE", "4"))
+# Messages per FETCH batch (0: the default). A small one with a high rate keeps several
+# batches' FETCHes and MOVEs in flight under the faults (issue 23's pipelining).
+FETCH_BATCH = int(os.environ.get("EMAILSYNC_SOAK_BATCH", "0"))
 FAULT_EVERY_SECONDS = (1.0, 4.0)  # uniform gap between two faults
 # RSS is compared from minute 2 (of 10); a short run compares from its middle.
 WARMUP_SECONDS = min(120.0, SECONDS / 2)
@@ -223,6 +226,7 @@ def test_soak_under_random_faults_loses_and_doubles_nothing(
         idle_renew_seconds=10,
         max_backoff_seconds=5,
         sweep_seconds=SWEEP_SECONDS,
+        **({"fetch_batch": FETCH_BATCH} if FETCH_BATCH else {}),
     )
     wait_until(lambda: all_idle(daemon, users), 120, 0.5)
     # Hundreds of logins at once can time out before any fault: counted, not held against
