@@ -51,11 +51,13 @@ PYTEST_WORKERS ?= -n 4 --dist worksteal
 # The bench smoke runs before pytest so that pytest's summary is the run's closing line.
 test: setup lint typecheck
 	$(BIN)/python bench/run.py --smoke
+	$(BIN)/python bench/shapes.py --messages 100 --repeats 1
 	$(BIN)/python -m pytest -q $(PYTEST_WORKERS)
 
 # Issue 10's full table, 2,000 mailboxes and 10,000 messages included (~20 min on 2 cores).
 bench: setup
 	$(BIN)/python bench/run.py --big-mailboxes 2000 --backlog 10000
+	$(BIN)/python bench/shapes.py --messages 2000 --repeats 3
 
 # Flame graphs (py-spy, SVG) of one backlog pass, for issue 10's profile: bench/results/.
 PROFILE_MESSAGES ?= 10000

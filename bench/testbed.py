@@ -67,12 +67,16 @@ class BenchMailbox:
 class Testbed:
     """One Dovecot on 127.0.0.1 and a scratch directory; a context manager."""
 
-    def __init__(self, directory: Directory, state: str = "sqlite") -> None:
+    def __init__(
+        self, directory: Directory, state: str = "sqlite", *, with_postgres: bool = False
+    ) -> None:
         self.directory = directory
         self.workdir = Path(tempfile.mkdtemp(prefix="emailsync-bench-"))
         self.server = Dovecot()
-        # The mailboxes' state database: "sqlite" (a file each) or "postgresql".
-        self.postgres = Postgres() if state == "postgresql" else None
+        # The mailboxes' state database by default: "sqlite" (a file each) or "postgresql";
+        # with_postgres starts the cluster anyway, for mailboxes that ask for it.
+        self.state = state
+        self.postgres = Postgres() if state == "postgresql" or with_postgres else None
         self._count = 0
 
     def __enter__(self) -> Testbed:
@@ -91,8 +95,11 @@ class Testbed:
             self.postgres.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def new_mailbox(self, daemon_extra: str = "") -> BenchMailbox:
-        """A fresh user with the folder tree, a config and a store holding the groups."""
+    def new_mailbox(self, daemon_extra: str = "", state: str | None = None) -> BenchMailbox:
+        """A fresh user with the folder tree, a config and a store holding the groups.
+
+        ``state``: "sqlite" or "postgresql" for this mailbox (default: the testbed's).
+        """
         self._count += 1
         home = self.workdir / f"mailbox{self._count}"
         (home / "state").mkdir(parents=True)
@@ -101,11 +108,12 @@ class Testbed:
         self.server.add_user(address, password)
         (home / "password").write_text(password + "\n", encoding="utf-8")
         config_path = home / "emailsync.toml"
-        state = f"sqlite://{home / 'state' / 'emailsync.db'}"
-        if self.postgres is not None:
-            state = self.postgres.create_database("bench")
+        url = f"sqlite://{home / 'state' / 'emailsync.db'}"
+        if (state or self.state) == "postgresql":
+            assert self.postgres is not None, "Testbed(with_postgres=True) for PostgreSQL state"
+            url = self.postgres.create_database("bench")
         config_path.write_text(
-            _config(home, address, self.server.port, daemon_extra, state), encoding="utf-8"
+            _config(home, address, self.server.port, daemon_extra, url), encoding="utf-8"
         )
         settings = load_settings(config_path)
         store = open_store(settings.store_url, settings.daemon.state_dir)

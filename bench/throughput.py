@@ -216,11 +216,13 @@ def _emailsync_trial(
     problems: list[str],
     *,
     crm: CrmSettings | None = None,
+    state: str | None = None,
 ) -> Trial:
-    mailbox = testbed.new_mailbox()
+    mailbox = testbed.new_mailbox(state=state)
     _seed(mailbox, corpus)
     settings = mailbox.settings()
-    # With ``crm`` the groups and events are the CRM's (bench/crm.py), else the mailbox's SQLite.
+    # With ``crm`` the groups and events are the CRM's (bench/crm.py), else the mailbox's state
+    # database's (SQLite or PostgreSQL: ``state``); the CRM keeps its state in that database.
     store = open_store(settings.store_url, settings.daemon.state_dir, crm)
     session = mailbox.open_session()
     clock = PhaseClock()
