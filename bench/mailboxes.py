@@ -11,22 +11,41 @@ process's RSS once all are in IDLE, and its CPU over a rest window with nothing 
 Dovecot needs one inotify instance per IDLE: the limit is raised for the run and restored.
 Each start is timed on a quiet server: once ``doveadm who`` lists no session of the run
 before (2,000 IMAP processes ending after a kill took long enough to slow the next start).
+
+Issue 23 adds two runs of the daemon:
+
+* **monitored start** (``emailsync_monitored``): the same start while it is watched at a
+  common pace, ``/v1/mailboxes`` every 2 s (which also says when all are IDLE) and
+  ``/metrics`` (gzip, as Prometheus asks) every 15 s; against the bare threads of the run.
+* **at rest** (``rest_profile``): once every mailbox is IDLE, the CPU of one ``/metrics``
+  and one ``/v1/mailboxes`` (the daemon's own CPU time from ``/proc``, less its background,
+  mean of 10 calls, median of 3 blocks), then a rest window scraped every 15 s (a shorter
+  window in six slots): the process's CPU share and its main thread's, what the log grew
+  by (info level: nothing should be logged), and the sweep's cost a mailbox (the CPU of the
+  slots in which sweep passes were counted, beyond the median quiet slot, per pass).
 """
 
 from __future__ import annotations
 
 import contextlib
+import gzip
+import json
 import os
 import secrets
+import statistics
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from daemonproc import DaemonProcess
+from prometheus_client.parser import text_string_to_metric_families
 from testbed import Testbed
 
 from emailsync.devnet import free_port
@@ -36,6 +55,12 @@ SETTLE_TIMEOUT_SECONDS = 300.0
 REST_SECONDS = 10.0
 INOTIFY_KNOB = Path("/proc/sys/fs/inotify/max_user_instances")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+# The common pace of watching a daemon (issue 23): a status poll every 2 s, a scrape every 15 s.
+STATUS_SECONDS = 2.0
+SCRAPE_SECONDS = 15.0
+CALLS = 10  # per block, when timing one /metrics or /v1/mailboxes
+CALL_BLOCKS = 3
+HTTP_SECONDS = 60.0
 
 BARE = textwrap.dedent(
     """
@@ -165,6 +190,216 @@ def emailsync_run(
         return _measure(daemon.process.pid, len(users), seconds, rest_seconds)
 
 
+@dataclass(frozen=True)
+class RestProfile:
+    """What an idle daemon of N mailboxes costs: per call, and over a rest window."""
+
+    mailboxes: int
+    scrape_cpu_ms: float  # one /metrics, gzipped
+    scrape_bytes: int  # on the wire (gzipped)
+    scrape_text_bytes: int
+    status_cpu_ms: float  # one /v1/mailboxes
+    status_bytes: int
+    rest_seconds: float
+    rest_cpu_share: float  # of one core, over the window (scraped every 15 s)
+    main_thread_share: float
+    sweep_passes: int
+    sweep_ms_per_mailbox: float | None  # None: no sweep in the window
+    logged_bytes: int  # what the log (info level) grew by in the window
+
+
+def emailsync_monitored(testbed: Testbed, users: list[tuple[str, str]]) -> Footprint:
+    """``emailsync run`` watched at a common pace: start → all IDLE by ``/v1/mailboxes`` every
+    2 s, ``/metrics`` scraped every 15 s meanwhile (issue 23)."""
+    home = _home(testbed, len(users))
+    port = free_port()
+    config = home / "emailsync.toml"
+    config.write_text(_config(home, testbed.server.port, port, users), encoding="utf-8")
+    settle(testbed)
+    started = time.monotonic()
+    with DaemonProcess(config, port, home / "daemon.log") as daemon:
+        scraper = _Scraper(port)
+        scraper.start()
+        try:
+            _wait_all_idle(daemon, home, len(users), started)
+        finally:
+            scraper.stop()
+        seconds = time.monotonic() - started
+        return _measure(daemon.process.pid, len(users), seconds, 1.0)
+
+
+def rest_profile(
+    testbed: Testbed,
+    users: list[tuple[str, str]],
+    rest_seconds: float,
+    sweep_seconds: float | None = None,
+    blocks: int = CALL_BLOCKS,
+) -> RestProfile:
+    """Start ``emailsync run`` (info logging), wait until all are IDLE, then time single calls
+    and watch a rest window, scraping every 15 s as Prometheus would (issue 23)."""
+    home = _home(testbed, len(users))
+    port = free_port()
+    config = home / "emailsync.toml"
+    extra = "" if sweep_seconds is None else f"sweep_seconds = {sweep_seconds}"
+    store = f'store = "sqlite:///{home / "state" / "emailsync.db"}"'
+    text = bench_config(
+        home, testbed.server.port, port, users, f'{store}\nlog_level = "info"\n{extra}'
+    )
+    config.write_text(text, encoding="utf-8")
+    settle(testbed)
+    log = home / "daemon.log"
+    with DaemonProcess(config, port, log) as daemon:
+        pid = daemon.process.pid
+        token = _wait_all_idle(daemon, home, len(users), time.monotonic())
+        time.sleep(2.0)  # the last IDLEs settle
+        auth = {"Authorization": f"Bearer {token}"}
+        gz = {"Accept-Encoding": "gzip"}
+        scrape_ms, scrape_bytes = _call_cpu(pid, port, "/metrics", gz, blocks)
+        status_ms, status_bytes = _call_cpu(pid, port, "/v1/mailboxes", auth, blocks)
+        text_bytes = len(_get(port, "/metrics", {})[1])
+        logged = log.stat().st_size
+        slots: list[tuple[float, float]] = []  # (CPU seconds, sweep passes) per 15 s slot
+        started = time.monotonic()
+        cpu_before, main_before = _cpu_seconds(pid), _cpu_seconds(pid, pid)
+        sweeps = _sweeps(port)
+        cpu, end = cpu_before, started + rest_seconds
+        slot = min(SCRAPE_SECONDS, rest_seconds / 6)  # a short window still has quiet slots
+        while time.monotonic() < end:
+            time.sleep(max(0.0, min(slot, end - time.monotonic())))
+            now_cpu, now_sweeps = _cpu_seconds(pid), _sweeps(port)
+            slots.append((now_cpu - cpu, now_sweeps - sweeps))
+            cpu, sweeps = now_cpu, now_sweeps
+        elapsed = time.monotonic() - started
+        share = (_cpu_seconds(pid) - cpu_before) / elapsed
+        main = (_cpu_seconds(pid, pid) - main_before) / elapsed
+        logged = log.stat().st_size - logged
+    quiet = [c for c, n in slots if n == 0]
+    swept = [(c, n) for c, n in slots if n > 0]
+    passes = int(sum(n for _, n in swept))
+    sweep_ms = None
+    if swept and quiet:
+        extra_cpu = sum(c for c, _ in swept) - statistics.median(quiet) * len(swept)
+        sweep_ms = max(0.0, extra_cpu) * 1000 / passes
+    return RestProfile(
+        len(users),
+        round(scrape_ms, 1),
+        scrape_bytes,
+        text_bytes,
+        round(status_ms, 1),
+        status_bytes,
+        round(elapsed, 1),
+        share,
+        main,
+        passes,
+        None if sweep_ms is None else round(sweep_ms, 3),
+        logged,
+    )
+
+
+class _Scraper(threading.Thread):
+    """GETs /metrics (gzip) every SCRAPE_SECONDS, the first at once, until stopped."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(name="scraper", daemon=True)
+        self.port = port
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            _get(self.port, "/metrics", {"Accept-Encoding": "gzip"})
+            self._halt.wait(SCRAPE_SECONDS)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(HTTP_SECONDS)
+
+
+def _home(testbed: Testbed, count: int) -> Path:
+    home = testbed.workdir / f"many-{count}-{secrets.token_hex(2)}"
+    (home / "state").mkdir(parents=True)
+    return home
+
+
+def _wait_all_idle(daemon: DaemonProcess, home: Path, count: int, started: float) -> str:
+    """Poll /v1/mailboxes every STATUS_SECONDS until all ``count`` are idle; the token."""
+    token_file = home / "state" / "control-token"
+    deadline = started + START_TIMEOUT_SECONDS
+    while True:
+        if daemon.process.poll() is not None:
+            raise RuntimeError(f"daemon exited:\n{daemon.log_tail()}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"not all {count} in IDLE:\n{daemon.log_tail()}")
+        token = token_file.read_text().strip() if token_file.exists() else ""
+        status, body = _get(daemon.port, "/v1/mailboxes", {"Authorization": f"Bearer {token}"})
+        if status == 200:
+            states = [m["state"] for m in json.loads(body)["mailboxes"]]
+            if len(states) >= count and all(state == "idle" for state in states):
+                return token
+        time.sleep(STATUS_SECONDS)
+
+
+def _get(port: int, path: str, headers: dict[str, str]) -> tuple[int, bytes]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=HTTP_SECONDS) as response:  # noqa: S310 -- loopback
+            return int(response.status), bytes(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+    except OSError:
+        return 0, b""
+
+
+def _call_cpu(
+    pid: int, port: int, path: str, headers: dict[str, str], count: int
+) -> tuple[float, int]:
+    """The daemon's CPU milliseconds for one GET (less its background, median of ``count``
+    blocks of CALLS), and the bytes."""
+    blocks = []
+    size = 0
+    for _ in range(count):
+        before, at = _cpu_seconds(pid), time.monotonic()
+        time.sleep(2.0)
+        background = (_cpu_seconds(pid) - before) / (time.monotonic() - at)
+        before, at = _cpu_seconds(pid), time.monotonic()
+        for _ in range(CALLS):
+            size = len(_get(port, path, headers)[1])
+        time.sleep(0.2)  # the last answer's thread finishes
+        spent = _cpu_seconds(pid) - before - background * (time.monotonic() - at)
+        blocks.append(max(0.0, spent) * 1000 / CALLS)
+    return statistics.median(blocks), size
+
+
+def _sweeps(port: int) -> float:
+    """Sweep passes so far (the summed ``sync_passes_total{trigger="sweep"}``)."""
+    status, body = _get(port, "/metrics", {"Accept-Encoding": "gzip"})
+    if status != 200:
+        return 0.0
+    text = gzip.decompress(body).decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "emailsync_sync_passes_total" and sample.labels.get("trigger") == "sweep"
+    )
+
+
+def rest_line(rest: RestProfile) -> str:
+    """The rest profile in one line."""
+    sweep = (
+        "no sweep in the window"
+        if rest.sweep_ms_per_mailbox is None
+        else f"sweep {rest.sweep_ms_per_mailbox:.2f} ms CPU a mailbox ({rest.sweep_passes} passes)"
+    )
+    return (
+        f"{rest.mailboxes} mailboxes: /metrics {rest.scrape_cpu_ms:.0f} ms CPU,"
+        f" {rest.scrape_bytes / 1e6:.2f} MB gzipped ({rest.scrape_text_bytes / 1e6:.2f} MB text);"
+        f" /v1/mailboxes {rest.status_cpu_ms:.0f} ms CPU, {rest.status_bytes / 1e6:.2f} MB;"
+        f" at rest {100 * rest.rest_cpu_share:.2f} % of a core over {rest.rest_seconds:.0f} s"
+        f" (main thread {100 * rest.main_thread_share:.2f} %), {sweep},"
+        f" {rest.logged_bytes} bytes logged"
+    )
+
+
 def settle(testbed: Testbed) -> None:
     """Wait until Dovecot has no IMAP session left (the previous run's have all ended)."""
     deadline = time.monotonic() + SETTLE_TIMEOUT_SECONDS
@@ -183,8 +418,10 @@ def _measure(pid: int, mailboxes: int, seconds: float, rest_seconds: float) -> F
     return Footprint(mailboxes, seconds, _rss_bytes(pid), cpu)
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def _cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """CPU seconds of a process (or of one of its threads) from /proc."""
+    path = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
+    fields = Path(path).read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (proc(5))
 
 
@@ -244,6 +481,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("mailboxes", type=int)
     parser.add_argument("--no-bare", action="store_true", help="skip the bare threads")
+    parser.add_argument(
+        "--monitored", action="store_true", help="also the start watched at a common pace"
+    )
+    parser.add_argument(
+        "--rest", type=float, metavar="SECONDS", help="also the rest profile over this window"
+    )
+    parser.add_argument("--sweep-seconds", type=float, help="the rest profile's sweep_seconds")
     args = parser.parse_args(argv)
     count = args.mailboxes
     directory = Directory.build(random.Random(1))  # noqa: S311 -- test data
@@ -254,6 +498,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_bare:
             figures["bare"] = bare_threads(testbed, users).__dict__
         figures["emailsync"] = emailsync_run(testbed, users).__dict__
+        if args.monitored:
+            figures["monitored"] = emailsync_monitored(testbed, users).__dict__
+        rest = rest_profile(testbed, users, args.rest, args.sweep_seconds) if args.rest else None
     for name, f in figures.items():
         print(
             f"{name}: {f['mailboxes']} mailboxes, start {f['start_seconds']:.1f} s,"
@@ -262,8 +509,13 @@ def main(argv: list[str] | None = None) -> int:
             f" rest CPU {100 * f['rest_cpu_share']:.2f} %"
         )
     if "bare" in figures:
-        ratio = figures["emailsync"]["start_seconds"] / figures["bare"]["start_seconds"]
-        print(f"start ratio {ratio:.2f}")
+        for name in ("emailsync", "monitored"):
+            if name in figures:
+                ratio = figures[name]["start_seconds"] / figures["bare"]["start_seconds"]
+                print(f"{name} start ratio {ratio:.2f}")
+    if rest is not None:
+        print(rest_line(rest))
+        figures["rest"] = rest.__dict__
     print(json.dumps(figures))
     return 0
 

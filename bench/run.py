@@ -49,9 +49,11 @@ from mailboxes import (
     REST_SECONDS,
     Footprint,
     bare_threads,
+    emailsync_monitored,
     emailsync_run,
     inotify_instances,
     make_users,
+    rest_profile,
 )
 from refile import RefileResult, run_refile
 from refile import table as refile_table
@@ -77,6 +79,13 @@ SMOKE_RSS_BACKLOGS = (30, 150)
 DEFAULT_BIG_ATTACHMENT = 37 * 1024 * 1024  # ~50 MB once base64-encoded
 SMOKE_BIG_ATTACHMENT = 2 * 1024 * 1024
 SMOKE_REST_SECONDS = 1.0
+# Issue 23: the rest window of the idle daemon (scraped every 15 s). `make bench`
+# (--big-mailboxes) watches 10 minutes with the default sweep_seconds (600: one sweep falls
+# in the window); the smoke 20 s with a sweep every 12 s; a run without big mailboxes 2 min.
+BIG_PROFILE_REST_SECONDS = 600.0
+PROFILE_REST_SECONDS = 120.0
+SMOKE_PROFILE_REST_SECONDS = 20.0
+SMOKE_PROFILE_SWEEP_SECONDS = 12.0
 SMALL_ATTACHMENT = 16 * 1024
 # Issue 22: Failed messages re-filed after one link change, over this many mailboxes.
 DEFAULT_REFILE = (100, 1000)
@@ -288,6 +297,15 @@ def _run_issue10(testbed: Testbed, sizes: dict[str, Any]) -> dict[str, Any]:
         bare = [bare_threads(testbed, users[:count], rest) for _ in range(repeats)]
         ours = [emailsync_run(testbed, users[:count], rest) for _ in range(repeats)]
         big_pair = (bare_threads(testbed, users), emailsync_run(testbed, users)) if big else None
+        # Issue 23: the start watched at a common pace, against the run's bare threads of the
+        # same size, and what the idle daemon costs per call and at rest.
+        watched_users = users if big else users[:count]
+        watched = emailsync_monitored(testbed, watched_users)
+        if sizes["smoke"]:
+            window, sweep = SMOKE_PROFILE_REST_SECONDS, SMOKE_PROFILE_SWEEP_SECONDS
+        else:
+            window, sweep = (BIG_PROFILE_REST_SECONDS if big else PROFILE_REST_SECONDS), None
+        rest = rest_profile(testbed, watched_users, window, sweep, 1 if sizes["smoke"] else 3)
     small_n, large_n = sizes["rss_backlogs"]
     rss_small, more = backlog_peak(testbed, small_n, SEED + 300)
     problems += more
@@ -302,6 +320,14 @@ def _run_issue10(testbed: Testbed, sizes: dict[str, Any]) -> dict[str, Any]:
         "backlog": _backlog_figures(backlog),
         "mailboxes": _mailbox_figures(bare, ours),
         "big_mailboxes": _mailbox_figures([big_pair[0]], [big_pair[1]]) if big_pair else None,
+        "watched": {
+            "mailboxes": watched.mailboxes,
+            "start_s": watched.start_seconds,
+            "bare_start_s": (big_pair[0] if big_pair else bare[0]).start_seconds,
+            "start_ratio": watched.start_seconds
+            / (big_pair[0] if big_pair else bare[0]).start_seconds,
+        },
+        "rest": rest.__dict__,
         "sync_peak_rss": {
             "small_messages": small_n,
             "large_messages": large_n,
@@ -457,6 +483,42 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 1)
 
 
+def _watched_rows(watched: dict[str, Any], rest: dict[str, Any]) -> list[tuple[str, ...]]:
+    """Issue 23's rows: the watched start, one scrape and status call, the daemon at rest."""
+    n = rest["mailboxes"]
+    sweep = rest["sweep_ms_per_mailbox"]
+    return [
+        (
+            f"{watched['mailboxes']} mailboxes watched: start s",
+            f"{watched['start_s']:.1f}",
+            f"bare {watched['bare_start_s']:.1f}",
+            f"{watched['start_ratio']:.2f}",
+            "<= 1.3",
+        ),
+        (
+            f"{n} mailboxes: one /metrics",
+            f"{rest['scrape_cpu_ms']:.0f} ms CPU",
+            f"{rest['scrape_bytes'] / 1e6:.2f} MB gzip",
+            f"text {rest['scrape_text_bytes'] / 1e6:.2f} MB",
+            "<= 100 ms, 1 MB",
+        ),
+        (
+            f"{n} mailboxes: one /v1/mailboxes",
+            f"{rest['status_cpu_ms']:.0f} ms CPU",
+            f"{rest['status_bytes'] / 1e6:.2f} MB",
+            "",
+            "",
+        ),
+        (
+            f"{n} mailboxes at rest {rest['rest_seconds']:.0f} s",
+            f"{rest['rest_cpu_share'] * 100:.2f} %",
+            f"main thread {rest['main_thread_share'] * 100:.2f} %",
+            "no sweep" if sweep is None else f"sweep {sweep:.2f} ms/mailbox",
+            f"<= 1 %, logged {rest['logged_bytes']} B",
+        ),
+    ]
+
+
 def _table(report: dict[str, Any]) -> str:
     t, lat = report["throughput"], report["latency"]
     shares = ", ".join(f"{k} {v:.0%}" for k, v in t["emailsync_phase_share"].items())
@@ -580,6 +642,7 @@ def _issue10_table(report: dict[str, Any]) -> list[str]:
                 "<= 2 %",
             ),
         ]
+    rows += _watched_rows(i10["watched"], i10["rest"])
     if "p50_overhead_ms" in lat:
         rows.append(
             (
