@@ -171,9 +171,11 @@ class WorkerReport:
     def refresh_gauges(self) -> None:
         """Recompute the age of the oldest queued message (the scheduler calls this)."""
         oldest = self._oldest_queued
+        if oldest is None:  # most mailboxes, every 15 s: no clock, no datetime (issue 23)
+            self.series.set_oldest_age(0.0)
+            return
         now = datetime.fromtimestamp(self.clock.time(), UTC)
-        age = (now - oldest).total_seconds() if oldest else 0.0
-        self.series.set_oldest_age(max(0.0, age))
+        self.series.set_oldest_age(max(0.0, (now - oldest).total_seconds()))
 
     def token_expiry(self, expiry: datetime | None) -> None:
         """The access token's expiry (Office 365), when there is one."""
