@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from emailsync.devcrm import DevCrm
 from emailsync.devserver import Dovecot, DovecotOptions
 
 from .daemonproc import DaemonFactory
@@ -94,3 +95,14 @@ def daemons(tmp_path: Path) -> Iterator[DaemonFactory]:
 
 
 __all__ = ["MailUser", "new_user", "settings_for", "write_config"]
+
+
+@pytest.fixture
+def reference_crm() -> Iterator[DevCrm]:
+    """The reference CRM (test_crm's secret) linking CLIENT_A to the group g-smith."""
+    from .test_crm import CLIENT_A, SECRET  # noqa: PLC0415 -- the CRM tests' own constants
+
+    server = DevCrm(SECRET.encode()).start()
+    server.link("g-smith", "Smith", [CLIENT_A])
+    yield server
+    server.close()

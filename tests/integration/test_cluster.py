@@ -36,10 +36,21 @@ CLIENT = "john@clients.example"
 class Cluster:
     """Daemon subprocesses of one test, each with its own directory, port and instance id."""
 
-    def __init__(self, tmp_path: Path, users: list[MailUser], pg_url: str) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        users: list[MailUser],
+        pg_url: str,
+        *,
+        tables: str = "",
+        lease_seconds: float = LEASE_SECONDS,
+    ) -> None:
+        """``tables``: TOML tables every instance's config gets after [cluster] ([crm], …)."""
         self.tmp_path = tmp_path
         self.users = users
         self.pg_url = pg_url
+        self.tables = tables
+        self.lease_seconds = lease_seconds
         self.daemons: dict[str, RunningDaemon] = {}
         self.ports: dict[str, int] = {}
 
@@ -63,9 +74,10 @@ class Cluster:
             share_registry_key(self.tmp_path / "registry-key", workdir / "state")
         extra = daemon_config_extra(
             self.ports[name], workdir / "control-token", store=self.pg_url, **daemon
-        ) + (f'\n\n[cluster]\ninstance_id = "{name}"\nlease_seconds = {LEASE_SECONDS}\n')
+        ) + (f'\n\n[cluster]\ninstance_id = "{name}"\nlease_seconds = {self.lease_seconds:g}\n')
+        extra += f"\n{self.tables}\n" if self.tables else ""
         ports = None if proxy is None else {proxy.upstream[1]: proxy.port}
-        # [cluster] follows the [daemon] keys; the branch and mailbox tables come after it.
+        # [cluster] and the tables follow the [daemon] keys; branches and mailboxes come after.
         return write_config(
             workdir, self.users, extra=extra, mailbox_extra=mailbox_extra, ports=ports
         )

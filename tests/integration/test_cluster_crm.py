@@ -8,7 +8,6 @@ from __future__ import annotations
 import signal
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,45 +25,14 @@ from .test_filing import build_message, folder_subjects, queue
 pytestmark = pytest.mark.dovecot
 
 
-class CrmCluster(Cluster):
+def crm_cluster(tmp_path: Path, users: list[MailUser], pg_url: str, crm: DevCrm) -> Cluster:
     """Instances sharing a PostgreSQL state, filing to the reference CRM."""
-
-    def __init__(self, tmp_path: Path, users: list[MailUser], pg_url: str, crm: DevCrm) -> None:
-        super().__init__(tmp_path, users, pg_url)
-        self.crm = crm
-
-    def config(
-        self,
-        name: str,
-        mailbox_extra: str = "",
-        *,
-        proxy: FaultProxy | None = None,
-        **daemon: object,
-    ) -> Path:
-        path = super().config(name, mailbox_extra, proxy=proxy, **daemon)
-        text = path.read_text(encoding="utf-8")
-        # [crm] goes before the branch and mailbox tables, like [cluster].
-        head, tail = text.split("\n[branches.", 1)
-        path.write_text(
-            head + crm_table(path.parent, self.crm) + "\n[branches." + tail, encoding="utf-8"
-        )
-        return path
+    return Cluster(tmp_path, users, pg_url, tables=crm_table(tmp_path, crm))
 
 
 def crm_subjects(crm: DevCrm) -> Counter[str]:
     """Events in the CRM, by subject: each must be there exactly once."""
     return Counter(str(event["subject"]) for event in crm.events())
-
-
-@pytest.fixture
-def reference_crm() -> Iterator[DevCrm]:
-    """The reference CRM with test_crm's secret (crm_table writes that one)."""
-    from .test_crm import SECRET  # noqa: PLC0415 -- one secret for both helpers
-
-    server = DevCrm(SECRET.encode()).start()
-    server.link("g-smith", "Smith", [CLIENT_A])
-    yield server
-    server.close()
 
 
 def test_a_crm_cluster_files_each_message_once_and_fails_over_within_the_lease(
@@ -74,7 +42,7 @@ def test_a_crm_cluster_files_each_message_once_and_fails_over_within_the_lease(
     the CRM; kill -9 of an owner → its mailboxes IDLE elsewhere within lease + 15 s and the
     mail queued meanwhile reaches the CRM once."""
     users = [new_user(dovecot, prefix="cc") for _ in range(6)]
-    cluster = CrmCluster(tmp_path, users, pg_url, reference_crm)
+    cluster = crm_cluster(tmp_path, users, pg_url, reference_crm)
     try:
         for name in ("a", "b", "c"):
             cluster.start(name)
@@ -141,7 +109,7 @@ def test_a_paused_crm_instance_delivers_nothing_and_moves_nothing_after_its_leas
     message; "b" takes the mailbox; woken, "a" delivers nothing to the CRM and moves
     nothing; Start Sync through "b" files the message, one event."""
     users = [new_user(dovecot, prefix="cp") for _ in range(2)]
-    cluster = CrmCluster(tmp_path, users, pg_url, reference_crm)
+    cluster = crm_cluster(tmp_path, users, pg_url, reference_crm)
     try:
         with FaultProxy(dovecot.port) as proxy:
             paused = cluster.start("a", proxy=proxy, timeout_seconds=120)

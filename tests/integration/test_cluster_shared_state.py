@@ -33,7 +33,7 @@ from .faultproxy import FaultProxy
 from .idp import IdentityProvider
 from .mailenv import MailUser, new_user
 from .oauth_fixtures import OAuthClients
-from .test_cluster import Cluster
+from .test_cluster import LEASE_SECONDS, Cluster
 from .test_office365_daemon import count, deliver
 
 pytestmark = pytest.mark.dovecot
@@ -108,14 +108,22 @@ def csrf_of(page: str) -> str:
 
 
 class SharedCluster(Cluster):
-    """A cluster whose instances share one control token (one admin, one public address)
-    and, given ``office365``, that [office365] table."""
+    """A cluster whose instances share one control token (one admin, one public address);
+    ``office365`` (an [office365] table) and ``tables`` go into every config."""
 
     def __init__(
-        self, tmp_path: Path, users: list[MailUser], pg_url: str, office365: str = ""
+        self,
+        tmp_path: Path,
+        users: list[MailUser],
+        pg_url: str,
+        office365: str = "",
+        *,
+        tables: str = "",
+        lease_seconds: float = LEASE_SECONDS,
     ) -> None:
-        super().__init__(tmp_path, users, pg_url)
-        self.office365 = office365
+        super().__init__(
+            tmp_path, users, pg_url, tables=office365 + tables, lease_seconds=lease_seconds
+        )
         self.token = secrets.token_urlsafe(16)
 
     def config(
@@ -128,10 +136,6 @@ class SharedCluster(Cluster):
     ) -> Path:
         path = super().config(name, mailbox_extra, proxy=proxy, **daemon)
         (path.parent / "control-token").write_text(self.token + "\n")
-        if self.office365:
-            text = path.read_text()
-            tables = text.index("[branches.")
-            path.write_text(text[:tables] + self.office365 + "\n" + text[tables:])
         return path
 
 

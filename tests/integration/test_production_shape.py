@@ -13,7 +13,6 @@ from __future__ import annotations
 import secrets
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
@@ -24,13 +23,12 @@ from emailsync.devserver import Dovecot
 
 from .balancer import Balancer
 from .daemonproc import RunningDaemon, run_cli, wait_until
-from .faultproxy import FaultProxy
 from .idp import IdentityProvider
 from .mailenv import MailUser, new_user
 from .oauth_fixtures import OAuthClients
-from .test_cluster import LEASE_SECONDS, imap_connections
+from .test_cluster import imap_connections
 from .test_cluster_shared_state import SharedCluster, http, office365_table
-from .test_crm import CLIENT_A, SECRET, crm_table
+from .test_crm import CLIENT_A, crm_table
 from .test_filing import build_message, folder_subjects, queue
 from .test_office365_daemon import count, deliver
 from .test_selfservice_pages import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS, shot
@@ -43,41 +41,6 @@ STOP_SECONDS = 5.0  # Stop Email Sync ends the owner's session within this, from
 CLUSTER_LEASE_SECONDS = 30
 # A mailbox set up at run time is claimed and IDLE on its owner within a few heartbeats.
 RUN_SECONDS = CLUSTER_LEASE_SECONDS + 30.0
-
-
-class ProductionCluster(SharedCluster):
-    """SharedCluster (one control token, one [office365]) filing to the reference CRM."""
-
-    def __init__(self, tmp_path: Path, users: list[MailUser], pg_url: str, **kw: object) -> None:
-        self.crm: DevCrm = kw.pop("crm")  # type: ignore[assignment]
-        super().__init__(tmp_path, users, pg_url, **kw)  # type: ignore[arg-type]
-
-    def config(
-        self,
-        name: str,
-        mailbox_extra: str = "",
-        *,
-        proxy: FaultProxy | None = None,
-        **daemon: object,
-    ) -> Path:
-        path = super().config(name, mailbox_extra, proxy=proxy, **daemon)
-        # Leases long enough that no heartbeat (a third of one) comes within STOP_SECONDS:
-        # only the registry's notification can end the owner's session that fast.
-        text = path.read_text(encoding="utf-8").replace(
-            f"lease_seconds = {LEASE_SECONDS}\n", f"lease_seconds = {CLUSTER_LEASE_SECONDS}\n"
-        )
-        assert f"lease_seconds = {CLUSTER_LEASE_SECONDS}\n" in text
-        tables = text.index("[branches.")
-        path.write_text(text[:tables] + crm_table(path.parent, self.crm) + "\n" + text[tables:])
-        return path
-
-
-@pytest.fixture
-def reference_crm() -> Iterator[DevCrm]:
-    server = DevCrm(SECRET.encode()).start()
-    server.link("g-smith", "Smith", [CLIENT_A])
-    yield server
-    server.close()
 
 
 def owner_daemon(cluster: SharedCluster, address: str) -> RunningDaemon | None:
@@ -111,12 +74,15 @@ def test_agents_set_up_sync_sign_in_and_stop_through_any_of_three_crm_instances(
     o365 = f"o365-{secrets.token_hex(4)}@example.com"
     o365_password = secrets.token_urlsafe(12)
     idp.add_user(o365, o365_password)
-    cluster = ProductionCluster(
+    # Leases long enough that no heartbeat (a third of one) comes within STOP_SECONDS: only
+    # the registry's notification can end the owner's session that fast.
+    cluster = SharedCluster(
         tmp_path,
         [filler],
         pg_url,
-        office365=office365_table(idp, oauth_clients, oauth_ca_file),
-        crm=reference_crm,
+        office365_table(idp, oauth_clients, oauth_ca_file),
+        tables=crm_table(tmp_path, reference_crm),
+        lease_seconds=CLUSTER_LEASE_SECONDS,
     )
     # The balancer sends the browser's pages to the instance a step names (the last of
     # ``pages``), and the provider's redirect to the pop-up's callback always to b.
