@@ -332,7 +332,7 @@ def test_an_owner_paused_between_recording_and_moving_sends_no_move_once_its_lea
     last wait before "a" records batch 1 and moves it (issue 23: nothing waits between the
     record and the MOVE any more). "a" is paused right there (SIGSTOP) until "b" has taken
     the mailbox and filed its mail. Woken, "a" checks its lease as the last thing before
-    the MOVE: it sends no MOVE at all, and every message is filed once, by "b".""""
+    the MOVE: it sends no MOVE at all, and every message is filed once, by "b"."""
     user = new_user(dovecot, prefix="mv")
     cluster = Cluster(tmp_path, [user], pg_url)
     result = run_cli(cluster.config("setup"), "groups", "add", "Smith", CLIENT)
