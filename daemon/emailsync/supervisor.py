@@ -1,29 +1,22 @@
 """The supervisor: one worker per mailbox, signals, reload, scheduled jobs, systemd, shutdown.
 
-The main loop (``run``) ticks every TICK_SECONDS and never waits on a worker: restarting a
-worker means asking it to stop ("retiring" it) and starting its replacement on a later tick,
-once the old thread has ended. So a mailbox never has two live workers (two filers on one
-Queue, two connections where providers cap them), the old worker's last writes (``stopped``)
-land before the new one's first, and ``/healthz`` and the watchdog keep being answered while
-2,000 workers log out. The lock guards the bookkeeping only: no one joins a thread, logs,
-touches a file or calls into a worker under it (any of these hands the GIL to 2,000 busy
-threads and can keep the lock, and so /healthz, for seconds).
-
-A mailbox is in at most one of: ``workers`` (running), ``_pending`` (to start once no retiring
-worker of it is left), ``_starting`` (being started by the main loop, outside the lock),
-``_restarting`` (its worker died: restart after a back-off) and ``_stopped``; ``_retiring``
-(asked to stop, not yet ended) may hold it beside any of these but ``workers``.
+The main loop (``run``) ticks every TICK_SECONDS and never waits on a worker. The workers'
+lifecycle and its rules (at most one live worker a mailbox, a replacement only once its
+predecessor has ended, restarts after a back-off, nothing joined or logged under the lock)
+are the ``WorkerPool``'s (workerpool.py); the supervisor decides when to start, restart or
+retire which, and runs the pool's steps on each tick.
 
 Mailboxes come from the config file and from the store's registry (registered at run time
 through the API or the self-service pages). Registering, changing or forgetting one queues,
 restarts or retires just that worker, by the same rules; a reload (SIGHUP) compares the
 config file's only.
 With a shared (PostgreSQL) store, a ``Cluster`` decides which mailboxes this instance runs:
-its lease keeper calls ``run_mailbox`` with a store fenced by the lease (kept in ``_stores``
-and reused by restarts and reloads, so no worker of a cluster runs without its fence) and
-``drop_mailboxes`` when a lease is handed back or lost, which retires the workers like removed
-mailboxes at once; the keeper waits for them to end (on a thread of its own, renewing
-meanwhile) before it releases the lease.
+its lease keeper calls ``run_mailbox`` with a store fenced by the lease (kept in the pool's
+``stores`` and reused by restarts and reloads, so no worker of a cluster runs without its
+fence) and ``drop_mailboxes`` when a lease is handed back or lost, which retires the workers
+like removed mailboxes at once; the keeper waits for them to end (on a thread of its own,
+renewing meanwhile) before it releases the lease. That glue stays here, a few lines each: it
+is the settings and the registrar (which mailbox, stopped or not) put to the pool.
 """
 
 from __future__ import annotations
@@ -31,15 +24,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import random
 import signal
 import threading
 import time
-from collections.abc import Callable, Container, Sequence
-from datetime import UTC, datetime
+from collections.abc import Callable, Sequence
+from datetime import datetime
 from http import HTTPStatus
 from types import FrameType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -47,7 +39,6 @@ from prometheus_client import CollectorRegistry
 
 from emailsync.agenttoken import AgentTokens, ledger_for
 from emailsync.config import (
-    WORKER_STOP_SECONDS,
     MailboxSettings,
     ServerSettings,
     Settings,
@@ -89,6 +80,12 @@ from emailsync.throttle import LoginThrottle, ThrottledAuthenticator
 from emailsync.vault import Vault
 from emailsync.web import WebServer
 from emailsync.worker import MailboxWorker, WorkerStatus
+from emailsync.workerpool import (
+    SHUTDOWN_SECONDS,
+    Worker,
+    WorkerFactory,
+    WorkerPool,
+)
 
 if TYPE_CHECKING:
     from emailsync.cluster import Cluster
@@ -96,14 +93,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 TICK_SECONDS = 0.5
-# While workers are being stopped the loop ticks this often, so a replacement follows its
-# predecessor's end closely.
-BUSY_TICK_SECONDS = 0.05
-# Starting a worker (a thread, a pipe, metric series) takes a millisecond or, while hundreds
-# of others log in, much longer: a tick starts them (outside the lock) for at most this long
-# and the next tick goes on at once, so the watchdog and /healthz are never kept waiting.
-START_BUDGET_SECONDS = 0.1
-SHUTDOWN_SECONDS = WORKER_STOP_SECONDS  # SIGTERM must end the process within 10 s
 GAUGE_SECONDS = 15.0
 TOKEN_CHECK_SECONDS = 300.0
 TOKEN_REFRESH_AHEAD_SECONDS = 900.0  # refresh an access token this long before it expires
@@ -111,59 +100,9 @@ TOKEN_REFRESH_AHEAD_SECONDS = 900.0  # refresh an access token this long before 
 ANONYMOUS_CSRF_INFO = b"emailsync pages anonymous csrf"
 SETUP_LOGOUT_SECONDS = 4.0  # First Time Setup's LOGOUT: the work is done, do not wait long
 RECENT_OUTCOMES_NONE: list[dict[str, str | None]] = []
-# A worker thread that ended without being asked (a bug, not a mailbox error: those are
-# backed off inside the worker) is restarted after 1 s, 2 s, 4 s … 5 min, each jittered down
-# by up to half so that many do not come back at once; a worker that ran this long before
-# dying starts the count again.
-RESTART_START_SECONDS = 1.0
-RESTART_MAX_SECONDS = 300.0
-RESTART_RESET_SECONDS = 600.0
-# Looking for dead worker threads costs ~1 µs a worker; on every tick it was most of what an
-# idle daemon of 2,000 mailboxes spent (issue 23). So the look comes at most once per this
-# many seconds a worker (every tick for a few workers, every 5 s for 2,000: ~0.05 % of a
-# core); restarts back off 1 s or more anyway, and /healthz looks at every thread itself.
-DEAD_SCAN_SECONDS_PER_WORKER = 0.0025
 
 AuthenticatorFactory = Callable[[MailboxSettings, Settings], Authenticator]
 ClusterFactory = Callable[["Supervisor"], "Cluster"]
-
-
-class Worker(Protocol):
-    """What the supervisor needs of a mailbox worker (``MailboxWorker``; tests use fakes)."""
-
-    mailbox: MailboxSettings
-    authenticator: Authenticator
-    first_attempt_done: threading.Event
-
-    def start(self) -> None:
-        """Start the thread."""
-
-    def stop(self) -> None:
-        """Ask the thread to end soon; returns at once."""
-
-    def join(self, timeout: float | None = None) -> None:
-        """Wait for the thread to end."""
-
-    def is_alive(self) -> bool:
-        """True until the thread has ended."""
-
-    def snapshot(self) -> WorkerStatus:
-        """A copy of the current status."""
-
-    def request_pass(self, trigger: str) -> None:
-        """Ask for a sync pass."""
-
-    def release_stuck(self) -> None:
-        """Have the next pass release the messages quarantined in Queue."""
-
-    def refresh_gauges(self) -> None:
-        """Recompute time-based gauges."""
-
-    def refresh_token(self, ahead_seconds: float) -> None:
-        """Refresh an OAuth token that expires soon."""
-
-
-WorkerFactory = Callable[[MailboxSettings, Settings, Store, Metrics, Authenticator], Worker]
 
 
 def credential_expiry(settings: Settings) -> datetime | None:
@@ -177,35 +116,6 @@ def credential_expiry(settings: Settings) -> datetime | None:
         with contextlib.suppress(ConfigError):  # check-config reports an unreadable file
             return office365.read_client_certificate().expires
     return None
-
-
-def restart_delay(restarts: int, rng: random.Random) -> float:
-    """How long to wait before the ``restarts``-th restart in a row of a dead worker.
-
-    Exponential from RESTART_START_SECONDS to RESTART_MAX_SECONDS with "equal jitter"
-    (uniform in the upper half of the ceiling), so below the cap no delay is shorter than
-    the one before.
-    """
-    ceiling = min(RESTART_MAX_SECONDS, RESTART_START_SECONDS * 2 ** min(restarts - 1, 30))
-    return rng.uniform(ceiling / 2, ceiling)
-
-
-@dataclasses.dataclass
-class _Retiring:
-    """A worker asked to stop whose thread has not ended yet."""
-
-    worker: Worker
-    since: float  # monotonic
-    warned: bool = False
-
-
-@dataclasses.dataclass
-class _Restart:
-    """A mailbox whose worker died, waiting for its restart back-off."""
-
-    mailbox: MailboxSettings
-    due: float  # monotonic
-    status: WorkerStatus
 
 
 def state_of(store: object) -> object:
@@ -241,20 +151,16 @@ class Supervisor:
         self.authenticator_factory = authenticator_factory
         self.notifier = notifier or Notifier()
         self.worker_factory = worker_factory
-        self.workers: dict[str, Worker] = {}
-        self._started_at: dict[str, float] = {}  # monotonic, per running worker
-        self._pending: dict[str, MailboxSettings] = {}
-        self._starting: dict[str, MailboxSettings] = {}
-        self._retiring: dict[str, _Retiring] = {}
-        self._restarting: dict[str, _Restart] = {}
-        self._restarts: dict[str, int] = {}  # dead-worker restarts in a row, per mailbox
-        self._sync_on_start: set[str] = set()  # Start Sync asked while no worker ran
-        self._release_on_start: set[str] = set()  # ... with include_stuck
-        self._stopped: dict[str, WorkerStatus] = {}
-        self._stores: dict[str, Store] = {}  # in a cluster: each owned mailbox's fenced store
-        self._lock = threading.RLock()
         self._wake = threading.Event()
-        self._rng = random.Random()  # noqa: S311 -- jitter, not cryptography
+        # The workers and their lifecycle (workerpool.py); made with settings read afresh.
+        self.pool = WorkerPool(
+            worker_factory,
+            settings=lambda: self.settings,
+            authenticator=self._authenticator,
+            metrics=self.metrics,
+            store=store,
+            wake=self._wake,
+        )
         self._stop_requested = False
         self._reload_requested = False
         self._sync_all_requested = False
@@ -262,7 +168,6 @@ class Supervisor:
         self._ready_sent = False
         self._last_tick = time.monotonic()
         self._last_watchdog = 0.0
-        self._next_dead_scan = 0.0  # monotonic; see _restart_dead_workers
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self.web: WebServer | None = None
         self.mailbox_registry: Registry | None = (
@@ -322,7 +227,7 @@ class Supervisor:
                 store,
                 index,
                 self._refile_local,
-                lambda: list(self.workers),
+                lambda: list(self.pool.workers),
                 shared=self.cluster is not None,
             )
             if index is not None
@@ -333,16 +238,7 @@ class Supervisor:
 
     def statuses(self) -> list[WorkerStatus]:
         """Every configured mailbox's status: running, about to (re)start, or stopped."""
-        with self._lock:
-            workers = list(self.workers.values())
-            starting = [
-                WorkerStatus(a, "connecting", m.trigger)
-                for a, m in [*self._pending.items(), *self._starting.items()]
-            ]
-            restarting = [r.status for r in self._restarting.values()]
-            stopped = list(self._stopped.values())
-        running = [w.snapshot() for w in workers]
-        listed = sorted([*running, *starting, *restarting, *stopped], key=lambda s: s.address)
+        listed = self.pool.statuses()
         if self.cluster is not None:
             listed = self._with_owners(listed, self.cluster)
         return listed
@@ -394,33 +290,7 @@ class Supervisor:
 
         A mailbox whose worker is being (re)started gets it as soon as the worker runs.
         """
-        with self._lock:
-            waiting = {*self._pending, *self._starting, *self._restarting}
-            if address is None:
-                workers = list(self.workers.values())
-                self._sync_on_start |= waiting
-                if include_stuck:
-                    self._release_on_start |= waiting
-        if address is None:
-            for each in workers:
-                if include_stuck:
-                    each.release_stuck()
-                each.request_pass("start_sync")
-            return True
-        with self._lock:
-            address = address.lower()
-            worker = self.workers.get(address)
-            if worker is None:
-                if address not in waiting:
-                    return False
-                self._sync_on_start.add(address)
-                if include_stuck:
-                    self._release_on_start.add(address)
-                return True
-        if include_stuck:
-            worker.release_stuck()
-        worker.request_pass("start_sync")
-        return True
+        return self.pool.start_sync(address, include_stuck=include_stuck)
 
     def stop_mailbox(self, address: str) -> bool:
         """Stop Email Sync: stop the worker, forget its tokens, mark it stopped.
@@ -443,20 +313,14 @@ class Supervisor:
         """End a stopped config file's mailbox's worker here (waiting for its LOGOUT when
         ``forget_tokens``: a person asked) and show it stopped."""
         address = mailbox.address
-        with self._lock:
-            worker = self._retire(address)
-            retiring = self._retiring.get(address)
-        if worker is not None:
-            worker.stop()
+        retired = self.pool.retire(address)
         if forget_tokens:
-            if worker is not None:
-                worker.authenticator.forget()
+            if retired.worker is not None:
+                retired.worker.authenticator.forget()
             else:
                 self.authenticator_factory(mailbox, self.settings).forget()
-        if retiring is not None and forget_tokens:
-            # The caller (the CLI) waits for the LOGOUT; the main loop does not.
-            retiring.worker.join(max(0.0, retiring.since + SHUTDOWN_SECONDS - time.monotonic()))
-        self._mark_stopped(mailbox)
+            retired.wait()  # the caller (the CLI) waits for the LOGOUT; the main loop does not
+        self.pool.mark_stopped(mailbox)
         if forget_tokens:
             log.info("mailbox_stopped", mailbox=address)
 
@@ -478,20 +342,11 @@ class Supervisor:
         address = mailbox.address
         if self.cluster is not None:
             # Only under its lease; another instance may be the owner (then it runs there).
-            with self._lock:
-                local = address in self.workers or address in self._starting
-                local = local or address in self._pending
-            if not local:
-                with self._lock:
-                    self._stopped.pop(address, None)
+            if not self.pool.runs(address, queued=True):
+                self.pool.unmark(address)
                 self.cluster.resume(address)
             return
-        with self._lock:
-            self._restarting.pop(address, None)  # an operator's start does not wait
-            if address not in self.workers and address not in self._starting:
-                self._stopped.pop(address, None)
-                self._pending[address] = mailbox
-        self._wake.set()
+        self.pool.queue(mailbox)
 
     def stop_configured(self, mailbox: MailboxSettings) -> None:
         """Stop Email Sync of a config file's mailbox recorded by another instance."""
@@ -547,7 +402,7 @@ class Supervisor:
     def _agent_tokens(self) -> AgentTokens:
         """The tokens, opened on first use (a store without a tokens table, the CRM's, gets
         the SQLite file of state_dir, which is then opened only when tokens are used)."""
-        with self._tokens_lock:  # not self._lock: this may open a file
+        with self._tokens_lock:  # not the pool's lock: this may open a file
             if self._tokens is None:
                 ledger, self._close_ledger = ledger_for(self.state, self.settings.daemon.state_dir)
                 self._tokens = AgentTokens(
@@ -557,19 +412,14 @@ class Supervisor:
 
     def healthy(self) -> bool:
         """The main loop ticked recently and every running worker thread is alive."""
-        with self._lock:
-            alive = all(w.is_alive() for w in self.workers.values())
+        alive = self.pool.alive()
         if self.cluster is not None and not self.cluster.healthy():
             return False
         return alive and time.monotonic() - self._last_tick < 10 * TICK_SECONDS + 5
 
     def ready(self) -> bool:
         """Every mailbox has been started and had its first connect attempt."""
-        with self._lock:
-            if self._pending or self._starting:
-                return False
-            started = all(w.first_attempt_done.is_set() for w in self.workers.values())
-        return started and (self.cluster is None or self.cluster.ready())
+        return self.pool.ready() and (self.cluster is None or self.cluster.ready())
 
     # -- Cluster (the lease keeper starts and stops workers) ----------------------------------
 
@@ -586,13 +436,7 @@ class Supervisor:
         # Stop Email Sync holds on every instance (a row): a lease claimed just before it
         # shows the mailbox stopped, and the keeper hands the lease back.
         stopped = self.registrar.is_stopped(address) if configured else False
-        with self._lock:
-            worker = self._retire(address)
-            self._stores[address] = store
-            self._start_or_mark(mailbox, marked_stopped=stopped)
-        if worker is not None:
-            worker.stop()
-        self._wake.set()
+        self.pool.run_under(mailbox, store, marked=stopped)
         return True
 
     def drop_mailboxes(self, addresses: Sequence[str]) -> Callable[[float], bool]:
@@ -602,29 +446,7 @@ class Supervisor:
         did: the lease keeper releases a lease only after that, since the next owner's worker
         must not connect while ours still does, and meanwhile it keeps renewing its leases.
         """
-        with self._lock:
-            workers = [self._retire(address) for address in addresses]
-            retiring = [r.worker for a in addresses if (r := self._retiring.get(a)) is not None]
-            for address in addresses:
-                self._stores.pop(address, None)
-                self._stopped.pop(address, None)
-                self._restarts.pop(address, None)
-                self._sync_on_start.discard(address)
-                self._release_on_start.discard(address)
-                self._forget_if_gone(address)
-        for worker in workers:
-            if worker is not None:
-                worker.stop()
-        self._wake.set()  # the main loop reaps them and forgets their metric series
-
-        def wait(timeout: float) -> bool:
-            deadline = time.monotonic() + timeout
-            for worker in retiring:
-                worker.join(max(0.0, deadline - time.monotonic()))
-            self._wake.set()
-            return not any(worker.is_alive() for worker in retiring)
-
-        return wait
+        return self.pool.drop(addresses)
 
     # -- lifetime -------------------------------------------------------------------------------
 
@@ -662,10 +484,7 @@ class Supervisor:
             self.cluster.start()
         else:
             self.registrar.load()  # queues the registered mailboxes that can log in
-            marked = self.registrar.stopped()
-            with self._lock:
-                for mailbox in self.settings.mailboxes:
-                    self._start_or_mark(mailbox, mailbox.address in marked)
+            self.pool.start_all(self.settings.mailboxes, self.registrar.stopped())
         if self.links is not None:
             self.links.start()
         self._schedule_jobs()
@@ -689,9 +508,9 @@ class Supervisor:
         if self._sync_all_requested:
             self._sync_all_requested = False
             self.start_sync(None)
-        self._reap_retiring()
-        self._restart_dead_workers()
-        self._start_pending()
+        self.pool.reap()
+        self.pool.restart_dead()
+        self.pool.start_pending()
         self._finish_reload()
         if not self._ready_sent and self.ready():
             self._ready_sent = True
@@ -708,13 +527,7 @@ class Supervisor:
 
     def _tick_wait(self) -> float:
         """How long the loop sleeps: short while workers come and go, else until the next tick."""
-        if self._pending or self._retiring:
-            with self._lock:
-                startable = any(a not in self._retiring for a in self._pending)
-            return 0.0 if startable else BUSY_TICK_SECONDS
-        with self._lock:
-            due = min((r.due for r in self._restarting.values()), default=float("inf"))
-        return max(0.0, min(TICK_SECONDS, due - time.monotonic()))
+        return self.pool.wait_seconds(TICK_SECONDS)
 
     def summary(self) -> str:
         """The one-line STATUS=: how many mailboxes are in which state, and the queue."""
@@ -741,17 +554,7 @@ class Supervisor:
             self.links.stop()
         if self.cluster is not None:
             self.cluster.stop()  # its workers first, then the leases go back at once
-        with self._lock:
-            running = [self._retire(address) for address in list(self.workers)]
-            self._pending.clear()
-            self._restarting.clear()
-            retiring = [r.worker for r in self._retiring.values()]
-        for worker in running:
-            if worker is not None:
-                worker.stop()
-        for worker in retiring:
-            worker.join(max(0.0, deadline - time.monotonic()))
-        left = sum(1 for worker in retiring if worker.is_alive())
+        left = self.pool.shutdown(deadline)
         if left:
             log.warning("workers_still_stopping", count=left, waited=SHUTDOWN_SECONDS)
         if self.web is not None:
@@ -822,48 +625,17 @@ class Supervisor:
         mailboxes running here restart (registered ones too), each only with its lease's fenced
         store, and added ones are left to the lease keeper.
         """
-        old_by_address = {m.address: m for m in old.mailboxes}
-        new_by_address = {m.address: m for m in new.mailboxes}
         self.settings = new
-        marked = self.registrar.stopped()
-        retired: list[Worker | None] = []
-        events: list[tuple[str, str]] = []
-        with self._lock:
-            for address, mailbox in old_by_address.items():
-                local = any(
-                    address in each
-                    for each in (self.workers, self._pending, self._starting, self._restarting)
-                )
-                new_mailbox = new_by_address.get(address)
-                if new_mailbox is None:
-                    retired.append(self._retire(address))
-                    self._stopped.pop(address, None)
-                    self._stores.pop(address, None)
-                    self._restarts.pop(address, None)
-                    self._sync_on_start.discard(address)
-                    self._release_on_start.discard(address)
-                    self._forget_if_gone(address)
-                    events.append(("mailbox_removed", address))
-                elif (everything_changed or new_mailbox != mailbox) and (local or not cluster):
-                    retired.append(self._retire(address))
-                    self._stopped.pop(address, None)  # a no-op for a local mailbox
-                    if address in self._stores or not cluster:
-                        self._start_or_mark(new_mailbox, address in marked)
-                    events.append(("mailbox_restarted", address))
-            for address, mailbox in new_by_address.items():
-                if address not in old_by_address and not cluster:
-                    self._start_or_mark(mailbox, address in marked)
-                    events.append(("mailbox_added", address))
-            if everything_changed:  # a registered worker keeps its fenced store (_stores)
-                for address, mailbox in self.registrar.registered.items():
-                    if address in self.workers or address in self._pending:
-                        retired.append(self._retire(address))
-                        self._pending[address] = mailbox
-                        events.append(("mailbox_restarted", address))
-            self._reload_started = time.monotonic()
-        for worker in retired:
-            if worker is not None:
-                worker.stop()
+        events = self.pool.apply(
+            old.mailboxes,
+            new.mailboxes,
+            marked=self.registrar.stopped(),
+            changed=lambda before, after: everything_changed or after != before,
+            cluster=cluster,
+            registered=self.registrar.registered,
+            restart_registered=everything_changed,
+        )
+        self._reload_started = time.monotonic()
         for event, address in events:
             log.info(event, mailbox=address)
 
@@ -872,8 +644,7 @@ class Supervisor:
         if self._reload_started is None:
             return
         took = time.monotonic() - self._reload_started
-        with self._lock:
-            waiting = len(self._pending) + len(self._retiring)
+        waiting = self.pool.waiting()
         if waiting and took < SHUTDOWN_SECONDS:
             return
         self._reload_started = None
@@ -924,51 +695,29 @@ class Supervisor:
         In a cluster only under its lease, where it is held (the keeper starts it elsewhere).
         """
         if self.cluster is not None:
-            with self._lock:
-                self._stopped.pop(mailbox.address, None)  # runs here or on another instance
+            self.pool.unmark(mailbox.address)  # runs here or on another instance
             return self.cluster.resume(mailbox.address)
-        return self._replace_worker_here(mailbox)
+        self.pool.replace(mailbox)
+        return True
 
     def queue_worker(self, mailbox: MailboxSettings) -> bool:
         """Start a registered mailbox's worker unless one runs or is starting."""
         if self.cluster is not None:
-            with self._lock:
-                if mailbox.address in self.workers or mailbox.address in self._starting:
-                    return True
-                self._stopped.pop(mailbox.address, None)
+            if self.pool.runs(mailbox.address):
+                return True
+            self.pool.unmark(mailbox.address)
             return self.cluster.resume(mailbox.address)
-        with self._lock:
-            self._restarting.pop(mailbox.address, None)
-            if mailbox.address not in self.workers and mailbox.address not in self._starting:
-                self._stopped.pop(mailbox.address, None)
-                self._pending[mailbox.address] = mailbox
-        self._wake.set()
+        self.pool.queue(mailbox)
         return True
 
     def end_worker(self, address: str, *, forget: bool, wait: bool) -> None:
         """Stop a mailbox's worker; ``forget``: the mailbox is gone (status and metrics go once
         the worker has ended); ``wait``: until its LOGOUT (bounded by SHUTDOWN_SECONDS)."""
-        with self._lock:
-            worker = self._retire(address)
-            retiring = self._retiring.get(address)
-            if forget:
-                self._stopped.pop(address, None)
-                self._restarts.pop(address, None)
-                self._sync_on_start.discard(address)
-                self._release_on_start.discard(address)
-        if worker is not None:
-            worker.stop()
-        if wait and retiring is not None:
-            # The caller (the API, a page) waits for the LOGOUT; the main loop does not.
-            retiring.worker.join(max(0.0, retiring.since + SHUTDOWN_SECONDS - time.monotonic()))
-        if forget:
-            with self._lock:
-                self._forget_if_gone(address)  # else the reaper does once the worker has ended
-        self._wake.set()
+        self.pool.end(address, forget=forget, wait=wait)
 
     def mark_stopped(self, mailbox: MailboxSettings) -> None:
         """Show a mailbox stopped (no worker)."""
-        self._mark_stopped(mailbox)
+        self.pool.mark_stopped(mailbox)
 
     def status_of(self, address: str) -> WorkerStatus | None:
         """The mailbox's status as ``statuses`` lists it, or None."""
@@ -976,8 +725,7 @@ class Supervisor:
 
     def recent_outcomes(self, address: str) -> list[dict[str, str | None]]:
         """The latest filed and failed messages of the mailbox's worker, if it runs here."""
-        with self._lock:
-            worker = self.workers.get(address)
+        worker = self.pool.worker(address)
         recent: list[dict[str, str | None]] = getattr(
             worker, "recent_outcomes", lambda: RECENT_OUTCOMES_NONE
         )()
@@ -1040,22 +788,6 @@ class Supervisor:
         self.registrar.refresh(mailbox.address)
         return True
 
-    def _replace_worker_here(self, mailbox: MailboxSettings) -> bool:
-        """(Re)start a registered mailbox's worker in this process, without a reload.
-
-        The old worker (if any) is retired and the new one queued: the main loop starts it
-        once the old thread has ended.
-        """
-        address = mailbox.address
-        with self._lock:
-            old = self._retire(address)
-            self._stopped.pop(address, None)
-            self._pending[address] = mailbox
-        if old is not None:
-            old.stop()
-        self._wake.set()
-        return True
-
     def _authenticator(self, mailbox: MailboxSettings) -> Authenticator:
         registry = self.mailbox_registry
         if (
@@ -1077,166 +809,6 @@ class Supervisor:
             return ThrottledAuthenticator(inner, self.throttle, address)
         return self.authenticator_factory(mailbox, self.settings)
 
-    # -- internals (the callers hold the lock where it says so) --------------------------------
-
-    def _start_or_mark(self, mailbox: MailboxSettings, marked_stopped: bool) -> None:
-        """Queue a mailbox's worker to start, or mark it stopped; under the lock."""
-        if not mailbox.enabled or marked_stopped:
-            self._mark_stopped(mailbox)
-        else:
-            self._stopped.pop(mailbox.address, None)
-            self._pending[mailbox.address] = mailbox
-
-    def _retire(self, address: str) -> Worker | None:
-        """Move a mailbox's worker to ``_retiring`` and drop anything queued; under the lock.
-
-        Returns the worker, which the caller must ``stop()`` once it has released the lock.
-        Nothing of this mailbox starts until that worker has ended.
-        """
-        self._pending.pop(address, None)
-        self._starting.pop(address, None)  # the main loop retires it once it has started
-        self._restarting.pop(address, None)
-        self._started_at.pop(address, None)
-        worker = self.workers.pop(address, None)
-        if worker is not None:
-            self._retiring[address] = _Retiring(worker, time.monotonic())
-        return worker
-
-    def _reap_retiring(self) -> None:
-        """Forget retired workers whose thread has ended; warn once about slow ones."""
-        now = time.monotonic()
-        slow: list[tuple[str, float]] = []
-        with self._lock:
-            for address, retiring in list(self._retiring.items()):
-                if retiring.worker.is_alive():
-                    if not retiring.warned and now - retiring.since > SHUTDOWN_SECONDS:
-                        retiring.warned = True
-                        slow.append((address, now - retiring.since))
-                    continue
-                del self._retiring[address]
-                self._forget_if_gone(address)
-        for address, seconds in slow:
-            log.warning("worker_slow_to_stop", mailbox=address, seconds=round(seconds, 1))
-
-    def _forget_if_gone(self, address: str) -> None:
-        """Remove a mailbox's metric series once it is out of the config and its worker ended."""
-        known: list[Container[str]] = [self.workers, self._pending, self._starting]
-        known += [self._restarting, self._stopped, self._retiring]
-        if not any(address in each for each in known):
-            self.metrics.forget_mailbox(address)
-
-    def _start_pending(self) -> None:
-        """Start queued workers whose predecessor has ended, for up to START_BUDGET_SECONDS.
-
-        Each is claimed under the lock and made and started outside it; a Stop Email Sync or
-        reload that comes in meanwhile takes the claim back, and the new worker is retired.
-        """
-        with self._lock:
-            startable = [a for a in self._pending if a not in self._retiring]
-        deadline = time.monotonic() + START_BUDGET_SECONDS
-        for address in startable:
-            if time.monotonic() > deadline:
-                return  # the rest on the next tick, which follows at once
-            with self._lock:
-                mailbox = None if address in self._retiring else self._pending.pop(address, None)
-                if mailbox is None:
-                    continue
-                self._starting[address] = mailbox
-                store = self._stores.get(address, self.store)
-            worker = self._make_worker(mailbox, store)
-            restart: tuple[int, float] | None = None
-            with self._lock:
-                claimed = self._starting.pop(address, None) is not None
-                if worker is None:
-                    if claimed:
-                        status = WorkerStatus(address, "backoff", mailbox.trigger)
-                        restart = self._schedule_restart(mailbox, status)
-                elif claimed:
-                    self.workers[address] = worker
-                    self._started_at[address] = time.monotonic()
-                    if address in self._release_on_start:
-                        self._release_on_start.discard(address)
-                        worker.release_stuck()
-                    if address in self._sync_on_start:
-                        self._sync_on_start.discard(address)
-                        worker.request_pass("start_sync")
-                else:
-                    self._retiring[address] = _Retiring(worker, time.monotonic())
-            if worker is not None and not claimed:
-                worker.stop()  # stopped or removed while it was being made
-            if restart is not None:
-                _log_restart(address, *restart)
-
-    def _make_worker(self, mailbox: MailboxSettings, store: Store) -> Worker | None:
-        """Make and start a mailbox's worker (no other of it is alive); None if that failed."""
-        try:
-            worker = self.worker_factory(
-                mailbox,
-                self.settings,
-                store,
-                self.metrics,
-                self._authenticator(mailbox),
-            )
-            worker.start()
-        except Exception as exc:  # one mailbox's broken start must not stop the others
-            log.exception("worker_start_failed", mailbox=mailbox.address, error=repr(exc))
-            return None
-        return worker
-
-    def _mark_stopped(self, mailbox: MailboxSettings) -> None:
-        self.metrics.init_mailbox(mailbox.address)
-        self.metrics.set_state(mailbox.address, "stopped")
-        with self._lock:
-            self._pending.pop(mailbox.address, None)
-            self._restarting.pop(mailbox.address, None)
-            self._sync_on_start.discard(mailbox.address)
-            self._release_on_start.discard(mailbox.address)
-            self._stopped[mailbox.address] = WorkerStatus(
-                mailbox.address, "stopped", mailbox.trigger
-            )
-
-    def _restart_dead_workers(self) -> None:
-        """Workers that ended unasked are restarted after a growing back-off, not at once."""
-        now = time.monotonic()
-        died: list[tuple[Worker, int, float]] = []
-        scan = now >= self._next_dead_scan
-        if scan:
-            self._next_dead_scan = now + DEAD_SCAN_SECONDS_PER_WORKER * len(self.workers)
-        with self._lock:
-            for address, worker in list(self.workers.items()) if scan else []:
-                if worker.is_alive():
-                    continue
-                del self.workers[address]
-                if now - self._started_at.pop(address, now) >= RESTART_RESET_SECONDS:
-                    self._restarts.pop(address, None)
-                # Its status as it ended; the thread is gone, so its lock is free.
-                died.append((worker, *self._schedule_restart(worker.mailbox, worker.snapshot())))
-            for address, restart in list(self._restarting.items()):
-                if restart.due <= now:
-                    del self._restarting[address]
-                    self._pending[address] = restart.mailbox
-        for worker, restarts, delay in died:
-            _log_restart(worker.mailbox.address, restarts, delay)
-
-    def _schedule_restart(self, mailbox: MailboxSettings, last: WorkerStatus) -> tuple[int, float]:
-        """Restart a mailbox's worker after its back-off; under the lock.
-
-        Returns (restarts in a row, delay) for the caller to log once it released the lock.
-        """
-        address = mailbox.address
-        restarts = self._restarts[address] = self._restarts.get(address, 0) + 1
-        delay = restart_delay(restarts, self._rng)
-        next_attempt = datetime.fromtimestamp(time.time() + delay, UTC)
-        status = dataclasses.replace(
-            last,
-            state="backoff",
-            last_error="worker ended unexpectedly; see the log",
-            next_attempt=next_attempt.isoformat(timespec="seconds"),
-        )
-        self._restarting[address] = _Restart(mailbox, time.monotonic() + delay, status)
-        self.metrics.set_state(address, "backoff")
-        return restarts, delay
-
     def _schedule_jobs(self) -> None:
         daemon = self.settings.daemon
         jobs: tuple[tuple[Callable[[], object], float, str], ...] = (
@@ -1255,8 +827,7 @@ class Supervisor:
 
     def _refile_local(self, address: str) -> bool:
         """Ask the mailbox's worker, if it runs here, for a re-file pass; False if none runs."""
-        with self._lock:
-            worker = self.workers.get(address)
+        worker = self.pool.worker(address)
         if worker is None:
             return False
         worker.request_pass("refile")
@@ -1275,15 +846,7 @@ class Supervisor:
 
     def _for_each_worker(self, job: str, call: Callable[[Worker], object]) -> None:
         """Run a scheduler job's step for every running worker; one failing skips no other."""
-        with self._lock:
-            workers = list(self.workers.values())
-        for worker in workers:
-            try:
-                call(worker)
-            except Exception as exc:  # a scheduler job's loop: log, go on with the next
-                log.exception(
-                    "scheduler_job_failed", job=job, mailbox=worker.mailbox.address, error=repr(exc)
-                )
+        self.pool.for_each(job, call)
 
     def _sweep(self) -> None:
         """Safety sweep: a pass over every Queue, for anything IDLE did not announce."""
@@ -1315,10 +878,6 @@ class Supervisor:
         signal.signal(signal.SIGINT, on_stop)
         signal.signal(signal.SIGHUP, on_reload)
         signal.signal(signal.SIGUSR1, on_sync)
-
-
-def _log_restart(address: str, restarts: int, delay: float) -> None:
-    log.error("worker_died", mailbox=address, restarts=restarts, restart_in=round(delay, 2))
 
 
 def _one_line(text: str) -> str:

@@ -21,6 +21,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from emailsync import supervisor as supervisor_module
+from emailsync import workerpool
 from emailsync.cluster import Cluster
 from emailsync.config import ClusterSettings, MailboxSettings, Settings, load_settings
 from emailsync.devnet import free_port
@@ -337,7 +338,7 @@ def wait_for(condition: Callable[[], object], timeout: float = 10.0) -> None:
 def tick_passed(rig: Rig) -> None:
     """Wait until no worker is retiring, then for the end of the tick that reaped the last
     (or a later one): a worker that tick would start is made (by the factory) before it ends."""
-    wait_for(lambda: not rig.supervisor._retiring)
+    wait_for(lambda: not rig.supervisor.pool.retiring)
     since = time.monotonic()
     wait_for(lambda: rig.supervisor._last_tick > since)
 
@@ -435,7 +436,7 @@ def test_a_crashing_worker_is_restarted_with_growing_delays(
     down from 1 s → 5 min), not on every tick; each death is logged ``worker_died``; the
     mailbox beside it is left alone and the daemon stays healthy meanwhile."""
     monkeypatch.setattr(supervisor_module, "TICK_SECONDS", 0.05)
-    monkeypatch.setattr(supervisor_module, "RESTART_START_SECONDS", 0.2, raising=False)
+    monkeypatch.setattr(workerpool, "RESTART_START_SECONDS", 0.2)
     rig = make_rig(2, crash=lambda address: address == "agent0@example.com")
     crashing, steady = rig.addresses
 
@@ -444,7 +445,7 @@ def test_a_crashing_worker_is_restarted_with_growing_delays(
     def driver() -> None:
         wait_for(lambda: len(rig.census.of(crashing)) >= 5, timeout=10)
         # A tick has seen the fifth one dead (its restart is > 0.8 s away).
-        wait_for(lambda: crashing in rig.supervisor._restarting)
+        wait_for(lambda: crashing in rig.supervisor.pool.restarting)
         healthy.append(rig.supervisor.healthy())
 
     with structlog.testing.capture_logs() as logs:
@@ -538,7 +539,7 @@ def test_stop_email_sync_during_a_restart_leaves_the_mailbox_stopped_without_a_r
 def test_restart_delays_double_from_one_second_without_shrinking_up_to_the_cap() -> None:
     rng = random.Random(5)
     for _ in range(50):
-        delays = [supervisor_module.restart_delay(n, rng) for n in range(1, 16)]
+        delays = [workerpool.restart_delay(n, rng) for n in range(1, 16)]
         assert 0.5 <= delays[0] <= 1.0
         assert all(a <= b for a, b in itertools.pairwise(delays[:9]))  # 1 s … 256 s
         assert all(150.0 <= d <= 300.0 for d in delays[9:])
