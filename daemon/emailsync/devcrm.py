@@ -365,6 +365,17 @@ def _handler_class(crm: DevCrm) -> type[BaseHTTPRequestHandler]:
         ) -> None:
             data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
             headers = {"Content-Type": "application/json", **(extra or {})}
+            # Logged before the answer goes out: a client that has its answer finds the
+            # exchange already there (a test reading it at once used to race this thread).
+            exchange = Exchange(
+                path=self.path,
+                request_headers=dict(self.headers.items()),
+                request_body=request_body,
+                status=status,
+                response_headers=headers,
+                response_body=data,
+            )
+            crm.exchanges.append(exchange)
             try:
                 self.send_response(HTTPStatus(status))
                 for name, value in headers.items():
@@ -374,17 +385,8 @@ def _handler_class(crm: DevCrm) -> type[BaseHTTPRequestHandler]:
                 self.wfile.write(data)
             except OSError:
                 self.close_connection = True
-                return  # the client is gone (killed, timed out): no answer was delivered
-            crm.exchanges.append(
-                Exchange(
-                    path=self.path,
-                    request_headers=dict(self.headers.items()),
-                    request_body=request_body,
-                    status=status,
-                    response_headers=headers,
-                    response_body=data,
-                )
-            )
+                # The client is gone (killed, timed out): no answer was delivered.
+                crm.exchanges.remove(exchange)
 
     return Handler
 
