@@ -44,13 +44,16 @@ class Cluster:
         *,
         tables: str = "",
         lease_seconds: float = LEASE_SECONDS,
+        token: str | None = None,
     ) -> None:
-        """``tables``: TOML tables every instance's config gets after [cluster] ([crm], …)."""
+        """``tables``: TOML tables every instance's config gets after [cluster] ([crm], …);
+        ``token``: one control token for every instance (else one each)."""
         self.tmp_path = tmp_path
         self.users = users
         self.pg_url = pg_url
         self.tables = tables
         self.lease_seconds = lease_seconds
+        self.token = token
         self.daemons: dict[str, RunningDaemon] = {}
         self.ports: dict[str, int] = {}
 
@@ -70,7 +73,7 @@ class Cluster:
         workdir.mkdir(exist_ok=True)
         if name not in self.ports:
             self.ports[name] = new_port()
-            (workdir / "control-token").write_text(secrets.token_urlsafe(16) + "\n")
+            (workdir / "control-token").write_text((self.token or secrets.token_urlsafe(16)) + "\n")
             share_registry_key(self.tmp_path / "registry-key", workdir / "state")
         extra = daemon_config_extra(
             self.ports[name], workdir / "control-token", store=self.pg_url, **daemon

@@ -29,7 +29,6 @@ from emailsync.devnet import share_registry_key
 from emailsync.devserver import Dovecot
 
 from .daemonproc import RunningDaemon, run_cli, wait_until
-from .faultproxy import FaultProxy
 from .idp import IdentityProvider
 from .mailenv import MailUser, new_user
 from .oauth_fixtures import OAuthClients
@@ -122,21 +121,13 @@ class SharedCluster(Cluster):
         lease_seconds: float = LEASE_SECONDS,
     ) -> None:
         super().__init__(
-            tmp_path, users, pg_url, tables=office365 + tables, lease_seconds=lease_seconds
+            tmp_path,
+            users,
+            pg_url,
+            tables=office365 + tables,
+            lease_seconds=lease_seconds,
+            token=secrets.token_urlsafe(16),
         )
-        self.token = secrets.token_urlsafe(16)
-
-    def config(
-        self,
-        name: str,
-        mailbox_extra: str = "",
-        *,
-        proxy: FaultProxy | None = None,
-        **daemon: object,
-    ) -> Path:
-        path = super().config(name, mailbox_extra, proxy=proxy, **daemon)
-        (path.parent / "control-token").write_text(self.token + "\n")
-        return path
 
 
 @pytest.fixture

@@ -54,7 +54,7 @@ def call(
         data=json.dumps(body).encode() if body is not None else b"",
     )
     try:
-        with urllib.request.urlopen(req, timeout=15) as response:  # noqa: S310 -- loopback
+        with urllib.request.urlopen(req, timeout=30) as response:  # noqa: S310 -- loopback
             return response.status, json.loads(response.read() or b"null")
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read() or b"null")

@@ -8,16 +8,12 @@ and the reference CRM.
 
 from __future__ import annotations
 
-import json
 import secrets
 import sqlite3
 import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
 import psycopg
@@ -31,9 +27,10 @@ from .daemonproc import RunningDaemon, daemon_config_extra, new_port, run_cli, w
 from .faultproxy import FaultProxy
 from .mailenv import MailUser, new_user, write_config
 from .test_cluster import LEASE_SECONDS, Cluster
-from .test_crm import CLIENT_A, SECRET, crm_table
+from .test_crm import CLIENT_A, crm_table
 from .test_daemon import imap_pids
 from .test_filing import build_message, folder_subjects, queue
+from .test_selfservice_api import call
 
 pytestmark = pytest.mark.dovecot
 
@@ -44,31 +41,6 @@ CLUSTER_LEASE_SECONDS = 30
 # A mailbox set up in a cluster runs once a heartbeat has registered its lease and an
 # instance claimed it: a few heartbeats at most.
 CLAIM_SECONDS = CLUSTER_LEASE_SECONDS + 15
-
-
-def call(
-    daemon: RunningDaemon,
-    method: str,
-    path: str,
-    body: dict[str, Any] | None = None,
-    *,
-    token: str | None = None,
-) -> tuple[int, Any]:
-    """One /v1 request with a JSON body; (status, parsed answer)."""
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{daemon.port}{path}",
-        method=method,
-        headers={
-            "Authorization": f"Bearer {token or daemon.token}",
-            "Content-Type": "application/json",
-        },
-        data=json.dumps(body).encode() if body is not None else b"",
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 -- loopback
-            return response.status, json.loads(response.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"null")
 
 
 class Deployment:
@@ -144,14 +116,6 @@ class Deployment:
             store.close()
 
 
-@pytest.fixture
-def reference_crm() -> Iterator[DevCrm]:
-    server = DevCrm(SECRET.encode()).start()
-    server.link("g-smith", "Smith", [CLIENT_A])
-    yield server
-    server.close()
-
-
 @pytest.mark.parametrize("timeline", ["builtin", "crm"])
 @pytest.mark.parametrize("state", ["sqlite", "postgresql"])
 def test_the_self_service_walk_works_on_each_state_with_each_timeline(  # noqa: PLR0917 -- fixtures
@@ -224,20 +188,6 @@ def test_the_self_service_walk_works_on_each_state_with_each_timeline(  # noqa: 
 # -- a cluster ---------------------------------------------------------------------------------
 
 
-class SlowHeartbeatCluster(Cluster):
-    """``test_cluster``'s instances, with leases of CLUSTER_LEASE_SECONDS."""
-
-    def config(self, name: str, mailbox_extra: str = "", **keys: Any) -> Path:
-        path = super().config(name, mailbox_extra, **keys)
-        text = path.read_text(encoding="utf-8")
-        short = f"lease_seconds = {LEASE_SECONDS}\n"
-        assert short in text
-        path.write_text(
-            text.replace(short, f"lease_seconds = {CLUSTER_LEASE_SECONDS}\n"), encoding="utf-8"
-        )
-        return path
-
-
 def registry_secret(pg_url: str, address: str) -> bytes | None:
     with psycopg.connect(pg_url) as conn:
         row = conn.execute(
@@ -264,7 +214,7 @@ def test_a_mailbox_set_up_on_one_instance_runs_on_its_owner_and_stops_from_anoth
     owner's session within 5 s and the secret is gone from the table. A config file's
     mailbox stopped through a non-owner stops too, and stays stopped over a restart."""
     witness = new_user(dovecot)
-    cluster = SlowHeartbeatCluster(tmp_path, [witness], pg_url)
+    cluster = Cluster(tmp_path, [witness], pg_url, lease_seconds=CLUSTER_LEASE_SECONDS)
     try:
         for name in ("a", "b", "c"):
             cluster.start(name)
