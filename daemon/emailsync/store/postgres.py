@@ -10,9 +10,8 @@ same transaction (``emailsync.lease``).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from datetime import datetime
 from importlib import resources
 from typing import Any
 
@@ -21,10 +20,11 @@ import psycopg_pool
 from prometheus_client import CollectorRegistry
 
 from emailsync.errors import StoreError
-from emailsync.model import Fence, Group, TimelineEvent
-from emailsync.store.base import IssuedToken, Recorded, RegisteredBranch, RegisteredMailbox
+from emailsync.model import Fence, TimelineEvent
+from emailsync.store.base import Recorded
 from emailsync.store.pgtranslate import translated
 from emailsync.store.registry_sql import SqlRegistry
+from emailsync.store.sqlstate import SqlStateMethods
 from emailsync.store.timeline_sql import SqlTimeline
 from emailsync.store.tokens_sql import SqlTokens
 
@@ -39,7 +39,7 @@ MIGRATION_LOCK_KEY = 0x656D61696C73796E
 STATEMENT_TIMEOUT_MS = 30_000
 
 
-class PostgresStore:
+class PostgresStore(SqlStateMethods):
     """The timeline store in a PostgreSQL database, shared by threads and by instances.
 
     Connections come from a small pool; each call is one transaction. Opening the store
@@ -82,34 +82,7 @@ class PostgresStore:
             self.close()
             raise
 
-    # -- groups and timeline (the SQL shared with SqliteStore) -----------------------------
-
-    def groups_for_addresses(self, addresses: Iterable[str]) -> list[Group]:
-        """Groups linked to any of the (normalised) addresses, each once, ordered by name.
-
-        Each ``Group.addresses`` holds all addresses of the group, not only the matched ones.
-        Addresses are compared case-insensitively.
-        """
-        return self._timeline.groups_for_addresses(addresses)
-
-    def add_group(self, name: str, addresses: Iterable[str]) -> Group:
-        """Create the group, or extend it, with the addresses; return it with all addresses.
-
-        Raises ``ValueError`` naming the first name or address that is not valid; nothing is
-        written then.
-        """
-        return self._timeline.add_group(name, addresses)
-
-    def import_groups(self, rows: Iterable[tuple[str, str]]) -> int:
-        """Link ``(group, address)`` rows, creating groups as needed; return new links.
-
-        Raises ``ValueError`` naming the first row that is not valid; nothing is written then.
-        """
-        return self._timeline.import_groups(rows)
-
-    def list_groups(self) -> list[Group]:
-        """Every group with all its addresses, ordered by name."""
-        return self._timeline.list_groups()
+    # -- recording events (the other shared methods: emailsync.store.sqlstate) ------------
 
     def record_events(self, events: Sequence[TimelineEvent], *, fence: Fence | None = None) -> int:
         """Record events in one transaction; return how many were new.
@@ -131,105 +104,6 @@ class PostgresStore:
     ) -> Recorded:
         """``record_events`` (fence included); this store never refuses a single event."""
         return Recorded(new=self.record_events(events, fence=fence))
-
-    def list_events(
-        self, *, group: str | None = None, mailbox: str | None = None, limit: int | None = None
-    ) -> list[TimelineEvent]:
-        """Recorded events, newest filed first, with ``mailboxes`` filled in (sorted).
-
-        ``group`` keeps one group's events, ``mailbox`` the events that mailbox filed (first
-        or later); ``limit`` caps how many are returned.
-        """
-        return self._timeline.list_events(group=group, mailbox=mailbox, limit=limit)
-
-    # -- registry (branches and mailboxes registered at run time; SQL shared, registry_sql) --
-    # Here, a cluster's instances share them: set up through one, run by the lease's owner.
-
-    def put_branch(self, branch: RegisteredBranch) -> bool:
-        """Create or replace a branch; True when it is new."""
-        return self._registry.put_branch(branch)
-
-    def registered_branches(self) -> list[RegisteredBranch]:
-        """Every registered branch, by name."""
-        return self._registry.registered_branches()
-
-    def put_mailbox(self, mailbox: RegisteredMailbox, secret: bytes | None) -> None:
-        """Create or replace a mailbox with its encrypted secret; it is not stopped after."""
-        self._registry.put_mailbox(mailbox, secret)
-
-    def registered_mailboxes(self) -> list[RegisteredMailbox]:
-        """Every registered mailbox, by address (no secrets)."""
-        return self._registry.registered_mailboxes()
-
-    def registered_mailbox(self, address: str) -> RegisteredMailbox | None:
-        """One registered mailbox (no secret), or None."""
-        return self._registry.registered_mailbox(address)
-
-    def mailbox_secret(self, address: str) -> bytes | None:
-        """The encrypted secret of a registered mailbox, or None."""
-        return self._registry.mailbox_secret(address)
-
-    def remove_mailbox(self, address: str) -> bool:
-        """Forget a registered mailbox and its secret; False when not registered.
-
-        No query sees the secret afterwards; its dead tuple's bytes stay in the table's file
-        until (auto)VACUUM reuses the space (``emailsync.store.registry_sql``).
-        """
-        return self._registry.remove_mailbox(address)
-
-    def reencrypt_secrets(self, convert: Callable[[bytes, str], bytes]) -> int:
-        """Rewrite every secret with ``convert(blob, address)`` in one transaction."""
-        return self._registry.reencrypt_secrets(convert)
-
-    def record_stop(self, address: str) -> None:
-        """Stop Email Sync for a mailbox of the config file, until ``clear_stop``."""
-        self._registry.record_stop(address)
-
-    def clear_stop(self, address: str) -> bool:
-        """The mailbox may run again; False when it was not stopped."""
-        return self._registry.clear_stop(address)
-
-    def stopped_mailboxes(self) -> set[str]:
-        """Every mailbox Stop Email Sync holds stopped."""
-        return self._registry.stopped_mailboxes()
-
-    def is_stopped(self, address: str) -> bool:
-        """Whether Stop Email Sync holds this mailbox stopped."""
-        return self._registry.is_stopped(address)
-
-    def mailbox_lock(self, address: str) -> AbstractContextManager[None]:
-        """Hold the mailbox's ``mailbox_locks`` row for the block, across the cluster."""
-        return self._registry.mailbox_lock(address)
-
-    # -- agent tokens (the TokenLedger protocol, SQL shared with SqliteStore) ---------------
-    # Here, not in a file of each instance: a token revoked on one host must stop working on
-    # every instance of the cluster at once, and tokens issued anywhere are listed together.
-
-    def record_token(self, token: IssuedToken) -> None:
-        """Record a token; an id recorded before keeps its first row."""
-        self._tokens.record_token(token)
-
-    def issued_token(self, token_id: str) -> IssuedToken | None:
-        """The token with this id, or None."""
-        return self._tokens.issued_token(token_id)
-
-    def issued_tokens(self) -> list[IssuedToken]:
-        """Every token recorded, newest first (the es1 rows last)."""
-        return self._tokens.issued_tokens()
-
-    def revoke_tokens(
-        self, at: datetime, *, token_id: str | None = None, address: str | None = None
-    ) -> list[IssuedToken]:
-        """Revoke the token with this id, or every token of this address; the tokens named."""
-        return self._tokens.revoke_tokens(at, token_id=token_id, address=address)
-
-    def revoke_all_tokens(self, at: datetime) -> int:
-        """Revoke every token not revoked yet; how many."""
-        return self._tokens.revoke_all_tokens(at)
-
-    def token_used(self, token_id: str, at: datetime) -> None:
-        """Record the token's last use."""
-        self._tokens.token_used(token_id, at)
 
     # -- connections ----------------------------------------------------------------------
 
