@@ -32,6 +32,7 @@ demo-crm: setup  # the same against the reference CRM: groups from it, events de
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-cache  # the layers in pyproject.toml [tool.importlinter]
 
 typecheck: setup
 	$(BIN)/mypy

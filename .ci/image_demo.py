@@ -4,7 +4,7 @@ Run by `.ci/test-image` as root on this machine, with the repo's venv, after `ma
 `emailsync demo` itself cannot run as the image's user: its throwaway Dovecot must start as root
 (Dovecot's own rule) and the image is the runtime image, without Dovecot. So the demo is split
 the way Kubernetes splits it: this script does the demo's part (the throwaway Dovecot on
-loopback, its two agents, the demo's config, groups and queued mail, from emailsync.demo), and
+loopback, its two agents, the demo's config, groups and queued mail, from emailsync.dev.demo), and
 the container runs only the daemon, with the image's ENTRYPOINT, CMD and USER untouched, shaped
 like config/kubernetes/deployment.yaml: read-only root with no tmpfs, every capability dropped,
 no new privileges, the config and secrets mounted read-only at /etc/emailsync (0640 root:10001,
@@ -36,16 +36,16 @@ from pathlib import Path
 from typing import NoReturn
 
 from emailsync.config import Settings, load_settings
-from emailsync.control import ControlClient
-from emailsync.demo import AGENTS, GROUPS, demo_messages, write_config
-from emailsync.devnet import free_port
-from emailsync.devserver import Dovecot
+from emailsync.dev.demo import AGENTS, GROUPS, demo_messages, write_config
+from emailsync.dev.dovecot import Dovecot
+from emailsync.dev.net import free_port
 from emailsync.errors import ControlError
 from emailsync.imap.auth import make_authenticator
 from emailsync.imap.session import ImapSession
-from emailsync.logs import configure_logging
 from emailsync.model import FolderRole
-from emailsync.store import open_store
+from emailsync.telemetry.logs import configure_logging
+from emailsync.timeline import open_store
+from emailsync.web.control import ControlClient
 
 REPO = Path(__file__).resolve().parents[1]
 PODMAN = ["bash", str(REPO / ".ci" / "podman")]

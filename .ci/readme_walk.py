@@ -34,7 +34,7 @@ from pathlib import Path
 
 import trustme
 
-from emailsync.devserver import Dovecot, DovecotOptions, TlsFiles
+from emailsync.dev.dovecot import Dovecot, DovecotOptions, TlsFiles
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## From the demo to a real mailbox (five minutes)"

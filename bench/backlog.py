@@ -34,12 +34,12 @@ import imapclient
 from corpus import Directory
 from testbed import OWNER_ALIAS, BenchMailbox, Testbed, folder_counts
 
-from emailsync.filing import FETCH_BATCH, Decision, Filer
+from emailsync.filing.queuepass import FETCH_BATCH, Decision, Filer
 from emailsync.imap.fetch import uid_set
 from emailsync.imap.folders import FolderTree
 from emailsync.imap.session import BODY_FETCH_CAP
 from emailsync.model import FolderRole, Outcome
-from emailsync.store import open_store
+from emailsync.timeline import open_store
 
 BODY_BYTES = 4400  # with ~600 bytes of header: about 5 KB a message
 CC_SHARE = 0.3

@@ -1,7 +1,7 @@
 """CRM throughput: the same all-linked backlog filed with the reference CRM and with SQLite.
 
 Every message of the corpus is linked (no Failed traffic, so every message costs a lookup and
-an event: the connector's worst case). The reference CRM (``python -m emailsync.devcrm``) runs
+an event: the connector's worst case). The reference CRM (``python -m emailsync.dev.crm``) runs
 as its own process on loopback, as a real CRM would, with the bench's groups; emailsync talks
 to it over signed HTTP exactly as the daemon does. Each trial seeds one corpus into two fresh
 Queues; one pass files one against SQLite, the other against the CRM, the order alternating
@@ -23,7 +23,7 @@ from testbed import OWNER_ALIAS, Testbed
 from throughput import Trial, _emailsync_trial
 
 from emailsync.config import CrmSettings
-from emailsync.devnet import free_port, stop_process, wait_for_port
+from emailsync.dev.net import free_port, stop_process, wait_for_port
 from emailsync.secret import SecretSource
 
 START_TIMEOUT_SECONDS = 15.0
@@ -69,7 +69,7 @@ def run_crm_throughput(
 
 
 class ReferenceCrm:
-    """``python -m emailsync.devcrm`` with the bench's groups, on a free loopback port."""
+    """``python -m emailsync.dev.crm`` with the bench's groups, on a free loopback port."""
 
     def __init__(self, testbed: Testbed) -> None:
         home = testbed.workdir / "devcrm"
@@ -87,7 +87,7 @@ class ReferenceCrm:
             [
                 sys.executable,
                 "-m",
-                "emailsync.devcrm",
+                "emailsync.dev.crm",
                 "--secret-file",
                 str(secret_file),
                 "--db",

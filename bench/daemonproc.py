@@ -12,7 +12,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from emailsync.devnet import stop_process
+from emailsync.dev.net import stop_process
 
 READY_TIMEOUT_SECONDS = 30.0
 # DESIGN.md §2: on SIGTERM the daemon exits within 10 s; allow a little more before SIGKILL.

@@ -21,9 +21,9 @@ from pathlib import Path
 
 from daemonproc import DaemonProcess
 
-from emailsync.devnet import free_port, share_registry_key
-from emailsync.devpostgres import Postgres
-from emailsync.devserver import Dovecot
+from emailsync.dev.dovecot import Dovecot
+from emailsync.dev.net import free_port, share_registry_key
+from emailsync.dev.postgres import Postgres
 
 PASSWORD = "bench-password"  # a throwaway Dovecot's users; nothing secret
 

@@ -30,7 +30,7 @@ from daemonproc import DaemonProcess
 from testbed import OWNER_ALIAS, BenchMailbox, Testbed, append_one, folder_counts
 from throughput import expected_counts
 
-from emailsync.devnet import free_port
+from emailsync.dev.net import free_port
 from emailsync.model import FolderRole
 
 POLL_SECONDS = 0.01

@@ -48,7 +48,7 @@ from daemonproc import DaemonProcess
 from prometheus_client.parser import text_string_to_metric_families
 from testbed import Testbed
 
-from emailsync.devnet import free_port
+from emailsync.dev.net import free_port
 
 START_TIMEOUT_SECONDS = 600.0
 SETTLE_TIMEOUT_SECONDS = 300.0

@@ -22,10 +22,10 @@ from pathlib import Path
 from backlog import make_backlog
 from corpus import Directory
 
-from emailsync.filing import FETCH_BATCH
-from emailsync.message import parse_headers, with_body
+from emailsync.filing.queuepass import FETCH_BATCH
+from emailsync.mail.message import parse_headers, with_body
 from emailsync.model import BodyPlan, Direction, QueuedMessage, TextSection, TimelineEvent
-from emailsync.store.sqlite import SqliteStore
+from emailsync.state.sqlite import SqliteStore
 
 REPEATS = 3  # best of, to shed the scheduler's noise
 GROUPS = 40

@@ -18,7 +18,7 @@ from backlog import emailsync_pass, make_backlog, seed
 from corpus import Directory
 from testbed import Testbed
 
-from emailsync.logs import configure_logging
+from emailsync.telemetry.logs import configure_logging
 
 
 def main() -> None:

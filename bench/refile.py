@@ -35,7 +35,7 @@ from daemonproc import DaemonProcess
 from mailboxes import bench_config, inotify_instances, make_users, settle
 from testbed import Testbed
 
-from emailsync.devnet import free_port
+from emailsync.dev.net import free_port
 
 ROOT = "Rezi-Imported"
 POLL_SECONDS = 0.02

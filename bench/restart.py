@@ -35,8 +35,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from emailsync.devnet import free_port, stop_process
-from emailsync.devserver import Dovecot
+from emailsync.dev.dovecot import Dovecot
+from emailsync.dev.net import free_port, stop_process
 
 PROBE_SECONDS = 0.2
 PROBE_TIMEOUT_SECONDS = 30.0

@@ -60,7 +60,7 @@ from refile import table as refile_table
 from testbed import Testbed
 from throughput import PHASES, ThroughputResult, Trial, run_throughput
 
-from emailsync.logs import configure_logging
+from emailsync.telemetry.logs import configure_logging
 
 REPEATS = 3
 SEED = 20250301

@@ -5,9 +5,10 @@
 Each mailbox's record is filled as a worker's report would (state, passes of three triggers,
 filed messages of each outcome, a connection error), at both ``[daemon] metrics_detail``
 values. Three scrapes are timed: prometheus_client's ``generate_latest`` (the baseline: every
-sample built and written), and what ``web.py`` answers (``emailsync.metrics.exposition``, gzip
-when asked for) once every mailbox changed since the last scrape and once 10 % of them did (a
-mailbox's text is written again only when its numbers changed). CPU time, not wall time, the
+sample built and written), and what the listener answers
+(``emailsync.telemetry.metrics.exposition``, gzip when asked for) once every mailbox changed
+since the last scrape and once 10 % of them did (a mailbox's text is written again only when
+its numbers changed). CPU time, not wall time, the
 median of a few, so the figure holds on a machine shared with other work. Addresses are 31
 characters (``agent0001@branch01.example.com``): the ``mailbox`` label is most of the bytes.
 """
@@ -22,8 +23,8 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, generate_latest
 
 from emailsync.config import METRICS_DETAIL
-from emailsync.metrics import MailboxSeries, Metrics, exposition
-from emailsync.web import gzip_body
+from emailsync.telemetry.metrics import MailboxSeries, Metrics, exposition
+from emailsync.web.server import gzip_body
 
 REPEATS = 5
 

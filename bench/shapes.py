@@ -26,7 +26,7 @@ from crm import ReferenceCrm, linked_corpus
 from testbed import Testbed
 from throughput import Trial, _emailsync_trial
 
-from emailsync.logs import configure_logging
+from emailsync.telemetry.logs import configure_logging
 
 SEED = 2026_12_06
 # (state, timeline): the default first, the production shape last.

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/sql_layer.py [--rounds N] [--no-postgresql]
 
-Issue 20 allows "a single statement layer parametrised by dialect" (``emailsync.store.
+Issue 20 allows "a single statement layer parametrised by dialect" (``emailsync.state.
 sqlcore``, ``timeline_sql``) instead of SQLAlchemy Core only if it is measured faster. In one
 run, on identical databases made by emailsync's own migrations, this times:
 
@@ -37,12 +37,12 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
-from emailsync.devpostgres import Postgres
+from emailsync.dev.postgres import Postgres
 from emailsync.model import Direction, Group, TimelineEvent
-from emailsync.store.postgres import PostgresStore
-from emailsync.store.rows import event_links, groups_from_rows
-from emailsync.store.sqlite import SqliteStore
-from emailsync.store.timeline_sql import SqlTimeline
+from emailsync.state.postgres import PostgresStore
+from emailsync.state.rows import event_links, groups_from_rows
+from emailsync.state.sqlite import SqliteStore
+from emailsync.state.timeline_sql import SqlTimeline
 
 BATCH = 500
 LOOKUP = 500

@@ -3,7 +3,7 @@
 Each ``BenchMailbox`` is a new Dovecot user with the folder tree created and subscribed by
 emailsync itself, a config file written the way an operator would, and a state database
 holding the run's groups: a SQLite file, or (``state="postgresql"``) a fresh database in a
-throwaway PostgreSQL cluster (``emailsync.devpostgres``). Everything lives in one temporary
+throwaway PostgreSQL cluster (``emailsync.dev.postgres``). Everything lives in one temporary
 directory that ``close()`` removes.
 """
 
@@ -21,13 +21,13 @@ import imapclient
 from corpus import BenchMessage, Directory
 
 from emailsync.config import Settings, load_settings
-from emailsync.devpostgres import Postgres
-from emailsync.devserver import Dovecot
+from emailsync.dev.dovecot import Dovecot
+from emailsync.dev.postgres import Postgres
 from emailsync.imap.auth import make_authenticator
 from emailsync.imap.folders import FolderTree
 from emailsync.imap.session import ImapSession
 from emailsync.model import FolderRole
-from emailsync.store import open_store
+from emailsync.timeline import open_store
 
 CLIENT_TIMEOUT_SECONDS = 30.0
 # Every bench mailbox has this alias, so one corpus (written for it) suits them all.

@@ -23,14 +23,14 @@ import imapclient
 from corpus import BenchMessage, make_corpus
 from testbed import OWNER_ALIAS, BenchMailbox, Testbed, append_all, folder_counts
 
-from emailsync import filing
 from emailsync.config import CrmSettings
-from emailsync.filing import FETCH_BATCH, Filer, PendingFiling, QueueSession
+from emailsync.filing import queuepass as filing
+from emailsync.filing.queuepass import FETCH_BATCH, Filer, PendingFiling, QueueSession
 from emailsync.imap.folders import FolderTree
 from emailsync.imap.session import ImapSession
 from emailsync.model import BodyPlan, FetchedMessage, FolderRole, Outcome
-from emailsync.store import open_store
-from emailsync.store.base import Store
+from emailsync.state.base import Store
+from emailsync.timeline import open_store
 
 PHASES = ("imap", "parse", "classify", "store")
 HEADER_ITEMS = [b"BODY.PEEK[HEADER]", b"INTERNALDATE", b"RFC822.SIZE", b"FLAGS"]

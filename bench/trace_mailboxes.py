@@ -21,14 +21,14 @@ from daemonproc import DaemonProcess
 from mailboxes import _config, inotify_instances, make_users
 from testbed import Testbed
 
-from emailsync.devnet import free_port
+from emailsync.dev.net import free_port
 
 FRAMES = 1
 _WRAPPER = textwrap.dedent(
     """
     import os, sys, threading, time, tracemalloc
     tracemalloc.start({frames})
-    import emailsync.supervisor as sup
+    import emailsync.service.supervisor as sup
     out = sys.argv.pop(1)
     original = sup.Supervisor.run
     def run(self):

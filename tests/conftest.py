@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from emailsync.devpostgres import Postgres
+from emailsync.dev.postgres import Postgres
 
 
 @pytest.fixture(scope="session")

@@ -19,8 +19,6 @@ from urllib.parse import urlsplit
 import structlog
 
 from emailsync import __version__
-from emailsync.address import mailbox_address_problem, normalise_address
-from emailsync.agenttoken import open_agent_tokens, token_json
 from emailsync.config import (
     MAX_AGENT_TOKEN_DAYS,
     MailboxSettings,
@@ -31,7 +29,6 @@ from emailsync.config import (
     mailbox_secret_problems,
     shared_secret_problems,
 )
-from emailsync.control import ControlClient, take_legacy_stop
 from emailsync.errors import (
     AuthError,
     ConfigError,
@@ -42,30 +39,29 @@ from emailsync.errors import (
     StoreError,
     StoreUnavailableError,
 )
-from emailsync.filing import Decision, Filer, PassResult
+from emailsync.filing.queuepass import Decision, Filer, PassResult
 from emailsync.imap.auth import Authenticator, Office365Authenticator, make_authenticator
 from emailsync.imap.session import ImapSession
 from emailsync.imap.tokencache import TokenCacheStore
-from emailsync.keycheck import adopt_key_check, check_state_database, rotate_registry_key
-from emailsync.logs import configure_logging
+from emailsync.mail.address import mailbox_address_problem, normalise_address
 from emailsync.model import OUTCOME_KEYWORD, FolderRole, Outcome, TimelineEvent
+from emailsync.ops.progress import progress
 from emailsync.privilege import ActingUser, act_as_state_owner
-from emailsync.progress import progress
-from emailsync.store import (
-    POSTGRES_SCHEMES,
-    check_store_url,
-    open_state,
-    open_store,
-    open_timeline,
-)
-from emailsync.store.base import Store
-from emailsync.store.csvimport import read_group_csv
-from emailsync.store.tokencache_sql import token_caches_for
-from emailsync.vault import Vault
+from emailsync.state import POSTGRES_SCHEMES, check_store_url, open_state
+from emailsync.state.agenttoken import open_agent_tokens, token_json
+from emailsync.state.base import Store
+from emailsync.state.csvimport import read_group_csv
+from emailsync.state.keycheck import adopt_key_check, check_state_database, rotate_registry_key
+from emailsync.state.legacystop import take_legacy_stop
+from emailsync.state.tokencache_sql import token_caches_for
+from emailsync.state.vault import Vault
+from emailsync.telemetry.logs import configure_logging
+from emailsync.timeline import open_store, open_timeline
+from emailsync.web.control import ControlClient
 
 if TYPE_CHECKING:
-    from emailsync.cluster import Cluster
-    from emailsync.supervisor import ClusterFactory, Supervisor
+    from emailsync.cluster.membership import Cluster
+    from emailsync.service.supervisor import ClusterFactory, Supervisor
 
 log = structlog.get_logger(__name__)
 
@@ -300,11 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--crm",
         action="store_true",
-        help="groups and events in the reference CRM (emailsync.devcrm) instead of SQLite",
+        help="groups and events in the reference CRM (emailsync.dev.crm) instead of SQLite",
     )
 
-    p = command("completion", cmd_completion, "print a bash or zsh completion script")
-    p.add_argument("shell", choices=("bash", "zsh"))
+    p = command(
+        "completion", cmd_completion, "print a bash or zsh completion script, or the man page"
+    )
+    p.add_argument("shell", choices=("bash", "zsh", "man"))
 
     add_examples(parser)
     # --config is global, and accepted after the command too (`emailsync run --config F`, as
@@ -512,11 +510,11 @@ def event_json(event: TimelineEvent) -> dict[str, Any]:
 
 def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
     """The daemon in the foreground, until SIGTERM."""
-    from emailsync.supervisor import Supervisor  # noqa: PLC0415 -- only the daemon needs it
-    from emailsync.worker import (  # noqa: PLC0415 -- only the daemon needs it
+    from emailsync.runtime.worker import (  # noqa: PLC0415 -- only the daemon needs it
         WORKER_STACK_BYTES,
         limit_malloc_arenas,
     )
+    from emailsync.service.supervisor import Supervisor  # noqa: PLC0415 -- only the daemon needs it
 
     # Every thread started from here on (a worker per mailbox) gets a small stack and shares
     # few malloc arenas (issue 10: per-mailbox memory).
@@ -551,8 +549,8 @@ def cluster_factory(settings: Settings, state: Store, timeline: Store) -> Cluste
     leases in ``state``.
     """
     # Imported here: only a daemon with a PostgreSQL store loads psycopg and the cluster.
-    from emailsync.cluster import Cluster  # noqa: PLC0415
-    from emailsync.store.postgres import PostgresStore  # noqa: PLC0415
+    from emailsync.cluster.membership import Cluster  # noqa: PLC0415
+    from emailsync.state.postgres import PostgresStore  # noqa: PLC0415
 
     if not isinstance(state, PostgresStore):
         return None
@@ -1050,7 +1048,7 @@ def _owned_by_crm(settings: Settings, what: str) -> int:
 
 def cmd_crm_check(args: argparse.Namespace, out: TextIO) -> int:
     """One signed lookup against the CRM; one line saying it works or what is wrong."""
-    from emailsync.crm.store import HttpStore  # noqa: PLC0415 -- only this command needs it
+    from emailsync.timeline.crm.store import HttpStore  # noqa: PLC0415 -- only this command needs it
 
     settings = load(args)
     if settings.crm is None:
@@ -1175,7 +1173,7 @@ def cmd_auth_status(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_doctor(args: argparse.Namespace, out: TextIO) -> int:
     """One line per check of a mailbox's server; exit 1 when any is a problem."""
-    from emailsync.doctor import diagnose, exit_code  # noqa: PLC0415 -- only doctor needs it
+    from emailsync.ops.doctor import diagnose, exit_code  # noqa: PLC0415 -- only doctor needs it
 
     settings = load(args)
 
@@ -1188,17 +1186,20 @@ def cmd_doctor(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_completion(args: argparse.Namespace, out: TextIO) -> int:
-    """Print the completion script for a shell, generated from this parser."""
-    from emailsync.completion import bash_script, zsh_script  # noqa: PLC0415 -- only here
+    """Print the completion script for a shell, or the man page, generated from this parser."""
+    from emailsync.ops.completion import bash_script, man_page, zsh_script  # noqa: PLC0415
 
     parser = build_parser()
-    out.write(bash_script(parser) if args.shell == "bash" else zsh_script(parser))
+    if args.shell == "man":
+        out.write(man_page(parser, EXAMPLES))
+    else:
+        out.write(bash_script(parser) if args.shell == "bash" else zsh_script(parser))
     return EXIT_OK
 
 
 def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
-    """Run the demo (see emailsync.demo)."""
-    from emailsync.demo import run_demo  # noqa: PLC0415 -- the demo pulls in the dev server
+    """Run the demo (see emailsync.dev.demo)."""
+    from emailsync.dev.demo import run_demo  # noqa: PLC0415 -- the demo pulls in the dev server
 
     return run_demo(args.dir, once=args.once, out=out, crm=args.crm)
 

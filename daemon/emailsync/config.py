@@ -13,8 +13,8 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from emailsync.address import mailbox_address_problem, normalise_address
 from emailsync.errors import ConfigError
+from emailsync.mail.address import mailbox_address_problem, normalise_address
 from emailsync.model import FolderRole
 from emailsync.secret import ClientCertificate, SecretSource, read_client_certificate
 
@@ -64,7 +64,7 @@ SECURITIES = ("ssl", "starttls", "none")
 AUTHS = ("password", "office365")
 TRIGGERS = ("auto", "manual")
 LOG_FORMATS = ("auto", "json", "console", "journal")
-# [daemon] metrics_detail: emailsync.metrics' series a mailbox (summary: at most 12).
+# [daemon] metrics_detail: emailsync.telemetry.metrics' series a mailbox (summary: at most 12).
 METRICS_DETAIL = ("summary", "mailbox")
 
 T = TypeVar("T")
@@ -215,7 +215,8 @@ class ClusterSettings:
     """The ``[cluster]`` table: how an instance shares mailboxes through a PostgreSQL store.
 
     Used whenever ``store`` is ``postgresql://…``. An empty ``instance_id`` means the
-    hostname plus a random suffix, chosen at start (``emailsync.lease.default_instance_id``).
+    hostname plus a random suffix, chosen at start
+    (``emailsync.cluster.lease.default_instance_id``).
     """
 
     instance_id: str = ""

@@ -114,10 +114,10 @@ class Attachment:
 class QueuedMessage:
     """One message in Queue, parsed as far as it could be.
 
-    Addresses are normalised (see ``emailsync.address``). ``problem`` is set, and the other
+    Addresses are normalised (see ``emailsync.mail.address``). ``problem`` is set, and the other
     fields may be empty, when the message is unusable; such a message goes to Failed.
     ``body_truncated`` is True when ``body_text`` is not the whole text: cut at the cap of
-    ``emailsync.message.MAX_BODY_CHARS``, or by a fetch that brought only part of it.
+    ``emailsync.mail.message.MAX_BODY_CHARS``, or by a fetch that brought only part of it.
     """
 
     uid: int

@@ -10,11 +10,17 @@ the way ``runuser -u emailsync --`` would; nobody has to remember it, and no ``s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import stat
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+# Files only the service user may read: secrets, keys, tokens, caches.
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
 
 
 @dataclass(frozen=True)
@@ -92,3 +98,27 @@ def access_hint(path: Path, state_dir: Path) -> str:
             f"run it as root or as {service} (runuser -u {service} -- emailsync …)"
         )
     return f"check the permissions of {path} and {state_dir}"
+
+
+def write_private_file(path: Path, text: str) -> None:
+    """Replace ``path`` atomically with ``text``: mode 0600 in a 0700 directory, fsynced."""
+    directory = path.parent
+    directory.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+    directory.chmod(PRIVATE_DIR_MODE)  # mkdir's mode is masked by umask and skipped if it exists
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as tmp:
+            os.fchmod(tmp.fileno(), PRIVATE_FILE_MODE)
+            tmp.write(text)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from emailsync.devcrm import DevCrm
-from emailsync.devserver import Dovecot, DovecotOptions
+from emailsync.dev.crm import DevCrm
+from emailsync.dev.dovecot import Dovecot, DovecotOptions
 
 from .daemonproc import DaemonFactory
 from .faultproxy import FaultProxy

@@ -19,7 +19,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from emailsync.devnet import free_port, stop_process
+from emailsync.dev.net import free_port, stop_process
 
 from .faultproxy import FaultProxy
 from .mailenv import MailUser, write_config

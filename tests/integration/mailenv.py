@@ -11,7 +11,7 @@ from pathlib import Path
 import imapclient
 
 from emailsync.config import Settings, load_settings
-from emailsync.devserver import Dovecot
+from emailsync.dev.dovecot import Dovecot
 
 _user_numbers = itertools.count(1)
 

@@ -15,7 +15,7 @@ import pytest
 import trustme
 
 from emailsync.config import Settings, parse_settings
-from emailsync.devserver import Dovecot, DovecotOptions
+from emailsync.dev.dovecot import Dovecot, DovecotOptions
 
 from .idp import IdentityProvider, write_ca_file
 

@@ -14,8 +14,8 @@ from urllib.parse import quote, urlencode
 
 import pytest
 
-from emailsync.devserver import Dovecot
-from emailsync.vault import Vault, _token_mac
+from emailsync.dev.dovecot import Dovecot
+from emailsync.state.vault import Vault, _token_mac
 
 from .conftest import MailUser, new_user
 from .daemonproc import DaemonFactory, RunningDaemon, run_cli

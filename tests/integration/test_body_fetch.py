@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from emailsync.devserver import Dovecot
-from emailsync.filing import Filer
+from emailsync.dev.dovecot import Dovecot
+from emailsync.filing.queuepass import Filer
 from emailsync.imap.auth import make_authenticator
 from emailsync.imap.session import BODY_FETCH_CAP, WHOLE_FETCH_MAX, ImapSession
-from emailsync.message import parse_headers, parse_message, with_body
+from emailsync.mail.message import parse_headers, parse_message, with_body
 from emailsync.model import BodyPlan, FetchedMessage, QueuedMessage
-from emailsync.store import open_store
+from emailsync.timeline import open_store
 
 from .mailenv import MailUser, new_user, settings_for
 from .test_filing import opened

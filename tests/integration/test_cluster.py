@@ -16,11 +16,11 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from emailsync.devnet import share_registry_key
-from emailsync.devpostgres import Postgres
-from emailsync.devserver import Dovecot
+from emailsync.dev.dovecot import Dovecot
+from emailsync.dev.net import share_registry_key
+from emailsync.dev.postgres import Postgres
 from emailsync.model import STUCK_KEYWORD
-from emailsync.store.postgres import PostgresStore
+from emailsync.state.postgres import PostgresStore
 
 from .conftest import MailUser, new_user, write_config
 from .daemonproc import RunningDaemon, daemon_config_extra, new_port, run_cli, wait_until

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from emailsync.devcrm import DevCrm
-from emailsync.devserver import Dovecot
+from emailsync.dev.crm import DevCrm
+from emailsync.dev.dovecot import Dovecot
 
 from .conftest import MailUser, new_user
 from .daemonproc import wait_until

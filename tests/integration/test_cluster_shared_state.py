@@ -25,8 +25,8 @@ import psycopg
 import pytest
 import requests
 
-from emailsync.devnet import share_registry_key
-from emailsync.devserver import Dovecot
+from emailsync.dev.dovecot import Dovecot
+from emailsync.dev.net import share_registry_key
 
 from .daemonproc import RunningDaemon, run_cli, wait_until
 from .idp import IdentityProvider

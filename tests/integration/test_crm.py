@@ -29,16 +29,16 @@ from prometheus_client import CollectorRegistry
 from werkzeug.datastructures import Headers, ImmutableMultiDict
 
 from emailsync.config import Settings, load_settings
-from emailsync.crm import signing
-from emailsync.crm import store as crm_store_module
-from emailsync.crm.store import PROBE_ADDRESS, HttpStore
-from emailsync.demo import run_demo
-from emailsync.devcrm import EVENTS_PATH, LOOKUP_PATH, DevCrm, Exchange
+from emailsync.dev.crm import EVENTS_PATH, LOOKUP_PATH, DevCrm, Exchange
+from emailsync.dev.demo import run_demo
 from emailsync.errors import StoreUnavailableError
-from emailsync.filing import Filer
+from emailsync.filing.queuepass import Filer
 from emailsync.model import Direction, TimelineEvent
-from emailsync.store import open_store
-from emailsync.store.base import Store
+from emailsync.state.base import Store
+from emailsync.timeline import open_store
+from emailsync.timeline.crm import signing
+from emailsync.timeline.crm import store as crm_store_module
+from emailsync.timeline.crm.store import PROBE_ADDRESS, HttpStore
 
 from .conftest import MailUser, new_user, write_config
 from .daemonproc import RunningDaemon, daemon_config_extra, new_port, run_cli, wait_until

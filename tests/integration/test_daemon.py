@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from emailsync import cli
-from emailsync.devserver import Dovecot
+from emailsync.dev.dovecot import Dovecot
 
 from .conftest import MailUser, new_user, write_config
 from .daemonproc import (

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from emailsync.devnet import free_port
-from emailsync.devserver import Dovecot, DovecotOptions
+from emailsync.dev.dovecot import Dovecot, DovecotOptions
+from emailsync.dev.net import free_port
 
 from .daemonproc import run_cli, wait_until
 from .faultproxy import FaultProxy

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import imapclient
 import pytest
 
-from emailsync.devserver import Dovecot
+from emailsync.dev.dovecot import Dovecot
 
 from .conftest import MailUser
 from .faultproxy import FaultProxy

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from emailsync.devserver import Dovecot, DovecotOptions
+from emailsync.dev.dovecot import Dovecot, DovecotOptions
 
 from .conftest import MailUser, new_user
 from .daemonproc import DaemonFactory, RunningDaemon, run_cli, wait_until

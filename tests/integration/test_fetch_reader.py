@@ -13,15 +13,15 @@ from imapclient.datetime_util import parse_to_datetime
 from imapclient.response_types import BodyData
 
 from emailsync.config import load_settings
-from emailsync.devserver import Dovecot
+from emailsync.dev.dovecot import Dovecot
 from emailsync.errors import ConnectionLostError, MailboxError
-from emailsync.filing import Filer
+from emailsync.filing.queuepass import Filer
 from emailsync.imap.fetch import read_move, send_move, uid_fetch, uid_move
 from emailsync.imap.session import ImapSession
 from emailsync.imap.structure import plan_body
 from emailsync.imap.translate import translated
 from emailsync.model import FetchedMessage, FolderRole
-from emailsync.store import open_store
+from emailsync.timeline import open_store
 
 from .faultproxy import FaultProxy
 from .mailenv import MailUser, new_user, write_config

@@ -17,15 +17,15 @@ import pytest
 
 from emailsync import cli
 from emailsync.config import Settings, load_settings
-from emailsync.devserver import Dovecot, DovecotOptions, running_dovecot
+from emailsync.dev.dovecot import Dovecot, DovecotOptions, running_dovecot
 from emailsync.errors import StoreUnavailableError, UidValidityChangedError
-from emailsync.filing import Filer, PassResult
+from emailsync.filing.queuepass import Filer, PassResult
 from emailsync.imap.auth import make_authenticator
 from emailsync.imap.session import FILING_KEYWORD, ImapSession
 from emailsync.model import STUCK_KEYWORD, FolderRole
-from emailsync.store import open_store
-from emailsync.store.base import Store
-from emailsync.store.sqlite import SqliteStore
+from emailsync.state.base import Store
+from emailsync.state.sqlite import SqliteStore
+from emailsync.timeline import open_store
 
 from .conftest import MailUser, new_user, settings_for, write_config
 from .daemonproc import DaemonFactory, wait_until

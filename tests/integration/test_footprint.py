@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from emailsync import cli
-from emailsync.devserver import Dovecot, DovecotOptions
+from emailsync.dev.dovecot import Dovecot, DovecotOptions
 from emailsync.imap.session import READ_BUFFER_BYTES
 
 from .conftest import MailUser, new_user, settings_for, write_config

@@ -22,7 +22,7 @@ import pytest
 import requests
 
 from emailsync.config import Settings
-from emailsync.devserver import Dovecot, DovecotOptions
+from emailsync.dev.dovecot import Dovecot, DovecotOptions
 from emailsync.errors import (
     AuthError,
     ConnectionLostError,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from emailsync.devserver import Dovecot
+from emailsync.dev.dovecot import Dovecot
 
 from .daemonproc import RunningDaemon, new_port, run_cli, wait_until
 from .idp import IdentityProvider

@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 import pytest
 
-from emailsync.devserver import Dovecot
+from emailsync.dev.dovecot import Dovecot
 
 from .daemonproc import RunningDaemon, new_port, run_cli, wait_until
 from .idp import IdentityProvider

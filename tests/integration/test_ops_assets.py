@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from emailsync.metrics import ClusterMetrics, CrmMetrics, Metrics
+from emailsync.telemetry.metrics import ClusterMetrics, CrmMetrics, Metrics
 
 REPO = Path(__file__).resolve().parents[2]
 SYSTEMD_DIR = REPO / "systemd"
@@ -36,7 +36,7 @@ MAX_EXPOSURE = 2.0
 def registry_series() -> dict[str, frozenset[str]]:
     """Every metric family of the daemon's real registry → the series names it exposes.
 
-    Built from `emailsync.metrics.Metrics` (and `CrmMetrics`, which daemons with a `[crm]`
+    Built from `emailsync.telemetry.metrics.Metrics` (and `CrmMetrics`, which daemons with a `[crm]`
     register, and `ClusterMetrics`, which daemons with a PostgreSQL store register) with one
     mailbox initialised, so the names cannot drift from the code. Labelled metrics with no
     child yet (sync pass histogram, last sync, token expiry) expose no samples, so each

@@ -18,8 +18,8 @@ from urllib.parse import quote
 
 import pytest
 
-from emailsync.devcrm import DevCrm
-from emailsync.devserver import Dovecot
+from emailsync.dev.crm import DevCrm
+from emailsync.dev.dovecot import Dovecot
 
 from .balancer import Balancer
 from .daemonproc import RunningDaemon, run_cli, wait_until

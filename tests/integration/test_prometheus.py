@@ -1,6 +1,6 @@
 """A real Prometheus scrapes a real daemon and evaluates our alerts, rules and dashboard on it.
 
-The daemon runs against the session Dovecot and the reference CRM (emailsync.devcrm) with two
+The daemon runs against the session Dovecot and the reference CRM (emailsync.dev.crm) with two
 mailboxes: an automatic one whose mail was filed to Sent, Received and Failed, and a manual one
 with a message left in its Queue.
 Prometheus (Debian's /usr/bin/prometheus, on 127.0.0.1 only, data in a temporary directory)
@@ -26,9 +26,9 @@ from typing import Any
 
 import pytest
 
-from emailsync.devcrm import DevCrm
-from emailsync.devnet import free_port
-from emailsync.devserver import Dovecot
+from emailsync.dev.crm import DevCrm
+from emailsync.dev.dovecot import Dovecot
+from emailsync.dev.net import free_port
 
 from .conftest import MailUser, new_user, write_config
 from .daemonproc import RunningDaemon, daemon_config_extra, wait_until

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from emailsync.devserver import Dovecot
-from emailsync.store.postgres import PostgresStore
+from emailsync.dev.dovecot import Dovecot
+from emailsync.state.postgres import PostgresStore
 
 from .conftest import MailUser, new_user
 from .daemonproc import run_cli, wait_until

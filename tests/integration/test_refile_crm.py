@@ -1,6 +1,6 @@
 """Failed mail comes back when the CRM says its group appeared (``POST /v1/groups:changed``).
 
-The reference CRM (emailsync.devcrm) calls the daemon, signed, when it links addresses, as a
+The reference CRM (emailsync.dev.crm) calls the daemon, signed, when it links addresses, as a
 CRM implementing config/crm-api.yaml would; forged, stale and replayed calls are refused.
 """
 
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from emailsync.crm import signing
-from emailsync.devcrm import DevCrm
+from emailsync.dev.crm import DevCrm
+from emailsync.timeline.crm import signing
 
 from .conftest import MailUser
 from .daemonproc import RunningDaemon, wait_until

@@ -13,7 +13,7 @@ from typing import Generic, TypeVar
 
 import pytest
 
-from emailsync.devserver import Dovecot
+from emailsync.dev.dovecot import Dovecot
 
 from .conftest import new_user
 from .daemonproc import DaemonFactory, RunningDaemon, wait_until

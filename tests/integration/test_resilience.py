@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from emailsync.devserver import Dovecot, DovecotOptions
+from emailsync.dev.dovecot import Dovecot, DovecotOptions
 
 from .conftest import MailUser, new_user
 from .daemonproc import run_cli, wait_until

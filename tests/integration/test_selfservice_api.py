@@ -19,12 +19,12 @@ import imapclient
 import imapclient.exceptions
 import pytest
 
-from emailsync.devserver import Dovecot
-from emailsync.keycheck import rotate_registry_key
-from emailsync.store.base import RegisteredMailbox
-from emailsync.store.sqlite import SqliteStore
-from emailsync.supervisor import Supervisor
-from emailsync.vault import Vault
+from emailsync.dev.dovecot import Dovecot
+from emailsync.service.supervisor import Supervisor
+from emailsync.state.base import RegisteredMailbox
+from emailsync.state.keycheck import rotate_registry_key
+from emailsync.state.sqlite import SqliteStore
+from emailsync.state.vault import Vault
 
 from .conftest import MailUser, new_user, settings_for
 from .daemonproc import DaemonFactory, RunningDaemon, new_port, run_cli, wait_until

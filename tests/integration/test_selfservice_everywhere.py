@@ -19,9 +19,9 @@ from urllib.parse import quote
 import psycopg
 import pytest
 
-from emailsync.devcrm import DevCrm
-from emailsync.devserver import Dovecot
-from emailsync.store import open_store
+from emailsync.dev.crm import DevCrm
+from emailsync.dev.dovecot import Dovecot
+from emailsync.timeline import open_store
 
 from .daemonproc import RunningDaemon, daemon_config_extra, new_port, run_cli, wait_until
 from .faultproxy import FaultProxy

@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 import pytest
 
-from emailsync.devserver import Dovecot
+from emailsync.dev.dovecot import Dovecot
 
 from .conftest import MailUser, new_user
 from .daemonproc import DaemonFactory, RunningDaemon, wait_until

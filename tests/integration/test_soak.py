@@ -30,7 +30,7 @@ from pathlib import Path
 import imapclient
 import pytest
 
-from emailsync.devserver import Dovecot
+from emailsync.dev.dovecot import Dovecot
 
 from .conftest import MailUser, new_user
 from .daemonproc import DaemonFactory, RunningDaemon, wait_until

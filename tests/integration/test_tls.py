@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from emailsync.devserver import Dovecot, DovecotOptions, TlsFiles
+from emailsync.dev.dovecot import Dovecot, DovecotOptions, TlsFiles
 
 from .daemonproc import run_cli
 from .mailenv import MailUser, new_user

@@ -22,7 +22,6 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from emailsync.clock import Clock
 from emailsync.config import MailboxSettings, Settings, parse_settings
 from emailsync.errors import (
     AuthError,
@@ -31,12 +30,13 @@ from emailsync.errors import (
     MailboxError,
     StoreUnavailableError,
 )
-from emailsync.filing import QueueSession
+from emailsync.filing.queuepass import QueueSession
 from emailsync.imap.idle import IdleUpdate
-from emailsync.metrics import Metrics
 from emailsync.model import BodyPlan, FetchedMessage, FolderRole, Group
-from emailsync.wakeup import Wakeup
-from emailsync.worker import MailboxWorker
+from emailsync.runtime.clock import Clock
+from emailsync.runtime.wakeup import Wakeup
+from emailsync.runtime.worker import MailboxWorker
+from emailsync.telemetry.metrics import Metrics
 
 ADDRESS = "agent@example.com"
 EPOCH = 1_800_000_000.0  # the wall clock at virtual time 0

@@ -1,10 +1,10 @@
-"""Tests of emailsync.address: one comparable form for every address."""
+"""Tests of emailsync.mail.address: one comparable form for every address."""
 
 from __future__ import annotations
 
 import pytest
 
-from emailsync.address import normalise_address
+from emailsync.mail.address import normalise_address
 
 
 def test_address_is_lower_cased_in_local_part_and_domain() -> None:

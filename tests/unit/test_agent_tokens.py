@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from emailsync.agenttoken import LAST_USED_WRITE_SECONDS, AgentTokens, legacy_token_id
-from emailsync.store.base import IssuedToken, TokenLedger
-from emailsync.store.postgres import PostgresStore
-from emailsync.store.sqlite import SqliteStore
-from emailsync.vault import Vault, _token_mac
+from emailsync.state.agenttoken import LAST_USED_WRITE_SECONDS, AgentTokens, legacy_token_id
+from emailsync.state.base import IssuedToken, TokenLedger
+from emailsync.state.postgres import PostgresStore
+from emailsync.state.sqlite import SqliteStore
+from emailsync.state.vault import Vault, _token_mac
 
 AGENT = "agent@example.com"
 OTHER = "other@example.com"
@@ -235,8 +235,8 @@ def test_with_a_crm_the_cli_keeps_tokens_in_the_configured_state_database(
 ) -> None:
     """Tokens are emailsync's state: with a [crm] timeline they still go to ``[daemon]
     state`` (here a SQLite file outside state_dir), where the daemon checks them."""
-    from emailsync.agenttoken import open_agent_tokens  # noqa: PLC0415
     from emailsync.config import load_settings  # noqa: PLC0415
+    from emailsync.state.agenttoken import open_agent_tokens  # noqa: PLC0415
 
     database = tmp_path / "shared" / "state.db"
     database.parent.mkdir()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from emailsync.backoff import Backoff, full_jitter_backoff
+from emailsync.runtime.backoff import Backoff, full_jitter_backoff
 
 
 def test_delays_stay_within_the_exponential_ceiling() -> None:

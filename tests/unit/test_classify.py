@@ -1,4 +1,4 @@
-"""Tests of emailsync.classify: direction and counterparts seen from the mailbox owner."""
+"""Tests of emailsync.mail.classify: direction and counterparts seen from the mailbox owner."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from emailsync.classify import classify
-from emailsync.message import parse_message
+from emailsync.mail.classify import classify
+from emailsync.mail.message import parse_message
 from emailsync.model import Classification, Direction, QueuedMessage
 
 DATA = Path(__file__).resolve().parent.parent / "data"

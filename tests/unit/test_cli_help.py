@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from emailsync.cli import EXAMPLES, build_parser, main, subcommands, walk_commands
-from emailsync.completion import bash_script, man_page, zsh_script
+from emailsync.ops.completion import bash_script, man_page, zsh_script
 
 
 def test_every_command_has_an_example_in_its_help(capsys: pytest.CaptureFixture[str]) -> None:

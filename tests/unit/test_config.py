@@ -13,7 +13,6 @@ import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from emailsync.address import normalise_address
 from emailsync.config import (
     DaemonSettings,
     FolderSettings,
@@ -26,6 +25,7 @@ from emailsync.config import (
     load_settings,
 )
 from emailsync.errors import ConfigError
+from emailsync.mail.address import normalise_address
 from emailsync.model import FolderRole
 from emailsync.secret import Secret, SecretSource
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from emailsync.cluster.lease import default_instance_id
 from emailsync.config import LEASE_SECONDS, ConfigError, Settings, load_settings
-from emailsync.lease import default_instance_id
 
 BASE = """
 [daemon]

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from emailsync.connectgate import (
+from emailsync.runtime.connectgate import (
     BEST_OF_ROUNDS,
     FAST_FACTOR,
     SLOW_FLOOR_SECONDS,

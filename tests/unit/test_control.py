@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from emailsync.config import Settings, load_settings
-from emailsync.control import control_token, generated_token_path, stopped_marker
 from emailsync.errors import ConfigError, ControlError
 from emailsync.imap.auth import token_cache_lock_path, token_cache_path
+from emailsync.state.legacystop import stopped_marker
+from emailsync.web.control import control_token, generated_token_path
 
 CONFIG = """
 [daemon]

@@ -9,7 +9,7 @@ import trustme
 from cryptography import x509
 
 from emailsync.config import load_settings
-from emailsync.supervisor import credential_expiry
+from emailsync.service.supervisor import credential_expiry
 
 BASE = """
 [office365]

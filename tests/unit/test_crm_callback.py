@@ -1,4 +1,4 @@
-"""``POST /v1/groups:changed`` checks: signature, window, replay, body (emailsync.crm.callback)."""
+"""``POST /v1/groups:changed`` checks: signature, window, replay, body (timeline.crm.callback)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import json
 from collections.abc import Sequence
 from http import HTTPStatus
 
-from emailsync.crm import signing
-from emailsync.crm.callback import GROUPS_CHANGED_PATH, MAX_ADDRESSES, ChangeReceiver
 from emailsync.errors import StoreUnavailableError
+from emailsync.timeline.crm import signing
+from emailsync.timeline.crm.callback import GROUPS_CHANGED_PATH, MAX_ADDRESSES, ChangeReceiver
 
 SECRET = b"shared"
 NOW = 1_800_000_000.0

@@ -13,12 +13,12 @@ from openapi_spec_validator.readers import read_from_filename
 
 from emailsync import cli
 from emailsync.config import load_settings
-from emailsync.crm import signing
-from emailsync.crm.cache import LookupCache
-from emailsync.crm.store import cache_seconds
-from emailsync.crm.translate import retry_after
 from emailsync.errors import ConfigError
 from emailsync.model import Group
+from emailsync.timeline.crm import signing
+from emailsync.timeline.crm.cache import LookupCache
+from emailsync.timeline.crm.store import cache_seconds
+from emailsync.timeline.crm.translate import retry_after
 
 SECRET = b"shared-secret"
 BODY = b'{"addresses":["a@example.com"]}'

@@ -7,7 +7,7 @@ import os
 import psycopg
 import pytest
 
-from emailsync.devpostgres import Postgres, PostgresStartError
+from emailsync.dev.postgres import Postgres, PostgresStartError
 
 
 def test_the_cluster_accepts_logins_and_runs_as_an_unprivileged_user(postgres: Postgres) -> None:

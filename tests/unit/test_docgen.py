@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from emailsync import docgen
 from emailsync.config import DaemonSettings, FolderSettings
+from emailsync.ops import docgen
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_committed_docs_are_what_the_code_generates() -> None:
     for path, text in docgen.generated_files(REPO).items():
         assert path.read_text(encoding="utf-8") == text, (
-            f"{path.name} is out of date: run `python -m emailsync.docgen`"
+            f"{path.name} is out of date: run `python -m emailsync.ops.docgen`"
         )
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from emailsync.config import MailboxSettings, ServerSettings
-from emailsync.doctor import (
+from emailsync.ops.doctor import (
     IDLE_PROBES,
     NOTE,
     OK,

@@ -8,8 +8,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from emailsync.store.base import Store
-from emailsync.store.failedindex import (
+from emailsync.state.base import Store
+from emailsync.state.failedindex import (
     LINK_CHANGE,
     LINKS_CHANNEL,
     PERIODIC,
@@ -17,8 +17,8 @@ from emailsync.store.failedindex import (
     FailedIndex,
     failed_index,
 )
-from emailsync.store.postgres import PostgresStore
-from emailsync.store.sqlite import SqliteStore
+from emailsync.state.postgres import PostgresStore
+from emailsync.state.sqlite import SqliteStore
 
 AGENT = "agent@example.com"
 OTHER = "other@example.com"

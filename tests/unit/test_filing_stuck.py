@@ -15,9 +15,9 @@ import pytest
 
 from emailsync.config import MailboxSettings, ServerSettings
 from emailsync.errors import ConnectionLostError, StoreError, StoreUnavailableError
-from emailsync.filing import Filer
+from emailsync.filing.queuepass import Filer
 from emailsync.model import STUCK_KEYWORD, BodyPlan, FetchedMessage, FolderRole, TimelineEvent
-from emailsync.store.sqlite import SqliteStore
+from emailsync.state.sqlite import SqliteStore
 
 from .fakeserver import FiledNow
 

@@ -1,8 +1,8 @@
-"""Tests of emailsync.htmltext: HTML mail bodies rendered as plain text."""
+"""Tests of emailsync.mail.htmltext: HTML mail bodies rendered as plain text."""
 
 from __future__ import annotations
 
-from emailsync.htmltext import html_to_text
+from emailsync.mail.htmltext import html_to_text
 
 
 def test_plain_text_without_markup_passes_through() -> None:

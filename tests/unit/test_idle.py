@@ -16,7 +16,7 @@ import pytest
 
 from emailsync.errors import ConnectionLostError
 from emailsync.imap import idle
-from emailsync.wakeup import Trigger, Wakeup
+from emailsync.runtime.wakeup import Trigger, Wakeup
 
 
 class Reader:

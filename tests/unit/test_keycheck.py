@@ -18,7 +18,11 @@ import pytest
 from emailsync.cli import EXIT_CONFIG, EXIT_USAGE, main
 from emailsync.config import CrmSettings
 from emailsync.errors import ConfigError, KeyUnavailableError
-from emailsync.keycheck import (
+from emailsync.secret import SecretSource
+from emailsync.state import DEFAULT_DB_NAME
+from emailsync.state.base import RegisteredMailbox
+from emailsync.state.failedindex import SqlEngine
+from emailsync.state.keycheck import (
     KEY_CHECK,
     adopt_key_check,
     ensure_key_check,
@@ -27,13 +31,10 @@ from emailsync.keycheck import (
     rotate_key_check,
     state_engine,
 )
-from emailsync.secret import SecretSource
-from emailsync.store import DEFAULT_DB_NAME, open_store
-from emailsync.store.base import RegisteredMailbox
-from emailsync.store.failedindex import SqlEngine
-from emailsync.store.postgres import PostgresStore
-from emailsync.store.sqlite import SqliteStore
-from emailsync.vault import KEY_CREDENTIAL, KEY_FILE_NAME, Vault, blob_generation
+from emailsync.state.postgres import PostgresStore
+from emailsync.state.sqlite import SqliteStore
+from emailsync.state.vault import KEY_CREDENTIAL, KEY_FILE_NAME, Vault, blob_generation
+from emailsync.timeline import open_store
 
 MISMATCH = "does not match the one this state database was set up with"
 

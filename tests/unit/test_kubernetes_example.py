@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from emailsync.config import load_settings
-from emailsync.vault import KEY_CREDENTIAL
+from emailsync.state.vault import KEY_CREDENTIAL
 
 KUBE_DIR = Path(__file__).parents[2] / "config" / "kubernetes"
 

@@ -14,13 +14,13 @@ import pytest
 import structlog
 from prometheus_client import CollectorRegistry
 
-from emailsync.cluster import Cluster
+from emailsync.cluster.lease import FencedStore, LeaseKeeper, LeaseTable, OwedStartSync
+from emailsync.cluster.membership import Cluster
 from emailsync.config import ClusterSettings
 from emailsync.errors import LeaseLostError
-from emailsync.lease import FencedStore, LeaseKeeper, LeaseTable, OwedStartSync
-from emailsync.metrics import ClusterMetrics
 from emailsync.model import Direction, Fence, TimelineEvent
-from emailsync.store.postgres import PostgresStore
+from emailsync.state.postgres import PostgresStore
+from emailsync.telemetry.metrics import ClusterMetrics
 
 MAILBOXES = [f"agent{i:02d}@example.com" for i in range(10)]
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from emailsync.linkwatch import FailedCheck, LinkWatch
 from emailsync.model import Group
-from emailsync.store.failedindex import PERIODIC, FailedEntry, FailedIndex, failed_index
-from emailsync.store.sqlite import SqliteStore
+from emailsync.runtime.linkwatch import FailedCheck, LinkWatch
+from emailsync.state.failedindex import PERIODIC, FailedEntry, FailedIndex, failed_index
+from emailsync.state.sqlite import SqliteStore
 
 AGENT = "agent@example.com"
 OTHER = "other@example.com"

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from emailsync.logs import (
+from emailsync.telemetry.logs import (
     configure_logging,
     redact_secrets,
     redact_text,

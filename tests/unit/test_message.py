@@ -1,4 +1,4 @@
-"""Tests of emailsync.message: raw mail bytes parsed into a QueuedMessage."""
+"""Tests of emailsync.mail.message: raw mail bytes parsed into a QueuedMessage."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from emailsync import message as message_module
-from emailsync.message import (
+from emailsync.mail import message as message_module
+from emailsync.mail.message import (
     MAX_BODY_CHARS,
     decode_encoded_words,
     message_key,

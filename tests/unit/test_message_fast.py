@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from emailsync import message as message_module
-from emailsync.message import evolved, parse_headers
+from emailsync.mail import message as message_module
+from emailsync.mail.message import evolved, parse_headers
 from emailsync.model import QueuedMessage
 
 DATA = Path(__file__).resolve().parent.parent / "data"

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from emailsync import __version__
-from emailsync.metrics import (
+from emailsync.telemetry.metrics import (
     CONNECTION_ERROR_KINDS,
     FAIL_REASONS,
     LATENCY_BUCKETS_SECONDS,
@@ -22,13 +22,13 @@ from emailsync.metrics import (
     MailboxSeries,
     Metrics,
 )
-from emailsync.metrics import exposition as scrape_text
+from emailsync.telemetry.metrics import exposition as scrape_text
 
 # -- the reference: the implementation before the collector (one label child per series) --------
 
 
 class LabelChildMetrics:
-    """emailsync.metrics.Metrics as it was: a prometheus_client label child per series."""
+    """emailsync.telemetry.metrics.Metrics as it was: a prometheus_client label child per series."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         ns = "emailsync"

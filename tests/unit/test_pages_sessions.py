@@ -10,8 +10,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from emailsync.errors import StoreUnavailableError
-from emailsync.store.sessions_sql import SessionRow
-from emailsync.web import WebServer
+from emailsync.state.sessions_sql import SessionRow
+from emailsync.web.server import WebServer
 
 from .test_web import TOKEN, Registrar, Supervisor
 

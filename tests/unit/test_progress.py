@@ -6,7 +6,7 @@ import io
 
 import pytest
 
-from emailsync.progress import colour_allowed, progress
+from emailsync.ops.progress import colour_allowed, progress
 
 
 class FakeTerminal(io.StringIO):

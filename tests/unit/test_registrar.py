@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 
 from emailsync.config import MailboxSettings, Settings, load_settings
-from emailsync.control import stopped_marker
-from emailsync.registrar import MailboxRegistrar
-from emailsync.store.base import RegisteredBranch, RegisteredMailbox
-from emailsync.store.postgres import PostgresStore
-from emailsync.store.sqlite import SqliteStore
-from emailsync.throttle import LoginThrottle
-from emailsync.vault import Vault
-from emailsync.worker import WorkerStatus
+from emailsync.runtime.registrar import MailboxRegistrar
+from emailsync.runtime.throttle import LoginThrottle
+from emailsync.runtime.worker import WorkerStatus
+from emailsync.state.base import RegisteredBranch, RegisteredMailbox
+from emailsync.state.legacystop import stopped_marker
+from emailsync.state.postgres import PostgresStore
+from emailsync.state.sqlite import SqliteStore
+from emailsync.state.vault import Vault
 
 CONFIGURED = "agent1@example.com"
 REGISTERED = "self@example.com"

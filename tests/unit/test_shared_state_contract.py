@@ -1,7 +1,7 @@
 """The shared-state tables' statements (issue 20): one suite, run on SQLite and PostgreSQL.
 
 Page sessions (``page_sessions``), Office 365 sign-ins under way (``signin_flows``) and MSAL
-token caches (``token_caches``) are written once (``emailsync.store.sessions_sql``,
+token caches (``token_caches``) are written once (``emailsync.state.sessions_sql``,
 ``signins_sql``, ``tokencache_sql``); every test here runs on both databases, each engine
 opened as a separate instance would open it.
 """
@@ -16,19 +16,19 @@ from typing import Any
 
 import pytest
 
-from emailsync.devpostgres import Postgres
+from emailsync.dev.postgres import Postgres
 from emailsync.errors import ConfigError, KeyUnavailableError
 from emailsync.imap.tokencache import FileTokenCaches
-from emailsync.keycheck import rotate_registry_key
-from emailsync.pages import MAX_SESSIONS, SESSION_SECONDS, Pages, Principal
-from emailsync.signins import FLOW_SECONDS
-from emailsync.store.postgres import PostgresStore
-from emailsync.store.sessions_sql import SessionRow, SqlSessions, row_id
-from emailsync.store.signins_sql import SqlSignInFlows
-from emailsync.store.sqlite import SqliteStore
-from emailsync.store.tokencache_sql import SqlTokenCaches, token_caches_for
-from emailsync.supervisor import ANONYMOUS_CSRF_INFO
-from emailsync.vault import Vault
+from emailsync.runtime.signins import FLOW_SECONDS
+from emailsync.service.supervisor import ANONYMOUS_CSRF_INFO
+from emailsync.state.keycheck import rotate_registry_key
+from emailsync.state.postgres import PostgresStore
+from emailsync.state.sessions_sql import SessionRow, SqlSessions, row_id
+from emailsync.state.signins_sql import SqlSignInFlows
+from emailsync.state.sqlite import SqliteStore
+from emailsync.state.tokencache_sql import SqlTokenCaches, token_caches_for
+from emailsync.state.vault import Vault
+from emailsync.web.pages import MAX_SESSIONS, SESSION_SECONDS, Pages, Principal
 
 from .test_store_contract import open_kind
 

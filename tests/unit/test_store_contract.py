@@ -1,6 +1,6 @@
 """The Store and TokenLedger contract: one suite, run against SqliteStore and PostgresStore.
 
-Both stores run the same statements (``emailsync.store.statements``), so every behaviour here
+Both stores run the same statements (``emailsync.state.statements``), so every behaviour here
 is one behaviour; a test that only one database passes is a drift. Dialect-only matters
 (SQLite's WAL, file modes and locks; PostgreSQL's pool, outages, migrations under a lock and
 the lease fence) stay in ``test_store_sqlite.py``, ``test_store_postgres.py`` and
@@ -27,11 +27,11 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from emailsync.devpostgres import Postgres
+from emailsync.dev.postgres import Postgres
 from emailsync.errors import StoreError
 from emailsync.model import Attachment, Direction, TimelineEvent, Via
-from emailsync.store import read_group_csv
-from emailsync.store.base import (
+from emailsync.state import read_group_csv
+from emailsync.state.base import (
     IssuedToken,
     RegisteredBranch,
     RegisteredMailbox,
@@ -39,9 +39,9 @@ from emailsync.store.base import (
     Store,
     TokenLedger,
 )
-from emailsync.store.failedindex import failed_index
-from emailsync.store.postgres import PostgresStore
-from emailsync.store.sqlite import SqliteStore
+from emailsync.state.failedindex import failed_index
+from emailsync.state.postgres import PostgresStore
+from emailsync.state.sqlite import SqliteStore
 
 BASE_TIME = datetime(2024, 5, 1, 9, 0, tzinfo=UTC)
 T0 = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)

@@ -11,15 +11,15 @@ import psycopg
 import psycopg_pool
 import pytest
 
-from emailsync.devnet import free_port
-from emailsync.devpostgres import Postgres
+from emailsync.dev.net import free_port
+from emailsync.dev.postgres import Postgres
 from emailsync.errors import StoreError, StoreUnavailableError
 from emailsync.model import Direction, Via
-from emailsync.store import open_store
-from emailsync.store.base import RegisteredBranch, RegisteredMailbox
-from emailsync.store.pgtranslate import translate
-from emailsync.store.postgres import PostgresStore, _migrations
-from emailsync.store.registry_sql import REGISTRY_CHANNEL
+from emailsync.state.base import RegisteredBranch, RegisteredMailbox
+from emailsync.state.pgtranslate import translate
+from emailsync.state.postgres import PostgresStore, _migrations
+from emailsync.state.registry_sql import REGISTRY_CHANNEL
+from emailsync.timeline import open_store
 
 # The migration that added per-mailbox directions and body_truncated (004_event_details).
 EVENT_DETAILS_VERSION = 4

@@ -12,13 +12,14 @@ import pytest
 
 from emailsync.errors import ConfigError, StoreError, StoreUnavailableError
 from emailsync.model import Direction, Fence, TimelineEvent, Via
-from emailsync.store import open_store, read_group_csv
-from emailsync.store.base import RegisteredMailbox
-from emailsync.store.sqlite import SqliteStore, _migrations, _statements
-from emailsync.store.timeline_sql import SqlTimeline
+from emailsync.state import read_group_csv
+from emailsync.state.base import RegisteredMailbox
+from emailsync.state.sqlite import SqliteStore, _migrations, _statements
+from emailsync.state.timeline_sql import SqlTimeline
+from emailsync.timeline import open_store
 
 BASE_TIME = datetime(2024, 5, 1, 9, 0, tzinfo=UTC)
-SCHEMA_DIR = Path(__file__).parents[2] / "daemon" / "emailsync" / "store" / "schema"
+SCHEMA_DIR = Path(__file__).parents[2] / "daemon" / "emailsync" / "state" / "schema"
 
 # The migration that added per-mailbox directions and body_truncated (004_event_details).
 EVENT_DETAILS_VERSION = 4

@@ -20,21 +20,21 @@ import pytest
 import structlog
 from prometheus_client import CollectorRegistry
 
-from emailsync import supervisor as supervisor_module
-from emailsync import workerpool
-from emailsync.cluster import Cluster
+from emailsync.cluster.lease import LeaseKeeper, LeaseTable, OwedStartSync
+from emailsync.cluster.membership import Cluster
 from emailsync.config import ClusterSettings, MailboxSettings, Settings, load_settings
-from emailsync.devnet import free_port
+from emailsync.dev.net import free_port
 from emailsync.imap.auth import Authenticator
-from emailsync.lease import LeaseKeeper, LeaseTable, OwedStartSync
-from emailsync.metrics import ClusterMetrics, Metrics
 from emailsync.model import Fence
-from emailsync.store import open_store
-from emailsync.store.base import RegisteredBranch, RegisteredMailbox, Registry, Store
-from emailsync.store.postgres import PostgresStore
-from emailsync.supervisor import ClusterFactory, Supervisor
-from emailsync.systemd import Notifier
-from emailsync.worker import WorkerStatus
+from emailsync.runtime import workerpool
+from emailsync.runtime.worker import WorkerStatus
+from emailsync.service import supervisor as supervisor_module
+from emailsync.service.supervisor import ClusterFactory, Supervisor
+from emailsync.state.base import RegisteredBranch, RegisteredMailbox, Registry, Store
+from emailsync.state.postgres import PostgresStore
+from emailsync.telemetry.metrics import ClusterMetrics, Metrics
+from emailsync.telemetry.systemd import Notifier
+from emailsync.timeline import open_store
 
 RUN_TIMEOUT_SECONDS = 30.0
 

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from emailsync.errors import TooManyLoginsError
-from emailsync.throttle import LoginThrottle
+from emailsync.runtime.throttle import LoginThrottle
 
 MAILBOX = "agent@example.com"
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from emailsync.errors import ConfigError
-from emailsync.store.base import RegisteredMailbox
-from emailsync.store.sqlite import SqliteStore
-from emailsync.vault import KEY_CREDENTIAL, Vault
+from emailsync.state.base import RegisteredMailbox
+from emailsync.state.sqlite import SqliteStore
+from emailsync.state.vault import KEY_CREDENTIAL, Vault
 
 
 def test_a_secret_round_trips_and_never_appears_in_its_ciphertext(tmp_path: Path) -> None:
@@ -139,8 +139,8 @@ def _readable(state: Path, store: SqliteStore, passwords: dict[str, str]) -> dic
 _KILLED_AFTER_COMMIT = """
 import os, signal, sys
 from pathlib import Path
-from emailsync.store.sqlite import SqliteStore
-from emailsync.vault import Vault
+from emailsync.state.sqlite import SqliteStore
+from emailsync.state.vault import Vault
 
 state = Path(sys.argv[1])
 store = SqliteStore(state / "emailsync.db")

@@ -6,8 +6,8 @@ import select
 import threading
 import time
 
-from emailsync.metrics import TRIGGERS
-from emailsync.wakeup import Trigger, Wakeup
+from emailsync.runtime.wakeup import Trigger, Wakeup
+from emailsync.telemetry.metrics import TRIGGERS
 
 
 def readable(fd: int) -> bool:

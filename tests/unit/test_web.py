@@ -16,11 +16,11 @@ import pytest
 import structlog
 from prometheus_client import CollectorRegistry
 
-from emailsync.metrics import Metrics
-from emailsync.pages import MAX_SESSIONS
-from emailsync.store.base import IssuedToken
-from emailsync.web import MAX_CONNECTIONS, WebServer, metrics_need_token
-from emailsync.worker import WorkerStatus
+from emailsync.runtime.worker import WorkerStatus
+from emailsync.state.base import IssuedToken
+from emailsync.telemetry.metrics import Metrics
+from emailsync.web.pages import MAX_SESSIONS
+from emailsync.web.server import MAX_CONNECTIONS, WebServer, metrics_need_token
 
 TOKEN = "s3cret-token-for-the-web-tests"
 

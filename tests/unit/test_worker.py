@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import structlog
 
-from emailsync.clock import SystemClock
-from emailsync.connectgate import connect_gate
 from emailsync.errors import ConnectionLostError
-from emailsync.report import State
-from emailsync.wakeup import Trigger
-from emailsync.worker import (
+from emailsync.runtime.clock import SystemClock
+from emailsync.runtime.connectgate import connect_gate
+from emailsync.runtime.report import State
+from emailsync.runtime.wakeup import Trigger
+from emailsync.runtime.worker import (
     TOKEN_RECONNECT_FLOOR_SECONDS,
     token_reconnect_delay,
 )

@@ -6,12 +6,12 @@ import subprocess
 import sys
 import textwrap
 
-from emailsync.worker import WORKER_STACK_BYTES
+from emailsync.runtime.worker import WORKER_STACK_BYTES
 
 CHILD = textwrap.dedent(
     """
     import sys, threading
-    from emailsync.message import parse_message
+    from emailsync.mail.message import parse_message
 
     def nested(depth, forwarded):
         head = "From: a@clients.example\\r\\nTo: b@example.com\\r\\nMIME-Version: 1.0\\r\\n"

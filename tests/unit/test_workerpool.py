@@ -18,13 +18,13 @@ import pytest
 import structlog
 from prometheus_client import CollectorRegistry
 
-from emailsync import workerpool
 from emailsync.config import MailboxSettings, ServerSettings, Settings
 from emailsync.imap.auth import Authenticator
-from emailsync.metrics import Metrics
-from emailsync.store.base import Store
-from emailsync.worker import WorkerStatus
-from emailsync.workerpool import WorkerPool
+from emailsync.runtime import workerpool
+from emailsync.runtime.worker import WorkerStatus
+from emailsync.runtime.workerpool import WorkerPool
+from emailsync.state.base import Store
+from emailsync.telemetry.metrics import Metrics
 
 SERVER = ServerSettings(host="127.0.0.1", port=1, security="none", allow_insecure=True)
 

@@ -54,14 +54,11 @@ from emailsync.errors import (
     StoreError,
 )
 from emailsync.imap.tokencache import (
-    TOKEN_DIR_MODE,
-    TOKEN_FILE_MODE,
     CacheSlot,
     FileTokenCaches,
     TokenCacheStore,
     token_cache_lock_path,
     token_cache_path,
-    write_private_file,
 )
 from emailsync.imap.translate import is_transient, server_text, translated
 from emailsync.secret import Secret
@@ -70,8 +67,6 @@ log = structlog.get_logger(__name__)
 
 # The token cache's file helpers lived here before the cache had a module of its own.
 __all__ = [
-    "TOKEN_DIR_MODE",
-    "TOKEN_FILE_MODE",
     "Authenticator",
     "Office365Authenticator",
     "PasswordAuthenticator",
@@ -79,7 +74,6 @@ __all__ = [
     "make_authenticator",
     "token_cache_lock_path",
     "token_cache_path",
-    "write_private_file",
 ]
 
 # Delegated access to IMAP (Exchange Online's permission name). MSAL adds openid, profile and
@@ -765,7 +759,7 @@ def make_authenticator(
     """The authenticator a mailbox's settings ask for (raises ConfigError when incomplete).
 
     ``token_caches``: where delegated Office 365 token caches live; files in ``state_dir``
-    by default (``emailsync.store.tokencache_sql.token_caches_for`` picks the state's).
+    by default (``emailsync.state.tokencache_sql.token_caches_for`` picks the state's).
     """
     if mailbox.auth != "office365":
         return PasswordAuthenticator(mailbox)

@@ -38,7 +38,7 @@ from emailsync.imap.idle import IdleUpdate, WakeSource
 from emailsync.imap.pipeline import Command, CommandPipeline
 from emailsync.imap.structure import plan_body
 from emailsync.imap.translate import server_text, translated
-from emailsync.message import MAX_HTML_SOURCE_CHARS
+from emailsync.mail.message import MAX_HTML_SOURCE_CHARS
 from emailsync.model import STUCK_KEYWORD, BodyPlan, FetchedMessage, FolderRole
 
 if TYPE_CHECKING:

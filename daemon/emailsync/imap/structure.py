@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from emailsync.message import MAX_MIME_DEPTH, display_filename
+from emailsync.mail.message import MAX_MIME_DEPTH, display_filename
 from emailsync.model import Attachment, BodyPlan, TextSection
 
 # Base64 (RFC 2045 §6.8) writes at most 76 characters and a CRLF per line: the decoded size

@@ -9,7 +9,7 @@ rotated away, nor writes an older cache over a newer one.
 
 Two stores. ``FileTokenCaches``: ``state_dir/tokens/<address>.json`` (0600 in a 0700
 directory) under an ``flock`` on ``<address>.json.lock``: one host, the SQLite state's
-default, and what existing deployments have. ``emailsync.store.tokencache_sql.SqlTokenCaches``:
+default, and what existing deployments have. ``emailsync.state.tokencache_sql.SqlTokenCaches``:
 a ``token_caches`` row of the shared (PostgreSQL) state database, vault-encrypted, under
 ``SELECT … FOR UPDATE``: in a cluster the instance that finished a sign-in is seldom the one
 that runs the mailbox.
@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -30,10 +29,11 @@ from urllib.parse import quote
 
 import structlog
 
-log = structlog.get_logger(__name__)
+from emailsync.privilege import PRIVATE_DIR_MODE as TOKEN_DIR_MODE
+from emailsync.privilege import PRIVATE_FILE_MODE as TOKEN_FILE_MODE
+from emailsync.privilege import write_private_file
 
-TOKEN_DIR_MODE = 0o700
-TOKEN_FILE_MODE = 0o600
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -166,27 +166,3 @@ def token_cache_path(state_dir: Path, address: str) -> Path:
 def token_cache_lock_path(cache_path: Path) -> Path:
     """The lock file beside a token cache: ``<address>.json.lock``."""
     return cache_path.with_name(cache_path.name + ".lock")
-
-
-def write_private_file(path: Path, text: str) -> None:
-    """Replace ``path`` atomically with ``text``: mode 0600 in a 0700 directory, fsynced."""
-    directory = path.parent
-    directory.mkdir(mode=TOKEN_DIR_MODE, parents=True, exist_ok=True)
-    directory.chmod(TOKEN_DIR_MODE)  # mkdir's mode is masked by umask and skipped if it exists
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as tmp:
-            os.fchmod(tmp.fileno(), TOKEN_FILE_MODE)
-            tmp.write(text)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)

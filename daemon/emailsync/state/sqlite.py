@@ -1,0 +1,321 @@
+"""SqliteStore: the built-in timeline store, one SQLite file with numbered schema migrations."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sqlite3
+import threading
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from emailsync.errors import StoreError, StoreUnavailableError
+from emailsync.model import TimelineEvent
+from emailsync.privilege import access_hint
+from emailsync.state.base import Recorded
+from emailsync.state.registry_sql import SqlRegistry
+from emailsync.state.sqlstate import SqlStateMethods
+from emailsync.state.timeline_sql import SqlTimeline
+from emailsync.state.tokens_sql import SqlTokens
+
+# How long a writer waits for another writer (another thread or a CLI process) to commit.
+BUSY_TIMEOUT_SECONDS = 5.0
+# The file holds client mail: owner-only, and so is a state directory we create.
+DB_FILE_MODE = 0o600
+STATE_DIR_MODE = 0o700
+
+# Primary result codes (https://sqlite.org/rescode.html) after which a later retry can
+# succeed: another writer holds the lock, the disk failed or is full, the file is not
+# reachable right now. Anything else (corrupt file, constraint, bug) is a plain StoreError.
+_UNAVAILABLE_CODES = frozenset(
+    {
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_PROTOCOL,
+    }
+)
+# Extended result codes carry the primary code in their low byte.
+_PRIMARY_CODE_MASK = 0xFF
+
+
+class SqliteStore(SqlStateMethods):
+    """The timeline store in one SQLite file, shared by every mailbox worker thread.
+
+    Each thread gets its own connection, so lookups run beside the single writer (WAL mode).
+    Writes are ``BEGIN IMMEDIATE`` transactions: a writer takes the lock up front, waiting at
+    most ``busy_timeout_seconds`` for another writer, instead of failing half-way through.
+    Opening the store creates the file (mode 0600) and applies pending schema migrations.
+
+    Mailboxes are stored in their normalised address form, like group addresses. Call
+    ``close()`` only after the threads using the store have stopped.
+    """
+
+    def __init__(self, path: Path, *, busy_timeout_seconds: float = BUSY_TIMEOUT_SECONDS) -> None:
+        self.path = path
+        self._busy_timeout_seconds = busy_timeout_seconds
+        self._local = threading.local()
+        # Weak, so a thread that ends takes its connection with it; close() reaches the rest.
+        self._holders: weakref.WeakSet[_ConnectionHolder] = weakref.WeakSet()
+        self._holders_lock = threading.Lock()
+        self._closed = False
+        self._timeline = SqlTimeline(self)
+        self._tokens = SqlTokens(self)
+        self._registry = SqlRegistry(self, scrub=self._scrub)
+        _create_private_file(path)
+        try:
+            self._migrate()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- recording events (the other shared methods: emailsync.state.sqlstate) ------------
+
+    def record_events(self, events: Sequence[TimelineEvent]) -> int:
+        """Record events in one transaction; return how many were new.
+
+        Idempotent on ``(group, message_key)``: recording an existing pair links the event's
+        ``mailbox`` (and any ``mailboxes``) to the stored event and creates no new event.
+        Every group must exist; otherwise ``StoreError`` and nothing is recorded.
+        """
+        return self._timeline.record_events(events)
+
+    def record_events_checked(self, events: Sequence[TimelineEvent]) -> Recorded:
+        """``record_events``; the built-in store never refuses an event."""
+        return Recorded(new=self.record_events(events))
+
+    # -- the registry's scrub (its statements: emailsync.state.sqlstate, registry_sql) -----
+
+    def _scrub(self) -> None:
+        """Move the WAL into the file and truncate it, so a replaced secret's old pages go.
+
+        With ``secure_delete`` on, SQLite zeroes freed content in the database file; the WAL
+        still holds the old page images until a checkpoint. Best effort: a reader holding a
+        snapshot makes the checkpoint partial, and the next write retries.
+        """
+        with _translated(self.path, "checkpoint"):
+            self._connection().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    # -- connections ----------------------------------------------------------------------
+
+    # For the SQL written once for both engines (emailsync.state.failedindex.SqlEngine).
+    param_marker = "?"
+
+    def transaction(self, doing: str) -> AbstractContextManager[sqlite3.Connection]:
+        """A write transaction (``BEGIN IMMEDIATE``), committed when the block ends."""
+        return self._transaction(doing)
+
+    @contextmanager
+    def reading(self, doing: str) -> Iterator[sqlite3.Connection]:
+        """This thread's connection for reads; each statement is one consistent snapshot."""
+        conn = self._connection()
+        with _translated(self.path, doing):
+            yield conn
+
+    def register_metrics(self, registry: CollectorRegistry) -> None:
+        """The built-in store has no metrics of its own."""
+
+    def close(self) -> None:
+        """Close every thread's connection; later calls raise ``StoreError``."""
+        with self._holders_lock:
+            self._closed = True
+            holders = list(self._holders)
+            self._holders.clear()
+        for holder in holders:
+            holder.close()
+
+    def _connection(self) -> sqlite3.Connection:
+        """This thread's connection, opened on first use."""
+        holder: _ConnectionHolder | None = getattr(self._local, "holder", None)
+        if holder is not None and not self._closed:
+            return holder.connection
+        with self._holders_lock:
+            if self._closed:
+                raise StoreError(f"store {self.path}: already closed")
+            holder = _ConnectionHolder(self._connect())
+            self._holders.add(holder)
+        self._local.holder = holder
+        return holder.connection
+
+    def _connect(self) -> sqlite3.Connection:
+        with _translated(self.path, "open database"):
+            # isolation_level=None: no implicit transactions; we issue BEGIN/COMMIT ourselves.
+            # check_same_thread=False only so close() can close other threads' connections.
+            conn = sqlite3.connect(
+                self.path,
+                timeout=self._busy_timeout_seconds,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            try:
+                conn.execute("PRAGMA foreign_keys = ON")
+                # Zero deleted content (an erased password's ciphertext) instead of leaving it
+                # in free pages: https://sqlite.org/pragma.html#pragma_secure_delete
+                conn.execute("PRAGMA secure_delete = ON")
+                # FULL, not the WAL-usual NORMAL: an event must survive power loss once
+                # committed, because the message is moved out of Queue right after.
+                conn.execute("PRAGMA synchronous = FULL")
+            except sqlite3.Error:
+                conn.close()
+                raise
+        return conn
+
+    def _discard_connection(self) -> None:
+        """Forget this thread's connection after it failed in a way we cannot undo."""
+        holder: _ConnectionHolder | None = getattr(self._local, "holder", None)
+        if holder is None:
+            return
+        self._local.holder = None
+        with self._holders_lock:
+            self._holders.discard(holder)
+        holder.close()
+
+    @contextmanager
+    def _transaction(self, doing: str) -> Iterator[sqlite3.Connection]:
+        """A write transaction: committed when the block ends, rolled back if it raises."""
+        conn = self._connection()
+        try:
+            with _translated(self.path, doing):
+                conn.execute("BEGIN IMMEDIATE")
+                yield conn
+                conn.execute("COMMIT")
+        finally:
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    # The connection's state is unknown: never reuse it.
+                    self._discard_connection()
+
+    def _query(self, doing: str, sql: str, params: Sequence[object]) -> list[Any]:
+        """All rows of one read statement (one statement is one consistent snapshot)."""
+        conn = self._connection()
+        with _translated(self.path, doing):
+            return conn.execute(sql, params).fetchall()
+
+    # -- schema -----------------------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        """Apply the schema files newer than the file's ``PRAGMA user_version``, atomically."""
+        migrations = _migrations()
+        latest = migrations[-1][0]
+        conn = self._connection()
+        with _translated(self.path, "enable WAL"):
+            # Persistent in the file: readers never wait for the writer, nor it for them.
+            conn.execute("PRAGMA journal_mode = WAL")
+        # One transaction for the check and the changes, so two processes opening a fresh
+        # file at once cannot both migrate it.
+        with self._transaction("migrate schema") as txn:
+            (current,) = txn.execute("PRAGMA user_version").fetchone()
+            if current > latest:
+                raise StoreError(
+                    f"store {self.path}: schema version {current} is newer than this "
+                    f"emailsync knows ({latest}); upgrade emailsync"
+                )
+            for version, name, script in migrations:
+                if version <= current:
+                    continue
+                with _translated(self.path, f"apply migration {name}"):
+                    for statement in _statements(script):
+                        txn.execute(statement)
+                    # PRAGMA takes no bound parameters; version is an int from a file name.
+                    txn.execute(f"PRAGMA user_version = {version:d}")
+
+
+class _ConnectionHolder:
+    """Owns one thread's connection and closes it when the thread's storage goes away.
+
+    Without this the connection would wait for the cycle collector: sqlite3 connections
+    reference themselves through their statement cache.
+    """
+
+    __slots__ = ("__weakref__", "_finalizer", "connection")
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self.connection = connection
+        self._finalizer = weakref.finalize(self, connection.close)
+
+    def close(self) -> None:
+        """Close the connection now (at most once)."""
+        self._finalizer()
+
+
+@contextmanager
+def _translated(path: Path, doing: str) -> Iterator[None]:
+    """Turn sqlite3 errors into StoreUnavailableError (retry later) or StoreError."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        code = getattr(exc, "sqlite_errorcode", None)
+        message = f"store {path}: {doing}: {exc}"
+        if code is not None and (code & _PRIMARY_CODE_MASK) in _UNAVAILABLE_CODES:
+            raise StoreUnavailableError(message) from exc
+        raise StoreError(message) from exc
+
+
+def _create_private_file(path: Path) -> None:
+    """Create the database file 0600 (and a missing directory 0700) before SQLite opens it.
+
+    SQLite would create it with the umask's mode; its -wal and -shm files copy the mode of
+    the database file, so they end up private too.
+    """
+    try:
+        path.parent.mkdir(mode=STATE_DIR_MODE, parents=True, exist_ok=True)
+        # O_RDONLY: creating needs no write access to an existing file (a read-only CLI).
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, DB_FILE_MODE)
+        os.close(fd)
+    except PermissionError as exc:
+        raise StoreUnavailableError(
+            f"store {path}: cannot open the database file: {exc.strerror}; "
+            + access_hint(path, path.parent)
+        ) from exc
+    except OSError as exc:
+        raise StoreUnavailableError(f"store {path}: cannot create database file: {exc}") from exc
+
+
+@functools.cache
+def _migrations() -> tuple[tuple[int, str, str], ...]:
+    """The ``(version, file name, SQL)`` of every ``schema/NNN_name.sql``, by version."""
+    found: list[tuple[int, str, str]] = []
+    for entry in resources.files("emailsync.state").joinpath("schema").iterdir():
+        if not entry.name.endswith(".sql"):
+            continue
+        number = entry.name.split("_", 1)[0]
+        if not number.isdigit():
+            raise StoreError(f"store: migration {entry.name!r} does not start with a number")
+        found.append((int(number), entry.name, entry.read_text(encoding="utf-8")))
+    found.sort()
+    versions = [version for version, _, _ in found]
+    if versions != list(range(1, len(found) + 1)):
+        raise StoreError(f"store: migrations must be numbered 1, 2, 3... found {versions}")
+    return tuple(found)
+
+
+def _statements(script: str) -> Iterator[str]:
+    """Split a SQL script into statements, leaving ``;`` inside strings and triggers alone.
+
+    ``executescript`` would do this, but it commits first, which would break the migration
+    transaction.
+    """
+    start = 0
+    for index, char in enumerate(script):
+        if char == ";" and sqlite3.complete_statement(script[start : index + 1]):
+            yield script[start : index + 1]
+            start = index + 1
+    rest = script[start:]
+    # Whatever follows the last ';' must be comments or blank, not a forgotten statement.
+    if _has_code(rest):
+        raise StoreError(f"store: migration ends in a statement without ';': {rest.strip()!r}")
+
+
+def _has_code(sql: str) -> bool:
+    """True when ``sql`` holds anything besides whitespace and ``--`` comments."""
+    return any(line.strip() and not line.strip().startswith("--") for line in sql.splitlines())
