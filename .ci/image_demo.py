@@ -135,7 +135,7 @@ def prepare(base: Path, server: Dovecot, uid: int, gid: int) -> tuple[Settings, 
         with session(settings, mailbox.address) as imap:
             imap.ensure_folders()
             for raw in demo_messages(mailbox.address):
-                imap.client.append(imap.queue_name, raw)
+                imap.client.append(imap.queue_name(), raw)
                 queued += 1
     # /etc/emailsync as the package and the Deployment have it: root-owned, readable by the
     # service's group; the state directory belongs to the service's user.
@@ -231,7 +231,7 @@ def main() -> int:
         say(f"{len(running)} process(es), all uid {uid} gid {gid}: {running[0][2]}")
 
         with session(settings, AGENTS[1]) as imap:
-            imap.client.append(imap.queue_name, demo_messages(AGENTS[1])[0])
+            imap.client.append(imap.queue_name(), demo_messages(AGENTS[1])[0])
         live = time.monotonic()
         if not wait(lambda: filed_total(client) == queued + 1, LIVE_TIMEOUT_SECONDS):
             fail(f"a message dropped into Queue was not filed within {LIVE_TIMEOUT_SECONDS:.0f} s")

@@ -44,7 +44,7 @@ def both_ways(
     if not whole.usable:
         return whole, None, FetchedMessage(0, b"", None, 0)  # never linked: never fetched
     with user.client() as client:
-        client.append(session.queue_name, raw)
+        client.append(session.queue_name(), raw)
     session.select_queue()
     uid = max(session.queue_uids())
     (header,) = session.fetch_headers([uid])
@@ -162,7 +162,7 @@ def by_both_paths(
 ) -> tuple[QueuedMessage, QueuedMessage]:
     """The message as a pass gets it by its structure (text sections), and whole (no plan)."""
     with user.client() as client:
-        client.append(session.queue_name, raw)
+        client.append(session.queue_name(), raw)
     session.select_queue()
     uid = max(session.queue_uids())
     (header,) = session.fetch_headers([uid])
@@ -231,7 +231,7 @@ def test_a_long_message_without_message_id_in_two_mailboxes_is_one_event_by_eith
         try:
             session.ensure_folders()
             with user.client() as client:
-                client.append(session.queue_name, raw)
+                client.append(session.queue_name(), raw)
             filer = Filer(mailbox, store)
             assert filer.run_pass(session).new_events == (1 if user is first else 0)
         finally:

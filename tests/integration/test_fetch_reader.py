@@ -196,7 +196,7 @@ def proxied(
     with opened(load_settings(config), user.address) as session:
         with user.client() as client:
             for number in range(6):
-                client.append(session.queue_name, message(number))
+                client.append(session.queue_name(), message(number))
         session.select_queue()
         yield session, session.queue_uids()
 
@@ -332,7 +332,7 @@ def test_a_pass_asks_one_header_and_one_text_fetch_per_batch_of_linked_mail(
     with opened(settings, user.address) as session:
         with user.client() as client:
             for number in range(7):
-                client.append(session.queue_name, message(number))
+                client.append(session.queue_name(), message(number))
         filer = Filer(settings.mailbox(user.address), store, batch_size=3)
         before = fault_proxy.commands("UID FETCH")
         result = filer.run_pass(session)
@@ -390,7 +390,7 @@ def three_queued(
     with opened(settings, user.address) as session:
         with user.client() as client:
             for number in range(3):
-                client.append(session.queue_name, message(number))
+                client.append(session.queue_name(), message(number))
         session.select_queue()
         session._client._imap.sock.settimeout(5)
         yield session
@@ -441,7 +441,7 @@ def test_a_pass_of_many_batches_files_every_message_with_moves_in_flight(
     with opened(settings, user.address) as session:
         with user.client() as client:
             for number in range(1000):  # half linked, half to Failed
-                client.append(session.queue_name, message(number))
+                client.append(session.queue_name(), message(number))
         result = Filer(settings.mailbox(user.address), store).run_pass(session)
         assert session.queue_uids() == []
     assert result.messages == 1000
@@ -468,7 +468,7 @@ def test_fetches_behind_unanswered_moves_on_dovecot_get_exactly_their_own_answer
     with opened(load_settings(config), user.address) as session:
         with user.client() as client:
             for number in range(240):
-                client.append(session.queue_name, message(number))
+                client.append(session.queue_name(), message(number))
         session.select_queue()
         session.select_queue()  # \Recent (RFC 3501 §2.3.2) went with the first SELECT
         uids = session.queue_uids()

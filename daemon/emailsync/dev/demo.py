@@ -182,7 +182,7 @@ def run_demo(base: Path, *, once: bool, out: TextIO, crm: bool = False) -> int:
                 session.ensure_folders()
                 queued = demo_messages(mailbox.address)
                 for raw in queued:
-                    session.client.append(session.queue_name, raw)
+                    session.client.append(session.queue_name(), raw)
             print(f"{mailbox.address}: {len(queued)} messages dragged into Queue", file=out)
 
         log_path = base / "daemon.log"
@@ -208,7 +208,7 @@ def run_demo(base: Path, *, once: bool, out: TextIO, crm: bool = False) -> int:
 
         with _session(settings, AGENTS[1]) as session:
             session.client.append(
-                session.queue_name,
+                session.queue_name(),
                 _message(
                     "John Smith <john.smith@clients.example>",
                     AGENTS[1],

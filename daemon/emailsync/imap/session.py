@@ -192,9 +192,11 @@ class ImapSession:
             self._note_copies()
         return self._client
 
-    @property
     def queue_name(self) -> str:
-        """The full name of the Queue folder."""
+        """The full name of the Queue folder; asks the server (``resolve_tree``) the first time.
+
+        A method, not a property: it may read from the network (issue 21).
+        """
         return (self.tree or self.resolve_tree()).queue
 
     def capabilities(self) -> frozenset[str]:
