@@ -5,51 +5,24 @@ from __future__ import annotations
 
 import sqlite3
 import stat
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from emailsync.errors import ConfigError, StoreError, StoreUnavailableError
-from emailsync.model import Direction, Fence, TimelineEvent, Via
+from emailsync.model import Direction, Fence, Via
 from emailsync.state import read_group_csv
 from emailsync.state.base import RegisteredMailbox
 from emailsync.state.sqlite import SqliteStore, _migrations, _statements
 from emailsync.state.timeline_sql import SqlTimeline
 from emailsync.timeline import open_store
 
-BASE_TIME = datetime(2024, 5, 1, 9, 0, tzinfo=UTC)
+from .test_store_contract import make_event
+
 SCHEMA_DIR = Path(__file__).parents[2] / "daemon" / "emailsync" / "state" / "schema"
 
 # The migration that added per-mailbox directions and body_truncated (004_event_details).
 EVENT_DETAILS_VERSION = 4
-
-
-def make_event(
-    group: str = "Smith",
-    key: str = "k1",
-    *,
-    mailbox: str = "agent1@example.com",
-    message_id: str | None = "<m1@example.com>",
-    minutes: int = 0,
-) -> TimelineEvent:
-    """An outbound event filed ``minutes`` after BASE_TIME."""
-    return TimelineEvent(
-        group=group,
-        direction=Direction.OUTBOUND,
-        mailbox=mailbox,
-        message_key=key,
-        message_id=message_id,
-        subject=f"Subject {key}",
-        from_="Agent One <agent1@example.com>",
-        to="Client <client@example.org>",
-        cc="",
-        date=BASE_TIME - timedelta(hours=1),
-        body_text="Hello",
-        attachments=(),
-        size=1234,
-        filed_at=BASE_TIME + timedelta(minutes=minutes),
-    )
 
 
 # -- schema --------------------------------------------------------------------------------
