@@ -226,12 +226,10 @@ class FakeServer:
 class FiledNow:
     """The PendingFiling of a fake session, which moves at once: ``file`` has run, error kept."""
 
-    def __init__(
-        self, session: QueueSession, uids: Sequence[int], role: FolderRole, keyword: str | None
-    ) -> None:
+    def __init__(self, session: QueueSession, *args: Any, **kwargs: Any) -> None:
         self.error: MailboxError | None = None
         try:
-            session.file(uids, role, keyword)
+            session.file(*args, **kwargs)
         except MailboxError as exc:
             self.error = exc
 
@@ -241,8 +239,44 @@ class FiledNow:
             raise self.error
 
 
+class FilesAtOnce:
+    """The filing half of a fake ``QueueSession`` that answers at once: a whole message is
+    what ``fetch_headers`` gives, and ``file_later`` has filed by the time it returns. A fake
+    gives ``fetch_headers`` and ``move`` (its UID MOVE, raising what the server refuses)."""
+
+    def fetch_headers(self, uids: Sequence[int]) -> list[FetchedMessage]:
+        raise NotImplementedError
+
+    def move(self, uids: Sequence[int], role: FolderRole) -> None:
+        raise NotImplementedError
+
+    def fetch_full(
+        self,
+        uids: Sequence[int],
+        sizes: dict[int, int] | None = None,
+        plans: Mapping[int, BodyPlan | None] | None = None,
+    ) -> list[FetchedMessage]:
+        return self.fetch_headers(uids)
+
+    def file(
+        self,
+        uids: Sequence[int],
+        role: FolderRole,
+        keyword: str | None = None,
+        *,
+        confirm: Callable[[], None] | None = None,
+    ) -> None:
+        if confirm is not None:
+            confirm()
+        self.move(uids, role)
+
+    def file_later(self, *args: Any, **kwargs: Any) -> FiledNow:
+        """``file`` (the same arguments), now; what it raised waits for ``wait``."""
+        return FiledNow(self, *args, **kwargs)
+
+
 @dataclass
-class FakeSession:
+class FakeSession(FilesAtOnce):
     """A logged-in connection to FakeServer; every command fails once it is broken."""
 
     server: FakeServer
@@ -298,36 +332,7 @@ class FakeSession:
     def prefetch_headers(self, uids: Sequence[int]) -> None:
         pass  # answers at once anyway
 
-    def fetch_full(
-        self,
-        uids: Sequence[int],
-        sizes: dict[int, int] | None = None,
-        plans: Mapping[int, BodyPlan | None] | None = None,
-    ) -> list[FetchedMessage]:
-        return self.fetch_headers(uids)
-
-    def file_later(
-        self,
-        uids: Sequence[int],
-        role: FolderRole,
-        keyword: str | None = None,
-        *,
-        confirm: Callable[[], None] | None = None,
-    ) -> FiledNow:
-        if confirm is not None:
-            confirm()
-        return FiledNow(self, uids, role, keyword)
-
-    def file(
-        self,
-        uids: Sequence[int],
-        role: FolderRole,
-        keyword: str | None = None,
-        *,
-        confirm: Callable[[], None] | None = None,
-    ) -> None:
-        if confirm is not None:
-            confirm()
+    def move(self, uids: Sequence[int], role: FolderRole) -> None:
         self._command("move")
         for uid in uids:
             if uid in self.server.queue:

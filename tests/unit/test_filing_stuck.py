@@ -7,7 +7,7 @@ real server's refusals are tested in tests/integration/test_filing.py.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -16,10 +16,10 @@ import pytest
 from emailsync.config import MailboxSettings, ServerSettings
 from emailsync.errors import ConnectionLostError, StoreError, StoreUnavailableError
 from emailsync.filing.queuepass import Filer
-from emailsync.model import STUCK_KEYWORD, BodyPlan, FetchedMessage, FolderRole, TimelineEvent
+from emailsync.model import STUCK_KEYWORD, FetchedMessage, FolderRole, TimelineEvent
 from emailsync.state.sqlite import SqliteStore
 
-from .fakeserver import FiledNow
+from .fakeserver import FilesAtOnce
 
 OWNER = "agent@example.com"
 REFUSED = "file to received: UID command error: NO [OVERQUOTA] Quota exceeded"
@@ -36,7 +36,7 @@ def message(subject: str) -> bytes:
     return msg.as_bytes()
 
 
-class Queue:
+class Queue(FilesAtOnce):
     """A Queue folder: messages by UID with their keywords, and what the server refuses."""
 
     def __init__(self) -> None:
@@ -86,14 +86,6 @@ class Queue:
     def prefetch_headers(self, uids: Sequence[int]) -> None:
         self.prefetched.append(list(uids))  # fetch_headers answers at once anyway
 
-    def fetch_full(
-        self,
-        uids: Sequence[int],
-        sizes: dict[int, int] | None = None,
-        plans: Mapping[int, BodyPlan | None] | None = None,
-    ) -> list[FetchedMessage]:
-        return self._fetch(uids)
-
     def _fetch(self, uids: Sequence[int]) -> list[FetchedMessage]:
         if self.lose_connection_on_fetch & set(uids):
             raise ConnectionLostError("fetch: server said BYE", kind="bye")
@@ -109,28 +101,7 @@ class Queue:
             if uid in self.messages
         ]
 
-    def file_later(
-        self,
-        uids: Sequence[int],
-        role: FolderRole,
-        keyword: str | None = None,
-        *,
-        confirm: Callable[[], None] | None = None,
-    ) -> FiledNow:
-        if confirm is not None:
-            confirm()
-        return FiledNow(self, uids, role, keyword)
-
-    def file(
-        self,
-        uids: Sequence[int],
-        role: FolderRole,
-        keyword: str | None = None,
-        *,
-        confirm: Callable[[], None] | None = None,
-    ) -> None:
-        if confirm is not None:
-            confirm()
+    def move(self, uids: Sequence[int], role: FolderRole) -> None:
         self.move_attempts.extend(uids)
         if self.lose_connection_on_move:
             raise ConnectionLostError("file: connection reset", kind="bye")
