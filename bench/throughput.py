@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
@@ -28,7 +28,7 @@ from emailsync.filing import queuepass as filing
 from emailsync.filing.queuepass import FETCH_BATCH, Filer, PendingFiling, QueueSession
 from emailsync.imap.folders import FolderTree
 from emailsync.imap.session import ImapSession
-from emailsync.model import BodyPlan, FetchedMessage, FolderRole, Outcome
+from emailsync.model import FolderRole, Outcome
 from emailsync.state.base import Store
 from emailsync.timeline import open_store
 
@@ -85,45 +85,25 @@ class TimedSession:
     """A ``QueueSession`` that times every call into the real ``ImapSession``."""
 
     def __init__(self, session: ImapSession, clock: PhaseClock) -> None:
-        self.select_queue = clock.wrap("imap", session.select_queue)
-        self.queue_uids = clock.wrap("imap", session.queue_uids)
-        self.fetch_headers = clock.wrap("imap", session.fetch_headers)
-        self.prefetch_headers = clock.wrap("imap", session.prefetch_headers)
-        self.prefetch_full = clock.wrap("imap", session.prefetch_full)
-        self._fetch_full = clock.wrap("imap", session.fetch_full)
-        self.file = clock.wrap("imap", session.file)
-        self._file_later = clock.wrap("imap", session.file_later)
-        self.keyword_uids = clock.wrap("imap", session.keyword_uids)
-        self.set_keyword = clock.wrap("imap", session.set_keyword)
         self._session = session
         self._clock = clock
 
-    @property
-    def uidvalidity(self) -> int | None:
-        """The Queue's UIDVALIDITY from the last SELECT."""
-        return self._session.uidvalidity
+    def __getattr__(self, name: str) -> Any:
+        """The session's method, timed (for ``file_later``, the wait for its answer too);
+        state such as ``uidvalidity`` is read through."""
+        found = getattr(self._session, name)
+        if not callable(found):
+            return found
+        timed = self._clock.wrap("imap", found)
+        if name != "file_later":
+            return timed
 
-    def file_later(
-        self,
-        uids: Sequence[int],
-        role: FolderRole,
-        keyword: str | None = None,
-        *,
-        confirm: Callable[[], None] | None = None,
-    ) -> PendingFiling:
-        """Send a MOVE (timed); the wait for its answer is timed too."""
-        pending = self._file_later(uids, role, keyword, confirm=confirm)
-        pending.wait = self._clock.wrap("imap", pending.wait)  # type: ignore[method-assign]
-        return pending
+        def file_later(*args: Any, **kwargs: Any) -> PendingFiling:
+            pending: PendingFiling = timed(*args, **kwargs)
+            pending.wait = self._clock.wrap("imap", pending.wait)  # type: ignore[method-assign]
+            return pending
 
-    def fetch_full(
-        self,
-        uids: Sequence[int],
-        sizes: dict[int, int] | None = None,
-        plans: Mapping[int, BodyPlan | None] | None = None,
-    ) -> list[FetchedMessage]:
-        """Whole messages (timed)."""
-        return self._fetch_full(uids, sizes, plans)
+        return file_later
 
 
 class TimedStore:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -12,9 +12,9 @@ import pytest
 from emailsync.dev.dovecot import Dovecot
 from emailsync.filing.queuepass import Filer
 from emailsync.imap.auth import make_authenticator
-from emailsync.imap.session import BODY_FETCH_CAP, WHOLE_FETCH_MAX, ImapSession
+from emailsync.imap.session import BODY_FETCH_CAP, WHOLE_FETCH_MAX, ImapSession, _FullFetch
 from emailsync.mail.message import parse_headers, parse_message, with_body
-from emailsync.model import BodyPlan, FetchedMessage, QueuedMessage
+from emailsync.model import FetchedMessage, QueuedMessage
 from emailsync.timeline import open_store
 
 from .mailenv import MailUser, new_user, settings_for
@@ -200,15 +200,14 @@ def test_a_long_body_without_message_id_has_one_key_by_either_fetch_path(
 
 
 class WholeMessageSession(ImapSession):
-    """A session that fetches bodies whole, as for a server whose BODYSTRUCTURE is unread."""
+    """A session that fetches bodies whole, as for a server whose BODYSTRUCTURE is unread:
+    no plan for any message, in ``prefetch_full`` (which the Filer sends ahead) as in
+    ``fetch_full``."""
 
-    def fetch_full(
-        self,
-        uids: Sequence[int],
-        sizes: dict[int, int] | None = None,
-        plans: Mapping[int, BodyPlan | None] | None = None,
-    ) -> list[FetchedMessage]:
-        return super().fetch_full(uids, sizes, dict.fromkeys(uids))
+    def _send_full(
+        self, uids: Sequence[int], sizes: dict[int, int] | None, plans: object
+    ) -> _FullFetch:
+        return super()._send_full(uids, sizes, dict.fromkeys(uids))
 
 
 def test_a_long_message_without_message_id_in_two_mailboxes_is_one_event_by_either_path(
