@@ -31,17 +31,13 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NoReturn
 
 from emailsync.config import Settings, load_settings
-from emailsync.dev.demo import AGENTS, GROUPS, demo_messages, write_config
+from emailsync.dev.demo import AGENTS, GROUPS, demo_messages, demo_session, wait_until, write_config
 from emailsync.dev.dovecot import Dovecot
 from emailsync.dev.net import free_port
-from emailsync.errors import ControlError
-from emailsync.imap.auth import make_authenticator
-from emailsync.imap.session import ImapSession
 from emailsync.model import FolderRole
 from emailsync.telemetry.logs import configure_logging
 from emailsync.timeline import open_store
@@ -78,32 +74,9 @@ def podman(*args: str, check: bool = True) -> str:
     return done.stdout
 
 
-def wait(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(ControlError):
-            if condition():
-                return True
-        time.sleep(0.2)
-    return False
-
-
-@contextlib.contextmanager
-def session(settings: Settings, address: str) -> Iterator[ImapSession]:
-    mailbox = settings.mailbox(address)
-    imap = ImapSession.open(
-        mailbox, settings.folders, make_authenticator(mailbox, settings), timeout_seconds=10
-    )
-    try:
-        imap.resolve_tree()
-        yield imap
-    finally:
-        imap.logout()
-
-
 def folder_counts(settings: Settings, address: str) -> dict[FolderRole, int]:
     """Messages in each of the mailbox's folders, on the server."""
-    with session(settings, address) as imap:
+    with demo_session(settings, address) as imap:
         tree = imap.tree
         if tree is None:
             fail(f"{address}: the folder tree was not resolved")
@@ -132,7 +105,7 @@ def prepare(base: Path, server: Dovecot, uid: int, gid: int) -> tuple[Settings, 
         store.close()
     queued = 0
     for mailbox in settings.mailboxes:
-        with session(settings, mailbox.address) as imap:
+        with demo_session(settings, mailbox.address) as imap:
             imap.ensure_folders()
             for raw in demo_messages(mailbox.address):
                 imap.client.append(imap.queue_name(), raw)
@@ -215,7 +188,7 @@ def main() -> int:
                 and filed_total(client) == queued
             )
 
-        if not wait(all_filed, FILED_TIMEOUT_SECONDS):
+        if not wait_until(all_filed, FILED_TIMEOUT_SECONDS):
             log = podman("logs", "--tail", "20", container, check=False)
             fail(f"the queued mail was not filed within {FILED_TIMEOUT_SECONDS:.0f} s:\n{log}")
         say(f"[{time.monotonic() - started:.1f} s] the container filed all {queued} messages")
@@ -230,10 +203,10 @@ def main() -> int:
             fail(f"the daemon is not among the container's processes: {running}")
         say(f"{len(running)} process(es), all uid {uid} gid {gid}: {running[0][2]}")
 
-        with session(settings, AGENTS[1]) as imap:
+        with demo_session(settings, AGENTS[1]) as imap:
             imap.client.append(imap.queue_name(), demo_messages(AGENTS[1])[0])
         live = time.monotonic()
-        if not wait(lambda: filed_total(client) == queued + 1, LIVE_TIMEOUT_SECONDS):
+        if not wait_until(lambda: filed_total(client) == queued + 1, LIVE_TIMEOUT_SECONDS):
             fail(f"a message dropped into Queue was not filed within {LIVE_TIMEOUT_SECONDS:.0f} s")
         say(f"live message filed {time.monotonic() - live:.2f} s after it was queued")
 

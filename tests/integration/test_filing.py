@@ -21,7 +21,7 @@ from emailsync.dev.dovecot import Dovecot, DovecotOptions, running_dovecot
 from emailsync.errors import StoreUnavailableError, UidValidityChangedError
 from emailsync.filing.queuepass import Filer, PassResult
 from emailsync.imap.auth import make_authenticator
-from emailsync.imap.session import FILING_KEYWORD, ImapSession
+from emailsync.imap.session import FILING_KEYWORD, ImapSession, session_for
 from emailsync.model import STUCK_KEYWORD, FolderRole
 from emailsync.state.base import Store
 from emailsync.state.sqlite import SqliteStore
@@ -64,15 +64,9 @@ def build_message(
 
 @contextmanager
 def opened(settings: Settings, address: str) -> Iterator[ImapSession]:
-    mailbox = settings.mailbox(address)
-    session = ImapSession.open(
-        mailbox, settings.folders, make_authenticator(mailbox, settings), timeout_seconds=10
-    )
-    try:
+    with session_for(settings, address, timeout_seconds=10) as session:
         session.ensure_folders()
         yield session
-    finally:
-        session.logout()
 
 
 def make_folders(settings: Settings, address: str) -> None:

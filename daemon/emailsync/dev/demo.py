@@ -21,8 +21,7 @@ from emailsync.dev.crm import DevCrm
 from emailsync.dev.dovecot import Dovecot
 from emailsync.dev.net import free_port, port_open
 from emailsync.errors import ControlError
-from emailsync.imap.auth import make_authenticator
-from emailsync.imap.session import ImapSession
+from emailsync.imap.session import ImapSession, session_for
 from emailsync.model import FolderRole
 from emailsync.state.agenttoken import open_agent_tokens
 from emailsync.state.base import RegisteredBranch, Registry, Store
@@ -178,7 +177,7 @@ def run_demo(base: Path, *, once: bool, out: TextIO, crm: bool = False) -> int:
             print(f"Reference CRM on {reference.url} (owns the groups, receives events)", file=out)
         print(f"Groups: {', '.join(GROUPS)}", file=out)
         for mailbox in settings.mailboxes:
-            with _session(settings, mailbox.address) as session:
+            with demo_session(settings, mailbox.address) as session:
                 session.ensure_folders()
                 queued = demo_messages(mailbox.address)
                 for raw in queued:
@@ -197,16 +196,16 @@ def run_demo(base: Path, *, once: bool, out: TextIO, crm: bool = False) -> int:
                 stdin=subprocess.DEVNULL,
             )
         client = ControlClient(settings)
-        if not _wait(lambda: _queues_empty(client), DEMO_TIMEOUT_SECONDS):
+        if not wait_until(lambda: _queues_empty(client), DEMO_TIMEOUT_SECONDS):
             print(f"the daemon did not file the queue in time; see {log_path}", file=out)
             return 1
         print("Filed on start:", file=out)
         for mailbox in settings.mailboxes:
             print(f"  {mailbox.address}", file=out)
-            with _session(settings, mailbox.address) as session:
+            with demo_session(settings, mailbox.address) as session:
                 _show_folders(session, out)
 
-        with _session(settings, AGENTS[1]) as session:
+        with demo_session(settings, AGENTS[1]) as session:
             session.client.append(
                 session.queue_name(),
                 _message(
@@ -217,7 +216,9 @@ def run_demo(base: Path, *, once: bool, out: TextIO, crm: bool = False) -> int:
                 ),
             )
         started = time.monotonic()
-        if not _wait(lambda: _filed_count(client) >= 2 * len(demo_messages(AGENTS[0])) + 1, 30):
+        if not wait_until(
+            lambda: _filed_count(client) >= 2 * len(demo_messages(AGENTS[0])) + 1, 30
+        ):
             print(f"the live message was not filed in time; see {log_path}", file=out)
             return 1
         print(
@@ -317,19 +318,16 @@ DEMO_TIMEOUT_SECONDS = 30.0
 
 
 @contextlib.contextmanager
-def _session(settings: Settings, address: str) -> Iterator[ImapSession]:
-    mailbox = settings.mailbox(address)
-    session = ImapSession.open(
-        mailbox, settings.folders, make_authenticator(mailbox, settings), timeout_seconds=10
-    )
-    try:
+def demo_session(settings: Settings, address: str) -> Iterator[ImapSession]:
+    """A logged-in session to a demo mailbox, its folder tree resolved; logged out at the end."""
+    with session_for(settings, address, timeout_seconds=10) as session:
         session.resolve_tree()
         yield session
-    finally:
-        session.logout()
 
 
-def _wait(condition: Callable[[], bool], timeout: float) -> bool:
+def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
+    """True once ``condition()`` holds (a ControlError: not yet, the daemon is starting); False
+    after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(ControlError):

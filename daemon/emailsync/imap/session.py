@@ -16,7 +16,7 @@ import functools
 import os
 import socket
 import ssl
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -26,12 +26,13 @@ import structlog
 from imapclient.exceptions import IMAPClientError
 from imapclient.imapclient import SocketTimeout
 
-from emailsync.config import FolderSettings, MailboxSettings
+from emailsync.config import FolderSettings, MailboxSettings, Settings
 from emailsync.errors import (
     MailboxError,
     UidValidityChangedError,
 )
 from emailsync.imap import idle
+from emailsync.imap.auth import Authenticator, make_authenticator
 from emailsync.imap.fetch import FetchData, internaldate
 from emailsync.imap.folders import FolderTree
 from emailsync.imap.idle import IdleUpdate, WakeSource
@@ -42,7 +43,7 @@ from emailsync.mail.message import MAX_HTML_SOURCE_CHARS
 from emailsync.model import STUCK_KEYWORD, BodyPlan, FetchedMessage, FolderRole
 
 if TYPE_CHECKING:
-    from emailsync.imap.auth import Authenticator
+    from emailsync.imap.tokencache import TokenCacheStore
 
 log = structlog.get_logger(__name__)
 
@@ -815,6 +816,32 @@ class ImapSession:
     def close(self) -> None:
         """Close the socket without LOGOUT (for a connection already known dead)."""
         _close_quietly(self._client)
+
+
+@contextlib.contextmanager
+def session_for(
+    settings: Settings,
+    address: str,
+    *,
+    timeout_seconds: float | None = None,
+    token_caches: TokenCacheStore | None = None,
+) -> Iterator[ImapSession]:
+    """A logged-in session to one configured mailbox, as the daemon opens it; logged out at
+    the end. ``timeout_seconds``: the daemon's by default; ``token_caches``: as
+    ``make_authenticator``'s (files in ``state_dir`` by default)."""
+    mailbox = settings.mailbox(address)
+    session = ImapSession.open(
+        mailbox,
+        settings.folders,
+        make_authenticator(mailbox, settings, token_caches=token_caches),
+        timeout_seconds=(
+            settings.daemon.timeout_seconds if timeout_seconds is None else timeout_seconds
+        ),
+    )
+    try:
+        yield session
+    finally:
+        session.logout()
 
 
 class PendingMove:
