@@ -29,20 +29,13 @@ from emailsync.mail.address import normalise_address
 from emailsync.model import FolderRole
 from emailsync.secret import Secret, SecretSource
 
+from .configtext import MINIMAL
+
 PASSWORD = "hunter2-Tr0ub4dor&3"  # a distinctive value to look for in output
 EXIT_OK = 0
 EXIT_CONFIG = 78
 
 FULL_STORE_URL = "postgresql://emailsync@db.example.com/emailsync"
-MINIMAL = """
-    [branches.london]
-    host = "imap.example.com"
-
-    [[mailboxes]]
-    address = "agent1@example.com"
-    branch = "london"
-    password_env = "AGENT1_PASSWORD"
-"""
 
 
 @pytest.fixture(autouse=True)
@@ -1624,18 +1617,9 @@ def test_check_config_reports_every_unreadable_secret_at_once(
     """Missing mailbox, control-token and client secrets are all listed in one run."""
     path = write_config(
         tmp_path,
-        """
-        [daemon]
-        control_token_file = "token"
-
-        [branches.london]
-        host = "imap.example.com"
-
-        [[mailboxes]]
-        address = "agent1@example.com"
-        branch = "london"
-        password_env = "AGENT1_PASSWORD"
-
+        '[daemon]\ncontrol_token_file = "token"\n'
+        + MINIMAL
+        + """
         [[mailboxes]]
         address = "agent2@example.com"
         branch = "london"

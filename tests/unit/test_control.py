@@ -13,18 +13,9 @@ from emailsync.imap.auth import token_cache_lock_path, token_cache_path
 from emailsync.state.legacystop import stopped_marker
 from emailsync.web.control import control_token, generated_token_path
 
-CONFIG = """
-[daemon]
-state_dir = "state"
+from .configtext import MINIMAL
 
-[branches.london]
-host = "imap.example.com"
-
-[[mailboxes]]
-address = "agent1@example.com"
-branch = "london"
-password_env = "AGENT1_PASSWORD"
-"""
+CONFIG = '[daemon]\nstate_dir = "state"\n' + MINIMAL
 
 
 @pytest.fixture

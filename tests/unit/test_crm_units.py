@@ -20,6 +20,8 @@ from emailsync.timeline.crm.cache import LookupCache
 from emailsync.timeline.crm.store import cache_seconds
 from emailsync.timeline.crm.translate import retry_after
 
+from .configtext import MINIMAL
+
 SECRET = b"shared-secret"
 BODY = b'{"addresses":["a@example.com"]}'
 NOW = 1_800_000_000.0
@@ -166,20 +168,10 @@ def test_retry_after_reads_seconds_or_an_http_date(
 
 # -- [crm] config ----------------------------------------------------------------------------
 
-BASE = """
-    [branches.london]
-    host = "imap.example.com"
-
-    [[mailboxes]]
-    address = "agent1@example.com"
-    branch = "london"
-    password_env = "AGENT1_PASSWORD"
-"""
-
 
 def load(tmp_path: Path, text: str):  # type: ignore[no-untyped-def]
     path = tmp_path / "emailsync.toml"
-    path.write_text(textwrap.dedent(BASE + text), encoding="utf-8")
+    path.write_text(textwrap.dedent(MINIMAL + text), encoding="utf-8")
     return load_settings(path)
 
 
