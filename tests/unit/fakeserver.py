@@ -14,7 +14,7 @@ import itertools
 import random
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,7 +32,7 @@ from emailsync.errors import (
 )
 from emailsync.filing.queuepass import QueueSession
 from emailsync.imap.idle import IdleUpdate
-from emailsync.model import BodyPlan, FetchedMessage, FolderRole, Group
+from emailsync.model import FetchedMessage, FolderRole, Group
 from emailsync.runtime.clock import Clock
 from emailsync.runtime.wakeup import Wakeup
 from emailsync.runtime.worker import MailboxWorker
@@ -250,22 +250,18 @@ class FilesAtOnce:
     def move(self, uids: Sequence[int], role: FolderRole) -> None:
         raise NotImplementedError
 
-    def fetch_full(
-        self,
-        uids: Sequence[int],
-        sizes: dict[int, int] | None = None,
-        plans: Mapping[int, BodyPlan | None] | None = None,
-    ) -> list[FetchedMessage]:
+    def fetch_full(self, uids: Sequence[int], *_: object) -> list[FetchedMessage]:
+        """The whole messages: sizes and body plans make no difference here."""
         return self.fetch_headers(uids)
 
     def file(
         self,
         uids: Sequence[int],
         role: FolderRole,
-        keyword: str | None = None,
-        *,
+        *_: object,
         confirm: Callable[[], None] | None = None,
     ) -> None:
+        """``confirm()``, then ``move``; the keyword is not set (no fake reads it)."""
         if confirm is not None:
             confirm()
         self.move(uids, role)
