@@ -13,9 +13,10 @@ import pytest
 
 from emailsync.state.agenttoken import LAST_USED_WRITE_SECONDS, AgentTokens, legacy_token_id
 from emailsync.state.base import IssuedToken, TokenLedger
-from emailsync.state.postgres import PostgresStore
 from emailsync.state.sqlite import SqliteStore
 from emailsync.state.vault import Vault, _token_mac
+
+from .stores import KINDS, closed_after, open_store_of
 
 AGENT = "agent@example.com"
 OTHER = "other@example.com"
@@ -40,16 +41,10 @@ class Clock:
         self.mono += seconds
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=KINDS)
 def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[TokenLedger]:
     """The tokens table of each state database: both keep the same semantics."""
-    store: SqliteStore | PostgresStore
-    if request.param == "sqlite":
-        store = SqliteStore(tmp_path / "state" / "emailsync.db")
-    else:
-        store = PostgresStore(request.getfixturevalue("pg_url"))
-    yield store
-    store.close()
+    yield from closed_after(open_store_of(request.param, request, tmp_path))
 
 
 @pytest.fixture

@@ -18,7 +18,8 @@ from emailsync.state.failedindex import (
     failed_index,
 )
 from emailsync.state.postgres import PostgresStore
-from emailsync.state.sqlite import SqliteStore
+
+from .stores import KINDS, closed_after, open_store_of
 
 AGENT = "agent@example.com"
 OTHER = "other@example.com"
@@ -26,16 +27,10 @@ ALICE = "alice@clients.example"
 BOB = "bob@clients.example"
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=KINDS)
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     """A fresh built-in store of each kind: the index lives beside its tables."""
-    opened: Store
-    if request.param == "sqlite":
-        opened = SqliteStore(tmp_path / "state" / "emailsync.db")
-    else:
-        opened = PostgresStore(request.getfixturevalue("pg_url"))
-    yield opened
-    opened.close()
+    yield from closed_after(open_store_of(request.param, request, tmp_path))
 
 
 @pytest.fixture

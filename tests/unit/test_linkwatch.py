@@ -12,15 +12,15 @@ from emailsync.runtime.linkwatch import FailedCheck, LinkWatch
 from emailsync.state.failedindex import PERIODIC, FailedEntry, FailedIndex, failed_index
 from emailsync.state.sqlite import SqliteStore
 
+from .stores import closed_after
+
 AGENT = "agent@example.com"
 OTHER = "other@example.com"
 
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[SqliteStore]:
-    opened = SqliteStore(tmp_path / "emailsync.db")
-    yield opened
-    opened.close()
+    yield from closed_after(SqliteStore(tmp_path / "emailsync.db"))
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ from emailsync.state.tokencache_sql import SqlTokenCaches, token_caches_for
 from emailsync.state.vault import Vault
 from emailsync.web.pages import MAX_SESSIONS, SESSION_SECONDS, Pages, Principal
 
+from .stores import KINDS, closed_after
 from .test_store_contract import open_kind
 
 AGENT = "agent@example.com"
@@ -38,12 +39,10 @@ OTHER = "other@example.com"
 HOLD_SECONDS = 0.5
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=KINDS)
 def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqliteStore | PostgresStore]:
     """A fresh state database of each kind."""
-    opened = open_kind(request.param, request, tmp_path)
-    yield opened
-    opened.close()
+    yield from closed_after(open_kind(request.param, request, tmp_path))
 
 
 @pytest.fixture

@@ -43,6 +43,8 @@ from emailsync.state.failedindex import failed_index
 from emailsync.state.postgres import PostgresStore
 from emailsync.state.sqlite import SqliteStore
 
+from .stores import KINDS, closed_after
+
 BASE_TIME = datetime(2024, 5, 1, 9, 0, tzinfo=UTC)
 T0 = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
 AGENT = "agent@example.com"
@@ -102,12 +104,10 @@ def open_kind(
     return PostgresStore(icu_database(postgres, f"contract_{os.getpid()}_{next(_databases)}"))
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=KINDS)
 def empty(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqliteStore | PostgresStore]:
     """A fresh store of each kind, with nothing in it."""
-    opened = open_kind(request.param, request, tmp_path)
-    yield opened
-    opened.close()
+    yield from closed_after(open_kind(request.param, request, tmp_path))
 
 
 @pytest.fixture
