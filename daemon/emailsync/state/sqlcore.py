@@ -37,7 +37,10 @@ from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from importlib import resources
 from typing import Any, Protocol, runtime_checkable
+
+from emailsync.errors import StoreError
 
 _PAIRS = re.compile(r"\{pairs\(([^,()]+), ([^,()]+)\)\}")
 
@@ -169,3 +172,23 @@ def many(conn: Any, sql: str, rows: Iterable[Sequence[Any]]) -> int:
         return max(int(cursor.rowcount), 0)
     finally:
         cursor.close()
+
+
+@functools.cache
+def migrations(folder: str) -> tuple[tuple[int, str, str], ...]:
+    """The ``(version, file name, SQL)`` of every ``folder/NNN_name.sql`` of this package, by
+    version: ``schema`` SQLite's, ``schema_pg`` PostgreSQL's. Raises StoreError unless they
+    are numbered 1, 2, 3..."""
+    found: list[tuple[int, str, str]] = []
+    for entry in resources.files("emailsync.state").joinpath(folder).iterdir():
+        if not entry.name.endswith(".sql"):
+            continue
+        number = entry.name.split("_", 1)[0]
+        if not number.isdigit():
+            raise StoreError(f"store: migration {entry.name!r} does not start with a number")
+        found.append((int(number), entry.name, entry.read_text(encoding="utf-8")))
+    found.sort()
+    versions = [version for version, _, _ in found]
+    if versions != list(range(1, len(found) + 1)):
+        raise StoreError(f"store: migrations must be numbered 1, 2, 3... found {versions}")
+    return tuple(found)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import sqlite3
 import threading
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ from emailsync.model import TimelineEvent
 from emailsync.privilege import access_hint
 from emailsync.state.base import Recorded
 from emailsync.state.registry_sql import SqlRegistry
+from emailsync.state.sqlcore import migrations
 from emailsync.state.sqlstate import SqlStateMethods
 from emailsync.state.timeline_sql import SqlTimeline
 from emailsync.state.tokens_sql import SqlTokens
@@ -281,22 +280,9 @@ def _create_private_file(path: Path) -> None:
         raise StoreUnavailableError(f"store {path}: cannot create database file: {exc}") from exc
 
 
-@functools.cache
 def _migrations() -> tuple[tuple[int, str, str], ...]:
     """The ``(version, file name, SQL)`` of every ``schema/NNN_name.sql``, by version."""
-    found: list[tuple[int, str, str]] = []
-    for entry in resources.files("emailsync.state").joinpath("schema").iterdir():
-        if not entry.name.endswith(".sql"):
-            continue
-        number = entry.name.split("_", 1)[0]
-        if not number.isdigit():
-            raise StoreError(f"store: migration {entry.name!r} does not start with a number")
-        found.append((int(number), entry.name, entry.read_text(encoding="utf-8")))
-    found.sort()
-    versions = [version for version, _, _ in found]
-    if versions != list(range(1, len(found) + 1)):
-        raise StoreError(f"store: migrations must be numbered 1, 2, 3... found {versions}")
-    return tuple(found)
+    return migrations("schema")
 
 
 def _statements(script: str) -> Iterator[str]:
