@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -74,11 +75,8 @@ def test_two_writers_refreshing_at_once_both_succeed_and_keep_the_latest_refresh
         except BaseException as exc:  # reported by the assertion below
             errors.append(exc)
 
-    threads = [threading.Thread(target=refresh, args=(w,)) for w in writers]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+    with ThreadPoolExecutor(len(writers)) as pool:
+        list(pool.map(refresh, writers, timeout=30))
 
     assert errors == []
     assert [r.status for r in idp.token_requests("refresh_token")] == [200, 200]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -337,20 +338,12 @@ def test_of_two_callbacks_taking_one_sign_in_at_once_exactly_one_gets_it(
     states = [f"race{n}" for n in range(20)]
     for state in states:
         flows[0].put(state, AGENT, {"flow": msal_flow(state)}, now + FLOW_SECONDS, now)
-    won: list[str] = []
-    lock = threading.Lock()
 
-    def take_all(mine: SqlSignInFlows) -> None:
-        for state in states:
-            if mine.take(state, now) is not None:
-                with lock:
-                    won.append(state)
+    def taken_by(mine: SqlSignInFlows) -> list[str]:
+        return [state for state in states if mine.take(state, now) is not None]
 
-    threads = [threading.Thread(target=take_all, args=(f,)) for f in flows]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+    with ThreadPoolExecutor(len(flows)) as pool:
+        won = [state for taken in pool.map(taken_by, flows, timeout=30) for state in taken]
     assert sorted(won) == sorted(states)
 
 
