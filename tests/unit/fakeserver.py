@@ -14,12 +14,13 @@ import itertools
 import random
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import structlog
 from prometheus_client import CollectorRegistry
 
 from emailsync.config import MailboxSettings, Settings, parse_settings
@@ -221,6 +222,15 @@ class FakeServer:
 
     def successful_logins(self) -> list[float]:
         return [login.at for login in self.logins if login.outcome == "ok"]
+
+
+def quiet_logs() -> Iterator[None]:
+    """An autouse fixture's body: the worker logs every state change, so keep test output
+    to failures; the logging configuration is put back after the test."""
+    saved = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(50))
+    yield
+    structlog.configure(**saved)
 
 
 class FiledNow:

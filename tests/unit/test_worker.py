@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import structlog
 
 from emailsync.errors import ConnectionLostError
 from emailsync.runtime.clock import SystemClock
@@ -24,16 +23,12 @@ from emailsync.runtime.worker import (
     token_reconnect_delay,
 )
 
-from .fakeserver import ADDRESS, Rig, rig
+from .fakeserver import ADDRESS, Rig, quiet_logs, rig
 
 
 @pytest.fixture(autouse=True)
-def quiet_logs() -> Iterator[None]:
-    """The worker logs every state change; keep test output to failures."""
-    saved = structlog.get_config()
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(50))
-    yield
-    structlog.configure(**saved)
+def _quiet_logs() -> Iterator[None]:
+    yield from quiet_logs()
 
 
 def gaps(times: list[float]) -> list[float]:

@@ -20,11 +20,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import structlog
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from .fakeserver import LOGIN_SECONDS, Rig, rig
+from .fakeserver import LOGIN_SECONDS, Rig, quiet_logs, rig
 
 EVENTS = (
     "start_sync",
@@ -51,11 +50,8 @@ timed_events = st.lists(
 
 
 @pytest.fixture(autouse=True)
-def quiet_logs() -> Iterator[None]:
-    saved = structlog.get_config()
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(50))
-    yield
-    structlog.configure(**saved)
+def _quiet_logs() -> Iterator[None]:
+    yield from quiet_logs()
 
 
 def script(r: Rig, outcomes: list[object], events: list[tuple[float, str]]) -> list[float]:
