@@ -644,25 +644,30 @@ class FencedStore:
 
     def groups_for_addresses(self, addresses: Iterable[str]) -> list[Group]:
         """As ``Store``; refused with ``LeaseLostError`` once the lease is gone."""
-        self._check_local()
-        self.store.check_fence(self.fence)
+        self.check_lease()
         return self.timeline.groups_for_addresses(addresses)
 
     def record_events(self, events: Sequence[TimelineEvent]) -> int:
         """As ``Store``, with the fence checked in the recording transaction or before."""
-        self._check_local()
-        if self.timeline is self.store:
+        if self._fenced_in_transaction():
             return self.store.record_events(events, fence=self.fence)
-        self.store.check_fence(self.fence)
         return self.timeline.record_events(events)
 
     def record_events_checked(self, events: Sequence[TimelineEvent]) -> Recorded:
         """As ``Store``, with the fence checked in the recording transaction or before."""
-        self._check_local()
-        if self.timeline is self.store:
+        if self._fenced_in_transaction():
             return self.store.record_events_checked(events, fence=self.fence)
-        self.store.check_fence(self.fence)
         return self.timeline.record_events_checked(events)
+
+    def _fenced_in_transaction(self) -> bool:
+        """True when the events go to the state database, whose recording transaction checks
+        the fence (the lease checked locally first); otherwise (a CRM) the lease is checked
+        now, in the database too, before they are delivered."""
+        if self.timeline is self.store:
+            self._check_local()
+            return True
+        self.check_lease()
+        return False
 
     def add_group(self, name: str, addresses: Iterable[str]) -> Group:
         """As ``Store``."""
