@@ -14,29 +14,15 @@ DATA = Path(__file__).resolve().parent.parent / "data"
 OWNER = frozenset({"agent@example.com", "lettings@example.com"})
 
 
-def make(
-    *,
-    from_addrs: tuple[str, ...] = (),
-    sender_addrs: tuple[str, ...] = (),
-    reply_to: tuple[str, ...] = (),
-    to: tuple[str, ...] = (),
-    cc: tuple[str, ...] = (),
-    bcc: tuple[str, ...] = (),
-) -> QueuedMessage:
-    """A parsed message with only the address fields that matter to classification."""
+ADDRESS_FIELDS = ("from_addrs", "sender_addrs", "reply_to", "to", "cc", "bcc")
+
+
+def make(**addresses: tuple[str, ...]) -> QueuedMessage:
+    """A parsed message with only the address fields that matter to classification: those of
+    ADDRESS_FIELDS given, the others empty."""
+    fields = dict.fromkeys(ADDRESS_FIELDS, ()) | addresses
     return QueuedMessage(
-        uid=1,
-        key="0" * 64,
-        message_id="m@example.org",
-        subject="s",
-        from_addrs=from_addrs,
-        sender_addrs=sender_addrs,
-        reply_to=reply_to,
-        to=to,
-        cc=cc,
-        bcc=bcc,
-        date=None,
-        size=1,
+        uid=1, key="0" * 64, message_id="m@example.org", subject="s", date=None, size=1, **fields
     )
 
 
