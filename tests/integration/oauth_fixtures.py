@@ -48,6 +48,15 @@ class OAuthClients:
     app_private_key: str  # the key's PEM text, for tests that look for leaks
 
 
+def office365_table(idp: IdentityProvider, clients: OAuthClients, ca_file: Path) -> str:
+    """The [office365] table for delegated sign-in at the test identity provider."""
+    return (
+        f'[office365]\ntenant_id = "{idp.tenant_id}"\n'
+        f'client_id = "{clients.delegated_client_id}"\n'
+        f'authority = "{idp.authority}"\nca_file = "{ca_file}"\n'
+    )
+
+
 def new_app_certificate() -> trustme.LeafCert:
     """A fresh RSA key and certificate (Entra ID takes RSA for client assertions)."""
     ca = trustme.CA(key_type=trustme.KeyType.RSA)

@@ -31,7 +31,7 @@ from emailsync.dev.net import share_registry_key
 from .daemonproc import RunningDaemon, run_cli, wait_until
 from .idp import IdentityProvider
 from .mailenv import MailUser, new_user
-from .oauth_fixtures import OAuthClients
+from .oauth_fixtures import OAuthClients, office365_table
 from .test_cluster import LEASE_SECONDS, Cluster
 from .test_office365_daemon import count, deliver
 
@@ -141,8 +141,7 @@ def two(tmp_path: Path, user: MailUser, pg_url: str) -> Iterator[Cluster]:
     """Instances a and b on one PostgreSQL state, one control token."""
     cluster = SharedCluster(tmp_path, [user], pg_url)
     try:
-        cluster.start("a")
-        cluster.start("b")
+        cluster.start_all(["a", "b"])
         yield cluster
     finally:
         cluster.stop_all()
@@ -181,14 +180,6 @@ def test_a_page_login_on_one_instance_works_on_another_survives_a_restart_and_lo
 
 
 # -- Office 365 --------------------------------------------------------------------------------
-
-
-def office365_table(idp: IdentityProvider, clients: OAuthClients, ca_file: Path) -> str:
-    return (
-        f'[office365]\ntenant_id = "{idp.tenant_id}"\n'
-        f'client_id = "{clients.delegated_client_id}"\n'
-        f'authority = "{idp.authority}"\nca_file = "{ca_file}"\n'
-    )
 
 
 def provider_redirect(authorize_url: str, username: str, password: str, ca_file: Path) -> str:
@@ -233,8 +224,7 @@ def test_an_office_365_sign_in_started_on_one_instance_completes_on_another_once
     table = office365_table(idp, oauth_clients, oauth_ca_file)
     cluster = SharedCluster(tmp_path, [user], pg_url, office365=table)
     try:
-        a, b = cluster.start("a"), cluster.start("b")
-        cluster.start("c")
+        a, b, _ = cluster.start_all(["a", "b", "c"])
         # One public address for every instance, as behind a load balancer: the redirect URI.
         public = f"127.0.0.1:{b.port}"
         started = http(

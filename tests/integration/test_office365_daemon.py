@@ -10,6 +10,8 @@ import secrets
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from email.message import EmailMessage
 from email.utils import make_msgid
 from pathlib import Path
@@ -18,9 +20,9 @@ import pytest
 
 from emailsync.dev.dovecot import Dovecot
 
-from .daemonproc import RunningDaemon, new_port, run_cli, wait_until
+from .daemonproc import RunningDaemon, daemon_config_extra, new_port, run_cli, wait_until
 from .idp import IdentityProvider
-from .oauth_fixtures import OAuthClients
+from .oauth_fixtures import OAuthClients, office365_table
 
 pytestmark = pytest.mark.dovecot
 
@@ -61,16 +63,17 @@ def write_o365_config(  # noqa: PLR0917 -- one test helper, each argument a fixt
     token_file: Path,
 ) -> Path:
     config = tmp_path / "emailsync.toml"
+    daemon = daemon_config_extra(
+        port,
+        token_file,
+        state_dir=str(tmp_path / "state"),
+        timeout_seconds=10,
+        max_backoff_seconds=1,
+        reauth_retry_seconds=3600,
+    )
     config.write_text(
         f"""[daemon]
-state_dir = "{tmp_path / "state"}"
-listen = "127.0.0.1:{port}"
-control_token_file = "{token_file}"
-timeout_seconds = 10
-sweep_seconds = 3600
-max_backoff_seconds = 1
-reauth_retry_seconds = 3600
-log_format = "json"
+{daemon}
 
 [branches.local]
 host = "{server.host}"
@@ -78,12 +81,7 @@ port = {server.port}
 security = "none"
 allow_insecure = true
 
-[office365]
-tenant_id = "{idp.tenant_id}"
-client_id = "{clients.delegated_client_id}"
-authority = "{idp.authority}"
-ca_file = "{ca}"
-
+{office365_table(idp, clients, ca)}
 [[mailboxes]]
 address = "{address}"
 auth = "office365"
@@ -138,18 +136,38 @@ def o365(
     return config, address, port, token
 
 
-def test_device_code_sign_in_then_the_daemon_files_mail_over_xoauth2(
-    o365: tuple[Path, str, int, str], idp: IdentityProvider, oauth2_dovecot: Dovecot, tmp_path: Path
-) -> None:
-    config, address, port, token = o365
+def set_up(config: Path, address: str, idp: IdentityProvider) -> str:
+    """Sign the mailbox in by device code, then ``setup`` it; the sign-in's output."""
     output = device_login(config, address, idp)
-    assert f"signed in as {address}" in output
     result = run_cli(config, "setup", address)
     assert result.returncode == 0, result.stderr
-    deliver(oauth2_dovecot, address, "over xoauth2")
+    return output
+
+
+@contextmanager
+def running(o365: tuple[Path, str, int, str], tmp_path: Path) -> Iterator[RunningDaemon]:
+    """The daemon for ``o365``'s config, ready; stopped after, when it must exit 0."""
+    config, _, port, token = o365
     daemon = RunningDaemon(config, port, token, tmp_path)
     try:
         daemon.wait_ready()
+        yield daemon
+    finally:
+        code = daemon.stop()
+    assert code == 0, f"the daemon exited {code} at shutdown"
+
+
+def in_state(daemon: RunningDaemon, address: str, state: str) -> bool:
+    return daemon.metric("emailsync_mailbox_state", mailbox=address, state=state) == 1
+
+
+def test_device_code_sign_in_then_the_daemon_files_mail_over_xoauth2(
+    o365: tuple[Path, str, int, str], idp: IdentityProvider, oauth2_dovecot: Dovecot, tmp_path: Path
+) -> None:
+    config, address, _, _ = o365
+    assert f"signed in as {address}" in set_up(config, address, idp)
+    deliver(oauth2_dovecot, address, "over xoauth2")
+    with running(o365, tmp_path) as daemon:
         wait_until(lambda: count(oauth2_dovecot, address, "Received") == 1)
         expiry = daemon.metric("emailsync_token_expiry_timestamp_seconds", mailbox=address)
         assert expiry is not None
@@ -162,67 +180,42 @@ def test_device_code_sign_in_then_the_daemon_files_mail_over_xoauth2(
         for secret in idp.issued_secrets():
             assert secret not in status.stdout
             assert secret not in daemon.log()
-    finally:
-        code = daemon.stop()
-    assert code == 0, f"the daemon exited {code} at shutdown"
 
 
 def test_revoked_consent_needs_reauth_and_auth_login_restores_sync_without_restart(
     o365: tuple[Path, str, int, str], idp: IdentityProvider, oauth2_dovecot: Dovecot, tmp_path: Path
 ) -> None:
-    config, address, port, token = o365
-    device_login(config, address, idp)
-    assert run_cli(config, "setup", address).returncode == 0
-    daemon = RunningDaemon(config, port, token, tmp_path)
-    try:
-        daemon.wait_ready()
-        wait_until(
-            lambda: daemon.metric("emailsync_mailbox_state", mailbox=address, state="idle") == 1
-        )
+    config, address, _, _ = o365
+    set_up(config, address, idp)
+    with running(o365, tmp_path) as daemon:
+        wait_until(lambda: in_state(daemon, address, "idle"))
         pid = daemon.process.pid
         idp.revoke_refresh_tokens(address)  # the password changed / consent revoked
         idp.expire_access_tokens()
         oauth2_dovecot.kick(address)
-        wait_until(
-            lambda: (
-                daemon.metric("emailsync_mailbox_state", mailbox=address, state="needs_reauth") == 1
-            ),
-            timeout=20,
-        )
+        wait_until(lambda: in_state(daemon, address, "needs_reauth"), timeout=20)
         assert daemon.metric("emailsync_auth_failures_total", mailbox=address) >= 1
         output = device_login(config, address, idp)
         assert "will retry now" in output
-        wait_until(
-            lambda: daemon.metric("emailsync_mailbox_state", mailbox=address, state="idle") == 1
-        )
+        wait_until(lambda: in_state(daemon, address, "idle"))
         deliver(oauth2_dovecot, address, "after re-auth")
         wait_until(lambda: count(oauth2_dovecot, address, "Received") == 1)
         assert daemon.process.pid == pid
         assert daemon.process.poll() is None
-    finally:
-        code = daemon.stop()
-    assert code == 0, f"the daemon exited {code} at shutdown"
 
 
 def test_stop_email_sync_forgets_tokens_and_login_plus_setup_bring_it_back(
     o365: tuple[Path, str, int, str], idp: IdentityProvider, oauth2_dovecot: Dovecot, tmp_path: Path
 ) -> None:
-    config, address, port, token = o365
-    device_login(config, address, idp)
-    assert run_cli(config, "setup", address).returncode == 0
+    config, address, _, _ = o365
+    set_up(config, address, idp)
     cache = tmp_path / "state" / "tokens" / f"{address}.json"
     assert cache.exists()
-    daemon = RunningDaemon(config, port, token, tmp_path)
-    try:
-        daemon.wait_ready()
-        wait_until(
-            lambda: daemon.metric("emailsync_mailbox_state", mailbox=address, state="idle") == 1
-        )
+    with running(o365, tmp_path) as daemon:
+        wait_until(lambda: in_state(daemon, address, "idle"))
         result = run_cli(config, "stop", address)
         assert result.returncode == 0, result.stderr
-        wait_until(
-            lambda: daemon.metric("emailsync_mailbox_state", mailbox=address, state="stopped") == 1
-        )
+        wait_until(lambda: in_state(daemon, address, "stopped"))
         assert not cache.exists()
         status = json.loads(run_cli(config, "auth", "status", "--json").stdout)
         assert status["signed_in"] is False
@@ -230,14 +223,9 @@ def test_stop_email_sync_forgets_tokens_and_login_plus_setup_bring_it_back(
         result = run_cli(config, "setup", address)
         assert result.returncode == 0, result.stderr
         assert "sync started again" in result.stdout
-        wait_until(
-            lambda: daemon.metric("emailsync_mailbox_state", mailbox=address, state="idle") == 1
-        )
+        wait_until(lambda: in_state(daemon, address, "idle"))
         deliver(oauth2_dovecot, address, "after setup")
         wait_until(lambda: count(oauth2_dovecot, address, "Received") == 1)
-    finally:
-        code = daemon.stop()
-    assert code == 0, f"the daemon exited {code} at shutdown"
 
 
 def test_a_short_lived_access_token_does_not_make_the_daemon_reconnect_in_a_loop(
@@ -246,16 +234,11 @@ def test_a_short_lived_access_token_does_not_make_the_daemon_reconnect_in_a_loop
     """Issue 7 defect 9: a tenant that issues 2-minute access tokens (less than the 4 minutes
     the daemon reconnects ahead) gave 687 token refreshes in 40 s. Now the daemon logs in
     once and reconnects only about 12 s (10 % of the life) before the token expires."""
-    config, address, port, token = o365
+    config, address, _, _ = o365
     idp.access_token_lifetime_seconds = 120
-    device_login(config, address, idp)
-    assert run_cli(config, "setup", address).returncode == 0
-    daemon = RunningDaemon(config, port, token, tmp_path)
-    try:
-        daemon.wait_ready()
-        wait_until(
-            lambda: daemon.metric("emailsync_mailbox_state", mailbox=address, state="idle") == 1
-        )
+    set_up(config, address, idp)
+    with running(o365, tmp_path) as daemon:
+        wait_until(lambda: in_state(daemon, address, "idle"))
         requests_at_idle = len(idp.token_requests())
         deliver(oauth2_dovecot, address, "with a short token")
         wait_until(lambda: count(oauth2_dovecot, address, "Received") == 1)  # it is working
@@ -266,6 +249,3 @@ def test_a_short_lived_access_token_does_not_make_the_daemon_reconnect_in_a_loop
         expiry = daemon.metric("emailsync_token_expiry_timestamp_seconds", mailbox=address)
         assert expiry is not None
         assert 0 < expiry - time.time() <= 120
-    finally:
-        code = daemon.stop()
-    assert code == 0, f"the daemon exited {code} at shutdown"

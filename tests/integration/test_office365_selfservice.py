@@ -15,9 +15,9 @@ import pytest
 
 from emailsync.dev.dovecot import Dovecot
 
-from .daemonproc import RunningDaemon, new_port, run_cli, wait_until
+from .daemonproc import RunningDaemon, daemon_config_extra, new_port, run_cli, wait_until
 from .idp import IdentityProvider
-from .oauth_fixtures import OAuthClients
+from .oauth_fixtures import OAuthClients, office365_table
 from .test_office365_daemon import count, deliver
 from .test_selfservice_pages import CHROMIUM, CHROMIUM_ARGS, SCREENSHOTS, TIMEOUT_MS
 
@@ -33,22 +33,10 @@ def write_config(
     token_file = tmp_path / "control-token"
     token_file.write_text(token + "\n")
     config = tmp_path / "emailsync.toml"
-    config.write_text(
-        f"""[daemon]
-state_dir = "{tmp_path / "state"}"
-listen = "127.0.0.1:{port}"
-control_token_file = "{token_file}"
-timeout_seconds = 10
-sweep_seconds = 3600
-log_format = "json"
-
-[office365]
-tenant_id = "{idp.tenant_id}"
-client_id = "{clients.delegated_client_id}"
-authority = "{idp.authority}"
-ca_file = "{ca}"
-"""
+    daemon = daemon_config_extra(
+        port, token_file, state_dir=str(tmp_path / "state"), timeout_seconds=10
     )
+    config.write_text(f"[daemon]\n{daemon}\n\n{office365_table(idp, clients, ca)}")
     return config, token
 
 
