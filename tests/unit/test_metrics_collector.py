@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import pytest
@@ -39,6 +39,11 @@ class LabelChildMetrics:
         def gauge(name: str, doc: str, labels: list[str]) -> Gauge:
             return Gauge(name, doc, labels, namespace=ns, registry=registry)
 
+        def histogram(
+            name: str, doc: str, labels: list[str], buckets: Sequence[float]
+        ) -> Histogram:
+            return Histogram(name, doc, labels, buckets=buckets, namespace=ns, registry=registry)
+
         self.messages_synced = counter(
             "messages_synced", "Outbound messages filed to Sent with events.", ["mailbox"]
         )
@@ -64,20 +69,14 @@ class LabelChildMetrics:
         self.sync_passes = counter(
             "sync_passes", "Sync passes run, by what triggered them.", ["mailbox", "trigger"]
         )
-        self.sync_pass_seconds = Histogram(
-            "sync_pass_seconds",
-            "Duration of a sync pass.",
-            ["mailbox"],
-            buckets=PASS_BUCKETS_SECONDS,
-            namespace=ns,
-            registry=registry,
+        self.sync_pass_seconds = histogram(
+            "sync_pass_seconds", "Duration of a sync pass.", ["mailbox"], PASS_BUCKETS_SECONDS
         )
-        self.filing_latency_seconds = Histogram(
+        self.filing_latency_seconds = histogram(
             "filing_latency_seconds",
             "Time from a message landing in Queue to it being filed.",
-            buckets=LATENCY_BUCKETS_SECONDS,
-            namespace=ns,
-            registry=registry,
+            [],
+            LATENCY_BUCKETS_SECONDS,
         )
         self.queue_messages = gauge("queue_messages", "Messages waiting in Queue.", ["mailbox"])
         self.messages_stuck = gauge(
