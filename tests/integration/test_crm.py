@@ -14,6 +14,7 @@ import ssl
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
 from email.message import EmailMessage
@@ -81,6 +82,21 @@ def crm_settings(tmp_path: Path, users: list[MailUser], crm: DevCrm, **keys: obj
 
 def crm_store(settings: Settings) -> Store:
     return open_store(settings.store_url, settings.daemon.state_dir, settings.crm)
+
+
+@contextmanager
+def filing(
+    tmp_path: Path, users: list[MailUser], crm: DevCrm, **keys: object
+) -> Iterator[tuple[Settings, Store]]:
+    """Settings and a store for ``users``' mailboxes against the CRM, their folders made;
+    after the body, the store is closed and what the CRM saw is checked against its API."""
+    settings = crm_settings(tmp_path, users, crm, **keys)
+    store = crm_store(settings)
+    for user in users:
+        make_folders(settings, user.address)
+    yield settings, store
+    store.close()
+    assert_conforms(crm)
 
 
 def one_pass(settings: Settings, store: Store, address: str) -> Filer:
@@ -188,57 +204,50 @@ def assert_conforms(crm: DevCrm) -> None:
 def test_events_are_delivered_once_with_the_crms_groups_and_directions(
     user: MailUser, tmp_path: Path, crm: DevCrm
 ) -> None:
-    settings = crm_settings(tmp_path, [user], crm)
-    store = crm_store(settings)
-    make_folders(settings, user.address)
-    queue(
-        user,
-        build_message(user.address, CLIENT_A, "offer to alice"),
-        build_message(CLIENT_B, user.address, "question from bob"),
-        build_message(STRANGER, user.address, "spam"),
-    )
-    one_pass(settings, store, user.address)
-    events = events_by_subject(crm)
-    assert set(events) == {"offer to alice", "question from bob"}
-    assert [(e["group_id"], e["direction"]) for e in events["offer to alice"]] == [
-        ("g-smith", "outbound")
-    ]
-    assert sorted((e["group_id"], e["direction"]) for e in events["question from bob"]) == [
-        ("g-both", "inbound"),
-        ("g-jones", "inbound"),
-    ]
-    assert all(
-        e["via"] == [{"mailbox": user.address, "direction": e["direction"]}] for e in crm.events()
-    )
-    assert folder_subjects(user, "Sent") == {"offer to alice": set()}
-    assert folder_subjects(user, "Received") == {"question from bob": set()}
-    assert folder_subjects(user, "Failed") == {"spam": {"$EmailSyncNoGroup"}}
-    # The same message again: the CRM answers "exists", nothing is doubled.
-    queue(user, build_message(user.address, CLIENT_A, "offer to alice", message_id="<x@t>"))
-    queue(user, build_message(user.address, CLIENT_A, "offer to alice", message_id="<x@t>"))
-    one_pass(settings, store, user.address)
-    assert len(events_by_subject(crm)["offer to alice"]) == 2  # the first, and <x@t> once
-    assert crm.calls[EVENTS_PATH] == 2  # one request per batch, not per message
-    store.close()
-    assert_conforms(crm)
+    with filing(tmp_path, [user], crm) as (settings, store):
+        queue(
+            user,
+            build_message(user.address, CLIENT_A, "offer to alice"),
+            build_message(CLIENT_B, user.address, "question from bob"),
+            build_message(STRANGER, user.address, "spam"),
+        )
+        one_pass(settings, store, user.address)
+        events = events_by_subject(crm)
+        assert set(events) == {"offer to alice", "question from bob"}
+        assert [(e["group_id"], e["direction"]) for e in events["offer to alice"]] == [
+            ("g-smith", "outbound")
+        ]
+        assert sorted((e["group_id"], e["direction"]) for e in events["question from bob"]) == [
+            ("g-both", "inbound"),
+            ("g-jones", "inbound"),
+        ]
+        assert all(
+            e["via"] == [{"mailbox": user.address, "direction": e["direction"]}]
+            for e in crm.events()
+        )
+        assert folder_subjects(user, "Sent") == {"offer to alice": set()}
+        assert folder_subjects(user, "Received") == {"question from bob": set()}
+        assert folder_subjects(user, "Failed") == {"spam": {"$EmailSyncNoGroup"}}
+        # The same message again: the CRM answers "exists", nothing is doubled.
+        queue(user, build_message(user.address, CLIENT_A, "offer to alice", message_id="<x@t>"))
+        queue(user, build_message(user.address, CLIENT_A, "offer to alice", message_id="<x@t>"))
+        one_pass(settings, store, user.address)
+        assert len(events_by_subject(crm)["offer to alice"]) == 2  # the first, and <x@t> once
+        assert crm.calls[EVENTS_PATH] == 2  # one request per batch, not per message
 
 
 def test_the_same_message_in_two_mailboxes_is_one_event_via_both(
     user: MailUser, tmp_path: Path, crm: DevCrm
 ) -> None:
     second = new_user(user.server)
-    settings = crm_settings(tmp_path, [user, second], crm)
-    store = crm_store(settings)
-    raw = build_message(CLIENT_A, f"{user.address}, {second.address}", "to both agents")
-    for agent in (user, second):
-        make_folders(settings, agent.address)
-        queue(agent, raw)
-        one_pass(settings, store, agent.address)
-    [event] = crm.events()
-    assert sorted(v["mailbox"] for v in event["via"]) == sorted([user.address, second.address])
-    assert answered_statuses(crm) == ["created", "exists"]
-    store.close()
-    assert_conforms(crm)
+    with filing(tmp_path, [user, second], crm) as (settings, store):
+        raw = build_message(CLIENT_A, f"{user.address}, {second.address}", "to both agents")
+        for agent in (user, second):
+            queue(agent, raw)
+            one_pass(settings, store, agent.address)
+        [event] = crm.events()
+        assert sorted(v["mailbox"] for v in event["via"]) == sorted([user.address, second.address])
+        assert answered_statuses(crm) == ["created", "exists"]
 
 
 def test_one_message_filed_by_its_sender_and_its_recipient_is_one_event_with_each_direction(
@@ -248,22 +257,18 @@ def test_one_message_filed_by_its_sender_and_its_recipient_is_one_event_with_eac
     outbound via the sender's mailbox, inbound via the recipient's, whichever filed first."""
     sender, recipient = user, new_user(user.server)
     crm.link("g-smith", "Smith", [sender.address])  # the recipient's counterpart
-    settings = crm_settings(tmp_path, [sender, recipient], crm)
-    store = crm_store(settings)
-    raw = build_message(sender.address, CLIENT_A, "copied to a colleague", cc=recipient.address)
-    for agent in (recipient, sender):  # the recipient first: the event is created inbound
-        make_folders(settings, agent.address)
-        queue(agent, raw)
-        one_pass(settings, store, agent.address)
-    [event] = crm.events()
-    assert event["group_id"] == "g-smith"
-    assert {v["mailbox"]: v["direction"] for v in event["via"]} == {
-        sender.address: "outbound",
-        recipient.address: "inbound",
-    }
-    assert answered_statuses(crm) == ["created", "exists"]
-    store.close()
-    assert_conforms(crm)
+    with filing(tmp_path, [sender, recipient], crm) as (settings, store):
+        raw = build_message(sender.address, CLIENT_A, "copied to a colleague", cc=recipient.address)
+        for agent in (recipient, sender):  # the recipient first: the event is created inbound
+            queue(agent, raw)
+            one_pass(settings, store, agent.address)
+        [event] = crm.events()
+        assert event["group_id"] == "g-smith"
+        assert {v["mailbox"]: v["direction"] for v in event["via"]} == {
+            sender.address: "outbound",
+            recipient.address: "inbound",
+        }
+        assert answered_statuses(crm) == ["created", "exists"]
 
 
 def test_one_batch_holding_a_message_seen_both_ways_keeps_each_direction(
@@ -337,82 +342,65 @@ def test_a_text_body_reaches_the_crm_up_to_100000_characters_flagged_when_cut(
     """Issue 19 defect 14: the contract's cap is 100,000 characters, and body_truncated says
     whether the text was cut, by that cap or by the fetch's byte cap."""
     body, cte, length, truncated = BODY_CASES[case]
-    settings = crm_settings(tmp_path, [user], crm)
-    store = crm_store(settings)
-    make_folders(settings, user.address)
-    queue(user, with_body(CLIENT_A, user.address, case, body, cte))
-    one_pass(settings, store, user.address)
-    [event] = crm.events()
-    text = event["body_text"]
-    assert (len(text), event["body_truncated"]) == (length or len(text), truncated)
-    assert body.startswith(text)  # a prefix, cut between characters
-    if length is None:
-        assert len(text) < 100_000
-    store.close()
-    assert_conforms(crm)
+    with filing(tmp_path, [user], crm) as (settings, store):
+        queue(user, with_body(CLIENT_A, user.address, case, body, cte))
+        one_pass(settings, store, user.address)
+        [event] = crm.events()
+        text = event["body_text"]
+        assert (len(text), event["body_truncated"]) == (length or len(text), truncated)
+        assert body.startswith(text)  # a prefix, cut between characters
+        if length is None:
+            assert len(text) < 100_000
 
 
 def test_a_failed_lookup_is_never_read_as_no_group(
     user: MailUser, tmp_path: Path, crm: DevCrm
 ) -> None:
-    settings = crm_settings(tmp_path, [user], crm)
-    store = crm_store(settings)
-    make_folders(settings, user.address)
-    queue(user, build_message(CLIENT_A, user.address, "waits"))
-    crm.faults.status, crm.faults.status_paths = 503, {LOOKUP_PATH}
-    with opened(settings, user.address) as session, pytest.raises(StoreUnavailableError):
-        Filer(settings.mailbox(user.address), store).run_pass(session)
-    assert crm.calls[LOOKUP_PATH] == 1  # it did ask
-    assert folder_subjects(user, "Queue") == {"waits": set()}
-    assert folder_subjects(user, "Failed") == {}
-    crm.faults.status = None
-    one_pass(settings, store, user.address)
-    assert folder_subjects(user, "Received") == {"waits": set()}
-    store.close()
-    assert_conforms(crm)
+    with filing(tmp_path, [user], crm) as (settings, store):
+        queue(user, build_message(CLIENT_A, user.address, "waits"))
+        crm.faults.status, crm.faults.status_paths = 503, {LOOKUP_PATH}
+        with opened(settings, user.address) as session, pytest.raises(StoreUnavailableError):
+            Filer(settings.mailbox(user.address), store).run_pass(session)
+        assert crm.calls[LOOKUP_PATH] == 1  # it did ask
+        assert folder_subjects(user, "Queue") == {"waits": set()}
+        assert folder_subjects(user, "Failed") == {}
+        crm.faults.status = None
+        one_pass(settings, store, user.address)
+        assert folder_subjects(user, "Received") == {"waits": set()}
 
 
 def test_commit_then_dropped_connection_is_retried_with_the_same_key(
     user: MailUser, tmp_path: Path, crm: DevCrm
 ) -> None:
-    settings = crm_settings(tmp_path, [user], crm)
-    store = crm_store(settings)
-    make_folders(settings, user.address)
-    queue(user, build_message(CLIENT_A, user.address, "answer lost"))
-    crm.faults.drop_after_commit = 1
-    with opened(settings, user.address) as session, pytest.raises(StoreUnavailableError):
-        Filer(settings.mailbox(user.address), store).run_pass(session)
-    assert len(crm.events()) == 1  # committed on the CRM side …
-    assert folder_subjects(user, "Queue") == {"answer lost": set()}  # … but not moved
-    one_pass(settings, store, user.address)
-    assert folder_subjects(user, "Received") == {"answer lost": set()}
-    assert len(crm.events()) == 1
-    assert answered_statuses(crm) == ["exists"]  # the retry carried the committed key
-    store.close()
-    assert_conforms(crm)
+    with filing(tmp_path, [user], crm) as (settings, store):
+        queue(user, build_message(CLIENT_A, user.address, "answer lost"))
+        crm.faults.drop_after_commit = 1
+        with opened(settings, user.address) as session, pytest.raises(StoreUnavailableError):
+            Filer(settings.mailbox(user.address), store).run_pass(session)
+        assert len(crm.events()) == 1  # committed on the CRM side …
+        assert folder_subjects(user, "Queue") == {"answer lost": set()}  # … but not moved
+        one_pass(settings, store, user.address)
+        assert folder_subjects(user, "Received") == {"answer lost": set()}
+        assert len(crm.events()) == 1
+        assert answered_statuses(crm) == ["exists"]  # the retry carried the committed key
 
 
 def test_the_lookup_cache_saves_calls_and_zero_turns_it_off(
     user: MailUser, tmp_path: Path, crm: DevCrm
 ) -> None:
-    settings = crm_settings(tmp_path, [user], crm)
-    store = crm_store(settings)
-    make_folders(settings, user.address)
-    for subject in ("one", "two"):
-        queue(user, build_message(CLIENT_A, user.address, subject))
-        queue(user, build_message(STRANGER, user.address, f"stranger {subject}"))
-        one_pass(settings, store, user.address)
-    assert crm.calls[LOOKUP_PATH] == 1  # the second pass's answers (negative too) were cached
-    assert folder_subjects(user, "Failed").keys() == {"stranger one", "stranger two"}
-    store.close()
-    uncached = crm_settings(tmp_path, [user], crm, group_cache_seconds=0)
-    store = crm_store(uncached)
-    queue(user, build_message(CLIENT_A, user.address, "three"))
-    one_pass(uncached, store, user.address)
-    queue(user, build_message(CLIENT_A, user.address, "four"))
-    one_pass(uncached, store, user.address)
-    assert crm.calls[LOOKUP_PATH] == 3
-    store.close()
+    with filing(tmp_path, [user], crm) as (settings, store):
+        for subject in ("one", "two"):
+            queue(user, build_message(CLIENT_A, user.address, subject))
+            queue(user, build_message(STRANGER, user.address, f"stranger {subject}"))
+            one_pass(settings, store, user.address)
+        assert crm.calls[LOOKUP_PATH] == 1  # the second pass's answers (negative too) were cached
+        assert folder_subjects(user, "Failed").keys() == {"stranger one", "stranger two"}
+    with filing(tmp_path, [user], crm, group_cache_seconds=0) as (uncached, store):
+        queue(user, build_message(CLIENT_A, user.address, "three"))
+        one_pass(uncached, store, user.address)
+        queue(user, build_message(CLIENT_A, user.address, "four"))
+        one_pass(uncached, store, user.address)
+        assert crm.calls[LOOKUP_PATH] == 3
 
 
 # -- signatures ------------------------------------------------------------------------------
