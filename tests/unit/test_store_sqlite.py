@@ -13,7 +13,8 @@ from emailsync.errors import ConfigError, StoreError, StoreUnavailableError
 from emailsync.model import Direction, Fence, Via
 from emailsync.state import read_group_csv
 from emailsync.state.base import RegisteredMailbox
-from emailsync.state.sqlite import SqliteStore, _migrations, _statements
+from emailsync.state.sqlcore import migrations
+from emailsync.state.sqlite import SqliteStore, _statements
 from emailsync.state.timeline_sql import SqlTimeline
 from emailsync.timeline import open_store
 
@@ -278,7 +279,7 @@ def test_a_registered_mailbox_keeps_its_trigger_and_older_rows_read_as_auto(
     mailbox registered before the column existed (schema 2) reads as `auto`, as it ran."""
     path = tmp_path / "emailsync.db"
     with sqlite3.connect(path) as conn:  # a store at schema 2, with one mailbox in it
-        for version, _name, script in _migrations()[:2]:
+        for version, _name, script in migrations("schema")[:2]:
             for statement in _statements(script):
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {version}")
@@ -312,7 +313,7 @@ def test_events_recorded_before_directions_per_mailbox_read_with_what_is_known(
     one files the message again; a body that ended with the old cut mark reads as truncated."""
     path = tmp_path / "emailsync.db"
     with sqlite3.connect(path) as conn:  # a store at the schema before, with old rows
-        for version, _name, script in _migrations():
+        for version, _name, script in migrations("schema"):
             if version >= EVENT_DETAILS_VERSION:
                 break
             for statement in _statements(script):

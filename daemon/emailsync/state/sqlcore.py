@@ -192,3 +192,16 @@ def migrations(folder: str) -> tuple[tuple[int, str, str], ...]:
     if versions != list(range(1, len(found) + 1)):
         raise StoreError(f"store: migrations must be numbered 1, 2, 3... found {versions}")
     return tuple(found)
+
+
+def migrations_after(folder: str, current: int, store: str) -> list[tuple[int, str, str]]:
+    """The ``migrations(folder)`` newer than schema version ``current``, to apply in order;
+    StoreError when ``current`` is newer than all of them (``store`` names it)."""
+    found = migrations(folder)
+    latest = found[-1][0]
+    if current > latest:
+        raise StoreError(
+            f"{store}: schema version {current} is newer than this emailsync knows ({latest}); "
+            "upgrade emailsync"
+        )
+    return [migration for migration in found if migration[0] > current]

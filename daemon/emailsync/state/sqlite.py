@@ -18,7 +18,7 @@ from emailsync.model import TimelineEvent
 from emailsync.privilege import access_hint
 from emailsync.state.base import Recorded
 from emailsync.state.registry_sql import SqlRegistry
-from emailsync.state.sqlcore import migrations
+from emailsync.state.sqlcore import migrations_after
 from emailsync.state.sqlstate import SqlStateMethods
 from emailsync.state.timeline_sql import SqlTimeline
 from emailsync.state.tokens_sql import SqlTokens
@@ -204,8 +204,6 @@ class SqliteStore(SqlStateMethods):
 
     def _migrate(self) -> None:
         """Apply the schema files newer than the file's ``PRAGMA user_version``, atomically."""
-        migrations = _migrations()
-        latest = migrations[-1][0]
         conn = self._connection()
         with _translated(self.path, "enable WAL"):
             # Persistent in the file: readers never wait for the writer, nor it for them.
@@ -214,14 +212,7 @@ class SqliteStore(SqlStateMethods):
         # file at once cannot both migrate it.
         with self._transaction("migrate schema") as txn:
             (current,) = txn.execute("PRAGMA user_version").fetchone()
-            if current > latest:
-                raise StoreError(
-                    f"store {self.path}: schema version {current} is newer than this "
-                    f"emailsync knows ({latest}); upgrade emailsync"
-                )
-            for version, name, script in migrations:
-                if version <= current:
-                    continue
+            for version, name, script in migrations_after("schema", current, f"store {self.path}"):
                 with _translated(self.path, f"apply migration {name}"):
                     for statement in _statements(script):
                         txn.execute(statement)
@@ -278,11 +269,6 @@ def _create_private_file(path: Path) -> None:
         ) from exc
     except OSError as exc:
         raise StoreUnavailableError(f"store {path}: cannot create database file: {exc}") from exc
-
-
-def _migrations() -> tuple[tuple[int, str, str], ...]:
-    """The ``(version, file name, SQL)`` of every ``schema/NNN_name.sql``, by version."""
-    return migrations("schema")
 
 
 def _statements(script: str) -> Iterator[str]:
