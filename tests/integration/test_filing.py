@@ -75,6 +75,20 @@ def make_folders(settings: Settings, address: str) -> None:
         pass
 
 
+def ready_mailboxes(
+    tmp_path: Path, *users: MailUser, groups: dict[str, list[str]] | None = None
+) -> tuple[Settings, Store]:
+    """Settings for the users' mailboxes, their folders made, and a store holding ``groups``
+    (by default Smith: john@clients.example)."""
+    settings = settings_for(tmp_path, list(users))
+    store = open_store(settings.store_url, settings.daemon.state_dir)
+    for name, addresses in (groups or {"Smith": ["john@clients.example"]}).items():
+        store.add_group(name, addresses)
+    for user in users:
+        make_folders(settings, user.address)
+    return settings, store
+
+
 def file_queue(settings: Settings, store: Store, address: str) -> PassResult:
     """One sync pass over a mailbox's Queue."""
     with opened(settings, address) as session:
@@ -201,10 +215,7 @@ def test_folder_names_with_non_ascii_characters_round_trip(user: MailUser, tmp_p
 
 
 def test_messages_are_filed_to_sent_received_and_failed(user: MailUser, tmp_path: Path) -> None:
-    settings = settings_for(tmp_path, [user])
-    store = open_store(settings.store_url, settings.daemon.state_dir)
-    store.add_group("Smith", ["john@clients.example"])
-    make_folders(settings, user.address)
+    settings, store = ready_mailboxes(tmp_path, user)
     queue(
         user,
         build_message(user.address, "John <JOHN@clients.example>", "outbound linked"),
@@ -258,12 +269,9 @@ def test_alias_from_is_outbound_and_cc_bcc_are_counterparts(user: MailUser, tmp_
 def test_one_message_linked_to_several_groups_gets_one_event_each(
     user: MailUser, tmp_path: Path
 ) -> None:
-    settings = settings_for(tmp_path, [user])
-    store = open_store(settings.store_url, settings.daemon.state_dir)
-    store.add_group("Buyer", ["buyer@clients.example"])
-    store.add_group("Seller", ["seller@clients.example"])
-    store.add_group("Both", ["buyer@clients.example", "seller@clients.example"])
-    make_folders(settings, user.address)
+    buyer, seller = "buyer@clients.example", "seller@clients.example"
+    groups = {"Buyer": [buyer], "Seller": [seller], "Both": [buyer, seller]}
+    settings, store = ready_mailboxes(tmp_path, user, groups=groups)
     queue(
         user, build_message(user.address, "buyer@clients.example, seller@clients.example", "deal")
     )
@@ -277,14 +285,11 @@ def test_same_message_in_two_mailboxes_gives_one_event_listing_both(
     dovecot: Dovecot, tmp_path: Path
 ) -> None:
     first, second = new_user(dovecot), new_user(dovecot)
-    settings = settings_for(tmp_path, [first, second])
-    store = open_store(settings.store_url, settings.daemon.state_dir)
-    store.add_group("Smith", ["john@clients.example"])
+    settings, store = ready_mailboxes(tmp_path, first, second)
     raw = build_message(
         "john@clients.example", f"{first.address}, {second.address}", "to both agents"
     )
     for u in (first, second):
-        make_folders(settings, u.address)
         queue(u, raw)
         file_queue(settings, store, u.address)
     events = store.list_events()
@@ -322,11 +327,8 @@ def test_one_message_filed_by_its_sender_and_its_recipient_keeps_each_direction(
 
 
 def test_refiling_the_same_message_records_no_new_event(user: MailUser, tmp_path: Path) -> None:
-    settings = settings_for(tmp_path, [user])
-    store = open_store(settings.store_url, settings.daemon.state_dir)
-    store.add_group("Smith", ["john@clients.example"])
+    settings, store = ready_mailboxes(tmp_path, user)
     raw = build_message("john@clients.example", user.address, "again")
-    make_folders(settings, user.address)
     filer = Filer(settings.mailbox(user.address), store)
     new_counts = []
     for _ in range(2):
@@ -341,10 +343,7 @@ def test_refiling_the_same_message_records_no_new_event(user: MailUser, tmp_path
 
 
 def test_messages_reusing_a_message_id_are_not_merged(user: MailUser, tmp_path: Path) -> None:
-    settings = settings_for(tmp_path, [user])
-    store = open_store(settings.store_url, settings.daemon.state_dir)
-    store.add_group("Smith", ["john@clients.example"])
-    make_folders(settings, user.address)
+    settings, store = ready_mailboxes(tmp_path, user)
     queue(
         user,
         build_message("john@clients.example", user.address, "first", message_id="<same@broken>"),
@@ -389,9 +388,7 @@ def test_without_move_copy_and_expunge_files_each_message_once(
     dovecot_nomove: Dovecot, tmp_path: Path
 ) -> None:
     user = new_user(dovecot_nomove)
-    settings = settings_for(tmp_path, [user])
-    store = open_store(settings.store_url, settings.daemon.state_dir)
-    store.add_group("Smith", ["john@clients.example"])
+    settings, store = ready_mailboxes(tmp_path, user)
     with opened(settings, user.address) as session:
         assert not session.has("MOVE")
     inbound = build_message("john@clients.example", user.address, "in")
@@ -408,10 +405,7 @@ def test_copy_fallback_after_a_crash_between_copy_and_expunge_leaves_one_copy(
     dovecot_nomove: Dovecot, tmp_path: Path
 ) -> None:
     user = new_user(dovecot_nomove)
-    settings = settings_for(tmp_path, [user])
-    store = open_store(settings.store_url, settings.daemon.state_dir)
-    store.add_group("Smith", ["john@clients.example"])
-    make_folders(settings, user.address)
+    settings, store = ready_mailboxes(tmp_path, user)
     raw = build_message("john@clients.example", user.address, "crashed")
     queue(user, raw)
     # What an interrupted earlier attempt leaves: the marker on the Queue message and its
@@ -525,13 +519,10 @@ class GroupRemovedMidPass(SqliteStore):
 def test_one_message_whose_events_cannot_be_recorded_does_not_hold_up_the_others(
     user: MailUser, tmp_path: Path
 ) -> None:
-    settings = settings_for(tmp_path, [user])
-    setup = open_store(settings.store_url, settings.daemon.state_dir)
-    setup.add_group("Smith", ["john@clients.example"])
-    setup.add_group("Gone", ["gone@clients.example"])
+    groups = {"Smith": ["john@clients.example"], "Gone": ["gone@clients.example"]}
+    settings, setup = ready_mailboxes(tmp_path, user, groups=groups)
     setup.close()
     store = GroupRemovedMidPass(settings.daemon.state_dir / "emailsync.db", doomed="Gone")
-    make_folders(settings, user.address)
     queue(
         user,
         build_message("john@clients.example", user.address, "fine"),
@@ -572,10 +563,7 @@ def test_copy_fallback_refuses_to_expunge_when_queue_uidvalidity_changed(
     dovecot_nomove: Dovecot, tmp_path: Path
 ) -> None:
     user = new_user(dovecot_nomove)
-    settings = settings_for(tmp_path, [user])
-    store = open_store(settings.store_url, settings.daemon.state_dir)
-    store.add_group("Smith", ["john@clients.example"])
-    make_folders(settings, user.address)
+    settings, store = ready_mailboxes(tmp_path, user)
     queue(user, build_message("john@clients.example", user.address, "crashed"))
     with user.client() as client:  # an interrupted attempt: marker and copy, no EXPUNGE
         client.select_folder(f"{ROOT}.Queue")
@@ -654,10 +642,7 @@ def test_a_message_the_server_will_not_move_is_quarantined_after_five_passes(
 ) -> None:
     user = new_user(dovecot_acl)
     config = write_config(tmp_path, [user])
-    settings = settings_for(tmp_path, [user])
-    store = open_store(settings.store_url, settings.daemon.state_dir)
-    store.add_group("Smith", ["john@clients.example"])
-    make_folders(settings, user.address)
+    settings, store = ready_mailboxes(tmp_path, user)
     refuse_received(user)
     queue(user, build_message("john@clients.example", user.address, "refused"))
     filer = Filer(settings.mailbox(user.address), store)
