@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from emailsync.config import METRICS_DETAIL
 from emailsync.telemetry.metrics import MailboxSeries, Metrics, exposition
-from emailsync.web.server import gzip_body
+from emailsync.web.api import gzip_body
 
 REPEATS = 5
 

@@ -501,7 +501,7 @@ def test_a_set_up_racing_a_key_rotation_stores_a_password_that_decrypts(
     store = _RotatingAtFirstWrite(state_dir / "emailsync.db", state_dir)
     supervisor = Supervisor(settings, store)
     try:
-        supervisor.setup_mailbox(
+        supervisor.registrar.setup_mailbox(
             agent.address, "b0", agent.address, agent.password, agent=False, client=None
         )
         assert store.rotated == [2]

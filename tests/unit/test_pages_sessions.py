@@ -7,13 +7,12 @@ import http.client
 from collections.abc import Iterator
 
 import pytest
-from prometheus_client import CollectorRegistry
 
 from emailsync.errors import StoreUnavailableError
 from emailsync.state.sessions_sql import SessionRow
 from emailsync.web.server import WebServer
 
-from .test_web import TOKEN, Registrar, Supervisor
+from .test_web import Registrar, listen
 
 
 class DownSessions:
@@ -40,16 +39,7 @@ class DownSessions:
 def down() -> Iterator[tuple[WebServer, DownSessions]]:
     """A listener whose session store is down."""
     sessions = DownSessions()
-    server = WebServer(
-        "127.0.0.1",
-        0,
-        Supervisor(),
-        CollectorRegistry(),
-        TOKEN,
-        registrar=Registrar(),  # type: ignore[arg-type]
-        sessions=sessions,
-    )
-    server.start()
+    server = listen(registrar=Registrar(), sessions=sessions)
     yield server, sessions
     server.stop()
 

@@ -616,11 +616,11 @@ def test_a_registered_mailbox_restarts_on_a_branch_change_without_two_workers_at
 
     def driver() -> None:
         wait_for(lambda: rig.census.running(address, 1) and rig.census.running(other, 1))
-        assert rig.supervisor.put_branch("high-street", "127.0.0.2", 1, "none") is False
+        assert rig.supervisor.registrar.put_branch("high-street", "127.0.0.2", 1, "none") is False
         wait_for(lambda: rig.census.running(address, 2))
         assert rig.workers[-1].mailbox.server.host == "127.0.0.2"
         assert len(rig.census.of(other)) == 1  # the config file's mailbox was left alone
-        assert rig.supervisor.forget_mailbox(address) is True
+        assert rig.supervisor.registrar.forget_mailbox(address) is True
         assert address not in [s.address for s in rig.supervisor.statuses()]
         assert store.mailbox_secret(address) is None
 

@@ -11,6 +11,7 @@ import select
 import socket
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import structlog
@@ -55,13 +56,22 @@ class Supervisor:
         return self.is_ready
 
 
+def listen(
+    host: str = "127.0.0.1", supervisor: Supervisor | None = None, **options: Any
+) -> WebServer:
+    """A started listener on port 0 with the stand-in supervisor; ``options`` are WebServer's
+    keywords (the stand-in registrar and sign-ins among them)."""
+    registry = CollectorRegistry()
+    Metrics(registry).init_mailbox("agent@example.com")
+    server = WebServer(host, 0, supervisor or Supervisor(), registry, TOKEN, **options)
+    server.start()
+    return server
+
+
 @pytest.fixture
 def served() -> Iterator[tuple[WebServer, Supervisor]]:
     supervisor = Supervisor()
-    registry = CollectorRegistry()
-    Metrics(registry).init_mailbox("agent@example.com")
-    server = WebServer("127.0.0.1", 0, supervisor, registry, TOKEN)
-    server.start()
+    server = listen(supervisor=supervisor)
     yield server, supervisor
     server.stop()
 
@@ -319,16 +329,7 @@ def test_a_non_loopback_listener_warns() -> None:
 @pytest.fixture
 def strict() -> Iterator[WebServer]:
     """A listener with a small cap and a short request deadline, so the tests are quick."""
-    server = WebServer(
-        "127.0.0.1",
-        0,
-        Supervisor(),
-        CollectorRegistry(),
-        TOKEN,
-        max_connections=4,
-        request_seconds=REQUEST_SECONDS,
-    )
-    server.start()
+    server = listen(max_connections=4, request_seconds=REQUEST_SECONDS)
     yield server
     server.stop()
 
@@ -503,15 +504,7 @@ class Registrar:
 @pytest.fixture
 def with_pages() -> Iterator[WebServer]:
     """A listener whose IT page renders (a stand-in registrar)."""
-    server = WebServer(
-        "127.0.0.1",
-        0,
-        Supervisor(),
-        CollectorRegistry(),
-        TOKEN,
-        registrar=Registrar(),  # type: ignore[arg-type]
-    )
-    server.start()
+    server = listen(registrar=Registrar())
     yield server
     server.stop()
 
@@ -567,11 +560,7 @@ def test_metrics_need_the_token_unless_the_listener_is_loopback_only(
 def test_metrics_on_a_wildcard_listener_answer_401_without_the_token() -> None:
     """A listener on 0.0.0.0 (reached here on loopback) keeps /metrics to the token holder, with
     the same 401 as /v1; health and readiness stay open for probes."""
-    supervisor = Supervisor()
-    registry = CollectorRegistry()
-    Metrics(registry).init_mailbox("agent@example.com")
-    server = WebServer("0.0.0.0", 0, supervisor, registry, TOKEN)  # noqa: S104 -- the case under test
-    server.start()
+    server = listen("0.0.0.0")  # noqa: S104 -- the case under test
     try:
         status, body = call(server, "GET", "/metrics")
         assert (status, body) == (401, b'{"error": "missing or wrong bearer token"}')
@@ -628,36 +617,35 @@ def test_favicon_is_answered_without_an_error(served: tuple[WebServer, Superviso
         conn.close()
 
 
-class SignInRegistrar(Registrar):
-    """The stand-in registrar, recording the redirect URI of each Office 365 sign-in."""
+class SignIns:
+    """The stand-in Office 365 sign-ins, recording the redirect URI and trigger of each start."""
 
     def __init__(self) -> None:
         self.redirect_uris: list[str] = []
+        self.triggers: list[str] = []
 
-    def office365_start(
-        self, address: str, branch: str | None, redirect_uri: str, trigger: str = "auto"
-    ) -> str:
+    def available(self) -> bool:
+        return True
+
+    def start(self, address: str, branch: str | None, redirect_uri: str, trigger: str) -> str:
         self.redirect_uris.append(redirect_uri)
+        self.triggers.append(trigger)
         return "https://login.example/authorize"
 
 
-def linking_server(host: str, public_url: str = "") -> tuple[WebServer, SignInRegistrar]:
-    registrar = SignInRegistrar()
-    server = WebServer(
+def linking_server(host: str, public_url: str = "") -> tuple[WebServer, SignIns]:
+    signins = SignIns()
+    server = listen(
         host,
-        0,
-        Supervisor(),
-        CollectorRegistry(),
-        TOKEN,
-        registrar=registrar,  # type: ignore[arg-type]
+        registrar=Registrar(),
+        signins=signins,
         issue_agent_token=lambda address, days, issued_by: (
             "es1.agent-token",
             IssuedToken("0123456789abcdef", address, None, issued_by, None),
         ),
         public_url=public_url,
     )
-    server.start()
-    return server, registrar
+    return server, signins
 
 
 def post_as(server: WebServer, host: str, path: str, body: str, host_header: str | None) -> bytes:
@@ -789,37 +777,14 @@ def test_the_session_cookie_is_secure_when_public_url_is_https() -> None:
             server.stop()
 
 
-class SetUpRegistrar(SignInRegistrar):
-    """The stand-in registrar, recording each First Time Setup's trigger."""
+class SetUp(SignIns):
+    """The stand-in registrar and sign-ins in one, recording each First Time Setup's trigger."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.triggers: list[str] = []
-
-    def setup_mailbox(
-        self,
-        address: str,
-        branch: str,
-        username: str,
-        password: str,
-        trigger: str = "auto",
-        *,
-        agent: bool = True,
-        client: str | None = None,
-    ) -> None:
-        self.triggers.append(trigger)
-
-    def office365_start(
-        self, address: str, branch: str | None, redirect_uri: str, trigger: str = "auto"
-    ) -> str:
-        self.triggers.append(trigger)
-        return super().office365_start(address, branch, redirect_uri)
+    def setup_mailbox(self, address: str, *args: str, **_: object) -> None:
+        self.triggers.append(args[3] if len(args) > 3 else "auto")
 
     def mailbox_detail(self, address: str) -> dict[str, object] | None:
         return {"address": address, "trigger": self.triggers[-1]} if self.triggers else None
-
-    def office365_available(self) -> bool:
-        return True
 
     def branches(self) -> list[dict[str, object]]:
         return [{"name": "main", "host": "imap.example.com"}]
@@ -828,16 +793,8 @@ class SetUpRegistrar(SignInRegistrar):
 def test_first_time_setup_through_the_api_takes_the_trigger() -> None:
     """Issue 19: `PUT /v1/mailboxes/{address}` and the Office 365 start take `trigger`
     (`auto`, the default, or `manual`); anything else is a 400 that starts nothing."""
-    registrar = SetUpRegistrar()
-    server = WebServer(
-        "127.0.0.1",
-        0,
-        Supervisor(),
-        CollectorRegistry(),
-        TOKEN,
-        registrar=registrar,  # type: ignore[arg-type]
-    )
-    server.start()
+    registrar = SetUp()
+    server = listen(registrar=registrar, signins=registrar)
     try:
         path = "/v1/mailboxes/agent@example.com"
         setup = {"branch": "main", "username": "agent", "password": "pw"}
@@ -862,16 +819,8 @@ def test_first_time_setup_through_the_api_takes_the_trigger() -> None:
 def test_the_email_sync_page_lets_the_agent_choose_the_trigger() -> None:
     """Both First Time Setup forms offer "as soon as it lands" and "when I click Start Sync";
     the choice reaches the registrar (a value not offered is read as the default, auto)."""
-    registrar = SetUpRegistrar()
-    server = WebServer(
-        "127.0.0.1",
-        0,
-        Supervisor(),
-        CollectorRegistry(),
-        TOKEN,
-        registrar=registrar,  # type: ignore[arg-type]
-    )
-    server.start()
+    registrar = SetUp()
+    server = listen(registrar=registrar, signins=registrar)
     try:
         _, cookie = page(server, f"/login?token={TOKEN}")
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)

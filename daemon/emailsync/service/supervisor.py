@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from http import HTTPStatus
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -299,7 +299,7 @@ class Supervisor:
         """
         address = address.lower()
         if self.registrar.is_registered(address):
-            return self.forget_mailbox(address)
+            return self.registrar.forget_mailbox(address)
         mailbox = next((m for m in self.settings.mailboxes if m.address == address), None)
         if mailbox is None:
             return False
@@ -462,7 +462,8 @@ class Supervisor:
                 self,
                 self.registry,
                 token,
-                registrar=self,
+                registrar=self.registrar,
+                signins=self.signins,
                 check_agent_token=self.check_agent_token,
                 issue_agent_token=self.issue_agent_token,
                 list_agent_tokens=self.agent_tokens_issued,
@@ -651,42 +652,6 @@ class Supervisor:
         log.info("reloaded", seconds=round(took, 2), still_stopping=waiting)
         self.notifier.ready(self.summary())
 
-    # -- the registry (self-service: registrar.py; these delegate, for the web layer) -----------
-
-    def branches(self) -> list[dict[str, Any]]:
-        """Every branch: the config file's (read-only) and the registered ones, by name."""
-        return self.registrar.branches()
-
-    def put_branch(
-        self, name: str, host: str, port: int, security: str, ca_file: str | None = None
-    ) -> bool:
-        """Register (or change) a branch's IMAP server; True when new (``MailboxRegistrar``)."""
-        return self.registrar.put_branch(name, host, port, security, ca_file)
-
-    def setup_mailbox(
-        self,
-        address: str,
-        branch: str,
-        username: str,
-        password: str,
-        trigger: str = "auto",
-        *,
-        agent: bool,
-        client: str | None,
-    ) -> None:
-        """First Time Setup (Basic): log in, create the folders, store the password, start."""
-        self.registrar.setup_mailbox(
-            address, branch, username, password, trigger, agent=agent, client=client
-        )
-
-    def forget_mailbox(self, address: str) -> bool:
-        """Stop Email Sync for a registered mailbox: its worker ends, it and its secret go."""
-        return self.registrar.forget_mailbox(address)
-
-    def mailbox_detail(self, address: str) -> dict[str, Any] | None:
-        """Status, source, branch and the latest filed/failed messages of one mailbox."""
-        return self.registrar.mailbox_detail(address)
-
     # -- the worker lifecycle the registrar asks for (registrar.Workers) ----------------------
 
     def replace_worker(self, mailbox: MailboxSettings) -> bool:
@@ -746,22 +711,6 @@ class Supervisor:
         """The key of the login form's CSRF token: every instance with this registry key derives
         the same, so a form one served is accepted by another."""
         return self.vault.derived_key(ANONYMOUS_CSRF_INFO)
-
-    # -- Office 365 browser sign-ins (signins.py; these delegate, for the web layer) ------------
-
-    def office365_available(self) -> bool:
-        """True when browser sign-in can be offered: ``[office365]`` in delegated mode."""
-        return self.signins.available()
-
-    def office365_start(
-        self, address: str, branch: str | None, redirect_uri: str, trigger: str = "auto"
-    ) -> str:
-        """First Time Setup (Office 365): the provider's sign-in page (``SignIns.start``)."""
-        return self.signins.start(address, branch, redirect_uri, trigger)
-
-    def office365_finish(self, params: dict[str, str]) -> str:
-        """The provider's callback, on any instance (``SignIns.finish``): the mailbox address."""
-        return self.signins.finish(params)
 
     def _register_office365(self, mailbox: MailboxSettings) -> None:
         """A finished sign-in: the mailbox into the registry (its tokens are cached), started."""

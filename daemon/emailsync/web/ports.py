@@ -1,18 +1,28 @@
-"""What the listener asks of the rest of the daemon: the supervisor's and registrar's ports.
+"""What the listener asks of the rest of the daemon: the supervisor's port, and ``App``.
 
-The listener (``emailsync.web.server``) and the pages (``emailsync.web.pageroutes``) depend on
-these protocols, not on the supervisor that implements them (``emailsync.service``).
+The listener (``emailsync.web.server``) depends on these, not on the supervisor that implements
+``Control`` (``emailsync.service``). The registrar and the Office 365 sign-ins are the runtime's
+own objects (``emailsync.runtime``, below this layer): no protocol restates them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
+from emailsync.web.call import RefusedError
 from emailsync.web.pages import Pages
 
+SELF_SERVICE_OFF = "self-service is not enabled"
+_T = TypeVar("_T")
+
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from emailsync.runtime.registrar import MailboxRegistrar
+    from emailsync.runtime.signins import SignIns
     from emailsync.runtime.worker import WorkerStatus
     from emailsync.state.base import IssuedToken
 
@@ -33,40 +43,6 @@ class Control(Protocol):
     def ready(self) -> bool: ...
 
 
-class Registrar(Protocol):
-    """What the self-service API and pages ask of the supervisor (see ``Supervisor``)."""
-
-    def branches(self) -> list[dict[str, Any]]: ...
-
-    def put_branch(
-        self, name: str, host: str, port: int, security: str, ca_file: str | None = None
-    ) -> bool: ...
-
-    def setup_mailbox(
-        self,
-        address: str,
-        branch: str,
-        username: str,
-        password: str,
-        trigger: str = "auto",
-        *,
-        agent: bool,
-        client: str | None,
-    ) -> None: ...
-
-    def forget_mailbox(self, address: str) -> bool: ...
-
-    def mailbox_detail(self, address: str) -> dict[str, Any] | None: ...
-
-    def office365_available(self) -> bool: ...
-
-    def office365_start(
-        self, address: str, branch: str | None, redirect_uri: str, trigger: str = "auto"
-    ) -> str: ...
-
-    def office365_finish(self, params: dict[str, str]) -> str: ...
-
-
 AgentTokenCheck = Callable[[str], "str | None"]
 # (address, days or None for the default, issued_by) → the token and its record
 AgentTokenIssue = Callable[[str, "int | None", str], "tuple[str, IssuedToken]"]
@@ -76,12 +52,40 @@ AgentTokenRevoke = Callable[[str], "list[IssuedToken]"]
 
 
 @dataclass(frozen=True)
-class SelfService:
-    """The listener's optional self-service parts: registry, agent tokens, pages."""
+class App:
+    """What the request handler works with (``server.app``): the daemon's parts it calls.
 
-    registrar: Registrar | None
-    check_agent_token: AgentTokenCheck | None
-    issue_agent_token: AgentTokenIssue | None
+    ``registrar`` and ``signins`` are the runtime's own objects (``MailboxRegistrar``,
+    ``SignIns``), passed as they are; None where self-service is not enabled (a 503).
+    """
+
+    control: Control
+    registry: CollectorRegistry
+    token: str  # the admin's control token
     pages: Pages
+    registrar: MailboxRegistrar | None = None
+    signins: SignIns | None = None
+    check_agent_token: AgentTokenCheck | None = None
+    issue_agent_token: AgentTokenIssue | None = None
     list_agent_tokens: AgentTokenList | None = None
     revoke_agent_tokens: AgentTokenRevoke | None = None
+    metrics_token: bool = False  # /metrics needs the admin token (server.metrics_need_token)
+    public_url: str = ""  # [daemon] public_url without its trailing slash, or ""
+
+    def require_registrar(self) -> MailboxRegistrar:
+        """The registrar, or a 503 when self-service is not enabled."""
+        if self.registrar is None:
+            raise RefusedError(HTTPStatus.SERVICE_UNAVAILABLE, SELF_SERVICE_OFF)
+        return self.registrar
+
+    def require_signins(self) -> SignIns:
+        """The Office 365 sign-ins, or a 503 when self-service is not enabled."""
+        if self.signins is None:
+            raise RefusedError(HTTPStatus.SERVICE_UNAVAILABLE, SELF_SERVICE_OFF)
+        return self.signins
+
+    def require(self, call: _T | None) -> _T:
+        """An agent-token call (issue, list, revoke), or a 503 when agent tokens are off."""
+        if call is None:
+            raise RefusedError(HTTPStatus.SERVICE_UNAVAILABLE, "agent tokens are not enabled")
+        return call
