@@ -11,16 +11,20 @@ import select
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
+import yaml
 from prometheus_client import CollectorRegistry
 
 from emailsync.runtime.worker import WorkerStatus
 from emailsync.state.base import IssuedToken
 from emailsync.telemetry.metrics import Metrics
+from emailsync.web.call import Access
 from emailsync.web.pages import MAX_SESSIONS
+from emailsync.web.routes import ROUTES, TOKEN_NEEDED, Route
 from emailsync.web.server import MAX_CONNECTIONS, WebServer, metrics_need_token
 
 TOKEN = "s3cret-token-for-the-web-tests"
@@ -844,3 +848,92 @@ def test_the_email_sync_page_lets_the_agent_choose_the_trigger() -> None:
         assert registrar.triggers == ["manual", "manual", "auto"]
     finally:
         server.stop()
+
+
+AGENT_TOKEN = "es2.0123456789abcdef.the-agents-secret"
+AGENT = {"Authorization": f"Bearer {AGENT_TOKEN}"}
+API_ROUTES = [r for r in ROUTES if not r.access.page]
+ROUTED = {(r.method, r.path) for r in ROUTES}
+CONTROL_API = Path(__file__).resolve().parents[2] / "config" / "control-api.yaml"
+
+
+def concrete(path: str, address: str) -> str:
+    """A request path for a route's path, its parameters filled in."""
+    return path.replace("{address}", address).replace("{name}", "main").replace("{id}", "0" * 16)
+
+
+@pytest.fixture
+def with_agent() -> Iterator[tuple[WebServer, Supervisor]]:
+    """A listener that knows one agent token besides the admin's: agent@example.com's."""
+    supervisor = Supervisor()
+    server = listen(
+        supervisor=supervisor,
+        registrar=Registrar(),
+        check_agent_token=lambda token: "agent@example.com" if token == AGENT_TOKEN else None,
+    )
+    yield server, supervisor
+    server.stop()
+
+
+@pytest.mark.parametrize("route", API_ROUTES, ids=lambda r: f"{r.method} {r.path}")
+def test_each_api_route_admits_whom_its_access_in_the_table_says(
+    with_agent: tuple[WebServer, Supervisor], route: Route
+) -> None:
+    """No token: 401 where the route needs one. An agent's token: 403 on an admin route, the
+    unknown mailbox's 404 on another mailbox's route, and nothing else refused."""
+    server, supervisor = with_agent
+    path = concrete(route.path, "other@example.com")
+    unauthorised = (401, b'{"error": "missing or wrong bearer token"}')
+    forbidden = (403, b'{"error": "this token is for one mailbox only"}')
+    not_theirs = (404, b'{"error": "no such mailbox"}')
+    answer = call(server, route.method, path)
+    assert (answer == unauthorised) is (route.access in TOKEN_NEEDED), answer
+    answer = call(server, route.method, path, AGENT)
+    if route.access is Access.ADMIN:
+        assert answer == forbidden
+    elif route.access is Access.MAILBOX:
+        assert answer == not_theirs
+    else:
+        assert answer not in (unauthorised, forbidden, not_theirs)
+    assert supervisor.synced == []
+
+
+@pytest.mark.parametrize("path", sorted({r.path for r in ROUTES}))
+def test_every_method_a_routed_path_lacks_is_405_with_the_tables_allow(
+    served: tuple[WebServer, Supervisor], path: str
+) -> None:
+    server, _ = served
+    routed = [m for m in ("GET", "POST", "PUT", "DELETE") if (m, path) in ROUTED]
+    for method in ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"):
+        if method in routed:
+            continue
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+        try:
+            conn.request(method, concrete(path, "agent@example.com"), headers=AUTH)
+            response = conn.getresponse()
+            response.read()
+            assert (response.status, response.getheader("Allow")) == (405, ", ".join(routed))
+        finally:
+            conn.close()
+
+
+def test_the_api_routes_are_the_operations_of_control_api_yaml() -> None:
+    """config/control-api.yaml documents each API route of the table and no other, with the
+    credentials the table asks for (no token, an optional one, or the bearer token)."""
+    document = yaml.safe_load(CONTROL_API.read_text(encoding="utf-8"))
+    security = {"[]": "none", "[{}, {'bearer': []}]": "optional", "[{'bearer': []}]": "bearer"}
+    documented = {
+        (method.upper(), path, security[str(operation.get("security", document["security"]))])
+        for path, item in document["paths"].items()
+        for method, operation in item.items()
+        if method in ("get", "post", "put", "delete")
+    }
+    credentials = {
+        Access.ANYONE: "none",
+        Access.SIGNED: "none",
+        Access.OPTIONAL: "optional",
+        Access.METRICS: "optional",
+        **dict.fromkeys(TOKEN_NEEDED, "bearer"),
+    }
+    routed = {(r.method, r.path, credentials[r.access]) for r in API_ROUTES}
+    assert routed == documented
