@@ -17,8 +17,9 @@ from emailsync.errors import StoreError, StoreUnavailableError
 from emailsync.model import Direction, Via
 from emailsync.state.base import RegisteredBranch, RegisteredMailbox
 from emailsync.state.pgtranslate import translate
-from emailsync.state.postgres import PostgresStore, _migrations
+from emailsync.state.postgres import PostgresStore
 from emailsync.state.registry_sql import REGISTRY_CHANNEL
+from emailsync.state.sqlcore import migrations
 from emailsync.timeline import open_store
 
 # The migration that added per-mailbox directions and body_truncated (004_event_details).
@@ -30,7 +31,7 @@ def test_open_store_picks_postgres_for_a_postgresql_url(pg_url: str, tmp_path: P
     store = open_store(pg_url, tmp_path / "state")
     try:
         assert isinstance(store, PostgresStore)
-        assert store.schema_version() == len(_migrations())
+        assert store.schema_version() == len(migrations("schema_pg"))
     finally:
         store.close()
     assert not (tmp_path / "state").exists()
@@ -43,7 +44,7 @@ def test_instances_opening_a_fresh_database_together_migrate_it_once(pg_url: str
     try:
         with psycopg.connect(pg_url) as conn:
             versions = conn.execute("SELECT version FROM emailsync_schema ORDER BY 1").fetchall()
-        assert versions == [(n,) for n in range(1, len(_migrations()) + 1)]
+        assert versions == [(n,) for n in range(1, len(migrations("schema_pg")) + 1)]
         stores[0].add_group("Smith", ["client@example.org"])
         assert [g.name for g in stores[3].list_groups()] == ["Smith"]
     finally:
@@ -148,7 +149,7 @@ def test_events_recorded_before_directions_per_mailbox_read_with_what_is_known(
             "CREATE TABLE emailsync_schema ("
             " version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
         )
-        for version, _name, script in _migrations():
+        for version, _name, script in migrations("schema_pg"):
             if version >= EVENT_DETAILS_VERSION:
                 break
             conn.execute(script.encode())

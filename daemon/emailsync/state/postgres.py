@@ -9,21 +9,19 @@ same transaction (``emailsync.cluster.lease``).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from importlib import resources
 from typing import Any
 
 import psycopg
 import psycopg_pool
 from prometheus_client import CollectorRegistry
 
-from emailsync.errors import StoreError
 from emailsync.model import Fence, TimelineEvent
 from emailsync.state.base import Recorded
 from emailsync.state.pgtranslate import translated
 from emailsync.state.registry_sql import SqlRegistry
+from emailsync.state.sqlcore import migrations_after
 from emailsync.state.sqlstate import SqlStateMethods
 from emailsync.state.timeline_sql import SqlTimeline
 from emailsync.state.tokens_sql import SqlTokens
@@ -176,8 +174,6 @@ class PostgresStore(SqlStateMethods):
         The advisory lock is the cluster-wide mutex: a second instance waits for the first
         to finish and then finds nothing to do.
         """
-        migrations = _migrations()
-        latest = migrations[-1][0]
         with self.transaction("migrate schema") as conn:
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
             conn.execute(
@@ -186,32 +182,9 @@ class PostgresStore(SqlStateMethods):
             )
             row = conn.execute("SELECT max(version) FROM emailsync_schema").fetchone()
             current = int(row[0]) if row and row[0] is not None else 0
-            if current > latest:
-                raise StoreError(
-                    f"store (postgresql): schema version {current} is newer than this "
-                    f"emailsync knows ({latest}); upgrade emailsync"
-                )
-            for version, name, script in migrations:
-                if version <= current:
-                    continue
+            for version, name, script in migrations_after(
+                "schema_pg", current, "store (postgresql)"
+            ):
                 with translated(f"apply migration {name}"):
                     conn.execute(script.encode())
                     conn.execute("INSERT INTO emailsync_schema (version) VALUES (%s)", (version,))
-
-
-@functools.cache
-def _migrations() -> tuple[tuple[int, str, str], ...]:
-    """The ``(version, file name, SQL)`` of every ``schema_pg/NNN_name.sql``, by version."""
-    found: list[tuple[int, str, str]] = []
-    for entry in resources.files("emailsync.state").joinpath("schema_pg").iterdir():
-        if not entry.name.endswith(".sql"):
-            continue
-        number = entry.name.split("_", 1)[0]
-        if not number.isdigit():
-            raise StoreError(f"store: migration {entry.name!r} does not start with a number")
-        found.append((int(number), entry.name, entry.read_text(encoding="utf-8")))
-    found.sort()
-    versions = [version for version, _, _ in found]
-    if versions != list(range(1, len(found) + 1)):
-        raise StoreError(f"store: migrations must be numbered 1, 2, 3... found {versions}")
-    return tuple(found)
