@@ -898,6 +898,20 @@ def test_each_api_route_admits_whom_its_access_in_the_table_says(
     assert supervisor.synced == []
 
 
+def test_the_admin_alone_may_call_the_branch_token_and_sync_all_routes() -> None:
+    """The table's ADMIN routes, written out: an agent's token never reaches these (the test
+    above checks that the dispatch honours the table; this one, that the table is right)."""
+    admin_only = {(r.method, r.path) for r in ROUTES if r.access is Access.ADMIN}
+    assert admin_only == {
+        ("POST", "/v1/sync"),
+        ("GET", "/v1/branches"),
+        ("PUT", "/v1/branches/{name}"),
+        ("GET", "/v1/tokens"),
+        ("POST", "/v1/tokens"),
+        ("DELETE", "/v1/tokens/{id}"),
+    }
+
+
 @pytest.mark.parametrize("path", sorted({r.path for r in ROUTES}))
 def test_every_method_a_routed_path_lacks_is_405_with_the_tables_allow(
     served: tuple[WebServer, Supervisor], path: str
