@@ -3,7 +3,6 @@ does not (static files and the Office 365 callback still answer while the state 
 
 from __future__ import annotations
 
-import http.client
 from collections.abc import Iterator
 
 import pytest
@@ -12,7 +11,7 @@ from emailsync.errors import StoreUnavailableError
 from emailsync.state.sessions_sql import SessionRow
 from emailsync.web.server import WebServer
 
-from .test_web import Registrar, listen
+from .test_web import Registrar, listen, page
 
 
 class DownSessions:
@@ -44,17 +43,6 @@ def down() -> Iterator[tuple[WebServer, DownSessions]]:
     server.stop()
 
 
-def get(server: WebServer, path: str, cookie: str) -> int:
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
-    try:
-        conn.request("GET", path, headers={"Cookie": cookie})
-        response = conn.getresponse()
-        response.read()
-        return response.status
-    finally:
-        conn.close()
-
-
 def test_static_files_are_served_without_reading_the_session(
     down: tuple[WebServer, DownSessions],
 ) -> None:
@@ -62,7 +50,7 @@ def test_static_files_are_served_without_reading_the_session(
     needs the session fails (500) instead of treating the visitor as logged out."""
     server, sessions = down
     cookie = "emailsync_session=some-logged-in-session-id"
-    assert get(server, "/static/emailsync.css", cookie) == 200
+    assert page(server, "/static/emailsync.css", cookie)[0] == 200
     assert sessions.reads == 0
-    assert get(server, "/it", cookie) == 500
+    assert page(server, "/it", cookie)[0] == 500
     assert sessions.reads == 1
