@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import KW_ONLY, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Protocol, runtime_checkable
 
@@ -198,56 +198,51 @@ def store_rejection(decision: Decision, recorded: Recorded) -> str | None:
     return "rejected by the store: " + "; ".join(dict.fromkeys(reasons)) if reasons else None
 
 
+@dataclass(eq=False)
 class Filer:
     """Runs sync passes for one mailbox against a store."""
 
-    def __init__(
-        self,
-        mailbox: MailboxSettings,
-        store: Store,
-        *,
-        batch_size: int = FETCH_BATCH,
-        on_filed: FiledCallback | None = None,
-        on_recorded: RecordedCallback | None = None,
-        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-        stuck_after: int = STUCK_AFTER_ATTEMPTS,
-        index: FailedIndex | None = None,
-    ) -> None:
-        self.mailbox = mailbox
-        self.store = store
-        # Messages filed to Failed for want of a group are indexed here (issue 22), so that
-        # a link change brings them back (emailsync.filing.refile).
-        self.index = index
-        # Set when indexing found a message due at once (a link change overtook its
-        # lookup), or could not be written: the worker runs a re-file after the pass…
-        self.refile_owed = False
-        # …which scans Failed when the index lost messages (emailsync.filing.refile).
-        self.index_lost = False
-        self.batch_size = batch_size
-        self.on_filed = on_filed
-        self.on_recorded = on_recorded
-        self.clock = clock
-        self.stuck_after = stuck_after
-        self.log = log.bind(mailbox=mailbox.address)
-        # When this filer first saw each Queue UID: the latency start on servers without
-        # SAVEDATE (RFC 8514). Entries go when the message is filed.
-        self.first_seen: dict[int, datetime] = {}
-        # The Queue UIDs the last pass tried (filed or left behind), so a caller can tell
-        # mail that arrived after it from mail it could not move.
-        self.attempted: set[int] = set()
-        # Failed attempts per Queue UID, under ``_uidvalidity``; in memory only (the keyword
-        # is what survives a restart). At most one per pass: ``_failed_this_pass``.
-        self.attempts: dict[int, int] = {}
-        # The messages quarantined in Queue when the last pass ended.
-        self.stuck_uids: frozenset[int] = frozenset()
-        self._uidvalidity: int | None = None
-        self._marked: set[int] = set()  # Queue UIDs seen carrying STUCK_KEYWORD
-        self._suspects: set[int] = set()  # UIDs of a FETCH that lost the connection
-        self._failed_this_pass: set[int] = set()
-        self._counting = True
-        self._release = threading.Event()
+    mailbox: MailboxSettings
+    store: Store
+    _: KW_ONLY
+    batch_size: int = FETCH_BATCH
+    on_filed: FiledCallback | None = None
+    on_recorded: RecordedCallback | None = None
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    stuck_after: int = STUCK_AFTER_ATTEMPTS
+    # Messages filed to Failed for want of a group are indexed here (issue 22), so that a
+    # link change brings them back (emailsync.filing.refile).
+    index: FailedIndex | None = None
+    # Set when indexing found a message due at once (a link change overtook its lookup), or
+    # could not be written: the worker runs a re-file after the pass…
+    refile_owed: bool = field(default=False, init=False)
+    # …which scans Failed when the index lost messages (emailsync.filing.refile).
+    index_lost: bool = field(default=False, init=False)
+    # When this filer first saw each Queue UID: the latency start on servers without SAVEDATE
+    # (RFC 8514). Entries go when the message is filed.
+    first_seen: dict[int, datetime] = field(default_factory=dict, init=False)
+    # The Queue UIDs the last pass tried (filed or left behind), so a caller can tell mail
+    # that arrived after it from mail it could not move.
+    attempted: set[int] = field(default_factory=set, init=False)
+    # Failed attempts per Queue UID, under ``_uidvalidity``; in memory only (the keyword is
+    # what survives a restart). At most one per pass: ``_failed_this_pass``.
+    attempts: dict[int, int] = field(default_factory=dict, init=False)
+    # The messages quarantined in Queue when the last pass ended.
+    stuck_uids: frozenset[int] = field(default=frozenset(), init=False)
+    _uidvalidity: int | None = field(default=None, init=False)
+    # Queue UIDs seen carrying STUCK_KEYWORD.
+    _marked: set[int] = field(default_factory=set, init=False)
+    # UIDs of a FETCH that lost the connection.
+    _suspects: set[int] = field(default_factory=set, init=False)
+    _failed_this_pass: set[int] = field(default_factory=set, init=False)
+    _counting: bool = field(default=True, init=False)
+    _release: threading.Event = field(default_factory=threading.Event, init=False)
+
+    def __post_init__(self) -> None:
+        self.log = log.bind(mailbox=self.mailbox.address)
         # A cluster's worker moves nothing once its lease is gone: checked by the session as
         # the last thing before each MOVE goes out, after everything it may wait on.
+        store = self.store
         self._confirm = store.check_lease if isinstance(store, LeaseBound) else None
 
     @property

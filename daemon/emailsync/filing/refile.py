@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import KW_ONLY, dataclass, field, replace
 from typing import Protocol
 
 import structlog
@@ -115,26 +115,21 @@ class RefileResult:
     lag_seconds: float | None = None  # from the link change to the last move
 
 
+@dataclass(eq=False)
 class Refiler:
     """Re-files one mailbox's due Failed mail with its filer's rules and store."""
 
-    def __init__(
-        self,
-        filer: Filer,
-        index: FailedIndex,
-        *,
-        per_pass: int = REFILE_PER_PASS,
-        on_refiled: RefiledCallback | None = None,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.filer = filer
-        self.index = index
-        self.per_pass = per_pass
-        self.on_refiled = on_refiled
-        self.clock = clock
-        self.address = filer.mailbox.address
+    filer: Filer
+    index: FailedIndex
+    _: KW_ONLY
+    per_pass: int = REFILE_PER_PASS
+    on_refiled: RefiledCallback | None = None
+    clock: Callable[[], float] = time.time
+
+    def __post_init__(self) -> None:
+        self.address = self.filer.mailbox.address
         self.log = log.bind(mailbox=self.address)
-        store = filer.store
+        store = self.filer.store
         self._confirm = store.check_lease if isinstance(store, LeaseBound) else None
 
     def run(self, session: FailedSession, *, stopping: Callable[[], bool] = bool) -> RefileResult:

@@ -22,10 +22,10 @@ where the lease is held, and the lease keeper starts the others.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import threading
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -103,32 +103,26 @@ class Workers(Protocol):
         ...
 
 
+@dataclass(eq=False)
 class MailboxRegistrar:
     """The registry's mailboxes and branches, their secrets, and Stop Email Sync."""
 
-    def __init__(
-        self,
-        workers: Workers,
-        registry: Registry | None,
-        vault: Vault,
-        throttle: LoginThrottle,
-        authenticator_factory: Callable[[MailboxSettings, Settings], Authenticator],
-    ) -> None:
-        self.workers = workers
-        self.registry = registry
-        self.vault = vault
-        self.throttle = throttle
-        self.authenticator_factory = authenticator_factory
-        self._lock = threading.Lock()  # the caches below
-        # Reading a row and acting on it, one change at a time, so a stale read never acts
-        # after a newer one (the listener, the keeper's heartbeat and requests all refresh).
-        self._apply_lock = threading.RLock()
-        # Mailboxes registered at run time, by address (the config file's win on a clash).
-        self.registered: dict[str, MailboxSettings] = {}
-        self._acted: dict[str, _Fingerprint] = {}
-        self._loaded = False
-        # The config file's mailboxes Stop Email Sync holds stopped.
-        self._stops: set[str] = set()
+    workers: Workers
+    registry: Registry | None
+    vault: Vault
+    throttle: LoginThrottle
+    authenticator_factory: Callable[[MailboxSettings, Settings], Authenticator]
+    # The caches below.
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    # Reading a row and acting on it, one change at a time, so a stale read never acts after
+    # a newer one (the listener, the keeper's heartbeat and requests all refresh).
+    _apply_lock: threading.RLock = field(default_factory=threading.RLock, init=False)
+    # Mailboxes registered at run time, by address (the config file's win on a clash).
+    registered: dict[str, MailboxSettings] = field(default_factory=dict, init=False)
+    _acted: dict[str, _Fingerprint] = field(default_factory=dict, init=False)
+    _loaded: bool = field(default=False, init=False)
+    # The config file's mailboxes Stop Email Sync holds stopped.
+    _stops: set[str] = field(default_factory=set, init=False)
 
     @property
     def settings(self) -> Settings:
@@ -500,7 +494,7 @@ class MailboxRegistrar:
         if status is None:
             return None
         return {
-            **dataclasses.asdict(status),
+            **asdict(status),
             "source": "config" if configured else "registry",
             "branch": mailbox.branch,
             "auth": mailbox.auth,

@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
+from dataclasses import KW_ONLY, dataclass
 from typing import Any, Protocol
 
 import structlog
@@ -84,6 +85,7 @@ def _no_lock(address: str) -> AbstractContextManager[None]:
     return contextlib.nullcontext()
 
 
+@dataclass(eq=False)
 class SignIns:
     """Office 365 browser sign-ins of the self-service pages and API (owned by the Supervisor).
 
@@ -94,28 +96,18 @@ class SignIns:
     while a finish redeems and registers (see ``finish``).
     """
 
-    def __init__(
-        self,
-        settings: Callable[[], Settings],
-        authenticator: Callable[[MailboxSettings], Authenticator],
-        branch_server: Callable[[str], ServerSettings],
-        register: Callable[[MailboxSettings], None],
-        flows: SignInFlows,
-        *,
-        mailbox_lock: Callable[[str], AbstractContextManager[None]] = _no_lock,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self._settings = settings
-        self._authenticator = authenticator
-        self._branch_server = branch_server
-        self._register = register
-        self.flows = flows
-        self.mailbox_lock = mailbox_lock
-        self._clock = clock
+    settings: Callable[[], Settings]
+    authenticator: Callable[[MailboxSettings], Authenticator]
+    branch_server: Callable[[str], ServerSettings]
+    register: Callable[[MailboxSettings], None]
+    flows: SignInFlows
+    _: KW_ONLY
+    mailbox_lock: Callable[[str], AbstractContextManager[None]] = _no_lock
+    clock: Callable[[], float] = time.time
 
     def available(self) -> bool:
         """True when browser sign-in can be offered: ``[office365]`` in delegated mode."""
-        office365 = self._settings().office365
+        office365 = self.settings().office365
         return office365 is not None and not office365.app_only
 
     def start(
@@ -132,7 +124,7 @@ class SignIns:
                 "Office 365 sign-in is not set up here ([office365] in delegated mode)",
                 status=409,
             )
-        if any(m.address == address for m in self._settings().mailboxes):
+        if any(m.address == address for m in self.settings().mailboxes):
             raise RegistrationError(
                 f"mailbox {address} is set in the config file; use `emailsync auth login`",
                 status=409,
@@ -145,7 +137,7 @@ class SignIns:
             raise RegistrationError(_one_line(str(exc)), status=409) from None
         except ConnectionLostError as exc:
             raise RegistrationError(_one_line(str(exc)), status=502) from None
-        now = self._clock()
+        now = self.clock()
         payload = {"flow": flow, "branch": branch, "trigger": trigger}
         self.flows.put(str(flow["state"]), address, payload, now + FLOW_SECONDS, now)
         log.info("office365_sign_in_started", mailbox=address)
@@ -157,7 +149,7 @@ class SignIns:
         Returns the mailbox address. RegistrationError 400 for an unknown, used or expired
         state, 422 when the provider refused or another account signed in (nothing is kept).
         """
-        taken = self.flows.take(params.get("state", ""), self._clock())
+        taken = self.flows.take(params.get("state", ""), self.clock())
         if taken is None:
             raise RegistrationError(
                 "this sign-in expired or was already used; click Start Authentication again",
@@ -183,13 +175,13 @@ class SignIns:
                 raise RegistrationError(_one_line(str(exc)), status=422) from None
             except ConnectionLostError as exc:
                 raise RegistrationError(_one_line(str(exc)), status=502) from None
-            self._register(mailbox)
+            self.register(mailbox)
         log.info("mailbox_registered", mailbox=address, auth="office365")
         return address
 
     def _mailbox(self, address: str, branch: str | None, trigger: str) -> MailboxSettings:
         server = (
-            self._branch_server(branch)
+            self.branch_server(branch)
             if branch
             else ServerSettings(host=OFFICE365_HOST, port=993, security="ssl")
         )
@@ -203,7 +195,7 @@ class SignIns:
         )
 
     def _office365(self, mailbox: MailboxSettings) -> Office365Authenticator:
-        authenticator = self._authenticator(mailbox)
+        authenticator = self.authenticator(mailbox)
         if not isinstance(authenticator, Office365Authenticator):
             raise RegistrationError("Office 365 sign-in is not available", status=409)
         return authenticator
