@@ -222,11 +222,10 @@ class DevCrm:
 
     def lookup(self, request: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """``POST /groups:lookup``."""
-        addresses = request.get("addresses")
-        if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
-            return 400, {"error": "addresses must be an array of strings"}
-        if len(addresses) > MAX_ITEMS:
-            return 413, {"error": f"at most {MAX_ITEMS} addresses per request"}
+        refused = _refused_array(request, "addresses", str, "strings")
+        if refused is not None:
+            return refused
+        addresses: list[str] = request["addresses"]
         results = []
         with self._lock:
             for address in addresses:
@@ -242,11 +241,10 @@ class DevCrm:
 
     def deliver(self, request: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """``POST /timeline-events``: each event created, already there, or rejected."""
-        events = request.get("events")
-        if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
-            return 400, {"error": "events must be an array of objects"}
-        if len(events) > MAX_ITEMS:
-            return 413, {"error": f"at most {MAX_ITEMS} events per request"}
+        refused = _refused_array(request, "events", dict, "objects")
+        if refused is not None:
+            return refused
+        events: list[dict[str, Any]] = request["events"]
         for event in events:
             missing = [k for k in ("key", "group_id", "direction", "mailboxes") if k not in event]
             if missing:
@@ -294,6 +292,19 @@ class DevCrm:
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
+
+
+def _refused_array(
+    request: dict[str, Any], name: str, kind: type, kinds: str
+) -> tuple[int, dict[str, Any]] | None:
+    """The answer refusing a request's ``name`` array (400: missing or not an array of
+    ``kind``; 413: more than MAX_ITEMS), or None when it is fine."""
+    items = request.get(name)
+    if not isinstance(items, list) or not all(isinstance(item, kind) for item in items):
+        return 400, {"error": f"{name} must be an array of {kinds}"}
+    if len(items) > MAX_ITEMS:
+        return 413, {"error": f"at most {MAX_ITEMS} {name} per request"}
+    return None
 
 
 def _handler_class(crm: DevCrm) -> type[BaseHTTPRequestHandler]:
