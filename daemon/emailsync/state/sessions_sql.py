@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 from emailsync.errors import ConfigError
-from emailsync.state.sqlcore import SqlEngine, dialect_of
+from emailsync.state.sqlcore import Capped, SqlEngine, dialect_of
 from emailsync.state.vault import Vault
 
 SELECT = (
@@ -31,11 +31,13 @@ INSERT = (
     " VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
 DELETE = "DELETE FROM page_sessions WHERE id = ?"
-DELETE_EXPIRED = "DELETE FROM page_sessions WHERE expires_at <= ?"
-COUNT = "SELECT count(*) FROM page_sessions"
-DELETE_OLDEST = (
-    "DELETE FROM page_sessions WHERE id IN"
-    " (SELECT id FROM page_sessions ORDER BY created_at, id LIMIT ?)"
+CAPPED = Capped(
+    delete_expired="DELETE FROM page_sessions WHERE expires_at <= ?",
+    count="SELECT count(*) FROM page_sessions",
+    delete_oldest=(
+        "DELETE FROM page_sessions WHERE id IN"
+        " (SELECT id FROM page_sessions ORDER BY created_at, id LIMIT ?)"
+    ),
 )
 MESSAGES = "UPDATE page_sessions SET messages = ? WHERE id = ?"
 
@@ -108,10 +110,7 @@ class SqlSessions:
         blob = self.vault.encrypt(session.token, token_label(rid))
         sql = self.dialect.sql
         with self.engine.transaction("store a page session") as conn:
-            conn.execute(sql(DELETE_EXPIRED), (now,))
-            (count,) = conn.execute(sql(COUNT)).fetchone()
-            if int(count) >= self.max_sessions:
-                conn.execute(sql(DELETE_OLDEST), (int(count) - self.max_sessions + 1,))
+            CAPPED.make_room(conn, self.dialect, now, self.max_sessions)
             conn.execute(
                 sql(INSERT),
                 (

@@ -16,15 +16,17 @@ from collections.abc import Mapping
 from typing import Any
 
 from emailsync.errors import ConfigError
-from emailsync.state.sqlcore import SqlEngine, dialect_of
+from emailsync.state.sqlcore import Capped, SqlEngine, dialect_of
 from emailsync.state.vault import Vault
 
 INSERT = "INSERT INTO signin_flows (state, address, flow, expires_at) VALUES (?, ?, ?, ?)"
-DELETE_EXPIRED = "DELETE FROM signin_flows WHERE expires_at <= ?"
-COUNT = "SELECT count(*) FROM signin_flows"
-DELETE_OLDEST = (
-    "DELETE FROM signin_flows WHERE state IN"
-    " (SELECT state FROM signin_flows ORDER BY expires_at, state LIMIT ?)"
+CAPPED = Capped(
+    delete_expired="DELETE FROM signin_flows WHERE expires_at <= ?",
+    count="SELECT count(*) FROM signin_flows",
+    delete_oldest=(
+        "DELETE FROM signin_flows WHERE state IN"
+        " (SELECT state FROM signin_flows ORDER BY expires_at, state LIMIT ?)"
+    ),
 )
 TAKE = "DELETE FROM signin_flows WHERE state = ? RETURNING address, flow, expires_at"
 
@@ -50,10 +52,7 @@ class SqlSignInFlows:
         blob = self.vault.encrypt(json.dumps(payload), flow_label(state))
         sql = self.dialect.sql
         with self.engine.transaction("keep a sign-in") as conn:
-            conn.execute(sql(DELETE_EXPIRED), (now,))
-            (count,) = conn.execute(sql(COUNT)).fetchone()
-            if int(count) >= self.max_flows:
-                conn.execute(sql(DELETE_OLDEST), (int(count) - self.max_flows + 1,))
+            CAPPED.make_room(conn, self.dialect, now, self.max_flows)
             conn.execute(sql(INSERT), (state, address, blob, expires_at))
 
     def take(self, state: str, now: float) -> tuple[str, dict[str, Any]] | None:

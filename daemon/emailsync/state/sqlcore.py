@@ -174,6 +174,23 @@ def many(conn: Any, sql: str, rows: Iterable[Sequence[Any]]) -> int:
         cursor.close()
 
 
+@dataclass(frozen=True)
+class Capped:
+    """The statements that keep a table of expiring rows to a cap, so that a flood cannot grow
+    it: ``delete_expired`` takes the time now, ``delete_oldest`` how many rows go."""
+
+    delete_expired: str
+    count: str
+    delete_oldest: str
+
+    def make_room(self, conn: Any, dialect: Dialect, now: float, cap: int) -> None:
+        """Before an insert: delete the expired rows, then the oldest beyond ``cap - 1``."""
+        conn.execute(dialect.sql(self.delete_expired), (now,))
+        (rows,) = conn.execute(dialect.sql(self.count)).fetchone()
+        if int(rows) >= cap:
+            conn.execute(dialect.sql(self.delete_oldest), (int(rows) - cap + 1,))
+
+
 @functools.cache
 def migrations(folder: str) -> tuple[tuple[int, str, str], ...]:
     """The ``(version, file name, SQL)`` of every ``folder/NNN_name.sql`` of this package, by
