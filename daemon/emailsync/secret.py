@@ -47,11 +47,8 @@ class SecretSource:
 
     def key(self, prefix: str) -> str:
         """The config key that names this source, e.g. ``password_file`` for prefix password."""
-        if self.file is not None:
-            return f"{prefix}_file"
-        if self.env is not None:
-            return f"{prefix}_env"
-        return f"{prefix}_credential"
+        field = "file" if self.file is not None else "env" if self.env is not None else "credential"
+        return f"{prefix}_{field}"
 
     def describe(self) -> str:
         """Where the secret is read from, for error messages (never the value)."""
