@@ -19,7 +19,7 @@ import pytest
 from emailsync.dev.dovecot import Dovecot
 from emailsync.state import DEFAULT_DB_NAME
 from emailsync.state.vault import KEY_FILE_NAME
-from emailsync.web.server import KEY_UNAVAILABLE
+from emailsync.web.handler import KEY_UNAVAILABLE
 
 from .conftest import MailUser, new_user
 from .daemonproc import DaemonFactory, RunningDaemon, daemon_config_extra, new_port, run_cli

@@ -35,7 +35,7 @@ from emailsync.web.pageroutes import start_office365, status_page
 from emailsync.web.pages import Principal
 
 if TYPE_CHECKING:
-    from emailsync.web.server import RequestHandler
+    from emailsync.web.handler import RequestHandler
 
 _SCRAPE_LOCK = threading.Lock()  # see metrics: one /metrics at a time
 # /metrics compressed when the scraper accepts it (Prometheus always does): the text of 2,000

@@ -30,7 +30,7 @@ from emailsync.web.pages import Principal
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from emailsync.web.server import RequestHandler
+    from emailsync.web.handler import RequestHandler
 
 EMAIL_SYNC_PAGE = "/email-sync/"
 OFFICE365_CALLBACK = "/oauth/office365/callback"

@@ -31,8 +31,8 @@ from emailsync.web.call import (
 from emailsync.web.pages import STATIC_FILES, Principal, Session
 
 if TYPE_CHECKING:
+    from emailsync.web.handler import RequestHandler
     from emailsync.web.ports import App
-    from emailsync.web.server import RequestHandler
 
 METHODS = ("GET", "POST", "PUT", "DELETE")  # the order of the Allow header
 NOT_ROUTED_ALLOW = "GET, POST"
