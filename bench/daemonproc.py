@@ -95,3 +95,68 @@ class DaemonProcess:
             return exc.code, exc.read()
         except OSError:
             return 0, b""
+
+
+def smaps_breakdown(pid: int) -> dict[str, tuple[int, int]]:
+    """A process's resident memory by kind of mapping (issue 23): kind -> (mappings, bytes).
+
+    Kinds, from /proc/PID/smaps (proc(5)): ``heap`` (glibc's main arena, brk), ``files``
+    (the interpreter and its libraries), ``stack`` (the main thread's), and anonymous
+    mappings by their size: ``anon NNN KiB`` (a thread's stack is WORKER_STACK_BYTES, its
+    frame chunk 16 KiB, CPython's object arenas 1 MiB; glibc's other arenas grow inside
+    64 MiB reservations, and the kernel merges neighbouring anonymous mappings, so the
+    larger ones are malloc and Python objects together).
+    """
+    kinds: dict[str, list[int]] = {}
+    name = ""
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split()
+        if "-" in head[0] and not head[0].endswith(":"):
+            start, end = (int(part, 16) for part in head[0].split("-"))
+            size = (end - start) // 1024
+            path = head[5] if len(head) > 5 else ""
+            if path in ("[heap]", "[stack]"):
+                name = path.strip("[]")
+            elif path.startswith("/"):
+                name = "files"
+            elif path:
+                name = path
+            else:
+                name = f"anon {size} KiB" if size <= 2048 else "anon > 2 MiB"
+        elif head[0] == "Rss:":
+            entry = kinds.setdefault(name, [0, 0])
+            entry[0] += 1
+            entry[1] += int(head[1]) * 1024
+    return {kind: (count, rss) for kind, (count, rss) in kinds.items() if rss}
+
+
+def rss_bytes(pid: int) -> int:
+    """A process's resident set (VmRSS, proc(5)); 0 once it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    for line in status.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def memory_lines(pid: int) -> str:
+    """The smaps breakdown and thread count of a process, biggest first, one kind a line."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    threads = next(line.split()[1] for line in status.splitlines() if line.startswith("Threads:"))
+    rows = sorted(smaps_breakdown(pid).items(), key=lambda item: -item[1][1])
+    total = sum(rss for _, (_, rss) in rows)
+    targets: dict[str, int] = {}
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        kind = target.split(":")[0] if ":[" in target else Path(target).name
+        targets[kind] = targets.get(kind, 0) + 1
+    files = ", ".join(f"{n} {kind}" for kind, n in sorted(targets.items(), key=lambda i: -i[1])[:5])
+    out = [f"RSS {total / 2**20:.1f} MB, {threads} threads; open: {files}"]
+    out += [f"{rss / 2**20:8.1f} MB {count:6d} x {kind}" for kind, (count, rss) in rows[:14]]
+    return "\n".join(out)

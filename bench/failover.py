@@ -1,5 +1,7 @@
 """Failover bench: N instances share M mailboxes through PostgreSQL; kill -9 one of them and
-time until each of its mailboxes is IDLE on another instance again.
+time until each of its mailboxes is IDLE on another instance again. Each instance's RSS is
+read once all are IDLE and balanced, and the survivors' once the killed one's mailboxes are
+IDLE on them (issue 23).
 
     .venv/bin/python bench/failover.py --mailboxes 150 --instances 3 --lease 12
 
@@ -19,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from daemonproc import DaemonProcess
+from daemonproc import DaemonProcess, memory_lines, rss_bytes
 
 from emailsync.dev.dovecot import Dovecot
 from emailsync.dev.net import free_port, share_registry_key
@@ -91,6 +93,9 @@ def main() -> int:
     parser.add_argument("--instances", type=int, default=3)
     parser.add_argument("--lease", type=float, default=12.0)  # the least allowed
     parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument(
+        "--memory", action="store_true", help="print each instance's memory by kind (smaps)"
+    )
     args = parser.parse_args()
     home = Path(tempfile.mkdtemp(prefix="emailsync-failover-"))
     (home / "password").write_text(PASSWORD + "\n")
@@ -135,6 +140,11 @@ def main() -> int:
                     return 1
                 time.sleep(0.5)
             balanced = time.monotonic() - started
+            time.sleep(2.0)  # the last IDLEs settle
+            rss_balanced = [round(rss_bytes(d.process.pid) / 2**20, 1) for d in daemons]
+            if args.memory:
+                for d in daemons:
+                    print(memory_lines(d.process.pid), file=sys.stderr)
             victim = daemons[-1]
             orphans = idle_on(victim, mailboxes)
             victim.process.kill()
@@ -153,6 +163,11 @@ def main() -> int:
                 time.sleep(0.2)
             failover = time.monotonic() - killed
             owned = [d.metric("emailsync_owned_mailboxes") or 0 for d in survivors]
+            time.sleep(2.0)
+            rss_after = [round(rss_bytes(d.process.pid) / 2**20, 1) for d in survivors]
+            if args.memory:
+                for d in survivors:
+                    print(memory_lines(d.process.pid), file=sys.stderr)
             print(
                 json.dumps(
                     {
@@ -163,6 +178,8 @@ def main() -> int:
                         "killed_instance_mailboxes": len(orphans),
                         "kill_to_all_idle_elsewhere_seconds": round(failover, 1),
                         "owned_after": owned,
+                        "rss_mb_balanced": rss_balanced,
+                        "rss_mb_after": rss_after,
                     }
                 )
             )

@@ -44,7 +44,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemonproc import DaemonProcess
+from daemonproc import DaemonProcess, memory_lines
 from prometheus_client.parser import text_string_to_metric_families
 from testbed import Testbed
 
@@ -161,9 +161,13 @@ def bare_threads(
 
 
 def emailsync_run(
-    testbed: Testbed, users: list[tuple[str, str]], rest_seconds: float = REST_SECONDS
+    testbed: Testbed,
+    users: list[tuple[str, str]],
+    rest_seconds: float = REST_SECONDS,
+    memory: bool = False,
 ) -> Footprint:
-    """``emailsync run`` over every user: start → all IDLE, RSS, CPU at rest."""
+    """``emailsync run`` over every user: start → all IDLE, RSS, CPU at rest; with ``memory``,
+    where its memory is once all are IDLE printed to stderr (issue 23)."""
     home = testbed.workdir / f"many-{len(users)}-{secrets.token_hex(2)}"
     (home / "state").mkdir(parents=True)
     port = free_port()
@@ -187,7 +191,10 @@ def emailsync_run(
                 raise RuntimeError(f"{idle} of {len(users)} in IDLE:\n{daemon.log_tail()}")
             time.sleep(0.25)
         seconds = time.monotonic() - started
-        return _measure(daemon.process.pid, len(users), seconds, rest_seconds)
+        footprint = _measure(daemon.process.pid, len(users), seconds, rest_seconds)
+        if memory:
+            print(memory_lines(daemon.process.pid), file=sys.stderr)
+        return footprint
 
 
 @dataclass(frozen=True)
@@ -488,6 +495,12 @@ def main(argv: list[str] | None = None) -> int:
         "--rest", type=float, metavar="SECONDS", help="also the rest profile over this window"
     )
     parser.add_argument("--sweep-seconds", type=float, help="the rest profile's sweep_seconds")
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="print where the daemon's memory is once all are IDLE: RSS by kind of mapping"
+        " and open files (Python's own objects: trace_mailboxes.py)",
+    )
     args = parser.parse_args(argv)
     count = args.mailboxes
     directory = Directory.build(random.Random(1))  # noqa: S311 -- test data
@@ -497,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
         figures = {}
         if not args.no_bare:
             figures["bare"] = bare_threads(testbed, users).__dict__
-        figures["emailsync"] = emailsync_run(testbed, users).__dict__
+        figures["emailsync"] = emailsync_run(testbed, users, memory=args.memory).__dict__
         if args.monitored:
             figures["monitored"] = emailsync_monitored(testbed, users).__dict__
         rest = rest_profile(testbed, users, args.rest, args.sweep_seconds) if args.rest else None
