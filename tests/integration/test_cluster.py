@@ -91,15 +91,35 @@ class Cluster:
         mailbox_extra: str = "",
         *,
         proxy: FaultProxy | None = None,
+        ready: bool = True,
         **daemon: object,
     ) -> RunningDaemon:
-        """Start instance ``name`` and wait until it is ready."""
+        """Start instance ``name`` and (``ready``) wait until it is ready.
+
+        An instance is ready after its second heartbeat (the first only announces it): a
+        third of a lease. Instances started with ``ready=False`` and then ``wait_ready()``
+        take that wait together, and share the mailboxes from their first claims instead of
+        the first one taking all and handing them back a few a heartbeat."""
         config = self.config(name, mailbox_extra, proxy=proxy, **daemon)
         token = (config.parent / "control-token").read_text().strip()
         daemon = RunningDaemon(config, self.ports[name], token, config.parent)
         self.daemons[name] = daemon
-        daemon.wait_ready()
+        if ready:
+            daemon.wait_ready()
         return daemon
+
+    def start_all(
+        self, names: list[str], mailbox_extra: str = "", **daemon: object
+    ) -> list[RunningDaemon]:
+        """Start these instances together, the same settings each; wait until all are ready."""
+        started = [self.start(n, mailbox_extra, ready=False, **daemon) for n in names]
+        self.wait_ready()
+        return started
+
+    def wait_ready(self) -> None:
+        """Wait until every instance started so far is ready."""
+        for daemon in self.daemons.values():
+            daemon.wait_ready()
 
     def owners(self, via: str) -> dict[str, str | None]:
         return {a: m.get("owner") for a, m in self.daemons[via].mailboxes().items()}
@@ -167,8 +187,7 @@ def test_three_instances_run_each_mailbox_once_and_start_sync_reaches_the_owner(
     Start Sync sent to a non-owner files the mailbox; status names each owner; a fourth
     instance joins and the shares re-balance with never two connections for a mailbox."""
     manual = 'trigger = "manual"'
-    for name in ("a", "b", "c"):
-        cluster.start(name, manual)
+    cluster.start_all(["a", "b", "c"], manual)
     addresses = {u.address for u in many_users}
     wait_until(lambda: balanced(cluster, ["a", "b", "c"], MAILBOXES), timeout=40, interval=0.5)
 
@@ -234,8 +253,7 @@ def test_a_killed_instance_s_mailboxes_are_taken_over_and_mail_queued_meanwhile_
 ) -> None:
     """kill -9 of one of 3: its mailboxes are IDLE elsewhere within lease + 15 s; the mail
     queued while nobody watched them is filed once."""
-    for name in ("a", "b", "c"):
-        cluster.start(name)
+    cluster.start_all(["a", "b", "c"])
     wait_until(lambda: balanced(cluster, ["a", "b", "c"], MAILBOXES), timeout=40, interval=0.5)
     orphans = cluster.owned("c")
     assert len(orphans) == MAILBOXES // 3
@@ -297,9 +315,10 @@ def test_a_paused_instance_records_nothing_and_moves_nothing_after_its_lease_exp
     try:
         with FaultProxy(dovecot.port) as proxy:
             # "a" talks to Dovecot through the proxy and waits long for an answer (the pause).
-            paused = cluster.start("a", proxy=proxy, timeout_seconds=120)
+            paused = cluster.start("a", proxy=proxy, timeout_seconds=120, ready=False)
             # "b" files only on Start Sync: the message is still in Queue when "a" wakes.
-            other = cluster.start("b", 'trigger = "manual"')
+            other = cluster.start("b", 'trigger = "manual"', ready=False)
+            cluster.wait_ready()
             wait_until(lambda: balanced(cluster, ["a", "b"], 4), timeout=40, interval=0.5)
             mailbox = sorted(cluster.owned("a"))[0]
             user = next(u for u in users if u.address == mailbox)
@@ -398,8 +417,7 @@ def test_a_start_sync_published_while_the_owner_s_listener_reconnects_is_not_los
     assert result.returncode == 0, result.stderr
     manual = 'trigger = "manual"'
     try:
-        sender = cluster.start("a", manual)
-        owner = cluster.start("b", manual)
+        sender, owner = cluster.start_all(["a", "b"], manual)
         wait_until(lambda: balanced(cluster, ["a", "b"], 2), timeout=30, interval=0.5)
         target = next(u for u in users if u.address in cluster.owned("b"))
         queue(target, build_message(CLIENT, target.address, "missed notify"))
@@ -444,8 +462,7 @@ def test_a_start_sync_with_include_stuck_sent_while_the_mailbox_changes_hands_is
     assert result.returncode == 0, result.stderr
     manual = 'trigger = "manual"'
     try:
-        cluster.start("a", manual)
-        survivor = cluster.start("b", manual)
+        _, survivor = cluster.start_all(["a", "b"], manual)
         wait_until(lambda: balanced(cluster, ["a", "b"], 2), timeout=30, interval=0.5)
         [mailbox] = cluster.owned("a")
         user = next(u for u in users if u.address == mailbox)
@@ -525,8 +542,7 @@ def test_instances_ride_out_a_postgresql_restart_without_a_double_owner(
 
     sampler = threading.Thread(target=sample)
     try:
-        cluster.start("a")
-        cluster.start("b")
+        cluster.start_all(["a", "b"])
         wait_until(lambda: balanced(cluster, ["a", "b"], 6), timeout=30, interval=0.5)
         sampler.start()
         server.stop()
@@ -640,8 +656,7 @@ def test_every_mailbox_is_served_again_after_each_of_repeated_short_postgresql_o
     assert result.returncode == 0, result.stderr
     rng = random.Random()
     try:
-        cluster.start("a")
-        cluster.start("b")
+        cluster.start_all(["a", "b"])
         wait_until(lambda: balanced(cluster, ["a", "b"], 4), timeout=30, interval=0.5)
         for outage in range(OUTAGES):
             # A different phase of the heartbeat each time (not a wait for anything).

@@ -44,8 +44,7 @@ def test_a_crm_cluster_files_each_message_once_and_fails_over_within_the_lease(
     users = [new_user(dovecot, prefix="cc") for _ in range(6)]
     cluster = crm_cluster(tmp_path, users, pg_url, reference_crm)
     try:
-        for name in ("a", "b", "c"):
-            cluster.start(name)
+        cluster.start_all(["a", "b", "c"])
         wait_until(lambda: balanced(cluster, ["a", "b", "c"], 6), timeout=40, interval=0.5)
         for user in users:
             queue(user, build_message(CLIENT_A, user.address, f"first {user.address}"))
@@ -112,8 +111,9 @@ def test_a_paused_crm_instance_delivers_nothing_and_moves_nothing_after_its_leas
     cluster = crm_cluster(tmp_path, users, pg_url, reference_crm)
     try:
         with FaultProxy(dovecot.port) as proxy:
-            paused = cluster.start("a", proxy=proxy, timeout_seconds=120)
-            other = cluster.start("b", 'trigger = "manual"')
+            paused = cluster.start("a", proxy=proxy, timeout_seconds=120, ready=False)
+            other = cluster.start("b", 'trigger = "manual"', ready=False)
+            cluster.wait_ready()
             wait_until(lambda: balanced(cluster, ["a", "b"], 2), timeout=40, interval=0.5)
             mailbox = sorted(cluster.owned("a"))[0]
             user = next(u for u in users if u.address == mailbox)

@@ -44,8 +44,7 @@ def test_in_a_three_instance_cluster_the_owners_refile_their_own_mailboxes(
     cluster: Cluster, agents: list[MailUser], pg_url: str
 ) -> None:
     names = ["a", "b", "c"]
-    for name in names:
-        cluster.start(name)
+    cluster.start_all(names)
     wait_until(lambda: balanced(cluster, names, MAILBOXES), timeout=40, interval=0.5)
     owners = cluster.owners("a")
     raw = build_message(LATE, ", ".join(a.address for a in agents), "to every agent")
