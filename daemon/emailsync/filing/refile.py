@@ -25,19 +25,18 @@ $EmailSyncNoGroup``, every such message looked at as above and indexed anew.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import KW_ONLY, dataclass, field, replace
 from typing import Protocol
 
 import structlog
 
 from emailsync.errors import ConnectionLostError, StoreError, StoreUnavailableError
-from emailsync.filing.queuepass import Decision, Filer, fill_body, store_rejection
+from emailsync.filing.queuepass import Decision, Filer, FolderSession, fill_body, store_rejection
 from emailsync.mail.message import parse_headers
 from emailsync.model import (
     OUTCOME_FOLDER,
     OUTCOME_KEYWORD,
-    BodyPlan,
     FetchedMessage,
     FolderRole,
     Outcome,
@@ -57,7 +56,7 @@ REFILE_PER_PASS = 500
 SCAN = "scan"
 
 
-class FailedSession(Protocol):
+class FailedSession(FolderSession, Protocol):
     """What a re-file pass needs of a connection (``ImapSession``)."""
 
     def failed_status(self) -> tuple[int, int]:
@@ -66,27 +65,6 @@ class FailedSession(Protocol):
 
     def select_failed(self) -> tuple[int, int]:
         """SELECT Failed; its UIDVALIDITY and message count."""
-        ...
-
-    def keyword_uids(self, keyword: str) -> list[int]:
-        """UIDs in the selected folder that carry a keyword."""
-        ...
-
-    def set_keyword(self, uids: Sequence[int], keyword: str, *, on: bool) -> bool:
-        """Set or clear a keyword in the selected folder."""
-        ...
-
-    def fetch_headers(self, uids: Sequence[int]) -> list[FetchedMessage]:
-        """Header blocks, flags and body plans of messages of the selected folder."""
-        ...
-
-    def fetch_full(
-        self,
-        uids: Sequence[int],
-        sizes: dict[int, int] | None = None,
-        plans: Mapping[int, BodyPlan | None] | None = None,
-    ) -> list[FetchedMessage]:
-        """What events need of these messages' bodies."""
         ...
 
     def refile(
