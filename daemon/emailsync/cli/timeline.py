@@ -142,12 +142,9 @@ def cmd_crm_check(args: argparse.Namespace, out: TextIO) -> int:
     store = HttpStore(settings.crm)
     try:
         answer = store.lookup([args.address])
-    except StoreUnavailableError as exc:
-        print(f"emailsync: CRM check failed: {exc}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
     except StoreError as exc:
         print(f"emailsync: CRM check failed: {exc}", file=sys.stderr)
-        return EXIT_RUNTIME
+        return EXIT_UNAVAILABLE if isinstance(exc, StoreUnavailableError) else EXIT_RUNTIME
     finally:
         store.close()
     groups = next(iter(answer.values()), ())
