@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
@@ -231,11 +231,10 @@ def run_demo(base: Path, *, once: bool, out: TextIO, crm: bool = False) -> int:
         if store is not None:
             print("\nTimeline (emailsync timeline):", file=out)
             for event in store.list_events():
-                print(
-                    f"  {event.group:34} {event.direction.value:8} {event.subject!r} "
-                    f"via {', '.join(event.mailboxes)}",
-                    file=out,
+                line = _event_line(
+                    event.group, event.direction.value, event.subject, event.mailboxes
                 )
+                print(line, file=out)
             store.close()
         print("\nStatus (emailsync status):", file=out)
         for status in client.mailboxes():
@@ -298,15 +297,18 @@ def _start_crm(base: Path, config: Path) -> DevCrm:
     return reference
 
 
+def _event_line(group: str, direction: str, subject: str, mailboxes: Iterable[str]) -> str:
+    """A timeline event as the demo shows it, recorded in the built-in store or the CRM."""
+    return f"  {group:34} {direction:8} {subject!r} via {', '.join(mailboxes)}"
+
+
 def _show_crm_events(reference: DevCrm, out: TextIO) -> None:
     names = {f"grp-{n}": name for n, name in enumerate(GROUPS, start=1)}
     print("\nTimeline events as the CRM received them (devcrm.db):", file=out)
     for event in reference.events():
-        print(
-            f"  {names.get(event['group_id'], event['group_id']):34} {event['direction']:8} "
-            f"{event['subject']!r} via {', '.join(v['mailbox'] for v in event['via'])}",
-            file=out,
-        )
+        group = names.get(event["group_id"], event["group_id"])
+        mailboxes = [v["mailbox"] for v in event["via"]]
+        print(_event_line(group, event["direction"], event["subject"], mailboxes), file=out)
     print(
         f"  ({reference.calls['/timeline-events']} delivery and "
         f"{reference.calls['/groups:lookup']} lookup requests, all signed)",
