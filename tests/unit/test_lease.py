@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
 from types import SimpleNamespace
@@ -286,10 +287,10 @@ class SyncRecorder:
         return True
 
 
-def test_start_sync_with_include_stuck_travels_through_notify(store: PostgresStore) -> None:
-    """A Start Sync for all with include_stuck published by one instance reaches the other
-    with include_stuck (LISTEN/NOTIFY), and not the sender itself."""
-    daemons = [SyncRecorder(), SyncRecorder()]
+@contextmanager
+def listening(store: PostgresStore, daemons: Sequence[SyncRecorder]) -> Iterator[list[Cluster]]:
+    """A started Cluster for each daemon, "sender" then "receiver", each listening; stopped
+    after."""
     clusters = [
         Cluster(store, d, ClusterSettings(instance_id=name), CollectorRegistry())  # type: ignore[arg-type]
         for d, name in zip(daemons, ("sender", "receiver"), strict=True)
@@ -298,13 +299,21 @@ def test_start_sync_with_include_stuck_travels_through_notify(store: PostgresSto
         cluster.start()
     try:
         assert all(c.listening.wait(10) for c in clusters)
+        yield clusters
+    finally:
+        for cluster in clusters:
+            cluster.stop()
+
+
+def test_start_sync_with_include_stuck_travels_through_notify(store: PostgresStore) -> None:
+    """A Start Sync for all with include_stuck published by one instance reaches the other
+    with include_stuck (LISTEN/NOTIFY), and not the sender itself."""
+    daemons = [SyncRecorder(), SyncRecorder()]
+    with listening(store, daemons) as clusters:
         clusters[0].publish_sync(None, include_stuck=True)
         assert daemons[1].received.wait(10)
         assert daemons[1].syncs == [(None, True)]
         assert daemons[0].syncs == []
-    finally:
-        for cluster in clusters:
-            cluster.stop()
 
 
 def terminate_listener(store: PostgresStore, instance: str) -> None:
@@ -331,14 +340,7 @@ def test_a_start_sync_published_while_a_listener_is_cut_off_is_read_when_it_is_b
     )
     early.publish_sync(None)  # before the receiver existed: not its business
     daemons = [SyncRecorder(), SyncRecorder()]
-    clusters = [
-        Cluster(store, d, ClusterSettings(instance_id=name), CollectorRegistry())  # type: ignore[arg-type]
-        for d, name in zip(daemons, ("sender", "receiver"), strict=True)
-    ]
-    for cluster in clusters:
-        cluster.start()
-    try:
-        assert all(c.listening.wait(10) for c in clusters)
+    with listening(store, daemons) as clusters:
         terminate_listener(store, "receiver")
         wait = time.monotonic() + 5
         while clusters[1].listening.is_set() and time.monotonic() < wait:
@@ -359,9 +361,6 @@ def test_a_start_sync_published_while_a_listener_is_cut_off_is_read_when_it_is_b
         assert daemons[1].received.wait(10)
         assert daemons[1].syncs == [(None, True), (None, False), (None, True), (None, False)]
         assert daemons[0].syncs == []  # the sender acts locally, never on its own requests
-    finally:
-        for cluster in clusters:
-            cluster.stop()
 
 
 def test_publishing_prunes_requests_older_than_the_retention(store: PostgresStore) -> None:
@@ -446,14 +445,7 @@ def test_the_start_sync_listener_survives_an_error_that_is_not_psycopg_s(
     the next request is acted on; the instance stays healthy."""
     failing = FailsOnce()
     daemons: list[SyncRecorder] = [SyncRecorder(), failing]
-    clusters = [
-        Cluster(store, d, ClusterSettings(instance_id=name), CollectorRegistry())  # type: ignore[arg-type]
-        for d, name in zip(daemons, ("sender", "receiver"), strict=True)
-    ]
-    for cluster in clusters:
-        cluster.start()
-    try:
-        assert all(c.listening.wait(10) for c in clusters)
+    with listening(store, daemons) as clusters:
         with structlog.testing.capture_logs() as logs:
             clusters[0].publish_sync(None, include_stuck=True)
             assert failing.failed.wait(10)
@@ -462,21 +454,17 @@ def test_the_start_sync_listener_survives_an_error_that_is_not_psycopg_s(
         assert daemons[1].syncs == [(None, False)]
         assert any(e["event"] == "start_sync_listener_failed" for e in logs)
         assert clusters[1].healthy()
-    finally:
-        for cluster in clusters:
-            cluster.stop()
 
 
-class Owner:
+class Owner(SyncRecorder):
     """A daemon for ``Cluster`` with mailboxes: the workers it runs, the Start Syncs they get."""
 
     def __init__(self, mailboxes: Sequence[str]) -> None:
+        super().__init__()
         self.settings = SimpleNamespace(
             mailboxes=[SimpleNamespace(address=m, enabled=True) for m in mailboxes]
         )
         self.running: set[str] = set()
-        self.syncs: list[tuple[str | None, bool]] = []
-        self.received = threading.Event()
 
     def run_mailbox(self, address: str, store: object) -> bool:
         self.running.add(address)
@@ -486,21 +474,10 @@ class Owner:
         self.running -= set(addresses)
         return lambda timeout: True
 
-    def links_notified(self) -> None:
-        """No Failed mail here to re-file."""
-
-    def wanted_mailboxes(self) -> list[str]:
-        return [m.address for m in self.settings.mailboxes if m.enabled]
-
-    def registry_notified(self, address: str | None) -> None:
-        """No registry here."""
-
     def start_sync_local(self, address: str | None, *, include_stuck: bool = False) -> bool:
         if address is not None and address not in self.running:
             return False
-        self.syncs.append((address, include_stuck))
-        self.received.set()
-        return True
+        return super().start_sync_local(address, include_stuck=include_stuck)
 
 
 def member(store: PostgresStore, name: str, daemon: Owner) -> Cluster:
