@@ -113,6 +113,19 @@ class Queue(FilesAtOnce):
             self.filed.setdefault(role, []).append(raw)
 
 
+def queue_of(*subjects: str) -> tuple[Queue, list[int]]:
+    """A Queue holding a message for each subject, and their UIDs in that order."""
+    queue = Queue()
+    return queue, [queue.add(message(subject)) for subject in subjects]
+
+
+def refusing(subject: str, error: str = REFUSED) -> tuple[Queue, int]:
+    """A Queue holding one message whose MOVE the server refuses with ``error``."""
+    queue, (uid,) = queue_of(subject)
+    queue.refuse_move[uid] = error
+    return queue, uid
+
+
 class FlakyStore(SqliteStore):
     """The real SQLite store, which can be down (unavailable) or refuse some messages."""
 
@@ -144,9 +157,7 @@ def filer_for(store: FlakyStore, stuck_after: int = 5) -> Filer:
 def test_a_refused_move_is_quarantined_after_n_passes_and_then_skipped(
     store: FlakyStore,
 ) -> None:
-    queue = Queue()
-    stuck = queue.add(message("over quota"))
-    queue.refuse_move[stuck] = REFUSED
+    queue, stuck = refusing("over quota")
     filer = filer_for(store)
     for attempt in range(1, 5):
         filer.run_pass(queue)
@@ -167,8 +178,7 @@ def test_a_refused_move_is_quarantined_after_n_passes_and_then_skipped(
 
 
 def test_a_store_that_is_down_counts_for_no_message(store: FlakyStore) -> None:
-    queue = Queue()
-    uid = queue.add(message("waits for the store"))
+    queue, (uid,) = queue_of("waits for the store")
     filer = filer_for(store, stuck_after=2)
     store.down = True
     for _ in range(6):
@@ -182,9 +192,7 @@ def test_a_store_that_is_down_counts_for_no_message(store: FlakyStore) -> None:
 
 
 def test_a_store_that_refuses_one_message_counts_for_that_message(store: FlakyStore) -> None:
-    queue = Queue()
-    bad = queue.add(message("refused by the store"))
-    good = queue.add(message("fine"))
+    queue, (bad, good) = queue_of("refused by the store", "fine")
     store.refused_subjects = {"refused by the store"}
     filer = filer_for(store, stuck_after=2)
     filer.run_pass(queue)
@@ -202,9 +210,7 @@ def test_a_store_that_refuses_one_message_counts_for_that_message(store: FlakySt
     ],
 )
 def test_a_transient_refusal_counts_for_no_message(store: FlakyStore, error: str) -> None:
-    queue = Queue()
-    uid = queue.add(message("later"))
-    queue.refuse_move[uid] = error
+    queue, uid = refusing("later", error)
     filer = filer_for(store, stuck_after=1)
     for _ in range(3):
         filer.run_pass(queue)
@@ -213,8 +219,7 @@ def test_a_transient_refusal_counts_for_no_message(store: FlakyStore, error: str
 
 
 def test_a_lost_connection_counts_for_no_message(store: FlakyStore) -> None:
-    queue = Queue()
-    uid = queue.add(message("connection drops"))
+    queue, (uid,) = queue_of("connection drops")
     queue.lose_connection_on_move = True
     filer = filer_for(store, stuck_after=1)
     for _ in range(3):
@@ -227,10 +232,7 @@ def test_a_lost_connection_counts_for_no_message(store: FlakyStore) -> None:
 def test_a_refused_fetch_counts_for_that_message_and_the_others_are_filed(
     store: FlakyStore,
 ) -> None:
-    queue = Queue()
-    first = queue.add(message("first"))
-    broken = queue.add(message("cannot be fetched"))
-    last = queue.add(message("last"))
+    queue, (first, broken, last) = queue_of("first", "cannot be fetched", "last")
     queue.refuse_fetch = {broken}
     filer = filer_for(store, stuck_after=2)
     filer.run_pass(queue)
@@ -244,9 +246,7 @@ def test_a_refused_fetch_counts_for_that_message_and_the_others_are_filed(
 def test_a_fetch_that_loses_the_connection_counts_only_when_the_message_is_alone(
     store: FlakyStore,
 ) -> None:
-    queue = Queue()
-    innocent = queue.add(message("innocent"))
-    killer = queue.add(message("kills the server process"))
+    queue, (innocent, killer) = queue_of("innocent", "kills the server process")
     queue.lose_connection_on_fetch = {killer}
     filer = filer_for(store, stuck_after=2)
     with pytest.raises(ConnectionLostError):
@@ -270,10 +270,7 @@ def test_a_message_refused_in_its_batch_that_loses_the_connection_alone_is_quara
 ) -> None:
     """Issue 19 defect 3: retried alone after its batch was refused, its FETCH loses the
     connection; that makes it a suspect, so its next FETCH alone counts."""
-    queue = Queue()
-    first = queue.add(message("first"))
-    killer = queue.add(message("cut mid-line"))
-    last = queue.add(message("last"))
+    queue, (first, killer, last) = queue_of("first", "cut mid-line", "last")
     queue.lose_connection_alone = {killer}
     filer = filer_for(store, stuck_after=2)
     for _ in range(3):
@@ -298,9 +295,7 @@ def test_each_batch_sends_the_next_one_s_header_fetch_ahead(store: FlakyStore) -
 def test_removing_the_keyword_releases_the_message_with_a_fresh_count(
     store: FlakyStore,
 ) -> None:
-    queue = Queue()
-    uid = queue.add(message("released by hand"))
-    queue.refuse_move[uid] = REFUSED
+    queue, uid = refusing("released by hand")
     filer = filer_for(store, stuck_after=2)
     filer.run_pass(queue)
     filer.run_pass(queue)
@@ -314,9 +309,7 @@ def test_removing_the_keyword_releases_the_message_with_a_fresh_count(
 
 
 def test_release_stuck_makes_the_next_pass_retry_and_file_it(store: FlakyStore) -> None:
-    queue = Queue()
-    uid = queue.add(message("include stuck"))
-    queue.refuse_move[uid] = REFUSED
+    queue, uid = refusing("include stuck")
     filer = filer_for(store, stuck_after=1)
     filer.run_pass(queue)
     assert STUCK_KEYWORD in queue.keywords(uid)
@@ -331,9 +324,7 @@ def test_release_stuck_makes_the_next_pass_retry_and_file_it(store: FlakyStore) 
 
 
 def test_the_quarantine_survives_a_new_filer(store: FlakyStore) -> None:
-    queue = Queue()
-    uid = queue.add(message("restart"))
-    queue.refuse_move[uid] = REFUSED
+    queue, _ = refusing("restart")
     filer_for(store, stuck_after=1).run_pass(queue)
     fresh = filer_for(store, stuck_after=1)  # the daemon restarted: no counts in memory
     tried = len(queue.move_attempts)
@@ -343,10 +334,8 @@ def test_the_quarantine_survives_a_new_filer(store: FlakyStore) -> None:
 
 
 def test_without_keywords_the_quarantine_is_kept_in_memory(store: FlakyStore) -> None:
-    queue = Queue()
+    queue, uid = refusing("no keywords here")
     queue.keywords_allowed = False
-    uid = queue.add(message("no keywords here"))
-    queue.refuse_move[uid] = REFUSED
     filer = filer_for(store, stuck_after=1)
     filer.run_pass(queue)
     tried = len(queue.move_attempts)
@@ -357,9 +346,7 @@ def test_without_keywords_the_quarantine_is_kept_in_memory(store: FlakyStore) ->
 
 
 def test_a_new_uidvalidity_forgets_the_counts(store: FlakyStore) -> None:
-    queue = Queue()
-    uid = queue.add(message("renumbered"))
-    queue.refuse_move[uid] = REFUSED
+    queue, uid = refusing("renumbered")
     filer = filer_for(store, stuck_after=3)
     filer.run_pass(queue)
     filer.run_pass(queue)
