@@ -75,11 +75,29 @@ def test_b_encoded_latin1_words_join_across_a_fold() -> None:
     assert parse("rfc2047_b_latin1.eml").subject == "Mängelliste für die Übergabe"
 
 
-def test_encoded_display_name_containing_a_comma_stays_one_address() -> None:
-    """A comma inside an encoded display name does not split the From field."""
-    msg = parse("rfc2047_b_latin1.eml")
-    assert msg.from_addrs == ("j.mueller@example.de",)
-    assert msg.display_from == "Müller, Jürgen <j.mueller@example.de>"
+@pytest.mark.parametrize(
+    ("name", "addresses", "shown"),
+    [
+        pytest.param(
+            "rfc2047_b_latin1.eml",
+            ("j.mueller@example.de",),
+            "Müller, Jürgen <j.mueller@example.de>",
+            id="a comma inside an encoded display name does not split the From field",
+        ),
+        pytest.param(
+            "idn_domain.eml",
+            ("info@xn--bcher-kva.example",),
+            "Käufer <Info@Bücher.example>",
+            id="a raw UTF-8 IDN domain becomes its IDNA form, case-folded",
+        ),
+    ],
+)
+def test_the_from_field_gives_its_address_and_display(
+    name: str, addresses: tuple[str, ...], shown: str
+) -> None:
+    msg = parse(name)
+    assert msg.from_addrs == addresses
+    assert msg.display_from == shown
 
 
 def test_raw_utf8_header_bytes_are_read_as_utf8() -> None:
@@ -157,13 +175,6 @@ def test_group_members_are_addresses_and_empty_groups_add_none() -> None:
     msg = parse("group_syntax.eml")
     assert msg.to == ("ann@example.org", "bob@example.net", "tenant@example.org")
     assert msg.cc == ()
-
-
-def test_idn_domain_is_stored_in_ascii_form() -> None:
-    """A raw UTF-8 IDN domain becomes its IDNA form, case-folded."""
-    msg = parse("idn_domain.eml")
-    assert msg.from_addrs == ("info@xn--bcher-kva.example",)
-    assert msg.display_from == "Käufer <Info@Bücher.example>"
 
 
 def test_semicolon_separated_recipients_are_all_found() -> None:
@@ -274,24 +285,21 @@ def test_key_is_the_same_whatever_the_transport_added() -> None:
     assert first.key == second.key
 
 
-def test_key_differs_for_a_reused_message_id_with_another_subject() -> None:
-    """Broken mailers reuse Message-IDs; different messages must still get different keys."""
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        # Broken mailers reuse Message-IDs; different messages must still get different keys.
+        pytest.param("Viewing", "Offer", id="a reused Message-ID with another subject"),
+        # Bounces reuse a Message-ID with a new Date; that is another message.
+        pytest.param("10:00:00", "10:00:01", id="the date"),
+        # The author's address is part of the identity.
+        pytest.param("ann@", "anne@", id="the From address"),
+    ],
+)
+def test_key_differs_when_what_identifies_the_message_differs(old: str, new: str) -> None:
     first = parse_message(1, simple(BASE_HEADERS))
-    second = parse_message(1, simple(BASE_HEADERS.replace("Viewing", "Offer")))
-    assert first.key != second.key
-
-
-def test_key_differs_when_the_date_differs() -> None:
-    """Bounces reuse a Message-ID with a new Date; that is another message."""
-    first = parse_message(1, simple(BASE_HEADERS))
-    second = parse_message(1, simple(BASE_HEADERS.replace("10:00:00", "10:00:01")))
-    assert first.key != second.key
-
-
-def test_key_differs_when_the_from_address_differs() -> None:
-    """The author's address is part of the identity."""
-    first = parse_message(1, simple(BASE_HEADERS))
-    second = parse_message(1, simple(BASE_HEADERS.replace("ann@", "anne@")))
+    second = parse_message(1, simple(BASE_HEADERS.replace(old, new)))
+    assert BASE_HEADERS.replace(old, new) != BASE_HEADERS
     assert first.key != second.key
 
 
