@@ -25,7 +25,7 @@ from emailsync.dev.dovecot import Dovecot, DovecotOptions
 from .conftest import MailUser, new_user
 from .daemonproc import DaemonFactory, RunningDaemon, run_cli, wait_until
 from .faultproxy import FaultProxy
-from .test_filing import ROOT, build_message, folder_ids, message_id, queue
+from .test_filing import ROOT, build_message, everywhere, folder_ids, message_id, queue
 
 pytestmark = pytest.mark.dovecot
 
@@ -42,7 +42,6 @@ DAEMON: dict[str, Any] = {
 # Renewal (2) + unanswered DONE (2) + back-off (1) + login and a pass, with room for a
 # loaded 2-core CI machine.
 RECOVERY_BOUND_SECONDS = 15.0
-FOLDERS = ("Sent", "Received", "Failed", "Queue")
 _numbers = itertools.count(1)
 
 
@@ -56,14 +55,6 @@ def wave(user: MailUser, label: str) -> list[bytes]:
     ]
     queue(user, *messages)
     return messages
-
-
-def everywhere(user: MailUser) -> Counter[str]:
-    """Message-ID → copies across the whole tree (a message filed twice counts 2)."""
-    total: Counter[str] = Counter()
-    for folder in FOLDERS:
-        total.update(folder_ids(user, folder))
-    return total
 
 
 def all_filed_once(user: MailUser, messages: list[bytes]) -> bool:

@@ -144,6 +144,15 @@ def folder_ids(user: MailUser, folder: str, delimiter: str = ".") -> Counter[str
     return folder_message_ids(user, f"{ROOT}{delimiter}{folder}")
 
 
+def everywhere(user: MailUser) -> Counter[str]:
+    """Message-ID → copies across the whole tree: Sent, Received, Failed and Queue (a message
+    filed twice counts 2)."""
+    total: Counter[str] = Counter()
+    for folder in ("Sent", "Received", "Failed", "Queue"):
+        total.update(folder_ids(user, folder))
+    return total
+
+
 def message_id(raw: bytes) -> str:
     """The Message-ID header of a raw message built by ``build_message``."""
     return str(BytesParser().parsebytes(raw, headersonly=True)["Message-ID"])

@@ -22,13 +22,12 @@ from .daemonproc import DaemonFactory, RunningDaemon, run_cli, wait_until
 from .faultproxy import Connection, FaultProxy
 from .mailenv import session_log
 from .test_daemon import imap_pids
-from .test_filing import ROOT, build_message, folder_ids, message_id, queue
+from .test_filing import ROOT, build_message, everywhere, folder_ids, message_id, queue
 
 pytestmark = pytest.mark.dovecot
 
 CLIENT = "john@clients.example"
 GROUPS = {"Smith": [CLIENT]}
-FOLDERS = ("Sent", "Received", "Failed", "Queue")
 
 
 def inbound(user: MailUser, count: int, label: str) -> list[bytes]:
@@ -36,11 +35,14 @@ def inbound(user: MailUser, count: int, label: str) -> list[bytes]:
     return [build_message(CLIENT, user.address, f"{label} {i}") for i in range(count)]
 
 
-def everywhere(user: MailUser) -> Counter[str]:
-    total: Counter[str] = Counter()
-    for folder in FOLDERS:
-        total.update(folder_ids(user, folder))
-    return total
+def queued(daemons: DaemonFactory, user: MailUser, count: int, label: str) -> list[bytes]:
+    """``count`` linked inbound messages waiting in Queue before the daemon starts (its folder
+    tree made by ``emailsync setup``)."""
+    messages = inbound(user, count, label)
+    result = run_cli(daemons.write([user]), "setup", user.address)
+    assert result.returncode == 0, result.stderr
+    queue(user, *messages)
+    return messages
 
 
 def each_once(user: MailUser, messages: list[bytes]) -> None:
@@ -61,16 +63,11 @@ def not_overlapping(connections: list[Connection]) -> bool:
 def test_sigterm_between_fetch_batches_finishes_the_batch_and_leaves_the_rest(
     user: MailUser, fault_proxy: FaultProxy, daemons: DaemonFactory
 ) -> None:
-    messages = inbound(user, 10, "batched")
-    run_cli_setup(daemons, user)
-    queue(user, *messages)
-    # SIGTERM arrives while the first batch's FETCH is on its way to the server.
-    daemon_box: list[RunningDaemon] = []
-    fault_proxy.before_client_command(
-        r"UID FETCH", lambda: daemon_box[0].signal(signal.SIGTERM), times=1
-    )
+    messages = queued(daemons, user, 10, "batched")
+    # SIGTERM arrives while the first batch's FETCH is on its way to the server (the
+    # callback runs in the proxy once the daemon below is started).
+    fault_proxy.before_client_command(r"UID FETCH", lambda: daemon.signal(signal.SIGTERM), times=1)
     daemon = daemons.start([user], groups=GROUPS, proxy=fault_proxy, fetch_batch=3, ready=False)
-    daemon_box.append(daemon)
     assert daemon.process.wait(20) == 0
     assert fault_proxy.faults["callback"] == 1
     received = folder_ids(user, "Received")
@@ -79,13 +76,6 @@ def test_sigterm_between_fetch_batches_finishes_the_batch_and_leaves_the_rest(
     each_once(user, messages)
     (conn,) = fault_proxy.connections
     assert conn.commands[-1].endswith("LOGOUT")
-
-
-def run_cli_setup(daemons: DaemonFactory, user: MailUser) -> None:
-    """Create the folder tree before the daemon starts, so mail can wait in Queue."""
-    config = daemons.write([user])
-    result = run_cli(config, "setup", user.address)
-    assert result.returncode == 0, result.stderr
 
 
 def test_sigterm_during_a_move_ends_within_the_timeout_and_nothing_doubles(
@@ -115,13 +105,9 @@ def test_sigterm_during_a_move_ends_within_the_timeout_and_nothing_doubles(
 def test_reload_during_a_pass_restarts_the_mailbox_without_two_live_connections(
     user: MailUser, fault_proxy: FaultProxy, daemons: DaemonFactory
 ) -> None:
-    messages = inbound(user, 12, "reloaded")
-    run_cli_setup(daemons, user)
-    queue(user, *messages)
-    daemon_box: list[RunningDaemon] = []
+    messages = queued(daemons, user, 12, "reloaded")
 
-    def change_and_reload() -> None:
-        daemon = daemon_box[0]
+    def change_and_reload() -> None:  # in the proxy, once the daemon below is started
         text = daemon.config.read_text()
         section = f'address = "{user.address}"'
         daemon.config.write_text(text.replace(section, f'{section}\naliases = ["x@y.example"]'))
@@ -129,7 +115,6 @@ def test_reload_during_a_pass_restarts_the_mailbox_without_two_live_connections(
 
     fault_proxy.before_client_command(r"UID FETCH", change_and_reload, times=1)
     daemon = daemons.start([user], groups=GROUPS, proxy=fault_proxy, fetch_batch=2, ready=False)
-    daemon_box.append(daemon)
     daemon.wait_ready()
     wait_until(lambda: daemon.notify.seen("RELOADING=1"))
     wait_until(lambda: not folder_ids(user, "Queue"), 20)
@@ -183,9 +168,7 @@ def test_uidvalidity_changed_between_passes_is_noticed_and_mail_still_filed_once
 def test_uidvalidity_changed_mid_pass_files_each_message_once(
     user: MailUser, fault_proxy: FaultProxy, daemons: DaemonFactory
 ) -> None:
-    messages = inbound(user, 8, "mid-pass change")
-    run_cli_setup(daemons, user)
-    queue(user, *messages)
+    messages = queued(daemons, user, 8, "mid-pass change")
     old = queue_uidvalidity(user)
     fault_proxy.before_client_command(r"UID MOVE", lambda: set_uidvalidity(user, old + 7), times=1)
     daemon = daemons.start(
