@@ -77,20 +77,14 @@ def ca_file(ca: trustme.CA, tmp_path: Path) -> Path:
     return path
 
 
-def test_ssl_with_the_servers_ca_logs_in(
-    tls_dovecot: Dovecot, tmp_path: Path, ca_file: Path
+@pytest.mark.parametrize(("security", "port"), [("ssl", "ssl_port"), ("starttls", "port")])
+def test_with_the_servers_ca_logs_in(
+    security: str, port: str, tls_dovecot: Dovecot, tmp_path: Path, ca_file: Path
 ) -> None:
+    """Implicit TLS on the SSL port, STARTTLS on the plain one."""
     user = new_user(tls_dovecot)
-    config = tls_config(tmp_path, user, port=tls_dovecot.ssl_port, security="ssl", ca_file=ca_file)
-    result = run_cli(config, "setup", user.address)
-    assert result.returncode == 0, result.stderr
-
-
-def test_starttls_with_the_servers_ca_logs_in(
-    tls_dovecot: Dovecot, tmp_path: Path, ca_file: Path
-) -> None:
-    user = new_user(tls_dovecot)
-    config = tls_config(tmp_path, user, port=tls_dovecot.port, security="starttls", ca_file=ca_file)
+    where = getattr(tls_dovecot, port)
+    config = tls_config(tmp_path, user, port=where, security=security, ca_file=ca_file)
     result = run_cli(config, "setup", user.address)
     assert result.returncode == 0, result.stderr
 
