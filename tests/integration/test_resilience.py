@@ -8,13 +8,14 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from emailsync.dev.dovecot import Dovecot, DovecotOptions
 
 from .conftest import MailUser, new_user
-from .daemonproc import run_cli, wait_until
+from .daemonproc import RunningDaemon, run_cli, wait_until
 from .faultproxy import FaultProxy
 from .test_daemon import DaemonFactory, imap_pids, wait_filed
 from .test_filing import ROOT, build_message, folder_subjects, queue
@@ -37,8 +38,21 @@ def folder_names(user: MailUser) -> set[str]:
         return {name for _, _, name in client.list_folders()}
 
 
+def delete_folder(user: MailUser, folder: str) -> None:
+    """Delete a folder of the tree behind the daemon's back."""
+    with user.client() as client:
+        client.delete_folder(f"{ROOT}.{folder}")
+
+
 def state_is(daemon_metric: object, address: str, state: str) -> bool:
     return daemon_metric("emailsync_mailbox_state", mailbox=address, state=state) == 1  # type: ignore[operator]
+
+
+def idle_daemon(daemons: DaemonFactory, user: MailUser, **options: Any) -> RunningDaemon:
+    """A daemon (``options`` for ``DaemonFactory.start``) whose mailbox has gone idle."""
+    daemon = daemons.start([user], groups=GROUPS, **options)
+    wait_until(lambda: state_is(daemon.metric, user.address, "idle"))
+    return daemon
 
 
 def test_a_server_that_stops_answering_is_dropped_and_reconnected(
@@ -67,8 +81,7 @@ def test_a_server_without_idle_is_polled(
     dovecot_without_idle: Dovecot, daemons: DaemonFactory
 ) -> None:
     user = new_user(dovecot_without_idle)
-    daemon = daemons.start([user], groups=GROUPS, poll_seconds=1)
-    wait_until(lambda: state_is(daemon.metric, user.address, "idle"))
+    daemon = idle_daemon(daemons, user, poll_seconds=1)
     queue(user, build_message("john@clients.example", user.address, "polled"))
     wait_filed(user, "Received", "polled", timeout=10)
     assert daemon.metric("emailsync_sync_passes_total", mailbox=user.address, trigger="poll") >= 1
@@ -79,8 +92,7 @@ def test_idle_is_renewed_and_mail_still_arrives(
     user: MailUser, fault_proxy: FaultProxy, daemons: DaemonFactory
 ) -> None:
     # The proxy injects nothing here: it counts the daemon's commands.
-    daemon = daemons.start([user], groups=GROUPS, idle_renew_seconds=1, proxy=fault_proxy)
-    wait_until(lambda: state_is(daemon.metric, user.address, "idle"))
+    daemon = idle_daemon(daemons, user, idle_renew_seconds=1, proxy=fault_proxy)
     (pid_before,) = imap_pids(user.server, user.address)
     idles_before = fault_proxy.commands(r"^\S+ IDLE$")
     time.sleep(3.5)  # three renewals: DONE, NOOP, IDLE again on the same connection
@@ -100,10 +112,8 @@ def test_idle_is_renewed_and_mail_still_arrives(
 def test_a_folder_deleted_while_running_is_recreated(
     user: MailUser, daemons: DaemonFactory
 ) -> None:
-    daemon = daemons.start([user], groups=GROUPS, max_backoff_seconds=1)
-    wait_until(lambda: state_is(daemon.metric, user.address, "idle"))
-    with user.client() as client:
-        client.delete_folder(f"{ROOT}.Failed")
+    idle_daemon(daemons, user, max_backoff_seconds=1)
+    delete_folder(user, "Failed")
     queue(user, build_message("nobody@else.example", user.address, "needs failed"))
     wait_filed(user, "Failed", "needs failed", timeout=15)
     assert folder_subjects(user, "Queue") == {}
@@ -112,10 +122,8 @@ def test_a_folder_deleted_while_running_is_recreated(
 def test_a_deleted_queue_is_recreated_and_watched_again(
     user: MailUser, daemons: DaemonFactory
 ) -> None:
-    daemon = daemons.start([user], groups=GROUPS, max_backoff_seconds=1)
-    wait_until(lambda: state_is(daemon.metric, user.address, "idle"))
-    with user.client() as client:
-        client.delete_folder(f"{ROOT}.Queue")
+    daemon = idle_daemon(daemons, user, max_backoff_seconds=1)
+    delete_folder(user, "Queue")
     wait_until(lambda: f"{ROOT}.Queue" in folder_names(user), timeout=15)
     wait_until(lambda: state_is(daemon.metric, user.address, "idle"))
     queue(user, build_message("john@clients.example", user.address, "new queue"))
@@ -135,8 +143,7 @@ def test_start_sync_on_a_refused_login_causes_one_login_not_a_storm(
 ) -> None:
     """Issue 7 defect 1: the password was changed elsewhere; Start Sync (CLI, API, SIGUSR1,
     in a burst) brings at most one login forward, and none before the back-off slot."""
-    daemon = daemons.start([user], groups=GROUPS, max_backoff_seconds=1, reauth_retry_seconds=3600)
-    wait_until(lambda: state_is(daemon.metric, user.address, "idle"))
+    daemon = idle_daemon(daemons, user, max_backoff_seconds=1, reauth_retry_seconds=3600)
     (tmp_path / "secrets" / user.address).write_text("changed-elsewhere\n")
     user.server.kick(user.address)
     wait_until(lambda: state_is(daemon.metric, user.address, "needs_reauth"))
