@@ -278,26 +278,15 @@ class DaemonFactory:
             )
         return config
 
-    def start(
-        self,
-        users: list[MailUser],
-        *,
-        mailbox_extra: str = "",
-        groups: dict[str, list[str]] | None = None,
-        proxy: FaultProxy | None = None,
-        ready: bool = True,
-        **daemon: object,
-    ) -> RunningDaemon:
-        """Write a config for ``users`` (see ``write``) and start a daemon on it.
+    def start(self, users: list[MailUser], *, ready: bool = True, **config: Any) -> RunningDaemon:
+        """Write a config for ``users`` (``config`` as for ``write``) and start a daemon on it.
 
         Waits until it is ready unless ``ready`` is False (the caller then waits).
         """
-        config = self.write(
-            users, mailbox_extra=mailbox_extra, groups=groups, proxy=proxy, **daemon
-        )
+        config_path = self.write(users, **config)
         assert self._port is not None
         name = f"daemon-{len(self.daemons) + 1}" if self.daemons else "daemon"
-        process = RunningDaemon(config, self._port, self._token, self.tmp_path, name)
+        process = RunningDaemon(config_path, self._port, self._token, self.tmp_path, name)
         self.daemons.append(process)
         if ready:
             process.wait_ready()
