@@ -16,18 +16,10 @@ from emailsync.runtime.connectgate import (
     Turn,
 )
 
-
-class FakeClock:
-    """Monotonic seconds that move only when told."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from .clocks import HandClock
 
 
-def run_round(gate: ConnectGate, clock: FakeClock, seconds: float, *, overloaded: int = 0) -> None:
+def run_round(gate: ConnectGate, clock: HandClock, seconds: float, *, overloaded: int = 0) -> None:
     """As many connects as the limit, each taking ``seconds``; ``overloaded`` of them fail so."""
     turns = [gate.enter() for _ in range(gate.limit)]
     assert all(turn.wait(0) for turn in turns)
@@ -85,7 +77,7 @@ def test_a_waiter_is_woken_by_its_grant_or_its_cancel_without_polling() -> None:
 
 
 def test_the_limit_rises_while_logins_stay_fast() -> None:
-    clock = FakeClock()
+    clock = HandClock()
     gate = ConnectGate(8, clock=clock)
     run_round(gate, clock, 0.0625)
     assert gate.limit == 10
@@ -97,7 +89,7 @@ def test_the_limit_rises_while_logins_stay_fast() -> None:
 
 
 def test_the_limit_falls_when_logins_slow_down_and_stops_at_the_floor() -> None:
-    clock = FakeClock()
+    clock = HandClock()
     gate = ConnectGate(32, clock=clock)
     run_round(gate, clock, 0.25)
     assert gate.limit == 40
@@ -116,7 +108,7 @@ def test_the_limit_falls_when_logins_slow_down_and_stops_at_the_floor() -> None:
 
 def test_fast_logins_are_never_slow_below_the_floor_of_slow() -> None:
     """On loopback a login takes milliseconds; a few more are noise, not overload."""
-    clock = FakeClock()
+    clock = HandClock()
     gate = ConnectGate(8, clock=clock)
     run_round(gate, clock, 0.001)
     limit = gate.limit
@@ -125,7 +117,7 @@ def test_fast_logins_are_never_slow_below_the_floor_of_slow() -> None:
 
 
 def test_failures_for_load_lower_the_limit_and_other_failures_do_not() -> None:
-    clock = FakeClock()
+    clock = HandClock()
     gate = ConnectGate(16, clock=clock)
     run_round(gate, clock, 0.05, overloaded=1)
     assert gate.limit == 10
@@ -137,7 +129,7 @@ def test_failures_for_load_lower_the_limit_and_other_failures_do_not() -> None:
 
 def test_a_round_counts_only_connects_started_after_the_last_change() -> None:
     """Logins begun under the old limit say nothing about the new one."""
-    clock = FakeClock()
+    clock = HandClock()
     gate = ConnectGate(4, clock=clock)
     a, b, c, d = (gate.enter() for _ in range(4))
     clock.now += 0.05

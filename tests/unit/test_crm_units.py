@@ -20,6 +20,7 @@ from emailsync.timeline.crm.cache import LookupCache
 from emailsync.timeline.crm.store import cache_seconds
 from emailsync.timeline.crm.translate import retry_after
 
+from .clocks import HandClock
 from .configtext import MINIMAL
 
 SECRET = b"shared-secret"
@@ -87,16 +88,8 @@ def test_verify_accepts_the_edges_of_the_window_and_any_of_several_v2_values() -
 # -- the lookup cache ------------------------------------------------------------------------
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_the_cache_keeps_answers_and_negative_answers_for_the_ttl() -> None:
-    clock = FakeClock()
+    clock = HandClock(100.0)
     cache = LookupCache(60, clock=clock)
     smith = Group("Smith", ("a@x.example",), id="g1")
     cache.put_many({"a@x.example": (smith,), "nobody@x.example": ()})
@@ -111,7 +104,7 @@ def test_the_cache_keeps_answers_and_negative_answers_for_the_ttl() -> None:
 
 
 def test_the_servers_max_age_shortens_the_ttl_but_never_lengthens_it() -> None:
-    clock = FakeClock()
+    clock = HandClock(100.0)
     cache = LookupCache(60, clock=clock)
     cache.put_many({"a@x.example": ()}, ttl_seconds=5)
     cache.put_many({"b@x.example": ()}, ttl_seconds=3600)

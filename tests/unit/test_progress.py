@@ -8,18 +8,12 @@ import pytest
 
 from emailsync.ops.progress import colour_allowed, progress
 
+from .clocks import HandClock
+
 
 class FakeTerminal(io.StringIO):
     def isatty(self) -> bool:
         return True
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_small_runs_print_nothing() -> None:
@@ -31,7 +25,7 @@ def test_small_runs_print_nothing() -> None:
 
 
 def test_plain_lines_have_count_rate_and_time_left() -> None:
-    out, clock = io.StringIO(), Clock()
+    out, clock = io.StringIO(), HandClock(100.0)
     with progress("a@example.com", out, minimum=300, clock=clock) as report:
         report(200, 1000)  # the first line: no rate yet
         clock.now += 1.0

@@ -9,24 +9,18 @@ import pytest
 from emailsync.errors import TooManyLoginsError
 from emailsync.runtime.throttle import LoginThrottle
 
+from .clocks import HandClock
+
 MAILBOX = "agent@example.com"
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> HandClock:
+    return HandClock()
 
 
 def test_the_sixth_refused_login_of_a_mailbox_in_the_window_is_throttled_until_the_first_leaves(
-    clock: Clock,
+    clock: HandClock,
 ) -> None:
     throttle = LoginThrottle(clock=clock)
     for _ in range(5):
@@ -39,7 +33,7 @@ def test_the_sixth_refused_login_of_a_mailbox_in_the_window_is_throttled_until_t
     throttle.attempt(MAILBOX, "192.0.2.2")  # the first has left the window
 
 
-def test_a_client_is_throttled_over_all_mailboxes(clock: Clock) -> None:
+def test_a_client_is_throttled_over_all_mailboxes(clock: HandClock) -> None:
     throttle = LoginThrottle(clock=clock)
     for n in range(20):
         throttle.attempt(f"agent{n % 4}@example.com", "192.0.2.1")
@@ -50,7 +44,7 @@ def test_a_client_is_throttled_over_all_mailboxes(clock: Clock) -> None:
 
 
 def test_a_success_or_a_login_never_sent_gives_its_place_back_and_a_success_clears_the_mailbox(
-    clock: Clock,
+    clock: HandClock,
 ) -> None:
     throttle = LoginThrottle(clock=clock)
     for _ in range(4):
@@ -64,7 +58,7 @@ def test_a_success_or_a_login_never_sent_gives_its_place_back_and_a_success_clea
 
 
 def test_a_workers_refused_logins_share_the_mailboxs_budget_and_its_successes_clear_nothing(
-    clock: Clock,
+    clock: HandClock,
 ) -> None:
     throttle = LoginThrottle(clock=clock)
     throttle.refused(MAILBOX)
@@ -79,7 +73,7 @@ def test_a_workers_refused_logins_share_the_mailboxs_budget_and_its_successes_cl
         throttle.attempt(MAILBOX, None)
 
 
-def test_parallel_attempts_cannot_all_slip_through(clock: Clock) -> None:
+def test_parallel_attempts_cannot_all_slip_through(clock: HandClock) -> None:
     throttle = LoginThrottle(clock=clock)
     start = threading.Barrier(20)
     taken: list[bool] = []
