@@ -6,8 +6,6 @@ import base64
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -19,6 +17,8 @@ from emailsync.errors import ConfigError
 from emailsync.state.base import RegisteredMailbox
 from emailsync.state.sqlite import SqliteStore
 from emailsync.state.vault import KEY_CREDENTIAL, Vault
+
+from .child import python_child
 
 
 def test_a_secret_round_trips_and_never_appears_in_its_ciphertext(tmp_path: Path) -> None:
@@ -159,13 +159,7 @@ def test_a_rotation_killed_after_its_commit_is_resumed_and_every_password_still_
     """`keys rotate` killed between the re-encrypt commit and the key file's last write leaves
     both generations; the next rotate finishes that rotation with the same new key."""
     store, passwords = _registry_with_passwords(tmp_path, 3)
-    killed = subprocess.run(
-        [sys.executable, "-c", _KILLED_AFTER_COMMIT, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    killed = python_child(_KILLED_AFTER_COMMIT, str(tmp_path), timeout=60)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     left = json.loads((tmp_path / "registry.key").read_text(encoding="utf-8"))
     assert (left["current"], sorted(left["keys"])) == (1, ["1", "2"])

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 
 from emailsync.runtime.worker import WORKER_STACK_BYTES
+
+from .child import python_child
 
 CHILD = textwrap.dedent(
     """
@@ -41,13 +41,7 @@ CHILD = textwrap.dedent(
 
 def test_deeply_nested_mail_parses_within_a_worker_stack() -> None:
     # In a child process: a stack overflow is a segfault, which would take pytest with it.
-    done = subprocess.run(
-        [sys.executable, "-c", CHILD, str(WORKER_STACK_BYTES)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = python_child(CHILD, str(WORKER_STACK_BYTES), timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     # 200 levels parse; 3,000 reach Python's recursion limit, which the parser turns into
     # an unusable message instead of a crash.
