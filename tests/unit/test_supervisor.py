@@ -36,6 +36,8 @@ from emailsync.telemetry.metrics import ClusterMetrics, Metrics
 from emailsync.telemetry.systemd import Notifier
 from emailsync.timeline import open_store
 
+from .clocks import wait_for
+
 RUN_TIMEOUT_SECONDS = 30.0
 
 
@@ -198,10 +200,14 @@ class Rig:
             "emailsync_mailbox_state", {"mailbox": address, "state": state}
         )
 
-    def change_daemon_section(self) -> None:
-        """A change to [daemon], which restarts every worker."""
+    def reload_changed_daemon_section(self) -> float:
+        """Change [daemon] (which restarts every worker) and ask for a reload; when it was
+        asked (``time.monotonic()``)."""
         text = self.config.read_text()
         self.config.write_text(text.replace("fetch_batch = 50", "fetch_batch = 60"))
+        asked = time.monotonic()
+        self.supervisor.request_reload()
+        return asked
 
     def run(self, driver: Callable[[], None], timeout: float = RUN_TIMEOUT_SECONDS) -> None:
         """Run the real main loop in this (the main) thread while ``driver`` runs beside it.
@@ -327,14 +333,6 @@ def make_rig(tmp_path: Path, store: Store, signals_restored: None) -> Callable[.
     return make
 
 
-def wait_for(condition: Callable[[], object], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s")
-        time.sleep(0.02)
-
-
 def tick_passed(rig: Rig) -> None:
     """Wait until no worker is retiring, then for the end of the tick that reaped the last
     (or a later one): a worker that tick would start is made (by the factory) before it ends."""
@@ -357,9 +355,7 @@ def test_reload_keeps_health_answering_and_the_loop_ticking_while_workers_stop_s
 
     def driver() -> None:
         wait_for(lambda: all_running(rig, 1))
-        rig.change_daemon_section()
-        reloaded = time.monotonic()
-        rig.supervisor.request_reload()
+        reloaded = rig.reload_changed_daemon_section()
         while time.monotonic() - reloaded < 2.0:
             started = time.monotonic()
             assert rig.supervisor.healthy()
@@ -386,8 +382,7 @@ def test_a_slow_to_stop_worker_never_runs_beside_its_replacement_nor_overwrites_
 
     def driver() -> None:
         wait_for(lambda: rig.state(address, "idle") == 1)
-        rig.change_daemon_section()
-        rig.supervisor.request_reload()
+        rig.reload_changed_daemon_section()
         wait_for(lambda: len(rig.census.of(address)) == 2 and rig.census.running(address, 2))
         # The old worker has ended (its late ``stopped`` is written before that) and the
         # replacement has written its ``idle``: any overwrite would show now.
@@ -414,9 +409,7 @@ def test_restarting_many_slow_workers_takes_one_stop_time_not_their_sum(
 
     def driver() -> None:
         wait_for(lambda: all_running(rig, 1))
-        rig.change_daemon_section()
-        started = time.monotonic()
-        rig.supervisor.request_reload()
+        started = rig.reload_changed_daemon_section()
         wait_for(lambda: all_running(rig, 2), timeout=20)
         took.append(time.monotonic() - started)
 
@@ -522,8 +515,7 @@ def test_stop_email_sync_during_a_restart_leaves_the_mailbox_stopped_without_a_r
 
     def driver() -> None:
         wait_for(lambda: all_running(rig, 1))
-        rig.change_daemon_section()
-        rig.supervisor.request_reload()
+        rig.reload_changed_daemon_section()
         wait_for(lambda: rig.census.running(other, 2), timeout=10)  # the reload is under way
         assert rig.supervisor.stop_mailbox(stopped)
         wait_for(lambda: all(life.ended is not None for life in rig.census.of(stopped)))
@@ -586,8 +578,7 @@ def test_a_start_sync_during_a_restart_reaches_the_new_worker(
 
     def driver() -> None:
         wait_for(lambda: all_running(rig, 1))
-        rig.change_daemon_section()
-        rig.supervisor.request_reload()
+        rig.reload_changed_daemon_section()
         wait_for(lambda: [s.state for s in rig.supervisor.statuses()] == ["connecting"])
         assert len(rig.workers) == 1  # still restarting
         assert rig.workers[0].is_alive()

@@ -26,6 +26,8 @@ from emailsync.runtime.workerpool import WorkerPool
 from emailsync.state.base import Store
 from emailsync.telemetry.metrics import Metrics
 
+from .clocks import wait_for
+
 SERVER = ServerSettings(host="127.0.0.1", port=1, security="none", allow_insecure=True)
 
 
@@ -157,14 +159,6 @@ def rig_of() -> Any:
     yield make
     for rig in rigs:
         rig.stop_all()
-
-
-def wait_for(condition: Callable[[], object], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s")
-        time.sleep(0.01)
 
 
 def test_a_dead_worker_comes_back_after_a_growing_back_off(
