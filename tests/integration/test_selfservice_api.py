@@ -119,6 +119,16 @@ def add_branch(daemon: RunningDaemon, server: Dovecot, name: str = "main") -> No
     assert status == 201, answer
 
 
+def with_branch(
+    daemons: DaemonFactory, user: MailUser, server: Dovecot, **start: Any
+) -> RunningDaemon:
+    """A daemon for ``user`` (``start`` as for ``DaemonFactory.start``) with the branch "main"
+    on ``server`` added through the API."""
+    daemon = daemons.start([user], **start)
+    add_branch(daemon, server)
+    return daemon
+
+
 def agent_token(daemon: RunningDaemon, address: str) -> str:
     status, answer = call(daemon, "POST", "/v1/tokens", {"address": address})
     assert status == 201, answer
@@ -128,10 +138,9 @@ def agent_token(daemon: RunningDaemon, address: str) -> str:
 def test_an_agent_sets_up_syncs_and_stops_their_mailbox_and_the_password_is_gone(
     user: MailUser, dovecot: Dovecot, daemons: DaemonFactory
 ) -> None:
-    daemon = daemons.start([user], groups={"Smith": ["john@clients.example"]})
+    daemon = with_branch(daemons, user, dovecot, groups={"Smith": ["john@clients.example"]})
     agent = new_user(dovecot)
     path = f"/v1/mailboxes/{quote(agent.address)}"
-    add_branch(daemon, dovecot)
     token = agent_token(daemon, agent.address)
     setup = {"branch": "main", "username": agent.address}
 
@@ -189,10 +198,9 @@ def test_an_agent_who_chooses_manual_at_set_up_gets_mail_filed_only_on_start_syn
 ) -> None:
     """Issue 19: a self-registered mailbox was always `trigger = auto`, where the seed's agents
     file on Start Sync. The choice is the agent's, and it is kept across a restart."""
-    daemon = daemons.start([user], groups={"Smith": ["john@clients.example"]})
+    daemon = with_branch(daemons, user, dovecot, groups={"Smith": ["john@clients.example"]})
     agent = new_user(dovecot)
     path = f"/v1/mailboxes/{quote(agent.address)}"
-    add_branch(daemon, dovecot)
     setup = {"branch": "main", "username": agent.address, "password": agent.password}
     status, answer = call(daemon, "PUT", path, {**setup, "trigger": "manual"})
     assert status == 200, answer
@@ -217,9 +225,8 @@ def test_a_non_ascii_username_or_password_is_a_422_not_a_500(
 ) -> None:
     """Found by schemathesis: IMAP LOGIN (imaplib) sends ASCII only, and a username with an
     accent raised UnicodeEncodeError, a 500. It is a refused login now, and nothing is kept."""
-    daemon = daemons.start([user])
+    daemon = with_branch(daemons, user, dovecot)
     agent = new_user(dovecot)
-    add_branch(daemon, dovecot)
     path = f"/v1/mailboxes/{quote(agent.address)}"
     for username, password in (("agént", agent.password), (agent.address, "pässword")):
         status, answer = call(
@@ -254,9 +261,8 @@ def test_a_mailbox_of_the_config_file_is_read_only_through_the_api(
 def test_an_agent_token_sees_and_touches_only_its_own_mailbox(
     user: MailUser, dovecot: Dovecot, daemons: DaemonFactory
 ) -> None:
-    daemon = daemons.start([user])
+    daemon = with_branch(daemons, user, dovecot)
     first, second = new_user(dovecot), new_user(dovecot)
-    add_branch(daemon, dovecot)
     for agent in (first, second):
         body = {"branch": "main", "username": agent.address, "password": agent.password}
         status, answer = call(daemon, "PUT", f"/v1/mailboxes/{quote(agent.address)}", body)
@@ -292,9 +298,8 @@ def test_an_agent_token_sees_and_touches_only_its_own_mailbox(
 def test_rotating_the_key_revokes_agent_tokens_and_keeps_passwords_readable(
     user: MailUser, dovecot: Dovecot, daemons: DaemonFactory
 ) -> None:
-    daemon = daemons.start([user])
+    daemon = with_branch(daemons, user, dovecot)
     agent = new_user(dovecot)
-    add_branch(daemon, dovecot)
     path = f"/v1/mailboxes/{quote(agent.address)}"
     body = {"branch": "main", "username": agent.address, "password": agent.password}
     assert call(daemon, "PUT", path, body)[0] == 200
@@ -387,9 +392,8 @@ def test_an_agent_sets_up_with_its_own_address_as_username_while_it_may_set_anot
     """An agent token could bind its mailbox to any account the agent knows a password of.
     Now an agent's username is its mailbox's address (or the one IT set for it); the admin
     token may set any username."""
-    daemon = daemons.start([user])
+    daemon = with_branch(daemons, user, dovecot)
     agent, other = new_user(dovecot), new_user(dovecot)
-    add_branch(daemon, dovecot)
     token = agent_token(daemon, agent.address)
     foreign = {"branch": "main", "username": other.address, "password": other.password}
     status, answer, _ = put_mailbox(daemon, agent.address, foreign, token)
@@ -515,9 +519,8 @@ def test_a_set_up_racing_a_key_rotation_stores_a_password_that_decrypts(
 def test_a_reload_leaves_a_registered_mailbox_and_its_connection_alone(
     user: MailUser, dovecot: Dovecot, daemons: DaemonFactory
 ) -> None:
-    daemon = daemons.start([user])
+    daemon = with_branch(daemons, user, dovecot)
     agent = new_user(dovecot)
-    add_branch(daemon, dovecot)
     body = {"branch": "main", "username": agent.address, "password": agent.password}
     assert call(daemon, "PUT", f"/v1/mailboxes/{quote(agent.address)}", body)[0] == 200
     wait_until(lambda: daemon.mailboxes()[agent.address]["state"] == "idle")
