@@ -353,8 +353,11 @@ def test_cluster_chaos_files_everything_once(
         first = cluster.instances["a"]
         added = run_cli(cluster.config(first), "groups", "add", GROUP, CLIENT)
         assert added.returncode == 0, added.stderr
+        for instance in cluster.instances.values():  # together: a third of a lease, not three
+            cluster.start(instance, ready=False)
         for instance in cluster.instances.values():
-            cluster.start(instance)
+            assert instance.daemon is not None
+            instance.daemon.wait_ready()
         wait_until(lambda: all_idle_once(cluster, users), 60 + MAILBOXES / 2, 0.5)
 
         source = MailSource(users, RATE, rng)

@@ -216,8 +216,7 @@ def test_a_mailbox_set_up_on_one_instance_runs_on_its_owner_and_stops_from_anoth
     witness = new_user(dovecot)
     cluster = Cluster(tmp_path, [witness], pg_url, lease_seconds=CLUSTER_LEASE_SECONDS)
     try:
-        for name in ("a", "b", "c"):
-            cluster.start(name)
+        cluster.start_all(["a", "b", "c"])
         a = cluster.daemons["a"]
         agent = new_user(dovecot)
         path = f"/v1/mailboxes/{quote(agent.address)}"
