@@ -46,7 +46,8 @@ integration: setup
 
 # Most of the suite's time is spent waiting for servers (user + sys is a third of the wall
 # time): four workers on two cores, each with its own Dovecot and PostgreSQL. worksteal keeps
-# the long tests (chaos, soak, cluster) from queueing behind each other on one worker.
+# the long tests (chaos, soak, cluster) from queueing behind each other on one worker, and
+# tests/conftest.py (LONG_TESTS) starts them first, spread over the workers.
 PYTEST_WORKERS ?= -n 4 --dist worksteal
 
 # Everything CI runs: lint, types, every test (Dovecot, PostgreSQL, Prometheus) and the bench
