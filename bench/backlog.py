@@ -32,7 +32,7 @@ from email.utils import format_datetime
 
 import imapclient
 from corpus import Directory
-from testbed import OWNER_ALIAS, BenchMailbox, Testbed, folder_counts
+from testbed import OWNER_ALIAS, BenchMailbox, Testbed
 
 from emailsync.filing.queuepass import FETCH_BATCH, Decision, Filer
 from emailsync.imap.fetch import uid_set
@@ -255,11 +255,7 @@ def _timed_client(
 
 def _check_floor(mailbox: BenchMailbox, count: int) -> list[str]:
     """The server floor did the whole backlog's work: everything moved."""
-    client = mailbox.client()
-    try:
-        counts = folder_counts(client, mailbox.tree)
-    finally:
-        client.logout()
+    counts = mailbox.counts()
     if counts[FolderRole.QUEUE] or counts[FolderRole.SENT] != count:
         return [f"server floor: {counts[FolderRole.SENT]} of {count} moved"]
     return []
@@ -274,11 +270,7 @@ def _check(
     problems = []
     want_sent = sum(1 for m in messages if m.outcome is Outcome.SENT)
     want = {FolderRole.SENT: want_sent, FolderRole.RECEIVED: len(messages) - want_sent}
-    client = mailbox.client()
-    try:
-        counts = folder_counts(client, mailbox.tree)
-    finally:
-        client.logout()
+    counts = mailbox.counts()
     for role, number in want.items():
         if counts[role] != number:
             problems.append(f"backlog: {counts[role]} in {role.value}, want {number}")

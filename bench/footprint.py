@@ -14,7 +14,7 @@ from email.message import EmailMessage
 from email.utils import make_msgid
 
 from backlog import BacklogMessage, make_backlog, seed
-from testbed import OWNER_ALIAS, BenchMailbox, Testbed, folder_counts
+from testbed import OWNER_ALIAS, BenchMailbox, Testbed
 
 from emailsync.model import FolderRole, Outcome
 
@@ -83,11 +83,7 @@ def big_message_peak(testbed: Testbed, attachment_bytes: int) -> tuple[int, list
 
 
 def _left_in_queue(mailbox: BenchMailbox, count: int) -> list[str]:
-    client = mailbox.client()
-    try:
-        counts = folder_counts(client, mailbox.tree)
-    finally:
-        client.logout()
+    counts = mailbox.counts()
     filed = counts[FolderRole.SENT] + counts[FolderRole.RECEIVED]
     if counts[FolderRole.QUEUE] or filed != count:
         return [f"sync: {filed} of {count} filed, {counts[FolderRole.QUEUE]} left in Queue"]

@@ -40,7 +40,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,11 +168,7 @@ def emailsync_run(
 ) -> Footprint:
     """``emailsync run`` over every user: start → all IDLE, RSS, CPU at rest; with ``memory``,
     where its memory is once all are IDLE printed to stderr (issue 23)."""
-    home = testbed.workdir / f"many-{len(users)}-{secrets.token_hex(2)}"
-    (home / "state").mkdir(parents=True)
-    port = free_port()
-    config = home / "emailsync.toml"
-    config.write_text(_config(home, testbed.server.port, port, users), encoding="utf-8")
+    home, port, config = new_home(testbed, users, f"many-{len(users)}", _config)
     settle(testbed)
     started = time.monotonic()
     with DaemonProcess(config, port, home / "daemon.log") as daemon:
@@ -218,10 +214,7 @@ class RestProfile:
 def emailsync_monitored(testbed: Testbed, users: list[tuple[str, str]]) -> Footprint:
     """``emailsync run`` watched at a common pace: start → all IDLE by ``/v1/mailboxes`` every
     2 s, ``/metrics`` scraped every 15 s meanwhile (issue 23)."""
-    home = _home(testbed, len(users))
-    port = free_port()
-    config = home / "emailsync.toml"
-    config.write_text(_config(home, testbed.server.port, port, users), encoding="utf-8")
+    home, port, config = new_home(testbed, users, f"many-{len(users)}", _config)
     settle(testbed)
     started = time.monotonic()
     with DaemonProcess(config, port, home / "daemon.log") as daemon:
@@ -244,15 +237,13 @@ def rest_profile(
 ) -> RestProfile:
     """Start ``emailsync run`` (info logging), wait until all are IDLE, then time single calls
     and watch a rest window, scraping every 15 s as Prometheus would (issue 23)."""
-    home = _home(testbed, len(users))
-    port = free_port()
-    config = home / "emailsync.toml"
     extra = "" if sweep_seconds is None else f"sweep_seconds = {sweep_seconds}"
-    store = f'store = "sqlite:///{home / "state" / "emailsync.db"}"'
-    text = bench_config(
-        home, testbed.server.port, port, users, f'{store}\nlog_level = "info"\n{extra}'
-    )
-    config.write_text(text, encoding="utf-8")
+
+    def info_config(home: Path, imap_port: int, port: int, users: list[tuple[str, str]]) -> str:
+        store = f'store = "sqlite:///{home / "state" / "emailsync.db"}"'
+        return bench_config(home, imap_port, port, users, f'{store}\nlog_level = "info"\n{extra}')
+
+    home, port, config = new_home(testbed, users, f"many-{len(users)}", info_config)
     settle(testbed)
     log = home / "daemon.log"
     with DaemonProcess(config, port, log) as daemon:
@@ -321,10 +312,21 @@ class _Scraper(threading.Thread):
         self.join(HTTP_SECONDS)
 
 
-def _home(testbed: Testbed, count: int) -> Path:
-    home = testbed.workdir / f"many-{count}-{secrets.token_hex(2)}"
+def new_home(
+    testbed: Testbed,
+    users: list[tuple[str, str]],
+    name: str,
+    config: Callable[[Path, int, int, list[tuple[str, str]]], str],
+) -> tuple[Path, int, Path]:
+    """A fresh directory ``name-…`` under the testbed (with state/), a free port for the
+    daemon, and ``config(home, imap_port, listen_port, users)`` written to its
+    emailsync.toml: (home, port, config path)."""
+    home = testbed.workdir / f"{name}-{secrets.token_hex(2)}"
     (home / "state").mkdir(parents=True)
-    return home
+    port = free_port()
+    path = home / "emailsync.toml"
+    path.write_text(config(home, testbed.server.port, port, users), encoding="utf-8")
+    return home, port, path
 
 
 def _wait_all_idle(daemon: DaemonProcess, home: Path, count: int, started: float) -> str:

@@ -32,10 +32,8 @@ from pathlib import Path
 import imapclient
 from corpus import Directory
 from daemonproc import DaemonProcess
-from mailboxes import bench_config, inotify_instances, make_users, settle
+from mailboxes import bench_config, inotify_instances, make_users, new_home, settle
 from testbed import Testbed
-
-from emailsync.dev.net import free_port
 
 ROOT = "Rezi-Imported"
 POLL_SECONDS = 0.02
@@ -60,11 +58,7 @@ def run_refile(testbed: Testbed, mailboxes: int, messages: int) -> RefileResult:
     """One scenario on fresh users: ``messages`` filed to Failed over ``mailboxes``, linked."""
     users = make_users(testbed, mailboxes)
     result = RefileResult(mailboxes, messages)
-    home = testbed.workdir / f"refile-{mailboxes}-{messages}-{secrets.token_hex(2)}"
-    (home / "state").mkdir(parents=True)
-    port = free_port()
-    config = home / "emailsync.toml"
-    config.write_text(_config(home, testbed.server.port, port, users), encoding="utf-8")
+    home, port, config = new_home(testbed, users, f"refile-{mailboxes}-{messages}", _config)
     counterparts = {n: f"late{n}-{secrets.token_hex(3)}@clients.example" for n in range(messages)}
     expected = {address: 0 for address, _ in users}
     for n in range(messages):

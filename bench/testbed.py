@@ -59,6 +59,14 @@ class BenchMailbox:
         client.login(self.address, self.password)
         return client
 
+    def counts(self) -> dict[FolderRole, int]:
+        """Messages in each folder of the tree, over a connection of their own."""
+        client = self.client()
+        try:
+            return folder_counts(client, self.tree)
+        finally:
+            client.logout()
+
     def open_session(self) -> ImapSession:
         """An emailsync ``ImapSession`` opened the way the worker opens one."""
         return open_session(self.config_path)

@@ -10,7 +10,6 @@ the difference (per mailbox) by line and by file.
 from __future__ import annotations
 
 import random
-import secrets
 import sys
 import textwrap
 import time
@@ -18,10 +17,8 @@ from pathlib import Path
 
 from corpus import Directory
 from daemonproc import DaemonProcess
-from mailboxes import _config, inotify_instances, make_users
+from mailboxes import _config, inotify_instances, make_users, new_home
 from testbed import Testbed
-
-from emailsync.dev.net import free_port
 
 FRAMES = 1
 _WRAPPER = textwrap.dedent(
@@ -56,11 +53,7 @@ def main() -> int:
     count = int(sys.argv[1]) if len(sys.argv) > 1 else 300
     with Testbed(Directory.build(random.Random(1))) as testbed, inotify_instances(2 * count + 512):  # noqa: S311
         users = make_users(testbed, count)
-        home = testbed.workdir / f"trace-{secrets.token_hex(2)}"
-        (home / "state").mkdir(parents=True)
-        port = free_port()
-        config = home / "emailsync.toml"
-        config.write_text(_config(home, testbed.server.port, port, users), encoding="utf-8")
+        home, port, config = new_home(testbed, users, "trace", _config)
         out = str(home / "snap")
         wrapper = home / "wrapper.py"
         wrapper.write_text(_WRAPPER, encoding="utf-8")
