@@ -27,7 +27,8 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -279,6 +280,17 @@ def compare(
     ]
 
 
+@contextmanager
+def closed_after(engine: sa.Engine, *stores: SqliteStore | PostgresStore) -> Iterator[None]:
+    """The engine disposed of and the stores closed at the end, even on failure."""
+    try:
+        yield
+    finally:
+        engine.dispose()
+        for store in stores:
+            store.close()
+
+
 def _expect(new: int, want: int) -> None:
     if new != want:
         raise SystemExit(f"recorded {new} new events, want {want}")
@@ -294,24 +306,16 @@ def main() -> int:
         ours = SqliteStore(Path(scratch) / "ours.db")
         theirs = SqliteStore(Path(scratch) / "core.db")  # the same migrations, for Core
         engine = sqlite_engine(theirs.path)
-        try:
+        with closed_after(engine, ours, theirs):
             lines += compare("sqlite", ours, theirs, engine, args.rounds)
-        finally:
-            engine.dispose()
-            ours.close()
-            theirs.close()
     if not args.no_postgresql:
         with Postgres() as server:
             ours_pg = PostgresStore(server.create_database("ours"))
             url = server.create_database("core")
             theirs_pg = PostgresStore(url)
             engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
-            try:
+            with closed_after(engine, ours_pg, theirs_pg):
                 lines += compare("postgresql", ours_pg, theirs_pg, engine, args.rounds)
-            finally:
-                engine.dispose()
-                ours_pg.close()
-                theirs_pg.close()
     print("\n".join(lines))
     return 0
 
