@@ -108,6 +108,16 @@ def sign_in(
     return shown
 
 
+@pytest.fixture
+def auth(
+    idp: IdentityProvider, office365_settings: Callable[..., Settings]
+) -> Office365Authenticator:
+    """The agent's authenticator, signed in by device code."""
+    signed_in = office365(office365_settings())
+    sign_in(signed_in, idp)
+    return signed_in
+
+
 def cached_refresh_tokens(path: Path) -> list[str]:
     """The refresh tokens in an MSAL token cache file."""
     cache = json.loads(path.read_text())
@@ -157,11 +167,9 @@ def test_device_code_login_persists_a_private_token_cache_and_xoauth2_login_work
 
 
 def test_a_cached_access_token_serves_every_reconnect_while_it_is_valid(
-    idp: IdentityProvider, office365_settings: Callable[..., Settings], oauth2_dovecot: Dovecot
+    idp: IdentityProvider, auth: Office365Authenticator, oauth2_dovecot: Dovecot
 ) -> None:
     """Reconnecting asks MSAL each time, and MSAL answers from its cache: no token requests."""
-    auth = office365(office365_settings())
-    sign_in(auth, idp)
     before = len(idp.token_requests())
 
     login_and_select(auth, oauth2_dovecot)
@@ -205,11 +213,9 @@ def test_silent_refresh_after_expiry_persists_the_rotated_refresh_token(
 
 
 def test_a_token_revoked_at_the_server_after_caching_is_replaced_on_the_second_try(
-    idp: IdentityProvider, office365_settings: Callable[..., Settings], oauth2_dovecot: Dovecot
+    idp: IdentityProvider, auth: Office365Authenticator, oauth2_dovecot: Dovecot
 ) -> None:
     """Dovecot refuses the cached token; one forced refresh and the login goes through."""
-    auth = office365(office365_settings())
-    sign_in(auth, idp)
     idp.expire_access_tokens()  # MSAL's cache still calls the token valid for an hour
 
     login_and_select(auth, oauth2_dovecot)
@@ -218,11 +224,9 @@ def test_a_token_revoked_at_the_server_after_caching_is_replaced_on_the_second_t
 
 
 def test_revoked_refresh_token_needs_reauth_and_a_new_device_login_restores_login(
-    idp: IdentityProvider, office365_settings: Callable[..., Settings], oauth2_dovecot: Dovecot
+    idp: IdentityProvider, auth: Office365Authenticator, oauth2_dovecot: Dovecot
 ) -> None:
     """invalid_grant (AADSTS50173) is an AuthError naming the fix; signing in again works."""
-    auth = office365(office365_settings())
-    sign_in(auth, idp)
     idp.revoke_refresh_tokens(AGENT)
     idp.expire_access_tokens()
 
@@ -250,11 +254,9 @@ def test_a_sign_in_by_another_process_is_picked_up_without_a_restart(
 
 
 def test_refresh_if_needed_refreshes_only_when_too_little_time_is_left(
-    idp: IdentityProvider, office365_settings: Callable[..., Settings]
+    idp: IdentityProvider, auth: Office365Authenticator
 ) -> None:
     """The scheduler's keep-alive refreshes ahead of expiry and returns the new expiry."""
-    auth = office365(office365_settings())
-    sign_in(auth, idp)
     expiry = auth.token_expiry()
     assert expiry is not None
 
@@ -270,11 +272,9 @@ def test_refresh_if_needed_refreshes_only_when_too_little_time_is_left(
 
 
 def test_forget_removes_the_token_cache_and_a_later_login_raises_auth_error(
-    idp: IdentityProvider, office365_settings: Callable[..., Settings], oauth2_dovecot: Dovecot
+    auth: Office365Authenticator, oauth2_dovecot: Dovecot
 ) -> None:
     """Stop Email Sync forgets the tokens: the file is gone and login needs a new sign-in."""
-    auth = office365(office365_settings())
-    sign_in(auth, idp)
     assert auth.cache_path is not None
 
     auth.forget()
@@ -300,13 +300,11 @@ def test_a_delegated_token_does_not_open_another_users_mailbox(
 
 
 def test_the_oauth2_server_checks_every_token_over_xoauth2_and_oauthbearer(
-    idp: IdentityProvider, office365_settings: Callable[..., Settings], oauth2_dovecot: Dovecot
+    auth: Office365Authenticator, oauth2_dovecot: Dovecot
 ) -> None:
     """The token emailsync obtained opens the mailbox over XOAUTH2 and OAUTHBEARER (RFC 7628),
     and a token the provider never issued is refused over both: a server that took any token
     would make every Office 365 test here pass without proving anything."""
-    auth = office365(office365_settings())
-    sign_in(auth, idp)
     token = auth.access_token()
     forged = secrets.token_urlsafe(len(token) * 3 // 4)
 
@@ -462,15 +460,9 @@ def test_app_only_with_an_unreadable_certificate_file_needs_reauth(
 
 @pytest.mark.parametrize("answer", [None, 503], ids=["refused", "http-503"])
 def test_identity_provider_down_is_transient_not_auth_error(
-    answer: int | None,
-    idp: IdentityProvider,
-    office365_settings: Callable[..., Settings],
-    oauth2_dovecot: Dovecot,
+    answer: int | None, idp: IdentityProvider, auth: Office365Authenticator, oauth2_dovecot: Dovecot
 ) -> None:
     """Token refresh fails with IdentityProviderUnavailableError, and logins fail transiently."""
-    auth = office365(office365_settings())
-    sign_in(auth, idp)
-
     idp.down(answer)
     with pytest.raises(IdentityProviderUnavailableError) as refresh_error:
         auth.refresh_if_needed(2 * 3600)
