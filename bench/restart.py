@@ -35,6 +35,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from mailboxes import bench_config
+
 from emailsync.dev.dovecot import Dovecot
 from emailsync.dev.net import free_port, stop_process
 
@@ -184,23 +186,12 @@ class Daemon:
 def write_config(workdir: Path, users: list[tuple[str, str]], port: int, server_port: int) -> Path:
     token_file = workdir / "control-token"
     token_file.write_text(secrets.token_urlsafe(24) + "\n")
-    (workdir / "secrets").mkdir()
-    parts = [
-        f'[daemon]\nstate_dir = "{workdir / "state"}"\n'
+    keys = (
         f'store = "sqlite:///{workdir / "state" / "emailsync.db"}"\n'
-        f'listen = "127.0.0.1:{port}"\ncontrol_token_file = "{token_file}"\n'
-        'log_format = "json"\nsweep_seconds = 3600\npoll_seconds = 3600\ntimeout_seconds = 60\n',
-        f'[branches.bench]\nhost = "127.0.0.1"\nport = {server_port}\n'
-        'security = "none"\nallow_insecure = true\n',
-    ]
-    for address, password in users:
-        (workdir / "secrets" / address).write_text(password + "\n")
-        parts.append(
-            f'[[mailboxes]]\naddress = "{address}"\nbranch = "bench"\n'
-            f'password_file = "secrets/{address}"\n'
-        )
+        f'control_token_file = "{token_file}"\nsweep_seconds = 3600\npoll_seconds = 3600'
+    )
     path = workdir / "emailsync.toml"
-    path.write_text("\n".join(parts))
+    path.write_text(bench_config(workdir, server_port, port, users, keys))
     return path
 
 
