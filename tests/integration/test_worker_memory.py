@@ -1,9 +1,10 @@
 """Issue 23, memory at scale: a worker waiting in IDLE holds no connection to the state database.
 
-SQLite state keeps one connection per thread, ~160 KB each (its parsed schema and page
-cache): 2,000 idle workers that had each filed a message or looked at the Failed index held
-~300 MB of them. A worker closes its thread's connection before it waits, also when its
-events go to a CRM and only the Failed index is in the state database.
+A SQLite connection holds ~160 KB (its parsed schema and page cache): with one kept per
+thread, 2,000 idle workers that had each filed a message or looked at the Failed index held
+~300 MB of them. SqliteStore lends a thread a pooled connection for one block only, and keeps
+a few idle ones: fewer than one a worker, also when the events go to a CRM and only the
+Failed index is in the state database.
 """
 
 from __future__ import annotations

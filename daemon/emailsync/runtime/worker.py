@@ -247,15 +247,6 @@ class MailboxWorker(threading.Thread):
         self.log = log.bind(mailbox=mailbox.address)
         self.report = WorkerReport(mailbox.address, mailbox.trigger, metrics, self.clock)
         index = failed_index(store)
-        # A store that keeps a connection per thread (SQLite state: ~160 KB each, issue 23)
-        # has this worker close its own before each wait: the store, and the state database
-        # behind a CRM's store (the Failed index's engine; often the store itself again).
-        owners: list[object] = [store] if index is None else [store, index.engine]
-        self._releases = [
-            release
-            for owner in owners
-            if (release := getattr(owner, "release_connection", None)) is not None
-        ]
         self.filer = Filer(
             mailbox,
             store,
@@ -564,7 +555,6 @@ class MailboxWorker(threading.Thread):
             if self._refile_wanted:
                 continue  # more due than one re-file pass takes, or indexed as due meanwhile
             self.report.set_state(State.IDLE)
-            self._release_connection()
             waited = (
                 self._idle(session, reconnect_at) if use_idle else self._poll(session, reconnect_at)
             )
@@ -704,11 +694,6 @@ class MailboxWorker(threading.Thread):
         self.report.stuck(self.filer.stuck)
         self.report.pass_done(trigger.value, elapsed)
         self.log.debug("sync_pass", trigger=trigger.value, seconds=round(elapsed, 3))
-
-    def _release_connection(self) -> None:
-        """Close this thread's connections to the state database before a long wait."""
-        for release in self._releases:
-            release()
 
     def _idle(self, session: WorkerSession, reconnect_at: float) -> frozenset[Trigger] | None:
         """IDLE until new mail, a request, or the renewal time; None: log in again (token)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -25,6 +24,9 @@ from emailsync.state.tokens_sql import SqlTokens
 
 # How long a writer waits for another writer (another thread or a CLI process) to commit.
 BUSY_TIMEOUT_SECONDS = 5.0
+# Connections kept open between uses; more are opened while more threads use the store at
+# once, and closed when they come back. Each holds ~160 KB (parsed schema, page cache).
+IDLE_CONNECTIONS = 4
 # The file holds client mail: owner-only, and so is a state directory we create.
 DB_FILE_MODE = 0o600
 STATE_DIR_MODE = 0o700
@@ -49,7 +51,10 @@ _PRIMARY_CODE_MASK = 0xFF
 class SqliteStore(SqlStateMethods):
     """The timeline store in one SQLite file, shared by every mailbox worker thread.
 
-    Each thread gets its own connection, so lookups run beside the single writer (WAL mode).
+    A thread takes a connection from a small pool for one ``reading`` or ``transaction``
+    block and gives it back after, so lookups run beside the single writer (WAL mode) and an
+    idle thread holds none (issue 23: 2,000 worker threads). A block inside another on the
+    same thread uses the outer block's connection: it sees that transaction's writes.
     Writes are ``BEGIN IMMEDIATE`` transactions: a writer takes the lock up front, waiting at
     most ``busy_timeout_seconds`` for another writer, instead of failing half-way through.
     Opening the store creates the file (mode 0600) and applies pending schema migrations.
@@ -58,14 +63,23 @@ class SqliteStore(SqlStateMethods):
     ``close()`` only after the threads using the store have stopped.
     """
 
-    def __init__(self, path: Path, *, busy_timeout_seconds: float = BUSY_TIMEOUT_SECONDS) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        busy_timeout_seconds: float = BUSY_TIMEOUT_SECONDS,
+        idle_connections: int = IDLE_CONNECTIONS,
+    ) -> None:
         self.path = path
         self._busy_timeout_seconds = busy_timeout_seconds
-        self._local = threading.local()
-        # Weak, so a thread that ends takes its connection with it; close() reaches the rest.
-        self._holders: weakref.WeakSet[_ConnectionHolder] = weakref.WeakSet()
-        self._holders_lock = threading.Lock()
+        self._idle_cap = idle_connections
+        # The connections not in use, most recently returned last (its cache is warmest).
+        self._idle: list[sqlite3.Connection] = []
+        self._pool_lock = threading.Lock()
         self._closed = False
+        # The connection this thread has checked out, and whether it must be closed, not
+        # returned, when its outermost block ends.
+        self._local = threading.local()
         self._timeline = SqlTimeline(self)
         self._tokens = SqlTokens(self)
         self._registry = SqlRegistry(self, scrub=self._scrub)
@@ -100,8 +114,8 @@ class SqliteStore(SqlStateMethods):
         still holds the old page images until a checkpoint. Best effort: a reader holding a
         snapshot makes the checkpoint partial, and the next write retries.
         """
-        with _translated(self.path, "checkpoint"):
-            self._connection().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        with self._checkout() as conn, _translated(self.path, "checkpoint"):
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     # -- connections ----------------------------------------------------------------------
 
@@ -114,40 +128,62 @@ class SqliteStore(SqlStateMethods):
 
     @contextmanager
     def reading(self, doing: str) -> Iterator[sqlite3.Connection]:
-        """This thread's connection for reads; each statement is one consistent snapshot."""
-        conn = self._connection()
-        with _translated(self.path, doing):
+        """A connection for reads; each statement is one consistent snapshot."""
+        with self._checkout() as conn, _translated(self.path, doing):
             yield conn
 
     def register_metrics(self, registry: CollectorRegistry) -> None:
         """The built-in store has no metrics of its own."""
 
     def close(self) -> None:
-        """Close every thread's connection; later calls raise ``StoreError``."""
-        with self._holders_lock:
-            self._closed = True
-            holders = list(self._holders)
-            self._holders.clear()
-        for holder in holders:
-            holder.close()
+        """Close the pooled connections; later uses raise ``StoreError``.
 
-    def _connection(self) -> sqlite3.Connection:
-        """This thread's connection, opened on first use."""
-        holder: _ConnectionHolder | None = getattr(self._local, "holder", None)
-        if holder is not None and not self._closed:
-            return holder.connection
-        with self._holders_lock:
+        A connection still checked out is closed when its block ends.
+        """
+        with self._pool_lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+    @contextmanager
+    def _checkout(self) -> Iterator[sqlite3.Connection]:
+        """A connection for the block: this thread's current one inside another block, else
+        one from the pool (or a new one), given back when the block ends."""
+        held: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if held is not None:
+            yield held
+            return
+        conn = self._take()
+        self._local.conn = conn
+        self._local.broken = False
+        try:
+            yield conn
+        finally:
+            broken = self._local.broken or conn.in_transaction
+            self._local.conn = None
+            self._give_back(conn, broken=broken)
+
+    def _take(self) -> sqlite3.Connection:
+        with self._pool_lock:
             if self._closed:
                 raise StoreError(f"store {self.path}: already closed")
-            holder = _ConnectionHolder(self._connect())
-            self._holders.add(holder)
-        self._local.holder = holder
-        return holder.connection
+            if self._idle:
+                return self._idle.pop()
+        return self._connect()
+
+    def _give_back(self, conn: sqlite3.Connection, *, broken: bool) -> None:
+        """Keep ``conn`` for the next block, unless it is broken, the pool is full or closed."""
+        with self._pool_lock:
+            if not broken and not self._closed and len(self._idle) < self._idle_cap:
+                self._idle.append(conn)
+                return
+        conn.close()
 
     def _connect(self) -> sqlite3.Connection:
         with _translated(self.path, "open database"):
             # isolation_level=None: no implicit transactions; we issue BEGIN/COMMIT ourselves.
-            # check_same_thread=False only so close() can close other threads' connections.
+            # check_same_thread=False: a pooled connection serves one thread after another.
             conn = sqlite3.connect(
                 self.path,
                 timeout=self._busy_timeout_seconds,
@@ -167,53 +203,38 @@ class SqliteStore(SqlStateMethods):
                 raise
         return conn
 
-    def release_connection(self) -> None:
-        """Close the calling thread's connection, if it has one; its next use opens another.
-
-        For a thread about to wait long (a worker in IDLE): each connection holds its parsed
-        schema and page cache, ~160 KB (issue 23).
-        """
-        self._discard_connection()
-
     def _discard_connection(self) -> None:
-        """Forget this thread's connection after it failed in a way we cannot undo."""
-        holder: _ConnectionHolder | None = getattr(self._local, "holder", None)
-        if holder is None:
-            return
-        self._local.holder = None
-        with self._holders_lock:
-            self._holders.discard(holder)
-        holder.close()
+        """Close this thread's connection, not return it, when its outermost block ends:
+        it failed in a way we cannot undo."""
+        self._local.broken = True
 
     @contextmanager
     def _transaction(self, doing: str) -> Iterator[sqlite3.Connection]:
         """A write transaction: committed when the block ends, rolled back if it raises."""
-        conn = self._connection()
-        try:
-            with _translated(self.path, doing):
-                conn.execute("BEGIN IMMEDIATE")
-                yield conn
-                conn.execute("COMMIT")
-        finally:
-            if conn.in_transaction:
-                try:
-                    conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    # The connection's state is unknown: never reuse it.
-                    self._discard_connection()
+        with self._checkout() as conn:
+            try:
+                with _translated(self.path, doing):
+                    conn.execute("BEGIN IMMEDIATE")
+                    yield conn
+                    conn.execute("COMMIT")
+            finally:
+                if conn.in_transaction:
+                    try:
+                        conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        # The connection's state is unknown: never reuse it.
+                        self._discard_connection()
 
     def _query(self, doing: str, sql: str, params: Sequence[object]) -> list[Any]:
         """All rows of one read statement (one statement is one consistent snapshot)."""
-        conn = self._connection()
-        with _translated(self.path, doing):
+        with self._checkout() as conn, _translated(self.path, doing):
             return conn.execute(sql, params).fetchall()
 
     # -- schema -----------------------------------------------------------------------------
 
     def _migrate(self) -> None:
         """Apply the schema files newer than the file's ``PRAGMA user_version``, atomically."""
-        conn = self._connection()
-        with _translated(self.path, "enable WAL"):
+        with self._checkout() as conn, _translated(self.path, "enable WAL"):
             # Persistent in the file: readers never wait for the writer, nor it for them.
             conn.execute("PRAGMA journal_mode = WAL")
         # One transaction for the check and the changes, so two processes opening a fresh
@@ -226,24 +247,6 @@ class SqliteStore(SqlStateMethods):
                         txn.execute(statement)
                     # PRAGMA takes no bound parameters; version is an int from a file name.
                     txn.execute(f"PRAGMA user_version = {version:d}")
-
-
-class _ConnectionHolder:
-    """Owns one thread's connection and closes it when the thread's storage goes away.
-
-    Without this the connection would wait for the cycle collector: sqlite3 connections
-    reference themselves through their statement cache.
-    """
-
-    __slots__ = ("__weakref__", "_finalizer", "connection")
-
-    def __init__(self, connection: sqlite3.Connection) -> None:
-        self.connection = connection
-        self._finalizer = weakref.finalize(self, connection.close)
-
-    def close(self) -> None:
-        """Close the connection now (at most once)."""
-        self._finalizer()
 
 
 @contextmanager
