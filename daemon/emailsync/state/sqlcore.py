@@ -116,9 +116,10 @@ class Dialect:
             return _from_iso(value)
         return value.astimezone(UTC)  # type: ignore[no-any-return]
 
-    def json(self, value: list[Any]) -> object:
-        """A JSON column's value from a list."""
-        if self.postgres:
+    def json(self, value: list[Any], *, as_text: bool = False) -> object:
+        """A JSON column's value from a list (``as_text``: JSON text for both, for a statement
+        that casts it, such as an array of them)."""
+        if self.postgres and not as_text:
             from psycopg.types.json import Jsonb  # noqa: PLC0415 -- psycopg only for PostgreSQL
 
             return Jsonb(value)
