@@ -93,7 +93,7 @@ def test_agents_set_up_sync_sign_in_and_stop_through_any_of_three_crm_instances(
 
     try:
         with Balancer(route) as lb:
-            a, b, c = (cluster.start(n, public_url=lb.url) for n in ("a", "b", "c"))
+            a, b, c = cluster.start_all(["a", "b", "c"], public_url=lb.url)
             walk(cluster, lb, pages, (a, b, c), agent, (o365, o365_password), idp, reference_crm)
         # Exactly once: one event for the one message, and nothing else delivered.
         assert crm_subjects(reference_crm) == Counter({"viewing on friday": 1})

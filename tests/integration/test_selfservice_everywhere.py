@@ -212,7 +212,8 @@ def test_a_mailbox_set_up_on_one_instance_runs_on_its_owner_and_stops_from_anoth
     on whichever instance holds the lease; set up again through another, the owner restarts
     it (a new session); Stop Email Sync through a third instance than the owner ends the
     owner's session within 5 s and the secret is gone from the table. A config file's
-    mailbox stopped through a non-owner stops too, and stays stopped over a restart."""
+    mailbox stopped through a non-owner stops too, and stays stopped over a restart. Start
+    Sync through a non-owner reaches the owner."""
     witness = new_user(dovecot)
     cluster = Cluster(tmp_path, [witness], pg_url, lease_seconds=CLUSTER_LEASE_SECONDS)
     try:
@@ -244,6 +245,19 @@ def test_a_mailbox_set_up_on_one_instance_runs_on_its_owner_and_stops_from_anoth
         )
         wait_until(lambda: owner_of(cluster, agent.address) == owner)  # IDLE again, same owner
         assert registry_secret(pg_url, agent.address) is not None
+
+        # Start Sync through a non-owner: published through the database, the owner runs it.
+        owner_daemon = cluster.daemons[owner]
+        assert call(cluster.daemons[others[0]], "POST", f"{path}/sync")[0] == 202
+        wait_until(
+            lambda: (
+                owner_daemon.metric(
+                    "emailsync_sync_passes_total", mailbox=agent.address, trigger="start_sync"
+                )
+                == 1
+            ),
+            timeout=STOP_SECONDS,
+        )
 
         # Stop Email Sync through the last instance that is not the owner.
         asked = time.monotonic()

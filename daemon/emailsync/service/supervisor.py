@@ -272,9 +272,7 @@ class Supervisor:
         done = self.start_sync_local(address, include_stuck=include_stuck)
         if self.cluster is None or (done and address is not None):
             return done
-        if address is not None and not any(
-            m.address == address.lower() and m.enabled for m in self.settings.mailboxes
-        ):
+        if address is not None and not self._known_anywhere(address.lower()):
             return False
         try:
             self.cluster.publish_sync(
@@ -284,6 +282,12 @@ class Supervisor:
             log.warning("start_sync_not_published", mailbox=address, error=str(exc))
             return done
         return True
+
+    def _known_anywhere(self, address: str) -> bool:
+        """Whether a mailbox may run on some instance: an enabled one of the config file, or
+        one set up through self-service (its registry row, read now)."""
+        configured = any(m.address == address and m.enabled for m in self.settings.mailboxes)
+        return configured or self.registrar.is_registered(address)
 
     def start_sync_local(self, address: str | None, *, include_stuck: bool = False) -> bool:
         """Start Sync for a mailbox whose worker runs in this process (or all of them).
