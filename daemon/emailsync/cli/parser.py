@@ -37,6 +37,7 @@ class UsageParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
+JSON_LINES = ("--json", "one JSON object per line")
 CONFIG_HELP = "config file (default: $EMAILSYNC_CONFIG, else /etc/emailsync/emailsync.toml)"
 
 
@@ -55,150 +56,168 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
         return p
 
+    def group(
+        name: str, help_text: str, *commands: tuple[str, Handler, str]
+    ) -> dict[str, argparse.ArgumentParser]:
+        """A command of commands (``groups add``): each ``(name, handler, help)``'s parser."""
+        parent = sub.add_parser(name, help=help_text)
+        children = parent.add_subparsers(title=f"{name} commands", metavar="COMMAND")
+        parsers: dict[str, argparse.ArgumentParser] = {}
+        for child, handler, child_help in commands:
+            parsers[child] = children.add_parser(child, help=child_help)
+            parsers[child].set_defaults(handler=handler)
+        return parsers
+
+    def flags(p: argparse.ArgumentParser, *names_and_help: tuple[str, str]) -> None:
+        """On/off options: each ``(--name, help)``."""
+        for name, help_text in names_and_help:
+            p.add_argument(name, action="store_true", help=help_text)
+
+    def mailbox_address(p: argparse.ArgumentParser) -> None:
+        p.add_argument("address", help="the mailbox address")
+
     command("run", cmd_run, "the daemon, in the foreground")
     p = command("check-config", cmd_check_config, "validate the config and the presence of secrets")
-    p.add_argument(
-        "--skip-secrets",
-        action="store_true",
-        help="check the config's structure only, not that its secret files can be read "
-        "(e.g. an example config, or on a build host without the secrets)",
-    )
-    p.add_argument(
-        "--json", action="store_true", help="one JSON object: ok, counts and every problem"
+    flags(
+        p,
+        (
+            "--skip-secrets",
+            "check the config's structure only, not that its secret files can be read "
+            "(e.g. an example config, or on a build host without the secrets)",
+        ),
+        ("--json", "one JSON object: ok, counts and every problem"),
     )
 
     p = command("setup", cmd_setup, "log in and create + subscribe the folder tree")
-    p.add_argument("address", help="the mailbox address")
+    mailbox_address(p)
 
     p = command("sync", cmd_sync, "one sync pass without the daemon")
     p.add_argument(
         "addresses", nargs="*", metavar="ADDRESS", help="mailboxes (default: all enabled)"
     )
-    p.add_argument(
-        "--once", action="store_true", help="one pass and exit (the default without a daemon)"
-    )
-    p.add_argument("--dry-run", action="store_true", help="print what would happen; change nothing")
-    p.add_argument(
-        "--json",
-        action="store_true",
-        help="one JSON object per line: each decision (with --dry-run), then a per-mailbox summary",
+    flags(
+        p,
+        ("--once", "one pass and exit (the default without a daemon)"),
+        ("--dry-run", "print what would happen; change nothing"),
+        (
+            "--json",
+            "one JSON object per line: each decision (with --dry-run), then a per-mailbox summary",
+        ),
     )
 
     p = command("start-sync", cmd_start_sync, "send Start Sync to the running daemon")
     p.add_argument("addresses", nargs="*", metavar="ADDRESS")
-    p.add_argument("--all", action="store_true", help="every mailbox")
-    p.add_argument(
-        "--include-stuck",
-        action="store_true",
-        help="also retry messages quarantined in Queue ($EmailSyncStuck)",
+    flags(
+        p,
+        ("--all", "every mailbox"),
+        ("--include-stuck", "also retry messages quarantined in Queue ($EmailSyncStuck)"),
     )
 
     p = command("stop", cmd_stop, "Stop Email Sync for a mailbox (forgets its tokens)")
     p.add_argument("address")
 
     p = command("status", cmd_status, "per-mailbox state from the running daemon")
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    flags(p, JSON_LINES)
 
     p = command(
         "retry-failed",
         cmd_retry_failed,
         "move Failed messages back to Queue and release stuck ones in Queue",
     )
-    p.add_argument("address", help="the mailbox address")
+    mailbox_address(p)
 
-    groups = sub.add_parser(
-        "groups", help="the group directory of the built-in store (a CRM owns its own)"
+    groups = group(
+        "groups",
+        "the group directory of the built-in store (a CRM owns its own)",
+        ("add", cmd_groups_add, "link addresses to a group (created if new)"),
+        ("import", cmd_groups_import, "import a CSV with columns group,address"),
+        ("list", cmd_groups_list, "list groups and their addresses"),
     )
-    groups_sub = groups.add_subparsers(title="groups commands", metavar="COMMAND")
-    p = groups_sub.add_parser("add", help="link addresses to a group (created if new)")
-    p.add_argument("name")
-    p.add_argument("addresses", nargs="+", metavar="ADDRESS")
-    p.set_defaults(handler=cmd_groups_add)
-    p = groups_sub.add_parser("import", help="import a CSV with columns group,address")
-    p.add_argument("file", type=Path)
-    p.set_defaults(handler=cmd_groups_import)
-    p = groups_sub.add_parser("list", help="list groups and their addresses")
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.set_defaults(handler=cmd_groups_list)
+    groups["add"].add_argument("name")
+    groups["add"].add_argument("addresses", nargs="+", metavar="ADDRESS")
+    groups["import"].add_argument("file", type=Path)
+    flags(groups["list"], JSON_LINES)
 
-    auth = sub.add_parser("auth", help="Office 365 sign-in and token state")
-    auth_sub = auth.add_subparsers(title="auth commands", metavar="COMMAND")
-    p = auth_sub.add_parser(
-        "login", help="Office 365 device-code sign-in for a mailbox (delegated mode)"
+    auth = group(
+        "auth",
+        "Office 365 sign-in and token state",
+        ("login", cmd_auth_login, "Office 365 device-code sign-in for a mailbox (delegated mode)"),
+        ("status", cmd_auth_status, "token state of every Office 365 mailbox"),
     )
-    p.add_argument("address")
-    p.set_defaults(handler=cmd_auth_login)
-    p = auth_sub.add_parser("status", help="token state of every Office 365 mailbox")
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.set_defaults(handler=cmd_auth_status)
+    auth["login"].add_argument("address")
+    flags(auth["status"], JSON_LINES)
 
-    token = sub.add_parser("token", help="per-agent tokens for the self-service pages and API")
-    token_sub = token.add_subparsers(title="token commands", metavar="COMMAND")
-    p = token_sub.add_parser(
-        "issue",
-        help="a signed token for one mailbox's set-up, Start Sync, Stop and status",
+    token = group(
+        "token",
+        "per-agent tokens for the self-service pages and API",
+        (
+            "issue",
+            cmd_token_issue,
+            "a signed token for one mailbox's set-up, Start Sync, Stop and status",
+        ),
+        (
+            "list",
+            cmd_token_list,
+            "every token issued: mailbox, who and when, expiry, last use, state",
+        ),
+        (
+            "revoke",
+            cmd_token_revoke,
+            "revoke one token by its id, or every token of a mailbox by its address",
+        ),
     )
-    p.add_argument("address", help="the mailbox address")
-    p.add_argument(
+    mailbox_address(token["issue"])
+    token["issue"].add_argument(
         "--expires",
         type=int,
         default=None,
         metavar="DAYS",
         help="valid for this many days, 1-3660 (default: [daemon] agent_token_days, 90)",
     )
-    p.set_defaults(handler=cmd_token_issue)
-    p = token_sub.add_parser(
-        "list", help="every token issued: mailbox, who and when, expiry, last use, state"
-    )
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.set_defaults(handler=cmd_token_list)
-    p = token_sub.add_parser(
-        "revoke", help="revoke one token by its id, or every token of a mailbox by its address"
-    )
-    p.add_argument(
+    flags(token["list"], JSON_LINES)
+    token["revoke"].add_argument(
         "which", metavar="ID|ADDRESS", help="a token id (see `token list`) or an address"
     )
-    p.set_defaults(handler=cmd_token_revoke)
 
-    keys = sub.add_parser("keys", help="the registry key (stored passwords, agent tokens)")
-    keys_sub = keys.add_subparsers(title="keys commands", metavar="COMMAND")
-    p = keys_sub.add_parser(
-        "rotate", help="new key: re-encrypt stored passwords, revoke every agent token"
+    keys = group(
+        "keys",
+        "the registry key (stored passwords, agent tokens)",
+        (
+            "rotate",
+            cmd_keys_rotate,
+            "new key: re-encrypt stored passwords, revoke every agent token",
+        ),
+        (
+            "adopt",
+            cmd_keys_adopt,
+            "make this instance's key the one the state database checks (the old one is lost)",
+        ),
     )
-    p.set_defaults(handler=cmd_keys_rotate)
-    p = keys_sub.add_parser(
-        "adopt",
-        help="make this instance's key the one the state database checks (the old one is lost)",
+    flags(
+        keys["adopt"], ("--yes", "confirm: passwords stored under the old key must be set up again")
     )
-    p.add_argument(
-        "--yes",
-        action="store_true",
-        help="confirm: passwords stored under the old key must be set up again",
-    )
-    p.set_defaults(handler=cmd_keys_adopt)
 
-    crm = sub.add_parser("crm", help="the configured CRM connector")
-    crm_sub = crm.add_subparsers(title="crm commands", metavar="COMMAND")
-    p = crm_sub.add_parser(
-        "check", help="call the CRM once: a signed group lookup of a test address"
+    crm = group(
+        "crm",
+        "the configured CRM connector",
+        ("check", cmd_crm_check, "call the CRM once: a signed group lookup of a test address"),
     )
-    p.add_argument(
+    crm["check"].add_argument(
         "--address", default="emailsync-check@example.invalid", help="the address to look up"
     )
-    p.set_defaults(handler=cmd_crm_check)
 
     p = command("timeline", cmd_timeline, "recorded timeline events, newest first")
     p.add_argument("--group", help="only this group")
     p.add_argument("--mailbox", help="only events filed from this mailbox")
     p.add_argument("--limit", type=int, default=None, help="at most this many events")
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    flags(p, JSON_LINES)
 
     p = command(
         "doctor",
         cmd_doctor,
         "log in as the daemon would and report TLS, capabilities, folders and IDLE delay",
     )
-    p.add_argument("address", help="the mailbox address")
+    mailbox_address(p)
     p.add_argument(
         "--idle-timeout",
         type=float,
@@ -206,19 +225,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long to wait for the server's IDLE notice of the probe (default 75)",
     )
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    flags(p, JSON_LINES)
 
     p = command(
         "demo", cmd_demo, "throwaway Dovecot + seeded mailboxes, groups and mail + the daemon"
     )
     p.add_argument("--dir", type=Path, default=Path(".demo"), help="where the demo keeps its files")
-    p.add_argument(
-        "--once", action="store_true", help="one pass and exit instead of running the daemon"
-    )
-    p.add_argument(
-        "--crm",
-        action="store_true",
-        help="groups and events in the reference CRM (emailsync.dev.crm) instead of SQLite",
+    flags(
+        p,
+        ("--once", "one pass and exit instead of running the daemon"),
+        (
+            "--crm",
+            "groups and events in the reference CRM (emailsync.dev.crm) instead of SQLite",
+        ),
     )
 
     p = command(

@@ -6,8 +6,10 @@ Groups and events are managed here only in the built-in store; a configured CRM 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from emailsync.cli.exitcode import EXIT_OK, EXIT_RUNTIME, EXIT_UNAVAILABLE, EXIT_USAGE
@@ -46,11 +48,47 @@ def event_json(event: TimelineEvent) -> dict[str, Any]:
     }
 
 
-def cmd_groups_add(args: argparse.Namespace, out: TextIO) -> int:
+def event_line(event: TimelineEvent) -> str:
+    """A timeline event as one tab-separated line (the ``timeline`` line shape)."""
+    when = event.date.strftime("%Y-%m-%d %H:%M") if event.date else "?"
+    # Each mailbox with the direction seen from it (outbound from the sender's).
+    vias = [f"{v.mailbox} ({v.direction.value if v.direction else '?'})" for v in event.via]
+    mailboxes = ",".join(vias) or event.mailbox
+    return (
+        f"{when}\t{event.group}\t{event.direction.value}\t{event.subject!r}"
+        f"\tfrom {event.from_}\tvia {mailboxes}"
+    )
+
+
+Command = Callable[[argparse.Namespace, TextIO], int]
+BuiltinCommand = Callable[[argparse.Namespace, TextIO, Settings], int]
+
+
+def builtin_store_only(what: str) -> Callable[[BuiltinCommand], Command]:
+    """A command on the built-in store's ``what``: it loads the config, and with a [crm] table
+    says the CRM owns ``what`` and exits 64 (EX_USAGE) before it reads or opens anything."""
+
+    def decorate(command: BuiltinCommand) -> Command:
+        @functools.wraps(command)
+        def run(args: argparse.Namespace, out: TextIO) -> int:
+            settings = load(args)
+            if settings.crm is not None:
+                print(
+                    f"emailsync: the CRM at {settings.crm.url} owns {what} ([crm] in"
+                    f" {settings.path}); manage them in the CRM, not here",
+                    file=sys.stderr,
+                )
+                return EXIT_USAGE
+            return command(args, out, settings)
+
+        return run
+
+    return decorate
+
+
+@builtin_store_only("groups")
+def cmd_groups_add(args: argparse.Namespace, out: TextIO, settings: Settings) -> int:
     """Create a group or link more addresses to it."""
-    settings = load(args)
-    if settings.crm is not None:
-        return _owned_by_crm(settings, "groups")
     with store_for(settings) as store:
         try:
             group = store.add_group(args.name, args.addresses)
@@ -61,11 +99,9 @@ def cmd_groups_add(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
-def cmd_groups_import(args: argparse.Namespace, out: TextIO) -> int:
+@builtin_store_only("groups")
+def cmd_groups_import(args: argparse.Namespace, out: TextIO, settings: Settings) -> int:
     """Import group,address rows from a CSV file."""
-    settings = load(args)
-    if settings.crm is not None:
-        return _owned_by_crm(settings, "groups")
     try:
         rows = read_group_csv(args.file)
     except (ValueError, OSError) as exc:
@@ -77,11 +113,9 @@ def cmd_groups_import(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
-def cmd_groups_list(args: argparse.Namespace, out: TextIO) -> int:
+@builtin_store_only("groups")
+def cmd_groups_list(args: argparse.Namespace, out: TextIO, settings: Settings) -> int:
     """List groups with their addresses."""
-    settings = load(args)
-    if settings.crm is not None:
-        return _owned_by_crm(settings, "groups")
     with store_for(settings) as store:
         groups = store.list_groups()
     for group in groups:
@@ -92,37 +126,15 @@ def cmd_groups_list(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
-def cmd_timeline(args: argparse.Namespace, out: TextIO) -> int:
+@builtin_store_only("timeline events")
+def cmd_timeline(args: argparse.Namespace, out: TextIO, settings: Settings) -> int:
     """Print recorded events, newest first; JSON is one object per line."""
-    settings = load(args)
-    if settings.crm is not None:
-        return _owned_by_crm(settings, "timeline events")
     with store_for(settings) as store:
         events = store.list_events(group=args.group, mailbox=args.mailbox, limit=args.limit)
     for event in events:
-        if args.json:
-            print(json.dumps(event_json(event), ensure_ascii=False), file=out)
-        else:
-            when = event.date.strftime("%Y-%m-%d %H:%M") if event.date else "?"
-            # Each mailbox with the direction seen from it (outbound from the sender's).
-            vias = [f"{v.mailbox} ({v.direction.value if v.direction else '?'})" for v in event.via]
-            mailboxes = ",".join(vias) or event.mailbox
-            print(
-                f"{when}\t{event.group}\t{event.direction.value}\t{event.subject!r}"
-                f"\tfrom {event.from_}\tvia {mailboxes}",
-                file=out,
-            )
+        line = json.dumps(event_json(event), ensure_ascii=False) if args.json else event_line(event)
+        print(line, file=out)
     return EXIT_OK
-
-
-def _owned_by_crm(settings: Settings, what: str) -> int:
-    assert settings.crm is not None  # noqa: S101 -- callers check
-    print(
-        f"emailsync: the CRM at {settings.crm.url} owns {what} ([crm] in {settings.path});"
-        f" manage them in the CRM, not here",
-        file=sys.stderr,
-    )
-    return EXIT_USAGE
 
 
 def cmd_crm_check(args: argparse.Namespace, out: TextIO) -> int:
