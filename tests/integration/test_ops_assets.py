@@ -78,9 +78,15 @@ _PROMQL_KEYWORDS = frozenset(
 )
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
 _GRAFANA_VARIABLE = re.compile(r"\$\{[^}]*\}|\$\w+")
-_LABEL_MATCHERS = re.compile(r"\{[^{}]*\}")
-_RANGE = re.compile(r"\[[^\[\]]*\]")
-_GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^()]*\)")
+# What `referenced_metric_names` blanks, in order, before it reads identifiers: strings,
+# Grafana variables, label matchers, ranges and grouping clauses.
+_BLANKED = (
+    (_STRING, '""'),
+    (_GRAFANA_VARIABLE, ""),
+    (re.compile(r"\{[^{}]*\}"), ""),
+    (re.compile(r"\[[^\[\]]*\]"), ""),
+    (re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^()]*\)"), ""),
+)
 _IDENTIFIER = re.compile(r"(?<![\w.:])([A-Za-z_:][\w:]*)(?![\w:])(\s*\()?")
 _LABEL_VALUES = re.compile(r"^\s*label_values\((?:(?P<metric>.*),)?\s*(?P<label>\w+)\s*\)\s*$")
 
@@ -112,11 +118,9 @@ def referenced_metric_names(expr: str) -> set[str]:
     Strips strings, Grafana variables, label matchers, ranges and grouping clauses; what is
     left as a bare identifier (not a function call, not a keyword) is a metric name.
     """
-    text = _STRING.sub('""', expr)
-    text = _GRAFANA_VARIABLE.sub("", text)
-    text = _LABEL_MATCHERS.sub("", text)
-    text = _RANGE.sub("", text)
-    text = _GROUPING.sub("", text)
+    text = expr
+    for pattern, replacement in _BLANKED:
+        text = pattern.sub(replacement, text)
     return {
         match.group(1)
         for match in _IDENTIFIER.finditer(text)
