@@ -22,11 +22,9 @@ import imaplib
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from email.message import EmailMessage
@@ -35,6 +33,7 @@ from pathlib import Path
 import trustme
 
 from emailsync.dev.dovecot import Dovecot, DovecotOptions, TlsFiles
+from emailsync.dev.runner import NotifyListener
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## From the demo to a real mailbox (five minutes)"
@@ -63,37 +62,22 @@ def readme_blocks() -> list[str]:
     return blocks
 
 
-class NotifyLog:
-    """A NOTIFY_SOCKET that writes every message to a file the systemctl stand-in reads."""
+class NotifyLog(NotifyListener):
+    """A NOTIFY_SOCKET that writes each message as a line of a file the systemctl stand-in reads."""
 
     def __init__(self, directory: Path) -> None:
-        self.path = directory / "notify.sock"
         self.log = directory / "notify.log"
-        self.log.touch()
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(self.path))
-        self.path.chmod(0o666)  # the daemon runs as the unit's User
-        self.sock.settimeout(0.2)
-        self._running = True
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
+        self._out = self.log.open("a", encoding="utf-8")
+        # Mode 0666: the daemon runs as the unit's User.
+        super().__init__(directory / "notify.sock", self._write, mode=0o666)
 
-    def _read(self) -> None:
-        with self.log.open("a", encoding="utf-8") as out:
-            while self._running:
-                try:
-                    data = self.sock.recv(4096)
-                except TimeoutError:
-                    continue
-                except OSError:
-                    return
-                out.write(data.decode("utf-8", "replace").replace("\n", " ") + "\n")
-                out.flush()
+    def _write(self, message: str) -> None:
+        self._out.write(message.replace("\n", " ") + "\n")
+        self._out.flush()
 
     def close(self) -> None:
-        self._running = False
-        self._thread.join(2)
-        self.sock.close()
+        super().close()
+        self._out.close()
 
 
 def shims(directory: Path) -> Path:

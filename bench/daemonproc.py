@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -13,6 +11,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from emailsync.dev.net import stop_process
+from emailsync.dev.runner import start_daemon
 
 READY_TIMEOUT_SECONDS = 30.0
 # DESIGN.md §2: on SIGTERM the daemon exits within 10 s; allow a little more before SIGKILL.
@@ -32,15 +31,8 @@ class DaemonProcess:
         self.log_path = log_path
         self.returncode: int | None = None
         # Not under systemd: the notify/watchdog glue stays a no-op.
-        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
         with log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "emailsync.cli", "--config", str(config), "run"],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-            )
+            self.process = start_daemon(config, log)
 
     def __enter__(self) -> DaemonProcess:
         return self

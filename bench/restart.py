@@ -24,7 +24,6 @@ import os
 import secrets
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -39,6 +38,7 @@ from mailboxes import bench_config
 
 from emailsync.dev.dovecot import Dovecot
 from emailsync.dev.net import free_port, stop_process
+from emailsync.dev.runner import start_daemon
 
 PROBE_SECONDS = 0.2
 PROBE_TIMEOUT_SECONDS = 30.0
@@ -142,15 +142,8 @@ class Daemon:
         self.port = port
         self.token = token
         self.log_path = log_path
-        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
         self._log = log_path.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "emailsync.cli", "--config", str(config), "run"],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-        )
+        self.process = start_daemon(config, self._log)
 
     def states(self) -> dict[str, str]:
         """Each mailbox's state from /v1/mailboxes (empty when unreachable)."""

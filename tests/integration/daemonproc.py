@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -20,6 +17,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from emailsync.dev.net import free_port, stop_process
+from emailsync.dev.runner import NotifyListener, start_daemon
 
 from .faultproxy import FaultProxy
 from .mailenv import MailUser, write_config
@@ -50,39 +48,16 @@ def wait_until(condition: Callable[[], Any], timeout: float = 15.0, interval: fl
     raise AssertionError(f"condition not met within {timeout} s (last value: {last!r})")
 
 
-class NotifySocket:
+class NotifySocket(NotifyListener):
     """A unix datagram socket standing in for systemd's NOTIFY_SOCKET; records messages."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        path.unlink(missing_ok=True)  # left by an earlier daemon of the same test
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.2)
         self.messages: list[str] = []
-        self._running = True
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        while self._running:
-            try:
-                data = self.sock.recv(4096)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.messages.append(data.decode("utf-8", "replace"))
+        super().__init__(path, self.messages.append)
 
     def seen(self, fragment: str) -> bool:
         """True when any message so far contains ``fragment``."""
         return any(fragment in m for m in list(self.messages))
-
-    def close(self) -> None:
-        """Stop reading and close."""
-        self._running = False
-        self._thread.join(2)
-        self.sock.close()
 
 
 class RunningDaemon:
@@ -100,17 +75,13 @@ class RunningDaemon:
         self.notify = NotifySocket(
             workdir / ("notify.sock" if name == "daemon" else f"{name}.sock")
         )
-        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
-        env.update(
-            NOTIFY_SOCKET=str(self.notify.path), WATCHDOG_USEC="2000000", PYTHONUNBUFFERED="1"
-        )
         self._log = self.log_path.open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "emailsync.cli", "--config", str(config), "run"],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
+        self.process = start_daemon(
+            config,
+            self._log,
+            NOTIFY_SOCKET=str(self.notify.path),
+            WATCHDOG_USEC="2000000",
+            PYTHONUNBUFFERED="1",
         )
 
     def wait_ready(self) -> None:
