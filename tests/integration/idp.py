@@ -40,6 +40,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from emailsync.dev.net import LocalServer
+
 # A loopback address of this process's own (all of 127.0.0.0/8 reaches this machine), so two
 # test runs, or two pytest-xdist workers, each have their own port 443.
 HOST = f"127.{os.getpid() >> 16 & 0xFF}.{os.getpid() >> 8 & 0xFF}.{max(2, os.getpid() & 0xFF)}"
@@ -143,7 +145,7 @@ class _State:
     requests: list[IdpRequest] = field(default_factory=list)
 
 
-class IdentityProvider:
+class IdentityProvider(LocalServer):
     """An OAuth2/OpenID provider for one tenant on https://HOST (port 443)."""
 
     def __init__(
@@ -154,9 +156,7 @@ class IdentityProvider:
         domain: str = "example.com",
         port: int = HTTPS_PORT,
     ) -> None:
-        self.tenant_id = tenant_id
-        self.domain = domain
-        self.port = port
+        self.tenant_id, self.domain, self.port = tenant_id, domain, port
         self.access_token_lifetime_seconds = DEFAULT_ACCESS_TOKEN_LIFETIME_SECONDS
         self._cert = ca.issue_cert(HOST, "localhost")
         self._lock = threading.Lock()
@@ -166,13 +166,6 @@ class IdentityProvider:
         self._down_status: int | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
-
-    def __enter__(self) -> IdentityProvider:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
     def start(self) -> None:
         """Listen and serve in a thread; the socket accepts connections once this returns."""
@@ -195,6 +188,10 @@ class IdentityProvider:
         )
         thread.start()
         self._server, self._thread = server, thread
+
+    def close(self) -> None:
+        """Leaving ``with``: stop serving."""
+        self.stop()
 
     def stop(self) -> None:
         """Stop serving and close the listening socket; safe to call twice."""

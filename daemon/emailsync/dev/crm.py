@@ -29,6 +29,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from emailsync.dev.net import LocalServer
 from emailsync.state.csvimport import read_group_csv
 from emailsync.timeline.crm import signing
 
@@ -87,7 +88,7 @@ class Exchange:
     response_body: bytes
 
 
-class DevCrm:
+class DevCrm(LocalServer):
     """The reference CRM: start(), link groups, look at the events, set ``faults``."""
 
     def __init__(
@@ -145,12 +146,6 @@ class DevCrm:
             self._thread.join(5)
         with self._lock:
             self._db.close()
-
-    def __enter__(self) -> DevCrm:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # -- data -----------------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from emailsync.dev.net import free_port, stop_process, wait_for_port
+from emailsync.dev.net import LocalServer, free_port, stop_process, wait_for_port
 
 MAIL_UID = 65534  # "nobody": Dovecot refuses to run mail processes as root
 START_TIMEOUT_SECONDS = 15.0
@@ -90,7 +90,7 @@ class DovecotOptions:
     passdb: str = field(default="")  # replaces the passwd-file passdb when set
 
 
-class Dovecot:
+class Dovecot(LocalServer):
     """One Dovecot instance in ``base_dir``; ``start()``, ``add_user()``, ``stop()``."""
 
     def __init__(self, base_dir: Path | None = None, options: DovecotOptions | None = None) -> None:
@@ -108,13 +108,6 @@ class Dovecot:
         self.log_path = base_dir / "dovecot.log"
         self.mail_dir = base_dir / "mail"
         self._process: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> Dovecot:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def close(self) -> None:
         """Stop, and remove the directory when this object made it."""

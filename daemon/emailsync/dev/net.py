@@ -1,5 +1,7 @@
 """Throwaway local servers' plumbing: a free loopback port, waiting on one, stopping one.
 
+``LocalServer`` makes each a context manager the same way (``with`` starts and closes it).
+
 One copy for ``emailsync.dev.dovecot``, ``demo``, the bench's servers and daemons and the test
 fixtures, so a change to how a port is probed or a process stopped is made once.
 """
@@ -11,12 +13,35 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Self
 
 # A probe to loopback answers at once; the bound keeps a wedged stack from hanging a wait.
 PROBE_TIMEOUT_SECONDS = 0.5
 POLL_SECONDS = 0.05
 # After SIGKILL a process is gone at once; the bound only keeps a zombie from hanging us.
 KILL_WAIT_SECONDS = 5.0
+
+
+class LocalServer:
+    """A throwaway server as a context manager: entering starts it, leaving closes it.
+
+    A subclass defines ``start()`` (serving once it returns) and ``close()``.
+    """
+
+    def start(self) -> object:
+        """Start serving."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop serving and drop what the server made."""
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def free_port() -> int:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psycopg
 
-from emailsync.dev.net import free_port
+from emailsync.dev.net import LocalServer, free_port
 
 START_TIMEOUT_SECONDS = 30.0
 STOP_TIMEOUT_SECONDS = 15.0
@@ -50,7 +50,7 @@ def postgres_bin_dir() -> Path | None:
     return found[-1] if found else None
 
 
-class Postgres:
+class Postgres(LocalServer):
     """One PostgreSQL cluster in ``base_dir`` (a fresh temp dir by default), on a free port."""
 
     def __init__(self, base_dir: Path | None = None) -> None:
@@ -64,13 +64,6 @@ class Postgres:
         self._process: subprocess.Popen[bytes] | None = None
         self._user = _run_as_user()
         self._databases = 0
-
-    def __enter__(self) -> Postgres:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     @property
     def running(self) -> bool:
