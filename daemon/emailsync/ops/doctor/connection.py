@@ -89,22 +89,16 @@ def connection_verdict(
         PROBLEM,
         detail,
         _connection_fix(
-            server, branch=branch, kind=kind, error=error, answer=answer, timeout=timeout
+            server, branch_table(branch), kind=kind, error=error, answer=answer, timeout=timeout
         ),
     )
 
 
 def _connection_fix(
-    server: ServerSettings,
-    *,
-    branch: str | None,
-    kind: str,
-    error: str,
-    answer: PortAnswer,
-    timeout: float,
+    server: ServerSettings, table: str, *, kind: str, error: str, answer: PortAnswer, timeout: float
 ) -> str:
+    """The fix for ``connection_verdict``; ``table``: the config table of ``server``."""
     where = f"{server.host}:{server.port}"
-    table = branch_table(branch)
     said = f" ({answer.text[:60]!r})" if answer.text else ""
     ports = 'IMAP listens on 993 for security = "ssl", on 143 for "starttls" and "none"'
     if answer.kind == "unresolved":
