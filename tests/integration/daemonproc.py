@@ -166,6 +166,12 @@ class RunningDaemon:
         """Send a signal to the daemon."""
         self.process.send_signal(signum)
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash; reaps it and closes its log and notify socket (exit -9)."""
+        self.expected_exit = -9
+        self.process.kill()
+        self.stop()
+
     def stop(self, timeout: float = 15.0) -> int:
         """SIGTERM and wait; returns the exit code."""
         code = stop_process(self.process, timeout)

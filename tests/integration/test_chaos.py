@@ -39,7 +39,6 @@ import os
 import random
 import secrets
 import signal
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -59,7 +58,16 @@ from emailsync.state.postgres import PostgresStore
 from .conftest import MailUser, new_user, write_config
 from .daemonproc import RunningDaemon, daemon_config_extra, new_port, run_cli, wait_until
 from .faultproxy import Connection, FaultProxy
-from .test_soak import IMAP_FAULTS, Bag, MailSource, inject_fault, queue_empty, rss_kib, tree_ids
+from .test_soak import (
+    IMAP_FAULTS,
+    Background,
+    Bag,
+    MailSource,
+    inject_fault,
+    queue_empty,
+    rss_kib,
+    tree_ids,
+)
 
 pytestmark = pytest.mark.dovecot
 
@@ -156,36 +164,27 @@ class ChaosCluster:
             instance.proxy.stop()
 
 
-class Disruptor:
+class Disruptor(Background):
     """Every few seconds one disruption, drawn at random from ``ACTIONS`` (a ``Bag``: no kind
     again before each has come once); counts what it did."""
 
     ACTIONS: tuple[str, ...] = ()
 
     def __init__(self, rng: random.Random) -> None:
+        super().__init__("chaos", join_seconds=60)
         self.rng = rng
         self.actions = Bag(self.ACTIONS, rng)
         self.imap_faults = Bag(IMAP_FAULTS, rng)
         self.done: Counter[str] = Counter()
         self.errors: list[str] = []
-        self._running = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="chaos", daemon=True)
-
-    def start(self) -> None:
-        self._running.set()
-        self._thread.start()
 
     def stop(self) -> None:
         """Stop choosing disruptions (the one under way finishes) and undo lasting ones."""
-        self._running.clear()
-        self._thread.join(60)
+        super().stop()
         self._calm()
 
     def _run(self) -> None:
-        while self._running.is_set():
-            time.sleep(self.rng.uniform(*CHAOS_EVERY_SECONDS))
-            if not self._running.is_set():
-                return
+        while self._pause(self.rng, CHAOS_EVERY_SECONDS):
             action = self.actions.draw()
             try:
                 self._act(action)
@@ -221,9 +220,7 @@ class Chaos(Disruptor):
             victim = self.rng.choice(victims)
             assert victim.daemon is not None
             if action == "kill":
-                victim.daemon.expected_exit = -9
-                victim.daemon.process.kill()
-                victim.daemon.stop()  # reaps it, closes its log and notify socket
+                victim.daemon.kill()
                 self.done["kill -9"] += 1
                 time.sleep(self.rng.uniform(2.0, 5.0))
                 self.cluster.start(victim, ready=False)
@@ -495,9 +492,7 @@ class CrmChaos(Disruptor):
             self.crm.faults.drop_after_commit = self.rng.randint(1, 3)
             self.done["crm commit-then-drop"] += 1
         elif action == "kill":
-            self.daemon.expected_exit = -9
-            self.daemon.process.kill()
-            self.daemon.stop()  # reaps it, closes its log and notify socket
+            self.daemon.kill()
             self.done["kill -9"] += 1
             time.sleep(self.rng.uniform(1.0, 3.0))
             self.daemon = self.restart()

@@ -65,27 +65,49 @@ def rss_kib(pid: int) -> int:
     raise AssertionError(f"no VmRSS for {pid}")
 
 
-class MailSource:
-    """Appends mail to random mailboxes' Queues, straight to Dovecot, at a steady rate."""
+class Background:
+    """Work on a daemon thread of its own (``_run``), from ``start()`` until ``stop()``."""
 
-    def __init__(self, users: list[MailUser], rate: float, rng: random.Random) -> None:
-        self.users = users
-        self.rate = rate
-        self.rng = rng
-        self.appended: dict[str, list[str]] = {u.address: [] for u in users}
-        self.subjects: list[str] = []  # of the messages appended, in order
-        self._clients: dict[str, imapclient.IMAPClient] = {}
+    def __init__(self, name: str, join_seconds: float = 30.0) -> None:
         self._running = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="mail-source", daemon=True)
-        self.errors: list[str] = []
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._join_seconds = join_seconds
 
     def start(self) -> None:
         self._running.set()
         self._thread.start()
 
     def stop(self) -> None:
+        """Ask the thread to end and wait for it (the step under way finishes)."""
         self._running.clear()
-        self._thread.join(30)
+        self._thread.join(self._join_seconds)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def _pause(self, rng: random.Random, seconds: tuple[float, float]) -> bool:
+        """Sleep a random time within ``seconds``; False (at once, or after) once stopping."""
+        if not self._running.is_set():
+            return False
+        time.sleep(rng.uniform(*seconds))
+        return self._running.is_set()
+
+
+class MailSource(Background):
+    """Appends mail to random mailboxes' Queues, straight to Dovecot, at a steady rate."""
+
+    def __init__(self, users: list[MailUser], rate: float, rng: random.Random) -> None:
+        super().__init__("mail-source")
+        self.users = users
+        self.rate = rate
+        self.rng = rng
+        self.appended: dict[str, list[str]] = {u.address: [] for u in users}
+        self.subjects: list[str] = []  # of the messages appended, in order
+        self._clients: dict[str, imapclient.IMAPClient] = {}
+        self.errors: list[str] = []
+
+    def stop(self) -> None:
+        super().stop()
         for client in self._clients.values():
             try:
                 client.logout()
@@ -141,31 +163,22 @@ class Bag:
         return self._left.pop()
 
 
-class FaultInjector:
+class FaultInjector(Background):
     """Every few seconds, one random fault on one random connection (or a short trickle)."""
 
     def __init__(self, proxy: FaultProxy, rng: random.Random) -> None:
+        super().__init__("faults")
         self.proxy = proxy
         self.rng = rng
         self.kinds = Bag(IMAP_FAULTS, rng)
         self.injected: Counter[str] = Counter()
-        self._running = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="faults", daemon=True)
-
-    def start(self) -> None:
-        self._running.set()
-        self._thread.start()
 
     def stop(self) -> None:
-        self._running.clear()
-        self._thread.join(30)
+        super().stop()
         self.proxy.clear()
 
     def _run(self) -> None:
-        while self._running.is_set():
-            time.sleep(self.rng.uniform(*FAULT_EVERY_SECONDS))
-            if not self._running.is_set():
-                return
+        while self._pause(self.rng, FAULT_EVERY_SECONDS):
             self.injected[inject_fault(self.proxy, self.rng, self.kinds.draw())] += 1
 
 
