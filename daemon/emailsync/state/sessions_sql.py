@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 from emailsync.errors import ConfigError
-from emailsync.state.sqlcore import Capped, SqlEngine, dialect_of
+from emailsync.state.sqlcore import Capped, SealedRows, SqlEngine
 from emailsync.state.vault import Vault
 
 SELECT = (
@@ -60,19 +60,12 @@ def row_id(sid: str) -> str:
     return hashlib.sha256(sid.encode()).hexdigest()
 
 
-def token_label(rid: str) -> str:
-    """The associated data a session's token is sealed with: its row."""
-    return f"page_sessions:{rid}"
-
-
-class SqlSessions:
+class SqlSessions(SealedRows):
     """Page sessions on a SQL engine; every call is one transaction."""
 
     def __init__(self, engine: SqlEngine, vault: Vault, *, max_sessions: int) -> None:
-        self.engine = engine
-        self.vault = vault
+        super().__init__(engine, vault, "page_sessions")
         self.max_sessions = max_sessions
-        self.dialect = dialect_of(engine)
 
     def load(self, sid: str, now: float | None = None) -> SessionRow | None:
         """The live session of this cookie id; an expired or unreadable one is deleted."""
@@ -87,7 +80,7 @@ class SqlSessions:
         token: str | None = None
         if float(expires_at) > now:
             try:
-                token = self.vault.decrypt(bytes(blob), token_label(rid)).reveal()
+                token = self.unseal(rid, bytes(blob))
             except ConfigError:
                 token = None  # sealed under a key this instance no longer holds: log in again
         if token is None:
@@ -107,7 +100,7 @@ class SqlSessions:
         """Store a new session; expired ones go, and the oldest beyond ``max_sessions``."""
         now = time.time() if now is None else now
         rid = row_id(session.sid)
-        blob = self.vault.encrypt(session.token, token_label(rid))
+        blob = self.seal(rid, session.token)
         sql = self.dialect.sql
         with self.engine.transaction("store a page session") as conn:
             CAPPED.make_room(conn, self.dialect, now, self.max_sessions)

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from emailsync.errors import ConfigError
-from emailsync.state.sqlcore import Capped, SqlEngine, dialect_of
+from emailsync.state.sqlcore import Capped, SealedRows, SqlEngine
 from emailsync.state.vault import Vault
 
 INSERT = "INSERT INTO signin_flows (state, address, flow, expires_at) VALUES (?, ?, ?, ?)"
@@ -31,25 +31,18 @@ CAPPED = Capped(
 TAKE = "DELETE FROM signin_flows WHERE state = ? RETURNING address, flow, expires_at"
 
 
-def flow_label(state: str) -> str:
-    """The associated data a flow is sealed with: its row."""
-    return f"signin_flows:{state}"
-
-
-class SqlSignInFlows:
+class SqlSignInFlows(SealedRows):
     """Pending sign-ins on a SQL engine: ``put`` one, ``take`` it once."""
 
     def __init__(self, engine: SqlEngine, vault: Vault, *, max_flows: int) -> None:
-        self.engine = engine
-        self.vault = vault
+        super().__init__(engine, vault, "signin_flows")
         self.max_flows = max_flows
-        self.dialect = dialect_of(engine)
 
     def put(
         self, state: str, address: str, payload: Mapping[str, Any], expires_at: float, now: float
     ) -> None:
         """Keep a flow until ``expires_at`` (Unix seconds); expired ones go."""
-        blob = self.vault.encrypt(json.dumps(payload), flow_label(state))
+        blob = self.seal(state, json.dumps(payload))
         sql = self.dialect.sql
         with self.engine.transaction("keep a sign-in") as conn:
             CAPPED.make_room(conn, self.dialect, now, self.max_flows)
@@ -68,7 +61,7 @@ class SqlSignInFlows:
         if float(expires_at) <= now:
             return None
         try:
-            payload = json.loads(self.vault.decrypt(bytes(blob), flow_label(state)).reveal())
+            payload = json.loads(self.unseal(state, bytes(blob)))
         except ConfigError:
             return None
         return str(address), dict(payload)

@@ -38,9 +38,12 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from emailsync.errors import StoreError
+
+if TYPE_CHECKING:
+    from emailsync.state.vault import Vault
 
 _PAIRS = re.compile(r"\{pairs\(([^,()]+), ([^,()]+)\)\}")
 
@@ -190,6 +193,31 @@ class Capped:
         (rows,) = conn.execute(dialect.sql(self.count)).fetchone()
         if int(rows) >= cap:
             conn.execute(dialect.sql(self.delete_oldest), (int(rows) - cap + 1,))
+
+
+def row_label(table: str, key: str) -> str:
+    """The associated data a value sealed in a row is bound to: its table and key, so that a
+    blob copied to another row does not open."""
+    return f"{table}:{key}"
+
+
+class SealedRows:
+    """A table on a SQL engine with a column the vault seals, each value bound to its row
+    (``row_label``); every call of a subclass is one transaction."""
+
+    def __init__(self, engine: SqlEngine, vault: Vault, table: str) -> None:
+        self.engine = engine
+        self.vault = vault
+        self.table = table
+        self.dialect = dialect_of(engine)
+
+    def seal(self, key: str, text: str) -> bytes:
+        """``text`` sealed for the row of ``key``."""
+        return self.vault.encrypt(text, row_label(self.table, key))
+
+    def unseal(self, key: str, blob: bytes) -> str:
+        """The text sealed in the row of ``key``; ConfigError when it cannot be opened."""
+        return self.vault.decrypt(blob, row_label(self.table, key)).reveal()
 
 
 @functools.cache

@@ -31,9 +31,7 @@ from typing import Any
 
 from emailsync.errors import StoreError
 from emailsync.imap.tokencache import FileTokenCaches, StoredCache, TokenCacheStore
-from emailsync.state.sessions_sql import token_label as session_label
-from emailsync.state.signins_sql import flow_label
-from emailsync.state.sqlcore import SqlEngine, dialect_of
+from emailsync.state.sqlcore import SealedRows, SqlEngine, dialect_of, row_label
 from emailsync.state.vault import Vault
 
 SELECT = "SELECT cache FROM token_caches WHERE address = ?"
@@ -46,22 +44,15 @@ DELETE = "DELETE FROM token_caches WHERE address = ?"
 TOKEN_CACHE_CONNECTIONS = 4
 
 
-def cache_label(address: str) -> str:
-    """The associated data a cache is sealed with: its row."""
-    return f"token_caches:{address}"
-
-
-class SqlTokenCaches:
+class SqlTokenCaches(SealedRows):
     """``TokenCacheStore`` on a SQL engine: one vault-encrypted row per mailbox."""
 
     def __init__(
         self, engine: SqlEngine, vault: Vault, *, locking: SqlEngine | None = None
     ) -> None:
         """``locking``: where the read-modify-write transactions run (default ``engine``)."""
-        self.engine = engine
+        super().__init__(engine, vault, "token_caches")
         self.locking = locking or engine
-        self.vault = vault
-        self.dialect = dialect_of(engine)
         # SQLite has no row locks: its write transaction holds the database's lock already.
         self._locked_select = SELECT + (" FOR UPDATE" if self.dialect.postgres else "")
 
@@ -107,11 +98,11 @@ class SqlTokenCaches:
 
     def _open(self, address: str, blob: bytes) -> StoredCache:
         # The stamp is the ciphertext itself: a fresh nonce on every write.
-        text = self.vault.decrypt(blob, cache_label(address)).reveal()
+        text = self.unseal(address, blob)
         return StoredCache(text, blob)
 
     def _write(self, conn: Any, address: str, text: str) -> bytes:
-        blob = self.vault.encrypt(text, cache_label(address))
+        blob = self.seal(address, text)
         conn.execute(self.dialect.sql(UPSERT), (address, blob, time.time()))
         return blob
 
@@ -141,17 +132,19 @@ def reseal_shared_state(engine: SqlEngine, convert: Callable[[bytes, str], bytes
     sql = dialect_of(engine).sql
     lock = " FOR UPDATE" if dialect_of(engine).postgres else ""
     tables = (
-        ("token_caches", "address", "cache", cache_label),
-        ("page_sessions", "id", "token", session_label),
-        ("signin_flows", "state", "flow", flow_label),
+        ("token_caches", "address", "cache"),
+        ("page_sessions", "id", "token"),
+        ("signin_flows", "state", "flow"),
     )
     done = 0
     with engine.transaction("re-encrypt the shared state") as conn:
-        for table, key, column, label in tables:
+        for table, key, column in tables:
             select = f"SELECT {key}, {column} FROM {table}{lock}"  # noqa: S608 -- names above
             update = f"UPDATE {table} SET {column} = ? WHERE {key} = ?"  # noqa: S608 -- names above
             for row_key, blob in conn.execute(sql(select)).fetchall():
-                conn.execute(sql(update), (convert(bytes(blob), label(row_key)), row_key))
+                conn.execute(
+                    sql(update), (convert(bytes(blob), row_label(table, row_key)), row_key)
+                )
                 done += 1
     return done
 
