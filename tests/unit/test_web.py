@@ -80,6 +80,20 @@ def served() -> Iterator[tuple[WebServer, Supervisor]]:
     server.stop()
 
 
+def exchange(
+    server: WebServer, method: str, path: str, **request: Any
+) -> tuple[http.client.HTTPResponse, bytes]:
+    """One request on a connection of its own (``request``: http.client's ``headers`` and
+    ``body``): the response, for its status and headers, and its body."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    try:
+        conn.request(method, path, **request)
+        response = conn.getresponse()
+        return response, response.read()
+    finally:
+        conn.close()
+
+
 def call(
     server: WebServer,
     method: str,
@@ -87,13 +101,9 @@ def call(
     headers: dict[str, str] | None = None,
     body: str | None = None,
 ) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
+    """``exchange``'s status and body."""
+    response, answer = exchange(server, method, path, headers=headers or {}, body=body)
+    return response.status, answer
 
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -109,16 +119,10 @@ def test_metrics_and_health_need_no_token(served: tuple[WebServer, Supervisor]) 
 
 def get_metrics(server: WebServer, accept: str | None) -> tuple[dict[str, str], bytes]:
     """GET /metrics with this Accept-Encoding (None: no header): the headers and raw body."""
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
-    try:
-        conn.request(
-            "GET", "/metrics", headers={} if accept is None else {"Accept-Encoding": accept}
-        )
-        response = conn.getresponse()
-        assert response.status == 200
-        return {k.lower(): v for k, v in response.getheaders()}, response.read()
-    finally:
-        conn.close()
+    headers = {} if accept is None else {"Accept-Encoding": accept}
+    response, body = exchange(server, "GET", "/metrics", headers=headers)
+    assert response.status == 200
+    return {k.lower(): v for k, v in response.getheaders()}, body
 
 
 @pytest.mark.parametrize(
@@ -258,46 +262,29 @@ def test_pages_need_a_session_and_send_a_strict_content_security_policy(
     served: tuple[WebServer, Supervisor],
 ) -> None:
     server, _ = served
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
-    try:
-        conn.request("GET", "/email-sync/agent@example.com")
-        response = conn.getresponse()
-        response.read()
-        assert response.status == 303
-        assert response.getheader("Location") == "/login"
-    finally:
-        conn.close()
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
-    try:
-        conn.request("GET", "/login")
-        response = conn.getresponse()
-        body = response.read()
-        assert response.status == 200
-        policy = response.getheader("Content-Security-Policy") or ""
-        assert "default-src 'none'" in policy
-        assert "script-src 'self'" in policy
-        assert "'unsafe-inline'" not in policy
-        assert response.getheader("Referrer-Policy") == "no-referrer"
-        cookie = response.getheader("Set-Cookie") or ""
-        assert "HttpOnly" in cookie
-        assert "SameSite=Strict" in cookie
-        assert b'name="csrf"' in body
-    finally:
-        conn.close()
+    response, _ = exchange(server, "GET", "/email-sync/agent@example.com")
+    assert response.status == 303
+    assert response.getheader("Location") == "/login"
+    response, body = exchange(server, "GET", "/login")
+    assert response.status == 200
+    policy = response.getheader("Content-Security-Policy") or ""
+    assert "default-src 'none'" in policy
+    assert "script-src 'self'" in policy
+    assert "'unsafe-inline'" not in policy
+    assert response.getheader("Referrer-Policy") == "no-referrer"
+    cookie = response.getheader("Set-Cookie") or ""
+    assert "HttpOnly" in cookie
+    assert "SameSite=Strict" in cookie
+    assert b'name="csrf"' in body
 
 
 def test_a_form_without_the_sessions_csrf_token_is_refused(
     served: tuple[WebServer, Supervisor],
 ) -> None:
     server, _ = served
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
-    try:
-        conn.request("GET", "/login")
-        response = conn.getresponse()
-        page = response.read().decode()
-        cookie = (response.getheader("Set-Cookie") or "").split(";")[0]
-    finally:
-        conn.close()
+    response, body = exchange(server, "GET", "/login")
+    page = body.decode()
+    cookie = (response.getheader("Set-Cookie") or "").split(";")[0]
     good = re.search(r'name="csrf" value="([^"]+)"', page)
     assert good is not None
     for csrf in ("", "wrong", good.group(1)[:-1]):
