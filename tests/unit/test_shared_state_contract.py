@@ -36,6 +36,7 @@ from .test_store_contract import open_kind
 
 AGENT = "agent@example.com"
 OTHER = "other@example.com"
+CAP = 3  # max_sessions / max_flows of the tests that fill a table past its cap
 # How long the second writer is kept waiting by the first one's row lock in the test.
 HOLD_SECONDS = 0.5
 
@@ -233,13 +234,12 @@ def test_beyond_the_cap_the_oldest_sessions_are_dropped(
     engine: SqliteStore | PostgresStore, vault: Vault
 ) -> None:
     """A flood of logins cannot grow the table: the oldest go first."""
-    cap = 3
-    sessions = SqlSessions(engine, vault, max_sessions=cap)
+    sessions = SqlSessions(engine, vault, max_sessions=CAP)
     now = time.time()
-    for n in range(cap + 2):
-        sessions.insert(session_row(f"s{n}", created=now + n), now=now)
-    kept = [sid for sid in (f"s{n}" for n in range(cap + 2)) if sessions.load(sid) is not None]
-    assert kept == [f"s{n}" for n in range(2, cap + 2)]
+    logins = [f"s{n}" for n in range(CAP + 2)]  # oldest first
+    for n, sid in enumerate(logins):
+        sessions.insert(session_row(sid, created=now + n), now=now)
+    assert [sid for sid in logins if sessions.load(sid) is not None] == logins[2:]
 
 
 def test_a_session_sealed_under_another_key_is_treated_as_logged_out(
@@ -366,13 +366,12 @@ def test_beyond_the_cap_the_sign_ins_closest_to_expiry_are_dropped(
     engine: SqliteStore | PostgresStore, vault: Vault
 ) -> None:
     """Starting sign-ins in a loop cannot grow the table past its cap."""
-    cap = 3
-    flows = SqlSignInFlows(engine, vault, max_flows=cap)
+    flows = SqlSignInFlows(engine, vault, max_flows=CAP)
     now = time.time()
-    for n in range(cap + 2):
+    for n in range(CAP + 2):
         flows.put(f"s{n}", AGENT, {"n": n}, now + FLOW_SECONDS + n, now)
     assert sorted(r[0] for r in raw(engine, "SELECT state FROM signin_flows")) == [
-        f"s{n}" for n in range(2, cap + 2)
+        f"s{n}" for n in range(2, CAP + 2)
     ]
 
 
