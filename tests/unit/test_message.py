@@ -115,39 +115,50 @@ def test_raw_latin1_header_bytes_fall_back_to_latin1() -> None:
     assert msg.from_addrs == ("fred@example.fr",)
 
 
-def test_character_split_across_two_encoded_words_is_rejoined() -> None:
-    """Mailers split UTF-8 sequences across adjacent words; the bytes are decoded together."""
-    assert decode_encoded_words("=?utf-8?q?caf=C3?= =?utf-8?q?=A9?=") == "café"
-
-
-def test_space_between_encoded_word_and_plain_text_is_kept() -> None:
-    """Only white space between two encoded-words is dropped (RFC 2047 §6.2)."""
-    assert decode_encoded_words("Re: =?utf-8?q?Caf=C3=A9?= menu") == "Re: Café menu"
-
-
-def test_q_encoding_underscore_is_a_space() -> None:
-    """In the Q encoding "_" stands for a space (RFC 2047 §4.2)."""
-    assert decode_encoded_words("=?iso-8859-1?q?Gr=FC=DFe_aus_K=F6ln?=") == "Grüße aus Köln"
-
-
-def test_charset_language_suffix_is_ignored() -> None:
-    """RFC 2231 §5 adds ``*lang`` to the charset of an encoded-word."""
-    assert decode_encoded_words("=?utf-8*de?q?Stra=C3=9Fe?=") == "Straße"
-
-
-def test_unknown_charset_of_an_encoded_word_decodes_as_utf8() -> None:
-    """A charset Python does not know falls back to UTF-8 instead of failing."""
-    assert decode_encoded_words("=?x-klingon?q?caf=C3=A9?=") == "café"
-
-
-def test_base64_encoded_word_with_junk_keeps_the_readable_part() -> None:
-    """Characters outside the base64 alphabet are skipped, missing padding is supplied."""
-    assert decode_encoded_words("=?utf-8?b?Y2Fm!w?=") == "caf"
-
-
-def test_text_without_encoded_words_is_unchanged() -> None:
-    """Plain text, including question marks and equals signs, passes through."""
-    assert decode_encoded_words("Price = 5? Yes") == "Price = 5? Yes"
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        # Mailers split UTF-8 sequences across adjacent words; the bytes are decoded together.
+        pytest.param(
+            "=?utf-8?q?caf=C3?= =?utf-8?q?=A9?=",
+            "café",
+            id="character-split-across-two-encoded-words-is-rejoined",
+        ),
+        # Only white space between two encoded-words is dropped (RFC 2047 §6.2).
+        pytest.param(
+            "Re: =?utf-8?q?Caf=C3=A9?= menu",
+            "Re: Café menu",
+            id="space-between-encoded-word-and-plain-text-is-kept",
+        ),
+        # In the Q encoding "_" stands for a space (RFC 2047 §4.2).
+        pytest.param(
+            "=?iso-8859-1?q?Gr=FC=DFe_aus_K=F6ln?=",
+            "Grüße aus Köln",
+            id="q-encoding-underscore-is-a-space",
+        ),
+        # RFC 2231 §5 adds ``*lang`` to the charset of an encoded-word.
+        pytest.param(
+            "=?utf-8*de?q?Stra=C3=9Fe?=", "Straße", id="charset-language-suffix-is-ignored"
+        ),
+        # A charset Python does not know falls back to UTF-8 instead of failing.
+        pytest.param(
+            "=?x-klingon?q?caf=C3=A9?=",
+            "café",
+            id="unknown-charset-of-an-encoded-word-decodes-as-utf8",
+        ),
+        # Characters outside the base64 alphabet are skipped, missing padding is supplied.
+        pytest.param(
+            "=?utf-8?b?Y2Fm!w?=", "caf", id="base64-encoded-word-with-junk-keeps-the-readable-part"
+        ),
+        # Plain text, including question marks and equals signs, passes through.
+        pytest.param(
+            "Price = 5? Yes", "Price = 5? Yes", id="text-without-encoded-words-is-unchanged"
+        ),
+    ],
+)
+def test_encoded_words_decode_to_their_text(raw: str, expected: str) -> None:
+    """Each case: a header value with RFC 2047 encoded-words, and the text it reads as."""
+    assert decode_encoded_words(raw) == expected
 
 
 # --- addresses -----------------------------------------------------------------------------
