@@ -18,7 +18,14 @@ from emailsync.dev.dovecot import Dovecot
 from .conftest import MailUser, new_user
 from .daemonproc import wait_until
 from .faultproxy import FaultProxy
-from .test_cluster import LEASE_SECONDS, Cluster, balanced, imap_connections, parked
+from .test_cluster import (
+    LEASE_SECONDS,
+    Cluster,
+    balanced,
+    imap_connections,
+    parked,
+    pause_mid_batch,
+)
 from .test_crm import CLIENT_A, crm_table
 from .test_filing import build_message, folder_subjects, queue
 
@@ -43,7 +50,7 @@ def test_a_crm_cluster_files_each_message_once_and_fails_over_within_the_lease(
     mail queued meanwhile reaches the CRM once."""
     users = [new_user(dovecot, prefix="cc") for _ in range(6)]
     cluster = crm_cluster(tmp_path, users, pg_url, reference_crm)
-    try:
+    with cluster:
         cluster.start_all(["a", "b", "c"])
         wait_until(lambda: balanced(cluster, ["a", "b", "c"], 6), timeout=40, interval=0.5)
         for user in users:
@@ -97,8 +104,6 @@ def test_a_crm_cluster_files_each_message_once_and_fails_over_within_the_lease(
             f" {failover:.1f} s, their mail in the CRM after {filed:.1f} s"
             f" (lease {LEASE_SECONDS} s)"
         )
-    finally:
-        cluster.stop_all()
 
 
 def test_a_paused_crm_instance_delivers_nothing_and_moves_nothing_after_its_lease_moved(
@@ -109,33 +114,17 @@ def test_a_paused_crm_instance_delivers_nothing_and_moves_nothing_after_its_leas
     nothing; Start Sync through "b" files the message, one event."""
     users = [new_user(dovecot, prefix="cp") for _ in range(2)]
     cluster = crm_cluster(tmp_path, users, pg_url, reference_crm)
-    try:
-        with FaultProxy(dovecot.port) as proxy:
-            paused = cluster.start("a", proxy=proxy, timeout_seconds=120, ready=False)
-            other = cluster.start("b", 'trigger = "manual"', ready=False)
-            cluster.wait_ready()
-            wait_until(lambda: balanced(cluster, ["a", "b"], 2), timeout=40, interval=0.5)
-            mailbox = sorted(cluster.owned("a"))[0]
-            user = next(u for u in users if u.address == mailbox)
-            proxy.stall_on(r"UID FETCH \d+ \(BODY\.PEEK\[HEADER\]")
-            queue(user, build_message(CLIENT_A, mailbox, "fenced"))
-            wait_until(lambda: proxy.faults["stall_on"] == 1, timeout=10)
-            paused.signal(signal.SIGSTOP)
-            wait_until(
-                lambda: cluster.owned("b") == {u.address for u in users},
-                timeout=LEASE_SECONDS + 15,
-                interval=0.5,
-            )
-            proxy.clear()
-            paused.signal(signal.SIGCONT)
-            wait_until(lambda: parked(paused, mailbox), timeout=15)
-            sent = [line for conn in proxy.connections for line in conn.commands]
-            assert not [line for line in sent if "MOVE" in line.upper()], sent
-            assert folder_subjects(user, "Queue") == {"fenced": set()}
-            assert crm_subjects(reference_crm)["fenced"] == 0
-            status, _ = other.post(f"/v1/mailboxes/{mailbox}/sync")
-            assert status == 202
-            wait_until(lambda: "fenced" in folder_subjects(user, "Received"), timeout=15)
-            assert crm_subjects(reference_crm)["fenced"] == 1
-    finally:
-        cluster.stop_all()
+    with cluster, FaultProxy(dovecot.port) as proxy:
+        paused, other, user = pause_mid_batch(cluster, proxy, CLIENT_A)
+        mailbox = user.address
+        proxy.clear()
+        paused.signal(signal.SIGCONT)
+        wait_until(lambda: parked(paused, mailbox), timeout=15)
+        sent = [line for conn in proxy.connections for line in conn.commands]
+        assert not [line for line in sent if "MOVE" in line.upper()], sent
+        assert folder_subjects(user, "Queue") == {"fenced": set()}
+        assert crm_subjects(reference_crm)["fenced"] == 0
+        status, _ = other.post(f"/v1/mailboxes/{mailbox}/sync")
+        assert status == 202
+        wait_until(lambda: "fenced" in folder_subjects(user, "Received"), timeout=15)
+        assert crm_subjects(reference_crm)["fenced"] == 1

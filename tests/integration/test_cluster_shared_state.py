@@ -137,14 +137,18 @@ def user(oauth2_dovecot: Dovecot) -> MailUser:
 
 
 @pytest.fixture
+def office365_toml(idp: IdentityProvider, oauth_clients: OAuthClients, oauth_ca_file: Path) -> str:
+    """The [office365] table of the provider's delegated client, for every instance."""
+    return office365_table(idp, oauth_clients, oauth_ca_file)
+
+
+@pytest.fixture
 def two(tmp_path: Path, user: MailUser, pg_url: str) -> Iterator[Cluster]:
     """Instances a and b on one PostgreSQL state, one control token."""
     cluster = SharedCluster(tmp_path, [user], pg_url)
-    try:
+    with cluster:
         cluster.start_all(["a", "b"])
         yield cluster
-    finally:
-        cluster.stop_all()
 
 
 def test_a_page_login_on_one_instance_works_on_another_survives_a_restart_and_logs_out_everywhere(
@@ -210,9 +214,9 @@ def test_an_office_365_sign_in_started_on_one_instance_completes_on_another_once
     user: MailUser,
     pg_url: str,
     idp: IdentityProvider,
-    oauth_clients: OAuthClients,
     oauth2_dovecot: Dovecot,
     oauth_ca_file: Path,
+    office365_toml: str,
 ) -> None:
     """Start on a, the provider's redirect served by b: the mailbox is set up, its worker (on
     whichever instance owns it) logs in with the cache in the state database; the same
@@ -221,9 +225,8 @@ def test_an_office_365_sign_in_started_on_one_instance_completes_on_another_once
     address = f"o365-{secrets.token_hex(4)}@example.com"
     password = secrets.token_urlsafe(12)
     idp.add_user(address, password)
-    table = office365_table(idp, oauth_clients, oauth_ca_file)
-    cluster = SharedCluster(tmp_path, [user], pg_url, office365=table)
-    try:
+    cluster = SharedCluster(tmp_path, [user], pg_url, office365=office365_toml)
+    with cluster:
         a, b, _ = cluster.start_all(["a", "b", "c"])
         # One public address for every instance, as behind a load balancer: the redirect URI.
         public = f"127.0.0.1:{b.port}"
@@ -289,30 +292,26 @@ def test_an_office_365_sign_in_started_on_one_instance_completes_on_another_once
         stopped = http(a, "DELETE", f"/v1/mailboxes/{address}", token=a.token)
         assert stopped.status in (200, 204), stopped.body
         assert token_cache_rows(pg_url, address) == []
-    finally:
-        cluster.stop_all()
 
 
-def test_auth_login_with_a_postgresql_state_writes_the_cache_every_instance_reads(  # noqa: PLR0917 -- fixtures
+def test_auth_login_with_a_postgresql_state_writes_the_cache_every_instance_reads(
     tmp_path: Path,
     pg_url: str,
     idp: IdentityProvider,
-    oauth_clients: OAuthClients,
     oauth2_dovecot: Dovecot,
-    oauth_ca_file: Path,
+    office365_toml: str,
 ) -> None:
     """`emailsync auth login` on any host of a cluster signs in into the state database (no
     file in its state_dir), and `auth status` on another host's config sees the sign-in."""
     address = f"o365-{secrets.token_hex(4)}@example.com"
     idp.add_user(address, "unused")
-    table = office365_table(idp, oauth_clients, oauth_ca_file)
     configs = []
     for host in ("one", "two"):
         (tmp_path / host).mkdir()
         config = tmp_path / host / "emailsync.toml"
         config.write_text(
             f'[daemon]\nstate_dir = "{tmp_path / host / "state"}"\nstate = "{pg_url}"\n'
-            f"timeout_seconds = 10\n\n{table}\n"
+            f"timeout_seconds = 10\n\n{office365_toml}\n"
             f'[branches.o]\nhost = "127.0.0.1"\nport = {oauth2_dovecot.port}\n'
             'security = "none"\nallow_insecure = true\n\n'
             f'[[mailboxes]]\naddress = "{address}"\nbranch = "o"\nauth = "office365"\n'

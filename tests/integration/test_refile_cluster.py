@@ -29,15 +29,14 @@ LATE = "late.buyer@clients.example"
 
 
 @pytest.fixture
-def agents(dovecot: Dovecot) -> list[MailUser]:
-    return [new_user(dovecot, prefix="rf") for _ in range(MAILBOXES)]
+def cluster(tmp_path: Path, agents: list[MailUser], pg_url: str) -> Iterator[Cluster]:
+    with Cluster(tmp_path, agents, pg_url) as made:
+        yield made
 
 
 @pytest.fixture
-def cluster(tmp_path: Path, agents: list[MailUser], pg_url: str) -> Iterator[Cluster]:
-    made = Cluster(tmp_path, agents, pg_url)
-    yield made
-    made.stop_all()
+def agents(dovecot: Dovecot) -> list[MailUser]:
+    return [new_user(dovecot, prefix="rf") for _ in range(MAILBOXES)]
 
 
 def test_in_a_three_instance_cluster_the_owners_refile_their_own_mailboxes(
