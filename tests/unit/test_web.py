@@ -80,6 +80,12 @@ def served() -> Iterator[tuple[WebServer, Supervisor]]:
     server.stop()
 
 
+@pytest.fixture
+def server(served: tuple[WebServer, Supervisor]) -> WebServer:
+    """The served listener, for tests that do not look at its supervisor."""
+    return served[0]
+
+
 def exchange(
     server: WebServer, method: str, path: str, **request: Any
 ) -> tuple[http.client.HTTPResponse, bytes]:
@@ -109,8 +115,7 @@ def call(
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-def test_metrics_and_health_need_no_token(served: tuple[WebServer, Supervisor]) -> None:
-    server, _ = served
+def test_metrics_and_health_need_no_token(server: WebServer) -> None:
     status, body = call(server, "GET", "/metrics")
     assert status == 200
     assert b'emailsync_build_info{version="' in body
@@ -129,11 +134,8 @@ def get_metrics(server: WebServer, accept: str | None) -> tuple[dict[str, str], 
     "accept",
     ["gzip", "gzip, deflate", "deflate, gzip;q=0.5", "*", "identity;q=0.5, *;q=0.1", "x-gzip"],
 )
-def test_metrics_are_gzipped_when_the_scraper_accepts_gzip(
-    served: tuple[WebServer, Supervisor], accept: str
-) -> None:
+def test_metrics_are_gzipped_when_the_scraper_accepts_gzip(server: WebServer, accept: str) -> None:
     """Prometheus asks with Accept-Encoding: gzip; 2,000 mailboxes' text shrinks ~25-fold."""
-    server, _ = served
     headers, body = get_metrics(server, accept)
     assert headers["content-encoding"] == "gzip"
     assert headers["vary"] == "Accept-Encoding"
@@ -148,9 +150,8 @@ def test_metrics_are_gzipped_when_the_scraper_accepts_gzip(
 
 @pytest.mark.parametrize("accept", [None, "", "identity", "deflate, br", "gzip;q=0", "*, gzip;q=0"])
 def test_metrics_are_plain_text_unless_gzip_is_accepted(
-    served: tuple[WebServer, Supervisor], accept: str | None
+    server: WebServer, accept: str | None
 ) -> None:
-    server, _ = served
     headers, body = get_metrics(server, accept)
     assert "content-encoding" not in headers
     assert b"# TYPE emailsync_build_info gauge" in body
@@ -204,16 +205,14 @@ def test_start_sync_takes_include_stuck_from_the_query(
 
 
 def test_bad_or_huge_bodies_are_refused_without_reading_them(
-    served: tuple[WebServer, Supervisor],
+    server: WebServer,
 ) -> None:
-    server, _ = served
     assert call(server, "POST", "/v1/sync", {**AUTH, "Content-Length": "-5"})[0] == 400
     assert call(server, "POST", "/v1/sync", {**AUTH, "Content-Length": "x"})[0] == 400
     assert call(server, "POST", "/v1/sync", {**AUTH, "Content-Length": "99999999"})[0] == 413
 
 
-def test_status_page_escapes_what_it_shows(served: tuple[WebServer, Supervisor]) -> None:
-    server, _ = served
+def test_status_page_escapes_what_it_shows(server: WebServer) -> None:
     status, body = call(server, "GET", "/", AUTH)
     assert status == 200
     assert b"&lt;script&gt;@example.com" in body
@@ -223,10 +222,9 @@ def test_status_page_escapes_what_it_shows(served: tuple[WebServer, Supervisor])
 
 
 def test_status_page_without_the_token_shows_counts_not_addresses_or_errors(
-    served: tuple[WebServer, Supervisor],
+    server: WebServer,
 ) -> None:
     """/ answers browsers without a token, but only with counts by state."""
-    server, _ = served
     for headers in ({}, {"Authorization": f"Bearer {TOKEN}x"}, {"Authorization": "Bearer "}):
         status, body = call(server, "GET", "/", headers)
         assert status == 200
@@ -259,9 +257,8 @@ def test_an_invalid_address_answers_like_an_unknown_one(
 
 
 def test_pages_need_a_session_and_send_a_strict_content_security_policy(
-    served: tuple[WebServer, Supervisor],
+    server: WebServer,
 ) -> None:
-    server, _ = served
     response, _ = exchange(server, "GET", "/email-sync/agent@example.com")
     assert response.status == 303
     assert response.getheader("Location") == "/login"
@@ -279,9 +276,8 @@ def test_pages_need_a_session_and_send_a_strict_content_security_policy(
 
 
 def test_a_form_without_the_sessions_csrf_token_is_refused(
-    served: tuple[WebServer, Supervisor],
+    server: WebServer,
 ) -> None:
-    server, _ = served
     response, body = exchange(server, "GET", "/login")
     page = body.decode()
     cookie = (response.getheader("Set-Cookie") or "").split(";")[0]
@@ -593,10 +589,9 @@ def test_two_different_content_lengths_are_refused(served: tuple[WebServer, Supe
     assert supervisor.synced == []
 
 
-def test_favicon_is_answered_without_an_error(served: tuple[WebServer, Supervisor]) -> None:
+def test_favicon_is_answered_without_an_error(server: WebServer) -> None:
     """Issue 19: browsers ask every page's origin for /favicon.ico; a 404 put an error in the
     console of every page. 204: nothing to show, and nothing logged."""
-    server, _ = served
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
     try:
         conn.request("GET", "/favicon.ico")
@@ -901,9 +896,8 @@ def test_the_admin_alone_may_call_the_branch_token_and_sync_all_routes() -> None
 
 @pytest.mark.parametrize("path", sorted({r.path for r in ROUTES}))
 def test_every_method_a_routed_path_lacks_is_405_with_the_tables_allow(
-    served: tuple[WebServer, Supervisor], path: str
+    server: WebServer, path: str
 ) -> None:
-    server, _ = served
     routed = [m for m in ("GET", "POST", "PUT", "DELETE") if (m, path) in ROUTED]
     for method in ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"):
         if method in routed:
