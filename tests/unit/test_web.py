@@ -436,45 +436,40 @@ def test_connections_beyond_the_cap_get_503_but_health_answers_until_idle_ones_a
             each.close()
 
 
-@pytest.mark.parametrize(
-    ("method", "path", "allow"),
-    [
-        ("TRACE", "/v1/sync", "POST"),
-        ("PUT", "/v1/mailboxes/agent@example.com/stop", "POST"),
-        ("GET", "/v1/sync", "POST"),
-        ("POST", "/healthz", "GET"),
-        ("DELETE", "/v1/mailboxes", "GET"),
-        ("OPTIONS", "/", "GET"),
-        ("PATCH", "/elsewhere", "GET, POST"),
-        ("QUERY", "/v1/mailboxes", "GET"),
-        ("HEAD", "/healthz", "GET"),
-        ("POST", "/v1/mailboxes/agent@example.com", "GET, PUT, DELETE"),
-        ("PATCH", "/v1/mailboxes/agent@example.com", "GET, PUT, DELETE"),
-        ("GET", "/v1/branches/main", "PUT"),
-        ("PUT", "/v1/tokens", "GET, POST"),
-        ("GET", "/v1/tokens/0123456789abcdef", "DELETE"),
-        ("GET", "/v1/mailboxes/agent@example.com/office365/start", "POST"),
-        ("PUT", "/login", "GET, POST"),
-        ("POST", "/it", "GET"),
-        ("GET", "/email-sync/agent@example.com/stop", "POST"),
-        ("DELETE", "/email-sync/agent@example.com", "GET"),
-    ],
-)
+# (method, path, Allow): a method each path does not take, and the Allow header it answers.
+NOT_ALLOWED = [
+    ("TRACE", "/v1/sync", "POST"),
+    ("PUT", "/v1/mailboxes/agent@example.com/stop", "POST"),
+    ("GET", "/v1/sync", "POST"),
+    ("POST", "/healthz", "GET"),
+    ("DELETE", "/v1/mailboxes", "GET"),
+    ("OPTIONS", "/", "GET"),
+    ("PATCH", "/elsewhere", "GET, POST"),
+    ("QUERY", "/v1/mailboxes", "GET"),
+    ("HEAD", "/healthz", "GET"),
+    ("POST", "/v1/mailboxes/agent@example.com", "GET, PUT, DELETE"),
+    ("PATCH", "/v1/mailboxes/agent@example.com", "GET, PUT, DELETE"),
+    ("GET", "/v1/branches/main", "PUT"),
+    ("PUT", "/v1/tokens", "GET, POST"),
+    ("GET", "/v1/tokens/0123456789abcdef", "DELETE"),
+    ("GET", "/v1/mailboxes/agent@example.com/office365/start", "POST"),
+    ("PUT", "/login", "GET, POST"),
+    ("POST", "/it", "GET"),
+    ("GET", "/email-sync/agent@example.com/stop", "POST"),
+    ("DELETE", "/email-sync/agent@example.com", "GET"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "allow"), NOT_ALLOWED)
 def test_a_method_a_path_does_not_take_is_405_with_allow_not_a_5xx(
     served: tuple[WebServer, Supervisor], method: str, path: str, allow: str
 ) -> None:
     """Found by schemathesis: http.server answered TRACE and friends with 501 (a 5xx)."""
     server, supervisor = served
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
-    try:
-        conn.request(method, path, headers=AUTH)
-        response = conn.getresponse()
-        assert response.status == 405
-        assert response.getheader("Allow") == allow
-        body = b"" if method == "HEAD" else b'{"error": "method not allowed"}'
-        assert response.read() == body
-    finally:
-        conn.close()
+    response, body = exchange(server, method, path, headers=AUTH)
+    assert response.status == 405
+    assert response.getheader("Allow") == allow
+    assert body == (b"" if method == "HEAD" else b'{"error": "method not allowed"}')
     assert supervisor.synced == []
 
 
