@@ -57,6 +57,11 @@ def load(directory: Path, text: str) -> Settings:
     return load_settings(write_config(directory, text))
 
 
+def problem(directory: Path, key: str, what: str) -> str:
+    """A problem as load_settings reports it for the config ``write_config`` put in directory."""
+    return f"{directory / 'emailsync.toml'}: {key}: {what}"
+
+
 def problems_of(directory: Path, text: str) -> list[str]:
     """Write a config that must fail to load and return its problem lines."""
     path = write_config(directory, text)
@@ -736,7 +741,7 @@ def test_unknown_key_message_does_not_echo_its_value(tmp_path: Path) -> None:
     """An inline ``password = …`` is refused without repeating the password."""
     problems = problems_of(tmp_path, MINIMAL + f'password = "{PASSWORD}"\n')
 
-    assert problems == [f"{tmp_path / 'emailsync.toml'}: mailboxes[0].password: unknown key"]
+    assert problems == [problem(tmp_path, "mailboxes[0].password", "unknown key")]
 
 
 @pytest.mark.parametrize(
@@ -813,7 +818,7 @@ def test_values_of_the_wrong_type_are_errors(
     """Each key accepts only its TOML type, and the problem says which type it wanted."""
     problems = problems_of(tmp_path, text)
 
-    assert f"{tmp_path / 'emailsync.toml'}: {key}: {what}" in problems
+    assert problem(tmp_path, key, what) in problems
 
 
 def test_mailbox_address_of_the_wrong_type_also_needs_no_other_report(tmp_path: Path) -> None:
@@ -903,7 +908,7 @@ def test_bad_values_are_errors_naming_the_key(
     """Values of the right type but outside what the key allows are refused."""
     problems = problems_of(tmp_path, text)
 
-    assert f"{tmp_path / 'emailsync.toml'}: {key}: {what}" in problems
+    assert problem(tmp_path, key, what) in problems
 
 
 @pytest.mark.parametrize(
@@ -931,8 +936,11 @@ def test_security_none_without_allow_insecure_is_refused(tmp_path: Path) -> None
     problems = problems_of(tmp_path, '[branches.lab]\nhost = "h"\nsecurity = "none"\n')
 
     assert problems == [
-        f"{tmp_path / 'emailsync.toml'}: branches.lab.security: "
-        '"none" sends the password in clear text; set allow_insecure = true to accept that'
+        problem(
+            tmp_path,
+            "branches.lab.security",
+            '"none" sends the password in clear text; set allow_insecure = true to accept that',
+        )
     ]
 
 
@@ -952,8 +960,9 @@ def test_missing_ca_file_is_an_error(tmp_path: Path) -> None:
     problems = problems_of(tmp_path, '[branches.london]\nhost = "h"\nca_file = "nope.pem"\n')
 
     assert problems == [
-        f"{tmp_path / 'emailsync.toml'}: branches.london.ca_file: "
-        f"{tmp_path / 'nope.pem'} is not a readable file"
+        problem(
+            tmp_path, "branches.london.ca_file", f"{tmp_path / 'nope.pem'} is not a readable file"
+        )
     ]
 
 
@@ -974,8 +983,7 @@ def test_unknown_branch_is_an_error_listing_the_known_branches(tmp_path: Path) -
     )
 
     assert problems == [
-        f"{tmp_path / 'emailsync.toml'}: mailboxes[0].branch: "
-        "unknown branch 'Londn' (known: leeds, london)"
+        problem(tmp_path, "mailboxes[0].branch", "unknown branch 'Londn' (known: leeds, london)")
     ]
 
 
@@ -984,8 +992,7 @@ def test_unknown_branch_without_any_branches_says_none_are_defined(tmp_path: Pat
     problems = problems_of(tmp_path, '[[mailboxes]]\naddress = "a@example.com"\nbranch = "x"\n')
 
     assert problems == [
-        f"{tmp_path / 'emailsync.toml'}: mailboxes[0].branch: "
-        "unknown branch 'x' (known: none defined)"
+        problem(tmp_path, "mailboxes[0].branch", "unknown branch 'x' (known: none defined)")
     ]
 
 
@@ -994,8 +1001,7 @@ def test_password_mailbox_without_a_branch_is_an_error(tmp_path: Path) -> None:
     problems = problems_of(tmp_path, '[[mailboxes]]\naddress = "a@example.com"\n')
 
     assert problems == [
-        f"{tmp_path / 'emailsync.toml'}: mailboxes[0].branch: "
-        'is required for auth = "password" mailboxes'
+        problem(tmp_path, "mailboxes[0].branch", 'is required for auth = "password" mailboxes')
     ]
 
 
@@ -1006,8 +1012,7 @@ def test_office365_mailbox_without_an_office365_table_is_an_error(tmp_path: Path
     )
 
     assert problems == [
-        f"{tmp_path / 'emailsync.toml'}: mailboxes[0].auth: "
-        'auth = "office365" needs an [office365] table'
+        problem(tmp_path, "mailboxes[0].auth", 'auth = "office365" needs an [office365] table')
     ]
 
 
@@ -1024,8 +1029,7 @@ def test_duplicate_mailbox_is_an_error_even_in_another_case(tmp_path: Path) -> N
     )
 
     assert problems == [
-        f"{tmp_path / 'emailsync.toml'}: mailboxes[1].address: "
-        "mailbox agent1@example.com is listed twice"
+        problem(tmp_path, "mailboxes[1].address", "mailbox agent1@example.com is listed twice")
     ]
 
 
@@ -1038,7 +1042,7 @@ def test_bad_mailbox_address_is_an_error(tmp_path: Path, address: str) -> None:
     )
 
     assert problems == [
-        f"{tmp_path / 'emailsync.toml'}: mailboxes[0].address: {address!r} is not an email address"
+        problem(tmp_path, "mailboxes[0].address", f"{address!r} is not an email address")
     ]
 
 
@@ -1048,7 +1052,7 @@ def test_missing_mailbox_address_is_an_error(tmp_path: Path) -> None:
         tmp_path, '[branches.london]\nhost = "h"\n[[mailboxes]]\nbranch = "london"\n'
     )
 
-    assert problems == [f"{tmp_path / 'emailsync.toml'}: mailboxes[0].address: is required"]
+    assert problems == [problem(tmp_path, "mailboxes[0].address", "is required")]
 
 
 def test_bad_alias_is_an_error_naming_the_alias(tmp_path: Path) -> None:
@@ -1056,8 +1060,8 @@ def test_bad_alias_is_an_error_naming_the_alias(tmp_path: Path) -> None:
     problems = problems_of(tmp_path, MINIMAL + 'aliases = ["ok@example.com", "lettings", 7]\n')
 
     assert problems == [
-        f"{tmp_path / 'emailsync.toml'}: mailboxes[0].aliases: 'lettings' is not an email address",
-        f"{tmp_path / 'emailsync.toml'}: mailboxes[0].aliases: 7 is not an email address",
+        problem(tmp_path, "mailboxes[0].aliases", "'lettings' is not an email address"),
+        problem(tmp_path, "mailboxes[0].aliases", "7 is not an email address"),
     ]
 
 
@@ -1066,8 +1070,11 @@ def test_two_password_sources_for_one_mailbox_are_an_error(tmp_path: Path) -> No
     problems = problems_of(tmp_path, MINIMAL + 'password_file = "/run/agent1"\n')
 
     assert problems == [
-        f"{tmp_path / 'emailsync.toml'}: mailboxes[0].password_env: "
-        "give only one of password_file, password_env, password_credential"
+        problem(
+            tmp_path,
+            "mailboxes[0].password_env",
+            "give only one of password_file, password_env, password_credential",
+        )
     ]
 
 
@@ -1089,7 +1096,7 @@ def test_bad_password_source_or_username_is_an_error(
 
     problems = problems_of(tmp_path, text)
 
-    assert problems == [f"{tmp_path / 'emailsync.toml'}: mailboxes[0].{key}: {what}"]
+    assert problems == [problem(tmp_path, f"mailboxes[0].{key}", what)]
 
 
 def test_invalid_toml_is_an_error_with_its_line_and_column(tmp_path: Path) -> None:
@@ -1302,8 +1309,11 @@ def test_office365_client_secret_and_certificate_together_are_an_error_naming_bo
     problems = problems_of(tmp_path, CERTIFICATE_CONFIG + f'{secret_key} = "o365"\n')
 
     assert problems == [
-        f"{tmp_path / 'emailsync.toml'}: office365.client_certificate_file: "
-        f"give either {secret_key} or client_certificate_file, not both"
+        problem(
+            tmp_path,
+            "office365.client_certificate_file",
+            f"give either {secret_key} or client_certificate_file, not both",
+        )
     ]
 
 
@@ -1869,8 +1879,7 @@ def test_state_and_its_old_name_together_are_refused_naming_the_old_key(tmp_path
     )
 
     assert problems == [
-        f"{tmp_path / 'emailsync.toml'}: daemon.store: is the old name of daemon.state:"
-        " give daemon.state only"
+        problem(tmp_path, "daemon.store", "is the old name of daemon.state: give daemon.state only")
     ]
 
 
