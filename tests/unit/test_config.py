@@ -29,13 +29,23 @@ from emailsync.mail.address import normalise_address
 from emailsync.model import FolderRole
 from emailsync.secret import Secret, SecretSource
 
-from .configtext import MINIMAL
+from .configtext import LONDON, MINIMAL, OFFICE365
 
 PASSWORD = "hunter2-Tr0ub4dor&3"  # a distinctive value to look for in output
 EXIT_OK = 0
 EXIT_CONFIG = 78
 
 FULL_STORE_URL = "postgresql://emailsync@db.example.com/emailsync"
+# LONDON with agent1, whose password is the file agent1.password next to the config.
+AGENT1_BY_FILE = (
+    LONDON
+    + """
+[[mailboxes]]
+address = "agent1@example.com"
+branch = "london"
+password_file = "agent1.password"
+"""
+)
 
 
 @pytest.fixture(autouse=True)
@@ -356,11 +366,8 @@ def test_office365_mailbox_defaults_to_outlook_office365_com_993_ssl(tmp_path: P
     """An office365 mailbox without a branch talks to Exchange Online over SSL."""
     settings = load(
         tmp_path,
-        """
-        [office365]
-        tenant_id = "t"
-        client_id = "c"
-
+        OFFICE365
+        + """
         [[mailboxes]]
         address = "agent@example.com"
         auth = "office365"
@@ -380,11 +387,8 @@ def test_office365_mailbox_with_a_branch_uses_that_branch(tmp_path: Path) -> Non
     """A branch overrides the Exchange Online default (for tests against a local server)."""
     settings = load(
         tmp_path,
-        """
-        [office365]
-        tenant_id = "t"
-        client_id = "c"
-
+        OFFICE365
+        + """
         [branches.local]
         host = "127.0.0.1"
         port = 10993
@@ -416,14 +420,7 @@ def test_username_defaults_to_the_address_as_written_without_display_name(
     """The login name is the addr-spec as typed: case kept, display name dropped."""
     settings = load(
         tmp_path,
-        """
-        [branches.london]
-        host = "imap.example.com"
-
-        [[mailboxes]]
-        address = "Agent One <Agent1@Example.com>"
-        branch = "london"
-        """,
+        LONDON + '[[mailboxes]]\naddress = "Agent One <Agent1@Example.com>"\nbranch = "london"\n',
     )
 
     assert settings.mailboxes[0].address == "agent1@example.com"
@@ -435,15 +432,7 @@ def test_password_mailbox_without_a_secret_uses_a_credential_named_after_the_add
 ) -> None:
     """No password_* key means LoadCredential=ADDRESS:… in the systemd unit."""
     settings = load(
-        tmp_path,
-        """
-        [branches.london]
-        host = "imap.example.com"
-
-        [[mailboxes]]
-        address = "Agent1@Example.com"
-        branch = "london"
-        """,
+        tmp_path, LONDON + '[[mailboxes]]\naddress = "Agent1@Example.com"\nbranch = "london"\n'
     )
 
     assert settings.mailboxes[0].password == SecretSource(credential="agent1@example.com")
@@ -468,10 +457,8 @@ def test_office365_client_secret_expiry_accepts_a_date_time_with_offset(tmp_path
     """client_secret_expires may be a full offset date-time as well as a date."""
     settings = load(
         tmp_path,
-        """
-        [office365]
-        tenant_id = "t"
-        client_id = "c"
+        OFFICE365
+        + """
         client_secret_env = "O365_SECRET"
         client_secret_expires = 2027-06-30T12:00:00Z
         """,
@@ -1184,15 +1171,9 @@ def test_config_errors_never_contain_a_secret(
     (tmp_path / "agent1.password").write_text(PASSWORD, encoding="utf-8")
     (tmp_path / "bad.password").write_bytes(PASSWORD.encode() + b"\xff\xfe")
     monkeypatch.setenv("AGENT2_PASSWORD", PASSWORD)
-    base = """
-        [branches.london]
-        host = "imap.example.com"
-
-        [[mailboxes]]
-        address = "agent1@example.com"
-        branch = "london"
-        password_file = "agent1.password"
-
+    base = (
+        AGENT1_BY_FILE
+        + """
         [[mailboxes]]
         address = "agent2@example.com"
         branch = "london"
@@ -1203,6 +1184,7 @@ def test_config_errors_never_contain_a_secret(
         branch = "london"
         password_file = "bad.password"
     """
+    )
     settings = load(tmp_path, base)
     with pytest.raises(ConfigError) as load_error:
         load(tmp_path, base + "\n[daemon]\nlisten = 1\n")
@@ -1239,12 +1221,7 @@ def key_lines(certificate: trustme.LeafCert) -> list[str]:
     return [line for line in pem.splitlines() if len(line) == 64]
 
 
-CERTIFICATE_CONFIG = """
-    [office365]
-    tenant_id = "t"
-    client_id = "c"
-    client_certificate_file = "certs/app.pem"
-"""
+CERTIFICATE_CONFIG = OFFICE365 + 'client_certificate_file = "certs/app.pem"\n'
 
 
 def test_office365_certificate_loads_and_its_thumbprint_is_computed_from_the_file(
@@ -1593,15 +1570,8 @@ def test_check_config_reports_an_unusable_password_without_printing_any_secret(
         monkeypatch.setenv("AGENT2_PASSWORD", "")
     path = write_config(
         tmp_path,
-        f"""
-        [branches.london]
-        host = "imap.example.com"
-
-        [[mailboxes]]
-        address = "agent1@example.com"
-        branch = "london"
-        password_file = "agent1.password"
-
+        AGENT1_BY_FILE
+        + f"""
         [[mailboxes]]
         address = "agent2@example.com"
         branch = "london"
