@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import KW_ONLY, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Protocol, runtime_checkable
@@ -56,6 +57,10 @@ FETCH_BATCH = 500  # messages per header FETCH and per store transaction
 # Batches whose header FETCH is sent ahead (issue 23): with two, the server has the next
 # batch's headers ready and builds the one after while this process decides a batch.
 HEADERS_AHEAD = 2
+# Threads that record a backlog's batches while the next one is read and decided (issue 23),
+# shared by every Filer: a busy daemon has many workers but few backlogs at once; when all
+# are taken, a batch is recorded on the worker's own thread, as a single batch always is.
+RECORDER_THREADS = 8
 SAVEDATE_RESOLUTION = timedelta(seconds=1)  # RFC 8514 SAVEDATE is a date-time to the second
 # RFC 5530 codes that say the server or the folder is busy, not that this message is at fault:
 # a refusal carrying one counts no attempt. (SERVERBUG does count: a bug one message
@@ -337,12 +342,24 @@ class Filer:
                     break
         except BaseException:
             # The batch in flight was recorded and its MOVEs sent: count what moved. The one
-            # whose texts were read is not recorded yet: it stays in Queue for the next pass.
-            pass_.filled = None
+            # whose texts were read is not moved: it stays in Queue for the next pass (its
+            # recording, if started, is waited for and its new events told).
+            filled, pass_.filled = pass_.filled, None
+            if filled is not None and filled.recording is not None:
+                self._abandon(filled.recording)
             with contextlib.suppress(Exception):
                 self._finish(pass_)
             raise
         return result
+
+    def _abandon(self, recording: _Recording) -> None:
+        """Wait for a recording whose batch will not move; its new events are still new."""
+        try:
+            recorded = recording.result()
+        except Exception:  # the pass fails with its own error; this one says nothing more
+            return
+        if self.on_recorded is not None:
+            self.on_recorded(recorded.new)
 
     def _chunks(self, uids: Sequence[int]) -> list[list[int]]:
         """Fetch batches: a suspect (its batch's FETCH lost the connection) goes on its own."""
@@ -570,7 +587,28 @@ class Filer:
             ]
             del full, blocks  # bodies live only as long as their batch
         pass_.filled = _Filled(uids, decisions)
+        if following and not quiet and not pass_.dry_run:
+            pass_.filled.recording = self._record_ahead(decisions)
         self._count_moved(pass_, keep=1)  # n-2's, read on the way by now; n-1's stay in flight
+
+    def _record_ahead(self, decisions: Sequence[Decision]) -> _Recording | None:
+        """Start recording a batch's events on a recorder thread; None when it has none or
+        no recorder is free (then ``_complete`` records it).
+
+        Only the store call runs there: its answer is read, and anything moved, on this
+        thread, by ``_complete``; the store's time (a database server's, a CRM's) overlaps
+        the reading and deciding of the next batch.
+        """
+        events = [event for d in decisions for event in self.events(d)]
+        if not events or not _RECORDER_SLOTS.acquire(blocking=False):
+            return None
+        try:
+            future = _recorders().submit(self.store.record_events_checked, events)
+        except BaseException:
+            _RECORDER_SLOTS.release()
+            raise
+        future.add_done_callback(lambda _: _RECORDER_SLOTS.release())
+        return _Recording(future)
 
     def _send_moves(self, pass_: _Pass) -> None:
         """Record the filled batch and send its MOVEs."""
@@ -583,7 +621,7 @@ class Filer:
         uids, decisions = filled.uids, filled.decisions
         if dry_run:
             return _InFlight(uids, unmoved=decisions, done=filled.done, total=filled.total)
-        recorded, new_events = self._record(decisions)
+        recorded, new_events = self._record(decisions, filled.recording)
         if self.on_recorded is not None:
             # Counted once the store has them, not after the MOVE: a MOVE whose answer is
             # lost files the message on the next pass, where its events are no longer new.
@@ -651,18 +689,25 @@ class Filer:
             for group in decision.groups
         ]
 
-    def _record(self, decisions: Sequence[Decision]) -> tuple[list[Decision], int]:
+    def _record(
+        self, decisions: Sequence[Decision], ahead: _Recording | None = None
+    ) -> tuple[list[Decision], int]:
         """Record the batch's events in one transaction; returns what may move, and new events.
 
+        ``ahead``: the recording ``_record_ahead`` started, whose answer is waited for here.
         When the store refuses the batch (not merely unavailable), each message is recorded on
         its own, so that one bad event cannot hold up the queue; a message whose events cannot
         be recorded stays in Queue (logged) and the others go on.
         """
-        events = [event for d in decisions for event in self.events(d)]
-        if not events:
-            return list(decisions), 0
         try:
-            return self._after_recording(decisions, self.store.record_events_checked(events))
+            if ahead is not None:
+                recorded = ahead.result()
+            else:
+                events = [event for d in decisions for event in self.events(d)]
+                if not events:
+                    return list(decisions), 0
+                recorded = self.store.record_events_checked(events)
+            return self._after_recording(decisions, recorded)
         except StoreUnavailableError:
             raise
         except StoreError as exc:
@@ -824,6 +869,34 @@ class _Filled:
     decisions: list[Decision]
     done: int = 0
     total: int = 0
+    recording: _Recording | None = None  # its events' recording, when started ahead
+
+
+@dataclass(frozen=True)
+class _Recording:
+    """A batch's ``record_events_checked`` running on a recorder thread."""
+
+    future: Future[Recorded]
+
+    def result(self) -> Recorded:
+        """The store's answer, once it came; raises what the store raised."""
+        return self.future.result()
+
+
+_RECORDER_SLOTS = threading.BoundedSemaphore(RECORDER_THREADS)
+_recorders_lock = threading.Lock()
+_recorder_pool: ThreadPoolExecutor | None = None
+
+
+def _recorders() -> ThreadPoolExecutor:
+    """The recorder threads (started on first use)."""
+    global _recorder_pool  # noqa: PLW0603 -- one pool per process, made when first needed
+    with _recorders_lock:
+        if _recorder_pool is None:
+            _recorder_pool = ThreadPoolExecutor(
+                max_workers=RECORDER_THREADS, thread_name_prefix="emailsync-record"
+            )
+        return _recorder_pool
 
 
 @dataclass
