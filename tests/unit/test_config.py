@@ -72,6 +72,13 @@ def problem(directory: Path, key: str, what: str) -> str:
     return f"{directory / 'emailsync.toml'}: {key}: {what}"
 
 
+def invalid(text: str, expected: str) -> tuple[str, str, str]:
+    """A case of test_invalid_values_are_errors_naming_the_key: the config text, and the key
+    and what the problem says about it, given as one ``"key: what"``."""
+    key, what = expected.split(": ", 1)
+    return text, key, what
+
+
 def problems_of(directory: Path, text: str) -> list[str]:
     """Write a config that must fail to load and return its problem lines."""
     path = write_config(directory, text)
@@ -365,13 +372,7 @@ def test_branch_security_defaults_to_ssl(tmp_path: Path) -> None:
 def test_office365_mailbox_defaults_to_outlook_office365_com_993_ssl(tmp_path: Path) -> None:
     """An office365 mailbox without a branch talks to Exchange Online over SSL."""
     settings = load(
-        tmp_path,
-        OFFICE365
-        + """
-        [[mailboxes]]
-        address = "agent@example.com"
-        auth = "office365"
-        """,
+        tmp_path, OFFICE365 + '[[mailboxes]]\naddress = "agent@example.com"\nauth = "office365"\n'
     )
 
     mailbox = settings.mailboxes[0]
@@ -731,83 +732,6 @@ def test_unknown_key_message_does_not_echo_its_value(tmp_path: Path) -> None:
     assert problems == [problem(tmp_path, "mailboxes[0].password", "unknown key")]
 
 
-@pytest.mark.parametrize(
-    ("text", "key", "what"),
-    [
-        ("daemon = 1\n", "daemon", "must be a table, not a number"),
-        ("mailboxes = 1\n", "mailboxes", "must be an array of tables ([[mailboxes]])"),
-        ("[daemon]\nstate_dir = 5\n", "daemon.state_dir", "must be a string, not a number"),
-        ("[daemon]\nlisten = 9387\n", "daemon.listen", "must be a string, not a number"),
-        (
-            "[daemon]\npoll_seconds = true\n",
-            "daemon.poll_seconds",
-            "must be a number, not a boolean",
-        ),
-        ("[daemon]\nfetch_batch = 2.5\n", "daemon.fetch_batch", "must be an integer, not a number"),
-        (
-            "[daemon]\nfetch_batch = true\n",
-            "daemon.fetch_batch",
-            "must be an integer, not a boolean",
-        ),
-        (
-            "[daemon]\nstuck_after_attempts = 2.5\n",
-            "daemon.stuck_after_attempts",
-            "must be an integer, not a number",
-        ),
-        (
-            '[daemon]\nstuck_after_attempts = "5"\n',
-            "daemon.stuck_after_attempts",
-            "must be an integer, not a string",
-        ),
-        (
-            '[daemon]\nlog_format = ["json"]\n',
-            "daemon.log_format",
-            "must be a string, not an array",
-        ),
-        ("[folders]\nroot = {}\n", "folders.root", "must be a string, not a table"),
-        (
-            '[branches.london]\nhost = "h"\nport = "993"\n',
-            "branches.london.port",
-            "must be an integer, not a string",
-        ),
-        (
-            '[branches.london]\nhost = "h"\nallow_insecure = "yes"\n',
-            "branches.london.allow_insecure",
-            "must be true or false, not a string",
-        ),
-        (
-            '[branches.london]\nhost = "h"\n[[mailboxes]]\naddress = "a@example.com"\n'
-            'branch = "london"\nenabled = 1\n',
-            "mailboxes[0].enabled",
-            "must be true or false, not a number",
-        ),
-        (
-            '[branches.london]\nhost = "h"\n[[mailboxes]]\naddress = "a@example.com"\n'
-            'branch = "london"\naliases = "b@example.com"\n',
-            "mailboxes[0].aliases",
-            "must be an array, not a string",
-        ),
-        (
-            "[[mailboxes]]\naddress = 42\n",
-            "mailboxes[0].address",
-            "must be a string, not a number",
-        ),
-        (
-            '[office365]\ntenant_id = "t"\nclient_id = "c"\nclient_secret_expires = "2027"\n',
-            "office365.client_secret_expires",
-            "must be a TOML date, like 2027-06-30",
-        ),
-    ],
-)
-def test_values_of_the_wrong_type_are_errors(
-    tmp_path: Path, text: str, key: str, what: str
-) -> None:
-    """Each key accepts only its TOML type, and the problem says which type it wanted."""
-    problems = problems_of(tmp_path, text)
-
-    assert problem(tmp_path, key, what) in problems
-
-
 def test_mailbox_address_of_the_wrong_type_also_needs_no_other_report(tmp_path: Path) -> None:
     """A non-string address is one problem; the mailbox is otherwise skipped."""
     problems = problems_of(tmp_path, "[[mailboxes]]\naddress = 42\n")
@@ -818,81 +742,127 @@ def test_mailbox_address_of_the_wrong_type_also_needs_no_other_report(tmp_path: 
 @pytest.mark.parametrize(
     ("text", "key", "what"),
     [
-        ('[daemon]\nlisten = "9387"\n', "daemon.listen", "must be HOST:PORT"),
-        ('[daemon]\nlisten = "localhost:0"\n', "daemon.listen", "must be HOST:PORT"),
-        ('[daemon]\nlisten = ":9387"\n', "daemon.listen", "must be HOST:PORT"),
-        (
+        # Of the wrong TOML type: the problem says which type the key wanted.
+        invalid("daemon = 1\n", "daemon: must be a table, not a number"),
+        invalid("mailboxes = 1\n", "mailboxes: must be an array of tables ([[mailboxes]])"),
+        invalid("[daemon]\nstate_dir = 5\n", "daemon.state_dir: must be a string, not a number"),
+        invalid("[daemon]\nlisten = 9387\n", "daemon.listen: must be a string, not a number"),
+        invalid(
+            "[daemon]\npoll_seconds = true\n",
+            "daemon.poll_seconds: must be a number, not a boolean",
+        ),
+        invalid(
+            "[daemon]\nfetch_batch = 2.5\n", "daemon.fetch_batch: must be an integer, not a number"
+        ),
+        invalid(
+            "[daemon]\nfetch_batch = true\n",
+            "daemon.fetch_batch: must be an integer, not a boolean",
+        ),
+        invalid(
+            "[daemon]\nstuck_after_attempts = 2.5\n",
+            "daemon.stuck_after_attempts: must be an integer, not a number",
+        ),
+        invalid(
+            '[daemon]\nstuck_after_attempts = "5"\n',
+            "daemon.stuck_after_attempts: must be an integer, not a string",
+        ),
+        invalid(
+            '[daemon]\nlog_format = ["json"]\n', "daemon.log_format: must be a string, not an array"
+        ),
+        invalid("[folders]\nroot = {}\n", "folders.root: must be a string, not a table"),
+        invalid(
+            '[branches.london]\nhost = "h"\nport = "993"\n',
+            "branches.london.port: must be an integer, not a string",
+        ),
+        invalid(
+            '[branches.london]\nhost = "h"\nallow_insecure = "yes"\n',
+            "branches.london.allow_insecure: must be true or false, not a string",
+        ),
+        invalid(
+            '[branches.london]\nhost = "h"\n[[mailboxes]]\naddress = "a@example.com"\n'
+            'branch = "london"\nenabled = 1\n',
+            "mailboxes[0].enabled: must be true or false, not a number",
+        ),
+        invalid(
+            '[branches.london]\nhost = "h"\n[[mailboxes]]\naddress = "a@example.com"\n'
+            'branch = "london"\naliases = "b@example.com"\n',
+            "mailboxes[0].aliases: must be an array, not a string",
+        ),
+        invalid(
+            "[[mailboxes]]\naddress = 42\n", "mailboxes[0].address: must be a string, not a number"
+        ),
+        invalid(
+            '[office365]\ntenant_id = "t"\nclient_id = "c"\nclient_secret_expires = "2027"\n',
+            "office365.client_secret_expires: must be a TOML date, like 2027-06-30",
+        ),
+        # Of the right type but outside what the key allows.
+        invalid('[daemon]\nlisten = "9387"\n', "daemon.listen: must be HOST:PORT"),
+        invalid('[daemon]\nlisten = "localhost:0"\n', "daemon.listen: must be HOST:PORT"),
+        invalid('[daemon]\nlisten = ":9387"\n', "daemon.listen: must be HOST:PORT"),
+        invalid(
             '[daemon]\nstore = "mysql://db"\n',
-            "daemon.store",
-            "must be a sqlite:///… or postgresql://… URL",
+            "daemon.store: must be a sqlite:///… or postgresql://… URL",
         ),
-        ('[daemon]\nstate_dir = ""\n', "daemon.state_dir", "must not be empty"),
-        ("[daemon]\nsweep_seconds = 0\n", "daemon.sweep_seconds", "must be greater than 0"),
-        ("[daemon]\npoll_seconds = -1\n", "daemon.poll_seconds", "must be greater than 0"),
-        (
+        invalid('[daemon]\nstate_dir = ""\n', "daemon.state_dir: must not be empty"),
+        invalid("[daemon]\nsweep_seconds = 0\n", "daemon.sweep_seconds: must be greater than 0"),
+        invalid("[daemon]\npoll_seconds = -1\n", "daemon.poll_seconds: must be greater than 0"),
+        invalid(
             "[daemon]\nstuck_after_attempts = 0\n",
-            "daemon.stuck_after_attempts",
-            "must be greater than 0",
+            "daemon.stuck_after_attempts: must be greater than 0",
         ),
-        (
+        invalid(
             "[daemon]\nstuck_after_attempts = -3\n",
-            "daemon.stuck_after_attempts",
-            "must be greater than 0",
+            "daemon.stuck_after_attempts: must be greater than 0",
         ),
-        (
+        invalid(
             '[daemon]\nlog_level = "verbose"\n',
-            "daemon.log_level",
-            "must be one of debug, info, warning, error, not 'verbose'",
+            "daemon.log_level: must be one of debug, info, warning, error, not 'verbose'",
         ),
-        ('[folders]\nroot = ""\n', "folders.root", "must not be empty"),
-        (
+        invalid('[folders]\nroot = ""\n', "folders.root: must not be empty"),
+        invalid(
             '[folders]\nqueue = "Q*"\n',
-            "folders.queue",
-            "must not contain / . % * \\ quotes or control characters",
+            "folders.queue: must not contain / . % * \\ quotes or control characters",
         ),
-        (
+        invalid(
             '[folders]\nsent = "sent"\nreceived = "SENT"\n',
-            "folders.queue",
-            "queue, sent, received and failed must be four different names",
+            "folders.queue: queue, sent, received and failed must be four different names",
         ),
-        ("[branches.london]\nport = 993\n", "branches.london.host", "is required"),
-        ('[branches.london]\nhost = " "\n', "branches.london.host", "must not be empty"),
-        (
+        invalid("[branches.london]\nport = 993\n", "branches.london.host: is required"),
+        invalid('[branches.london]\nhost = " "\n', "branches.london.host: must not be empty"),
+        invalid(
             '[branches.london]\nhost = "h"\nsecurity = "tls"\n',
-            "branches.london.security",
-            "must be one of ssl, starttls, none, not 'tls'",
+            "branches.london.security: must be one of ssl, starttls, none, not 'tls'",
         ),
-        ('[office365]\nclient_id = "c"\n', "office365.tenant_id", "is required"),
-        ('[office365]\ntenant_id = "t"\n', "office365.client_id", "is required"),
-        (
+        invalid('[office365]\nclient_id = "c"\n', "office365.tenant_id: is required"),
+        invalid('[office365]\ntenant_id = "t"\n', "office365.client_id: is required"),
+        invalid(
             '[office365]\ntenant_id = "t"\nclient_id = "c"\nauthority = "http://idp"\n',
-            "office365.authority",
-            "must be an https:// URL",
+            "office365.authority: must be an https:// URL",
         ),
-        (
+        invalid(
             '[office365]\ntenant_id = "t"\nclient_id = "c"\n'
             'client_secret_file = "a"\nclient_secret_env = "B"\n',
-            "office365.client_secret_env",
+            "office365.client_secret_env: "
             "give only one of client_secret_file, client_secret_env, client_secret_credential",
         ),
-        (
+        invalid(
             '[office365]\ntenant_id = "t"\nclient_id = "c"\n'
             'client_certificate_file = "app.pem"\nclient_certificate_thumbprint = "AB12"\n',
-            "office365.client_certificate_thumbprint",
+            "office365.client_certificate_thumbprint: "
             "must be the certificate's SHA-1 thumbprint, 40 hex digits",
         ),
-        (
+        invalid(
             '[office365]\ntenant_id = "t"\nclient_id = "c"\n'
             f'client_certificate_thumbprint = "{"AB" * 20}"\n',
-            "office365.client_certificate_thumbprint",
-            "needs client_certificate_file",
+            "office365.client_certificate_thumbprint: needs client_certificate_file",
         ),
     ],
 )
-def test_bad_values_are_errors_naming_the_key(
+def test_invalid_values_are_errors_naming_the_key(
     tmp_path: Path, text: str, key: str, what: str
 ) -> None:
-    """Values of the right type but outside what the key allows are refused."""
+    """Each key accepts only its TOML type and its range of values; the problem names the key
+    and says what it wanted."""
     problems = problems_of(tmp_path, text)
 
     assert problem(tmp_path, key, what) in problems
@@ -1301,13 +1271,11 @@ def test_check_config_reports_a_missing_certificate_file(
     monkeypatch.setenv("AGENT1_PASSWORD", PASSWORD)
     path = write_config(tmp_path, MINIMAL + CERTIFICATE_CONFIG)
 
-    code, out, err = check_config(path, capsys)
-
-    assert code == EXIT_CONFIG
-    assert out == ""
-    assert err == (
+    assert check_config(path, capsys) == (
+        EXIT_CONFIG,
+        "",
         f"{path}: office365.client_certificate_file: certificate: cannot read file "
-        f"{tmp_path / 'certs' / 'app.pem'}: No such file or directory\n"
+        f"{tmp_path / 'certs' / 'app.pem'}: No such file or directory\n",
     )
 
 
@@ -1844,9 +1812,8 @@ def test_the_state_database_is_named_by_state_or_by_its_old_name_store(
 
 def test_state_and_its_old_name_together_are_refused_naming_the_old_key(tmp_path: Path) -> None:
     """Two URLs for one database: the old key is named, with what to do."""
-    problems = problems_of(
-        tmp_path, '[daemon]\nstate = "sqlite:///a.db"\nstore = "sqlite:///b.db"\n'
-    )
+    text = '[daemon]\nstate = "sqlite:///a.db"\nstore = "sqlite:///b.db"\n'
+    problems = problems_of(tmp_path, text)
 
     assert problems == [
         problem(tmp_path, "daemon.store", "is the old name of daemon.state: give daemon.state only")
