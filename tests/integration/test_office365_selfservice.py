@@ -19,7 +19,7 @@ from .daemonproc import RunningDaemon, daemon_config_extra, new_port, run_cli, w
 from .idp import IdentityProvider
 from .oauth_fixtures import OAuthClients, office365_table
 from .test_office365_daemon import count, deliver
-from .test_selfservice_pages import CHROMIUM, CHROMIUM_ARGS, SCREENSHOTS, TIMEOUT_MS
+from .test_selfservice_pages import SCREENSHOTS, TIMEOUT_MS, chromium, office365_popup
 
 pytestmark = pytest.mark.dovecot
 
@@ -47,8 +47,6 @@ def test_start_authentication_signs_in_in_a_pop_up_and_mail_is_filed_over_xoauth
     oauth2_dovecot: Dovecot,
     oauth_ca_file: Path,
 ) -> None:
-    if not CHROMIUM.exists():
-        pytest.fail("Debian's chromium is missing: run .ci/system-deps (apt-get install chromium)")
     address = f"o365-{secrets.token_hex(4)}@example.com"
     password = secrets.token_urlsafe(12)
     idp.add_user(address, password)
@@ -64,19 +62,14 @@ def test_start_authentication_signs_in_in_a_pop_up_and_mail_is_filed_over_xoauth
         assert put.returncode == 0, put.stderr
         agent_token = put.stdout.split()[0]
         _put_branch(base, token, branch)
-        with playwright_api.sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        with chromium() as browser:
             # The provider's certificate comes from the tests' own CA.
             context = browser.new_context(ignore_https_errors=True)
             context.set_default_timeout(TIMEOUT_MS)
             page = context.new_page()
             page.goto(f"{base}/login?token={agent_token}")
             page.wait_for_url(f"{base}/email-sync/{quote(address, safe='@')}")
-            page.select_option("#office365 select[name=branch]", "o365-branch")
-            with page.expect_popup() as opened:
-                page.click("#start-authentication")
-            popup = opened.value
-            popup.wait_for_selector("#idp-sign-in")
+            popup = office365_popup(page, "o365-branch")
             assert popup.input_value("input[name=username]") == address  # login_hint
             popup.fill("input[name=password]", "wrong")
             popup.click("#idp-sign-in")
@@ -105,7 +98,6 @@ def test_start_authentication_signs_in_in_a_pop_up_and_mail_is_filed_over_xoauth
             page.click("#stop-sync")
             assert "First Time Setup" in page.inner_text("main")
             assert not cache.exists()
-            browser.close()
         log = daemon.log()
         for secret in idp.issued_secrets():
             assert secret not in log

@@ -31,7 +31,7 @@ from .test_cluster_shared_state import SharedCluster, http, office365_table
 from .test_crm import CLIENT_A, crm_table
 from .test_filing import build_message, folder_subjects, queue
 from .test_office365_daemon import count, deliver
-from .test_selfservice_pages import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS, shot
+from .test_selfservice_pages import TIMEOUT_MS, chromium, office365_popup, shot
 
 pytestmark = pytest.mark.dovecot
 
@@ -65,8 +65,6 @@ def test_agents_set_up_sync_sign_in_and_stop_through_any_of_three_crm_instances(
     oauth2_dovecot: Dovecot,
     oauth_ca_file: Path,
 ) -> None:
-    if not CHROMIUM.exists():
-        pytest.fail("Debian's chromium is missing: run .ci/system-deps (apt-get install chromium)")
     # The config file's one mailbox gives the instances branch b0 (the OAuth2 Dovecot, which
     # takes passwords too); the agents' mailboxes are registered at run time.
     filler = new_user(oauth2_dovecot, prefix="pf")
@@ -119,8 +117,7 @@ def walk(  # noqa: PLR0917 -- the walk's cast
     assert link.returncode == 0, link.stderr
     agent_token = link.stdout.split()[0]
     base = lb.url
-    with playwright_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+    with chromium() as browser:
         context = browser.new_context(ignore_https_errors=True)  # the provider's test CA
         context.set_default_timeout(TIMEOUT_MS)
         page = context.new_page()
@@ -153,11 +150,7 @@ def walk(  # noqa: PLR0917 -- the walk's cast
         assert o365_link.returncode == 0, o365_link.stderr
         page.goto(f"{base}/login?token={o365_link.stdout.split()[0]}")
         page.wait_for_url(f"{base}/email-sync/{quote(o365, safe='@')}")
-        page.select_option("#office365 select[name=branch]", "b0")
-        with page.expect_popup() as opened:
-            page.click("#start-authentication")
-        popup = opened.value
-        popup.wait_for_selector("#idp-sign-in")
+        popup = office365_popup(page, "b0")
         popup.fill("input[name=password]", o365_password)
         with popup.expect_event("close", timeout=15_000):
             popup.click("#idp-sign-in")
@@ -192,4 +185,3 @@ def walk(  # noqa: PLR0917 -- the walk's cast
         )
         ended = time.monotonic() - clicked
         print(f"stop through another instance ended the owner's session after {ended:.1f} s")
-        browser.close()

@@ -36,14 +36,9 @@ pytestmark = pytest.mark.dovecot
 
 
 def call(
-    daemon: RunningDaemon,
-    method: str,
-    path: str,
-    body: dict[str, Any] | None = None,
-    *,
-    token: str | None = None,
+    daemon: RunningDaemon, method: str, path: str, body: Any = None, *, token: str | None = None
 ) -> tuple[int, Any]:
-    """One request with a JSON body; returns (status, parsed JSON answer)."""
+    """One request with a JSON body (none: empty); returns (status, parsed JSON answer)."""
     req = urllib.request.Request(
         f"http://127.0.0.1:{daemon.port}{path}",
         method=method,

@@ -9,7 +9,9 @@ import json
 import sqlite3
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import pytest
@@ -39,14 +41,32 @@ SCREENSHOTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "screensh
 playwright_api = pytest.importorskip("playwright.sync_api")
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
+@contextmanager
+def chromium() -> Iterator[Any]:
+    """Debian's chromium, headless, under Playwright; the test fails when it is not installed."""
     if not CHROMIUM.exists():
         pytest.fail("Debian's chromium is missing: run .ci/system-deps (apt-get install chromium)")
     with playwright_api.sync_playwright() as playwright:
         launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         yield launched
         launched.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    with chromium() as launched:
+        yield launched
+
+
+def office365_popup(page: Any, branch: str) -> Any:
+    """On an agent's page, choose ``branch`` for Office 365 and click Start Authentication:
+    the provider's sign-in pop-up, once it shows its form."""
+    page.select_option("#office365 select[name=branch]", branch)
+    with page.expect_popup() as opened:
+        page.click("#start-authentication")
+    popup = opened.value
+    popup.wait_for_selector("#idp-sign-in")
+    return popup
 
 
 def shot(page: object, name: str) -> None:
