@@ -31,6 +31,16 @@ def open_store_of(
     return PostgresStore(request.getfixturevalue("pg_url"))
 
 
+StoreT = TypeVar("StoreT", bound=SqliteStore | PostgresStore)
+
+
+def with_smith(store: StoreT) -> StoreT:
+    """``store`` with the group Smith, whose client is john@clients.example (the filing tests'
+    messages from or to him are filed)."""
+    store.add_group("Smith", ["john@clients.example"])
+    return store
+
+
 def closed_after(store: ClosesT) -> Iterator[ClosesT]:
     """A fixture's body: ``store`` for the test, closed after it."""
     yield store

@@ -19,6 +19,7 @@ from emailsync.filing.queuepass import Filer
 from emailsync.model import FolderRole, Group, TimelineEvent
 from emailsync.state.sqlite import SqliteStore
 
+from .stores import with_smith
 from .test_filing_stuck import OWNER, Queue, message
 
 WAIT_SECONDS = 5.0
@@ -57,9 +58,7 @@ class WatchedStore(SqliteStore):
 
 @pytest.fixture
 def store(tmp_path: Path) -> WatchedStore:
-    watched = WatchedStore(tmp_path / "emailsync.db")
-    watched.add_group("Smith", ["john@clients.example"])
-    return watched
+    return with_smith(WatchedStore(tmp_path / "emailsync.db"))
 
 
 def filer_for(store: WatchedStore) -> Filer:

@@ -20,6 +20,7 @@ from emailsync.model import STUCK_KEYWORD, FetchedMessage, FolderRole, TimelineE
 from emailsync.state.sqlite import SqliteStore
 
 from .fakeserver import FilesAtOnce
+from .stores import with_smith
 
 OWNER = "agent@example.com"
 REFUSED = "file to received: UID command error: NO [OVERQUOTA] Quota exceeded"
@@ -144,9 +145,7 @@ class FlakyStore(SqliteStore):
 
 @pytest.fixture
 def store(tmp_path: Path) -> FlakyStore:
-    flaky = FlakyStore(tmp_path / "emailsync.db")
-    flaky.add_group("Smith", ["john@clients.example"])
-    return flaky
+    return with_smith(FlakyStore(tmp_path / "emailsync.db"))
 
 
 def filer_for(store: FlakyStore, stuck_after: int = 5) -> Filer:
