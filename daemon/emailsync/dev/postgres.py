@@ -19,6 +19,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -133,6 +134,10 @@ class Postgres(LocalServer):
 
     # -- internals --------------------------------------------------------------------------
 
+    def _as_owner(self) -> dict[str, Any]:
+        """Keywords for subprocess: run in base_dir as the cluster's owner (``_run_as_user``)."""
+        return {"cwd": self.base_dir, "user": self._uid, "group": self._gid}
+
     def _initdb(self, bin_dir: Path) -> None:
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self.socket_dir.mkdir(exist_ok=True)
@@ -154,9 +159,7 @@ class Postgres(LocalServer):
             capture_output=True,
             text=True,
             check=False,
-            cwd=self.base_dir,
-            user=self._uid,
-            group=self._gid,
+            **self._as_owner(),
         )
         if result.returncode != 0:
             raise PostgresStartError(f"initdb failed:\n{result.stdout}\n{result.stderr}")
@@ -184,9 +187,7 @@ class Postgres(LocalServer):
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                cwd=self.base_dir,
-                user=self._uid,
-                group=self._gid,
+                **self._as_owner(),
             )
         finally:
             log.close()
