@@ -64,9 +64,17 @@ def test_sigterm_between_fetch_batches_finishes_the_batch_and_leaves_the_rest(
     user: MailUser, fault_proxy: FaultProxy, daemons: DaemonFactory
 ) -> None:
     messages = queued(daemons, user, 10, "batched")
+
     # SIGTERM arrives while the first batch's FETCH is on its way to the server (the
-    # callback runs in the proxy once the daemon below is started).
-    fault_proxy.before_client_command(r"UID FETCH", lambda: daemon.signal(signal.SIGTERM), times=1)
+    # callback runs in the proxy once the daemon below is started). The proxy holds that
+    # FETCH (and what is pipelined behind it) for a second, so the stop has reached the
+    # worker before any answer does, however loaded the machine: without the hold, a worker
+    # faster than the signal's way through the main loop could file more batches first.
+    def stop_then_hold() -> None:
+        daemon.signal(signal.SIGTERM)
+        time.sleep(1.0)
+
+    fault_proxy.before_client_command(r"UID FETCH", stop_then_hold, times=1)
     daemon = daemons.start([user], groups=GROUPS, proxy=fault_proxy, fetch_batch=3, ready=False)
     assert daemon.process.wait(20) == 0
     assert fault_proxy.faults["callback"] == 1
