@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry
 
-from emailsync import config
+from emailsync.config import loader
 from emailsync.errors import ConfigError
 from emailsync.telemetry.metrics import Metrics
 
@@ -112,8 +112,8 @@ def _section(where: str) -> str | None:
     return where
 
 
-def _recording_table(recorder: _Recorder) -> type[config._Table]:
-    base = config._Table
+def _recording_table(recorder: _Recorder) -> type[loader._Table]:
+    base = loader._Table
 
     class Recording(base):  # type: ignore[valid-type,misc]  # reason: a class from a variable
         def __init__(self, data: Mapping[str, Any], where: str, *args: Any) -> None:
@@ -175,14 +175,14 @@ _PROBE: dict[str, Any] = {
 def config_keys() -> list[Key]:
     """Every key the config loader reads, with its type, default and choices."""
     recorder = _Recorder()
-    original = config._Table
-    config._Table = _recording_table(recorder)  # type: ignore[misc]  # reason: see module doc
+    original = loader._Table
+    loader._Table = _recording_table(recorder)  # type: ignore[misc]  # reason: see module doc
     try:
-        config.parse_settings(_PROBE, Path("/probe/emailsync.toml"))
+        loader.parse_settings(_PROBE, Path("/probe/emailsync.toml"))
     except ConfigError:
         pass  # only the reads matter
     finally:
-        config._Table = original  # type: ignore[misc]
+        loader._Table = original  # type: ignore[misc]
     for key in recorder.keys.values():
         if key.kind == "?":
             key.kind = UNTYPED_KINDS.get((key.section, key.name), "?")
