@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from emailsync.mail import key as key_module
 from emailsync.mail import message as message_module
 from emailsync.mail.message import (
     MAX_BODY_CHARS,
@@ -371,7 +372,7 @@ def test_key_without_message_id_reads_the_first_key_body_chars_of_the_collapsed_
     assert message_key(None, "", [], "s", body[: cap - 1]) != message_key(
         None, "", [], "s", body[:cap]
     )
-    assert message_module._key_body("a  b\nc") == "a b c"
+    assert key_module._key_body("a  b\nc") == "a b c"
 
 
 @pytest.mark.parametrize(
@@ -385,7 +386,7 @@ def test_key_without_message_id_reads_the_first_key_body_chars_of_the_collapsed_
 )
 def test_key_body_is_the_collapsed_text_cut_at_key_body_chars(text: str) -> None:
     collapsed = " ".join(text.split())
-    assert message_module._key_body(text) == collapsed[: message_module.KEY_BODY_CHARS]
+    assert key_module._key_body(text) == collapsed[: message_module.KEY_BODY_CHARS]
 
 
 def test_key_fields_cannot_bleed_into_each_other() -> None:

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from emailsync.mail import dates, decoding
 from emailsync.mail import message as message_module
 from emailsync.mail.message import evolved, parse_headers
 from emailsync.model import QueuedMessage
@@ -233,14 +234,14 @@ def encoded_cap(text: str) -> tuple[str, bool]:
 @given(BODY_TEXT)
 def test_newlines_equal_the_line_break_regex(text: str) -> None:
     """CRLF, lone CR and LF all become LF, exactly as the regex made them."""
-    assert message_module._newlines(text) == LINE_BREAK.sub("\n", text)
+    assert decoding._newlines(text) == LINE_BREAK.sub("\n", text)
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=80) | st.text("QUJD+/=\r\n -_!é", max_size=80).map(str.encode))
 def test_lenient_base64_equals_the_regex_version(data: bytes) -> None:
     """Clean or dirty, cut or padded: the same bytes as the regex filter gave."""
-    assert outcome(message_module._lenient_base64, data) == outcome(regex_lenient_base64, data)
+    assert outcome(decoding._lenient_base64, data) == outcome(regex_lenient_base64, data)
 
 
 @example("a" * (message_module.MAX_BODY_CHARS + 1))
@@ -259,7 +260,7 @@ def test_text_without_encoded_word_start_is_returned_as_is(text: str) -> None:
     """Without "=?" no encoded-word can match, so the shortcut's answer is the decoder's."""
     decoded = message_module.decode_encoded_words(text)
     if "=?" not in text:
-        assert message_module._ENCODED_WORD.search(text) is None
+        assert decoding._ENCODED_WORD.search(text) is None
         assert decoded == text
 
 
@@ -290,8 +291,8 @@ def date_texts(draw: st.DrawFn) -> str:
 @given(date_texts())
 def test_canonical_dates_read_as_email_utils_reads_them(text: str) -> None:
     """The regex reading of a Date gives the stdlib's moment, or None when the stdlib does."""
-    fast = message_module._parse_date.__wrapped__(text)
-    stdlib = message_module._stdlib_date(text)
+    fast = dates._parse_date.__wrapped__(text)
+    stdlib = dates._stdlib_date(text)
     assert (fast and fast.isoformat()) == (stdlib and stdlib.isoformat())
 
 
