@@ -1,4 +1,6 @@
-"""One logged-in IMAP connection to one mailbox: connect, TLS, folders, fetch and move.
+"""One logged-in IMAP connection to one mailbox: connect, TLS, login, folders, SELECT, and
+the session's commands (fetch, file, IDLE), whose body planning lives in imap/bodyfetch.py
+and whose COPY fallback and COPYUID reading live in imap/moves.py.
 
 Every imapclient call goes through ``_translated`` so that callers only ever see the
 exceptions of ``emailsync.errors``, grouped by what they do about them.
@@ -17,9 +19,8 @@ import os
 import socket
 import ssl
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import imapclient
 import structlog
@@ -31,36 +32,47 @@ from emailsync.errors import (
     MailboxError,
     UidValidityChangedError,
 )
-from emailsync.imap import idle
+from emailsync.imap import bodyfetch, idle, moves
 from emailsync.imap.auth import Authenticator, make_authenticator
-from emailsync.imap.fetch import FetchData, internaldate
+from emailsync.imap.bodyfetch import (
+    BODY_FETCH_CAP,
+    FULL_FETCH_BYTES,
+    WHOLE_FETCH_MAX,
+    _FullFetch,
+    as_text,
+    messages_of,
+    savedate,
+)
 from emailsync.imap.folders import FolderTree
 from emailsync.imap.idle import IdleUpdate, WakeSource
+from emailsync.imap.moves import FILING_KEYWORD, PendingMove, copyuid
 from emailsync.imap.pipeline import Command, CommandPipeline
-from emailsync.imap.structure import plan_body
 from emailsync.imap.translate import server_text, translated
-from emailsync.mail.message import MAX_HTML_SOURCE_CHARS
 from emailsync.model import STUCK_KEYWORD, BodyPlan, FetchedMessage, FolderRole
 
 if TYPE_CHECKING:
     from emailsync.imap.tokencache import TokenCacheStore
 
+# Moved to imap/bodyfetch.py and imap/moves.py; named here still for the callers.
+__all__ = [
+    "BODY_FETCH_CAP",
+    "FILING_KEYWORD",
+    "FULL_FETCH_BYTES",
+    "HEADERS_KEPT",
+    "READ_BUFFER_BYTES",
+    "TLS_CONTEXTS",
+    "WHOLE_FETCH_MAX",
+    "ImapSession",
+    "PendingMove",
+    "_FullFetch",
+    "session_for",
+    "tls_context",
+]
+
 log = structlog.get_logger(__name__)
 
-# Keyword on a Queue message between COPY and EXPUNGE on servers without MOVE (RFC 6851);
-# the copy carries it too, so a crash in between can be recognised and not copied twice.
-FILING_KEYWORD = "$EmailSyncFiling"
 # Distinct TLS contexts kept (one per CA file and its version on disk).
 TLS_CONTEXTS = 16
-# Cap on bytes fetched in one FETCH of bodies, so one batch cannot hold a socket read for
-# minutes nor the memory of many large texts at once.
-FULL_FETCH_BYTES = 4 * 1024 * 1024
-# Cap on the bytes of one text part fetched for an event (issue 10: a 50 MB message costs
-# at most this): 1 MiB is what message.py reads of HTML source at most.
-BODY_FETCH_CAP = MAX_HTML_SOURCE_CHARS
-# A message whose BODYSTRUCTURE cannot be read is fetched whole up to this size, else only
-# its first BODY_FETCH_CAP bytes.
-WHOLE_FETCH_MAX = BODY_FETCH_CAP
 # imaplib reads through a BufferedReader of 8 KiB per connection, allocated for its whole life;
 # a worker spends that life in IDLE reading short lines, and at 2,000 mailboxes the buffers
 # are 16 MB (issue 10). A smaller one only means more recv() calls per big response (lines
@@ -230,7 +242,7 @@ class ImapSession:
                 listing = self.settle().list_folders(pattern="")  # RFC 3501 §6.3.8: the delimiter
                 delimiter = listing[0][1] if listing else "/"
         delim = delimiter.decode() if isinstance(delimiter, bytes) else str(delimiter or "/")
-        self.tree = FolderTree.build(self.folders, prefix=_str(prefix), delimiter=delim)
+        self.tree = FolderTree.build(self.folders, prefix=as_text(prefix), delimiter=delim)
         return self.tree
 
     def ensure_folders(self) -> list[str]:
@@ -239,10 +251,11 @@ class ImapSession:
         created: list[str] = []
         with translated("ensure folders"):
             existing = {
-                _str(name) for _, _, name in self.settle().list_folders(pattern=f"{tree.root}*")
+                as_text(name) for _, _, name in self.settle().list_folders(pattern=f"{tree.root}*")
             }
             subscribed = {
-                _str(name) for _, _, name in self.settle().list_sub_folders(pattern=f"{tree.root}*")
+                as_text(name)
+                for _, _, name in self.settle().list_sub_folders(pattern=f"{tree.root}*")
             }
             for name in tree.all_names():
                 if name not in existing:
@@ -361,7 +374,7 @@ class ImapSession:
             return self._fetch(uids, b"BODY.PEEK[HEADER]", b"BODY[HEADER]", structure=True)
         with translated("fetch"):
             response = self._pipeline.fetched(ahead)
-        return _messages(response, b"BODY[HEADER]", structure=True)
+        return messages_of(response, b"BODY[HEADER]", structure=True)
 
     def prefetch_headers(self, uids: Sequence[int]) -> None:
         """Send the header FETCH of ``uids`` now; ``fetch_headers(uids)`` reads its answer.
@@ -408,7 +421,7 @@ class ImapSession:
         ahead, self._full_ahead = self._full_ahead, None
         if ahead is None or ahead.uids != tuple(uids):
             ahead = self._send_full(uids, sizes, plans)
-        return self._read_full(ahead)
+        return bodyfetch.read_full(self._pipeline, ahead)
 
     def prefetch_full(
         self,
@@ -433,77 +446,9 @@ class ImapSession:
         sizes: dict[int, int] | None,
         plans: Mapping[int, BodyPlan | None] | None,
     ) -> _FullFetch:
-        """Send the FETCHes ``fetch_full`` reads (see there); the structures are read here."""
-        sizes = sizes or {}
-        known = plans or {}
-        found = {uid: known[uid] for uid in uids if uid in known}
-        found.update(self._plans([uid for uid in uids if uid not in known]))
-        sent = _FullFetch(tuple(uids), found)
-        by_sections: dict[tuple[str, ...], list[int]] = {}
-        whole: list[int] = []
-        prefix: list[int] = []
-        for uid in uids:
-            if uid not in found:
-                continue  # expunged by someone else meanwhile
-            plan = found[uid]
-            if plan is not None:
-                by_sections.setdefault(tuple(t.section for t in plan.texts), []).append(uid)
-            elif sizes.get(uid, 0) <= WHOLE_FETCH_MAX:
-                whole.append(uid)
-            else:
-                prefix.append(uid)
-        with translated("fetch text"):
-            for sections, group in by_sections.items():
-                if not sections:  # no text part at all: the structure says all an event needs
-                    sent.textless.extend(group)
-                    continue
-                items = [b"BODY.PEEK[%s]<0.%d>" % (s.encode(), BODY_FETCH_CAP) for s in sections]
-                cost = {uid: _text_bytes(found[uid]) for uid in group}
-                for chunk in _by_bytes(group, cost):
-                    sent.texts.append((sections, self._pipeline.fetch(chunk, items)))
-        with translated("fetch"):
-            for chunk in _by_bytes(whole, sizes):
-                items = self._items(b"BODY.PEEK[]", structure=False)
-                sent.whole.append(self._pipeline.fetch(chunk, items))
-            for chunk in _by_bytes(prefix, dict.fromkeys(prefix, BODY_FETCH_CAP)):
-                items = self._items(b"BODY.PEEK[]<0.%d>" % BODY_FETCH_CAP, structure=False)
-                sent.prefix.append(self._pipeline.fetch(chunk, items))
-        return sent
-
-    def _read_full(self, sent: _FullFetch) -> list[FetchedMessage]:
-        """The answers to the FETCHes of ``_send_full``, as ``fetch_full`` gives them."""
-        plans = sent.plans
-        result = [FetchedMessage(uid, b"", None, 0, plan=plans[uid]) for uid in sent.textless]
-        for sections, command in sent.texts:
-            with translated("fetch text"):
-                response = self._pipeline.fetched(command)
-            result.extend(_text_messages(response, sections, plans))
-        for command in sent.whole:
-            with translated("fetch"):
-                response = self._pipeline.fetched(command)
-            result.extend(_messages(response, b"BODY[]", structure=False))
-        for command in sent.prefix:
-            with translated("fetch"):
-                response = self._pipeline.fetched(command)
-            result.extend(
-                # A full cap's worth came: the rest of the message was left on the server.
-                replace(m, prefix=len(m.data) >= BODY_FETCH_CAP)
-                for m in _messages(response, b"BODY[]<0>", structure=False)
-            )
-        return sorted(result, key=lambda m: m.uid)
-
-    def _plans(self, uids: Sequence[int]) -> dict[int, BodyPlan | None]:
-        """Each message's body plan from one FETCH BODYSTRUCTURE; None where unreadable."""
-        if not uids:
-            return {}
-        with translated("fetch structure"):
-            pipeline = self._pipeline
-            response = pipeline.fetched(pipeline.fetch(uids, [b"BODYSTRUCTURE"]))
-        return {
-            int(uid): plan_body(data.get(b"BODYSTRUCTURE"))
-            for uid, data in response.items()
-            if b"BODYSTRUCTURE" in data
-        }
+        """Send the FETCHes ``fetch_full`` reads (imap/bodyfetch.py); a method, so that a
+        session can plan otherwise (a test's fetches bodies whole)."""
+        return bodyfetch.send_full(self._pipeline, uids, sizes, plans, self._items)
 
     def _fetch(
         self, uids: Sequence[int], item: bytes, key: bytes, *, structure: bool = False
@@ -514,7 +459,7 @@ class ImapSession:
             pipeline = self._pipeline
             items = self._items(item, structure=structure)
             response = pipeline.fetched(pipeline.fetch(uids, items))
-        return _messages(response, key, structure=structure)
+        return messages_of(response, key, structure=structure)
 
     def _items(self, item: bytes, *, structure: bool) -> list[bytes]:
         items = [item, b"INTERNALDATE", b"RFC822.SIZE", b"FLAGS"]
@@ -665,7 +610,7 @@ class ImapSession:
         if not codes or not self._to_failed:
             return
         for code in codes:
-            for source, copy in _copyuid(code):
+            for source, copy in copyuid(code):
                 if source in self._to_failed:
                     self._to_failed.discard(source)
                     self._copies[source] = copy
@@ -677,85 +622,12 @@ class ImapSession:
             self._pipeline.moved(self._pipeline.move(uids, folder))
             self._note_copies()
         else:
-            self._copy_then_expunge(uids, source, dest, uidvalidity)
-
-    def _copy_then_expunge(
-        self, uids: list[int], source: str, dest: str, uidvalidity: int | None
-    ) -> None:
-        """COPY + \\Deleted + UID EXPUNGE, without leaving a second copy after a crash.
-
-        Before copying, the Queue messages get FILING_KEYWORD, which COPY carries over. A
-        message that already has it was copied by an earlier, interrupted attempt: if its copy
-        is in ``dest`` it is not copied again. After EXPUNGE the keyword is taken off the copies.
-        ``uidvalidity`` is the source's when ``uids`` were read: every re-SELECT of the source
-        checks it, so that a source replaced meanwhile never has the wrong messages expunged.
-        """
-        if not self.keywords_allowed:
-            # Without keywords there is nothing to recognise an earlier copy by.
-            self.settle().copy(uids, dest)
-            self._delete_and_expunge(uids)
-            return
-        flags = self.settle().get_flags(uids)
-        interrupted = [uid for uid in uids if FILING_KEYWORD.encode() in flags.get(uid, ())]
-        already_copied = self._copies_in(dest, interrupted) if interrupted else set()
-        self._reselect(source, uidvalidity)
-        to_copy = [uid for uid in uids if uid not in already_copied]
-        if to_copy:
-            self.settle().add_flags(to_copy, [FILING_KEYWORD], silent=True)
-            self.settle().copy(to_copy, dest)
-        self._delete_and_expunge(uids)
-        # Take the keyword off the copies; a crash before this only leaves a harmless keyword.
-        self.settle().select_folder(dest)
-        pending = self.settle().search(["KEYWORD", FILING_KEYWORD])
-        if pending:
-            self.settle().remove_flags(pending, [FILING_KEYWORD], silent=True)
-        # The caller goes on with more UIDs of the source: they must still name the same mail.
-        self._reselect(source, uidvalidity)
-
-    def _reselect(self, folder: str, uidvalidity: int | None) -> None:
-        """SELECT a folder again; UidValidityChangedError if its UIDVALIDITY is not the one known.
-
-        RFC 3501 §2.3.1.1: UIDs are only meaningful together with UIDVALIDITY. A folder that
-        was deleted and re-created (or renamed away and replaced) between two SELECTs has a new
-        one, and the UIDs read before would name other messages; UID EXPUNGE (RFC 4315) of them
-        would destroy mail that was never copied.
-        """
-        info = self.settle().select_folder(folder)
-        current = int(info.get(b"UIDVALIDITY", 0))
-        if uidvalidity is not None and current != uidvalidity:
-            self.log.warning(
-                "uidvalidity_changed", folder=folder, expected=uidvalidity, found=current
-            )
-            raise UidValidityChangedError(f"{folder}: UIDVALIDITY changed to {current}")
+            moves.copy_then_expunge(self, uids, source, dest, uidvalidity)  # no MOVE
 
     def _copies_in(self, dest: str, uids: list[int]) -> set[int]:
-        """Queue UIDs among ``uids`` with a copy in dest (same Message-ID, size, INTERNALDATE)."""
-        wanted_items = [b"BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]", b"INTERNALDATE", b"RFC822.SIZE"]
-        key = b"BODY[HEADER.FIELDS (MESSAGE-ID)]"
-
-        def identity(data: dict[bytes, Any]) -> tuple[bytes, object, int]:
-            return (
-                bytes(data.get(key) or b"").strip(),
-                data.get(b"INTERNALDATE"),
-                int(data.get(b"RFC822.SIZE", 0)),
-            )
-
-        sources = {uid: identity(d) for uid, d in self.settle().fetch(uids, wanted_items).items()}
-        self.settle().select_folder(dest, readonly=True)
-        pending = self.settle().search(["KEYWORD", FILING_KEYWORD])
-        copies = (
-            {identity(d) for d in self.settle().fetch(pending, wanted_items).values()}
-            if pending
-            else set()
-        )
-        return {uid for uid, ident in sources.items() if ident in copies}
-
-    def _delete_and_expunge(self, uids: list[int]) -> None:
-        self.settle().add_flags(uids, [imapclient.DELETED], silent=True)
-        if self.has("UIDPLUS"):
-            self.settle().uid_expunge(uids)  # RFC 4315: only these messages
-        else:
-            self.settle().expunge()
+        """Queue UIDs among ``uids`` with a copy in dest (imap/moves.py); a method, so that a
+        session can act in between (a test's replaces Queue there)."""
+        return moves.copies_in(self, dest, uids)
 
     # -- IDLE (RFC 2177) ------------------------------------------------------------------------
 
@@ -787,7 +659,7 @@ class ImapSession:
             items = [b"INTERNALDATE", *([b"SAVEDATE"] if self.has("SAVEDATE") else [])]
             response = self.settle().fetch([min(uids)], items)
         for data in response.values():
-            saved = _savedate(data.get(b"SAVEDATE"))
+            saved = savedate(data.get(b"SAVEDATE"))
             internal = data.get(b"INTERNALDATE")
             return saved or (internal if isinstance(internal, datetime) else None)
         return None
@@ -844,96 +716,6 @@ def session_for(
         session.logout()
 
 
-class PendingMove:
-    """A MOVE sent by ``ImapSession.file_later``; ``wait()`` reads its answer."""
-
-    def __init__(self, session: ImapSession, role: FolderRole) -> None:
-        self._session = session
-        self.role = role
-        self.command: Command | None = None  # None: nothing in flight (done at once, not sent)
-        self.error: MailboxError | None = None
-
-    def wait(self) -> None:
-        """Return once the messages moved; raises what ``ImapSession.file`` would have."""
-        command, self.command = self.command, None
-        if command is not None:
-            session = self._session
-            try:
-                with translated(f"file to {self.role.value}"):
-                    session._pipeline.moved(command)
-            except MailboxError as exc:
-                self.error = exc
-            session._note_copies()
-        if self.error is not None:
-            raise self.error
-
-
-@dataclass
-class _FullFetch:
-    """The FETCHes ``fetch_full`` reads, sent (maybe ahead, ``prefetch_full``)."""
-
-    uids: tuple[int, ...]
-    plans: dict[int, BodyPlan | None]
-    textless: list[int] = field(default_factory=list)  # nothing to fetch: the plan says all
-    texts: list[tuple[tuple[str, ...], Command]] = field(default_factory=list)
-    whole: list[Command] = field(default_factory=list)
-    prefix: list[Command] = field(default_factory=list)
-
-
-def _text_messages(
-    response: dict[int, FetchData],
-    sections: tuple[str, ...],
-    plans: Mapping[int, BodyPlan | None],
-) -> list[FetchedMessage]:
-    """The messages of a FETCH of text parts (each cut at BODY_FETCH_CAP), with their plans."""
-    keys = {s: b"BODY[%s]<0>" % s.encode() for s in sections}
-    messages = []
-    for uid, data in response.items():
-        plan = plans.get(int(uid))
-        if plan is None:
-            continue
-        texts = {s: bytes(data.get(key) or b"") for s, key in keys.items()}
-        messages.append(
-            FetchedMessage(
-                uid=int(uid),
-                data=b"",
-                internaldate=None,
-                size=0,
-                plan=plan,
-                sections=texts,
-                # A full cap's worth of a part the structure says is longer: cut short.
-                sections_cut=frozenset(
-                    t.section
-                    for t in plan.texts
-                    if t.size > BODY_FETCH_CAP and len(texts.get(t.section, b"")) >= BODY_FETCH_CAP
-                ),
-            )
-        )
-    return messages
-
-
-def _messages(
-    response: dict[int, FetchData], key: bytes, *, structure: bool
-) -> list[FetchedMessage]:
-    """The FetchedMessages of a FETCH answer, by UID; a message without ``key`` is left out."""
-    messages = []
-    for uid, data in sorted(response.items()):
-        if key not in data:
-            continue  # expunged by someone else meanwhile
-        messages.append(
-            FetchedMessage(
-                uid=int(uid),
-                data=bytes(data[key] or b""),
-                internaldate=data.get(b"INTERNALDATE"),
-                size=int(data.get(b"RFC822.SIZE", 0)),
-                flags=tuple(_str(f) for f in data.get(b"FLAGS", ())),
-                savedate=_savedate(data.get(b"SAVEDATE")),
-                plan=plan_body(data.get(b"BODYSTRUCTURE")) if structure else None,
-            )
-        )
-    return messages
-
-
 def _shrink_read_buffer(client: imapclient.IMAPClient) -> None:
     """Give a logged-in connection a READ_BUFFER_BYTES reader, when nothing is buffered.
 
@@ -951,71 +733,3 @@ def _shrink_read_buffer(client: imapclient.IMAPClient) -> None:
 def _close_quietly(client: imapclient.IMAPClient) -> None:
     with contextlib.suppress(Exception):
         client.shutdown()
-
-
-def _text_bytes(plan: BodyPlan | None) -> int:
-    """Bytes the text parts of a plan cost to fetch, each cut at BODY_FETCH_CAP."""
-    return sum(min(t.size, BODY_FETCH_CAP) for t in plan.texts) if plan else 0
-
-
-def _by_bytes(uids: Sequence[int], sizes: dict[int, int]) -> list[list[int]]:
-    """``uids`` in runs of at most FULL_FETCH_BYTES by ``sizes`` (one message at least)."""
-    chunks: list[list[int]] = []
-    chunk: list[int] = []
-    chunk_bytes = 0
-    for uid in uids:
-        size = sizes.get(uid, 0)
-        if chunk and chunk_bytes + size > FULL_FETCH_BYTES:
-            chunks.append(chunk)
-            chunk, chunk_bytes = [], 0
-        chunk.append(uid)
-        chunk_bytes += size
-    if chunk:
-        chunks.append(chunk)
-    return chunks
-
-
-def _copyuid(code: object) -> list[tuple[int, tuple[int, int]]]:
-    """``COPYUID uidvalidity source-set dest-set`` as (source UID, (uidvalidity, dest UID)).
-
-    The two sets list the UIDs in the same order (RFC 4315 §3); a range ``a:b`` is taken
-    in the order written. Anything unreadable gives nothing (the index then finds the
-    message by a scan).
-    """
-    text = code.decode("ascii", "replace") if isinstance(code, bytes) else str(code)
-    parts = text.split()
-    if len(parts) != 3 or not parts[0].isdigit():
-        return []
-    try:
-        sources, copies = _uid_list(parts[1]), _uid_list(parts[2])
-    except ValueError:
-        return []
-    if len(sources) != len(copies):
-        return []
-    validity = int(parts[0])
-    return [(source, (validity, copy)) for source, copy in zip(sources, copies, strict=True)]
-
-
-def _uid_list(text: str) -> list[int]:
-    """An RFC 3501 §9 uid-set of a COPYUID, expanded in the order written."""
-    uids: list[int] = []
-    for part in text.split(","):
-        first, _, last = part.partition(":")
-        start, end = int(first), int(last or first)
-        step = 1 if end >= start else -1
-        uids.extend(range(start, end + step, step))
-    return uids
-
-
-def _savedate(value: object) -> datetime | None:
-    if isinstance(value, datetime):
-        return value
-    if isinstance(value, bytes) and value not in (b"NIL", b""):
-        return internaldate(value)
-    return None
-
-
-def _str(value: object) -> str:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    return str(value)
