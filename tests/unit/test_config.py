@@ -13,16 +13,13 @@ import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from emailsync.config import (
+from emailsync.config import Settings, check_secrets, default_config_path, load_settings
+from emailsync.config.settings import (
     DaemonSettings,
     FolderSettings,
     MailboxSettings,
     Office365Settings,
     ServerSettings,
-    Settings,
-    check_secrets,
-    default_config_path,
-    load_settings,
 )
 from emailsync.errors import ConfigError
 from emailsync.mail.address import normalise_address
