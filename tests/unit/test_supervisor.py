@@ -670,7 +670,10 @@ def test_lease_hooks_never_run_two_workers_and_each_worker_writes_through_its_fe
         assert rig.supervisor.run_mailbox(address, fenced[1])  # a new fence, same mailbox
         wait_for(lambda: rig.census.running(address, 2))
         assert [w.store for w in rig.workers] == fenced
-        assert [(s.state, s.owner) for s in rig.supervisor.statuses()] == [("idle", "here")]
+        # Running, then IDLE a moment later (its state is set on its own thread).
+        wait_for(
+            lambda: [(s.state, s.owner) for s in rig.supervisor.statuses()] == [("idle", "here")]
+        )
         assert rig.supervisor.drop_mailboxes([address])(5.0)  # asked at once, then waited for
         assert all(life.ended is not None for life in rig.census.of(address))
         assert [(s.state, s.owner) for s in rig.supervisor.statuses()] == [("remote", "there")]
