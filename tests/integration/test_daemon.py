@@ -43,7 +43,12 @@ def test_appended_message_is_filed_by_idle_without_polling(
     queue(user, build_message("john@clients.example", user.address, "live"))
     wait_filed(user, "Received", "live", timeout=10)
     assert time.monotonic() - started < 10  # sweep and poll are an hour away: IDLE did it
-    assert daemon.metric("emailsync_sync_passes_total", mailbox=user.address, trigger="idle") >= 1
+    # A pass is counted when it ends, a moment after its MOVE is visible to another client.
+    wait_until(
+        lambda: (
+            daemon.metric("emailsync_sync_passes_total", mailbox=user.address, trigger="idle") >= 1
+        )
+    )
     assert daemon.metric("emailsync_sync_passes_total", mailbox=user.address, trigger="sweep") == 0
     assert daemon.metric("emailsync_messages_received_total", mailbox=user.address) == 1
     assert daemon.metric("emailsync_timeline_events_total", mailbox=user.address) == 1
@@ -60,6 +65,12 @@ def test_startup_pass_files_mail_queued_before_start(
     daemon = daemons.start([user], groups={"Smith": ["john@clients.example"]})
     wait_filed(user, "Sent", "early out")
     wait_filed(user, "Failed", "early unlinked")
+    wait_until(
+        lambda: (
+            daemon.metric("emailsync_sync_passes_total", mailbox=user.address, trigger="startup")
+            == 1
+        )
+    )
     assert daemon.metric("emailsync_messages_synced_total", mailbox=user.address) == 1
     assert (
         daemon.metric("emailsync_messages_failed_total", mailbox=user.address, reason="no_group")
