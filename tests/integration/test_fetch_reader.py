@@ -59,6 +59,9 @@ def filled(dovecot: Dovecot) -> MailUser:
         samples = [p.read_bytes() for p in sorted(DATA.glob("*.eml"))]
         for raw in [s for s in samples if s] + [message(n) for n in range(5)]:
             client.append("INBOX", raw, flags=[b"$Seen-By-Test"])
+        # \Recent goes to the first session that selects the folder (RFC 3501 2.3.2): take
+        # it here, so the readers compared below all see the same FLAGS.
+        client.select_folder("INBOX")
     return user
 
 
