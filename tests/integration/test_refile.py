@@ -84,8 +84,11 @@ def test_failed_mail_is_filed_once_its_address_is_linked_by_groups_add(
         [user.address],
     )
     assert event["message_id"] == message_id(raw).strip("<>")
-    assert daemon.metric("emailsync_refiled_total", mailbox=user.address) == 1
-    assert daemon.metric("emailsync_messages_received_total", mailbox=user.address) == 1
+    # Counted once the daemon reads its MOVE's answer, a moment after another client sees it.
+    wait_until(lambda: daemon.metric("emailsync_refiled_total", mailbox=user.address) == 1)
+    wait_until(
+        lambda: daemon.metric("emailsync_messages_received_total", mailbox=user.address) == 1
+    )
     status, body = daemon.get(f"/v1/mailboxes/{user.address}")
     assert status == 200
     latest = json.loads(body)["recent"][0]
