@@ -37,6 +37,7 @@ def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
     from emailsync.runtime.worker import (  # noqa: PLC0415 -- only the daemon needs it
         WORKER_STACK_BYTES,
         limit_malloc_arenas,
+        raise_open_files_limit,
     )
     from emailsync.service.supervisor import Supervisor  # noqa: PLC0415 -- only the daemon needs it
 
@@ -44,7 +45,9 @@ def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
     # few malloc arenas (issue 10: per-mailbox memory).
     threading.stack_size(WORKER_STACK_BYTES)
     limit_malloc_arenas()
+    open_files = raise_open_files_limit()  # three descriptors a mailbox
     settings = load(args)
+    log.info("open_files_limit", limit=open_files)
     problems = shared_secret_problems(settings)
     if problems:
         raise ConfigError(problems)

@@ -48,9 +48,11 @@ the Queue gets its look before the next one.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import random
+import resource
 import threading
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -202,6 +204,20 @@ def limit_malloc_arenas(count: int = MALLOC_ARENAS) -> bool:
         return bool(libc.mallopt(_M_ARENA_MAX, count))
     except (OSError, AttributeError):
         return False
+
+
+def raise_open_files_limit() -> int:
+    """Raise the soft open-files limit to the hard one (setrlimit(2)); the new soft limit.
+
+    A mailbox holds three descriptors (its IMAP socket and its wake-up pipe), and systemd
+    starts a service with a soft limit of 1,024 (hard 524,288), leaving the raise to programs
+    that do not use select(): at ~330 mailboxes the next connection would fail with EMFILE.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def trim_malloc() -> bool:
