@@ -23,6 +23,7 @@ from emailsync.dev.net import LocalServer, free_port, stop_process, wait_for_por
 MAIL_UID = 65534  # "nobody": Dovecot refuses to run mail processes as root
 START_TIMEOUT_SECONDS = 15.0
 INOTIFY_INSTANCES = 4096  # Dovecot needs one per IDLE client per uid (DESIGN.md §2)
+MAX_IMAP_CONNECTIONS = 10000  # service imap: process_limit x client_limit
 
 # Capabilities Dovecot 2.3 announces after login; tests remove some to exercise fallbacks.
 POST_LOGIN_CAPABILITIES = (
@@ -88,6 +89,12 @@ class DovecotOptions:
     tls: TlsFiles | None = None  # adds STARTTLS on the imap port and an imaps port
     extra_config: str = ""  # appended verbatim (oauth2 passdb and the like)
     passdb: str = field(default="")  # replaces the passwd-file passdb when set
+    # Connections one imap process serves (service imap's client_limit). 1, Dovecot's own
+    # default, gives each connection its own process, which tests use to tell sessions
+    # apart (doveadm who's pid). More lets thousands of connections share a few long-lived
+    # processes (allowed: all mail belongs to one uid) and runs imap-login in Dovecot's
+    # high-performance mode too, for the benchmarks at 6,000 mailboxes (issue 23).
+    imap_client_limit: int = 1
 
 
 class Dovecot(LocalServer):
@@ -108,6 +115,8 @@ class Dovecot(LocalServer):
         self.log_path = base_dir / "dovecot.log"
         self.mail_dir = base_dir / "mail"
         self._process: subprocess.Popen[bytes] | None = None
+        if self.options.imap_client_limit < 1:
+            raise ValueError("imap_client_limit must be at least 1")
 
     def close(self) -> None:
         """Stop, and remove the directory when this object made it."""
@@ -238,6 +247,18 @@ class Dovecot(LocalServer):
         else:
             ssl = "ssl = no"
             imaps = "inet_listener imaps {\n    port = 0\n  }"
+        clients = opts.imap_client_limit
+        processes = -(-MAX_IMAP_CONNECTIONS // clients)
+        # service_count = 0: a process takes new connections for as long as it lives, rather
+        # than one each (then client_limit would change nothing). Login processes hand a
+        # connection over once logged in, so two of them (one a core) suffice.
+        # Each such imap process keeps a connection to auth, which counts them all.
+        shared = (
+            f"service_count = 0\n  client_limit = {clients}\n  process_min_avail = 2"
+            if clients > 1
+            else "process_min_avail = 1"
+        )
+        auth = f"service auth {{\n  client_limit = {processes + 1000}\n}}" if clients > 1 else ""
         passdb = opts.passdb or (
             f"passdb {{\n  driver = passwd-file\n  args = scheme=PLAIN {self.passwd_path}/%u\n}}"
         )
@@ -271,11 +292,14 @@ service imap-login {{
   }}
   {imaps}
   chroot =
-  process_min_avail = 1
+  {shared}
 }}
 service imap {{
-  process_limit = 10000
+  process_limit = {processes}
+  client_limit = {clients}
+  service_count = {0 if clients > 1 else 1}
 }}
+{auth}
 service anvil {{
   chroot =
   unix_listener anvil-auth-penalty {{
