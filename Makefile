@@ -77,6 +77,8 @@ test: setup lint typecheck
 bench: setup
 	$(BIN)/python bench/run.py --big-mailboxes 2000 --backlog 10000
 	$(BIN)/python bench/shapes.py --messages 2000 --repeats 3
+	$(BIN)/python bench/failover.py --mailboxes 2000 --instances 1
+	$(BIN)/python bench/failover.py --mailboxes 6000 --instances 3 --lease 12 --memory
 
 # Flame graphs (py-spy, SVG) of one backlog pass, for issue 10's profile: bench/results/.
 PROFILE_MESSAGES ?= 10000
