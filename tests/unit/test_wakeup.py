@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import select
 import threading
 import time
@@ -80,3 +81,22 @@ def test_trigger_values_are_the_metric_labels() -> None:
     assert passes == set(TRIGGERS) == {"idle", "start_sync", "poll", "sweep", "startup"}
     assert Trigger("start_sync") is Trigger.START_SYNC
     assert Trigger("refile") is Trigger.REFILE
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_wakeup_holds_one_descriptor_and_gives_it_back() -> None:
+    # Three a mailbox (socket, pipe's two ends) was a third of the open-files limit's reach.
+    before = open_descriptors()
+    wakeups = [Wakeup() for _ in range(10)]
+    assert open_descriptors() - before == 10
+    for wakeup in wakeups:
+        wakeup.post(Trigger.SWEEP)
+        wakeup.post(Trigger.SWEEP)  # a second signal before the read: one read clears both
+        assert readable(wakeup.fileno())
+        assert wakeup.consume() == {Trigger.SWEEP}
+        assert not readable(wakeup.fileno())
+        wakeup.close()
+    assert open_descriptors() == before

@@ -45,7 +45,7 @@ def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
     # few malloc arenas (issue 10: per-mailbox memory).
     threading.stack_size(WORKER_STACK_BYTES)
     limit_malloc_arenas()
-    open_files = raise_open_files_limit()  # three descriptors a mailbox
+    open_files = raise_open_files_limit()  # two descriptors a mailbox
     settings = load(args)
     log.info("open_files_limit", limit=open_files)
     problems = shared_secret_problems(settings)

@@ -1,7 +1,7 @@
-"""What wakes a mailbox worker: pass triggers and stop, on one event and one pipe.
+"""What wakes a mailbox worker: pass triggers and stop, on one event and one descriptor.
 
 Other threads ``post()`` a trigger or ``stop()``; the worker ``consume()``s them. Posting and
-consuming happen under one lock, and the event and pipe are cleared only by ``consume()``
+consuming happen under one lock, and the event and descriptor are cleared only by ``consume()``
 together with the pending set, so a wake-up can never be lost between "is there anything?"
 and "then wait". Stop is sticky: once asked, every wait returns at once.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import os
+import sys
 import threading
 
 from emailsync.runtime.clock import Clock, SystemClock
@@ -32,7 +33,7 @@ class Trigger(enum.Enum):
 
 
 class Wakeup:
-    """Pending triggers plus the event and pipe that wake the worker when one is posted."""
+    """Pending triggers plus the event and descriptor that wake the worker when one is posted."""
 
     def __init__(self, clock: Clock | None = None) -> None:
         self._clock = clock or SystemClock()
@@ -41,10 +42,9 @@ class Wakeup:
         self._event = threading.Event()
         self._stopping = False
         self._closed = False
-        # The pipe lets the worker select() on the IMAP socket and wake-ups together in IDLE.
-        self._read_fd, self._write_fd = os.pipe()
-        os.set_blocking(self._read_fd, False)
-        os.set_blocking(self._write_fd, False)
+        # The descriptor lets the worker poll() the IMAP socket and wake-ups together in IDLE:
+        # an eventfd(2) where there is one (one descriptor a mailbox), else a pipe (two).
+        self._read_fd, self._write_fd = _wake_descriptors()
 
     @property
     def stopping(self) -> bool:
@@ -81,16 +81,17 @@ class Wakeup:
         return self._clock.wait(self._event, timeout)
 
     def fileno(self) -> int:
-        """The pipe's read end: readable while a trigger or stop is pending."""
+        """The eventfd (or pipe's read end): readable while a trigger or stop is pending."""
         return self._read_fd
 
     def close(self) -> None:
-        """Close the pipe (the worker thread has ended); later posts only set the event."""
+        """Close the descriptor(s) (the worker thread has ended); later posts only set the
+        event."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            for fd in (self._read_fd, self._write_fd):
+            for fd in {self._read_fd, self._write_fd}:
                 with contextlib.suppress(OSError):
                     os.close(fd)
 
@@ -99,11 +100,27 @@ class Wakeup:
         if self._closed:
             return  # the descriptor numbers may belong to someone else by now
         with contextlib.suppress(BlockingIOError, OSError):
-            os.write(self._write_fd, b"!")  # a full pipe is still readable: enough
+            # A full pipe (or an eventfd at its maximum count) is still readable: enough.
+            os.write(self._write_fd, _ONE)
 
     def _drain(self) -> None:
         if self._closed:
             return
         with contextlib.suppress(BlockingIOError, OSError):
-            while os.read(self._read_fd, 512):
+            while os.read(self._read_fd, 512):  # an eventfd's one read resets its count
                 pass
+
+
+# What a write adds: eight bytes, the counter increment an eventfd takes (a pipe takes any).
+_ONE = (1).to_bytes(8, sys.byteorder)
+
+
+def _wake_descriptors() -> tuple[int, int]:
+    """A non-blocking (read, write) descriptor pair; the same eventfd twice where there is one."""
+    if hasattr(os, "eventfd"):
+        fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        return fd, fd
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    os.set_blocking(write_fd, False)
+    return read_fd, write_fd

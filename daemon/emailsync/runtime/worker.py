@@ -209,9 +209,9 @@ def limit_malloc_arenas(count: int = MALLOC_ARENAS) -> bool:
 def raise_open_files_limit() -> int:
     """Raise the soft open-files limit to the hard one (setrlimit(2)); the new soft limit.
 
-    A mailbox holds three descriptors (its IMAP socket and its wake-up pipe), and systemd
+    A mailbox holds two descriptors (its IMAP socket and its wake-up eventfd), and systemd
     starts a service with a soft limit of 1,024 (hard 524,288), leaving the raise to programs
-    that do not use select(): at ~330 mailboxes the next connection would fail with EMFILE.
+    that do not use select(): at ~500 mailboxes the next connection would fail with EMFILE.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:

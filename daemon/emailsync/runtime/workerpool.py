@@ -42,7 +42,7 @@ SHUTDOWN_SECONDS = WORKER_STOP_SECONDS  # SIGTERM must end the process within 10
 # While workers are being stopped the loop ticks this often, so a replacement follows its
 # predecessor's end closely.
 BUSY_TICK_SECONDS = 0.05
-# Starting a worker (a thread, a pipe, metric series) takes a millisecond or, while hundreds
+# Starting a worker (a thread, an eventfd, metric series) takes a millisecond or, while hundreds
 # of others log in, much longer: a tick starts them (outside the lock) for at most this long
 # and the next tick goes on at once, so the watchdog and /healthz are never kept waiting.
 START_BUDGET_SECONDS = 0.1
