@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
 
 from emailsync.dev.dovecot import Dovecot
+from emailsync.filing import queuepass
 from emailsync.filing.queuepass import Filer
 from emailsync.imap.auth import make_authenticator
 from emailsync.imap.session import BODY_FETCH_CAP, WHOLE_FETCH_MAX, ImapSession, _FullFetch
 from emailsync.mail.message import parse_headers, parse_message, with_body
-from emailsync.model import FetchedMessage, QueuedMessage
+from emailsync.model import BodyPlan, FetchedMessage, QueuedMessage
 from emailsync.timeline import open_store
 
 from .mailenv import MailUser, new_user, settings_for
-from .test_filing import opened
+from .test_filing import build_message, opened
 
 pytestmark = pytest.mark.dovecot
 
@@ -237,4 +238,56 @@ def test_a_long_message_without_message_id_in_two_mailboxes_is_one_event_by_eith
             session.logout()
     (event,) = store.list_events()
     assert set(event.mailboxes) == {first.address, second.address}
+    store.close()
+
+
+class CountingSession(ImapSession):
+    """A session that notes the UIDs of each body fetch it sends (ahead or not)."""
+
+    sent: list[list[int]]
+
+    def _send_full(
+        self,
+        uids: Sequence[int],
+        sizes: dict[int, int] | None,
+        plans: Mapping[int, BodyPlan | None] | None,
+    ) -> _FullFetch:
+        self.sent.append(list(uids))
+        return super()._send_full(uids, sizes, plans)
+
+
+def test_a_batch_of_long_texts_is_read_in_runs_of_bounded_bytes(
+    dovecot: Dovecot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 23: 500 linked messages with a 1 MiB text each were read in one go (~500 MB);
+    the texts of a batch are now fetched, parsed and let go in runs of BATCH_TEXT_BYTES."""
+    monkeypatch.setattr(queuepass, "BATCH_TEXT_BYTES", 2 * BODY_FETCH_CAP + 1024)
+    user = new_user(dovecot)
+    settings = settings_for(tmp_path, [user])
+    store = open_store(settings.store_url, settings.daemon.state_dir)
+    store.add_group("Smith", ["john@clients.example"])
+    mailbox = settings.mailbox(user.address)
+    session = CountingSession.open(
+        mailbox, settings.folders, make_authenticator(mailbox, settings), timeout_seconds=10
+    )
+    session.sent = []
+    try:
+        session.ensure_folders()
+        with user.client() as client:
+            for n in range(5):
+                line = f"line {n} of a long letter\n"
+                body = line * (BODY_FETCH_CAP // len(line) + 100)  # over the cap: cut there
+                raw = build_message("john@clients.example", user.address, f"long {n}", body=body)
+                client.append(session.queue_name(), raw)
+        result = Filer(mailbox, store).run_pass(session)
+    finally:
+        session.logout()
+    assert result.new_events == 5
+    # Two texts of ~1 MiB fit the limit, a third does not: runs of 2, 2 and 1.
+    assert [len(run) for run in session.sent] == [2, 2, 1]
+    events = sorted(store.list_events(), key=lambda e: e.subject)
+    assert [e.subject for e in events] == [f"long {n}" for n in range(5)]
+    for n, event in enumerate(events):
+        assert event.body_text.startswith(f"line {n} of a long letter\n")
+        assert event.body_truncated
     store.close()

@@ -31,6 +31,7 @@ from emailsync.errors import (
     StoreError,
     StoreUnavailableError,
 )
+from emailsync.imap.bodyfetch import runs_by_cost
 from emailsync.imap.translate import response_code
 from emailsync.mail.classify import classify
 from emailsync.mail.message import evolved, parse_headers, parse_message, with_body
@@ -57,6 +58,11 @@ FETCH_BATCH = 500  # messages per header FETCH and per store transaction
 # Batches whose header FETCH is sent ahead (issue 23): with two, the server has the next
 # batch's headers ready and builds the one after while this process decides a batch.
 HEADERS_AHEAD = 2
+# Bytes of message text a batch holds at once (issue 23): 500 linked messages with a 1 MiB
+# text part each would otherwise be read in one go. The linked messages are fetched in runs
+# of at most this many bytes by their structure, each run parsed and let go before the next
+# is read; the next run's FETCHes go out before this one is parsed.
+BATCH_TEXT_BYTES = 16 * 1024 * 1024
 # Threads that record a backlog's batches while the next one is read and decided (issue 23),
 # shared by every Filer: a busy daemon has many workers but few backlogs at once; when all
 # are taken, a batch is recorded on the worker's own thread, as a single batch always is.
@@ -563,8 +569,10 @@ class Filer:
         sizes = {f.uid: f.size for f in headers}
         # The header FETCH carried each message's BODYSTRUCTURE: its plan saves a round trip.
         plans = {f.uid: f.plan for f in headers}
-        if linked and not quiet and isinstance(session, SendsAhead):
-            session.prefetch_full(linked, sizes, plans)
+        runs = runs_by_cost(linked, sizes, plans, BATCH_TEXT_BYTES)
+        sender = session if not quiet and isinstance(session, SendsAhead) else None
+        if runs and sender is not None:
+            sender.prefetch_full(runs[0], sizes, plans)
         for batch in following if not quiet else ():
             if self._suspects.intersection(batch):
                 break  # a suspect is never sent ahead, nor anything behind it
@@ -572,20 +580,24 @@ class Filer:
                 session.prefetch_headers(batch)
                 pass_.ahead.add(tuple(batch))
         self._send_moves(pass_)
-        if linked:
-            full = {
-                f.uid: f
-                for f in self._fetch_each(
-                    lambda chunk: session.fetch_full(chunk, sizes, plans), linked
-                )
-            }
+        if runs:
             blocks = {f.uid: f.data for f in headers}
-            decisions = [
-                filled
-                for d in decisions
-                if (filled := fill_body(d, full.get(d.uid), blocks.get(d.uid, b""))) is not None
-            ]
-            del full, blocks  # bodies live only as long as their batch
+            by_uid = {d.uid: d for d in decisions}
+            bodied: dict[int, Decision | None] = {}
+            for index, run in enumerate(runs):
+                full = {
+                    f.uid: f
+                    for f in self._fetch_each(
+                        lambda chunk: session.fetch_full(chunk, sizes, plans), run
+                    )
+                }
+                if sender is not None and index + 1 < len(runs):
+                    sender.prefetch_full(runs[index + 1], sizes, plans)
+                for uid in run:
+                    bodied[uid] = fill_body(by_uid[uid], full.get(uid), blocks.get(uid, b""))
+                del full  # a run's bodies live only until it is parsed
+            decisions = [filled for d in decisions if (filled := bodied.get(d.uid, d)) is not None]
+            del blocks
         pass_.filled = _Filled(uids, decisions)
         if following and not quiet and not pass_.dry_run:
             pass_.filled.recording = self._record_ahead(decisions)

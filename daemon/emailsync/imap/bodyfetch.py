@@ -187,14 +187,34 @@ def _text_bytes(plan: BodyPlan | None) -> int:
     return sum(min(t.size, BODY_FETCH_CAP) for t in plan.texts) if plan else 0
 
 
-def _by_bytes(uids: Sequence[int], sizes: dict[int, int]) -> list[list[int]]:
-    """``uids`` in runs of at most FULL_FETCH_BYTES by ``sizes`` (one message at least)."""
+def runs_by_cost(
+    uids: Sequence[int],
+    sizes: Mapping[int, int],
+    plans: Mapping[int, BodyPlan | None],
+    limit: int,
+) -> list[list[int]]:
+    """``uids`` in runs whose ``fetch_full`` reads at most ``limit`` bytes (one message at
+    least): a message costs its text parts by its plan, else what its whole or prefix
+    fetch reads (at most BODY_FETCH_CAP)."""
+    cost = {
+        uid: _text_bytes(plan)
+        if (plan := plans.get(uid)) is not None
+        else min(sizes.get(uid, BODY_FETCH_CAP), BODY_FETCH_CAP)
+        for uid in uids
+    }
+    return _by_bytes(uids, cost, limit)
+
+
+def _by_bytes(
+    uids: Sequence[int], sizes: Mapping[int, int], limit: int = FULL_FETCH_BYTES
+) -> list[list[int]]:
+    """``uids`` in runs of at most ``limit`` bytes by ``sizes`` (one message at least)."""
     chunks: list[list[int]] = []
     chunk: list[int] = []
     chunk_bytes = 0
     for uid in uids:
         size = sizes.get(uid, 0)
-        if chunk and chunk_bytes + size > FULL_FETCH_BYTES:
+        if chunk and chunk_bytes + size > limit:
             chunks.append(chunk)
             chunk, chunk_bytes = [], 0
         chunk.append(uid)
