@@ -82,6 +82,31 @@ def big_message_peak(testbed: Testbed, attachment_bytes: int) -> tuple[int, list
     return peak, _left_in_queue(mailbox, 1)
 
 
+def long_texts_peak(testbed: Testbed, count: int, text_bytes: int) -> tuple[int, list[str]]:
+    """Peak RSS of a sync of ``count`` linked messages with a plain text of ``text_bytes``
+    each, all in one batch: what a batch's bodies cost at once (issue 23)."""
+    addresses = sorted(testbed.directory.group_of())
+    rng = random.Random(text_bytes)  # noqa: S311
+    messages = []
+    for n in range(count):
+        msg = EmailMessage()
+        msg["From"] = addresses[n % len(addresses)]
+        msg["To"] = OWNER_ALIAS
+        msg["Subject"] = f"Survey report {n}"
+        msg["Date"] = "Mon, 03 Mar 2025 09:00:00 +0000"
+        msg["Message-ID"] = make_msgid(domain="bench.example.com")
+        words = [rng.choice(("roof", "damp", "survey", "valuation", "garden")) for _ in range(64)]
+        line = " ".join(words) + "\n"
+        msg.set_content(line * (text_bytes // len(line) + 1))
+        raw = msg.as_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        messages.append(BacklogMessage(raw, Outcome.RECEIVED, 1))
+    mailbox = testbed.new_mailbox()
+    seed(mailbox, messages)
+    del messages
+    peak = sync_peak_rss(mailbox)
+    return peak, _left_in_queue(mailbox, count)
+
+
 def _left_in_queue(mailbox: BenchMailbox, count: int) -> list[str]:
     counts = mailbox.counts()
     filed = counts[FolderRole.SENT] + counts[FolderRole.RECEIVED]

@@ -43,7 +43,7 @@ from typing import Any
 from backlog import BacklogTrials, run_backlog
 from corpus import Directory
 from crm import CrmThroughputResult, run_crm_throughput
-from footprint import backlog_peak, big_message_peak
+from footprint import backlog_peak, big_message_peak, long_texts_peak
 from latency import LatencyResult, run_latency
 from mailboxes import (
     REST_SECONDS,
@@ -77,6 +77,8 @@ SMOKE_MAILBOXES = 3
 DEFAULT_RSS_BACKLOGS = (1000, 10000)
 SMOKE_RSS_BACKLOGS = (30, 150)
 DEFAULT_BIG_ATTACHMENT = 37 * 1024 * 1024  # ~50 MB once base64-encoded
+# Issue 23: linked messages with a 1 MiB text each, in one batch (one sync, one pass).
+LONG_TEXTS, SMOKE_LONG_TEXTS, LONG_TEXT_BYTES = 300, 20, 1024 * 1024
 SMOKE_BIG_ATTACHMENT = 2 * 1024 * 1024
 SMOKE_REST_SECONDS = 1.0
 # Issue 23: the rest window of the idle daemon (scraped every 15 s). `make bench`
@@ -228,6 +230,7 @@ def _issue10_sizes(args: argparse.Namespace) -> dict[str, Any] | None:
             args.rss_backlogs or (SMOKE_RSS_BACKLOGS if smoke else DEFAULT_RSS_BACKLOGS)
         ),
         "big_attachment": SMOKE_BIG_ATTACHMENT if smoke else DEFAULT_BIG_ATTACHMENT,
+        "long_texts": SMOKE_LONG_TEXTS if smoke else LONG_TEXTS,
         "repeats": 1 if smoke else REPEATS,
         "smoke": smoke,
     }
@@ -315,6 +318,8 @@ def _run_issue10(testbed: Testbed, sizes: dict[str, Any]) -> dict[str, Any]:
     problems += more
     rss_huge, more = big_message_peak(testbed, sizes["big_attachment"])
     problems += more
+    rss_texts, more = long_texts_peak(testbed, sizes["long_texts"], LONG_TEXT_BYTES)
+    problems += more
     return {
         "repeats": repeats,
         "backlog": _backlog_figures(backlog),
@@ -340,6 +345,13 @@ def _run_issue10(testbed: Testbed, sizes: dict[str, Any]) -> dict[str, Any]:
             "small_mb": round(rss_tiny / MB, 1),
             "big_mb": round(rss_huge / MB, 1),
             "growth_mb": round((rss_huge - rss_tiny) / MB, 1),
+        },
+        "long_texts_peak_rss": {
+            "messages": sizes["long_texts"],
+            "text_mb": round(LONG_TEXT_BYTES / MB, 1),
+            "small_mb": round(rss_tiny / MB, 1),
+            "texts_mb": round(rss_texts / MB, 1),
+            "growth_mb": round((rss_texts - rss_tiny) / MB, 1),
         },
         "problems": problems,
     }
@@ -670,6 +682,17 @@ def _issue10_table(report: dict[str, Any]) -> list[str]:
             "<= 2 x cap (2 MB)",
         ),
     ]
+    if "long_texts_peak_rss" in i10:
+        texts = i10["long_texts_peak_rss"]
+        rows.append(
+            (
+                f"sync peak RSS, {texts['messages']} x {texts['text_mb']:.0f} MB texts",
+                f"{texts['texts_mb']:.0f}",
+                f"small msg {texts['small_mb']:.0f}",
+                f"{texts['growth_mb']:+.1f} MB",
+                "<= 24 MB + 0.1 MB a text",
+            )
+        )
     widths = (42, 20, 30, 22, 0)
     header = ("Issue 10", "emailsync", "same-run baseline", "ratio / delta", "goal")
     lines = ["", f"Issue 10 (median of {i10['repeats']}, (min-max); 2-core machine shared)"]
