@@ -46,6 +46,11 @@ class ShapeResult:
         default_factory=lambda: {shape: [] for shape in SHAPES}
     )
     problems: list[str] = field(default_factory=list)
+    # CPU seconds the reference CRM's process spent during each CRM trial: on this machine it
+    # runs beside Dovecot and the daemon, where a real CRM would be on a host of its own.
+    crm_cpu: dict[tuple[str, str], list[float]] = field(
+        default_factory=lambda: {shape: [] for shape in SHAPES}
+    )
 
 
 def run_shapes(
@@ -70,6 +75,7 @@ def run_shapes(
                 rng = random.Random(seed + 100 * trial + shape)  # noqa: S311 -- test data
                 corpus = linked_corpus(count, testbed, rng)
                 problems: list[str] = []
+                crm_cpu = process_cpu_seconds(crm.process.pid)
                 timed = _emailsync_trial(
                     testbed,
                     corpus,
@@ -78,6 +84,9 @@ def run_shapes(
                     state=state,
                 )
                 result.trials[(state, timeline)].append(timed)
+                if timeline == "crm":
+                    crm_cpu = process_cpu_seconds(crm.process.pid) - crm_cpu
+                    result.crm_cpu[(state, timeline)].append(crm_cpu)
                 result.problems.extend(f"{state}+{timeline}: {p}" for p in problems)
     return result
 
@@ -113,7 +122,18 @@ def figures(result: ShapeResult) -> dict[str, object]:
                 statistics.median(t.phases.get("store", 0.0) for t in trials), 3
             ),
         }
+        if result.crm_cpu[shape]:
+            rows[f"{shape[0]}+{shape[1]}"]["crm_cpu_seconds"] = round(  # type: ignore[index]
+                statistics.median(result.crm_cpu[shape]), 3
+            )
     return {"shapes": rows, "problems": result.problems}
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (proc(5) stat fields 14 and 15)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as file:
+        fields = file.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -139,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"  x{row['ratio_to_sqlite_builtin']} of sqlite+builtin"
             f" ({row['ratio_min_max'][0]}-{row['ratio_min_max'][1]})"
             f"  pass {row['seconds']} s, store {row['store_seconds']} s"
+            + (f", CRM process CPU {row['crm_cpu_seconds']} s" if "crm_cpu_seconds" in row else "")
         )
     for problem in report["problems"]:  # type: ignore[attr-defined]
         print(f"PROBLEM: {problem}", file=sys.stderr)
