@@ -30,6 +30,7 @@ from prometheus_client import CollectorRegistry
 from werkzeug.datastructures import Headers, ImmutableMultiDict
 
 from emailsync.config import Settings, load_settings
+from emailsync.dev import crm as devcrm
 from emailsync.dev.crm import EVENTS_PATH, LOOKUP_PATH, DevCrm, Exchange
 from emailsync.dev.demo import run_demo
 from emailsync.errors import StoreUnavailableError
@@ -431,6 +432,24 @@ def test_the_reference_crm_refuses_forged_and_stale_signatures(crm: DevCrm) -> N
     assert post_signed(crm, body, "") == 401
     assert len(crm.refused) == 4
     assert crm.calls[LOOKUP_PATH] == 1  # refused requests never reach the endpoint
+
+
+def test_the_reference_crm_keeps_only_its_latest_exchanges(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A demo or bench CRM that runs for hours keeps a bounded window of requests for tests
+    to read, not every event body it was ever sent."""
+    monkeypatch.setattr(devcrm, "EXCHANGES_KEPT", 3)
+    with DevCrm(SECRET.encode()) as small:
+        path = small.base_path + LOOKUP_PATH
+        for n in range(5):
+            body = json.dumps({"addresses": [f"c{n}@clients.example"]}).encode()
+            assert (
+                post_signed(small, body, signing.sign(SECRET.encode(), "POST", path, body)) == 200
+            )
+        assert [json.loads(e.request_body)["addresses"] for e in small.exchanges] == [
+            [f"c{n}@clients.example"] for n in (2, 3, 4)
+        ]
 
 
 def test_a_lookup_replayed_to_the_events_endpoint_is_refused_by_its_signature(

@@ -21,7 +21,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -37,6 +37,7 @@ LOOKUP_PATH = "/groups:lookup"
 EVENTS_PATH = "/timeline-events"
 MAX_ITEMS = 1000
 MAX_BODY_BYTES = 64 * 1024 * 1024
+EXCHANGES_KEPT = 1000  # requests a server keeps for tests to read, the latest
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS groups (id TEXT PRIMARY KEY, name TEXT NOT NULL);
@@ -106,7 +107,9 @@ class DevCrm(LocalServer):
         self.faults = Faults()
         self.calls: Counter[str] = Counter()  # endpoint path → requests that reached a handler
         self.arrived: Counter[str] = Counter()  # path → requests read, before any delay or check
-        self.exchanges: list[Exchange] = []
+        # The latest requests and answers, for tests to read; capped, so a demo or a bench
+        # that runs for hours does not keep every event body it was sent.
+        self.exchanges: deque[Exchange] = deque(maxlen=EXCHANGES_KEPT)
         self.refused: list[str] = []  # why signatures were refused, in order
         self._db = sqlite3.connect(str(db_path), check_same_thread=False, isolation_level=None)
         self._db.executescript(_SCHEMA)
