@@ -34,7 +34,8 @@ import imapclient
 from corpus import Directory
 from testbed import OWNER_ALIAS, BenchMailbox, Testbed
 
-from emailsync.filing.queuepass import FETCH_BATCH, Decision, Filer
+from emailsync.filing.decision import Decision
+from emailsync.filing.queuepass import FETCH_BATCH, Filer
 from emailsync.imap.fetch import uid_set
 from emailsync.imap.folders import FolderTree
 from emailsync.imap.session import BODY_FETCH_CAP

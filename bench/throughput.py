@@ -24,8 +24,10 @@ from corpus import BenchMessage, make_corpus
 from testbed import OWNER_ALIAS, BenchMailbox, Testbed, append_all, folder_counts
 
 from emailsync.config import CrmSettings
-from emailsync.filing import queuepass as filing
-from emailsync.filing.queuepass import FETCH_BATCH, Filer, PendingFiling, QueueSession
+from emailsync.filing import decision, queuepass
+from emailsync.filing.decision import PassResult
+from emailsync.filing.queuepass import FETCH_BATCH, Filer
+from emailsync.filing.sessions import PendingFiling, QueueSession
 from emailsync.imap.folders import FolderTree
 from emailsync.imap.session import ImapSession
 from emailsync.model import FolderRole, Outcome
@@ -121,16 +123,20 @@ class TimedStore:
 
 @contextlib.contextmanager
 def timed_parsing(clock: PhaseClock) -> Iterator[None]:
-    """Time the parser and classifier the Filer calls (its module globals, restored after)."""
-    phases = {"parse_headers": "parse", "parse_message": "parse", "classify": "classify"}
-    originals = {name: getattr(filing, name) for name in phases}
+    """Time the parser and classifier the Filer calls (module globals, restored after)."""
+    phases = {
+        (queuepass, "parse_headers"): "parse",
+        (decision, "parse_message"): "parse",
+        (queuepass, "classify"): "classify",
+    }
+    originals = {key: getattr(*key) for key in phases}
     try:
-        for name, phase in phases.items():
-            setattr(filing, name, clock.wrap(phase, originals[name]))
+        for (module, name), phase in phases.items():
+            setattr(module, name, clock.wrap(phase, originals[module, name]))
         yield
     finally:
-        for name, function in originals.items():
-            setattr(filing, name, function)
+        for (module, name), function in originals.items():
+            setattr(module, name, function)
 
 
 def run_throughput(testbed: Testbed, count: int, repeats: int, seed: int) -> ThroughputResult:
@@ -228,7 +234,7 @@ def _emailsync_trial(
     return Trial(len(corpus), seconds, dict(clock.seconds))
 
 
-def _check_pass(passed: filing.PassResult, corpus: Sequence[BenchMessage]) -> list[str]:
+def _check_pass(passed: PassResult, corpus: Sequence[BenchMessage]) -> list[str]:
     problems = []
     for outcome in Outcome:
         want = sum(1 for m in corpus if m.outcome is outcome)

@@ -19,7 +19,8 @@ from emailsync import cli
 from emailsync.config import Settings, load_settings
 from emailsync.dev.dovecot import Dovecot, DovecotOptions, running_dovecot
 from emailsync.errors import StoreUnavailableError, UidValidityChangedError
-from emailsync.filing.queuepass import Filer, PassResult
+from emailsync.filing.decision import PassResult
+from emailsync.filing.queuepass import Filer
 from emailsync.imap.auth import make_authenticator
 from emailsync.imap.session import FILING_KEYWORD, ImapSession, session_for
 from emailsync.model import STUCK_KEYWORD, FolderRole

@@ -31,7 +31,7 @@ from emailsync.errors import (
     MailboxError,
     StoreUnavailableError,
 )
-from emailsync.filing.queuepass import QueueSession
+from emailsync.filing.sessions import QueueSession
 from emailsync.imap.idle import IdleUpdate
 from emailsync.model import FetchedMessage, FolderRole, Group
 from emailsync.runtime.clock import Clock

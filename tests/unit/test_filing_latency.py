@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from emailsync.filing.queuepass import landed_at
+from emailsync.filing.decision import landed_at
 
 T0 = datetime(2026, 11, 27, 7, 0, 0, tzinfo=UTC)
 

@@ -14,7 +14,8 @@ from emailsync.cli.daemon import clear_stop, poke_daemon
 from emailsync.cli.exitcode import EXIT_OK, EXIT_RUNTIME, EXIT_UNAVAILABLE
 from emailsync.cli.wiring import load, session_for, store_for
 from emailsync.errors import ConnectionLostError, ControlError, MailboxError, StoreError
-from emailsync.filing.queuepass import Decision, Filer, PassResult
+from emailsync.filing.decision import Decision, PassResult
+from emailsync.filing.queuepass import Filer
 from emailsync.model import OUTCOME_KEYWORD, FolderRole, Outcome
 from emailsync.ops.progress import progress
 from emailsync.web.control import ControlClient

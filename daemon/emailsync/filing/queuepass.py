@@ -20,8 +20,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import KW_ONLY, dataclass, field, replace
-from datetime import UTC, datetime, timedelta
-from typing import Protocol, runtime_checkable
+from datetime import UTC, datetime
 
 import structlog
 
@@ -31,20 +30,30 @@ from emailsync.errors import (
     StoreError,
     StoreUnavailableError,
 )
+from emailsync.filing.decision import (
+    BatchCallback,
+    Decision,
+    FiledCallback,
+    PassResult,
+    RecordedCallback,
+    fill_body,
+    groups_by_address,
+    landed_at,
+    linked_groups,
+    store_rejection,
+)
+from emailsync.filing.sessions import FailedCopies, PendingFiling, QueueSession, SendsAhead
 from emailsync.imap.bodyfetch import runs_by_cost
 from emailsync.imap.translate import response_code
 from emailsync.mail.classify import classify
-from emailsync.mail.message import evolved, parse_headers, parse_message, with_body
+from emailsync.mail.message import parse_headers
 from emailsync.model import (
     OUTCOME_FOLDER,
     OUTCOME_KEYWORD,
     STUCK_KEYWORD,
-    BodyPlan,
     Classification,
     Direction,
     FetchedMessage,
-    FolderRole,
-    Group,
     Outcome,
     QueuedMessage,
     TimelineEvent,
@@ -67,158 +76,10 @@ BATCH_TEXT_BYTES = 16 * 1024 * 1024
 # shared by every Filer: a busy daemon has many workers but few backlogs at once; when all
 # are taken, a batch is recorded on the worker's own thread, as a single batch always is.
 RECORDER_THREADS = 8
-SAVEDATE_RESOLUTION = timedelta(seconds=1)  # RFC 8514 SAVEDATE is a date-time to the second
 # RFC 5530 codes that say the server or the folder is busy, not that this message is at fault:
 # a refusal carrying one counts no attempt. (SERVERBUG does count: a bug one message
 # triggers is the very case the quarantine is for.)
 NOT_THE_MESSAGE = frozenset({"UNAVAILABLE", "INUSE"})
-
-
-class FolderSession(Protocol):
-    """What a pass reads and marks in the selected folder: Queue, or Failed for a re-file."""
-
-    def keyword_uids(self, keyword: str) -> list[int]:
-        """UIDs in the selected folder that carry a keyword."""
-        ...
-
-    def set_keyword(self, uids: Sequence[int], keyword: str, *, on: bool) -> bool:
-        """Set or clear a keyword in the selected folder."""
-        ...
-
-    def fetch_headers(self, uids: Sequence[int]) -> list[FetchedMessage]:
-        """Header blocks, flags and body plans of messages of the selected folder."""
-        ...
-
-    def fetch_full(
-        self,
-        uids: Sequence[int],
-        sizes: dict[int, int] | None = None,
-        plans: Mapping[int, BodyPlan | None] | None = None,
-    ) -> list[FetchedMessage]:
-        """What events need of these messages' bodies."""
-        ...
-
-
-class QueueSession(FolderSession, Protocol):
-    """What a pass needs from a connection: the Queue's messages and a way to move them."""
-
-    uidvalidity: int | None  # the Queue's, from the last SELECT (RFC 3501 §2.3.1.1)
-
-    def select_queue(self) -> int: ...
-
-    def queue_uids(self) -> list[int]: ...
-
-    def prefetch_headers(self, uids: Sequence[int]) -> None: ...
-
-    def file(
-        self,
-        uids: Sequence[int],
-        role: FolderRole,
-        keyword: str | None = None,
-        *,
-        confirm: Callable[[], None] | None = None,
-    ) -> None: ...
-
-    def file_later(
-        self,
-        uids: Sequence[int],
-        role: FolderRole,
-        keyword: str | None = None,
-        *,
-        confirm: Callable[[], None] | None = None,
-    ) -> PendingFiling: ...
-
-
-@runtime_checkable
-class FailedCopies(Protocol):
-    """A session that can say where in Failed the messages it filed there went (COPYUID)."""
-
-    def copied_to_failed(self, uids: Sequence[int]) -> dict[int, tuple[int, int]]:
-        """Of these Queue UIDs filed to Failed, each copy's (UIDVALIDITY, UID) there."""
-        ...
-
-
-@runtime_checkable
-class SendsAhead(Protocol):
-    """A session that can send a batch's body FETCHes before they are read (imap/pipeline.py)."""
-
-    def prefetch_full(
-        self,
-        uids: Sequence[int],
-        sizes: dict[int, int] | None = None,
-        plans: Mapping[int, BodyPlan | None] | None = None,
-    ) -> None:
-        """Send what ``fetch_full(uids, …)`` reads, now; never raises."""
-        ...
-
-
-class PendingFiling(Protocol):
-    """A move started by ``QueueSession.file_later``; never raises until waited for."""
-
-    def wait(self) -> None:
-        """Return once the messages moved; raises what ``QueueSession.file`` would."""
-        ...
-
-
-@dataclass(frozen=True)
-class Decision:
-    """What the pass decided for one message, and why."""
-
-    uid: int
-    outcome: Outcome
-    message: QueuedMessage
-    classification: Classification | None = None
-    groups: tuple[str, ...] = ()
-    queued_at: datetime | None = None  # when it landed in Queue (for filing latency)
-    # The newest link change (emailsync.state.failedindex) before its groups were looked up.
-    links_seen: int = 0
-
-    @property
-    def destination(self) -> FolderRole:
-        """The folder the message goes to."""
-        return OUTCOME_FOLDER[self.outcome]
-
-
-@dataclass
-class PassResult:
-    """How many messages one pass decided per outcome, and the new timeline events it recorded.
-
-    Counts only: a pass over a backlog of 10,000 messages must not keep 10,000 decisions
-    (with their bodies) alive until it ends (issue 10). Whoever needs the decisions
-    themselves takes each batch's from ``run_pass(on_batch=…)``.
-    """
-
-    counts: dict[Outcome, int] = field(default_factory=dict)
-    new_events: int = 0
-
-    @property
-    def messages(self) -> int:
-        """How many messages the pass decided (filed, or would file in a dry run)."""
-        return sum(self.counts.values())
-
-    def count(self, outcome: Outcome) -> int:
-        """How many messages had this outcome."""
-        return self.counts.get(outcome, 0)
-
-    def add(self, decisions: Iterable[Decision]) -> None:
-        """Count a batch's decisions."""
-        for decision in decisions:
-            self.counts[decision.outcome] = self.counts.get(decision.outcome, 0) + 1
-
-
-FiledCallback = Callable[[Sequence[Decision]], None]
-RecordedCallback = Callable[[int], None]
-BatchCallback = Callable[[Sequence[Decision]], None]
-
-
-def store_rejection(decision: Decision, recorded: Recorded) -> str | None:
-    """Why the store refused any of this decision's events (its reasons, once each), or None."""
-    reasons = [
-        reason
-        for group in decision.groups
-        if (reason := recorded.rejected.get((group, decision.message.key))) is not None
-    ]
-    return "rejected by the store: " + "; ".join(dict.fromkeys(reasons)) if reasons else None
 
 
 @dataclass(eq=False)
@@ -499,7 +360,7 @@ class Filer:
         # Before the lookup: a link change after it shows in the index (FailedIndex.add).
         seen = self.index.watermark() if self.index is not None and addresses else 0
         groups = self.store.groups_for_addresses(sorted(addresses)) if addresses else []
-        by_address = _groups_by_address(groups)
+        by_address = groups_by_address(groups)
         decisions = []
         for message in messages:
             classification = classified.get(message.uid)
@@ -513,7 +374,7 @@ class Filer:
                     )
                 )
                 continue
-            linked = _linked_groups(classification.counterparts, by_address)
+            linked = linked_groups(classification.counterparts, by_address)
             if not linked:
                 outcome = Outcome.NO_GROUP
             elif classification.direction is Direction.OUTBOUND:
@@ -925,73 +786,6 @@ class _Pass:
     ahead: set[tuple[int, ...]] = field(default_factory=set)  # batches whose headers were sent
 
 
-def fill_body(
-    decision: Decision, fetched: FetchedMessage | None, header_block: bytes
-) -> Decision | None:
-    """A linked decision with its message's text from a body fetch; None if it was gone.
-
-    A message whose whole-message fetch cannot be parsed becomes UNPARSEABLE (no groups).
-    Decisions without groups come back as they are.
-    """
-    if not decision.groups:
-        return decision
-    if fetched is None:
-        return None  # gone between the header and body fetches (another client moved it)
-    if fetched.plan is not None:
-        # Fetched by its structure: the headers were parsed already, only the text is new.
-        body = with_body(
-            decision.message,
-            fetched.plan,
-            fetched.sections,
-            header_block,
-            fetched.sections_cut,
-        )
-        return evolved(decision, message=body)
-    message = parse_message(
-        fetched.uid,
-        fetched.data,
-        internaldate=fetched.internaldate,
-        size=fetched.size,
-        prefix=fetched.prefix,
-    )
-    if not message.usable:
-        return replace(decision, outcome=Outcome.UNPARSEABLE, message=message, groups=())
-    return evolved(decision, message=message)
-
-
-def landed_at(savedate: datetime | None, first_seen: datetime) -> datetime:
-    """Best estimate of when a message landed in Queue, for the filing-latency histogram.
-
-    SAVEDATE (RFC 8514) has whole-second resolution, so the moment lies in
-    [savedate, savedate + 1 s), and not after we first saw it: take the middle of what is left.
-    Without SAVEDATE, the first time a pass saw it (which misses the server's notice delay).
-    """
-    if savedate is None:
-        return first_seen
-    latest = min(savedate + SAVEDATE_RESOLUTION, first_seen)
-    if latest < savedate:
-        return first_seen  # clocks disagree: trust our own
-    return savedate + (latest - savedate) / 2
-
-
 def _busy(exc: ConnectionLostError) -> bool:
     """True for a refusal that says the server is busy, which is no message's fault."""
     return response_code(str(exc)) in NOT_THE_MESSAGE
-
-
-def _groups_by_address(groups: Iterable[Group]) -> dict[str, list[str]]:
-    by_address: dict[str, list[str]] = {}
-    for group in groups:
-        for address in group.addresses:
-            by_address.setdefault(address, []).append(group.ref)
-    return by_address
-
-
-def _linked_groups(
-    counterparts: Iterable[str], by_address: dict[str, list[str]]
-) -> tuple[str, ...]:
-    linked: dict[str, None] = {}
-    for address in counterparts:
-        for name in by_address.get(address, ()):
-            linked[name] = None
-    return tuple(linked)

@@ -32,7 +32,9 @@ from typing import Protocol
 import structlog
 
 from emailsync.errors import ConnectionLostError, StoreError, StoreUnavailableError
-from emailsync.filing.queuepass import Decision, Filer, FolderSession, fill_body, store_rejection
+from emailsync.filing.decision import Decision, fill_body, store_rejection
+from emailsync.filing.queuepass import Filer
+from emailsync.filing.sessions import FolderSession
 from emailsync.mail.message import parse_headers
 from emailsync.model import (
     OUTCOME_FOLDER,

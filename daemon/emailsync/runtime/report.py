@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 
 import structlog
 
-from emailsync.filing.queuepass import Decision
+from emailsync.filing.decision import Decision
 from emailsync.model import Outcome
 from emailsync.runtime.clock import Clock
 from emailsync.telemetry.metrics import Metrics

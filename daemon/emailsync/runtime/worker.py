@@ -69,8 +69,9 @@ from emailsync.errors import (
     StoreUnavailableError,
     UidValidityChangedError,
 )
-from emailsync.filing.queuepass import Filer, QueueSession
+from emailsync.filing.queuepass import Filer
 from emailsync.filing.refile import FailedSession, Refiler
+from emailsync.filing.sessions import QueueSession
 from emailsync.imap.auth import Authenticator
 from emailsync.imap.idle import IdleUpdate, WakeSource
 from emailsync.imap.session import ImapSession
