@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from email.message import EmailMessage
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,7 +16,7 @@ from emailsync.filing.queuepass import Filer
 from emailsync.imap.auth import make_authenticator
 from emailsync.imap.session import BODY_FETCH_CAP, WHOLE_FETCH_MAX, ImapSession, _FullFetch
 from emailsync.mail.message import parse_headers, parse_message, with_body
-from emailsync.model import BodyPlan, FetchedMessage, QueuedMessage
+from emailsync.model import FetchedMessage, QueuedMessage
 from emailsync.timeline import open_store
 
 from .mailenv import MailUser, new_user, settings_for
@@ -246,14 +247,9 @@ class CountingSession(ImapSession):
 
     sent: list[list[int]]
 
-    def _send_full(
-        self,
-        uids: Sequence[int],
-        sizes: dict[int, int] | None,
-        plans: Mapping[int, BodyPlan | None] | None,
-    ) -> _FullFetch:
+    def _send_full(self, uids: Sequence[int], *sizes_and_plans: Any) -> _FullFetch:
         self.sent.append(list(uids))
-        return super()._send_full(uids, sizes, plans)
+        return super()._send_full(uids, *sizes_and_plans)
 
 
 def test_a_batch_of_long_texts_is_read_in_runs_of_bounded_bytes(
